@@ -1,0 +1,5 @@
+//! migmon: watches VM migrations and tells, for every TCP session, whether it survived and why not.
+//!
+//! See `docs/architecture.md` for the event flow.
+
+pub mod trace;

@@ -1,0 +1,6 @@
+//! The `migmon` command line.
+
+fn main() {
+    eprintln!("migmon: not built yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,52 @@
+//! `cargo xtask`: the project's task runner. Run it through `./x`, which installs the pinned toolchains first.
+
+mod bench;
+mod demo;
+mod testbed_cmd;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "./x",
+    about = "migmon's tasks: build, test, demo, bench, testbed",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the pinned toolchains and packages (done by ./x itself; nothing else to do here).
+    Setup,
+    /// Build release binaries (migmon with its eBPF programs, migrator with its embedded guest).
+    Build,
+    /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests (needs root).
+    Test(util::TestArgs),
+    /// Live migration, then quick migration, under the monitor; prints which sessions survived.
+    Demo(demo::DemoArgs),
+    /// Benchmarks: migrator against QEMU, probe costs, scale; ratios against baselines from the same run.
+    Bench(bench::BenchArgs),
+    /// Bring the two-host testbed up or down, or show it.
+    Testbed(testbed_cmd::TestbedArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.cmd {
+        Cmd::Setup => Ok(()),
+        Cmd::Build => util::build_release(),
+        Cmd::Test(args) => util::test(&args),
+        Cmd::Demo(args) => demo::run(&args),
+        Cmd::Bench(args) => bench::run(&args),
+        Cmd::Testbed(args) => testbed_cmd::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
