@@ -76,7 +76,7 @@ pub struct BootInfo {
     pub magic: u64,
     /// [`BOOT_VERSION`].
     pub version: u32,
-    pub _pad0: u32,
+    pub pad0: u32,
     /// Guest RAM in bytes. RAM is `[0, min(ram, MMIO_BASE))`, then `[4 GiB, ...)` for the rest.
     pub ram_bytes: u64,
     /// TSC frequency in kHz, so the guest can keep time with `rdtsc`.
@@ -88,7 +88,7 @@ pub struct BootInfo {
     pub mac: [u8; 6],
     /// IPv4 prefix length of `ipv4`.
     pub prefix_len: u8,
-    pub _pad1: u8,
+    pub pad1: u8,
     /// The VM's IPv4 address.
     pub ipv4: [u8; 4],
     /// Default gateway, or 0.0.0.0 for none.
