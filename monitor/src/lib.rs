@@ -2,4 +2,6 @@
 //!
 //! See `docs/architecture.md` for the event flow.
 
+pub mod cli;
 pub mod trace;
+pub mod watch;
