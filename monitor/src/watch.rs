@@ -326,6 +326,8 @@ pub struct Output {
     start_ns: u64,
     record: Option<TraceWriter>,
     netns_names: HashMap<u64, String>,
+    /// Inode of the root namespace (not named in human lines).
+    root_netns: Option<u64>,
     stdout: std::io::Stdout,
 }
 
@@ -338,6 +340,9 @@ impl Output {
             start_ns: mono_now_ns(),
             record,
             netns_names: netns::names_by_inode(),
+            root_netns: std::fs::metadata("/proc/1/ns/net")
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
             stdout,
         }
     }
@@ -361,7 +366,7 @@ impl Output {
     }
 
     fn netns_name(&mut self, inode: u64) -> String {
-        if inode == 0 {
+        if inode == 0 || Some(inode) == self.root_netns {
             return String::new();
         }
         if !self.netns_names.contains_key(&inode) {
