@@ -787,7 +787,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     let mut observers: Vec<Observer> = Vec::new();
 
     let mut out = Output::new(args.json, record);
-    if !args.json {
+    {
         let what: Vec<String> = args
             .iface
             .iter()
