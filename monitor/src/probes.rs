@@ -667,6 +667,27 @@ impl Probes {
         self.instances[0].xdp_loaded()
     }
 
+    /// Runs the XDP parser on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times (at least once). Returns the
+    /// program's return value (2 = `XDP_PASS`) and the kernel's mean time per run. Records the program emits land
+    /// in the root instance's ring buffer and maps like live ones ([`Probes::drain`], [`Probes::malformed`]).
+    pub fn xdp_test_run(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), ProbeError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let prog = self.xdp_program()?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat.max(1);
+        let r = prog.test_run(opts).map_err(|source| ProbeError::Attach {
+            program: "l2_ingress (XDP)".to_owned(),
+            target: "BPF_PROG_TEST_RUN".to_owned(),
+            source: Box::new(source),
+        })?;
+        Ok((r.return_value, r.duration))
+    }
+
     /// The root instance's aya object, for callers that need a map or program this type does not wrap.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.instances[0].ebpf
