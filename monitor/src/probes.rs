@@ -301,6 +301,18 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
     }
 }
 
+/// An error and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn verifier_tail(e: &ProgramError) -> Option<String> {
     if let ProgramError::LoadError { verifier_log, .. } = e {
         let log = verifier_log.to_string();
@@ -519,7 +531,7 @@ impl Probes {
             match prog.attach(ifindex, XdpMode::Driver) {
                 Ok(_) => Ok((ifindex, "driver", None)),
                 Err(driver_err) => {
-                    let why = format!("{driver_err}");
+                    let why = error_chain(&driver_err);
                     prog.attach(ifindex, XdpMode::Skb)
                         .map(|_| (ifindex, "skb", Some(why)))
                         .map_err(|source| ProbeError::Attach {

@@ -512,6 +512,7 @@ impl Output {
             Event::Malformed { port: p, count, .. } => {
                 format!("{:<20} {count} frames passed unread (truncated or odd)", port(p))
             }
+            Event::Note { level, message, .. } => format!("{level}: {message}"),
             other => serde_json::to_string(other).unwrap_or_default(),
         }
     }

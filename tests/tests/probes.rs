@@ -225,7 +225,8 @@ fn reset_is_seen_on_both_sides() {
     let pair = Pair::new();
     let listener = pair.listen();
     let port = listener.local_addr().unwrap().port();
-    let watch = Watch::start(&["--port", &port.to_string()]);
+    let trace = std::env::temp_dir().join(format!("{}.trace", unique("migmon-probes-")));
+    let watch = Watch::start(&["--port", &port.to_string(), "--record", trace.to_str().unwrap()]);
     let (mut client, server) = pair.connect(&listener);
     let local = client.local_addr().unwrap();
     let client_side = (
@@ -290,6 +291,17 @@ fn reset_is_seen_on_both_sides() {
         "{}",
         dump(&events)
     );
+
+    // The trace holds the same events as the JSON stream, after its header.
+    let recorded = monitor::trace::read_trace(&trace).expect("read the --record trace");
+    std::fs::remove_file(&trace).ok();
+    assert!(recorded.header.is_some() && !recorded.truncated && recorded.skipped.is_empty());
+    let as_json: Vec<Value> = recorded
+        .events
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .collect();
+    assert_eq!(as_json, events, "the trace and the --json stream agree");
 }
 
 /// A pnet sender on an interface of the root namespace.
