@@ -2,6 +2,11 @@
 //!
 //! See `docs/architecture.md` for the event flow.
 
+pub mod btf;
 pub mod cli;
+pub mod events;
+pub mod netns;
+pub mod probes;
 pub mod trace;
+pub mod tracefs;
 pub mod watch;
