@@ -289,8 +289,11 @@ fn count_mac(mac: [u8; 6], ifindex: u32, direction: u8, len: u64) {
         count_lost();
         return;
     };
+    let mut hdr = header(EventKind::MacSeen);
+    // The same instant the counters recorded, so `ts_ns - gap_ns` is exactly the previous frame's `last_ns`.
+    hdr.ts_ns = now;
     entry.write(MacSeenEvent {
-        header: header(EventKind::MacSeen),
+        header: hdr,
         mac,
         direction,
         pad0: 0,

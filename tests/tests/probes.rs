@@ -4,7 +4,7 @@
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     time::{Duration, Instant},
 };
@@ -16,33 +16,47 @@ use pnet::{
 };
 use serde_json::Value;
 
-/// Two namespaces joined by a veth: client 10.<a>.<b>.1, server .2, in a /24 unique to the test process.
+/// Two namespaces joined by a veth: client 10.<a>.<b>.1, server .2, in a /24 unique to the test process (or IPv6).
 struct Pair {
     client: Netns,
     server: Netns,
     _link: Link,
-    client_ip: Ipv4Addr,
-    server_ip: Ipv4Addr,
+    client_ip: IpAddr,
+    server_ip: IpAddr,
 }
 
 impl Pair {
-    fn new() -> Self {
+    /// With `v6`, the pair talks over IPv6 (fd6d:<pid>::1 and ::2, no DAD) instead of IPv4.
+    fn new(v6: bool) -> Self {
         let client = Netns::new("pc");
         let server = Netns::new("ps");
         let (ca, sa) = (unique("pcv"), unique("psv"));
         let link = Link::veth(&ca, Some(&client.name), &sa, Some(&server.name));
         let pid = std::process::id();
-        let net = [10, 200 + (pid % 50) as u8, ((pid / 50) % 250) as u8];
-        let client_ip = Ipv4Addr::new(net[0], net[1], net[2], 1);
-        let server_ip = Ipv4Addr::new(net[0], net[1], net[2], 2);
-        ip_in(
-            Some(&client.name),
-            &["addr", "add", &format!("{client_ip}/24"), "dev", &ca],
-        );
-        ip_in(
-            Some(&server.name),
-            &["addr", "add", &format!("{server_ip}/24"), "dev", &sa],
-        );
+        let (client_ip, server_ip, prefix): (IpAddr, IpAddr, u8) = if v6 {
+            let base = [0xfd6d, (pid >> 16) as u16, pid as u16, 0, 0, 0, 0];
+            let ip = |last: u16| {
+                IpAddr::V6(Ipv6Addr::new(
+                    base[0], base[1], base[2], base[3], base[4], base[5], base[6], last,
+                ))
+            };
+            (ip(1), ip(2), 64)
+        } else {
+            let net = [10, 200 + (pid % 50) as u8, ((pid / 50) % 250) as u8];
+            (
+                IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], 1)),
+                IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], 2)),
+                24,
+            )
+        };
+        for (ns, dev, addr) in [(&client, &ca, client_ip), (&server, &sa, server_ip)] {
+            let cidr = format!("{addr}/{prefix}");
+            let mut args = vec!["addr", "add", cidr.as_str(), "dev", dev.as_str()];
+            if v6 {
+                args.push("nodad");
+            }
+            ip_in(Some(&ns.name), &args);
+        }
         Self {
             client,
             server,
@@ -102,7 +116,7 @@ fn for_tuple<'a>(events: &'a [Value], kind: &str, t: &(String, u64, String, u64)
 /// Blackholes the server, keeps writing from the client until the kernel aborts the connection, and checks the
 /// events: retransmits with the exact 4-tuple, then ESTABLISHED -> CLOSE, then errno 110.
 fn blackhole_abort(user_timeout_ms: Option<u32>) {
-    let pair = Pair::new();
+    let pair = Pair::new(false);
     if user_timeout_ms.is_none() {
         netns_exec(&pair.client.name, &["sysctl", "-qw", "net.ipv4.tcp_retries2=3"]);
     }
@@ -222,7 +236,16 @@ fn blackholed_connection_with_user_timeout() {
 
 #[test]
 fn reset_is_seen_on_both_sides() {
-    let pair = Pair::new();
+    reset_both_sides(false);
+}
+
+#[test]
+fn reset_is_seen_on_both_sides_ipv6() {
+    reset_both_sides(true);
+}
+
+fn reset_both_sides(v6: bool) {
+    let pair = Pair::new(v6);
     let listener = pair.listen();
     let port = listener.local_addr().unwrap().port();
     let trace = std::env::temp_dir().join(format!("{}.trace", unique("migmon-probes-")));
@@ -609,6 +632,24 @@ fn bridge_fdb_move_and_per_port_stats() {
                 .iter()
                 .any(|e| e["iface"] == p2.as_str() && e["direction"] == "ingress" && e["frames"] == 2)
     });
+    // Back-to-back migration: the VM returns to port 1 after more than the 50 ms default gap of silence there,
+    // and shows up as seen again.
+    let events = watch.events();
+    let p1_last = of_kind(&events, "mac_stats")
+        .into_iter()
+        .rfind(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress")
+        .and_then(|e| e["last_ns"].as_u64())
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        monitor::events::mono_now_ns() > p1_last + 60_000_000
+    }));
+    send(&mut tx1, &ping(vm, MacAddr::broadcast()));
+    watch.wait_for("the move back to port 1", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update").len() == 3
+            && of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress" && e["frames"] == 4)
+    });
     let (events, _) = watch.stop();
 
     let fdb: Vec<&Value> = of_kind(&events, "fdb_update");
@@ -620,8 +661,8 @@ fn bridge_fdb_move_and_per_port_stats() {
     let ports: Vec<&str> = fdb.iter().map(|e| e["port"].as_str().unwrap()).collect();
     assert_eq!(
         ports,
-        vec![p1.as_str(), p2.as_str()],
-        "learned on port 1, then moved to port 2"
+        vec![p1.as_str(), p2.as_str(), p1.as_str()],
+        "learned on port 1, moved to port 2, and back"
     );
     assert!(fdb.iter().all(|e| e["bridge"] == br.as_str() && e["vlan"] == 0));
 
@@ -632,24 +673,35 @@ fn bridge_fdb_move_and_per_port_stats() {
             .unwrap_or_else(|| panic!("no mac_stats for {iface} {dir}:\n{}", dump(&events)));
         (s["frames"].as_u64().unwrap(), s["bytes"].as_u64().unwrap())
     };
-    assert_eq!(last_stats(&p1, "ingress"), (3, 3 * 60));
+    assert_eq!(last_stats(&p1, "ingress"), (4, 4 * 60));
     assert_eq!(last_stats(&p2, "ingress"), (2, 2 * 60));
     assert_eq!(last_stats(&p1, "egress"), (2, 2 * 60));
     let seen: Vec<(&str, &str)> = of_kind(&events, "mac_seen")
         .iter()
         .map(|e| (e["iface"].as_str().unwrap(), e["direction"].as_str().unwrap()))
         .collect();
-    for want in [
-        (p1.as_str(), "ingress"),
-        (p2.as_str(), "ingress"),
-        (p1.as_str(), "egress"),
+    for (want, times) in [
+        ((p1.as_str(), "ingress"), 2),
+        ((p2.as_str(), "ingress"), 1),
+        ((p1.as_str(), "egress"), 1),
     ] {
         assert_eq!(
             seen.iter().filter(|s| **s == want).count(),
-            1,
-            "first seen once on {want:?}: {seen:?}"
+            times,
+            "seen {times} times on {want:?}: {seen:?}"
         );
     }
+    let back = of_kind(&events, "mac_seen")
+        .into_iter()
+        .rfind(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress")
+        .unwrap();
+    let gap = back["gap_ns"].as_u64().unwrap();
+    assert!(gap > 60_000_000, "the return reports the silence: {back}");
+    assert_eq!(
+        back["ts_ns"].as_u64().unwrap() - gap,
+        p1_last,
+        "the gap runs from the last frame: {back}"
+    );
     // The first-seen instants line up with the frames: port 1 before port 2.
     let seen_ts = |iface: &str| {
         of_kind(&events, "mac_seen")
@@ -799,7 +851,10 @@ fn xdp_always_passes_and_never_misreads_a_cut_frame() {
     for (what, f) in [("non-ARP frame", &ipv4), ("QinQ ARP frame", &frame)] {
         let (ret, per_run) = probes.xdp_test_run(f, 100_000).unwrap();
         assert_eq!(ret, XDP_PASS);
-        eprintln!("XDP {what}: {} ns per frame (BPF_PROG_TEST_RUN, 100k runs)", per_run.as_nanos());
+        eprintln!(
+            "XDP {what}: {} ns per frame (BPF_PROG_TEST_RUN, 100k runs)",
+            per_run.as_nanos()
+        );
     }
     probes.drain(|_| {});
 
