@@ -26,7 +26,7 @@ struct Pair {
 }
 
 impl Pair {
-    /// With `v6`, the pair talks over IPv6 (fd6d:<pid>::1 and ::2, no DAD) instead of IPv4.
+    /// With `v6`, the pair talks over IPv6 (`fd6d:<pid>::1` and `::2`, no DAD) instead of IPv4.
     fn new(v6: bool) -> Self {
         let client = Netns::new("pc");
         let server = Netns::new("ps");
