@@ -604,10 +604,20 @@ fn note(tx: &Sender<Event>, level: &str, message: String) {
     });
 }
 
+/// Decodes every pending ring buffer record into `tx`.
+fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
+    probes.drain(|r| match r {
+        Ok(w) => {
+            let _ = tx.send(decoder.event(&w));
+        }
+        Err(e) => note(tx, "warning", format!("skipped a kernel record: {e}")),
+    });
+}
+
 /// The probe source: drains the ring buffers as they fill, samples the counters, and detaches on stop.
 pub fn spawn_collector(
     mut probes: Probes,
-    decoder: Decoder,
+    mut decoder: Decoder,
     tx: Sender<Event>,
     control: Control,
     interval: Duration,
@@ -620,15 +630,7 @@ pub fn spawn_collector(
             let ring_fds = probes.ring_fds();
             loop {
                 let stopping = control.stopped();
-                let drain = |probes: &mut Probes| {
-                    probes.drain(|r| match r {
-                        Ok(w) => {
-                            let _ = tx.send(decoder.event(&w));
-                        }
-                        Err(e) => note(&tx, "warning", format!("skipped a kernel record: {e}")),
-                    })
-                };
-                drain(&mut probes);
+                drain(&mut probes, &mut decoder, &tx);
                 let asked = control.take_sample_request();
                 if asked || stopping || Instant::now() >= next {
                     sample(&probes, &decoder, &mut prev, &tx);
@@ -636,7 +638,7 @@ pub fn spawn_collector(
                 }
                 if stopping {
                     // Records submitted while sampling.
-                    drain(&mut probes);
+                    drain(&mut probes, &mut decoder, &tx);
                     break;
                 }
                 let timeout = next.saturating_duration_since(Instant::now());
@@ -750,7 +752,8 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
     Ok((probes, decoder))
 }
 
-fn trace_header() -> TraceHeader {
+/// The header `--record` writes: now, this host, this command line.
+pub fn trace_header() -> TraceHeader {
     let start_unix_ns = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);

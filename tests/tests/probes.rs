@@ -204,6 +204,10 @@ fn blackhole_abort(user_timeout_ms: Option<u32>) {
     let error = for_tuple(&events, "tcp_error", &want);
     assert_eq!(error.len(), 1, "{}", dump(&events));
     assert_eq!(error[0]["errno"], 110, "{}", error[0]);
+    assert_eq!(
+        error[0]["netns"], retransmits[0]["netns"],
+        "the error is placed in the socket's namespace"
+    );
 
     let ts = |e: &Value| e["ts_ns"].as_u64().unwrap();
     let first_retransmit = retransmits.iter().map(|e| ts(e)).min().unwrap();
