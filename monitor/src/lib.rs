@@ -3,5 +3,7 @@
 //! See `docs/architecture.md` for the event flow.
 
 pub mod cli;
+pub mod correlate;
+pub mod pause;
 pub mod trace;
 pub mod watch;
