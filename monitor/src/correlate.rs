@@ -181,6 +181,8 @@ pub struct ConnectionVerdict {
     pub highest_backoff: u32,
     pub first_retransmit_ns: Option<u64>,
     pub last_retransmit_ns: Option<u64>,
+    /// Every counted retransmission, for timelines.
+    pub retransmit_ns: Vec<u64>,
     /// The RTO before backoff, from the probes (`rto_us >> backoff`) or the retransmit spacing.
     pub base_rto_us: Option<u64>,
     /// When the connection first moved forward after resume, and what proves it.
@@ -1011,6 +1013,7 @@ fn verdict(
             .max()
             .unwrap_or(0),
         first_retransmit_ns: counted.first().map(|r| r.ts),
+        retransmit_ns: counted.iter().map(|r| r.ts).collect(),
         last_retransmit_ns: counted.last().map(|r| r.ts),
         base_rto_us: base_rto_us(&ep),
         first_progress_ns,

@@ -2,8 +2,12 @@
 //!
 //! See `docs/architecture.md` for the event flow.
 
+pub mod check;
 pub mod cli;
 pub mod correlate;
+pub mod export;
 pub mod pause;
+pub mod report;
 pub mod trace;
 pub mod watch;
+pub mod whatif;
