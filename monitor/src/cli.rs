@@ -232,6 +232,104 @@ pub fn export(a: &ExportArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        correlate::tests::{live_trace, quick_trace},
+        trace::{Event, TRACE_VERSION, TraceHeader, TraceWriter},
+    };
+
+    fn write_trace(dir: &Path, name: &str, events: &[Event]) -> PathBuf {
+        let path = dir.join(name);
+        let header = TraceHeader {
+            kind: "trace_header".into(),
+            version: TRACE_VERSION,
+            migmon: "test".into(),
+            start_mono_ns: 0,
+            start_unix_ns: 1_790_000_000_000_000_000,
+            hostname: "h".into(),
+            command: vec![],
+        };
+        let mut w = TraceWriter::create(&path, &header).unwrap();
+        for e in events {
+            w.write(e).unwrap();
+        }
+        path
+    }
+
+    fn limits(junit: Option<PathBuf>) -> LimitArgs {
+        LimitArgs {
+            max_aborted: 0,
+            max_pause: None,
+            max_blackout: None,
+            max_convergence: None,
+            junit,
+            allow_loss: false,
+        }
+    }
+
+    #[test]
+    fn check_exit_codes_junit_and_truncated_traces() {
+        let dir = std::env::temp_dir().join(format!("migmon-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let live = write_trace(&dir, "live.trace", &live_trace());
+        let quick = write_trace(&dir, "quick.trace", &quick_trace());
+        let junit = dir.join("junit.xml");
+        let code = check(&CheckArgs {
+            trace: live.clone(),
+            limits: limits(Some(junit.clone())),
+        })
+        .unwrap();
+        assert_eq!(code, 0);
+        assert!(
+            std::fs::read_to_string(&junit)
+                .unwrap()
+                .contains("failures=\"0\"")
+        );
+        let code = check(&CheckArgs {
+            trace: quick.clone(),
+            limits: limits(Some(junit.clone())),
+        })
+        .unwrap();
+        assert_eq!(code, 1);
+        assert!(std::fs::read_to_string(&junit).unwrap().contains("ETIMEDOUT"));
+        // A missing trace is an input error (main turns it into exit 2).
+        assert!(
+            check(&CheckArgs {
+                trace: dir.join("missing.trace"),
+                limits: limits(None),
+            })
+            .is_err()
+        );
+
+        // Cut the quick trace in the middle of a line: the report covers what is there and says so.
+        let text = std::fs::read_to_string(&quick).unwrap();
+        let cut = text.len() * 2 / 3;
+        let cut = (cut..text.len())
+            .find(|&i| text.is_char_boundary(i) && text.as_bytes()[i - 1] != b'\n')
+            .unwrap();
+        std::fs::write(&quick, &text[..cut]).unwrap();
+        let (t, a) = load(&quick).unwrap();
+        assert!(t.truncated);
+        let out = report::render_text(&a, "q");
+        assert!(out.contains("WARNING: the trace is truncated"), "{out}");
+        assert!(out.contains("Migration quick-1"), "{out}");
+
+        for (flag, path) in [
+            ("jsonl", "e.jsonl"),
+            ("pcapng", "e.pcapng"),
+            ("perfetto", "e.pftrace"),
+        ] {
+            let p = dir.join(path);
+            let args = ExportArgs {
+                trace: live.clone(),
+                jsonl: (flag == "jsonl").then(|| p.clone()),
+                pcapng: (flag == "pcapng").then(|| p.clone()),
+                perfetto: (flag == "perfetto").then(|| p.clone()),
+            };
+            assert_eq!(export(&args).unwrap(), 0);
+            assert!(std::fs::metadata(&p).unwrap().len() > 0);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn durations() {

@@ -20,6 +20,8 @@ use crate::{
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
 const RESET_GRACE_NS: u64 = 1_000_000_000;
+/// Wire events count for a migration up to this long after its resume.
+const L2_HORIZON_NS: u64 = 30_000_000_000;
 /// Ports whose last delivery to the VM before the pause is within this of the latest one form its old path.
 const OLD_PATH_SLACK_NS: u64 = 1_000_000_000;
 /// A port still receiving frames for the VM this long after the new port got its first one is a shared part of the
@@ -1087,9 +1089,11 @@ fn build_migration(
     // Wire: announces after the pause (or the anchor), by the VM's MAC.
     let after = resume.or(pause).unwrap_or(anchor);
     let l2_from = pause.unwrap_or(anchor);
+    // Wire events long after the resume belong to something else (the VM's next life, another migration).
+    let l2_end = window_end.min(after.saturating_add(L2_HORIZON_NS));
     for e in &l2.announces {
         let ts = e.ts_ns();
-        if ts < l2_from || ts >= window_end {
+        if ts < l2_from || ts >= l2_end {
             continue;
         }
         match e {
@@ -1130,7 +1134,7 @@ fn build_migration(
         else {
             continue;
         };
-        if !m.eq_ignore_ascii_case(&mac) || *ts_ns >= window_end {
+        if !m.eq_ignore_ascii_case(&mac) || *ts_ns >= l2_end {
             continue;
         }
         let bridge_key = match netns {
@@ -1174,7 +1178,7 @@ fn build_migration(
             .iter()
             .filter_map(|(label, a)| {
                 a.first_after(after)
-                    .filter(|(t, _)| *t < window_end)
+                    .filter(|(t, _)| *t < l2_end)
                     .map(|(t, exact)| (t, exact, label))
             })
             .min_by_key(|(t, _, _)| *t)
@@ -1209,7 +1213,7 @@ fn build_migration(
                 .filter(|(label, _)| !only_new || !old.contains(label))
                 .filter_map(|(label, a)| {
                     a.first_after(after)
-                        .filter(|(t, _)| *t < window_end)
+                        .filter(|(t, _)| *t < l2_end)
                         .map(|(t, exact)| (t, exact, label))
                 })
                 .min_by_key(|(t, _, _)| *t)
@@ -1227,7 +1231,7 @@ fn build_migration(
                 continue;
             }
             let a = &ports[label];
-            let (frames, last) = a.between(p, window_end.min(trace_end.saturating_add(1)));
+            let (frames, last) = a.between(p, l2_end.min(trace_end.saturating_add(1)));
             let Some(last) = last else { continue };
             // Still delivering well after the new port started: a shared hop, not the old port.
             if new_first.is_some_and(|nf| last > nf + SHARED_PATH_SLACK_NS) {

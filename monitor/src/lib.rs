@@ -6,6 +6,7 @@ pub mod check;
 pub mod cli;
 pub mod correlate;
 pub mod export;
+pub mod metrics;
 pub mod pause;
 pub mod report;
 pub mod trace;

@@ -2,6 +2,8 @@
 //! driven through a second QMP connection must come out of the follower as one pause window, stamped with
 //! `CLOCK_MONOTONIC` via the measured offset, which is recorded first.
 
+#![expect(clippy::unwrap_used, reason = "a test: a failed setup step should panic")]
+
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
@@ -103,7 +105,8 @@ fn follower_turns_stop_and_cont_into_a_pause_window() {
         .expect("start QEMU");
     let _qemu = Qemu { child, dir };
     assert!(
-        wait_until(Duration::from_secs(20), || follow_sock.exists() && drive_sock.exists()),
+        wait_until(Duration::from_secs(20), || follow_sock.exists()
+            && drive_sock.exists()),
         "QEMU did not create its QMP sockets"
     );
 
@@ -139,7 +142,9 @@ fn follower_turns_stop_and_cont_into_a_pause_window() {
     let phases: Vec<(&Phase, u64, &str, &str)> = got
         .iter()
         .filter_map(|e| match e {
-            Event::Migration { ev, source } => Some((&ev.phase, ev.ts_ns, ev.migration_id.as_str(), source.as_str())),
+            Event::Migration { ev, source } => {
+                Some((&ev.phase, ev.ts_ns, ev.migration_id.as_str(), source.as_str()))
+            }
             _ => None,
         })
         .collect();
@@ -152,10 +157,16 @@ fn follower_turns_stop_and_cont_into_a_pause_window() {
     // QMP stamps in µs of wall time; after conversion the window sits inside our monotonic bracket (with 1 ms of
     // slack for the µs rounding and the offset measurement).
     let slack = 1_000_000;
-    assert!(pause.1 + slack >= before && pause.1 <= resume.1 && resume.1 <= after + slack, "{before} {phases:?} {after}");
+    assert!(
+        pause.1 + slack >= before && pause.1 <= resume.1 && resume.1 <= after + slack,
+        "{before} {phases:?} {after}"
+    );
 
     // The correlation makes it a migration with a vCPU pause measured by QMP.
     let a = monitor::correlate::correlate(&got);
     assert_eq!(a.migrations.len(), 1);
-    assert_eq!(a.migrations[0].downtime.vcpu_pause.as_ref().unwrap().source, "qmp");
+    assert_eq!(
+        a.migrations[0].downtime.vcpu_pause.as_ref().unwrap().source,
+        "qmp"
+    );
 }
