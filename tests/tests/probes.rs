@@ -878,6 +878,30 @@ fn xdp_always_passes_and_never_misreads_a_cut_frame() {
     }
     probes.drain(|_| {});
 
+    // The runner works from another thread while the ring buffer is drained here: a storm of 2000 ARP records
+    // (which fit in the 1 MiB ring) all arrive.
+    let lost_before: u64 = probes.lost().unwrap().iter().sum();
+    let runner = probes.xdp_test_runner().unwrap();
+    let storm = frame.clone();
+    let t = std::thread::spawn(move || runner.run(&storm, 2000).unwrap());
+    let mut arps = 0;
+    let ok = wait_until(Duration::from_secs(10), || {
+        probes.drain(|r| {
+            if matches!(r, Ok(monitor_common::WireEvent::Arp(_))) {
+                arps += 1;
+            }
+        });
+        arps >= 2000 && t.is_finished()
+    });
+    assert!(ok, "{arps} of 2000 storm records");
+    assert_eq!(t.join().unwrap().0, XDP_PASS);
+    let lost: u64 = probes.lost().unwrap().iter().sum();
+    assert_eq!(
+        (arps, lost),
+        (2000, lost_before),
+        "every storm record arrives, none lost"
+    );
+
     // Pseudo-random frames (a fixed LCG, so a failure reproduces): always passed.
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     for _ in 0..2000 {
