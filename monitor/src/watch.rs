@@ -16,7 +16,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io::{IsTerminal, Write},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd},
     path::PathBuf,
     sync::{
         Arc,
@@ -300,6 +300,7 @@ impl Pipeline {
             }
         }
         control.stop();
+        let elapsed = start.elapsed();
         if let Some(h) = until_done {
             // The collector does a last drain and sample before it detaches; take those events too.
             while !h.is_finished() {
@@ -314,7 +315,7 @@ impl Pipeline {
         while let Ok(ev) = rx.try_recv() {
             handle(ev, &mut summary, &mut code)?;
         }
-        summary.elapsed = start.elapsed();
+        summary.elapsed = elapsed;
         Ok((summary, code))
     }
 }
@@ -491,7 +492,7 @@ impl Output {
                 } else {
                     format!("after {:.1} ms of silence", *gap_ns as f64 / 1e6)
                 };
-                format!("{:<20} {mac} {direction:?} {when}", port(p))
+                format!("{:<20} {mac} {} {when}", port(p), dir_name(*direction))
             }
             Event::MacStats {
                 mac,
@@ -503,8 +504,9 @@ impl Output {
                 last_ns,
                 ..
             } => format!(
-                "{:<20} {mac} {direction:?} frames={frames} bytes={bytes} last={:+.6}s span={:.3}s",
+                "{:<20} {mac} {} frames={frames} bytes={bytes} last={:+.6}s span={:.3}s",
                 port(p),
+                dir_name(*direction),
                 (i128::from(*last_ns) - i128::from(self.start_ns)) as f64 / 1e9,
                 last_ns.saturating_sub(*first_ns) as f64 / 1e9
             ),
@@ -516,6 +518,37 @@ impl Output {
             other => serde_json::to_string(other).unwrap_or_default(),
         }
     }
+}
+
+fn dir_name(d: crate::trace::Direction) -> &'static str {
+    match d {
+        crate::trace::Direction::Ingress => "ingress",
+        crate::trace::Direction::Egress => "egress",
+    }
+}
+
+/// What a watch covers, for its first line: `TCP (all) and xdp:IF tc:IF vm MAC`.
+fn describe(args: &WatchArgs) -> String {
+    let ips: Vec<&str> = args
+        .vm
+        .iter()
+        .filter_map(|v| v.split_once('=').map(|(_, ip)| ip))
+        .collect();
+    let mut filters: Vec<String> = ips.iter().map(|ip| format!("ip {ip}")).collect();
+    filters.extend(args.port.iter().map(|p| format!("port {p}")));
+    let mut parts = vec![if filters.is_empty() {
+        "all TCP".to_owned()
+    } else {
+        format!("TCP of {}", filters.join(", "))
+    }];
+    parts.extend(args.iface.iter().map(|i| format!("xdp:{i}")));
+    parts.extend(args.egress.iter().map(|i| format!("tc:{i}")));
+    parts.extend(
+        args.vm
+            .iter()
+            .map(|v| format!("vm {}", v.split('=').next().unwrap_or(v))),
+    );
+    parts.join(" ")
 }
 
 fn tuple(t: &crate::trace::FourTuple) -> String {
@@ -791,35 +824,11 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     let mut observers: Vec<Observer> = Vec::new();
 
     let mut out = Output::new(args.json, record);
-    {
-        let what: Vec<String> = args
-            .iface
-            .iter()
-            .map(|i| format!("xdp:{i}"))
-            .chain(args.egress.iter().map(|i| format!("tc:{i}")))
-            .collect();
-        eprintln!(
-            "migmon: watching TCP{}{}; Ctrl-C to stop",
-            if what.is_empty() {
-                String::new()
-            } else {
-                format!(" and {}", what.join(" "))
-            },
-            args.vm
-                .iter()
-                .map(|v| [" vm ", v.as_str()].concat())
-                .collect::<String>(),
-        );
-    }
+    eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
     let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
     eprintln!("migmon: {summary}");
     Ok(code)
-}
-
-/// The raw fd of a control's wake eventfd, for sources that poll it with their own fds.
-pub fn wake_fd(control: &Control) -> i32 {
-    control.wake_fd().as_raw_fd()
 }
 
 #[cfg(test)]
