@@ -327,6 +327,8 @@ pub struct Output {
     start_ns: u64,
     record: Option<TraceWriter>,
     netns_names: HashMap<u64, String>,
+    /// When `netns_names` was read.
+    names_read: Instant,
     /// Inode of the root namespace (not named in human lines).
     root_netns: Option<u64>,
     stdout: std::io::Stdout,
@@ -341,6 +343,7 @@ impl Output {
             start_ns: mono_now_ns(),
             record,
             netns_names: netns::names_by_inode(),
+            names_read: Instant::now(),
             root_netns: std::fs::metadata("/proc/1/ns/net")
                 .ok()
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
@@ -370,8 +373,10 @@ impl Output {
         if inode == 0 || Some(inode) == self.root_netns {
             return String::new();
         }
-        if !self.netns_names.contains_key(&inode) {
+        // Re-read /run/netns for a new namespace, at most once a second (some never get a name there).
+        if !self.netns_names.contains_key(&inode) && self.names_read.elapsed() > Duration::from_secs(1) {
             self.netns_names = netns::names_by_inode();
+            self.names_read = Instant::now();
         }
         self.netns_names
             .get(&inode)
