@@ -925,3 +925,115 @@ fn xdp_always_passes_and_never_misreads_a_cut_frame() {
         assert_eq!(ret, XDP_PASS, "frame {f:02x?}");
     }
 }
+
+/// Opens a tap device `name` (no packet information header) on the calling thread's namespace.
+fn open_tap(name: &str) -> std::fs::File {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        pad: [u8; 22],
+    }
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF on a freshly opened /dev/net/tun fd with a pointer to a live, correctly sized ifreq.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &raw mut req) };
+    assert_eq!(rc, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+    file
+}
+
+/// The VM side of a tap, as a VMM sees it: frames the VMM writes into the tap (a RARP announce) are seen by XDP
+/// on the tap, and frames the bridge delivers towards the VM are counted by TC egress on the tap before the VMM
+/// reads them.
+#[test]
+fn tap_sees_the_vmm_announce_and_counts_frames_towards_the_vm() {
+    let ns = Netns::new("pt");
+    let br = unique("ptb");
+    let _bridge = Link::bridge(&br, Some(&ns.name));
+    let tap_name = unique("ptt");
+    let mut tap = ns.run(|| open_tap(&tap_name));
+    ip_in(Some(&ns.name), &["link", "set", &tap_name, "master", &br, "up"]);
+    let (q, p) = (unique("ptq"), unique("ptp"));
+    let _uplink = Link::veth(&q, None, &p, Some(&ns.name));
+    ip_in(Some(&ns.name), &["link", "set", &p, "master", &br]);
+    let vm = mac(0x40);
+    let client = mac(0x41);
+    let watch = Watch::start(&[
+        "--iface",
+        &format!("{tap_name}@{}", ns.name),
+        "--egress",
+        &format!("{tap_name}@{}", ns.name),
+        "--vm",
+        &mac_str(vm),
+        "--port",
+        "1",
+    ]);
+    // QEMU's self-announce, written by "the VMM" into the tap.
+    let mut rarp = ethernet(
+        MacAddr::broadcast(),
+        vm,
+        &[],
+        0x8035,
+        &arp_body(3, vm, Ipv4Addr::UNSPECIFIED, vm, Ipv4Addr::UNSPECIFIED),
+    );
+    rarp.resize(60, 0);
+    tap.write_all(&rarp).expect("write the announce into the tap");
+    watch.wait_for("the announce and the FDB entry", Duration::from_secs(10), |evs| {
+        !of_kind(evs, "rarp").is_empty()
+            && of_kind(evs, "fdb_update")
+                .iter()
+                .any(|e| e["port"] == tap_name.as_str())
+    });
+    // A client frame towards the VM: the bridge delivers it through the tap.
+    let mut tx = sender(&q);
+    let to_vm = ethernet(vm, client, &[], 0x88b5, &[7u8; 46]);
+    send(&mut tx, &to_vm);
+    // "The VMM" reads it from the tap (skipping anything else the kernel sends, such as IPv6 neighbour traffic).
+    // SAFETY: fcntl on a valid fd.
+    unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut buf = [0u8; 2048];
+    let delivered = wait_until(
+        Duration::from_secs(10),
+        || matches!(tap.read(&mut buf), Ok(n) if n == to_vm.len() && buf[..n] == to_vm[..]),
+    );
+    assert!(delivered, "the frame towards the VM came out of the tap");
+    watch.wait_for("the egress counter", Duration::from_secs(10), |evs| {
+        of_kind(evs, "mac_stats")
+            .iter()
+            .any(|e| e["direction"] == "egress" && e["frames"] == 1)
+    });
+    let (events, _) = watch.stop();
+    assert!(
+        of_kind(&events, "note").is_empty(),
+        "XDP attaches to a tap in driver mode: {}",
+        dump(&events)
+    );
+    let rarp_ev = of_kind(&events, "rarp");
+    assert_eq!(rarp_ev.len(), 1, "{}", dump(&events));
+    assert_eq!(rarp_ev[0]["iface"].as_str(), Some(tap_name.as_str()));
+    assert_eq!(rarp_ev[0]["len"], 60);
+    let fdb = of_kind(&events, "fdb_update");
+    assert_eq!(fdb.len(), 1, "{}", dump(&events));
+    assert_eq!(
+        (fdb[0]["bridge"].as_str(), fdb[0]["mac"].as_str()),
+        (Some(br.as_str()), Some(mac_str(vm).as_str()))
+    );
+    let stats = |dir: &str| {
+        of_kind(&events, "mac_stats")
+            .into_iter()
+            .rfind(|e| e["direction"] == dir && e["iface"] == tap_name.as_str())
+            .map(|e| (e["frames"].as_u64().unwrap(), e["bytes"].as_u64().unwrap()))
+    };
+    assert_eq!(stats("ingress"), Some((1, 60)), "{}", dump(&events));
+    assert_eq!(stats("egress"), Some((1, 60)), "{}", dump(&events));
+}
