@@ -51,7 +51,7 @@ pub struct ReportArgs {
     pub svg: Option<PathBuf>,
 }
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct LimitArgs {
     /// Most aborted connections allowed per migration.
     #[arg(long, default_value_t = 0, value_name = "N")]
