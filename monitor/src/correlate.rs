@@ -20,6 +20,9 @@ use crate::{
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
 const RESET_GRACE_NS: u64 = 1_000_000_000;
+/// Errors and resets this close after a connection's CLOSE belong to it (the kernel reports the error after the
+/// state change).
+const CLOSE_CLUSTER_NS: u64 = 10_000_000;
 /// Wire events count for a migration up to this long after its resume.
 const L2_HORIZON_NS: u64 = 30_000_000_000;
 /// Ports whose last delivery to the VM before the pause is within this of the latest one form its old path.
@@ -698,34 +701,68 @@ fn tcp_of(e: &Event) -> Option<(&FourTuple, u64)> {
 }
 
 impl<'a> ConnectionIndex<'a> {
+    /// Splits TCP events into connection lives. `tcp_error` carries no namespace (netns 0), and the kernel reports
+    /// an error after the transition to CLOSE (`tcp_done_with_error`): an error or reset right after a close joins
+    /// the life that just closed.
     fn build(sorted: &[&'a Event]) -> Self {
-        let mut open: HashMap<(FourTuple, u64), usize> = HashMap::new();
+        let mut open: HashMap<FourTuple, Vec<usize>> = HashMap::new();
+        let mut last_closed: HashMap<FourTuple, usize> = HashMap::new();
         let mut lives: Vec<ConnLife<'a>> = Vec::new();
         for e in sorted {
             let Some((tuple, netns)) = tcp_of(e) else { continue };
-            let key = (*tuple, netns);
             // A new life starts at an opening transition even if the old one was never seen closing.
             let opening = matches!(e, Event::TcpState { old_state, .. } if old_state == "CLOSE" || old_state == "LISTEN");
-            let idx = match open.get(&key) {
-                Some(&i) if !opening => i,
-                _ => {
-                    lives.push(ConnLife {
-                        tuple: *tuple,
-                        netns,
-                        events: Vec::new(),
-                        opened_ns: opening.then(|| e.ts_ns()),
-                        closed_ns: None,
-                    });
-                    open.insert(key, lives.len() - 1);
-                    lives.len() - 1
-                }
+            let ending = matches!(
+                e,
+                Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. }
+            );
+            let candidates = open.entry(*tuple).or_default();
+            let found = if opening {
+                None
+            } else if netns == 0 {
+                candidates.last().copied()
+            } else {
+                candidates
+                    .iter()
+                    .rev()
+                    .copied()
+                    .find(|&i| lives[i].netns == netns || lives[i].netns == 0)
             };
+            let after_close = (found.is_none() && ending && !opening)
+                .then(|| last_closed.get(tuple).copied())
+                .flatten()
+                .filter(|&i| {
+                    lives[i]
+                        .closed_ns
+                        .is_some_and(|c| e.ts_ns() <= c + CLOSE_CLUSTER_NS)
+                        && (netns == 0 || lives[i].netns == netns)
+                });
+            let idx = if let Some(i) = found.or(after_close) {
+                i
+            } else {
+                lives.push(ConnLife {
+                    tuple: *tuple,
+                    netns,
+                    events: Vec::new(),
+                    opened_ns: opening.then(|| e.ts_ns()),
+                    closed_ns: None,
+                });
+                candidates.push(lives.len() - 1);
+                lives.len() - 1
+            };
+            if lives[idx].netns == 0 {
+                lives[idx].netns = netns;
+            }
             lives[idx].events.push(e);
             if let Event::TcpState { new_state, ts_ns, .. } = e
                 && new_state == "CLOSE"
+                && lives[idx].closed_ns.is_none()
             {
                 lives[idx].closed_ns = Some(*ts_ns);
-                open.remove(&key);
+                if let Some(v) = open.get_mut(tuple) {
+                    v.retain(|&i| i != idx);
+                }
+                last_closed.insert(*tuple, idx);
             }
         }
         Self { lives }
@@ -941,10 +978,11 @@ fn verdict(
         Some(i) if in_window[i].ts_ns() <= settle => {
             let t0 = in_window[i].ts_ns();
             // The terminal cluster: from the first terminal event to the socket's CLOSE (or 10 ms).
+            let cluster_end = life.closed_ns.unwrap_or(t0).max(t0) + CLOSE_CLUSTER_NS;
             let cluster: Vec<&Event> = in_window[i..]
                 .iter()
                 .copied()
-                .take_while(|e| e.ts_ns() <= life.closed_ns.unwrap_or(t0 + 10_000_000).max(t0))
+                .take_while(|e| e.ts_ns() <= cluster_end)
                 .collect();
             let reason = if cluster.iter().any(|e| matches!(e, Event::TcpResetIn { .. })) {
                 AbortReason::RstReceived
@@ -1005,13 +1043,7 @@ fn verdict(
         retransmits: counted.len() as u32,
         highest_backoff: counted
             .iter()
-            .map(|r| {
-                if r.retransmits > 0 {
-                    r.backoff.max(r.retransmits.saturating_sub(1))
-                } else {
-                    r.backoff
-                }
-            })
+            .map(|r| r.backoff.max(r.retransmits))
             .max()
             .unwrap_or(0),
         first_retransmit_ns: counted.first().map(|r| r.ts),

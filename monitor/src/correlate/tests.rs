@@ -108,25 +108,27 @@ pub fn state(ts_ms: u64, t: FourTuple, old: &str, new: &str) -> Event {
     }
 }
 
-/// Retransmission number `k` (1-based) with a base RTO: as `tcp_retransmit_skb` reports it.
+/// Retransmission number `k` (1-based) with a base RTO, as the probes report it: `retransmits` and `backoff` count
+/// the retransmissions before this one, `rto_us` is the RTO before this timer's doubling.
 pub fn rtx(ts_ms: u64, t: FourTuple, k: u32, base_rto_ms: u64) -> Event {
     Event::TcpRetransmit {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
         state: "ESTABLISHED".into(),
-        retransmits: k,
+        retransmits: k - 1,
         backoff: k - 1,
         rto_us: (base_rto_ms * 1000) << (k - 1),
         srtt_us: 0,
     }
 }
 
+/// `inet_sk_error_report`: no namespace and no state, as the probes report it.
 pub fn err(ts_ms: u64, t: FourTuple, errno: i32) -> Event {
     Event::TcpError {
         ts_ns: ts_ms * MS,
-        tcp: tcp(t),
+        tcp: TcpCommon { tuple: t, netns: 0 },
         errno,
-        state: "ESTABLISHED".into(),
+        state: String::new(),
     }
 }
 
@@ -351,8 +353,9 @@ pub fn quick_trace() -> Vec<Event> {
         rtx(1200, c1, 1, 200),
         rtx(1600, c1, 2, 200),
         rtx(2400, c1, 3, 200),
-        err(4000, c1, 110),
+        // The kernel's order: the state change, then the error report.
         state(4000, c1, "ESTABLISHED", "CLOSE"),
+        err(4000, c1, 110),
     ]);
     // c2: survives the pause by retransmitting, then the VM answers with a RST (it lost the socket).
     ev.extend([
@@ -363,8 +366,8 @@ pub fn quick_trace() -> Vec<Event> {
         rtx(7200, c2, 5, 200),
         rtx(13600, c2, 6, 200),
         rst_in(13601, c2),
-        err(13601, c2, 104),
         state(13601, c2, "ESTABLISHED", "CLOSE"),
+        err(13601, c2, 104),
     ]);
     // c3: the client sends a RST (application abort with SO_LINGER 0).
     ev.extend([

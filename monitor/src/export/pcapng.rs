@@ -316,8 +316,9 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
             } => {
                 let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
                 let comment = format!(
-                    "migmon annotation (not a captured packet): tcp_retransmit #{retransmits} backoff {backoff} rto {} \
+                    "migmon annotation (not a captured packet): tcp_retransmit #{} backoff {backoff} rto {} \
                      state {state}{}",
+                    retransmits + 1,
                     crate::correlate::fmt_dur(rto_us * 1000),
                     context(a, None, ts)
                 );
