@@ -162,10 +162,15 @@ pub fn report(a: &ReportArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Runs the check on an analysis, prints it, writes the `JUnit` file; returns the exit code.
-pub fn run_check(an: &Analysis, limits: &LimitArgs) -> Result<i32> {
+/// Runs the check on an analysis, prints it (on stderr with `to_stderr`: `watch --json` owns stdout), writes the
+/// `JUnit` file; returns the exit code.
+pub fn run_check(an: &Analysis, limits: &LimitArgs, to_stderr: bool) -> Result<i32> {
     let verdict = check::evaluate(an, &limits.limits());
-    print!("{}", verdict.render_text());
+    if to_stderr {
+        eprint!("{}", verdict.render_text());
+    } else {
+        print!("{}", verdict.render_text());
+    }
     if let Some(j) = &limits.junit {
         verdict
             .write_junit(j)
@@ -176,7 +181,7 @@ pub fn run_check(an: &Analysis, limits: &LimitArgs) -> Result<i32> {
 
 pub fn check(a: &CheckArgs) -> Result<i32> {
     let (_, an) = load(&a.trace)?;
-    run_check(&an, &a.limits)
+    run_check(&an, &a.limits, false)
 }
 
 pub fn whatif(a: &WhatifArgs) -> Result<i32> {

@@ -186,6 +186,9 @@ pub struct ConnectionVerdict {
     pub highest_backoff: u32,
     pub first_retransmit_ns: Option<u64>,
     pub last_retransmit_ns: Option<u64>,
+    /// The first retransmission by the retransmission timer (`retransmits` ≥ 1; a tail loss probe or a fast
+    /// retransmit has 0): the kernel measures `tcp_retries2` and `TCP_USER_TIMEOUT` from it.
+    pub first_rto_ns: Option<u64>,
     /// Every counted retransmission, for timelines.
     pub retransmit_ns: Vec<u64>,
     /// The RTO before backoff, from the probes (`rto_us >> backoff`) or the retransmit spacing.
@@ -708,8 +711,19 @@ impl<'a> ConnectionIndex<'a> {
         let mut open: HashMap<FourTuple, Vec<usize>> = HashMap::new();
         let mut last_closed: HashMap<FourTuple, usize> = HashMap::new();
         let mut lives: Vec<ConnLife<'a>> = Vec::new();
+        // `connect()` moves the socket to SYN_SENT before it has a source port: remember that opening and give it to
+        // the life that shows up with the same addresses and destination port.
+        let mut pending_open: HashMap<(std::net::IpAddr, std::net::IpAddr, u16, u64), u64> = HashMap::new();
         for e in sorted {
             let Some((tuple, netns)) = tcp_of(e) else { continue };
+            if tuple.sport == 0 {
+                if let Event::TcpState { old_state, .. } = e
+                    && old_state == "CLOSE"
+                {
+                    pending_open.insert((tuple.saddr, tuple.daddr, tuple.dport, netns), e.ts_ns());
+                }
+                continue;
+            }
             // A new life starts at an opening transition even if the old one was never seen closing.
             let opening = matches!(e, Event::TcpState { old_state, .. } if old_state == "CLOSE" || old_state == "LISTEN");
             let ending = matches!(
@@ -740,11 +754,14 @@ impl<'a> ConnectionIndex<'a> {
             let idx = if let Some(i) = found.or(after_close) {
                 i
             } else {
+                let pending = pending_open
+                    .remove(&(tuple.saddr, tuple.daddr, tuple.dport, netns))
+                    .filter(|&t| t + 120_000_000_000 >= e.ts_ns());
                 lives.push(ConnLife {
                     tuple: *tuple,
                     netns,
                     events: Vec::new(),
-                    opened_ns: opening.then(|| e.ts_ns()),
+                    opened_ns: if opening { Some(e.ts_ns()) } else { pending },
                     closed_ns: None,
                 });
                 candidates.push(lives.len() - 1);
@@ -933,13 +950,16 @@ fn verdict(
     let mut progress: Option<(u64, String)> = precise.clone();
     let mut unresolved = false;
     if let Some(last) = ep.last() {
-        let next_due = if last.rto_us > 0 {
-            last.ts + (last.rto_us * 2).min(120_000_000) * 1000
+        // The next retransmission was due one doubled RTO later; long timers fire late by the timer wheel's
+        // granularity (up to an eighth of the timeout), hence the slack.
+        let interval = if last.rto_us > 0 {
+            (last.rto_us * 2).min(120_000_000) * 1000
         } else if ep.len() >= 2 {
-            last.ts + 2 * (last.ts - ep[ep.len() - 2].ts)
+            2 * (last.ts - ep[ep.len() - 2].ts)
         } else {
-            last.ts + 400_000_000
+            400_000_000
         };
+        let next_due = last.ts + interval + (interval / 4).max(300_000_000);
         let aborted_in_episode = terminal_ts.is_some_and(|t| t <= next_due);
         let inferred_ok = !aborted_in_episode && next_due <= trace_end;
         let precise_in_episode = precise.as_ref().is_some_and(|(t, _)| *t <= next_due);
@@ -1041,12 +1061,9 @@ fn verdict(
         netns: life.netns,
         state_at_pause,
         retransmits: counted.len() as u32,
-        highest_backoff: counted
-            .iter()
-            .map(|r| r.backoff.max(r.retransmits))
-            .max()
-            .unwrap_or(0),
+        highest_backoff: counted.iter().map(|r| r.backoff).max().unwrap_or(0),
         first_retransmit_ns: counted.first().map(|r| r.ts),
+        first_rto_ns: counted.iter().find(|r| r.retransmits >= 1).map(|r| r.ts),
         retransmit_ns: counted.iter().map(|r| r.ts).collect(),
         last_retransmit_ns: counted.last().map(|r| r.ts),
         base_rto_us: base_rto_us(&ep),

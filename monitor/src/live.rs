@@ -8,7 +8,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex, PoisonError, mpsc::Sender},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -52,8 +52,9 @@ pub struct LiveArgs {
 struct Gate {
     events: Vec<Event>,
     printed: Vec<String>,
+    /// Migrations that resumed at the last correlation (some may still be settling).
+    resumed: usize,
     done: Option<i32>,
-    last_run: Option<Instant>,
 }
 
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
@@ -160,46 +161,81 @@ pub fn start(
         }));
     }
 
+    // The observer only collects; a thread correlates five times a second, prints a line per settled migration and,
+    // with --until-migrations, runs the check and stops the watch. It runs on the monotonic clock, so a migration
+    // settles even when no more events arrive.
     let gate = Arc::new(Mutex::new(Gate::default()));
+    let g = gate.clone();
+    observers.push(Box::new(move |ev| {
+        g.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .events
+            .push(ev.clone());
+        Flow::Continue
+    }));
     let g = gate.clone();
     let until = args.until_migrations;
     let settle = args.settle;
     let limits = args.limits.clone();
-    observers.push(Box::new(move |ev| {
-        let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
-        g.events.push(ev.clone());
-        // Correlate on migration events, and at most five times a second otherwise.
-        let due = matches!(ev, Event::Migration { .. })
-            || g.last_run
-                .is_none_or(|t| t.elapsed() >= Duration::from_millis(200));
-        if !due || g.done.is_some() {
-            return Flow::Continue;
-        }
-        g.last_run = Some(Instant::now());
-        let a = analysis_of(&g.events);
-        for m in &a.migrations {
-            if !g.printed.contains(&m.id) && settled(m, a.end_ns, settle) {
-                eprintln!("{}", live_line(m));
-                g.printed.push(m.id.clone());
-            }
-        }
-        if let Some(n) = until
-            && g.printed.len() >= n
-        {
-            match crate::cli::run_check(&a, &limits) {
-                Ok(code) => {
+    let control_t = control.clone();
+    let tx_end = tx.clone();
+    // The last event of a trace marks the end of observation: a connection whose next retransmission was due after
+    // it is unresolved. Record when the watch really ended.
+    let end_note = move |why: &str| {
+        let _ = tx_end.send(Event::Note {
+            ts_ns: migevents::monotonic_ns(),
+            level: "info".to_owned(),
+            message: format!("migmon watch: end of observation ({why})"),
+        });
+    };
+    std::thread::Builder::new()
+        .name("migmon-gate".into())
+        .spawn(move || {
+            let mut seen = 0;
+            let mut last_run = std::time::Instant::now();
+            loop {
+                if control_t.stopped() {
+                    end_note("stopped");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                if last_run.elapsed() < Duration::from_millis(200) {
+                    continue;
+                }
+                last_run = std::time::Instant::now();
+                let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
+                if g.events.len() == seen && g.printed.len() == g.resumed {
+                    continue;
+                }
+                seen = g.events.len();
+                let a = analysis_of(&g.events);
+                let now = a.end_ns.max(migevents::monotonic_ns());
+                g.resumed = a
+                    .migrations
+                    .iter()
+                    .filter(|m| m.timeline.resume.is_some())
+                    .count();
+                for m in &a.migrations {
+                    if !g.printed.contains(&m.id) && settled(m, now, settle) {
+                        eprintln!("{}", live_line(m));
+                        g.printed.push(m.id.clone());
+                    }
+                }
+                if let Some(n) = until
+                    && g.printed.len() >= n
+                {
+                    let code = crate::cli::run_check(&a, &limits, true).unwrap_or_else(|e| {
+                        eprintln!("migmon: error: {e:#}");
+                        2
+                    });
                     g.done = Some(code);
-                    return Flow::Stop(code);
-                }
-                Err(e) => {
-                    eprintln!("migmon: error: {e:#}");
-                    g.done = Some(2);
-                    return Flow::Stop(2);
+                    end_note(&format!("{n} migration(s) checked"));
+                    control_t.stop();
+                    return;
                 }
             }
-        }
-        Flow::Continue
-    }));
+        })
+        .context("cannot start the migration gate thread")?;
     Ok(Live {
         sources,
         gate,
@@ -223,7 +259,7 @@ impl Live {
         }
         let a = analysis_of(&g.events);
         let verdict = check::evaluate(&a, &self.args.limits.limits());
-        print!("{}", verdict.render_text());
+        eprint!("{}", verdict.render_text());
         eprintln!(
             "migmon: stopped after {} of {n} migrations settled: the check fails",
             g.printed.len()

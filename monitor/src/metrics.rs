@@ -334,7 +334,7 @@ mod tests {
             "migmon_connections_total{fate=\"survived\"} 4",
             "migmon_convergence_seconds_count 1",
             "migmon_lost_events_total 2",
-            "migmon_tcp_retransmits_total 18",
+            "migmon_tcp_retransmits_total 19",
         ] {
             assert!(body.contains(needle), "missing {needle}:\n{body}");
         }

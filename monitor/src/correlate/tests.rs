@@ -108,14 +108,14 @@ pub fn state(ts_ms: u64, t: FourTuple, old: &str, new: &str) -> Event {
     }
 }
 
-/// Retransmission number `k` (1-based) with a base RTO, as the probes report it: `retransmits` and `backoff` count
-/// the retransmissions before this one, `rto_us` is the RTO before this timer's doubling.
+/// RTO retransmission number `k` (1-based) with a base RTO, as the probes report it on a real kernel:
+/// `retransmits` = k (incremented before the retransmission), `backoff` = k − 1, `rto_us` = the RTO of this timer.
 pub fn rtx(ts_ms: u64, t: FourTuple, k: u32, base_rto_ms: u64) -> Event {
     Event::TcpRetransmit {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
         state: "ESTABLISHED".into(),
-        retransmits: k - 1,
+        retransmits: k,
         backoff: k - 1,
         rto_us: (base_rto_ms * 1000) << (k - 1),
         srtt_us: 0,
@@ -348,14 +348,16 @@ pub fn quick_trace() -> Vec<Event> {
     for c in [c1, c2, c3, c4, c5] {
         ev.push(state(100, c, "SYN_SENT", "ESTABLISHED"));
     }
-    // c1: tcp_retries2=3 at a 200 ms base: 3 retransmits, ETIMEDOUT at t0 + 3.0 s.
+    // c1: tcp_retries2=3 at a 200 ms base: the limit (3.0 s) counts from the first RTO retransmission (1200), so
+    // the 4th retransmission (4000, 2.8 s) still goes out and the abort comes at the 5th timer (7200).
     ev.extend([
         rtx(1200, c1, 1, 200),
         rtx(1600, c1, 2, 200),
         rtx(2400, c1, 3, 200),
+        rtx(4000, c1, 4, 200),
         // The kernel's order: the state change, then the error report.
-        state(4000, c1, "ESTABLISHED", "CLOSE"),
-        err(4000, c1, 110),
+        state(7200, c1, "ESTABLISHED", "CLOSE"),
+        err(7200, c1, 110),
     ]);
     // c2: survives the pause by retransmitting, then the VM answers with a RST (it lost the socket).
     ev.extend([
@@ -415,10 +417,11 @@ fn quick_migration_fates_with_proof() {
         c1.fate,
         Fate::Aborted {
             reason: AbortReason::Etimedout,
-            at_ns: 4000 * MS
+            at_ns: 7200 * MS
         }
     );
-    assert_eq!((c1.retransmits, c1.highest_backoff), (3, 2));
+    assert_eq!((c1.retransmits, c1.highest_backoff), (4, 3));
+    assert_eq!(c1.first_rto_ns, Some(1200 * MS));
     assert!(
         c1.proof
             .iter()

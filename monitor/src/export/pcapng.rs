@@ -315,10 +315,13 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
                 ..
             } => {
                 let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
+                let what = if *retransmits == 0 {
+                    "tcp_retransmit (tail loss probe or fast retransmit)".to_owned()
+                } else {
+                    format!("tcp_retransmit #{retransmits} (RTO)")
+                };
                 let comment = format!(
-                    "migmon annotation (not a captured packet): tcp_retransmit #{} backoff {backoff} rto {} \
-                     state {state}{}",
-                    retransmits + 1,
+                    "migmon annotation (not a captured packet): {what} backoff {backoff} rto {} state {state}{}",
                     crate::correlate::fmt_dur(rto_us * 1000),
                     context(a, None, ts)
                 );
@@ -460,7 +463,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            lines.iter().any(|l| l.contains("tcp_retransmit #3 backoff 2")),
+            lines
+                .iter()
+                .any(|l| l.contains("tcp_retransmit #3 (RTO) backoff 2")),
             "{text}"
         );
         std::fs::remove_file(&path).unwrap();

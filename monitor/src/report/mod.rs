@@ -75,7 +75,7 @@ pub fn proof_summary(c: &ConnectionVerdict) -> String {
             } => format!("tcp_state {old_state}→{new_state}"),
             Event::TcpResetIn { .. } => "tcp_reset_in".to_owned(),
             Event::TcpResetOut { .. } => "tcp_reset_out".to_owned(),
-            Event::TcpRetransmit { retransmits, .. } => format!("last tcp_retransmit (#{})", retransmits + 1),
+            Event::TcpRetransmit { retransmits, .. } => format!("last tcp_retransmit (#{retransmits})"),
             other => other.kind().to_owned(),
         })
         .collect::<Vec<_>>()
@@ -319,7 +319,7 @@ mod tests {
         let q = correlate(&quick_trace());
         let text = render_text(&q, "q.trace");
         assert!(
-            text.contains("aborted: ETIMEDOUT at +3.00 s (tcp_state ESTABLISHED→CLOSE, tcp_error errno 110)"),
+            text.contains("aborted: ETIMEDOUT at +6.20 s (tcp_state ESTABLISHED→CLOSE, tcp_error errno 110)"),
             "{text}"
         );
         let json: serde_json::Value = serde_json::from_str(&render_json(&q)).unwrap();
