@@ -16,10 +16,10 @@ use anyhow::{Context, Result};
 use crate::{
     check,
     cli::{LimitArgs, parse_duration},
-    correlate::{Analysis, Fate, MigrationReport, analyse, fmt_dur},
+    correlate::{Analysis, Fate, MigrationReport, fmt_dur},
     metrics::{self, Metrics},
     pause::{self, SourceHandle},
-    trace::{Event, Trace},
+    trace::Event,
     watch::{Control, Flow, Observer},
 };
 
@@ -109,10 +109,27 @@ pub fn live_line(m: &MigrationReport) -> String {
 }
 
 fn analysis_of(events: &[Event]) -> Analysis {
-    analyse(&Trace {
-        events: events.to_vec(),
-        ..Trace::default()
-    })
+    let mut a = crate::correlate::correlate(events);
+    a.lost_events = events
+        .iter()
+        .map(|e| {
+            if let Event::Loss { count, .. } = e {
+                *count
+            } else {
+                0
+            }
+        })
+        .sum();
+    if a.lost_events > 0 {
+        a.warnings.insert(
+            0,
+            format!(
+                "{} events were lost in the kernel (ring buffer full)",
+                a.lost_events
+            ),
+        );
+    }
+    a
 }
 
 /// Starts the sources and observers the flags ask for.

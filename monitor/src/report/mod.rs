@@ -322,6 +322,10 @@ mod tests {
             text.contains("aborted: ETIMEDOUT at +6.20 s (tcp_state ESTABLISHED→CLOSE, tcp_error errno 110)"),
             "{text}"
         );
+        let page = html::render(&q, "q <trace>");
+        assert!(
+            page.starts_with("<!DOCTYPE html>") && page.contains("<svg") && page.contains("q &lt;trace&gt;")
+        );
         let json: serde_json::Value = serde_json::from_str(&render_json(&q)).unwrap();
         assert_eq!(json["migrations"][0]["aborted"], 4);
         assert_eq!(json["migrations"][0]["connections"][0]["fate"], "aborted");
