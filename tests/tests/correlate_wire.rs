@@ -71,7 +71,7 @@ fn a_move_seen_only_on_the_wire_is_inferred_with_its_timeline() {
             l
         })
         .collect();
-    let (old, new, peer_port) = (&names[0].0, &names[1].0, &names[2].0);
+    let (old, new) = (&names[0].0, &names[1].0);
     let vm = MacAddr::new(0x52, 0x54, 0x00, 0x77, 0x00, 0x01);
     let peer = MacAddr::new(0x52, 0x54, 0x00, 0x77, 0x00, 0x02);
     let vm_s = vm.to_string();
