@@ -38,6 +38,8 @@ pub enum Format {
     Text,
     Json,
     Html,
+    /// One column per migration, side by side, with the abort arithmetic of the client settings.
+    Compare,
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,6 +51,18 @@ pub struct ReportArgs {
     /// Also write the SVG timeline to this file.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
+    /// With --format compare: the clients' `tcp_retries2`, for the abort arithmetic.
+    #[arg(long, value_name = "N")]
+    pub tcp_retries2: Option<u32>,
+    /// With --format compare: the clients' route `rto_min`.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub rto_min: Option<u64>,
+    /// With --format compare: the clients' `TCP_USER_TIMEOUT`.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub user_timeout: Option<u64>,
+    /// With --format compare: the clients are Windows (5 retransmissions).
+    #[arg(long)]
+    pub windows: bool,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -153,6 +167,18 @@ pub fn report(a: &ReportArgs) -> Result<i32> {
         Format::Text => report::render_text(&an, &title(&a.trace)),
         Format::Json => report::render_json(&an),
         Format::Html => report::html::render(&an, &title(&a.trace)),
+        Format::Compare => {
+            let given =
+                a.tcp_retries2.is_some() || a.rto_min.is_some() || a.user_timeout.is_some() || a.windows;
+            let d = Settings::default();
+            let st = Settings {
+                tcp_retries2: a.tcp_retries2.unwrap_or(d.tcp_retries2),
+                rto_min_ns: a.rto_min.unwrap_or(d.rto_min_ns),
+                user_timeout_ns: a.user_timeout,
+                windows: a.windows,
+            };
+            report::compare::render(&an, given.then_some(&st))
+        }
     };
     print!("{out}");
     if let Some(svg) = &a.svg {

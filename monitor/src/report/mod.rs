@@ -8,6 +8,7 @@ use crate::{
     trace::Event,
 };
 
+pub mod compare;
 pub mod html;
 pub mod svg;
 
