@@ -204,6 +204,8 @@ pub struct WhatIf {
     pub would_abort: usize,
     pub agree: usize,
     pub judged: usize,
+    /// The analysis' warnings (lost events, truncation, skipped input).
+    pub warnings: Vec<String>,
 }
 
 /// Whether a prediction matches an observed fate (unresolved fates are not judged).
@@ -262,6 +264,7 @@ pub fn whatif(a: &Analysis, in_force: &Settings, scenario: &Settings) -> WhatIf 
         rows,
         agree,
         judged,
+        warnings: a.warnings.clone(),
     }
 }
 
@@ -291,6 +294,9 @@ fn fmt_pred(p: &Prediction, pause: u64) -> String {
 pub fn render_text(w: &WhatIf) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
+    for warning in &w.warnings {
+        let _ = writeln!(s, "WARNING: {warning}");
+    }
     let _ = writeln!(s, "what-if: {}  (in force: {})", w.scenario, w.in_force);
     if w.scenario.user_timeout_ns.is_none() && !w.scenario.windows {
         let _ = writeln!(

@@ -270,10 +270,16 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
             )
         })
         .collect();
+    let warnings: String = a.warnings.iter().fold(String::new(), |mut acc, w| {
+        acc.push_str(" WARNING: ");
+        acc.push_str(w);
+        acc.push('.');
+        acc
+    });
     option(
         &mut body,
         OPT_COMMENT,
-        format!("migmon export. {}", summary.join(". ")).as_bytes(),
+        format!("migmon export.{warnings} {}", summary.join(". ")).as_bytes(),
     );
     option(
         &mut body,
