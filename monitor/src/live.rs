@@ -48,19 +48,25 @@ pub struct LiveArgs {
     pub limits: LimitArgs,
 }
 
+/// Events handed from the consumer to the gate thread, and the gate's verdict.
 #[derive(Default)]
 struct Gate {
+    incoming: Vec<Event>,
+    done: Option<i32>,
+}
+
+/// What the gate thread saw, handed back when it ends.
+#[derive(Default)]
+struct Seen {
     events: Vec<Event>,
     printed: Vec<String>,
-    /// Migrations that resumed at the last correlation (some may still be settling).
-    resumed: usize,
-    done: Option<i32>,
 }
 
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
 pub struct Live {
     sources: Vec<SourceHandle>,
     gate: Arc<Mutex<Gate>>,
+    thread: std::thread::JoinHandle<Seen>,
     args: LiveArgs,
 }
 
@@ -186,7 +192,7 @@ pub fn start(
     observers.push(Box::new(move |ev| {
         g.lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .events
+            .incoming
             .push(ev.clone());
         Flow::Continue
     }));
@@ -205,50 +211,52 @@ pub fn start(
             message: format!("migmon watch: end of observation ({why})"),
         });
     };
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("migmon-gate".into())
         .spawn(move || {
-            let mut seen = 0;
+            let mut seen = Seen::default();
+            let mut resumed = 0;
             let mut last_run = std::time::Instant::now();
             loop {
                 if control_t.stopped() {
                     end_note("stopped");
-                    return;
+                    return seen;
                 }
                 std::thread::sleep(Duration::from_millis(20));
                 if last_run.elapsed() < Duration::from_millis(200) {
                     continue;
                 }
                 last_run = std::time::Instant::now();
-                let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
-                if g.events.len() == seen && g.printed.len() == g.resumed {
+                // Take what arrived; correlate without holding the lock, so the consumer never waits.
+                let new = std::mem::take(&mut g.lock().unwrap_or_else(PoisonError::into_inner).incoming);
+                if new.is_empty() && seen.printed.len() == resumed {
                     continue;
                 }
-                seen = g.events.len();
-                let a = analysis_of(&g.events);
+                seen.events.extend(new);
+                let a = analysis_of(&seen.events);
                 let now = a.end_ns.max(migevents::monotonic_ns());
-                g.resumed = a
+                resumed = a
                     .migrations
                     .iter()
                     .filter(|m| m.timeline.resume.is_some())
                     .count();
                 for m in &a.migrations {
-                    if !g.printed.contains(&m.id) && settled(m, now, settle) {
+                    if !seen.printed.contains(&m.id) && settled(m, now, settle) {
                         eprintln!("{}", live_line(m));
-                        g.printed.push(m.id.clone());
+                        seen.printed.push(m.id.clone());
                     }
                 }
                 if let Some(n) = until
-                    && g.printed.len() >= n
+                    && seen.printed.len() >= n
                 {
                     let code = crate::cli::run_check(&a, &limits, true).unwrap_or_else(|e| {
                         eprintln!("migmon: error: {e:#}");
                         2
                     });
-                    g.done = Some(code);
+                    g.lock().unwrap_or_else(PoisonError::into_inner).done = Some(code);
                     end_note(&format!("{n} migration(s) checked"));
                     control_t.stop();
-                    return;
+                    return seen;
                 }
             }
         })
@@ -256,6 +264,7 @@ pub fn start(
     Ok(Live {
         sources,
         gate,
+        thread,
         args: args.clone(),
     })
 }
@@ -267,19 +276,21 @@ impl Live {
         for s in self.sources {
             s.stop();
         }
+        let mut seen = self.thread.join().unwrap_or_default();
         let Some(n) = self.args.until_migrations else {
             return Ok(code);
         };
-        let g = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut g = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(done) = g.done {
             return Ok(done);
         }
-        let a = analysis_of(&g.events);
+        seen.events.append(&mut g.incoming);
+        let a = analysis_of(&seen.events);
         let verdict = check::evaluate(&a, &self.args.limits.limits());
         eprint!("{}", verdict.render_text());
         eprintln!(
             "migmon: stopped after {} of {n} migrations settled: the check fails",
-            g.printed.len()
+            seen.printed.len()
         );
         if let Some(j) = &self.args.limits.junit {
             verdict
