@@ -312,3 +312,97 @@ fn long_pause_aborts_with_etimedout_and_fails_the_gate() {
     assert!(out.contains("would survive"), "{out}");
     assert!(!out.contains("differs from what happened"), "{out}");
 }
+
+/// Kills and reaps a child process.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A second QMP client that drives QEMU: one command at a time, replies awaited (events skipped).
+fn qmp_command(stream: &mut std::io::BufReader<std::os::unix::net::UnixStream>, cmd: &str) {
+    use std::io::BufRead;
+    writeln!(stream.get_mut(), "{{\"execute\":\"{cmd}\"}}").unwrap();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stream.read_line(&mut line).unwrap() > 0,
+            "QEMU closed the QMP socket"
+        );
+        assert!(!line.contains("\"error\""), "{cmd}: {line}");
+        if line.contains("\"return\"") {
+            return;
+        }
+    }
+}
+
+/// `migmon watch --qmp` on a real QEMU: `stop` and `cont` make one pause window from QMP, recorded with the clock
+/// offset, and the gate passes.
+#[test]
+fn qmp_pause_window_through_watch() {
+    use std::io::BufRead;
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: qemu-system-x86_64 is not installed (./x setup installs qemu-system-x86)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("migmon-qmpw"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (follow, drive) = (dir.join("follow.qmp"), dir.join("drive.qmp"));
+    let _qemu = Kill(
+        Command::new("qemu-system-x86_64")
+            .args(["-M", "none", "-display", "none", "-nodefaults"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", follow.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", drive.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || follow.exists() && drive.exists()));
+    let trace = dir.join("qmp.trace");
+    let watch = Watch::start(&[
+        "--port",
+        "1",
+        "--qmp",
+        path(&follow),
+        "--record",
+        path(&trace),
+        "--until-migrations",
+        "1",
+        "--settle",
+        "1s",
+    ]);
+    let s = std::os::unix::net::UnixStream::connect(&drive).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut drv = std::io::BufReader::new(s);
+    let mut greeting = String::new();
+    drv.read_line(&mut greeting).unwrap();
+    qmp_command(&mut drv, "qmp_capabilities");
+    qmp_command(&mut drv, "stop");
+    qmp_command(&mut drv, "cont");
+    let (_, stderr, code) = watch.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("following QMP"), "{stderr}");
+    let (rc, json) = migmon(&["report", path(&trace), "--format", "json"]);
+    assert_eq!(rc, Some(0));
+    let report: Value = serde_json::from_str(&json).unwrap();
+    let m = &report["migrations"][0];
+    assert_eq!(m["source"], "qmp", "{report:#}");
+    assert_eq!(m["downtime"]["vcpu_pause"]["source"], "qmp");
+    let text = std::fs::read_to_string(&trace).unwrap();
+    assert!(
+        text.contains("\"kind\":\"clock_offset\""),
+        "the offset is recorded"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
