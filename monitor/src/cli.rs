@@ -100,6 +100,7 @@ impl LimitArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
+    /// The trace (from `migmon watch --record FILE`).
     pub trace: PathBuf,
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -107,6 +108,7 @@ pub struct CheckArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct WhatifArgs {
+    /// The trace (from `migmon watch --record FILE`).
     pub trace: PathBuf,
     /// `net.ipv4.tcp_retries2` to model.
     #[arg(long, value_name = "N")]
@@ -137,6 +139,7 @@ pub struct WhatifArgs {
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("out").required(true).multiple(true)))]
 pub struct ExportArgs {
+    /// The trace (from `migmon watch --record FILE`).
     pub trace: PathBuf,
     /// The events, time-sorted, then one verdict line per migration and connection.
     #[arg(long, value_name = "FILE", group = "out")]
