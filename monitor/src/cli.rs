@@ -79,7 +79,11 @@ pub struct LimitArgs {
     /// Longest convergence (resume → FDB move) allowed.
     #[arg(long, value_parser = parse_duration, value_name = "D")]
     pub max_convergence: Option<u64>,
-    #[arg(long, value_name = "FILE", help = "Write a JUnit XML file with one test case per check")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help = "Write a JUnit XML file with one test case per check"
+    )]
     pub junit: Option<PathBuf>,
     /// Do not fail when the kernel lost events.
     #[arg(long)]

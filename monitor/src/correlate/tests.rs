@@ -704,3 +704,27 @@ fn a_migration_still_paused_when_the_trace_ends() {
     assert_eq!(m.connections[0].fate, Fate::Unresolved);
     assert!(m.downtime.vcpu_pause.is_none());
 }
+
+#[test]
+fn a_broadcast_on_a_rarely_used_port_while_the_vm_keeps_talking_is_not_a_move() {
+    // The VM talks continuously on tapA (sampled every 100 ms); its broadcasts also reach upB, rarely. One of them
+    // shows up on upB 60 ms after the last sampled frame: a candidate move, which tapA's next frames refute.
+    let mut ev = vec![
+        seen(0, VM_MAC, "tapA", Direction::Ingress),
+        seen(0, VM_MAC, "upB", Direction::Ingress),
+    ];
+    for k in 1..=40u64 {
+        ev.push(stats(
+            k * 100,
+            VM_MAC,
+            "tapA",
+            Direction::Ingress,
+            k * 10,
+            0,
+            k * 100 - 1,
+        ));
+    }
+    ev.push(seen(3060, VM_MAC, "upB", Direction::Ingress));
+    let a = correlate(&ev);
+    assert!(a.migrations.is_empty(), "{:#?}", a.migrations);
+}
