@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fmt,
+    fmt::{self, Write as _},
 };
 
 use migevents::{Mode, Phase, Role};
@@ -1374,6 +1374,18 @@ fn build_migration(
             }
             let mut v = verdict(life, p, &net, window_end, trace_end);
             v.opened_during_window = opened_during;
+            // Nothing lost: the data plane still tells when traffic towards the VM flowed again (not per connection).
+            if v.fate == Fate::Survived
+                && v.retransmits == 0
+                && let (Some(first), Some(r)) = (&tl.first_frame_to_vm_new_port, resume)
+            {
+                let _ = write!(
+                    v.progress_basis,
+                    "; traffic towards the VM flowed again at resume+{} ({})",
+                    fmt_dur(first.ts_ns.saturating_sub(r)),
+                    first.port
+                );
+            }
             connections.push(v);
         }
     } else {

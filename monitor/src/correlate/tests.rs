@@ -728,3 +728,20 @@ fn a_broadcast_on_a_rarely_used_port_while_the_vm_keeps_talking_is_not_a_move() 
     let a = correlate(&ev);
     assert!(a.migrations.is_empty(), "{:#?}", a.migrations);
 }
+
+#[test]
+fn an_idle_connection_gets_the_data_plane_restart_as_context() {
+    let a = correlate(&live_trace());
+    let c2 = a.migrations[0]
+        .connections
+        .iter()
+        .find(|c| c.tuple.sport == 40002)
+        .unwrap();
+    assert!(
+        c2.progress_basis
+            .contains("traffic towards the VM flowed again at resume+4.0 ms (tapB)"),
+        "{}",
+        c2.progress_basis
+    );
+    assert_eq!(c2.first_progress_ns, None, "not a per-connection figure");
+}
