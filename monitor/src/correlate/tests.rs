@@ -745,3 +745,44 @@ fn an_idle_connection_gets_the_data_plane_restart_as_context() {
     );
     assert_eq!(c2.first_progress_ns, None, "not a per-connection figure");
 }
+
+#[test]
+fn nonsense_input_does_not_panic() {
+    // A resume before its pause, a pause without anything, retransmits with absurd fields, MACs in upper case.
+    let t = tuple(49001, VM_IP);
+    let mut ev = vec![
+        mig(
+            5000,
+            "odd",
+            &VM_MAC.to_uppercase(),
+            Role::Destination,
+            Phase::Resume,
+            "migrator",
+        ),
+        mig(6000, "odd", VM_MAC, Role::Source, Phase::Pause, "migrator"),
+        mig(7000, "lonely", "", Role::Source, Phase::Pause, "qmp"),
+        state(1, t, "SYN_SENT", "ESTABLISHED"),
+        Event::TcpRetransmit {
+            ts_ns: 6100 * MS,
+            tcp: TcpCommon { tuple: t, netns: 1 },
+            state: String::new(),
+            retransmits: u32::MAX,
+            backoff: u32::MAX,
+            rto_us: u64::MAX / 2,
+            srtt_us: u64::MAX,
+        },
+        stats(6200, VM_MAC, "tapA", Direction::Egress, 5, 9000, 1),
+        fdb(6300, "br", "p", VM_MAC),
+    ];
+    ev.push(note(u64::MAX / MS));
+    let a = correlate(&ev);
+    let _ = crate::report::render_text(&a, "odd");
+    let _ = crate::report::svg::render(&a);
+    let _ = crate::report::compare::render(&a, Some(&crate::whatif::Settings::default()));
+    let _ = crate::whatif::whatif(
+        &a,
+        &crate::whatif::Settings::default(),
+        &crate::whatif::Settings::default(),
+    );
+    let _ = crate::export::perfetto::encode(&Trace::default(), &a);
+}

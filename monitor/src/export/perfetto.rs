@@ -164,7 +164,7 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                 r,
                 "vCPU paused",
                 "migration",
-                &[("source", src), ("duration", fmt_dur(r - p))],
+                &[("source", src), ("duration", fmt_dur(r.saturating_sub(p)))],
             );
         }
         if let (Some(r), Some(c)) = (resume, &m.downtime.convergence) {

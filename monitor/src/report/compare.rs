@@ -164,7 +164,7 @@ pub fn render(a: &Analysis, settings: Option<&Settings>) -> String {
                     fmt_dur(restore),
                     fmt_dur(longest),
                     fmt_dur(at_ns),
-                    fmt_dur(at_ns.saturating_sub(r.ts_ns - p.ts_ns))
+                    fmt_dur(at_ns.saturating_sub(r.ts_ns.saturating_sub(p.ts_ns)))
                 ),
                 Prediction::Unaffected => continue,
             };
