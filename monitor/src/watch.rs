@@ -78,6 +78,9 @@ pub struct WatchArgs {
     /// Test only: ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, hide = true, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
+    /// Pause-window sources, metrics and the CI gate (the correlation work).
+    #[command(flatten)]
+    pub live: crate::live::LiveArgs,
 }
 
 /// Parses `1.5s`, `500ms`, `100us`, `2m`, `1h`, or a bare number of seconds.
@@ -827,13 +830,14 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
     // `pipeline.control()`; observers (limits, metrics) go in `observers`.
     let mut observers: Vec<Observer> = Vec::new();
+    let live = crate::live::start(&args.live, &pipeline.sender(), &control, &mut observers)?;
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
     let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
     eprintln!("migmon: {summary}");
-    Ok(code)
+    live.finish(code)
 }
 
 #[cfg(test)]
