@@ -56,6 +56,8 @@
 //! events carry the exact resume instant for the monitor.
 
 pub mod announce;
+pub mod api;
+pub mod cli;
 pub mod migration;
 pub mod precopy;
 pub mod protocol;
