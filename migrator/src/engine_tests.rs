@@ -189,6 +189,10 @@ impl MigrationSource for FakeSource {
     fn take_pending_frames(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.pending)
     }
+    fn return_frames(&mut self, mut frames: Vec<Vec<u8>>) {
+        frames.append(&mut self.pending);
+        self.pending = frames;
+    }
 }
 
 #[derive(Default, Debug)]
@@ -490,6 +494,11 @@ fn verify_mismatch_fails_loudly_and_rolls_back() {
         "{err}"
     );
     assert!(!src.paused() && src.resumes == 1, "the source resumed its guest");
+    assert_eq!(
+        src.pending.len(),
+        2,
+        "the frames that were forwarded are handed back to the source guest"
+    );
     let derr = dst.join().unwrap().unwrap_err();
     assert!(matches!(derr, MigrationError::VerifyMismatch { .. }));
     let s = names(&events_of(&events), Role::Source);

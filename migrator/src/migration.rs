@@ -53,6 +53,9 @@ pub trait MigrationSource {
     fn save_state(&mut self) -> Result<Vec<u8>, VmError>;
     /// Frames that reached the tap since the pause and that the guest has not seen.
     fn take_pending_frames(&mut self) -> Vec<Vec<u8>>;
+    /// Gives frames taken by [`MigrationSource::take_pending_frames`] back to the guest (rollback), ahead of newer
+    /// ones.
+    fn return_frames(&mut self, frames: Vec<Vec<u8>>);
 }
 
 /// The destination side: a VM created for restore, not yet running.

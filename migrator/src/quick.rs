@@ -67,7 +67,8 @@ pub fn run<S: MigrationSource>(
             bytes: st.bytes,
             bandwidth: 0,
         }))?;
-        write_tail(&mut fw, &s.ram, vm, opts.verify, &mut s.report)?;
+        let frames = write_tail(&mut fw, &s.ram, vm, opts.verify, &mut s.report)?;
+        s.forwarded.extend(frames);
         let messages = fw.sequence().wrapping_sub(first_seq);
         let file_bytes = fw.bytes();
         let mut file: File = fw
@@ -109,7 +110,8 @@ pub fn run<S: MigrationSource>(
         let st = s.send_round(0, 0..total, total, Some(&resident))?;
         s.bandwidth.record(st.bytes, st.secs);
         s.end_round(0, &st)?;
-        write_tail(&mut s.writer, &s.ram, vm, opts.verify, &mut s.report)?;
+        let frames = write_tail(&mut s.writer, &s.ram, vm, opts.verify, &mut s.report)?;
+        s.forwarded.extend(frames);
     }
     s.report.rounds = 0;
 

@@ -147,6 +147,8 @@ pub struct Session {
     pub bandwidth: Bandwidth,
     pub started: Instant,
     pub mac: [u8; 6],
+    /// Frames sent to the destination before its ack: handed back to the guest on a rollback.
+    pub forwarded: Vec<Vec<u8>>,
 }
 
 impl Session {
@@ -204,6 +206,7 @@ impl Session {
             bandwidth: Bandwidth::default(),
             started,
             mac: id.mac,
+            forwarded: Vec::new(),
         };
         if let Some(rate) = opts.max_bandwidth {
             s.report.notes.push(format!(
@@ -303,7 +306,8 @@ impl Session {
         verify: bool,
         paused_ns: u64,
     ) -> Result<(), MigrationError> {
-        write_tail(&mut self.writer, &self.ram, vm, verify, &mut self.report)?;
+        let frames = write_tail(&mut self.writer, &self.ram, vm, verify, &mut self.report)?;
+        self.forwarded.extend(frames);
         self.writer.send(&Message::Complete { paused_ns })?;
         self.events.emit(Phase::StateSent);
         Ok(())
@@ -314,9 +318,11 @@ impl Session {
         let frames = vm.take_pending_frames();
         if !frames.is_empty() {
             self.report.forwarded_frames += frames.len() as u64;
-            for chunk in frames.chunks(1024) {
-                self.writer.send(&Message::Frames(chunk.to_vec()))?;
-            }
+            let res = frames
+                .chunks(1024)
+                .try_for_each(|chunk| self.writer.send(&Message::Frames(chunk.to_vec())).map(|_| ()));
+            self.forwarded.extend(frames);
+            res?;
         }
         Ok(())
     }
@@ -421,14 +427,14 @@ pub fn write_round<W: Write>(
 }
 
 /// Writes what follows the last pages while the VM is paused: the RAM hash (with `verify`), the state and the
-/// queued frames.
+/// queued frames. Returns the frames (the caller keeps them until the ack, for a rollback).
 pub fn write_tail<W: Write, S: MigrationSource>(
     w: &mut MessageWriter<W>,
     ram: &GuestRam,
     vm: &mut S,
     verify: bool,
     report: &mut MigrationReport,
-) -> Result<(), MigrationError> {
+) -> Result<Vec<Vec<u8>>, MigrationError> {
     if verify {
         // SAFETY: the VM is paused: neither the vCPU nor the VMM's devices write guest RAM now.
         let h = unsafe { ram.hash() };
@@ -443,9 +449,12 @@ pub fn write_tail<W: Write, S: MigrationSource>(
     let frames = vm.take_pending_frames();
     report.forwarded_frames += frames.len() as u64;
     for chunk in frames.chunks(1024) {
-        w.send(&Message::Frames(chunk.to_vec()))?;
+        if let Err(e) = w.send(&Message::Frames(chunk.to_vec())) {
+            vm.return_frames(frames);
+            return Err(e.into());
+        }
     }
-    Ok(())
+    Ok(frames)
 }
 
 /// What the source had done when it failed, so the rollback undoes exactly that.
@@ -461,12 +470,18 @@ pub fn rollback<S: MigrationSource>(
     vm: &mut S,
     progress: Progress,
     err: &MigrationError,
-    session: Option<&mut Session>,
+    mut session: Option<&mut Session>,
     events: Option<&mut Events>,
     tracker: &Tracker,
 ) {
-    let reason = format!("{:#}", anyhow_like(err));
+    let reason = anyhow_like(err);
     let mut resume_err = None;
+    if let Some(s) = session.as_deref_mut() {
+        let frames = std::mem::take(&mut s.forwarded);
+        if !frames.is_empty() {
+            vm.return_frames(frames);
+        }
+    }
     if progress.paused
         && let Err(e) = vm.resume()
     {
