@@ -1,0 +1,1 @@
+//! Kernel command line parsing for the PVH boot path (QEMU `-kernel`): placeholder filled in with milestone 2.
