@@ -28,3 +28,20 @@ pub fn hlt() {
     // SAFETY: hlt has no effect on memory; execution continues after it when the VMM re-enters.
     unsafe { asm!("hlt", options(nomem, nostack, preserves_flags)) };
 }
+
+/// `in al, dx`.
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: port input has no memory effects on the guest.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+/// `sti; hlt; cli`: waits for an interrupt (PVH boot under QEMU, where a timer and the NIC interrupt). `sti`
+/// takes effect after the next instruction, so an interrupt that is already pending wakes the `hlt` instead of
+/// being taken before it.
+pub fn wait_for_interrupt() {
+    // SAFETY: the IDT is installed (pvh.rs) before interrupts are ever enabled; the handlers preserve every
+    // register. Interrupts are off again before returning.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}

@@ -34,6 +34,7 @@ _start:
     .balign 16
 guest_stack_bottom:
     .skip {stack_size}
+    .global guest_stack_top
 guest_stack_top:
     .text
 "#,

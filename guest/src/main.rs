@@ -39,6 +39,7 @@ mod clock;
 mod dirtier;
 mod heap;
 mod net;
+mod pvh;
 mod serial;
 
 use core::panic::PanicInfo;
@@ -62,9 +63,14 @@ const MAX_SLEEP_US: u64 = 1_000_000;
 /// Stats are logged at most this often, and only when they changed.
 const LOG_EVERY_US: u64 = 2_000_000;
 
-/// Called by `_start` (boot.rs) on the guest's own stack.
+/// The guest proper. Called by `_start` (boot.rs) or `pvh_main` (pvh.rs) on the guest's own stack.
+///
+/// # Safety
+///
+/// `boot_info` points to a `BootInfo` in identity-mapped RAM that stays there for the guest's lifetime and that
+/// only the VMM (its mailbox fields) and this function write.
 #[unsafe(no_mangle)]
-extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
+pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
     serial::init();
     // SAFETY: the VMM (or the PVH entry) put a BootInfo at this address; the page is identity-mapped RAM.
     let info = unsafe { boot_info.read_volatile() };
@@ -90,8 +96,13 @@ extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
     heap::init(ram_top);
     let clock = Clock::new(info.tsc_khz);
     let mut device = NetDevice::new(info.mmio_base, info.mmio_size, info.mac);
-
-    let mac = EthernetAddress(info.mac);
+    // PVH without mac= on the command line: the device's own MAC.
+    let mac = if info.mac == [0; 6] {
+        device.mac()
+    } else {
+        info.mac
+    };
+    let mac = EthernetAddress(mac);
     let mut config = Config::new(HardwareAddress::Ethernet(mac));
     config.random_seed = arch::rdtsc();
     let mut iface = Interface::new(config, &mut device, clock.now());
@@ -124,7 +135,7 @@ extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
         // SAFETY: BootInfo stays mapped for the guest's lifetime; the VMM writes the field at any time.
         let garp_request = unsafe { (&raw const (*boot_info).garp_request).read_volatile() };
         if garp_request != garp_done {
-            device.send_raw(&guest::frames::gratuitous_arp(info.mac, info.ipv4));
+            device.send_raw(&guest::frames::gratuitous_arp(mac.0, info.ipv4));
             garp_done = garp_request;
             // SAFETY: as above; the guest owns garp_done.
             unsafe { (&raw mut (*boot_info).garp_done).write_volatile(garp_done) };
@@ -153,6 +164,11 @@ extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
             logged = stats;
             last_log = now_us;
         }
+        let pvh = pvh::booted_by_pvh();
+        if pvh {
+            // Lower the NIC's interrupt line before looking at the queue: a frame after this raises it again.
+            device.ack_interrupt();
+        }
         if busy || device.rx_pending() {
             continue;
         }
@@ -172,8 +188,13 @@ extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
         if sleep_us < MIN_SLEEP_US {
             continue;
         }
-        arch::outl(PORT_SLEEP_US, sleep_us as u32);
-        arch::hlt();
+        if pvh {
+            // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
+            arch::wait_for_interrupt();
+        } else {
+            arch::outl(PORT_SLEEP_US, sleep_us as u32);
+            arch::hlt();
+        }
     }
 }
 

@@ -86,7 +86,7 @@ impl NetDevice {
         let net =
             Net::new(transport, RX_BUFFER_LEN).unwrap_or_else(|e| panic!("virtio-net init failed: {e}"));
         let device_mac = net.mac_address();
-        if device_mac != mac {
+        if mac != [0; 6] && device_mac != mac {
             log!(
                 "guest: note: the device's MAC {device_mac:02x?} differs from the boot MAC {mac:02x?}; using the boot MAC"
             );
@@ -95,6 +95,16 @@ impl NetDevice {
         Self {
             net: RefCell::new(net),
         }
+    }
+
+    /// The device's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.net.borrow().mac_address()
+    }
+
+    /// Acknowledges the device's interrupt (PVH boot under QEMU; the migrator's guest runs without interrupts).
+    pub fn ack_interrupt(&mut self) {
+        let _status = self.net.get_mut().ack_interrupt();
     }
 
     /// Whether a received frame waits in the receive queue.
