@@ -1,0 +1,491 @@
+//! Probe costs: XDP ns per frame, collector events per second, TCP stream overhead.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use integration_tests::{Link, Netns, ip_in, unique};
+use monitor::{
+    events::Decoder,
+    probes::{Iface, ProbeOptions, Probes, WatchList},
+    trace::Event,
+    watch::{Flow, Observer, Output, Pipeline, spawn_collector},
+};
+use serde_json::{Value, json};
+
+use crate::say;
+
+const WATCHED: [u8; 6] = [0x52, 0x54, 0x00, 0x62, 0x65, 0x6e];
+const OTHER: [u8; 6] = [0x52, 0x54, 0x00, 0x11, 0x22, 0x33];
+
+fn eth(src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// A 60-byte IPv4/TCP-looking frame (the parser only reads the ethertype).
+fn ipv4_frame(src: [u8; 6]) -> Vec<u8> {
+    let mut f = eth(src, 0x0800);
+    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    f.resize(60, 0);
+    f
+}
+
+fn arp_body(src: [u8; 6]) -> [u8; 28] {
+    let mut b = [0u8; 28];
+    b[..8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    b[8..14].copy_from_slice(&src);
+    b[14..18].copy_from_slice(&[10, 0, 0, 1]);
+    b[24..28].copy_from_slice(&[10, 0, 0, 2]);
+    b
+}
+
+fn arp_frame(src: [u8; 6]) -> Vec<u8> {
+    let mut f = eth(src, 0x0806);
+    f.extend_from_slice(&arp_body(src));
+    f.resize(60, 0);
+    f
+}
+
+/// An ARP inside an 802.1ad outer tag and an 802.1Q inner tag.
+fn qinq_arp_frame(src: [u8; 6]) -> Vec<u8> {
+    let mut f = eth(src, 0x88a8);
+    f.extend_from_slice(&[0x00, 100, 0x81, 0x00, 0x00, 200, 0x08, 0x06]);
+    f.extend_from_slice(&arp_body(src));
+    f.resize(64, 0);
+    f
+}
+
+/// An XDP program that only returns `XDP_PASS`: the cost of `BPF_PROG_TEST_RUN` itself.
+struct EmptyXdp {
+    fd: OwnedFd,
+}
+
+/// The `test` member of `union bpf_attr`, up to `batch_size`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    pad: u32,
+}
+
+/// The `prog_load` member of `union bpf_attr`, up to `expected_attach_type`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+
+impl EmptyXdp {
+    fn load() -> Result<Self> {
+        // r0 = 2 (XDP_PASS); exit
+        let insns: [u64; 2] = [
+            u64::from(0xb7u8) | (2u64 << 32), // BPF_ALU64 | BPF_MOV | BPF_K, imm 2
+            0x95,                             // BPF_JMP | BPF_EXIT
+        ];
+        let license = c"GPL";
+        let mut attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_XDP,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            expected_attach_type: BPF_XDP,
+            ..ProgLoadAttr::default()
+        };
+        attr.prog_name[..9].copy_from_slice(b"bench_nop");
+        // SAFETY: `attr` is a valid `bpf_attr.prog_load` prefix; `insns` and `license` outlive the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &raw mut attr,
+                size_of::<ProgLoadAttr>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot load the empty XDP program");
+        }
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+        })
+    }
+
+    /// Mean ns per run over `repeat` runs.
+    fn run(&self, frame: &[u8], repeat: u32) -> Result<u32> {
+        let mut attr = TestRunAttr {
+            prog_fd: self.fd.as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            repeat,
+            ..TestRunAttr::default()
+        };
+        // SAFETY: a valid `bpf_attr.test` prefix; `frame` outlives the call and is only read.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &raw mut attr,
+                size_of::<TestRunAttr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN on the empty program");
+        }
+        Ok(attr.duration)
+    }
+}
+
+/// XDP ns per frame: `repeat` runs of each frame kind, in chunks that fit the ring buffer, drained in between.
+pub fn xdp(args: &crate::Args) -> Result<Value> {
+    let repeat = args.u64("repeat", 1_000_000)?;
+    let chunk: u64 = 4096;
+    let opts = ProbeOptions {
+        watch: WatchList {
+            macs: vec![WATCHED],
+            ..WatchList::default()
+        },
+        tracepoints: false,
+        ..ProbeOptions::default()
+    };
+    let mut probes = Probes::load(&opts).context("cannot load the probes (root? ./x build?)")?;
+    let runner = probes.xdp_test_runner()?;
+    let empty = EmptyXdp::load()?;
+    let frames = [
+        ("non_arp", ipv4_frame(OTHER)),
+        ("watched_mac", ipv4_frame(WATCHED)),
+        ("arp", arp_frame(OTHER)),
+        ("qinq_arp", qinq_arp_frame(OTHER)),
+    ];
+    let mut out = serde_json::Map::new();
+    let base = {
+        let mut total = 0u64;
+        let mut done = 0u64;
+        while done < repeat {
+            let n = chunk.min(repeat - done);
+            total += u64::from(empty.run(&frames[0].1, n as u32)?) * n;
+            done += n;
+        }
+        total as f64 / repeat as f64
+    };
+    out.insert("xdp_empty_ns".into(), json!(base));
+    say!("xdp: empty program {base:.1} ns/run over {repeat} runs");
+    for (name, frame) in &frames {
+        let mut total = 0u64;
+        let mut done = 0u64;
+        let mut events = 0u64;
+        while done < repeat {
+            let n = chunk.min(repeat - done);
+            let (rc, d) = runner.run(frame, n as u32).context("BPF_PROG_TEST_RUN")?;
+            if rc != 2 {
+                bail!("the XDP parser returned {rc} for the {name} frame, not XDP_PASS");
+            }
+            total += d.as_nanos() as u64 * n;
+            done += n;
+            events += probes.drain(|_| {}) as u64;
+        }
+        let ns = total as f64 / repeat as f64;
+        say!("xdp: {name} {ns:.1} ns/frame ({events} events)");
+        out.insert(format!("xdp_{name}_ns"), json!(ns));
+        out.insert(format!("xdp_{name}_over_empty_ns"), json!(ns - base));
+    }
+    let lost: u64 = probes.lost()?.iter().sum();
+    out.insert("xdp_ring_lost".into(), json!(lost));
+    Ok(Value::Object(out))
+}
+
+/// One storm step: `rate` ARP frames/s for `secs` through the whole watch pipeline (collector thread, channel,
+/// consumer writing JSON lines to stdout). Returns (sent, offered rate, received, lost, seconds until the last
+/// event was handled, and how long that was after the last frame).
+fn storm_step(rate: u64, secs: Duration) -> Result<(u64, f64, u64, u64, f64, f64)> {
+    let opts = ProbeOptions {
+        tracepoints: false,
+        ..ProbeOptions::default()
+    };
+    let mut probes = Probes::load(&opts).context("cannot load the probes")?;
+    let runner = probes.xdp_test_runner()?;
+    let pipeline = Pipeline::new()?;
+    let control = pipeline.control();
+    let decoder = Decoder::new(probes.hz());
+    let collector = spawn_collector(
+        probes,
+        decoder,
+        pipeline.sender(),
+        control.clone(),
+        Duration::from_millis(100),
+    )?;
+    let received = Arc::new(AtomicU64::new(0));
+    let lost = Arc::new(AtomicU64::new(0));
+    let sent_final = Arc::new(AtomicU64::new(u64::MAX));
+    let start = Instant::now();
+    let last = Arc::new(Mutex::new(start));
+    let mut observers: Vec<Observer> = {
+        let (received, lost, sent_final, last) =
+            (received.clone(), lost.clone(), sent_final.clone(), last.clone());
+        let mut n = 0u64;
+        vec![Box::new(move |ev: &Event| {
+            match ev {
+                Event::Loss { count, .. } => {
+                    lost.fetch_add(*count, Ordering::SeqCst);
+                }
+                e if e.kind() == "arp" => {
+                    n += 1;
+                    received.store(n, Ordering::SeqCst);
+                    if n % 1024 == 0 || n >= sent_final.load(Ordering::SeqCst) {
+                        *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+                    }
+                    if n >= sent_final.load(Ordering::SeqCst) {
+                        return Flow::Stop(0);
+                    }
+                }
+                _ => {}
+            }
+            Flow::Continue
+        })]
+    };
+    let frame = arp_frame(OTHER);
+    let gen_sent = sent_final.clone();
+    let generator = std::thread::spawn(move || -> std::io::Result<(u64, f64, Duration)> {
+        // Bursts of at most `BURST` events (a fifth of the ring) at kernel speed, paced to the asked rate: ahead of
+        // schedule it sleeps, behind it goes on at once. The offered rate is what was really sent.
+        const BURST: u64 = 1024;
+        let total = (rate as f64 * secs.as_secs_f64()) as u64;
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        while sent < total && t0.elapsed() < secs + secs / 2 {
+            let due = ((rate as f64 * t0.elapsed().as_secs_f64()) as u64).min(total);
+            if due > sent {
+                let n = (due - sent).min(BURST);
+                runner.run(&frame, n as u32)?;
+                sent += n;
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        gen_sent.store(sent, Ordering::SeqCst);
+        Ok((sent, sent as f64 / t0.elapsed().as_secs_f64(), t0.elapsed()))
+    });
+    let mut out = Output::new(true, None);
+    let deadline = Instant::now() + secs + Duration::from_secs(5);
+    let (_summary, _code) = pipeline.consume(&mut out, Some(deadline), &mut observers, Some(collector))?;
+    let (sent, offered, gen_took) = generator
+        .join()
+        .map_err(|_| anyhow::anyhow!("the storm thread panicked"))?
+        .context("BPF_PROG_TEST_RUN in the storm")?;
+    let got = received.load(Ordering::SeqCst);
+    let took = last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .duration_since(start)
+        .as_secs_f64();
+    // How long after the storm's last frame the pipeline handled its last event.
+    let lag = took - gen_took.as_secs_f64();
+    Ok((sent, offered, got, lost.load(Ordering::SeqCst), took, lag))
+}
+
+/// Raises the storm rate until events are lost or the pipeline falls behind; reports the highest clean rate.
+pub fn events(args: &crate::Args) -> Result<Value> {
+    let secs = args.secs("secs", 1.0)?;
+    let max = args.u64("max_rate", 4_000_000)?;
+    let rates: Vec<u64> = [
+        50_000u64, 100_000, 200_000, 300_000, 400_000, 500_000, 750_000, 1_000_000, 1_500_000, 2_000_000,
+        3_000_000, 4_000_000,
+    ]
+    .into_iter()
+    .filter(|&r| r <= max)
+    .collect();
+    let mut best = 0u64;
+    let mut best_handled = 0f64;
+    let mut above = json!(null);
+    for rate in rates {
+        let (sent, offered, got, lost, took, lag) = storm_step(rate, secs)?;
+        // Kept up: everything arrived, the last event within 100 ms of the last frame.
+        let in_time = lag <= 0.1;
+        let handled = got as f64 / took;
+        say!(
+            "events: asked {rate}/s, offered {offered:.0}/s: sent {sent}, handled {got}, lost {lost}, last handled {:.0} ms after the last frame ({handled:.0}/s)",
+            lag * 1e3
+        );
+        if lost == 0 && got == sent && in_time {
+            best = best.max(offered as u64);
+            best_handled = handled;
+        } else {
+            above = json!({"asked_per_s": rate, "offered_per_s": offered, "sent": sent, "handled": got,
+                           "lost": lost, "handled_per_s": handled, "lag_ms": lag * 1e3});
+            break;
+        }
+    }
+    Ok(json!({
+        "events_max_zero_loss_per_s": best,
+        "events_handled_per_s_at_max": best_handled,
+        "events_lost_above": above.get("lost").cloned().unwrap_or(json!(0)),
+        "events_first_failing_step": above,
+        "ringbuf_bytes": monitor::probes::DEFAULT_RINGBUF_BYTES,
+    }))
+}
+
+/// Bytes a receiver got from one TCP stream in `secs` over the veth.
+fn stream(a: &Netns, server: &TcpListener, addr: SocketAddrV4, secs: Duration) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut client = a
+        .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
+        .context("connect over the veth")?;
+    let (mut conn, _) = server.accept().context("accept")?;
+    let s2 = stop.clone();
+    let sender = std::thread::spawn(move || {
+        let buf = vec![0x5au8; 256 * 1024];
+        while !s2.load(Ordering::SeqCst) {
+            if client.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    // Warm-up: let the window open.
+    let warm = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < warm {
+        conn.read(&mut buf).context("read")?;
+    }
+    let t0 = Instant::now();
+    let mut bytes = 0u64;
+    while t0.elapsed() < secs {
+        bytes += conn.read(&mut buf).context("read")? as u64;
+    }
+    let rate = bytes as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    drop(conn);
+    let _ = sender.join();
+    Ok(rate)
+}
+
+/// TCP stream throughput over a veth between two namespaces: no probes, then every probe (tracepoints on all TCP,
+/// XDP and TC egress on both ends, the collector and consumer running), alternating.
+pub fn tcp(args: &crate::Args) -> Result<Value> {
+    let secs = args.secs("secs", 2.0)?;
+    let pairs = args.u64("pairs", 3)?;
+    let a = Netns::new("bta");
+    let b = Netns::new("btb");
+    let (va, vb) = (unique("bva"), unique("bvb"));
+    let _link = Link::veth(&va, Some(&a.name), &vb, Some(&b.name));
+    let n = std::process::id() % 200 + 20;
+    ip_in(Some(&a.name), &["addr", "add", &format!("10.{n}.9.1/24"), "dev", &va]);
+    ip_in(Some(&b.name), &["addr", "add", &format!("10.{n}.9.2/24"), "dev", &vb]);
+    let addr = SocketAddrV4::new(std::net::Ipv4Addr::new(10, n as u8, 9, 2), 5201);
+    let server = b.run(|| TcpListener::bind(addr)).context("listen in the server namespace")?;
+    // Modes: none; tp = the tracepoints only; xdp = XDP on both ends only; tc = TC egress on both ends only;
+    // all = everything migmon watch attaches. Interleaved, so load changes hit every mode alike.
+    let modes = ["none", "all", "tp", "xdp", "tc"];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut events = 0u64;
+    let mut xdp_mode = String::new();
+    for _ in 0..pairs {
+        for (i, mode) in modes.iter().enumerate() {
+            if *mode == "none" {
+                rates[i].push(stream(&a, &server, addr, secs)?);
+                continue;
+            }
+            let opts = ProbeOptions {
+                tracepoints: matches!(*mode, "all" | "tp"),
+                ..ProbeOptions::default()
+            };
+            let mut probes = Probes::load(&opts).context("cannot load the probes")?;
+            for (name, ns) in [(&va, &a.name), (&vb, &b.name)] {
+                let iface = Iface {
+                    name: name.clone(),
+                    netns: Some(ns.clone()),
+                };
+                if matches!(*mode, "all" | "xdp") {
+                    xdp_mode = probes.attach_xdp(&iface)?.mode.to_owned();
+                }
+                if matches!(*mode, "all" | "tc") {
+                    probes.attach_tc_egress(&iface)?;
+                }
+            }
+            let pipeline = Pipeline::new()?;
+            let control = pipeline.control();
+            let decoder = Decoder::new(probes.hz());
+            let collector = spawn_collector(
+                probes,
+                decoder,
+                pipeline.sender(),
+                control.clone(),
+                Duration::from_millis(100),
+            )?;
+            let consumer = std::thread::spawn(move || {
+                let mut out = Output::new(true, None);
+                pipeline.consume(&mut out, None, &mut [], Some(collector))
+            });
+            rates[i].push(stream(&a, &server, addr, secs)?);
+            control.stop();
+            let (summary, _) = consumer
+                .join()
+                .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+            events += summary.counts.values().sum::<u64>();
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let meds: Vec<f64> = rates.iter_mut().map(med).collect();
+    let (n_med, a_med) = (meds[0], meds[1]);
+    let overhead = (1.0 - a_med / n_med) * 100.0;
+    say!(
+        "tcp: none {:.0} MB/s, all probes {:.0} MB/s, overhead {overhead:.2} % (tracepoints only {:.0}, XDP ({xdp_mode}) only {:.0}, TC only {:.0} MB/s; {events} events)",
+        n_med / 1e6,
+        a_med / 1e6,
+        meds[2] / 1e6,
+        meds[3] / 1e6,
+        meds[4] / 1e6
+    );
+    Ok(json!({
+        "tcp_none_mb_s": n_med / 1e6,
+        "tcp_probes_mb_s": a_med / 1e6,
+        "tcp_overhead_pct": overhead,
+        "tcp_probe_events": events,
+        "tcp_tracepoints_only_overhead_pct": (1.0 - meds[2] / n_med) * 100.0,
+        "tcp_xdp_only_overhead_pct": (1.0 - meds[3] / n_med) * 100.0,
+        "tcp_tc_only_overhead_pct": (1.0 - meds[4] / n_med) * 100.0,
+        "xdp_attach_mode": xdp_mode,
+    }))
+}
