@@ -1,4 +1,14 @@
-//! Probe costs: XDP ns per frame, collector events per second, TCP stream overhead.
+//! Probe costs, measured on the real kernel (root): XDP ns per frame by `BPF_PROG_TEST_RUN`, events per second
+//! through the whole watch pipeline from a synthetic storm, and TCP stream throughput over a veth with and without
+//! the probes. A measuring tool for the probe targets of issue 6 §2; the benchmarks own the published figures.
+//!
+//! ```text
+//! cargo build --release -p integration-tests --example probe_costs
+//! target/release/examples/probe_costs xdp|events|tcp|all [repeat=N] [secs=S] [pairs=N] [max_rate=N] >/dev/null
+//! ```
+//!
+//! Results go to stderr (and as JSON, last). stdout carries the pipeline's own JSON lines, as `migmon watch --json`
+//! prints them: point it at /dev/null (or a file, to include that cost).
 
 use std::{
     io::{Read, Write},
@@ -21,7 +31,71 @@ use monitor::{
 };
 use serde_json::{Value, json};
 
-use crate::say;
+
+macro_rules! say {
+    ($($t:tt)*) => { eprintln!("probe_costs: {}", format!($($t)*)) };
+}
+
+/// `key=value` arguments.
+struct Args(std::collections::BTreeMap<String, String>);
+
+impl Args {
+    fn parse(items: &[String]) -> Result<Self> {
+        let mut m = std::collections::BTreeMap::new();
+        for it in items {
+            let (k, v) = it
+                .split_once('=')
+                .with_context(|| format!("argument {it:?} is not key=value"))?;
+            m.insert(k.to_owned(), v.to_owned());
+        }
+        Ok(Self(m))
+    }
+
+    fn u64(&self, key: &str, default: u64) -> Result<u64> {
+        self.0.get(key).map_or(Ok(default), |v| {
+            v.parse()
+                .with_context(|| format!("{key}={v} is not a whole number"))
+        })
+    }
+
+    fn secs(&self, key: &str, default: f64) -> Result<Duration> {
+        let v = self.0.get(key).map_or(Ok(default), |v| {
+            v.parse::<f64>()
+                .with_context(|| format!("{key}={v} is not a number of seconds"))
+        })?;
+        Ok(Duration::from_secs_f64(v))
+    }
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = real_main(&argv) {
+        eprintln!("probe_costs: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(argv: &[String]) -> Result<()> {
+    let Some((case, rest)) = argv.split_first() else {
+        bail!("usage: probe_costs xdp|events|tcp|all [key=value]... >/dev/null");
+    };
+    let args = Args::parse(rest)?;
+    let mut out = serde_json::Map::new();
+    let cases: &[&str] = if case == "all" { &["xdp", "events", "tcp"] } else { &[case.as_str()] };
+    for c in cases {
+        let v = match *c {
+            "xdp" => xdp(&args)?,
+            "events" => events(&args)?,
+            "tcp" => tcp(&args)?,
+            other => bail!("unknown case {other}: xdp, events, tcp or all"),
+        };
+        if let Value::Object(m) = v {
+            out.extend(m);
+        }
+    }
+    eprintln!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+    Ok(())
+}
 
 const WATCHED: [u8; 6] = [0x52, 0x54, 0x00, 0x62, 0x65, 0x6e];
 const OTHER: [u8; 6] = [0x52, 0x54, 0x00, 0x11, 0x22, 0x33];
@@ -177,7 +251,7 @@ impl EmptyXdp {
 }
 
 /// XDP ns per frame: `repeat` runs of each frame kind, in chunks that fit the ring buffer, drained in between.
-pub fn xdp(args: &crate::Args) -> Result<Value> {
+fn xdp(args: &Args) -> Result<Value> {
     let repeat = args.u64("repeat", 1_000_000)?;
     let chunk: u64 = 4096;
     let opts = ProbeOptions {
@@ -324,7 +398,7 @@ fn storm_step(rate: u64, secs: Duration) -> Result<(u64, f64, u64, u64, f64, f64
 }
 
 /// Raises the storm rate until events are lost or the pipeline falls behind; reports the highest clean rate.
-pub fn events(args: &crate::Args) -> Result<Value> {
+fn events(args: &Args) -> Result<Value> {
     let secs = args.secs("secs", 1.0)?;
     let max = args.u64("max_rate", 4_000_000)?;
     let rates: Vec<u64> = [
@@ -400,7 +474,7 @@ fn stream(a: &Netns, server: &TcpListener, addr: SocketAddrV4, secs: Duration) -
 
 /// TCP stream throughput over a veth between two namespaces: no probes, then every probe (tracepoints on all TCP,
 /// XDP and TC egress on both ends, the collector and consumer running), alternating.
-pub fn tcp(args: &crate::Args) -> Result<Value> {
+fn tcp(args: &Args) -> Result<Value> {
     let secs = args.secs("secs", 2.0)?;
     let pairs = args.u64("pairs", 3)?;
     let a = Netns::new("bta");
