@@ -235,6 +235,10 @@ fn egress(ctx: &TcContext) {
 /// Counts a frame of a watched MAC and emits `MacSeen` on its first frame on the port or after a silence.
 #[inline(always)]
 fn count_mac(mac: [u8; 6], ifindex: u32, direction: u8, len: u64) {
+    // Most frames are from MACs nobody watches: one word tells, before the hash lookup.
+    if config!(mac_filter) & monitor_common::mac_filter_bit(&mac) == 0 {
+        return;
+    }
     let key8 = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0];
     // SAFETY: map lookup of a plain key; the value is not dereferenced.
     if unsafe { WATCH_MACS.get(&key8) }.is_none() {

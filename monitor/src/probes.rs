@@ -132,6 +132,9 @@ pub struct ProbeOptions {
     pub mac_gap_ns: u64,
     /// Attach the TCP/socket/bridge tracepoints (benchmarks of XDP alone turn this off).
     pub tracepoints: bool,
+    /// Attach XDP in generic (skb) mode only, never in driver mode. On a veth, driver-mode XDP turns off the
+    /// peer's segmentation offloads (every TCP segment then crosses the pair MTU-sized); skb mode leaves them on.
+    pub xdp_skb_mode: bool,
 }
 
 impl Default for ProbeOptions {
@@ -141,6 +144,7 @@ impl Default for ProbeOptions {
             ringbuf_bytes: DEFAULT_RINGBUF_BYTES,
             mac_gap_ns: 50_000_000,
             tracepoints: true,
+            xdp_skb_mode: false,
         }
     }
 }
@@ -350,6 +354,9 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
     }
     if !w.macs.is_empty() {
         c.flags |= CFG_WATCH_MACS | CFG_FILTER_FDB;
+    }
+    for mac in &w.macs {
+        c.mac_filter |= monitor_common::mac_filter_bit(mac);
     }
     c.mac_gap_ns = opts.mac_gap_ns;
     Ok(c)
@@ -585,11 +592,22 @@ impl Probes {
 
     /// Attaches the XDP parser to `iface`: driver mode first, skb (generic) mode as a fallback.
     pub fn attach_xdp(&mut self, iface: &Iface) -> Result<Attached, ProbeError> {
+        let skb_only = self.opts.xdp_skb_mode;
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.xdp_loaded()?;
         let (ifindex, mode, fallback) = netns::run_in(iface.netns.as_deref(), || {
             let ifindex = ifindex(iface)?;
+            if skb_only {
+                return prog
+                    .attach(ifindex, XdpMode::Skb)
+                    .map(|_| (ifindex, "skb", None))
+                    .map_err(|source| ProbeError::Attach {
+                        program: "l2_ingress (XDP)".to_owned(),
+                        target: iface.to_string(),
+                        source: Box::new(source),
+                    });
+            }
             match prog.attach(ifindex, XdpMode::Driver) {
                 Ok(_) => Ok((ifindex, "driver", None)),
                 Err(driver_err) => {

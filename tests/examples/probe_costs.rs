@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release -p integration-tests --example probe_costs
-//! target/release/examples/probe_costs xdp|events|tcp|all [repeat=N] [secs=S] [pairs=N] [max_rate=N] >/dev/null
+//! target/release/examples/probe_costs xdp|events|tcp|userspace|all [repeat=N] [secs=S] [pairs=N] [max_rate=N] >/dev/null
 //! ```
 //!
 //! Results go to stderr (and as JSON, last). stdout carries the pipeline's own JSON lines, as `migmon watch --json`
@@ -30,7 +30,6 @@ use monitor::{
     watch::{Flow, Observer, Output, Pipeline, spawn_collector},
 };
 use serde_json::{Value, json};
-
 
 macro_rules! say {
     ($($t:tt)*) => { eprintln!("probe_costs: {}", format!($($t)*)) };
@@ -77,16 +76,21 @@ fn main() {
 
 fn real_main(argv: &[String]) -> Result<()> {
     let Some((case, rest)) = argv.split_first() else {
-        bail!("usage: probe_costs xdp|events|tcp|all [key=value]... >/dev/null");
+        bail!("usage: probe_costs xdp|events|tcp|userspace|all [key=value]... >/dev/null");
     };
     let args = Args::parse(rest)?;
     let mut out = serde_json::Map::new();
-    let cases: &[&str] = if case == "all" { &["xdp", "events", "tcp"] } else { &[case.as_str()] };
+    let cases: &[&str] = if case == "all" {
+        &["xdp", "events", "tcp", "userspace"]
+    } else {
+        &[case.as_str()]
+    };
     for c in cases {
         let v = match *c {
             "xdp" => xdp(&args)?,
             "events" => events(&args)?,
             "tcp" => tcp(&args)?,
+            "userspace" => userspace(&args)?,
             other => bail!("unknown case {other}: xdp, events, tcp or all"),
         };
         if let Value::Object(m) = v {
@@ -110,7 +114,9 @@ fn eth(src: [u8; 6], ethertype: u16) -> Vec<u8> {
 /// A 60-byte IPv4/TCP-looking frame (the parser only reads the ethertype).
 fn ipv4_frame(src: [u8; 6]) -> Vec<u8> {
     let mut f = eth(src, 0x0800);
-    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    f.extend_from_slice(&[
+        0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ]);
     f.resize(60, 0);
     f
 }
@@ -220,9 +226,8 @@ impl EmptyXdp {
             return Err(std::io::Error::last_os_error()).context("cannot load the empty XDP program");
         }
         // SAFETY: the kernel returned a new fd that nothing else owns.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Self { fd })
     }
 
     /// Mean ns per run over `repeat` runs.
@@ -305,15 +310,34 @@ fn xdp(args: &Args) -> Result<Value> {
     }
     let lost: u64 = probes.lost()?.iter().sum();
     out.insert("xdp_ring_lost".into(), json!(lost));
+    // The same non-ARP frame with no MAC under watch: the parser alone, without the watch-list lookup.
+    drop(probes);
+    let mut bare = Probes::load(&ProbeOptions {
+        tracepoints: false,
+        ..ProbeOptions::default()
+    })?;
+    let runner = bare.xdp_test_runner()?;
+    let mut total = 0u64;
+    let mut done = 0u64;
+    while done < repeat {
+        let n = chunk.min(repeat - done);
+        total += runner.run(&frames[0].1, n as u32)?.1.as_nanos() as u64 * n;
+        done += n;
+    }
+    let ns = total as f64 / repeat as f64;
+    say!("xdp: non_arp without a watch list {ns:.1} ns/frame");
+    out.insert("xdp_non_arp_nowatch_ns".into(), json!(ns));
+    out.insert("xdp_non_arp_nowatch_over_empty_ns".into(), json!(ns - base));
     Ok(Value::Object(out))
 }
 
 /// One storm step: `rate` ARP frames/s for `secs` through the whole watch pipeline (collector thread, channel,
 /// consumer writing JSON lines to stdout). Returns (sent, offered rate, received, lost, seconds until the last
 /// event was handled, and how long that was after the last frame).
-fn storm_step(rate: u64, secs: Duration) -> Result<(u64, f64, u64, u64, f64, f64)> {
+fn storm_step(rate: u64, secs: Duration, burst: u64, ring: u32) -> Result<(u64, f64, u64, u64, f64, f64)> {
     let opts = ProbeOptions {
         tracepoints: false,
+        ringbuf_bytes: ring,
         ..ProbeOptions::default()
     };
     let mut probes = Probes::load(&opts).context("cannot load the probes")?;
@@ -345,7 +369,7 @@ fn storm_step(rate: u64, secs: Duration) -> Result<(u64, f64, u64, u64, f64, f64
                 e if e.kind() == "arp" => {
                     n += 1;
                     received.store(n, Ordering::SeqCst);
-                    if n % 1024 == 0 || n >= sent_final.load(Ordering::SeqCst) {
+                    if n.is_multiple_of(1024) || n >= sent_final.load(Ordering::SeqCst) {
                         *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
                     }
                     if n >= sent_final.load(Ordering::SeqCst) {
@@ -360,16 +384,17 @@ fn storm_step(rate: u64, secs: Duration) -> Result<(u64, f64, u64, u64, f64, f64
     let frame = arp_frame(OTHER);
     let gen_sent = sent_final.clone();
     let generator = std::thread::spawn(move || -> std::io::Result<(u64, f64, Duration)> {
-        // Bursts of at most `BURST` events (a fifth of the ring) at kernel speed, paced to the asked rate: ahead of
-        // schedule it sleeps, behind it goes on at once. The offered rate is what was really sent.
-        const BURST: u64 = 1024;
+        // Bursts of at most `burst` events at kernel speed, paced to the asked rate: ahead of schedule it sleeps,
+        // behind it goes on at once. The offered rate is what was really sent. (Each BPF_PROG_TEST_RUN call of an
+        // XDP program re-points the XDP dispatcher, a fixed cost of milliseconds here: small bursts cannot reach
+        // high rates.)
         let total = (rate as f64 * secs.as_secs_f64()) as u64;
         let t0 = Instant::now();
         let mut sent = 0u64;
         while sent < total && t0.elapsed() < secs + secs / 2 {
             let due = ((rate as f64 * t0.elapsed().as_secs_f64()) as u64).min(total);
             if due > sent {
-                let n = (due - sent).min(BURST);
+                let n = (due - sent).min(burst);
                 runner.run(&frame, n as u32)?;
                 sent += n;
             } else {
@@ -408,11 +433,32 @@ fn events(args: &Args) -> Result<Value> {
     .into_iter()
     .filter(|&r| r <= max)
     .collect();
+    let burst = args.u64("burst", 1024)?;
+    let ring = u32::try_from(args.u64("ring", u64::from(monitor::probes::DEFAULT_RINGBUF_BYTES))?)
+        .context("ring= is too large")?;
+    // The fixed cost of one BPF_PROG_TEST_RUN call (one frame), which bounds the storm at small bursts.
+    let call_cost = {
+        let mut probes = Probes::load(&ProbeOptions {
+            tracepoints: false,
+            ..ProbeOptions::default()
+        })?;
+        let runner = probes.xdp_test_runner()?;
+        let frame = ipv4_frame(OTHER);
+        let t = Instant::now();
+        for _ in 0..20 {
+            runner.run(&frame, 1)?;
+        }
+        t.elapsed().as_secs_f64() / 20.0
+    };
+    say!(
+        "events: one BPF_PROG_TEST_RUN call costs {:.2} ms; bursts of {burst}, ring {ring} bytes",
+        call_cost * 1e3
+    );
     let mut best = 0u64;
     let mut best_handled = 0f64;
     let mut above = json!(null);
     for rate in rates {
-        let (sent, offered, got, lost, took, lag) = storm_step(rate, secs)?;
+        let (sent, offered, got, lost, took, lag) = storm_step(rate, secs, burst, ring)?;
         // Kept up: everything arrived, the last event within 100 ms of the last frame.
         let in_time = lag <= 0.1;
         let handled = got as f64 / took;
@@ -434,7 +480,9 @@ fn events(args: &Args) -> Result<Value> {
         "events_handled_per_s_at_max": best_handled,
         "events_lost_above": above.get("lost").cloned().unwrap_or(json!(0)),
         "events_first_failing_step": above,
-        "ringbuf_bytes": monitor::probes::DEFAULT_RINGBUF_BYTES,
+        "ringbuf_bytes": ring,
+        "storm_burst": burst,
+        "test_run_call_ms": call_cost * 1e3,
     }))
 }
 
@@ -482,13 +530,22 @@ fn tcp(args: &Args) -> Result<Value> {
     let (va, vb) = (unique("bva"), unique("bvb"));
     let _link = Link::veth(&va, Some(&a.name), &vb, Some(&b.name));
     let n = std::process::id() % 200 + 20;
-    ip_in(Some(&a.name), &["addr", "add", &format!("10.{n}.9.1/24"), "dev", &va]);
-    ip_in(Some(&b.name), &["addr", "add", &format!("10.{n}.9.2/24"), "dev", &vb]);
+    ip_in(
+        Some(&a.name),
+        &["addr", "add", &format!("10.{n}.9.1/24"), "dev", &va],
+    );
+    ip_in(
+        Some(&b.name),
+        &["addr", "add", &format!("10.{n}.9.2/24"), "dev", &vb],
+    );
     let addr = SocketAddrV4::new(std::net::Ipv4Addr::new(10, n as u8, 9, 2), 5201);
-    let server = b.run(|| TcpListener::bind(addr)).context("listen in the server namespace")?;
+    let server = b
+        .run(|| TcpListener::bind(addr))
+        .context("listen in the server namespace")?;
     // Modes: none; tp = the tracepoints only; xdp = XDP on both ends only; tc = TC egress on both ends only;
     // all = everything migmon watch attaches. Interleaved, so load changes hit every mode alike.
-    let modes = ["none", "all", "tp", "xdp", "tc"];
+    // allskb = all, with XDP in generic (skb) mode.
+    let modes = ["none", "all", "tp", "xdp", "tc", "allskb"];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut events = 0u64;
     let mut xdp_mode = String::new();
@@ -499,7 +556,8 @@ fn tcp(args: &Args) -> Result<Value> {
                 continue;
             }
             let opts = ProbeOptions {
-                tracepoints: matches!(*mode, "all" | "tp"),
+                tracepoints: matches!(*mode, "all" | "tp" | "allskb"),
+                xdp_skb_mode: *mode == "allskb",
                 ..ProbeOptions::default()
             };
             let mut probes = Probes::load(&opts).context("cannot load the probes")?;
@@ -508,10 +566,13 @@ fn tcp(args: &Args) -> Result<Value> {
                     name: name.clone(),
                     netns: Some(ns.clone()),
                 };
-                if matches!(*mode, "all" | "xdp") {
-                    xdp_mode = probes.attach_xdp(&iface)?.mode.to_owned();
+                if matches!(*mode, "all" | "xdp" | "allskb") {
+                    let m = probes.attach_xdp(&iface)?.mode;
+                    if *mode == "xdp" {
+                        m.clone_into(&mut xdp_mode);
+                    }
                 }
-                if matches!(*mode, "all" | "tc") {
+                if matches!(*mode, "all" | "tc" | "allskb") {
                     probes.attach_tc_egress(&iface)?;
                 }
             }
@@ -545,12 +606,13 @@ fn tcp(args: &Args) -> Result<Value> {
     let (n_med, a_med) = (meds[0], meds[1]);
     let overhead = (1.0 - a_med / n_med) * 100.0;
     say!(
-        "tcp: none {:.0} MB/s, all probes {:.0} MB/s, overhead {overhead:.2} % (tracepoints only {:.0}, XDP ({xdp_mode}) only {:.0}, TC only {:.0} MB/s; {events} events)",
+        "tcp: none {:.0} MB/s, all probes {:.0} MB/s, overhead {overhead:.2} % (tracepoints only {:.0}, XDP ({xdp_mode}) only {:.0}, TC only {:.0}, all with XDP in skb mode {:.0} MB/s; {events} events)",
         n_med / 1e6,
         a_med / 1e6,
         meds[2] / 1e6,
         meds[3] / 1e6,
-        meds[4] / 1e6
+        meds[4] / 1e6,
+        meds[5] / 1e6
     );
     Ok(json!({
         "tcp_none_mb_s": n_med / 1e6,
@@ -560,6 +622,107 @@ fn tcp(args: &Args) -> Result<Value> {
         "tcp_tracepoints_only_overhead_pct": (1.0 - meds[2] / n_med) * 100.0,
         "tcp_xdp_only_overhead_pct": (1.0 - meds[3] / n_med) * 100.0,
         "tcp_tc_only_overhead_pct": (1.0 - meds[4] / n_med) * 100.0,
+        "tcp_all_xdp_skb_overhead_pct": (1.0 - meds[5] / n_med) * 100.0,
         "xdp_attach_mode": xdp_mode,
+    }))
+}
+
+/// The wire bytes of one ARP record as the XDP program emits it.
+fn arp_record() -> Vec<u8> {
+    use monitor_common::{ArpEvent, EventKind};
+    let frame = arp_frame(OTHER);
+    let mut e = ArpEvent::default();
+    e.header.kind = EventKind::Arp as u32;
+    e.header.ts_ns = 1_000_000_000;
+    e.ifindex = 2;
+    e.ethertype = 0x0806;
+    e.op = 1;
+    e.src_mac = OTHER;
+    e.sha = OTHER;
+    e.spa = [10, 0, 0, 1];
+    e.tpa = [10, 0, 0, 2];
+    e.frame_len = frame.len() as u32;
+    e.cap_len = frame.len() as u32;
+    e.frame[..frame.len()].copy_from_slice(&frame);
+    // SAFETY: `ArpEvent` is `#[repr(C)]` plain data with explicit padding fields (all initialised); reading its
+    // bytes is what the ring buffer hands user space.
+    unsafe { std::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<ArpEvent>()) }.to_vec()
+}
+
+/// ns per event of each user-space stage, without the kernel: decode, `Decoder::event`, the consumer's `emit`
+/// (JSON line to stdout), and the whole pipeline (a sender thread, the channel, the consumer) in events/s.
+fn userspace(args: &Args) -> Result<Value> {
+    let n = args.u64("events", 1_000_000)?;
+    let bytes = arp_record();
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        t.elapsed().as_nanos() as f64 / n as f64
+    };
+    let decode_ns = time(&mut || {
+        std::hint::black_box(monitor_common::decode(std::hint::black_box(&bytes)).ok());
+    });
+    let wire = monitor_common::decode(&bytes).map_err(|e| anyhow::anyhow!("decode: {e:?}"))?;
+    let mut decoder = Decoder::new(100);
+    let event_ns = time(&mut || {
+        std::hint::black_box(decoder.event(std::hint::black_box(&wire)));
+    });
+    let ev = decoder.event(&wire);
+    let json_ns = time(&mut || {
+        std::hint::black_box(serde_json::to_string(std::hint::black_box(&ev)).ok());
+    });
+    let mut out = Output::new(true, None);
+    let mut emit_err = None;
+    let emit_ns = time(&mut || {
+        if let Err(e) = out.emit(&ev) {
+            emit_err = Some(e);
+        }
+    });
+    if let Some(e) = emit_err {
+        return Err(e);
+    }
+    // The pipeline: one thread decodes and sends (as the collector does), the consumer prints.
+    let pipeline = Pipeline::new()?;
+    let tx = pipeline.sender();
+    let control = pipeline.control();
+    let done = Arc::new(AtomicU64::new(0));
+    let d2 = done.clone();
+    let mut observers: Vec<Observer> = vec![Box::new(move |_ev: &Event| {
+        if d2.fetch_add(1, Ordering::Relaxed) + 1 >= n {
+            Flow::Stop(0)
+        } else {
+            Flow::Continue
+        }
+    })];
+    let t0 = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut decoder = Decoder::new(100);
+        for _ in 0..n {
+            if let Ok(w) = monitor_common::decode(&bytes) {
+                let _ = tx.send(decoder.event(&w));
+            }
+        }
+    });
+    let mut out = Output::new(true, None);
+    pipeline.consume(
+        &mut out,
+        Some(Instant::now() + Duration::from_secs(120)),
+        &mut observers,
+        None,
+    )?;
+    let pipe_rate = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    control.stop();
+    let _ = sender.join();
+    say!(
+        "userspace (ARP): decode {decode_ns:.0} ns, Decoder::event {event_ns:.0} ns, JSON {json_ns:.0} ns, emit {emit_ns:.0} ns; pipeline {pipe_rate:.0} events/s"
+    );
+    Ok(json!({
+        "us_decode_ns": decode_ns,
+        "us_decoder_event_ns": event_ns,
+        "us_json_ns": json_ns,
+        "us_emit_ns": emit_ns,
+        "us_pipeline_per_s": pipe_rate,
     }))
 }
