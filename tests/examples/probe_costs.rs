@@ -544,8 +544,8 @@ fn tcp(args: &Args) -> Result<Value> {
         .context("listen in the server namespace")?;
     // Modes: none; tp = the tracepoints only; xdp = XDP on both ends only; tc = TC egress on both ends only;
     // all = everything migmon watch attaches. Interleaved, so load changes hit every mode alike.
-    // allskb = all, with XDP in generic (skb) mode.
-    let modes = ["none", "all", "tp", "xdp", "tc", "allskb"];
+    // allskb = all, with XDP in generic (skb) mode; alltc = all, with the ingress parser as a TC classifier.
+    let modes = ["none", "all", "tp", "xdp", "tc", "allskb", "alltc"];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut events = 0u64;
     let mut xdp_mode = String::new();
@@ -556,8 +556,9 @@ fn tcp(args: &Args) -> Result<Value> {
                 continue;
             }
             let opts = ProbeOptions {
-                tracepoints: matches!(*mode, "all" | "tp" | "allskb"),
+                tracepoints: matches!(*mode, "all" | "tp" | "allskb" | "alltc"),
                 xdp_skb_mode: *mode == "allskb",
+                l2_tc_ingress: *mode == "alltc",
                 ..ProbeOptions::default()
             };
             let mut probes = Probes::load(&opts).context("cannot load the probes")?;
@@ -566,13 +567,13 @@ fn tcp(args: &Args) -> Result<Value> {
                     name: name.clone(),
                     netns: Some(ns.clone()),
                 };
-                if matches!(*mode, "all" | "xdp" | "allskb") {
+                if matches!(*mode, "all" | "xdp" | "allskb" | "alltc") {
                     let m = probes.attach_xdp(&iface)?.mode;
                     if *mode == "xdp" {
                         m.clone_into(&mut xdp_mode);
                     }
                 }
-                if matches!(*mode, "all" | "tc" | "allskb") {
+                if matches!(*mode, "all" | "tc" | "allskb" | "alltc") {
                     probes.attach_tc_egress(&iface)?;
                 }
             }
@@ -606,13 +607,14 @@ fn tcp(args: &Args) -> Result<Value> {
     let (n_med, a_med) = (meds[0], meds[1]);
     let overhead = (1.0 - a_med / n_med) * 100.0;
     say!(
-        "tcp: none {:.0} MB/s, all probes {:.0} MB/s, overhead {overhead:.2} % (tracepoints only {:.0}, XDP ({xdp_mode}) only {:.0}, TC only {:.0}, all with XDP in skb mode {:.0} MB/s; {events} events)",
+        "tcp: none {:.0} MB/s, all probes {:.0} MB/s, overhead {overhead:.2} % (tracepoints only {:.0}, XDP ({xdp_mode}) only {:.0}, TC only {:.0}, all with XDP in skb mode {:.0}, all with TC ingress {:.0} MB/s; {events} events)",
         n_med / 1e6,
         a_med / 1e6,
         meds[2] / 1e6,
         meds[3] / 1e6,
         meds[4] / 1e6,
-        meds[5] / 1e6
+        meds[5] / 1e6,
+        meds[6] / 1e6
     );
     Ok(json!({
         "tcp_none_mb_s": n_med / 1e6,
@@ -623,6 +625,7 @@ fn tcp(args: &Args) -> Result<Value> {
         "tcp_xdp_only_overhead_pct": (1.0 - meds[3] / n_med) * 100.0,
         "tcp_tc_only_overhead_pct": (1.0 - meds[4] / n_med) * 100.0,
         "tcp_all_xdp_skb_overhead_pct": (1.0 - meds[5] / n_med) * 100.0,
+        "tcp_all_tc_ingress_overhead_pct": (1.0 - meds[6] / n_med) * 100.0,
         "xdp_attach_mode": xdp_mode,
     }))
 }
