@@ -84,6 +84,49 @@ fn settled(m: &MigrationReport, now: u64, settle: u64) -> bool {
             .all(|c| c.fate.is_aborted() || (c.fate == Fate::Survived && c.first_progress_ns.is_some()))
 }
 
+/// A human line for the events of the pause sources (`migmon watch` without `--json`).
+pub fn describe(ev: &Event) -> String {
+    match ev {
+        Event::Migration { ev, source } => {
+            let what = match &ev.phase {
+                migevents::Phase::Setup {
+                    mode,
+                    ram_bytes,
+                    host,
+                    ..
+                } => format!("setup {mode:?} {} MiB {host}", ram_bytes >> 20).to_lowercase(),
+                migevents::Phase::Round { n, pages, bytes, .. } => {
+                    format!("round {n}: {pages} pages, {:.1} MiB", *bytes as f64 / 1_048_576.0)
+                }
+                migevents::Phase::Pause => "PAUSE".to_owned(),
+                migevents::Phase::StateSent => "state sent".to_owned(),
+                migevents::Phase::Resume => "RESUME".to_owned(),
+                migevents::Phase::Announce { n } => format!("announce {n}"),
+                migevents::Phase::Complete {
+                    total_ms, pause_ms, ..
+                } => format!("complete: total {total_ms:.1} ms, pause {pause_ms:.1} ms"),
+                migevents::Phase::Failed { reason } => format!("FAILED: {reason}"),
+                migevents::Phase::Rollback => "ROLLBACK".to_owned(),
+            };
+            format!(
+                "{:<20} {} {:?} {what} [{source}]",
+                ev.migration_id, ev.mac, ev.role
+            )
+            .to_owned()
+        }
+        Event::ClockOffset {
+            source,
+            wall_minus_mono_ns,
+            ..
+        } => format!(
+            "{source:<20} wall − monotonic = {:.6} s",
+            *wall_minus_mono_ns as f64 / 1e9
+        ),
+        Event::Note { level, message, .. } => format!("{level:<20} {message}"),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    }
+}
+
 /// The one-line summary printed when a migration settles.
 pub fn live_line(m: &MigrationReport) -> String {
     let fig = |f: &Option<crate::correlate::Figure>| {
@@ -308,6 +351,28 @@ mod tests {
         correlate,
         tests::{live_trace, quick_trace},
     };
+
+    #[test]
+    fn human_lines_for_pause_sources() {
+        let ev = crate::correlate::tests::mig(
+            1,
+            "m1",
+            "52:54:00:00:00:01",
+            migevents::Role::Source,
+            migevents::Phase::Pause,
+            "qmp",
+        );
+        assert_eq!(
+            describe(&ev),
+            "m1                   52:54:00:00:00:01 Source PAUSE [qmp]"
+        );
+        let off = Event::ClockOffset {
+            ts_ns: 0,
+            source: "qmp:/run/a".into(),
+            wall_minus_mono_ns: 1_500_000_000,
+        };
+        assert!(describe(&off).ends_with("wall − monotonic = 1.500000 s"));
+    }
 
     #[test]
     fn settling_and_the_live_line() {

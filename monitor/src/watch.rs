@@ -515,7 +515,9 @@ impl Output {
             Event::Malformed { port: p, count, .. } => {
                 format!("{:<20} {count} frames passed unread (truncated or odd)", port(p))
             }
-            other => serde_json::to_string(other).unwrap_or_default(),
+            Event::Migration { .. } | Event::ClockOffset { .. } | Event::Note { .. } => {
+                crate::live::describe(ev)
+            }
         }
     }
 }
