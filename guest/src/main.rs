@@ -1,7 +1,215 @@
+//! The migmon guest: a tiny bare-metal x86-64 program that the `migrator` VMM runs and migrates.
+//!
+//! It brings up a virtio-net device (virtio-mmio, polled, no interrupts), runs smoltcp with three TCP services
+//! (echo on 7, a sequence-numbered stream on 5001, request/response on 5002; see `guest_abi`), optionally
+//! dirties a working set of memory at a fixed rate so that pre-copy has work to converge on, sends a gratuitous
+//! ARP when the VMM asks through the boot-info mailbox, and halts when idle after telling the VMM how long it may
+//! sleep.
+//!
+//! # Why only simple instructions
+//!
+//! `/dev/kvm` on the machines this project runs on is `kvm_pvm`: software virtualization without VMX/SVM. Every
+//! instruction that traps (port I/O, MMIO, `hlt`, control registers) goes through KVM's instruction emulator,
+//! and that emulator cannot do `cmpxchg16b`, `xsave`/`xrstor` or `int3` (a stock Linux guest dies on exactly
+//! those). So this guest:
+//!
+//! - is built for `x86_64-unknown-none`, which is soft-float: no SSE/AVX registers are ever touched, so there is
+//!   no FPU state to save and no `xsave`/`xrstor` anywhere;
+//! - takes no locks and uses no 128-bit atomics (one vCPU, no interrupts: the allocator is a plain cell);
+//! - talks to devices with plain `mov` (virtio-mmio registers through volatile 8/16/32-bit accesses) and
+//!   `out` (serial, the paravirtual ports), reads time with `rdtsc` and idles with `hlt`;
+//! - panics by writing the message to the serial port and a non-zero status to `PORT_EXIT`, never by trapping.
+//!
+//! `tests/tests/guest_image.rs` disassembles the built image and fails on any forbidden instruction.
+//!
+//! # Boot
+//!
+//! The VMM loads the ELF's `PT_LOAD` segments at their (identity-mapped) addresses, from `guest_abi::IMAGE_ADDR`
+//! up, writes `BootInfo` at `guest_abi::BOOT_INFO_ADDR`, and enters `_start` in 64-bit mode with
+//! `rdi = BOOT_INFO_ADDR`. `_start` sets its own stack (in `.bss`), so the VMM sets only `rip` and `rdi`.
+//! The VMM's page tables must identity-map guest RAM below `MMIO_BASE` and the virtio-mmio window.
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
+mod arch;
+mod boot;
+mod clock;
+mod dirtier;
+mod heap;
+mod net;
+mod pvh;
+mod serial;
+
+use core::panic::PanicInfo;
+
+use guest::services::{self, Services};
+use guest_abi::{
+    BOOT_MAGIC, BOOT_VERSION, BootInfo, GuestMark, MMIO_BASE, PORT_EXIT, PORT_MARK, PORT_SLEEP_US,
+};
+use smoltcp::{
+    iface::{Config, Interface, SocketSet},
+    time::Instant,
+    wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr},
+};
+
+use crate::{clock::Clock, dirtier::Dirtier, net::NetDevice, pvh::Idle};
+
+/// Shortest sleep worth a `hlt` (a VM exit and re-entry cost about 10 µs each).
+const MIN_SLEEP_US: u64 = 20;
+/// The longest sleep requested even with no deadline, so the loop looks at the mailbox now and then.
+const MAX_SLEEP_US: u64 = 1_000_000;
+/// Stats are logged at most this often, and only when they changed.
+const LOG_EVERY_US: u64 = 2_000_000;
+
+/// The guest proper. Called by `_start` (boot.rs) or `pvh_main` (pvh.rs) on the guest's own stack.
+///
+/// # Safety
+///
+/// `boot_info` points to a `BootInfo` in identity-mapped RAM that stays there for the guest's lifetime and that
+/// only the VMM (its mailbox fields) and this function write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
+    serial::init();
+    // SAFETY: the VMM (or the PVH entry) put a BootInfo at this address; the page is identity-mapped RAM.
+    let info = unsafe { boot_info.read_volatile() };
+    assert!(
+        info.magic == BOOT_MAGIC && info.version == BOOT_VERSION,
+        "bad boot info at {boot_info:p}: magic {:#x} version {} (want {BOOT_VERSION})",
+        info.magic,
+        info.version
+    );
+    log!(
+        "guest: {} MiB RAM, tsc {} kHz, mac {:02x?}, ip {}/{} gw {}, virtio-mmio {:#x}, dirty {} B @ {} B/s",
+        info.ram_bytes >> 20,
+        info.tsc_khz,
+        info.mac,
+        Ipv4Address::from(info.ipv4),
+        info.prefix_len,
+        Ipv4Address::from(info.gateway),
+        info.mmio_base,
+        info.dirty_bytes,
+        info.dirty_rate
+    );
+    let ram_top = info.ram_bytes.min(MMIO_BASE);
+    heap::init(ram_top);
+    let clock = Clock::new(info.tsc_khz);
+    let mut device = NetDevice::new(info.mmio_base, info.mmio_size, info.mac);
+    // PVH without mac= on the command line: the device's own MAC.
+    let mac = if info.mac == [0; 6] {
+        device.mac()
+    } else {
+        info.mac
+    };
+    let mac = EthernetAddress(mac);
+    let mut config = Config::new(HardwareAddress::Ethernet(mac));
+    config.random_seed = arch::rdtsc();
+    let mut iface = Interface::new(config, &mut device, clock.now());
+    let ip = Ipv4Address::from(info.ipv4);
+    iface.update_ip_addrs(|addrs| {
+        let _full = addrs.push(IpCidr::Ipv4(Ipv4Cidr::new(ip, info.prefix_len)));
+    });
+    if info.gateway != [0; 4] {
+        let _replaced = iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::from(info.gateway));
+    }
+    let mut sockets = SocketSet::new(alloc::vec::Vec::new());
+    let mut services = Services::new(&mut sockets);
+    let mut dirtier = Dirtier::new(info.dirty_bytes, info.dirty_rate, clock.now_us());
+
+    arch::outl(PORT_MARK, GuestMark::Ready as u32);
+    log!(
+        "guest: ready: echo {}, stream {}, rr {}",
+        guest_abi::ECHO_PORT,
+        guest_abi::STREAM_PORT,
+        guest_abi::RR_PORT
+    );
+
+    let mut garp_done = info.garp_done;
+    let mut logged = services.stats();
+    let mut last_log = clock.now_us();
+    loop {
+        // The mailbox: the VMM bumps garp_request (after a migration) to ask for a gratuitous ARP.
+        // SAFETY: BootInfo stays mapped for the guest's lifetime; the VMM writes the field at any time.
+        let garp_request = unsafe { (&raw const (*boot_info).garp_request).read_volatile() };
+        if garp_request != garp_done {
+            device.send_raw(&guest::frames::gratuitous_arp(mac.0, info.ipv4));
+            garp_done = garp_request;
+            // SAFETY: as above; the guest owns garp_done.
+            unsafe { (&raw mut (*boot_info).garp_done).write_volatile(garp_done) };
+            arch::outl(PORT_MARK, GuestMark::GarpSent as u32);
+            log!("guest: gratuitous ARP sent (request {garp_request})");
+        }
+
+        let now = clock.now();
+        let mut busy = services::poll(&mut iface, &mut device, &mut sockets, &mut services, now);
+        busy |= dirtier.work(clock.now_us(), &clock);
+
+        let stats = services.stats();
+        let now_us = clock.now_us();
+        if stats != logged && now_us.saturating_sub(last_log) >= LOG_EVERY_US {
+            log!(
+                "guest: connections active {} opened {} closed {} listening {} (pool full {}, bad requests {}); \
+                 dirtier passes {}",
+                stats.active,
+                stats.opened,
+                stats.closed,
+                stats.listening,
+                stats.pool_full,
+                stats.bad_requests,
+                dirtier.passes()
+            );
+            logged = stats;
+            last_log = now_us;
+        }
+        let idle = pvh::idle_mode();
+        if idle == Idle::Interrupt {
+            // Lower the NIC's interrupt line before looking at the queue: a frame after this raises it again.
+            device.ack_interrupt();
+        }
+        if busy || device.rx_pending() {
+            continue;
+        }
+
+        // Idle: sleep until the earliest deadline (smoltcp timers, paced streams, the dirtier's next slice).
+        let now = clock.now();
+        let mut deadline: Option<Instant> = iface.poll_at(now, &sockets);
+        for other in [services.next_deadline(&sockets), dirtier.next_deadline(&clock)]
+            .into_iter()
+            .flatten()
+        {
+            deadline = Some(deadline.map_or(other, |d| d.min(other)));
+        }
+        let sleep_us = deadline.map_or(MAX_SLEEP_US, |d| {
+            (d.total_micros() - now.total_micros()).clamp(0, MAX_SLEEP_US as i64) as u64
+        });
+        if sleep_us < MIN_SLEEP_US {
+            continue;
+        }
+        match idle {
+            Idle::SleepPort => {
+                arch::outl(PORT_SLEEP_US, sleep_us as u32);
+                arch::hlt();
+            }
+            // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
+            Idle::Interrupt => arch::wait_for_interrupt(),
+            Idle::Poll => {
+                let until = now.total_micros() as u64 + sleep_us;
+                while clock.now_us() < until && !device.rx_pending() {
+                    core::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
+fn panic(info: &PanicInfo<'_>) -> ! {
+    log!("guest: panic: {info}");
+    arch::outl(PORT_EXIT, 1);
+    loop {
+        arch::hlt();
+    }
 }
