@@ -354,6 +354,8 @@ struct MigrationGroup {
     destination_host: Option<String>,
     setup: Option<u64>,
     rounds: Vec<Round>,
+    /// The rounds came from the source (preferred over the destination's copy).
+    source_rounds: bool,
     pause: Option<Stamp>,
     state_sent: Option<u64>,
     resume: Option<Stamp>,
@@ -390,7 +392,9 @@ impl MigrationGroup {
         self.source_host = self.source_host.take().or(o.source_host);
         self.destination_host = self.destination_host.take().or(o.destination_host);
         self.setup = self.setup.or(o.setup);
-        self.rounds.extend(o.rounds);
+        if self.rounds.is_empty() {
+            self.rounds = o.rounds;
+        }
         self.pause = self.pause.take().or(o.pause);
         self.state_sent = self.state_sent.or(o.state_sent);
         self.resume = self.resume.take().or(o.resume);
@@ -452,13 +456,28 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                 pages,
                 bytes,
                 bandwidth,
-            } => g.rounds.push(Round {
-                n: *n,
-                ts_ns: ev.ts_ns,
-                pages: *pages,
-                bytes: *bytes,
-                bandwidth: *bandwidth,
-            }),
+            } => {
+                // Both ends report each round (sent / received): keep the source's, or the destination's when the
+                // source's stream is missing.
+                let round = Round {
+                    n: *n,
+                    ts_ns: ev.ts_ns,
+                    pages: *pages,
+                    bytes: *bytes,
+                    bandwidth: *bandwidth,
+                };
+                match ev.role {
+                    Role::Source => {
+                        g.rounds.retain(|r| r.n != *n);
+                        g.source_rounds = true;
+                        g.rounds.push(round);
+                    }
+                    Role::Destination if !g.source_rounds && g.rounds.iter().all(|r| r.n != *n) => {
+                        g.rounds.push(round);
+                    }
+                    Role::Destination => {}
+                }
+            }
             Phase::Pause => {
                 if g.pause.is_none() {
                     g.pause = Some(stamp());

@@ -51,6 +51,16 @@ fn runnable() -> bool {
         eprintln!("SKIP: {} does not exist (cargo build -p migrator)", bin.display());
         return false;
     }
+    let can_migrate = ["migrate", "receive"].iter().all(|cmd| {
+        Command::new(&bin)
+            .args([*cmd, "--help"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !can_migrate {
+        eprintln!("SKIP: {} has no `migrate`/`receive` commands yet", bin.display());
+        return false;
+    }
     true
 }
 

@@ -747,6 +747,37 @@ fn an_idle_connection_gets_the_data_plane_restart_as_context() {
 }
 
 #[test]
+fn rounds_reported_by_both_ends_count_once() {
+    let round = |ts, n, role| {
+        mig(
+            ts,
+            "m",
+            VM_MAC,
+            role,
+            Phase::Round {
+                n,
+                pages: 10,
+                bytes: 40960,
+                bandwidth: 1,
+            },
+            "migrator",
+        )
+    };
+    let mut ev = migration("m", VM_MAC, VM_IP, Mode::Live, 1000, 1010);
+    ev.retain(|e| !matches!(e, Event::Migration { ev, .. } if matches!(ev.phase, Phase::Round { .. })));
+    ev.extend([
+        round(600, 0, Role::Source),
+        round(601, 0, Role::Destination),
+        round(800, 1, Role::Destination),
+        round(799, 1, Role::Source),
+        round(1005, 2, Role::Source),
+    ]);
+    let m = &correlate(&ev).migrations[0];
+    let ns: Vec<(u32, u64)> = m.timeline.rounds.iter().map(|r| (r.n, r.ts_ns / MS)).collect();
+    assert_eq!(ns, vec![(0, 600), (1, 799), (2, 1005)]);
+}
+
+#[test]
 fn nonsense_input_does_not_panic() {
     // A resume before its pause, a pause without anything, retransmits with absurd fields, MACs in upper case.
     let t = tuple(49001, VM_IP);
