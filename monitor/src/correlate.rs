@@ -938,14 +938,20 @@ fn verdict(
         .collect();
 
     // The first terminal event: an error, a reset, or a transition into closing/closed.
+    // The first terminal event: an error, a reset, or a CLOSE that does not end an orderly close. An application's
+    // close (ESTABLISHED → FIN_WAIT1, CLOSE_WAIT → LAST_ACK) is not terminal by itself: if its FIN is acknowledged
+    // after resume the close completed and the connection came through; if the socket dies first, the close is
+    // what ended it.
     let terminal = in_window.iter().position(|e| match e {
         Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. } => true,
         Event::TcpState {
             old_state, new_state, ..
         } => {
-            new_state == "CLOSE" && !matches!(old_state.as_str(), "LAST_ACK" | "CLOSING" | "TIME_WAIT")
-                || (old_state == "ESTABLISHED" && new_state == "FIN_WAIT1")
-                || (old_state == "CLOSE_WAIT" && new_state == "LAST_ACK")
+            new_state == "CLOSE"
+                && !matches!(
+                    old_state.as_str(),
+                    "LAST_ACK" | "CLOSING" | "TIME_WAIT" | "FIN_WAIT2"
+                )
         }
         _ => false,
     });

@@ -503,6 +503,31 @@ fn connections_opened_and_closed_around_the_window() {
 }
 
 #[test]
+fn an_orderly_close_during_the_pause_that_completes_after_resume_survives() {
+    let t = tuple(42101, VM_IP);
+    let mut ev = migration("m", VM_MAC, VM_IP, Mode::Quick, 1000, 3000);
+    ev.extend([
+        state(100, t, "SYN_SENT", "ESTABLISHED"),
+        state(1500, t, "ESTABLISHED", "FIN_WAIT1"),
+        rtx(1700, t, 1, 200),
+        rtx(2100, t, 2, 200),
+        state(3050, t, "FIN_WAIT1", "FIN_WAIT2"),
+        state(3051, t, "FIN_WAIT2", "TIME_WAIT"),
+        state(3051, t, "TIME_WAIT", "CLOSE"),
+        note(9000),
+    ]);
+    let m = &correlate(&ev).migrations[0];
+    let c = &m.connections[0];
+    assert_eq!(c.fate, Fate::Survived, "{c:#?}");
+    assert_eq!(c.first_progress_ns, Some(3050 * MS));
+    assert!(
+        c.progress_basis.contains("FIN_WAIT1 → FIN_WAIT2"),
+        "{}",
+        c.progress_basis
+    );
+}
+
+#[test]
 fn reused_four_tuple_is_a_new_connection() {
     let t = tuple(43001, VM_IP);
     let mut ev = migration("m", VM_MAC, VM_IP, Mode::Quick, 1000, 2000);
