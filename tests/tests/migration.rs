@@ -436,12 +436,13 @@ impl Client {
 fn sixteen_clients(bed: &Bed) -> Vec<Client> {
     let mut v = Vec::new();
     for _ in 0..8 {
-        v.push(Client::stream(bed, 200));
+        v.push(Client::stream(bed, 20));
         v.push(Client::request_response(bed, None));
     }
     assert!(
         wait_until(Duration::from_secs(10), || v.iter().all(|c| c.progress() > 5)),
-        "not every client got going"
+        "not every client got going: {:?}",
+        v.iter().map(Client::progress).collect::<Vec<_>>()
     );
     v
 }
@@ -642,7 +643,7 @@ fn live_migration_keeps_every_connection() {
         "a2.log",
     );
     assert!(wait_until(Duration::from_secs(10), || api_a2.exists()));
-    let clients = vec![Client::stream(&bed, 200), Client::request_response(&bed, None)];
+    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
     let back = summary(&bed.migrate(&api_b, &sock_a, &["--mode", "live"]));
     assert!(
         b.wait_exit(Duration::from_secs(10))
@@ -671,7 +672,7 @@ fn live_migration_converges_under_the_dirtier() {
     let _a = bed.boot(&["--dirty", "32M@125M"]);
     let (api_a, api_b, sock) = (bed.path("a.api"), bed.path("b.api"), bed.path("b.sock"));
     let mut b = bed.receive(&sock, &api_b);
-    let clients = vec![Client::stream(&bed, 200), Client::request_response(&bed, None)];
+    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
     assert!(all_progress(&clients, Duration::from_secs(10)));
     let s = summary(&bed.migrate(
         &api_a,
@@ -819,7 +820,7 @@ fn failed_migrations_roll_back() {
     let bed = Bed::new();
     let mut a = bed.boot(&["--dirty", "32M@50M"]);
     let api_a = bed.path("a.api");
-    let clients = vec![Client::stream(&bed, 200), Client::request_response(&bed, None)];
+    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
     assert!(all_progress(&clients, Duration::from_secs(10)));
 
     // 1. The destination dies mid-transfer.
