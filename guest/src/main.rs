@@ -54,7 +54,7 @@ use smoltcp::{
     wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr},
 };
 
-use crate::{clock::Clock, dirtier::Dirtier, net::NetDevice};
+use crate::{clock::Clock, dirtier::Dirtier, net::NetDevice, pvh::Idle};
 
 /// Shortest sleep worth a `hlt` (a VM exit and re-entry cost about 10 µs each).
 const MIN_SLEEP_US: u64 = 20;
@@ -164,8 +164,8 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
             logged = stats;
             last_log = now_us;
         }
-        let pvh = pvh::booted_by_pvh();
-        if pvh {
+        let idle = pvh::idle_mode();
+        if idle == Idle::Interrupt {
             // Lower the NIC's interrupt line before looking at the queue: a frame after this raises it again.
             device.ack_interrupt();
         }
@@ -188,12 +188,19 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
         if sleep_us < MIN_SLEEP_US {
             continue;
         }
-        if pvh {
+        match idle {
+            Idle::SleepPort => {
+                arch::outl(PORT_SLEEP_US, sleep_us as u32);
+                arch::hlt();
+            }
             // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
-            arch::wait_for_interrupt();
-        } else {
-            arch::outl(PORT_SLEEP_US, sleep_us as u32);
-            arch::hlt();
+            Idle::Interrupt => arch::wait_for_interrupt(),
+            Idle::Poll => {
+                let until = now.total_micros() as u64 + sleep_us;
+                while clock.now_us() < until && !device.rx_pending() {
+                    core::hint::spin_loop();
+                }
+            }
         }
     }
 }
