@@ -103,6 +103,7 @@ pub mod transport;
 pub mod units;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_migration;
 
 #[cfg(test)]
 mod engine_tests;
