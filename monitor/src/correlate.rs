@@ -202,6 +202,9 @@ pub struct ConnectionVerdict {
     pub fate: Fate,
     /// The events that prove the fate.
     pub proof: Vec<Event>,
+    /// Events for the 4-tuple after its socket was gone, within the window: typically the RST the client's kernel
+    /// sent when the resumed VM spoke on a connection that had already been aborted.
+    pub afterwards: Vec<Event>,
     /// The connection was opened during the outage (not alive at the pause; not counted in the totals).
     pub opened_during_window: bool,
 }
@@ -705,6 +708,8 @@ struct ConnLife<'a> {
     events: Vec<&'a Event>,
     opened_ns: Option<u64>,
     closed_ns: Option<u64>,
+    /// Events for the 4-tuple after the socket was gone (RSTs the kernel sent for it): shown, never judged.
+    epilogue: Vec<&'a Event>,
 }
 
 struct ConnectionIndex<'a> {
@@ -770,6 +775,17 @@ impl<'a> ConnectionIndex<'a> {
                         .is_some_and(|c| e.ts_ns() <= c + CLOSE_CLUSTER_NS)
                         && (netns == 0 || lives[i].netns == netns)
                 });
+            // Events that do not prove a socket exists (an error report, a RST sent without a socket: the kernel
+            // answering a segment for a connection it no longer has) never start a connection; after a close they
+            // are that connection's epilogue (not part of its fate), otherwise they are dropped.
+            let socketless = matches!(e, Event::TcpError { .. })
+                || matches!(e, Event::TcpResetOut { state, .. } if state.is_empty());
+            if found.is_none() && after_close.is_none() && socketless {
+                if let Some(&i) = last_closed.get(tuple) {
+                    lives[i].epilogue.push(e);
+                }
+                continue;
+            }
             let idx = if let Some(i) = found.or(after_close) {
                 i
             } else {
@@ -782,6 +798,7 @@ impl<'a> ConnectionIndex<'a> {
                     events: Vec::new(),
                     opened_ns: if opening { Some(e.ts_ns()) } else { pending },
                     closed_ns: None,
+                    epilogue: Vec::new(),
                 });
                 candidates.push(lives.len() - 1);
                 lives.len() - 1
@@ -1097,6 +1114,12 @@ fn verdict(
         recovery_tail_ns: first_progress_ns.map(|p| p.saturating_sub(resume)),
         fate,
         proof,
+        afterwards: life
+            .epilogue
+            .iter()
+            .filter(|e| e.ts_ns() >= pause && e.ts_ns() < window_end)
+            .map(|e| (*e).clone())
+            .collect(),
         opened_during_window: false,
     }
 }

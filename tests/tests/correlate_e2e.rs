@@ -136,6 +136,10 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        if std::env::var_os("MIGMON_KEEP_TEST_DIR").is_some() {
+            eprintln!("kept {}", self.dir.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -528,6 +528,37 @@ fn an_orderly_close_during_the_pause_that_completes_after_resume_survives() {
 }
 
 #[test]
+fn a_rst_for_a_dead_connection_is_its_epilogue_not_a_new_connection() {
+    let t = tuple(42201, VM_IP);
+    let mut ev = migration("m", VM_MAC, VM_IP, Mode::Quick, 1000, 9000);
+    ev.extend([
+        state(100, t, "SYN_SENT", "ESTABLISHED"),
+        rtx(1200, t, 1, 200),
+        state(7200, t, "ESTABLISHED", "CLOSE"),
+        err(7200, t, 110),
+        // After resume the VM speaks on the connection: the client kernel, without a socket, answers with a RST.
+        Event::TcpResetOut {
+            ts_ns: 9100 * MS,
+            tcp: TcpCommon { tuple: t, netns: 0 },
+            state: String::new(),
+        },
+    ]);
+    let m = &correlate(&ev).migrations[0];
+    assert_eq!(m.connections.len(), 1, "{:#?}", m.connections);
+    let c = &m.connections[0];
+    assert!(matches!(
+        c.fate,
+        Fate::Aborted {
+            reason: AbortReason::Etimedout,
+            ..
+        }
+    ));
+    assert_eq!(c.afterwards.len(), 1);
+    let text = crate::report::render_text(&correlate(&ev), "t");
+    assert!(text.contains("RST sent to the VM at +8.10 s"), "{text}");
+}
+
+#[test]
 fn reused_four_tuple_is_a_new_connection() {
     let t = tuple(43001, VM_IP);
     let mut ev = migration("m", VM_MAC, VM_IP, Mode::Quick, 1000, 2000);

@@ -265,12 +265,23 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
                 c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport
             );
             let recovery = c.recovery_tail_ns.map_or_else(|| "–".to_owned(), fmt_dur);
-            let fate = match c.fate {
+            let mut fate = match c.fate {
                 Fate::Aborted { at_ns, .. } => {
                     format!("{} at {} ({})", c.fate, rel(at_ns, anchor), proof_summary(c))
                 }
                 _ => c.fate.to_string(),
             };
+            if let Some(rst) = c
+                .afterwards
+                .iter()
+                .find(|e| matches!(e, Event::TcpResetOut { .. }))
+            {
+                let _ = write!(
+                    fate,
+                    "; RST sent to the VM at {} (it spoke on the dead connection)",
+                    rel(rst.ts_ns(), anchor)
+                );
+            }
             let _ = writeln!(
                 s,
                 "  {:<14} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
