@@ -25,6 +25,9 @@ use std::{
 use integration_tests::{Link, Netns, Watch, ip_in, migmon_bin, unique, wait_until};
 use serde_json::Value;
 
+/// Hands each test its own subnet.
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 const MAC: &str = "52:54:00:6d:6d:65";
 
 fn migrator_bin() -> PathBuf {
@@ -79,7 +82,9 @@ impl Bed {
     fn new() -> Self {
         let host = Netns::new("ceh");
         let client = Netns::new("cec");
-        let n = (std::process::id() % 200 + 21) as u8;
+        // A subnet per test: sockets of an earlier test in this process may still be closing towards its IP.
+        let k = NEXT.fetch_add(1, Ordering::SeqCst);
+        let n = ((std::process::id() + 97 * k) % 200 + 21) as u8;
         let bridge = unique("cebr");
         let (tap_a, tap_b) = (unique("ceta"), unique("cetb"));
         let mut links = vec![Link::bridge(&bridge, Some(&host.name))];

@@ -20,6 +20,9 @@ use integration_tests::{Link, Netns, Watch, ip_in, migmon_bin, netns_exec, uniqu
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
 use serde_json::Value;
 
+/// Hands each test its own subnet.
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 struct Setup {
     client: Netns,
     server: Netns,
@@ -35,7 +38,8 @@ impl Setup {
         let server = Netns::new("cs");
         let (ca, sa) = (unique("ccv"), unique("csv"));
         let link = Link::veth(&ca, Some(&client.name), &sa, Some(&server.name));
-        let pid = std::process::id();
+        // A subnet per test: sockets of an earlier test in this process may still be closing towards its IP.
+        let pid = std::process::id() + 17 * NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let net = [10, 150 + (pid % 50) as u8, ((pid / 50) % 250) as u8];
         let client_ip = Ipv4Addr::new(net[0], net[1], net[2], 1);
         let server_ip = Ipv4Addr::new(net[0], net[1], net[2], 2);

@@ -253,9 +253,16 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
     if !rows.is_empty() {
         let _ = writeln!(s);
         let _ = writeln!(s, "Connections (times relative to each migration's pause)");
+        let idw = a
+            .migrations
+            .iter()
+            .map(|m| m.id.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(9);
         let _ = writeln!(
             s,
-            "  {:<14} {:<46} {:<12} {:>4} {:>7} {:>11}  fate",
+            "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  fate",
             "migration", "connection (client → VM)", "at pause", "rtx", "backoff", "recovery"
         );
         for (m, c) in rows {
@@ -284,7 +291,7 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
             }
             let _ = writeln!(
                 s,
-                "  {:<14} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
+                "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
                 m.id,
                 conn,
                 c.state_at_pause,
