@@ -1271,19 +1271,35 @@ fn build_migration(
             });
     }
     if let Some(ports) = ingress {
-        tl.first_vm_frame_new_port = ports
+        // The new port is outside the VM's old path (the ports of its last burst before the pause); only when the
+        // VM came back where it was (a stop/cont) is it one of those.
+        let p = pause.unwrap_or(anchor);
+        let latest = ports.values().filter_map(|a| a.last_before(p)).max();
+        let old: Vec<&String> = ports
             .iter()
-            .filter_map(|(label, a)| {
-                a.first_after(after)
-                    .filter(|(t, _)| *t < l2_end)
-                    .map(|(t, exact)| (t, exact, label))
+            .filter(|(_, a)| {
+                a.last_before(p)
+                    .is_some_and(|t| latest.is_some_and(|l| t + OLD_PATH_SLACK_NS >= l))
             })
-            .min_by_key(|(t, _, _)| *t)
-            .map(|(t, exact, label)| Sighting {
-                ts_ns: t,
-                port: label.clone(),
-                exact,
-            });
+            .map(|(l, _)| l)
+            .collect();
+        let first_on = |only_new: bool| {
+            ports
+                .iter()
+                .filter(|(label, _)| !only_new || !old.contains(label))
+                .filter_map(|(label, a)| {
+                    a.first_after(after)
+                        .filter(|(t, _)| *t < l2_end)
+                        .map(|(t, exact)| (t, exact, label))
+                })
+                .min_by_key(|(t, _, _)| *t)
+                .map(|(t, exact, label)| Sighting {
+                    ts_ns: t,
+                    port: label.clone(),
+                    exact,
+                })
+        };
+        tl.first_vm_frame_new_port = first_on(true).or_else(|| first_on(false));
     }
     let egress = if mac.is_empty() {
         None
