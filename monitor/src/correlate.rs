@@ -87,6 +87,8 @@ pub struct Timeline {
     pub announces: Vec<Stamp>,
     /// The VM's last frame before the pause (on its old port).
     pub last_vm_frame_old_port: Option<Sighting>,
+    /// The last frame delivered towards the VM before the pause (on its old port).
+    pub last_frame_to_vm_old_port: Option<Sighting>,
     pub first_rarp: Option<Sighting>,
     pub first_garp: Option<Sighting>,
     pub fdb_moves: Vec<FdbMove>,
@@ -1310,6 +1312,15 @@ fn build_migration(
         let p = pause.unwrap_or(anchor);
         // Old path: egress ports that were part of the last burst of delivery before the pause.
         let latest = ports.values().filter_map(|a| a.last_before(p)).max();
+        tl.last_frame_to_vm_old_port = ports
+            .iter()
+            .filter_map(|(label, a)| a.last_before(p).map(|t| (t, label)))
+            .max_by_key(|(t, _)| *t)
+            .map(|(t, label)| Sighting {
+                ts_ns: t,
+                port: label.clone(),
+                exact: true,
+            });
         let old: Vec<&String> = ports
             .iter()
             .filter(|(_, a)| {
@@ -1385,11 +1396,24 @@ fn build_migration(
                 )
             })
         });
-    if let (Some(start), Some((end, what))) = (&tl.last_vm_frame_old_port, blackout_end) {
+    // The blackout starts at the last frame exchanged with the VM at its old port, either way: until then the path
+    // demonstrably worked.
+    let blackout_start = [
+        tl.last_vm_frame_old_port
+            .as_ref()
+            .map(|s| (s, "the VM's last frame")),
+        tl.last_frame_to_vm_old_port
+            .as_ref()
+            .map(|s| (s, "the last frame delivered to the VM")),
+    ]
+    .into_iter()
+    .flatten()
+    .max_by_key(|(s, _)| s.ts_ns);
+    if let (Some((start, which)), Some((end, what))) = (blackout_start, blackout_end) {
         dt.blackout = Some(Figure {
             ns: end.saturating_sub(start.ts_ns),
             source: "wire".to_owned(),
-            basis: format!("the VM's last frame at {} → {what}", start.port),
+            basis: format!("{which} at {} → {what}", start.port),
         });
     } else if let (Some(p), Some((end, what))) = (pause, blackout_end) {
         dt.blackout = Some(Figure {

@@ -313,7 +313,9 @@ fn live_migration_timeline_and_split() {
     let d = &m.downtime;
     assert_eq!(d.vcpu_pause.as_ref().unwrap().ns, 5 * MS);
     assert_eq!(d.vcpu_pause.as_ref().unwrap().source, "migrator");
-    assert_eq!(d.blackout.as_ref().unwrap().ns, 11 * MS); // 998 → 1009
+    // From the last frame exchanged at the old port (999, towards the VM) to the first delivered at the new (1009).
+    assert_eq!(d.blackout.as_ref().unwrap().ns, 10 * MS);
+    assert_eq!(tl.last_frame_to_vm_old_port.as_ref().unwrap().ts_ns, 999 * MS);
     assert_eq!(d.blackout.as_ref().unwrap().source, "wire");
     assert_eq!(d.convergence.as_ref().unwrap().ns, 2 * MS); // 1005 → 1007
     assert_eq!(d.max_recovery_tail.as_ref().unwrap().ns, 195 * MS);

@@ -182,6 +182,9 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
             anchor,
             "not seen",
         );
+        if let Some(last) = &tl.last_frame_to_vm_old_port {
+            sight_line(&mut s, "last frame to VM (old)", Some(last), anchor, "");
+        }
         stamp_line(&mut s, "pause", tl.pause.as_ref(), anchor);
         stamp_line(&mut s, "state sent", tl.state_sent.as_ref(), anchor);
         stamp_line(&mut s, "resume", tl.resume.as_ref(), anchor);
