@@ -60,7 +60,12 @@ struct Gate {
 struct Seen {
     events: Vec<Event>,
     printed: Vec<String>,
+    /// A migration has started and not resumed yet.
+    in_flight: bool,
 }
+
+/// How often the gate correlates when no migration is going on.
+const IDLE_CORRELATION: Duration = Duration::from_secs(3);
 
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
 pub struct Live {
@@ -260,6 +265,7 @@ pub fn start(
             let mut seen = Seen::default();
             let mut resumed = 0;
             let mut last_run = std::time::Instant::now();
+            let mut last_full = std::time::Instant::now();
             loop {
                 if control_t.stopped() {
                     end_note("stopped");
@@ -272,11 +278,17 @@ pub fn start(
                 last_run = std::time::Instant::now();
                 // Take what arrived; correlate without holding the lock, so the consumer never waits.
                 let new = std::mem::take(&mut g.lock().unwrap_or_else(PoisonError::into_inner).incoming);
-                if new.is_empty() && seen.printed.len() == resumed {
+                // Correlating costs a pass over everything seen: do it five times a second while a migration is in
+                // flight or settling, and every few seconds otherwise (a move seen only on the wire).
+                let migrating = new.iter().any(|e| matches!(e, Event::Migration { .. }));
+                seen.events.extend(new);
+                let pending = seen.printed.len() < resumed || migrating || seen.in_flight;
+                if !pending && last_full.elapsed() < IDLE_CORRELATION {
                     continue;
                 }
-                seen.events.extend(new);
+                last_full = std::time::Instant::now();
                 let a = analysis_of(&seen.events);
+                seen.in_flight = a.migrations.iter().any(|m| m.timeline.resume.is_none());
                 let now = a.end_ns.max(migevents::monotonic_ns());
                 resumed = a
                     .migrations
