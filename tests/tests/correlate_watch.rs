@@ -410,3 +410,51 @@ fn qmp_pause_window_through_watch() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `migmon watch --metrics`: a migration announced on the events socket shows up in the Prometheus metrics.
+#[test]
+fn metrics_count_a_migration_live() {
+    let dir = std::env::temp_dir().join(unique("migmon-metrics"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("events.sock");
+    let watch = Watch::start(&[
+        "--port",
+        "1",
+        "--events-listen",
+        path(&sock),
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let err = watch.stderr();
+    let addr = err
+        .lines()
+        .find_map(|l| l.strip_prefix("migmon: metrics on http://"))
+        .and_then(|l| l.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in: {err}"))
+        .to_owned();
+    let mut sink = EventSink::open(&sock).unwrap();
+    for (role, phase) in [(Role::Source, Phase::Pause), (Role::Destination, Phase::Resume)] {
+        sink.send(&MigrationEvent::now(
+            "metrics-1",
+            "52:54:00:00:00:42",
+            role,
+            phase,
+        ))
+        .unwrap();
+    }
+    let scrape = || {
+        let mut s = TcpStream::connect(addr.as_str()).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let ok = wait_until(Duration::from_secs(10), || {
+        scrape().is_some_and(|b| {
+            b.contains("migmon_migrations_total 1") && b.contains("migmon_pause_seconds_count 1")
+        })
+    });
+    assert!(ok, "metrics never counted the migration: {:?}", scrape());
+    let _ = watch.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
