@@ -77,6 +77,10 @@ pub fn decide(est: &Estimate, budget: Duration, timed_out: bool, on_timeout: OnT
     }
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn state_figures() -> (u64, Duration) {
     match (
         LAST_STATE_BYTES.load(Ordering::Relaxed),
@@ -172,6 +176,7 @@ pub fn run<S: MigrationSource>(
     vm.pause().map_err(MigrationError::vm("pause"))?;
     progress.paused = true;
     let paused_ns = s.events.emit(Phase::Pause);
+    let t_stopped = Instant::now();
     s.tracker.update(|st| st.state = "paused".into());
     let bytes0 = s.writer.bytes();
     let mut last = vm
@@ -181,13 +186,19 @@ pub fn run<S: MigrationSource>(
     let n = last.count_ones();
     let st = s.send_round(round, last.iter_ones(), n, None)?;
     s.end_round(round, &st)?;
-    vm.stop_dirty_log()
-        .map_err(MigrationError::vm("stop dirty logging"))?;
-    progress.dirty_log = false;
+    // The dirty log stays on until the ack: turning it off rewrites the memslot, which is slow and not needed
+    // while paused (and a rollback stops it).
+    let t_final = Instant::now();
     s.send_tail(vm, opts.verify, paused_ns)?;
     s.report.final_bytes = s.writer.bytes() - bytes0;
     s.tracker.update(|st| st.state = "completing".into());
+    let t_tail = Instant::now();
     let ack = s.await_ack(vm)?;
+    let b = &mut s.report.pause_breakdown;
+    b.stop_vcpu_ms = ms(t_stopped - paused_at);
+    b.final_round_ms = ms(t_final - t_stopped);
+    b.tail_ms = ms(t_tail - t_final);
+    b.destination_ms = ms(t_tail.elapsed());
     // The state cost for the next estimate: save + send here, restore + resume there (hashing excluded: it is
     // estimated on its own).
     LAST_STATE_BYTES.store(s.report.state_bytes.max(1), Ordering::Relaxed);
