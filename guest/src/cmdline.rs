@@ -4,7 +4,8 @@
 //! - `virtio_mmio.device=<size>@<base>:<irq>` (QEMU appends it): the virtio-mmio window, e.g. `512@0xfeb00e00:12`;
 //! - `ip=<a.b.c.d>/<prefix>`; `gw=<a.b.c.d>`; `mac=<xx:xx:xx:xx:xx:xx>` (default: the device's MAC);
 //! - `dirty=<bytes>@<bytes per second>` with optional `K`/`M`/`G` suffixes (binary), e.g. `dirty=32M@125M`;
-//! - `tsc_khz=<n>` to skip the TSC calibration.
+//! - `tsc_khz=<n>` to skip the TSC calibration;
+//! - `idle=poll` to idle in a `pause` loop instead of `sti; hlt` (costs a host CPU; for comparisons).
 
 /// What the command line said. Absent words stay `None` / zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,6 +18,8 @@ pub struct Cmdline {
     pub dirty_bytes: u64,
     pub dirty_rate: u64,
     pub tsc_khz: Option<u64>,
+    /// `idle=poll`: spin instead of halting when idle.
+    pub idle_poll: bool,
 }
 
 /// A word the guest recognises but could not parse.
@@ -62,6 +65,11 @@ impl Cmdline {
                     out.dirty_rate = parse_size(rate).ok_or_else(bad)?;
                 }
                 "tsc_khz" => out.tsc_khz = Some(value.parse().map_err(|_| bad())?),
+                "idle" => match value {
+                    "poll" => out.idle_poll = true,
+                    "halt" => out.idle_poll = false,
+                    _ => return Err(bad()),
+                },
                 _ => {}
             }
         }
@@ -118,7 +126,7 @@ mod tests {
     fn parses_qemu_and_own_words() {
         let c = Cmdline::parse(
             "console=ttyS0 virtio_mmio.device=512@0xfeb00e00:12 ip=10.9.0.2/24 gw=10.9.0.1 \
-             mac=52:54:00:ab:cd:ef dirty=32M@125M tsc_khz=2400000 virtio_mmio.device=512@0xfeb00c00:11",
+             mac=52:54:00:ab:cd:ef dirty=32M@125M tsc_khz=2400000 virtio_mmio.device=512@0xfeb00c00:11 idle=poll",
         )
         .unwrap();
         assert_eq!(c.virtio_mmio, Some((0xfeb0_0e00, 512, 12)));
@@ -127,6 +135,7 @@ mod tests {
         assert_eq!(c.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
         assert_eq!((c.dirty_bytes, c.dirty_rate), (32 << 20, 125 << 20));
         assert_eq!(c.tsc_khz, Some(2_400_000));
+        assert!(c.idle_poll);
     }
 
     #[test]

@@ -54,7 +54,7 @@ use smoltcp::{
     wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr},
 };
 
-use crate::{clock::Clock, dirtier::Dirtier, net::NetDevice};
+use crate::{clock::Clock, dirtier::Dirtier, net::NetDevice, pvh::Idle};
 
 /// Shortest sleep worth a `hlt` (a VM exit and re-entry cost about 10 µs each).
 const MIN_SLEEP_US: u64 = 20;
@@ -130,6 +130,7 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
     let mut garp_done = info.garp_done;
     let mut logged = services.stats();
     let mut last_log = clock.now_us();
+    let mut sleeps: u64 = 0;
     loop {
         // The mailbox: the VMM bumps garp_request (after a migration) to ask for a gratuitous ARP.
         // SAFETY: BootInfo stays mapped for the guest's lifetime; the VMM writes the field at any time.
@@ -143,29 +144,34 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
             log!("guest: gratuitous ARP sent (request {garp_request})");
         }
 
-        let now = clock.now();
+        // One clock read per round: under software KVM `rdtsc` is emulated and costs a VM exit (~25 µs).
+        let now_us = clock.now_us();
+        let now = Instant::from_micros(now_us as i64);
         let mut busy = services::poll(&mut iface, &mut device, &mut sockets, &mut services, now);
-        busy |= dirtier.work(clock.now_us(), &clock);
+        busy |= dirtier.work(now_us);
 
         let stats = services.stats();
-        let now_us = clock.now_us();
         if stats != logged && now_us.saturating_sub(last_log) >= LOG_EVERY_US {
+            let net = device.counters();
             log!(
                 "guest: connections active {} opened {} closed {} listening {} (pool full {}, bad requests {}); \
-                 dirtier passes {}",
+                 frames rx {} tx {}; sleeps {}; dirtier passes {}",
                 stats.active,
                 stats.opened,
                 stats.closed,
                 stats.listening,
                 stats.pool_full,
                 stats.bad_requests,
+                net.rx_frames,
+                net.tx_frames,
+                sleeps,
                 dirtier.passes()
             );
             logged = stats;
             last_log = now_us;
         }
-        let pvh = pvh::booted_by_pvh();
-        if pvh {
+        let idle = pvh::idle_mode();
+        if idle == Idle::Interrupt {
             // Lower the NIC's interrupt line before looking at the queue: a frame after this raises it again.
             device.ack_interrupt();
         }
@@ -174,9 +180,8 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
         }
 
         // Idle: sleep until the earliest deadline (smoltcp timers, paced streams, the dirtier's next slice).
-        let now = clock.now();
         let mut deadline: Option<Instant> = iface.poll_at(now, &sockets);
-        for other in [services.next_deadline(&sockets), dirtier.next_deadline(&clock)]
+        for other in [services.next_deadline(&sockets), dirtier.next_deadline()]
             .into_iter()
             .flatten()
         {
@@ -188,12 +193,25 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
         if sleep_us < MIN_SLEEP_US {
             continue;
         }
-        if pvh {
+        sleeps += 1;
+        match idle {
+            Idle::SleepPort => {
+                arch::outl(PORT_SLEEP_US, sleep_us as u32);
+                arch::hlt();
+            }
             // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
-            arch::wait_for_interrupt();
-        } else {
-            arch::outl(PORT_SLEEP_US, sleep_us as u32);
-            arch::hlt();
+            Idle::Interrupt => arch::wait_for_interrupt(),
+            Idle::Poll => {
+                let until = now_us + sleep_us;
+                'spin: while clock.now_us() < until {
+                    for _ in 0..256 {
+                        if device.rx_pending() {
+                            break 'spin;
+                        }
+                        core::hint::spin_loop();
+                    }
+                }
+            }
         }
     }
 }

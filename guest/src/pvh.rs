@@ -29,9 +29,29 @@ const TICK_HZ: u64 = 1000;
 /// IRQ of the NIC when booted by PVH (`u32::MAX` = not PVH: the VMM's hlt/sleep-port protocol applies).
 static PVH_NIC_IRQ: AtomicU32 = AtomicU32::new(u32::MAX);
 
-/// Whether the guest was booted through PVH (idle with interrupts rather than the VMM's sleep port).
-pub fn booted_by_pvh() -> bool {
-    PVH_NIC_IRQ.load(Ordering::Relaxed) != u32::MAX
+/// `idle=poll` was on the command line (1) or not (0).
+static PVH_IDLE_POLL: AtomicU32 = AtomicU32::new(0);
+
+/// How the guest idles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// The migrator's protocol: write the sleep time to `PORT_SLEEP_US`, then `hlt` with interrupts off.
+    SleepPort,
+    /// PVH under QEMU: `sti; hlt` until the tick or the NIC's interrupt.
+    Interrupt,
+    /// PVH with `idle=poll`: spin with `pause` until the deadline or a received frame.
+    Poll,
+}
+
+/// How this boot idles.
+pub fn idle_mode() -> Idle {
+    if PVH_NIC_IRQ.load(Ordering::Relaxed) == u32::MAX {
+        Idle::SleepPort
+    } else if PVH_IDLE_POLL.load(Ordering::Relaxed) != 0 {
+        Idle::Poll
+    } else {
+        Idle::Interrupt
+    }
 }
 
 global_asm!(
@@ -257,7 +277,11 @@ extern "C" fn pvh_main(start_info: u64) -> ! {
     // SAFETY: nothing else uses the static yet; guest_main reads it through the pointer from now on.
     unsafe { boot_info.write(info) };
 
-    setup_interrupts(irq);
+    if cmdline.idle_poll {
+        PVH_IDLE_POLL.store(1, Ordering::Relaxed);
+    } else {
+        setup_interrupts(irq);
+    }
     PVH_NIC_IRQ.store(irq, Ordering::Relaxed);
     // SAFETY: the static lives forever and only guest_main uses it from now on.
     unsafe { crate::guest_main(boot_info) }

@@ -272,13 +272,16 @@ fn count_mac(mac: [u8; 6], ifindex: u32, direction: u8, len: u64) {
                 last_ns: now,
             };
             if MAC_STATS.insert(&key, &first, u64::from(BPF_NOEXIST)).is_err() {
-                // Another CPU inserted it first and reports it; count this frame there.
+                // Another CPU inserted it first and reports it; count this frame there. If it is not there either,
+                // the map is full: this port's first-seen event cannot be told, so it counts as lost.
                 if let Some(p) = MAC_STATS.get_ptr_mut(&key) {
                     // SAFETY: as above.
                     unsafe {
                         atomic_add(&raw mut (*p).frames, 1);
                         atomic_add(&raw mut (*p).bytes, len);
                     }
+                } else {
+                    count_lost();
                 }
                 return;
             }
@@ -289,8 +292,11 @@ fn count_mac(mac: [u8; 6], ifindex: u32, direction: u8, len: u64) {
         count_lost();
         return;
     };
+    let mut hdr = header(EventKind::MacSeen);
+    // The same instant the counters recorded, so `ts_ns - gap_ns` is exactly the previous frame's `last_ns`.
+    hdr.ts_ns = now;
     entry.write(MacSeenEvent {
-        header: header(EventKind::MacSeen),
+        header: hdr,
         mac,
         direction,
         pad0: 0,

@@ -38,6 +38,8 @@ pub enum Format {
     Text,
     Json,
     Html,
+    /// One column per migration, side by side, with the abort arithmetic of the client settings.
+    Compare,
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,9 +51,21 @@ pub struct ReportArgs {
     /// Also write the SVG timeline to this file.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
+    /// With --format compare: the clients' `tcp_retries2`, for the abort arithmetic.
+    #[arg(long, value_name = "N")]
+    pub tcp_retries2: Option<u32>,
+    /// With --format compare: the clients' route `rto_min`.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub rto_min: Option<u64>,
+    /// With --format compare: the clients' `TCP_USER_TIMEOUT`.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub user_timeout: Option<u64>,
+    /// With --format compare: the clients are Windows (5 retransmissions).
+    #[arg(long)]
+    pub windows: bool,
 }
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct LimitArgs {
     /// Most aborted connections allowed per migration.
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -65,8 +79,11 @@ pub struct LimitArgs {
     /// Longest convergence (resume → FDB move) allowed.
     #[arg(long, value_parser = parse_duration, value_name = "D")]
     pub max_convergence: Option<u64>,
-    /// Write a `JUnit` XML file with one test case per check.
-    #[arg(long, value_name = "FILE")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help = "Write a JUnit XML file with one test case per check"
+    )]
     pub junit: Option<PathBuf>,
     /// Do not fail when the kernel lost events.
     #[arg(long)]
@@ -87,6 +104,7 @@ impl LimitArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
+    /// The trace (from `migmon watch --record FILE`).
     pub trace: PathBuf,
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -94,6 +112,7 @@ pub struct CheckArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct WhatifArgs {
+    /// The trace (from `migmon watch --record FILE`).
     pub trace: PathBuf,
     /// `net.ipv4.tcp_retries2` to model.
     #[arg(long, value_name = "N")]
@@ -124,6 +143,7 @@ pub struct WhatifArgs {
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("out").required(true).multiple(true)))]
 pub struct ExportArgs {
+    /// The trace (from `migmon watch --record FILE`).
     pub trace: PathBuf,
     /// The events, time-sorted, then one verdict line per migration and connection.
     #[arg(long, value_name = "FILE", group = "out")]
@@ -153,6 +173,18 @@ pub fn report(a: &ReportArgs) -> Result<i32> {
         Format::Text => report::render_text(&an, &title(&a.trace)),
         Format::Json => report::render_json(&an),
         Format::Html => report::html::render(&an, &title(&a.trace)),
+        Format::Compare => {
+            let given =
+                a.tcp_retries2.is_some() || a.rto_min.is_some() || a.user_timeout.is_some() || a.windows;
+            let d = Settings::default();
+            let st = Settings {
+                tcp_retries2: a.tcp_retries2.unwrap_or(d.tcp_retries2),
+                rto_min_ns: a.rto_min.unwrap_or(d.rto_min_ns),
+                user_timeout_ns: a.user_timeout,
+                windows: a.windows,
+            };
+            report::compare::render(&an, given.then_some(&st))
+        }
     };
     print!("{out}");
     if let Some(svg) = &a.svg {
@@ -162,10 +194,15 @@ pub fn report(a: &ReportArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Runs the check on an analysis, prints it, writes the `JUnit` file; returns the exit code.
-pub fn run_check(an: &Analysis, limits: &LimitArgs) -> Result<i32> {
+/// Runs the check on an analysis, prints it (on stderr with `to_stderr`: `watch --json` owns stdout), writes the
+/// `JUnit` file; returns the exit code.
+pub fn run_check(an: &Analysis, limits: &LimitArgs, to_stderr: bool) -> Result<i32> {
     let verdict = check::evaluate(an, &limits.limits());
-    print!("{}", verdict.render_text());
+    if to_stderr {
+        eprint!("{}", verdict.render_text());
+    } else {
+        print!("{}", verdict.render_text());
+    }
     if let Some(j) = &limits.junit {
         verdict
             .write_junit(j)
@@ -176,7 +213,7 @@ pub fn run_check(an: &Analysis, limits: &LimitArgs) -> Result<i32> {
 
 pub fn check(a: &CheckArgs) -> Result<i32> {
     let (_, an) = load(&a.trace)?;
-    run_check(&an, &a.limits)
+    run_check(&an, &a.limits, false)
 }
 
 pub fn whatif(a: &WhatifArgs) -> Result<i32> {

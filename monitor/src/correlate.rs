@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fmt,
+    fmt::{self, Write as _},
 };
 
 use migevents::{Mode, Phase, Role};
@@ -20,6 +20,9 @@ use crate::{
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
 const RESET_GRACE_NS: u64 = 1_000_000_000;
+/// Errors and resets this close after a connection's CLOSE belong to it (the kernel reports the error after the
+/// state change).
+const CLOSE_CLUSTER_NS: u64 = 10_000_000;
 /// Wire events count for a migration up to this long after its resume.
 const L2_HORIZON_NS: u64 = 30_000_000_000;
 /// Ports whose last delivery to the VM before the pause is within this of the latest one form its old path.
@@ -183,6 +186,9 @@ pub struct ConnectionVerdict {
     pub highest_backoff: u32,
     pub first_retransmit_ns: Option<u64>,
     pub last_retransmit_ns: Option<u64>,
+    /// The first retransmission by the retransmission timer (`retransmits` ≥ 1; a tail loss probe or a fast
+    /// retransmit has 0): the kernel measures `tcp_retries2` and `TCP_USER_TIMEOUT` from it.
+    pub first_rto_ns: Option<u64>,
     /// Every counted retransmission, for timelines.
     pub retransmit_ns: Vec<u64>,
     /// The RTO before backoff, from the probes (`rto_us >> backoff`) or the retransmit spacing.
@@ -698,34 +704,82 @@ fn tcp_of(e: &Event) -> Option<(&FourTuple, u64)> {
 }
 
 impl<'a> ConnectionIndex<'a> {
+    /// Splits TCP events into connection lives. `tcp_error` carries no namespace (netns 0), and the kernel reports
+    /// an error after the transition to CLOSE (`tcp_done_with_error`): an error or reset right after a close joins
+    /// the life that just closed.
     fn build(sorted: &[&'a Event]) -> Self {
-        let mut open: HashMap<(FourTuple, u64), usize> = HashMap::new();
+        let mut open: HashMap<FourTuple, Vec<usize>> = HashMap::new();
+        let mut last_closed: HashMap<FourTuple, usize> = HashMap::new();
         let mut lives: Vec<ConnLife<'a>> = Vec::new();
+        // `connect()` moves the socket to SYN_SENT before it has a source port: remember that opening and give it to
+        // the life that shows up with the same addresses and destination port.
+        let mut pending_open: HashMap<(std::net::IpAddr, std::net::IpAddr, u16, u64), u64> = HashMap::new();
         for e in sorted {
             let Some((tuple, netns)) = tcp_of(e) else { continue };
-            let key = (*tuple, netns);
+            if tuple.sport == 0 {
+                if let Event::TcpState { old_state, .. } = e
+                    && old_state == "CLOSE"
+                {
+                    pending_open.insert((tuple.saddr, tuple.daddr, tuple.dport, netns), e.ts_ns());
+                }
+                continue;
+            }
             // A new life starts at an opening transition even if the old one was never seen closing.
             let opening = matches!(e, Event::TcpState { old_state, .. } if old_state == "CLOSE" || old_state == "LISTEN");
-            let idx = match open.get(&key) {
-                Some(&i) if !opening => i,
-                _ => {
-                    lives.push(ConnLife {
-                        tuple: *tuple,
-                        netns,
-                        events: Vec::new(),
-                        opened_ns: opening.then(|| e.ts_ns()),
-                        closed_ns: None,
-                    });
-                    open.insert(key, lives.len() - 1);
-                    lives.len() - 1
-                }
+            let ending = matches!(
+                e,
+                Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. }
+            );
+            let candidates = open.entry(*tuple).or_default();
+            let found = if opening {
+                None
+            } else if netns == 0 {
+                candidates.last().copied()
+            } else {
+                candidates
+                    .iter()
+                    .rev()
+                    .copied()
+                    .find(|&i| lives[i].netns == netns || lives[i].netns == 0)
             };
+            let after_close = (found.is_none() && ending && !opening)
+                .then(|| last_closed.get(tuple).copied())
+                .flatten()
+                .filter(|&i| {
+                    lives[i]
+                        .closed_ns
+                        .is_some_and(|c| e.ts_ns() <= c + CLOSE_CLUSTER_NS)
+                        && (netns == 0 || lives[i].netns == netns)
+                });
+            let idx = if let Some(i) = found.or(after_close) {
+                i
+            } else {
+                let pending = pending_open
+                    .remove(&(tuple.saddr, tuple.daddr, tuple.dport, netns))
+                    .filter(|&t| t + 120_000_000_000 >= e.ts_ns());
+                lives.push(ConnLife {
+                    tuple: *tuple,
+                    netns,
+                    events: Vec::new(),
+                    opened_ns: if opening { Some(e.ts_ns()) } else { pending },
+                    closed_ns: None,
+                });
+                candidates.push(lives.len() - 1);
+                lives.len() - 1
+            };
+            if lives[idx].netns == 0 {
+                lives[idx].netns = netns;
+            }
             lives[idx].events.push(e);
             if let Event::TcpState { new_state, ts_ns, .. } = e
                 && new_state == "CLOSE"
+                && lives[idx].closed_ns.is_none()
             {
                 lives[idx].closed_ns = Some(*ts_ns);
-                open.remove(&key);
+                if let Some(v) = open.get_mut(tuple) {
+                    v.retain(|&i| i != idx);
+                }
+                last_closed.insert(*tuple, idx);
             }
         }
         Self { lives }
@@ -896,13 +950,16 @@ fn verdict(
     let mut progress: Option<(u64, String)> = precise.clone();
     let mut unresolved = false;
     if let Some(last) = ep.last() {
-        let next_due = if last.rto_us > 0 {
-            last.ts + (last.rto_us * 2).min(120_000_000) * 1000
+        // The next retransmission was due one doubled RTO later; long timers fire late by the timer wheel's
+        // granularity (up to an eighth of the timeout), hence the slack.
+        let interval = if last.rto_us > 0 {
+            (last.rto_us * 2).min(120_000_000) * 1000
         } else if ep.len() >= 2 {
-            last.ts + 2 * (last.ts - ep[ep.len() - 2].ts)
+            2 * (last.ts - ep[ep.len() - 2].ts)
         } else {
-            last.ts + 400_000_000
+            400_000_000
         };
+        let next_due = last.ts + interval + (interval / 4).max(300_000_000);
         let aborted_in_episode = terminal_ts.is_some_and(|t| t <= next_due);
         let inferred_ok = !aborted_in_episode && next_due <= trace_end;
         let precise_in_episode = precise.as_ref().is_some_and(|(t, _)| *t <= next_due);
@@ -941,10 +998,11 @@ fn verdict(
         Some(i) if in_window[i].ts_ns() <= settle => {
             let t0 = in_window[i].ts_ns();
             // The terminal cluster: from the first terminal event to the socket's CLOSE (or 10 ms).
+            let cluster_end = life.closed_ns.unwrap_or(t0).max(t0) + CLOSE_CLUSTER_NS;
             let cluster: Vec<&Event> = in_window[i..]
                 .iter()
                 .copied()
-                .take_while(|e| e.ts_ns() <= life.closed_ns.unwrap_or(t0 + 10_000_000).max(t0))
+                .take_while(|e| e.ts_ns() <= cluster_end)
                 .collect();
             let reason = if cluster.iter().any(|e| matches!(e, Event::TcpResetIn { .. })) {
                 AbortReason::RstReceived
@@ -1003,18 +1061,9 @@ fn verdict(
         netns: life.netns,
         state_at_pause,
         retransmits: counted.len() as u32,
-        highest_backoff: counted
-            .iter()
-            .map(|r| {
-                if r.retransmits > 0 {
-                    r.backoff.max(r.retransmits.saturating_sub(1))
-                } else {
-                    r.backoff
-                }
-            })
-            .max()
-            .unwrap_or(0),
+        highest_backoff: counted.iter().map(|r| r.backoff).max().unwrap_or(0),
         first_retransmit_ns: counted.first().map(|r| r.ts),
+        first_rto_ns: counted.iter().find(|r| r.retransmits >= 1).map(|r| r.ts),
         retransmit_ns: counted.iter().map(|r| r.ts).collect(),
         last_retransmit_ns: counted.last().map(|r| r.ts),
         base_rto_us: base_rto_us(&ep),
@@ -1325,6 +1374,18 @@ fn build_migration(
             }
             let mut v = verdict(life, p, &net, window_end, trace_end);
             v.opened_during_window = opened_during;
+            // Nothing lost: the data plane still tells when traffic towards the VM flowed again (not per connection).
+            if v.fate == Fate::Survived
+                && v.retransmits == 0
+                && let (Some(first), Some(r)) = (&tl.first_frame_to_vm_new_port, resume)
+            {
+                let _ = write!(
+                    v.progress_basis,
+                    "; traffic towards the VM flowed again at resume+{} ({})",
+                    fmt_dur(first.ts_ns.saturating_sub(r)),
+                    first.port
+                );
+            }
             connections.push(v);
         }
     } else {

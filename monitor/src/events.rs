@@ -84,7 +84,13 @@ pub struct Decoder {
     pub ports: HashMap<(u32, u32), Port>,
     /// Instance id → namespace name, for ports not in `ports`.
     pub netns_of_instance: HashMap<u32, String>,
+    /// The namespace each recent 4-tuple's socket was in, to fill `netns` for `tcp_error` (whose tracepoint has
+    /// no socket pointer). Bounded: cleared when it grows past [`NETNS_MEMORY`] entries.
+    netns_of_tuple: HashMap<FourTuple, u64>,
 }
+
+/// How many 4-tuples [`Decoder`] remembers the namespace of.
+pub const NETNS_MEMORY: usize = 65_536;
 
 impl Decoder {
     pub fn new(hz: u32) -> Self {
@@ -92,6 +98,7 @@ impl Decoder {
             hz,
             ports: HashMap::new(),
             netns_of_instance: HashMap::new(),
+            netns_of_tuple: HashMap::new(),
         }
     }
 
@@ -108,7 +115,7 @@ impl Decoder {
     }
 
     /// Decodes one record.
-    pub fn event(&self, w: &WireEvent) -> Event {
+    pub fn event(&mut self, w: &WireEvent) -> Event {
         match w {
             WireEvent::Tcp(kind, e) => self.tcp(*kind, e),
             WireEvent::Arp(e) => self.arp(e),
@@ -117,17 +124,24 @@ impl Decoder {
         }
     }
 
-    fn tcp(&self, kind: EventKind, e: &TcpEvent) -> Event {
+    fn tcp(&mut self, kind: EventKind, e: &TcpEvent) -> Event {
         let ts_ns = e.header.ts_ns;
-        let tcp = TcpCommon {
-            tuple: FourTuple {
-                saddr: ip(e.tuple.family, &e.tuple.saddr),
-                sport: e.tuple.sport,
-                daddr: ip(e.tuple.family, &e.tuple.daddr),
-                dport: e.tuple.dport,
-            },
-            netns: e.netns,
+        let tuple = FourTuple {
+            saddr: ip(e.tuple.family, &e.tuple.saddr),
+            sport: e.tuple.sport,
+            daddr: ip(e.tuple.family, &e.tuple.daddr),
+            dport: e.tuple.dport,
         };
+        let netns = if e.netns != 0 {
+            if self.netns_of_tuple.len() >= NETNS_MEMORY {
+                self.netns_of_tuple.clear();
+            }
+            self.netns_of_tuple.insert(tuple, e.netns);
+            e.netns
+        } else {
+            self.netns_of_tuple.get(&tuple).copied().unwrap_or(0)
+        };
+        let tcp = TcpCommon { tuple, netns };
         let state = tcp_state_name(e.state);
         match kind {
             EventKind::TcpRetransmit => Event::TcpRetransmit {
@@ -318,7 +332,7 @@ mod tests {
 
     #[test]
     fn retransmit_converts_rto_and_srtt() {
-        let d = Decoder::new(250);
+        let mut d = Decoder::new(250);
         let mut saddr = [0u8; 16];
         saddr[..4].copy_from_slice(&[10, 1, 2, 3]);
         let e = TcpEvent {
@@ -349,5 +363,27 @@ mod tests {
         assert_eq!(v["state"], "ESTABLISHED");
         assert_eq!(v["rto_us"], 400_000);
         assert_eq!(v["srtt_us"], 100);
+
+        // An error report for the same tuple gets the namespace the retransmit saw.
+        let err = TcpEvent {
+            header: EventHeader {
+                kind: 3,
+                cpu: 0,
+                ts_ns: 10,
+            },
+            tuple: e.tuple,
+            errno: 110,
+            ..TcpEvent::default()
+        };
+        let with_netns = TcpEvent {
+            netns: 4_026_532_000,
+            ..e
+        };
+        d.event(&WireEvent::Tcp(EventKind::TcpRetransmit, with_netns));
+        let v = serde_json::to_value(d.event(&WireEvent::Tcp(EventKind::TcpError, err))).unwrap();
+        assert_eq!(
+            (v["errno"].as_i64(), v["netns"].as_u64()),
+            (Some(110), Some(4_026_532_000))
+        );
     }
 }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod correlate;
 pub mod events;
 pub mod export;
+pub mod live;
 pub mod metrics;
 pub mod netns;
 pub mod pause;

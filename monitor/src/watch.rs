@@ -16,7 +16,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io::{IsTerminal, Write},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd},
     path::PathBuf,
     sync::{
         Arc,
@@ -78,6 +78,9 @@ pub struct WatchArgs {
     /// Test only: ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, hide = true, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
+    /// Pause-window sources, metrics and the CI gate (the correlation work).
+    #[command(flatten)]
+    pub live: crate::live::LiveArgs,
 }
 
 /// Parses `1.5s`, `500ms`, `100us`, `2m`, `1h`, or a bare number of seconds.
@@ -300,6 +303,7 @@ impl Pipeline {
             }
         }
         control.stop();
+        let elapsed = start.elapsed();
         if let Some(h) = until_done {
             // The collector does a last drain and sample before it detaches; take those events too.
             while !h.is_finished() {
@@ -314,7 +318,7 @@ impl Pipeline {
         while let Ok(ev) = rx.try_recv() {
             handle(ev, &mut summary, &mut code)?;
         }
-        summary.elapsed = start.elapsed();
+        summary.elapsed = elapsed;
         Ok((summary, code))
     }
 }
@@ -326,6 +330,8 @@ pub struct Output {
     start_ns: u64,
     record: Option<TraceWriter>,
     netns_names: HashMap<u64, String>,
+    /// When `netns_names` was read.
+    names_read: Instant,
     /// Inode of the root namespace (not named in human lines).
     root_netns: Option<u64>,
     stdout: std::io::Stdout,
@@ -340,6 +346,7 @@ impl Output {
             start_ns: mono_now_ns(),
             record,
             netns_names: netns::names_by_inode(),
+            names_read: Instant::now(),
             root_netns: std::fs::metadata("/proc/1/ns/net")
                 .ok()
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
@@ -369,8 +376,10 @@ impl Output {
         if inode == 0 || Some(inode) == self.root_netns {
             return String::new();
         }
-        if !self.netns_names.contains_key(&inode) {
+        // Re-read /run/netns for a new namespace, at most once a second (some never get a name there).
+        if !self.netns_names.contains_key(&inode) && self.names_read.elapsed() > Duration::from_secs(1) {
             self.netns_names = netns::names_by_inode();
+            self.names_read = Instant::now();
         }
         self.netns_names
             .get(&inode)
@@ -491,7 +500,7 @@ impl Output {
                 } else {
                     format!("after {:.1} ms of silence", *gap_ns as f64 / 1e6)
                 };
-                format!("{:<20} {mac} {direction:?} {when}", port(p))
+                format!("{:<20} {mac} {} {when}", port(p), dir_name(*direction))
             }
             Event::MacStats {
                 mac,
@@ -503,8 +512,9 @@ impl Output {
                 last_ns,
                 ..
             } => format!(
-                "{:<20} {mac} {direction:?} frames={frames} bytes={bytes} last={:+.6}s span={:.3}s",
+                "{:<20} {mac} {} frames={frames} bytes={bytes} last={:+.6}s span={:.3}s",
                 port(p),
+                dir_name(*direction),
                 (i128::from(*last_ns) - i128::from(self.start_ns)) as f64 / 1e9,
                 last_ns.saturating_sub(*first_ns) as f64 / 1e9
             ),
@@ -512,9 +522,41 @@ impl Output {
             Event::Malformed { port: p, count, .. } => {
                 format!("{:<20} {count} frames passed unread (truncated or odd)", port(p))
             }
+            Event::Note { level, message, .. } => format!("{level}: {message}"),
             other => serde_json::to_string(other).unwrap_or_default(),
         }
     }
+}
+
+fn dir_name(d: crate::trace::Direction) -> &'static str {
+    match d {
+        crate::trace::Direction::Ingress => "ingress",
+        crate::trace::Direction::Egress => "egress",
+    }
+}
+
+/// What a watch covers, for its first line: `TCP (all) and xdp:IF tc:IF vm MAC`.
+fn describe(args: &WatchArgs) -> String {
+    let ips: Vec<&str> = args
+        .vm
+        .iter()
+        .filter_map(|v| v.split_once('=').map(|(_, ip)| ip))
+        .collect();
+    let mut filters: Vec<String> = ips.iter().map(|ip| format!("ip {ip}")).collect();
+    filters.extend(args.port.iter().map(|p| format!("port {p}")));
+    let mut parts = vec![if filters.is_empty() {
+        "all TCP".to_owned()
+    } else {
+        format!("TCP of {}", filters.join(", "))
+    }];
+    parts.extend(args.iface.iter().map(|i| format!("xdp:{i}")));
+    parts.extend(args.egress.iter().map(|i| format!("tc:{i}")));
+    parts.extend(
+        args.vm
+            .iter()
+            .map(|v| format!("vm {}", v.split('=').next().unwrap_or(v))),
+    );
+    parts.join(" ")
 }
 
 fn tuple(t: &crate::trace::FourTuple) -> String {
@@ -603,10 +645,20 @@ fn note(tx: &Sender<Event>, level: &str, message: String) {
     });
 }
 
+/// Decodes every pending ring buffer record into `tx`.
+fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
+    probes.drain(|r| match r {
+        Ok(w) => {
+            let _ = tx.send(decoder.event(&w));
+        }
+        Err(e) => note(tx, "warning", format!("skipped a kernel record: {e}")),
+    });
+}
+
 /// The probe source: drains the ring buffers as they fill, samples the counters, and detaches on stop.
 pub fn spawn_collector(
     mut probes: Probes,
-    decoder: Decoder,
+    mut decoder: Decoder,
     tx: Sender<Event>,
     control: Control,
     interval: Duration,
@@ -619,15 +671,7 @@ pub fn spawn_collector(
             let ring_fds = probes.ring_fds();
             loop {
                 let stopping = control.stopped();
-                let drain = |probes: &mut Probes| {
-                    probes.drain(|r| match r {
-                        Ok(w) => {
-                            let _ = tx.send(decoder.event(&w));
-                        }
-                        Err(e) => note(&tx, "warning", format!("skipped a kernel record: {e}")),
-                    })
-                };
-                drain(&mut probes);
+                drain(&mut probes, &mut decoder, &tx);
                 let asked = control.take_sample_request();
                 if asked || stopping || Instant::now() >= next {
                     sample(&probes, &decoder, &mut prev, &tx);
@@ -635,7 +679,7 @@ pub fn spawn_collector(
                 }
                 if stopping {
                     // Records submitted while sampling.
-                    drain(&mut probes);
+                    drain(&mut probes, &mut decoder, &tx);
                     break;
                 }
                 let timeout = next.saturating_duration_since(Instant::now());
@@ -749,7 +793,8 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
     Ok((probes, decoder))
 }
 
-fn trace_header() -> TraceHeader {
+/// The header `--record` writes: now, this host, this command line.
+pub fn trace_header() -> TraceHeader {
     let start_unix_ns = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -785,37 +830,14 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
     // `pipeline.control()`; observers (limits, metrics) go in `observers`.
     let mut observers: Vec<Observer> = Vec::new();
+    let live = crate::live::start(&args.live, &pipeline.sender(), &control, &mut observers)?;
 
     let mut out = Output::new(args.json, record);
-    {
-        let what: Vec<String> = args
-            .iface
-            .iter()
-            .map(|i| format!("xdp:{i}"))
-            .chain(args.egress.iter().map(|i| format!("tc:{i}")))
-            .collect();
-        eprintln!(
-            "migmon: watching TCP{}{}; Ctrl-C to stop",
-            if what.is_empty() {
-                String::new()
-            } else {
-                format!(" and {}", what.join(" "))
-            },
-            args.vm
-                .iter()
-                .map(|v| [" vm ", v.as_str()].concat())
-                .collect::<String>(),
-        );
-    }
+    eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
     let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
     eprintln!("migmon: {summary}");
-    Ok(code)
-}
-
-/// The raw fd of a control's wake eventfd, for sources that poll it with their own fds.
-pub fn wake_fd(control: &Control) -> i32 {
-    control.wake_fd().as_raw_fd()
+    live.finish(code)
 }
 
 #[cfg(test)]

@@ -268,6 +268,21 @@ impl Watch {
         events
     }
 
+    /// Waits for migmon to exit by itself (e.g. `--until-migrations`); returns the events, stderr and exit code.
+    pub fn wait_exit(mut self, timeout: Duration) -> (Vec<Value>, String, Option<i32>) {
+        let exited = wait_until(timeout, || self.child.try_wait().ok().flatten().is_some());
+        assert!(
+            exited,
+            "migmon did not exit within {timeout:?}: {}",
+            self.stderr()
+        );
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let status = self.child.wait().expect("migmon status");
+        (self.events(), self.stderr(), status.code())
+    }
+
     /// Stops migmon with SIGINT (as Ctrl-C) and returns every event and its stderr.
     pub fn stop(mut self) -> (Vec<Value>, String) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

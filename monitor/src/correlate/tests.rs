@@ -108,7 +108,8 @@ pub fn state(ts_ms: u64, t: FourTuple, old: &str, new: &str) -> Event {
     }
 }
 
-/// Retransmission number `k` (1-based) with a base RTO: as `tcp_retransmit_skb` reports it.
+/// RTO retransmission number `k` (1-based) with a base RTO, as the probes report it on a real kernel:
+/// `retransmits` = k (incremented before the retransmission), `backoff` = k − 1, `rto_us` = the RTO of this timer.
 pub fn rtx(ts_ms: u64, t: FourTuple, k: u32, base_rto_ms: u64) -> Event {
     Event::TcpRetransmit {
         ts_ns: ts_ms * MS,
@@ -121,12 +122,13 @@ pub fn rtx(ts_ms: u64, t: FourTuple, k: u32, base_rto_ms: u64) -> Event {
     }
 }
 
+/// `inet_sk_error_report`: no namespace and no state, as the probes report it.
 pub fn err(ts_ms: u64, t: FourTuple, errno: i32) -> Event {
     Event::TcpError {
         ts_ns: ts_ms * MS,
-        tcp: tcp(t),
+        tcp: TcpCommon { tuple: t, netns: 0 },
         errno,
-        state: "ESTABLISHED".into(),
+        state: String::new(),
     }
 }
 
@@ -346,13 +348,16 @@ pub fn quick_trace() -> Vec<Event> {
     for c in [c1, c2, c3, c4, c5] {
         ev.push(state(100, c, "SYN_SENT", "ESTABLISHED"));
     }
-    // c1: tcp_retries2=3 at a 200 ms base: 3 retransmits, ETIMEDOUT at t0 + 3.0 s.
+    // c1: tcp_retries2=3 at a 200 ms base: the limit (3.0 s) counts from the first RTO retransmission (1200), so
+    // the 4th retransmission (4000, 2.8 s) still goes out and the abort comes at the 5th timer (7200).
     ev.extend([
         rtx(1200, c1, 1, 200),
         rtx(1600, c1, 2, 200),
         rtx(2400, c1, 3, 200),
-        err(4000, c1, 110),
-        state(4000, c1, "ESTABLISHED", "CLOSE"),
+        rtx(4000, c1, 4, 200),
+        // The kernel's order: the state change, then the error report.
+        state(7200, c1, "ESTABLISHED", "CLOSE"),
+        err(7200, c1, 110),
     ]);
     // c2: survives the pause by retransmitting, then the VM answers with a RST (it lost the socket).
     ev.extend([
@@ -363,8 +368,8 @@ pub fn quick_trace() -> Vec<Event> {
         rtx(7200, c2, 5, 200),
         rtx(13600, c2, 6, 200),
         rst_in(13601, c2),
-        err(13601, c2, 104),
         state(13601, c2, "ESTABLISHED", "CLOSE"),
+        err(13601, c2, 104),
     ]);
     // c3: the client sends a RST (application abort with SO_LINGER 0).
     ev.extend([
@@ -412,10 +417,11 @@ fn quick_migration_fates_with_proof() {
         c1.fate,
         Fate::Aborted {
             reason: AbortReason::Etimedout,
-            at_ns: 4000 * MS
+            at_ns: 7200 * MS
         }
     );
-    assert_eq!((c1.retransmits, c1.highest_backoff), (3, 2));
+    assert_eq!((c1.retransmits, c1.highest_backoff), (4, 3));
+    assert_eq!(c1.first_rto_ns, Some(1200 * MS));
     assert!(
         c1.proof
             .iter()
@@ -697,4 +703,86 @@ fn a_migration_still_paused_when_the_trace_ends() {
     assert_eq!(m.outcome, "in progress when the trace ended");
     assert_eq!(m.connections[0].fate, Fate::Unresolved);
     assert!(m.downtime.vcpu_pause.is_none());
+}
+
+#[test]
+fn a_broadcast_on_a_rarely_used_port_while_the_vm_keeps_talking_is_not_a_move() {
+    // The VM talks continuously on tapA (sampled every 100 ms); its broadcasts also reach upB, rarely. One of them
+    // shows up on upB 60 ms after the last sampled frame: a candidate move, which tapA's next frames refute.
+    let mut ev = vec![
+        seen(0, VM_MAC, "tapA", Direction::Ingress),
+        seen(0, VM_MAC, "upB", Direction::Ingress),
+    ];
+    for k in 1..=40u64 {
+        ev.push(stats(
+            k * 100,
+            VM_MAC,
+            "tapA",
+            Direction::Ingress,
+            k * 10,
+            0,
+            k * 100 - 1,
+        ));
+    }
+    ev.push(seen(3060, VM_MAC, "upB", Direction::Ingress));
+    let a = correlate(&ev);
+    assert!(a.migrations.is_empty(), "{:#?}", a.migrations);
+}
+
+#[test]
+fn an_idle_connection_gets_the_data_plane_restart_as_context() {
+    let a = correlate(&live_trace());
+    let c2 = a.migrations[0]
+        .connections
+        .iter()
+        .find(|c| c.tuple.sport == 40002)
+        .unwrap();
+    assert!(
+        c2.progress_basis
+            .contains("traffic towards the VM flowed again at resume+4.0 ms (tapB)"),
+        "{}",
+        c2.progress_basis
+    );
+    assert_eq!(c2.first_progress_ns, None, "not a per-connection figure");
+}
+
+#[test]
+fn nonsense_input_does_not_panic() {
+    // A resume before its pause, a pause without anything, retransmits with absurd fields, MACs in upper case.
+    let t = tuple(49001, VM_IP);
+    let mut ev = vec![
+        mig(
+            5000,
+            "odd",
+            &VM_MAC.to_uppercase(),
+            Role::Destination,
+            Phase::Resume,
+            "migrator",
+        ),
+        mig(6000, "odd", VM_MAC, Role::Source, Phase::Pause, "migrator"),
+        mig(7000, "lonely", "", Role::Source, Phase::Pause, "qmp"),
+        state(1, t, "SYN_SENT", "ESTABLISHED"),
+        Event::TcpRetransmit {
+            ts_ns: 6100 * MS,
+            tcp: TcpCommon { tuple: t, netns: 1 },
+            state: String::new(),
+            retransmits: u32::MAX,
+            backoff: u32::MAX,
+            rto_us: u64::MAX / 2,
+            srtt_us: u64::MAX,
+        },
+        stats(6200, VM_MAC, "tapA", Direction::Egress, 5, 9000, 1),
+        fdb(6300, "br", "p", VM_MAC),
+    ];
+    ev.push(note(u64::MAX / MS));
+    let a = correlate(&ev);
+    let _ = crate::report::render_text(&a, "odd");
+    let _ = crate::report::svg::render(&a);
+    let _ = crate::report::compare::render(&a, Some(&crate::whatif::Settings::default()));
+    let _ = crate::whatif::whatif(
+        &a,
+        &crate::whatif::Settings::default(),
+        &crate::whatif::Settings::default(),
+    );
+    let _ = crate::export::perfetto::encode(&Trace::default(), &a);
 }

@@ -270,10 +270,16 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
             )
         })
         .collect();
+    let warnings: String = a.warnings.iter().fold(String::new(), |mut acc, w| {
+        acc.push_str(" WARNING: ");
+        acc.push_str(w);
+        acc.push('.');
+        acc
+    });
     option(
         &mut body,
         OPT_COMMENT,
-        format!("migmon export. {}", summary.join(". ")).as_bytes(),
+        format!("migmon export.{warnings} {}", summary.join(". ")).as_bytes(),
     );
     option(
         &mut body,
@@ -315,9 +321,13 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
                 ..
             } => {
                 let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
+                let what = if *retransmits == 0 {
+                    "tcp_retransmit (tail loss probe or fast retransmit)".to_owned()
+                } else {
+                    format!("tcp_retransmit #{retransmits} (RTO)")
+                };
                 let comment = format!(
-                    "migmon annotation (not a captured packet): tcp_retransmit #{retransmits} backoff {backoff} rto {} \
-                     state {state}{}",
+                    "migmon annotation (not a captured packet): {what} backoff {backoff} rto {} state {state}{}",
                     crate::correlate::fmt_dur(rto_us * 1000),
                     context(a, None, ts)
                 );
@@ -459,7 +469,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            lines.iter().any(|l| l.contains("tcp_retransmit #3 backoff 2")),
+            lines
+                .iter()
+                .any(|l| l.contains("tcp_retransmit #3 (RTO) backoff 2")),
             "{text}"
         );
         std::fs::remove_file(&path).unwrap();

@@ -126,6 +126,12 @@ impl Builder {
 /// Encodes the trace.
 pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
     let mut b = Builder::default();
+    if !a.warnings.is_empty() {
+        let track = b.track("WARNINGS", None);
+        for w in &a.warnings {
+            b.instant(track, a.start_ns, w, "warning", &[]);
+        }
+    }
     for m in &a.migrations {
         let root = b.track(
             &format!(
@@ -158,7 +164,7 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                 r,
                 "vCPU paused",
                 "migration",
-                &[("source", src), ("duration", fmt_dur(r - p))],
+                &[("source", src), ("duration", fmt_dur(r.saturating_sub(p)))],
             );
         }
         if let (Some(r), Some(c)) = (resume, &m.downtime.convergence) {

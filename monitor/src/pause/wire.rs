@@ -33,6 +33,8 @@ struct MacState {
 #[derive(Default)]
 pub struct WireInference {
     macs: HashMap<String, MacState>,
+    /// The old port of each inferred move, by migration id.
+    old_ports: HashMap<String, String>,
 }
 
 impl WireInference {
@@ -85,6 +87,7 @@ impl WireInference {
                     if silence >= MIN_SILENCE_NS && new_port && last_port != label && !covered(&key, *ts_ns) {
                         st.moves += 1;
                         let id = format!("wire:{key}:{}", st.moves);
+                        self.old_ports.insert(id.clone(), last_port.clone());
                         for (ts, role, phase) in [
                             (last_ts, Role::Source, Phase::Pause),
                             (*ts_ns, Role::Destination, Phase::Resume),
@@ -113,12 +116,63 @@ impl WireInference {
     }
 }
 
-/// Infers moves from time-sorted events.
+/// A move is confirmed only if the old port stays silent this long after the new port's first frame (a VM still
+/// talking on its old port while one of its broadcasts shows up on a port it rarely uses has not moved).
+pub const CONFIRM_NS: u64 = 1_000_000_000;
+
+/// Infers moves from time-sorted events, looking ahead to confirm each one.
 pub fn infer(sorted: &[&Event], covered: impl Fn(&str, u64) -> bool) -> Vec<Event> {
     let mut w = WireInference::new();
-    let mut out = Vec::new();
+    let mut candidates = Vec::new();
     for e in sorted {
-        out.extend(w.observe(e, &covered));
+        candidates.extend(w.observe(e, &covered));
+    }
+    // Ingress activity per (MAC, port): frame times from mac_seen and the last frame of each mac_stats sample.
+    let mut activity: HashMap<(String, String), Vec<u64>> = HashMap::new();
+    for e in sorted {
+        match e {
+            Event::MacSeen {
+                ts_ns,
+                mac,
+                port,
+                direction: Direction::Ingress,
+                ..
+            } => activity
+                .entry((mac.to_ascii_lowercase(), port_label(port)))
+                .or_default()
+                .push(*ts_ns),
+            Event::MacStats {
+                mac,
+                port,
+                direction: Direction::Ingress,
+                last_ns,
+                ..
+            } => activity
+                .entry((mac.to_ascii_lowercase(), port_label(port)))
+                .or_default()
+                .push(*last_ns),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for pair in candidates.chunks(2) {
+        let [
+            Event::Migration { ev: pause, .. },
+            Event::Migration { ev: resume, .. },
+        ] = pair
+        else {
+            continue;
+        };
+        let old_port = w.old_ports.get(&pause.migration_id);
+        let still_there = old_port.is_some_and(|p| {
+            activity.get(&(pause.mac.clone(), p.clone())).is_some_and(|ts| {
+                ts.iter()
+                    .any(|&t| t > resume.ts_ns && t <= resume.ts_ns + CONFIRM_NS)
+            })
+        });
+        if !still_there {
+            out.extend(pair.iter().cloned());
+        }
     }
     out
 }

@@ -8,6 +8,7 @@ use crate::{
     trace::Event,
 };
 
+pub mod compare;
 pub mod html;
 pub mod svg;
 
@@ -319,8 +320,12 @@ mod tests {
         let q = correlate(&quick_trace());
         let text = render_text(&q, "q.trace");
         assert!(
-            text.contains("aborted: ETIMEDOUT at +3.00 s (tcp_error errno 110, tcp_state ESTABLISHED→CLOSE)"),
+            text.contains("aborted: ETIMEDOUT at +6.20 s (tcp_state ESTABLISHED→CLOSE, tcp_error errno 110)"),
             "{text}"
+        );
+        let page = html::render(&q, "q <trace>");
+        assert!(
+            page.starts_with("<!DOCTYPE html>") && page.contains("<svg") && page.contains("q &lt;trace&gt;")
         );
         let json: serde_json::Value = serde_json::from_str(&render_json(&q)).unwrap();
         assert_eq!(json["migrations"][0]["aborted"], 4);

@@ -428,7 +428,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             top,
             C_PAUSE,
             0.9,
-            &format!("stop-and-copy: {}", fmt_dur(r - p)),
+            &format!("stop-and-copy: {}", fmt_dur(r.saturating_sub(p))),
         ));
     }
     for a in &tl.announces {
@@ -776,7 +776,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
                 C_PAUSE,
                 &format!(
                     "paused {}",
-                    resume.map_or_else(|| "until the end".to_owned(), |r| fmt_dur(r - p))
+                    resume.map_or_else(|| "until the end".to_owned(), |r| fmt_dur(r.saturating_sub(p)))
                 )
             )
         );
