@@ -363,3 +363,68 @@ fn anyhow_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// A minimal ELF64 executable with one `PT_LOAD` segment holding `code` at [`guest_abi::IMAGE_ADDR`].
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let entry = guest_abi::IMAGE_ADDR;
+    let mut out = vec![0u8; 64 + 56];
+    out[..4].copy_from_slice(b"\x7fELF");
+    out[4] = 2; // 64-bit
+    out[5] = 1; // little endian
+    out[6] = 1;
+    out[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    out[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    out[24..32].copy_from_slice(&entry.to_le_bytes());
+    out[32..40].copy_from_slice(&64u64.to_le_bytes());
+    out[54..56].copy_from_slice(&56u16.to_le_bytes());
+    out[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    out[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    out[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
+    out[ph + 16..ph + 24].copy_from_slice(&entry.to_le_bytes());
+    out[ph + 24..ph + 32].copy_from_slice(&entry.to_le_bytes());
+    out[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    out[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    out.extend_from_slice(code);
+    out
+}
+
+/// The cost of a VM exit to the VMM and back: a guest that does nothing but `out` to an unused port N times, then
+/// exits through `PORT_EXIT`.
+#[test]
+fn exit_cost() {
+    if !kvm_available() {
+        return;
+    }
+    const N: u32 = 20_000;
+    let mut code = vec![0x66, 0xba, 0x13, 0x05]; // mov dx, 0x513 (unused port)
+    code.push(0xb9); // mov ecx, N
+    code.extend_from_slice(&N.to_le_bytes());
+    code.extend_from_slice(&[0xee, 0xff, 0xc9, 0x75, 0xfb]); // 1: out dx, al; dec ecx; jnz 1b
+    code.extend_from_slice(&[0x66, 0xba, 0x11, 0x05]); // mov dx, PORT_EXIT
+    code.extend_from_slice(&[0x31, 0xc0, 0xef]); // xor eax, eax; out dx, eax
+    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // 2: hlt; jmp 2b
+    let topo = Topology::new(1);
+    let config = topo.config(0, None);
+    let mut vm = topo
+        .host
+        .run(|| Vm::create_with_image(&config, &tiny_elf(&code)).expect("create the VM"));
+    let t = Instant::now();
+    vm.start().expect("start");
+    let exit = vm.wait_exit(Some(Duration::from_secs(60)));
+    let elapsed = t.elapsed();
+    assert_eq!(
+        exit,
+        Some(migrator::vcpu::GuestExit::Status(0)),
+        "the exit-loop guest did not finish"
+    );
+    let stats = vm.vcpu_stats();
+    assert!(stats.pio > u64::from(N), "only {} port exits", stats.pio);
+    eprintln!(
+        "figure: VM exit to the VMM and back: {:.2} us ({} exits in {} ms)",
+        elapsed.as_secs_f64() * 1e6 / stats.exits as f64,
+        stats.exits,
+        elapsed.as_millis()
+    );
+    vm.shutdown();
+}
