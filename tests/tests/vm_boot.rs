@@ -393,10 +393,10 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
 /// exits through `PORT_EXIT`.
 #[test]
 fn exit_cost() {
+    const N: u32 = 20_000;
     if !kvm_available() {
         return;
     }
-    const N: u32 = 20_000;
     let mut code = vec![0x66, 0xba, 0x13, 0x05]; // mov dx, 0x513 (unused port)
     code.push(0xb9); // mov ecx, N
     code.extend_from_slice(&N.to_le_bytes());
