@@ -27,14 +27,82 @@
 //! let bytes = state.encode()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # Migration
+//!
+//! The engines work on two traits, [`migration::MigrationSource`] and [`migration::MigrationTarget`], and speak the
+//! protocol of [`protocol`] over a [`transport`] (`tcp:HOST:PORT` or `unix:PATH`).
+//!
+//! ```text
+//!  source (migrator run / receive)                 destination (migrator receive)
+//!  ───────────────────────────────                 ──────────────────────────────
+//!  connect ── Hello{version, mode, RAM layout, MAC, id, config} ──►  create VM for restore
+//!          ◄────────────────────────────────────── HelloAck
+//!  start dirty log; mincore (untouched = zero)
+//!  round 0: every page (zero pages as flags) ─ Pages… RoundEnd ─►  write straight into guest RAM
+//!  round n: pages dirtied since ───────────── Pages… RoundEnd ─►  write
+//!    … until the switch-over rule says pause …
+//!  PAUSE vCPU                                                      (event pause)
+//!  final dirty set ───────────────────────── Pages… RoundEnd ─►
+//!  [--verify] RAM hash ─────────────────────── Verify ─────────►
+//!  vCPU + device state ─────────────────────── State ──────────►
+//!  frames the paused tap received ──────────── Frames ─────────►
+//!                                             Complete ────────►  restore; [--verify] hash RAM, compare
+//!                                                                 RESUME vCPU                (event resume)
+//!                                                                 deliver forwarded frames
+//!                                                                 RARP #0, ask guest for GARP (announce 0)
+//!          ◄────────────────────────────────────── Ack
+//!  frames still arriving ──────────────────── Frames, Close ───►  deliver; RARP #1..4 at 50/200/450/800 ms
+//!  exit (event complete)
+//!
+//!  any failure before the Ack: source sends Abort (best effort), resumes its vCPU if paused, stops the dirty log,
+//!  emits failed + rollback and keeps running; the destination exits non-zero.
+//! ```
+//!
+//! ## The switch-over rule (live mode)
+//!
+//! After round 0 and after every later round, the source reads the dirty log and estimates the pause that switching
+//! over now would cost:
+//!
+//! ```text
+//! expected_pause = remaining_bytes / bandwidth + state_time  (+ resident_bytes / 4 GiB/s with --verify)
+//! remaining_bytes = dirty_pages × (4096 + 16) + state_bytes
+//! ```
+//!
+//! - `bandwidth` is measured: the rate of the largest round of at least 1 MiB (the running average before one),
+//!   including the copy out of guest RAM, so it is what the final round will really get. With `--max-bandwidth` it
+//!   is the capped rate.
+//! - `state_bytes` and `state_time` (save, send, restore, resume and ack after the last page) are those measured in
+//!   this process's previous migration, or 64 KiB and 1 ms before there was one.
+//!
+//! If `expected_pause ≤ --downtime`, the source pauses and sends the final set. Otherwise it sends the dirty set as
+//! the next round and repeats. When `--timeout` has passed since setup and the estimate still does not fit,
+//! `--on-timeout force` pauses anyway (the report says `forced` with the expected pause) and `--on-timeout abort`
+//! gives up while the guest keeps running at the source.
+//!
+//! The pause reported is measured at the source, from the vCPU stop to the arrival of the ack; the destination's
+//! events carry the exact resume instant for the monitor.
 
+pub mod announce;
+pub mod api;
 pub mod boot;
+pub mod cli;
 pub mod devices;
 pub mod memory;
+pub mod migration;
+pub mod precopy;
 pub mod protocol;
+pub mod quick;
 pub mod ram;
+pub mod receive;
 pub mod runner;
+pub mod source;
 pub mod state;
 pub mod tap;
+pub mod transport;
+pub mod units;
 pub mod vcpu;
 pub mod vm;
+
+#[cfg(test)]
+mod engine_tests;

@@ -1,17 +1,19 @@
 //! The migration wire protocol.
 //!
-//! Every message is a fixed 24-byte [`Header`] followed by `length` bytes of payload. All integers are little
-//! endian. The header carries a per-direction sequence number and a CRC-32 (IEEE) of the first 20 header bytes
-//! and the payload, so a corrupted or spliced stream is caught at the first bad message, not when the guest
-//! misbehaves.
+//! Every message is a fixed 32-byte [`Header`] followed by `length` bytes of payload. All integers are little
+//! endian. The header carries a per-direction sequence number, a CRC-32 (IEEE) of the payload and a CRC-32 of
+//! itself, so a corrupted length is caught before the receiver waits for bytes that never come, and a corrupted or
+//! spliced stream is caught at the first bad message, not when the guest misbehaves.
 //!
 //! ```text
 //! offset  size  field
-//!      0     4  command   (Command)
-//!      4     4  flags     (per command; 0 unless stated)
-//!      8     8  length    (payload bytes, at most MAX_PAYLOAD)
-//!     16     4  sequence  (0, 1, 2 ... per direction)
-//!     20     4  crc       (CRC-32 of bytes 0..20 and the payload)
+//!      0     4  command     (Command)
+//!      4     4  flags       (per command; 0 unless stated)
+//!      8     8  length      (payload bytes, at most MAX_PAYLOAD)
+//!     16     4  sequence    (0, 1, 2 ... per direction)
+//!     20     4  crc         (CRC-32 of the payload)
+//!     24     4  header_crc  (CRC-32 of bytes 0..24)
+//!     28     4  reserved    (0)
 //! ```
 //!
 //! The source opens with [`Hello`] (magic, protocol version, mode, RAM layout, MAC, migration id and the VM
@@ -39,7 +41,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"MIGMONVM");
 /// Protocol version. Bump on any change of the wire format.
 pub const VERSION: u32 = 1;
 /// Header size in bytes.
-pub const HEADER_SIZE: usize = 24;
+pub const HEADER_SIZE: usize = 32;
 /// Largest payload of any message.
 pub const MAX_PAYLOAD: u64 = 80 << 20;
 /// Largest `State` blob.
@@ -70,6 +72,8 @@ pub struct Header {
     pub length: u64,
     pub sequence: u32,
     pub crc: u32,
+    pub header_crc: u32,
+    pub reserved: u32,
 }
 
 const _: () = assert!(size_of::<Header>() == HEADER_SIZE);
@@ -82,7 +86,23 @@ impl Header {
         b[8..16].copy_from_slice(&self.length.to_le_bytes());
         b[16..20].copy_from_slice(&self.sequence.to_le_bytes());
         b[20..24].copy_from_slice(&self.crc.to_le_bytes());
+        b[24..28].copy_from_slice(&self.header_crc.to_le_bytes());
+        b[28..32].copy_from_slice(&self.reserved.to_le_bytes());
         b
+    }
+
+    /// Sets `header_crc` over the other fields.
+    pub fn seal(&mut self) {
+        self.header_crc = crc32fast::hash(&self.encode()[..24]);
+    }
+
+    /// Decodes and checks the header's own checksum and reserved field.
+    pub fn decode_checked(b: &[u8; HEADER_SIZE]) -> Result<Self, ProtocolError> {
+        let h = Self::decode(b);
+        if crc32fast::hash(&b[..24]) != h.header_crc || h.reserved != 0 {
+            return Err(ProtocolError::HeaderChecksum);
+        }
+        Ok(h)
     }
 
     pub fn decode(b: &[u8; HEADER_SIZE]) -> Self {
@@ -95,6 +115,8 @@ impl Header {
             length: u64::from_le_bytes(len),
             sequence: u32_at(16),
             crc: u32_at(20),
+            header_crc: u32_at(24),
+            reserved: u32_at(28),
         }
     }
 }
@@ -156,6 +178,10 @@ pub enum ProtocolError {
         "protocol version mismatch: we speak {ours}, the peer speaks {theirs}; run the same migrator build on both sides"
     )]
     VersionMismatch { ours: u32, theirs: u32 },
+    #[error("corrupted message header in the migration stream (header checksum mismatch)")]
+    HeaderChecksum,
+    #[error("the peer went silent {during} (timed out)")]
+    Timeout { during: &'static str },
     #[error("unknown command {command} in the migration stream (corrupted stream?)")]
     UnknownCommand { command: u32 },
     #[error("message too long: {length} bytes for {command:?} (limit {limit}); corrupted stream?")]
@@ -170,7 +196,9 @@ pub enum ProtocolError {
     Checksum { command: Command, sequence: u32 },
     #[error("malformed {command:?} message: {what}")]
     Malformed { command: Command, what: String },
-    #[error("page run {page}+{npages} is outside guest RAM ({total} pages) or crosses a region boundary")]
+    #[error(
+        "page run {page}+{npages} is outside guest RAM ({total} pages) or crosses a region boundary: corrupted stream?"
+    )]
     PageOutOfRange { page: u64, npages: u64, total: u64 },
     #[error("unexpected {got:?} message {during}")]
     Unexpected { got: Command, during: &'static str },
@@ -278,7 +306,11 @@ pub enum Message {
     State(Vec<u8>),
     Frames(Vec<Vec<u8>>),
     Verify(u128),
-    Complete,
+    /// Everything was sent. Carries the source's `CLOCK_MONOTONIC` ns at pause (meaningful as a time only when both
+    /// ends share a host clock; used for the destination's pause figure).
+    Complete {
+        paused_ns: u64,
+    },
     Ack(Ack),
     Abort(String),
     Close,
@@ -293,7 +325,7 @@ impl Message {
             Self::State(_) => Command::State,
             Self::Frames(_) => Command::Frames,
             Self::Verify(_) => Command::Verify,
-            Self::Complete => Command::Complete,
+            Self::Complete { .. } => Command::Complete,
             Self::Ack(_) => Command::Ack,
             Self::Abort(_) => Command::Abort,
             Self::Close => Command::Close,
@@ -336,12 +368,13 @@ impl Message {
                 }
             }
             Self::Verify(h) => p.extend_from_slice(&h.to_le_bytes()),
+            Self::Complete { paused_ns } => p.extend_from_slice(&paused_ns.to_le_bytes()),
             Self::Ack(a) => {
                 p.extend_from_slice(&a.resumed_ns.to_le_bytes());
                 p.extend_from_slice(&a.restore_us.to_le_bytes());
             }
             Self::Abort(reason) => put_bytes(&mut p, reason.as_bytes()),
-            Self::HelloAck | Self::Complete | Self::Close => {}
+            Self::HelloAck | Self::Close => {}
         }
         (flags, p)
     }
@@ -392,7 +425,7 @@ impl Message {
                 a.copy_from_slice(c.take(16)?);
                 Self::Verify(u128::from_le_bytes(a))
             }
-            Command::Complete => Self::Complete,
+            Command::Complete => Self::Complete { paused_ns: c.u64()? },
             Command::Ack => Self::Ack(Ack {
                 resumed_ns: c.u64()?,
                 restore_us: c.u64()?,
@@ -536,12 +569,13 @@ impl PageBatch {
         self.data.len()
     }
 
-    /// Adds a zero page, merging it into the previous zero run when contiguous.
-    pub fn push_zero(&mut self, page: u64) {
+    /// Adds a zero page, merging it into the previous zero run when contiguous and in the same region.
+    pub fn push_zero(&mut self, ram: &GuestRam, page: u64) {
         if let Some(last) = self.entries.last_mut()
             && last.flags == PAGE_ZERO
             && last.page + u64::from(last.npages) == page
             && last.npages < u32::MAX
+            && ram.run_in_one_region(last.page, u64::from(last.npages) + 1)
         {
             last.npages += 1;
             return;
@@ -568,7 +602,7 @@ impl PageBatch {
         }
         if crate::ram::is_zero(&self.data[start..]) {
             self.data.truncate(start);
-            self.push_zero(page);
+            self.push_zero(ram, page);
             return Ok(false);
         }
         if let Some(last) = self.entries.last_mut()
@@ -642,6 +676,11 @@ impl<W: Write> MessageWriter<W> {
         self.bytes
     }
 
+    /// Accounts `n` bytes written raw through [`MessageWriter::get_mut`].
+    pub fn count_raw(&mut self, n: u64) {
+        self.bytes += n;
+    }
+
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.out
     }
@@ -670,19 +709,20 @@ impl<W: Write> MessageWriter<W> {
                 limit: MAX_PAYLOAD,
             });
         }
+        let mut crc = crc32fast::Hasher::new();
+        for p in parts {
+            crc.update(p);
+        }
         let mut header = Header {
             command: command as u32,
             flags,
             length,
             sequence: self.sequence,
-            crc: 0,
+            crc: crc.finalize(),
+            header_crc: 0,
+            reserved: 0,
         };
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&header.encode()[..HEADER_SIZE - 4]);
-        for p in parts {
-            crc.update(p);
-        }
-        header.crc = crc.finalize();
+        header.seal();
         let header = header.encode();
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
         slices.push(IoSlice::new(&header));
@@ -760,12 +800,10 @@ impl<R: Read> MessageReader<R> {
     }
 
     fn read_exact(&mut self, buf: &mut [u8], during: &'static str) -> Result<(), ProtocolError> {
-        self.input.read_exact(buf).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                ProtocolError::Closed { during }
-            } else {
-                ProtocolError::Io(e)
-            }
+        self.input.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => ProtocolError::Closed { during },
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProtocolError::Timeout { during },
+            _ => ProtocolError::Io(e),
         })?;
         self.bytes += buf.len() as u64;
         Ok(())
@@ -775,7 +813,7 @@ impl<R: Read> MessageReader<R> {
     pub fn recv(&mut self) -> Result<Incoming, ProtocolError> {
         let mut hb = [0u8; HEADER_SIZE];
         self.read_exact(&mut hb, "between messages")?;
-        let header = Header::decode(&hb);
+        let header = Header::decode_checked(&hb)?;
         let command = Command::try_from(header.command)?;
         if header.sequence != self.sequence {
             return Err(ProtocolError::Sequence {
@@ -804,10 +842,7 @@ impl<R: Read> MessageReader<R> {
         }
         let mut payload = vec![0u8; header.length as usize];
         self.read_exact(&mut payload, "inside a message")?;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&hb[..HEADER_SIZE - 4]);
-        crc.update(&payload);
-        if crc.finalize() != header.crc {
+        if crc32fast::hash(&payload) != header.crc {
             return Err(ProtocolError::Checksum {
                 command,
                 sequence: header.sequence,
@@ -849,7 +884,6 @@ impl<R: Read> MessageReader<R> {
             return Err(malformed(cmd, "shorter than its count"));
         }
         let mut crc = crc32fast::Hasher::new();
-        crc.update(&header.encode()[..HEADER_SIZE - 4]);
         let mut head = [0u8; 8];
         self.read_exact(&mut head, "inside a page batch")?;
         crc.update(&head);
@@ -998,7 +1032,7 @@ mod tests {
             Message::State(vec![1, 2, 3]),
             Message::Frames(vec![vec![0xff; 60], vec![7; 1514]]),
             Message::Verify(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
-            Message::Complete,
+            Message::Complete { paused_ns: 77 },
             Message::Ack(Ack {
                 resumed_ns: 5,
                 restore_us: 6,
@@ -1040,7 +1074,7 @@ mod tests {
             b.push_page(src, p).unwrap();
         }
         b.flush(&mut w).unwrap();
-        w.send(&Message::Complete).unwrap();
+        w.send(&Message::Complete { paused_ns: 1 }).unwrap();
         w.into_inner()
     }
 
@@ -1059,7 +1093,7 @@ mod tests {
         loop {
             match r.recv()? {
                 Incoming::Pages(h) => got.push(unsafe { r.read_pages(&h, dst, &mut maybe)? }),
-                Incoming::Message(Message::Complete) => return Ok(got),
+                Incoming::Message(Message::Complete { .. }) => return Ok(got),
                 Incoming::Message(_) => {}
             }
         }
@@ -1104,17 +1138,31 @@ mod tests {
         assert_eq!(b.data_len(), 5 * PAGE_SIZE);
     }
 
-    /// Flipping any single byte of the stream must give an error (or, in the hello's free-form config bytes, a
-    /// different value), never a panic, and never a silent success with different RAM.
+    /// Flipping any single byte of the stream must give an error, never a panic, and never a silent success.
     #[test]
     fn every_single_byte_corruption_is_caught() {
-        let src = source_ram();
+        let small = || {
+            GuestRam::anonymous(&[RamRegion {
+                gpa: 0,
+                size: 64 * 4096,
+            }])
+            .unwrap()
+        };
+        let src = small();
+        for (p, v) in [(1u64, 1u8), (2, 2), (9, 9)] {
+            unsafe { src.run_mut(p, 1).unwrap().fill(v) };
+        }
         let stream = page_stream(&src);
         for i in 0..stream.len() {
-            for flip in [0x01u8, 0x80, 0xff] {
+            let flips: &[u8] = if i % 4096 < 64 {
+                &[0x01, 0x80, 0xff]
+            } else {
+                &[0x01]
+            };
+            for flip in flips {
                 let mut bad = stream.clone();
                 bad[i] ^= flip;
-                let dst = ram();
+                let dst = small();
                 assert!(
                     receive(&bad, &dst).is_err(),
                     "corruption at byte {i} (^{flip:#x}) went unnoticed"
@@ -1223,31 +1271,58 @@ mod tests {
         assert_eq!((got.data_pages, got.zero_pages), (1, 7));
     }
 
+    /// Recomputes the header checksum of a hand-edited message.
+    fn reseal(b: &mut [u8]) {
+        let mut h = Header::decode(b[..HEADER_SIZE].try_into().unwrap());
+        h.seal();
+        b[..HEADER_SIZE].copy_from_slice(&h.encode());
+    }
+
     #[test]
     fn bad_headers_are_rejected() {
         let mut w = MessageWriter::new(Vec::new());
-        w.send(&Message::Complete).unwrap();
+        w.send(&Message::Close).unwrap();
         let good = w.into_inner();
+        let mut bad = good.clone();
+        bad[9] = 1;
+        assert!(matches!(
+            MessageReader::new(&bad[..]).recv(),
+            Err(ProtocolError::HeaderChecksum)
+        ));
+        let mut bad = good.clone();
+        bad[30] = 1;
+        reseal(&mut bad);
+        assert!(
+            matches!(
+                MessageReader::new(&bad[..]).recv(),
+                Err(ProtocolError::HeaderChecksum)
+            ),
+            "reserved"
+        );
         let mut unknown = good.clone();
         unknown[0] = 99;
+        reseal(&mut unknown);
         assert!(matches!(
             MessageReader::new(&unknown[..]).recv(),
             Err(ProtocolError::UnknownCommand { command: 99 })
         ));
         let mut seq = good.clone();
         seq[16] = 5;
+        reseal(&mut seq);
         assert!(matches!(
             MessageReader::new(&seq[..]).recv(),
             Err(ProtocolError::Sequence { .. })
         ));
         let mut long = good.clone();
         long[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        reseal(&mut long);
         assert!(matches!(
             MessageReader::new(&long[..]).recv(),
             Err(ProtocolError::TooLong { .. })
         ));
         let mut flags = good;
         flags[4] = 1;
+        reseal(&mut flags);
         assert!(MessageReader::new(&flags[..]).recv().is_err());
     }
 
@@ -1265,7 +1340,8 @@ mod tests {
             send(Command::Verify, &[0; 15]),
             send(Command::Ack, &[0; 17]),
             send(Command::Abort, &100u32.to_le_bytes()),
-            send(Command::Complete, &[0]),
+            send(Command::Complete, &[0; 9]),
+            send(Command::Close, &[0]),
             send(Command::Hello, &MAGIC.to_le_bytes()),
         ];
         for (i, c) in cases.iter().enumerate() {

@@ -1,2 +1,394 @@
-//! Wire types shared by the kernel programs and user space.
+//! Wire types shared by migmon's kernel programs (monitor-ebpf) and user space (monitor).
+//!
+//! Every record the kernel programs put in the ring buffer starts with an [`EventHeader`] (`kind`, `cpu`, `ts_ns`)
+//! and is one of the fixed `#[repr(C)]` layouts below, chosen by [`EventKind`]. There is no `bool`, Rust enum or
+//! `Option` on the wire: only integers and byte arrays, with explicit padding, and every layout is asserted at
+//! compile time. Kinds are decoded with `TryFrom<u32>`, which rejects unknown values.
+//!
+//! The programs also read a [`ProbeConfig`] global, filled in by user space at load time with the tracepoint field
+//! offsets (read from tracefs `format` files) and the kernel struct member offsets (read from BTF), and they keep
+//! counters in maps keyed by [`MacKey`] with [`MacCounters`] values.
+//!
+//! With the `user` feature, the types implement `aya::Pod` and [`decode`] turns ring buffer bytes into a
+//! [`WireEvent`].
 #![no_std]
+
+use core::mem::size_of;
+
+/// Record kinds in the ring buffer.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `tcp:tcp_retransmit_skb`, payload [`TcpEvent`].
+    TcpRetransmit = 1,
+    /// `sock:inet_sock_set_state` (TCP only), payload [`TcpEvent`].
+    TcpState = 2,
+    /// `sock:inet_sk_error_report` (TCP only), payload [`TcpEvent`].
+    TcpError = 3,
+    /// `tcp:tcp_receive_reset`, payload [`TcpEvent`].
+    TcpResetIn = 4,
+    /// `tcp:tcp_send_reset`, payload [`TcpEvent`].
+    TcpResetOut = 5,
+    /// An ARP or RARP frame seen by XDP, payload [`ArpEvent`].
+    Arp = 6,
+    /// `bridge:br_fdb_update`, payload [`FdbEvent`].
+    FdbUpdate = 7,
+    /// A watched MAC seen on a port for the first time or after a silence, payload [`MacSeenEvent`].
+    MacSeen = 8,
+}
+
+/// An unknown record kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownKind(pub u32);
+
+impl TryFrom<u32> for EventKind {
+    type Error = UnknownKind;
+
+    fn try_from(v: u32) -> Result<Self, Self::Error> {
+        Ok(match v {
+            1 => Self::TcpRetransmit,
+            2 => Self::TcpState,
+            3 => Self::TcpError,
+            4 => Self::TcpResetIn,
+            5 => Self::TcpResetOut,
+            6 => Self::Arp,
+            7 => Self::FdbUpdate,
+            8 => Self::MacSeen,
+            other => return Err(UnknownKind(other)),
+        })
+    }
+}
+
+/// The header every ring buffer record starts with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] value.
+    pub kind: u32,
+    /// CPU the program ran on.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: `CLOCK_MONOTONIC` nanoseconds.
+    pub ts_ns: u64,
+}
+
+/// Address family values as the kernel uses them.
+pub const AF_INET: u16 = 2;
+/// IPv6 address family.
+pub const AF_INET6: u16 = 10;
+
+/// A TCP 4-tuple. Addresses are in network byte order; an IPv4 address fills the first 4 bytes and the rest is
+/// zero. Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpTuple {
+    /// [`AF_INET`] or [`AF_INET6`] (0 = unknown).
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub pad: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// Any of the TCP records. Which fields mean something depends on the kind (see docs/events.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpEvent {
+    pub header: EventHeader,
+    pub tuple: TcpTuple,
+    /// Network namespace inode of the socket (0 = unknown).
+    pub netns: u64,
+    /// TCP state (kernel numbering, 1 = ESTABLISHED); for `TcpState` the old state.
+    pub state: u32,
+    /// For `TcpState`: the new state.
+    pub new_state: u32,
+    /// For `TcpError`: the positive errno.
+    pub errno: i32,
+    /// `icsk_retransmits` (`TcpRetransmit`).
+    pub retransmits: u32,
+    /// `icsk_backoff` (`TcpRetransmit`).
+    pub backoff: u32,
+    /// `icsk_rto` in jiffies (`TcpRetransmit`; 0 = unknown).
+    pub rto_jiffies: u32,
+    /// `srtt_us` (8 times the smoothed RTT in microseconds, as the kernel keeps it; 0 = unknown).
+    pub srtt_us8: u32,
+    /// For `TcpResetOut`: the kernel's `sk_rst_reason` (0 = unknown).
+    pub reason: u32,
+}
+
+/// Maximum frame bytes an [`ArpEvent`] carries.
+pub const FRAME_CAPTURE: usize = 128;
+
+/// An ARP (0x0806) or RARP (0x8035) frame seen by XDP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArpEvent {
+    pub header: EventHeader,
+    /// Interface the frame arrived on.
+    pub ifindex: u32,
+    /// User-space id of the network namespace the program instance is attached in.
+    pub netns_id: u32,
+    /// 0x0806 (ARP) or 0x8035 (RARP).
+    pub ethertype: u16,
+    /// ARP operation (1 request, 2 reply, 3 RARP request, 4 RARP reply).
+    pub op: u16,
+    /// VLAN ids, outermost first; `vlan_count` of them are valid.
+    pub vlan: [u16; 2],
+    pub vlan_count: u16,
+    pub pad0: u16,
+    /// Ethernet source MAC.
+    pub src_mac: [u8; 6],
+    pub pad1: [u8; 2],
+    pub sha: [u8; 6],
+    pub tha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tpa: [u8; 4],
+    /// Length of the whole frame.
+    pub frame_len: u32,
+    /// Bytes of the frame copied into `frame` (at most [`FRAME_CAPTURE`]).
+    pub cap_len: u32,
+    pub frame: [u8; FRAME_CAPTURE],
+}
+
+impl Default for ArpEvent {
+    fn default() -> Self {
+        Self {
+            header: EventHeader::default(),
+            ifindex: 0,
+            netns_id: 0,
+            ethertype: 0,
+            op: 0,
+            vlan: [0; 2],
+            vlan_count: 0,
+            pad0: 0,
+            src_mac: [0; 6],
+            pad1: [0; 2],
+            sha: [0; 6],
+            tha: [0; 6],
+            spa: [0; 4],
+            tpa: [0; 4],
+            frame_len: 0,
+            cap_len: 0,
+            frame: [0; FRAME_CAPTURE],
+        }
+    }
+}
+
+/// Interface name length in the kernel (`IFNAMSIZ`).
+pub const IFNAMSIZ: usize = 16;
+
+/// `bridge:br_fdb_update`: `mac` (re)learned on port `dev` of bridge `br_dev`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdbEvent {
+    pub header: EventHeader,
+    /// NUL-terminated bridge name.
+    pub br_dev: [u8; IFNAMSIZ],
+    /// NUL-terminated port name.
+    pub dev: [u8; IFNAMSIZ],
+    pub mac: [u8; 6],
+    pub vid: u16,
+}
+
+/// Direction values on the wire.
+pub const DIR_INGRESS: u8 = 0;
+/// Frames leaving through the interface (TC egress).
+pub const DIR_EGRESS: u8 = 1;
+
+/// A watched MAC on a port: first frame, or first frame after a silence longer than the configured gap.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MacSeenEvent {
+    pub header: EventHeader,
+    pub mac: [u8; 6],
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u8,
+    pub pad0: u8,
+    pub ifindex: u32,
+    pub netns_id: u32,
+    /// Silence since the previous frame on this port, ns (0 = first time).
+    pub gap_ns: u64,
+}
+
+/// Key of the per-(MAC, port, direction) counter map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MacKey {
+    pub mac: [u8; 6],
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u8,
+    pub pad: u8,
+    pub ifindex: u32,
+}
+
+/// Value of the per-(MAC, port, direction) counter map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MacCounters {
+    pub frames: u64,
+    pub bytes: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// A MAC address as a map key (6 bytes, 2 zero bytes of padding).
+pub type MacKey8 = [u8; 8];
+
+/// An IP address as a map key: IPv6, or IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+pub type IpKey = [u8; 16];
+
+/// "Field absent" in a [`TpLayout`].
+pub const NO_FIELD: u16 = 0xffff;
+
+/// `TpLayout::flags`: `saddr`/`daddr` are `struct sockaddr_in{,6}` (28 bytes) holding family, port and address
+/// (`tcp:tcp_send_reset` since 6.10).
+pub const TP_SOCKADDR: u16 = 1;
+
+/// Field offsets of one TCP/sock tracepoint record, from its tracefs `format` file. [`NO_FIELD`] = absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TpLayout {
+    pub skaddr: u16,
+    pub state: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub error: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub reason: u16,
+    pub flags: u16,
+    pub pad: u16,
+}
+
+impl TpLayout {
+    /// A layout with every field absent.
+    pub const EMPTY: Self = Self {
+        skaddr: NO_FIELD,
+        state: NO_FIELD,
+        oldstate: NO_FIELD,
+        newstate: NO_FIELD,
+        error: NO_FIELD,
+        sport: NO_FIELD,
+        dport: NO_FIELD,
+        family: NO_FIELD,
+        protocol: NO_FIELD,
+        saddr: NO_FIELD,
+        daddr: NO_FIELD,
+        saddr_v6: NO_FIELD,
+        daddr_v6: NO_FIELD,
+        reason: NO_FIELD,
+        flags: 0,
+        pad: 0,
+    };
+}
+
+/// Field offsets of `bridge:br_fdb_update`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdbLayout {
+    /// `__data_loc char[] br_dev`.
+    pub br_dev: u16,
+    /// `__data_loc char[] dev`.
+    pub dev: u16,
+    pub addr: u16,
+    pub vid: u16,
+}
+
+/// "Unknown" in the BTF offsets of [`ProbeConfig`].
+pub const NO_OFFSET: u32 = u32::MAX;
+
+/// `ProbeConfig::flags`: filter TCP events by the IP watch list.
+pub const CFG_FILTER_IPS: u32 = 1;
+/// `ProbeConfig::flags`: filter TCP events by the port watch list.
+pub const CFG_FILTER_PORTS: u32 = 2;
+/// `ProbeConfig::flags`: at least one MAC is watched (otherwise XDP/TC skip the lookup).
+pub const CFG_WATCH_MACS: u32 = 4;
+/// `ProbeConfig::flags`: report only FDB updates of watched MACs.
+pub const CFG_FILTER_FDB: u32 = 8;
+
+/// The global the programs read (symbol `CONFIG`), written by user space before loading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeConfig {
+    pub retransmit: TpLayout,
+    pub set_state: TpLayout,
+    pub error_report: TpLayout,
+    pub receive_reset: TpLayout,
+    pub send_reset: TpLayout,
+    pub fdb: FdbLayout,
+    /// `CFG_*` bits.
+    pub flags: u32,
+    /// User-space id of the network namespace the L2 programs of this instance are attached in.
+    pub netns_id: u32,
+    /// Silence after which a watched MAC counts as "seen" again, ns.
+    pub mac_gap_ns: u64,
+    /// Offset of `skc_state` (u8) in `struct sock`.
+    pub off_sk_state: u32,
+    /// Offset of `skc_net` (a `struct net *`) in `struct sock`.
+    pub off_sk_net: u32,
+    /// Offset of `ns.inum` (u32) in `struct net`.
+    pub off_net_inum: u32,
+    /// Offset of `icsk_retransmits` (u8) in `struct sock` (through `inet_connection_sock`).
+    pub off_icsk_retransmits: u32,
+    /// Offset of `icsk_backoff` (u8).
+    pub off_icsk_backoff: u32,
+    /// Offset of `icsk_rto` (u32, jiffies).
+    pub off_icsk_rto: u32,
+    /// Offset of `srtt_us` (u32) in `struct tcp_sock`.
+    pub off_srtt_us: u32,
+    pub pad: u32,
+}
+
+impl ProbeConfig {
+    /// Everything absent/unknown; nothing filtered.
+    pub const EMPTY: Self = Self {
+        retransmit: TpLayout::EMPTY,
+        set_state: TpLayout::EMPTY,
+        error_report: TpLayout::EMPTY,
+        receive_reset: TpLayout::EMPTY,
+        send_reset: TpLayout::EMPTY,
+        fdb: FdbLayout {
+            br_dev: NO_FIELD,
+            dev: NO_FIELD,
+            addr: NO_FIELD,
+            vid: NO_FIELD,
+        },
+        flags: 0,
+        netns_id: 0,
+        mac_gap_ns: 50_000_000,
+        off_sk_state: NO_OFFSET,
+        off_sk_net: NO_OFFSET,
+        off_net_inum: NO_OFFSET,
+        off_icsk_retransmits: NO_OFFSET,
+        off_icsk_backoff: NO_OFFSET,
+        off_icsk_rto: NO_OFFSET,
+        off_srtt_us: NO_OFFSET,
+        pad: 0,
+    };
+}
+
+const _: () = assert!(size_of::<EventHeader>() == 16);
+const _: () = assert!(size_of::<TcpTuple>() == 40);
+const _: () = assert!(size_of::<TcpEvent>() == 96);
+const _: () = assert!(size_of::<ArpEvent>() == 200);
+const _: () = assert!(size_of::<FdbEvent>() == 56);
+const _: () = assert!(size_of::<MacSeenEvent>() == 40);
+const _: () = assert!(size_of::<MacKey>() == 12);
+const _: () = assert!(size_of::<MacCounters>() == 32);
+const _: () = assert!(size_of::<TpLayout>() == 32);
+const _: () = assert!(size_of::<FdbLayout>() == 8);
+const _: () = assert!(size_of::<ProbeConfig>() == 5 * 32 + 8 + 8 + 8 + 8 * 4);
+const _: () = assert!(core::mem::offset_of!(TcpEvent, tuple) == 16);
+const _: () = assert!(core::mem::offset_of!(ArpEvent, frame) == 72);
+const _: () = assert!(core::mem::offset_of!(MacSeenEvent, gap_ns) == 32);
+
+#[cfg(feature = "user")]
+mod user;
+#[cfg(feature = "user")]
+pub use user::{DecodeError, WireEvent, decode};

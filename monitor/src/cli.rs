@@ -1,25 +1,380 @@
 //! The offline subcommands: report, check, whatif, export. (Owned by the correlation work, issue 4.)
 
-use anyhow::{Result, bail};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    check::{self, Limits},
+    correlate::{self, Analysis},
+    export, report,
+    trace::{self, Trace},
+    whatif::{self, Settings},
+};
+
+/// Parses a duration: `250ms`, `8s`, `1.5s`, `500us`, `2m`, or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 250ms, 8s, 1.5s)"))?;
+    let mult = match unit.trim() {
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "" | "ms" => 1e6,
+        "s" => 1e9,
+        "m" | "min" => 60e9,
+        u => return Err(format!("unknown unit {u:?} in {s:?} (use ns, us, ms, s or m)")),
+    };
+    Ok((v * mult).round() as u64)
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    Html,
+    /// One column per migration, side by side, with the abort arithmetic of the client settings.
+    Compare,
+}
 
 #[derive(clap::Args, Debug)]
-pub struct ReportArgs {}
-#[derive(clap::Args, Debug)]
-pub struct CheckArgs {}
-#[derive(clap::Args, Debug)]
-pub struct WhatifArgs {}
-#[derive(clap::Args, Debug)]
-pub struct ExportArgs {}
+pub struct ReportArgs {
+    /// The trace (from `migmon watch --record FILE`).
+    pub trace: PathBuf,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// Also write the SVG timeline to this file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// With --format compare: the clients' `tcp_retries2`, for the abort arithmetic.
+    #[arg(long, value_name = "N")]
+    pub tcp_retries2: Option<u32>,
+    /// With --format compare: the clients' route `rto_min`.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub rto_min: Option<u64>,
+    /// With --format compare: the clients' `TCP_USER_TIMEOUT`.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub user_timeout: Option<u64>,
+    /// With --format compare: the clients are Windows (5 retransmissions).
+    #[arg(long)]
+    pub windows: bool,
+}
 
-pub fn report(_a: &ReportArgs) -> Result<i32> {
-    bail!("report is not built yet")
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LimitArgs {
+    /// Most aborted connections allowed per migration.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub max_aborted: usize,
+    /// Longest vCPU pause allowed (e.g. 100ms).
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub max_pause: Option<u64>,
+    /// Longest network blackout allowed.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub max_blackout: Option<u64>,
+    /// Longest convergence (resume → FDB move) allowed.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub max_convergence: Option<u64>,
+    #[arg(
+        long,
+        value_name = "FILE",
+        help = "Write a JUnit XML file with one test case per check"
+    )]
+    pub junit: Option<PathBuf>,
+    /// Do not fail when the kernel lost events.
+    #[arg(long)]
+    pub allow_loss: bool,
 }
-pub fn check(_a: &CheckArgs) -> Result<i32> {
-    bail!("check is not built yet")
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_aborted: Some(self.max_aborted),
+            max_pause_ns: self.max_pause,
+            max_blackout_ns: self.max_blackout,
+            max_convergence_ns: self.max_convergence,
+            allow_loss: self.allow_loss,
+        }
+    }
 }
-pub fn whatif(_a: &WhatifArgs) -> Result<i32> {
-    bail!("whatif is not built yet")
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// The trace (from `migmon watch --record FILE`).
+    pub trace: PathBuf,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
-pub fn export(_a: &ExportArgs) -> Result<i32> {
-    bail!("export is not built yet")
+
+#[derive(clap::Args, Debug)]
+pub struct WhatifArgs {
+    /// The trace (from `migmon watch --record FILE`).
+    pub trace: PathBuf,
+    /// `net.ipv4.tcp_retries2` to model.
+    #[arg(long, value_name = "N")]
+    pub tcp_retries2: Option<u32>,
+    /// Route `rto_min` to model.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub rto_min: Option<u64>,
+    /// `TCP_USER_TIMEOUT` to model.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub user_timeout: Option<u64>,
+    /// Model a Windows client: 5 retransmissions doubling from the SRTT-based RTO.
+    #[arg(long)]
+    pub windows: bool,
+    /// `tcp_retries2` that was in force when the trace was recorded.
+    #[arg(long, default_value_t = 15, value_name = "N")]
+    pub in_force_tcp_retries2: u32,
+    /// Route `rto_min` in force when the trace was recorded.
+    #[arg(long, value_parser = parse_duration, default_value = "200ms", value_name = "D")]
+    pub in_force_rto_min: u64,
+    /// `TCP_USER_TIMEOUT` in force when the trace was recorded.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub in_force_user_timeout: Option<u64>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("out").required(true).multiple(true)))]
+pub struct ExportArgs {
+    /// The trace (from `migmon watch --record FILE`).
+    pub trace: PathBuf,
+    /// The events, time-sorted, then one verdict line per migration and connection.
+    #[arg(long, value_name = "FILE", group = "out")]
+    pub jsonl: Option<PathBuf>,
+    /// ARP/GARP/RARP frames with their real bytes, and TCP events as annotated records.
+    #[arg(long, value_name = "FILE", group = "out")]
+    pub pcapng: Option<PathBuf>,
+    /// A Perfetto trace: tracks for migration phases, connections and L2 events.
+    #[arg(long, value_name = "FILE", group = "out")]
+    pub perfetto: Option<PathBuf>,
+}
+
+/// Reads and correlates a trace; prints what was skipped.
+pub fn load(path: &Path) -> Result<(Trace, Analysis)> {
+    let t = trace::read_trace(path).with_context(|| format!("cannot read the trace {}", path.display()))?;
+    let a = correlate::analyse(&t);
+    Ok((t, a))
+}
+
+fn title(path: &Path) -> String {
+    path.display().to_string()
+}
+
+pub fn report(a: &ReportArgs) -> Result<i32> {
+    let (_, an) = load(&a.trace)?;
+    let out = match a.format {
+        Format::Text => report::render_text(&an, &title(&a.trace)),
+        Format::Json => report::render_json(&an),
+        Format::Html => report::html::render(&an, &title(&a.trace)),
+        Format::Compare => {
+            let given =
+                a.tcp_retries2.is_some() || a.rto_min.is_some() || a.user_timeout.is_some() || a.windows;
+            let d = Settings::default();
+            let st = Settings {
+                tcp_retries2: a.tcp_retries2.unwrap_or(d.tcp_retries2),
+                rto_min_ns: a.rto_min.unwrap_or(d.rto_min_ns),
+                user_timeout_ns: a.user_timeout,
+                windows: a.windows,
+            };
+            report::compare::render(&an, given.then_some(&st))
+        }
+    };
+    print!("{out}");
+    if let Some(svg) = &a.svg {
+        std::fs::write(svg, report::svg::render(&an))
+            .with_context(|| format!("cannot write the SVG to {}", svg.display()))?;
+    }
+    Ok(0)
+}
+
+/// Runs the check on an analysis, prints it (on stderr with `to_stderr`: `watch --json` owns stdout), writes the
+/// `JUnit` file; returns the exit code.
+pub fn run_check(an: &Analysis, limits: &LimitArgs, to_stderr: bool) -> Result<i32> {
+    let verdict = check::evaluate(an, &limits.limits());
+    if to_stderr {
+        eprint!("{}", verdict.render_text());
+    } else {
+        print!("{}", verdict.render_text());
+    }
+    if let Some(j) = &limits.junit {
+        verdict
+            .write_junit(j)
+            .with_context(|| format!("cannot write the JUnit file {}", j.display()))?;
+    }
+    Ok(verdict.exit_code())
+}
+
+pub fn check(a: &CheckArgs) -> Result<i32> {
+    let (_, an) = load(&a.trace)?;
+    run_check(&an, &a.limits, false)
+}
+
+pub fn whatif(a: &WhatifArgs) -> Result<i32> {
+    let (_, an) = load(&a.trace)?;
+    let in_force = Settings {
+        tcp_retries2: a.in_force_tcp_retries2,
+        rto_min_ns: a.in_force_rto_min,
+        user_timeout_ns: a.in_force_user_timeout,
+        windows: false,
+    };
+    let scenario = Settings {
+        tcp_retries2: a.tcp_retries2.unwrap_or(in_force.tcp_retries2),
+        rto_min_ns: a.rto_min.unwrap_or(in_force.rto_min_ns),
+        user_timeout_ns: a.user_timeout.or(if a.tcp_retries2.is_some() {
+            None
+        } else {
+            in_force.user_timeout_ns
+        }),
+        windows: a.windows,
+    };
+    let w = whatif::whatif(&an, &in_force, &scenario);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&w).context("cannot encode the what-if report")?
+        );
+    } else {
+        print!("{}", whatif::render_text(&w));
+    }
+    Ok(0)
+}
+
+pub fn export(a: &ExportArgs) -> Result<i32> {
+    let (t, an) = load(&a.trace)?;
+    if a.jsonl.is_none() && a.pcapng.is_none() && a.perfetto.is_none() {
+        bail!("say what to export: --jsonl FILE, --pcapng FILE or --perfetto FILE");
+    }
+    if let Some(p) = &a.jsonl {
+        export::jsonl::write(p, &t, &an).with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    if let Some(p) = &a.pcapng {
+        let n = export::pcapng::write(p, &t, &an).with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {} ({n} packets)", p.display());
+    }
+    if let Some(p) = &a.perfetto {
+        export::perfetto::write(p, &t, &an).with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        correlate::tests::{live_trace, quick_trace},
+        trace::{Event, TRACE_VERSION, TraceHeader, TraceWriter},
+    };
+
+    fn write_trace(dir: &Path, name: &str, events: &[Event]) -> PathBuf {
+        let path = dir.join(name);
+        let header = TraceHeader {
+            kind: "trace_header".into(),
+            version: TRACE_VERSION,
+            migmon: "test".into(),
+            start_mono_ns: 0,
+            start_unix_ns: 1_790_000_000_000_000_000,
+            hostname: "h".into(),
+            command: vec![],
+        };
+        let mut w = TraceWriter::create(&path, &header).unwrap();
+        for e in events {
+            w.write(e).unwrap();
+        }
+        path
+    }
+
+    fn limits(junit: Option<PathBuf>) -> LimitArgs {
+        LimitArgs {
+            max_aborted: 0,
+            max_pause: None,
+            max_blackout: None,
+            max_convergence: None,
+            junit,
+            allow_loss: false,
+        }
+    }
+
+    #[test]
+    fn check_exit_codes_junit_and_truncated_traces() {
+        let dir = std::env::temp_dir().join(format!("migmon-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let live = write_trace(&dir, "live.trace", &live_trace());
+        let quick = write_trace(&dir, "quick.trace", &quick_trace());
+        let junit = dir.join("junit.xml");
+        let code = check(&CheckArgs {
+            trace: live.clone(),
+            limits: limits(Some(junit.clone())),
+        })
+        .unwrap();
+        assert_eq!(code, 0);
+        assert!(
+            std::fs::read_to_string(&junit)
+                .unwrap()
+                .contains("failures=\"0\"")
+        );
+        let code = check(&CheckArgs {
+            trace: quick.clone(),
+            limits: limits(Some(junit.clone())),
+        })
+        .unwrap();
+        assert_eq!(code, 1);
+        assert!(std::fs::read_to_string(&junit).unwrap().contains("ETIMEDOUT"));
+        // A missing trace is an input error (main turns it into exit 2).
+        assert!(
+            check(&CheckArgs {
+                trace: dir.join("missing.trace"),
+                limits: limits(None),
+            })
+            .is_err()
+        );
+
+        // Cut the quick trace in the middle of a line: the report covers what is there and says so.
+        let text = std::fs::read_to_string(&quick).unwrap();
+        let cut = text.len() * 2 / 3;
+        let cut = (cut..text.len())
+            .find(|&i| text.is_char_boundary(i) && text.as_bytes()[i - 1] != b'\n')
+            .unwrap();
+        std::fs::write(&quick, &text[..cut]).unwrap();
+        let (t, a) = load(&quick).unwrap();
+        assert!(t.truncated);
+        let out = report::render_text(&a, "q");
+        assert!(out.contains("WARNING: the trace is truncated"), "{out}");
+        assert!(out.contains("Migration quick-1"), "{out}");
+
+        for (flag, path) in [
+            ("jsonl", "e.jsonl"),
+            ("pcapng", "e.pcapng"),
+            ("perfetto", "e.pftrace"),
+        ] {
+            let p = dir.join(path);
+            let args = ExportArgs {
+                trace: live.clone(),
+                jsonl: (flag == "jsonl").then(|| p.clone()),
+                pcapng: (flag == "pcapng").then(|| p.clone()),
+                perfetto: (flag == "perfetto").then(|| p.clone()),
+            };
+            assert_eq!(export(&args).unwrap(), 0);
+            assert!(std::fs::metadata(&p).unwrap().len() > 0);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(250_000_000));
+        assert_eq!(parse_duration("1.5s"), Ok(1_500_000_000));
+        assert_eq!(parse_duration("8"), Ok(8_000_000));
+        assert_eq!(parse_duration("500us"), Ok(500_000));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
 }

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Attach the probes and print events live; optionally record a trace.
-    Watch(watch::WatchArgs),
+    Watch(Box<watch::WatchArgs>),
     /// Per-migration, per-connection report of a recorded trace.
     Report(cli::ReportArgs),
     /// Gate CI on a trace: exit 0 within limits, 1 when a limit is exceeded, 2 on bad input.

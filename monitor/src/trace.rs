@@ -104,6 +104,9 @@ pub enum Event {
         /// `icsk_rto` in microseconds (0 = unknown).
         #[serde(default)]
         rto_us: u64,
+        /// Smoothed RTT (`srtt_us >> 3`) in microseconds (0 = unknown). Added by the probes work.
+        #[serde(default)]
+        srtt_us: u64,
     },
     /// `sock:inet_sock_set_state` for TCP.
     TcpState {
@@ -463,6 +466,7 @@ mod tests {
             retransmits: 1,
             backoff: 1,
             rto_us: 400_000,
+            srtt_us: 0,
         }
     }
 

@@ -1,0 +1,622 @@
+//! The migration engines end to end over real sockets, with a fake VM made of plain anonymous memory and a
+//! "guest" thread that dirties pages. Pure logic: the KVM VM is tested in tests/tests/migration.rs.
+#![expect(
+    clippy::undocumented_unsafe_blocks,
+    reason = "test RAM is only touched under the fake vCPU lock"
+)]
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use migevents::{MigrationEvent, Mode, Phase, Role};
+
+use crate::{
+    announce::{AnnounceSchedule, RARP_FRAME_LEN},
+    migration::{
+        MigrateOptions, MigrationError, MigrationSource, MigrationTarget, OnTimeout, Tracker, VmError,
+        VmIdentity,
+    },
+    protocol::Hello,
+    ram::{DirtyBitmap, GuestRam, PAGE_SIZE, RamRegion},
+    receive::{ReceiveOptions, ReceiveReport, receive},
+    source::migrate,
+    transport::{Endpoint, Listener},
+};
+
+const PAGES: u64 = 2048; // 8 MiB
+
+fn layout() -> Vec<RamRegion> {
+    vec![
+        RamRegion {
+            gpa: 0,
+            size: PAGES / 2 * PAGE_SIZE as u64,
+        },
+        RamRegion {
+            gpa: 1 << 32,
+            size: PAGES / 2 * PAGE_SIZE as u64,
+        },
+    ]
+}
+
+/// The fake vCPU: holds `lock` while it writes a page, checks `paused` under it.
+struct Guest {
+    ram: GuestRam,
+    lock: Mutex<()>,
+    paused: AtomicBool,
+    stop: AtomicBool,
+    dirty: Vec<AtomicU64>,
+    logging: AtomicBool,
+    writes: AtomicU64,
+}
+
+impl Guest {
+    fn write(&self, page: u64, value: u8) {
+        let _g = self.lock.lock().unwrap();
+        if self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        unsafe { self.ram.run_mut(page, 1).unwrap().fill(value) };
+        self.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::SeqCst);
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct FakeSource {
+    guest: Arc<Guest>,
+    dirtier: Option<JoinHandle<()>>,
+    pending: Vec<Vec<u8>>,
+    resumes: u32,
+    pauses: u32,
+    fail_save: bool,
+}
+
+impl FakeSource {
+    /// A source whose RAM holds some data; with `rate` > 0 a thread rewrites `working_set` pages at `rate` pages/s.
+    fn new(working_set: u64, rate: u64) -> Self {
+        let ram = GuestRam::anonymous(&layout()).unwrap();
+        for p in (0..PAGES).step_by(7) {
+            unsafe { ram.run_mut(p, 1).unwrap()[(p % 4096) as usize] = (p % 251) as u8 + 1 };
+        }
+        let guest = Arc::new(Guest {
+            ram,
+            lock: Mutex::new(()),
+            paused: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            dirty: (0..PAGES.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            logging: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+        });
+        let dirtier = (rate > 0).then(|| {
+            let g = guest.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut n = 0u64;
+                while !g.stop.load(Ordering::SeqCst) {
+                    let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                    while n < due {
+                        g.write(100 + n % working_set, (n % 200) as u8 + 1);
+                        n += 1;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        });
+        Self {
+            guest,
+            dirtier,
+            pending: Vec::new(),
+            resumes: 0,
+            pauses: 0,
+            fail_save: false,
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.guest.paused.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeSource {
+    fn drop(&mut self) {
+        self.guest.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.dirtier.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0xab, 0xcd, 0xef];
+
+impl MigrationSource for FakeSource {
+    fn identity(&self) -> VmIdentity {
+        VmIdentity {
+            mac: MAC,
+            ips: vec!["10.0.0.2".into()],
+            host: "fake".into(),
+            config: b"fake-config".to_vec(),
+        }
+    }
+    fn guest_ram(&self) -> GuestRam {
+        self.guest.ram.clone()
+    }
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        self.guest.logging.store(true, Ordering::SeqCst);
+        for w in &self.guest.dirty {
+            w.store(0, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, VmError> {
+        let words = self
+            .guest
+            .dirty
+            .iter()
+            .map(|w| w.swap(0, Ordering::SeqCst))
+            .collect();
+        Ok(DirtyBitmap::from_words(words, PAGES))
+    }
+    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+        self.guest.logging.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), VmError> {
+        let _g = self.guest.lock.lock().unwrap();
+        self.guest.paused.store(true, Ordering::SeqCst);
+        self.pauses += 1;
+        self.pending = vec![vec![0xaa; 64], vec![0xbb; 1514]];
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.guest.paused.store(false, Ordering::SeqCst);
+        self.resumes += 1;
+        Ok(())
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
+        if self.fail_save {
+            return Err("vcpu state unavailable".into());
+        }
+        Ok(vec![0x5a; 3000])
+    }
+    fn take_pending_frames(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.pending)
+    }
+    fn return_frames(&mut self, mut frames: Vec<Vec<u8>>) {
+        frames.append(&mut self.pending);
+        self.pending = frames;
+    }
+}
+
+#[derive(Default, Debug)]
+struct FakeTarget {
+    ram: Option<GuestRam>,
+    state: Vec<u8>,
+    running: bool,
+    sent: Vec<Vec<u8>>,
+    delivered: Vec<Vec<u8>>,
+    garps: u32,
+    scribble: bool,
+}
+
+impl MigrationTarget for FakeTarget {
+    fn guest_ram(&self) -> GuestRam {
+        self.ram.clone().unwrap()
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        self.state = state.to_vec();
+        if self.scribble {
+            unsafe { self.ram.as_ref().unwrap().run_mut(5, 1).unwrap()[0] ^= 0x40 };
+        }
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.running = true;
+        Ok(())
+    }
+    fn deliver_frames(&mut self, frames: Vec<Vec<u8>>) -> Result<(), VmError> {
+        assert!(self.running, "frames are delivered after resume");
+        self.delivered.extend(frames);
+        Ok(())
+    }
+    fn send_frame(&mut self, frame: &[u8]) -> Result<(), VmError> {
+        self.sent.push(frame.to_vec());
+        Ok(())
+    }
+    fn request_garp(&mut self) -> Result<(), VmError> {
+        self.garps += 1;
+        Ok(())
+    }
+}
+
+fn fast_announce() -> AnnounceSchedule {
+    AnnounceSchedule {
+        initial: Duration::from_millis(5),
+        max: Duration::from_millis(20),
+        rounds: 5,
+        step: Duration::from_millis(5),
+    }
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "migrator-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
+}
+
+type DestResult = Result<(FakeTarget, ReceiveReport), MigrationError>;
+
+/// Starts a receiver on a fresh TCP port; returns its endpoint and the thread.
+fn start_destination(
+    scribble: bool,
+    fail_create: bool,
+    events: PathBuf,
+) -> (Endpoint, JoinHandle<DestResult>) {
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = l.local_endpoint();
+    let t = std::thread::spawn(move || {
+        let stream = l.accept()?;
+        let opts = ReceiveOptions {
+            announce: fast_announce(),
+            idle_timeout: Duration::from_secs(3),
+            events: Some(events),
+            host: "dst".into(),
+        };
+        receive(
+            stream,
+            |h: &Hello| -> Result<FakeTarget, VmError> {
+                if fail_create {
+                    return Err("no /dev/kvm here".into());
+                }
+                assert_eq!(h.config, b"fake-config");
+                Ok(FakeTarget {
+                    ram: Some(GuestRam::anonymous(&h.regions)?),
+                    scribble,
+                    ..FakeTarget::default()
+                })
+            },
+            &opts,
+            &Tracker::default(),
+        )
+    });
+    (ep, t)
+}
+
+fn events_of(path: &PathBuf) -> Vec<MigrationEvent> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| MigrationEvent::from_line(l).unwrap())
+        .collect()
+}
+
+fn names(evs: &[MigrationEvent], role: Role) -> Vec<String> {
+    evs.iter()
+        .filter(|e| e.role == role)
+        .map(|e| {
+            let v = serde_json::to_value(&e.phase).unwrap();
+            v["event"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn ram_hash(ram: &GuestRam) -> u128 {
+    unsafe { ram.hash() }
+}
+
+#[test]
+fn live_idle_migrates_everything_and_announces() {
+    let events = temp_path("events");
+    let (ep, dst) = start_destination(false, false, events.clone());
+    let mut src = FakeSource::new(0, 0);
+    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    opts.verify = true;
+    let report = migrate(&mut src, &opts, Some(&events), &Tracker::default());
+    let (target, dreport) = dst
+        .join()
+        .unwrap()
+        .map_err(|e| crate::source::anyhow_like(&e))
+        .unwrap();
+    let report = report.unwrap();
+
+    assert!(
+        src.paused(),
+        "the source stays paused after a successful migration"
+    );
+    assert_eq!(src.resumes, 0);
+    assert_eq!(ram_hash(&src.guest.ram), ram_hash(&target.guest_ram()));
+    assert!(target.running);
+    assert_eq!(target.state, vec![0x5a; 3000]);
+    assert_eq!(
+        target.delivered,
+        vec![vec![0xaa; 64], vec![0xbb; 1514]],
+        "forwarded frames arrive in order"
+    );
+    assert_eq!(target.garps, 1);
+    assert_eq!(target.sent.len(), 5);
+    assert!(
+        target
+            .sent
+            .iter()
+            .all(|f| f.len() == RARP_FRAME_LEN && f[6..12] == MAC)
+    );
+    assert_eq!(report.rounds, 1, "an idle guest converges after round 0");
+    assert_eq!(report.data_pages, PAGES.div_ceil(7));
+    assert!(report.verified_hash.is_some());
+    assert!(report.pause_ms > 0.0 && report.total_ms >= report.pause_ms);
+    assert!(report.floor_ms > 0.0);
+    assert_eq!(dreport.forwarded_frames, 2);
+    assert_eq!(dreport.announces, 5);
+    assert_eq!(dreport.migration_id, report.migration_id);
+
+    let evs = events_of(&events);
+    assert!(
+        evs.iter()
+            .all(|e| e.migration_id == report.migration_id && e.mac == "52:54:00:ab:cd:ef")
+    );
+    let s = names(&evs, Role::Source);
+    assert_eq!(s, ["setup", "round", "pause", "round", "state_sent", "complete"]);
+    let d = names(&evs, Role::Destination);
+    assert_eq!(
+        d,
+        [
+            "setup",
+            "round",
+            "round",
+            "state_sent",
+            "resume",
+            "announce",
+            "announce",
+            "announce",
+            "announce",
+            "announce",
+            "complete"
+        ]
+    );
+    let ts: Vec<u64> = evs.iter().map(|e| e.ts_ns).collect();
+    let pause = evs.iter().find(|e| e.phase == Phase::Pause).unwrap().ts_ns;
+    let resume = evs.iter().find(|e| e.phase == Phase::Resume).unwrap().ts_ns;
+    assert!(pause < resume && ts.iter().all(|&t| t > 0));
+    let _ = std::fs::remove_file(events);
+}
+
+#[test]
+fn live_with_a_dirtier_iterates_and_stays_consistent() {
+    let events = temp_path("events");
+    let (ep, dst) = start_destination(false, false, events.clone());
+    // 512 pages rewritten at 20000 pages/s (80 MiB/s) against a tight budget: several rounds are needed.
+    let mut src = FakeSource::new(512, 20_000);
+    std::thread::sleep(Duration::from_millis(20));
+    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    opts.verify = true;
+    opts.downtime = Duration::from_millis(3);
+    opts.max_bandwidth = Some(200 << 20);
+    opts.timeout = Duration::from_secs(3);
+    let report = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap();
+    let (target, _) = dst.join().unwrap().unwrap();
+    assert!(src.guest.writes.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        ram_hash(&src.guest.ram),
+        ram_hash(&target.guest_ram()),
+        "every dirtied page made it"
+    );
+    assert!(report.rounds >= 1);
+    assert!(report.notes.iter().any(|n| n.contains("--max-bandwidth")));
+    let _ = std::fs::remove_file(events);
+}
+
+#[test]
+fn timeout_abort_keeps_the_guest_and_force_moves_it() {
+    let events = temp_path("events");
+    let (ep, dst) = start_destination(false, false, events.clone());
+    let mut src = FakeSource::new(1024, 200_000);
+    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    opts.downtime = Duration::from_micros(1);
+    opts.timeout = Duration::from_millis(150);
+    opts.on_timeout = OnTimeout::Abort;
+    opts.max_bandwidth = Some(50 << 20);
+    let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
+    assert!(matches!(err, MigrationError::NotConverged { .. }), "{err}");
+    assert!(!src.paused(), "an aborted pre-copy never paused the guest");
+    let derr = dst.join().unwrap().unwrap_err();
+    assert!(matches!(derr, MigrationError::SourceAborted { .. }), "{derr}");
+    assert!(names(&events_of(&events), Role::Source).ends_with(&["failed".into(), "rollback".into()]));
+
+    let (ep, dst) = start_destination(false, false, events.clone());
+    opts.to = ep;
+    opts.on_timeout = OnTimeout::Force;
+    opts.verify = true;
+    let report = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap();
+    let (target, _) = dst.join().unwrap().unwrap();
+    assert!(report.forced && report.rounds >= 1);
+    assert_eq!(ram_hash(&src.guest.ram), ram_hash(&target.guest_ram()));
+    let _ = std::fs::remove_file(events);
+}
+
+#[test]
+fn quick_via_file_with_extra_pause() {
+    let events = temp_path("events");
+    let file = temp_path("suspend");
+    let (ep, dst) = start_destination(false, false, events.clone());
+    let mut src = FakeSource::new(64, 5000);
+    let mut opts = MigrateOptions::new(ep, Mode::Quick);
+    opts.verify = true;
+    opts.via_file = Some(file.clone());
+    opts.extra_pause = Duration::from_millis(100);
+    let report = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap();
+    let (target, dreport) = dst.join().unwrap().unwrap();
+    assert_eq!(ram_hash(&src.guest.ram), ram_hash(&target.guest_ram()));
+    assert!(report.pause_ms >= 100.0 && (report.extra_pause_ms - 100.0).abs() < 1e-9);
+    assert!(report.notes.iter().any(|n| n.contains("--extra-pause")));
+    assert!(report.notes.iter().any(|n| n.contains("fsynced")));
+    assert!(std::fs::metadata(&file).unwrap().len() > report.data_pages * PAGE_SIZE as u64);
+    assert_eq!(dreport.forwarded_frames, 2);
+    assert!(dreport.pause_ms >= 100.0);
+    let s = names(&events_of(&events), Role::Source);
+    assert_eq!(s, ["setup", "pause", "round", "state_sent", "complete"]);
+    let _ = std::fs::remove_file(events);
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn quick_direct() {
+    let events = temp_path("events");
+    let (ep, dst) = start_destination(false, false, events.clone());
+    let mut src = FakeSource::new(0, 0);
+    let mut opts = MigrateOptions::new(ep, Mode::Quick);
+    opts.verify = true;
+    migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap();
+    let (target, _) = dst.join().unwrap().unwrap();
+    assert_eq!(ram_hash(&src.guest.ram), ram_hash(&target.guest_ram()));
+    let _ = std::fs::remove_file(events);
+}
+
+#[test]
+fn verify_mismatch_fails_loudly_and_rolls_back() {
+    let events = temp_path("events");
+    let (ep, dst) = start_destination(true, false, events.clone());
+    let mut src = FakeSource::new(0, 0);
+    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    opts.verify = true;
+    let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
+    assert!(
+        matches!(&err, MigrationError::DestinationAborted { reason } if reason.contains("hash mismatch")),
+        "{err}"
+    );
+    assert!(!src.paused() && src.resumes == 1, "the source resumed its guest");
+    assert_eq!(
+        src.pending.len(),
+        2,
+        "the frames that were forwarded are handed back to the source guest"
+    );
+    let derr = dst.join().unwrap().unwrap_err();
+    assert!(matches!(derr, MigrationError::VerifyMismatch { .. }));
+    let s = names(&events_of(&events), Role::Source);
+    assert!(
+        s.ends_with(&["failed".into(), "resume".into(), "rollback".into()]),
+        "{s:?}"
+    );
+    let _ = std::fs::remove_file(events);
+}
+
+#[test]
+fn destination_that_cannot_create_the_vm() {
+    let events = temp_path("events");
+    let (ep, dst) = start_destination(false, true, events.clone());
+    let mut src = FakeSource::new(0, 0);
+    let opts = MigrateOptions::new(ep, Mode::Live);
+    let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
+    assert!(err.to_string().contains("/dev/kvm"), "{err}");
+    assert!(!src.paused());
+    assert!(dst.join().unwrap().is_err());
+    let _ = std::fs::remove_file(events);
+}
+
+#[test]
+fn source_failure_while_paused_rolls_back() {
+    let events = temp_path("events");
+    let (ep, dst) = start_destination(false, false, events.clone());
+    let mut src = FakeSource::new(0, 0);
+    src.fail_save = true;
+    let err = migrate(
+        &mut src,
+        &MigrateOptions::new(ep, Mode::Live),
+        Some(&events),
+        &Tracker::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("save its state"), "{err}");
+    assert!(!src.paused() && src.resumes == 1);
+    let derr = dst.join().unwrap().unwrap_err();
+    assert!(derr.to_string().contains("vcpu state unavailable"), "{derr}");
+    let _ = std::fs::remove_file(events);
+}
+
+/// A relay between source and destination that, after `after` bytes, either flips one byte or cuts the
+/// connection (as if the destination died).
+fn relay(to: Endpoint, after: u64, corrupt: bool) -> Endpoint {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ep = Endpoint::Tcp(listener.local_addr().unwrap().to_string());
+    let Endpoint::Tcp(to) = to else { unreachable!() };
+    std::thread::spawn(move || {
+        let (mut from_src, _) = listener.accept().unwrap();
+        let mut to_dst = TcpStream::connect(to).unwrap();
+        let (mut back_src, mut back_dst) = (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_dst, &mut back_src);
+            let _ = back_src.shutdown(std::net::Shutdown::Both);
+        });
+        let mut seen = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from_src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &mut buf[..n];
+            if seen + n as u64 > after {
+                let i = (after.saturating_sub(seen)) as usize;
+                if corrupt {
+                    chunk[i] ^= 0x10;
+                    seen = u64::MAX / 2;
+                } else {
+                    let _ = to_dst.write_all(&chunk[..i]);
+                    let _ = to_dst.shutdown(std::net::Shutdown::Both);
+                    let _ = from_src.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+            }
+            seen = seen.saturating_add(n as u64);
+            if to_dst.write_all(chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to_dst.shutdown(std::net::Shutdown::Write);
+    });
+    ep
+}
+
+#[test]
+fn corrupted_stream_is_caught_and_the_source_rolls_back() {
+    for after in [10u64, 500, 200_000, 1_000_000] {
+        let events = temp_path("events");
+        let (ep, dst) = start_destination(false, false, events.clone());
+        let mut src = FakeSource::new(0, 0);
+        let mut opts = MigrateOptions::new(relay(ep, after, true), Mode::Live);
+        opts.verify = true;
+        let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
+        assert!(!src.paused(), "corruption at {after}: {err}");
+        let derr = dst.join().unwrap().unwrap_err();
+        let text = crate::source::anyhow_like(&derr);
+        assert!(text.contains("corrupted"), "corruption at {after}: {text}");
+        let _ = std::fs::remove_file(events);
+    }
+}
+
+#[test]
+fn destination_dying_mid_transfer_rolls_back() {
+    for after in [100u64, 300_000] {
+        let events = temp_path("events");
+        let (ep, dst) = start_destination(false, false, events.clone());
+        let mut src = FakeSource::new(256, 5000);
+        let opts = MigrateOptions::new(relay(ep, after, false), Mode::Live);
+        let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
+        assert!(!src.paused(), "cut at {after}: {err}");
+        let derr = dst.join().unwrap().unwrap_err();
+        assert!(
+            crate::source::anyhow_like(&derr).contains("closed"),
+            "cut at {after}: {derr}"
+        );
+        let _ = std::fs::remove_file(events);
+    }
+}

@@ -1,0 +1,265 @@
+//! Live migration by iterative pre-copy. The switch-over rule is in the crate documentation ([`crate`]).
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use migevents::Phase;
+
+use crate::{
+    migration::{MigrateOptions, MigrationError, MigrationSource, OnTimeout},
+    protocol::HEADER_SIZE,
+    ram::PAGE_SIZE,
+    source::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session},
+};
+
+/// RAM hash throughput assumed for `--verify` (xxh3 reads faster than this on any machine we run on).
+const HASH_RATE: f64 = 4.0 * (1u64 << 30) as f64;
+
+/// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
+static LAST_STATE_BYTES: AtomicU64 = AtomicU64::new(0);
+static LAST_STATE_NS: AtomicU64 = AtomicU64::new(0);
+
+/// The inputs of the switch-over rule.
+#[derive(Clone, Copy, Debug)]
+pub struct Estimate {
+    /// Pages in the dirty set now.
+    pub dirty_pages: u64,
+    /// Measured bandwidth, bytes/s.
+    pub bandwidth: u64,
+    /// State size (measured last time, or guessed).
+    pub state_bytes: u64,
+    /// Fixed state cost (save + restore; measured last time, or guessed).
+    pub state_time: Duration,
+    /// Bytes to hash at pause (`--verify`), 0 without.
+    pub hash_bytes: u64,
+}
+
+impl Estimate {
+    /// Bytes the final round would send: every dirty page with data, its share of an entry, plus the state.
+    pub fn remaining_bytes(&self) -> u64 {
+        self.dirty_pages * (PAGE_SIZE as u64 + 16) + self.state_bytes + 4 * HEADER_SIZE as u64
+    }
+
+    /// The expected pause.
+    pub fn pause(&self) -> Duration {
+        let transfer = self.remaining_bytes() as f64 / self.bandwidth.max(1) as f64;
+        let hash = self.hash_bytes as f64 / HASH_RATE;
+        Duration::from_secs_f64(transfer + hash) + self.state_time
+    }
+}
+
+/// The switch-over decision after a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Send another round.
+    Iterate,
+    /// Pause and finish: the estimate fits the budget.
+    SwitchOver,
+    /// Pause and finish anyway: `--timeout` with `--on-timeout force`.
+    Force,
+    /// Give up: `--timeout` with `--on-timeout abort`.
+    Abort,
+}
+
+/// The switch-over rule (see the crate documentation).
+pub fn decide(est: &Estimate, budget: Duration, timed_out: bool, on_timeout: OnTimeout) -> Decision {
+    if est.pause() <= budget {
+        Decision::SwitchOver
+    } else if timed_out {
+        match on_timeout {
+            OnTimeout::Force => Decision::Force,
+            OnTimeout::Abort => Decision::Abort,
+        }
+    } else {
+        Decision::Iterate
+    }
+}
+
+fn state_figures() -> (u64, Duration) {
+    match (
+        LAST_STATE_BYTES.load(Ordering::Relaxed),
+        LAST_STATE_NS.load(Ordering::Relaxed),
+    ) {
+        (0, _) | (_, 0) => (STATE_BYTES_GUESS, STATE_TIME_GUESS),
+        (b, ns) => (b, Duration::from_nanos(ns)),
+    }
+}
+
+/// Runs the live migration on an open session.
+pub fn run<S: MigrationSource>(
+    vm: &mut S,
+    opts: &MigrateOptions,
+    s: &mut Session,
+    progress: &mut Progress,
+) -> Result<(), MigrationError> {
+    vm.start_dirty_log()
+        .map_err(MigrationError::vm("start dirty logging"))?;
+    progress.dirty_log = true;
+    // Residency after the log started: a page touched after this is in the next dirty set.
+    let resident = s.ram.resident_pages();
+    let total = s.ram.total_pages();
+    let hash_bytes = if opts.verify {
+        resident.count_ones() * PAGE_SIZE as u64
+    } else {
+        0
+    };
+    s.tracker.update(|st| {
+        st.state = "precopy".into();
+        st.iteration = 0;
+        st.dirty_pages = total;
+        st.remaining_bytes = total * PAGE_SIZE as u64;
+    });
+    let r0 = s.send_round(0, 0..total, total, Some(&resident))?;
+    s.bandwidth.record(r0.bytes, r0.secs);
+    s.end_round(0, &r0)?;
+
+    let (state_bytes, state_time) = state_figures();
+    let deadline = s.started + opts.timeout;
+    let mut round = 1u32;
+    let (dirty, expected) = loop {
+        let dirty = vm
+            .take_dirty_pages()
+            .map_err(MigrationError::vm("read the dirty log"))?;
+        let est = Estimate {
+            dirty_pages: dirty.count_ones(),
+            bandwidth: s.bandwidth.rate(),
+            state_bytes,
+            state_time,
+            hash_bytes,
+        };
+        let expected = est.pause();
+        s.tracker.update(|st| {
+            st.iteration = round;
+            st.dirty_pages = est.dirty_pages;
+            st.remaining_bytes = est.remaining_bytes();
+            st.bandwidth = est.bandwidth;
+            st.expected_pause_ms = expected.as_secs_f64() * 1e3;
+            st.bytes_sent = s.writer.bytes();
+        });
+        match decide(&est, opts.downtime, Instant::now() >= deadline, opts.on_timeout) {
+            Decision::SwitchOver => break (dirty, expected),
+            Decision::Force => {
+                s.report.forced = true;
+                s.report.notes.push(format!(
+                    "did not converge within {:?}: switch-over forced with an expected pause of {:.1} ms",
+                    opts.timeout,
+                    expected.as_secs_f64() * 1e3
+                ));
+                break (dirty, expected);
+            }
+            Decision::Abort => {
+                return Err(MigrationError::NotConverged {
+                    timeout: opts.timeout,
+                    dirty_pages: est.dirty_pages,
+                    expected_ms: expected.as_secs_f64() * 1e3,
+                    budget_ms: opts.downtime.as_secs_f64() * 1e3,
+                });
+            }
+            Decision::Iterate => {}
+        }
+        let n = est.dirty_pages;
+        let st = s.send_round(round, dirty.iter_ones(), n, None)?;
+        s.bandwidth.record(st.bytes, st.secs);
+        s.end_round(round, &st)?;
+        round += 1;
+    };
+    s.report.rounds = round;
+
+    // Switch-over: everything from here to the ack is the pause.
+    let paused_at = Instant::now();
+    vm.pause().map_err(MigrationError::vm("pause"))?;
+    progress.paused = true;
+    let paused_ns = s.events.emit(Phase::Pause);
+    s.tracker.update(|st| st.state = "paused".into());
+    let bytes0 = s.writer.bytes();
+    let mut last = vm
+        .take_dirty_pages()
+        .map_err(MigrationError::vm("read the dirty log"))?;
+    last.union_with(&dirty);
+    let n = last.count_ones();
+    let st = s.send_round(round, last.iter_ones(), n, None)?;
+    s.end_round(round, &st)?;
+    vm.stop_dirty_log()
+        .map_err(MigrationError::vm("stop dirty logging"))?;
+    progress.dirty_log = false;
+    s.send_tail(vm, opts.verify, paused_ns)?;
+    s.report.final_bytes = s.writer.bytes() - bytes0;
+    s.tracker.update(|st| st.state = "completing".into());
+    let ack = s.await_ack(vm)?;
+    // The state cost for the next estimate: save + send here, restore + resume there (hashing excluded: it is
+    // estimated on its own).
+    LAST_STATE_BYTES.store(s.report.state_bytes.max(1), Ordering::Relaxed);
+    let state_ns = (s.report.state_ms * 1e6) as u64 + ack.restore_us * 1000;
+    LAST_STATE_NS.store(
+        state_ns.clamp(1, Duration::from_millis(50).as_nanos() as u64),
+        Ordering::Relaxed,
+    );
+    s.complete(paused_at, ack, expected.as_secs_f64() * 1e3);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn est(dirty_pages: u64) -> Estimate {
+        Estimate {
+            dirty_pages,
+            bandwidth: 1 << 30,
+            state_bytes: 64 << 10,
+            state_time: Duration::from_millis(1),
+            hash_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn rule() {
+        let budget = Duration::from_millis(30);
+        // 1 GiB/s: 30 ms is about 7600 pages after the state cost.
+        assert_eq!(
+            decide(&est(100), budget, false, OnTimeout::Abort),
+            Decision::SwitchOver
+        );
+        assert_eq!(
+            decide(&est(8192), budget, false, OnTimeout::Abort),
+            Decision::Iterate
+        );
+        assert_eq!(
+            decide(&est(8192), budget, true, OnTimeout::Abort),
+            Decision::Abort
+        );
+        assert_eq!(
+            decide(&est(8192), budget, true, OnTimeout::Force),
+            Decision::Force
+        );
+        // Fits even after the timeout: a normal switch-over.
+        assert_eq!(
+            decide(&est(0), budget, true, OnTimeout::Abort),
+            Decision::SwitchOver
+        );
+        let e = est(0);
+        assert!(e.pause() >= Duration::from_millis(1));
+        let hashed = Estimate {
+            hash_bytes: 4 << 30,
+            ..est(0)
+        };
+        assert!(
+            hashed.pause() >= Duration::from_millis(900),
+            "hashing 4 GiB is counted"
+        );
+    }
+
+    #[test]
+    fn bandwidth_estimator() {
+        let mut b = crate::source::Bandwidth::default();
+        assert_eq!(b.rate(), 1 << 30);
+        b.record(1000, 0.001);
+        assert_eq!(b.rate(), 1_000_000);
+        b.record(10 << 20, 0.01);
+        assert_eq!(b.rate(), (10u64 << 20) * 100);
+        b.record(10, 1.0); // tiny, latency-bound rounds do not drag it down
+        assert_eq!(b.rate(), (10u64 << 20) * 100);
+    }
+}

@@ -1,0 +1,404 @@
+//! The destination side: accept one migration, restore, resume, announce, acknowledge.
+//!
+//! The receiver never holds more than one message of page data: page batches are read straight into guest RAM
+//! (at most [`crate::source::BATCH_BYTES`] plus the entry table per message), so its own memory does not grow with
+//! the guest or the round.
+
+use std::{
+    io::BufReader,
+    path::PathBuf,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use migevents::{Mode, Phase, Role};
+
+use crate::{
+    announce::{AnnounceSchedule, rarp_frame},
+    migration::{Events, MigrationError, MigrationTarget, Tracker, VmError, mac_string},
+    protocol::{
+        Ack, HELLO_VERIFY, Hello, Incoming, Message, MessageReader, MessageWriter, ProtocolError, WireMode,
+    },
+    ram::{DirtyBitmap, GuestRam},
+    source::anyhow_like,
+    transport::Stream,
+};
+
+/// Options of the receiving side.
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    pub announce: AnnounceSchedule,
+    /// A source silent this long is given up on.
+    pub idle_timeout: Duration,
+    /// Where phase events go (unix socket or file).
+    pub events: Option<PathBuf>,
+    /// Host label for the events.
+    pub host: String,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self {
+            announce: AnnounceSchedule::default(),
+            idle_timeout: Duration::from_secs(60),
+            events: None,
+            host: String::new(),
+        }
+    }
+}
+
+/// What the destination saw.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ReceiveReport {
+    pub migration_id: String,
+    pub mode: String,
+    pub mac: String,
+    pub bytes: u64,
+    pub rounds: u32,
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    pub state_bytes: u64,
+    pub restore_us: u64,
+    pub resumed_ns: u64,
+    pub forwarded_frames: u64,
+    pub verified: bool,
+    pub announces: u32,
+    pub total_ms: f64,
+    /// Source pause to destination resume, ms, from the two ends' `CLOCK_MONOTONIC` stamps (valid when both ends
+    /// share a host clock, as in the testbed).
+    pub pause_ms: f64,
+}
+
+/// The layout of a RAM, as text for error messages.
+fn layout_text(r: &[crate::ram::RamRegion]) -> String {
+    r.iter()
+        .map(|r| format!("{:#x}+{:#x}", r.gpa, r.size))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Receives one migration on `stream`. `create` builds the VM from the hello (its configuration blob and layout).
+/// On success the guest runs here and the VM is returned; on failure the VM is dropped and the source rolls back.
+pub fn receive<T, F>(
+    stream: Stream,
+    create: F,
+    opts: &ReceiveOptions,
+    tracker: &Tracker,
+) -> Result<(T, ReceiveReport), MigrationError>
+where
+    T: MigrationTarget,
+    F: FnOnce(&Hello) -> Result<T, VmError>,
+{
+    let started = Instant::now();
+    let io = |e| MigrationError::Protocol(ProtocolError::Io(e));
+    stream.set_read_timeout(Some(opts.idle_timeout)).map_err(io)?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    let rd = stream.try_clone().map_err(io)?;
+    let mut reader = MessageReader::new(BufReader::with_capacity(256 << 10, rd));
+    let mut writer = MessageWriter::new(stream);
+    tracker.update(|s| s.state = "receiving".into());
+
+    let hello = match reader.recv_message("waiting for the hello") {
+        Ok(Message::Hello(h)) => h,
+        Ok(other) => {
+            let e: MigrationError = ProtocolError::Unexpected {
+                got: other.command(),
+                during: "waiting for the hello",
+            }
+            .into();
+            return Err(abort(&mut writer, None, e));
+        }
+        Err(e) => return Err(abort(&mut writer, None, e.into())),
+    };
+    let mode = match hello.mode {
+        WireMode::Live => Mode::Live,
+        WireMode::Quick => Mode::Quick,
+    };
+    let mut events = Events::open(
+        opts.events.as_deref(),
+        &hello.migration_id,
+        &mac_string(&hello.mac),
+        Role::Destination,
+    );
+    let total_bytes: u64 = hello.regions.iter().map(|r| r.size).sum();
+    events.emit(Phase::Setup {
+        mode,
+        ram_bytes: total_bytes,
+        ips: Vec::new(),
+        host: opts.host.clone(),
+    });
+    tracker.update(|s| {
+        s.migration_id = Some(hello.migration_id.clone());
+        s.mode = Some(crate::migration::mode_name(mode).into());
+    });
+    let mut target = match create(&hello) {
+        Ok(t) => t,
+        Err(source) => {
+            let e = MigrationError::Vm {
+                op: "be created for restore",
+                source,
+            };
+            return Err(abort(&mut writer, Some(&mut events), e));
+        }
+    };
+    let ram = target.guest_ram();
+    if ram.layout() != hello.regions {
+        let e = MigrationError::LayoutMismatch {
+            ours: layout_text(&hello.regions),
+            theirs: layout_text(&ram.layout()),
+        };
+        return Err(abort(&mut writer, Some(&mut events), e));
+    }
+    let mut report = ReceiveReport {
+        migration_id: hello.migration_id.clone(),
+        mode: crate::migration::mode_name(mode).into(),
+        mac: mac_string(&hello.mac),
+        verified: hello.flags & HELLO_VERIFY != 0,
+        ..ReceiveReport::default()
+    };
+    match run(
+        &mut target,
+        &ram,
+        &hello,
+        &mut reader,
+        &mut writer,
+        &mut events,
+        opts,
+        tracker,
+        &mut report,
+    ) {
+        Ok(()) => {}
+        Err(e) => return Err(abort(&mut writer, Some(&mut events), e)),
+    }
+    // The guest runs here now: finish the announce while draining the source's last frames.
+    finish(&mut target, reader, &hello, &mut events, opts, &mut report);
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    events.emit(Phase::Complete {
+        total_ms: report.total_ms,
+        pause_ms: report.pause_ms,
+        bytes: report.bytes,
+    });
+    tracker.update(|s| s.state = "running".into());
+    Ok((target, report))
+}
+
+/// Tells the source (best effort) and the monitor why, and returns the error.
+fn abort(
+    writer: &mut MessageWriter<Stream>,
+    events: Option<&mut Events>,
+    e: MigrationError,
+) -> MigrationError {
+    let reason = anyhow_like(&e);
+    if !matches!(e, MigrationError::SourceAborted { .. }) {
+        let _ignored = writer.send(&Message::Abort(reason.clone()));
+    }
+    writer.get_mut().shutdown();
+    if let Some(ev) = events {
+        ev.emit(Phase::Failed { reason });
+    }
+    e
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the parts are the receive session"
+)]
+fn run<T: MigrationTarget>(
+    target: &mut T,
+    ram: &GuestRam,
+    hello: &Hello,
+    reader: &mut MessageReader<BufReader<Stream>>,
+    writer: &mut MessageWriter<Stream>,
+    events: &mut Events,
+    opts: &ReceiveOptions,
+    tracker: &Tracker,
+    report: &mut ReceiveReport,
+) -> Result<(), MigrationError> {
+    // Pages never touched here read as zero and need no zeroing.
+    let mut maybe_nonzero: DirtyBitmap = ram.resident_pages();
+    writer.send(&Message::HelloAck)?;
+    let mut state = None;
+    let mut hash = None;
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let paused_ns = loop {
+        match reader.recv()? {
+            Incoming::Pages(h) => {
+                // SAFETY: the target has not been resumed: its guest does not run, and nothing else touches its
+                // RAM until `resume` below.
+                let got = unsafe { reader.read_pages(&h, ram, &mut maybe_nonzero)? };
+                report.data_pages += got.data_pages;
+                report.zero_pages += got.zero_pages;
+            }
+            Incoming::Message(Message::RoundEnd(r)) => {
+                report.rounds = r.round + 1;
+                events.emit(Phase::Round {
+                    n: r.round,
+                    pages: r.pages,
+                    bytes: r.bytes,
+                    bandwidth: r.bandwidth,
+                });
+                tracker.update(|s| {
+                    s.iteration = r.round;
+                    s.bandwidth = r.bandwidth;
+                    s.bytes_sent = reader.bytes();
+                });
+            }
+            Incoming::Message(Message::Verify(h)) => hash = Some(h),
+            Incoming::Message(Message::State(s)) => state = Some(s),
+            Incoming::Message(Message::Frames(f)) => {
+                if frames.len() + f.len() > 1 << 16 {
+                    return Err(ProtocolError::Malformed {
+                        command: crate::protocol::Command::Frames,
+                        what: "more than 65536 frames queued at the source".into(),
+                    }
+                    .into());
+                }
+                frames.extend(f);
+            }
+            Incoming::Message(Message::Complete { paused_ns }) => break paused_ns,
+            Incoming::Message(Message::Abort(reason)) => {
+                return Err(MigrationError::SourceAborted { reason });
+            }
+            Incoming::Message(other) => {
+                return Err(ProtocolError::Unexpected {
+                    got: other.command(),
+                    during: "receiving the migration",
+                }
+                .into());
+            }
+        }
+    };
+    let Some(state) = state else {
+        return Err(ProtocolError::Malformed {
+            command: crate::protocol::Command::Complete,
+            what: "complete before any state".into(),
+        }
+        .into());
+    };
+    events.emit(Phase::StateSent);
+    report.state_bytes = state.len() as u64;
+    let t_restore = Instant::now();
+    target
+        .restore_state(&state)
+        .map_err(MigrationError::vm("restore its state"))?;
+    let mut restore = t_restore.elapsed();
+    if hello.flags & HELLO_VERIFY != 0 {
+        let Some(source_hash) = hash else {
+            return Err(ProtocolError::Malformed {
+                command: crate::protocol::Command::Complete,
+                what: "verification was announced but no hash came".into(),
+            }
+            .into());
+        };
+        // SAFETY: the guest has not run yet; nothing writes its RAM.
+        let here = unsafe { ram.hash() };
+        if here != source_hash {
+            eprintln!(
+                "migrator: RAM VERIFICATION FAILED: source {source_hash:032x} != destination {here:032x}"
+            );
+            return Err(MigrationError::VerifyMismatch {
+                source_hash,
+                destination: here,
+            });
+        }
+    }
+    let t_resume = Instant::now();
+    target.resume().map_err(MigrationError::vm("resume"))?;
+    restore += t_resume.elapsed();
+    report.restore_us = restore.as_micros() as u64;
+    let resumed_ns = events.emit(Phase::Resume);
+    report.resumed_ns = resumed_ns;
+    report.pause_ms = resumed_ns.saturating_sub(paused_ns) as f64 / 1e6;
+    report.forwarded_frames += frames.len() as u64;
+    if !frames.is_empty()
+        && let Err(e) = target.deliver_frames(frames)
+    {
+        eprintln!("migrator: warning: could not deliver forwarded frames: {e}");
+    }
+    // The first announce goes out before the ack, so the bridges re-learn as early as possible.
+    if opts.announce.rounds > 0 {
+        announce(target, hello.mac, 0, events, report);
+    }
+    writer.send(&Message::Ack(Ack {
+        resumed_ns,
+        restore_us: report.restore_us,
+    }))?;
+    report.bytes = reader.bytes() + writer.bytes();
+    Ok(())
+}
+
+fn announce<T: MigrationTarget>(
+    target: &mut T,
+    mac: [u8; 6],
+    n: u32,
+    events: &mut Events,
+    report: &mut ReceiveReport,
+) {
+    if let Err(e) = target.send_frame(&rarp_frame(mac)) {
+        eprintln!("migrator: warning: announce {n} failed: {e}");
+    }
+    if n == 0
+        && let Err(e) = target.request_garp()
+    {
+        eprintln!("migrator: warning: could not ask the guest for a gratuitous ARP: {e}");
+    }
+    events.emit(Phase::Announce { n });
+    report.announces = n + 1;
+}
+
+/// After the ack: the rest of the announce schedule, while frames the source still forwards are delivered.
+fn finish<T: MigrationTarget>(
+    target: &mut T,
+    mut reader: MessageReader<BufReader<Stream>>,
+    hello: &Hello,
+    events: &mut Events,
+    opts: &ReceiveOptions,
+    report: &mut ReceiveReport,
+) {
+    let resumed = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    let drain = std::thread::spawn(move || {
+        let _ignored = reader
+            .get_ref()
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(5)));
+        // Frames until Close (or an error: the source is gone, which is fine now).
+        while let Ok(Message::Frames(f)) = reader.recv_message("after the ack") {
+            if tx.send(f).is_err() {
+                break;
+            }
+        }
+    });
+    let offsets = opts.announce.offsets();
+    let mut rx_open = true;
+    for (n, at) in offsets.iter().enumerate().skip(1) {
+        loop {
+            let left = at.saturating_sub(resumed.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            if !rx_open {
+                std::thread::sleep(left);
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(frames) => {
+                    report.forwarded_frames += frames.len() as u64;
+                    if let Err(e) = target.deliver_frames(frames) {
+                        eprintln!("migrator: warning: could not deliver forwarded frames: {e}");
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => rx_open = false,
+            }
+        }
+        announce(target, hello.mac, n as u32, events, report);
+    }
+    for frames in &rx {
+        report.forwarded_frames += frames.len() as u64;
+        let _ignored = target.deliver_frames(frames);
+    }
+    let _ignored = drain.join();
+}

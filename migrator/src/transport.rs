@@ -1,0 +1,399 @@
+//! Migration transports: `tcp:HOST:PORT` and `unix:PATH`.
+//!
+//! Both are plain byte streams. The sender writes large vectored batches; socket buffers are raised to 4 MiB so a
+//! batch is rarely split by the kernel.
+
+use std::{
+    fmt,
+    io::{self, Read, Write},
+    net::{TcpListener, TcpStream, ToSocketAddrs},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::net::{UnixListener, UnixStream},
+    },
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Socket buffer size asked for on both ends.
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+/// Where a migration stream goes: `tcp:HOST:PORT` or `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Endpoint {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+/// Errors of the transports.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("bad endpoint {0:?}: use tcp:HOST:PORT or unix:PATH")]
+    Parse(String),
+    #[error("cannot connect to {endpoint}: is `migrator receive --listen {endpoint}` running there?")]
+    Connect {
+        endpoint: Endpoint,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {endpoint}: is the address in use or the directory missing?")]
+    Listen {
+        endpoint: Endpoint,
+        #[source]
+        source: io::Error,
+    },
+    #[error("accepting a migration connection on {endpoint} failed")]
+    Accept {
+        endpoint: Endpoint,
+        #[source]
+        source: io::Error,
+    },
+    #[error("socket option {option} failed")]
+    SocketOption {
+        option: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = TransportError;
+    fn from_str(s: &str) -> Result<Self, TransportError> {
+        if let Some(a) = s.strip_prefix("tcp:") {
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if ok {
+                return Ok(Self::Tcp(a.to_owned()));
+            }
+        } else if let Some(p) = s.strip_prefix("unix:")
+            && !p.is_empty()
+        {
+            return Ok(Self::Unix(PathBuf::from(p)));
+        }
+        Err(TransportError::Parse(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for Endpoint {
+    type Error = TransportError;
+    fn try_from(s: String) -> Result<Self, TransportError> {
+        s.parse()
+    }
+}
+
+impl From<Endpoint> for String {
+    fn from(e: Endpoint) -> String {
+        e.to_string()
+    }
+}
+
+/// A connected migration stream.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+fn setsockopt(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+    option: &'static str,
+) -> Result<(), TransportError> {
+    // SAFETY: `value` is a live c_int and its size is passed; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(TransportError::SocketOption {
+            option,
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+impl Stream {
+    /// Connects, with a connect timeout for TCP.
+    pub fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Self, TransportError> {
+        let err = |source| TransportError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let s = match endpoint {
+            Endpoint::Tcp(a) => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
+                let mut found = None;
+                for addr in a.to_socket_addrs().map_err(err)? {
+                    match TcpStream::connect_timeout(&addr, timeout) {
+                        Ok(s) => {
+                            found = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Self::Tcp(found.ok_or_else(|| err(last))?)
+            }
+            Endpoint::Unix(p) => Self::Unix(UnixStream::connect(p).map_err(err)?),
+        };
+        s.tune()?;
+        Ok(s)
+    }
+
+    fn tune(&self) -> Result<(), TransportError> {
+        let fd = self.as_raw_fd();
+        if let Self::Tcp(t) = self {
+            t.set_nodelay(true)
+                .map_err(|source| TransportError::SocketOption {
+                    option: "TCP_NODELAY",
+                    source,
+                })?;
+        }
+        // Best effort: the kernel caps these at net.core.{w,r}mem_max.
+        let _ignored = setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, SOCKET_BUFFER, "SO_SNDBUF");
+        let _ignored = setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, SOCKET_BUFFER, "SO_RCVBUF");
+        Ok(())
+    }
+
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+            Self::Unix(s) => Self::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(t),
+            Self::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_write_timeout(t),
+            Self::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Closes both directions, waking a peer blocked on us.
+    pub fn shutdown(&self) {
+        let _ignored = match self {
+            Self::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Self::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    /// Waits up to `timeout` for the stream to be readable (data or EOF).
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        wait_readable(self.as_raw_fd(), timeout)
+    }
+}
+
+/// `poll(2)` for readability of one fd.
+pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid pollfd, count 1.
+    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    match rc {
+        -1 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A bound listener; a unix socket file is removed on drop.
+#[derive(Debug)]
+pub struct Listener {
+    endpoint: Endpoint,
+    inner: ListenerInner,
+}
+
+#[derive(Debug)]
+enum ListenerInner {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Binds; a stale unix socket file at the path is replaced.
+    pub fn bind(endpoint: &Endpoint) -> Result<Self, TransportError> {
+        let err = |source| TransportError::Listen {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let inner = match endpoint {
+            Endpoint::Tcp(a) => ListenerInner::Tcp(TcpListener::bind(a.as_str()).map_err(err)?),
+            Endpoint::Unix(p) => {
+                if std::fs::metadata(p)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    let _ignored = std::fs::remove_file(p);
+                }
+                ListenerInner::Unix(UnixListener::bind(p).map_err(err)?)
+            }
+        };
+        Ok(Self {
+            endpoint: endpoint.clone(),
+            inner,
+        })
+    }
+
+    /// The endpoint actually bound (with the real port when 0 was asked for).
+    pub fn local_endpoint(&self) -> Endpoint {
+        match &self.inner {
+            ListenerInner::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| self.endpoint.clone(), |a| Endpoint::Tcp(a.to_string())),
+            ListenerInner::Unix(_) => self.endpoint.clone(),
+        }
+    }
+
+    /// Waits for one connection.
+    pub fn accept(&self) -> Result<Stream, TransportError> {
+        let err = |source| TransportError::Accept {
+            endpoint: self.endpoint.clone(),
+            source,
+        };
+        let s = match &self.inner {
+            ListenerInner::Tcp(l) => Stream::Tcp(l.accept().map_err(err)?.0),
+            ListenerInner::Unix(l) => Stream::Unix(l.accept().map_err(err)?.0),
+        };
+        s.tune()?;
+        Ok(s)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let (ListenerInner::Unix(_), Endpoint::Unix(p)) = (&self.inner, &self.endpoint) {
+            let _ignored = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_endpoints() {
+        assert_eq!(
+            "tcp:10.0.0.1:4444".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("10.0.0.1:4444".into())
+        );
+        assert_eq!(
+            "tcp:[::1]:4444".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("[::1]:4444".into())
+        );
+        assert_eq!(
+            "unix:/tmp/x".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/tmp/x".into())
+        );
+        for bad in ["tcp:host", "tcp::1", "tcp:h:99999", "unix:", "udp:1:2", ""] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+        let e: Endpoint = "tcp:a:1".parse().unwrap();
+        assert_eq!(e.to_string(), "tcp:a:1");
+    }
+
+    #[test]
+    fn tcp_and_unix_connect() {
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let ep = l.local_endpoint();
+        let t = std::thread::spawn(move || {
+            let mut s = l.accept().unwrap();
+            let mut b = [0u8; 3];
+            s.read_exact(&mut b).unwrap();
+            b
+        });
+        let mut c = Stream::connect(&ep, Duration::from_secs(5)).unwrap();
+        c.write_all(b"abc").unwrap();
+        assert_eq!(&t.join().unwrap(), b"abc");
+
+        let path = std::env::temp_dir().join(format!("migrator-test-{}.sock", std::process::id()));
+        let ep = Endpoint::Unix(path.clone());
+        let l = Listener::bind(&ep).unwrap();
+        let c = Stream::connect(&ep, Duration::from_secs(5)).unwrap();
+        let s = l.accept().unwrap();
+        assert!(!s.wait_readable(Duration::from_millis(1)).unwrap());
+        drop(c);
+        assert!(
+            s.wait_readable(Duration::from_secs(5)).unwrap(),
+            "EOF is readable"
+        );
+        drop(l);
+        assert!(!path.exists(), "the socket file is removed");
+    }
+}

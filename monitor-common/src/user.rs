@@ -1,0 +1,321 @@
+//! User-space side: `aya::Pod` impls and decoding of ring buffer records.
+
+use core::{fmt, mem::size_of};
+
+use crate::{
+    ArpEvent, EventHeader, EventKind, FdbEvent, MacCounters, MacKey, MacSeenEvent, ProbeConfig, TcpEvent,
+    UnknownKind,
+};
+
+/// Plain data: every bit pattern is valid, no padding the compiler adds (asserted by the size checks in lib.rs).
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: the type is #[repr(C)], made only of integers and byte arrays with explicit padding fields, so
+        // any bit pattern is a valid value and it has no implicit padding.
+        unsafe impl aya::Pod for $t {}
+        impl PlainData for $t {}
+    )*};
+}
+
+/// Types that may be read from any bytes of the right length.
+trait PlainData: Copy {}
+
+pod!(
+    EventHeader,
+    TcpEvent,
+    ArpEvent,
+    FdbEvent,
+    MacSeenEvent,
+    MacKey,
+    MacCounters,
+    ProbeConfig
+);
+
+/// A ring buffer record, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireEvent {
+    /// One of the five TCP kinds (see `kind`).
+    Tcp(EventKind, TcpEvent),
+    Arp(ArpEvent),
+    Fdb(FdbEvent),
+    MacSeen(MacSeenEvent),
+}
+
+impl WireEvent {
+    /// The common header.
+    pub fn header(&self) -> &EventHeader {
+        match self {
+            WireEvent::Tcp(_, e) => &e.header,
+            WireEvent::Arp(e) => &e.header,
+            WireEvent::Fdb(e) => &e.header,
+            WireEvent::MacSeen(e) => &e.header,
+        }
+    }
+}
+
+/// Why a record could not be decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than the header or than its kind's layout.
+    Short { kind: u32, need: usize, got: usize },
+    /// A kind this version does not know.
+    UnknownKind(u32),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Short { kind, need, got } => {
+                write!(f, "record of kind {kind} is {got} bytes, its layout needs {need}")
+            }
+            DecodeError::UnknownKind(k) => write!(f, "unknown record kind {k}"),
+        }
+    }
+}
+
+impl core::error::Error for DecodeError {}
+
+impl From<UnknownKind> for DecodeError {
+    fn from(e: UnknownKind) -> Self {
+        DecodeError::UnknownKind(e.0)
+    }
+}
+
+fn read<T: PlainData>(kind: u32, bytes: &[u8]) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short {
+            kind,
+            need,
+            got: bytes.len(),
+        });
+    }
+    // SAFETY: `bytes` holds at least size_of::<T>() bytes (checked above), `read_unaligned` has no alignment
+    // requirement, and T is plain data for which every bit pattern is valid (PlainData is only implemented by
+    // the `pod!` types).
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// Decodes one ring buffer record. Extra trailing bytes are ignored (a newer kernel side may append fields).
+pub fn decode(bytes: &[u8]) -> Result<WireEvent, DecodeError> {
+    let header: EventHeader = read(0, bytes)?;
+    let kind = EventKind::try_from(header.kind)?;
+    Ok(match kind {
+        EventKind::TcpRetransmit
+        | EventKind::TcpState
+        | EventKind::TcpError
+        | EventKind::TcpResetIn
+        | EventKind::TcpResetOut => WireEvent::Tcp(kind, read(header.kind, bytes)?),
+        EventKind::Arp => WireEvent::Arp(read(header.kind, bytes)?),
+        EventKind::FdbUpdate => WireEvent::Fdb(read(header.kind, bytes)?),
+        EventKind::MacSeen => WireEvent::MacSeen(read(header.kind, bytes)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::{AF_INET, AF_INET6, DIR_EGRESS, FRAME_CAPTURE};
+
+    /// Little-endian byte builder for fixtures written field by field, independently of the Rust layout.
+    #[derive(Default)]
+    struct Bytes(Vec<u8>);
+    impl Bytes {
+        fn u8(mut self, v: u8) -> Self {
+            self.0.push(v);
+            self
+        }
+        fn u16(mut self, v: u16) -> Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn u32(mut self, v: u32) -> Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn u64(mut self, v: u64) -> Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn raw(mut self, v: &[u8]) -> Self {
+            self.0.extend_from_slice(v);
+            self
+        }
+        fn header(self, kind: u32, cpu: u32, ts: u64) -> Self {
+            self.u32(kind).u32(cpu).u64(ts)
+        }
+    }
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..4].copy_from_slice(&a);
+        out
+    }
+
+    #[test]
+    fn tcp_retransmit_fixture() {
+        let b = Bytes::default()
+            .header(1, 3, 123_456)
+            .u16(AF_INET)
+            .u16(40000)
+            .u16(7)
+            .u16(0)
+            .raw(&v4([10, 0, 0, 1]))
+            .raw(&v4([10, 0, 0, 2]))
+            .u64(4_026_531_840)
+            .u32(1) // state ESTABLISHED
+            .u32(0)
+            .u32(0)
+            .u32(2) // retransmits
+            .u32(2) // backoff
+            .u32(200) // rto jiffies
+            .u32(8000) // srtt_us << 3
+            .u32(0);
+        assert_eq!(b.0.len(), size_of::<TcpEvent>());
+        let WireEvent::Tcp(kind, e) = decode(&b.0).unwrap() else {
+            panic!("not tcp")
+        };
+        assert_eq!(kind, EventKind::TcpRetransmit);
+        assert_eq!(e.header.cpu, 3);
+        assert_eq!(e.header.ts_ns, 123_456);
+        assert_eq!(e.tuple.family, AF_INET);
+        assert_eq!((e.tuple.sport, e.tuple.dport), (40000, 7));
+        assert_eq!(&e.tuple.saddr[..4], &[10, 0, 0, 1]);
+        assert_eq!(&e.tuple.daddr[..4], &[10, 0, 0, 2]);
+        assert_eq!(e.netns, 4_026_531_840);
+        assert_eq!(
+            (e.state, e.retransmits, e.backoff, e.rto_jiffies, e.srtt_us8),
+            (1, 2, 2, 200, 8000)
+        );
+    }
+
+    #[test]
+    fn every_tcp_kind_decodes_v6() {
+        for kind in 1..=5u32 {
+            let mut saddr = [0u8; 16];
+            saddr[15] = 1;
+            let b = Bytes::default()
+                .header(kind, 0, 9)
+                .u16(AF_INET6)
+                .u16(1)
+                .u16(2)
+                .u16(0)
+                .raw(&saddr)
+                .raw(&saddr)
+                .u64(0)
+                .u32(1)
+                .u32(7)
+                .u32(110)
+                .u32(0)
+                .u32(0)
+                .u32(0)
+                .u32(0)
+                .u32(6);
+            let WireEvent::Tcp(k, e) = decode(&b.0).unwrap() else {
+                panic!("not tcp")
+            };
+            assert_eq!(k as u32, kind);
+            assert_eq!(e.tuple.family, AF_INET6);
+            assert_eq!(e.tuple.saddr[15], 1);
+            assert_eq!((e.state, e.new_state, e.errno, e.reason), (1, 7, 110, 6));
+        }
+    }
+
+    #[test]
+    fn arp_fixture() {
+        let mut frame = [0u8; FRAME_CAPTURE];
+        frame[..6].copy_from_slice(&[0xff; 6]);
+        let b = Bytes::default()
+            .header(6, 1, 5)
+            .u32(7) // ifindex
+            .u32(2) // netns id
+            .u16(0x8035)
+            .u16(3)
+            .u16(100)
+            .u16(200)
+            .u16(2)
+            .u16(0)
+            .raw(&[0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            .raw(&[0, 0])
+            .raw(&[0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            .raw(&[0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            .raw(&[0; 4])
+            .raw(&[0; 4])
+            .u32(60)
+            .u32(60)
+            .raw(&frame);
+        assert_eq!(b.0.len(), size_of::<ArpEvent>());
+        let WireEvent::Arp(e) = decode(&b.0).unwrap() else {
+            panic!("not arp")
+        };
+        assert_eq!((e.ifindex, e.netns_id, e.ethertype, e.op), (7, 2, 0x8035, 3));
+        assert_eq!((e.vlan, e.vlan_count), ([100, 200], 2));
+        assert_eq!(e.src_mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(e.tha, e.sha);
+        assert_eq!((e.frame_len, e.cap_len), (60, 60));
+        assert_eq!(&e.frame[..6], &[0xff; 6]);
+    }
+
+    #[test]
+    fn fdb_fixture() {
+        let mut br = [0u8; 16];
+        br[..3].copy_from_slice(b"br0");
+        let mut dev = [0u8; 16];
+        dev[..5].copy_from_slice(b"veth1");
+        let b = Bytes::default()
+            .header(7, 0, 77)
+            .raw(&br)
+            .raw(&dev)
+            .raw(&[2, 0, 0, 0, 0, 1])
+            .u16(10);
+        let WireEvent::Fdb(e) = decode(&b.0).unwrap() else {
+            panic!("not fdb")
+        };
+        assert_eq!(&e.br_dev[..4], b"br0\0");
+        assert_eq!(&e.dev[..6], b"veth1\0");
+        assert_eq!(e.mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(e.vid, 10);
+    }
+
+    #[test]
+    fn mac_seen_fixture() {
+        let b = Bytes::default()
+            .header(8, 0, 1000)
+            .raw(&[2, 0, 0, 0, 0, 9])
+            .u8(DIR_EGRESS)
+            .u8(0)
+            .u32(12)
+            .u32(1)
+            .u64(60_000_000);
+        let WireEvent::MacSeen(e) = decode(&b.0).unwrap() else {
+            panic!("not mac_seen")
+        };
+        assert_eq!(e.mac, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(
+            (e.direction, e.ifindex, e.netns_id, e.gap_ns),
+            (DIR_EGRESS, 12, 1, 60_000_000)
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_and_short_records() {
+        for kind in [0u32, 9, 0xdead_beef] {
+            let b = Bytes::default().header(kind, 0, 0).raw(&[0; 200]);
+            assert_eq!(decode(&b.0), Err(DecodeError::UnknownKind(kind)));
+            assert!(EventKind::try_from(kind).is_err());
+        }
+        assert!(matches!(decode(&[1, 0, 0]), Err(DecodeError::Short { .. })));
+        let b = Bytes::default().header(6, 0, 0).raw(&[0; 10]);
+        assert_eq!(
+            decode(&b.0),
+            Err(DecodeError::Short {
+                kind: 6,
+                need: 200,
+                got: 26
+            })
+        );
+    }
+}

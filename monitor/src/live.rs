@@ -1,0 +1,331 @@
+//! The correlation inside `migmon watch`: the pause-window sources (`--events-listen`, `--events`, `--qmp`), the
+//! Prometheus endpoint (`--metrics`), a live line per migration once it settles, and the CI gate
+//! (`--until-migrations N` with the `check` limits).
+//!
+//! A migration is settled when every connection judged against it has a final fate (aborted, or forward progress
+//! seen), or `--settle` after its resume (event time), whichever comes first.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError, mpsc::Sender},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    check,
+    cli::{LimitArgs, parse_duration},
+    correlate::{Analysis, Fate, MigrationReport, fmt_dur},
+    metrics::{self, Metrics},
+    pause::{self, SourceHandle},
+    trace::Event,
+    watch::{Control, Flow, Observer},
+};
+
+/// The `migmon watch` flags of the correlation work.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LiveArgs {
+    /// Listen on this unix socket (mode 0600) for migrator phase events (`migrator ... --events PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub events_listen: Option<PathBuf>,
+    /// Follow this file of migrator phase events as it grows.
+    #[arg(long = "events", value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Follow a QEMU QMP socket for STOP/RESUME/MIGRATION events. Repeatable (source and destination).
+    #[arg(long = "qmp", value_name = "PATH")]
+    pub qmp: Vec<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Stop after N migrations have settled, check them against the limits and exit 0 (within) or 1 (exceeded).
+    #[arg(long, value_name = "N")]
+    pub until_migrations: Option<usize>,
+    /// How long after a resume to wait for connections to show their fate before a migration counts as settled.
+    #[arg(long, value_name = "D", default_value = "5s", value_parser = parse_duration)]
+    pub settle: u64,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Events handed from the consumer to the gate thread, and the gate's verdict.
+#[derive(Default)]
+struct Gate {
+    incoming: Vec<Event>,
+    done: Option<i32>,
+}
+
+/// What the gate thread saw, handed back when it ends.
+#[derive(Default)]
+struct Seen {
+    events: Vec<Event>,
+    printed: Vec<String>,
+}
+
+/// The running parts; [`Live::finish`] stops them and gives the final exit code.
+pub struct Live {
+    sources: Vec<SourceHandle>,
+    gate: Arc<Mutex<Gate>>,
+    thread: std::thread::JoinHandle<Seen>,
+    args: LiveArgs,
+}
+
+/// Whether every judged connection has a final fate, or the settle time has passed.
+fn settled(m: &MigrationReport, now: u64, settle: u64) -> bool {
+    let Some(resume) = m.timeline.resume.as_ref().map(|r| r.ts_ns) else {
+        return false;
+    };
+    if now >= resume.saturating_add(settle) {
+        return true;
+    }
+    !m.connections.is_empty()
+        && m.connections
+            .iter()
+            .all(|c| c.fate.is_aborted() || (c.fate == Fate::Survived && c.first_progress_ns.is_some()))
+}
+
+/// The one-line summary printed when a migration settles.
+pub fn live_line(m: &MigrationReport) -> String {
+    let fig = |f: &Option<crate::correlate::Figure>| {
+        f.as_ref()
+            .map_or_else(|| "–".to_owned(), |f| format!("{} [{}]", fmt_dur(f.ns), f.source))
+    };
+    let mut reasons: Vec<String> = Vec::new();
+    for c in &m.connections {
+        if let Fate::Aborted { reason, .. } = c.fate {
+            reasons.push(format!("{}:{} {reason}", c.tuple.daddr, c.tuple.dport));
+        }
+    }
+    format!(
+        "migmon: migration {} ({}) {}: vCPU pause {}, blackout {}, convergence {}; {} survived, {} aborted{}",
+        m.id,
+        m.mode.as_deref().unwrap_or("?"),
+        m.outcome,
+        fig(&m.downtime.vcpu_pause),
+        fig(&m.downtime.blackout),
+        fig(&m.downtime.convergence),
+        m.survived,
+        m.aborted,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        }
+    )
+}
+
+fn analysis_of(events: &[Event]) -> Analysis {
+    let mut a = crate::correlate::correlate(events);
+    a.lost_events = events
+        .iter()
+        .map(|e| {
+            if let Event::Loss { count, .. } = e {
+                *count
+            } else {
+                0
+            }
+        })
+        .sum();
+    if a.lost_events > 0 {
+        a.warnings.insert(
+            0,
+            format!(
+                "{} events were lost in the kernel (ring buffer full)",
+                a.lost_events
+            ),
+        );
+    }
+    a
+}
+
+/// Starts the sources and observers the flags ask for.
+pub fn start(
+    args: &LiveArgs,
+    tx: &Sender<Event>,
+    control: &Control,
+    observers: &mut Vec<Observer>,
+) -> Result<Live> {
+    // Every source's events go into the pipeline; a pause also triggers an immediate MAC-stats sample, so the frames
+    // black-holed after it are counted from that instant.
+    let emit = |tx: Sender<Event>| {
+        let control = control.clone();
+        move |ev: Event| {
+            if pause::is_pause(&ev) {
+                control.request_sample();
+            }
+            tx.send(ev).is_ok()
+        }
+    };
+    let mut sources = Vec::new();
+    if let Some(p) = &args.events_listen {
+        sources.push(
+            pause::migrator::listen(p, emit(tx.clone()))
+                .with_context(|| format!("cannot listen for migrator events on {}", p.display()))?,
+        );
+        eprintln!("migmon: migrator events on {} (mode 0600)", p.display());
+    }
+    if let Some(f) = &args.events {
+        sources.push(pause::migrator::follow_file(f, emit(tx.clone()))?);
+    }
+    for q in &args.qmp {
+        sources.push(
+            pause::qmp::follow(q, emit(tx.clone()))
+                .with_context(|| format!("cannot follow QMP on {}", q.display()))?,
+        );
+        eprintln!("migmon: following QMP {}", q.display());
+    }
+    if let Some(addr) = &args.metrics {
+        let m = Arc::new(Metrics::new());
+        let bound = metrics::serve(m.clone(), addr)?;
+        eprintln!("migmon: metrics on http://{bound}/metrics");
+        observers.push(Box::new(move |ev| {
+            m.observe(ev);
+            Flow::Continue
+        }));
+    }
+
+    // The observer only collects; a thread correlates five times a second, prints a line per settled migration and,
+    // with --until-migrations, runs the check and stops the watch. It runs on the monotonic clock, so a migration
+    // settles even when no more events arrive.
+    let gate = Arc::new(Mutex::new(Gate::default()));
+    let g = gate.clone();
+    observers.push(Box::new(move |ev| {
+        g.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .incoming
+            .push(ev.clone());
+        Flow::Continue
+    }));
+    let g = gate.clone();
+    let until = args.until_migrations;
+    let settle = args.settle;
+    let limits = args.limits.clone();
+    let control_t = control.clone();
+    let tx_end = tx.clone();
+    // The last event of a trace marks the end of observation: a connection whose next retransmission was due after
+    // it is unresolved. Record when the watch really ended.
+    let end_note = move |why: &str| {
+        let _ = tx_end.send(Event::Note {
+            ts_ns: migevents::monotonic_ns(),
+            level: "info".to_owned(),
+            message: format!("migmon watch: end of observation ({why})"),
+        });
+    };
+    let thread = std::thread::Builder::new()
+        .name("migmon-gate".into())
+        .spawn(move || {
+            let mut seen = Seen::default();
+            let mut resumed = 0;
+            let mut last_run = std::time::Instant::now();
+            loop {
+                if control_t.stopped() {
+                    end_note("stopped");
+                    return seen;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                if last_run.elapsed() < Duration::from_millis(200) {
+                    continue;
+                }
+                last_run = std::time::Instant::now();
+                // Take what arrived; correlate without holding the lock, so the consumer never waits.
+                let new = std::mem::take(&mut g.lock().unwrap_or_else(PoisonError::into_inner).incoming);
+                if new.is_empty() && seen.printed.len() == resumed {
+                    continue;
+                }
+                seen.events.extend(new);
+                let a = analysis_of(&seen.events);
+                let now = a.end_ns.max(migevents::monotonic_ns());
+                resumed = a
+                    .migrations
+                    .iter()
+                    .filter(|m| m.timeline.resume.is_some())
+                    .count();
+                for m in &a.migrations {
+                    if !seen.printed.contains(&m.id) && settled(m, now, settle) {
+                        eprintln!("{}", live_line(m));
+                        seen.printed.push(m.id.clone());
+                    }
+                }
+                if let Some(n) = until
+                    && seen.printed.len() >= n
+                {
+                    let code = crate::cli::run_check(&a, &limits, true).unwrap_or_else(|e| {
+                        eprintln!("migmon: error: {e:#}");
+                        2
+                    });
+                    g.lock().unwrap_or_else(PoisonError::into_inner).done = Some(code);
+                    end_note(&format!("{n} migration(s) checked"));
+                    control_t.stop();
+                    return seen;
+                }
+            }
+        })
+        .context("cannot start the migration gate thread")?;
+    Ok(Live {
+        sources,
+        gate,
+        thread,
+        args: args.clone(),
+    })
+}
+
+impl Live {
+    /// Stops the sources. With `--until-migrations` not reached, checks what was seen (and fails: fewer
+    /// migrations than asked). Returns the exit code.
+    pub fn finish(self, code: i32) -> Result<i32> {
+        for s in self.sources {
+            s.stop();
+        }
+        let mut seen = self.thread.join().unwrap_or_default();
+        let Some(n) = self.args.until_migrations else {
+            return Ok(code);
+        };
+        let mut g = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(done) = g.done {
+            return Ok(done);
+        }
+        seen.events.append(&mut g.incoming);
+        let a = analysis_of(&seen.events);
+        let verdict = check::evaluate(&a, &self.args.limits.limits());
+        eprint!("{}", verdict.render_text());
+        eprintln!(
+            "migmon: stopped after {} of {n} migrations settled: the check fails",
+            seen.printed.len()
+        );
+        if let Some(j) = &self.args.limits.junit {
+            verdict
+                .write_junit(j)
+                .with_context(|| format!("cannot write the JUnit file {}", j.display()))?;
+        }
+        Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::{
+        correlate,
+        tests::{live_trace, quick_trace},
+    };
+
+    #[test]
+    fn settling_and_the_live_line() {
+        let a = correlate(&quick_trace());
+        let m = &a.migrations[0];
+        let resume = m.timeline.resume.as_ref().unwrap().ts_ns;
+        // Every connection is final (4 aborted, one with progress): settled at once.
+        assert!(settled(m, resume, 5_000_000_000));
+        let line = live_line(m);
+        assert!(line.contains("1 survived, 4 aborted"), "{line}");
+        assert!(line.contains("10.77.0.2:7 ETIMEDOUT"), "{line}");
+        assert!(line.contains("vCPU pause 8.00 s [migrator]"), "{line}");
+
+        // The live migration's idle connection has no final sign: it settles after the settle time.
+        let a = correlate(&live_trace());
+        let m = &a.migrations[0];
+        let resume = m.timeline.resume.as_ref().unwrap().ts_ns;
+        assert!(!settled(m, resume + 1, 5_000_000_000));
+        assert!(settled(m, resume + 5_000_000_000, 5_000_000_000));
+    }
+}

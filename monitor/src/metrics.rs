@@ -1,0 +1,337 @@
+//! `migmon watch --metrics ADDR`: Prometheus metrics over a tiny HTTP server.
+//!
+//! Counters move as events arrive (retransmits, losses, events per kind). Figures that need the correlation
+//! (migrations, pause, blackout, convergence, connection fates) are published once each, when they are settled: a
+//! migration counts when it resumed; its pause when measured; its blackout and convergence when seen; a connection when
+//! it aborted, made forward progress, or (with nothing in flight) ten seconds after the resume.
+
+use std::{
+    collections::HashSet,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex, PoisonError},
+    thread,
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{
+    correlate::{Fate, correlate},
+    trace::Event,
+};
+
+type Labels = Vec<(String, String)>;
+
+const SETTLE_NS: u64 = 10_000_000_000;
+
+#[derive(Default)]
+struct Live {
+    events: Vec<Event>,
+    migrations: HashSet<String>,
+    pauses: HashSet<String>,
+    blackouts: HashSet<String>,
+    convergences: HashSet<String>,
+    connections: HashSet<String>,
+}
+
+/// The metrics and the state needed to settle them.
+pub struct Metrics {
+    registry: Registry,
+    migrations: Counter,
+    pause: Histogram,
+    blackout: Histogram,
+    convergence: Histogram,
+    connections: Family<Labels, Counter>,
+    retransmits: Counter,
+    lost: Counter,
+    events: Family<Labels, Counter>,
+    live: Mutex<Live>,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms … ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("migmon");
+        let migrations = Counter::default();
+        let pause = seconds_histogram();
+        let blackout = seconds_histogram();
+        let convergence = seconds_histogram();
+        let connections = Family::<Labels, Counter>::default();
+        let retransmits = Counter::default();
+        let lost = Counter::default();
+        let events = Family::<Labels, Counter>::default();
+        registry.register("migrations", "Migrations that resumed", migrations.clone());
+        registry.register("pause_seconds", "vCPU pause per migration", pause.clone());
+        registry.register(
+            "blackout_seconds",
+            "Network blackout per migration",
+            blackout.clone(),
+        );
+        registry.register(
+            "convergence_seconds",
+            "Resume to the last FDB move",
+            convergence.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections alive at a pause, by fate (survived, aborted) and abort reason",
+            connections.clone(),
+        );
+        registry.register(
+            "tcp_retransmits",
+            "TCP retransmissions seen by the probes",
+            retransmits.clone(),
+        );
+        registry.register(
+            "lost_events",
+            "Events the kernel could not hand over",
+            lost.clone(),
+        );
+        registry.register("events", "Events by kind", events.clone());
+        Self {
+            registry,
+            migrations,
+            pause,
+            blackout,
+            convergence,
+            connections,
+            retransmits,
+            lost,
+            events,
+            live: Mutex::new(Live::default()),
+        }
+    }
+
+    /// Takes one event. The correlation runs when metrics are read (a scrape), not per event.
+    pub fn observe(&self, ev: &Event) {
+        self.events
+            .get_or_create(&vec![("kind".to_owned(), ev.kind().to_owned())])
+            .inc();
+        match ev {
+            Event::TcpRetransmit { .. } => {
+                self.retransmits.inc();
+            }
+            Event::Loss { count, .. } => {
+                self.lost.inc_by(*count);
+            }
+            _ => {}
+        }
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .events
+            .push(ev.clone());
+    }
+
+    fn settle(&self, live: &mut Live) {
+        let a = correlate(&live.events);
+        // Live, the clock goes on when no event comes.
+        let now = a.end_ns.max(migevents::monotonic_ns());
+        for m in &a.migrations {
+            let Some(resume) = m.timeline.resume.as_ref().map(|r| r.ts_ns) else {
+                continue;
+            };
+            if live.migrations.insert(m.id.clone()) {
+                self.migrations.inc();
+            }
+            if let Some(p) = &m.downtime.vcpu_pause
+                && live.pauses.insert(m.id.clone())
+            {
+                self.pause.observe(p.ns as f64 / 1e9);
+            }
+            if let Some(b) = &m.downtime.blackout
+                && live.blackouts.insert(m.id.clone())
+            {
+                self.blackout.observe(b.ns as f64 / 1e9);
+            }
+            if let Some(c) = &m.downtime.convergence
+                && live.convergences.insert(m.id.clone())
+            {
+                self.convergence.observe(c.ns as f64 / 1e9);
+            }
+            for c in m.connections.iter().filter(|c| !c.opened_during_window) {
+                let settled = match c.fate {
+                    Fate::Aborted { .. } => true,
+                    Fate::Survived => c.first_progress_ns.is_some() || now > resume + SETTLE_NS,
+                    Fate::Unresolved => false,
+                };
+                let key = format!("{}|{:?}|{}", m.id, c.tuple, c.netns);
+                if settled && live.connections.insert(key) {
+                    let labels = match c.fate {
+                        Fate::Aborted { reason, .. } => {
+                            vec![
+                                ("fate".to_owned(), "aborted".to_owned()),
+                                ("reason".to_owned(), reason.to_string()),
+                            ]
+                        }
+                        _ => vec![("fate".to_owned(), "survived".to_owned())],
+                    };
+                    self.connections.get_or_create(&labels).inc();
+                }
+            }
+        }
+    }
+
+    /// Settles what the events so far allow, then renders the metrics in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            self.settle(&mut live);
+        }
+        let mut s = String::new();
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Errors serving metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen for metrics on {addr}: is the address free and local?")]
+    Bind {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the metrics thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// Serves `GET /metrics` on `addr` from a thread; returns the bound address.
+pub fn serve(metrics: Arc<Metrics>, addr: &str) -> Result<SocketAddr, MetricsError> {
+    let listener = TcpListener::bind(addr).map_err(|source| MetricsError::Bind {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError::Bind {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    thread::Builder::new()
+        .name("migmon-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = answer(stream, &metrics);
+            }
+        })
+        .map_err(MetricsError::Spawn)?;
+    Ok(bound)
+}
+
+fn answer(mut s: TcpStream, m: &Metrics) -> io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&req);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, ctype, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            m.encode(),
+        )
+    } else {
+        ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+    };
+    write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::tests::{live_trace, quick_trace};
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn metrics_over_http_after_a_quick_and_a_live_migration() {
+        let m = Arc::new(Metrics::new());
+        let addr = serve(m.clone(), "127.0.0.1:0").unwrap();
+        let mut ev = quick_trace();
+        ev.extend(live_trace().into_iter().map(|mut e| {
+            // The live migration happens 60 s later.
+            match &mut e {
+                Event::Migration { ev, .. } => ev.ts_ns += 60_000_000_000,
+                Event::MacStats {
+                    ts_ns,
+                    first_ns,
+                    last_ns,
+                    ..
+                } => {
+                    *ts_ns += 60_000_000_000;
+                    *first_ns += 60_000_000_000;
+                    *last_ns += 60_000_000_000;
+                }
+                Event::TcpRetransmit { ts_ns, .. }
+                | Event::TcpState { ts_ns, .. }
+                | Event::MacSeen { ts_ns, .. }
+                | Event::Rarp { ts_ns, .. }
+                | Event::Garp { ts_ns, .. }
+                | Event::FdbUpdate { ts_ns, .. } => *ts_ns += 60_000_000_000,
+                _ => {}
+            }
+            e
+        }));
+        ev.push(Event::Loss {
+            ts_ns: 75_000_000_000,
+            cpu: 1,
+            count: 2,
+        });
+        ev.sort_by_key(Event::ts_ns);
+        for e in &ev {
+            m.observe(e);
+        }
+        let body = get(addr, "/metrics");
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        for needle in [
+            "migmon_migrations_total 2",
+            "migmon_pause_seconds_count 2",
+            "migmon_blackout_seconds_count 1",
+            "migmon_connections_total{fate=\"aborted\",reason=\"ETIMEDOUT\"} 1",
+            // The quick migration's survivor is alive at the live migration's pause too (same VM): 1 + 1 + 2.
+            "migmon_connections_total{fate=\"survived\"} 4",
+            "migmon_convergence_seconds_count 1",
+            "migmon_lost_events_total 2",
+            "migmon_tcp_retransmits_total 19",
+        ] {
+            assert!(body.contains(needle), "missing {needle}:\n{body}");
+        }
+        assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
+    }
+}

@@ -1,0 +1,357 @@
+//! Pause windows from our migrator's event stream (`migevents` JSON lines), over a unix socket that migrators
+//! connect to (`migmon watch --events-listen PATH`) or from a file that is followed as it grows
+//! (`migmon watch --events FILE`).
+//!
+//! A line that does not parse is skipped with a warning note naming the source and the line number; the source keeps
+//! running.
+
+use std::{
+    fs::{self, File},
+    io::{self, BufRead, BufReader},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use migevents::MigrationEvent;
+
+use super::{Emit, LineReader, SourceHandle, warn_note};
+use crate::trace::Event;
+
+const POLL: Duration = Duration::from_millis(100);
+
+/// Errors starting a migrator event source.
+#[derive(Debug, thiserror::Error)]
+pub enum MigratorSourceError {
+    #[error("{} exists and is not a socket: remove it or choose another --events-listen path", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("cannot remove the stale socket {}", path.display())]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {}: check the directory exists and is writable", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set mode 0600 on {}", path.display())]
+    Chmod {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start a thread for {what}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Turns one line into an event, or a warning note naming where it came from.
+fn parse_line(line: &str, origin: &str, lineno: usize) -> Option<Event> {
+    let line = line.trim();
+    if line.is_empty() {
+        return None;
+    }
+    Some(match MigrationEvent::from_line(line) {
+        Ok(ev) => Event::Migration {
+            ev,
+            source: "migrator".to_owned(),
+        },
+        Err(e) => {
+            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            warn_note(format!(
+                "skipped malformed migration event from {origin} line {lineno}: {cause}"
+            ))
+        }
+    })
+}
+
+/// Listens on a unix socket (mode 0600) for migrators; each connection sends JSON lines.
+pub fn listen(path: &Path, emit: impl Emit) -> Result<SourceHandle, MigratorSourceError> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(MigratorSourceError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
+        fs::remove_file(path).map_err(|source| MigratorSourceError::RemoveStale {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    let listener = UnixListener::bind(path).map_err(|source| MigratorSourceError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+        MigratorSourceError::Chmod {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| MigratorSourceError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let emit = Arc::new(emit);
+    let path_owned = path.to_owned();
+    let stop_t = stop.clone();
+    let thread = thread::Builder::new()
+        .name("migmon-events".into())
+        .spawn(move || {
+            let mut conn_no = 0usize;
+            while !stop_t.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        conn_no += 1;
+                        let origin = format!("{} connection {conn_no}", path_owned.display());
+                        let emit_c = emit.clone();
+                        let stop_c = stop_t.clone();
+                        let spawned = thread::Builder::new()
+                            .name("migmon-events-conn".into())
+                            .spawn(move || read_connection(stream, &origin, &*emit_c, &stop_c));
+                        if let Err(e) = spawned {
+                            emit.emit(warn_note(format!("cannot serve a migrator connection: {e}")));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(POLL),
+                    Err(e) => {
+                        emit.emit(warn_note(format!(
+                            "accept on {} failed: {e}",
+                            path_owned.display()
+                        )));
+                        thread::sleep(POLL);
+                    }
+                }
+            }
+            let _ = fs::remove_file(&path_owned);
+        })
+        .map_err(|source| MigratorSourceError::Spawn {
+            what: "the events socket".into(),
+            source,
+        })?;
+    Ok(SourceHandle::new(stop, thread))
+}
+
+fn read_connection(stream: UnixStream, origin: &str, emit: &dyn Emit, stop: &AtomicBool) {
+    if stream.set_read_timeout(Some(POLL)).is_err() {
+        return;
+    }
+    let mut reader = LineReader::new(stream);
+    let mut lineno = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match reader.next_line() {
+            Ok(Some(line)) => {
+                lineno += 1;
+                if let Some(ev) = parse_line(&line, origin, lineno)
+                    && !emit.emit(ev)
+                {
+                    return;
+                }
+            }
+            Ok(None) => {
+                // EOF: a last line without a newline still counts.
+                if let Some(line) = reader.take_partial() {
+                    lineno += 1;
+                    if let Some(ev) = parse_line(&line, origin, lineno) {
+                        emit.emit(ev);
+                    }
+                }
+                return;
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => {
+                emit.emit(warn_note(format!("reading {origin} failed: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+/// Follows a file of JSON lines as it grows (waiting for it to appear), until stopped.
+pub fn follow_file(path: &Path, emit: impl Emit) -> Result<SourceHandle, MigratorSourceError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_t = stop.clone();
+    let path = path.to_owned();
+    let thread = thread::Builder::new()
+        .name("migmon-events-file".into())
+        .spawn(move || {
+            let origin = path.display().to_string();
+            let file = loop {
+                if stop_t.load(Ordering::Relaxed) {
+                    return;
+                }
+                match File::open(&path) {
+                    Ok(f) => break f,
+                    Err(_) => thread::sleep(POLL),
+                }
+            };
+            let mut reader = LineReader::new(BufReader::new(file));
+            let mut lineno = 0;
+            while !stop_t.load(Ordering::Relaxed) {
+                match reader.next_line() {
+                    Ok(Some(line)) => {
+                        lineno += 1;
+                        if let Some(ev) = parse_line(&line, &origin, lineno)
+                            && !emit.emit(ev)
+                        {
+                            return;
+                        }
+                    }
+                    // At the end for now: the writer may append more (the partial line stays buffered).
+                    Ok(None) => thread::sleep(POLL),
+                    Err(e) => {
+                        emit.emit(warn_note(format!("reading {origin} failed: {e}")));
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|source| MigratorSourceError::Spawn {
+            what: "the events file".into(),
+            source,
+        })?;
+    Ok(SourceHandle::new(stop, thread))
+}
+
+/// Reads a whole file of JSON lines at once (for offline use and tests).
+pub fn read_file(path: &Path) -> io::Result<Vec<Event>> {
+    let origin = path.display().to_string();
+    let reader = BufReader::new(File::open(path)?);
+    let mut out = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        if let Some(ev) = parse_line(&line?, &origin, i + 1) {
+            out.push(ev);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write, sync::mpsc, time::Instant};
+
+    use migevents::{EventSink, Phase, Role};
+
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("migmon-src-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn recv_until(rx: &mpsc::Receiver<Event>, n: usize) -> Vec<Event> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            if let Ok(ev) = rx.recv_timeout(Duration::from_millis(200)) {
+                out.push(ev);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn socket_is_0600_and_carries_events_and_warnings() {
+        let dir = tmp("sock");
+        let path = dir.join("events.sock");
+        let (tx, rx) = mpsc::channel();
+        let h = listen(&path, tx).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let mut sink = EventSink::open(&path).unwrap();
+        sink.send(&MigrationEvent::now(
+            "m1",
+            "52:54:00:00:00:01",
+            Role::Source,
+            Phase::Pause,
+        ))
+        .unwrap();
+        let mut raw = UnixStream::connect(&path).unwrap();
+        raw.write_all(b"{not json}\n").unwrap();
+        drop(raw);
+        sink.send(&MigrationEvent::now(
+            "m1",
+            "52:54:00:00:00:01",
+            Role::Destination,
+            Phase::Resume,
+        ))
+        .unwrap();
+        let got = recv_until(&rx, 3);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got.iter().any(|e| matches!(e, Event::Migration { ev, source } if ev.phase == Phase::Pause && source == "migrator")));
+        assert!(
+            got.iter()
+                .any(|e| matches!(e, Event::Migration { ev, .. } if ev.phase == Phase::Resume))
+        );
+        let warn = got
+            .iter()
+            .find_map(|e| match e {
+                Event::Note { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(warn.contains("events.sock connection 2 line 1"), "{warn}");
+        h.stop();
+        assert!(!path.exists(), "the socket is removed on stop");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn follows_a_growing_file_with_a_partial_line() {
+        let dir = tmp("file");
+        let path = dir.join("events.jsonl");
+        let (tx, rx) = mpsc::channel();
+        let h = follow_file(&path, tx).unwrap();
+        let line = MigrationEvent::now("m2", "52:54:00:00:00:02", Role::Source, Phase::Pause).to_line();
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&line.as_bytes()[..10]).unwrap();
+        f.flush().unwrap();
+        // Half a line is not an event yet; the rest completes it.
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        f.write_all(format!("{}\ngarbage\n", &line[10..]).as_bytes())
+            .unwrap();
+        f.flush().unwrap();
+        let got = recv_until(&rx, 2);
+        assert!(matches!(&got[0], Event::Migration { ev, .. } if ev.migration_id == "m2"));
+        assert!(matches!(&got[1], Event::Note { message, .. } if message.contains("events.jsonl line 2")));
+        h.stop();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_to_replace_a_regular_file() {
+        let dir = tmp("notsock");
+        let path = dir.join("x");
+        fs::write(&path, "data").unwrap();
+        let (tx, _rx) = mpsc::channel();
+        assert!(matches!(
+            listen(&path, tx),
+            Err(MigratorSourceError::NotASocket { .. })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,793 @@
+//! Loading, configuring and attaching the kernel programs: every aya call lives here.
+//!
+//! [`Probes::load`] reads the tracepoint layouts from tracefs and the socket member offsets from BTF, fills the
+//! programs' `CONFIG` global and the watch-list maps, loads the object and attaches the TCP, socket and bridge
+//! tracepoints. [`Probes::attach_xdp`] and [`Probes::attach_tc_egress`] attach the L2 programs to interfaces,
+//! in other network namespaces from a `setns` thread.
+//!
+//! XDP and TC only know an interface by its index, and indexes repeat across namespaces. So each namespace with
+//! watched interfaces gets its own instance of the object (its own maps and ring buffer) whose `CONFIG.netns_id`
+//! tells the events apart; the root namespace's instance also carries the tracepoints.
+//!
+//! The same type serves benchmarks: [`Probes::xdp_program`] gives the loaded XDP program for
+//! `BPF_PROG_TEST_RUN`.
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProgramError, SchedClassifier, TracePoint, Xdp, tc::TcAttachType, xdp::XdpMode},
+};
+use monitor_common::{
+    CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_WATCH_MACS, IpKey, MacCounters, MacKey, MacKey8,
+    ProbeConfig, WireEvent,
+};
+
+use crate::{btf::Btf, netns, trace::Port, tracefs};
+
+/// The compiled kernel programs (empty when built with `AYA_BUILD_SKIP=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+
+/// Default ring buffer size per instance.
+pub const DEFAULT_RINGBUF_BYTES: u32 = 1 << 20;
+
+/// The tracepoints, by program name: (program, category, event).
+pub const TRACEPOINTS: [(&str, &str, &str); 6] = [
+    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("inet_sk_error_report", "sock", "inet_sk_error_report"),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+    ("tcp_send_reset", "tcp", "tcp_send_reset"),
+    ("br_fdb_update", "bridge", "br_fdb_update"),
+];
+
+/// Errors loading or attaching the probes. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "this migmon was built without its eBPF programs (AYA_BUILD_SKIP=1): rebuild it with `./x build`"
+    )]
+    NoObject,
+    #[error(
+        "loading eBPF programs needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN: run migmon with sudo \
+         (or `setcap cap_bpf,cap_perfmon,cap_net_admin,cap_sys_admin+ep migmon`)"
+    )]
+    Permission,
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error(transparent)]
+    Btf(#[from] crate::btf::BtfError),
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error("cannot load the eBPF object")]
+    LoadObject(#[source] Box<aya::EbpfError>),
+    #[error(
+        "the eBPF object has no program {0}: migmon and its programs are out of step, rebuild with `./x build`"
+    )]
+    NoProgram(String),
+    #[error("the kernel rejected eBPF program {program}; last lines of the verifier log:\n{log_tail}")]
+    Verifier {
+        program: String,
+        log_tail: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot load eBPF program {program}")]
+    LoadProgram {
+        program: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot attach {program} to {target}")]
+    Attach {
+        program: String,
+        target: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("no interface {iface} in {}: check `ip{} link`", where_(.netns.as_deref()), ns_flag(.netns.as_deref()))]
+    NoInterface { iface: String, netns: Option<String> },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("the eBPF object has no map {0}: rebuild with `./x build`")]
+    NoMap(&'static str),
+}
+
+fn where_(netns: Option<&str>) -> String {
+    netns.map_or_else(
+        || "the root network namespace".to_owned(),
+        |n| format!("network namespace {n}"),
+    )
+}
+
+fn ns_flag(netns: Option<&str>) -> String {
+    netns.map_or_else(String::new, |n| format!(" -n {n}"))
+}
+
+/// What to watch. With no IPs and no ports, every TCP connection is reported.
+#[derive(Clone, Debug, Default)]
+pub struct WatchList {
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<u16>,
+    pub macs: Vec<[u8; 6]>,
+}
+
+/// How to load the probes.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub watch: WatchList,
+    /// Ring buffer bytes per instance (a power of two, at least a page).
+    pub ringbuf_bytes: u32,
+    /// Silence after which a watched MAC is reported as seen again.
+    pub mac_gap_ns: u64,
+    /// Attach the TCP/socket/bridge tracepoints (benchmarks of XDP alone turn this off).
+    pub tracepoints: bool,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            watch: WatchList::default(),
+            ringbuf_bytes: DEFAULT_RINGBUF_BYTES,
+            mac_gap_ns: 50_000_000,
+            tracepoints: true,
+        }
+    }
+}
+
+/// An interface, optionally in a named network namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub name: String,
+    pub netns: Option<String>,
+}
+
+impl std::fmt::Display for Iface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.netns {
+            Some(ns) => write!(f, "{}@{ns}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// What an attach did.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    pub port: Port,
+    /// "driver", "skb" or "tc egress".
+    pub mode: &'static str,
+    /// Set when XDP fell back from driver mode: why.
+    pub fallback: Option<String>,
+}
+
+struct Instance {
+    netns: Option<String>,
+    id: u32,
+    ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+}
+
+/// The loaded kernel programs and their maps.
+pub struct Probes {
+    instances: Vec<Instance>,
+    config: ProbeConfig,
+    opts: ProbeOptions,
+    ports: HashMap<(u32, u32), Port>,
+    hz: u32,
+}
+
+/// Runs the loaded XDP parser through `BPF_PROG_TEST_RUN`; see [`Probes::xdp_test_runner`].
+pub struct XdpTestRunner {
+    fd: OwnedFd,
+}
+
+/// The `test` member of `union bpf_attr` (`include/uapi/linux/bpf.h`), up to `batch_size`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+impl XdpTestRunner {
+    /// Runs the program on `frame` `repeat` times (at least once); returns its return value (2 = `XDP_PASS`)
+    /// and the kernel's mean time per run.
+    pub fn run(&self, frame: &[u8], repeat: u32) -> std::io::Result<(u32, std::time::Duration)> {
+        let mut attr = TestRunAttr {
+            prog_fd: self.fd.as_raw_fd() as u32,
+            data_size_in: u32::try_from(frame.len())
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?,
+            data_in: frame.as_ptr() as u64,
+            repeat: repeat.max(1),
+            ..TestRunAttr::default()
+        };
+        // SAFETY: `attr` is a valid, initialised `bpf_attr.test` prefix that lives across the call; `data_in`
+        // points to `frame`, which outlives it, and the kernel only reads `data_size_in` bytes from it; no output
+        // buffers are given.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &raw mut attr,
+                size_of::<TestRunAttr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((
+            attr.retval,
+            std::time::Duration::from_nanos(u64::from(attr.duration)),
+        ))
+    }
+}
+
+/// Effective capabilities allow loading (`CAP_SYS_ADMIN`, or `CAP_BPF` with `CAP_PERFMON`).
+fn capable() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return true;
+    };
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return true;
+    };
+    let has = |bit: u32| eff & (1 << bit) != 0;
+    has(21) || (has(39) && has(38))
+}
+
+/// The kernel's HZ (for `icsk_rto`, which is in jiffies): from the kernel config, else measured from
+/// `/proc/timer_list`. 0 when unknown.
+pub fn kernel_hz() -> u32 {
+    let from_config = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        && let Ok(text) = std::fs::read_to_string(format!("/boot/config-{}", release.trim()))
+        && let Some(hz) = from_config(&text)
+    {
+        return hz;
+    }
+    if let Ok(out) = std::process::Command::new("gzip")
+        .args(["-dc", "/proc/config.gz"])
+        .output()
+        && let Some(hz) = from_config(&String::from_utf8_lossy(&out.stdout))
+    {
+        return hz;
+    }
+    measure_hz().unwrap_or(0)
+}
+
+fn measure_hz() -> Option<u32> {
+    let sample = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let now = text
+            .lines()
+            .find_map(|l| l.strip_prefix("now at "))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        let jiffies = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies: "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((now, jiffies))
+    };
+    let (t0, j0) = sample()?;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (t1, j1) = sample()?;
+    let hz = (j1 - j0) as f64 * 1e9 / (t1.checked_sub(t0)? as f64);
+    [100u32, 250, 300, 1000]
+        .into_iter()
+        .min_by_key(|&c| (f64::from(c) - hz).abs() as u64)
+}
+
+/// Reads every tracepoint layout and socket offset this kernel offers.
+fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
+    let mut c = ProbeConfig::EMPTY;
+    if opts.tracepoints {
+        let root = tracefs::root()?;
+        c.retransmit =
+            tracefs::retransmit_layout(&tracefs::read_format(&root, "tcp", "tcp_retransmit_skb")?)?;
+        c.set_state =
+            tracefs::set_state_layout(&tracefs::read_format(&root, "sock", "inet_sock_set_state")?)?;
+        c.error_report =
+            tracefs::error_report_layout(&tracefs::read_format(&root, "sock", "inet_sk_error_report")?)?;
+        c.receive_reset = tracefs::reset_layout(&tracefs::read_format(&root, "tcp", "tcp_receive_reset")?)?;
+        c.send_reset = tracefs::reset_layout(&tracefs::read_format(&root, "tcp", "tcp_send_reset")?)?;
+        c.fdb = tracefs::fdb_layout(&tracefs::read_format(&root, "bridge", "br_fdb_update")?)?;
+
+        let btf = Btf::from_sys_fs()?;
+        let off = |s: &str, path: &[&str]| btf.member_offset(s, path).unwrap_or(monitor_common::NO_OFFSET);
+        c.off_sk_state = off("sock", &["__sk_common", "skc_state"]);
+        c.off_sk_net = off("sock", &["__sk_common", "skc_net", "net"]);
+        c.off_net_inum = off("net", &["ns", "inum"]);
+        c.off_icsk_retransmits = off("inet_connection_sock", &["icsk_retransmits"]);
+        c.off_icsk_backoff = off("inet_connection_sock", &["icsk_backoff"]);
+        c.off_icsk_rto = off("inet_connection_sock", &["icsk_rto"]);
+        c.off_srtt_us = off("tcp_sock", &["srtt_us"]);
+    }
+    let w = &opts.watch;
+    if !w.ips.is_empty() {
+        c.flags |= CFG_FILTER_IPS;
+    }
+    if !w.ports.is_empty() {
+        c.flags |= CFG_FILTER_PORTS;
+    }
+    if !w.macs.is_empty() {
+        c.flags |= CFG_WATCH_MACS | CFG_FILTER_FDB;
+    }
+    c.mac_gap_ns = opts.mac_gap_ns;
+    Ok(c)
+}
+
+/// IPv6, or IPv4-mapped IPv6, as the programs key their IP watch list.
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn verifier_tail(e: &ProgramError) -> Option<String> {
+    if let ProgramError::LoadError { verifier_log, .. } = e {
+        let log = verifier_log.to_string();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        return Some(tail);
+    }
+    None
+}
+
+fn is_eperm(e: &ProgramError) -> bool {
+    match e {
+        ProgramError::LoadError { io_error, .. } => io_error.raw_os_error() == Some(libc::EPERM),
+        ProgramError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::EPERM),
+        _ => false,
+    }
+}
+
+fn load_error(program: &str, source: ProgramError) -> ProbeError {
+    if is_eperm(&source) {
+        return ProbeError::Permission;
+    }
+    match verifier_tail(&source) {
+        Some(log_tail) if !log_tail.is_empty() => ProbeError::Verifier {
+            program: program.to_owned(),
+            log_tail,
+            source: Box::new(source),
+        },
+        _ => ProbeError::LoadProgram {
+            program: program.to_owned(),
+            source: Box::new(source),
+        },
+    }
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> ProbeError {
+    move |source| ProbeError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+impl Instance {
+    fn load(
+        netns: Option<String>,
+        id: u32,
+        config: &ProbeConfig,
+        opts: &ProbeOptions,
+    ) -> Result<Self, ProbeError> {
+        if OBJECT.is_empty() {
+            return Err(ProbeError::NoObject);
+        }
+        let mut cfg = *config;
+        cfg.netns_id = id;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &cfg, true)
+            .map_max_entries("EVENTS", opts.ringbuf_bytes)
+            .load(OBJECT)
+            .map_err(|e| match &e {
+                aya::EbpfError::MapError(MapError::CreateError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::EPERM) =>
+                {
+                    ProbeError::Permission
+                }
+                _ => ProbeError::LoadObject(Box::new(e)),
+            })?;
+        fill_watch_maps(&mut ebpf, &opts.watch)?;
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::NoMap("EVENTS"))?)
+            .map_err(map_err("EVENTS"))?;
+        Ok(Self {
+            netns,
+            id,
+            ebpf,
+            ring,
+        })
+    }
+
+    fn program<'a, T>(&'a mut self, name: &str) -> Result<&'a mut T, ProbeError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let p = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| ProbeError::NoProgram(name.to_owned()))?;
+        <&mut T>::try_from(p).map_err(|source| ProbeError::LoadProgram {
+            program: name.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    fn xdp_loaded(&mut self) -> Result<&mut Xdp, ProbeError> {
+        let p: &mut Xdp = self.program("l2_ingress")?;
+        if p.fd().is_err() {
+            p.load().map_err(|e| load_error("l2_ingress", e))?;
+        }
+        Ok(p)
+    }
+
+    fn tc_loaded(&mut self) -> Result<&mut SchedClassifier, ProbeError> {
+        let p: &mut SchedClassifier = self.program("l2_egress")?;
+        if p.fd().is_err() {
+            p.load().map_err(|e| load_error("l2_egress", e))?;
+        }
+        Ok(p)
+    }
+}
+
+fn fill_watch_maps(ebpf: &mut Ebpf, w: &WatchList) -> Result<(), ProbeError> {
+    {
+        let mut ips: BpfHashMap<_, IpKey, u8> =
+            BpfHashMap::try_from(ebpf.map_mut("WATCH_IPS").ok_or(ProbeError::NoMap("WATCH_IPS"))?)
+                .map_err(map_err("WATCH_IPS"))?;
+        for ip in &w.ips {
+            ips.insert(&ip_key(*ip), &1, 0).map_err(map_err("WATCH_IPS"))?;
+        }
+    }
+    {
+        let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
+            ebpf.map_mut("WATCH_PORTS")
+                .ok_or(ProbeError::NoMap("WATCH_PORTS"))?,
+        )
+        .map_err(map_err("WATCH_PORTS"))?;
+        for p in &w.ports {
+            ports.insert(p, &1, 0).map_err(map_err("WATCH_PORTS"))?;
+        }
+    }
+    let mut macs: BpfHashMap<_, MacKey8, u8> = BpfHashMap::try_from(
+        ebpf.map_mut("WATCH_MACS")
+            .ok_or(ProbeError::NoMap("WATCH_MACS"))?,
+    )
+    .map_err(map_err("WATCH_MACS"))?;
+    for m in &w.macs {
+        let key = [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0];
+        macs.insert(&key, &1, 0).map_err(map_err("WATCH_MACS"))?;
+    }
+    Ok(())
+}
+
+/// Resolves `iface` in the calling thread's namespace.
+fn ifindex(iface: &Iface) -> Result<u32, ProbeError> {
+    let no_iface = || ProbeError::NoInterface {
+        iface: iface.name.clone(),
+        netns: iface.netns.clone(),
+    };
+    let name = CString::new(iface.name.as_str()).map_err(|_| no_iface())?;
+    nix::net::if_::if_nametoindex(name.as_c_str()).map_err(|_| no_iface())
+}
+
+impl Probes {
+    /// Loads the programs for the root namespace and, unless `opts.tracepoints` is off, attaches the TCP, socket
+    /// and bridge tracepoints.
+    pub fn load(opts: &ProbeOptions) -> Result<Self, ProbeError> {
+        if OBJECT.is_empty() {
+            return Err(ProbeError::NoObject);
+        }
+        if !capable() {
+            return Err(ProbeError::Permission);
+        }
+        let config = base_config(opts)?;
+        let mut root = Instance::load(None, 0, &config, opts)?;
+        if opts.tracepoints {
+            for (program, category, event) in TRACEPOINTS {
+                let p: &mut TracePoint = root.program(program)?;
+                p.load().map_err(|e| load_error(program, e))?;
+                p.attach(category, event).map_err(|source| ProbeError::Attach {
+                    program: program.to_owned(),
+                    target: format!("tracepoint {category}:{event}"),
+                    source: Box::new(source),
+                })?;
+            }
+        }
+        Ok(Self {
+            instances: vec![root],
+            config,
+            opts: opts.clone(),
+            ports: HashMap::new(),
+            hz: kernel_hz(),
+        })
+    }
+
+    /// The kernel's HZ, used to turn `icsk_rto` jiffies into microseconds (0 = unknown).
+    pub fn hz(&self) -> u32 {
+        self.hz
+    }
+
+    fn instance(&mut self, netns: Option<&str>) -> Result<&mut Instance, ProbeError> {
+        let pos = self.instances.iter().position(|i| i.netns.as_deref() == netns);
+        let pos = if let Some(p) = pos {
+            p
+        } else {
+            // Fail early, with the right message, when the namespace does not exist.
+            if let Some(n) = netns {
+                let path = netns::path_of(n);
+                std::fs::metadata(&path).map_err(|source| netns::NetnsError::Open {
+                    name: n.to_owned(),
+                    path,
+                    source,
+                })?;
+            }
+            let id = self.instances.len() as u32;
+            let inst = Instance::load(netns.map(str::to_owned), id, &self.config, &self.opts)?;
+            self.instances.push(inst);
+            self.instances.len() - 1
+        };
+        Ok(&mut self.instances[pos])
+    }
+
+    /// Attaches the XDP parser to `iface`: driver mode first, skb (generic) mode as a fallback.
+    pub fn attach_xdp(&mut self, iface: &Iface) -> Result<Attached, ProbeError> {
+        let inst = self.instance(iface.netns.as_deref())?;
+        let id = inst.id;
+        let prog = inst.xdp_loaded()?;
+        let (ifindex, mode, fallback) = netns::run_in(iface.netns.as_deref(), || {
+            let ifindex = ifindex(iface)?;
+            match prog.attach(ifindex, XdpMode::Driver) {
+                Ok(_) => Ok((ifindex, "driver", None)),
+                Err(driver_err) => {
+                    let why = error_chain(&driver_err);
+                    prog.attach(ifindex, XdpMode::Skb)
+                        .map(|_| (ifindex, "skb", Some(why)))
+                        .map_err(|source| ProbeError::Attach {
+                            program: "l2_ingress (XDP)".to_owned(),
+                            target: iface.to_string(),
+                            source: Box::new(source),
+                        })
+                }
+            }
+        })??;
+        Ok(self.add_port(id, ifindex, iface, mode, fallback))
+    }
+
+    /// Attaches the TC egress counter to `iface` (TCX on kernels that have it, clsact otherwise).
+    pub fn attach_tc_egress(&mut self, iface: &Iface) -> Result<Attached, ProbeError> {
+        let inst = self.instance(iface.netns.as_deref())?;
+        let id = inst.id;
+        let prog = inst.tc_loaded()?;
+        let ifindex = netns::run_in(iface.netns.as_deref(), || {
+            let ifindex = ifindex(iface)?;
+            let attach = |p: &mut SchedClassifier| p.attach(ifindex, TcAttachType::Egress);
+            match attach(prog) {
+                Ok(_) => Ok(ifindex),
+                Err(first) => {
+                    // Older kernels without TCX need the clsact qdisc first.
+                    if let Ok(name) = CString::new(iface.name.as_str()) {
+                        let _ = aya::programs::tc::qdisc_add_clsact(&name);
+                    }
+                    attach(prog).map(|_| ifindex).map_err(|_| ProbeError::Attach {
+                        program: "l2_egress (TC)".to_owned(),
+                        target: iface.to_string(),
+                        source: Box::new(first),
+                    })
+                }
+            }
+        })??;
+        Ok(self.add_port(id, ifindex, iface, "tc egress", None))
+    }
+
+    fn add_port(
+        &mut self,
+        netns_id: u32,
+        ifindex: u32,
+        iface: &Iface,
+        mode: &'static str,
+        fallback: Option<String>,
+    ) -> Attached {
+        let port = Port {
+            ifindex,
+            iface: Some(iface.name.clone()),
+            netns: iface.netns.clone(),
+        };
+        self.ports.insert((netns_id, ifindex), port.clone());
+        Attached { port, mode, fallback }
+    }
+
+    /// The port an L2 event came from.
+    pub fn port(&self, netns_id: u32, ifindex: u32) -> Port {
+        self.ports
+            .get(&(netns_id, ifindex))
+            .cloned()
+            .unwrap_or_else(|| Port {
+                ifindex,
+                iface: None,
+                netns: self
+                    .instances
+                    .iter()
+                    .find(|i| i.id == netns_id)
+                    .and_then(|i| i.netns.clone()),
+            })
+    }
+
+    /// All attached ports, keyed by (instance id, ifindex).
+    pub fn ports(&self) -> &HashMap<(u32, u32), Port> {
+        &self.ports
+    }
+
+    /// The ring buffer fds, to poll for readiness.
+    pub fn ring_fds(&self) -> Vec<RawFd> {
+        self.instances.iter().map(|i| i.ring.as_raw_fd()).collect()
+    }
+
+    /// Hands every pending ring buffer record to `f`, decoded (or the decode error).
+    pub fn drain(&mut self, mut f: impl FnMut(Result<WireEvent, monitor_common::DecodeError>)) -> usize {
+        let mut n = 0;
+        for inst in &mut self.instances {
+            while let Some(item) = inst.ring.next() {
+                f(monitor_common::decode(&item));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Current per-(MAC, port, direction) counters: (instance id, key, counters).
+    pub fn mac_counters(&self) -> Result<Vec<(u32, MacKey, MacCounters)>, ProbeError> {
+        let mut out = Vec::new();
+        for inst in &self.instances {
+            let map: BpfHashMap<_, MacKey, MacCounters> =
+                BpfHashMap::try_from(inst.ebpf.map("MAC_STATS").ok_or(ProbeError::NoMap("MAC_STATS"))?)
+                    .map_err(map_err("MAC_STATS"))?;
+            for entry in &map {
+                let (k, v) = entry.map_err(map_err("MAC_STATS"))?;
+                out.push((inst.id, k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Frames passed unread, summed over CPUs: (instance id, ifindex, count).
+    pub fn malformed(&self) -> Result<Vec<(u32, u32, u64)>, ProbeError> {
+        let mut out = Vec::new();
+        for inst in &self.instances {
+            let map: PerCpuHashMap<_, u32, u64> =
+                PerCpuHashMap::try_from(inst.ebpf.map("MALFORMED").ok_or(ProbeError::NoMap("MALFORMED"))?)
+                    .map_err(map_err("MALFORMED"))?;
+            for entry in &map {
+                let (k, v) = entry.map_err(map_err("MALFORMED"))?;
+                out.push((inst.id, k, v.iter().sum()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ring buffer reservations that failed, per CPU, summed over instances (index = CPU).
+    pub fn lost(&self) -> Result<Vec<u64>, ProbeError> {
+        let mut out: Vec<u64> = Vec::new();
+        for inst in &self.instances {
+            let map: PerCpuArray<_, u64> =
+                PerCpuArray::try_from(inst.ebpf.map("LOST").ok_or(ProbeError::NoMap("LOST"))?)
+                    .map_err(map_err("LOST"))?;
+            let values = map.get(&0, 0).map_err(map_err("LOST"))?;
+            if out.len() < values.len() {
+                out.resize(values.len(), 0);
+            }
+            for (cpu, v) in values.iter().enumerate() {
+                out[cpu] += v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The XDP program of the root instance, loaded but not attached: for `BPF_PROG_TEST_RUN` benchmarks.
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp, ProbeError> {
+        self.instances[0].xdp_loaded()
+    }
+
+    /// Runs the XDP parser on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times (at least once). Returns the
+    /// program's return value (2 = `XDP_PASS`) and the kernel's mean time per run. Records the program emits land
+    /// in the root instance's ring buffer and maps like live ones ([`Probes::drain`], [`Probes::malformed`]).
+    pub fn xdp_test_run(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), ProbeError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let prog = self.xdp_program()?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat.max(1);
+        let r = prog.test_run(opts).map_err(|source| ProbeError::Attach {
+            program: "l2_ingress (XDP)".to_owned(),
+            target: "BPF_PROG_TEST_RUN".to_owned(),
+            source: Box::new(source),
+        })?;
+        Ok((r.return_value, r.duration))
+    }
+
+    /// A handle that runs the root instance's XDP parser with `BPF_PROG_TEST_RUN` from any thread, while
+    /// `Probes` itself drains the ring buffer elsewhere (e.g. moved into the watch collector): an event storm at
+    /// kernel speed for event-rate benchmarks.
+    pub fn xdp_test_runner(&mut self) -> Result<XdpTestRunner, ProbeError> {
+        let prog = self.xdp_program()?;
+        let fd = prog.fd().map_err(|source| ProbeError::LoadProgram {
+            program: "l2_ingress".to_owned(),
+            source: Box::new(source),
+        })?;
+        let fd = fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| ProbeError::LoadProgram {
+                program: "l2_ingress".to_owned(),
+                source: Box::new(ProgramError::IOError(e)),
+            })?;
+        Ok(XdpTestRunner { fd })
+    }
+
+    /// The root instance's aya object, for callers that need a map or program this type does not wrap.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.instances[0].ebpf
+    }
+
+    /// The configuration handed to the programs (tracepoint layouts, BTF offsets, flags).
+    pub fn config(&self) -> &ProbeConfig {
+        &self.config
+    }
+}

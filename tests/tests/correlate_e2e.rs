@@ -1,0 +1,411 @@
+//! migmon end to end with the real migrator: a live and a quick migration of the real guest, with request/response
+//! clients in their own namespace, watched by `migmon watch --record` with the probes on both taps and the
+//! migrators' events on `--events-listen`, gated by `--until-migrations 1`.
+//!
+//! Live: the report says 0 aborted, the RARP and the FDB move were seen, and the gate and `migmon check` exit 0.
+//! Quick with an 8 s pause against clients with `TCP_USER_TIMEOUT` 5 s: every client connection is reported aborted
+//! with ETIMEDOUT under its own 4-tuple, as the clients themselves saw, and the gate, `migmon check` and the `JUnit`
+//! files say it failed.
+#![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use integration_tests::{Link, Netns, Watch, ip_in, migmon_bin, unique, wait_until};
+use serde_json::Value;
+
+const MAC: &str = "52:54:00:6d:6d:65";
+
+fn migrator_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MIGRATOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().join("migrator")
+}
+
+/// Whether the test can run here; says why not. Under CI a missing migrator binary is a failure, not a skip.
+fn runnable() -> bool {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        eprintln!("SKIP: /dev/kvm is missing: the end-to-end test needs KVM");
+        return false;
+    }
+    let bin = migrator_bin();
+    if !bin.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} does not exist: `./x test` builds it (by hand: cargo build -p migrator)",
+            bin.display()
+        );
+        eprintln!("SKIP: {} does not exist (cargo build -p migrator)", bin.display());
+        return false;
+    }
+    true
+}
+
+/// The migration tests' topology: a host namespace with a bridge and two taps, a client namespace on a veth.
+struct Bed {
+    host: Netns,
+    client: Netns,
+    tap_a: String,
+    tap_b: String,
+    guest_ip: Ipv4Addr,
+    dir: PathBuf,
+    _links: Vec<Link>,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let host = Netns::new("ceh");
+        let client = Netns::new("cec");
+        let n = (std::process::id() % 200 + 21) as u8;
+        let bridge = unique("cebr");
+        let (tap_a, tap_b) = (unique("ceta"), unique("cetb"));
+        let mut links = vec![Link::bridge(&bridge, Some(&host.name))];
+        for tap in [&tap_a, &tap_b] {
+            ip_in(Some(&host.name), &["tuntap", "add", "dev", tap, "mode", "tap"]);
+            ip_in(Some(&host.name), &["link", "set", tap, "master", &bridge]);
+            ip_in(Some(&host.name), &["link", "set", tap, "up"]);
+            links.push(Link {
+                name: tap.clone(),
+                netns: Some(host.name.clone()),
+            });
+        }
+        let (vc, vh) = (unique("cevc"), unique("cevh"));
+        links.push(Link::veth(&vc, Some(&client.name), &vh, Some(&host.name)));
+        ip_in(Some(&host.name), &["link", "set", &vh, "master", &bridge]);
+        ip_in(
+            Some(&client.name),
+            &["addr", "add", &format!("10.{n}.9.1/24"), "dev", &vc],
+        );
+        let dir = std::env::temp_dir().join(unique("migmon-e2e"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self {
+            host,
+            client,
+            tap_a,
+            tap_b,
+            guest_ip: Ipv4Addr::new(10, n, 9, 2),
+            dir,
+            _links: links,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_owned()
+    }
+
+    fn migrator(&self, args: &[&str], log: &str) -> Proc {
+        let out = std::fs::File::create(self.path(log)).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.host.name])
+            .arg(migrator_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            log: self.path(log),
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Proc {
+    child: Child,
+    log: String,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request/response client: one 64-byte request at a time; returns the errno that ended it, if any.
+struct Client {
+    local_port: u16,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+    handle: JoinHandle<Option<i32>>,
+}
+
+impl Client {
+    fn start(bed: &Bed, user_timeout_ms: Option<u32>) -> Self {
+        let addr = SocketAddrV4::new(bed.guest_ip, guest_abi::RR_PORT);
+        let mut s = bed
+            .client
+            .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
+            .unwrap();
+        if let Some(ms) = user_timeout_ms {
+            let v: libc::c_uint = ms;
+            // SAFETY: a valid socket fd and a c_uint option value of the right size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_USER_TIMEOUT,
+                    (&raw const v).cast(),
+                    size_of::<libc::c_uint>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "TCP_USER_TIMEOUT");
+        }
+        s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        let local_port = s.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
+        let (st, pr) = (stop.clone(), progress.clone());
+        let handle = std::thread::spawn(move || {
+            let mut seq = 0u32;
+            let mut resp = [0u8; 4 + 64];
+            while !st.load(Ordering::SeqCst) {
+                let mut req = seq.to_be_bytes().to_vec();
+                req.extend_from_slice(&64u32.to_be_bytes());
+                if let Err(e) = s.write_all(&req).and_then(|()| s.read_exact(&mut resp)) {
+                    return e.raw_os_error().or(Some(0));
+                }
+                seq += 1;
+                pr.store(u64::from(seq), Ordering::SeqCst);
+                // Pacing the load generator, not synchronisation.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            None
+        });
+        Self {
+            local_port,
+            stop,
+            progress,
+            handle,
+        }
+    }
+
+    fn finish(self) -> Option<i32> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+struct Run {
+    gate: Option<i32>,
+    report: Value,
+    clients: Vec<(u16, Option<i32>)>,
+    trace: String,
+    bed: Bed,
+    stderr: String,
+}
+
+fn migrate(mode: &str, extra: &[&str], user_timeout_ms: Option<u32>) -> Option<Run> {
+    if !runnable() {
+        return None;
+    }
+    let bed = Bed::new();
+    let (sock, trace, junit) = (
+        bed.path("events.sock"),
+        bed.path("run.trace"),
+        bed.path("gate.xml"),
+    );
+    let at = |tap: &str| format!("{tap}@{}", bed.host.name);
+    let vm = format!("{MAC}={}", bed.guest_ip);
+    let watch = Watch::start(&[
+        "--vm",
+        &vm,
+        "--iface",
+        &at(&bed.tap_a),
+        "--iface",
+        &at(&bed.tap_b),
+        "--egress",
+        &at(&bed.tap_a),
+        "--egress",
+        &at(&bed.tap_b),
+        "--port",
+        &guest_abi::RR_PORT.to_string(),
+        "--events-listen",
+        &sock,
+        "--record",
+        &trace,
+        "--until-migrations",
+        "1",
+        "--settle",
+        "3s",
+        "--junit",
+        &junit,
+    ]);
+    let ip = format!("{}/24", bed.guest_ip);
+    let (api_a, api_b, stream) = (bed.path("a.api"), bed.path("b.api"), bed.path("mig.sock"));
+    let src = bed.migrator(
+        &[
+            "run", "--tap", &bed.tap_a, "--mac", MAC, "--ip", &ip, "--mem", "256M", "--api", &api_a,
+            "--events", &sock,
+        ],
+        "a.log",
+    );
+    let echo = SocketAddrV4::new(bed.guest_ip, guest_abi::ECHO_PORT);
+    assert!(
+        wait_until(Duration::from_secs(30), || bed.client.run(|| {
+            TcpStream::connect_timeout(&echo.into(), Duration::from_millis(300)).is_ok()
+        })),
+        "the guest never answered:\n{}",
+        src.log()
+    );
+    let listen = format!("unix:{stream}");
+    let dst = bed.migrator(
+        &[
+            "receive", "--tap", &bed.tap_b, "--listen", &listen, "--api", &api_b, "--events", &sock,
+        ],
+        "b.log",
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || Path::new(&api_b).exists()),
+        "{}",
+        dst.log()
+    );
+    let clients: Vec<Client> = (0..4).map(|_| Client::start(&bed, user_timeout_ms)).collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || clients
+            .iter()
+            .all(|c| c.progress.load(Ordering::SeqCst) > 10)),
+        "the clients did not get going"
+    );
+    let to = format!("unix:{stream}");
+    let mut args = vec![
+        "migrate", "--api", &api_a, "--to", &to, "--mode", mode, "--verify",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &bed.host.name])
+        .arg(migrator_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        src.log()
+    );
+    let (_, stderr, gate) = watch.wait_exit(Duration::from_secs(90));
+    let clients: Vec<(u16, Option<i32>)> = clients.into_iter().map(|c| (c.local_port, c.finish())).collect();
+    let out = Command::new(migmon_bin())
+        .args(["report", &trace, "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        Path::new(&junit).exists(),
+        "the gate wrote its JUnit file: {stderr}"
+    );
+    drop((src, dst));
+    Some(Run {
+        gate,
+        report,
+        clients,
+        trace,
+        bed,
+        stderr,
+    })
+}
+
+fn verdict(report: &Value, port: u16) -> &Value {
+    report["migrations"][0]["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["sport"] == port)
+        .unwrap_or_else(|| panic!("client port {port} not in the report: {report:#}"))
+}
+
+fn check(run: &Run) -> (Option<i32>, String, String) {
+    let junit = run.bed.path("check.xml");
+    let out = Command::new(migmon_bin())
+        .args(["check", &run.trace, "--junit", &junit])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        std::fs::read_to_string(&junit).unwrap(),
+    )
+}
+
+#[test]
+fn live_migration_every_session_survives() {
+    let Some(run) = migrate("live", &[], None) else {
+        return;
+    };
+    let m = &run.report["migrations"][0];
+    assert_eq!(run.gate, Some(0), "the gate passes: {}", run.stderr);
+    assert_eq!(m["mode"], "live");
+    assert_eq!(m["aborted"], 0, "{m:#}");
+    for (port, err) in &run.clients {
+        assert_eq!(*err, None, "client {port} failed");
+        assert_eq!(verdict(&run.report, *port)["fate"], "survived");
+    }
+    assert!(!m["timeline"]["first_rarp"].is_null(), "the RARP was seen: {m:#}");
+    assert!(
+        !m["timeline"]["fdb_moves"].as_array().unwrap().is_empty(),
+        "the FDB moved: {m:#}"
+    );
+    assert_eq!(m["downtime"]["vcpu_pause"]["source"], "migrator");
+    let (code, out, junit) = check(&run);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(junit.contains("failures=\"0\""), "{junit}");
+}
+
+#[test]
+fn quick_migration_aborts_each_session_with_etimedout() {
+    let Some(run) = migrate("quick", &["--extra-pause", "8s"], Some(5000)) else {
+        return;
+    };
+    let m = &run.report["migrations"][0];
+    assert_eq!(run.gate, Some(1), "the gate fails: {}", run.stderr);
+    assert_eq!(m["mode"], "quick");
+    for (port, err) in &run.clients {
+        assert_eq!(*err, Some(libc::ETIMEDOUT), "client {port} saw ETIMEDOUT");
+        let v = verdict(&run.report, *port);
+        assert_eq!(v["fate"], "aborted", "{v:#}");
+        assert_eq!(v["reason"], "etimedout", "{v:#}");
+        assert_eq!(v["daddr"], run.bed.guest_ip.to_string());
+        assert_eq!(v["dport"], guest_abi::RR_PORT);
+    }
+    assert_eq!(m["aborted"], run.clients.len(), "{m:#}");
+    let (code, out, junit) = check(&run);
+    assert_eq!(code, Some(1), "{out}");
+    for (port, _) in &run.clients {
+        assert!(
+            out.contains(&format!(":{port} → {}:", run.bed.guest_ip)),
+            "4-tuple named: {out}"
+        );
+    }
+    assert!(
+        junit.contains("<failure") && junit.contains("ETIMEDOUT"),
+        "{junit}"
+    );
+}

@@ -1,0 +1,895 @@
+//! Privileged migration tests: two real `migrator` processes (KVM, taps on one bridge), real TCP clients in their
+//! own namespace, and the guest's services.
+//!
+//! Topology of every test (all names unique, removed by guards):
+//!
+//! ```text
+//!  client netns              host netns
+//!  ┌────────────┐  veth     ┌──────────────────────────────────────────┐
+//!  │ 10.x.y.1 ──┼───────────┼─ br ── tapA  (migrator run,  source)      │
+//!  │ clients    │           │     └─ tapB  (migrator receive, dest)     │
+//!  └────────────┘           │  migration stream: unix socket            │
+//!                           └──────────────────────────────────────────┘
+//! ```
+//!
+//! Figures (pause, total, client gaps) are printed for the record; the benchmarks own them. The tests assert
+//! outcomes: no aborted connection, intact streams, verified RAM, the RARP seen, the FDB moved, rollbacks.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::{fd::AsRawFd, unix::net::UnixListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{Link, Netns, ip_in, unique, wait_until};
+use serde_json::Value;
+
+const MAC: &str = "52:54:00:6d:69:67";
+const MAC_BYTES: [u8; 6] = [0x52, 0x54, 0x00, 0x6d, 0x69, 0x67];
+
+/// The `migrator` binary under test (next to the test executable's profile directory, or `MIGRATOR_BIN`).
+fn migrator_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MIGRATOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let bin = profile_dir.join("migrator");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (`./x test` does; by hand: cargo build -p migrator)",
+        bin.display()
+    );
+    bin
+}
+
+/// Whether this machine can run the tests at all; prints why not.
+fn kvm_available() -> bool {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        eprintln!("SKIP: /dev/kvm is missing: the migration tests need KVM");
+        return false;
+    }
+    true
+}
+
+/// One test's world: the namespaces, the bridge, the taps and the addresses.
+struct Bed {
+    host: Netns,
+    client: Netns,
+    bridge: String,
+    tap_a: String,
+    tap_b: String,
+    guest_ip: Ipv4Addr,
+    dir: PathBuf,
+    _links: Vec<Link>,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let host = Netns::new("mgh");
+        let client = Netns::new("mgc");
+        let n = std::process::id() % 200 + 20;
+        let bridge = unique("mbr");
+        let tap_a = unique("mta");
+        let tap_b = unique("mtb");
+        let mut links = vec![Link::bridge(&bridge, Some(&host.name))];
+        for tap in [&tap_a, &tap_b] {
+            ip_in(Some(&host.name), &["tuntap", "add", "dev", tap, "mode", "tap"]);
+            ip_in(Some(&host.name), &["link", "set", tap, "master", &bridge]);
+            ip_in(Some(&host.name), &["link", "set", tap, "up"]);
+            links.push(Link {
+                name: tap.clone(),
+                netns: Some(host.name.clone()),
+            });
+        }
+        let vc = unique("mvc");
+        let vh = unique("mvh");
+        links.push(Link::veth(&vc, Some(&client.name), &vh, Some(&host.name)));
+        ip_in(Some(&host.name), &["link", "set", &vh, "master", &bridge]);
+        let client_ip = format!("10.{n}.7.1/24");
+        ip_in(Some(&client.name), &["addr", "add", &client_ip, "dev", &vc]);
+        let dir = std::env::temp_dir().join(unique("migt"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self {
+            host,
+            client,
+            bridge,
+            tap_a,
+            tap_b,
+            guest_ip: Ipv4Addr::new(10, n as u8, 7, 2),
+            dir,
+            _links: links,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `migrator ARGS` in the host namespace, output to `log`.
+    fn spawn(&self, args: &[&str], log: &str) -> Proc {
+        let log_path = self.path(log);
+        let out = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.host.name])
+            .arg(migrator_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("start migrator");
+        Proc {
+            child: Some(child),
+            log: log_path,
+        }
+    }
+
+    /// Boots the guest on tap A with the API at `api` and waits until its echo service answers.
+    fn boot(&self, extra: &[&str]) -> Proc {
+        let api = self.path("a.api");
+        let events = self.path("events");
+        let ip = format!("{}/24", self.guest_ip);
+        let mut args = vec![
+            "run",
+            "--tap",
+            &self.tap_a,
+            "--mac",
+            MAC,
+            "--ip",
+            &ip,
+            "--mem",
+            "256M",
+            "--api",
+            api.to_str().expect("utf-8 path"),
+            "--events",
+            events.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        let mut p = self.spawn(&args, "a.log");
+        let addr = SocketAddrV4::new(self.guest_ip, guest_abi::ECHO_PORT);
+        let up = wait_until(Duration::from_secs(30), || {
+            assert!(p.running(), "migrator run exited early:\n{}", p.log());
+            self.client
+                .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)).is_ok())
+        });
+        assert!(up, "the guest's echo service never answered:\n{}", p.log());
+        p
+    }
+
+    /// `migrator receive` on tap B.
+    fn receive(&self, listen: &Path, api: &Path) -> Proc {
+        let listen = format!("unix:{}", listen.display());
+        let events = self.path("events");
+        let p = self.spawn(
+            &[
+                "receive",
+                "--tap",
+                &self.tap_b,
+                "--listen",
+                &listen,
+                "--api",
+                api.to_str().expect("utf-8 path"),
+                "--events",
+                events.to_str().expect("utf-8 path"),
+            ],
+            "b.log",
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || api.exists()),
+            "migrator receive never opened its API"
+        );
+        p
+    }
+
+    /// `migrator migrate ...`; returns its output.
+    fn migrate(&self, api: &Path, to: &Path, extra: &[&str]) -> Output {
+        let to = format!("unix:{}", to.display());
+        Command::new("ip")
+            .args(["netns", "exec", &self.host.name])
+            .arg(migrator_bin())
+            .args([
+                "migrate",
+                "--api",
+                api.to_str().expect("utf-8 path"),
+                "--to",
+                &to,
+                "--verify",
+            ])
+            .args(extra)
+            .output()
+            .expect("run migrator migrate")
+    }
+
+    /// The bridge port the VM's MAC is learned on.
+    fn fdb_port(&self) -> Option<String> {
+        let out = Command::new("bridge")
+            .args(["-n", &self.host.name, "fdb", "show", "br", &self.bridge])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(MAC) && w.next() == Some("dev")).then(|| w.next().unwrap_or("").to_owned())
+        })
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.path("events"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `migrator status` of the migrator behind `api`.
+fn status(api: &Path) -> Option<Value> {
+    let out = Command::new(migrator_bin())
+        .args(["status", "--api", api.to_str().expect("utf-8 path")])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// A migrator process, killed on drop.
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let c = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // `ip netns exec` execs the migrator, so the child pid is the migrator's.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What one client saw.
+#[derive(Debug, Default, Clone)]
+struct ClientResult {
+    /// Records or responses received.
+    count: u64,
+    /// The error that ended it, with its errno.
+    error: Option<(String, Option<i32>)>,
+    /// The longest time without progress.
+    max_gap: Duration,
+}
+
+/// A client thread (stream or request/response) with a stop flag.
+struct Client {
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+    handle: JoinHandle<ClientResult>,
+}
+
+fn set_user_timeout(s: &TcpStream, ms: u32) {
+    let v: libc::c_uint = ms;
+    // SAFETY: a valid socket fd and a c_uint option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&raw const v).cast(),
+            size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_USER_TIMEOUT");
+}
+
+impl Client {
+    /// Connects from the client namespace; the socket stays there.
+    fn connect(bed: &Bed, port: u16, user_timeout_ms: Option<u32>) -> TcpStream {
+        let addr = SocketAddrV4::new(bed.guest_ip, port);
+        let s = bed
+            .client
+            .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
+            .expect("connect to the guest");
+        if let Some(ms) = user_timeout_ms {
+            set_user_timeout(&s, ms);
+        }
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s
+    }
+
+    /// Reads the sequence-numbered stream (at `rate` records/s) and checks every record.
+    fn stream(bed: &Bed, rate: u32) -> Self {
+        let mut s = Self::connect(bed, guest_abi::STREAM_PORT, None);
+        s.write_all(&rate.to_be_bytes()).expect("stream request");
+        Self::spawn("stream", move |stop, progress| {
+            let mut r = ClientResult::default();
+            let mut rec = vec![0u8; guest_abi::STREAM_RECORD];
+            let mut last = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                if let Err(e) = s.read_exact(&mut rec) {
+                    r.error = Some((e.to_string(), e.raw_os_error()));
+                    break;
+                }
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&rec[..8]);
+                let n = u64::from_be_bytes(n);
+                if n != r.count || rec[8..].iter().any(|&b| b != n as u8) {
+                    r.error = Some((
+                        format!("record {n} where {} was due: the stream is broken", r.count),
+                        None,
+                    ));
+                    break;
+                }
+                r.count += 1;
+                progress.store(r.count, Ordering::SeqCst);
+                r.max_gap = r.max_gap.max(last.elapsed());
+                last = Instant::now();
+            }
+            r
+        })
+    }
+
+    /// Request/response: 64-byte answers, one request at a time, as fast as they come back.
+    fn request_response(bed: &Bed, user_timeout_ms: Option<u32>) -> Self {
+        let mut s = Self::connect(bed, guest_abi::RR_PORT, user_timeout_ms);
+        Self::spawn("rr", move |stop, progress| {
+            let mut r = ClientResult::default();
+            let mut last = Instant::now();
+            let mut seq = 0u32;
+            let len = 64u32;
+            let mut resp = vec![0u8; 4 + len as usize];
+            while !stop.load(Ordering::SeqCst) {
+                let mut req = seq.to_be_bytes().to_vec();
+                req.extend_from_slice(&len.to_be_bytes());
+                let res = s.write_all(&req).and_then(|()| s.read_exact(&mut resp));
+                if let Err(e) = res {
+                    r.error = Some((e.to_string(), e.raw_os_error()));
+                    break;
+                }
+                if resp[..4] != seq.to_be_bytes() || resp[4..].iter().any(|&b| b != seq as u8) {
+                    r.error = Some((format!("bad response to request {seq}"), None));
+                    break;
+                }
+                seq += 1;
+                r.count += 1;
+                progress.store(r.count, Ordering::SeqCst);
+                r.max_gap = r.max_gap.max(last.elapsed());
+                last = Instant::now();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r
+        })
+    }
+
+    fn spawn(
+        name: &str,
+        f: impl FnOnce(Arc<AtomicBool>, Arc<AtomicU64>) -> ClientResult + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
+        let (s, p) = (stop.clone(), progress.clone());
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(s, p))
+            .expect("client thread");
+        Self {
+            stop,
+            progress,
+            handle,
+        }
+    }
+
+    fn progress(&self) -> u64 {
+        self.progress.load(Ordering::SeqCst)
+    }
+
+    fn finish(self) -> ClientResult {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().expect("client thread")
+    }
+}
+
+/// 8 stream + 8 request/response clients, all making progress.
+fn sixteen_clients(bed: &Bed) -> Vec<Client> {
+    let mut v = Vec::new();
+    for _ in 0..8 {
+        v.push(Client::stream(bed, 200));
+        v.push(Client::request_response(bed, None));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || v.iter().all(|c| c.progress() > 5)),
+        "not every client got going"
+    );
+    v
+}
+
+/// Waits until every client made progress beyond what it had at the call.
+fn all_progress(clients: &[Client], timeout: Duration) -> bool {
+    let base: Vec<u64> = clients.iter().map(Client::progress).collect();
+    wait_until(timeout, || {
+        clients.iter().zip(&base).all(|(c, b)| c.progress() > b + 3)
+    })
+}
+
+/// Counts RARP frames from the VM's MAC seen in the client namespace.
+struct RarpCapture {
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl RarpCapture {
+    fn start(bed: &Bed) -> Self {
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        // An AF_PACKET socket opened inside the client netns stays bound to it.
+        let fd = bed.client.run(|| {
+            // SAFETY: plain socket(2) call; the fd is owned below.
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(0x8035u16.to_be())) }
+        });
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: valid fd and timeval.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let (c, s) = (count.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::SeqCst) {
+                // SAFETY: `buf` is writable for its length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n >= 42 && buf[6..12] == MAC_BYTES && buf[12..14] == [0x80, 0x35] && buf[20..22] == [0, 3]
+                {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            // SAFETY: our fd, closed once.
+            unsafe { libc::close(fd) };
+        });
+        Self {
+            count,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RarpCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn summary(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON summary")
+}
+
+fn print_figures(what: &str, s: &Value, clients: &[ClientResult]) {
+    let gap = clients.iter().map(|c| c.max_gap).max().unwrap_or_default();
+    eprintln!(
+        "{what}: total {:.1} ms, pause {:.1} ms (floor {:.2} ms), {} bytes, {} rounds, largest client gap {:?}",
+        s["total_ms"].as_f64().unwrap_or(f64::NAN),
+        s["pause_ms"].as_f64().unwrap_or(f64::NAN),
+        s["floor_ms"].as_f64().unwrap_or(f64::NAN),
+        s["bytes"],
+        s["rounds"],
+        gap
+    );
+}
+
+#[test]
+fn guest_services_answer() {
+    if !kvm_available() {
+        return;
+    }
+    let bed = Bed::new();
+    let _a = bed.boot(&[]);
+    let mut echo = Client::connect(&bed, guest_abi::ECHO_PORT, None);
+    echo.write_all(b"hello, guest").expect("echo write");
+    let mut back = [0u8; 12];
+    echo.read_exact(&mut back).expect("echo read");
+    assert_eq!(&back, b"hello, guest");
+    let clients = vec![Client::stream(&bed, 0), Client::request_response(&bed, None)];
+    assert!(
+        all_progress(&clients, Duration::from_secs(10)),
+        "stream and request/response make progress"
+    );
+    for c in clients {
+        let r = c.finish();
+        assert!(r.error.is_none(), "{r:?}");
+    }
+}
+
+#[test]
+fn live_migration_keeps_every_connection() {
+    if !kvm_available() {
+        return;
+    }
+    let bed = Bed::new();
+    let mut a = bed.boot(&[]);
+    let (api_a, api_b, sock) = (bed.path("a.api"), bed.path("b.api"), bed.path("b.sock"));
+    let mut b = bed.receive(&sock, &api_b);
+    let clients = sixteen_clients(&bed);
+    assert_eq!(
+        bed.fdb_port().as_deref(),
+        Some(bed.tap_a.as_str()),
+        "the MAC is learned on tap A first"
+    );
+    let rarp = RarpCapture::start(&bed);
+
+    let s = summary(&bed.migrate(&api_a, &sock, &["--mode", "live", "--downtime", "30ms"]));
+    assert!(s["verified_hash"].is_string(), "RAM was hashed at both ends: {s}");
+    assert!(
+        a.wait_exit(Duration::from_secs(10))
+            .is_some_and(|st| st.success()),
+        "the source exits 0 after the ack:\n{}",
+        a.log()
+    );
+    assert!(b.running(), "the destination runs the guest:\n{}", b.log());
+    assert!(
+        all_progress(&clients, Duration::from_secs(10)),
+        "every client goes on after the move"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || rarp.count() >= 5),
+        "5 RARP frames reach the client side, saw {}",
+        rarp.count()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || bed.fdb_port().as_deref()
+            == Some(bed.tap_b.as_str())),
+        "the bridge entry moved to tap B: {:?}",
+        bed.fdb_port()
+    );
+    let results: Vec<ClientResult> = clients.into_iter().map(Client::finish).collect();
+    for r in &results {
+        assert!(r.error.is_none(), "a connection broke: {r:?}");
+    }
+    print_figures("live, idle, 16 clients", &s, &results);
+    let evs = bed.events();
+    for (role, ev) in [
+        ("source", "pause"),
+        ("destination", "resume"),
+        ("destination", "announce"),
+        ("source", "complete"),
+    ] {
+        assert!(
+            evs.iter()
+                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC),
+            "event {role}/{ev} missing"
+        );
+    }
+    // Back to A: the received VM migrates again.
+    let sock_a = bed.path("a2.sock");
+    let api_a2 = bed.path("a2.api");
+    let listen = format!("unix:{}", sock_a.display());
+    let mut a2 = bed.spawn(
+        &[
+            "receive",
+            "--tap",
+            &bed.tap_a,
+            "--listen",
+            &listen,
+            "--api",
+            api_a2.to_str().expect("utf-8"),
+        ],
+        "a2.log",
+    );
+    assert!(wait_until(Duration::from_secs(10), || api_a2.exists()));
+    let clients = vec![Client::stream(&bed, 200), Client::request_response(&bed, None)];
+    let back = summary(&bed.migrate(&api_b, &sock_a, &["--mode", "live"]));
+    assert!(
+        b.wait_exit(Duration::from_secs(10))
+            .is_some_and(|st| st.success()),
+        "{}",
+        b.log()
+    );
+    assert!(a2.running(), "{}", a2.log());
+    assert!(
+        all_progress(&clients, Duration::from_secs(10)),
+        "clients go on after A -> B -> A"
+    );
+    for c in clients {
+        let r = c.finish();
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    print_figures("live back to A", &back, &[]);
+}
+
+#[test]
+fn live_migration_converges_under_the_dirtier() {
+    if !kvm_available() {
+        return;
+    }
+    let bed = Bed::new();
+    let _a = bed.boot(&["--dirty", "32M@125M"]);
+    let (api_a, api_b, sock) = (bed.path("a.api"), bed.path("b.api"), bed.path("b.sock"));
+    let mut b = bed.receive(&sock, &api_b);
+    let clients = vec![Client::stream(&bed, 200), Client::request_response(&bed, None)];
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+    let s = summary(&bed.migrate(
+        &api_a,
+        &sock,
+        &[
+            "--mode",
+            "live",
+            "--downtime",
+            "30ms",
+            "--timeout",
+            "20s",
+            "--on-timeout",
+            "abort",
+        ],
+    ));
+    assert_eq!(
+        s["forced"], false,
+        "the switch-over rule found a pause within budget: {s}"
+    );
+    assert!(s["expected_pause_ms"].as_f64().is_some_and(|e| e <= 30.0), "{s}");
+    assert!(
+        s["rounds"].as_u64().is_some_and(|r| r >= 2),
+        "a dirtier needs more than one round: {s}"
+    );
+    assert!(b.running(), "{}", b.log());
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+    let results: Vec<ClientResult> = clients.into_iter().map(Client::finish).collect();
+    for r in &results {
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    print_figures("live, dirtier 32M@125M, budget 30 ms", &s, &results);
+}
+
+#[test]
+fn quick_migration_pause_outlasts_tcp_user_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let bed = Bed::new();
+    let _a = bed.boot(&[]);
+    let (api_a, api_b, sock) = (bed.path("a.api"), bed.path("b.api"), bed.path("b.sock"));
+    let _b = bed.receive(&sock, &api_b);
+    let clients: Vec<Client> = (0..4)
+        .map(|_| Client::request_response(&bed, Some(5000)))
+        .collect();
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+    let file = bed.path("suspend.img");
+    let s = summary(&bed.migrate(
+        &api_a,
+        &sock,
+        &[
+            "--mode",
+            "quick",
+            "--extra-pause",
+            "8s",
+            "--via-file",
+            file.to_str().expect("utf-8"),
+        ],
+    ));
+    assert!(s["extra_pause_ms"].as_f64().is_some_and(|p| p >= 8000.0), "{s}");
+    assert!(
+        s["notes"].to_string().contains("--extra-pause"),
+        "the report labels the extra pause: {s}"
+    );
+    let results: Vec<ClientResult> = clients.into_iter().map(Client::finish).collect();
+    for r in &results {
+        assert_eq!(
+            r.error.as_ref().and_then(|e| e.1),
+            Some(libc::ETIMEDOUT),
+            "with TCP_USER_TIMEOUT 5 s an 8 s pause aborts the connection: {r:?}"
+        );
+    }
+    print_figures("quick, 8 s extra pause", &s, &results);
+
+    // Back to A with a 1 s pause: the same clients' settings survive.
+    let sock_a = bed.path("a2.sock");
+    let api_a2 = bed.path("a2.api");
+    let listen = format!("unix:{}", sock_a.display());
+    let mut a2 = bed.spawn(
+        &[
+            "receive",
+            "--tap",
+            &bed.tap_a,
+            "--listen",
+            &listen,
+            "--api",
+            api_a2.to_str().expect("utf-8"),
+        ],
+        "a2.log",
+    );
+    assert!(wait_until(Duration::from_secs(10), || api_a2.exists()));
+    let clients: Vec<Client> = (0..4)
+        .map(|_| Client::request_response(&bed, Some(5000)))
+        .collect();
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+    let s = summary(&bed.migrate(&api_b, &sock_a, &["--mode", "quick", "--extra-pause", "1s"]));
+    assert!(a2.running(), "{}", a2.log());
+    assert!(
+        all_progress(&clients, Duration::from_secs(15)),
+        "a 1 s pause is survived"
+    );
+    let results: Vec<ClientResult> = clients.into_iter().map(Client::finish).collect();
+    for r in &results {
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    print_figures("quick, 1 s extra pause", &s, &results);
+}
+
+/// A relay from `listen` to `to` that flips one byte after `after` bytes of the source's stream.
+fn corrupting_relay(listen: &Path, to: PathBuf, after: u64) -> JoinHandle<()> {
+    let l = UnixListener::bind(listen).expect("relay socket");
+    std::thread::spawn(move || {
+        let Ok((mut from, _)) = l.accept() else { return };
+        let Ok(mut dst) = std::os::unix::net::UnixStream::connect(&to) else {
+            return;
+        };
+        let (mut back_from, mut back_dst) =
+            (from.try_clone().expect("clone"), dst.try_clone().expect("clone"));
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_dst, &mut back_from);
+        });
+        let mut seen = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if seen <= after && after < seen + n as u64 {
+                buf[(after - seen) as usize] ^= 0x20;
+            }
+            seen += n as u64;
+            if dst.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+#[test]
+fn failed_migrations_roll_back() {
+    if !kvm_available() {
+        return;
+    }
+    let bed = Bed::new();
+    let mut a = bed.boot(&["--dirty", "32M@50M"]);
+    let api_a = bed.path("a.api");
+    let clients = vec![Client::stream(&bed, 200), Client::request_response(&bed, None)];
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+
+    // 1. The destination dies mid-transfer.
+    let (api_b, sock) = (bed.path("b.api"), bed.path("b.sock"));
+    let mut b = bed.receive(&sock, &api_b);
+    let migrate = {
+        let host = bed.host.name.clone();
+        let (api, to) = (api_a.clone(), format!("unix:{}", sock.display()));
+        std::thread::spawn(move || {
+            Command::new("ip")
+                .args(["netns", "exec", &host])
+                .arg(migrator_bin())
+                .args([
+                    "migrate",
+                    "--api",
+                    api.to_str().expect("utf-8"),
+                    "--to",
+                    &to,
+                    "--max-bandwidth",
+                    "8M",
+                ])
+                .output()
+                .expect("migrate")
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&api_a).is_some_and(
+            |s| s["state"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 1 << 20
+        )),
+        "the transfer got going"
+    );
+    b.kill();
+    let out = migrate.join().expect("migrate thread");
+    assert!(!out.status.success(), "migrate reports the failure");
+    assert!(a.running(), "the source keeps the guest:\n{}", a.log());
+    assert!(
+        wait_until(Duration::from_secs(5), || status(&api_a)
+            .is_some_and(|s| s["state"] == "running")),
+        "the source is ready for another try"
+    );
+    assert!(
+        all_progress(&clients, Duration::from_secs(10)),
+        "clients survive a dead destination"
+    );
+
+    // 2. The stream is corrupted on the way.
+    let (api_c, sock_c, relay) = (bed.path("c.api"), bed.path("c.sock"), bed.path("relay.sock"));
+    let mut c = bed.receive(&sock_c, &api_c);
+    let _relay = corrupting_relay(&relay, sock_c.clone(), 3 << 20);
+    let out = bed.migrate(&api_a, &relay, &["--mode", "live"]);
+    assert!(!out.status.success(), "migrate reports the failure");
+    let st = c
+        .wait_exit(Duration::from_secs(20))
+        .expect("the destination exits");
+    assert!(!st.success(), "the destination exits non-zero");
+    let log = c.log();
+    assert!(log.contains("corrupted"), "the destination says why:\n{log}");
+    assert!(!log.contains("panicked"), "no panic:\n{log}");
+    assert!(a.running(), "the source keeps the guest:\n{}", a.log());
+    assert!(
+        all_progress(&clients, Duration::from_secs(10)),
+        "clients survive a corrupted stream"
+    );
+    for c in clients {
+        let r = c.finish();
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    let evs = bed.events();
+    assert!(
+        evs.iter().filter(|e| e["event"] == "rollback").count() >= 2,
+        "two rollbacks were reported"
+    );
+}
