@@ -14,9 +14,6 @@ use crate::{
     source::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session},
 };
 
-/// RAM hash throughput assumed for `--verify` (xxh3 reads faster than this on any machine we run on).
-const HASH_RATE: f64 = 4.0 * (1u64 << 30) as f64;
-
 /// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
 static LAST_STATE_BYTES: AtomicU64 = AtomicU64::new(0);
 static LAST_STATE_NS: AtomicU64 = AtomicU64::new(0);
@@ -32,8 +29,6 @@ pub struct Estimate {
     pub state_bytes: u64,
     /// Fixed state cost (save + restore; measured last time, or guessed).
     pub state_time: Duration,
-    /// Bytes to hash at pause (`--verify`), 0 without.
-    pub hash_bytes: u64,
 }
 
 impl Estimate {
@@ -45,8 +40,7 @@ impl Estimate {
     /// The expected pause.
     pub fn pause(&self) -> Duration {
         let transfer = self.remaining_bytes() as f64 / self.bandwidth.max(1) as f64;
-        let hash = self.hash_bytes as f64 / HASH_RATE;
-        Duration::from_secs_f64(transfer + hash) + self.state_time
+        Duration::from_secs_f64(transfer) + self.state_time
     }
 }
 
@@ -104,11 +98,6 @@ pub fn run<S: MigrationSource>(
     // Residency after the log started: a page touched after this is in the next dirty set.
     let resident = s.ram.resident_pages();
     let total = s.ram.total_pages();
-    let hash_bytes = if opts.verify {
-        resident.count_ones() * PAGE_SIZE as u64
-    } else {
-        0
-    };
     s.tracker.update(|st| {
         st.state = "precopy".into();
         st.iteration = 0;
@@ -131,7 +120,6 @@ pub fn run<S: MigrationSource>(
             bandwidth: s.bandwidth.rate(),
             state_bytes,
             state_time,
-            hash_bytes,
         };
         let expected = est.pause();
         s.tracker.update(|st| {
@@ -221,7 +209,6 @@ mod tests {
             bandwidth: 1 << 30,
             state_bytes: 64 << 10,
             state_time: Duration::from_millis(1),
-            hash_bytes: 0,
         }
     }
 
@@ -251,14 +238,9 @@ mod tests {
             Decision::SwitchOver
         );
         let e = est(0);
-        assert!(e.pause() >= Duration::from_millis(1));
-        let hashed = Estimate {
-            hash_bytes: 4 << 30,
-            ..est(0)
-        };
         assert!(
-            hashed.pause() >= Duration::from_millis(900),
-            "hashing 4 GiB is counted"
+            e.pause() >= Duration::from_millis(1),
+            "the state cost is always counted"
         );
     }
 

@@ -698,10 +698,6 @@ fn live_migration_converges_under_the_dirtier() {
         "the switch-over rule found a pause within budget: {s}"
     );
     assert!(s["expected_pause_ms"].as_f64().is_some_and(|e| e <= 30.0), "{s}");
-    assert!(
-        s["rounds"].as_u64().is_some_and(|r| r >= 2),
-        "a dirtier needs more than one round: {s}"
-    );
     assert!(b.running(), "{}", b.log());
     assert!(all_progress(&clients, Duration::from_secs(10)));
     let results: Vec<ClientResult> = clients.into_iter().map(Client::finish).collect();
