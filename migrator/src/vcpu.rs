@@ -32,6 +32,12 @@ use crate::devices::{net::NetDevice, serial::Serial, virtio_mmio::MmioTransport}
 
 /// `MSR_IA32_TSC`.
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// `MSR_MTRRdefType`: bit 11 enables MTRRs, the low byte is the default memory type.
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MTRR_ENABLE: u64 = 1 << 11;
+const MTRR_TYPE_WRBACK: u64 = 6;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
 
 /// Errors of the vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -417,7 +423,9 @@ impl Vcpu {
         self.fd.get_tsc_khz().ok().filter(|&k| k > 0)
     }
 
-    /// Sets the long-mode entry state.
+    /// Sets the long-mode entry state, and the MSRs firmware would have set: MTRRs on with write-back as the default
+    /// memory type (the reset value leaves them off, which would make RAM uncached where KVM honours guest MTRRs)
+    /// and fast strings.
     pub fn set_boot_state(
         &self,
         regs: &kvm_regs,
@@ -427,6 +435,27 @@ impl Vcpu {
         set_sregs(&mut sregs);
         self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
         self.fd.set_regs(regs).map_err(ioctl("KVM_SET_REGS"))?;
+        let boot_msrs = [
+            kvm_msr_entry {
+                index: MSR_MTRR_DEF_TYPE,
+                data: MTRR_ENABLE | MTRR_TYPE_WRBACK,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                data: MISC_ENABLE_FAST_STRING,
+                ..Default::default()
+            },
+        ];
+        let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VcpuError::MsrBuffer)?;
+        let done = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+        if done != boot_msrs.len() {
+            return Err(VcpuError::SetMsrs {
+                index: boot_msrs[done].index,
+                done,
+                total: boot_msrs.len(),
+            });
+        }
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! `migrator receive`.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -19,7 +19,8 @@ use crate::{
     ram::{DirtyBitmap, GuestRam},
     runner::{EndReason, Shutdown},
     state::VmState,
-    vcpu::GuestExit,
+    transport::Endpoint,
+    vcpu::{GuestExit, GuestStatus},
     vm::{SerialOutput, Vm, VmConfig},
 };
 
@@ -223,10 +224,34 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         let vm = Vm::create_for_restore(&config).map_err(boxed)?;
         Ok(IncomingVm { vm, started: false })
     };
+    // Ctrl-C before a VM runs here: nothing to clean up (an incoming source rolls back on the closed stream).
+    let received = Arc::new(AtomicBool::new(false));
+    {
+        let (s, r) = (shutdown.clone(), received.clone());
+        let mut sockets: Vec<PathBuf> = args.api.iter().cloned().collect();
+        if let Endpoint::Unix(p) = &args.listen {
+            sockets.push(p.clone());
+        }
+        let _spawned = std::thread::Builder::new()
+            .name("early-signal".into())
+            .spawn(move || {
+                let _why = s.wait(&Arc::new(GuestStatus::default()));
+                if !r.load(Ordering::SeqCst) {
+                    eprintln!("migrator: interrupted before a migration came in");
+                    for p in sockets {
+                        let _ignored = std::fs::remove_file(p);
+                    }
+                    std::process::exit(130);
+                }
+            });
+    }
     let mut end: Option<EndWatch> = None;
     let (migrated, _received) = receive_main(args, create, |vm: &mut IncomingVm| {
-        end.get_or_insert_with(|| EndWatch::start(&shutdown, &vm.vm))
-            .ended()
+        end.get_or_insert_with(|| {
+            received.store(true, Ordering::SeqCst);
+            EndWatch::start(&shutdown, &vm.vm)
+        })
+        .ended()
     })?;
     if migrated.is_some() {
         eprintln!("migrator: the guest runs at the next destination now; exiting");
