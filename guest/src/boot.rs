@@ -1,7 +1,7 @@
 //! `_start`: the 64-bit entry the VMM jumps to, with `rdi` = the boot-info address.
 //!
 //! It disables interrupts, clears the direction flag, zeroes `.bss` (harmless when the loader already did), sets
-//! the stack to the top of a `.bss` array and calls `guest_main(rdi)`.
+//! the stack to the top of a `.bss` array and calls `kernel_main(rdi)`, which drops to ring 3 (see cpu.rs).
 
 use core::arch::global_asm;
 
@@ -25,7 +25,7 @@ _start:
     lea rsp, [rip + guest_stack_top]
     xor ebp, ebp
     mov rdi, r12
-    call guest_main
+    call kernel_main
 2:
     hlt
     jmp 2b
