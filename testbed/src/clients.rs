@@ -140,7 +140,7 @@ impl Profile {
                 if self.user_timeout().is_some() {
                     next = next.min(first + budget);
                 }
-                if next - first >= budget {
+                if next.saturating_sub(first) >= budget {
                     return Arithmetic {
                         profile: self,
                         base,

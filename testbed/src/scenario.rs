@@ -16,6 +16,7 @@
 //! Progress goes to a callback at least once a second while anything is waited for.
 
 use std::{
+    fmt::Write as _,
     fs::File,
     io::Read as _,
     net::{SocketAddrV4, TcpStream},
@@ -30,7 +31,7 @@ use serde_json::Value;
 use crate::{
     clients::{Arithmetic, Client, ClientError, ClientOptions, ClientReport, Profile, start_mix},
     net::in_netns,
-    topology::{CLIENT_IF, Host, TAP, Testbed, TopologyError},
+    topology::{CLIENT_IF, Host, Testbed, TopologyError},
 };
 
 /// The VM's MAC in the demo.
@@ -362,7 +363,7 @@ impl Scenario<'_> {
         let mut args = vec![
             "run",
             "--tap",
-            TAP,
+            Host::A.tap(),
             "--mac",
             VM_MAC,
             "--ip",
@@ -405,7 +406,15 @@ impl Scenario<'_> {
         let mut p = self.migrator(
             host,
             &[
-                "receive", "--tap", TAP, "--listen", &listen, "--api", api, "--events", events,
+                "receive",
+                "--tap",
+                host.tap(),
+                "--listen",
+                &listen,
+                "--api",
+                api,
+                "--events",
+                events,
             ],
             log,
         )?;
@@ -475,12 +484,13 @@ impl Scenario<'_> {
                 let st = self.status(api);
                 let aborted = clients.iter().filter(|c| c.ended()).count();
                 let state = st["state"].as_str().unwrap_or("?").to_owned();
-                let mut line = format!("{mode} migration A↔B: {:.0} s, {state}", t.as_secs_f64());
+                let mut line = format!("{mode} migration → {to:?}: {:.0} s, {state}", t.as_secs_f64());
                 if state == "precopy" {
-                    line += &format!(
+                    let _ = write!(
+                        line,
                         ", round {}, {:.1} MiB left",
                         st["iteration"],
-                        st["remaining_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+                        st["remaining_bytes"].as_f64().unwrap_or(0.0) / 1_048_576.0
                     );
                 }
                 line + &format!("; clients aborted so far: {aborted}/{}", clients.len())
@@ -533,7 +543,7 @@ impl Scenario<'_> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn write(&self, path: &Path, text: &str) -> Result<(), ScenarioError> {
+    fn write(path: &Path, text: &str) -> Result<(), ScenarioError> {
         std::fs::write(path, text).map_err(|source| ScenarioError::Write {
             path: path.to_owned(),
             source,
@@ -760,11 +770,11 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
     }
     let compare_refs: Vec<&str> = compare_args.iter().map(String::as_str).collect();
     let compare = s.migmon(&compare_refs)?;
-    s.write(&outputs.compare_text, &compare)?;
+    Scenario::write(&outputs.compare_text, &compare)?;
     let json = s.migmon(&["report", &trace_s, "--format", "json"])?;
-    s.write(&outputs.report_json, &json)?;
+    Scenario::write(&outputs.report_json, &json)?;
     let text = s.migmon(&["report", &trace_s, "--format", "text"])?;
-    s.write(&outputs.report_text, &text)?;
+    Scenario::write(&outputs.report_text, &text)?;
     s.migmon(&[
         "export",
         &trace_s,

@@ -1,27 +1,23 @@
 //! The two-host testbed: a client, two hypervisor hosts and a switch, each in its own network namespace.
 //!
 //! ```text
-//!   PREFIX-client            PREFIX-switch                      PREFIX-a (host A)            PREFIX-b (host B)
-//!  ┌──────────────┐         ┌───────────────────────┐          ┌────────────────────┐       ┌────────────────────┐
-//!  │ eth0 .1 ─────┼─────────┼─ port-client          │          │        br0         │       │        br0         │
-//!  │ clients      │         │          br0          │          │  tap0 ─┘  └─ uplink┼──┐ ┌──┼─ uplink ┘  └─ tap0 │
-//!  └──────────────┘         │  port-a ──┘  └── port-b┼──┐       │  (VM here)         │  │ │  │  (or here)         │
-//!                           └───────────────────────┘  │       │  mig .129 ─────────┼──┼─┼──┼─ mig .130          │
-//!                                                       │       └────────────────────┘  │ │  └────────────────────┘
-//!                                                       └───────────────────────────────┘ │
-//!                                     port-a ↔ A's uplink, port-b ↔ B's uplink ────────────┘
+//!  PREFIX-client      PREFIX-switch                       PREFIX-a (host A)          PREFIX-b (host B)
+//!  eth0 .1 ───────── port-client ┐                        ┌ tap-a (VM here)          ┌ tap-b (or here)
+//!                                br-sw                    br-a                       br-b
+//!                    port-a ─────┤                        └ up-a ── port-a           └ up-b ── port-b
+//!                    port-b ─────┘                          mig .129 ───────────────── mig .130
 //! ```
 //!
-//! - Each host has its own bridge `br0` with the VM's tap `tap0` and an `uplink` veth to the switch's bridge; the
-//!   client hangs off the switch on `port-client`. A VM moving from A to B is re-learned by the switch's bridge
-//!   (port-a → port-b) and by both hosts' bridges (tap0 → uplink on A, uplink → tap0 on B), as a real access
+//! - Each host has its own bridge with the VM's tap and an uplink veth to the switch's bridge; the client hangs
+//!   off the switch on `port-client`. A VM moving from A to B is re-learned by the switch's bridge
+//!   (port-a → port-b) and by both hosts' bridges (tap-a → up-a on A, up-b → tap-b on B), as a real access
 //!   switch and two hypervisor vswitches would.
 //! - A separate veth `mig` between the two hosts carries the migration stream.
 //! - Addresses come from 10.77.0.0/16, used only inside these namespaces: testbed `N` (derived from the prefix)
 //!   has the LAN 10.77.N.0/25 (client .1, VMs from .10) and the migration link 10.77.N.128/30 (A .129, B .130).
 //!   No namespace has a default route or any link to the root namespace, so nothing can leave.
-//! - Every name carries the prefix, so testbeds with different prefixes never collide. Interface names are fixed:
-//!   each lives in its own namespace.
+//! - Every namespace name carries the prefix, so testbeds with different prefixes never collide. Interface names
+//!   are fixed (each lives in its testbed's own namespaces) and distinct within a testbed (see [`Host::tap`]).
 //!
 //! [`Topology::up`] is idempotent; [`Topology::down`] removes everything with the prefix, also after a crash
 //! (it first ends the processes still running inside the namespaces, which would otherwise keep them alive).
@@ -32,12 +28,8 @@ use crate::net::{Link, NetError, Netns, netns_exists, try_ip_in, try_run, wait_u
 
 /// The testbed's documented range (docs/testbed.md).
 pub const RANGE: &str = "10.77.0.0/16";
-/// The VM's tap in each host namespace.
-pub const TAP: &str = "tap0";
-/// Each host's bridge (and the switch's).
-pub const BRIDGE: &str = "br0";
-/// Each host's veth to the switch.
-pub const UPLINK: &str = "uplink";
+/// The switch's bridge.
+pub const SWITCH_BRIDGE: &str = "br-sw";
 /// The host-to-host migration link, on both sides.
 pub const MIG_LINK: &str = "mig";
 /// The client's interface.
@@ -53,6 +45,7 @@ pub enum Host {
 }
 
 impl Host {
+    #[must_use]
     pub fn other(self) -> Self {
         match self {
             Self::A => Self::B,
@@ -64,6 +57,32 @@ impl Host {
         match self {
             Self::A => "a",
             Self::B => "b",
+        }
+    }
+
+    /// The VM's tap on this host. Every interface name of the testbed is distinct, although each lives in its own
+    /// namespace: the bridge tracepoint names bridges and ports without their namespace, so three bridges all
+    /// called `br0` would be one bridge in migmon's FDB lane.
+    pub fn tap(self) -> &'static str {
+        match self {
+            Self::A => "tap-a",
+            Self::B => "tap-b",
+        }
+    }
+
+    /// This host's bridge.
+    pub fn bridge(self) -> &'static str {
+        match self {
+            Self::A => "br-a",
+            Self::B => "br-b",
+        }
+    }
+
+    /// This host's veth to the switch.
+    pub fn uplink(self) -> &'static str {
+        match self {
+            Self::A => "up-a",
+            Self::B => "up-b",
         }
     }
 
@@ -169,14 +188,14 @@ impl Topology {
 
     /// `--iface`/`--egress` arguments for migmon: `IF@NETNS` of the tap on a host.
     pub fn tap_at(&self, h: Host) -> String {
-        format!("{TAP}@{}", self.host_ns(h))
+        format!("{}@{}", h.tap(), self.host_ns(h))
     }
 
     /// Every bridge port of the testbed as `IF@NETNS`: the taps, the uplinks, the switch ports.
     pub fn ports(&self) -> Vec<String> {
         let mut v = vec![self.tap_at(Host::A), self.tap_at(Host::B)];
         for h in [Host::A, Host::B] {
-            v.push(format!("{UPLINK}@{}", self.host_ns(h)));
+            v.push(format!("{}@{}", h.uplink(), self.host_ns(h)));
         }
         for p in SWITCH_PORTS {
             v.push(format!("{p}@{}", self.switch_ns()));
@@ -196,11 +215,11 @@ impl Topology {
             && links(&self.client_ns(), &[CLIENT_IF])
             && links(
                 &self.switch_ns(),
-                &[BRIDGE, SWITCH_PORTS[0], SWITCH_PORTS[1], SWITCH_PORTS[2]],
+                &[SWITCH_BRIDGE, SWITCH_PORTS[0], SWITCH_PORTS[1], SWITCH_PORTS[2]],
             )
             && [Host::A, Host::B]
                 .iter()
-                .all(|h| links(&self.host_ns(*h), &[BRIDGE, TAP, UPLINK, MIG_LINK]))
+                .all(|h| links(&self.host_ns(*h), &[h.bridge(), h.tap(), h.uplink(), MIG_LINK]))
     }
 
     /// Brings the testbed up. Does nothing when it is already up; rebuilds it when only part of it is there (after
@@ -228,28 +247,34 @@ impl Topology {
             netns.push(Netns::create(&n).map_err(step(format!("create namespace {n}")))?);
         }
         let (client, switch) = (self.client_ns(), self.switch_ns());
-        let mut links =
-            vec![Link::try_bridge(BRIDGE, Some(&switch)).map_err(step(format!("bridge in {switch}")))?];
+        let mut links = vec![
+            Link::try_bridge(SWITCH_BRIDGE, Some(&switch)).map_err(step(format!("bridge in {switch}")))?,
+        ];
         for h in [Host::A, Host::B] {
             let ns = self.host_ns(h);
-            links.push(Link::try_bridge(BRIDGE, Some(&ns)).map_err(step(format!("bridge in {ns}")))?);
-            links.push(Link::try_tap(TAP, Some(&ns), Some(BRIDGE)).map_err(step(format!("tap in {ns}")))?);
+            links.push(Link::try_bridge(h.bridge(), Some(&ns)).map_err(step(format!("bridge in {ns}")))?);
+            links.push(
+                Link::try_tap(h.tap(), Some(&ns), Some(h.bridge())).map_err(step(format!("tap in {ns}")))?,
+            );
             let port = h.switch_port();
             links.push(
-                Link::try_veth(UPLINK, Some(&ns), port, Some(&switch))
+                Link::try_veth(h.uplink(), Some(&ns), port, Some(&switch))
                     .map_err(step(format!("uplink {ns} to {switch}")))?,
             );
-            try_ip_in(Some(&ns), &["link", "set", UPLINK, "master", BRIDGE])
+            try_ip_in(Some(&ns), &["link", "set", h.uplink(), "master", h.bridge()])
                 .map_err(step(format!("uplink into the bridge of {ns}")))?;
-            try_ip_in(Some(&switch), &["link", "set", port, "master", BRIDGE])
+            try_ip_in(Some(&switch), &["link", "set", port, "master", SWITCH_BRIDGE])
                 .map_err(step(format!("{port} into the switch")))?;
         }
         links.push(
             Link::try_veth(CLIENT_IF, Some(&client), SWITCH_PORTS[2], Some(&switch))
                 .map_err(step("client link".into()))?,
         );
-        try_ip_in(Some(&switch), &["link", "set", SWITCH_PORTS[2], "master", BRIDGE])
-            .map_err(step("client port into the switch".into()))?;
+        try_ip_in(
+            Some(&switch),
+            &["link", "set", SWITCH_PORTS[2], "master", SWITCH_BRIDGE],
+        )
+        .map_err(step("client port into the switch".into()))?;
         let client_cidr = format!("{}/{}", self.client_ip(), self.lan_prefix_len());
         try_ip_in(Some(&client), &["addr", "add", &client_cidr, "dev", CLIENT_IF])
             .map_err(step("client address".into()))?;
@@ -335,8 +360,11 @@ impl Topology {
                     let _ = writeln!(s, "    {}", l.split_whitespace().collect::<Vec<_>>().join(" "));
                 }
             }
-            if let Ok(out) = try_run("bridge", &["-n", &ns, "fdb", "show", "br", BRIDGE, "dynamic"]) {
-                for l in out.lines().filter(|l| !l.contains("permanent")) {
+            if let Ok(out) = try_run("bridge", &["-n", &ns, "fdb", "show", "dynamic"]) {
+                for l in out
+                    .lines()
+                    .filter(|l| !l.contains("permanent") && l.contains("master"))
+                {
                     let _ = writeln!(s, "    fdb {l}");
                 }
             }
@@ -429,7 +457,7 @@ mod tests {
     fn names_and_addresses_follow_the_prefix() {
         let t = Topology::new("mmdemo").unwrap();
         assert_eq!(t.host_ns(Host::A), "mmdemo-a");
-        assert_eq!(t.tap_at(Host::B), "tap0@mmdemo-b");
+        assert_eq!(t.tap_at(Host::B), "tap-b@mmdemo-b");
         assert_eq!(t.ports().len(), 7);
         let i = t.index;
         assert!((1..=250).contains(&i));

@@ -25,7 +25,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "8s", value_parser = parse_duration, value_name = "D")]
     quick_pause: Duration,
     /// The clients' TCP behaviour: windows-2003 (5 retransmissions from an 80 ms RTO), linux (kernel defaults) or
-    /// user-timeout=D (TCP_USER_TIMEOUT).
+    /// user-timeout=D (`TCP_USER_TIMEOUT`).
     #[arg(long, default_value = "windows-2003", value_name = "PROFILE")]
     client_profile: Profile,
     /// Where the trace, the reports, the SVG timeline, the pcapng and the Perfetto trace go.
@@ -156,11 +156,11 @@ fn client_line(m: &MigrationOutcome) -> String {
 
 fn summary(run: &scenario::Run, args: &DemoArgs) -> String {
     let mut s = String::new();
-    let n = run.live.clients.len();
     let _ = writeln!(
         s,
-        "\n══ migmon: live against quick migration, same guest ({}), same {n} client connections ══\n",
-        run.guest_ip
+        "\n══ migmon: live against quick migration, same guest ({}), same {} client connections ══\n",
+        run.guest_ip,
+        run.live.clients.len()
     );
     s.push_str(&run.compare);
     let _ = writeln!(s, "\nwhat the clients themselves saw (their sockets' errors):");
@@ -168,9 +168,9 @@ fn summary(run: &scenario::Run, args: &DemoArgs) -> String {
         let _ = writeln!(s, "  {}", client_line(m));
     }
     let a = &run.arithmetic;
-    let q = &run.quick.summary;
-    let pause = q["pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3;
-    let extra = q["extra_pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3;
+    let quick = &run.quick.summary;
+    let pause = quick["pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3;
+    let extra = quick["extra_pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3;
     let _ = writeln!(s, "\nthe arithmetic:");
     let _ = writeln!(s, "  {a}");
     let _ = writeln!(

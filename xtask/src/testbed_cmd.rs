@@ -35,7 +35,7 @@ pub fn run(args: &TestbedArgs) -> Result<()> {
             }
             print!("{}", topo.status());
             println!(
-                "\nrun a VM on host A:  ip netns exec {} target/release/migrator run --tap tap0 --mac 52:54:00:de:e0:01 \
+                "\nrun a VM on host A:  ip netns exec {} target/release/migrator run --tap tap-a --mac 52:54:00:de:e0:01 \
                  --ip {}/{}\nwatch every port:    target/release/migmon watch {}",
                 topo.host_ns(Host::A),
                 topo.vm_ip(0),
