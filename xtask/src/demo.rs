@@ -32,7 +32,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "demo-out", value_name = "DIR")]
     out: PathBuf,
     /// The guest's memory dirtier (SIZE@RATE per second), or "off".
-    #[arg(long, default_value = "16M@32M", value_name = "SIZE@RATE")]
+    #[arg(long, default_value = "32M@125M", value_name = "SIZE@RATE")]
     dirty: String,
     /// Name prefix of the demo's testbed namespaces.
     #[arg(long, default_value = "mmdemo", value_name = "PREFIX")]
