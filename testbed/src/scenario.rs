@@ -282,6 +282,7 @@ impl Scenario<'_> {
         let mut next_tick = start + Duration::from_secs(1);
         loop {
             if self.ui.interrupted.load(Ordering::SeqCst) {
+                self.say("interrupted: stopping the migrators, the clients and migmon, then the testbed");
                 return Err(ScenarioError::Interrupted);
             }
             if cond()? {

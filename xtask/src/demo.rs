@@ -5,6 +5,7 @@
 
 use std::{
     fmt::Write as _,
+    io::IsTerminal as _,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -89,7 +90,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     catch_signals()?;
     let started = Instant::now();
-    let say = |msg: &str| eprintln!("\x1b[1m[{:6.1}s]\x1b[0m {msg}", started.elapsed().as_secs_f64());
+    let tty = std::io::stderr().is_terminal();
+    let say = |msg: &str| {
+        let t = started.elapsed().as_secs_f64();
+        if tty {
+            eprintln!("\x1b[1m[{t:6.1}s]\x1b[0m {msg}");
+        } else {
+            eprintln!("[{t:6.1}s] {msg}");
+        }
+    };
     let cfg = Config {
         prefix: args.prefix.clone(),
         clients: args.clients,
