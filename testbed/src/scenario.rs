@@ -229,7 +229,13 @@ impl Drop for Proc {
         if self.exited().is_none() {
             // `ip netns exec` execs the program: the pid is the migrator's (or migmon's) own.
             self.signal(nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(3);
+            // migmon flushes its trace on SIGTERM; a migrator has nothing to save.
+            let grace = if self.what.starts_with("migmon") {
+                3000
+            } else {
+                500
+            };
+            let deadline = Instant::now() + Duration::from_millis(grace);
             while self.exited().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -330,6 +336,9 @@ impl Scenario<'_> {
             cmd.args(["--port", &port.to_string()]);
         }
         let settle = format!("{}ms", self.cfg.settle.as_millis());
+        // A backstop: if this process is killed outright, migmon still ends by itself.
+        let backstop = format!("{}s", 300 + self.cfg.quick_pause.as_secs());
+        cmd.args(["--duration", &backstop]);
         cmd.args([
             "--events-listen",
             sock,
