@@ -19,6 +19,9 @@ use core::arch::{asm, global_asm};
 /// The user code and data selectors (RPL 3).
 const USER_CS: u64 = 0x23;
 const USER_SS: u64 = 0x1b;
+/// Page-table entry bits: cache disable, write-through.
+const PTE_PCD: u64 = 1 << 4;
+const PTE_PWT: u64 = 1 << 3;
 /// The TSS selector.
 const TSS_SELECTOR: u16 = 0x28;
 /// Bytes of ring-0 stack (interrupts and the halt call).
@@ -38,6 +41,7 @@ guest_pdpt:
     .quad guest_pd + 0x2007
     .quad guest_pd + 0x3007
     .fill 508, 8, 0
+    .global guest_pd
 guest_pd:
     .set guest_page, 0
     .rept 2048
@@ -170,6 +174,8 @@ guest_enter_user:
 
 unsafe extern "C" {
     static guest_pml4: u8;
+    /// The four page directories (2048 entries of 2 MiB), in `.data`.
+    static mut guest_pd: [u64; 2048];
     static guest_kernel_stack_top: u8;
     fn guest_gp_entry();
     fn guest_irq_entry();
@@ -244,7 +250,9 @@ extern "C" fn guest_exception(vector: u64, frame: *const [u64; 5]) -> ! {
 }
 
 /// Loads the guest's page tables, GDT, TSS and IDT. Runs in ring 0 (emulated under `kvm_pvm`: keep it short).
-pub fn init() {
+///
+/// `uncached` lists device windows (virtio-mmio, the local APIC): their 2 MiB pages get `PCD | PWT`.
+pub fn init(uncached: &[u64]) {
     let tss = &raw mut TSS;
     let gdt = &raw mut GDT;
     let idt = &raw mut IDT;
@@ -278,6 +286,14 @@ pub fn init() {
     let mut idtr = [0u8; 10];
     idtr[..2].copy_from_slice(&((256 * 16 - 1) as u16).to_le_bytes());
     idtr[2..].copy_from_slice(&(idt as u64).to_le_bytes());
+    let pd = &raw mut guest_pd;
+    for &addr in uncached {
+        if addr < 1 << 32 {
+            // SAFETY: guest_pd holds 2048 entries covering 4 GiB, so addr >> 21 is in bounds; the tables are not
+            // loaded yet and nothing else touches them.
+            unsafe { (*pd)[(addr >> 21) as usize] |= PTE_PCD | PTE_PWT };
+        }
+    }
     let cr3 = (&raw const guest_pml4) as u64;
     // SAFETY: the page tables identity-map the first 4 GiB (image, stacks, RAM, MMIO) exactly as before; the GDT
     // keeps the kernel selectors at the same indices (0x08, 0x10), so the current CS/SS stay valid; the TSS

@@ -77,7 +77,9 @@ unsafe extern "C" {
 /// Ring 0 continuation of `_start` (the migrator's entry): sets up ring 3 and runs [`guest_main`] there.
 #[unsafe(no_mangle)]
 extern "C" fn kernel_main(boot_info: *mut BootInfo) -> ! {
-    cpu::init();
+    // SAFETY: the VMM wrote the BootInfo before entry (validated in guest_main).
+    let mmio_base = unsafe { (&raw const (*boot_info).mmio_base).read_volatile() };
+    cpu::init(&[mmio_base]);
     run_in_user_mode(boot_info)
 }
 

@@ -231,7 +231,7 @@ extern "C" fn pvh_main(start_info: u64) -> ! {
     let boot_info = &raw mut PVH_BOOT_INFO;
     // SAFETY: nothing else uses the static yet; guest_main reads it through the pointer from now on.
     unsafe { boot_info.write(info) };
-    crate::cpu::init();
+    crate::cpu::init(&[mmio_base, LAPIC]);
 
     if cmdline.idle_poll {
         PVH_IDLE_POLL.store(1, Ordering::Relaxed);
