@@ -198,7 +198,7 @@ fn boots_serves_pauses_and_restores() {
         "figure: boot to Ready {} ms (VM creation {} ms, guest start to Ready {} ms)",
         t0.elapsed().as_millis(),
         created.as_millis(),
-        (t0.elapsed() - created).as_millis()
+        t0.elapsed().saturating_sub(created).as_millis()
     );
 
     // Echo, stream and request/response from the client namespace.
