@@ -20,7 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guest_abi::{GuestMark, MMIO_BASE, MMIO_SIZE, PORT_EXIT, PORT_MARK, PORT_SERIAL, PORT_SLEEP_US};
+use guest_abi::{
+    GuestMark, MMIO_BASE, MMIO_SIZE, PORT_EXIT, PORT_IDLE, PORT_MARK, PORT_SERIAL, PORT_SLEEP_US,
+};
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
     kvm_vcpu_events,
@@ -359,6 +361,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     msr_indices: Vec<u32>,
     sleep_deadline: Option<Instant>,
+    /// The last exit was port I/O or MMIO: KVM finishes the instruction only on the next `KVM_RUN`.
+    pending_io: bool,
     stats: VcpuStats,
 }
 
@@ -409,6 +413,7 @@ impl Vcpu {
             fd,
             msr_indices,
             sleep_deadline: None,
+            pending_io: false,
             stats: VcpuStats::default(),
         })
     }
@@ -541,6 +546,7 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&state.events)
             .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+        self.pending_io = false;
         self.sleep_deadline = state
             .sleep_us
             .map(|us| Instant::now() + Duration::from_micros(u64::from(us)));
@@ -582,12 +588,14 @@ impl Vcpu {
                 };
                 match msg {
                     VcpuRequest::Pause(done) => {
+                        self.complete_pending_io();
                         paused = true;
                         // The requester may have given up; nothing to do then.
                         let _ = done.send(());
                     }
                     VcpuRequest::Resume => paused = false,
                     VcpuRequest::Save(reply) => {
+                        self.complete_pending_io();
                         let _ = reply.send(self.save());
                     }
                     VcpuRequest::Restore(state, reply) => {
@@ -616,11 +624,34 @@ impl Vcpu {
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
     }
 
+    /// Lets KVM finish the instruction behind the last I/O exit without running the guest further, so that the saved
+    /// state is consistent (KVM's API documentation asks for this before saving state).
+    fn complete_pending_io(&mut self) {
+        if !self.pending_io {
+            return;
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        // With immediate_exit set KVM completes the I/O and returns EINTR before guest entry; an error here would
+        // show again on the next real KVM_RUN, where it is reported.
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        self.pending_io = false;
+    }
+
     fn run_once(&mut self, ctx: &ExitContext) -> Step {
         let result = self.fd.run();
         self.stats.exits += 1;
         let exit = match result {
-            Ok(exit) => exit,
+            Ok(exit) => {
+                self.pending_io = matches!(
+                    exit,
+                    VcpuExit::IoIn(..)
+                        | VcpuExit::IoOut(..)
+                        | VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                );
+                exit
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 return Step::Continue;
@@ -644,6 +675,11 @@ impl Vcpu {
                     PORT_SLEEP_US => {
                         self.sleep_deadline = (value != u32::MAX)
                             .then(|| Instant::now() + Duration::from_micros(u64::from(value)));
+                    }
+                    PORT_IDLE => {
+                        self.sleep_deadline = (value != u32::MAX)
+                            .then(|| Instant::now() + Duration::from_micros(u64::from(value)));
+                        return Step::Halt;
                     }
                     PORT_MARK => ctx.status.record_mark(value),
                     PORT_EXIT => return Step::Exit(GuestExit::Status(value)),

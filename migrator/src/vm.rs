@@ -256,7 +256,10 @@ impl Vm {
         let tap = Arc::new(Tap::open(&config.tap)?);
         let rx_event = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?);
         let io_event = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?);
-        let mut net = NetDevice::new(config.mac, Arc::clone(&tap));
+        let mut net = NetDevice::new(
+            config.mac,
+            Arc::clone(&tap) as Arc<dyn crate::devices::net::FrameSink>,
+        );
         net.set_rx_posted_event(Arc::clone(&rx_event));
         let transport = MmioTransport::new(net, memory.guest_memory().clone())?;
         let vcpu = Vcpu::new(&kvm, &vmfd)?;
@@ -573,8 +576,9 @@ impl IoLoop {
 
     fn run(self) {
         let mut buf = vec![0u8; MAX_FRAME];
+        let mut tap_ok = true;
         while !self.stop.load(Ordering::SeqCst) {
-            let want_tap = self.deliver();
+            let want_tap = self.deliver() && tap_ok;
             let mut fds = [
                 libc::pollfd {
                     fd: self.io_event.as_raw_fd(),
@@ -601,8 +605,16 @@ impl IoLoop {
             // Reset the eventfds (nonblocking: EAGAIN when already zero).
             let _ = self.io_event.read();
             let _ = self.rx_event.read();
-            if want_tap && fds[2].revents != 0 {
-                self.read_tap(&mut buf);
+            if want_tap
+                && fds[2].revents != 0
+                && let Err(e) = self.read_tap(&mut buf)
+            {
+                // Reading again would fail the same way and spin; the guest stays up without receive.
+                eprintln!(
+                    "migrator: reading tap {} failed ({e}); the guest receives nothing more",
+                    self.tap.name()
+                );
+                tap_ok = false;
             }
         }
     }
@@ -622,21 +634,26 @@ impl IoLoop {
         t.device().wants_tap_frames()
     }
 
-    fn read_tap(&self, buf: &mut [u8]) {
+    /// Reads up to [`IoLoop::BATCH`] frames into the backlog.
+    fn read_tap(&self, buf: &mut [u8]) -> std::io::Result<()> {
         let mut frames = Vec::new();
+        let mut result = Ok(());
         while frames.len() < Self::BATCH {
             match self.tap.read_frame(buf) {
                 Ok(Some(n)) => frames.push(buf[..n].to_vec()),
-                // Nothing left (or the tap went away: the poll loop will see the error again later).
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
-        if frames.is_empty() {
-            return;
+        if !frames.is_empty() {
+            let mut t = lock(&self.net);
+            for f in frames {
+                t.device_mut().push_frame(f);
+            }
         }
-        let mut t = lock(&self.net);
-        for f in frames {
-            t.device_mut().push_frame(f);
-        }
+        result
     }
 }

@@ -428,3 +428,63 @@ fn exit_cost() {
     );
     vm.shutdown();
 }
+
+/// A guest that drops to CPL 3 (user segments and user-accessible pages from the VMM, IOPL 3), sleeps once through
+/// `PORT_IDLE`, runs the exit loop there and exits. On software KVM, CPL 3 runs natively: this prints the exit cost
+/// without the instruction emulator in the way.
+#[test]
+fn guest_runs_at_cpl3_and_idles_through_the_port() {
+    const N: u32 = 20_000;
+    if !kvm_available() {
+        return;
+    }
+    let mut code = vec![0x48, 0xc7, 0xc4, 0x00, 0x00, 0x40, 0x00]; // mov rsp, 0x400000
+    code.extend_from_slice(&[0x6a, guest_abi::USER_DS as u8]); // push USER_DS (ss)
+    code.extend_from_slice(&[0x68, 0x00, 0x00, 0x40, 0x00]); // push 0x400000 (rsp)
+    code.extend_from_slice(&[0x68, 0x02, 0x30, 0x00, 0x00]); // push 0x3002 (rflags: IOPL 3)
+    code.extend_from_slice(&[0x6a, guest_abi::USER_CS as u8]); // push USER_CS
+    code.extend_from_slice(&[0x48, 0x8d, 0x05, 0x03, 0x00, 0x00, 0x00]); // lea rax, [rip + 3] (the user code)
+    code.extend_from_slice(&[0x50, 0x48, 0xcf]); // push rax; iretq
+    // At CPL 3: sleep 1 ms through PORT_IDLE.
+    code.extend_from_slice(&[0x66, 0xba]);
+    code.extend_from_slice(&guest_abi::PORT_IDLE.to_le_bytes()); // mov dx, PORT_IDLE
+    code.extend_from_slice(&[0xb8, 0xe8, 0x03, 0x00, 0x00, 0xef]); // mov eax, 1000; out dx, eax
+    code.push(0xb9); // mov ecx, N
+    code.extend_from_slice(&N.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xba, 0x14, 0x05]); // mov dx, 0x514 (unused port)
+    code.extend_from_slice(&[0xee, 0xff, 0xc9, 0x75, 0xfb]); // 1: out dx, al; dec ecx; jnz 1b
+    code.extend_from_slice(&[0x66, 0xba, 0x11, 0x05]); // mov dx, PORT_EXIT
+    code.extend_from_slice(&[0x31, 0xc0, 0xef]); // xor eax, eax; out dx, eax
+    code.extend_from_slice(&[0xeb, 0xfe]); // 2: jmp 2b (no hlt at CPL 3)
+    let topo = Topology::new(1);
+    let config = topo.config(0, None);
+    let mut vm = topo
+        .host
+        .run(|| Vm::create_with_image(&config, &tiny_elf(&code)).expect("create the VM"));
+    let t = Instant::now();
+    vm.start().expect("start");
+    let exit = vm.wait_exit(Some(Duration::from_secs(60)));
+    let elapsed = t.elapsed();
+    assert_eq!(
+        exit,
+        Some(migrator::vcpu::GuestExit::Status(0)),
+        "the CPL 3 guest did not finish"
+    );
+    let stats = vm.vcpu_stats();
+    assert!(stats.pio > u64::from(N), "only {} port exits", stats.pio);
+    assert!(stats.halts >= 1, "the PORT_IDLE sleep was not taken");
+    eprintln!(
+        "figure: VM exit to the VMM and back from CPL 3: {:.2} us ({} exits in {} ms, 1 ms of it asleep)",
+        elapsed.as_secs_f64() * 1e6 / stats.exits as f64,
+        stats.exits,
+        elapsed.as_millis()
+    );
+    vm.pause().expect("pause");
+    let state = vm.save_state().expect("save");
+    assert_eq!(
+        state.vcpu.sregs.cs.selector,
+        guest_abi::USER_CS,
+        "the guest is not at CPL 3"
+    );
+    vm.shutdown();
+}
