@@ -154,7 +154,7 @@ unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
     );
 
     let mut garp_done = info.garp_done;
-    let mut logged = services.stats();
+    let mut logged = (services.stats(), 0);
     let mut last_log = clock.now_us();
     let mut sleeps: u64 = 0;
     loop {
@@ -177,7 +177,7 @@ unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
         busy |= dirtier.work(now_us);
 
         let stats = services.stats();
-        if stats != logged && now_us.saturating_sub(last_log) >= LOG_EVERY_US {
+        if (stats, dirtier.passes()) != logged && now_us.saturating_sub(last_log) >= LOG_EVERY_US {
             let net = device.counters();
             log!(
                 "guest: connections active {} opened {} closed {} listening {} (pool full {}, bad requests {}); \
@@ -193,7 +193,7 @@ unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
                 sleeps,
                 dirtier.passes()
             );
-            logged = stats;
+            logged = (stats, dirtier.passes());
             last_log = now_us;
         }
         let idle = pvh::idle_mode();
