@@ -222,8 +222,7 @@ unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
         sleeps += 1;
         match idle {
             Idle::SleepPort => {
-                arch::outl(PORT_SLEEP_US, sleep_us as u32);
-                cpu::halt();
+                cpu::out32_then_halt(PORT_SLEEP_US, sleep_us as u32);
             }
             // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
             Idle::Interrupt => cpu::wait_for_interrupt(),
