@@ -746,6 +746,19 @@ impl Vcpu {
     }
 }
 
+impl crate::state::Persist for Vcpu {
+    type State = VcpuState;
+    type Error = VcpuError;
+
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        Vcpu::save(self)
+    }
+
+    fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        Vcpu::restore(self, state)
+    }
+}
+
 enum Step {
     Continue,
     Halt,
