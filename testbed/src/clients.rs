@@ -234,6 +234,12 @@ pub struct Arithmetic {
 }
 
 impl Arithmetic {
+    /// The first retransmission after an outage of `d` (a connection that lost a segment as the outage began
+    /// heals then), or `None` when it aborts first.
+    pub fn first_retransmit_after(&self, d: Duration) -> Option<Duration> {
+        self.retransmits.iter().copied().find(|t| *t >= d)
+    }
+
     /// The last retransmission: an outage ending before it is survived, one lasting past it is not.
     pub fn last_retransmit(&self) -> Duration {
         self.retransmits.last().copied().unwrap_or_default()
@@ -760,6 +766,14 @@ mod tests {
         let a = Profile::UserTimeout(Duration::from_secs(5)).arithmetic();
         assert_eq!(a.abort_at, ms(5200));
         assert_eq!(a.last_retransmit(), ms(3000));
+    }
+
+    #[test]
+    fn heal_time_after_an_outage() {
+        let a = Profile::Linux.arithmetic();
+        assert_eq!(a.first_retransmit_after(Duration::from_secs(8)), Some(ms(12_600)));
+        let w = Profile::Windows2003.arithmetic();
+        assert_eq!(w.first_retransmit_after(Duration::from_secs(8)), None);
     }
 
     #[test]

@@ -335,7 +335,19 @@ impl Scenario<'_> {
         for port in [guest_abi::STREAM_PORT, guest_abi::RR_PORT] {
             cmd.args(["--port", &port.to_string()]);
         }
-        let settle = format!("{}ms", self.cfg.settle.as_millis());
+        // A connection that survives the quick pause shows it at its first retransmission after the VM is back
+        // (due at the profile's schedule, a little later with the real RTO above rto_min): migmon must still be
+        // watching then.
+        let heal = self
+            .cfg
+            .profile
+            .arithmetic()
+            .first_retransmit_after(self.cfg.quick_pause)
+            .map_or(Duration::ZERO, |t| {
+                ((t * 11 / 10).saturating_sub(self.cfg.quick_pause) + Duration::from_secs(2))
+                    .min(Duration::from_secs(60))
+            });
+        let settle = format!("{}ms", self.cfg.settle.max(heal).as_millis());
         // A backstop: if this process is killed outright, migmon still ends by itself.
         let backstop = format!("{}s", 300 + self.cfg.quick_pause.as_secs());
         cmd.args(["--duration", &backstop]);
