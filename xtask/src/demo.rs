@@ -202,10 +202,14 @@ fn summary(run: &scenario::Run, args: &DemoArgs) -> String {
             a.abort_at.as_secs_f64()
         )
     } else {
+        let heal = a
+            .first_retransmit_after(Duration::from_secs_f64(pause.max(0.0)))
+            .unwrap_or_default();
         format!(
-            "it is shorter than the last retransmission at {:.2} s, so the connections recover at their next \
-             retransmission",
-            a.last_retransmit().as_secs_f64()
+            "it is shorter than the last retransmission at {:.2} s, so a connection that was sending recovers at its \
+             next retransmission, {:.2} s after its segment got stuck",
+            a.last_retransmit().as_secs_f64(),
+            heal.as_secs_f64()
         )
     };
     let _ = writeln!(
