@@ -496,3 +496,91 @@ fn guest_runs_at_cpl3_and_idles_through_the_port() {
     );
     vm.shutdown();
 }
+
+/// The `migrator` binary under test (next to the test executable's profile directory, or `MIGRATOR_BIN`).
+fn migrator_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("MIGRATOR_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .join("migrator");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (`./x test` does; by hand: cargo build -p migrator)",
+        bin.display()
+    );
+    bin
+}
+
+/// `migrator run` as a user runs it: a clear error for a missing tap, the Ready line, and a clean exit on Ctrl-C.
+#[test]
+fn run_command_reports_ready_and_stops_on_ctrl_c() {
+    use std::{
+        io::{BufRead, BufReader},
+        process::{Command, Stdio},
+    };
+    if !kvm_available() {
+        return;
+    }
+    let topo = Topology::new(1);
+    let ip = format!("{}/24", topo.guest_ip());
+    let netns_run = |tap: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &topo.host.name])
+            .arg(migrator_bin())
+            .args([
+                "run",
+                "--tap",
+                tap,
+                "--mac",
+                "52:54:00:76:6d:6e",
+                "--ip",
+                &ip,
+                "--mem",
+                "64M",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start migrator run")
+    };
+
+    let missing = netns_run("nosuchtap1").wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(1), "{err}");
+    assert!(err.contains("ip tuntap add dev nosuchtap1 mode tap"), "{err}");
+
+    let mut child = netns_run(&topo.taps[0]);
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("ready after") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("migrator run reports the guest ready");
+    let mut e = topo.connect(ECHO_PORT);
+    echo(&mut e, b"via the binary");
+    // SAFETY: kill(2) with the child's pid, which we have not waited for yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "migrator run ignored SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "migrator run exited with {status} after SIGINT");
+    reader.join().expect("stderr reader");
+}
