@@ -19,6 +19,9 @@ use core::arch::{asm, global_asm};
 /// The user code and data selectors (RPL 3).
 const USER_CS: u64 = 0x23;
 const USER_SS: u64 = 0x1b;
+/// Page-table entry bits: cache disable, write-through.
+const PTE_PCD: u64 = 1 << 4;
+const PTE_PWT: u64 = 1 << 3;
 /// The TSS selector.
 const TSS_SELECTOR: u16 = 0x28;
 /// Bytes of ring-0 stack (interrupts and the halt call).
@@ -38,6 +41,7 @@ guest_pdpt:
     .quad guest_pd + 0x2007
     .quad guest_pd + 0x3007
     .fill 508, 8, 0
+    .global guest_pd
 guest_pd:
     .set guest_page, 0
     .rept 2048
@@ -85,6 +89,11 @@ guest_gp_entry:
     jmp 28f
 23:
     out dx, eax
+    // `out dx, eax; hlt` (the sleep request, then the halt) in one trip to ring 0.
+    cmp byte ptr [rsi + 1], 0xf4
+    jne 28f
+    hlt
+    add qword ptr [rsp + 32], 1
     jmp 28f
 24:
     in al, dx
@@ -165,6 +174,8 @@ guest_enter_user:
 
 unsafe extern "C" {
     static guest_pml4: u8;
+    /// The four page directories (2048 entries of 2 MiB), in `.data`.
+    static mut guest_pd: [u64; 2048];
     static guest_kernel_stack_top: u8;
     fn guest_gp_entry();
     fn guest_irq_entry();
@@ -239,7 +250,9 @@ extern "C" fn guest_exception(vector: u64, frame: *const [u64; 5]) -> ! {
 }
 
 /// Loads the guest's page tables, GDT, TSS and IDT. Runs in ring 0 (emulated under `kvm_pvm`: keep it short).
-pub fn init() {
+///
+/// `uncached` lists device windows (virtio-mmio, the local APIC): their 2 MiB pages get `PCD | PWT`.
+pub fn init(uncached: &[u64]) {
     let tss = &raw mut TSS;
     let gdt = &raw mut GDT;
     let idt = &raw mut IDT;
@@ -273,6 +286,14 @@ pub fn init() {
     let mut idtr = [0u8; 10];
     idtr[..2].copy_from_slice(&((256 * 16 - 1) as u16).to_le_bytes());
     idtr[2..].copy_from_slice(&(idt as u64).to_le_bytes());
+    let pd = &raw mut guest_pd;
+    for &addr in uncached {
+        if addr < 1 << 32 {
+            // SAFETY: guest_pd holds 2048 entries covering 4 GiB, so addr >> 21 is in bounds; the tables are not
+            // loaded yet and nothing else touches them.
+            unsafe { (*pd)[(addr >> 21) as usize] |= PTE_PCD | PTE_PWT };
+        }
+    }
     let cr3 = (&raw const guest_pml4) as u64;
     // SAFETY: the page tables identity-map the first 4 GiB (image, stacks, RAM, MMIO) exactly as before; the GDT
     // keeps the kernel selectors at the same indices (0x08, 0x10), so the current CS/SS stay valid; the TSS
@@ -297,6 +318,15 @@ pub fn enter_user(entry: unsafe extern "C" fn(u64) -> !, arg: u64, stack_top: u6
     // SAFETY: init() ran: the GDT has the user segments, the TSS gives interrupts a ring-0 stack, every page is
     // user-accessible. The stack is the guest's main stack, which nothing else uses from here on.
     unsafe { guest_enter_user(entry as *const () as u64, arg, stack_top) }
+}
+
+/// Writes `value` to `port`, then halts: one `#GP` round trip from ring 3 instead of two (the handler recognises
+/// the pair). This is the idle path's "sleep at most N µs" request to the migrator.
+pub fn out32_then_halt(port: u16, value: u32) {
+    // SAFETY: port output and hlt have no memory effects on the guest; in ring 3 both trap to the #GP handler.
+    unsafe {
+        asm!("out dx, eax", "hlt", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags));
+    };
 }
 
 /// `hlt` (from ring 3: the `#GP` handler executes it). Interrupts stay off; the VMM sees `KVM_EXIT_HLT`.

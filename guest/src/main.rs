@@ -77,7 +77,9 @@ unsafe extern "C" {
 /// Ring 0 continuation of `_start` (the migrator's entry): sets up ring 3 and runs [`guest_main`] there.
 #[unsafe(no_mangle)]
 extern "C" fn kernel_main(boot_info: *mut BootInfo) -> ! {
-    cpu::init();
+    // SAFETY: the VMM wrote the BootInfo before entry (validated in guest_main).
+    let mmio_base = unsafe { (&raw const (*boot_info).mmio_base).read_volatile() };
+    cpu::init(&[mmio_base]);
     run_in_user_mode(boot_info)
 }
 
@@ -222,8 +224,7 @@ unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
         sleeps += 1;
         match idle {
             Idle::SleepPort => {
-                arch::outl(PORT_SLEEP_US, sleep_us as u32);
-                cpu::halt();
+                cpu::out32_then_halt(PORT_SLEEP_US, sleep_us as u32);
             }
             // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
             Idle::Interrupt => cpu::wait_for_interrupt(),

@@ -5,8 +5,22 @@
 //! identity-map 4 GiB with 2 MiB pages, enables long mode and jumps to 64-bit code, which builds a
 //! [`BootInfo`] from the start info and the kernel command line ([`guest::cmdline`]) and calls `guest_main`.
 //!
-//! QEMU has no sleep port: `hlt` with interrupts off would stop the vCPU for good. So this path installs an IDT,
-//! programs the 8259 PICs and the PIT (1 kHz tick), unmasks the NIC's IRQ, and idles with `sti; hlt`.
+//! QEMU has no sleep port: `hlt` with interrupts off would stop the vCPU for good. So this path programs the 8259
+//! PICs (through the local APIC's LINT0 in virtual-wire mode) and the PIT (1 kHz tick), unmasks the NIC's IRQ,
+//! and idles with `sti; hlt` (the IDT is cpu.rs's). `idle=poll` spins instead.
+//!
+//! A working invocation (TCG, or `-accel kvm`: both tested by `tests/tests/guest_qemu.rs`):
+//!
+//! ```text
+//! qemu-system-x86_64 -M microvm,ioapic2=off -accel tcg -m 256M -smp 1 -nodefaults -no-user-config \
+//!     -display none -serial stdio -kernel guest -append "ip=10.0.0.2/24 dirty=32M@125M" \
+//!     -netdev tap,id=n0,ifname=TAP,script=no,downscript=no -device virtio-net-device,netdev=n0,mac=MAC
+//! ```
+//!
+//! `ioapic2=off` keeps the virtio-mmio IRQs on GSIs 5-12, which the 8259 reaches (with the second IO-APIC the
+//! guest still works, on its timer tick alone). QEMU 7.2 does not put `virtio_mmio.device=` on a PVH kernel's
+//! command line, so the guest probes microvm's slots when the word is missing. QEMU announces a migrated guest
+//! with its own RARPs; the guest sends no gratuitous ARP then (there is no mailbox under QEMU).
 
 use core::{
     arch::global_asm,
@@ -231,7 +245,7 @@ extern "C" fn pvh_main(start_info: u64) -> ! {
     let boot_info = &raw mut PVH_BOOT_INFO;
     // SAFETY: nothing else uses the static yet; guest_main reads it through the pointer from now on.
     unsafe { boot_info.write(info) };
-    crate::cpu::init();
+    crate::cpu::init(&[mmio_base, LAPIC]);
 
     if cmdline.idle_poll {
         PVH_IDLE_POLL.store(1, Ordering::Relaxed);

@@ -7,6 +7,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
@@ -23,6 +24,39 @@ use crate::{
     vcpu::{GuestExit, GuestStatus},
     vm::{SerialOutput, Vm, VmConfig},
 };
+
+/// How long the destination waits for its tap to run before it accepts pages.
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Waits until interface `name` (in this netns) is `IFF_RUNNING`: up with its carrier applied.
+fn wait_link_running(name: &str, timeout: Duration) -> bool {
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 || name.len() >= libc::IFNAMSIZ {
+        return false;
+    }
+    let deadline = Instant::now() + timeout;
+    let running = loop {
+        // SAFETY: ifreq is plain data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = b as libc::c_char;
+        }
+        // SAFETY: `fd` is a socket and `req` a valid ifreq naming the interface; the kernel fills ifru_flags.
+        let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &raw mut req) };
+        // SAFETY: after a successful SIOCGIFFLAGS the flags member is the one written.
+        if rc == 0 && i32::from(unsafe { req.ifr_ifru.ifru_flags }) & libc::IFF_RUNNING != 0 {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: our fd, closed once.
+    unsafe { libc::close(fd) };
+    running
+}
 
 fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> VmError {
     Box::new(e)
@@ -222,6 +256,15 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             prefix: "guest: ".into(),
         };
         let vm = Vm::create_for_restore(&config).map_err(boxed)?;
+        // Attaching to the tap raises its carrier, but the kernel applies that (operstate, and with it the bridge
+        // port state) only at its next link-watch run, up to a second later. Until then the bridge drops the
+        // announce and the guest's frames, so wait here, while the source still runs, not after resume.
+        if !wait_link_running(&config.tap, LINK_UP_TIMEOUT) {
+            eprintln!(
+                "migrator: warning: tap {} is not running after {LINK_UP_TIMEOUT:?} (is it up?); frames may be lost",
+                config.tap
+            );
+        }
         Ok(IncomingVm { vm, started: false })
     };
     // Ctrl-C before a VM runs here: nothing to clean up (an incoming source rolls back on the closed stream).
