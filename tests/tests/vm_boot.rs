@@ -335,6 +335,37 @@ fn dirtier_dirties_its_working_set() {
         "only {} pages dirty, the working set has {pages}",
         seen.count_ones()
     );
+    // Pause/save/resume while the dirtier runs, as a migration's switch-over does.
+    let mut pauses = Vec::new();
+    let mut saves = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        vm.pause().expect("pause");
+        pauses.push(t.elapsed());
+        let t = Instant::now();
+        let state = vm.save_state().expect("save state while paused");
+        saves.push(t.elapsed());
+        assert_eq!(state.ram_bytes, vm.ram_bytes());
+        vm.resume().expect("resume");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pauses.sort();
+    saves.sort();
+    eprintln!(
+        "figure: with the dirtier running, pause() median {:?} max {:?}; save_state() median {:?} max {:?}",
+        pauses[10], pauses[19], saves[10], saves[19]
+    );
+    vm.take_dirty_pages().expect("clear");
+    let t = Instant::now();
+    let mut after = 0;
+    while after == 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+        after = vm.take_dirty_pages().expect("dirty pages").count_ones();
+    }
+    assert!(
+        after > 0,
+        "the guest stopped dirtying after the pause/resume cycles"
+    );
     vm.stop_dirty_log().expect("stop dirty log");
     vm.shutdown();
 }
