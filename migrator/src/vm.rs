@@ -7,7 +7,8 @@
 //! Vm::create(cfg)             fresh boot: RAM, KVM, devices, guest image, BootInfo, entry registers
 //! Vm::create_for_restore(cfg) RAM, KVM, devices; nothing booted (the migration fills RAM, then restore_state)
 //! vm.start()                  vCPU + I/O threads run
-//! vm.pause() / vm.resume()    vCPU parked outside KVM_RUN; no VMM write to guest RAM while paused
+//! vm.pause() / vm.resume()    vCPU parked outside KVM_RUN (its state saved as it parks); no VMM write to guest
+//!                             RAM while paused
 //! vm.save_state()             (paused) -> VmState;   vm.restore_state(&VmState) (before start, or paused)
 //! vm.shutdown()               stops and joins the threads (also on drop)
 //! ```
@@ -374,7 +375,8 @@ impl Vm {
     }
 
     /// Parks the vCPU outside `KVM_RUN` and stops the I/O thread writing guest RAM (frames from the tap queue in
-    /// the VMM). Returns once both hold. A no-op before [`Vm::start`].
+    /// the VMM). Returns once both hold. The vCPU thread saves its state as it parks, so [`Vm::save_state`] after
+    /// this costs no further round trip to it. A no-op before [`Vm::start`].
     pub fn pause(&mut self) -> Result<(), VmError> {
         if self.vcpu_thread.is_some() {
             let (tx, rx) = mpsc::channel();
