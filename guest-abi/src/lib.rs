@@ -9,7 +9,7 @@
 //! 0x0000_0500  GDT (null, code64, data, user data, user code64)
 //! 0x0000_1000  PML4, then PDPT, then page directories (identity map, 2 MiB pages)
 //! 0x0000_7000  BootInfo (one page; the VMM writes it before entry, the mailbox part later too)
-//! 0x0020_0000  guest image (ELF, loaded at its link address); stack and heap above it
+//! 0x0020_0000  guest image (ELF, loaded at its link address, `.bss` zeroed by the loader); stack and heap above it
 //! MMIO_BASE    virtio-mmio net device (outside every memslot: accesses exit as KVM_EXIT_MMIO)
 //! ```
 //!

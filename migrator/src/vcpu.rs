@@ -345,8 +345,9 @@ pub struct VcpuStats {
 /// Messages to the vCPU thread.
 #[derive(Debug)]
 pub enum VcpuRequest {
-    /// Leave `KVM_RUN` and stay out until `Resume`; answer once parked.
-    Pause(Sender<()>),
+    /// Leave `KVM_RUN` and stay out until `Resume`; answer once parked, with the vCPU state saved right there (so
+    /// that saving it later needs no second round trip to this thread).
+    Pause(Sender<Result<VcpuState, VcpuError>>),
     Resume,
     Save(Sender<Result<VcpuState, VcpuError>>),
     Restore(Box<VcpuState>, Sender<Result<(), VcpuError>>),
@@ -591,7 +592,7 @@ impl Vcpu {
                         self.complete_pending_io();
                         paused = true;
                         // The requester may have given up; nothing to do then.
-                        let _ = done.send(());
+                        let _ = done.send(self.save());
                     }
                     VcpuRequest::Resume => paused = false,
                     VcpuRequest::Save(reply) => {
