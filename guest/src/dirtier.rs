@@ -7,7 +7,7 @@ use core::ptr::NonNull;
 use guest::pace::Pacer;
 use smoltcp::time::Instant;
 
-use crate::{clock::Clock, log};
+use crate::log;
 
 /// Largest slice of work between two network polls: 1 ms worth at the configured rate, at least one page.
 const SLICE_US: u64 = 1000;
@@ -68,7 +68,7 @@ impl Dirtier {
     }
 
     /// Writes at most one slice of the bytes owed by now. Returns whether more is owed already (stay busy).
-    pub fn work(&mut self, now_us: u64, _clock: &Clock) -> bool {
+    pub fn work(&mut self, now_us: u64) -> bool {
         let Some((base, words)) = self.region else {
             return false;
         };
@@ -92,7 +92,7 @@ impl Dirtier {
     }
 
     /// When the next slice is due, if the dirtier runs.
-    pub fn next_deadline(&self, _clock: &Clock) -> Option<Instant> {
+    pub fn next_deadline(&self) -> Option<Instant> {
         self.region?;
         Some(Instant::from_micros(self.pacer.next_due_us(self.slice) as i64))
     }

@@ -64,9 +64,17 @@ unsafe impl Hal for IdentityHal {
 
 type Net = VirtIONet<IdentityHal, MmioTransport<'static>, QUEUE_SIZE>;
 
+/// Frame counters, for the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+}
+
 /// The guest's NIC.
 pub struct NetDevice {
     net: RefCell<Net>,
+    counters: RefCell<NetCounters>,
 }
 
 impl NetDevice {
@@ -94,7 +102,13 @@ impl NetDevice {
         log!("guest: virtio-net up at {base:#x}, {QUEUE_SIZE} descriptors per queue");
         Self {
             net: RefCell::new(net),
+            counters: RefCell::default(),
         }
+    }
+
+    /// Frames so far.
+    pub fn counters(&self) -> NetCounters {
+        *self.counters.borrow()
     }
 
     /// The device's MAC address.
@@ -117,8 +131,9 @@ impl NetDevice {
         let net = self.net.get_mut();
         let mut tx = net.new_tx_buffer(frame.len());
         tx.packet_mut().copy_from_slice(frame);
-        if let Err(e) = net.send(tx) {
-            log!("guest: sending a raw frame failed: {e}");
+        match net.send(tx) {
+            Ok(()) => self.counters.get_mut().tx_frames += 1,
+            Err(e) => log!("guest: sending a raw frame failed: {e}"),
         }
     }
 }
@@ -132,6 +147,7 @@ pub struct RxToken<'a> {
 /// Permission to send one frame.
 pub struct TxToken<'a> {
     net: &'a RefCell<Net>,
+    counters: &'a RefCell<NetCounters>,
 }
 
 impl phy::Device for NetDevice {
@@ -140,20 +156,24 @@ impl phy::Device for NetDevice {
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let buffer = self.net.get_mut().receive().ok()?;
+        self.counters.get_mut().rx_frames += 1;
         Some((
             RxToken {
                 buffer,
                 net: &self.net,
             },
-            TxToken { net: &self.net },
+            TxToken {
+                net: &self.net,
+                counters: &self.counters,
+            },
         ))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<TxToken<'_>> {
-        self.net
-            .get_mut()
-            .can_send()
-            .then_some(TxToken { net: &self.net })
+        self.net.get_mut().can_send().then_some(TxToken {
+            net: &self.net,
+            counters: &self.counters,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -186,8 +206,9 @@ impl phy::TxToken for TxToken<'_> {
         let mut net = self.net.borrow_mut();
         let mut tx = net.new_tx_buffer(len);
         let result = f(tx.packet_mut());
-        if let Err(e) = net.send(tx) {
-            log!("guest: sending a frame failed: {e}");
+        match net.send(tx) {
+            Ok(()) => self.counters.borrow_mut().tx_frames += 1,
+            Err(e) => log!("guest: sending a frame failed: {e}"),
         }
         result
     }

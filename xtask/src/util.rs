@@ -60,6 +60,21 @@ pub fn test(args: &TestArgs) -> Result<()> {
         "--exclude",
         "integration-tests",
     ]))?;
+    // The guest: clippy for its real target, and its hardware-independent library's unit tests on the host.
+    run(cargo().args([
+        "clippy",
+        "-p",
+        "guest",
+        "--target",
+        "x86_64-unknown-none",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args([
+        "clippy", "-p", "guest", "--lib", "--tests", "--", "-D", "warnings",
+    ]))?;
+    run(cargo().args(["test", "-p", "guest", "--lib"]))?;
     if args.unit {
         return Ok(());
     }
@@ -76,6 +91,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
         cmd.arg(f);
     }
     run(&mut cmd)
+}
+
+/// Fails with a remedy unless running as root.
+pub fn require_root(what: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("{what} needs root: run it with sudo");
+    }
+    Ok(())
 }
 
 fn nix_is_root() -> bool {
