@@ -284,10 +284,10 @@ fn connections(ctx: &Ctx, results: &mut Results) -> Result<()> {
             let t = Instant::now();
             nft(
                 &pair.a.name,
-                "table inet bench_blackhole { chain input { type filter hook input priority 0; policy drop; } }",
+                "table inet bench_blackhole {\n chain input {\n  type filter hook input priority 0; policy drop;\n }\n}\n",
             )?;
             std::thread::sleep(outage);
-            nft(&pair.a.name, "delete table inet bench_blackhole")?;
+            nft(&pair.a.name, "delete table inet bench_blackhole\n")?;
             std::thread::sleep(after);
             let secs = t.elapsed().as_secs_f64();
             let cpu = cpu_seconds(watch.pid()).unwrap_or(f64::NAN) - cpu0;
