@@ -140,7 +140,7 @@ fn declare(results: &mut Results, w: &Workload, quick: bool) {
     }
 }
 
-fn metrics() -> [(&'static str, &'static str, Better); 7] {
+fn metrics() -> [(&'static str, &'static str, Better); 8] {
     [
         ("total", "ms", Better::Lower),
         ("pause", "ms", Better::Lower),
@@ -148,6 +148,7 @@ fn metrics() -> [(&'static str, &'static str, Better); 7] {
         ("MiB sent", "MiB", Better::Lower),
         ("rounds", "count", Better::Lower),
         ("client max gap", "ms", Better::Lower),
+        ("client max gap, no migration", "ms", Better::Lower),
         ("retransmits", "count", Better::Lower),
     ]
 }
@@ -218,6 +219,32 @@ fn client_gap(client: &EchoClient) -> Result<f64> {
     Ok(client.max_gap()?.as_secs_f64() * 1e3)
 }
 
+/// The client's max gap over windows of the length of a migration's, with no migration: the guest's own
+/// responsiveness under the workload, to read the migration gaps against.
+fn quiet_gaps(ctx: &Ctx, results: &mut Results, g: &str, who: &str, client: &EchoClient) -> Result<()> {
+    let window = Duration::from_millis(if ctx.quick { 200 } else { 500 });
+    for _ in 0..ctx.runs {
+        client.reset();
+        let until = Instant::now() + window;
+        // Not a synchronisation: the window is the measurement.
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        let gap = client_gap(client)?;
+        results.push(
+            g,
+            &format!("{who} client max gap, no migration"),
+            "ms",
+            Better::Lower,
+            gap,
+        );
+    }
+    results.note(
+        g,
+        &format!("{who} client max gap, no migration"),
+        &format!("{} ms windows plus 20 replies, no migration", window.as_millis()),
+    );
+    Ok(())
+}
+
 /// One migrator process and its API socket.
 struct MigratorVm {
     proc_: Proc,
@@ -283,6 +310,7 @@ pub fn ours(ctx: &Ctx, results: &mut Results, w: &Workload, net: u8, g: &str, rs
     let watch = watcher(ctx, &bed)?;
     let client = EchoClient::start(&bed.client, addr, Duration::from_millis(2))?;
     client.wait_replies(20, Duration::from_secs(10));
+    quiet_gaps(ctx, results, &g, "migrator", &client)?;
     let unix_bw = results
         .get(floors::GROUP, floors::UNIX)
         .and_then(|r| super::report::Stats::of(&r.values))
@@ -405,6 +433,7 @@ fn theirs(
     let watch = watcher(ctx, &bed)?;
     let client = EchoClient::start(&bed.client, addr, Duration::from_millis(2))?;
     client.wait_replies(20, Duration::from_secs(10));
+    quiet_gaps(ctx, results, &g, label, &client)?;
     let timeout = Duration::from_secs(if ctx.quick { 10 } else { 20 });
     let mut not_converged = 0;
     let params = vm_qmp.execute("query-migrate-parameters", None)?;

@@ -330,7 +330,7 @@ fn connections(ctx: &Ctx, results: &mut Results) -> Result<()> {
         GROUP_CONNS,
         &format!("CPU at {} connections", counts[0]),
         &format!(
-            "migmon watch --port {SERVER_PORT} --iface (server side); CPU = user+system during the {} ms blackhole \
+            "migmon watch --port {SERVER_PORT} --iface (server side); CPU = user+system (/proc/PID/stat, 10 ms ticks) during the {} ms blackhole \
              and {} ms after",
             outage.as_millis(),
             after.as_millis()
