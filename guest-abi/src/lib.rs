@@ -6,10 +6,10 @@
 //! # Guest physical memory map
 //!
 //! ```text
-//! 0x0000_0500  GDT (null, code64, data)
+//! 0x0000_0500  GDT (null, code64, data, user data, user code64)
 //! 0x0000_1000  PML4, then PDPT, then page directories (identity map, 2 MiB pages)
 //! 0x0000_7000  BootInfo (one page; the VMM writes it before entry, the mailbox part later too)
-//! 0x0020_0000  guest image (ELF, loaded at its link address); stack and heap above it
+//! 0x0020_0000  guest image (ELF, loaded at its link address, `.bss` zeroed by the loader); stack and heap above it
 //! MMIO_BASE    virtio-mmio net device (outside every memslot: accesses exit as KVM_EXIT_MMIO)
 //! ```
 //!
@@ -17,7 +17,16 @@
 //!
 //! The guest has no interrupts. It polls its virtqueues, and when it has nothing to do it tells the VMM how long it
 //! may sleep ([`PORT_SLEEP_US`]) and executes `hlt`. The VMM re-enters the vCPU when the tap is readable, when the
-//! deadline passes, or when it wants the guest to look at its mailbox.
+//! deadline passes, or when it wants the guest to look at its mailbox. A guest running at CPL 3, where `hlt` faults,
+//! writes [`PORT_IDLE`] instead: the same sleep, in one exit.
+//!
+//! # Privilege level
+//!
+//! The VMM enters the guest at CPL 0. The identity map is user-accessible and the GDT also holds user segments
+//! ([`USER_CS`], [`USER_DS`]), so the guest may drop to CPL 3 with `iretq` (with IOPL 3 in the pushed `rflags`, so
+//! `in`/`out`/`cli` keep working) and never come back. This matters on software KVM (`kvm_pvm`): it runs guest CPL 3
+//! natively but emulates every CPL 0 instruction, measured about 2.5 µs per instruction against native speed at
+//! CPL 3. On hardware KVM both run natively.
 #![no_std]
 
 /// Where the VMM writes [`BootInfo`].
@@ -41,6 +50,19 @@ pub const PORT_SLEEP_US: u16 = 0x510;
 pub const PORT_EXIT: u16 = 0x511;
 /// The guest writes a `u32` [`GuestMark`] when it reaches a milestone (boot done, GARP sent ...).
 pub const PORT_MARK: u16 = 0x512;
+/// The guest writes a `u32`: sleep now, for at most that many microseconds (`u32::MAX` = until there is work).
+/// `PORT_SLEEP_US` + `hlt` in one exit, for a guest at CPL 3. The write returns when the tap is readable, the time is
+/// up, or the VMM wants the guest to look at its mailbox.
+pub const PORT_IDLE: u16 = 0x513;
+
+/// GDT selector of the flat 64-bit kernel code segment (the guest is entered with it).
+pub const KERNEL_CS: u16 = 0x08;
+/// GDT selector of the flat kernel data segment.
+pub const KERNEL_DS: u16 = 0x10;
+/// GDT selector (RPL 3) of the flat user data segment, DPL 3.
+pub const USER_DS: u16 = 0x1b;
+/// GDT selector (RPL 3) of the flat 64-bit user code segment, DPL 3.
+pub const USER_CS: u16 = 0x23;
 
 /// `BootInfo::magic`: "MIGGUEST".
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"MIGGUEST");

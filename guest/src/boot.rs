@@ -1,7 +1,11 @@
 //! `_start`: the 64-bit entry the VMM jumps to, with `rdi` = the boot-info address.
 //!
-//! It disables interrupts, clears the direction flag, zeroes `.bss` (harmless when the loader already did), sets
-//! the stack to the top of a `.bss` array and calls `guest_main(rdi)`.
+//! It disables interrupts, clears the direction flag, sets the stack to the top of a `.bss` array and calls
+//! `kernel_main(rdi)`, which drops to ring 3 (see cpu.rs).
+//!
+//! It does not zero `.bss`: the VMM's ELF loader does (the guest-abi contract), and on kvm_pvm every ring-0
+//! instruction is emulated, so a `rep stosb` over the 282 KiB `.bss` cost about 400 ms of boot. The PVH entry
+//! (pvh.rs) still zeroes it, since a foreign loader makes no such promise.
 
 use core::arch::global_asm;
 
@@ -16,16 +20,9 @@ global_asm!(
 _start:
     cli
     cld
-    mov r12, rdi
-    lea rdi, [rip + __bss_start]
-    lea rcx, [rip + __bss_end]
-    sub rcx, rdi
-    xor eax, eax
-    rep stosb
     lea rsp, [rip + guest_stack_top]
     xor ebp, ebp
-    mov rdi, r12
-    call guest_main
+    call kernel_main
 2:
     hlt
     jmp 2b

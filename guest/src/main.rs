@@ -6,12 +6,15 @@
 //! ARP when the VMM asks through the boot-info mailbox, and halts when idle after telling the VMM how long it may
 //! sleep.
 //!
-//! # Why only simple instructions
+//! # Why only simple instructions, and why ring 3
 //!
 //! `/dev/kvm` on the machines this project runs on is `kvm_pvm`: software virtualization without VMX/SVM. Every
 //! instruction that traps (port I/O, MMIO, `hlt`, control registers) goes through KVM's instruction emulator,
-//! and that emulator cannot do `cmpxchg16b`, `xsave`/`xrstor` or `int3` (a stock Linux guest dies on exactly
-//! those). So this guest:
+//! and that emulator cannot do `cmpxchg16b`, `xsave`/`xrstor`, `int3` or `int n` (a stock Linux guest dies on
+//! exactly those). Worse, `kvm_pvm` emulates *all* of a guest's ring-0 code, one instruction at a time (measured:
+//! about 4 µs per byte of a ring-0 memory loop), while ring 3 runs natively. So after a few hundred instructions
+//! of set-up the guest drops to ring 3 and stays there (cpu.rs); its rare privileged instructions trap to a tiny
+//! ring-0 handler. And this guest:
 //!
 //! - is built for `x86_64-unknown-none`, which is soft-float: no SSE/AVX registers are ever touched, so there is
 //!   no FPU state to save and no `xsave`/`xrstor` anywhere;
@@ -27,7 +30,9 @@
 //! The VMM loads the ELF's `PT_LOAD` segments at their (identity-mapped) addresses, from `guest_abi::IMAGE_ADDR`
 //! up, writes `BootInfo` at `guest_abi::BOOT_INFO_ADDR`, and enters `_start` in 64-bit mode with
 //! `rdi = BOOT_INFO_ADDR`. `_start` sets its own stack (in `.bss`), so the VMM sets only `rip` and `rdi`.
-//! The VMM's page tables must identity-map guest RAM below `MMIO_BASE` and the virtio-mmio window.
+//! The VMM's page tables must identity-map the image; the guest then loads its own page tables (identity map of
+//! the low 4 GiB, user-accessible), GDT, TSS and IDT, and continues in ring 3. Guest RAM above `MMIO_BASE` is not
+//! used. `rdtsc` costs a VM exit under `kvm_pvm` (about 25 µs), so the main loop reads the clock once per round.
 #![no_std]
 #![no_main]
 
@@ -36,6 +41,7 @@ extern crate alloc;
 mod arch;
 mod boot;
 mod clock;
+mod cpu;
 mod dirtier;
 mod heap;
 mod net;
@@ -63,14 +69,36 @@ const MAX_SLEEP_US: u64 = 1_000_000;
 /// Stats are logged at most this often, and only when they changed.
 const LOG_EVERY_US: u64 = 2_000_000;
 
-/// The guest proper. Called by `_start` (boot.rs) or `pvh_main` (pvh.rs) on the guest's own stack.
+unsafe extern "C" {
+    /// Top of the main stack (boot.rs).
+    static guest_stack_top: u8;
+}
+
+/// Ring 0 continuation of `_start` (the migrator's entry): sets up ring 3 and runs [`guest_main`] there.
+#[unsafe(no_mangle)]
+extern "C" fn kernel_main(boot_info: *mut BootInfo) -> ! {
+    // SAFETY: the VMM wrote the BootInfo before entry (validated in guest_main).
+    let mmio_base = unsafe { (&raw const (*boot_info).mmio_base).read_volatile() };
+    cpu::init(&[mmio_base]);
+    run_in_user_mode(boot_info)
+}
+
+/// Drops to ring 3 and runs [`guest_main`] on the main stack.
+fn run_in_user_mode(boot_info: *mut BootInfo) -> ! {
+    unsafe extern "C" fn entry(boot_info: u64) -> ! {
+        // SAFETY: the caller's pointer, passed through unchanged.
+        unsafe { guest_main(boot_info as *mut BootInfo) }
+    }
+    cpu::enter_user(entry, boot_info as u64, (&raw const guest_stack_top) as u64)
+}
+
+/// The guest proper, in ring 3. Reached from `kernel_main` or `pvh_main` through [`run_in_user_mode`].
 ///
 /// # Safety
 ///
 /// `boot_info` points to a `BootInfo` in identity-mapped RAM that stays there for the guest's lifetime and that
 /// only the VMM (its mailbox fields) and this function write.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
+unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
     serial::init();
     // SAFETY: the VMM (or the PVH entry) put a BootInfo at this address; the page is identity-mapped RAM.
     let info = unsafe { boot_info.read_volatile() };
@@ -128,7 +156,7 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
     );
 
     let mut garp_done = info.garp_done;
-    let mut logged = services.stats();
+    let mut logged = (services.stats(), 0);
     let mut last_log = clock.now_us();
     let mut sleeps: u64 = 0;
     loop {
@@ -151,7 +179,7 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
         busy |= dirtier.work(now_us);
 
         let stats = services.stats();
-        if stats != logged && now_us.saturating_sub(last_log) >= LOG_EVERY_US {
+        if (stats, dirtier.passes()) != logged && now_us.saturating_sub(last_log) >= LOG_EVERY_US {
             let net = device.counters();
             log!(
                 "guest: connections active {} opened {} closed {} listening {} (pool full {}, bad requests {}); \
@@ -167,7 +195,7 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
                 sleeps,
                 dirtier.passes()
             );
-            logged = stats;
+            logged = (stats, dirtier.passes());
             last_log = now_us;
         }
         let idle = pvh::idle_mode();
@@ -196,11 +224,10 @@ pub unsafe extern "C" fn guest_main(boot_info: *mut BootInfo) -> ! {
         sleeps += 1;
         match idle {
             Idle::SleepPort => {
-                arch::outl(PORT_SLEEP_US, sleep_us as u32);
-                arch::hlt();
+                cpu::out32_then_halt(PORT_SLEEP_US, sleep_us as u32);
             }
             // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
-            Idle::Interrupt => arch::wait_for_interrupt(),
+            Idle::Interrupt => cpu::wait_for_interrupt(),
             Idle::Poll => {
                 let until = now_us + sleep_us;
                 'spin: while clock.now_us() < until {
@@ -221,6 +248,6 @@ fn panic(info: &PanicInfo<'_>) -> ! {
     log!("guest: panic: {info}");
     arch::outl(PORT_EXIT, 1);
     loop {
-        arch::hlt();
+        cpu::halt();
     }
 }

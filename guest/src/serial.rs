@@ -20,9 +20,7 @@ pub struct Serial;
 
 impl Write for Serial {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for byte in s.bytes() {
-            arch::outb(PORT_SERIAL, byte);
-        }
+        arch::out_bytes(PORT_SERIAL, s.as_bytes());
         Ok(())
     }
 }

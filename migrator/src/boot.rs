@@ -5,25 +5,33 @@
 //! state boots on hardware KVM.
 //!
 //! Page tables: the PML4 at [`PML4_ADDR`], the PDPT in the next page, then one page directory per GiB of
-//! guest-physical space, each of 512 entries `addr | present | writable | 2 MiB`. The map covers RAM and the
+//! guest-physical space, each of 512 entries `addr | present | writable | user | 2 MiB`. The map covers RAM and the
 //! virtio-mmio window (so at least 4 GiB). The first four page directories sit right after the PDPT, ending below
 //! [`BOOT_INFO_ADDR`]; a guest with RAM above 4 GiB gets the others from `0x8000` on.
 
 use guest_abi::{
-    BOOT_INFO_ADDR, BOOT_MAGIC, BOOT_VERSION, BootInfo, GDT_ADDR, IMAGE_ADDR, MMIO_BASE, MMIO_SIZE, PML4_ADDR,
+    BOOT_INFO_ADDR, BOOT_MAGIC, BOOT_VERSION, BootInfo, GDT_ADDR, IMAGE_ADDR, KERNEL_CS, KERNEL_DS,
+    MMIO_BASE, MMIO_SIZE, PML4_ADDR,
 };
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{memory::GuestMemoryMmap, ram::RamRegion};
 
-/// The flat GDT: null, 64-bit code (selector 8), data (selector 16).
-pub const GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-const CODE_SELECTOR: u16 = 8;
-const DATA_SELECTOR: u16 = 16;
+/// The flat GDT: null, 64-bit code ([`KERNEL_CS`]), data ([`KERNEL_DS`]), then the DPL 3 user data and 64-bit user
+/// code segments ([`guest_abi::USER_DS`], [`guest_abi::USER_CS`]) a guest may drop to.
+pub const GDT: [u64; 5] = [
+    0,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x00cf_f300_0000_ffff,
+    0x00af_fb00_0000_ffff,
+];
 
 const PTE_PRESENT: u64 = 1;
 const PTE_WRITABLE: u64 = 1 << 1;
+/// User-accessible: a guest at CPL 3 reaches all of its memory (see the guest-abi crate on privilege levels).
+const PTE_USER: u64 = 1 << 2;
 const PTE_PWT: u64 = 1 << 3;
 const PTE_PCD: u64 = 1 << 4;
 const PTE_HUGE: u64 = 1 << 7;
@@ -190,19 +198,19 @@ pub fn page_tables(regions: &[RamRegion]) -> Vec<(u64, Vec<u64>)> {
     let gibs = top.div_ceil(GIB);
     let pdpt_addr = PML4_ADDR + 0x1000;
     let mut pml4 = vec![0u64; 512];
-    pml4[0] = pdpt_addr | PTE_PRESENT | PTE_WRITABLE;
+    pml4[0] = pdpt_addr | PTE_PRESENT | PTE_WRITABLE | PTE_USER;
     let mut pdpt = vec![0u64; 512];
     let mut tables = vec![(PML4_ADDR, pml4)];
     let mut pds = Vec::new();
     for gib in 0..gibs {
         let pd_addr = page_directory_addr(gib);
-        pdpt[gib as usize] = pd_addr | PTE_PRESENT | PTE_WRITABLE;
+        pdpt[gib as usize] = pd_addr | PTE_PRESENT | PTE_WRITABLE | PTE_USER;
         let pd = (0..512u64)
             .map(|i| {
                 let addr = gib * GIB + i * TWO_MIB;
                 let mmio = addr < MMIO_BASE + MMIO_SIZE && addr + TWO_MIB > MMIO_BASE;
                 let cache = if mmio { PTE_PCD | PTE_PWT } else { 0 };
-                addr | PTE_PRESENT | PTE_WRITABLE | PTE_HUGE | cache
+                addr | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_HUGE | cache
             })
             .collect();
         pds.push((pd_addr, pd));
@@ -302,8 +310,8 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 
 /// Sets the long-mode system registers on top of the vCPU's reset state.
 pub fn set_long_mode_sregs(sregs: &mut kvm_sregs) {
-    sregs.cs = segment(CODE_SELECTOR, 11, true);
-    let data = segment(DATA_SELECTOR, 3, false);
+    sregs.cs = segment(KERNEL_CS, 11, true);
+    let data = segment(KERNEL_DS, 3, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -418,17 +426,17 @@ mod tests {
         // PML4, PDPT, 4 page directories (the MMIO window is in GiB 3).
         assert_eq!(tables.len(), 6);
         assert_eq!(tables[0].0, PML4_ADDR);
-        assert_eq!(tables[0].1[0], (PML4_ADDR + 0x1000) | 3);
+        assert_eq!(tables[0].1[0], (PML4_ADDR + 0x1000) | 7);
         let pdpt = &tables[1].1;
         for (gib, entry) in pdpt.iter().enumerate().take(4) {
-            assert_eq!(*entry, page_directory_addr(gib as u64) | 3);
+            assert_eq!(*entry, page_directory_addr(gib as u64) | 7);
         }
         assert_eq!(pdpt[4], 0);
-        assert_eq!(tables[2].1[0], 0x83);
-        assert_eq!(tables[2].1[1], TWO_MIB | 0x83);
+        assert_eq!(tables[2].1[0], 0x87);
+        assert_eq!(tables[2].1[1], TWO_MIB | 0x87);
         let mmio_pd = &tables[5].1;
         let idx = ((MMIO_BASE % GIB) / TWO_MIB) as usize;
-        assert_eq!(mmio_pd[idx], MMIO_BASE | 0x83 | PTE_PCD | PTE_PWT);
+        assert_eq!(mmio_pd[idx], MMIO_BASE | 0x87 | PTE_PCD | PTE_PWT);
         // Every table lies below BootInfo or from 0x8000, never on it.
         for (addr, _) in &tables {
             assert!(*addr + 0x1000 <= BOOT_INFO_ADDR || *addr >= HIGH_PD_ADDR);
@@ -444,6 +452,23 @@ mod tests {
         );
     }
     const HIGH_RAM_TOP_6G: u64 = (1 << 32) + (6 << 30) - MMIO_BASE;
+
+    #[test]
+    fn gdt_selectors_match_the_abi() {
+        let dpl = |e: u64| (e >> 45) & 3;
+        let long = |e: u64| (e >> 53) & 1;
+        let code = |e: u64| (e >> 43) & 1;
+        let k_cs = GDT[usize::from(KERNEL_CS >> 3)];
+        let k_ds = GDT[usize::from(KERNEL_DS >> 3)];
+        let u_cs = GDT[usize::from(guest_abi::USER_CS >> 3)];
+        let u_ds = GDT[usize::from(guest_abi::USER_DS >> 3)];
+        assert_eq!((dpl(k_cs), long(k_cs), code(k_cs)), (0, 1, 1));
+        assert_eq!((dpl(k_ds), code(k_ds)), (0, 0));
+        assert_eq!((dpl(u_cs), long(u_cs), code(u_cs)), (3, 1, 1));
+        assert_eq!((dpl(u_ds), code(u_ds)), (3, 0));
+        assert_eq!(guest_abi::USER_CS & 3, 3);
+        assert_eq!(guest_abi::USER_DS & 3, 3);
+    }
 
     #[test]
     fn boot_info_bytes_match_layout() {

@@ -2,7 +2,7 @@
 //! dispatcher. `receive` needs the VMM to build the VM; it gets it as a factory.
 
 use std::{
-    io::IsTerminal,
+    io::{IsTerminal, Write},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -156,8 +156,16 @@ pub struct ReceiveArgs {
 /// `migrator status --api PATH`: prints the status JSON.
 pub fn status_main(args: &StatusArgs) -> Result<()> {
     let s = api::request_status(&args.api)?;
-    println!("{}", serde_json::to_string_pretty(&s)?);
-    Ok(())
+    print_json(&serde_json::to_string_pretty(&s)?)
+}
+
+/// Prints a JSON document on stdout; a reader that went away (`| head`) is not an error.
+fn print_json(doc: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{doc}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),
+        _ => Ok(()),
+    }
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -202,8 +210,7 @@ pub fn migrate_main(args: &MigrateArgs) -> Result<()> {
             args.to
         )
     })?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    print_json(&serde_json::to_string_pretty(&report)?)
 }
 
 /// `migrator receive`: waits for one migration, builds the VM with `create`, restores it, then runs it like `run`

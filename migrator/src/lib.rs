@@ -65,7 +65,7 @@
 //! over now would cost:
 //!
 //! ```text
-//! expected_pause = remaining_bytes / bandwidth + state_time  (+ resident_bytes / 4 GiB/s with --verify)
+//! expected_pause = remaining_bytes / bandwidth + state_time
 //! remaining_bytes = dirty_pages × (4096 + 16) + state_bytes
 //! ```
 //!
@@ -74,6 +74,9 @@
 //!   is the capped rate.
 //! - `state_bytes` and `state_time` (save, send, restore, resume and ack after the last page) are those measured in
 //!   this process's previous migration, or 64 KiB and 1 ms before there was one.
+//!
+//! `--verify` is a check, not part of the move: its hashing (of every resident page, at both ends) lengthens the
+//! pause but is not counted against `--downtime`; the summary reports it as `hash_ms`.
 //!
 //! If `expected_pause ≤ --downtime`, the source pauses and sends the final set. Otherwise it sends the dirty set as
 //! the next round and repeats. When `--timeout` has passed since setup and the estimate still does not fit,

@@ -160,6 +160,10 @@ pub struct MigrationReport {
     pub state_bytes: u64,
     /// Time to save and send the state, ms.
     pub state_ms: f64,
+    /// RAM hash time at the source with `--verify`, ms (part of the pause).
+    pub hash_ms: f64,
+    /// Where the pause went (live mode).
+    pub pause_breakdown: PauseBreakdown,
     /// Measured copy bandwidth, bytes/s.
     pub bandwidth: u64,
     /// The physical floor of the pause: `final_bytes / bandwidth + state_ms`.
@@ -177,6 +181,19 @@ pub struct MigrationReport {
     pub forced: bool,
     /// Honest labels of anything artificial in the run.
     pub notes: Vec<String>,
+}
+
+/// The steps of the pause, ms, measured at the source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PauseBreakdown {
+    /// Asking the vCPU and the device thread to stop until both hold.
+    pub stop_vcpu_ms: f64,
+    /// Reading the last dirty set and sending it.
+    pub final_round_ms: f64,
+    /// Hash (with `--verify`), state save and send, queued frames, complete.
+    pub tail_ms: f64,
+    /// From complete to the ack: the destination's restore, hash, resume and first announce, plus the wire.
+    pub destination_ms: f64,
 }
 
 /// Where a migration stands (`migrator status`).

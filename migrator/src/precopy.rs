@@ -14,9 +14,6 @@ use crate::{
     source::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session},
 };
 
-/// RAM hash throughput assumed for `--verify` (xxh3 reads faster than this on any machine we run on).
-const HASH_RATE: f64 = 4.0 * (1u64 << 30) as f64;
-
 /// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
 static LAST_STATE_BYTES: AtomicU64 = AtomicU64::new(0);
 static LAST_STATE_NS: AtomicU64 = AtomicU64::new(0);
@@ -32,8 +29,6 @@ pub struct Estimate {
     pub state_bytes: u64,
     /// Fixed state cost (save + restore; measured last time, or guessed).
     pub state_time: Duration,
-    /// Bytes to hash at pause (`--verify`), 0 without.
-    pub hash_bytes: u64,
 }
 
 impl Estimate {
@@ -45,8 +40,7 @@ impl Estimate {
     /// The expected pause.
     pub fn pause(&self) -> Duration {
         let transfer = self.remaining_bytes() as f64 / self.bandwidth.max(1) as f64;
-        let hash = self.hash_bytes as f64 / HASH_RATE;
-        Duration::from_secs_f64(transfer + hash) + self.state_time
+        Duration::from_secs_f64(transfer) + self.state_time
     }
 }
 
@@ -77,6 +71,10 @@ pub fn decide(est: &Estimate, budget: Duration, timed_out: bool, on_timeout: OnT
     }
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn state_figures() -> (u64, Duration) {
     match (
         LAST_STATE_BYTES.load(Ordering::Relaxed),
@@ -100,11 +98,6 @@ pub fn run<S: MigrationSource>(
     // Residency after the log started: a page touched after this is in the next dirty set.
     let resident = s.ram.resident_pages();
     let total = s.ram.total_pages();
-    let hash_bytes = if opts.verify {
-        resident.count_ones() * PAGE_SIZE as u64
-    } else {
-        0
-    };
     s.tracker.update(|st| {
         st.state = "precopy".into();
         st.iteration = 0;
@@ -127,7 +120,6 @@ pub fn run<S: MigrationSource>(
             bandwidth: s.bandwidth.rate(),
             state_bytes,
             state_time,
-            hash_bytes,
         };
         let expected = est.pause();
         s.tracker.update(|st| {
@@ -172,6 +164,7 @@ pub fn run<S: MigrationSource>(
     vm.pause().map_err(MigrationError::vm("pause"))?;
     progress.paused = true;
     let paused_ns = s.events.emit(Phase::Pause);
+    let t_stopped = Instant::now();
     s.tracker.update(|st| st.state = "paused".into());
     let bytes0 = s.writer.bytes();
     let mut last = vm
@@ -181,13 +174,19 @@ pub fn run<S: MigrationSource>(
     let n = last.count_ones();
     let st = s.send_round(round, last.iter_ones(), n, None)?;
     s.end_round(round, &st)?;
-    vm.stop_dirty_log()
-        .map_err(MigrationError::vm("stop dirty logging"))?;
-    progress.dirty_log = false;
+    // The dirty log stays on until the ack: turning it off rewrites the memslot, which is slow and not needed
+    // while paused (and a rollback stops it).
+    let t_final = Instant::now();
     s.send_tail(vm, opts.verify, paused_ns)?;
     s.report.final_bytes = s.writer.bytes() - bytes0;
     s.tracker.update(|st| st.state = "completing".into());
+    let t_tail = Instant::now();
     let ack = s.await_ack(vm)?;
+    let b = &mut s.report.pause_breakdown;
+    b.stop_vcpu_ms = ms(t_stopped - paused_at);
+    b.final_round_ms = ms(t_final - t_stopped);
+    b.tail_ms = ms(t_tail - t_final);
+    b.destination_ms = ms(t_tail.elapsed());
     // The state cost for the next estimate: save + send here, restore + resume there (hashing excluded: it is
     // estimated on its own).
     LAST_STATE_BYTES.store(s.report.state_bytes.max(1), Ordering::Relaxed);
@@ -210,7 +209,6 @@ mod tests {
             bandwidth: 1 << 30,
             state_bytes: 64 << 10,
             state_time: Duration::from_millis(1),
-            hash_bytes: 0,
         }
     }
 
@@ -240,14 +238,9 @@ mod tests {
             Decision::SwitchOver
         );
         let e = est(0);
-        assert!(e.pause() >= Duration::from_millis(1));
-        let hashed = Estimate {
-            hash_bytes: 4 << 30,
-            ..est(0)
-        };
         assert!(
-            hashed.pause() >= Duration::from_millis(900),
-            "hashing 4 GiB is counted"
+            e.pause() >= Duration::from_millis(1),
+            "the state cost is always counted"
         );
     }
 

@@ -158,7 +158,7 @@ impl RunArgs {
             dirty_rate: self.dirty.map_or(0, |d| d.rate),
             serial: self.serial_log.clone().map_or_else(
                 || SerialOutput::Stderr {
-                    prefix: "guest: ".into(),
+                    prefix: String::new(),
                 },
                 SerialOutput::File,
             ),

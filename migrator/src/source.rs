@@ -436,8 +436,10 @@ pub fn write_tail<W: Write, S: MigrationSource>(
     report: &mut MigrationReport,
 ) -> Result<Vec<Vec<u8>>, MigrationError> {
     if verify {
+        let t_hash = Instant::now();
         // SAFETY: the VM is paused: neither the vCPU nor the VMM's devices write guest RAM now.
         let h = unsafe { ram.hash() };
+        report.hash_ms = t_hash.elapsed().as_secs_f64() * 1e3;
         report.verified_hash = Some(format!("{h:032x}"));
         w.send(&Message::Verify(h))?;
     }

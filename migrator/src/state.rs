@@ -204,6 +204,35 @@ mod tests {
     }
 
     #[test]
+    fn garbage_never_panics() {
+        let good = sample().encode().unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            // Random bytes, and the good blob with random bytes overwritten (checksum recomputed, so the parser
+            // itself sees the damage).
+            let len = (next() % 512) as usize;
+            let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            assert!(VmState::decode(&junk).is_err());
+            let mut payload = good[24..].to_vec();
+            for _ in 0..4 {
+                let i = (next() as usize) % payload.len();
+                payload[i] = next() as u8;
+            }
+            let mut blob = good[..16].to_vec();
+            blob[12..16].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            blob.extend_from_slice(&payload);
+            let _ = VmState::decode(&blob);
+        }
+    }
+
+    #[test]
     fn round_trip() {
         let s = sample();
         let bytes = s.encode().unwrap();

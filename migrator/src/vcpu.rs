@@ -20,7 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guest_abi::{GuestMark, MMIO_BASE, MMIO_SIZE, PORT_EXIT, PORT_MARK, PORT_SERIAL, PORT_SLEEP_US};
+use guest_abi::{
+    GuestMark, MMIO_BASE, MMIO_SIZE, PORT_EXIT, PORT_IDLE, PORT_MARK, PORT_SERIAL, PORT_SLEEP_US,
+};
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
     kvm_vcpu_events,
@@ -32,6 +34,12 @@ use crate::devices::{net::NetDevice, serial::Serial, virtio_mmio::MmioTransport}
 
 /// `MSR_IA32_TSC`.
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// `MSR_MTRRdefType`: bit 11 enables MTRRs, the low byte is the default memory type.
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MTRR_ENABLE: u64 = 1 << 11;
+const MTRR_TYPE_WRBACK: u64 = 6;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
 
 /// Errors of the vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -337,8 +345,9 @@ pub struct VcpuStats {
 /// Messages to the vCPU thread.
 #[derive(Debug)]
 pub enum VcpuRequest {
-    /// Leave `KVM_RUN` and stay out until `Resume`; answer once parked.
-    Pause(Sender<()>),
+    /// Leave `KVM_RUN` and stay out until `Resume`; answer once parked, with the vCPU state saved right there (so
+    /// that saving it later needs no second round trip to this thread).
+    Pause(Sender<Result<VcpuState, VcpuError>>),
     Resume,
     Save(Sender<Result<VcpuState, VcpuError>>),
     Restore(Box<VcpuState>, Sender<Result<(), VcpuError>>),
@@ -353,6 +362,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     msr_indices: Vec<u32>,
     sleep_deadline: Option<Instant>,
+    /// The last exit was port I/O or MMIO: KVM finishes the instruction only on the next `KVM_RUN`.
+    pending_io: bool,
     stats: VcpuStats,
 }
 
@@ -403,6 +414,7 @@ impl Vcpu {
             fd,
             msr_indices,
             sleep_deadline: None,
+            pending_io: false,
             stats: VcpuStats::default(),
         })
     }
@@ -417,7 +429,9 @@ impl Vcpu {
         self.fd.get_tsc_khz().ok().filter(|&k| k > 0)
     }
 
-    /// Sets the long-mode entry state.
+    /// Sets the long-mode entry state, and the MSRs firmware would have set: MTRRs on with write-back as the default
+    /// memory type (the reset value leaves them off, which would make RAM uncached where KVM honours guest MTRRs)
+    /// and fast strings.
     pub fn set_boot_state(
         &self,
         regs: &kvm_regs,
@@ -427,6 +441,27 @@ impl Vcpu {
         set_sregs(&mut sregs);
         self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
         self.fd.set_regs(regs).map_err(ioctl("KVM_SET_REGS"))?;
+        let boot_msrs = [
+            kvm_msr_entry {
+                index: MSR_MTRR_DEF_TYPE,
+                data: MTRR_ENABLE | MTRR_TYPE_WRBACK,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                data: MISC_ENABLE_FAST_STRING,
+                ..Default::default()
+            },
+        ];
+        let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VcpuError::MsrBuffer)?;
+        let done = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+        if done != boot_msrs.len() {
+            return Err(VcpuError::SetMsrs {
+                index: boot_msrs[done].index,
+                done,
+                total: boot_msrs.len(),
+            });
+        }
         Ok(())
     }
 
@@ -512,6 +547,7 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&state.events)
             .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+        self.pending_io = false;
         self.sleep_deadline = state
             .sleep_us
             .map(|us| Instant::now() + Duration::from_micros(u64::from(us)));
@@ -553,12 +589,14 @@ impl Vcpu {
                 };
                 match msg {
                     VcpuRequest::Pause(done) => {
+                        self.complete_pending_io();
                         paused = true;
                         // The requester may have given up; nothing to do then.
-                        let _ = done.send(());
+                        let _ = done.send(self.save());
                     }
                     VcpuRequest::Resume => paused = false,
                     VcpuRequest::Save(reply) => {
+                        self.complete_pending_io();
                         let _ = reply.send(self.save());
                     }
                     VcpuRequest::Restore(state, reply) => {
@@ -587,11 +625,34 @@ impl Vcpu {
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
     }
 
+    /// Lets KVM finish the instruction behind the last I/O exit without running the guest further, so that the saved
+    /// state is consistent (KVM's API documentation asks for this before saving state).
+    fn complete_pending_io(&mut self) {
+        if !self.pending_io {
+            return;
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        // With immediate_exit set KVM completes the I/O and returns EINTR before guest entry; an error here would
+        // show again on the next real KVM_RUN, where it is reported.
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        self.pending_io = false;
+    }
+
     fn run_once(&mut self, ctx: &ExitContext) -> Step {
         let result = self.fd.run();
         self.stats.exits += 1;
         let exit = match result {
-            Ok(exit) => exit,
+            Ok(exit) => {
+                self.pending_io = matches!(
+                    exit,
+                    VcpuExit::IoIn(..)
+                        | VcpuExit::IoOut(..)
+                        | VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                );
+                exit
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 return Step::Continue;
@@ -615,6 +676,11 @@ impl Vcpu {
                     PORT_SLEEP_US => {
                         self.sleep_deadline = (value != u32::MAX)
                             .then(|| Instant::now() + Duration::from_micros(u64::from(value)));
+                    }
+                    PORT_IDLE => {
+                        self.sleep_deadline = (value != u32::MAX)
+                            .then(|| Instant::now() + Duration::from_micros(u64::from(value)));
+                        return Step::Halt;
                     }
                     PORT_MARK => ctx.status.record_mark(value),
                     PORT_EXIT => return Step::Exit(GuestExit::Status(value)),
@@ -678,6 +744,19 @@ impl Vcpu {
             }
             other => Step::Exit(GuestExit::Crashed(format!("unexpected vCPU exit {other:?}"))),
         }
+    }
+}
+
+impl crate::state::Persist for Vcpu {
+    type State = VcpuState;
+    type Error = VcpuError;
+
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        Vcpu::save(self)
+    }
+
+    fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        Vcpu::restore(self, state)
     }
 }
 

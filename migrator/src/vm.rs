@@ -7,7 +7,8 @@
 //! Vm::create(cfg)             fresh boot: RAM, KVM, devices, guest image, BootInfo, entry registers
 //! Vm::create_for_restore(cfg) RAM, KVM, devices; nothing booted (the migration fills RAM, then restore_state)
 //! vm.start()                  vCPU + I/O threads run
-//! vm.pause() / vm.resume()    vCPU parked outside KVM_RUN; no VMM write to guest RAM while paused
+//! vm.pause() / vm.resume()    vCPU parked outside KVM_RUN (its state saved as it parks); no VMM write to guest
+//!                             RAM while paused
 //! vm.save_state()             (paused) -> VmState;   vm.restore_state(&VmState) (before start, or paused)
 //! vm.shutdown()               stops and joins the threads (also on drop)
 //! ```
@@ -54,8 +55,8 @@ use crate::{
     state::{Persist, VmState},
     tap::{MAX_FRAME, Tap, TapError},
     vcpu::{
-        ExitContext, GuestExit, GuestStatus, Vcpu, VcpuError, VcpuRequest, VcpuStats, WaitError, Waker,
-        kick_signal,
+        ExitContext, GuestExit, GuestStatus, Vcpu, VcpuError, VcpuRequest, VcpuState, VcpuStats, WaitError,
+        Waker, kick_signal,
     },
 };
 
@@ -143,6 +144,9 @@ pub enum VmError {
 struct VcpuThread {
     join: JoinHandle<()>,
     requests: Sender<VcpuRequest>,
+    /// The vCPU state saved by the vCPU thread when it parked for the current pause (`None` when running, or when
+    /// that save failed: `save_state` then asks again and reports the error).
+    parked: Option<VcpuState>,
 }
 
 struct IoThread {
@@ -256,7 +260,10 @@ impl Vm {
         let tap = Arc::new(Tap::open(&config.tap)?);
         let rx_event = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?);
         let io_event = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?);
-        let mut net = NetDevice::new(config.mac, Arc::clone(&tap));
+        let mut net = NetDevice::new(
+            config.mac,
+            Arc::clone(&tap) as Arc<dyn crate::devices::net::FrameSink>,
+        );
         net.set_rx_posted_event(Arc::clone(&rx_event));
         let transport = MmioTransport::new(net, memory.guest_memory().clone())?;
         let vcpu = Vcpu::new(&kvm, &vmfd)?;
@@ -305,7 +312,11 @@ impl Vm {
         self.io_thread = Some(IoThread { join, stop });
         let (tx, rx) = mpsc::channel();
         let join = vcpu.spawn(Arc::clone(&self.ctx), rx, false)?;
-        self.vcpu_thread = Some(VcpuThread { join, requests: tx });
+        self.vcpu_thread = Some(VcpuThread {
+            join,
+            requests: tx,
+            parked: None,
+        });
         self.paused = false;
         Ok(())
     }
@@ -364,13 +375,18 @@ impl Vm {
     }
 
     /// Parks the vCPU outside `KVM_RUN` and stops the I/O thread writing guest RAM (frames from the tap queue in
-    /// the VMM). Returns once both hold. A no-op before [`Vm::start`].
+    /// the VMM). Returns once both hold. The vCPU thread saves its state as it parks, so [`Vm::save_state`] after
+    /// this costs no further round trip to it. A no-op before [`Vm::start`].
     pub fn pause(&mut self) -> Result<(), VmError> {
         if self.vcpu_thread.is_some() {
             let (tx, rx) = mpsc::channel();
             self.send(VcpuRequest::Pause(tx))?;
-            rx.recv_timeout(PAUSE_TIMEOUT)
+            let saved = rx
+                .recv_timeout(PAUSE_TIMEOUT)
                 .map_err(|_| VmError::PauseTimeout(PAUSE_TIMEOUT))?;
+            if let Some(t) = &mut self.vcpu_thread {
+                t.parked = saved.ok();
+            }
         }
         // The I/O thread delivers under this lock, so once we hold it and set the flag no delivery is in progress.
         lock(&self.ctx.net).device_mut().set_paused(true);
@@ -383,6 +399,9 @@ impl Vm {
     pub fn resume(&mut self) -> Result<(), VmError> {
         lock(&self.ctx.net).device_mut().set_paused(false);
         self.wake_io();
+        if let Some(t) = &mut self.vcpu_thread {
+            t.parked = None;
+        }
         if self.vcpu_thread.is_some() {
             self.send(VcpuRequest::Resume)?;
         }
@@ -396,14 +415,17 @@ impl Vm {
 
     /// Saves vCPU and device state. The VM must be paused (or not started).
     pub fn save_state(&self) -> Result<VmState, VmError> {
-        let vcpu = match (&self.vcpu, self.paused) {
-            (Some(v), _) => v.save()?,
-            (None, true) => {
+        let parked = self.vcpu_thread.as_ref().and_then(|t| t.parked.clone());
+        let vcpu = match (&self.vcpu, self.paused, parked) {
+            (Some(v), _, _) => v.save()?,
+            // Saved by the vCPU thread when it parked: no round trip inside the pause.
+            (None, true, Some(saved)) => saved,
+            (None, true, None) => {
                 let (tx, rx) = mpsc::channel();
                 self.send(VcpuRequest::Save(tx))?;
                 rx.recv().map_err(|_| VmError::Vcpu(VcpuError::ThreadGone))??
             }
-            (None, false) => return Err(VmError::NotPaused),
+            (None, false, _) => return Err(VmError::NotPaused),
         };
         let net = lock(&self.ctx.net);
         let serial = lock(&self.ctx.serial).save();
@@ -431,6 +453,9 @@ impl Vm {
                 let (tx, rx) = mpsc::channel();
                 self.send(VcpuRequest::Restore(Box::new(state.vcpu.clone()), tx))?;
                 rx.recv().map_err(|_| VmError::Vcpu(VcpuError::ThreadGone))??;
+                if let Some(t) = &mut self.vcpu_thread {
+                    t.parked = None;
+                }
             }
             (None, false) => return Err(VmError::NotPaused),
         }
@@ -573,8 +598,9 @@ impl IoLoop {
 
     fn run(self) {
         let mut buf = vec![0u8; MAX_FRAME];
+        let mut tap_ok = true;
         while !self.stop.load(Ordering::SeqCst) {
-            let want_tap = self.deliver();
+            let want_tap = self.deliver() && tap_ok;
             let mut fds = [
                 libc::pollfd {
                     fd: self.io_event.as_raw_fd(),
@@ -601,8 +627,16 @@ impl IoLoop {
             // Reset the eventfds (nonblocking: EAGAIN when already zero).
             let _ = self.io_event.read();
             let _ = self.rx_event.read();
-            if want_tap && fds[2].revents != 0 {
-                self.read_tap(&mut buf);
+            if want_tap
+                && fds[2].revents != 0
+                && let Err(e) = self.read_tap(&mut buf)
+            {
+                // Reading again would fail the same way and spin; the guest stays up without receive.
+                eprintln!(
+                    "migrator: reading tap {} failed ({e}); the guest receives nothing more",
+                    self.tap.name()
+                );
+                tap_ok = false;
             }
         }
     }
@@ -622,21 +656,26 @@ impl IoLoop {
         t.device().wants_tap_frames()
     }
 
-    fn read_tap(&self, buf: &mut [u8]) {
+    /// Reads up to [`IoLoop::BATCH`] frames into the backlog.
+    fn read_tap(&self, buf: &mut [u8]) -> std::io::Result<()> {
         let mut frames = Vec::new();
+        let mut result = Ok(());
         while frames.len() < Self::BATCH {
             match self.tap.read_frame(buf) {
                 Ok(Some(n)) => frames.push(buf[..n].to_vec()),
-                // Nothing left (or the tap went away: the poll loop will see the error again later).
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
-        if frames.is_empty() {
-            return;
+        if !frames.is_empty() {
+            let mut t = lock(&self.net);
+            for f in frames {
+                t.device_mut().push_frame(f);
+            }
         }
-        let mut t = lock(&self.net);
-        for f in frames {
-            t.device_mut().push_frame(f);
-        }
+        result
     }
 }

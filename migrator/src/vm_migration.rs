@@ -2,11 +2,12 @@
 //! `migrator receive`.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
@@ -19,9 +20,43 @@ use crate::{
     ram::{DirtyBitmap, GuestRam},
     runner::{EndReason, Shutdown},
     state::VmState,
-    vcpu::GuestExit,
+    transport::Endpoint,
+    vcpu::{GuestExit, GuestStatus},
     vm::{SerialOutput, Vm, VmConfig},
 };
+
+/// How long the destination waits for its tap to run before it accepts pages.
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Waits until interface `name` (in this netns) is `IFF_RUNNING`: up with its carrier applied.
+fn wait_link_running(name: &str, timeout: Duration) -> bool {
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 || name.len() >= libc::IFNAMSIZ {
+        return false;
+    }
+    let deadline = Instant::now() + timeout;
+    let running = loop {
+        // SAFETY: ifreq is plain data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = b as libc::c_char;
+        }
+        // SAFETY: `fd` is a socket and `req` a valid ifreq naming the interface; the kernel fills ifru_flags.
+        let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &raw mut req) };
+        // SAFETY: after a successful SIOCGIFFLAGS the flags member is the one written.
+        if rc == 0 && i32::from(unsafe { req.ifr_ifru.ifru_flags }) & libc::IFF_RUNNING != 0 {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: our fd, closed once.
+    unsafe { libc::close(fd) };
+    running
+}
 
 fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> VmError {
     Box::new(e)
@@ -221,12 +256,45 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             prefix: "guest: ".into(),
         };
         let vm = Vm::create_for_restore(&config).map_err(boxed)?;
+        // Attaching to the tap raises its carrier, but the kernel applies that (operstate, and with it the bridge
+        // port state) only at its next link-watch run, up to a second later. Until then the bridge drops the
+        // announce and the guest's frames, so wait here, while the source still runs, not after resume.
+        if !wait_link_running(&config.tap, LINK_UP_TIMEOUT) {
+            eprintln!(
+                "migrator: warning: tap {} is not running after {LINK_UP_TIMEOUT:?} (is it up?); frames may be lost",
+                config.tap
+            );
+        }
         Ok(IncomingVm { vm, started: false })
     };
+    // Ctrl-C before a VM runs here: nothing to clean up (an incoming source rolls back on the closed stream).
+    let received = Arc::new(AtomicBool::new(false));
+    {
+        let (s, r) = (shutdown.clone(), received.clone());
+        let mut sockets: Vec<PathBuf> = args.api.iter().cloned().collect();
+        if let Endpoint::Unix(p) = &args.listen {
+            sockets.push(p.clone());
+        }
+        let _spawned = std::thread::Builder::new()
+            .name("early-signal".into())
+            .spawn(move || {
+                let _why = s.wait(&Arc::new(GuestStatus::default()));
+                if !r.load(Ordering::SeqCst) {
+                    eprintln!("migrator: interrupted before a migration came in");
+                    for p in sockets {
+                        let _ignored = std::fs::remove_file(p);
+                    }
+                    std::process::exit(130);
+                }
+            });
+    }
     let mut end: Option<EndWatch> = None;
     let (migrated, _received) = receive_main(args, create, |vm: &mut IncomingVm| {
-        end.get_or_insert_with(|| EndWatch::start(&shutdown, &vm.vm))
-            .ended()
+        end.get_or_insert_with(|| {
+            received.store(true, Ordering::SeqCst);
+            EndWatch::start(&shutdown, &vm.vm)
+        })
+        .ended()
     })?;
     if migrated.is_some() {
         eprintln!("migrator: the guest runs at the next destination now; exiting");

@@ -87,6 +87,8 @@ pub struct Timeline {
     pub announces: Vec<Stamp>,
     /// The VM's last frame before the pause (on its old port).
     pub last_vm_frame_old_port: Option<Sighting>,
+    /// The last frame delivered towards the VM before the pause (on its old port).
+    pub last_frame_to_vm_old_port: Option<Sighting>,
     pub first_rarp: Option<Sighting>,
     pub first_garp: Option<Sighting>,
     pub fdb_moves: Vec<FdbMove>,
@@ -202,6 +204,9 @@ pub struct ConnectionVerdict {
     pub fate: Fate,
     /// The events that prove the fate.
     pub proof: Vec<Event>,
+    /// Events for the 4-tuple after its socket was gone, within the window: typically the RST the client's kernel
+    /// sent when the resumed VM spoke on a connection that had already been aborted.
+    pub afterwards: Vec<Event>,
     /// The connection was opened during the outage (not alive at the pause; not counted in the totals).
     pub opened_during_window: bool,
 }
@@ -354,6 +359,8 @@ struct MigrationGroup {
     destination_host: Option<String>,
     setup: Option<u64>,
     rounds: Vec<Round>,
+    /// The rounds came from the source (preferred over the destination's copy).
+    source_rounds: bool,
     pause: Option<Stamp>,
     state_sent: Option<u64>,
     resume: Option<Stamp>,
@@ -390,7 +397,9 @@ impl MigrationGroup {
         self.source_host = self.source_host.take().or(o.source_host);
         self.destination_host = self.destination_host.take().or(o.destination_host);
         self.setup = self.setup.or(o.setup);
-        self.rounds.extend(o.rounds);
+        if self.rounds.is_empty() {
+            self.rounds = o.rounds;
+        }
         self.pause = self.pause.take().or(o.pause);
         self.state_sent = self.state_sent.or(o.state_sent);
         self.resume = self.resume.take().or(o.resume);
@@ -452,13 +461,28 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                 pages,
                 bytes,
                 bandwidth,
-            } => g.rounds.push(Round {
-                n: *n,
-                ts_ns: ev.ts_ns,
-                pages: *pages,
-                bytes: *bytes,
-                bandwidth: *bandwidth,
-            }),
+            } => {
+                // Both ends report each round (sent / received): keep the source's, or the destination's when the
+                // source's stream is missing.
+                let round = Round {
+                    n: *n,
+                    ts_ns: ev.ts_ns,
+                    pages: *pages,
+                    bytes: *bytes,
+                    bandwidth: *bandwidth,
+                };
+                match ev.role {
+                    Role::Source => {
+                        g.rounds.retain(|r| r.n != *n);
+                        g.source_rounds = true;
+                        g.rounds.push(round);
+                    }
+                    Role::Destination if !g.source_rounds && g.rounds.iter().all(|r| r.n != *n) => {
+                        g.rounds.push(round);
+                    }
+                    Role::Destination => {}
+                }
+            }
             Phase::Pause => {
                 if g.pause.is_none() {
                     g.pause = Some(stamp());
@@ -686,6 +710,8 @@ struct ConnLife<'a> {
     events: Vec<&'a Event>,
     opened_ns: Option<u64>,
     closed_ns: Option<u64>,
+    /// Events for the 4-tuple after the socket was gone (RSTs the kernel sent for it): shown, never judged.
+    epilogue: Vec<&'a Event>,
 }
 
 struct ConnectionIndex<'a> {
@@ -751,6 +777,17 @@ impl<'a> ConnectionIndex<'a> {
                         .is_some_and(|c| e.ts_ns() <= c + CLOSE_CLUSTER_NS)
                         && (netns == 0 || lives[i].netns == netns)
                 });
+            // Events that do not prove a socket exists (an error report, a RST sent without a socket: the kernel
+            // answering a segment for a connection it no longer has) never start a connection; after a close they
+            // are that connection's epilogue (not part of its fate), otherwise they are dropped.
+            let socketless = matches!(e, Event::TcpError { .. })
+                || matches!(e, Event::TcpResetOut { state, .. } if state.is_empty());
+            if found.is_none() && after_close.is_none() && socketless {
+                if let Some(&i) = last_closed.get(tuple) {
+                    lives[i].epilogue.push(e);
+                }
+                continue;
+            }
             let idx = if let Some(i) = found.or(after_close) {
                 i
             } else {
@@ -763,6 +800,7 @@ impl<'a> ConnectionIndex<'a> {
                     events: Vec::new(),
                     opened_ns: if opening { Some(e.ts_ns()) } else { pending },
                     closed_ns: None,
+                    epilogue: Vec::new(),
                 });
                 candidates.push(lives.len() - 1);
                 lives.len() - 1
@@ -919,14 +957,20 @@ fn verdict(
         .collect();
 
     // The first terminal event: an error, a reset, or a transition into closing/closed.
+    // The first terminal event: an error, a reset, or a CLOSE that does not end an orderly close. An application's
+    // close (ESTABLISHED → FIN_WAIT1, CLOSE_WAIT → LAST_ACK) is not terminal by itself: if its FIN is acknowledged
+    // after resume the close completed and the connection came through; if the socket dies first, the close is
+    // what ended it.
     let terminal = in_window.iter().position(|e| match e {
         Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. } => true,
         Event::TcpState {
             old_state, new_state, ..
         } => {
-            new_state == "CLOSE" && !matches!(old_state.as_str(), "LAST_ACK" | "CLOSING" | "TIME_WAIT")
-                || (old_state == "ESTABLISHED" && new_state == "FIN_WAIT1")
-                || (old_state == "CLOSE_WAIT" && new_state == "LAST_ACK")
+            new_state == "CLOSE"
+                && !matches!(
+                    old_state.as_str(),
+                    "LAST_ACK" | "CLOSING" | "TIME_WAIT" | "FIN_WAIT2"
+                )
         }
         _ => false,
     });
@@ -1072,6 +1116,12 @@ fn verdict(
         recovery_tail_ns: first_progress_ns.map(|p| p.saturating_sub(resume)),
         fate,
         proof,
+        afterwards: life
+            .epilogue
+            .iter()
+            .filter(|e| e.ts_ns() >= pause && e.ts_ns() < window_end)
+            .map(|e| (*e).clone())
+            .collect(),
         opened_during_window: false,
     }
 }
@@ -1223,19 +1273,35 @@ fn build_migration(
             });
     }
     if let Some(ports) = ingress {
-        tl.first_vm_frame_new_port = ports
+        // The new port is outside the VM's old path (the ports of its last burst before the pause); only when the
+        // VM came back where it was (a stop/cont) is it one of those.
+        let p = pause.unwrap_or(anchor);
+        let latest = ports.values().filter_map(|a| a.last_before(p)).max();
+        let old: Vec<&String> = ports
             .iter()
-            .filter_map(|(label, a)| {
-                a.first_after(after)
-                    .filter(|(t, _)| *t < l2_end)
-                    .map(|(t, exact)| (t, exact, label))
+            .filter(|(_, a)| {
+                a.last_before(p)
+                    .is_some_and(|t| latest.is_some_and(|l| t + OLD_PATH_SLACK_NS >= l))
             })
-            .min_by_key(|(t, _, _)| *t)
-            .map(|(t, exact, label)| Sighting {
-                ts_ns: t,
-                port: label.clone(),
-                exact,
-            });
+            .map(|(l, _)| l)
+            .collect();
+        let first_on = |only_new: bool| {
+            ports
+                .iter()
+                .filter(|(label, _)| !only_new || !old.contains(label))
+                .filter_map(|(label, a)| {
+                    a.first_after(after)
+                        .filter(|(t, _)| *t < l2_end)
+                        .map(|(t, exact)| (t, exact, label))
+                })
+                .min_by_key(|(t, _, _)| *t)
+                .map(|(t, exact, label)| Sighting {
+                    ts_ns: t,
+                    port: label.clone(),
+                    exact,
+                })
+        };
+        tl.first_vm_frame_new_port = first_on(true).or_else(|| first_on(false));
     }
     let egress = if mac.is_empty() {
         None
@@ -1246,6 +1312,15 @@ fn build_migration(
         let p = pause.unwrap_or(anchor);
         // Old path: egress ports that were part of the last burst of delivery before the pause.
         let latest = ports.values().filter_map(|a| a.last_before(p)).max();
+        tl.last_frame_to_vm_old_port = ports
+            .iter()
+            .filter_map(|(label, a)| a.last_before(p).map(|t| (t, label)))
+            .max_by_key(|(t, _)| *t)
+            .map(|(t, label)| Sighting {
+                ts_ns: t,
+                port: label.clone(),
+                exact: true,
+            });
         let old: Vec<&String> = ports
             .iter()
             .filter(|(_, a)| {
@@ -1321,11 +1396,24 @@ fn build_migration(
                 )
             })
         });
-    if let (Some(start), Some((end, what))) = (&tl.last_vm_frame_old_port, blackout_end) {
+    // The blackout starts at the last frame exchanged with the VM at its old port, either way: until then the path
+    // demonstrably worked.
+    let blackout_start = [
+        tl.last_vm_frame_old_port
+            .as_ref()
+            .map(|s| (s, "the VM's last frame")),
+        tl.last_frame_to_vm_old_port
+            .as_ref()
+            .map(|s| (s, "the last frame delivered to the VM")),
+    ]
+    .into_iter()
+    .flatten()
+    .max_by_key(|(s, _)| s.ts_ns);
+    if let (Some((start, which)), Some((end, what))) = (blackout_start, blackout_end) {
         dt.blackout = Some(Figure {
             ns: end.saturating_sub(start.ts_ns),
             source: "wire".to_owned(),
-            basis: format!("the VM's last frame at {} → {what}", start.port),
+            basis: format!("{which} at {} → {what}", start.port),
         });
     } else if let (Some(p), Some((end, what))) = (pause, blackout_end) {
         dt.blackout = Some(Figure {

@@ -60,7 +60,12 @@ struct Gate {
 struct Seen {
     events: Vec<Event>,
     printed: Vec<String>,
+    /// A migration has started and not resumed yet.
+    in_flight: bool,
 }
+
+/// How often the gate correlates when no migration is going on.
+const IDLE_CORRELATION: Duration = Duration::from_secs(3);
 
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
 pub struct Live {
@@ -82,6 +87,49 @@ fn settled(m: &MigrationReport, now: u64, settle: u64) -> bool {
         && m.connections
             .iter()
             .all(|c| c.fate.is_aborted() || (c.fate == Fate::Survived && c.first_progress_ns.is_some()))
+}
+
+/// A human line for the events of the pause sources (`migmon watch` without `--json`).
+pub fn describe(ev: &Event) -> String {
+    match ev {
+        Event::Migration { ev, source } => {
+            let what = match &ev.phase {
+                migevents::Phase::Setup {
+                    mode,
+                    ram_bytes,
+                    host,
+                    ..
+                } => format!("setup {mode:?} {} MiB {host}", ram_bytes >> 20).to_lowercase(),
+                migevents::Phase::Round { n, pages, bytes, .. } => {
+                    format!("round {n}: {pages} pages, {:.1} MiB", *bytes as f64 / 1_048_576.0)
+                }
+                migevents::Phase::Pause => "PAUSE".to_owned(),
+                migevents::Phase::StateSent => "state sent".to_owned(),
+                migevents::Phase::Resume => "RESUME".to_owned(),
+                migevents::Phase::Announce { n } => format!("announce {n}"),
+                migevents::Phase::Complete {
+                    total_ms, pause_ms, ..
+                } => format!("complete: total {total_ms:.1} ms, pause {pause_ms:.1} ms"),
+                migevents::Phase::Failed { reason } => format!("FAILED: {reason}"),
+                migevents::Phase::Rollback => "ROLLBACK".to_owned(),
+            };
+            format!(
+                "{:<20} {} {:?} {what} [{source}]",
+                ev.migration_id, ev.mac, ev.role
+            )
+            .to_owned()
+        }
+        Event::ClockOffset {
+            source,
+            wall_minus_mono_ns,
+            ..
+        } => format!(
+            "{source:<20} wall − monotonic = {:.6} s",
+            *wall_minus_mono_ns as f64 / 1e9
+        ),
+        Event::Note { level, message, .. } => format!("{level:<20} {message}"),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    }
 }
 
 /// The one-line summary printed when a migration settles.
@@ -217,6 +265,7 @@ pub fn start(
             let mut seen = Seen::default();
             let mut resumed = 0;
             let mut last_run = std::time::Instant::now();
+            let mut last_full = std::time::Instant::now();
             loop {
                 if control_t.stopped() {
                     end_note("stopped");
@@ -229,11 +278,17 @@ pub fn start(
                 last_run = std::time::Instant::now();
                 // Take what arrived; correlate without holding the lock, so the consumer never waits.
                 let new = std::mem::take(&mut g.lock().unwrap_or_else(PoisonError::into_inner).incoming);
-                if new.is_empty() && seen.printed.len() == resumed {
+                // Correlating costs a pass over everything seen: do it five times a second while a migration is in
+                // flight or settling, and every few seconds otherwise (a move seen only on the wire).
+                let migrating = new.iter().any(|e| matches!(e, Event::Migration { .. }));
+                seen.events.extend(new);
+                let pending = seen.printed.len() < resumed || migrating || seen.in_flight;
+                if !pending && last_full.elapsed() < IDLE_CORRELATION {
                     continue;
                 }
-                seen.events.extend(new);
+                last_full = std::time::Instant::now();
                 let a = analysis_of(&seen.events);
+                seen.in_flight = a.migrations.iter().any(|m| m.timeline.resume.is_none());
                 let now = a.end_ns.max(migevents::monotonic_ns());
                 resumed = a
                     .migrations
@@ -308,6 +363,28 @@ mod tests {
         correlate,
         tests::{live_trace, quick_trace},
     };
+
+    #[test]
+    fn human_lines_for_pause_sources() {
+        let ev = crate::correlate::tests::mig(
+            1,
+            "m1",
+            "52:54:00:00:00:01",
+            migevents::Role::Source,
+            migevents::Phase::Pause,
+            "qmp",
+        );
+        assert_eq!(
+            describe(&ev),
+            "m1                   52:54:00:00:00:01 Source PAUSE [qmp]"
+        );
+        let off = Event::ClockOffset {
+            ts_ns: 0,
+            source: "qmp:/run/a".into(),
+            wall_minus_mono_ns: 1_500_000_000,
+        };
+        assert!(describe(&off).ends_with("wall − monotonic = 1.500000 s"));
+    }
 
     #[test]
     fn settling_and_the_live_line() {

@@ -523,7 +523,7 @@ impl Output {
                 format!("{:<20} {count} frames passed unread (truncated or odd)", port(p))
             }
             Event::Note { level, message, .. } => format!("{level}: {message}"),
-            other => serde_json::to_string(other).unwrap_or_default(),
+            Event::Migration { .. } | Event::ClockOffset { .. } => crate::live::describe(ev),
         }
     }
 }

@@ -513,6 +513,38 @@ mod kernel_traces {
                 .all(|r| r.scenario.survives())
         );
 
+        // The real migrator, live then quick (8 s) against TCP_USER_TIMEOUT 5 s clients, in one watch.
+        let a = load("kernel_migrator_live_then_quick.trace");
+        let (live, quick) = (&a.migrations[0], &a.migrations[1]);
+        assert_eq!(
+            (live.mode.as_deref(), live.aborted, live.survived),
+            (Some("live"), 0, 4)
+        );
+        assert_eq!((quick.mode.as_deref(), quick.aborted), (Some("quick"), 4));
+        assert!(
+            live.timeline
+                .first_vm_frame_new_port
+                .as_ref()
+                .unwrap()
+                .port
+                .starts_with("cetb")
+        );
+        assert!(
+            quick
+                .timeline
+                .first_rarp
+                .as_ref()
+                .unwrap()
+                .port
+                .starts_with("ceta")
+        );
+        let ut = Settings {
+            user_timeout_ns: Some(5_000_000_000),
+            ..Settings::default()
+        };
+        let w = whatif(&a, &ut, &Settings::default());
+        assert_eq!((w.agree, w.judged), (8, 8), "{}", render_text(&w));
+
         // 300 ms pause: everything survived, and the model agrees.
         let a = load("kernel_live_300ms.trace");
         let w = whatif(&a, &in_force, &in_force);

@@ -319,3 +319,31 @@ pub fn dump(events: &[Value]) -> String {
 pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()
 }
+
+/// Builds the release guest image exactly as the migrator's build script does
+/// (`cargo build -p guest --release --target x86_64-unknown-none`) and returns the ELF's path.
+pub fn guest_elf() -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "-p",
+            "guest",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+        ])
+        .status()
+        .expect("cannot run cargo to build the guest");
+    assert!(
+        status.success(),
+        "building the guest failed ({status}); see the output above"
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    target.join("x86_64-unknown-none/release/guest")
+}

@@ -25,6 +25,9 @@ use std::{
 use integration_tests::{Link, Netns, Watch, ip_in, migmon_bin, unique, wait_until};
 use serde_json::Value;
 
+/// Hands each test its own subnet.
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 const MAC: &str = "52:54:00:6d:6d:65";
 
 fn migrator_bin() -> PathBuf {
@@ -51,6 +54,16 @@ fn runnable() -> bool {
         eprintln!("SKIP: {} does not exist (cargo build -p migrator)", bin.display());
         return false;
     }
+    let can_migrate = ["migrate", "receive"].iter().all(|cmd| {
+        Command::new(&bin)
+            .args([*cmd, "--help"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !can_migrate {
+        eprintln!("SKIP: {} has no `migrate`/`receive` commands yet", bin.display());
+        return false;
+    }
     true
 }
 
@@ -69,7 +82,9 @@ impl Bed {
     fn new() -> Self {
         let host = Netns::new("ceh");
         let client = Netns::new("cec");
-        let n = (std::process::id() % 200 + 21) as u8;
+        // A subnet per test: sockets of an earlier test in this process may still be closing towards its IP.
+        let k = NEXT.fetch_add(1, Ordering::SeqCst);
+        let n = ((std::process::id() + 97 * k) % 200 + 21) as u8;
         let bridge = unique("cebr");
         let (tap_a, tap_b) = (unique("ceta"), unique("cetb"));
         let mut links = vec![Link::bridge(&bridge, Some(&host.name))];
@@ -126,6 +141,10 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        if std::env::var_os("MIGMON_KEEP_TEST_DIR").is_some() {
+            eprintln!("kept {}", self.dir.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -221,7 +240,8 @@ struct Run {
     stderr: String,
 }
 
-fn migrate(mode: &str, extra: &[&str], user_timeout_ms: Option<u32>) -> Option<Run> {
+/// Boots the guest on tap A, starts 4 clients, then runs each `(mode, extra migrate args)` step: A → B, B → A, …
+fn migrate(steps: &[(&str, &[&str])], user_timeout_ms: Option<u32>) -> Option<Run> {
     if !runnable() {
         return None;
     }
@@ -233,6 +253,7 @@ fn migrate(mode: &str, extra: &[&str], user_timeout_ms: Option<u32>) -> Option<R
     );
     let at = |tap: &str| format!("{tap}@{}", bed.host.name);
     let vm = format!("{MAC}={}", bed.guest_ip);
+    let until = steps.len().to_string();
     let watch = Watch::start(&[
         "--vm",
         &vm,
@@ -251,40 +272,28 @@ fn migrate(mode: &str, extra: &[&str], user_timeout_ms: Option<u32>) -> Option<R
         "--record",
         &trace,
         "--until-migrations",
-        "1",
+        &until,
         "--settle",
         "3s",
         "--junit",
         &junit,
     ]);
     let ip = format!("{}/24", bed.guest_ip);
-    let (api_a, api_b, stream) = (bed.path("a.api"), bed.path("b.api"), bed.path("mig.sock"));
-    let src = bed.migrator(
+    let api_a = bed.path("api0");
+    let mut procs = vec![bed.migrator(
         &[
             "run", "--tap", &bed.tap_a, "--mac", MAC, "--ip", &ip, "--mem", "256M", "--api", &api_a,
             "--events", &sock,
         ],
-        "a.log",
-    );
+        "run.log",
+    )];
     let echo = SocketAddrV4::new(bed.guest_ip, guest_abi::ECHO_PORT);
     assert!(
         wait_until(Duration::from_secs(30), || bed.client.run(|| {
             TcpStream::connect_timeout(&echo.into(), Duration::from_millis(300)).is_ok()
         })),
         "the guest never answered:\n{}",
-        src.log()
-    );
-    let listen = format!("unix:{stream}");
-    let dst = bed.migrator(
-        &[
-            "receive", "--tap", &bed.tap_b, "--listen", &listen, "--api", &api_b, "--events", &sock,
-        ],
-        "b.log",
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || Path::new(&api_b).exists()),
-        "{}",
-        dst.log()
+        procs[0].log()
     );
     let clients: Vec<Client> = (0..4).map(|_| Client::start(&bed, user_timeout_ms)).collect();
     assert!(
@@ -293,23 +302,50 @@ fn migrate(mode: &str, extra: &[&str], user_timeout_ms: Option<u32>) -> Option<R
             .all(|c| c.progress.load(Ordering::SeqCst) > 10)),
         "the clients did not get going"
     );
-    let to = format!("unix:{stream}");
-    let mut args = vec![
-        "migrate", "--api", &api_a, "--to", &to, "--mode", mode, "--verify",
-    ];
-    args.extend_from_slice(extra);
-    let out = Command::new("ip")
-        .args(["netns", "exec", &bed.host.name])
-        .arg(migrator_bin())
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        src.log()
-    );
+    let mut source_api = api_a;
+    for (k, (mode, extra)) in steps.iter().enumerate() {
+        let tap = if k % 2 == 0 { &bed.tap_b } else { &bed.tap_a };
+        let (api, stream) = (
+            bed.path(&format!("api{}", k + 1)),
+            bed.path(&format!("mig{k}.sock")),
+        );
+        let listen = format!("unix:{stream}");
+        procs.push(bed.migrator(
+            &[
+                "receive", "--tap", tap, "--listen", &listen, "--api", &api, "--events", &sock,
+            ],
+            &format!("receive{k}.log"),
+        ));
+        assert!(
+            wait_until(Duration::from_secs(10), || Path::new(&api).exists()),
+            "{}",
+            procs[procs.len() - 1].log()
+        );
+        let mut args = vec![
+            "migrate",
+            "--api",
+            &source_api,
+            "--to",
+            &listen,
+            "--mode",
+            mode,
+            "--verify",
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &bed.host.name])
+            .arg(migrator_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "migrate {k} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            procs.iter().map(Proc::log).collect::<Vec<_>>().join("\n")
+        );
+        source_api = api;
+    }
     let (_, stderr, gate) = watch.wait_exit(Duration::from_secs(90));
     let clients: Vec<(u16, Option<i32>)> = clients.into_iter().map(|c| (c.local_port, c.finish())).collect();
     let out = Command::new(migmon_bin())
@@ -322,7 +358,7 @@ fn migrate(mode: &str, extra: &[&str], user_timeout_ms: Option<u32>) -> Option<R
         Path::new(&junit).exists(),
         "the gate wrote its JUnit file: {stderr}"
     );
-    drop((src, dst));
+    drop(procs);
     Some(Run {
         gate,
         report,
@@ -357,7 +393,7 @@ fn check(run: &Run) -> (Option<i32>, String, String) {
 
 #[test]
 fn live_migration_every_session_survives() {
-    let Some(run) = migrate("live", &[], None) else {
+    let Some(run) = migrate(&[("live", &[])], None) else {
         return;
     };
     let m = &run.report["migrations"][0];
@@ -381,7 +417,7 @@ fn live_migration_every_session_survives() {
 
 #[test]
 fn quick_migration_aborts_each_session_with_etimedout() {
-    let Some(run) = migrate("quick", &["--extra-pause", "8s"], Some(5000)) else {
+    let Some(run) = migrate(&[("quick", &["--extra-pause", "8s"])], Some(5000)) else {
         return;
     };
     let m = &run.report["migrations"][0];
@@ -408,4 +444,54 @@ fn quick_migration_aborts_each_session_with_etimedout() {
         junit.contains("<failure") && junit.contains("ETIMEDOUT"),
         "{junit}"
     );
+}
+
+/// The demo's sequence in one watch: live A → B, then quick B → A with an 8 s pause, against clients with
+/// `TCP_USER_TIMEOUT` 5 s. Two migrations, the first with 0 aborted and the RARP on B, the second with every client
+/// aborted with ETIMEDOUT and the RARP on A; the gate, over both, fails.
+#[test]
+fn back_to_back_live_then_quick() {
+    let Some(run) = migrate(&[("live", &[]), ("quick", &["--extra-pause", "8s"])], Some(5000)) else {
+        return;
+    };
+    assert_eq!(
+        run.gate,
+        Some(1),
+        "the gate fails on the quick one: {}",
+        run.stderr
+    );
+    let ms = run.report["migrations"].as_array().unwrap();
+    assert_eq!(ms.len(), 2, "{:#}", run.report);
+    let (live, quick) = (&ms[0], &ms[1]);
+    assert_eq!(
+        (live["mode"].as_str(), quick["mode"].as_str()),
+        (Some("live"), Some("quick"))
+    );
+    assert_eq!(live["aborted"], 0, "{live:#}");
+    assert_eq!(quick["aborted"], run.clients.len(), "{quick:#}");
+    let rarp_port = |m: &Value| {
+        m["timeline"]["first_rarp"]["port"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(rarp_port(live).starts_with(&run.bed.tap_b), "{live:#}");
+    assert!(rarp_port(quick).starts_with(&run.bed.tap_a), "{quick:#}");
+    for (port, err) in &run.clients {
+        assert_eq!(*err, Some(libc::ETIMEDOUT), "client {port}");
+        let in_live = live["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["sport"] == *port)
+            .unwrap();
+        assert_eq!(in_live["fate"], "survived");
+        let in_quick = quick["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["sport"] == *port)
+            .unwrap();
+        assert_eq!(in_quick["reason"], "etimedout");
+    }
 }

@@ -20,6 +20,9 @@ use integration_tests::{Link, Netns, Watch, ip_in, migmon_bin, netns_exec, uniqu
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
 use serde_json::Value;
 
+/// Hands each test its own subnet.
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 struct Setup {
     client: Netns,
     server: Netns,
@@ -35,7 +38,8 @@ impl Setup {
         let server = Netns::new("cs");
         let (ca, sa) = (unique("ccv"), unique("csv"));
         let link = Link::veth(&ca, Some(&client.name), &sa, Some(&server.name));
-        let pid = std::process::id();
+        // A subnet per test: sockets of an earlier test in this process may still be closing towards its IP.
+        let pid = std::process::id() + 17 * NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let net = [10, 150 + (pid % 50) as u8, ((pid / 50) % 250) as u8];
         let client_ip = Ipv4Addr::new(net[0], net[1], net[2], 1);
         let server_ip = Ipv4Addr::new(net[0], net[1], net[2], 2);
@@ -404,5 +408,53 @@ fn qmp_pause_window_through_watch() {
         text.contains("\"kind\":\"clock_offset\""),
         "the offset is recorded"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `migmon watch --metrics`: a migration announced on the events socket shows up in the Prometheus metrics.
+#[test]
+fn metrics_count_a_migration_live() {
+    let dir = std::env::temp_dir().join(unique("migmon-metrics"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("events.sock");
+    let watch = Watch::start(&[
+        "--port",
+        "1",
+        "--events-listen",
+        path(&sock),
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let err = watch.stderr();
+    let addr = err
+        .lines()
+        .find_map(|l| l.strip_prefix("migmon: metrics on http://"))
+        .and_then(|l| l.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in: {err}"))
+        .to_owned();
+    let mut sink = EventSink::open(&sock).unwrap();
+    for (role, phase) in [(Role::Source, Phase::Pause), (Role::Destination, Phase::Resume)] {
+        sink.send(&MigrationEvent::now(
+            "metrics-1",
+            "52:54:00:00:00:42",
+            role,
+            phase,
+        ))
+        .unwrap();
+    }
+    let scrape = || {
+        let mut s = TcpStream::connect(addr.as_str()).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let ok = wait_until(Duration::from_secs(10), || {
+        scrape().is_some_and(|b| {
+            b.contains("migmon_migrations_total 1") && b.contains("migmon_pause_seconds_count 1")
+        })
+    });
+    assert!(ok, "metrics never counted the migration: {:?}", scrape());
+    let _ = watch.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,46 +1,14 @@
 //! The guest image is something this machine's software KVM can run: a static ELF linked at
 //! `guest_abi::IMAGE_ADDR` whose code contains none of the instructions KVM's emulator cannot handle
-//! (`xsave*`, `xrstor*`, `fxsave`/`fxrstor`, `cmpxchg16b`, `int3`) and never touches SSE/AVX registers.
+//! (`xsave*`, `xrstor*`, `fxsave`/`fxrstor`, `cmpxchg16b`, `int3`, `int n`) and never touches SSE/AVX registers.
 //!
 //! Needs no privilege and no VMM: it builds the guest with cargo and disassembles it with `objdump`.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::process::Command;
+
+use integration_tests::guest_elf as build_guest;
 
 const IMAGE_ADDR: u64 = 0x20_0000;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_path_buf()
-}
-
-/// Builds the release guest exactly as the VMM's build script does and returns the ELF's path.
-fn build_guest() -> PathBuf {
-    let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "-p",
-            "guest",
-            "--release",
-            "--target",
-            "x86_64-unknown-none",
-        ])
-        .status()
-        .expect("cannot run cargo to build the guest");
-    assert!(
-        status.success(),
-        "building the guest failed ({status}); see the output above"
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    target.join("x86_64-unknown-none/release/guest")
-}
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
@@ -122,7 +90,7 @@ fn guest_uses_only_instructions_the_software_kvm_emulates() {
         "fxsave",
         "fxrstor",
         "cmpxchg16b",
-        "int3",
+        "int", // int3 and `int n`: kvm_pvm cannot emulate either outside real mode
         "vzeroupper",
         "ldmxcsr",
         "stmxcsr",

@@ -532,6 +532,7 @@ fn summary(out: &Output) -> Value {
 }
 
 fn print_figures(what: &str, s: &Value, clients: &[ClientResult]) {
+    eprintln!("{what}: summary {s}");
     let gap = clients.iter().map(|c| c.max_gap).max().unwrap_or_default();
     eprintln!(
         "{what}: total {:.1} ms, pause {:.1} ms (floor {:.2} ms), {} bytes, {} rounds, largest client gap {:?}",
@@ -688,15 +689,15 @@ fn live_migration_converges_under_the_dirtier() {
             "abort",
         ],
     ));
+    assert!(
+        s["data_pages"].as_u64().is_some_and(|p| p >= 8192),
+        "the guest's dirtier did not fill its 32 MiB working set (a guest problem, not a migration one): {s}"
+    );
     assert_eq!(
         s["forced"], false,
         "the switch-over rule found a pause within budget: {s}"
     );
     assert!(s["expected_pause_ms"].as_f64().is_some_and(|e| e <= 30.0), "{s}");
-    assert!(
-        s["rounds"].as_u64().is_some_and(|r| r >= 2),
-        "a dirtier needs more than one round: {s}"
-    );
     assert!(b.running(), "{}", b.log());
     assert!(all_progress(&clients, Duration::from_secs(10)));
     let results: Vec<ClientResult> = clients.into_iter().map(Client::finish).collect();

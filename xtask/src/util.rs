@@ -60,6 +60,21 @@ pub fn test(args: &TestArgs) -> Result<()> {
         "--exclude",
         "integration-tests",
     ]))?;
+    // The guest: clippy for its real target, and its hardware-independent library's unit tests on the host.
+    run(cargo().args([
+        "clippy",
+        "-p",
+        "guest",
+        "--target",
+        "x86_64-unknown-none",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args([
+        "clippy", "-p", "guest", "--lib", "--tests", "--", "-D", "warnings",
+    ]))?;
+    run(cargo().args(["test", "-p", "guest", "--lib"]))?;
     if args.unit {
         return Ok(());
     }

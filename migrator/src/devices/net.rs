@@ -20,8 +20,19 @@ use crate::{
     devices::virtio_mmio::{VIRTIO_F_VERSION_1, VirtioDevice},
     memory::GuestMemoryMmap,
     state::Persist,
-    tap::{MAX_FRAME, Tap},
+    tap::{MAX_FRAME, Tap, TapError},
 };
+
+/// Where transmitted frames go: the tap, or a collector in tests.
+pub trait FrameSink: Send + Sync + std::fmt::Debug {
+    fn send_frame(&self, frame: &[u8]) -> Result<(), TapError>;
+}
+
+impl FrameSink for Tap {
+    fn send_frame(&self, frame: &[u8]) -> Result<(), TapError> {
+        self.write_frame(frame)
+    }
+}
 
 /// virtio device id of a network card.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -67,7 +78,7 @@ pub struct NetCounters {
 #[derive(Debug)]
 pub struct NetDevice {
     mac: [u8; 6],
-    tap: Arc<Tap>,
+    tx: Arc<dyn FrameSink>,
     acked_features: u64,
     backlog: VecDeque<Vec<u8>>,
     paused: bool,
@@ -78,10 +89,11 @@ pub struct NetDevice {
 }
 
 impl NetDevice {
-    pub fn new(mac: [u8; 6], tap: Arc<Tap>) -> Self {
+    /// A device with `mac` whose transmitted frames go to `tx` (the tap).
+    pub fn new(mac: [u8; 6], tx: Arc<dyn FrameSink>) -> Self {
         Self {
             mac,
-            tap,
+            tx,
             acked_features: 0,
             backlog: VecDeque::new(),
             paused: false,
@@ -95,10 +107,6 @@ impl NetDevice {
     /// Signalled (from the vCPU thread) when the guest posts RX buffers, so the I/O thread can resume reading.
     pub fn set_rx_posted_event(&mut self, event: Arc<EventFd>) {
         self.rx_posted = Some(event);
-    }
-
-    pub fn tap(&self) -> &Arc<Tap> {
-        &self.tap
     }
 
     pub fn counters(&self) -> NetCounters {
@@ -241,7 +249,7 @@ impl NetDevice {
                 }
             }
             if ok && self.tx_buf.len() > NET_HDR_LEN {
-                if self.tap.write_frame(&self.tx_buf[NET_HDR_LEN..]).is_ok() {
+                if self.tx.send_frame(&self.tx_buf[NET_HDR_LEN..]).is_ok() {
                     self.counters.tx_frames += 1;
                 } else {
                     self.counters.tx_errors += 1;
@@ -331,5 +339,144 @@ impl Persist for NetDevice {
         // The guest's posted buffers are in RAM: try them before waiting for a notify.
         self.rx_stalled = false;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use virtio_queue::{
+        desc::{RawDescriptor, split::Descriptor as SplitDescriptor},
+        mock::MockSplitQueue,
+    };
+    use vm_memory::{Address, GuestAddress};
+
+    use super::*;
+
+    const VRING_DESC_F_WRITE: u16 = 2;
+
+    #[derive(Debug, Default)]
+    struct Collect(Mutex<Vec<Vec<u8>>>);
+    impl FrameSink for Collect {
+        fn send_frame(&self, frame: &[u8]) -> Result<(), TapError> {
+            self.0.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap, q: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
+        mem.read_obj::<u16>(q.used_addr().unchecked_add(2)).unwrap()
+    }
+
+    fn used_len(mem: &GuestMemoryMmap, q: &MockSplitQueue<'_, GuestMemoryMmap>, i: u64) -> u32 {
+        mem.read_obj::<u32>(q.used_addr().unchecked_add(4 + 8 * i + 4))
+            .unwrap()
+    }
+
+    #[test]
+    fn rx_fills_posted_buffers_stalls_and_pauses() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x2000), 16);
+        let mut queues = vec![
+            rx.create_queue::<Queue>().unwrap(),
+            tx.create_queue::<Queue>().unwrap(),
+        ];
+        let sink = Arc::new(Collect::default());
+        let mut dev = NetDevice::new([2, 0, 0, 0, 0, 9], sink.clone());
+
+        // One 2 KiB buffer posted; two frames waiting.
+        let buf = RawDescriptor::from(SplitDescriptor::new(0x1_0000, 2048, VRING_DESC_F_WRITE, 0));
+        rx.add_desc_chains(&[buf], 0).unwrap();
+        dev.push_frame(vec![0xab; 100]);
+        dev.push_frame(vec![0xcd; 60]);
+        assert_eq!(dev.deliver_rx(&mut queues, &mem), 1);
+        assert_eq!(used_idx(&mem, &rx), 1);
+        assert_eq!(used_len(&mem, &rx, 0), (NET_HDR_LEN + 100) as u32);
+        let mut got = [0u8; NET_HDR_LEN + 100];
+        mem.read_slice(&mut got, GuestAddress(0x1_0000)).unwrap();
+        assert_eq!(&got[..10], &[0; 10]);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        assert!(got[NET_HDR_LEN..].iter().all(|&b| b == 0xab));
+
+        // No buffer left: stalled, the second frame waits and the tap is not read.
+        assert!(dev.rx_stalled());
+        assert!(!dev.wants_tap_frames());
+        assert_eq!(dev.backlog_len(), 1);
+
+        // Paused: nothing reaches guest memory even with a buffer; the tap is still drained into the backlog.
+        dev.set_paused(true);
+        assert!(dev.wants_tap_frames());
+        let buf2 = RawDescriptor::from(SplitDescriptor::new(0x1_1000, 2048, VRING_DESC_F_WRITE, 0));
+        rx.add_desc_chains(&[buf2], 1).unwrap();
+        assert!(!dev.queue_notify(RX_QUEUE, &mut queues, &mem));
+        assert_eq!(dev.deliver_rx(&mut queues, &mem), 0);
+        assert_eq!(used_idx(&mem, &rx), 1);
+        let carried = dev.take_backlog();
+        assert_eq!(carried, vec![vec![0xcd; 60]]);
+
+        // Frames carried from elsewhere go first once running again.
+        dev.push_frame(vec![0xee; 42]);
+        dev.prepend_frames(carried);
+        dev.set_paused(false);
+        assert_eq!(dev.deliver_rx(&mut queues, &mem), 1);
+        assert_eq!(used_len(&mem, &rx, 1), (NET_HDR_LEN + 60) as u32);
+        assert_eq!(dev.backlog_len(), 1);
+    }
+
+    #[test]
+    fn tx_strips_the_header_and_sends_each_chain() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x2000), 16);
+        let mut queues = vec![
+            rx.create_queue::<Queue>().unwrap(),
+            tx.create_queue::<Queue>().unwrap(),
+        ];
+        let sink = Arc::new(Collect::default());
+        let mut dev = NetDevice::new([2, 0, 0, 0, 0, 9], sink.clone());
+        // A header descriptor and a payload descriptor in one chain, then a single-descriptor chain.
+        mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(0x3_0000))
+            .unwrap();
+        mem.write_slice(&[0x11u8; 60], GuestAddress(0x3_1000)).unwrap();
+        let mut one = vec![0u8; NET_HDR_LEN];
+        one.extend_from_slice(&[0x22; 64]);
+        mem.write_slice(&one, GuestAddress(0x3_2000)).unwrap();
+        let chain = [
+            RawDescriptor::from(SplitDescriptor::new(0x3_0000, NET_HDR_LEN as u32, 1, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x3_1000, 60, 0, 0)),
+        ];
+        tx.add_desc_chains(&chain, 0).unwrap();
+        tx.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                0x3_2000,
+                one.len() as u32,
+                0,
+                0,
+            ))],
+            2,
+        )
+        .unwrap();
+        assert!(dev.queue_notify(TX_QUEUE, &mut queues, &mem));
+        let sent = sink.0.lock().unwrap().clone();
+        assert_eq!(sent, vec![vec![0x11; 60], vec![0x22; 64]]);
+        assert_eq!(used_idx(&mem, &tx), 2);
+        assert_eq!(dev.counters().tx_frames, 2);
+    }
+
+    #[test]
+    fn config_space_has_mac_and_link_up() {
+        let dev = NetDevice::new([2, 1, 2, 3, 4, 5], Arc::new(Collect::default()));
+        let mut cfg = [0u8; 8];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(cfg, [2, 1, 2, 3, 4, 5, 1, 0]);
+        let mut past = [0xffu8; 4];
+        dev.read_config(6, &mut past);
+        assert_eq!(past, [1, 0, 0, 0]);
+        assert_eq!(
+            dev.features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        );
     }
 }

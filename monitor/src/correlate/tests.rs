@@ -313,7 +313,9 @@ fn live_migration_timeline_and_split() {
     let d = &m.downtime;
     assert_eq!(d.vcpu_pause.as_ref().unwrap().ns, 5 * MS);
     assert_eq!(d.vcpu_pause.as_ref().unwrap().source, "migrator");
-    assert_eq!(d.blackout.as_ref().unwrap().ns, 11 * MS); // 998 → 1009
+    // From the last frame exchanged at the old port (999, towards the VM) to the first delivered at the new (1009).
+    assert_eq!(d.blackout.as_ref().unwrap().ns, 10 * MS);
+    assert_eq!(tl.last_frame_to_vm_old_port.as_ref().unwrap().ts_ns, 999 * MS);
     assert_eq!(d.blackout.as_ref().unwrap().source, "wire");
     assert_eq!(d.convergence.as_ref().unwrap().ns, 2 * MS); // 1005 → 1007
     assert_eq!(d.max_recovery_tail.as_ref().unwrap().ns, 195 * MS);
@@ -500,6 +502,62 @@ fn connections_opened_and_closed_around_the_window() {
     assert_eq!(c.fate, Fate::Survived);
     assert_eq!(c.first_progress_ns, Some(3100 * MS));
     assert_eq!((m.survived, m.aborted), (0, 0));
+}
+
+#[test]
+fn an_orderly_close_during_the_pause_that_completes_after_resume_survives() {
+    let t = tuple(42101, VM_IP);
+    let mut ev = migration("m", VM_MAC, VM_IP, Mode::Quick, 1000, 3000);
+    ev.extend([
+        state(100, t, "SYN_SENT", "ESTABLISHED"),
+        state(1500, t, "ESTABLISHED", "FIN_WAIT1"),
+        rtx(1700, t, 1, 200),
+        rtx(2100, t, 2, 200),
+        state(3050, t, "FIN_WAIT1", "FIN_WAIT2"),
+        state(3051, t, "FIN_WAIT2", "TIME_WAIT"),
+        state(3051, t, "TIME_WAIT", "CLOSE"),
+        note(9000),
+    ]);
+    let m = &correlate(&ev).migrations[0];
+    let c = &m.connections[0];
+    assert_eq!(c.fate, Fate::Survived, "{c:#?}");
+    assert_eq!(c.first_progress_ns, Some(3050 * MS));
+    assert!(
+        c.progress_basis.contains("FIN_WAIT1 → FIN_WAIT2"),
+        "{}",
+        c.progress_basis
+    );
+}
+
+#[test]
+fn a_rst_for_a_dead_connection_is_its_epilogue_not_a_new_connection() {
+    let t = tuple(42201, VM_IP);
+    let mut ev = migration("m", VM_MAC, VM_IP, Mode::Quick, 1000, 9000);
+    ev.extend([
+        state(100, t, "SYN_SENT", "ESTABLISHED"),
+        rtx(1200, t, 1, 200),
+        state(7200, t, "ESTABLISHED", "CLOSE"),
+        err(7200, t, 110),
+        // After resume the VM speaks on the connection: the client kernel, without a socket, answers with a RST.
+        Event::TcpResetOut {
+            ts_ns: 9100 * MS,
+            tcp: TcpCommon { tuple: t, netns: 0 },
+            state: String::new(),
+        },
+    ]);
+    let m = &correlate(&ev).migrations[0];
+    assert_eq!(m.connections.len(), 1, "{:#?}", m.connections);
+    let c = &m.connections[0];
+    assert!(matches!(
+        c.fate,
+        Fate::Aborted {
+            reason: AbortReason::Etimedout,
+            ..
+        }
+    ));
+    assert_eq!(c.afterwards.len(), 1);
+    let text = crate::report::render_text(&correlate(&ev), "t");
+    assert!(text.contains("RST sent to the VM at +8.10 s"), "{text}");
 }
 
 #[test]
@@ -744,6 +802,37 @@ fn an_idle_connection_gets_the_data_plane_restart_as_context() {
         c2.progress_basis
     );
     assert_eq!(c2.first_progress_ns, None, "not a per-connection figure");
+}
+
+#[test]
+fn rounds_reported_by_both_ends_count_once() {
+    let round = |ts, n, role| {
+        mig(
+            ts,
+            "m",
+            VM_MAC,
+            role,
+            Phase::Round {
+                n,
+                pages: 10,
+                bytes: 40960,
+                bandwidth: 1,
+            },
+            "migrator",
+        )
+    };
+    let mut ev = migration("m", VM_MAC, VM_IP, Mode::Live, 1000, 1010);
+    ev.retain(|e| !matches!(e, Event::Migration { ev, .. } if matches!(ev.phase, Phase::Round { .. })));
+    ev.extend([
+        round(600, 0, Role::Source),
+        round(601, 0, Role::Destination),
+        round(800, 1, Role::Destination),
+        round(799, 1, Role::Source),
+        round(1005, 2, Role::Source),
+    ]);
+    let m = &correlate(&ev).migrations[0];
+    let ns: Vec<(u32, u64)> = m.timeline.rounds.iter().map(|r| (r.n, r.ts_ns / MS)).collect();
+    assert_eq!(ns, vec![(0, 600), (1, 799), (2, 1005)]);
 }
 
 #[test]

@@ -193,6 +193,7 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
         let l2 = b.track("L2 (VM's MAC)", Some(root));
         for (name, s) in [
             ("last VM frame (old port)", &tl.last_vm_frame_old_port),
+            ("last frame to VM (old port)", &tl.last_frame_to_vm_old_port),
             ("first RARP", &tl.first_rarp),
             ("first GARP", &tl.first_garp),
             ("first VM frame (new port)", &tl.first_vm_frame_new_port),

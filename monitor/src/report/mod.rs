@@ -182,6 +182,9 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
             anchor,
             "not seen",
         );
+        if let Some(last) = &tl.last_frame_to_vm_old_port {
+            sight_line(&mut s, "last frame to VM (old)", Some(last), anchor, "");
+        }
         stamp_line(&mut s, "pause", tl.pause.as_ref(), anchor);
         stamp_line(&mut s, "state sent", tl.state_sent.as_ref(), anchor);
         stamp_line(&mut s, "resume", tl.resume.as_ref(), anchor);
@@ -253,9 +256,16 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
     if !rows.is_empty() {
         let _ = writeln!(s);
         let _ = writeln!(s, "Connections (times relative to each migration's pause)");
+        let idw = a
+            .migrations
+            .iter()
+            .map(|m| m.id.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(9);
         let _ = writeln!(
             s,
-            "  {:<14} {:<46} {:<12} {:>4} {:>7} {:>11}  fate",
+            "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  fate",
             "migration", "connection (client → VM)", "at pause", "rtx", "backoff", "recovery"
         );
         for (m, c) in rows {
@@ -265,15 +275,26 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
                 c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport
             );
             let recovery = c.recovery_tail_ns.map_or_else(|| "–".to_owned(), fmt_dur);
-            let fate = match c.fate {
+            let mut fate = match c.fate {
                 Fate::Aborted { at_ns, .. } => {
                     format!("{} at {} ({})", c.fate, rel(at_ns, anchor), proof_summary(c))
                 }
                 _ => c.fate.to_string(),
             };
+            if let Some(rst) = c
+                .afterwards
+                .iter()
+                .find(|e| matches!(e, Event::TcpResetOut { .. }))
+            {
+                let _ = write!(
+                    fate,
+                    "; RST sent to the VM at {} (it spoke on the dead connection)",
+                    rel(rst.ts_ns(), anchor)
+                );
+            }
             let _ = writeln!(
                 s,
-                "  {:<14} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
+                "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
                 m.id,
                 conn,
                 c.state_at_pause,

@@ -781,11 +781,17 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             )
         );
     }
+    let blackout_start = [&tl.last_vm_frame_old_port, &tl.last_frame_to_vm_old_port]
+        .into_iter()
+        .flatten()
+        .map(|x| x.ts_ns)
+        .max()
+        .or(pause);
     if let Some(b) = &d.blackout
-        && let Some(start) = &tl.last_vm_frame_old_port
+        && let Some(start) = blackout_start
     {
-        let x0 = s.x(start.ts_ns);
-        let w = (s.x(start.ts_ns + b.ns) - x0).max(2.0);
+        let x0 = s.x(start);
+        let w = (s.x(start + b.ns) - x0).max(2.0);
         let _ = writeln!(
             out,
             r#"<rect x="{x0:.1}" y="{:.1}" width="{w:.1}" height="{:.1}" fill="url(#hatch)"><title>network blackout {}</title></rect>"#,
