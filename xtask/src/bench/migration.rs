@@ -438,9 +438,11 @@ fn theirs(
     let mut not_converged = 0;
     let params = vm_qmp.execute("query-migrate-parameters", None)?;
     let default_bw = params["max-bandwidth"].as_u64().unwrap_or(0);
+    // The tap the guest is on now; a run that does not converge leaves it where it was.
+    let mut on = 0usize;
     for i in 0..ctx.runs {
         ticker.set(&format!("{label} {}: run {}/{}", w.name, i + 1, ctx.runs));
-        let side = (i + 1) % 2;
+        let side = 1 - on;
         let sock = bed.path(&format!("q{i}.sock"));
         let mut dest = Qemu::spawn(
             &cfg,
@@ -516,6 +518,7 @@ fn theirs(
         vm.proc_.wait_exit(Duration::from_secs(10));
         vm = dest;
         vm_qmp = dest_qmp;
+        on = side;
     }
     let bw_note = max_bandwidth.map_or_else(
         || {
