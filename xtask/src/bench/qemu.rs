@@ -225,11 +225,21 @@ pub fn migrate(
         Some(json!({ "uri": format!("unix:{}", sock.display()) })),
     )?;
     let deadline = Instant::now() + timeout;
+    // The end is taken from the MIGRATION event, not from query-migrate alone: a QEMU that itself came in by
+    // migration answers "completed" (its incoming one) until the outgoing migration has started.
+    let ended = |q: &Qmp| {
+        q.events.iter().any(|e| {
+            e["event"] == "MIGRATION"
+                && matches!(
+                    e["data"]["status"].as_str(),
+                    Some("completed" | "failed" | "cancelled")
+                )
+        })
+    };
     let info = loop {
         let info = src.execute("query-migrate", None)?;
-        let status = info["status"].as_str().unwrap_or("").to_owned();
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-            break info;
+        if ended(src) {
+            break src.execute("query-migrate", None)?;
         }
         if Instant::now() >= deadline {
             src.execute("migrate_cancel", None)?;
@@ -247,6 +257,9 @@ pub fn migrate(
         std::thread::sleep(Duration::from_millis(10));
     };
     let status = info["status"].as_str().unwrap_or("").to_owned();
+    if std::env::var_os("BENCH_QMP_DEBUG").is_some() {
+        eprintln!("query-migrate: {info}\nevents: {:?}", src.events);
+    }
     let mut m = QemuMigration {
         completed: status == "completed",
         total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
@@ -256,6 +269,17 @@ pub fn migrate(
         status,
         pause_ms: None,
     };
+    // Total from the events too (setup → completed, QEMU's own stamps): query-migrate's total-time has been seen
+    // as 0 for a completed migration.
+    let at = |status: &str| {
+        src.events
+            .iter()
+            .find(|e| e["event"] == "MIGRATION" && e["data"]["status"] == status)
+            .and_then(event_time)
+    };
+    if let (Some(a), Some(b)) = (at("setup"), at("completed")) {
+        m.total_ms = (b - a) * 1e3;
+    }
     if m.completed {
         let stop = src.wait_event("STOP", Duration::from_secs(2))?;
         let resume = dst.wait_event("RESUME", Duration::from_secs(10))?;
