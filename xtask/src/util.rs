@@ -84,6 +84,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
         );
     }
     build_release()?;
+    crate::bench::smoke(args)?;
     let mut cmd = cargo();
     cmd.args(["test", "--release", "-p", "integration-tests", "--"]);
     cmd.arg("--test-threads=1");

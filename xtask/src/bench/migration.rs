@@ -1,0 +1,607 @@
+//! Our migrator against QEMU: the same guest ELF, the same workloads, the same client and the same probes.
+//!
+//! Each workload boots the guest once and then migrates it back and forth between two taps on one bridge, `runs`
+//! times (a fresh destination process each time), while an echo client in its own namespace measures the largest
+//! gap between replies and `migmon watch` counts the retransmits of the guest's connections. QEMU's runs use
+//! the same downtime budget as ours; "defaults" keeps QEMU's bandwidth cap, "max-bw" raises it to 10 GiB/s.
+
+use std::{
+    net::SocketAddrV4,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use migevents::{MigrationEvent, Phase, Role};
+use serde_json::Value;
+
+use super::{
+    Ctx, floors,
+    net::MigrationBed,
+    observe::{EchoClient, Proc, Watcher, wait_echo},
+    qemu::{self, Accel, Qemu, QemuConfig},
+    report::{Better, Results},
+};
+
+pub const MAC: &str = "52:54:00:be:4c:01";
+const ECHO_PORT: u16 = 7;
+const MIB: f64 = 1024.0 * 1024.0;
+/// QEMU's "best setting": the bandwidth cap raised far above what the link can do.
+const QEMU_RAISED_BW: u64 = 10 << 30;
+
+/// A guest workload.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: String,
+    pub mem_mib: u64,
+    /// `--dirty` / `dirty=`: `SIZE@RATE`.
+    pub dirty: Option<String>,
+    pub downtime_ms: u64,
+}
+
+impl Workload {
+    fn new(mem_mib: u64, dirty: Option<&str>, downtime_ms: u64) -> Self {
+        let name = match dirty {
+            None => format!("idle {mem_mib} MiB"),
+            Some(d) => format!("{mem_mib} MiB, dirty {d}/s, {downtime_ms} ms budget"),
+        };
+        Self {
+            name,
+            mem_mib,
+            dirty: dirty.map(str::to_owned),
+            downtime_ms,
+        }
+    }
+}
+
+pub fn workloads(quick: bool) -> Vec<Workload> {
+    if quick {
+        vec![Workload::new(64, None, 30), Workload::new(64, Some("4M@16M"), 30)]
+    } else {
+        vec![
+            Workload::new(256, None, 30),
+            Workload::new(256, Some("32M@125M"), 30),
+            Workload::new(256, Some("64M@250M"), 30),
+        ]
+    }
+}
+
+fn group(w: &Workload) -> String {
+    format!("migration: {}", w.name)
+}
+
+pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    let mut errors = Vec::new();
+    let accel = match qemu_accel(ctx) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            ctx.progress(&format!("QEMU cannot run the guest: {e:#}"));
+            errors.push(format!("QEMU: {e:#}"));
+            None
+        }
+    };
+    for (i, w) in workloads(ctx.quick).iter().enumerate() {
+        let net = 10 + i as u8;
+        declare(results, w, ctx.quick);
+        if let Err(e) = ours(ctx, results, w, net, &group(w), false) {
+            ctx.progress(&format!("migrator, {}: {e:#}", w.name));
+            errors.push(format!("migrator, {}: {e:#}", w.name));
+        }
+        if let Some(accel) = accel {
+            let variants: &[(&str, Option<u64>)] = if ctx.quick {
+                &[("QEMU max-bw", Some(QEMU_RAISED_BW))]
+            } else {
+                &[("QEMU defaults", None), ("QEMU max-bw", Some(QEMU_RAISED_BW))]
+            };
+            for &(label, bw) in variants {
+                if let Err(e) = theirs(ctx, results, w, net + 100, accel, label, bw) {
+                    ctx.progress(&format!("{label}, {}: {e:#}", w.name));
+                    errors.push(format!("{label}, {}: {e:#}", w.name));
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(())
+}
+
+fn declare(results: &mut Results, w: &Workload, quick: bool) {
+    let g = group(w);
+    let who_all: &[&str] = if quick {
+        &["migrator", "QEMU max-bw"]
+    } else {
+        &["migrator", "QEMU defaults", "QEMU max-bw"]
+    };
+    for &who in who_all {
+        for (m, unit, better) in metrics() {
+            if who == "migrator" || !m.contains("floor") {
+                results.declare(&g, &format!("{who} {m}"), unit, better);
+            }
+        }
+        if who != "migrator" {
+            results.declare(&g, &format!("{who} own downtime"), "ms", Better::Lower);
+        }
+    }
+    results.set_baseline(&g, "migrator total", &g, "QEMU max-bw total");
+    results.set_baseline(&g, "migrator pause", &g, "QEMU max-bw pause");
+    results.set_baseline(&g, "migrator client max gap", &g, "QEMU max-bw client max gap");
+    results.set_floor(&g, "migrator pause", &g, "migrator pause floor");
+    if w.dirty.is_none() && w.mem_mib == 256 {
+        results.set_target(&g, "migrator total", "≤ 150 ms");
+        results.set_target(&g, "migrator pause", "≤ 5 ms");
+        results.set_target(&g, "migrator client max gap", "≤ 20 ms");
+        results.set_target(&g, "migrator retransmits", "0");
+    }
+    if w.dirty.as_deref() == Some("32M@125M") {
+        results.set_target(&g, "migrator total", "≤ 600 ms");
+        results.set_target(&g, "migrator pause", "≤ 30 ms");
+    }
+}
+
+fn metrics() -> [(&'static str, &'static str, Better); 8] {
+    [
+        ("total", "ms", Better::Lower),
+        ("pause", "ms", Better::Lower),
+        ("pause floor", "ms", Better::Lower),
+        ("MiB sent", "MiB", Better::Lower),
+        ("rounds", "count", Better::Lower),
+        ("client max gap", "ms", Better::Lower),
+        ("client max gap, no migration", "ms", Better::Lower),
+        ("retransmits", "count", Better::Lower),
+    ]
+}
+
+/// Which accelerator QEMU runs our guest with here: KVM if the guest's echo answers under it, else TCG.
+fn qemu_accel(ctx: &Ctx) -> Result<Accel> {
+    if !ctx.guest_elf.exists() {
+        bail!(
+            "{} is missing: run `./x bench` (it builds the guest)",
+            ctx.guest_elf.display()
+        );
+    }
+    let bed = MigrationBed::new(9)?;
+    ctx.progress(&format!(
+        "QMP self-test (qemu -M none): QEMU {}",
+        qemu::qmp_selftest(&bed.dir)?
+    ));
+    let mut last = None;
+    for accel in [Accel::Kvm, Accel::Tcg] {
+        let cfg = qemu_config(ctx, &bed, &Workload::new(64, None, 30), accel);
+        let mut q = Qemu::spawn(
+            &cfg,
+            &bed.host,
+            &bed.taps[0],
+            &bed.dir,
+            &format!("probe-{}", accel.name()),
+            None,
+        )?;
+        let addr = SocketAddrV4::new(bed.guest_ip, ECHO_PORT);
+        match wait_echo(&bed.client, addr, Duration::from_secs(20), &mut q.proc_) {
+            Ok(()) => {
+                ctx.progress(&format!("QEMU runs the guest with {}", accel.name()));
+                return Ok(accel);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no accelerator worked")))
+}
+
+fn qemu_config(ctx: &Ctx, bed: &MigrationBed, w: &Workload, accel: Accel) -> QemuConfig {
+    QemuConfig {
+        guest_elf: ctx.guest_elf.clone(),
+        mem_mib: w.mem_mib,
+        mac: MAC.to_owned(),
+        ip_cidr: format!("{}/24", bed.guest_ip),
+        dirty: w.dirty.clone(),
+        accel,
+    }
+}
+
+/// `migmon watch` on the guest's address, for the retransmits.
+fn watcher(ctx: &Ctx, bed: &MigrationBed) -> Result<Watcher> {
+    Watcher::start(
+        &ctx.bin("migmon"),
+        &[
+            "--vm".to_owned(),
+            format!("{MAC}={}", bed.guest_ip),
+            "--sample-interval".to_owned(),
+            "1s".to_owned(),
+        ],
+    )
+}
+
+/// Waits until the client has flowed again for a while after a migration, then returns its max gap (ms).
+fn client_gap(client: &EchoClient) -> Result<f64> {
+    client.wait_replies(20, Duration::from_secs(10));
+    Ok(client.max_gap()?.as_secs_f64() * 1e3)
+}
+
+/// The client's max gap over windows of the length of a migration's, with no migration: the guest's own
+/// responsiveness under the workload, to read the migration gaps against.
+fn quiet_gaps(ctx: &Ctx, results: &mut Results, g: &str, who: &str, client: &EchoClient) -> Result<()> {
+    let window = Duration::from_millis(if ctx.quick { 200 } else { 500 });
+    for _ in 0..ctx.runs {
+        client.reset();
+        let until = Instant::now() + window;
+        // Not a synchronisation: the window is the measurement.
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        let gap = client_gap(client)?;
+        results.push(
+            g,
+            &format!("{who} client max gap, no migration"),
+            "ms",
+            Better::Lower,
+            gap,
+        );
+    }
+    results.note(
+        g,
+        &format!("{who} client max gap, no migration"),
+        &format!("{} ms windows plus 20 replies, no migration", window.as_millis()),
+    );
+    Ok(())
+}
+
+/// One migrator process and its API socket.
+struct MigratorVm {
+    proc_: Proc,
+    api: std::path::PathBuf,
+}
+
+fn events_pause_ms(events: &Path, migration_id: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(events).ok()?;
+    let mut stop = None;
+    let mut resume = None;
+    for line in text.lines() {
+        let Ok(e) = MigrationEvent::from_line(line) else {
+            continue;
+        };
+        if e.migration_id != migration_id {
+            continue;
+        }
+        match (&e.phase, e.role) {
+            (Phase::Pause, Role::Source) => stop = Some(e.ts_ns),
+            (Phase::Resume, Role::Destination) => resume = Some(e.ts_ns),
+            _ => {}
+        }
+    }
+    Some((resume?.checked_sub(stop?)?) as f64 / 1e6)
+}
+
+/// Runs our migrator on `w`, rows in group `g`; with `rss`, also samples both processes' RSS beyond guest RAM.
+pub fn ours(ctx: &Ctx, results: &mut Results, w: &Workload, net: u8, g: &str, rss: bool) -> Result<()> {
+    let g = g.to_owned();
+    ctx.progress(&format!("migrator: {} ({} runs)", w.name, ctx.runs));
+    let ticker = ctx.ticker(&format!("migrator {}: booting", w.name));
+    let bed = MigrationBed::new(net)?;
+    let events = bed.path("events.jsonl");
+    let migrator = ctx.bin("migrator");
+    let ip = format!("{}/24", bed.guest_ip);
+    let mem = format!("{}M", w.mem_mib);
+    let api0 = bed.path("vm0.api");
+    let mut cmd = bed.host.command(&migrator);
+    cmd.args([
+        "run",
+        "--tap",
+        &bed.taps[0],
+        "--mac",
+        MAC,
+        "--ip",
+        &ip,
+        "--mem",
+        &mem,
+    ])
+    .arg("--api")
+    .arg(&api0)
+    .arg("--events")
+    .arg(&events);
+    if let Some(d) = &w.dirty {
+        cmd.args(["--dirty", d]);
+    }
+    let mut vm = MigratorVm {
+        proc_: Proc::spawn(cmd, &bed.path("vm0.log"), "migrator run")?,
+        api: api0,
+    };
+    let addr = SocketAddrV4::new(bed.guest_ip, ECHO_PORT);
+    wait_echo(&bed.client, addr, Duration::from_secs(30), &mut vm.proc_)?;
+    let watch = watcher(ctx, &bed)?;
+    let client = EchoClient::start(&bed.client, addr, Duration::from_millis(2))?;
+    client.wait_replies(20, Duration::from_secs(10));
+    quiet_gaps(ctx, results, &g, "migrator", &client)?;
+    let unix_bw = results
+        .get(floors::GROUP, floors::UNIX)
+        .and_then(|r| super::report::Stats::of(&r.values))
+        .map(|s| s.median * MIB);
+    for i in 0..ctx.runs {
+        ticker.set(&format!("migrator {}: run {}/{}", w.name, i + 1, ctx.runs));
+        let side = (i + 1) % 2;
+        let sock = bed.path(&format!("mig{i}.sock"));
+        let api = bed.path(&format!("vm{}.api", i + 1));
+        let mut rcmd = bed.host.command(&migrator);
+        rcmd.args(["receive", "--tap", &bed.taps[side]])
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--api")
+            .arg(&api)
+            .arg("--events")
+            .arg(&events);
+        let dest = Proc::spawn(rcmd, &bed.path(&format!("vm{}.log", i + 1)), "migrator receive")?;
+        if !super::observe::wait_until(Duration::from_secs(10), || sock.exists() && api.exists()) {
+            bail!("migrator receive never listened:\n{}", dest.log_tail());
+        }
+        client.reset();
+        let sampler = rss.then(|| RssSampler::start(&[vm.proc_.pid(), dest.pid()], w.mem_mib));
+        let t0 = migevents::monotonic_ns();
+        let out = std::process::Command::new(&migrator)
+            .arg("migrate")
+            .arg("--api")
+            .arg(&vm.api)
+            .arg("--to")
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--mode", "live", "--downtime", &format!("{}ms", w.downtime_ms)])
+            .output()
+            .context("cannot run migrator migrate")?;
+        if !out.status.success() {
+            bail!(
+                "migrator migrate failed: {}\nsource log:\n{}\ndestination log:\n{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                vm.proc_.log_tail(),
+                dest.log_tail()
+            );
+        }
+        let report: Value =
+            serde_json::from_slice(&out.stdout).context("migrator migrate printed no JSON")?;
+        if let Some(s) = sampler {
+            results.push(
+                &g,
+                "migrator RSS beyond guest RAM",
+                "MiB",
+                Better::Lower,
+                s.stop() as f64 / 1024.0,
+            );
+        }
+        let gap = client_gap(&client)?;
+        let t1 = migevents::monotonic_ns();
+        let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+        let id = report["migration_id"].as_str().unwrap_or_default();
+        results.push(&g, "migrator total", "ms", Better::Lower, f("total_ms"));
+        let pause = events_pause_ms(&events, id).unwrap_or(f64::NAN);
+        results.push(&g, "migrator pause", "ms", Better::Lower, pause);
+        // The floor: the bytes sent while paused at the unix-socket bandwidth measured in this run, plus the
+        // state time; the migrator's own estimate (its measured stream rate) when the floors did not run.
+        let floor = unix_bw.map_or(f("floor_ms"), |bw| f("final_bytes") / bw * 1e3 + f("state_ms"));
+        results.push(&g, "migrator pause floor", "ms", Better::Lower, floor);
+        results.push(&g, "migrator MiB sent", "MiB", Better::Lower, f("bytes") / MIB);
+        results.push(&g, "migrator rounds", "count", Better::Lower, f("rounds"));
+        results.push(&g, "migrator client max gap", "ms", Better::Lower, gap);
+        results.push(
+            &g,
+            "migrator retransmits",
+            "count",
+            Better::Lower,
+            watch.retransmits_between(t0, t1) as f64,
+        );
+        if report["forced"].as_bool() == Some(true) {
+            results.note(&g, "migrator pause", "some runs were forced by the timeout");
+        }
+        vm.proc_.wait_exit(Duration::from_secs(10));
+        vm = MigratorVm { proc_: dest, api };
+    }
+    results.note(
+        &g,
+        "migrator pause",
+        "source pause → destination resume, from the migrator's events",
+    );
+    if unix_bw.is_some() {
+        results.note(
+            &g,
+            "migrator pause floor",
+            "final bytes / unix-socket floor + state time",
+        );
+    }
+    drop(client);
+    watch.stop();
+    Ok(())
+}
+
+fn theirs(
+    ctx: &Ctx,
+    results: &mut Results,
+    w: &Workload,
+    net: u8,
+    accel: Accel,
+    label: &str,
+    max_bandwidth: Option<u64>,
+) -> Result<()> {
+    let g = group(w);
+    ctx.progress(&format!(
+        "{label} ({}): {} ({} runs)",
+        accel.name(),
+        w.name,
+        ctx.runs
+    ));
+    let ticker = ctx.ticker(&format!("{label} {}: booting", w.name));
+    let bed = MigrationBed::new(net)?;
+    let cfg = qemu_config(ctx, &bed, w, accel);
+    let mut vm = Qemu::spawn(&cfg, &bed.host, &bed.taps[0], &bed.dir, "q0", None)?;
+    let addr = SocketAddrV4::new(bed.guest_ip, ECHO_PORT);
+    wait_echo(&bed.client, addr, Duration::from_secs(30), &mut vm.proc_)?;
+    let mut vm_qmp = vm.qmp()?;
+    let watch = watcher(ctx, &bed)?;
+    let client = EchoClient::start(&bed.client, addr, Duration::from_millis(2))?;
+    client.wait_replies(20, Duration::from_secs(10));
+    quiet_gaps(ctx, results, &g, label, &client)?;
+    let timeout = Duration::from_secs(if ctx.quick { 10 } else { 20 });
+    let mut not_converged = 0;
+    let params = vm_qmp.execute("query-migrate-parameters", None)?;
+    let default_bw = params["max-bandwidth"].as_u64().unwrap_or(0);
+    // The tap the guest is on now; a run that does not converge leaves it where it was.
+    let mut on = 0usize;
+    for i in 0..ctx.runs {
+        ticker.set(&format!("{label} {}: run {}/{}", w.name, i + 1, ctx.runs));
+        let side = 1 - on;
+        let sock = bed.path(&format!("q{i}.sock"));
+        let mut dest = Qemu::spawn(
+            &cfg,
+            &bed.host,
+            &bed.taps[side],
+            &bed.dir,
+            &format!("q{}", i + 1),
+            Some(&sock),
+        )?;
+        let mut dest_qmp = dest.qmp()?;
+        client.reset();
+        let t0 = migevents::monotonic_ns();
+        let started = Instant::now();
+        let m = qemu::migrate(
+            &mut vm_qmp,
+            &mut dest_qmp,
+            &sock,
+            w.downtime_ms,
+            max_bandwidth,
+            timeout,
+        )?;
+        if !m.completed {
+            not_converged += 1;
+            ctx.progress(&format!(
+                "{label} {}: {} after {:.1} s",
+                w.name,
+                m.status,
+                started.elapsed().as_secs_f64()
+            ));
+            // The source keeps the guest; a fresh destination is started for the next run.
+            continue;
+        }
+        let gap = client_gap(&client)?;
+        let t1 = migevents::monotonic_ns();
+        results.push(&g, &format!("{label} total"), "ms", Better::Lower, m.total_ms);
+        results.push(
+            &g,
+            &format!("{label} pause"),
+            "ms",
+            Better::Lower,
+            m.pause_ms.unwrap_or(f64::NAN),
+        );
+        results.push(
+            &g,
+            &format!("{label} own downtime"),
+            "ms",
+            Better::Lower,
+            m.downtime_ms,
+        );
+        results.push(
+            &g,
+            &format!("{label} MiB sent"),
+            "MiB",
+            Better::Lower,
+            m.bytes as f64 / MIB,
+        );
+        results.push(
+            &g,
+            &format!("{label} rounds"),
+            "count",
+            Better::Lower,
+            m.rounds as f64,
+        );
+        results.push(&g, &format!("{label} client max gap"), "ms", Better::Lower, gap);
+        results.push(
+            &g,
+            &format!("{label} retransmits"),
+            "count",
+            Better::Lower,
+            watch.retransmits_between(t0, t1) as f64,
+        );
+        let _ = vm_qmp.execute("quit", None);
+        vm.proc_.wait_exit(Duration::from_secs(10));
+        vm = dest;
+        vm_qmp = dest_qmp;
+        on = side;
+    }
+    let bw_note = max_bandwidth.map_or_else(
+        || {
+            format!(
+                "QEMU's default max-bandwidth {:.0} MiB/s",
+                default_bw as f64 / MIB
+            )
+        },
+        |b| format!("max-bandwidth {:.0} MiB/s", b as f64 / MIB),
+    );
+    let note = format!(
+        "{}; downtime-limit {} ms; {}",
+        accel.name(),
+        w.downtime_ms,
+        bw_note
+    );
+    results.note(&g, &format!("{label} total"), &note);
+    results.note(
+        &g,
+        &format!("{label} pause"),
+        "source STOP → destination RESUME (QMP events)",
+    );
+    if not_converged > 0 {
+        results.note(
+            &g,
+            &format!("{label} total"),
+            &format!(
+                "{not_converged} of {} runs did not converge within {} s",
+                ctx.runs,
+                timeout.as_secs()
+            ),
+        );
+    }
+    drop(client);
+    watch.stop();
+    Ok(())
+}
+
+/// Samples processes' resident memory outside their guest RAM mappings every 20 ms; the peak, in KiB.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pids: &[u32], mem_mib: u64) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let pids = pids.to_vec();
+        // The migrator maps RAM below the MMIO hole and the rest above 4 GiB (migrator/src/memory.rs).
+        let ram = mem_mib << 10;
+        let low = ram.min(guest_abi_mmio_base_kib());
+        let sizes: Vec<u64> = [low, ram - low].into_iter().filter(|&x| x > 0).collect();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            loop {
+                for &pid in &pids {
+                    let Some(total) = super::observe::rss_kib(pid) else {
+                        continue;
+                    };
+                    let guest: u64 = sizes
+                        .iter()
+                        .filter_map(|&sz| super::observe::rss_of_mappings_sized(pid, sz))
+                        .sum();
+                    peak = peak.max(total.saturating_sub(guest));
+                }
+                if s.load(Ordering::Relaxed) {
+                    return peak;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self { stop, handle }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or(0)
+    }
+}
+
+/// `guest_abi::MMIO_BASE` in KiB (kept here so xtask does not depend on guest-abi for one constant).
+const fn guest_abi_mmio_base_kib() -> u64 {
+    0xd000_0000 >> 10
+}

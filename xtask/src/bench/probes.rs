@@ -1,0 +1,637 @@
+//! Probe costs, through migmon's own loader ([`monitor::probes::Probes`]):
+//! - XDP ns per frame with `BPF_PROG_TEST_RUN` (10⁶ repeats) for a non-ARP frame, a frame from a watched MAC, an
+//!   ARP and a `QinQ` ARP, against an empty XDP program (`r0 = XDP_PASS; exit`) as the baseline;
+//! - events per second through the collector (ring buffer drain, decode to typed events, JSON encoding) from a
+//!   synthetic storm: ARP frames fed to the loaded parser by `BPF_PROG_TEST_RUN` from another thread, at paced
+//!   offered rates; the highest rate with zero loss, and the loss above it;
+//! - a TCP stream over a veth pair with all probes attached (tracepoints, XDP on both ends, TC egress on both ends)
+//!   against none, alternating, as a throughput ratio.
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use monitor::{
+    events::Decoder,
+    probes::{Iface, ProbeOptions, Probes, WatchList},
+};
+
+use super::{
+    Ctx, floors,
+    net::VethPair,
+    report::{Better, Results},
+};
+
+pub const GROUP_XDP: &str = "probes: XDP cost per frame (BPF_PROG_TEST_RUN)";
+pub const GROUP_EVENTS: &str = "probes: events through the collector";
+pub const GROUP_TCP: &str = "probes: TCP stream over veth";
+
+const WATCHED: [u8; 6] = [0x52, 0x54, 0x00, 0xbe, 0x4c, 0x02];
+const OTHER: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+const PEER: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+
+pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    let mut errors = Vec::new();
+    for (what, r) in [
+        ("XDP cost", xdp_cost(ctx, results)),
+        ("event rate", event_rate(ctx, results)),
+        ("TCP overhead", tcp_overhead(ctx, results)),
+    ] {
+        if let Err(e) = r {
+            ctx.progress(&format!("probes, {what}: {e:#}"));
+            errors.push(format!("{what}: {e:#}"));
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(())
+}
+
+fn opts(tracepoints: bool) -> ProbeOptions {
+    ProbeOptions {
+        watch: WatchList {
+            macs: vec![WATCHED],
+            ..WatchList::default()
+        },
+        tracepoints,
+        ..ProbeOptions::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Frames
+
+fn eth(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(64);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f
+}
+
+fn pad(mut f: Vec<u8>) -> Vec<u8> {
+    if f.len() < 60 {
+        f.resize(60, 0);
+    }
+    f
+}
+
+/// An IPv4/UDP frame from `src`.
+pub fn ipv4_frame(src: [u8; 6]) -> Vec<u8> {
+    let mut f = eth(PEER, src);
+    f.extend_from_slice(&[0x08, 0x00]);
+    // IPv4: version/IHL, TOS, total length 46, id, flags, TTL 64, UDP, checksum 0, 10.0.0.1 → 10.0.0.2
+    f.extend_from_slice(&[0x45, 0, 0, 46, 0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    // UDP 9 → 9, length 26, checksum 0, 18 bytes payload
+    f.extend_from_slice(&[0, 9, 0, 9, 0, 26, 0, 0]);
+    f.extend_from_slice(&[0xab; 18]);
+    f
+}
+
+fn arp_body(sha: [u8; 6]) -> Vec<u8> {
+    let mut b = vec![0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01];
+    b.extend_from_slice(&sha);
+    b.extend_from_slice(&[10, 0, 0, 1]);
+    b.extend_from_slice(&[0; 6]);
+    b.extend_from_slice(&[10, 0, 0, 2]);
+    b
+}
+
+/// An ARP request from `src`.
+pub fn arp_frame(src: [u8; 6]) -> Vec<u8> {
+    let mut f = eth([0xff; 6], src);
+    f.extend_from_slice(&[0x08, 0x06]);
+    f.extend_from_slice(&arp_body(src));
+    pad(f)
+}
+
+/// An ARP request inside `QinQ`: 802.1ad (VLAN 100) around 802.1Q (VLAN 200).
+pub fn qinq_arp_frame(src: [u8; 6]) -> Vec<u8> {
+    let mut f = eth([0xff; 6], src);
+    f.extend_from_slice(&[0x88, 0xa8, 0x00, 100, 0x81, 0x00, 0x00, 200, 0x08, 0x06]);
+    f.extend_from_slice(&arp_body(src));
+    pad(f)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The empty XDP program (baseline) and BPF_PROG_TEST_RUN on it
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+
+/// The first fields of `union bpf_attr` for `BPF_PROG_LOAD` (the rest stays zero).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    pad: [u64; 8],
+}
+
+/// `union bpf_attr.test` up to `batch_size`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    pad: u32,
+}
+
+/// Loads `r0 = XDP_PASS; exit`.
+fn load_empty_xdp() -> Result<OwnedFd> {
+    // mov64 r0, 2 ; exit
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..9].copy_from_slice(b"bench_nop");
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_XDP,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        ..ProgLoadAttr::default()
+    };
+    // SAFETY: `attr` is a valid, zero-padded `bpf_attr` prefix; `insns` and `license` outlive the call and the
+    // kernel only reads them.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &raw mut attr,
+            size_of::<ProgLoadAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("cannot load the empty XDP program (needs root)");
+    }
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_PROG_TEST_RUN` of `fd` on `frame`: the kernel's mean ns per run.
+fn test_run_fd(fd: &OwnedFd, frame: &[u8], repeat: u32) -> Result<f64> {
+    let mut attr = TestRunAttr {
+        prog_fd: fd.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.test` prefix; `frame` outlives the call and is only read.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            size_of::<TestRunAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN failed");
+    }
+    Ok(f64::from(attr.duration))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// XDP cost
+
+fn xdp_cost(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    // 10⁶ repeats per run, in chunks that fit the ring buffer, drained in between, so frames that emit an event
+    // never meet a full ring buffer (which would time the loss path instead).
+    // Each call with repeat > 1 swaps the XDP dispatcher (milliseconds of wall time here, not counted in the
+    // kernel's per-run figure), so the chunks are large and the ring buffer big enough for a chunk of events.
+    let (chunk, chunks): (u32, u32) = if ctx.quick { (5000, 2) } else { (50_000, 20) };
+    let frames: [(&str, Vec<u8>); 4] = [
+        ("non-ARP frame", ipv4_frame(OTHER)),
+        ("watched-MAC frame", ipv4_frame(WATCHED)),
+        ("ARP", arp_frame(OTHER)),
+        ("QinQ ARP", qinq_arp_frame(OTHER)),
+    ];
+    results.declare(GROUP_XDP, "empty XDP program", "ns/frame", Better::Lower);
+    for (name, _) in &frames {
+        results.declare(GROUP_XDP, name, "ns/frame", Better::Lower);
+        results.set_baseline(GROUP_XDP, name, GROUP_XDP, "empty XDP program");
+    }
+    results.declare(
+        GROUP_XDP,
+        "non-ARP frame minus empty program",
+        "ns/frame",
+        Better::Lower,
+    );
+    results.set_target(GROUP_XDP, "non-ARP frame", "≤ 30 ns");
+    ctx.progress(&format!(
+        "probes: XDP ns per frame, {} repeats per frame per run",
+        u64::from(chunk) * u64::from(chunks)
+    ));
+    let _t = ctx.ticker("probes: XDP ns per frame");
+    let empty = load_empty_xdp()?;
+    let mut probes = Probes::load(&ProbeOptions {
+        ringbuf_bytes: 32 << 20,
+        ..opts(false)
+    })
+    .context("cannot load migmon's probes")?;
+    let mut drained = 0usize;
+    for _ in 0..ctx.runs {
+        let mut total = 0.0;
+        for _ in 0..chunks {
+            total += test_run_fd(&empty, &frames[0].1, chunk)?;
+        }
+        results.push(
+            GROUP_XDP,
+            "empty XDP program",
+            "ns/frame",
+            Better::Lower,
+            total / f64::from(chunks),
+        );
+        for (name, frame) in &frames {
+            let mut total = 0.0;
+            for _ in 0..chunks {
+                let (ret, d) = probes.xdp_test_run(frame, chunk)?;
+                if ret != 2 {
+                    bail!("the XDP parser returned {ret} for the {name}, not XDP_PASS");
+                }
+                total += d.as_nanos() as f64;
+                drained += probes.drain(|_| {});
+            }
+            results.push(
+                GROUP_XDP,
+                name,
+                "ns/frame",
+                Better::Lower,
+                total / f64::from(chunks),
+            );
+        }
+        // The parser's own cost on the fast path: what it adds to the empty program in the same run.
+        if let (Some(a), Some(b)) = (
+            results
+                .get(GROUP_XDP, "non-ARP frame")
+                .and_then(|r| r.values.last().copied()),
+            results
+                .get(GROUP_XDP, "empty XDP program")
+                .and_then(|r| r.values.last().copied()),
+        ) {
+            results.push(
+                GROUP_XDP,
+                "non-ARP frame minus empty program",
+                "ns/frame",
+                Better::Lower,
+                a - b,
+            );
+        }
+    }
+    let lost: u64 = probes.lost()?.iter().sum();
+    let note = format!(
+        "{chunks} × {chunk} repeats per run, 32 MiB ring drained between chunks ({drained} events drained, {lost} lost)"
+    );
+    for (name, _) in &frames {
+        results.note(GROUP_XDP, name, &note);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Event rate
+
+/// What one storm did.
+struct Storm {
+    offered: u64,
+    delivered: u64,
+    lost: u64,
+    secs: f64,
+    /// Wall time spent inside `BPF_PROG_TEST_RUN` by the feeder, ns.
+    feed_ns: u64,
+}
+
+/// One paced storm (`rate` events/s; None: as fast as the feeder goes) for `secs`.
+fn storm(
+    probes: &mut Probes,
+    runner: &monitor::probes::XdpTestRunner,
+    rate: Option<f64>,
+    secs: f64,
+) -> Result<Storm> {
+    let frame = arp_frame(OTHER);
+    let batch: u32 = 256;
+    let lost0: u64 = probes.lost()?.iter().sum();
+    let stop = Arc::new(AtomicBool::new(false));
+    let offered = Arc::new(AtomicU64::new(0));
+    let feed_ns = Arc::new(AtomicU64::new(0));
+    let mut delivered = 0u64;
+    let mut decoder = Decoder::new(probes.hz());
+    let start = Instant::now();
+    let storm_result = std::thread::scope(|s| {
+        let (stop2, offered2, feed_ns2) = (stop.clone(), offered.clone(), feed_ns.clone());
+        let frame = &frame;
+        let feeder = s.spawn(move || -> Result<()> {
+            let mut sent = 0u64;
+            while start.elapsed().as_secs_f64() < secs {
+                // One frame per call: with repeat > 1 the kernel swaps the XDP dispatcher around the run, which
+                // costs milliseconds per call here and would make the feeder, not the collector, the bottleneck.
+                let t = Instant::now();
+                for _ in 0..batch {
+                    runner.run(frame, 1).context("BPF_PROG_TEST_RUN")?;
+                }
+                feed_ns2.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                sent += u64::from(batch);
+                offered2.store(sent, Ordering::Relaxed);
+                if let Some(r) = rate {
+                    let due = Duration::from_secs_f64(sent as f64 / r);
+                    if let Some(d) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(d);
+                    }
+                }
+            }
+            stop2.store(true, Ordering::Relaxed);
+            Ok(())
+        });
+        // The collector: drain, decode, encode as migmon's --json does.
+        let mut buf = Vec::with_capacity(1 << 16);
+        loop {
+            let done = stop.load(Ordering::Relaxed);
+            let n = probes.drain(|r| {
+                if let Ok(w) = r {
+                    let ev = decoder.event(&w);
+                    buf.clear();
+                    let _ = serde_json::to_writer(&mut buf, &ev);
+                }
+            });
+            delivered += n as u64;
+            if done {
+                break;
+            }
+            if n == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        feeder
+            .join()
+            .map_err(|_| anyhow::anyhow!("storm thread panicked"))?
+    });
+    storm_result?;
+    let secs = start.elapsed().as_secs_f64();
+    delivered += probes.drain(|_| {}) as u64;
+    let lost: u64 = probes.lost()?.iter().sum::<u64>() - lost0;
+    Ok(Storm {
+        offered: offered.load(Ordering::Relaxed),
+        delivered,
+        lost,
+        secs,
+        feed_ns: feed_ns.load(Ordering::Relaxed),
+    })
+}
+
+fn event_rate(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    let secs = if ctx.quick { 0.2 } else { 1.0 };
+    let rates: &[f64] = if ctx.quick {
+        &[100e3]
+    } else {
+        &[100e3, 150e3, 200e3, 250e3, 300e3, 400e3, 500e3, 750e3, 1e6]
+    };
+    results.declare(
+        GROUP_EVENTS,
+        "highest offered rate with zero loss",
+        "events/s",
+        Better::Higher,
+    );
+    results.declare(
+        GROUP_EVENTS,
+        "unpaced storm: delivered",
+        "events/s",
+        Better::Higher,
+    );
+    results.declare(GROUP_EVENTS, "unpaced storm: lost", "% of offered", Better::Lower);
+    results.declare(
+        GROUP_EVENTS,
+        "unpaced storm: feeder wall time per event",
+        "ns",
+        Better::Lower,
+    );
+    results.set_target(GROUP_EVENTS, "highest offered rate with zero loss", "≥ 500k/s");
+    ctx.progress("probes: event storm through the collector (ARP frames via BPF_PROG_TEST_RUN)");
+    let _t = ctx.ticker("probes: event storm");
+    let mut probes = Probes::load(&opts(false)).context("cannot load migmon's probes")?;
+    let runner = probes.xdp_test_runner()?;
+    for _ in 0..ctx.runs {
+        let mut best = 0.0f64;
+        for &r in rates {
+            let st = storm(&mut probes, &runner, Some(r), secs)?;
+            if st.lost == 0 && st.delivered == st.offered {
+                best = best.max(st.offered as f64 / st.secs);
+            } else {
+                break;
+            }
+        }
+        results.push(
+            GROUP_EVENTS,
+            "highest offered rate with zero loss",
+            "events/s",
+            Better::Higher,
+            best,
+        );
+        let st = storm(&mut probes, &runner, None, secs)?;
+        results.push(
+            GROUP_EVENTS,
+            "unpaced storm: delivered",
+            "events/s",
+            Better::Higher,
+            st.delivered as f64 / st.secs,
+        );
+        results.push(
+            GROUP_EVENTS,
+            "unpaced storm: lost",
+            "% of offered",
+            Better::Lower,
+            if st.offered == 0 {
+                0.0
+            } else {
+                st.lost as f64 * 100.0 / st.offered as f64
+            },
+        );
+        results.push(
+            GROUP_EVENTS,
+            "unpaced storm: feeder wall time per event",
+            "ns",
+            Better::Lower,
+            st.feed_ns as f64 / (st.offered.max(1)) as f64,
+        );
+    }
+    results.note(
+        GROUP_EVENTS,
+        "highest offered rate with zero loss",
+        &format!(
+            "target rates, in turn up to the first loss: {} k/s, {secs} s each (the figure is the rate the feeder achieved); the collector drains, decodes and JSON-encodes each event \
+             (no stdout write)",
+            rates.iter().map(|r| format!("{:.0}", r / 1e3)).collect::<Vec<_>>().join(", ")
+        ),
+    );
+    results.note(
+        GROUP_EVENTS,
+        "unpaced storm: delivered",
+        "one feeder thread, one BPF_PROG_TEST_RUN call per ARP frame, as fast as it can (its wall time per \
+         event is the next row: the most it can offer); ring buffer 1 MiB",
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// TCP overhead
+
+/// Which probes a TCP run has attached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    Tracepoints,
+    TracepointsXdp,
+    All,
+}
+
+impl Attach {
+    fn name(self) -> &'static str {
+        match self {
+            Attach::Tracepoints => "tracepoints only",
+            Attach::TracepointsXdp => "tracepoints + XDP",
+            Attach::All => "all probes",
+        }
+    }
+}
+
+/// One TCP run with `attach` (None: no probes): MiB/s, and the XDP mode used.
+fn tcp_run(pair: &VethPair, bytes: u64, attach: Option<Attach>) -> Result<(f64, String)> {
+    let Some(attach) = attach else {
+        return Ok((floors::tcp_over(pair, bytes)?, String::new()));
+    };
+    let mut probes = Probes::load(&opts(true)).context("cannot load migmon's probes")?;
+    let mut mode = String::new();
+    for (ns, ifname) in [(&pair.a, &pair.if_a), (&pair.b, &pair.if_b)] {
+        let iface = Iface {
+            name: ifname.clone(),
+            netns: Some(ns.name.clone()),
+        };
+        if attach != Attach::Tracepoints {
+            probes.attach_xdp(&iface)?.mode.clone_into(&mut mode);
+        }
+        if attach == Attach::All {
+            probes.attach_tc_egress(&iface)?;
+        }
+    }
+    // A collector drains while the stream runs, as in `migmon watch`.
+    let stop = AtomicBool::new(false);
+    let mbps = std::thread::scope(|s| {
+        let stop = &stop;
+        let probes = &mut probes;
+        s.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                probes.drain(|_| {});
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let r = floors::tcp_over(pair, bytes);
+        stop.store(true, Ordering::Relaxed);
+        r
+    })?;
+    Ok((mbps, mode))
+}
+
+fn tcp_overhead(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    let bytes: u64 = if ctx.quick { 32 << 20 } else { 256 << 20 };
+    let variants = [
+        None,
+        Some(Attach::Tracepoints),
+        Some(Attach::TracepointsXdp),
+        Some(Attach::All),
+    ];
+    for v in variants {
+        let name = v.map_or("no probes", Attach::name);
+        results.declare(GROUP_TCP, name, "MiB/s", Better::Higher);
+        if v.is_some() {
+            results.set_baseline(GROUP_TCP, name, GROUP_TCP, "no probes");
+        }
+    }
+    results.set_target(GROUP_TCP, "all probes", "≥ 0.98× no probes");
+    ctx.progress(&format!(
+        "probes: TCP stream over veth, {} MiB per run, probes off and on in turn",
+        bytes >> 20
+    ));
+    let t = ctx.ticker("probes: TCP stream with and without probes");
+    let pair = VethPair::new(2)?;
+    let mut xdp_mode = String::new();
+    for i in 0..ctx.runs {
+        t.set(&format!("probes: TCP stream, run {}/{}", i + 1, ctx.runs));
+        for v in variants {
+            let (mbps, mode) = tcp_run(&pair, bytes, v)?;
+            if !mode.is_empty() {
+                xdp_mode = mode;
+            }
+            results.push(
+                GROUP_TCP,
+                v.map_or("no probes", Attach::name),
+                "MiB/s",
+                Better::Higher,
+                mbps,
+            );
+        }
+    }
+    results.note(
+        GROUP_TCP,
+        "all probes",
+        &format!(
+            "6 tracepoints, XDP ({xdp_mode} mode) and TC egress on both veth ends, a watched MAC not in the stream; \
+             the variants run in turn within each run"
+        ),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_have_the_right_shape() {
+        let f = ipv4_frame(OTHER);
+        assert_eq!(f.len(), 64);
+        assert_eq!(&f[12..14], &[0x08, 0x00]);
+        let a = arp_frame(OTHER);
+        assert_eq!(a.len(), 60);
+        assert_eq!(&a[12..14], &[0x08, 0x06]);
+        assert_eq!(&a[20..22], &[0, 1], "op = request");
+        let q = qinq_arp_frame(OTHER);
+        assert_eq!(&q[12..14], &[0x88, 0xa8]);
+        assert_eq!(&q[16..18], &[0x81, 0x00]);
+        assert_eq!(&q[20..22], &[0x08, 0x06]);
+        assert_eq!(&q[22..24], &[0x00, 0x01], "ARP htype after the two tags");
+    }
+}
