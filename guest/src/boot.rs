@@ -3,7 +3,7 @@
 //! It disables interrupts, clears the direction flag, sets the stack to the top of a `.bss` array and calls
 //! `kernel_main(rdi)`, which drops to ring 3 (see cpu.rs).
 //!
-//! It does not zero `.bss`: the VMM's ELF loader does (the guest-abi contract), and on kvm_pvm every ring-0
+//! It does not zero `.bss`: the VMM's ELF loader does (the guest-abi contract), and on `kvm_pvm` every ring-0
 //! instruction is emulated, so a `rep stosb` over the 282 KiB `.bss` cost about 400 ms of boot. The PVH entry
 //! (pvh.rs) still zeroes it, since a foreign loader makes no such promise.
 

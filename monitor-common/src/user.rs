@@ -120,6 +120,19 @@ mod tests {
     use super::*;
     use crate::{AF_INET, AF_INET6, DIR_EGRESS, FRAME_CAPTURE};
 
+    #[test]
+    fn mac_filter_keeps_every_watched_mac_and_drops_most_others() {
+        let watched = [[0x52, 0x54, 0, 0x12, 0x34, 0x56], [2, 0, 0, 0, 0, 1]];
+        let filter = watched.iter().fold(0u32, |f, m| f | crate::mac_filter_bit(m));
+        for m in &watched {
+            assert_ne!(filter & crate::mac_filter_bit(m), 0);
+        }
+        let passed = (0..=255u8)
+            .filter(|&b| filter & crate::mac_filter_bit(&[0x52, 0x54, 0, 0x77, 0x01, b]) != 0)
+            .count();
+        assert!(passed <= 256 * 2 / 32 + 1, "{passed} of 256 other MACs pass");
+    }
+
     /// Little-endian byte builder for fixtures written field by field, independently of the Rust layout.
     #[derive(Default)]
     struct Bytes(Vec<u8>);

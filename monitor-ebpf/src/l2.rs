@@ -1,4 +1,4 @@
-//! L2: the XDP ingress parser and the TC egress counter.
+//! L2: the XDP ingress parser (also as a TC ingress classifier, `l2_ingress_tc`) and the TC egress counter.
 //!
 //! XDP parses Ethernet with up to two VLAN tags (802.1Q 0x8100, 802.1ad 0x88a8), reports ARP and RARP frames with
 //! their first bytes, and counts frames *from* watched MACs per (MAC, ifindex). TC egress counts frames *towards*
@@ -9,7 +9,10 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_UNSPEC, xdp_action, xdp_md},
-    helpers::{bpf_ktime_get_ns, generated::bpf_xdp_load_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    },
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -32,6 +35,24 @@ const ARP_LEN: usize = 28;
 pub fn l2_ingress(ctx: XdpContext) -> u32 {
     ingress(&ctx);
     xdp_action::XDP_PASS
+}
+
+/// The same parser as `l2_ingress`, as a TC ingress classifier: for interfaces where XDP costs too much (on a
+/// veth, driver-mode XDP turns the peer's segmentation offloads off, and skb-mode XDP copies every large skb).
+#[classifier]
+pub fn l2_ingress_tc(ctx: TcContext) -> i32 {
+    // SAFETY: the context of a classifier program is a `__sk_buff`; reading `ifindex` is allowed.
+    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+    let skb = ctx.as_ptr();
+    parse(
+        ctx.data(),
+        ctx.data_end(),
+        ifindex,
+        u64::from(ctx.len()),
+        // SAFETY: `dst` points to `FRAME_CAPTURE` writable bytes (the caller's contract).
+        |dst, len| unsafe { copy_frame_skb(skb, dst, len) },
+    );
+    TC_ACT_UNSPEC
 }
 
 #[classifier]
@@ -87,6 +108,16 @@ fn ingress(ctx: &XdpContext) {
     let end = ctx.data_end();
     let ifindex = ctx.ingress_ifindex() as u32;
     let len = (end - data) as u64;
+    // SAFETY: `dst` points to `FRAME_CAPTURE` writable bytes (the caller's contract).
+    parse(data, end, ifindex, len, |dst, len| unsafe {
+        copy_frame(ctx, dst, len)
+    });
+}
+
+/// Parses one frame at `data..end` (`len` bytes on the wire) that arrived on `ifindex`. `copy(dst, len)` copies
+/// the frame's first bytes into `dst` (`FRAME_CAPTURE` writable bytes) and returns how many it copied.
+#[inline(always)]
+fn parse(data: usize, end: usize, ifindex: u32, len: u64, copy: impl FnOnce(*mut u8, u64) -> u32) {
     let Some(src) = bytes::<6>(data, end, 6) else {
         count_malformed(ifindex);
         return;
@@ -178,7 +209,7 @@ fn ingress(ctx: &XdpContext) {
         (*e).tpa = tpa;
         (*e).frame_len = len as u32;
         (*e).frame = [0; FRAME_CAPTURE];
-        (*e).cap_len = copy_frame(ctx, (&raw mut (*e).frame).cast::<u8>(), len);
+        (*e).cap_len = copy((&raw mut (*e).frame).cast::<u8>(), len);
     }
     entry.submit(0);
 }
@@ -220,6 +251,41 @@ unsafe fn copy_frame(ctx: &XdpContext, dst: *mut u8, len: u64) -> u32 {
     done
 }
 
+/// [`copy_frame`] for a socket buffer.
+///
+/// # Safety
+/// `dst` must point to `FRAME_CAPTURE` writable bytes; `skb` must be the program's context.
+#[inline(always)]
+unsafe fn copy_frame_skb(skb: *mut core::ffi::c_void, dst: *mut u8, len: u64) -> u32 {
+    let want = if len > FRAME_CAPTURE as u64 {
+        FRAME_CAPTURE as u32
+    } else {
+        len as u32
+    };
+    let mut done: u32 = 0;
+    macro_rules! piece {
+        ($n:literal) => {
+            if want & $n != 0 && done <= FRAME_CAPTURE as u32 - $n {
+                // SAFETY: `done + $n <= FRAME_CAPTURE`, so the destination range lies inside `dst`'s buffer; the
+                // helper checks the source range against the packet.
+                if unsafe { bpf_skb_load_bytes(skb, done, dst.add(done as usize).cast(), $n) } != 0 {
+                    return done;
+                }
+                done += $n;
+            }
+        };
+    }
+    piece!(128);
+    piece!(64);
+    piece!(32);
+    piece!(16);
+    piece!(8);
+    piece!(4);
+    piece!(2);
+    piece!(1);
+    done
+}
+
 fn egress(ctx: &TcContext) {
     if config!(flags) & CFG_WATCH_MACS == 0 {
         return;
@@ -235,6 +301,10 @@ fn egress(ctx: &TcContext) {
 /// Counts a frame of a watched MAC and emits `MacSeen` on its first frame on the port or after a silence.
 #[inline(always)]
 fn count_mac(mac: [u8; 6], ifindex: u32, direction: u8, len: u64) {
+    // Most frames are from MACs nobody watches: one word tells, before the hash lookup.
+    if config!(mac_filter) & monitor_common::mac_filter_bit(&mac) == 0 {
+        return;
+    }
     let key8 = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0];
     // SAFETY: map lookup of a plain key; the value is not dereferenced.
     if unsafe { WATCH_MACS.get(&key8) }.is_none() {

@@ -132,6 +132,12 @@ pub struct ProbeOptions {
     pub mac_gap_ns: u64,
     /// Attach the TCP/socket/bridge tracepoints (benchmarks of XDP alone turn this off).
     pub tracepoints: bool,
+    /// Attach XDP in generic (skb) mode only, never in driver mode. On a veth, driver-mode XDP turns off the
+    /// peer's segmentation offloads (every TCP segment then crosses the pair MTU-sized); skb mode leaves them on.
+    pub xdp_skb_mode: bool,
+    /// Run the ingress parser as a TC ingress classifier instead of XDP (`attach_xdp` then attaches that). It
+    /// sees the same frames after GRO, costs no offloads and copies nothing: the cheapest on a busy veth.
+    pub l2_tc_ingress: bool,
 }
 
 impl Default for ProbeOptions {
@@ -141,6 +147,8 @@ impl Default for ProbeOptions {
             ringbuf_bytes: DEFAULT_RINGBUF_BYTES,
             mac_gap_ns: 50_000_000,
             tracepoints: true,
+            xdp_skb_mode: false,
+            l2_tc_ingress: false,
         }
     }
 }
@@ -351,6 +359,9 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
     if !w.macs.is_empty() {
         c.flags |= CFG_WATCH_MACS | CFG_FILTER_FDB;
     }
+    for mac in &w.macs {
+        c.mac_filter |= monitor_common::mac_filter_bit(mac);
+    }
     c.mac_gap_ns = opts.mac_gap_ns;
     Ok(c)
 }
@@ -474,6 +485,14 @@ impl Instance {
         Ok(p)
     }
 
+    fn tc_ingress_loaded(&mut self) -> Result<&mut SchedClassifier, ProbeError> {
+        let p: &mut SchedClassifier = self.program("l2_ingress_tc")?;
+        if p.fd().is_err() {
+            p.load().map_err(|e| load_error("l2_ingress_tc", e))?;
+        }
+        Ok(p)
+    }
+
     fn tc_loaded(&mut self) -> Result<&mut SchedClassifier, ProbeError> {
         let p: &mut SchedClassifier = self.program("l2_egress")?;
         if p.fd().is_err() {
@@ -585,11 +604,25 @@ impl Probes {
 
     /// Attaches the XDP parser to `iface`: driver mode first, skb (generic) mode as a fallback.
     pub fn attach_xdp(&mut self, iface: &Iface) -> Result<Attached, ProbeError> {
+        if self.opts.l2_tc_ingress {
+            return self.attach_tc_ingress(iface);
+        }
+        let skb_only = self.opts.xdp_skb_mode;
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.xdp_loaded()?;
         let (ifindex, mode, fallback) = netns::run_in(iface.netns.as_deref(), || {
             let ifindex = ifindex(iface)?;
+            if skb_only {
+                return prog
+                    .attach(ifindex, XdpMode::Skb)
+                    .map(|_| (ifindex, "skb", None))
+                    .map_err(|source| ProbeError::Attach {
+                        program: "l2_ingress (XDP)".to_owned(),
+                        target: iface.to_string(),
+                        source: Box::new(source),
+                    });
+            }
             match prog.attach(ifindex, XdpMode::Driver) {
                 Ok(_) => Ok((ifindex, "driver", None)),
                 Err(driver_err) => {
@@ -605,6 +638,32 @@ impl Probes {
             }
         })??;
         Ok(self.add_port(id, ifindex, iface, mode, fallback))
+    }
+
+    /// Attaches the ingress parser as a TC ingress classifier (see [`ProbeOptions::l2_tc_ingress`]).
+    fn attach_tc_ingress(&mut self, iface: &Iface) -> Result<Attached, ProbeError> {
+        let inst = self.instance(iface.netns.as_deref())?;
+        let id = inst.id;
+        let prog = inst.tc_ingress_loaded()?;
+        let ifindex = netns::run_in(iface.netns.as_deref(), || {
+            let ifindex = ifindex(iface)?;
+            let attach = |p: &mut SchedClassifier| p.attach(ifindex, TcAttachType::Ingress);
+            match attach(prog) {
+                Ok(_) => Ok(ifindex),
+                Err(first) => {
+                    // Older kernels without TCX need the clsact qdisc first.
+                    if let Ok(name) = CString::new(iface.name.as_str()) {
+                        let _ = aya::programs::tc::qdisc_add_clsact(&name);
+                    }
+                    attach(prog).map(|_| ifindex).map_err(|_| ProbeError::Attach {
+                        program: "l2_ingress_tc (TC)".to_owned(),
+                        target: iface.to_string(),
+                        source: Box::new(first),
+                    })
+                }
+            }
+        })??;
+        Ok(self.add_port(id, ifindex, iface, "tc ingress", None))
     }
 
     /// Attaches the TC egress counter to `iface` (TCX on kernels that have it, clsact otherwise).

@@ -10,155 +10,21 @@
 //!
 //! # Namespaces and interfaces
 //! Every test creates its own uniquely named namespaces and interfaces ([`unique`]) through RAII guards
-//! ([`Netns`], [`Link`]) that delete them on drop, also when the test fails. Nothing is routed out of them.
-//! (The shared topology helpers of the `testbed` crate came later; these are the minimum the probe tests need.)
+//! ([`Netns`], [`Link`]) that delete them on drop, also when the test fails. Nothing is routed out of them. These
+//! guards live in the `testbed` crate (`testbed::net`, re-exported here), next to the two-host topology and the TCP
+//! client load generator that the demo and the benchmarks share.
 
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
-
-/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A short name unique to this process and call: `prefix` + pid (hex) + counter. At most 15 characters for
-/// prefixes of up to 5.
-pub fn unique(prefix: &str) -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{:x}{n:x}", std::process::id())
-}
-
-/// Runs a command; panics with its output when it fails.
-pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `ip ARGS...`.
-pub fn ip(args: &[&str]) {
-    run("ip", args);
-}
-
-/// Runs a shell command line inside a namespace (`ip netns exec`), e.g. `sysctl` or `nft`.
-pub fn netns_exec(netns: &str, cmd: &[&str]) -> String {
-    let mut args = vec!["netns", "exec", netns];
-    args.extend_from_slice(cmd);
-    run("ip", &args)
-}
-
-/// A network namespace, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(prefix: &str) -> Self {
-        let name = unique(prefix);
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self { name }
-    }
-
-    /// Runs `f` on a thread inside this namespace (sockets created there stay in it).
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        monitor::netns::run_in(Some(&self.name), f).expect("enter the test namespace")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-/// An interface, deleted on drop (deleting one end of a veth deletes both).
-pub struct Link {
-    pub name: String,
-    pub netns: Option<String>,
-}
-
-impl Link {
-    /// A veth pair: `a` in `netns_a` (None: root), `b` in `netns_b`; both up. Returns the guard of `a`.
-    pub fn veth(a: &str, netns_a: Option<&str>, b: &str, netns_b: Option<&str>) -> Self {
-        let mut args = vec!["link", "add", a];
-        if let Some(ns) = netns_a {
-            args.extend(["netns", ns]);
-        }
-        args.extend(["type", "veth", "peer", "name", b]);
-        if let Some(ns) = netns_b {
-            args.extend(["netns", ns]);
-        }
-        ip(&args);
-        for (name, ns) in [(a, netns_a), (b, netns_b)] {
-            ip_in(ns, &["link", "set", name, "up"]);
-        }
-        Self {
-            name: a.to_owned(),
-            netns: netns_a.map(str::to_owned),
-        }
-    }
-
-    /// A bridge in `netns`, up, without STP.
-    pub fn bridge(name: &str, netns: Option<&str>) -> Self {
-        ip_in(netns, &["link", "add", name, "type", "bridge", "stp_state", "0"]);
-        ip_in(netns, &["link", "set", name, "up"]);
-        Self {
-            name: name.to_owned(),
-            netns: netns.map(str::to_owned),
-        }
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        let mut args: Vec<&str> = Vec::new();
-        if let Some(ns) = &self.netns {
-            args.extend(["-n", ns]);
-        }
-        args.extend(["link", "del", &self.name]);
-        let _ = Command::new("ip").args(&args).stderr(Stdio::null()).status();
-    }
-}
-
-/// `ip [-n NETNS] ARGS...`.
-pub fn ip_in(netns: Option<&str>, args: &[&str]) {
-    let mut all: Vec<&str> = Vec::new();
-    if let Some(ns) = netns {
-        all.extend(["-n", ns]);
-    }
-    all.extend_from_slice(args);
-    ip(&all);
-}
+pub use testbed::net::*;
 
 /// The `migmon` binary under test.
 pub fn migmon_bin() -> PathBuf {

@@ -94,6 +94,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
     run(&mut cmd)
 }
 
+/// Fails with a remedy unless running as root.
+pub fn require_root(what: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("{what} needs root: run it with sudo");
+    }
+    Ok(())
+}
+
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -1,0 +1,828 @@
+//! The demo's scenario, shared by `./x demo` and the reduced demo in the privileged tests: one guest, one set of
+//! clients, a live migration A → B and then a quick migration B → A, all watched by `migmon watch`.
+//!
+//! 1. The testbed comes up ([`Testbed`]); it goes down again when the run ends, however it ends.
+//! 2. `migmon watch` starts in the root namespace, on every bridge port of the testbed (XDP on the taps, uplinks and
+//!    switch ports, TC egress on the taps), recording a trace and listening for the migrators' phase events on a
+//!    unix socket, with `--until-migrations 2`, so it ends by itself once both migrations have settled.
+//! 3. `migrator run` boots the guest on host A (in A's namespace, on A's tap) with the memory dirtier on.
+//! 4. The clients connect from the client namespace with the chosen socket profile.
+//! 5. `migrator migrate --mode live` moves the guest to a `migrator receive` on host B over the migration link,
+//!    then `--mode quick --extra-pause D` moves it back to a new `migrator receive` on A. The quick pause is the
+//!    real suspend/copy/resume (a few hundred ms here) plus D held on purpose, reproducing a 2008-era Quick
+//!    Migration that saved the VM to shared storage; the migrator's report and migmon's label it as such.
+//! 6. The trace is turned into the reports and exports with migmon's own `report` and `export` commands.
+//!
+//! Progress goes to a callback at least once a second while anything is waited for.
+
+use std::{
+    fmt::Write as _,
+    fs::File,
+    io::Read as _,
+    net::{SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    clients::{Arithmetic, Client, ClientError, ClientOptions, ClientReport, Profile, start_mix},
+    net::in_netns,
+    topology::{CLIENT_IF, Host, Testbed, TopologyError},
+};
+
+/// The VM's MAC in the demo.
+pub const VM_MAC: &str = "52:54:00:de:e0:01";
+/// The TCP port `migrator receive` listens on, on the migration link.
+const MIG_PORT: u16 = 7700;
+
+/// Errors of a demo run.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+    #[error("cannot start {what} ({})", bin.display())]
+    Spawn {
+        what: String,
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out after {:.0} s waiting for {what}{}", timeout.as_secs_f64(), detail(log))]
+    Timeout {
+        what: String,
+        timeout: Duration,
+        log: String,
+    },
+    #[error("{what} failed{}", detail(log))]
+    Failed { what: String, log: String },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+fn detail(log: &str) -> String {
+    if log.is_empty() {
+        String::new()
+    } else {
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(":\n{}", tail.join("\n"))
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Testbed prefix (namespaces `PREFIX-client`, `PREFIX-a`, ...).
+    pub prefix: String,
+    /// Client connections (half streams, half request/response).
+    pub clients: usize,
+    /// How long the quick migration holds the guest paused beyond the real move (`--extra-pause`).
+    pub quick_pause: Duration,
+    pub profile: Profile,
+    /// Where the trace, reports and exports go.
+    pub out: PathBuf,
+    pub migmon: PathBuf,
+    pub migrator: PathBuf,
+    /// Guest RAM, as `migrator run --mem`.
+    pub mem: String,
+    /// The dirtier, as `migrator run --dirty` (`SIZE@RATE`).
+    pub dirty: Option<String>,
+    /// migmon's `--settle`.
+    pub settle: Duration,
+}
+
+/// What the clients saw across one migration.
+#[derive(Clone, Debug)]
+pub struct MigrationOutcome {
+    pub mode: &'static str,
+    /// `migrator migrate`'s JSON summary.
+    pub summary: Value,
+    /// Each client's state once the migration was over (after the quick one: its final verdict).
+    pub clients: Vec<ClientReport>,
+    /// Wall time of `migrator migrate`.
+    pub wall: Duration,
+}
+
+impl MigrationOutcome {
+    pub fn aborted(&self) -> usize {
+        self.clients.iter().filter(|c| !c.verdict.is_alive()).count()
+    }
+
+    /// `pause_ms` from the migrator's summary.
+    pub fn pause_ms(&self) -> f64 {
+        self.summary["pause_ms"].as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+/// Files the run wrote.
+#[derive(Clone, Debug)]
+pub struct Outputs {
+    pub trace: PathBuf,
+    pub report_json: PathBuf,
+    pub report_text: PathBuf,
+    pub compare_text: PathBuf,
+    pub svg: PathBuf,
+    pub pcapng: PathBuf,
+    pub perfetto: PathBuf,
+    pub jsonl: PathBuf,
+    pub watch_log: PathBuf,
+}
+
+/// The result of a run.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub live: MigrationOutcome,
+    pub quick: MigrationOutcome,
+    pub arithmetic: Arithmetic,
+    /// migmon's side-by-side report (`migmon report --format compare`).
+    pub compare: String,
+    /// migmon's JSON report.
+    pub report: Value,
+    /// migmon watch's exit code (`--until-migrations` gate: 1 when a migration exceeded the limits).
+    pub watch_exit: Option<i32>,
+    pub outputs: Outputs,
+    pub guest_ip: std::net::Ipv4Addr,
+}
+
+/// The caller's view of a run in progress: a progress line sink and an interrupt flag.
+pub struct Ui<'a> {
+    pub say: &'a dyn Fn(&str),
+    pub interrupted: &'a AtomicBool,
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A child process (a migrator, migmon), killed on drop; its output goes to a log file.
+struct Proc {
+    what: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(what: &str, cmd: &mut Command, log: &Path) -> Result<Self, ScenarioError> {
+        let file = File::create(log).map_err(|source| ScenarioError::Write {
+            path: log.to_owned(),
+            source,
+        })?;
+        let err = file.try_clone().map_err(|source| ScenarioError::Write {
+            path: log.to_owned(),
+            source,
+        })?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| ScenarioError::Spawn {
+                what: what.to_owned(),
+                bin: PathBuf::from(cmd.get_program()),
+                source,
+            })?;
+        Ok(Self {
+            what: what.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+
+    fn failed(&self, why: &str) -> ScenarioError {
+        ScenarioError::Failed {
+            what: format!("{} ({why})", self.what),
+            log: self.log(),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            // `ip netns exec` execs the program: the pid is the migrator's (or migmon's) own.
+            self.signal(nix::sys::signal::Signal::SIGTERM);
+            // migmon flushes its trace on SIGTERM; a migrator has nothing to save.
+            let grace = if self.what.starts_with("migmon") {
+                3000
+            } else {
+                500
+            };
+            let deadline = Instant::now() + Duration::from_millis(grace);
+            while self.exited().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A private directory for sockets (unix socket paths must stay short), removed on drop.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Scenario<'a> {
+    cfg: &'a Config,
+    ui: &'a Ui<'a>,
+    bed: Testbed,
+    run_dir: RunDir,
+    start: Instant,
+}
+
+impl Scenario<'_> {
+    fn say(&self, msg: &str) {
+        (self.ui.say)(msg);
+    }
+
+    fn sock(&self, name: &str) -> String {
+        self.run_dir.0.join(name).display().to_string()
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.cfg.out.join(name)
+    }
+
+    /// Polls `cond` every 20 ms until it holds; prints `tick()` about once a second; fails on timeout or Ctrl-C.
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut() -> Result<bool, ScenarioError>,
+        mut tick: impl FnMut(Duration) -> String,
+        log: Option<&Path>,
+    ) -> Result<(), ScenarioError> {
+        let start = Instant::now();
+        let mut next_tick = start + Duration::from_secs(1);
+        loop {
+            if self.ui.interrupted.load(Ordering::SeqCst) {
+                self.say("interrupted: stopping the migrators, the clients and migmon, then the testbed");
+                return Err(ScenarioError::Interrupted);
+            }
+            if cond()? {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now - start >= timeout {
+                return Err(ScenarioError::Timeout {
+                    what: what.to_owned(),
+                    timeout,
+                    log: log.map(read_log).unwrap_or_default(),
+                });
+            }
+            if now >= next_tick {
+                next_tick = now + Duration::from_secs(1);
+                self.say(&tick(now - start));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn migrator(&self, host: Host, args: &[&str], log: &str) -> Result<Proc, ScenarioError> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.bed.host_ns(host)])
+            .arg(&self.cfg.migrator)
+            .args(args);
+        Proc::spawn(
+            &format!("migrator {} on host {host:?}", args[0]),
+            &mut cmd,
+            &self.out(log),
+        )
+    }
+
+    fn start_watch(&self, sock: &str, trace: &Path) -> Result<Proc, ScenarioError> {
+        let vm = format!("{VM_MAC}={}", self.bed.vm_ip(0));
+        let mut cmd = Command::new(&self.cfg.migmon);
+        cmd.args(["watch", "--vm", &vm]);
+        for p in self.bed.ports() {
+            cmd.args(["--iface", &p]);
+        }
+        for h in [Host::A, Host::B] {
+            cmd.args(["--egress", &self.bed.tap_at(h)]);
+        }
+        for port in [guest_abi::STREAM_PORT, guest_abi::RR_PORT] {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        // A connection that survives the quick pause shows it at its first retransmission after the VM is back
+        // (due at the profile's schedule, a little later with the real RTO above rto_min): migmon must still be
+        // watching then.
+        let heal = self
+            .cfg
+            .profile
+            .arithmetic()
+            .first_retransmit_after(self.cfg.quick_pause)
+            .map_or(Duration::ZERO, |t| {
+                ((t * 11 / 10).saturating_sub(self.cfg.quick_pause) + Duration::from_secs(2))
+                    .min(Duration::from_secs(60))
+            });
+        let settle = format!("{}ms", self.cfg.settle.max(heal).as_millis());
+        // A backstop: if this process is killed outright, migmon still ends by itself.
+        let backstop = format!("{}s", 300 + self.cfg.quick_pause.as_secs());
+        cmd.args(["--duration", &backstop]);
+        cmd.args([
+            "--events-listen",
+            sock,
+            "--until-migrations",
+            "2",
+            "--settle",
+            &settle,
+        ])
+        .arg("--record")
+        .arg(trace);
+        let log = self.out("watch.log");
+        let mut p = Proc::spawn("migmon watch", &mut cmd, &log)?;
+        self.say("migmon watch: loading the probes and attaching to 7 ports in 3 namespaces");
+        self.wait(
+            "migmon watch to attach its probes",
+            Duration::from_secs(90),
+            || {
+                if let Some(st) = p.exited() {
+                    return Err(p.failed(&format!("exited with {st}")));
+                }
+                Ok(p.log().contains("migmon: watching"))
+            },
+            |t| format!("migmon watch: still attaching ({:.0} s)", t.as_secs_f64()),
+            Some(&log),
+        )?;
+        Ok(p)
+    }
+
+    fn boot(&self, api: &str, events: &str) -> Result<Proc, ScenarioError> {
+        let ip = format!("{}/{}", self.bed.vm_ip(0), self.bed.lan_prefix_len());
+        let serial = self.out("guest-serial.log").display().to_string();
+        let mut args = vec![
+            "run",
+            "--tap",
+            Host::A.tap(),
+            "--mac",
+            VM_MAC,
+            "--ip",
+            &ip,
+            "--mem",
+            &self.cfg.mem,
+            "--api",
+            api,
+            "--events",
+            events,
+            "--serial-log",
+            &serial,
+        ];
+        if let Some(d) = &self.cfg.dirty {
+            args.extend(["--dirty", d]);
+        }
+        let log = self.out("migrator-a-run.log");
+        let mut p = self.migrator(Host::A, &args, "migrator-a-run.log")?;
+        let echo = SocketAddrV4::new(self.bed.vm_ip(0), guest_abi::ECHO_PORT);
+        let client_ns = self.bed.client_ns();
+        self.wait(
+            "the guest's echo service on host A",
+            Duration::from_secs(60),
+            || {
+                if let Some(st) = p.exited() {
+                    return Err(p.failed(&format!("exited with {st}")));
+                }
+                Ok(in_netns(&client_ns, || {
+                    TcpStream::connect_timeout(&echo.into(), Duration::from_millis(300)).is_ok()
+                })?)
+            },
+            |t| format!("guest: booting on host A ({:.0} s)", t.as_secs_f64()),
+            Some(&log),
+        )?;
+        Ok(p)
+    }
+
+    fn receive(&self, host: Host, api: &str, events: &str, log: &str) -> Result<Proc, ScenarioError> {
+        let listen = format!("tcp:{}:{MIG_PORT}", self.bed.mig_ip(host));
+        let mut p = self.migrator(
+            host,
+            &[
+                "receive",
+                "--tap",
+                host.tap(),
+                "--listen",
+                &listen,
+                "--api",
+                api,
+                "--events",
+                events,
+            ],
+            log,
+        )?;
+        let log = p.log.clone();
+        self.wait(
+            &format!("migrator receive on host {host:?}"),
+            Duration::from_secs(15),
+            || {
+                if let Some(st) = p.exited() {
+                    return Err(p.failed(&format!("exited with {st}")));
+                }
+                Ok(Path::new(api).exists())
+            },
+            |_| format!("migrator receive on host {host:?}: starting"),
+            Some(&log),
+        )?;
+        Ok(p)
+    }
+
+    /// `migrator migrate` from the VM behind `api` to `to`; returns its JSON summary and wall time.
+    fn migrate(
+        &self,
+        mode: &'static str,
+        api: &str,
+        to: Host,
+        extra: &[&str],
+        clients: &[Client],
+    ) -> Result<(Value, Duration), ScenarioError> {
+        let dest = format!("tcp:{}:{MIG_PORT}", self.bed.mig_ip(to));
+        let mut cmd = Command::new(&self.cfg.migrator);
+        cmd.args(["migrate", "--api", api, "--to", &dest, "--mode", mode, "--verify"])
+            .args(extra);
+        let log = self.out(&format!("migrate-{mode}.log"));
+        let summary_path = self.out(&format!("migrate-{mode}.json"));
+        let summary = File::create(&summary_path).map_err(|source| ScenarioError::Write {
+            path: summary_path.clone(),
+            source,
+        })?;
+        let errlog = File::create(&log).map_err(|source| ScenarioError::Write {
+            path: log.clone(),
+            source,
+        })?;
+        let started = Instant::now();
+        let mut child = Proc {
+            what: format!("migrator migrate --mode {mode}"),
+            child: cmd
+                .stdin(Stdio::null())
+                .stdout(summary)
+                .stderr(errlog)
+                .spawn()
+                .map_err(|source| ScenarioError::Spawn {
+                    what: "migrator migrate".into(),
+                    bin: self.cfg.migrator.clone(),
+                    source,
+                })?,
+            log: log.clone(),
+        };
+        let mut status = None;
+        self.wait(
+            &format!("the {mode} migration"),
+            Duration::from_secs(120) + self.cfg.quick_pause,
+            || {
+                status = child.exited();
+                Ok(status.is_some())
+            },
+            |t| {
+                let st = self.status(api);
+                let aborted = clients.iter().filter(|c| c.ended()).count();
+                let state = st["state"].as_str().unwrap_or("?").to_owned();
+                let mut line = format!("{mode} migration → {to:?}: {:.0} s, {state}", t.as_secs_f64());
+                if state == "precopy" {
+                    let _ = write!(
+                        line,
+                        ", round {}, {:.1} MiB left",
+                        st["iteration"],
+                        st["remaining_bytes"].as_f64().unwrap_or(0.0) / 1_048_576.0
+                    );
+                }
+                line + &format!("; clients aborted so far: {aborted}/{}", clients.len())
+            },
+            Some(&log),
+        )?;
+        let ok = status.is_some_and(|s| s.success());
+        let mut out = String::new();
+        let _ = File::open(&summary_path).and_then(|mut f| f.read_to_string(&mut out));
+        if !ok {
+            return Err(ScenarioError::Failed {
+                what: format!("migrator migrate --mode {mode}"),
+                log: format!("{}{out}", child.log()),
+            });
+        }
+        let summary = serde_json::from_str(&out).map_err(|e| ScenarioError::Failed {
+            what: format!("reading the {mode} migration's summary"),
+            log: format!("{e}: {out}"),
+        })?;
+        Ok((summary, started.elapsed()))
+    }
+
+    /// `migrator status --api` (JSON; Null when it does not answer).
+    fn status(&self, api: &str) -> Value {
+        Command::new(&self.cfg.migrator)
+            .args(["status", "--api", api])
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    /// `migmon ARGS`, stdout returned; fails with its stderr.
+    fn migmon(&self, args: &[&str]) -> Result<String, ScenarioError> {
+        let out = Command::new(&self.cfg.migmon)
+            .args(args)
+            .output()
+            .map_err(|source| ScenarioError::Spawn {
+                what: "migmon".into(),
+                bin: self.cfg.migmon.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(ScenarioError::Failed {
+                what: format!("migmon {}", args.join(" ")),
+                log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn write(path: &Path, text: &str) -> Result<(), ScenarioError> {
+        std::fs::write(path, text).map_err(|source| ScenarioError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// Runs the scenario (see the module doc). The testbed is down again when this returns, whatever happened.
+pub fn run(cfg: &Config, ui: &Ui<'_>) -> Result<Run, ScenarioError> {
+    std::fs::create_dir_all(&cfg.out).map_err(|source| ScenarioError::Write {
+        path: cfg.out.clone(),
+        source,
+    })?;
+    let run_dir = std::env::temp_dir().join(format!("migmon-{}-{}", cfg.prefix, std::process::id()));
+    std::fs::create_dir_all(&run_dir).map_err(|source| ScenarioError::Write {
+        path: run_dir.clone(),
+        source,
+    })?;
+    let run_dir = RunDir(run_dir);
+    (ui.say)(&format!(
+        "testbed {}: namespaces for a client, a switch and hosts A and B; one bridge per host, a migration link",
+        cfg.prefix
+    ));
+    let bed = Testbed::up(&cfg.prefix)?;
+    let s = Scenario {
+        cfg,
+        ui,
+        bed,
+        run_dir,
+        start: Instant::now(),
+    };
+    let r = scenario(&s);
+    (ui.say)(&format!("testbed {}: taking it down", cfg.prefix));
+    drop(s);
+    r
+}
+
+fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
+    let cfg = s.cfg;
+    let bed = &s.bed;
+    let events = s.sock("events.sock");
+    let trace = s.out("migration.trace");
+    let _ = std::fs::remove_file(&trace);
+    let mut watch = s.start_watch(&events, &trace)?;
+    let watch_log = watch.log.clone();
+
+    let (api_a, api_b, api_a2) = (s.sock("a.api"), s.sock("b.api"), s.sock("a2.api"));
+    s.say(&format!(
+        "guest: booting on host A ({}, {} RAM, dirtier {}), MAC {VM_MAC}, {}",
+        bed.tap_at(Host::A),
+        cfg.mem,
+        cfg.dirty.as_deref().unwrap_or("off"),
+        bed.vm_ip(0)
+    ));
+    let mut run_a = s.boot(&api_a, &events)?;
+    let run_a_log = run_a.log.clone();
+    let recv_b = s.receive(Host::B, &api_b, &events, "migrator-b-receive.log")?;
+
+    let arithmetic = cfg.profile.arithmetic();
+    cfg.profile.apply(&bed.client_ns(), CLIENT_IF, bed.vm_ip(0))?;
+    s.say(&arithmetic.to_string());
+    let opts = ClientOptions {
+        profile: cfg.profile,
+        stall_limit: Duration::from_secs(60) + cfg.quick_pause,
+    };
+    let clients = start_mix(&bed.client_ns(), bed.vm_ip(0), cfg.clients, opts)?;
+    s.say(&format!(
+        "clients: {} connections from {} ({} streams with sequence checks, {} request/response)",
+        clients.len(),
+        bed.client_ns(),
+        clients.len().div_ceil(2),
+        clients.len() / 2
+    ));
+    let all_progress = |min: &[u64]| clients.iter().zip(min).all(|(c, m)| c.progress() > m + 3);
+    let zero = vec![0; clients.len()];
+    s.wait(
+        "every client to make progress",
+        Duration::from_secs(20),
+        || Ok(all_progress(&zero)),
+        |_| "clients: getting going".into(),
+        None,
+    )?;
+    for c in &clients {
+        c.take_max_gap();
+    }
+
+    // Live A → B.
+    s.say("live migration A → B: pre-copy over the migration link, pause within a 30 ms budget");
+    let (live_summary, live_wall) = s.migrate("live", &api_a, Host::B, &["--downtime", "30ms"], &clients)?;
+    s.say(&format!(
+        "live migration done in {:.0} ms: pause {:.1} ms, {} rounds",
+        live_wall.as_secs_f64() * 1e3,
+        live_summary["pause_ms"].as_f64().unwrap_or(f64::NAN),
+        live_summary["rounds"]
+    ));
+    s.wait(
+        "the source migrator on A to exit",
+        Duration::from_secs(15),
+        || Ok(run_a.exited().is_some()),
+        |_| "live migration: waiting for host A's migrator to hand over".into(),
+        Some(&run_a_log),
+    )?;
+    let base: Vec<u64> = clients.iter().map(Client::progress).collect();
+    s.wait(
+        "every client to make progress after the live migration",
+        Duration::from_secs(20),
+        || Ok(all_progress(&base) || clients.iter().any(Client::ended)),
+        |_| "clients: waiting for every connection to move on".into(),
+        None,
+    )?;
+    let live = MigrationOutcome {
+        mode: "live",
+        summary: live_summary,
+        clients: clients.iter().map(Client::snapshot).collect(),
+        wall: live_wall,
+    };
+    s.say(&format!(
+        "after live: {} of {} connections alive, largest client gap {:.0} ms",
+        live.clients.len() - live.aborted(),
+        live.clients.len(),
+        live.clients
+            .iter()
+            .map(|c| c.max_gap)
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3
+    ));
+
+    // Quick B → A.
+    let recv_a = s.receive(Host::A, &api_a2, &events, "migrator-a-receive.log")?;
+    let pause = format!("{}ms", cfg.quick_pause.as_millis());
+    s.say(&format!(
+        "quick migration B → A: suspend, copy, resume, with the guest held paused {:.1} s longer (--extra-pause {pause}) \
+         to reproduce a Quick Migration through shared storage",
+        cfg.quick_pause.as_secs_f64()
+    ));
+    let (quick_summary, quick_wall) =
+        s.migrate("quick", &api_b, Host::A, &["--extra-pause", &pause], &clients)?;
+    s.say(&format!(
+        "quick migration done: pause {:.2} s, of which {:.2} s held by --extra-pause",
+        quick_summary["pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3,
+        quick_summary["extra_pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3
+    ));
+    let base: Vec<u64> = clients.iter().map(Client::progress).collect();
+    s.wait(
+        "every client to recover or abort after the quick migration",
+        Duration::from_secs(60),
+        || {
+            Ok(clients
+                .iter()
+                .zip(&base)
+                .all(|(c, b)| c.ended() || c.progress() > b + 3))
+        },
+        |t| {
+            let ended = clients.iter().filter(|c| c.ended()).count();
+            format!(
+                "clients: {ended} aborted, {} still recovering ({:.0} s after resume)",
+                clients
+                    .iter()
+                    .zip(&base)
+                    .filter(|(c, b)| !c.ended() && c.progress() <= *b + 3)
+                    .count(),
+                t.as_secs_f64()
+            )
+        },
+        None,
+    )?;
+
+    // migmon ends by itself once both migrations have settled.
+    let mut watch_exit = None;
+    s.wait(
+        "migmon watch to settle both migrations (--until-migrations 2)",
+        cfg.settle + Duration::from_secs(60),
+        || {
+            watch_exit = watch.exited().map(|st| st.code());
+            Ok(watch_exit.is_some())
+        },
+        |_| "migmon: settling the migrations".into(),
+        Some(&watch_log),
+    )?;
+    let final_reports: Vec<ClientReport> = clients.into_iter().map(Client::finish).collect();
+    let quick = MigrationOutcome {
+        mode: "quick",
+        summary: quick_summary,
+        clients: final_reports,
+        wall: quick_wall,
+    };
+    drop((recv_a, recv_b, run_a));
+
+    s.say("reports: migmon report and export on the trace");
+    let trace_s = trace.display().to_string();
+    let outputs = Outputs {
+        trace: trace.clone(),
+        report_json: s.out("report.json"),
+        report_text: s.out("report.txt"),
+        compare_text: s.out("compare.txt"),
+        svg: s.out("timeline.svg"),
+        pcapng: s.out("migration.pcapng"),
+        perfetto: s.out("migration.perfetto-trace"),
+        jsonl: s.out("migration.jsonl"),
+        watch_log: s.out("watch.log"),
+    };
+    let p = |p: &Path| p.display().to_string();
+    let mut compare_args = vec![
+        "report".to_owned(),
+        trace_s.clone(),
+        "--format".into(),
+        "compare".into(),
+        "--svg".into(),
+        p(&outputs.svg),
+        "--tcp-retries2".into(),
+        cfg.profile.tcp_retries2().to_string(),
+    ];
+    if let Some(r) = cfg.profile.rto_min() {
+        compare_args.extend(["--rto-min".into(), format!("{}ms", r.as_millis())]);
+    }
+    if let Some(u) = cfg.profile.user_timeout() {
+        compare_args.extend(["--user-timeout".into(), format!("{}ms", u.as_millis())]);
+    }
+    let compare_refs: Vec<&str> = compare_args.iter().map(String::as_str).collect();
+    let compare = s.migmon(&compare_refs)?;
+    Scenario::write(&outputs.compare_text, &compare)?;
+    let json = s.migmon(&["report", &trace_s, "--format", "json"])?;
+    Scenario::write(&outputs.report_json, &json)?;
+    let text = s.migmon(&["report", &trace_s, "--format", "text"])?;
+    Scenario::write(&outputs.report_text, &text)?;
+    s.migmon(&[
+        "export",
+        &trace_s,
+        "--pcapng",
+        &p(&outputs.pcapng),
+        "--perfetto",
+        &p(&outputs.perfetto),
+        "--jsonl",
+        &p(&outputs.jsonl),
+    ])?;
+    let report = serde_json::from_str(&json).map_err(|e| ScenarioError::Failed {
+        what: "reading migmon's JSON report".into(),
+        log: e.to_string(),
+    })?;
+    s.say(&format!(
+        "scenario finished after {:.0} s",
+        s.elapsed().as_secs_f64()
+    ));
+    Ok(Run {
+        live,
+        quick,
+        arithmetic,
+        compare,
+        report,
+        watch_exit: watch_exit.flatten(),
+        outputs,
+        guest_ip: bed.vm_ip(0),
+    })
+}

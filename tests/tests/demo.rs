@@ -1,0 +1,240 @@
+//! The reduced demo: `./x demo`'s own scenario (`testbed::scenario`) on a testbed of its own, with 4 clients and a
+//! shorter quick pause. Asserts the thesis: the live migration aborts nothing; the quick one aborts every client
+//! connection with ETIMEDOUT, as the clients' sockets and migmon's report both say; the announce is seen and the
+//! FDB moves in both migrations; every output file is written.
+#![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+
+use std::{path::PathBuf, sync::atomic::AtomicBool, time::Duration};
+
+use integration_tests::{migmon_bin, unique};
+use serde_json::Value;
+use testbed::{
+    clients::Profile,
+    scenario::{self, Config, Ui},
+};
+
+fn migrator_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MIGRATOR_BIN") {
+        return PathBuf::from(p);
+    }
+    migmon_bin().with_file_name("migrator")
+}
+
+fn migration<'a>(report: &'a Value, mode: &str) -> &'a Value {
+    report["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mode"] == mode)
+        .unwrap_or_else(|| panic!("no {mode} migration in the report: {report:#}"))
+}
+
+#[test]
+fn live_keeps_every_session_quick_aborts_every_one() {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        eprintln!("SKIP: /dev/kvm is missing: the demo needs KVM");
+        return;
+    }
+    let migrator = migrator_bin();
+    assert!(
+        migrator.exists(),
+        "{} does not exist: `./x test` builds it (by hand: cargo build --release -p migrator)",
+        migrator.display()
+    );
+    let out = std::env::temp_dir().join(unique("mmdemo-test"));
+    let cfg = Config {
+        prefix: unique("tbd"),
+        clients: 4,
+        quick_pause: Duration::from_secs(6),
+        profile: Profile::Windows2003,
+        out: out.clone(),
+        migmon: migmon_bin(),
+        migrator,
+        mem: "256M".into(),
+        dirty: Some("8M@16M".into()),
+        settle: Duration::from_secs(3),
+    };
+    let say = |m: &str| eprintln!("demo: {m}");
+    let interrupted = AtomicBool::new(false);
+    let run = scenario::run(
+        &cfg,
+        &Ui {
+            say: &say,
+            interrupted: &interrupted,
+        },
+    )
+    .unwrap_or_else(|e| panic!("the reduced demo failed: {e}"));
+    eprintln!("{}", run.compare);
+    assert!(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains(&cfg.prefix)),
+        "the testbed is down again"
+    );
+
+    // What the clients saw.
+    assert_eq!(run.live.aborted(), 0, "live: {:#?}", run.live.clients);
+    for c in &run.quick.clients {
+        assert_eq!(
+            c.verdict.errno(),
+            Some(libc::ETIMEDOUT),
+            "quick: every client connection times out: {c:?}"
+        );
+    }
+    // The arithmetic the demo prints agrees with what happened.
+    assert!(run.quick.pause_ms() / 1e3 > run.arithmetic.abort_at.as_secs_f64());
+
+    // What migmon saw.
+    let live = migration(&run.report, "live");
+    let quick = migration(&run.report, "quick");
+    assert_eq!(live["aborted"], 0, "{live:#}");
+    for m in [live, quick] {
+        assert!(
+            !m["timeline"]["first_rarp"].is_null(),
+            "the announce was seen: {m:#}"
+        );
+        assert!(
+            !m["timeline"]["fdb_moves"].as_array().unwrap().is_empty(),
+            "the FDB moved: {m:#}"
+        );
+    }
+    let conns = quick["connections"].as_array().unwrap();
+    for c in &run.quick.clients {
+        let v = conns
+            .iter()
+            .find(|v| v["sport"] == c.local.port() && v["daddr"] == run.guest_ip.to_string())
+            .unwrap_or_else(|| panic!("client {} not in the quick report: {quick:#}", c.local));
+        assert_eq!(v["fate"], "aborted", "{v:#}");
+        assert_eq!(v["reason"], "etimedout", "{v:#}");
+    }
+    assert_eq!(
+        run.watch_exit,
+        Some(1),
+        "the --until-migrations gate fails on the quick migration"
+    );
+    for p in [
+        &run.outputs.trace,
+        &run.outputs.svg,
+        &run.outputs.pcapng,
+        &run.outputs.perfetto,
+        &run.outputs.report_json,
+        &run.outputs.jsonl,
+    ] {
+        assert!(
+            std::fs::metadata(p).is_ok_and(|m| m.len() > 0),
+            "{} was written",
+            p.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Connects from namespace `from` to a listener at `addr` in namespace `to`; returns whether a byte went through.
+fn tcp_reaches(from: &str, to: &str, addr: std::net::SocketAddrV4) -> bool {
+    use std::io::{Read, Write};
+    let listener = testbed::net::in_netns(to, || std::net::TcpListener::bind(addr))
+        .unwrap()
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        b[0]
+    });
+    let sent = testbed::net::in_netns(from, || {
+        std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))
+            .and_then(|mut s| s.write_all(&[42]))
+            .is_ok()
+    })
+    .unwrap();
+    sent && server.join().unwrap() == 42
+}
+
+#[test]
+fn testbed_up_is_idempotent_isolated_and_down_cleans_up_after_a_crash() {
+    use testbed::{
+        net::{netns_exists, try_ip_in, wait_until},
+        topology::{Host, Testbed, Topology},
+    };
+    let topo = Topology::new(&unique("tbt")).unwrap();
+    let other = Topology::new(&unique("tbt")).unwrap();
+    // Guards: both go down even if an assertion fails.
+    let _guards = (Testbed { topo: topo.clone() }, Testbed { topo: other.clone() });
+    topo.up().unwrap();
+    other.up().unwrap();
+    assert!(
+        topo.is_up() && other.is_up(),
+        "{}{}",
+        topo.status(),
+        other.status()
+    );
+    // `up` again leaves the running testbed alone: same namespace (inode) as before.
+    let inode = |ns: &str| {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(testbed::net::netns_path(ns)).unwrap())
+    };
+    let before = inode(&topo.host_ns(Host::A));
+    topo.up().unwrap();
+    assert_eq!(inode(&topo.host_ns(Host::A)), before, "up is idempotent");
+
+    // The client reaches host A's bridge through the switch and A's uplink; A reaches B over the migration link.
+    let ha = topo.host_ns(Host::A);
+    let probe_ip = topo.vm_ip(0);
+    try_ip_in(
+        Some(&ha),
+        &["addr", "add", &format!("{probe_ip}/25"), "dev", Host::A.bridge()],
+    )
+    .unwrap();
+    assert!(
+        tcp_reaches(
+            &topo.client_ns(),
+            &ha,
+            std::net::SocketAddrV4::new(probe_ip, 9001)
+        ),
+        "client → switch → host A: {}",
+        topo.status()
+    );
+    assert!(
+        tcp_reaches(
+            &ha,
+            &topo.host_ns(Host::B),
+            std::net::SocketAddrV4::new(topo.mig_ip(Host::B), 9002)
+        ),
+        "host A → host B over the migration link"
+    );
+    // Nothing is routed out: no namespace has a default route.
+    for ns in topo.namespaces() {
+        let routes = try_ip_in(Some(&ns), &["route", "show", "default"]).unwrap();
+        assert!(routes.trim().is_empty(), "{ns} has a default route: {routes}");
+    }
+
+    // A crash: a process left running inside host B, and a namespace missing. `up` rebuilds, `down` ends the
+    // process and removes everything.
+    let mut leftover = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.host_ns(Host::B), "sleep", "600"])
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        testbed::net::try_run("ip", &["netns", "pids", &topo.host_ns(Host::B)])
+            .is_ok_and(|o| !o.trim().is_empty())
+    }));
+    testbed::net::try_run("ip", &["netns", "del", &topo.switch_ns()]).unwrap();
+    assert!(!topo.is_up());
+    topo.up().unwrap();
+    assert!(topo.is_up(), "a partial testbed is rebuilt: {}", topo.status());
+    assert!(
+        wait_until(Duration::from_secs(5), || leftover
+            .try_wait()
+            .ok()
+            .flatten()
+            .is_some()),
+        "rebuilding ended the process left inside"
+    );
+    topo.down().unwrap();
+    for ns in topo.namespaces() {
+        assert!(!netns_exists(&ns), "{ns} was removed");
+    }
+    assert!(other.is_up(), "the other testbed is untouched");
+    other.down().unwrap();
+    assert!(!other.namespaces().iter().any(|n| netns_exists(n)));
+}
