@@ -222,6 +222,9 @@ pub struct MigrationReport {
     pub source: String,
     pub source_host: Option<String>,
     pub destination_host: Option<String>,
+    /// The hypervisor carries the frames that reach the source during the pause to the guest at resume (from the
+    /// Setup event; false for QMP-sourced and wire-inferred migrations, whose frames are dropped).
+    pub carries_frames: bool,
     /// completed, failed: …, rolled back, in progress.
     pub outcome: String,
     pub timeline: Timeline,
@@ -354,6 +357,7 @@ struct MigrationGroup {
     source: String,
     mac: String,
     mode: Option<Mode>,
+    carries_frames: bool,
     ips: Vec<String>,
     source_host: Option<String>,
     destination_host: Option<String>,
@@ -441,9 +445,16 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
             source: source.clone(),
         };
         match &ev.phase {
-            Phase::Setup { mode, ips, host, .. } => {
+            Phase::Setup {
+                mode,
+                ips,
+                host,
+                carries_frames,
+                ..
+            } => {
                 g.setup.get_or_insert(ev.ts_ns);
                 g.mode = Some(*mode);
+                g.carries_frames |= *carries_frames;
                 for ip in ips {
                     if !g.ips.contains(ip) {
                         g.ips.push(ip.clone());
@@ -1542,6 +1553,7 @@ fn build_migration(
         source: g.source.clone(),
         source_host: g.source_host.clone(),
         destination_host: g.destination_host.clone(),
+        carries_frames: g.carries_frames,
         outcome,
         timeline: tl,
         downtime: dt,

@@ -34,6 +34,11 @@ pub fn mig(ts_ms: u64, id: &str, mac: &str, role: Role, phase: Phase, source: &s
 }
 
 pub fn setup(ts_ms: u64, id: &str, mac: &str, ip: Ipv4Addr, mode: Mode) -> Event {
+    setup_with(ts_ms, id, mac, ip, mode, false)
+}
+
+/// A Setup event whose hypervisor does (`carries_frames`) or does not carry the frames held during the pause.
+pub fn setup_with(ts_ms: u64, id: &str, mac: &str, ip: Ipv4Addr, mode: Mode, carries_frames: bool) -> Event {
     mig(
         ts_ms,
         id,
@@ -44,6 +49,7 @@ pub fn setup(ts_ms: u64, id: &str, mac: &str, ip: Ipv4Addr, mode: Mode) -> Event
             ram_bytes: 256 << 20,
             ips: vec![ip.to_string()],
             host: "hostA".into(),
+            carries_frames,
         },
         "migrator",
     )
