@@ -1004,6 +1004,7 @@ fn verdict(
     // within the time the next one was due.
     let mut progress: Option<(u64, String)> = precise.clone();
     let mut unresolved = false;
+    let mut unresolved_basis: Option<String> = None;
     if let Some(last) = ep.last() {
         // The next retransmission was due one doubled RTO later; long timers fire late by the timer wheel's
         // granularity (up to an eighth of the timeout), hence the slack.
@@ -1039,6 +1040,18 @@ fn verdict(
         }
         if !aborted_in_episode && next_due > trace_end && !precise_in_episode {
             unresolved = true;
+            unresolved_basis = Some(format!(
+                "survived so far: no abort by the trace's end ({} after resume); retransmission #{} came at {}, the \
+                 next was due by resume+{}",
+                fmt_dur(trace_end.saturating_sub(resume)),
+                ep.len(),
+                if last.ts >= resume {
+                    format!("resume+{}", fmt_dur(last.ts - resume))
+                } else {
+                    format!("resume−{}", fmt_dur(resume - last.ts))
+                },
+                fmt_dur(next_due.saturating_sub(resume))
+            ));
         }
     }
 
@@ -1100,7 +1113,8 @@ fn verdict(
         (Fate::Aborted { .. }, _) => (None, "aborted before any forward progress".to_owned()),
         (Fate::Unresolved, _) => (
             None,
-            "the trace ends before the next retransmission was due".to_owned(),
+            unresolved_basis
+                .unwrap_or_else(|| "the trace ends before the next retransmission was due".to_owned()),
         ),
     };
     let counted: Vec<&Rtx> = ep

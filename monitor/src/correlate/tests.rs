@@ -881,3 +881,20 @@ fn nonsense_input_does_not_panic() {
     );
     let _ = crate::export::perfetto::encode(&Trace::default(), &a);
 }
+
+#[test]
+fn a_connection_still_retransmitting_when_the_trace_ends_says_when_the_next_was_due() {
+    let t = tuple(48002, VM_IP);
+    let mut ev = migration("short", VM_MAC, VM_IP, Mode::Quick, 1000, 2000);
+    ev.push(state(1, t, "SYN_SENT", "ESTABLISHED"));
+    // The third retransmission (RTO 800 ms) went out after resume; the next was due by 2400 + 1600 (+ slack 400).
+    ev.extend([rtx(1200, t, 1, 200), rtx(1600, t, 2, 200), rtx(2400, t, 3, 200)]);
+    let a = correlate(&ev);
+    let c = &a.migrations[0].connections[0];
+    assert_eq!(c.fate, Fate::Unresolved);
+    assert_eq!(
+        c.progress_basis,
+        "survived so far: no abort by the trace's end (400.0 ms after resume); retransmission #3 came at \
+         resume+400.0 ms, the next was due by resume+2.40 s"
+    );
+}
