@@ -51,6 +51,12 @@ pub enum Phase {
         /// Host label of the writer (for example the tap name or the netns).
         #[serde(default)]
         host: String,
+        /// Whether the hypervisor carries the frames that reach the source's tap while the VM is paused over to the
+        /// destination and delivers them to the guest at resume (our migrator does; QEMU drops them). Decides which
+        /// outages a TCP connection survives: carried, any that ends before the client's abort time; dropped, only
+        /// those that end before its last retransmission.
+        #[serde(default)]
+        carries_frames: bool,
     },
     /// One pre-copy round was sent.
     Round {
@@ -198,6 +204,7 @@ mod tests {
                 ram_bytes: 1 << 28,
                 ips: vec!["10.0.0.2".into()],
                 host: "a".into(),
+                carries_frames: true,
             },
             Phase::Round {
                 n: 1,

@@ -128,6 +128,8 @@ where
         ram_bytes: total_bytes,
         ips: Vec::new(),
         host: opts.host.clone(),
+        // Frames that reach the source tap during the pause are delivered to the guest at resume.
+        carries_frames: true,
     });
     tracker.update(|s| {
         s.migration_id = Some(hello.migration_id.clone());

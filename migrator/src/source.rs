@@ -169,6 +169,8 @@ impl Session {
             ram_bytes: ram.total_bytes(),
             ips: id.ips.clone(),
             host: id.host.clone(),
+            // Frames that reach the source tap during the pause are delivered to the guest at resume.
+            carries_frames: true,
         });
         tracker.update(|s| {
             *s = crate::migration::Status {

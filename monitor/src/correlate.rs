@@ -222,6 +222,9 @@ pub struct MigrationReport {
     pub source: String,
     pub source_host: Option<String>,
     pub destination_host: Option<String>,
+    /// The hypervisor carries the frames that reach the source during the pause to the guest at resume (from the
+    /// Setup event; false for QMP-sourced and wire-inferred migrations, whose frames are dropped).
+    pub carries_frames: bool,
     /// completed, failed: …, rolled back, in progress.
     pub outcome: String,
     pub timeline: Timeline,
@@ -354,6 +357,7 @@ struct MigrationGroup {
     source: String,
     mac: String,
     mode: Option<Mode>,
+    carries_frames: bool,
     ips: Vec<String>,
     source_host: Option<String>,
     destination_host: Option<String>,
@@ -441,9 +445,16 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
             source: source.clone(),
         };
         match &ev.phase {
-            Phase::Setup { mode, ips, host, .. } => {
+            Phase::Setup {
+                mode,
+                ips,
+                host,
+                carries_frames,
+                ..
+            } => {
                 g.setup.get_or_insert(ev.ts_ns);
                 g.mode = Some(*mode);
+                g.carries_frames |= *carries_frames;
                 for ip in ips {
                     if !g.ips.contains(ip) {
                         g.ips.push(ip.clone());
@@ -993,6 +1004,7 @@ fn verdict(
     // within the time the next one was due.
     let mut progress: Option<(u64, String)> = precise.clone();
     let mut unresolved = false;
+    let mut unresolved_basis: Option<String> = None;
     if let Some(last) = ep.last() {
         // The next retransmission was due one doubled RTO later; long timers fire late by the timer wheel's
         // granularity (up to an eighth of the timeout), hence the slack.
@@ -1028,6 +1040,18 @@ fn verdict(
         }
         if !aborted_in_episode && next_due > trace_end && !precise_in_episode {
             unresolved = true;
+            unresolved_basis = Some(format!(
+                "survived so far: no abort by the trace's end ({} after resume); retransmission #{} came at {}, the \
+                 next was due by resume+{}",
+                fmt_dur(trace_end.saturating_sub(resume)),
+                ep.len(),
+                if last.ts >= resume {
+                    format!("resume+{}", fmt_dur(last.ts - resume))
+                } else {
+                    format!("resume−{}", fmt_dur(resume - last.ts))
+                },
+                fmt_dur(next_due.saturating_sub(resume))
+            ));
         }
     }
 
@@ -1089,7 +1113,8 @@ fn verdict(
         (Fate::Aborted { .. }, _) => (None, "aborted before any forward progress".to_owned()),
         (Fate::Unresolved, _) => (
             None,
-            "the trace ends before the next retransmission was due".to_owned(),
+            unresolved_basis
+                .unwrap_or_else(|| "the trace ends before the next retransmission was due".to_owned()),
         ),
     };
     let counted: Vec<&Rtx> = ep
@@ -1542,6 +1567,7 @@ fn build_migration(
         source: g.source.clone(),
         source_host: g.source_host.clone(),
         destination_host: g.destination_host.clone(),
+        carries_frames: g.carries_frames,
         outcome,
         timeline: tl,
         downtime: dt,

@@ -84,6 +84,9 @@ pub struct Outage {
     pub restore_ns: u64,
     /// The base RTO observed (before backoff).
     pub base_rto_ns: u64,
+    /// The hypervisor carries the segments held during the outage to the guest at `restore` (our migrator); when
+    /// false they are dropped (QEMU) and only a retransmission sent after `restore` gets through.
+    pub carried: bool,
 }
 
 /// What the model says.
@@ -92,6 +95,9 @@ pub struct Outage {
 pub enum Prediction {
     /// The retransmission number `retransmits` at `at_ns` gets through.
     Survives { at_ns: u64, retransmits: u32 },
+    /// The connection was still retransmitting at `at_ns` (the restore) and the hypervisor delivered the segments held
+    /// during the outage there, after `retransmits` retransmissions.
+    Delivered { at_ns: u64, retransmits: u32 },
     /// ETIMEDOUT at `at_ns`, after `retransmits` retransmissions.
     Aborts { at_ns: u64, retransmits: u32 },
     /// Nothing was in flight during the pause: no timer ran.
@@ -111,12 +117,24 @@ pub fn predict(o: &Outage, s: &Settings, in_force_rto_min_ns: u64) -> Prediction
         let b = o.base_rto_ns.max(1);
         for k in 1..=5u32 {
             let f = o.t0_ns + b * ((1u64 << k) - 1);
+            if o.carried && o.restore_ns < f {
+                return Prediction::Delivered {
+                    at_ns: o.restore_ns.max(o.t0_ns),
+                    retransmits: k - 1,
+                };
+            }
             if f >= o.restore_ns {
                 return Prediction::Survives {
                     at_ns: f,
                     retransmits: k,
                 };
             }
+        }
+        if o.carried && o.restore_ns < o.t0_ns + 63 * b {
+            return Prediction::Delivered {
+                at_ns: o.restore_ns,
+                retransmits: 5,
+            };
         }
         return Prediction::Aborts {
             at_ns: o.t0_ns + 63 * b,
@@ -136,6 +154,13 @@ pub fn predict(o: &Outage, s: &Settings, in_force_rto_min_ns: u64) -> Prediction
         fire = fire.saturating_add(interval);
         if let Some(u) = s.user_timeout_ns {
             fire = fire.min(first + u);
+        }
+        // Carried: the segments held during the outage reach the guest at the restore, before this timer fires.
+        if o.carried && o.restore_ns < fire {
+            return Prediction::Delivered {
+                at_ns: o.restore_ns.max(o.t0_ns),
+                retransmits,
+            };
         }
         if retransmits > 0 && fire - first >= limit {
             return Prediction::Aborts {
@@ -171,13 +196,16 @@ pub fn restore_ns(m: &MigrationReport) -> u64 {
 }
 
 /// The outage of one judged connection, or `None` when nothing was in flight.
-pub fn outage_of(c: &ConnectionVerdict, restore: u64) -> Option<Outage> {
+/// `carried`: the migration's hypervisor delivers the segments held during the pause at resume
+/// ([`MigrationReport::carries_frames`]).
+pub fn outage_of(c: &ConnectionVerdict, restore: u64, carried: bool) -> Option<Outage> {
     let first = c.first_rto_ns.or(c.first_retransmit_ns)?;
     let base = c.base_rto_us.map_or(TCP_RTO_MIN_NS, |us| us * 1000).max(1);
     Some(Outage {
         t0_ns: first.saturating_sub(base),
         restore_ns: restore,
         base_rto_ns: base,
+        carried,
     })
 }
 
@@ -229,7 +257,7 @@ pub fn whatif(a: &Analysis, in_force: &Settings, scenario: &Settings) -> WhatIf 
         let restore = restore_ns(m);
         let pause = m.timeline.pause.as_ref().map_or(0, |p| p.ts_ns);
         for c in m.connections.iter().filter(|c| !c.opened_during_window) {
-            let (baseline, scen) = match outage_of(c, restore) {
+            let (baseline, scen) = match outage_of(c, restore, m.carries_frames) {
                 Some(o) => (
                     predict(&o, in_force, in_force.rto_min_ns),
                     predict(&o, scenario, in_force.rto_min_ns),
@@ -283,6 +311,11 @@ fn fmt_pred(p: &Prediction, pause: u64) -> String {
                 rel(*at_ns)
             )
         }
+        Prediction::Delivered { at_ns, retransmits } => format!(
+            "survives (still retransmitting after {retransmits} retransmissions at {}: the migrator carried the \
+             retransmissions held during the pause to the guest at resume)",
+            rel(*at_ns)
+        ),
         Prediction::Aborts { at_ns, retransmits } => {
             format!("ETIMEDOUT at {} after {retransmits} retransmissions", rel(*at_ns))
         }
@@ -361,6 +394,7 @@ mod tests {
             t0_ns: 100 * MS,
             restore_ns: 8 * S,
             base_rto_ns: 200 * MS,
+            carried: false,
         };
         assert_eq!(
             predict(&eight, &ut, 200 * MS),
@@ -389,6 +423,101 @@ mod tests {
         );
     }
 
+    /// Frames dropped during the pause (QEMU): only a retransmission after the restore gets through, so an outage
+    /// past the last retransmission (3.0 s for `tcp_retries2=3` at 200 ms) kills the connection. Frames carried (our
+    /// migrator): the held retransmission reaches the guest at the restore, so any restore before the abort (6.2 s)
+    /// saves it.
+    #[test]
+    fn carried_frames_survive_until_the_abort() {
+        let s = Settings {
+            tcp_retries2: 3,
+            ..Settings::default()
+        };
+        let dropped = Outage {
+            t0_ns: 0,
+            restore_ns: 5 * S,
+            base_rto_ns: 200 * MS,
+            carried: false,
+        };
+        assert_eq!(
+            predict(&dropped, &s, 200 * MS),
+            Prediction::Aborts {
+                at_ns: 6200 * MS,
+                retransmits: 4
+            }
+        );
+        let carried = Outage {
+            carried: true,
+            ..dropped
+        };
+        assert_eq!(
+            predict(&carried, &s, 200 * MS),
+            Prediction::Delivered {
+                at_ns: 5 * S,
+                retransmits: 4
+            }
+        );
+        assert!(predict(&carried, &s, 200 * MS).survives());
+        // Past the abort, carrying does not help.
+        let late = Outage {
+            restore_ns: 7 * S,
+            ..carried
+        };
+        assert!(matches!(
+            predict(&late, &s, 200 * MS),
+            Prediction::Aborts { at_ns, .. } if at_ns == 6200 * MS
+        ));
+        // A restore before the next retransmission is the same either way, only sooner when carried.
+        let short = Outage {
+            restore_ns: 500 * MS,
+            ..carried
+        };
+        assert_eq!(
+            predict(&short, &s, 200 * MS),
+            Prediction::Delivered {
+                at_ns: 500 * MS,
+                retransmits: 1
+            }
+        );
+        assert_eq!(
+            predict(
+                &Outage {
+                    carried: false,
+                    ..short
+                },
+                &s,
+                200 * MS
+            ),
+            Prediction::Survives {
+                at_ns: 600 * MS,
+                retransmits: 2
+            }
+        );
+        // Windows: 5 retransmissions, abort at 63 × base = 12.6 s.
+        let w = Settings {
+            windows: true,
+            ..Settings::default()
+        };
+        let ten = Outage {
+            restore_ns: 10 * S,
+            ..carried
+        };
+        assert!(
+            matches!(predict(&ten, &w, 200 * MS), Prediction::Delivered { at_ns, .. } if at_ns == 10 * S)
+        );
+        assert!(matches!(
+            predict(
+                &Outage {
+                    carried: false,
+                    ..ten
+                },
+                &w,
+                200 * MS
+            ),
+            Prediction::Aborts { .. }
+        ));
+    }
+
     #[test]
     fn rto_min_and_windows() {
         // A 20 ms route rto_min with tcp_retries2=3: the retries timeout is still modelled from 200 ms (3.0 s),
@@ -402,6 +531,7 @@ mod tests {
             t0_ns: 0,
             restore_ns: 60 * S,
             base_rto_ns: 200 * MS,
+            carried: false,
         };
         assert_eq!(
             predict(&o, &s, 200 * MS),
@@ -494,9 +624,11 @@ mod kernel_traces {
                 unreachable!()
             };
             let restore = restore_ns(m);
-            let Prediction::Aborts { at_ns: predicted, .. } =
-                predict(&outage_of(c, restore).unwrap(), &in_force, in_force.rto_min_ns)
-            else {
+            let Prediction::Aborts { at_ns: predicted, .. } = predict(
+                &outage_of(c, restore, m.carries_frames).unwrap(),
+                &in_force,
+                in_force.rto_min_ns,
+            ) else {
                 panic!("the model must predict the abort")
             };
             let err = at_ns.abs_diff(predicted);

@@ -171,6 +171,7 @@ fn scenario(mode: Mode, pause: Duration) -> Outcome {
             ram_bytes: 256 << 20,
             ips: vec![s.server_ip.to_string()],
             host: s.server.name.clone(),
+            carries_frames: false,
         },
     );
     send(&mut sink, Role::Source, Phase::Pause);

@@ -34,6 +34,11 @@ pub fn mig(ts_ms: u64, id: &str, mac: &str, role: Role, phase: Phase, source: &s
 }
 
 pub fn setup(ts_ms: u64, id: &str, mac: &str, ip: Ipv4Addr, mode: Mode) -> Event {
+    setup_with(ts_ms, id, mac, ip, mode, false)
+}
+
+/// A Setup event whose hypervisor does (`carries_frames`) or does not carry the frames held during the pause.
+pub fn setup_with(ts_ms: u64, id: &str, mac: &str, ip: Ipv4Addr, mode: Mode, carries_frames: bool) -> Event {
     mig(
         ts_ms,
         id,
@@ -44,6 +49,7 @@ pub fn setup(ts_ms: u64, id: &str, mac: &str, ip: Ipv4Addr, mode: Mode) -> Event
             ram_bytes: 256 << 20,
             ips: vec![ip.to_string()],
             host: "hostA".into(),
+            carries_frames,
         },
         "migrator",
     )
@@ -874,4 +880,21 @@ fn nonsense_input_does_not_panic() {
         &crate::whatif::Settings::default(),
     );
     let _ = crate::export::perfetto::encode(&Trace::default(), &a);
+}
+
+#[test]
+fn a_connection_still_retransmitting_when_the_trace_ends_says_when_the_next_was_due() {
+    let t = tuple(48002, VM_IP);
+    let mut ev = migration("short", VM_MAC, VM_IP, Mode::Quick, 1000, 2000);
+    ev.push(state(1, t, "SYN_SENT", "ESTABLISHED"));
+    // The third retransmission (RTO 800 ms) went out after resume; the next was due by 2400 + 1600 (+ slack 400).
+    ev.extend([rtx(1200, t, 1, 200), rtx(1600, t, 2, 200), rtx(2400, t, 3, 200)]);
+    let a = correlate(&ev);
+    let c = &a.migrations[0].connections[0];
+    assert_eq!(c.fate, Fate::Unresolved);
+    assert_eq!(
+        c.progress_basis,
+        "survived so far: no abort by the trace's end (400.0 ms after resume); retransmission #3 came at \
+         resume+400.0 ms, the next was due by resume+2.40 s"
+    );
 }

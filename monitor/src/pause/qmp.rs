@@ -255,6 +255,8 @@ impl QmpTranslator {
                             ram_bytes: 0,
                             ips: Vec::new(),
                             host: self.name.clone(),
+                            // QEMU drops the frames that reach the old tap during the pause.
+                            carries_frames: false,
                         },
                     ));
                 }

@@ -69,18 +69,19 @@ fn rows(m: &MigrationReport) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn outage(restore_ns: u64, s: &Settings) -> Outage {
+fn outage(restore_ns: u64, s: &Settings, carried: bool) -> Outage {
     Outage {
         t0_ns: 0,
         restore_ns,
         base_rto_ns: s.rto_min_ns,
+        carried,
     }
 }
 
 /// How long a connection that loses a segment keeps retransmitting before it aborts, under `s` (the segment sent
 /// at 0, a base RTO of `rto_min`).
 pub fn abort_after_ns(s: &Settings) -> u64 {
-    match predict(&outage(u64::MAX, s), s, s.rto_min_ns) {
+    match predict(&outage(u64::MAX, s, false), s, s.rto_min_ns) {
         Prediction::Aborts { at_ns, .. } => at_ns,
         _ => u64::MAX,
     }
@@ -88,7 +89,7 @@ pub fn abort_after_ns(s: &Settings) -> u64 {
 
 /// The longest outage a connection survives under `s`: the time of its last retransmission before the abort.
 pub fn longest_survivable_ns(s: &Settings) -> u64 {
-    let Prediction::Aborts { retransmits, .. } = predict(&outage(u64::MAX, s), s, s.rto_min_ns) else {
+    let Prediction::Aborts { retransmits, .. } = predict(&outage(u64::MAX, s, false), s, s.rto_min_ns) else {
         return u64::MAX;
     };
     // The k-th retransmission is the first that can get through an outage ending just before it.
@@ -96,7 +97,7 @@ pub fn longest_survivable_ns(s: &Settings) -> u64 {
     let mut hi = abort_after_ns(s);
     while lo + 1_000_000 < hi {
         let mid = lo + (hi - lo) / 2;
-        match predict(&outage(mid, s), s, s.rto_min_ns) {
+        match predict(&outage(mid, s, false), s, s.rto_min_ns) {
             Prediction::Survives { retransmits: k, .. } if k <= retransmits => lo = mid,
             _ => hi = mid,
         }
@@ -141,10 +142,13 @@ pub fn render(a: &Analysis, settings: Option<&Settings>) -> String {
         let _ = writeln!(
             s,
             "client TCP: {st}: a connection that loses a segment retransmits for the last time {} after the loss and \
-             aborts with ETIMEDOUT at {}; an outage longer than {} kills it",
+             aborts with ETIMEDOUT at {}; where the hypervisor drops the frames sent during the pause (QEMU) an \
+             outage longer than {} kills it, where it carries them to the guest at resume (our migrator) one that \
+             ends before {} does not",
             fmt_dur(longest),
             fmt_dur(abort),
-            fmt_dur(longest)
+            fmt_dur(longest),
+            fmt_dur(abort)
         );
         for m in &a.migrations {
             let (Some(p), Some(r)) = (&m.timeline.pause, &m.timeline.resume) else {
@@ -152,7 +156,13 @@ pub fn render(a: &Analysis, settings: Option<&Settings>) -> String {
             };
             // A segment sent as the VM stops: the network is back at resume (and the last FDB move).
             let restore = crate::whatif::restore_ns(m).saturating_sub(p.ts_ns);
-            let verdict = match predict(&outage(restore, st), st, st.rto_min_ns) {
+            let verdict = match predict(&outage(restore, st, m.carries_frames), st, st.rto_min_ns) {
+                Prediction::Aborts { .. } if m.carries_frames => format!(
+                    "outage {} ≥ abort at {}: every connection sending during the pause aborts before resume, \
+                     although the migrator carries the frames held during the pause",
+                    fmt_dur(restore),
+                    fmt_dur(abort)
+                ),
                 Prediction::Aborts { .. } => format!(
                     "outage {} > {}: every connection sending during the pause aborts",
                     fmt_dur(restore),
@@ -165,6 +175,20 @@ pub fn render(a: &Analysis, settings: Option<&Settings>) -> String {
                     fmt_dur(longest),
                     fmt_dur(at_ns),
                     fmt_dur(at_ns.saturating_sub(r.ts_ns.saturating_sub(p.ts_ns)))
+                ),
+                Prediction::Delivered { .. } => format!(
+                    "outage {} < abort at {}: connections survive: the migrator carried the retransmissions held \
+                     during the pause to the guest at resume{}",
+                    fmt_dur(restore),
+                    fmt_dur(abort),
+                    if restore > longest {
+                        format!(
+                            " (with frames dropped, as under QEMU, an outage over {} would kill them)",
+                            fmt_dur(longest)
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
                 Prediction::Unaffected => continue,
             };
@@ -213,6 +237,53 @@ mod tests {
         );
         assert!(
             out.contains("quick-1: outage 8.00 s > 3.00 s: every connection sending during the pause aborts"),
+            "{out}"
+        );
+    }
+
+    /// The same 8 s quick pause under `tcp_retries2=4` (last retransmission 6.2 s, abort 12.6 s): QEMU-style dropped
+    /// frames kill every connection, our migrator's carried frames save them, and the Setup event says which.
+    #[test]
+    fn carried_frames_change_the_verdict() {
+        let st = Settings {
+            tcp_retries2: 4,
+            ..Settings::default()
+        };
+        let dropped = correlate(&quick_trace());
+        assert!(!dropped.migrations[0].carries_frames);
+        let out = render(&dropped, Some(&st));
+        assert!(
+            out.contains("quick-1: outage 8.00 s > 6.20 s: every connection sending during the pause aborts"),
+            "{out}"
+        );
+        let carried: Vec<_> = quick_trace()
+            .into_iter()
+            .map(|mut e| {
+                if let crate::trace::Event::Migration { ev, .. } = &mut e
+                    && let migevents::Phase::Setup { carries_frames, .. } = &mut ev.phase
+                {
+                    *carries_frames = true;
+                }
+                e
+            })
+            .collect();
+        let carried = correlate(&carried);
+        assert!(carried.migrations[0].carries_frames);
+        let out = render(&carried, Some(&st));
+        assert!(
+            out.contains(
+                "quick-1: outage 8.00 s < abort at 12.60 s: connections survive: the migrator carried the \
+                 retransmissions held during the pause to the guest at resume"
+            ),
+            "{out}"
+        );
+        // Under tcp_retries2=3 (abort 6.2 s) carrying is not enough.
+        let st3 = Settings {
+            tcp_retries2: 3,
+            ..Settings::default()
+        };
+        assert!(
+            render(&carried, Some(&st3)).contains("quick-1: outage 8.00 s ≥ abort at 6.20 s"),
             "{out}"
         );
     }
