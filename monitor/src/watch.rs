@@ -53,7 +53,7 @@ pub struct WatchArgs {
     pub iface: Vec<String>,
     /// Attach the XDP parser in generic (skb) mode instead of driver mode. On a veth, driver-mode XDP turns off
     /// the peer's segmentation offloads, so a TCP stream across the pair slows down several times; skb mode
-    /// keeps them (measured: ~73 % slower in driver mode, ~13 % in skb mode; the `probe_costs` example).
+    /// keeps them (measured: ~73 % slower in driver mode, ~13 % in skb mode; `./x bench --only probes`).
     #[arg(long)]
     pub xdp_skb: bool,
     /// Run the ingress parser of every --iface as a TC ingress classifier instead of XDP: no offloads lost and
