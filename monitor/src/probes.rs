@@ -225,6 +225,11 @@ struct TestRunAttr {
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 impl XdpTestRunner {
+    /// A runner for any loaded XDP program, e.g. an empty baseline program a benchmark loaded itself.
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
     /// Runs the program on `frame` `repeat` times (at least once); returns its return value (2 = `XDP_PASS`)
     /// and the kernel's mean time per run.
     pub fn run(&self, frame: &[u8], repeat: u32) -> std::io::Result<(u32, std::time::Duration)> {

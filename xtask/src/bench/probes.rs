@@ -8,7 +8,7 @@
 //!   against none, alternating, as a throughput ratio.
 
 use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{FromRawFd, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use monitor::{
     events::Decoder,
-    probes::{Iface, ProbeOptions, Probes, WatchList},
+    probes::{Iface, ProbeOptions, Probes, WatchList, XdpTestRunner},
 };
 
 use super::{
@@ -120,10 +120,9 @@ pub fn qinq_arp_frame(src: [u8; 6]) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The empty XDP program (baseline) and BPF_PROG_TEST_RUN on it
+// The empty XDP program (baseline); monitor's XdpTestRunner runs it
 
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 
 /// The first fields of `union bpf_attr` for `BPF_PROG_LOAD` (the rest stays zero).
@@ -143,28 +142,6 @@ struct ProgLoadAttr {
     prog_ifindex: u32,
     expected_attach_type: u32,
     pad: [u64; 8],
-}
-
-/// `union bpf_attr.test` up to `batch_size`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    pad: u32,
 }
 
 /// Loads `r0 = XDP_PASS; exit`.
@@ -203,30 +180,6 @@ fn load_empty_xdp() -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// `BPF_PROG_TEST_RUN` of `fd` on `frame`: the kernel's mean ns per run.
-fn test_run_fd(fd: &OwnedFd, frame: &[u8], repeat: u32) -> Result<f64> {
-    let mut attr = TestRunAttr {
-        prog_fd: fd.as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: `attr` is a valid `bpf_attr.test` prefix; `frame` outlives the call and is only read.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            size_of::<TestRunAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN failed");
-    }
-    Ok(f64::from(attr.duration))
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // XDP cost
 
@@ -259,7 +212,7 @@ fn xdp_cost(ctx: &Ctx, results: &mut Results) -> Result<()> {
         u64::from(chunk) * u64::from(chunks)
     ));
     let _t = ctx.ticker("probes: XDP ns per frame");
-    let empty = load_empty_xdp()?;
+    let empty = XdpTestRunner::from_fd(load_empty_xdp()?);
     let mut probes = Probes::load(&ProbeOptions {
         ringbuf_bytes: 32 << 20,
         ..opts(false)
@@ -269,7 +222,10 @@ fn xdp_cost(ctx: &Ctx, results: &mut Results) -> Result<()> {
     for _ in 0..ctx.runs {
         let mut total = 0.0;
         for _ in 0..chunks {
-            total += test_run_fd(&empty, &frames[0].1, chunk)?;
+            let (_, per_run) = empty
+                .run(&frames[0].1, chunk)
+                .context("BPF_PROG_TEST_RUN of the empty program failed")?;
+            total += per_run.as_nanos() as f64;
         }
         results.push(
             GROUP_XDP,
