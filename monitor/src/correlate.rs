@@ -632,6 +632,59 @@ impl PortActivity {
     }
 }
 
+/// The latest frame on any of `ports` before `p`.
+fn last_sighting_before(ports: &BTreeMap<String, PortActivity>, p: u64) -> Option<Sighting> {
+    ports
+        .iter()
+        .filter_map(|(label, a)| a.last_before(p).map(|t| (t, label)))
+        .max_by_key(|(t, _)| *t)
+        .map(|(t, label)| Sighting {
+            ts_ns: t,
+            port: label.clone(),
+            exact: true,
+        })
+}
+
+/// The VM's old path: the ports that took part in its last burst of frames before `p`.
+fn old_path(ports: &BTreeMap<String, PortActivity>, p: u64) -> Vec<&String> {
+    let latest = ports.values().filter_map(|a| a.last_before(p)).max();
+    ports
+        .iter()
+        .filter(|(_, a)| {
+            a.last_before(p)
+                .is_some_and(|t| latest.is_some_and(|l| t + OLD_PATH_SLACK_NS >= l))
+        })
+        .map(|(l, _)| l)
+        .collect()
+}
+
+/// The first frame after `after` (and before `l2_end`) on a port outside the old path or, when the VM came back
+/// to where it was (a stop/cont), on any port.
+fn first_sighting_after(
+    ports: &BTreeMap<String, PortActivity>,
+    old: &[&String],
+    after: u64,
+    l2_end: u64,
+) -> Option<Sighting> {
+    let first_on = |only_new: bool| {
+        ports
+            .iter()
+            .filter(|(label, _)| !only_new || !old.contains(label))
+            .filter_map(|(label, a)| {
+                a.first_after(after)
+                    .filter(|(t, _)| *t < l2_end)
+                    .map(|(t, exact)| (t, exact, label))
+            })
+            .min_by_key(|(t, _, _)| *t)
+            .map(|(t, exact, label)| Sighting {
+                ts_ns: t,
+                port: label.clone(),
+                exact,
+            })
+    };
+    first_on(true).or_else(|| first_on(false))
+}
+
 #[derive(Default)]
 struct L2Index<'a> {
     /// (mac lowercase, direction) → port label → activity.
@@ -1287,46 +1340,14 @@ fn build_migration(
         l2.ports(&mac, Direction::Ingress)
     };
     if let (Some(ports), Some(p)) = (ingress, pause) {
-        tl.last_vm_frame_old_port = ports
-            .iter()
-            .filter_map(|(label, a)| a.last_before(p).map(|t| (t, label)))
-            .max_by_key(|(t, _)| *t)
-            .map(|(t, label)| Sighting {
-                ts_ns: t,
-                port: label.clone(),
-                exact: true,
-            });
+        tl.last_vm_frame_old_port = last_sighting_before(ports, p);
     }
     if let Some(ports) = ingress {
         // The new port is outside the VM's old path (the ports of its last burst before the pause); only when the
         // VM came back where it was (a stop/cont) is it one of those.
         let p = pause.unwrap_or(anchor);
-        let latest = ports.values().filter_map(|a| a.last_before(p)).max();
-        let old: Vec<&String> = ports
-            .iter()
-            .filter(|(_, a)| {
-                a.last_before(p)
-                    .is_some_and(|t| latest.is_some_and(|l| t + OLD_PATH_SLACK_NS >= l))
-            })
-            .map(|(l, _)| l)
-            .collect();
-        let first_on = |only_new: bool| {
-            ports
-                .iter()
-                .filter(|(label, _)| !only_new || !old.contains(label))
-                .filter_map(|(label, a)| {
-                    a.first_after(after)
-                        .filter(|(t, _)| *t < l2_end)
-                        .map(|(t, exact)| (t, exact, label))
-                })
-                .min_by_key(|(t, _, _)| *t)
-                .map(|(t, exact, label)| Sighting {
-                    ts_ns: t,
-                    port: label.clone(),
-                    exact,
-                })
-        };
-        tl.first_vm_frame_new_port = first_on(true).or_else(|| first_on(false));
+        let old = old_path(ports, p);
+        tl.first_vm_frame_new_port = first_sighting_after(ports, &old, after, l2_end);
     }
     let egress = if mac.is_empty() {
         None
@@ -1336,43 +1357,11 @@ fn build_migration(
     if let Some(ports) = egress {
         let p = pause.unwrap_or(anchor);
         // Old path: egress ports that were part of the last burst of delivery before the pause.
-        let latest = ports.values().filter_map(|a| a.last_before(p)).max();
-        tl.last_frame_to_vm_old_port = ports
-            .iter()
-            .filter_map(|(label, a)| a.last_before(p).map(|t| (t, label)))
-            .max_by_key(|(t, _)| *t)
-            .map(|(t, label)| Sighting {
-                ts_ns: t,
-                port: label.clone(),
-                exact: true,
-            });
-        let old: Vec<&String> = ports
-            .iter()
-            .filter(|(_, a)| {
-                a.last_before(p)
-                    .is_some_and(|t| latest.is_some_and(|l| t + OLD_PATH_SLACK_NS >= l))
-            })
-            .map(|(l, _)| l)
-            .collect();
+        tl.last_frame_to_vm_old_port = last_sighting_before(ports, p);
+        let old = old_path(ports, p);
         // New port: the first port outside the old path that delivers after resume (or, when the VM came back to
         // the same port, the first old one).
-        let first_on = |only_new: bool| {
-            ports
-                .iter()
-                .filter(|(label, _)| !only_new || !old.contains(label))
-                .filter_map(|(label, a)| {
-                    a.first_after(after)
-                        .filter(|(t, _)| *t < l2_end)
-                        .map(|(t, exact)| (t, exact, label))
-                })
-                .min_by_key(|(t, _, _)| *t)
-                .map(|(t, exact, label)| Sighting {
-                    ts_ns: t,
-                    port: label.clone(),
-                    exact,
-                })
-        };
-        tl.first_frame_to_vm_new_port = first_on(true).or_else(|| first_on(false));
+        tl.first_frame_to_vm_new_port = first_sighting_after(ports, &old, after, l2_end);
         let new_first = tl.first_frame_to_vm_new_port.as_ref().map(|s| s.ts_ns);
         let new_label = tl.first_frame_to_vm_new_port.as_ref().map(|s| s.port.clone());
         for label in old {
