@@ -650,24 +650,7 @@ impl Probes {
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.tc_ingress_loaded()?;
-        let ifindex = netns::run_in(iface.netns.as_deref(), || {
-            let ifindex = ifindex(iface)?;
-            let attach = |p: &mut SchedClassifier| p.attach(ifindex, TcAttachType::Ingress);
-            match attach(prog) {
-                Ok(_) => Ok(ifindex),
-                Err(first) => {
-                    // Older kernels without TCX need the clsact qdisc first.
-                    if let Ok(name) = CString::new(iface.name.as_str()) {
-                        let _ = aya::programs::tc::qdisc_add_clsact(&name);
-                    }
-                    attach(prog).map(|_| ifindex).map_err(|_| ProbeError::Attach {
-                        program: "l2_ingress_tc (TC)".to_owned(),
-                        target: iface.to_string(),
-                        source: Box::new(first),
-                    })
-                }
-            }
-        })??;
+        let ifindex = attach_classifier(prog, iface, TcAttachType::Ingress, "l2_ingress_tc (TC)")?;
         Ok(self.add_port(id, ifindex, iface, "tc ingress", None))
     }
 
@@ -676,24 +659,7 @@ impl Probes {
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.tc_loaded()?;
-        let ifindex = netns::run_in(iface.netns.as_deref(), || {
-            let ifindex = ifindex(iface)?;
-            let attach = |p: &mut SchedClassifier| p.attach(ifindex, TcAttachType::Egress);
-            match attach(prog) {
-                Ok(_) => Ok(ifindex),
-                Err(first) => {
-                    // Older kernels without TCX need the clsact qdisc first.
-                    if let Ok(name) = CString::new(iface.name.as_str()) {
-                        let _ = aya::programs::tc::qdisc_add_clsact(&name);
-                    }
-                    attach(prog).map(|_| ifindex).map_err(|_| ProbeError::Attach {
-                        program: "l2_egress (TC)".to_owned(),
-                        target: iface.to_string(),
-                        source: Box::new(first),
-                    })
-                }
-            }
-        })??;
+        let ifindex = attach_classifier(prog, iface, TcAttachType::Egress, "l2_egress (TC)")?;
         Ok(self.add_port(id, ifindex, iface, "tc egress", None))
     }
 
@@ -854,4 +820,32 @@ impl Probes {
     pub fn config(&self) -> &ProbeConfig {
         &self.config
     }
+}
+
+/// Attaches a TC classifier to `iface` in its namespace (TCX where the kernel has it, else through a clsact qdisc);
+/// returns the interface index.
+fn attach_classifier(
+    prog: &mut SchedClassifier,
+    iface: &Iface,
+    direction: TcAttachType,
+    program: &str,
+) -> Result<u32, ProbeError> {
+    netns::run_in(iface.netns.as_deref(), || {
+        let ifindex = ifindex(iface)?;
+        let attach = |p: &mut SchedClassifier| p.attach(ifindex, direction);
+        match attach(prog) {
+            Ok(_) => Ok(ifindex),
+            Err(first) => {
+                // Older kernels without TCX need the clsact qdisc first.
+                if let Ok(name) = CString::new(iface.name.as_str()) {
+                    let _ = aya::programs::tc::qdisc_add_clsact(&name);
+                }
+                attach(prog).map(|_| ifindex).map_err(|_| ProbeError::Attach {
+                    program: program.to_owned(),
+                    target: iface.to_string(),
+                    source: Box::new(first),
+                })
+            }
+        }
+    })?
 }
