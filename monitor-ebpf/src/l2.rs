@@ -1,10 +1,13 @@
 //! L2: the XDP ingress parser (also as a TC ingress classifier, `l2_ingress_tc`) and the TC egress counter.
 //!
-//! XDP parses Ethernet with up to two VLAN tags (802.1Q 0x8100, 802.1ad 0x88a8), reports ARP and RARP frames with
-//! their first bytes, and counts frames *from* watched MACs per (MAC, ifindex). TC egress counts frames *towards*
+//! XDP parses Ethernet with up to two VLAN tags (802.1Q 0x8100, 802.1ad 0x88a8), reports ARP and RARP frames and
+//! the ICMPv6 Neighbor Advertisements that announce (unsolicited, or with the override flag: the IPv6 gratuitous
+//! ARP) with their first bytes, and counts frames *from* watched MACs per (MAC, ifindex). TC egress counts frames *towards*
 //! watched MACs. Both emit `MacSeen` the first time a watched MAC shows on a port, and again after a silence longer
 //! than `CONFIG.mac_gap_ns`. Frames too short for what their headers announce, or with odd ARP parameters, are
 //! counted in `MALFORMED` and passed unread. XDP always returns `XDP_PASS`; TC always lets the frame go on.
+//! Before TC ingress the kernel takes the outermost VLAN tag out of the frame into the socket buffer: the TC parser
+//! reports it first among the tags, but the frame bytes it captures lack it.
 
 use aya_ebpf::{
     EbpfContext,
@@ -18,7 +21,7 @@ use aya_ebpf::{
 };
 use monitor_common::{
     ArpEvent, CFG_WATCH_MACS, DIR_EGRESS, DIR_INGRESS, EventKind, FRAME_CAPTURE, MacCounters, MacKey,
-    MacSeenEvent,
+    MacSeenEvent, NeighborAdvertEvent, na_announces,
 };
 
 use crate::{EVENTS, MAC_STATS, MALFORMED, WATCH_MACS, atomic_add, config, count_lost, header};
@@ -28,8 +31,20 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_RARP: u16 = 0x8035;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_IPV6: u16 = 0x86dd;
 /// ARP for Ethernet/IPv4: 8 bytes of header, then 6+4+6+4 bytes of addresses.
 const ARP_LEN: usize = 28;
+/// The fixed IPv6 header.
+const IPV6_HLEN: usize = 40;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
+/// A Neighbor Advertisement without options: type, code, checksum, flags and reserved (4 bytes), target (16).
+const NA_LEN: usize = 24;
+/// One option of 8 bytes: type, length (in 8-byte units), and a MAC for the link-layer address options.
+const ND_OPT_LEN: usize = 8;
+const ND_OPT_TARGET_LLADDR: u8 = 2;
+/// Neighbor Discovery messages are sent with hop limit 255; anything else was forwarded and is odd.
+const ND_HOP_LIMIT: u8 = 255;
 
 #[xdp]
 pub fn l2_ingress(ctx: XdpContext) -> u32 {
@@ -41,13 +56,17 @@ pub fn l2_ingress(ctx: XdpContext) -> u32 {
 /// veth, driver-mode XDP turns the peer's segmentation offloads off, and skb-mode XDP copies every large skb).
 #[classifier]
 pub fn l2_ingress_tc(ctx: TcContext) -> i32 {
-    // SAFETY: the context of a classifier program is a `__sk_buff`; reading `ifindex` is allowed.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+    let sk = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: the context of a classifier program is a `__sk_buff`; reading these fields is allowed.
+    let (ifindex, vlan_present, vlan_tci) = unsafe { ((*sk).ifindex, (*sk).vlan_present, (*sk).vlan_tci) };
+    // The kernel takes the outermost VLAN tag out of the frame into the socket buffer before TC ingress runs.
+    let outer_tag = (vlan_present != 0).then_some(vlan_tci as u16);
     let skb = ctx.as_ptr();
     parse(
         ctx.data(),
         ctx.data_end(),
         ifindex,
+        outer_tag,
         u64::from(ctx.len()),
         // SAFETY: `dst` points to `FRAME_CAPTURE` writable bytes (the caller's contract).
         |dst, len| unsafe { copy_frame_skb(skb, dst, len) },
@@ -109,15 +128,23 @@ fn ingress(ctx: &XdpContext) {
     let ifindex = ctx.ingress_ifindex() as u32;
     let len = (end - data) as u64;
     // SAFETY: `dst` points to `FRAME_CAPTURE` writable bytes (the caller's contract).
-    parse(data, end, ifindex, len, |dst, len| unsafe {
+    parse(data, end, ifindex, None, len, |dst, len| unsafe {
         copy_frame(ctx, dst, len)
     });
 }
 
-/// Parses one frame at `data..end` (`len` bytes on the wire) that arrived on `ifindex`. `copy(dst, len)` copies
+/// Parses one frame at `data..end` (`len` bytes on the wire) that arrived on `ifindex`. `outer_tag` is the TCI of a
+/// VLAN tag the kernel already took out of the frame (TC), outside the tags still in it. `copy(dst, len)` copies
 /// the frame's first bytes into `dst` (`FRAME_CAPTURE` writable bytes) and returns how many it copied.
 #[inline(always)]
-fn parse(data: usize, end: usize, ifindex: u32, len: u64, copy: impl FnOnce(*mut u8, u64) -> u32) {
+fn parse(
+    data: usize,
+    end: usize,
+    ifindex: u32,
+    outer_tag: Option<u16>,
+    len: u64,
+    copy: impl FnOnce(*mut u8, u64) -> u32,
+) {
     let Some(src) = bytes::<6>(data, end, 6) else {
         count_malformed(ifindex);
         return;
@@ -158,9 +185,49 @@ fn parse(data: usize, end: usize, ifindex: u32, len: u64, copy: impl FnOnce(*mut
             }
         }
     }
-    if ethertype != ETH_P_ARP && ethertype != ETH_P_RARP {
-        return;
+    if let Some(tci) = outer_tag {
+        if vlan_count == 2 {
+            count_malformed(ifindex);
+            return;
+        }
+        vlan = [tci & 0x0fff, vlan[0]];
+        vlan_count += 1;
     }
+    let tags = Tags {
+        vlan,
+        count: vlan_count,
+    };
+    match ethertype {
+        ETH_P_ARP | ETH_P_RARP => arp(data, end, off, ethertype, src, tags, ifindex, len, copy),
+        ETH_P_IPV6 => neighbor_advert(data, end, off, src, tags, ifindex, len, copy),
+        _ => {}
+    }
+}
+
+/// The VLAN tags in front of the payload, outermost first.
+#[derive(Clone, Copy)]
+struct Tags {
+    vlan: [u16; 2],
+    count: u16,
+}
+
+/// An ARP or RARP frame whose payload starts at `off`.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parser state, passed by value so it stays in registers"
+)]
+fn arp(
+    data: usize,
+    end: usize,
+    off: usize,
+    ethertype: u16,
+    src: [u8; 6],
+    tags: Tags,
+    ifindex: u32,
+    len: u64,
+    copy: impl FnOnce(*mut u8, u64) -> u32,
+) {
     if data + off + ARP_LEN > end {
         count_malformed(ifindex);
         return;
@@ -198,8 +265,8 @@ fn parse(data: usize, end: usize, ifindex: u32, len: u64, copy: impl FnOnce(*mut
         (*e).netns_id = config!(netns_id);
         (*e).ethertype = ethertype;
         (*e).op = op;
-        (*e).vlan = vlan;
-        (*e).vlan_count = vlan_count;
+        (*e).vlan = tags.vlan;
+        (*e).vlan_count = tags.count;
         (*e).pad0 = 0;
         (*e).src_mac = src;
         (*e).pad1 = [0; 2];
@@ -208,6 +275,117 @@ fn parse(data: usize, end: usize, ifindex: u32, len: u64, copy: impl FnOnce(*mut
         (*e).spa = spa;
         (*e).tpa = tpa;
         (*e).frame_len = len as u32;
+        (*e).frame = [0; FRAME_CAPTURE];
+        (*e).cap_len = copy((&raw mut (*e).frame).cast::<u8>(), len);
+    }
+    entry.submit(0);
+}
+
+/// An IPv6 packet whose header starts at `off`: reports it when it is a Neighbor Advertisement that announces. Other
+/// IPv6 packets, and solicited NAs without the override flag (they answer a question and move no cache entry), are
+/// passed unread. An NA cut shorter than its payload length, or with a hop limit other than 255 or a code other
+/// than 0, counts as malformed. Only the first option is read, for the target link-layer address (Linux sends it
+/// alone); extension headers in front of the ICMPv6 header are not followed.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parser state, passed by value so it stays in registers"
+)]
+fn neighbor_advert(
+    data: usize,
+    end: usize,
+    off: usize,
+    src: [u8; 6],
+    tags: Tags,
+    ifindex: u32,
+    len: u64,
+    copy: impl FnOnce(*mut u8, u64) -> u32,
+) {
+    let Some(next_header) = byte(data, end, off + 6) else {
+        count_malformed(ifindex);
+        return;
+    };
+    if next_header != IPPROTO_ICMPV6 {
+        return;
+    }
+    let icmp = off + IPV6_HLEN;
+    let Some(icmp_type) = byte(data, end, icmp) else {
+        count_malformed(ifindex);
+        return;
+    };
+    if icmp_type != ICMPV6_NEIGHBOR_ADVERT {
+        return;
+    }
+    let (Some(version), Some(payload_len), Some(hop_limit), Some(code), Some(flags)) = (
+        byte(data, end, off),
+        be16(data, end, off + 4),
+        byte(data, end, off + 7),
+        byte(data, end, icmp + 1),
+        byte(data, end, icmp + 4),
+    ) else {
+        count_malformed(ifindex);
+        return;
+    };
+    let payload_len = usize::from(payload_len);
+    // The verifier follows packet bounds only through comparisons of packet pointers. In XDP `len` is
+    // `data_end - data`, and from `len >= icmp + payload_len >= icmp + NA_LEN` the compiler would drop the pointer
+    // checks of the reads below; the volatile read hides where `len` came from.
+    // SAFETY: a read of a local variable.
+    let frame_len = unsafe { core::ptr::read_volatile(&raw const len) } as usize;
+    if version >> 4 != 6
+        || hop_limit != ND_HOP_LIMIT
+        || code != 0
+        || payload_len < NA_LEN
+        || frame_len < icmp + payload_len
+    {
+        count_malformed(ifindex);
+        return;
+    }
+    if !na_announces(flags) {
+        return;
+    }
+    let (Some(src_ip), Some(dst_ip), Some(target)) = (
+        bytes::<16>(data, end, off + 8),
+        bytes::<16>(data, end, off + 24),
+        bytes::<16>(data, end, icmp + 8),
+    ) else {
+        count_malformed(ifindex);
+        return;
+    };
+    let opt = icmp + NA_LEN;
+    let mut tlla = [0u8; 6];
+    let mut has_tlla = 0u8;
+    if payload_len >= NA_LEN + ND_OPT_LEN
+        && byte(data, end, opt) == Some(ND_OPT_TARGET_LLADDR)
+        && byte(data, end, opt + 1) == Some(1)
+        && let Some(mac) = bytes::<6>(data, end, opt + 2)
+    {
+        tlla = mac;
+        has_tlla = 1;
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<NeighborAdvertEvent>(0) else {
+        count_lost();
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved, exclusively owned NeighborAdvertEvent in the ring buffer; every field is
+    // written before submit.
+    unsafe {
+        (*e).header = header(EventKind::NeighborAdvert);
+        (*e).ifindex = ifindex;
+        (*e).netns_id = config!(netns_id);
+        (*e).vlan = tags.vlan;
+        (*e).vlan_count = tags.count;
+        (*e).flags = flags;
+        (*e).has_tlla = has_tlla;
+        (*e).src_mac = src;
+        (*e).tlla = tlla;
+        (*e).frame_len = len as u32;
+        (*e).pad0 = 0;
+        (*e).src_ip = src_ip;
+        (*e).dst_ip = dst_ip;
+        (*e).target = target;
         (*e).frame = [0; FRAME_CAPTURE];
         (*e).cap_len = copy((&raw mut (*e).frame).cast::<u8>(), len);
     }

@@ -91,6 +91,9 @@ pub struct Timeline {
     pub last_frame_to_vm_old_port: Option<Sighting>,
     pub first_rarp: Option<Sighting>,
     pub first_garp: Option<Sighting>,
+    /// The VM's first ICMPv6 Neighbor Advertisement that announces (the IPv6 gratuitous ARP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_na: Option<Sighting>,
     pub fdb_moves: Vec<FdbMove>,
     /// The first frame from the VM after resume (on its new port).
     pub first_vm_frame_new_port: Option<Sighting>,
@@ -734,7 +737,12 @@ impl<'a> L2Index<'a> {
                         first_ns: *first_ns,
                         last_ns: *last_ns,
                     }),
-                Event::Rarp { .. } | Event::Garp { .. } | Event::Arp { .. } => idx.announces.push(e),
+                Event::Rarp { .. }
+                | Event::Garp { .. }
+                | Event::Arp { .. }
+                | Event::NeighborAdvert { .. } => {
+                    idx.announces.push(e);
+                }
                 Event::FdbUpdate { .. } => idx.fdb.push(e),
                 _ => {}
             }
@@ -746,16 +754,25 @@ impl<'a> L2Index<'a> {
         self.ports.get(&(mac.to_ascii_lowercase(), dir))
     }
 
-    /// IPs the VM announced for itself (ARP/GARP with its MAC as sender).
+    /// IPs the VM announced for itself (ARP/GARP with its MAC as sender, the targets of its neighbor
+    /// advertisements).
     fn ips_of(&self, mac: &str) -> Vec<String> {
         let mut ips = BTreeSet::new();
         for e in &self.announces {
-            if let Event::Arp { frame, .. } | Event::Garp { frame, .. } = e
-                && frame.sha.eq_ignore_ascii_case(mac)
-                && frame.spa != "0.0.0.0"
-                && !frame.spa.is_empty()
-            {
-                ips.insert(frame.spa.clone());
+            match e {
+                Event::Arp { frame, .. } | Event::Garp { frame, .. }
+                    if frame.sha.eq_ignore_ascii_case(mac)
+                        && frame.spa != "0.0.0.0"
+                        && !frame.spa.is_empty() =>
+                {
+                    ips.insert(frame.spa.clone());
+                }
+                Event::NeighborAdvert { frame, .. }
+                    if frame.mac.eq_ignore_ascii_case(mac) && frame.target != "::" =>
+                {
+                    ips.insert(frame.target.clone());
+                }
+                _ => {}
             }
         }
         ips.into_iter().collect()
@@ -1292,6 +1309,15 @@ fn build_migration(
                     exact: true,
                 });
             }
+            Event::NeighborAdvert { frame, .. }
+                if tl.first_na.is_none() && (mac.is_empty() || frame.mac.eq_ignore_ascii_case(&mac)) =>
+            {
+                tl.first_na = Some(Sighting {
+                    ts_ns: ts,
+                    port: port_label(&frame.port),
+                    exact: true,
+                });
+            }
             _ => {}
         }
     }
@@ -1527,7 +1553,12 @@ fn build_migration(
     if mac.is_empty() {
         warnings.push("the VM's MAC is unknown: no wire figures".to_owned());
     }
-    if tl.first_rarp.is_none() && tl.first_garp.is_none() && resume.is_some() && !mac.is_empty() {
+    if tl.first_rarp.is_none()
+        && tl.first_garp.is_none()
+        && tl.first_na.is_none()
+        && resume.is_some()
+        && !mac.is_empty()
+    {
         warnings.push("no RARP or GARP from the VM was seen after the pause".to_owned());
     }
     let outcome = if let Some(r) = &g.failed {

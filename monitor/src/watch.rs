@@ -451,7 +451,11 @@ impl Output {
             | Event::Loss { .. } => "31",
             Event::TcpRetransmit { .. } | Event::Malformed { .. } => "33",
             Event::TcpState { .. } => "32",
-            Event::Arp { .. } | Event::Garp { .. } | Event::Rarp { .. } | Event::MacSeen { .. } => "36",
+            Event::Arp { .. }
+            | Event::Garp { .. }
+            | Event::Rarp { .. }
+            | Event::NeighborAdvert { .. }
+            | Event::MacSeen { .. } => "36",
             Event::FdbUpdate { .. } => "35",
             _ => "2",
         };
@@ -532,6 +536,40 @@ impl Output {
                     frame.sha,
                     frame.tpa,
                     frame.tha,
+                    frame.len
+                )
+            }
+            Event::NeighborAdvert { frame, .. } => {
+                let vlan = if frame.vlan.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " vlan={}",
+                        frame
+                            .vlan
+                            .iter()
+                            .map(u16::to_string)
+                            .collect::<Vec<_>>()
+                            .join(".")
+                    )
+                };
+                let flags: String = [
+                    (frame.router, 'R'),
+                    (frame.solicited, 'S'),
+                    (frame.override_, 'O'),
+                ]
+                .iter()
+                .filter_map(|&(on, c)| on.then_some(c))
+                .collect();
+                format!(
+                    "{:<20} {} target {} ({}) {} -> {} flags={}{vlan} len={}",
+                    port(&frame.port),
+                    frame.mac,
+                    frame.target,
+                    frame.tlla.as_deref().unwrap_or("no lladdr"),
+                    frame.src_ip,
+                    frame.dst_ip,
+                    if flags.is_empty() { "-" } else { &flags },
                     frame.len
                 )
             }

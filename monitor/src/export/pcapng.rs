@@ -1,8 +1,9 @@
 //! pcapng export, written block by block (Section Header, Interface Description, Enhanced Packet blocks).
 //!
 //! - One Ethernet interface per port: the real bytes of the ARP, GARP and RARP frames the XDP program captured
-//!   (rebuilt from the decoded fields when a probe did not keep them), each with a comment saying what it is and how
-//!   it relates to the migration.
+//!   (rebuilt from the decoded fields when a probe did not keep them), and of the ICMPv6 Neighbor Advertisements
+//!   that announce (written when captured), each with a comment saying what it is and how it relates to the
+//!   migration.
 //! - One raw-IP interface, `migmon-tcp-events`: one TCP/IP header per kernel TCP event (retransmit, error, reset),
 //!   addressed with the connection's 4-tuple, with the event as the packet comment. These are annotations, not
 //!   captured packets: the comment says so.
@@ -306,6 +307,25 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
                 let bytes = frame_bytes(frame, rarp);
                 let comment = format!(
                     "migmon: {what} from {} seen by XDP on {}{}",
+                    frame.mac,
+                    port_label(&frame.port),
+                    context(a, Some(&frame.mac), ts)
+                );
+                w.packet(id, unix, &bytes, frame.len, &comment)?;
+            }
+            Event::NeighborAdvert { frame, .. } => {
+                let Some(bytes) = hex_bytes(&frame.frame) else {
+                    continue;
+                };
+                let id = w.iface(&port_label(&frame.port), LINKTYPE_ETHERNET)?;
+                let kind = if frame.solicited {
+                    "solicited neighbor advertisement (override)"
+                } else {
+                    "unsolicited neighbor advertisement"
+                };
+                let comment = format!(
+                    "migmon: {kind} for {} from {} seen on {}{}",
+                    frame.target,
                     frame.mac,
                     port_label(&frame.port),
                     context(a, Some(&frame.mac), ts)

@@ -196,6 +196,7 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
             ("last frame to VM (old port)", &tl.last_frame_to_vm_old_port),
             ("first RARP", &tl.first_rarp),
             ("first GARP", &tl.first_garp),
+            ("first NA", &tl.first_na),
             ("first VM frame (new port)", &tl.first_vm_frame_new_port),
             ("first frame to VM (new port)", &tl.first_frame_to_vm_new_port),
         ] {
@@ -280,6 +281,18 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                     &format!("{} {}", e.kind(), frame.mac),
                     "l2",
                     &[("port", port_label(&frame.port)), ("spa", frame.spa.clone())],
+                );
+            }
+            Event::NeighborAdvert { ts_ns, frame } => {
+                b.instant(
+                    all,
+                    *ts_ns,
+                    &format!("{} {}", e.kind(), frame.mac),
+                    "l2",
+                    &[
+                        ("port", port_label(&frame.port)),
+                        ("target", frame.target.clone()),
+                    ],
                 );
             }
             Event::FdbUpdate {

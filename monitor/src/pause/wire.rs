@@ -75,6 +75,10 @@ impl WireInference {
             | Event::Garp {
                 ts_ns,
                 frame: crate::trace::ArpFrame { mac, port, .. },
+            }
+            | Event::NeighborAdvert {
+                ts_ns,
+                frame: crate::trace::NeighborAdvertFrame { mac, port, .. },
             } => {
                 let key = mac.to_ascii_lowercase();
                 let st = self.macs.entry(key.clone()).or_default();

@@ -198,6 +198,9 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
         }
         sight_line(&mut s, "first RARP", tl.first_rarp.as_ref(), anchor, "none seen");
         sight_line(&mut s, "first GARP", tl.first_garp.as_ref(), anchor, "none seen");
+        if tl.first_na.is_some() {
+            sight_line(&mut s, "first NA", tl.first_na.as_ref(), anchor, "none seen");
+        }
         if tl.fdb_moves.is_empty() {
             line(&mut s, "FDB move", "–", "no bridge re-learned the MAC");
         }
