@@ -105,7 +105,7 @@ impl PendingMigrate {
         let r = match result {
             Ok(report) => Response::Done(report.clone()),
             Err(e) => Response::Error {
-                message: crate::source::anyhow_like(e),
+                message: crate::migration::error_chain(e),
             },
         };
         write_line(&self.conn, &r);
@@ -212,7 +212,7 @@ pub fn serve<S: crate::migration::MigrationSource>(
             Err(e) => eprintln!(
                 "migrator: migration to {} failed, the guest keeps running here: {}",
                 pending.options.to,
-                crate::source::anyhow_like(e)
+                crate::migration::error_chain(e)
             ),
         }
         pending.finish(&result);

@@ -250,7 +250,7 @@ where
         host: args.tap.clone(),
     };
     let (mut vm, report) = receive(stream, create, &opts, &Tracker::new(status.clone()))
-        .map_err(|e| anyhow::anyhow!(crate::source::anyhow_like(&e)))
+        .map_err(|e| anyhow::anyhow!(crate::migration::error_chain(&e)))
         .context("incoming migration failed; the source keeps the guest")?;
     eprintln!(
         "migrator: guest {} received ({} data pages, {} rounds), running here",

@@ -325,7 +325,7 @@ fn live_idle_migrates_everything_and_announces() {
     let (target, dreport) = dst
         .join()
         .unwrap()
-        .map_err(|e| crate::source::anyhow_like(&e))
+        .map_err(|e| crate::migration::error_chain(&e))
         .unwrap();
     let report = report.unwrap();
 
@@ -597,7 +597,7 @@ fn corrupted_stream_is_caught_and_the_source_rolls_back() {
         let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
         assert!(!src.paused(), "corruption at {after}: {err}");
         let derr = dst.join().unwrap().unwrap_err();
-        let text = crate::source::anyhow_like(&derr);
+        let text = crate::migration::error_chain(&derr);
         assert!(text.contains("corrupted"), "corruption at {after}: {text}");
         let _ = std::fs::remove_file(events);
     }
@@ -614,7 +614,7 @@ fn destination_dying_mid_transfer_rolls_back() {
         assert!(!src.paused(), "cut at {after}: {err}");
         let derr = dst.join().unwrap().unwrap_err();
         assert!(
-            crate::source::anyhow_like(&derr).contains("closed"),
+            crate::migration::error_chain(&derr).contains("closed"),
             "cut at {after}: {derr}"
         );
         let _ = std::fs::remove_file(events);

@@ -369,3 +369,15 @@ pub fn mode_name(mode: Mode) -> &'static str {
         Mode::Quick => "quick",
     }
 }
+
+/// The error with its causes, `a: b: c`.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
+}

@@ -1,7 +1,7 @@
 //! The destination side: accept one migration, restore, resume, announce, acknowledge.
 //!
 //! The receiver never holds more than one message of page data: page batches are read straight into guest RAM
-//! (at most [`crate::source::BATCH_BYTES`] plus the entry table per message), so its own memory does not grow with
+//! (at most [`crate::source::session::BATCH_BYTES`] plus the entry table per message), so its own memory does not grow with
 //! the guest or the round.
 
 use std::{
@@ -15,12 +15,11 @@ use migevents::{Mode, Phase, Role};
 
 use crate::{
     announce::{AnnounceSchedule, rarp_frame},
-    migration::{Events, MigrationError, MigrationTarget, Tracker, VmError, mac_string},
+    migration::{Events, MigrationError, MigrationTarget, Tracker, VmError, error_chain, mac_string},
     protocol::{
         Ack, HELLO_VERIFY, Hello, Incoming, Message, MessageReader, MessageWriter, ProtocolError, WireMode,
     },
     ram::{DirtyBitmap, GuestRam},
-    source::anyhow_like,
     transport::Stream,
 };
 
@@ -192,7 +191,7 @@ fn abort(
     events: Option<&mut Events>,
     e: MigrationError,
 ) -> MigrationError {
-    let reason = anyhow_like(&e);
+    let reason = error_chain(&e);
     if !matches!(e, MigrationError::SourceAborted { .. }) {
         let _ignored = writer.send(&Message::Abort(reason.clone()));
     }

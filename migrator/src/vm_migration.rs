@@ -19,7 +19,7 @@ use crate::{
     protocol::Hello,
     ram::{DirtyBitmap, GuestRam},
     runner::{EndReason, Shutdown},
-    state::VmState,
+    vm_state::VmState,
     transport::Endpoint,
     vcpu::{GuestExit, GuestStatus},
     vm::{SerialOutput, Vm, VmConfig},

@@ -18,7 +18,7 @@ use migevents::Phase;
 use crate::{
     migration::{MigrateOptions, MigrationError, MigrationSource},
     protocol::{Message, MessageWriter, RoundEnd},
-    source::{Progress, Session, write_round, write_tail},
+    source::session::{Progress, Session, write_round, write_tail},
 };
 
 /// Runs the quick migration on an open session.

@@ -11,7 +11,7 @@ use crate::{
     migration::{MigrateOptions, MigrationError, MigrationSource, OnTimeout},
     protocol::HEADER_SIZE,
     ram::PAGE_SIZE,
-    source::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session},
+    source::session::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session},
 };
 
 /// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn bandwidth_estimator() {
-        let mut b = crate::source::Bandwidth::default();
+        let mut b = crate::source::session::Bandwidth::default();
         assert_eq!(b.rate(), 1 << 30);
         b.record(1000, 0.001);
         assert_eq!(b.rate(), 1_000_000);
