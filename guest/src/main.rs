@@ -254,7 +254,8 @@ impl StatsLog {
 
     fn log_if_changed(&mut self, now_us: u64, services: &Services, dirtier: &Dirtier, device: &NetDevice) {
         let stats = services.stats();
-        if (stats, dirtier.passes()) == self.logged || now_us.saturating_sub(self.last_log_us) < LOG_EVERY_US {
+        if (stats, dirtier.passes()) == self.logged || now_us.saturating_sub(self.last_log_us) < LOG_EVERY_US
+        {
             return;
         }
         let net = device.counters();

@@ -52,7 +52,11 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::BadRange { base, len })?;
-        if let Some(other) = self.mappings.iter().find(|m| base < m.base + m.len && m.base < end) {
+        if let Some(other) = self
+            .mappings
+            .iter()
+            .find(|m| base < m.base + m.len && m.base < end)
+        {
             return Err(BusError::Overlap {
                 base,
                 len,
@@ -74,23 +78,25 @@ impl Bus {
     /// Reads at `addr`: the device fills `data`; without a device it reads as all ones. Returns whether a device
     /// answered.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr) {
-            Some((m, offset)) => {
-                m.device.lock().unwrap_or_else(PoisonError::into_inner).read(offset, data);
-                true
-            }
-            None => {
-                data.fill(0xff);
-                false
-            }
-        }
+        let Some((m, offset)) = self.find(addr) else {
+            data.fill(0xff);
+            return false;
+        };
+        m.device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read(offset, data);
+        true
     }
 
     /// Writes `data` at `addr`; without a device the write is dropped. Returns whether a device took it.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((m, offset)) => {
-                m.device.lock().unwrap_or_else(PoisonError::into_inner).write(offset, data);
+                m.device
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -142,10 +148,22 @@ mod tests {
         let dev = || Arc::new(Mutex::new(Probe::default())) as Arc<Mutex<dyn BusDevice>>;
         let mut bus = Bus::default();
         bus.insert(0x1000, 0x100, dev()).unwrap();
-        assert!(matches!(bus.insert(0x10ff, 1, dev()), Err(BusError::Overlap { other: 0x1000, .. })));
-        assert!(matches!(bus.insert(0xf00, 0x101, dev()), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(0x2000, 0, dev()), Err(BusError::BadRange { .. })));
-        assert!(matches!(bus.insert(u64::MAX, 2, dev()), Err(BusError::BadRange { .. })));
+        assert!(matches!(
+            bus.insert(0x10ff, 1, dev()),
+            Err(BusError::Overlap { other: 0x1000, .. })
+        ));
+        assert!(matches!(
+            bus.insert(0xf00, 0x101, dev()),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0x2000, 0, dev()),
+            Err(BusError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(u64::MAX, 2, dev()),
+            Err(BusError::BadRange { .. })
+        ));
         bus.insert(0x1100, 0x100, dev()).unwrap();
         bus.insert(0xf00, 0x100, dev()).unwrap();
     }

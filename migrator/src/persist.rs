@@ -76,13 +76,14 @@ pub fn encode_framed(framing: &Framing, payload: &[u8]) -> Vec<u8> {
 
 /// The payload of a blob made by [`encode_framed`], after checking magic, version, length and checksum.
 pub fn decode_framed<'a>(framing: &Framing, bytes: &'a [u8]) -> Result<&'a [u8], StateError> {
-    let header: &[u8; FRAME_HEADER] = bytes
-        .get(..FRAME_HEADER)
-        .and_then(|h| h.try_into().ok())
-        .ok_or(StateError::Truncated {
-            have: bytes.len(),
-            need: FRAME_HEADER,
-        })?;
+    let header: &[u8; FRAME_HEADER] =
+        bytes
+            .get(..FRAME_HEADER)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(StateError::Truncated {
+                have: bytes.len(),
+                need: FRAME_HEADER,
+            })?;
     if header[0..8] != framing.magic {
         return Err(StateError::BadMagic);
     }

@@ -52,14 +52,15 @@ use crate::{
         virtio_mmio::{MmioError, MmioTransport},
     },
     memory::{GuestMemoryMmap, Memory, MemoryError},
-    ram::{DirtyBitmap, GuestRam, RamRegion},
     persist::Persist,
-    vm_state::VmState,
+    ram::{DirtyBitmap, RamRegion},
+    ram_io::GuestRam,
     tap::{MAX_FRAME, Tap, TapError},
     vcpu::{
         ExitContext, GuestExit, GuestStatus, Vcpu, VcpuError, VcpuRequest, VcpuState, VcpuStats, WaitError,
         Waker, kick_signal,
     },
+    vm_state::VmState,
 };
 
 /// The guest image, built by `build.rs` from the `guest` crate and embedded in the binary.
@@ -345,7 +346,8 @@ impl Vm {
 
     /// Guest RAM as flat page runs (the view the migration engines and the RAM hash use).
     pub fn guest_ram(&self) -> Result<GuestRam, VmError> {
-        Ok(self.memory.guest_ram()?)
+        GuestRam::new(self.memory.guest_memory().clone())
+            .map_err(|e| VmError::Memory(MemoryError::RamView(e)))
     }
 
     /// The RAM regions, in guest-physical order.

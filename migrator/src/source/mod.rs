@@ -9,11 +9,13 @@ use std::{path::Path, time::Duration};
 
 use migevents::{Mode, Phase};
 
+use crate::source::session::{Progress, Session};
 use crate::{
-    migration::{Events, MigrateOptions, MigrationError, MigrationReport, MigrationSource, Tracker, error_chain},
+    engine::{
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, error_chain,
+    },
     protocol::Message,
 };
-use session::{Progress, Session};
 
 /// Runs a migration in the mode `opts` asks for. On failure the guest keeps running here.
 pub fn migrate<S: MigrationSource>(
@@ -21,7 +23,7 @@ pub fn migrate<S: MigrationSource>(
     opts: &MigrateOptions,
     events_path: Option<&Path>,
     tracker: &Tracker,
-) -> Result<MigrationReport, MigrationError> {
+) -> Result<MigrationSummary, MigrationError> {
     if opts.mode == Mode::Live && (opts.via_file.is_some() || !opts.extra_pause.is_zero()) {
         return Err(MigrationError::Usage(
             "--via-file and --extra-pause belong to --mode quick".into(),

@@ -7,17 +7,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use migevents::{Mode, Phase, Role};
+use migevents::{Phase, Role};
 
 use crate::{
-    migration::{
-        Events, MigrateOptions, MigrationError, MigrationReport, MigrationSource, Tracker, mac_string,
+    engine::{
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, mac_string,
         mode_name, new_migration_id,
     },
-    protocol::{
-        HELLO_VERIFY, Hello, Message, MessageReader, MessageWriter, PageBatch, RoundEnd, VERSION, WireMode,
-    },
-    ram::{DirtyBitmap, GuestRam, PAGE_SIZE},
+    protocol::{HELLO_VERIFY, Hello, Message, MessageReader, MessageWriter, PageBatch, RoundEnd, VERSION},
+    ram::{DirtyBitmap, PAGE_SIZE},
+    ram_io::GuestRam,
     transport::Stream,
 };
 
@@ -148,7 +147,7 @@ pub struct Session {
     pub batch: PageBatch,
     pub events: Events,
     pub tracker: Tracker,
-    pub report: MigrationReport,
+    pub report: MigrationSummary,
     pub bandwidth: Bandwidth,
     pub started: Instant,
     pub mac: [u8; 6],
@@ -178,7 +177,7 @@ impl Session {
             carries_frames: true,
         });
         tracker.update(|s| {
-            *s = crate::migration::Status {
+            *s = crate::engine::Status {
                 state: "setup".into(),
                 migration_id: Some(migration_id.clone()),
                 mode: Some(mode_name(opts.mode).into()),
@@ -204,7 +203,7 @@ impl Session {
             ram,
             events,
             tracker: tracker.clone(),
-            report: MigrationReport {
+            report: MigrationSummary {
                 migration_id: migration_id.clone(),
                 mode: mode_name(opts.mode).into(),
                 max_bandwidth: opts.max_bandwidth,
@@ -222,12 +221,9 @@ impl Session {
         }
         let hello = Hello {
             version: VERSION,
-            mode: match opts.mode {
-                Mode::Live => WireMode::Live,
-                Mode::Quick => WireMode::Quick,
-            },
+            mode: opts.mode,
             flags: if opts.verify { HELLO_VERIFY } else { 0 },
-            regions: s.ram.layout(),
+            regions: s.ram.regions(),
             mac: id.mac,
             migration_id,
             config: id.config,
@@ -415,9 +411,9 @@ pub fn write_round<W: Write>(
     for p in pages {
         st.pages += 1;
         if known_zero.is_some_and(|z| !z.get(p)) {
-            batch.push_zero(ram, p);
+            batch.push_zero(ram.layout(), p);
             st.zero_pages += 1;
-        } else if batch.push_page(ram, p)? {
+        } else if batch.push_page_with(ram.layout(), p, |buf| ram.read(p, buf))? {
             st.data_pages += 1;
         } else {
             st.zero_pages += 1;
@@ -440,12 +436,12 @@ pub fn write_tail<W: Write, S: MigrationSource>(
     ram: &GuestRam,
     vm: &mut S,
     verify: bool,
-    report: &mut MigrationReport,
+    report: &mut MigrationSummary,
 ) -> Result<Vec<Vec<u8>>, MigrationError> {
     if verify {
         let t_hash = Instant::now();
-        // SAFETY: the VM is paused: neither the vCPU nor the VMM's devices write guest RAM now.
-        let h = unsafe { ram.hash() };
+        // The VM is paused: neither the vCPU nor the VMM's devices write guest RAM now.
+        let h = ram.hash();
         report.hash_ms = t_hash.elapsed().as_secs_f64() * 1e3;
         report.verified_hash = Some(format!("{h:032x}"));
         w.send(&Message::Verify(h))?;
