@@ -329,7 +329,7 @@ pub fn ours(ctx: &Ctx, results: &mut Results, w: &Workload, net: u8, g: &str, rs
             .arg("--events")
             .arg(&events);
         let dest = Proc::spawn(rcmd, &bed.path(&format!("vm{}.log", i + 1)), "migrator receive")?;
-        if !super::observe::wait_until(Duration::from_secs(10), || sock.exists() && api.exists()) {
+        if !testbed::net::wait_until(Duration::from_secs(10), || sock.exists() && api.exists()) {
             bail!("migrator receive never listened:\n{}", dest.log_tail());
         }
         client.reset();

@@ -9,7 +9,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
     sync::{
         Arc,
@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use super::{
     Ctx,
     migration::{self, Workload},
-    net::VethPair,
+    net::{self, VethPair},
     observe::{Watcher, cpu_seconds, peak_rss_kib},
     report::{Better, Results, Stats},
 };
@@ -139,7 +139,7 @@ impl Load {
     fn start(pair: &VethPair, n: usize) -> Result<Self> {
         let listener = pair
             .a
-            .run(|| TcpListener::bind(SocketAddrV4::new(pair.ip_a, SERVER_PORT)))?
+            .try_run(|| TcpListener::bind(SocketAddr::new(pair.ip_a, SERVER_PORT)))?
             .context("cannot listen for the scale clients")?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -156,7 +156,7 @@ impl Load {
                     })
                     .collect()
             });
-            let clients: Vec<TcpStream> = pair.b.run(|| {
+            let clients: Vec<TcpStream> = pair.b.try_run(|| {
                 (0..n)
                     .map(|_| TcpStream::connect(addr))
                     .collect::<std::io::Result<Vec<_>>>()
@@ -265,7 +265,7 @@ fn connections(ctx: &Ctx, results: &mut Results) -> Result<()> {
             ctx.runs
         ));
         let _t = ctx.ticker(&format!("scale: {n} connections"));
-        let pair = VethPair::new(60)?;
+        let pair = net::veth_pair(60)?;
         let watch = Watcher::start(
             &ctx.bin("migmon"),
             &[
