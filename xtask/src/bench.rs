@@ -1,5 +1,5 @@
 //! `./x bench`: migrator against QEMU, probe costs, scale and memory, each beside a baseline and a physical floor
-//! measured in the same run. (Issue 6.)
+//! measured in the same run.
 //!
 //! `./x bench` builds the release binaries (migmon, migrator, the guest ELF for QEMU, and this task runner with the
 //! `probes` feature, which loads migmon's eBPF programs in-process) and runs the release build of itself, so that

@@ -1,4 +1,4 @@
-//! `./x demo`: live against quick migration, on the same guest and the same clients, side by side. (Issue 5.)
+//! `./x demo`: live against quick migration, on the same guest and the same clients, side by side.
 //!
 //! The scenario itself lives in `testbed::scenario` (the privileged tests run a reduced copy of it); this task
 //! builds the binaries, handles Ctrl-C, and prints what migmon found next to what the clients saw.
@@ -142,7 +142,7 @@ fn client_line(m: &MigrationOutcome) -> String {
         match &c.verdict {
             Verdict::Alive => {}
             Verdict::Aborted { errno: Some(e), .. } => {
-                *reasons.entry(Errno(*e).to_string()).or_default() += 1
+                *reasons.entry(Errno(*e).to_string()).or_default() += 1;
             }
             other => *reasons.entry(other.to_string()).or_default() += 1,
         }
