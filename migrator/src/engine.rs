@@ -314,14 +314,6 @@ impl MigrationError {
     }
 }
 
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
-pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// A fresh migration id: pid and monotonic time, unique on a host.
 pub fn new_migration_id() -> String {
     format!("mig-{}-{:x}", std::process::id(), migevents::monotonic_ns())

@@ -105,7 +105,6 @@ pub mod service;
 pub mod source;
 pub mod tap;
 pub mod transport;
-pub mod units;
 pub mod vcpu;
 pub mod vm;
 pub mod vm_migration;

@@ -12,10 +12,11 @@ use std::{
 };
 
 use migevents::{Phase, Role};
+use migmon_base::MacAddr;
 
 use crate::{
     announce::{AnnounceSchedule, rarp_frame},
-    engine::{BoxedVmError, Events, MigrationError, MigrationTarget, Tracker, error_chain, mac_string},
+    engine::{BoxedVmError, Events, MigrationError, MigrationTarget, Tracker, error_chain},
     protocol::{
         Ack, Command, HELLO_VERIFY, Hello, Incoming, Message, MessageReader, MessageWriter, ProtocolError,
         RoundEnd,
@@ -109,7 +110,7 @@ where
     let mut events = Events::open(
         opts.events.as_deref(),
         &hello.migration_id,
-        &mac_string(&hello.mac),
+        &MacAddr(hello.mac).to_string(),
         Role::Destination,
     );
     events.emit(Phase::Setup {
@@ -131,7 +132,7 @@ where
     let mut report = ReceiveReport {
         migration_id: hello.migration_id.clone(),
         mode: crate::engine::mode_name(mode).into(),
-        mac: mac_string(&hello.mac),
+        mac: MacAddr(hello.mac).to_string(),
         verified: hello.flags & HELLO_VERIFY != 0,
         ..ReceiveReport::default()
     };

@@ -10,9 +10,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use guest_abi::GuestMark;
+use migmon_base::MacAddr;
 
 use crate::{
-    engine::mac_string,
     vcpu::{GuestExit, GuestStatus},
     vm::{Vm, VmConfig},
 };
@@ -125,7 +125,7 @@ pub fn boot(config: &VmConfig) -> Result<Vm> {
     })?;
     vm.start().context("cannot start the VM")?;
     let status = vm.guest_status();
-    let mac = mac_string(&config.mac);
+    let mac = MacAddr(config.mac);
     let ip = config.ipv4;
     let _ = std::thread::Builder::new().name("ready".into()).spawn(move || {
         if status
@@ -147,7 +147,7 @@ pub fn run(config: &VmConfig) -> Result<()> {
     let vm = boot(config)?;
     eprintln!(
         "migrator: running guest {} {}/{} on tap {} with {} MiB; Ctrl-C stops it",
-        mac_string(&config.mac),
+        MacAddr(config.mac),
         config.ipv4,
         config.prefix_len,
         config.tap,

@@ -8,11 +8,12 @@ use std::{
 };
 
 use migevents::{Phase, Role};
+use migmon_base::MacAddr;
 
 use crate::{
     engine::{
-        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, mac_string,
-        mode_name, new_migration_id,
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, mode_name,
+        new_migration_id,
     },
     protocol::{HELLO_VERIFY, Hello, Message, MessageReader, MessageWriter, PageBatch, RoundEnd, VERSION},
     ram::{DirtyBitmap, PAGE_SIZE},
@@ -165,7 +166,12 @@ impl Session {
     ) -> Result<Self, Box<(MigrationError, Option<Events>)>> {
         let id = vm.identity();
         let migration_id = new_migration_id();
-        let mut events = Events::open(events_path, &migration_id, &mac_string(&id.mac), Role::Source);
+        let mut events = Events::open(
+            events_path,
+            &migration_id,
+            &MacAddr(id.mac).to_string(),
+            Role::Source,
+        );
         let ram = vm.guest_ram();
         let started = Instant::now();
         events.emit(Phase::Setup {

@@ -8,12 +8,15 @@ use clap::{
     builder::{PossibleValuesParser, TypedValueParser},
 };
 use migevents::Mode;
+use migmon_base::{
+    MacAddr, MacParseError,
+    units::{parse_duration, parse_rate, parse_size},
+};
 use migrator::{
     announce::AnnounceSchedule,
     config::{ReceiveConfig, RunConfig},
     engine::{MigrateOptions, OnTimeout},
     transport::Endpoint,
-    units::{parse_duration, parse_rate},
     vm::{SerialOutput, VmConfig},
 };
 
@@ -33,33 +36,15 @@ fn one_of<T: Copy + Send + Sync + 'static>(
 const MODES: &[(&str, Mode)] = &[("live", Mode::Live), ("quick", Mode::Quick)];
 const ON_TIMEOUT: &[(&str, OnTimeout)] = &[("force", OnTimeout::Force), ("abort", OnTimeout::Abort)];
 
-/// A MAC address `aa:bb:cc:dd:ee:ff`, unicast.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not a MAC address like 02:00:00:00:00:01");
-        let mut mac = [0u8; 6];
-        let mut parts = s.split(':');
-        for b in &mut mac {
-            let p = parts.next().ok_or_else(bad)?;
-            if p.len() != 2 {
-                return Err(bad());
-            }
-            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        if mac[0] & 1 != 0 {
-            return Err(format!(
-                "{s} is a multicast MAC address: use a unicast one (even first byte)"
-            ));
-        }
-        Ok(Self(mac))
+/// `--mac`: a MAC address that a VM can own (unicast: the group bit of the first octet clear).
+fn parse_vm_mac(s: &str) -> Result<MacAddr, String> {
+    let mac: MacAddr = s.parse().map_err(|e: MacParseError| e.to_string())?;
+    if mac.is_multicast() {
+        return Err(format!(
+            "{s} is a multicast MAC address: use a unicast one (even first byte)"
+        ));
     }
+    Ok(mac)
 }
 
 /// An IPv4 address with its prefix, `10.0.0.2/24`.
@@ -83,23 +68,6 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
-/// Parses a size: bytes, or with a K/M/G suffix (powers of 1024), e.g. `256M`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a size like 256M, 1G or 4096");
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
-        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
-        Some(_) => (t, 1),
-        None => return Err(bad()),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(bad)
-}
-
 /// The dirtier's setting `SIZE@RATE`: rewrite SIZE bytes at RATE bytes per second, e.g. `32M@125M`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirtySpec {
@@ -113,10 +81,9 @@ impl FromStr for DirtySpec {
         let (size, rate) = s.split_once('@').ok_or_else(|| {
             format!("{s:?} is not SIZE@RATE, like 32M@125M (32 MiB rewritten at 125 MiB/s)")
         })?;
-        let rate = rate.strip_suffix("/s").unwrap_or(rate);
         Ok(Self {
-            bytes: parse_size(size)?,
-            rate: parse_size(rate)?,
+            bytes: parse_size(size).map_err(|e| e.to_string())?,
+            rate: parse_rate(rate).map_err(|e| e.to_string())?,
         })
     }
 }
@@ -128,7 +95,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub tap: String,
     /// The VM's MAC address.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_vm_mac)]
     pub mac: MacAddr,
     /// The VM's IPv4 address and prefix, e.g. 10.0.0.2/24.
     #[arg(long)]
@@ -305,18 +272,19 @@ impl ReceiveArgs {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use migrator::engine::mac_string;
 
     use super::*;
 
     #[test]
     fn parses_cli_values() {
         assert_eq!(parse_size("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("").is_err());
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("99999999999999G").is_err());
+        assert_eq!(
+            parse_size("32MiB").unwrap(),
+            32 << 20,
+            "binary units in every spelling"
+        );
+        let bare = parse_size("4096").unwrap_err().to_string();
+        assert!(bare.contains("needs a unit"), "a bare number is refused: {bare}");
         assert_eq!(
             "32M@125M".parse::<DirtySpec>().unwrap(),
             DirtySpec {
@@ -324,14 +292,19 @@ mod tests {
                 rate: 125 << 20
             }
         );
-        assert_eq!("32M@125M/s".parse::<DirtySpec>().unwrap().rate, 125 << 20);
+        assert_eq!("32MiB@125M/s".parse::<DirtySpec>().unwrap().rate, 125 << 20);
         assert!("32M".parse::<DirtySpec>().is_err());
-        let mac: MacAddr = "02:00:0a:00:00:02".parse().unwrap();
+        assert!("32@125M".parse::<DirtySpec>().is_err());
+        let mac = parse_vm_mac("02:00:0a:00:00:02").unwrap();
         assert_eq!(mac.0, [2, 0, 10, 0, 0, 2]);
-        assert_eq!(mac_string(&mac.0), "02:00:0a:00:00:02");
-        assert!("03:00:00:00:00:01".parse::<MacAddr>().is_err());
-        assert!("02:00:00:00:00".parse::<MacAddr>().is_err());
-        assert!("02:00:00:00:00:01:07".parse::<MacAddr>().is_err());
+        assert_eq!(mac.to_string(), "02:00:0a:00:00:02");
+        assert!(
+            parse_vm_mac("03:00:00:00:00:01")
+                .unwrap_err()
+                .contains("multicast")
+        );
+        assert!(parse_vm_mac("02:00:00:00:00").is_err());
+        assert!(parse_vm_mac("02:00:00:00:00:01:07").is_err());
         let ip: Ipv4Cidr = "10.1.2.3/24".parse().unwrap();
         assert_eq!(ip.addr, Ipv4Addr::new(10, 1, 2, 3));
         assert_eq!(ip.prefix_len, 24);
