@@ -15,6 +15,7 @@ use std::{
 
 use migevents::{Phase, monotonic_ns};
 use monitor::{pause::qmp, trace::Event};
+use testbed::net::wait_until;
 
 /// Kills and reaps QEMU and removes its directory, also when the test fails.
 struct Qemu {
@@ -28,17 +29,6 @@ impl Drop for Qemu {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 /// A second QMP client that drives QEMU.

@@ -337,6 +337,68 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
         "1",
     ]);
     let mut tx = RawSender::open(outer);
+    for f in crafted_frames() {
+        tx.send(&f);
+    }
+
+    watch.wait_for("the frames", Duration::from_secs(10), |evs| {
+        let l2 = ["arp", "garp", "rarp"]
+            .iter()
+            .map(|k| of_kind(evs, k).len())
+            .sum::<usize>();
+        let malformed = of_kind(evs, "malformed")
+            .last()
+            .and_then(|m| m["count"].as_u64())
+            .unwrap_or(0);
+        l2 >= 5 && malformed >= 3
+    });
+    let (events, _) = watch.stop();
+    let by_mac = |kind: &str, m: MacAddr| -> Vec<&Value> {
+        of_kind(&events, kind)
+            .into_iter()
+            .filter(|e| e["mac"] == m.to_string())
+            .collect()
+    };
+    let one = |kind: &str, m: MacAddr| -> &Value {
+        let found = by_mac(kind, m);
+        assert_eq!(found.len(), 1, "{kind} from {m}: exactly once\n{}", dump(&events));
+        found[0]
+    };
+    assert_parsed_once(&one, ns, inner);
+    for m in [mac(0x06), mac(0x07), mac(0x08)] {
+        for kind in ["arp", "garp", "rarp"] {
+            assert!(
+                by_mac(kind, m).is_empty(),
+                "a truncated frame from {m} was read as {kind}"
+            );
+        }
+    }
+    let malformed = of_kind(&events, "malformed");
+    let last = malformed.last().expect("malformed counts");
+    assert_eq!(last["count"], 3, "{}", dump(&events));
+    assert_eq!(last["iface"].as_str(), Some(inner.as_str()));
+    // The watched MAC: first seen once, and its counters match the one frame it sent.
+    let seen = one("mac_seen", watched);
+    assert_eq!(
+        (seen["direction"].as_str(), seen["gap_ns"].as_u64()),
+        (Some("ingress"), Some(0))
+    );
+    let stats = by_mac("mac_stats", watched);
+    let last = stats.last().expect("mac_stats for the watched MAC");
+    assert_eq!(
+        (last["frames"].as_u64(), last["bytes"].as_u64()),
+        (Some(1), Some(42)),
+        "{last}"
+    );
+    // No per-frame event for unwatched MACs.
+    assert!(by_mac("mac_seen", mac(0x02)).is_empty());
+}
+
+/// The crafted frames, in the order they are sent: an ARP request from `mac(1)`, a GARP from `mac(2)`, QEMU's RARP
+/// from `mac(3)`, an 802.1Q ARP reply from `mac(4)`, a `QinQ` ARP from `mac(5)`; then three truncated ones from
+/// `mac(6..=8)`: an ARP cut after 10 bytes of body, a VLAN tag cut in half, an ARP inside `QinQ` cut short.
+fn crafted_frames() -> Vec<Vec<u8>> {
+    let watched = mac(0x01);
     let bcast = MacAddr::BROADCAST;
     let zero = MacAddr::ZERO;
     let ip = |d: u8| Ipv4Addr::new(10, 9, 8, d);
@@ -390,42 +452,21 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
         0x0806,
         &[0, 1, 8, 0],
     );
-    for f in [
-        &arp_request,
-        &garp,
-        &rarp,
-        &dot1q,
-        &qinq,
-        &short_arp,
-        &short_vlan,
-        &short_qinq,
-    ] {
-        tx.send(f);
-    }
+    vec![
+        arp_request,
+        garp,
+        rarp,
+        dot1q,
+        qinq,
+        short_arp,
+        short_vlan,
+        short_qinq,
+    ]
+}
 
-    watch.wait_for("the frames", Duration::from_secs(10), |evs| {
-        let l2 = ["arp", "garp", "rarp"]
-            .iter()
-            .map(|k| of_kind(evs, k).len())
-            .sum::<usize>();
-        let malformed = of_kind(evs, "malformed")
-            .last()
-            .and_then(|m| m["count"].as_u64())
-            .unwrap_or(0);
-        l2 >= 5 && malformed >= 3
-    });
-    let (events, _) = watch.stop();
-    let by_mac = |kind: &str, m: MacAddr| -> Vec<&Value> {
-        of_kind(&events, kind)
-            .into_iter()
-            .filter(|e| e["mac"] == m.to_string())
-            .collect()
-    };
-    let one = |kind: &str, m: MacAddr| -> &Value {
-        let found = by_mac(kind, m);
-        assert_eq!(found.len(), 1, "{kind} from {m}: exactly once\n{}", dump(&events));
-        found[0]
-    };
+/// The five well-formed frames of [`crafted_frames`] each came out once, with their fields.
+fn assert_parsed_once<'a>(one: &dyn Fn(&str, MacAddr) -> &'a Value, ns: &Netns, inner: &str) {
+    let (m_req, m_garp, m_rarp, m_q, m_qinq) = (mac(0x01), mac(0x02), mac(0x03), mac(0x04), mac(0x05));
     let e = one("arp", m_req);
     assert_eq!(
         (e["op"].as_u64(), &e["vlan"]),
@@ -443,7 +484,7 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
         84,
         "the whole 42-byte frame, hex: {e}"
     );
-    assert_eq!(e["iface"].as_str(), Some(inner.as_str()), "{e}");
+    assert_eq!(e["iface"].as_str(), Some(inner), "{e}");
     assert_eq!(e["netns"].as_str(), Some(ns.name.as_str()), "{e}");
     let e = one("garp", m_garp);
     assert_eq!(
@@ -475,41 +516,13 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
         (Some(1), &serde_json::json!([200, 100])),
         "{e}"
     );
-    for m in [mac(0x06), mac(0x07), mac(0x08)] {
-        for kind in ["arp", "garp", "rarp"] {
-            assert!(
-                by_mac(kind, m).is_empty(),
-                "a truncated frame from {m} was read as {kind}"
-            );
-        }
-    }
-    let malformed = of_kind(&events, "malformed");
-    let last = malformed.last().expect("malformed counts");
-    assert_eq!(last["count"], 3, "{}", dump(&events));
-    assert_eq!(last["iface"].as_str(), Some(inner.as_str()));
-    // The watched MAC: first seen once, and its counters match the one frame it sent.
-    let seen = one("mac_seen", watched);
-    assert_eq!(
-        (seen["direction"].as_str(), seen["gap_ns"].as_u64()),
-        (Some("ingress"), Some(0))
-    );
-    let stats = by_mac("mac_stats", watched);
-    let last = stats.last().expect("mac_stats for the watched MAC");
-    assert_eq!(
-        (last["frames"].as_u64(), last["bytes"].as_u64()),
-        (Some(1), Some(42)),
-        "{last}"
-    );
-    // No per-frame event for unwatched MACs.
-    assert!(by_mac("mac_seen", m_garp).is_empty());
 }
 
 #[test]
 fn bridge_fdb_move_and_per_port_stats() {
     let bed = BridgeNetns::create("pb", 2).unwrap();
     let (ns, br) = (&bed.ns, &bed.bridge);
-    let (p1, q1) = (&bed.ports[0].port, &bed.ports[0].outer);
-    let (p2, q2) = (&bed.ports[1].port, &bed.ports[1].outer);
+    let (p1, p2) = (&bed.ports[0].port, &bed.ports[1].port);
     let vm = mac(0x10);
     let peer = mac(0x11);
     let watch = Watch::start(&[
@@ -526,59 +539,7 @@ fn bridge_fdb_move_and_per_port_stats() {
         "--port",
         "1",
     ]);
-    let (mut tx1, mut tx2) = (RawSender::open(q1), RawSender::open(q2));
-    // The VM talks from port 1 three times; a peer on port 2 sends it two frames, which the bridge delivers
-    // through port 1. Then the VM "migrates": it talks from port 2 twice.
-    let ping = |src: MacAddr, dst: MacAddr| ethernet(dst, src, &[], 0x88b5, &[0u8; 46]);
-    for _ in 0..3 {
-        tx1.send(&ping(vm, MacAddr::BROADCAST));
-    }
-    watch.wait_for("the VM learned on port 1", Duration::from_secs(10), |evs| {
-        of_kind(evs, "fdb_update")
-            .iter()
-            .any(|e| e["port"] == p1.as_str())
-    });
-    for _ in 0..2 {
-        tx2.send(&ping(peer, vm));
-    }
-    watch.wait_for(
-        "frames towards the VM on port 1",
-        Duration::from_secs(10),
-        |evs| {
-            of_kind(evs, "mac_stats")
-                .iter()
-                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "egress" && e["frames"] == 2)
-        },
-    );
-    for _ in 0..2 {
-        tx2.send(&ping(vm, MacAddr::BROADCAST));
-    }
-    watch.wait_for("the move to port 2", Duration::from_secs(10), |evs| {
-        of_kind(evs, "fdb_update")
-            .iter()
-            .any(|e| e["port"] == p2.as_str())
-            && of_kind(evs, "mac_stats")
-                .iter()
-                .any(|e| e["iface"] == p2.as_str() && e["direction"] == "ingress" && e["frames"] == 2)
-    });
-    // Back-to-back migration: the VM returns to port 1 after more than the 50 ms default gap of silence there,
-    // and shows up as seen again.
-    let events = watch.events();
-    let p1_last = of_kind(&events, "mac_stats")
-        .into_iter()
-        .rfind(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress")
-        .and_then(|e| e["last_ns"].as_u64())
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || {
-        monitor::events::mono_now_ns() > p1_last + 60_000_000
-    }));
-    tx1.send(&ping(vm, MacAddr::BROADCAST));
-    watch.wait_for("the move back to port 1", Duration::from_secs(10), |evs| {
-        of_kind(evs, "fdb_update").len() == 3
-            && of_kind(evs, "mac_stats")
-                .iter()
-                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress" && e["frames"] == 4)
-    });
+    let p1_last = move_there_and_back(&bed, &watch, vm, peer);
     let (events, _) = watch.stop();
 
     let fdb: Vec<&Value> = of_kind(&events, "fdb_update");
@@ -640,6 +601,67 @@ fn bridge_fdb_move_and_per_port_stats() {
             .unwrap()
     };
     assert!(seen_ts(p1) < seen_ts(p2));
+}
+
+/// The VM talks from port 1, a peer on port 2 sends it frames, the VM moves to port 2, then back to port 1 after
+/// more than 50 ms of silence there. Returns when the VM's last frame on port 1 before it came back was counted.
+fn move_there_and_back(bed: &BridgeNetns, watch: &Watch, vm: MacAddr, peer: MacAddr) -> u64 {
+    let (p1, q1) = (&bed.ports[0].port, &bed.ports[0].outer);
+    let (p2, q2) = (&bed.ports[1].port, &bed.ports[1].outer);
+    let (mut tx1, mut tx2) = (RawSender::open(q1), RawSender::open(q2));
+    // The VM talks from port 1 three times; a peer on port 2 sends it two frames, which the bridge delivers
+    // through port 1. Then the VM "migrates": it talks from port 2 twice.
+    let ping = |src: MacAddr, dst: MacAddr| ethernet(dst, src, &[], 0x88b5, &[0u8; 46]);
+    for _ in 0..3 {
+        tx1.send(&ping(vm, MacAddr::BROADCAST));
+    }
+    watch.wait_for("the VM learned on port 1", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update")
+            .iter()
+            .any(|e| e["port"] == p1.as_str())
+    });
+    for _ in 0..2 {
+        tx2.send(&ping(peer, vm));
+    }
+    watch.wait_for(
+        "frames towards the VM on port 1",
+        Duration::from_secs(10),
+        |evs| {
+            of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "egress" && e["frames"] == 2)
+        },
+    );
+    for _ in 0..2 {
+        tx2.send(&ping(vm, MacAddr::BROADCAST));
+    }
+    watch.wait_for("the move to port 2", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update")
+            .iter()
+            .any(|e| e["port"] == p2.as_str())
+            && of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == p2.as_str() && e["direction"] == "ingress" && e["frames"] == 2)
+    });
+    // Back-to-back migration: the VM returns to port 1 after more than the 50 ms default gap of silence there,
+    // and shows up as seen again.
+    let events = watch.events();
+    let p1_last = of_kind(&events, "mac_stats")
+        .into_iter()
+        .rfind(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress")
+        .and_then(|e| e["last_ns"].as_u64())
+        .expect("the VM's frames counted on port 1");
+    assert!(wait_until(Duration::from_secs(5), || {
+        monitor::events::mono_now_ns() > p1_last + 60_000_000
+    }));
+    tx1.send(&ping(vm, MacAddr::BROADCAST));
+    watch.wait_for("the move back to port 1", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update").len() == 3
+            && of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress" && e["frames"] == 4)
+    });
+    p1_last
 }
 
 #[test]

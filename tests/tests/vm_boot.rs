@@ -151,6 +151,26 @@ fn copy_ram(src: &Vm, dst: &Vm) {
     }
 }
 
+/// 200 echo round trips: prints the average round trip, VM exits and host CPU per round trip.
+fn echo_figures(vm: &Vm, e: &mut TcpStream) {
+    let stats0 = vm.vcpu_stats();
+    let cpu0 = process_cpu();
+    let t = Instant::now();
+    let rounds = 200;
+    for i in 0..rounds {
+        echo(e, format!("echo {i}").as_bytes());
+    }
+    let elapsed = t.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu0);
+    let exits = vm.vcpu_stats().exits - stats0.exits;
+    eprintln!(
+        "figure: echo round trip {:.1} us average over {rounds}; {:.1} VM exits and {:.0} us of host CPU per round trip",
+        elapsed.as_secs_f64() * 1e6 / f64::from(rounds),
+        exits as f64 / f64::from(rounds),
+        cpu.as_secs_f64() * 1e6 / f64::from(rounds)
+    );
+}
+
 #[test]
 fn boots_serves_pauses_and_restores() {
     if !kvm_available("the VMM tests") {
@@ -173,22 +193,7 @@ fn boots_serves_pauses_and_restores() {
 
     // Echo, stream and request/response from the client namespace.
     let mut e = topo.connect(ECHO_PORT);
-    let stats0 = vm.vcpu_stats();
-    let cpu0 = process_cpu();
-    let t = Instant::now();
-    let rounds = 200;
-    for i in 0..rounds {
-        echo(&mut e, format!("echo {i}").as_bytes());
-    }
-    let elapsed = t.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu0);
-    let exits = vm.vcpu_stats().exits - stats0.exits;
-    eprintln!(
-        "figure: echo round trip {:.1} us average over {rounds}; {:.1} VM exits and {:.0} us of host CPU per round trip",
-        elapsed.as_secs_f64() * 1e6 / f64::from(rounds),
-        exits as f64 / f64::from(rounds),
-        cpu.as_secs_f64() * 1e6 / f64::from(rounds)
-    );
+    echo_figures(&vm, &mut e);
     echo(&mut e, &vec![0x5a; 20_000]);
 
     let mut st = topo.connect(STREAM_PORT);
