@@ -320,7 +320,7 @@ fn reset_both_sides(v6: bool) {
     );
 
     // The trace holds the same events as the JSON stream, after its header.
-    let recorded = monitor::trace::read_trace(&trace).expect("read the --record trace");
+    let recorded = migmon_analysis::trace::read_trace(&trace).expect("read the --record trace");
     std::fs::remove_file(&trace).ok();
     assert!(recorded.header.is_some() && !recorded.truncated && recorded.skipped.is_empty());
     let as_json: Vec<Value> = recorded
@@ -645,7 +645,7 @@ fn bridge_fdb_move_and_per_port_stats() {
         .and_then(|e| e["last_ns"].as_u64())
         .unwrap();
     assert!(wait_until(Duration::from_secs(5), || {
-        monitor::events::mono_now_ns() > p1_last + 60_000_000
+        monitor::decode::mono_now_ns() > p1_last + 60_000_000
     }));
     send(&mut tx1, &ping(vm, MacAddr::broadcast()));
     watch.wait_for("the move back to port 1", Duration::from_secs(10), |evs| {
