@@ -12,6 +12,8 @@ pub struct MacAddr(pub [u8; 6]);
 impl MacAddr {
     /// `ff:ff:ff:ff:ff:ff`.
     pub const BROADCAST: Self = Self([0xff; 6]);
+    /// `00:00:00:00:00:00` (an unknown target, as in an ARP request).
+    pub const ZERO: Self = Self([0; 6]);
 
     pub const fn new(octets: [u8; 6]) -> Self {
         Self(octets)

@@ -16,6 +16,7 @@ use std::{
 use migevents::{Phase, monotonic_ns};
 use migmon_analysis::trace::Event;
 use monitor::pause::qmp;
+use testbed::net::wait_until;
 
 /// Kills and reaps QEMU and removes its directory, also when the test fails.
 struct Qemu {
@@ -29,17 +30,6 @@ impl Drop for Qemu {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 /// A second QMP client that drives QEMU.
