@@ -448,9 +448,14 @@ impl Output {
             Event::TcpError { .. }
             | Event::TcpResetIn { .. }
             | Event::TcpResetOut { .. }
-            | Event::Loss { .. } => "31",
-            Event::TcpRetransmit { .. } | Event::Malformed { .. } => "33",
-            Event::TcpState { .. } => "32",
+            | Event::Loss { .. }
+            | Event::FlowReset { .. }
+            | Event::FlowZeroWindow { .. } => "31",
+            Event::TcpRetransmit { .. } | Event::Malformed { .. } | Event::FlowRetransmit { .. } => "33",
+            Event::TcpState { .. }
+            | Event::FlowProgress { .. }
+            | Event::FlowOpen { .. }
+            | Event::FlowFin { .. } => "32",
             Event::Arp { .. } | Event::Garp { .. } | Event::Rarp { .. } | Event::MacSeen { .. } => "36",
             Event::FdbUpdate { .. } => "35",
             _ => "2",
@@ -578,8 +583,78 @@ impl Output {
             }
             Event::Note { level, message, .. } => format!("{level}: {message}"),
             Event::Migration { .. } | Event::ClockOffset { .. } => crate::live::describe(ev),
+            Event::FlowOpen { seg, .. }
+            | Event::FlowRetransmit { seg, .. }
+            | Event::FlowReset { seg, .. }
+            | Event::FlowFin { seg, .. }
+            | Event::FlowZeroWindow { seg, .. }
+            | Event::FlowProgress { seg, .. } => {
+                let (from, to) = match seg.side {
+                    crate::trace::FlowSide::Vm => {
+                        ((seg.vm_addr, seg.vm_port), (seg.peer_addr, seg.peer_port))
+                    }
+                    crate::trace::FlowSide::Peer => {
+                        ((seg.peer_addr, seg.peer_port), (seg.vm_addr, seg.vm_port))
+                    }
+                };
+                let gap = match ev {
+                    Event::FlowRetransmit { .. } => format!(
+                        " retransmits={} gap={:.1}ms silence={:.1}ms",
+                        seg.retransmits,
+                        seg.gap_ns as f64 / 1e6,
+                        seg.silence_ns as f64 / 1e6
+                    ),
+                    Event::FlowProgress { .. } => format!(" after {:.1}ms quiet", seg.gap_ns as f64 / 1e6),
+                    _ => String::new(),
+                };
+                format!(
+                    "{:<20} {} {} -> {} [{}] seq={} ack={} len={} win={}{gap}",
+                    port(&seg.port),
+                    match seg.side {
+                        crate::trace::FlowSide::Vm => "vm  ",
+                        crate::trace::FlowSide::Peer => "peer",
+                    },
+                    endpoint(from),
+                    endpoint(to),
+                    tcp_flag_names(seg.tcp_flags),
+                    seg.seq,
+                    seg.ack,
+                    seg.len,
+                    seg.window
+                )
+            }
+            Event::FlowTable {
+                inserts,
+                entries,
+                evictions,
+                insert_failed,
+                capture_dropped,
+                ..
+            } => format!(
+                "flows: {entries} tracked, {inserts} picked up, {evictions} evicted, {insert_failed} not inserted, \
+                 {capture_dropped} records without frame bytes"
+            ),
         }
     }
+}
+
+/// `1.2.3.4:80` or `[::1]:80`.
+fn endpoint((ip, port): (std::net::IpAddr, u16)) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+/// `S.`-style TCP flags, as tcpdump writes them.
+fn tcp_flag_names(flags: u8) -> String {
+    let mut s = String::new();
+    for (bit, c) in [(0x02, 'S'), (0x01, 'F'), (0x04, 'R'), (0x08, 'P'), (0x10, '.')] {
+        if flags & bit != 0 {
+            s.push(c);
+        }
+    }
+    if s.is_empty() {
+        s.push_str("none");
+    }
+    s
 }
 
 fn dir_name(d: crate::trace::Direction) -> &'static str {
@@ -645,7 +720,14 @@ struct Samples {
     mac: HashMap<(u32, MacKey), MacCounters>,
     malformed: HashMap<(u32, u32), u64>,
     lost: Vec<u64>,
+    /// The flow counters last reported (entries and evictions as counted then), and when the tables were last
+    /// walked.
+    flows: crate::probes::FlowTotals,
+    flows_walked: Option<std::time::Instant>,
 }
+
+/// The flow tables are walked at most this often to count evictions.
+const FLOW_WALK_EVERY: Duration = Duration::from_secs(1);
 
 fn sample(probes: &Probes, decoder: &Decoder, prev: &mut Samples, tx: &Sender<Event>) {
     let ts_ns = mono_now_ns();
@@ -695,6 +777,45 @@ fn sample(probes: &Probes, decoder: &Decoder, prev: &mut Samples, tx: &Sender<Ev
         }
         Err(e) => note(tx, "warning", format!("cannot read the loss counters: {e}")),
     }
+    sample_flows(probes, prev, tx, ts_ns);
+}
+
+/// Emits `flow_table` when the flow tracker's counters moved (counting the table entries at most once per
+/// [`FLOW_WALK_EVERY`]).
+fn sample_flows(probes: &Probes, prev: &mut Samples, tx: &Sender<Event>, ts_ns: u64) {
+    let cheap = match probes.flow_totals(false) {
+        Ok(t) => t,
+        Err(e) => {
+            note(tx, "warning", format!("cannot read the flow counters: {e}"));
+            return;
+        }
+    };
+    let p = &prev.flows;
+    if (cheap.inserts, cheap.insert_failed, cheap.capture_dropped)
+        == (p.inserts, p.insert_failed, p.capture_dropped)
+    {
+        return;
+    }
+    if prev.flows_walked.is_some_and(|t| t.elapsed() < FLOW_WALK_EVERY) {
+        return;
+    }
+    let t = match probes.flow_totals(true) {
+        Ok(t) => t,
+        Err(e) => {
+            note(tx, "warning", format!("cannot count the flow table: {e}"));
+            return;
+        }
+    };
+    prev.flows_walked = Some(std::time::Instant::now());
+    prev.flows = t;
+    let _ = tx.send(Event::FlowTable {
+        ts_ns,
+        inserts: t.inserts,
+        entries: t.entries,
+        evictions: t.evictions,
+        insert_failed: t.insert_failed,
+        capture_dropped: t.capture_dropped,
+    });
 }
 
 fn note(tx: &Sender<Event>, level: &str, message: String) {
@@ -734,6 +855,10 @@ pub fn spawn_collector(
                 drain(&mut probes, &mut decoder, &tx);
                 let asked = control.take_sample_request();
                 if asked || stopping || Instant::now() >= next {
+                    if stopping {
+                        // The last sample counts the flow tables whatever the pace.
+                        prev.flows_walked = None;
+                    }
                     sample(&probes, &decoder, &mut prev, &tx);
                     next = Instant::now() + interval;
                 }
