@@ -14,7 +14,9 @@ use std::{
 };
 
 use migevents::{Phase, monotonic_ns};
-use monitor::{pause::qmp, trace::Event};
+use migmon_analysis::trace::Event;
+use monitor::pause::qmp;
+use testbed::net::wait_until;
 
 /// Kills and reaps QEMU and removes its directory, also when the test fails.
 struct Qemu {
@@ -28,17 +30,6 @@ impl Drop for Qemu {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 /// A second QMP client that drives QEMU.
@@ -163,7 +154,7 @@ fn follower_turns_stop_and_cont_into_a_pause_window() {
     );
 
     // The correlation makes it a migration with a vCPU pause measured by QMP.
-    let a = monitor::correlate::correlate(&got);
+    let a = migmon_analysis::correlate::correlate(&got);
     assert_eq!(a.migrations.len(), 1);
     assert_eq!(
         a.migrations[0].downtime.vcpu_pause.as_ref().unwrap().source,

@@ -25,6 +25,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use migmon_base::{
+    Errno,
+    units::{fmt_duration, parse_duration},
+};
+
 use crate::net::{NetError, in_netns, try_ip_in, try_netns_exec};
 
 /// Errors of the load generator.
@@ -170,7 +175,7 @@ impl fmt::Display for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Linux => f.write_str("linux"),
-            Self::UserTimeout(d) => write!(f, "user-timeout={}", fmt_secs(*d)),
+            Self::UserTimeout(d) => write!(f, "user-timeout={}", fmt_duration(*d)),
             Self::Windows2003 => f.write_str("windows-2003"),
         }
     }
@@ -189,35 +194,11 @@ impl FromStr for Profile {
                         "unknown client profile {s:?}: use windows-2003, linux or user-timeout=D (e.g. 5s)"
                     ));
                 };
-                parse_duration(d).map(Self::UserTimeout)
+                parse_duration(d)
+                    .map(Self::UserTimeout)
+                    .map_err(|e| format!("client profile {s:?}: {e}"))
             }
         }
-    }
-}
-
-/// Parses `250ms`, `8s`, `1.5s`, `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (try 250ms, 8s, 1.5s)"))?;
-    let secs = match unit {
-        "ms" => v / 1e3,
-        "s" | "" => v,
-        "m" => v * 60.0,
-        u => return Err(format!("unknown unit {u:?} in {s:?} (use ms, s or m)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
-
-fn fmt_secs(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}s", d.as_secs_f64())
     }
 }
 
@@ -250,7 +231,7 @@ impl fmt::Display for Arithmetic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let settings = match self.profile {
             Profile::Linux => "tcp_retries2=15, RTO min 200 ms (kernel defaults)".to_owned(),
-            Profile::UserTimeout(d) => format!("TCP_USER_TIMEOUT={}, RTO min 200 ms", fmt_secs(d)),
+            Profile::UserTimeout(d) => format!("TCP_USER_TIMEOUT={}, RTO min 200 ms", fmt_duration(d)),
             Profile::Windows2003 => "tcp_retries2=3 and route rto_min 80ms (imitating Windows 2003: \
                                      TcpMaxDataRetransmissions=5 from an SRTT-based RTO)"
                 .to_owned(),
@@ -328,23 +309,11 @@ impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Alive => f.write_str("alive"),
-            Self::Aborted { errno: Some(e), .. } => write!(f, "aborted ({})", errno_name(*e)),
+            Self::Aborted { errno: Some(e), .. } => write!(f, "aborted ({})", Errno(*e)),
             Self::Aborted { errno: None, error } => write!(f, "aborted ({error})"),
             Self::Broken { reason } => write!(f, "broken ({reason})"),
             Self::Stalled { after } => write!(f, "stalled ({:.1} s without progress)", after.as_secs_f64()),
         }
-    }
-}
-
-/// The symbolic name of the errnos a TCP client meets.
-pub fn errno_name(e: i32) -> String {
-    match e {
-        libc::ETIMEDOUT => "ETIMEDOUT".into(),
-        libc::ECONNRESET => "ECONNRESET".into(),
-        libc::EPIPE => "EPIPE".into(),
-        libc::ECONNREFUSED => "ECONNREFUSED".into(),
-        libc::EHOSTUNREACH => "EHOSTUNREACH".into(),
-        other => format!("errno {other}"),
     }
 }
 

@@ -182,7 +182,20 @@ impl Netns {
 
     /// Runs `f` on a thread inside this namespace (sockets created there stay in it); panics when it cannot enter.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        in_netns(&self.name, f).expect("enter the test namespace")
+        self.try_run(f).expect("enter the test namespace")
+    }
+
+    /// Runs `f` on a thread inside this namespace (sockets created there stay in it).
+    pub fn try_run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetError> {
+        in_netns(&self.name, f)
+    }
+
+    /// A [`Command`] that runs `program` inside this namespace (`ip netns exec`), for processes that must live
+    /// there (a VMM on a tap, a server).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
     }
 
     /// Gives up ownership: the namespace stays after the guard is gone.

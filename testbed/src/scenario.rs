@@ -28,6 +28,8 @@ use std::{
 
 use serde_json::Value;
 
+use migmon_base::units::fmt_duration;
+
 use crate::{
     clients::{Arithmetic, Client, ClientError, ClientOptions, ClientReport, Profile, start_mix},
     net::in_netns,
@@ -608,13 +610,11 @@ pub fn run(cfg: &Config, ui: &Ui<'_>) -> Result<Run, ScenarioError> {
 }
 
 fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
-    let cfg = s.cfg;
-    let bed = &s.bed;
+    let (cfg, bed) = (s.cfg, &s.bed);
     let events = s.sock("events.sock");
     let trace = s.out("migration.trace");
     let _ = std::fs::remove_file(&trace);
     let mut watch = s.start_watch(&events, &trace)?;
-    let watch_log = watch.log.clone();
 
     let (api_a, api_b, api_a2) = (s.sock("a.api"), s.sock("b.api"), s.sock("a2.api"));
     s.say(&format!(
@@ -625,9 +625,44 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         bed.vm_ip(0)
     ));
     let mut run_a = s.boot(&api_a, &events)?;
-    let run_a_log = run_a.log.clone();
     let recv_b = s.receive(Host::B, &api_b, &events, "migrator-b-receive.log")?;
+    let (arithmetic, clients) = start_clients(s)?;
+    let live = live_a_to_b(s, &api_a, &mut run_a, &clients)?;
+    let recv_a = s.receive(Host::A, &api_a2, &events, "migrator-a-receive.log")?;
+    let (quick_summary, quick_wall) = quick_b_to_a(s, &api_b, &clients)?;
+    let watch_exit = settle(s, &mut watch)?;
+    let quick = MigrationOutcome {
+        mode: "quick",
+        summary: quick_summary,
+        clients: clients.into_iter().map(Client::finish).collect(),
+        wall: quick_wall,
+    };
+    drop((recv_a, recv_b, run_a));
+    let (outputs, compare, report) = reports(s, &trace)?;
+    s.say(&format!(
+        "scenario finished after {:.0} s",
+        s.elapsed().as_secs_f64()
+    ));
+    Ok(Run {
+        live,
+        quick,
+        arithmetic,
+        compare,
+        report,
+        watch_exit,
+        outputs,
+        guest_ip: bed.vm_ip(0),
+    })
+}
 
+/// Whether every client made more than 3 steps of progress since `since`.
+fn all_progress(clients: &[Client], since: &[u64]) -> bool {
+    clients.iter().zip(since).all(|(c, m)| c.progress() > m + 3)
+}
+
+/// Applies the client profile, starts the clients and waits until every one makes progress.
+fn start_clients(s: &Scenario<'_>) -> Result<(Arithmetic, Vec<Client>), ScenarioError> {
+    let (cfg, bed) = (s.cfg, &s.bed);
     let arithmetic = cfg.profile.arithmetic();
     cfg.profile.apply(&bed.client_ns(), CLIENT_IF, bed.vm_ip(0))?;
     s.say(&arithmetic.to_string());
@@ -643,28 +678,36 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         clients.len().div_ceil(2),
         clients.len() / 2
     ));
-    let all_progress = |min: &[u64]| clients.iter().zip(min).all(|(c, m)| c.progress() > m + 3);
     let zero = vec![0; clients.len()];
     s.wait(
         "every client to make progress",
         Duration::from_secs(20),
-        || Ok(all_progress(&zero)),
+        || Ok(all_progress(&clients, &zero)),
         |_| "clients: getting going".into(),
         None,
     )?;
     for c in &clients {
         c.take_max_gap();
     }
+    Ok((arithmetic, clients))
+}
 
-    // Live A → B.
+/// Live migration A → B, then waits for the source to hand over and every client to move on.
+fn live_a_to_b(
+    s: &Scenario<'_>,
+    api_a: &str,
+    run_a: &mut Proc,
+    clients: &[Client],
+) -> Result<MigrationOutcome, ScenarioError> {
     s.say("live migration A → B: pre-copy over the migration link, pause within a 30 ms budget");
-    let (live_summary, live_wall) = s.migrate("live", &api_a, Host::B, &["--downtime", "30ms"], &clients)?;
+    let (summary, wall) = s.migrate("live", api_a, Host::B, &["--downtime", "30ms"], clients)?;
     s.say(&format!(
         "live migration done in {:.0} ms: pause {:.1} ms, {} rounds",
-        live_wall.as_secs_f64() * 1e3,
-        live_summary["pause_ms"].as_f64().unwrap_or(f64::NAN),
-        live_summary["rounds"]
+        wall.as_secs_f64() * 1e3,
+        summary["pause_ms"].as_f64().unwrap_or(f64::NAN),
+        summary["rounds"]
     ));
+    let run_a_log = run_a.log.clone();
     s.wait(
         "the source migrator on A to exit",
         Duration::from_secs(15),
@@ -676,15 +719,15 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
     s.wait(
         "every client to make progress after the live migration",
         Duration::from_secs(20),
-        || Ok(all_progress(&base) || clients.iter().any(Client::ended)),
+        || Ok(all_progress(clients, &base) || clients.iter().any(Client::ended)),
         |_| "clients: waiting for every connection to move on".into(),
         None,
     )?;
     let live = MigrationOutcome {
         mode: "live",
-        summary: live_summary,
+        summary,
         clients: clients.iter().map(Client::snapshot).collect(),
-        wall: live_wall,
+        wall,
     };
     s.say(&format!(
         "after live: {} of {} connections alive, largest client gap {:.0} ms",
@@ -698,52 +741,60 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
             .as_secs_f64()
             * 1e3
     ));
+    Ok(live)
+}
 
-    // Quick B → A.
-    let recv_a = s.receive(Host::A, &api_a2, &events, "migrator-a-receive.log")?;
+/// Quick migration B → A with the extra pause, then waits until every client recovered or aborted.
+fn quick_b_to_a(
+    s: &Scenario<'_>,
+    api_b: &str,
+    clients: &[Client],
+) -> Result<(Value, Duration), ScenarioError> {
+    let cfg = s.cfg;
     let pause = format!("{}ms", cfg.quick_pause.as_millis());
     s.say(&format!(
         "quick migration B → A: suspend, copy, resume, with the guest held paused {:.1} s longer (--extra-pause {pause}) \
          to reproduce a Quick Migration through shared storage",
         cfg.quick_pause.as_secs_f64()
     ));
-    let (quick_summary, quick_wall) =
-        s.migrate("quick", &api_b, Host::A, &["--extra-pause", &pause], &clients)?;
+    let (summary, wall) = s.migrate("quick", api_b, Host::A, &["--extra-pause", &pause], clients)?;
     s.say(&format!(
         "quick migration done: pause {:.2} s, of which {:.2} s held by --extra-pause",
-        quick_summary["pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3,
-        quick_summary["extra_pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3
+        summary["pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3,
+        summary["extra_pause_ms"].as_f64().unwrap_or(f64::NAN) / 1e3
     ));
     let base: Vec<u64> = clients.iter().map(Client::progress).collect();
+    let recovering = || {
+        clients
+            .iter()
+            .zip(&base)
+            .filter(|(c, b)| !c.ended() && c.progress() <= *b + 3)
+            .count()
+    };
     s.wait(
         "every client to recover or abort after the quick migration",
         Duration::from_secs(60),
-        || {
-            Ok(clients
-                .iter()
-                .zip(&base)
-                .all(|(c, b)| c.ended() || c.progress() > b + 3))
-        },
+        || Ok(recovering() == 0),
         |t| {
             let ended = clients.iter().filter(|c| c.ended()).count();
             format!(
                 "clients: {ended} aborted, {} still recovering ({:.0} s after resume)",
-                clients
-                    .iter()
-                    .zip(&base)
-                    .filter(|(c, b)| !c.ended() && c.progress() <= *b + 3)
-                    .count(),
+                recovering(),
                 t.as_secs_f64()
             )
         },
         None,
     )?;
+    Ok((summary, wall))
+}
 
-    // migmon ends by itself once both migrations have settled.
+/// Waits for migmon to end by itself once both migrations have settled; returns its exit code.
+fn settle(s: &Scenario<'_>, watch: &mut Proc) -> Result<Option<i32>, ScenarioError> {
+    let watch_log = watch.log.clone();
     let mut watch_exit = None;
     s.wait(
         "migmon watch to settle both migrations (--until-migrations 2)",
-        cfg.settle + Duration::from_secs(60),
+        s.cfg.settle + Duration::from_secs(60),
         || {
             watch_exit = watch.exited().map(|st| st.code());
             Ok(watch_exit.is_some())
@@ -751,19 +802,17 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         |_| "migmon: settling the migrations".into(),
         Some(&watch_log),
     )?;
-    let final_reports: Vec<ClientReport> = clients.into_iter().map(Client::finish).collect();
-    let quick = MigrationOutcome {
-        mode: "quick",
-        summary: quick_summary,
-        clients: final_reports,
-        wall: quick_wall,
-    };
-    drop((recv_a, recv_b, run_a));
+    Ok(watch_exit.flatten())
+}
 
+/// `migmon report` (compare, JSON, text, SVG) and `migmon export` on the trace; returns the files, the compare
+/// text and the JSON report.
+fn reports(s: &Scenario<'_>, trace: &Path) -> Result<(Outputs, String, Value), ScenarioError> {
+    let cfg = s.cfg;
     s.say("reports: migmon report and export on the trace");
     let trace_s = trace.display().to_string();
     let outputs = Outputs {
-        trace: trace.clone(),
+        trace: trace.to_owned(),
         report_json: s.out("report.json"),
         report_text: s.out("report.txt"),
         compare_text: s.out("compare.txt"),
@@ -785,10 +834,10 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         cfg.profile.tcp_retries2().to_string(),
     ];
     if let Some(r) = cfg.profile.rto_min() {
-        compare_args.extend(["--rto-min".into(), format!("{}ms", r.as_millis())]);
+        compare_args.extend(["--rto-min".into(), fmt_duration(r)]);
     }
     if let Some(u) = cfg.profile.user_timeout() {
-        compare_args.extend(["--user-timeout".into(), format!("{}ms", u.as_millis())]);
+        compare_args.extend(["--user-timeout".into(), fmt_duration(u)]);
     }
     let compare_refs: Vec<&str> = compare_args.iter().map(String::as_str).collect();
     let compare = s.migmon(&compare_refs)?;
@@ -811,18 +860,5 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         what: "reading migmon's JSON report".into(),
         log: e.to_string(),
     })?;
-    s.say(&format!(
-        "scenario finished after {:.0} s",
-        s.elapsed().as_secs_f64()
-    ));
-    Ok(Run {
-        live,
-        quick,
-        arithmetic,
-        compare,
-        report,
-        watch_exit: watch_exit.flatten(),
-        outputs,
-        guest_ip: bed.vm_ip(0),
-    })
+    Ok((outputs, compare, report))
 }

@@ -21,10 +21,16 @@
 //!
 //! [`Topology::up`] is idempotent; [`Topology::down`] removes everything with the prefix, also after a crash
 //! (it first ends the processes still running inside the namespaces, which would otherwise keep them alive).
+//!
+//! Beside it, smaller topologies for single tests and benchmarks, each built in one call: [`VethNetns`],
+//! [`BridgeNetns`], [`VethPair`] and [`VmHost`].
 
 use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use crate::net::{Link, NetError, Netns, netns_exists, try_ip_in, try_run, wait_until};
+
+mod small;
+pub use small::{BridgeNetns, BridgePort, VethNetns, VethPair, VmHost, add_address};
 
 /// The testbed's documented range (docs/testbed.md).
 pub const RANGE: &str = "10.77.0.0/16";

@@ -3,16 +3,21 @@
 //! # How the tests drive migmon
 //! The tests run the real `migmon` binary, as a user would: `migmon watch --json ...` as a child process whose
 //! stdout lines are parsed as events ([`Watch`]). Cargo does not give a test in one package the path of another
-//! package's binary, so [`migmon_bin`] looks for it next to the test executable's profile directory
-//! (`target/<profile>/migmon`): `./x test` builds the release binaries before it runs the release integration
-//! tests, and by hand `cargo build -p monitor && cargo test -p integration-tests` does the same in debug.
-//! `MIGMON_BIN` overrides the path.
+//! package's binary, so [`migmon_bin`] and [`migrator_bin`] look for them next to the test executable's profile
+//! directory (`target/<profile>/migmon`): `./x test` builds the release binaries before it runs the release
+//! integration tests, and by hand `cargo build -p monitor -p migrator && cargo test -p integration-tests` does the
+//! same in debug. `MIGMON_BIN` and `MIGRATOR_BIN` override the paths.
 //!
 //! # Namespaces and interfaces
 //! Every test creates its own uniquely named namespaces and interfaces ([`unique`]) through RAII guards
 //! ([`Netns`], [`Link`]) that delete them on drop, also when the test fails. Nothing is routed out of them. These
 //! guards live in the `testbed` crate (`testbed::net`, re-exported here), next to the two-host topology and the TCP
-//! client load generator that the demo and the benchmarks share.
+//! client load generator that the demo and the benchmarks share. The usual shapes (a namespace behind a veth, a
+//! bridge with veth ports, two namespaces joined by a veth, a host with taps and a client) are built in one call by
+//! `testbed::topology` ([`VethNetns`], [`BridgeNetns`], [`VethPair`], [`VmHost`]).
+//!
+//! # Fixtures
+//! Shared by the test files: [`Watch`] (a running `migmon watch`), [`frames`] (crafted L2 frames and a raw sender).
 
 use std::{
     io::{BufRead, BufReader},
@@ -24,20 +29,26 @@ use std::{
 };
 
 use serde_json::Value;
-pub use testbed::net::*;
+pub use testbed::{
+    net::*,
+    topology::{BridgeNetns, BridgePort, VethNetns, VethPair, VmHost},
+};
 
-/// The `migmon` binary under test.
-pub fn migmon_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MIGMON_BIN") {
+pub mod frames;
+
+/// A binary of the workspace: the path in the environment variable `env` if set, else `target/<profile>/NAME`
+/// next to the test executable. Panics with a remedy when it does not exist.
+fn workspace_bin(name: &str, env: &str, package: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/migmon
+    // target/<profile>/deps/<test> -> target/<profile>/NAME
     let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
-    let bin = profile_dir.join("migmon");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
-        "{} does not exist: build it first (`./x test` does; by hand: cargo build -p monitor{})",
+        "{} does not exist: build it first (`./x test` does; by hand: cargo build -p {package}{})",
         bin.display(),
         if profile_dir.ends_with("release") {
             " --release"
@@ -46,6 +57,25 @@ pub fn migmon_bin() -> PathBuf {
         }
     );
     bin
+}
+
+/// The `migmon` binary under test (`MIGMON_BIN` overrides it).
+pub fn migmon_bin() -> PathBuf {
+    workspace_bin("migmon", "MIGMON_BIN", "monitor")
+}
+
+/// The `migrator` binary under test (`MIGRATOR_BIN` overrides it).
+pub fn migrator_bin() -> PathBuf {
+    workspace_bin("migrator", "MIGRATOR_BIN", "migrator")
+}
+
+/// Whether `/dev/kvm` exists; when it does not, prints that `what` is skipped and why.
+pub fn kvm_available(what: &str) -> bool {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        eprintln!("SKIP: /dev/kvm is missing: {what} needs KVM");
+        return false;
+    }
+    true
 }
 
 /// A running `migmon watch --json`, its events collected as they come.

@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Link, Netns, Watch, ip_in, migmon_bin, unique, wait_until};
+use integration_tests::{Netns, VmHost, Watch, kvm_available, migmon_bin, migrator_bin, unique, wait_until};
 use serde_json::Value;
 
 /// Hands each test its own subnet.
@@ -30,41 +30,9 @@ static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0)
 
 const MAC: &str = "52:54:00:6d:6d:65";
 
-fn migrator_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MIGRATOR_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().join("migrator")
-}
-
-/// Whether the test can run here; says why not. Under CI a missing migrator binary is a failure, not a skip.
+/// Whether the test can run here; says why not.
 fn runnable() -> bool {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: /dev/kvm is missing: the end-to-end test needs KVM");
-        return false;
-    }
-    let bin = migrator_bin();
-    if !bin.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{} does not exist: `./x test` builds it (by hand: cargo build -p migrator)",
-            bin.display()
-        );
-        eprintln!("SKIP: {} does not exist (cargo build -p migrator)", bin.display());
-        return false;
-    }
-    let can_migrate = ["migrate", "receive"].iter().all(|cmd| {
-        Command::new(&bin)
-            .args([*cmd, "--help"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !can_migrate {
-        eprintln!("SKIP: {} has no `migrate`/`receive` commands yet", bin.display());
-        return false;
-    }
-    true
+    kvm_available("the end-to-end test")
 }
 
 /// The migration tests' topology: a host namespace with a bridge and two taps, a client namespace on a veth.
@@ -75,35 +43,21 @@ struct Bed {
     tap_b: String,
     guest_ip: Ipv4Addr,
     dir: PathBuf,
-    _links: Vec<Link>,
 }
 
 impl Bed {
     fn new() -> Self {
-        let host = Netns::new("ceh");
-        let client = Netns::new("cec");
         // A subnet per test: sockets of an earlier test in this process may still be closing towards its IP.
         let k = NEXT.fetch_add(1, Ordering::SeqCst);
         let n = ((std::process::id() + 97 * k) % 200 + 21) as u8;
-        let bridge = unique("cebr");
-        let (tap_a, tap_b) = (unique("ceta"), unique("cetb"));
-        let mut links = vec![Link::bridge(&bridge, Some(&host.name))];
-        for tap in [&tap_a, &tap_b] {
-            ip_in(Some(&host.name), &["tuntap", "add", "dev", tap, "mode", "tap"]);
-            ip_in(Some(&host.name), &["link", "set", tap, "master", &bridge]);
-            ip_in(Some(&host.name), &["link", "set", tap, "up"]);
-            links.push(Link {
-                name: tap.clone(),
-                netns: Some(host.name.clone()),
-            });
-        }
-        let (vc, vh) = (unique("cevc"), unique("cevh"));
-        links.push(Link::veth(&vc, Some(&client.name), &vh, Some(&host.name)));
-        ip_in(Some(&host.name), &["link", "set", &vh, "master", &bridge]);
-        ip_in(
-            Some(&client.name),
-            &["addr", "add", &format!("10.{n}.9.1/24"), "dev", &vc],
-        );
+        let client_ip = Ipv4Addr::new(10, n, 9, 1);
+        let VmHost {
+            host,
+            client,
+            mut taps,
+            ..
+        } = VmHost::create("ce", 2, client_ip.into(), 24).expect("build the test's host and client");
+        let (tap_b, tap_a) = (taps.pop().unwrap(), taps.pop().unwrap());
         let dir = std::env::temp_dir().join(unique("migmon-e2e"));
         std::fs::create_dir_all(&dir).unwrap();
         Self {
@@ -113,7 +67,6 @@ impl Bed {
             tap_b,
             guest_ip: Ipv4Addr::new(10, n, 9, 2),
             dir,
-            _links: links,
         }
     }
 
@@ -123,9 +76,9 @@ impl Bed {
 
     fn migrator(&self, args: &[&str], log: &str) -> Proc {
         let out = std::fs::File::create(self.path(log)).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.host.name])
-            .arg(migrator_bin())
+        let child = self
+            .host
+            .command(migrator_bin())
             .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -251,50 +204,8 @@ fn migrate(steps: &[(&str, &[&str])], user_timeout_ms: Option<u32>) -> Option<Ru
         bed.path("run.trace"),
         bed.path("gate.xml"),
     );
-    let at = |tap: &str| format!("{tap}@{}", bed.host.name);
-    let vm = format!("{MAC}={}", bed.guest_ip);
-    let until = steps.len().to_string();
-    let watch = Watch::start(&[
-        "--vm",
-        &vm,
-        "--iface",
-        &at(&bed.tap_a),
-        "--iface",
-        &at(&bed.tap_b),
-        "--egress",
-        &at(&bed.tap_a),
-        "--egress",
-        &at(&bed.tap_b),
-        "--port",
-        &guest_abi::RR_PORT.to_string(),
-        "--events-listen",
-        &sock,
-        "--record",
-        &trace,
-        "--until-migrations",
-        &until,
-        "--settle",
-        "3s",
-        "--junit",
-        &junit,
-    ]);
-    let ip = format!("{}/24", bed.guest_ip);
-    let api_a = bed.path("api0");
-    let mut procs = vec![bed.migrator(
-        &[
-            "run", "--tap", &bed.tap_a, "--mac", MAC, "--ip", &ip, "--mem", "256M", "--api", &api_a,
-            "--events", &sock,
-        ],
-        "run.log",
-    )];
-    let echo = SocketAddrV4::new(bed.guest_ip, guest_abi::ECHO_PORT);
-    assert!(
-        wait_until(Duration::from_secs(30), || bed.client.run(|| {
-            TcpStream::connect_timeout(&echo.into(), Duration::from_millis(300)).is_ok()
-        })),
-        "the guest never answered:\n{}",
-        procs[0].log()
-    );
+    let watch = watch_migrations(&bed, &sock, &trace, &junit, steps.len());
+    let mut procs = vec![boot(&bed, &sock)];
     let clients: Vec<Client> = (0..4).map(|_| Client::start(&bed, user_timeout_ms)).collect();
     assert!(
         wait_until(Duration::from_secs(10), || clients
@@ -302,49 +213,9 @@ fn migrate(steps: &[(&str, &[&str])], user_timeout_ms: Option<u32>) -> Option<Ru
             .all(|c| c.progress.load(Ordering::SeqCst) > 10)),
         "the clients did not get going"
     );
-    let mut source_api = api_a;
+    let mut source_api = bed.path("api0");
     for (k, (mode, extra)) in steps.iter().enumerate() {
-        let tap = if k % 2 == 0 { &bed.tap_b } else { &bed.tap_a };
-        let (api, stream) = (
-            bed.path(&format!("api{}", k + 1)),
-            bed.path(&format!("mig{k}.sock")),
-        );
-        let listen = format!("unix:{stream}");
-        procs.push(bed.migrator(
-            &[
-                "receive", "--tap", tap, "--listen", &listen, "--api", &api, "--events", &sock,
-            ],
-            &format!("receive{k}.log"),
-        ));
-        assert!(
-            wait_until(Duration::from_secs(10), || Path::new(&api).exists()),
-            "{}",
-            procs[procs.len() - 1].log()
-        );
-        let mut args = vec![
-            "migrate",
-            "--api",
-            &source_api,
-            "--to",
-            &listen,
-            "--mode",
-            mode,
-            "--verify",
-        ];
-        args.extend_from_slice(extra);
-        let out = Command::new("ip")
-            .args(["netns", "exec", &bed.host.name])
-            .arg(migrator_bin())
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "migrate {k} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            procs.iter().map(Proc::log).collect::<Vec<_>>().join("\n")
-        );
-        source_api = api;
+        source_api = migrate_step(&bed, &mut procs, &sock, &source_api, k, mode, extra);
     }
     let (_, stderr, gate) = watch.wait_exit(Duration::from_secs(90));
     let clients: Vec<(u16, Option<i32>)> = clients.into_iter().map(|c| (c.local_port, c.finish())).collect();
@@ -367,6 +238,105 @@ fn migrate(steps: &[(&str, &[&str])], user_timeout_ms: Option<u32>) -> Option<Ru
         bed,
         stderr,
     })
+}
+
+/// `migmon watch` on both taps, fed by the migrators' events, until `migrations` migrations have settled.
+fn watch_migrations(bed: &Bed, sock: &str, trace: &str, junit: &str, migrations: usize) -> Watch {
+    let at = |tap: &str| format!("{tap}@{}", bed.host.name);
+    let vm = format!("{MAC}={}", bed.guest_ip);
+    let until = migrations.to_string();
+    Watch::start(&[
+        "--vm",
+        &vm,
+        "--iface",
+        &at(&bed.tap_a),
+        "--iface",
+        &at(&bed.tap_b),
+        "--egress",
+        &at(&bed.tap_a),
+        "--egress",
+        &at(&bed.tap_b),
+        "--port",
+        &guest_abi::RR_PORT.to_string(),
+        "--events-listen",
+        sock,
+        "--record",
+        trace,
+        "--until-migrations",
+        &until,
+        "--settle",
+        "3s",
+        "--junit",
+        junit,
+    ])
+}
+
+/// `migrator run` on tap A with its API at `api0`; waits until the guest's echo service answers.
+fn boot(bed: &Bed, sock: &str) -> Proc {
+    let ip = format!("{}/24", bed.guest_ip);
+    let api = bed.path("api0");
+    let run = bed.migrator(
+        &[
+            "run", "--tap", &bed.tap_a, "--mac", MAC, "--ip", &ip, "--mem", "256M", "--api", &api,
+            "--events", sock,
+        ],
+        "run.log",
+    );
+    let echo = SocketAddrV4::new(bed.guest_ip, guest_abi::ECHO_PORT);
+    assert!(
+        wait_until(Duration::from_secs(30), || bed.client.run(|| {
+            TcpStream::connect_timeout(&echo.into(), Duration::from_millis(300)).is_ok()
+        })),
+        "the guest never answered:\n{}",
+        run.log()
+    );
+    run
+}
+
+/// Step `k`: `migrator receive` on the other tap, then `migrator migrate --mode MODE` to it from `source_api`.
+/// Returns the API of the VM's new home.
+fn migrate_step(
+    bed: &Bed,
+    procs: &mut Vec<Proc>,
+    sock: &str,
+    source_api: &str,
+    k: usize,
+    mode: &str,
+    extra: &[&str],
+) -> String {
+    let tap = if k.is_multiple_of(2) {
+        &bed.tap_b
+    } else {
+        &bed.tap_a
+    };
+    let (api, stream) = (
+        bed.path(&format!("api{}", k + 1)),
+        bed.path(&format!("mig{k}.sock")),
+    );
+    let listen = format!("unix:{stream}");
+    procs.push(bed.migrator(
+        &[
+            "receive", "--tap", tap, "--listen", &listen, "--api", &api, "--events", sock,
+        ],
+        &format!("receive{k}.log"),
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || Path::new(&api).exists()),
+        "{}",
+        procs[procs.len() - 1].log()
+    );
+    let mut args = vec![
+        "migrate", "--api", source_api, "--to", &listen, "--mode", mode, "--verify",
+    ];
+    args.extend_from_slice(extra);
+    let out = bed.host.command(migrator_bin()).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate {k} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        procs.iter().map(Proc::log).collect::<Vec<_>>().join("\n")
+    );
+    api
 }
 
 fn verdict(report: &Value, port: u16) -> &Value {

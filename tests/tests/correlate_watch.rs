@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Link, Netns, Watch, ip_in, migmon_bin, netns_exec, unique, wait_until};
+use integration_tests::{Netns, VethPair, Watch, migmon_bin, netns_exec, unique, wait_until};
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
 use serde_json::Value;
 
@@ -26,7 +26,6 @@ static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0)
 struct Setup {
     client: Netns,
     server: Netns,
-    _link: Link,
     client_ip: Ipv4Addr,
     server_ip: Ipv4Addr,
     dir: PathBuf,
@@ -34,29 +33,19 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
-        let client = Netns::new("cc");
-        let server = Netns::new("cs");
-        let (ca, sa) = (unique("ccv"), unique("csv"));
-        let link = Link::veth(&ca, Some(&client.name), &sa, Some(&server.name));
         // A subnet per test: sockets of an earlier test in this process may still be closing towards its IP.
         let pid = std::process::id() + 17 * NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let net = [10, 150 + (pid % 50) as u8, ((pid / 50) % 250) as u8];
         let client_ip = Ipv4Addr::new(net[0], net[1], net[2], 1);
         let server_ip = Ipv4Addr::new(net[0], net[1], net[2], 2);
-        ip_in(
-            Some(&client.name),
-            &["addr", "add", &format!("{client_ip}/24"), "dev", &ca],
-        );
-        ip_in(
-            Some(&server.name),
-            &["addr", "add", &format!("{server_ip}/24"), "dev", &sa],
-        );
+        let VethPair { a, b, .. } = VethPair::create("cc", [client_ip.into(), server_ip.into()], 24)
+            .expect("build the test's namespaces");
+        let (client, server) = (a, b);
         let dir = std::env::temp_dir().join(unique("migmon-corr"));
         std::fs::create_dir_all(&dir).unwrap();
         Self {
             client,
             server,
-            _link: link,
             client_ip,
             server_ip,
             dir,

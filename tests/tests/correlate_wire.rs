@@ -4,157 +4,31 @@
 //! `migmon watch --record` with XDP and TC on every port, then `migmon report`, must infer the move (source `wire`)
 //! and give its timeline: the first RARP and its port, the FDB move, the first frames at the new port both ways, and
 //! the black-holed count at the old port.
-#![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
-use std::{process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
-use integration_tests::{Link, Netns, Watch, ip_in, migmon_bin, of_kind, unique, wait_until};
-use pnet::{
-    datalink::{self, Channel, DataLinkSender},
-    util::MacAddr,
+use integration_tests::{
+    BridgeNetns, Watch,
+    frames::{RawSender, padded, qemu_rarp},
+    migmon_bin, of_kind, unique,
 };
+use migmon_base::MacAddr;
 use serde_json::Value;
 
-fn sender(iface: &str) -> Box<dyn DataLinkSender> {
-    assert!(
-        wait_until(Duration::from_secs(5), || datalink::interfaces()
-            .iter()
-            .any(|i| i.name == iface)),
-        "interface {iface} not visible"
-    );
-    let interface = datalink::interfaces()
-        .into_iter()
-        .find(|i| i.name == iface)
-        .unwrap();
-    match datalink::channel(&interface, datalink::Config::default()) {
-        Ok(Channel::Ethernet(tx, _rx)) => tx,
-        Ok(_) => panic!("unexpected channel type"),
-        Err(e) => panic!("cannot open a raw channel on {iface}: {e}"),
-    }
-}
-
-fn send(tx: &mut Box<dyn DataLinkSender>, frame: &[u8]) {
-    tx.send_to(frame, None).unwrap().unwrap();
-}
-
-fn frame(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&dst.octets());
-    f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f.resize(60, 0);
-    f
-}
-
-/// QEMU's self-announce: RARP request, sha = tha = the VM's MAC, addresses 0.0.0.0.
-fn rarp(vm: MacAddr) -> Vec<u8> {
-    let mut body = vec![0, 1, 8, 0, 6, 4, 0, 3];
-    body.extend_from_slice(&vm.octets());
-    body.extend_from_slice(&[0; 4]);
-    body.extend_from_slice(&vm.octets());
-    body.extend_from_slice(&[0; 4]);
-    frame(MacAddr::broadcast(), vm, 0x8035, &body)
-}
+const VM: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x77, 0x00, 0x01]);
+const PEER: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x77, 0x00, 0x02]);
 
 #[test]
 fn a_move_seen_only_on_the_wire_is_inferred_with_its_timeline() {
-    let ns = Netns::new("cw");
-    let br = unique("cwb");
-    let _bridge = Link::bridge(&br, Some(&ns.name));
-    let names: Vec<(String, String)> = (0..3).map(|_| (unique("cwp"), unique("cwq"))).collect();
-    let _links: Vec<Link> = names
-        .iter()
-        .map(|(p, q)| {
-            let l = Link::veth(q, None, p, Some(&ns.name));
-            ip_in(Some(&ns.name), &["link", "set", p, "master", &br]);
-            l
-        })
-        .collect();
-    let (old, new) = (&names[0].0, &names[1].0);
-    let vm = MacAddr::new(0x52, 0x54, 0x00, 0x77, 0x00, 0x01);
-    let peer = MacAddr::new(0x52, 0x54, 0x00, 0x77, 0x00, 0x02);
-    let vm_s = vm.to_string();
+    let bed = BridgeNetns::create("cw", 3).unwrap();
+    let br = &bed.bridge;
+    let (old, new) = (&bed.ports[0].port, &bed.ports[1].port);
+    let at = |p: &str| bed.at(p);
+    let vm_s = VM.to_string();
     let dir = std::env::temp_dir().join(unique("migmon-wire"));
     std::fs::create_dir_all(&dir).unwrap();
     let trace = dir.join("wire.trace");
-    let at = |p: &str| format!("{p}@{}", ns.name);
-    let watch = Watch::start(&[
-        "--iface",
-        &at(old),
-        "--iface",
-        &at(new),
-        "--egress",
-        &at(old),
-        "--egress",
-        &at(new),
-        "--vm",
-        &vm_s,
-        "--port",
-        "1",
-        "--record",
-        trace.to_str().unwrap(),
-    ]);
-    let (mut tx_old, mut tx_new, mut tx_peer) =
-        (sender(&names[0].1), sender(&names[1].1), sender(&names[2].1));
-    let ping = |src: MacAddr, dst: MacAddr| frame(dst, src, 0x88b5, &[0u8; 46]);
-
-    // Before: the VM talks from the old port and the peer talks to it (delivered through the old port).
-    send(&mut tx_old, &ping(vm, MacAddr::broadcast()));
-    watch.wait_for("the VM learned on the old port", Duration::from_secs(10), |evs| {
-        of_kind(evs, "fdb_update")
-            .iter()
-            .any(|e| e["port"] == old.as_str())
-    });
-    for _ in 0..2 {
-        send(&mut tx_peer, &ping(peer, vm));
-    }
-    watch.wait_for(
-        "the peer's frames counted at the old port",
-        Duration::from_secs(10),
-        |evs| {
-            of_kind(evs, "mac_stats")
-                .iter()
-                .any(|e| e["iface"] == old.as_str() && e["direction"] == "egress" && e["frames"] == 2)
-        },
-    );
-    send(&mut tx_old, &ping(vm, MacAddr::broadcast()));
-    watch.wait_for(
-        "the VM's last frame at the old port",
-        Duration::from_secs(10),
-        |evs| {
-            of_kind(evs, "mac_stats")
-                .iter()
-                .any(|e| e["iface"] == old.as_str() && e["direction"] == "ingress" && e["frames"] == 2)
-        },
-    );
-    // The VM is gone: three frames to it still go to the old port.
-    for _ in 0..3 {
-        send(&mut tx_peer, &ping(peer, vm));
-    }
-    watch.wait_for("the black-holed frames counted", Duration::from_secs(10), |evs| {
-        of_kind(evs, "mac_stats")
-            .iter()
-            .any(|e| e["iface"] == old.as_str() && e["direction"] == "egress" && e["frames"] == 5)
-    });
-    // It comes back on the new port with a RARP; the bridge moves it; the peer's next frame reaches it there.
-    send(&mut tx_new, &rarp(vm));
-    watch.wait_for("the FDB move", Duration::from_secs(10), |evs| {
-        of_kind(evs, "fdb_update")
-            .iter()
-            .any(|e| e["port"] == new.as_str())
-    });
-    send(&mut tx_peer, &ping(peer, vm));
-    watch.wait_for(
-        "a frame delivered at the new port",
-        Duration::from_secs(10),
-        |evs| {
-            of_kind(evs, "mac_seen")
-                .iter()
-                .any(|e| e["iface"] == new.as_str() && e["direction"] == "egress")
-        },
-    );
-    let _ = watch.stop();
+    move_on_the_wire(&bed, &trace);
 
     let out = Command::new(migmon_bin())
         .args(["report", trace.to_str().unwrap(), "--format", "json"])
@@ -193,4 +67,89 @@ fn a_move_seen_only_on_the_wire_is_inferred_with_its_timeline() {
     let pause = m["downtime"]["vcpu_pause"]["ns"].as_u64().unwrap();
     assert!(blackout >= pause, "blackout {blackout} < inferred window {pause}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Records the move with `migmon watch`: the VM talks from port 0 while the peer (port 2) sends to it, falls
+/// silent while three frames to it are black-holed at port 0, then announces itself with a RARP from port 1 and
+/// receives a frame there.
+fn move_on_the_wire(bed: &BridgeNetns, trace: &Path) {
+    let (old, new) = (&bed.ports[0].port, &bed.ports[1].port);
+    let (vm, peer) = (VM, PEER);
+    let vm_s = vm.to_string();
+    let at = |p: &str| bed.at(p);
+    let watch = Watch::start(&[
+        "--iface",
+        &at(old),
+        "--iface",
+        &at(new),
+        "--egress",
+        &at(old),
+        "--egress",
+        &at(new),
+        "--vm",
+        &vm_s,
+        "--port",
+        "1",
+        "--record",
+        trace.to_str().expect("a UTF-8 path"),
+    ]);
+    let [mut tx_old, mut tx_new, mut tx_peer] = [0, 1, 2].map(|i| RawSender::open(&bed.ports[i].outer));
+    let ping = |src: MacAddr, dst: MacAddr| padded(dst, src, 0x88b5, &[0u8; 46]);
+
+    // Before: the VM talks from the old port and the peer talks to it (delivered through the old port).
+    tx_old.send(&ping(vm, MacAddr::BROADCAST));
+    watch.wait_for("the VM learned on the old port", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update")
+            .iter()
+            .any(|e| e["port"] == old.as_str())
+    });
+    for _ in 0..2 {
+        tx_peer.send(&ping(peer, vm));
+    }
+    watch.wait_for(
+        "the peer's frames counted at the old port",
+        Duration::from_secs(10),
+        |evs| {
+            of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == old.as_str() && e["direction"] == "egress" && e["frames"] == 2)
+        },
+    );
+    tx_old.send(&ping(vm, MacAddr::BROADCAST));
+    watch.wait_for(
+        "the VM's last frame at the old port",
+        Duration::from_secs(10),
+        |evs| {
+            of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == old.as_str() && e["direction"] == "ingress" && e["frames"] == 2)
+        },
+    );
+    // The VM is gone: three frames to it still go to the old port.
+    for _ in 0..3 {
+        tx_peer.send(&ping(peer, vm));
+    }
+    watch.wait_for("the black-holed frames counted", Duration::from_secs(10), |evs| {
+        of_kind(evs, "mac_stats")
+            .iter()
+            .any(|e| e["iface"] == old.as_str() && e["direction"] == "egress" && e["frames"] == 5)
+    });
+    // It comes back on the new port with a RARP; the bridge moves it; the peer's next frame reaches it there.
+    tx_new.send(&qemu_rarp(vm));
+    watch.wait_for("the FDB move", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update")
+            .iter()
+            .any(|e| e["port"] == new.as_str())
+    });
+    tx_peer.send(&ping(peer, vm));
+    watch.wait_for(
+        "a frame delivered at the new port",
+        Duration::from_secs(10),
+        |evs| {
+            of_kind(evs, "mac_seen")
+                .iter()
+                .any(|e| e["iface"] == new.as_str() && e["direction"] == "egress")
+        },
+    );
+    let _ = watch.stop();
 }

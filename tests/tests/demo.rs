@@ -4,21 +4,14 @@
 //! FDB moves in both migrations; every output file is written.
 #![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
-use std::{path::PathBuf, sync::atomic::AtomicBool, time::Duration};
+use std::{sync::atomic::AtomicBool, time::Duration};
 
-use integration_tests::{migmon_bin, unique};
+use integration_tests::{migmon_bin, migrator_bin, unique};
 use serde_json::Value;
 use testbed::{
     clients::Profile,
     scenario::{self, Config, Ui},
 };
-
-fn migrator_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MIGRATOR_BIN") {
-        return PathBuf::from(p);
-    }
-    migmon_bin().with_file_name("migrator")
-}
 
 fn migration<'a>(report: &'a Value, mode: &str) -> &'a Value {
     report["migrations"]

@@ -1,5 +1,5 @@
 //! The same guest image boots under QEMU's `microvm` machine through its PVH entry (`-kernel`), and serves
-//! echo, stream and request/response to a client namespace over a tap. This is what the benchmarks (issue 6)
+//! echo, stream and request/response to a client namespace over a tap. This is what the benchmarks (`./x bench`)
 //! compare the migrator with.
 //!
 //! TCG always runs; `-accel kvm` runs too when `/dev/kvm` exists (here that is `kvm_pvm`, software

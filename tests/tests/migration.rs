@@ -29,36 +29,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Link, Netns, ip_in, unique, wait_until};
+use integration_tests::{Netns, VmHost, fdb_port, kvm_available, migrator_bin, unique, wait_until};
 use serde_json::Value;
 
 const MAC: &str = "52:54:00:6d:69:67";
 const MAC_BYTES: [u8; 6] = [0x52, 0x54, 0x00, 0x6d, 0x69, 0x67];
-
-/// The `migrator` binary under test (next to the test executable's profile directory, or `MIGRATOR_BIN`).
-fn migrator_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MIGRATOR_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
-    let bin = profile_dir.join("migrator");
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it first (`./x test` does; by hand: cargo build -p migrator)",
-        bin.display()
-    );
-    bin
-}
-
-/// Whether this machine can run the tests at all; prints why not.
-fn kvm_available() -> bool {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: /dev/kvm is missing: the migration tests need KVM");
-        return false;
-    }
-    true
-}
 
 /// One test's world: the namespaces, the bridge, the taps and the addresses.
 struct Bed {
@@ -69,33 +44,20 @@ struct Bed {
     tap_b: String,
     guest_ip: Ipv4Addr,
     dir: PathBuf,
-    _links: Vec<Link>,
 }
 
 impl Bed {
     fn new() -> Self {
-        let host = Netns::new("mgh");
-        let client = Netns::new("mgc");
         let n = std::process::id() % 200 + 20;
-        let bridge = unique("mbr");
-        let tap_a = unique("mta");
-        let tap_b = unique("mtb");
-        let mut links = vec![Link::bridge(&bridge, Some(&host.name))];
-        for tap in [&tap_a, &tap_b] {
-            ip_in(Some(&host.name), &["tuntap", "add", "dev", tap, "mode", "tap"]);
-            ip_in(Some(&host.name), &["link", "set", tap, "master", &bridge]);
-            ip_in(Some(&host.name), &["link", "set", tap, "up"]);
-            links.push(Link {
-                name: tap.clone(),
-                netns: Some(host.name.clone()),
-            });
-        }
-        let vc = unique("mvc");
-        let vh = unique("mvh");
-        links.push(Link::veth(&vc, Some(&client.name), &vh, Some(&host.name)));
-        ip_in(Some(&host.name), &["link", "set", &vh, "master", &bridge]);
-        let client_ip = format!("10.{n}.7.1/24");
-        ip_in(Some(&client.name), &["addr", "add", &client_ip, "dev", &vc]);
+        let client_ip = Ipv4Addr::new(10, n as u8, 7, 1);
+        let VmHost {
+            host,
+            client,
+            bridge,
+            mut taps,
+            ..
+        } = VmHost::create("mg", 2, client_ip.into(), 24).expect("build the test's host and client");
+        let (tap_b, tap_a) = (taps.pop().expect("tap B"), taps.pop().expect("tap A"));
         let dir = std::env::temp_dir().join(unique("migt"));
         std::fs::create_dir_all(&dir).expect("temp dir");
         Self {
@@ -106,7 +68,6 @@ impl Bed {
             tap_b,
             guest_ip: Ipv4Addr::new(10, n as u8, 7, 2),
             dir,
-            _links: links,
         }
     }
 
@@ -118,9 +79,9 @@ impl Bed {
     fn spawn(&self, args: &[&str], log: &str) -> Proc {
         let log_path = self.path(log);
         let out = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.host.name])
-            .arg(migrator_bin())
+        let child = self
+            .host
+            .command(migrator_bin())
             .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
@@ -193,9 +154,8 @@ impl Bed {
     /// `migrator migrate ...`; returns its output.
     fn migrate(&self, api: &Path, to: &Path, extra: &[&str]) -> Output {
         let to = format!("unix:{}", to.display());
-        Command::new("ip")
-            .args(["netns", "exec", &self.host.name])
-            .arg(migrator_bin())
+        self.host
+            .command(migrator_bin())
             .args([
                 "migrate",
                 "--api",
@@ -211,14 +171,7 @@ impl Bed {
 
     /// The bridge port the VM's MAC is learned on.
     fn fdb_port(&self) -> Option<String> {
-        let out = Command::new("bridge")
-            .args(["-n", &self.host.name, "fdb", "show", "br", &self.bridge])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next() == Some(MAC) && w.next() == Some("dev")).then(|| w.next().unwrap_or("").to_owned())
-        })
+        fdb_port(Some(&self.host.name), &self.bridge, MAC)
     }
 
     fn events(&self) -> Vec<Value> {
@@ -547,7 +500,7 @@ fn print_figures(what: &str, s: &Value, clients: &[ClientResult]) {
 
 #[test]
 fn guest_services_answer() {
-    if !kvm_available() {
+    if !kvm_available("the migration tests") {
         return;
     }
     let bed = Bed::new();
@@ -570,7 +523,7 @@ fn guest_services_answer() {
 
 #[test]
 fn live_migration_keeps_every_connection() {
-    if !kvm_available() {
+    if !kvm_available("the migration tests") {
         return;
     }
     let bed = Bed::new();
@@ -666,7 +619,7 @@ fn live_migration_keeps_every_connection() {
 
 #[test]
 fn live_migration_converges_under_the_dirtier() {
-    if !kvm_available() {
+    if !kvm_available("the migration tests") {
         return;
     }
     let bed = Bed::new();
@@ -709,7 +662,7 @@ fn live_migration_converges_under_the_dirtier() {
 
 #[test]
 fn quick_migration_pause_outlasts_tcp_user_timeout() {
-    if !kvm_available() {
+    if !kvm_available("the migration tests") {
         return;
     }
     let bed = Bed::new();
@@ -815,7 +768,7 @@ fn corrupting_relay(listen: &Path, to: PathBuf, after: u64) -> JoinHandle<()> {
 
 #[test]
 fn failed_migrations_roll_back() {
-    if !kvm_available() {
+    if !kvm_available("the migration tests") {
         return;
     }
     let bed = Bed::new();

@@ -9,18 +9,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Link, Netns, Watch, dump, ip_in, netns_exec, of_kind, unique, wait_until};
-use pnet::{
-    datalink::{self, Channel, DataLinkSender},
-    util::MacAddr,
+use integration_tests::{
+    BridgeNetns, Netns, VethNetns, VethPair, Watch, dump,
+    frames::{RawSender, arp_body, ethernet, test_mac},
+    ip_in, netns_exec, of_kind, unique, wait_until,
 };
+use migmon_base::MacAddr;
 use serde_json::Value;
 
 /// Two namespaces joined by a veth: client 10.<a>.<b>.1, server .2, in a /24 unique to the test process (or IPv6).
 struct Pair {
     client: Netns,
     server: Netns,
-    _link: Link,
     client_ip: IpAddr,
     server_ip: IpAddr,
 }
@@ -28,10 +28,6 @@ struct Pair {
 impl Pair {
     /// With `v6`, the pair talks over IPv6 (`fd6d:<pid>::1` and `::2`, no DAD) instead of IPv4.
     fn new(v6: bool) -> Self {
-        let client = Netns::new("pc");
-        let server = Netns::new("ps");
-        let (ca, sa) = (unique("pcv"), unique("psv"));
-        let link = Link::veth(&ca, Some(&client.name), &sa, Some(&server.name));
         let pid = std::process::id();
         let (client_ip, server_ip, prefix): (IpAddr, IpAddr, u8) = if v6 {
             let base = [0xfd6d, (pid >> 16) as u16, pid as u16, 0, 0, 0, 0];
@@ -49,18 +45,10 @@ impl Pair {
                 24,
             )
         };
-        for (ns, dev, addr) in [(&client, &ca, client_ip), (&server, &sa, server_ip)] {
-            let cidr = format!("{addr}/{prefix}");
-            let mut args = vec!["addr", "add", cidr.as_str(), "dev", dev.as_str()];
-            if v6 {
-                args.push("nodad");
-            }
-            ip_in(Some(&ns.name), &args);
-        }
+        let VethPair { a, b, .. } = VethPair::create("p", [client_ip, server_ip], prefix).unwrap();
         Self {
-            client,
-            server,
-            _link: link,
+            client: a,
+            server: b,
             client_ip,
             server_ip,
         }
@@ -320,7 +308,7 @@ fn reset_both_sides(v6: bool) {
     );
 
     // The trace holds the same events as the JSON stream, after its header.
-    let recorded = monitor::trace::read_trace(&trace).expect("read the --record trace");
+    let recorded = migmon_analysis::trace::read_trace(&trace).expect("read the --record trace");
     std::fs::remove_file(&trace).ok();
     assert!(recorded.header.is_some() && !recorded.truncated && recorded.skipped.is_empty());
     let as_json: Vec<Value> = recorded
@@ -331,87 +319,88 @@ fn reset_both_sides(v6: bool) {
     assert_eq!(as_json, events, "the trace and the --json stream agree");
 }
 
-/// A pnet sender on an interface of the root namespace.
-fn sender(iface: &str) -> Box<dyn DataLinkSender> {
-    let ok = wait_until(Duration::from_secs(5), || {
-        datalink::interfaces().iter().any(|i| i.name == iface)
-    });
-    assert!(ok, "interface {iface} not visible to pnet");
-    let interface = datalink::interfaces()
-        .into_iter()
-        .find(|i| i.name == iface)
-        .unwrap();
-    match datalink::channel(&interface, datalink::Config::default()) {
-        Ok(Channel::Ethernet(tx, _rx)) => tx,
-        Ok(_) => panic!("unexpected channel type"),
-        Err(e) => panic!("cannot open a raw channel on {iface}: {e}"),
-    }
-}
-
-fn send(tx: &mut Box<dyn DataLinkSender>, frame: &[u8]) {
-    tx.send_to(frame, None)
-        .expect("queue a frame")
-        .expect("send a frame");
-}
-
-/// Builds an Ethernet frame: dst, src, VLAN tags (TPID, VID) outermost first, ethertype, payload.
-fn ethernet(dst: MacAddr, src: MacAddr, tags: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst.octets());
-    f.extend_from_slice(&src.octets());
-    for (tpid, vid) in tags {
-        f.extend_from_slice(&tpid.to_be_bytes());
-        f.extend_from_slice(&vid.to_be_bytes());
-    }
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An Ethernet/IPv4 ARP body, built with pnet's packet types.
-fn arp_body(op: u16, sha: MacAddr, spa: Ipv4Addr, tha: MacAddr, tpa: Ipv4Addr) -> Vec<u8> {
-    use pnet::packet::arp::{ArpHardwareTypes, ArpOperation, MutableArpPacket};
-    use pnet::packet::ethernet::EtherTypes;
-    let mut buf = vec![0u8; 28];
-    let mut arp = MutableArpPacket::new(&mut buf).unwrap();
-    arp.set_hardware_type(ArpHardwareTypes::Ethernet);
-    arp.set_protocol_type(EtherTypes::Ipv4);
-    arp.set_hw_addr_len(6);
-    arp.set_proto_addr_len(4);
-    arp.set_operation(ArpOperation::new(op));
-    arp.set_sender_hw_addr(sha);
-    arp.set_sender_proto_addr(spa);
-    arp.set_target_hw_addr(tha);
-    arp.set_target_proto_addr(tpa);
-    buf
-}
-
 fn mac(last: u8) -> MacAddr {
-    let pid = std::process::id();
-    MacAddr::new(0x02, 0x6d, (pid >> 8) as u8, pid as u8, 0x00, last)
-}
-
-fn mac_str(m: MacAddr) -> String {
-    m.to_string()
+    test_mac(0x6d, last)
 }
 
 #[test]
 fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
-    let ns = Netns::new("pl");
-    let (outer, inner) = (unique("plo"), unique("pli"));
-    let _link = Link::veth(&outer, None, &inner, Some(&ns.name));
+    let net = VethNetns::create("pl").unwrap();
+    let (ns, outer, inner) = (&net.ns, &net.outer, &net.inner);
     let watched = mac(0x01);
     let watch = Watch::start(&[
         "--iface",
         &format!("{inner}@{}", ns.name),
         "--vm",
-        &mac_str(watched),
+        &watched.to_string(),
         "--port",
         "1",
     ]);
-    let mut tx = sender(&outer);
-    let bcast = MacAddr::broadcast();
-    let zero = MacAddr::zero();
+    let mut tx = RawSender::open(outer);
+    for f in crafted_frames() {
+        tx.send(&f);
+    }
+
+    watch.wait_for("the frames", Duration::from_secs(10), |evs| {
+        let l2 = ["arp", "garp", "rarp"]
+            .iter()
+            .map(|k| of_kind(evs, k).len())
+            .sum::<usize>();
+        let malformed = of_kind(evs, "malformed")
+            .last()
+            .and_then(|m| m["count"].as_u64())
+            .unwrap_or(0);
+        l2 >= 5 && malformed >= 3
+    });
+    let (events, _) = watch.stop();
+    let by_mac = |kind: &str, m: MacAddr| -> Vec<&Value> {
+        of_kind(&events, kind)
+            .into_iter()
+            .filter(|e| e["mac"] == m.to_string())
+            .collect()
+    };
+    let one = |kind: &str, m: MacAddr| -> &Value {
+        let found = by_mac(kind, m);
+        assert_eq!(found.len(), 1, "{kind} from {m}: exactly once\n{}", dump(&events));
+        found[0]
+    };
+    assert_parsed_once(&one, ns, inner);
+    for m in [mac(0x06), mac(0x07), mac(0x08)] {
+        for kind in ["arp", "garp", "rarp"] {
+            assert!(
+                by_mac(kind, m).is_empty(),
+                "a truncated frame from {m} was read as {kind}"
+            );
+        }
+    }
+    let malformed = of_kind(&events, "malformed");
+    let last = malformed.last().expect("malformed counts");
+    assert_eq!(last["count"], 3, "{}", dump(&events));
+    assert_eq!(last["iface"].as_str(), Some(inner.as_str()));
+    // The watched MAC: first seen once, and its counters match the one frame it sent.
+    let seen = one("mac_seen", watched);
+    assert_eq!(
+        (seen["direction"].as_str(), seen["gap_ns"].as_u64()),
+        (Some("ingress"), Some(0))
+    );
+    let stats = by_mac("mac_stats", watched);
+    let last = stats.last().expect("mac_stats for the watched MAC");
+    assert_eq!(
+        (last["frames"].as_u64(), last["bytes"].as_u64()),
+        (Some(1), Some(42)),
+        "{last}"
+    );
+    // No per-frame event for unwatched MACs.
+    assert!(by_mac("mac_seen", mac(0x02)).is_empty());
+}
+
+/// The crafted frames, in the order they are sent: an ARP request from `mac(1)`, a GARP from `mac(2)`, QEMU's RARP
+/// from `mac(3)`, an 802.1Q ARP reply from `mac(4)`, a `QinQ` ARP from `mac(5)`; then three truncated ones from
+/// `mac(6..=8)`: an ARP cut after 10 bytes of body, a VLAN tag cut in half, an ARP inside `QinQ` cut short.
+fn crafted_frames() -> Vec<Vec<u8>> {
+    let watched = mac(0x01);
+    let bcast = MacAddr::BROADCAST;
+    let zero = MacAddr::ZERO;
     let ip = |d: u8| Ipv4Addr::new(10, 9, 8, d);
     let (m_req, m_garp, m_rarp, m_q, m_qinq) = (watched, mac(0x02), mac(0x03), mac(0x04), mac(0x05));
 
@@ -463,42 +452,21 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
         0x0806,
         &[0, 1, 8, 0],
     );
-    for f in [
-        &arp_request,
-        &garp,
-        &rarp,
-        &dot1q,
-        &qinq,
-        &short_arp,
-        &short_vlan,
-        &short_qinq,
-    ] {
-        send(&mut tx, f);
-    }
+    vec![
+        arp_request,
+        garp,
+        rarp,
+        dot1q,
+        qinq,
+        short_arp,
+        short_vlan,
+        short_qinq,
+    ]
+}
 
-    watch.wait_for("the frames", Duration::from_secs(10), |evs| {
-        let l2 = ["arp", "garp", "rarp"]
-            .iter()
-            .map(|k| of_kind(evs, k).len())
-            .sum::<usize>();
-        let malformed = of_kind(evs, "malformed")
-            .last()
-            .and_then(|m| m["count"].as_u64())
-            .unwrap_or(0);
-        l2 >= 5 && malformed >= 3
-    });
-    let (events, _) = watch.stop();
-    let by_mac = |kind: &str, m: MacAddr| -> Vec<&Value> {
-        of_kind(&events, kind)
-            .into_iter()
-            .filter(|e| e["mac"] == mac_str(m))
-            .collect()
-    };
-    let one = |kind: &str, m: MacAddr| -> &Value {
-        let found = by_mac(kind, m);
-        assert_eq!(found.len(), 1, "{kind} from {m}: exactly once\n{}", dump(&events));
-        found[0]
-    };
+/// The five well-formed frames of [`crafted_frames`] each came out once, with their fields.
+fn assert_parsed_once<'a>(one: &dyn Fn(&str, MacAddr) -> &'a Value, ns: &Netns, inner: &str) {
+    let (m_req, m_garp, m_rarp, m_q, m_qinq) = (mac(0x01), mac(0x02), mac(0x03), mac(0x04), mac(0x05));
     let e = one("arp", m_req);
     assert_eq!(
         (e["op"].as_u64(), &e["vlan"]),
@@ -516,7 +484,7 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
         84,
         "the whole 42-byte frame, hex: {e}"
     );
-    assert_eq!(e["iface"].as_str(), Some(inner.as_str()), "{e}");
+    assert_eq!(e["iface"].as_str(), Some(inner), "{e}");
     assert_eq!(e["netns"].as_str(), Some(ns.name.as_str()), "{e}");
     let e = one("garp", m_garp);
     assert_eq!(
@@ -527,7 +495,10 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
     assert_eq!(e["op"], 3, "{e}");
     assert_eq!(
         (e["sha"].as_str(), e["tha"].as_str()),
-        (Some(mac_str(m_rarp).as_str()), Some(mac_str(m_rarp).as_str()))
+        (
+            Some(m_rarp.to_string().as_str()),
+            Some(m_rarp.to_string().as_str())
+        )
     );
     assert_eq!(
         (e["spa"].as_str(), e["tpa"].as_str(), e["len"].as_u64()),
@@ -545,46 +516,13 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
         (Some(1), &serde_json::json!([200, 100])),
         "{e}"
     );
-    for m in [mac(0x06), mac(0x07), mac(0x08)] {
-        for kind in ["arp", "garp", "rarp"] {
-            assert!(
-                by_mac(kind, m).is_empty(),
-                "a truncated frame from {m} was read as {kind}"
-            );
-        }
-    }
-    let malformed = of_kind(&events, "malformed");
-    let last = malformed.last().expect("malformed counts");
-    assert_eq!(last["count"], 3, "{}", dump(&events));
-    assert_eq!(last["iface"].as_str(), Some(inner.as_str()));
-    // The watched MAC: first seen once, and its counters match the one frame it sent.
-    let seen = one("mac_seen", watched);
-    assert_eq!(
-        (seen["direction"].as_str(), seen["gap_ns"].as_u64()),
-        (Some("ingress"), Some(0))
-    );
-    let stats = by_mac("mac_stats", watched);
-    let last = stats.last().expect("mac_stats for the watched MAC");
-    assert_eq!(
-        (last["frames"].as_u64(), last["bytes"].as_u64()),
-        (Some(1), Some(42)),
-        "{last}"
-    );
-    // No per-frame event for unwatched MACs.
-    assert!(by_mac("mac_seen", m_garp).is_empty());
 }
 
 #[test]
 fn bridge_fdb_move_and_per_port_stats() {
-    let ns = Netns::new("pb");
-    let br = unique("pbr");
-    let _bridge = Link::bridge(&br, Some(&ns.name));
-    let (p1, q1, p2, q2) = (unique("pp"), unique("pq"), unique("pp"), unique("pq"));
-    let _l1 = Link::veth(&q1, None, &p1, Some(&ns.name));
-    let _l2 = Link::veth(&q2, None, &p2, Some(&ns.name));
-    for p in [&p1, &p2] {
-        ip_in(Some(&ns.name), &["link", "set", p, "master", &br]);
-    }
+    let bed = BridgeNetns::create("pb", 2).unwrap();
+    let (ns, br) = (&bed.ns, &bed.bridge);
+    let (p1, p2) = (&bed.ports[0].port, &bed.ports[1].port);
     let vm = mac(0x10);
     let peer = mac(0x11);
     let watch = Watch::start(&[
@@ -597,68 +535,16 @@ fn bridge_fdb_move_and_per_port_stats() {
         "--egress",
         &format!("{p2}@{}", ns.name),
         "--vm",
-        &mac_str(vm),
+        &vm.to_string(),
         "--port",
         "1",
     ]);
-    let (mut tx1, mut tx2) = (sender(&q1), sender(&q2));
-    // The VM talks from port 1 three times; a peer on port 2 sends it two frames, which the bridge delivers
-    // through port 1. Then the VM "migrates": it talks from port 2 twice.
-    let ping = |src: MacAddr, dst: MacAddr| ethernet(dst, src, &[], 0x88b5, &[0u8; 46]);
-    for _ in 0..3 {
-        send(&mut tx1, &ping(vm, MacAddr::broadcast()));
-    }
-    watch.wait_for("the VM learned on port 1", Duration::from_secs(10), |evs| {
-        of_kind(evs, "fdb_update")
-            .iter()
-            .any(|e| e["port"] == p1.as_str())
-    });
-    for _ in 0..2 {
-        send(&mut tx2, &ping(peer, vm));
-    }
-    watch.wait_for(
-        "frames towards the VM on port 1",
-        Duration::from_secs(10),
-        |evs| {
-            of_kind(evs, "mac_stats")
-                .iter()
-                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "egress" && e["frames"] == 2)
-        },
-    );
-    for _ in 0..2 {
-        send(&mut tx2, &ping(vm, MacAddr::broadcast()));
-    }
-    watch.wait_for("the move to port 2", Duration::from_secs(10), |evs| {
-        of_kind(evs, "fdb_update")
-            .iter()
-            .any(|e| e["port"] == p2.as_str())
-            && of_kind(evs, "mac_stats")
-                .iter()
-                .any(|e| e["iface"] == p2.as_str() && e["direction"] == "ingress" && e["frames"] == 2)
-    });
-    // Back-to-back migration: the VM returns to port 1 after more than the 50 ms default gap of silence there,
-    // and shows up as seen again.
-    let events = watch.events();
-    let p1_last = of_kind(&events, "mac_stats")
-        .into_iter()
-        .rfind(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress")
-        .and_then(|e| e["last_ns"].as_u64())
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || {
-        monitor::events::mono_now_ns() > p1_last + 60_000_000
-    }));
-    send(&mut tx1, &ping(vm, MacAddr::broadcast()));
-    watch.wait_for("the move back to port 1", Duration::from_secs(10), |evs| {
-        of_kind(evs, "fdb_update").len() == 3
-            && of_kind(evs, "mac_stats")
-                .iter()
-                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress" && e["frames"] == 4)
-    });
+    let p1_last = move_there_and_back(&bed, &watch, vm, peer);
     let (events, _) = watch.stop();
 
     let fdb: Vec<&Value> = of_kind(&events, "fdb_update");
     assert!(
-        fdb.iter().all(|e| e["mac"] == mac_str(vm)),
+        fdb.iter().all(|e| e["mac"] == vm.to_string()),
         "only the watched MAC: {}",
         dump(&events)
     );
@@ -673,13 +559,13 @@ fn bridge_fdb_move_and_per_port_stats() {
     let last_stats = |iface: &str, dir: &str| -> (u64, u64) {
         let s = of_kind(&events, "mac_stats")
             .into_iter()
-            .rfind(|e| e["iface"] == iface && e["direction"] == dir && e["mac"] == mac_str(vm))
+            .rfind(|e| e["iface"] == iface && e["direction"] == dir && e["mac"] == vm.to_string())
             .unwrap_or_else(|| panic!("no mac_stats for {iface} {dir}:\n{}", dump(&events)));
         (s["frames"].as_u64().unwrap(), s["bytes"].as_u64().unwrap())
     };
-    assert_eq!(last_stats(&p1, "ingress"), (4, 4 * 60));
-    assert_eq!(last_stats(&p2, "ingress"), (2, 2 * 60));
-    assert_eq!(last_stats(&p1, "egress"), (2, 2 * 60));
+    assert_eq!(last_stats(p1, "ingress"), (4, 4 * 60));
+    assert_eq!(last_stats(p2, "ingress"), (2, 2 * 60));
+    assert_eq!(last_stats(p1, "egress"), (2, 2 * 60));
     let seen: Vec<(&str, &str)> = of_kind(&events, "mac_seen")
         .iter()
         .map(|e| (e["iface"].as_str().unwrap(), e["direction"].as_str().unwrap()))
@@ -714,15 +600,75 @@ fn bridge_fdb_move_and_per_port_stats() {
             .and_then(|e| e["ts_ns"].as_u64())
             .unwrap()
     };
-    assert!(seen_ts(&p1) < seen_ts(&p2));
+    assert!(seen_ts(p1) < seen_ts(p2));
+}
+
+/// The VM talks from port 1, a peer on port 2 sends it frames, the VM moves to port 2, then back to port 1 after
+/// more than 50 ms of silence there. Returns when the VM's last frame on port 1 before it came back was counted.
+fn move_there_and_back(bed: &BridgeNetns, watch: &Watch, vm: MacAddr, peer: MacAddr) -> u64 {
+    let (p1, q1) = (&bed.ports[0].port, &bed.ports[0].outer);
+    let (p2, q2) = (&bed.ports[1].port, &bed.ports[1].outer);
+    let (mut tx1, mut tx2) = (RawSender::open(q1), RawSender::open(q2));
+    // The VM talks from port 1 three times; a peer on port 2 sends it two frames, which the bridge delivers
+    // through port 1. Then the VM "migrates": it talks from port 2 twice.
+    let ping = |src: MacAddr, dst: MacAddr| ethernet(dst, src, &[], 0x88b5, &[0u8; 46]);
+    for _ in 0..3 {
+        tx1.send(&ping(vm, MacAddr::BROADCAST));
+    }
+    watch.wait_for("the VM learned on port 1", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update")
+            .iter()
+            .any(|e| e["port"] == p1.as_str())
+    });
+    for _ in 0..2 {
+        tx2.send(&ping(peer, vm));
+    }
+    watch.wait_for(
+        "frames towards the VM on port 1",
+        Duration::from_secs(10),
+        |evs| {
+            of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "egress" && e["frames"] == 2)
+        },
+    );
+    for _ in 0..2 {
+        tx2.send(&ping(vm, MacAddr::BROADCAST));
+    }
+    watch.wait_for("the move to port 2", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update")
+            .iter()
+            .any(|e| e["port"] == p2.as_str())
+            && of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == p2.as_str() && e["direction"] == "ingress" && e["frames"] == 2)
+    });
+    // Back-to-back migration: the VM returns to port 1 after more than the 50 ms default gap of silence there,
+    // and shows up as seen again.
+    let events = watch.events();
+    let p1_last = of_kind(&events, "mac_stats")
+        .into_iter()
+        .rfind(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress")
+        .and_then(|e| e["last_ns"].as_u64())
+        .expect("the VM's frames counted on port 1");
+    assert!(wait_until(Duration::from_secs(5), || {
+        monitor::decode::mono_now_ns() > p1_last + 60_000_000
+    }));
+    tx1.send(&ping(vm, MacAddr::BROADCAST));
+    watch.wait_for("the move back to port 1", Duration::from_secs(10), |evs| {
+        of_kind(evs, "fdb_update").len() == 3
+            && of_kind(evs, "mac_stats")
+                .iter()
+                .any(|e| e["iface"] == p1.as_str() && e["direction"] == "ingress" && e["frames"] == 4)
+    });
+    p1_last
 }
 
 #[test]
 fn tiny_ring_buffer_counts_every_lost_event() {
     const N: u64 = 20_000;
-    let ns = Netns::new("pr");
-    let (outer, inner) = (unique("pro"), unique("pri"));
-    let _link = Link::veth(&outer, None, &inner, Some(&ns.name));
+    let net = VethNetns::create("pr").unwrap();
+    let (ns, outer, inner) = (&net.ns, &net.outer, &net.inner);
     let src = mac(0x20);
     // --port 1 and --vm keep other TCP and bridge traffic on this machine out of the ring buffers, so every
     // record is one of ours; --mac-gap 1h makes mac_seen fire exactly once.
@@ -730,7 +676,7 @@ fn tiny_ring_buffer_counts_every_lost_event() {
         "--iface",
         &format!("{inner}@{}", ns.name),
         "--vm",
-        &mac_str(src),
+        &src.to_string(),
         "--port",
         "1",
         "--mac-gap",
@@ -738,9 +684,9 @@ fn tiny_ring_buffer_counts_every_lost_event() {
         "--ringbuf-bytes",
         "4096",
     ]);
-    let mut tx = sender(&outer);
+    let mut tx = RawSender::open(outer);
     let frame = ethernet(
-        MacAddr::broadcast(),
+        MacAddr::BROADCAST,
         src,
         &[],
         0x0806,
@@ -748,7 +694,7 @@ fn tiny_ring_buffer_counts_every_lost_event() {
             1,
             src,
             Ipv4Addr::new(10, 7, 0, 1),
-            MacAddr::zero(),
+            MacAddr::ZERO,
             Ipv4Addr::new(10, 7, 0, 2),
         ),
     );
@@ -762,13 +708,13 @@ fn tiny_ring_buffer_counts_every_lost_event() {
     };
     let dropped_before = dropped();
     for _ in 0..N {
-        send(&mut tx, &frame);
+        tx.send(&frame);
     }
     // XDP counted every frame it saw in the MAC counters (a map, never lost); wait until it saw them all.
     let frames_seen = |evs: &[Value]| -> u64 {
         of_kind(evs, "mac_stats")
             .iter()
-            .filter(|e| e["mac"] == mac_str(src))
+            .filter(|e| e["mac"] == src.to_string())
             .filter_map(|e| e["frames"].as_u64())
             .max()
             .unwrap_or(0)
@@ -779,7 +725,7 @@ fn tiny_ring_buffer_counts_every_lost_event() {
     let (events, stderr) = watch.stop();
     let arps = of_kind(&events, "arp")
         .iter()
-        .filter(|e| e["mac"] == mac_str(src))
+        .filter(|e| e["mac"] == src.to_string())
         .count() as u64;
     let seen = of_kind(&events, "mac_seen").len() as u64;
     let lost: u64 = of_kind(&events, "loss")
@@ -828,7 +774,7 @@ fn xdp_always_passes_and_never_misreads_a_cut_frame() {
     let mut probes = Probes::load(&opts).expect("load the probes");
     let src = mac(0x30);
     let frame = ethernet(
-        MacAddr::broadcast(),
+        MacAddr::BROADCAST,
         src,
         &[(0x88a8, 300), (0x8100, 42)],
         0x0806,
@@ -836,7 +782,7 @@ fn xdp_always_passes_and_never_misreads_a_cut_frame() {
             2,
             src,
             Ipv4Addr::new(10, 6, 0, 1),
-            MacAddr::zero(),
+            MacAddr::ZERO,
             Ipv4Addr::new(10, 6, 0, 2),
         ),
     );
@@ -867,7 +813,7 @@ fn xdp_always_passes_and_never_misreads_a_cut_frame() {
     assert_eq!(malformed, 36, "every cut prefix (14..50 bytes) is counted");
 
     // For orientation only (benchmarks measure it properly): the kernel's time per frame.
-    let ipv4 = ethernet(MacAddr::broadcast(), src, &[], 0x0800, &[0x45; 46]);
+    let ipv4 = ethernet(MacAddr::BROADCAST, src, &[], 0x0800, &[0x45; 46]);
     for (what, f) in [("non-ARP frame", &ipv4), ("QinQ ARP frame", &frame)] {
         let (ret, per_run) = probes.xdp_test_run(f, 100_000).unwrap();
         assert_eq!(ret, XDP_PASS);
@@ -957,15 +903,12 @@ fn open_tap(name: &str) -> std::fs::File {
 /// reads them.
 #[test]
 fn tap_sees_the_vmm_announce_and_counts_frames_towards_the_vm() {
-    let ns = Netns::new("pt");
-    let br = unique("ptb");
-    let _bridge = Link::bridge(&br, Some(&ns.name));
+    let bed = BridgeNetns::create("pt", 1).unwrap();
+    let (ns, br) = (&bed.ns, &bed.bridge);
     let tap_name = unique("ptt");
     let mut tap = ns.run(|| open_tap(&tap_name));
-    ip_in(Some(&ns.name), &["link", "set", &tap_name, "master", &br, "up"]);
-    let (q, p) = (unique("ptq"), unique("ptp"));
-    let _uplink = Link::veth(&q, None, &p, Some(&ns.name));
-    ip_in(Some(&ns.name), &["link", "set", &p, "master", &br]);
+    ip_in(Some(&ns.name), &["link", "set", &tap_name, "master", br, "up"]);
+    let q = &bed.ports[0].outer;
     let vm = mac(0x40);
     let client = mac(0x41);
     let watch = Watch::start(&[
@@ -974,13 +917,13 @@ fn tap_sees_the_vmm_announce_and_counts_frames_towards_the_vm() {
         "--egress",
         &format!("{tap_name}@{}", ns.name),
         "--vm",
-        &mac_str(vm),
+        &vm.to_string(),
         "--port",
         "1",
     ]);
     // QEMU's self-announce, written by "the VMM" into the tap.
     let mut rarp = ethernet(
-        MacAddr::broadcast(),
+        MacAddr::BROADCAST,
         vm,
         &[],
         0x8035,
@@ -995,9 +938,9 @@ fn tap_sees_the_vmm_announce_and_counts_frames_towards_the_vm() {
                 .any(|e| e["port"] == tap_name.as_str())
     });
     // A client frame towards the VM: the bridge delivers it through the tap.
-    let mut tx = sender(&q);
+    let mut tx = RawSender::open(q);
     let to_vm = ethernet(vm, client, &[], 0x88b5, &[7u8; 46]);
-    send(&mut tx, &to_vm);
+    tx.send(&to_vm);
     // "The VMM" reads it from the tap (skipping anything else the kernel sends, such as IPv6 neighbour traffic).
     // SAFETY: fcntl on a valid fd.
     unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
@@ -1029,7 +972,7 @@ fn tap_sees_the_vmm_announce_and_counts_frames_towards_the_vm() {
     assert_eq!(fdb.len(), 1, "{}", dump(&events));
     assert_eq!(
         (fdb[0]["bridge"].as_str(), fdb[0]["mac"].as_str()),
-        (Some(br.as_str()), Some(mac_str(vm).as_str()))
+        (Some(br.as_str()), Some(vm.to_string().as_str()))
     );
     let stats = |dir: &str| {
         of_kind(&events, "mac_stats")

@@ -16,24 +16,15 @@ use std::{
 };
 
 use guest_abi::{ECHO_PORT, GuestMark, RR_PORT, STREAM_PORT, STREAM_RECORD};
-use integration_tests::{Link, Netns, ip_in, unique};
+use integration_tests::{Netns, VmHost, kvm_available, migrator_bin};
 use migrator::vm::{SerialOutput, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x6d, 0x6d];
 
-fn kvm_available() -> bool {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: /dev/kvm is missing: the VMM tests need KVM");
-        return false;
-    }
-    true
-}
-
-/// Namespaces, bridge, veth and taps; removed on drop (fields drop in order: links before namespaces).
+/// Namespaces, bridge, veth and taps; removed with the namespaces on drop.
 struct Topology {
     taps: Vec<String>,
-    _links: Vec<Link>,
     host: Netns,
     client: Netns,
     subnet: u8,
@@ -41,34 +32,13 @@ struct Topology {
 
 impl Topology {
     fn new(taps: usize) -> Self {
-        let host = Netns::new("vmh");
-        let client = Netns::new("vmc");
         let subnet = (std::process::id() % 200) as u8 + 20;
-        let br = Link::bridge(&unique("vbr"), Some(&host.name));
-        let veth_host = unique("vvh");
-        let veth = Link::veth(&veth_host, Some(&host.name), "eth0", Some(&client.name));
-        ip_in(Some(&host.name), &["link", "set", &veth_host, "master", &br.name]);
-        ip_in(
-            Some(&client.name),
-            &["addr", "add", &format!("10.99.{subnet}.1/24"), "dev", "eth0"],
-        );
-        let mut links = vec![veth];
-        let mut names = Vec::new();
-        for _ in 0..taps {
-            let tap = unique("vtp");
-            ip_in(Some(&host.name), &["tuntap", "add", "dev", &tap, "mode", "tap"]);
-            ip_in(Some(&host.name), &["link", "set", &tap, "master", &br.name]);
-            ip_in(Some(&host.name), &["link", "set", &tap, "up"]);
-            links.push(Link {
-                name: tap.clone(),
-                netns: Some(host.name.clone()),
-            });
-            names.push(tap);
-        }
-        links.push(br);
+        let client_ip = Ipv4Addr::new(10, 99, subnet, 1);
+        let VmHost {
+            host, client, taps, ..
+        } = VmHost::create("vm", taps, client_ip.into(), 24).expect("build the test's host and client");
         Self {
-            taps: names,
-            _links: links,
+            taps,
             host,
             client,
             subnet,
@@ -181,9 +151,29 @@ fn copy_ram(src: &Vm, dst: &Vm) {
     }
 }
 
+/// 200 echo round trips: prints the average round trip, VM exits and host CPU per round trip.
+fn echo_figures(vm: &Vm, e: &mut TcpStream) {
+    let stats0 = vm.vcpu_stats();
+    let cpu0 = process_cpu();
+    let t = Instant::now();
+    let rounds = 200;
+    for i in 0..rounds {
+        echo(e, format!("echo {i}").as_bytes());
+    }
+    let elapsed = t.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu0);
+    let exits = vm.vcpu_stats().exits - stats0.exits;
+    eprintln!(
+        "figure: echo round trip {:.1} us average over {rounds}; {:.1} VM exits and {:.0} us of host CPU per round trip",
+        elapsed.as_secs_f64() * 1e6 / f64::from(rounds),
+        exits as f64 / f64::from(rounds),
+        cpu.as_secs_f64() * 1e6 / f64::from(rounds)
+    );
+}
+
 #[test]
 fn boots_serves_pauses_and_restores() {
-    if !kvm_available() {
+    if !kvm_available("the VMM tests") {
         return;
     }
     let topo = Topology::new(2);
@@ -203,22 +193,7 @@ fn boots_serves_pauses_and_restores() {
 
     // Echo, stream and request/response from the client namespace.
     let mut e = topo.connect(ECHO_PORT);
-    let stats0 = vm.vcpu_stats();
-    let cpu0 = process_cpu();
-    let t = Instant::now();
-    let rounds = 200;
-    for i in 0..rounds {
-        echo(&mut e, format!("echo {i}").as_bytes());
-    }
-    let elapsed = t.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu0);
-    let exits = vm.vcpu_stats().exits - stats0.exits;
-    eprintln!(
-        "figure: echo round trip {:.1} us average over {rounds}; {:.1} VM exits and {:.0} us of host CPU per round trip",
-        elapsed.as_secs_f64() * 1e6 / f64::from(rounds),
-        exits as f64 / f64::from(rounds),
-        cpu.as_secs_f64() * 1e6 / f64::from(rounds)
-    );
+    echo_figures(&vm, &mut e);
     echo(&mut e, &vec![0x5a; 20_000]);
 
     let mut st = topo.connect(STREAM_PORT);
@@ -273,7 +248,7 @@ fn boots_serves_pauses_and_restores() {
     vm.pause().expect("pause for save");
     let state = vm.save_state().expect("save state");
     let bytes = state.encode().expect("encode");
-    let decoded = migrator::state::VmState::decode(&bytes).expect("decode");
+    let decoded = migrator::vm_state::VmState::decode(&bytes).expect("decode");
     assert_eq!(decoded, state);
     let frames = vm.take_pending_frames();
     let mut b = topo
@@ -305,7 +280,7 @@ fn boots_serves_pauses_and_restores() {
 
 #[test]
 fn dirtier_dirties_its_working_set() {
-    if !kvm_available() {
+    if !kvm_available("the VMM tests") {
         return;
     }
     let topo = Topology::new(1);
@@ -372,7 +347,7 @@ fn dirtier_dirties_its_working_set() {
 
 #[test]
 fn missing_tap_is_a_clear_error() {
-    if !kvm_available() {
+    if !kvm_available("the VMM tests") {
         return;
     }
     let host = Netns::new("vmx");
@@ -433,7 +408,7 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
 #[test]
 fn exit_cost() {
     const N: u32 = 20_000;
-    if !kvm_available() {
+    if !kvm_available("the VMM tests") {
         return;
     }
     let mut code = vec![0x66, 0xba, 0x13, 0x05]; // mov dx, 0x513 (unused port)
@@ -474,7 +449,7 @@ fn exit_cost() {
 #[test]
 fn guest_runs_at_cpl3_and_idles_through_the_port() {
     const N: u32 = 20_000;
-    if !kvm_available() {
+    if !kvm_available("the VMM tests") {
         return;
     }
     let mut code = vec![0x48, 0xc7, 0xc4, 0x00, 0x00, 0x40, 0x00]; // mov rsp, 0x400000
@@ -528,25 +503,6 @@ fn guest_runs_at_cpl3_and_idles_through_the_port() {
     vm.shutdown();
 }
 
-/// The `migrator` binary under test (next to the test executable's profile directory, or `MIGRATOR_BIN`).
-fn migrator_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("MIGRATOR_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join("migrator");
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it first (`./x test` does; by hand: cargo build -p migrator)",
-        bin.display()
-    );
-    bin
-}
-
 /// `migrator run` as a user runs it: a clear error for a missing tap, the Ready line, and a clean exit on Ctrl-C.
 #[test]
 fn run_command_reports_ready_and_stops_on_ctrl_c() {
@@ -554,7 +510,7 @@ fn run_command_reports_ready_and_stops_on_ctrl_c() {
         io::{BufRead, BufReader},
         process::{Command, Stdio},
     };
-    if !kvm_available() {
+    if !kvm_available("the VMM tests") {
         return;
     }
     let topo = Topology::new(1);

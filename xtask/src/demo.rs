@@ -1,4 +1,4 @@
-//! `./x demo`: live against quick migration, on the same guest and the same clients, side by side. (Issue 5.)
+//! `./x demo`: live against quick migration, on the same guest and the same clients, side by side.
 //!
 //! The scenario itself lives in `testbed::scenario` (the privileged tests run a reduced copy of it); this task
 //! builds the binaries, handles Ctrl-C, and prints what migmon found next to what the clients saw.
@@ -12,8 +12,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use migmon_base::{Errno, units::parse_duration};
 use testbed::{
-    clients::{Profile, Verdict, errno_name, parse_duration},
+    clients::{Profile, Verdict},
     scenario::{self, Config, MigrationOutcome, Ui},
 };
 
@@ -140,7 +141,9 @@ fn client_line(m: &MigrationOutcome) -> String {
     for c in &m.clients {
         match &c.verdict {
             Verdict::Alive => {}
-            Verdict::Aborted { errno: Some(e), .. } => *reasons.entry(errno_name(*e)).or_default() += 1,
+            Verdict::Aborted { errno: Some(e), .. } => {
+                *reasons.entry(Errno(*e).to_string()).or_default() += 1;
+            }
             other => *reasons.entry(other.to_string()).or_default() += 1,
         }
     }

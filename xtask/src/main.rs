@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod test;
 mod testbed_cmd;
 mod util;
 
@@ -26,7 +27,7 @@ enum Cmd {
     /// Build release binaries (migmon with its eBPF programs, migrator with its embedded guest).
     Build,
     /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests (needs root).
-    Test(util::TestArgs),
+    Test(test::TestArgs),
     /// Live migration, then quick migration, under the monitor; prints which sessions survived.
     Demo(demo::DemoArgs),
     /// Benchmarks: migrator against QEMU, probe costs, scale; ratios against baselines from the same run.
@@ -40,7 +41,7 @@ fn main() {
     let result: Result<()> = match cli.cmd {
         Cmd::Setup => Ok(()),
         Cmd::Build => util::build_release(),
-        Cmd::Test(args) => util::test(&args),
+        Cmd::Test(args) => test::run(&args),
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench(args) => bench::run(&args),
         Cmd::Testbed(args) => testbed_cmd::run(&args),

@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::unix::net::UnixStream,
     time::Instant,
 };
@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 
 use super::{
     Ctx,
-    net::VethPair,
+    net::{self, VethPair},
     report::{Better, Results},
 };
 
@@ -80,7 +80,7 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
             stream_bytes >> 20
         ),
     );
-    let pair = VethPair::new(1)?;
+    let pair = net::veth_pair(1)?;
     for _ in 0..ctx.runs {
         results.push(
             GROUP,
@@ -130,12 +130,12 @@ pub fn stream<W: Write + Send, R: Read + Send>(mut tx: W, mut rx: R, total: u64)
 pub fn tcp_over(pair: &VethPair, total: u64) -> Result<f64> {
     let listener = pair
         .a
-        .run(|| TcpListener::bind(SocketAddrV4::new(pair.ip_a, 0)))?
+        .try_run(|| TcpListener::bind(SocketAddr::new(pair.ip_a, 0)))?
         .context("cannot listen in the bench namespace")?;
     let addr = listener.local_addr()?;
     let tx = pair
         .b
-        .run(|| TcpStream::connect(addr))?
+        .try_run(|| TcpStream::connect(addr))?
         .context("cannot connect across the veth pair")?;
     let (rx, _) = listener.accept()?;
     stream(tx, rx, total)

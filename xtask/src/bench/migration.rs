@@ -7,13 +7,14 @@
 
 use std::{
     net::SocketAddrV4,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use migevents::{MigrationEvent, Phase, Role};
 use serde_json::Value;
+use testbed::net::wait_until;
 
 use super::{
     Ctx, floors,
@@ -278,33 +279,7 @@ pub fn ours(ctx: &Ctx, results: &mut Results, w: &Workload, net: u8, g: &str, rs
     let ticker = ctx.ticker(&format!("migrator {}: booting", w.name));
     let bed = MigrationBed::new(net)?;
     let events = bed.path("events.jsonl");
-    let migrator = ctx.bin("migrator");
-    let ip = format!("{}/24", bed.guest_ip);
-    let mem = format!("{}M", w.mem_mib);
-    let api0 = bed.path("vm0.api");
-    let mut cmd = bed.host.command(&migrator);
-    cmd.args([
-        "run",
-        "--tap",
-        &bed.taps[0],
-        "--mac",
-        MAC,
-        "--ip",
-        &ip,
-        "--mem",
-        &mem,
-    ])
-    .arg("--api")
-    .arg(&api0)
-    .arg("--events")
-    .arg(&events);
-    if let Some(d) = &w.dirty {
-        cmd.args(["--dirty", d]);
-    }
-    let mut vm = MigratorVm {
-        proc_: Proc::spawn(cmd, &bed.path("vm0.log"), "migrator run")?,
-        api: api0,
-    };
+    let mut vm = boot_ours(ctx, &bed, w, &events)?;
     let addr = SocketAddrV4::new(bed.guest_ip, ECHO_PORT);
     wait_echo(&bed.client, addr, Duration::from_secs(30), &mut vm.proc_)?;
     let watch = watcher(ctx, &bed)?;
@@ -317,43 +292,11 @@ pub fn ours(ctx: &Ctx, results: &mut Results, w: &Workload, net: u8, g: &str, rs
         .map(|s| s.median * MIB);
     for i in 0..ctx.runs {
         ticker.set(&format!("migrator {}: run {}/{}", w.name, i + 1, ctx.runs));
-        let side = (i + 1) % 2;
-        let sock = bed.path(&format!("mig{i}.sock"));
-        let api = bed.path(&format!("vm{}.api", i + 1));
-        let mut rcmd = bed.host.command(&migrator);
-        rcmd.args(["receive", "--tap", &bed.taps[side]])
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--api")
-            .arg(&api)
-            .arg("--events")
-            .arg(&events);
-        let dest = Proc::spawn(rcmd, &bed.path(&format!("vm{}.log", i + 1)), "migrator receive")?;
-        if !super::observe::wait_until(Duration::from_secs(10), || sock.exists() && api.exists()) {
-            bail!("migrator receive never listened:\n{}", dest.log_tail());
-        }
+        let (dest, sock) = receive_ours(ctx, &bed, i, &events)?;
         client.reset();
-        let sampler = rss.then(|| RssSampler::start(&[vm.proc_.pid(), dest.pid()], w.mem_mib));
+        let sampler = rss.then(|| RssSampler::start(&[vm.proc_.pid(), dest.proc_.pid()], w.mem_mib));
         let t0 = migevents::monotonic_ns();
-        let out = std::process::Command::new(&migrator)
-            .arg("migrate")
-            .arg("--api")
-            .arg(&vm.api)
-            .arg("--to")
-            .arg(format!("unix:{}", sock.display()))
-            .args(["--mode", "live", "--downtime", &format!("{}ms", w.downtime_ms)])
-            .output()
-            .context("cannot run migrator migrate")?;
-        if !out.status.success() {
-            bail!(
-                "migrator migrate failed: {}\nsource log:\n{}\ndestination log:\n{}",
-                String::from_utf8_lossy(&out.stderr).trim(),
-                vm.proc_.log_tail(),
-                dest.log_tail()
-            );
-        }
-        let report: Value =
-            serde_json::from_slice(&out.stdout).context("migrator migrate printed no JSON")?;
+        let report = migrate_ours(ctx, &vm, &dest, &sock, w)?;
         if let Some(s) = sampler {
             results.push(
                 &g,
@@ -364,31 +307,17 @@ pub fn ours(ctx: &Ctx, results: &mut Results, w: &Workload, net: u8, g: &str, rs
             );
         }
         let gap = client_gap(&client)?;
-        let t1 = migevents::monotonic_ns();
-        let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
-        let id = report["migration_id"].as_str().unwrap_or_default();
-        results.push(&g, "migrator total", "ms", Better::Lower, f("total_ms"));
-        let pause = events_pause_ms(&events, id).unwrap_or(f64::NAN);
-        results.push(&g, "migrator pause", "ms", Better::Lower, pause);
-        // The floor: the bytes sent while paused at the unix-socket bandwidth measured in this run, plus the
-        // state time; the migrator's own estimate (its measured stream rate) when the floors did not run.
-        let floor = unix_bw.map_or(f("floor_ms"), |bw| f("final_bytes") / bw * 1e3 + f("state_ms"));
-        results.push(&g, "migrator pause floor", "ms", Better::Lower, floor);
-        results.push(&g, "migrator MiB sent", "MiB", Better::Lower, f("bytes") / MIB);
-        results.push(&g, "migrator rounds", "count", Better::Lower, f("rounds"));
-        results.push(&g, "migrator client max gap", "ms", Better::Lower, gap);
-        results.push(
-            &g,
-            "migrator retransmits",
-            "count",
-            Better::Lower,
-            watch.retransmits_between(t0, t1) as f64,
-        );
-        if report["forced"].as_bool() == Some(true) {
-            results.note(&g, "migrator pause", "some runs were forced by the timeout");
-        }
+        let retransmits = watch.retransmits_between(t0, migevents::monotonic_ns());
+        let run = OursRun {
+            report: &report,
+            events: &events,
+            unix_bw,
+            gap,
+            retransmits,
+        };
+        run.push(results, &g);
         vm.proc_.wait_exit(Duration::from_secs(10));
-        vm = MigratorVm { proc_: dest, api };
+        vm = dest;
     }
     results.note(
         &g,
@@ -405,6 +334,122 @@ pub fn ours(ctx: &Ctx, results: &mut Results, w: &Workload, net: u8, g: &str, rs
     drop(client);
     watch.stop();
     Ok(())
+}
+
+/// `migrator run` of workload `w` on the bed's first tap.
+fn boot_ours(ctx: &Ctx, bed: &MigrationBed, w: &Workload, events: &Path) -> Result<MigratorVm> {
+    let ip = format!("{}/24", bed.guest_ip);
+    let mem = format!("{}M", w.mem_mib);
+    let api = bed.path("vm0.api");
+    let mut cmd = bed.host.command(ctx.bin("migrator"));
+    cmd.args([
+        "run",
+        "--tap",
+        &bed.taps[0],
+        "--mac",
+        MAC,
+        "--ip",
+        &ip,
+        "--mem",
+        &mem,
+    ])
+    .arg("--api")
+    .arg(&api)
+    .arg("--events")
+    .arg(events);
+    if let Some(d) = &w.dirty {
+        cmd.args(["--dirty", d]);
+    }
+    Ok(MigratorVm {
+        proc_: Proc::spawn(cmd, &bed.path("vm0.log"), "migrator run")?,
+        api,
+    })
+}
+
+/// `migrator receive` for run `i`, on the tap the guest is not on; waits until it listens. Returns it and the
+/// socket to migrate to.
+fn receive_ours(ctx: &Ctx, bed: &MigrationBed, i: usize, events: &Path) -> Result<(MigratorVm, PathBuf)> {
+    let side = (i + 1) % 2;
+    let sock = bed.path(&format!("mig{i}.sock"));
+    let api = bed.path(&format!("vm{}.api", i + 1));
+    let mut cmd = bed.host.command(ctx.bin("migrator"));
+    cmd.args(["receive", "--tap", &bed.taps[side]])
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--api")
+        .arg(&api)
+        .arg("--events")
+        .arg(events);
+    let dest = Proc::spawn(cmd, &bed.path(&format!("vm{}.log", i + 1)), "migrator receive")?;
+    if !wait_until(Duration::from_secs(10), || sock.exists() && api.exists()) {
+        bail!("migrator receive never listened:\n{}", dest.log_tail());
+    }
+    Ok((MigratorVm { proc_: dest, api }, sock))
+}
+
+/// `migrator migrate --mode live` from `vm` to `dest`; returns its JSON report.
+fn migrate_ours(ctx: &Ctx, vm: &MigratorVm, dest: &MigratorVm, sock: &Path, w: &Workload) -> Result<Value> {
+    let out = std::process::Command::new(ctx.bin("migrator"))
+        .arg("migrate")
+        .arg("--api")
+        .arg(&vm.api)
+        .arg("--to")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--mode", "live", "--downtime", &format!("{}ms", w.downtime_ms)])
+        .output()
+        .context("cannot run migrator migrate")?;
+    if !out.status.success() {
+        bail!(
+            "migrator migrate failed: {}\nsource log:\n{}\ndestination log:\n{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            vm.proc_.log_tail(),
+            dest.proc_.log_tail()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("migrator migrate printed no JSON")
+}
+
+/// What one run of our migrator measured.
+struct OursRun<'a> {
+    /// `migrator migrate`'s JSON report.
+    report: &'a Value,
+    /// The migrator's phase events (for the pause).
+    events: &'a Path,
+    /// The unix-socket floor of this bench run, bytes/s.
+    unix_bw: Option<f64>,
+    /// The echo client's largest gap, ms.
+    gap: f64,
+    retransmits: usize,
+}
+
+impl OursRun<'_> {
+    fn push(&self, results: &mut Results, g: &str) {
+        let report = self.report;
+        let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+        let id = report["migration_id"].as_str().unwrap_or_default();
+        results.push(g, "migrator total", "ms", Better::Lower, f("total_ms"));
+        let pause = events_pause_ms(self.events, id).unwrap_or(f64::NAN);
+        results.push(g, "migrator pause", "ms", Better::Lower, pause);
+        // The floor: the bytes sent while paused at the unix-socket bandwidth measured in this run, plus the
+        // state time; the migrator's own estimate (its measured stream rate) when the floors did not run.
+        let floor = self
+            .unix_bw
+            .map_or(f("floor_ms"), |bw| f("final_bytes") / bw * 1e3 + f("state_ms"));
+        results.push(g, "migrator pause floor", "ms", Better::Lower, floor);
+        results.push(g, "migrator MiB sent", "MiB", Better::Lower, f("bytes") / MIB);
+        results.push(g, "migrator rounds", "count", Better::Lower, f("rounds"));
+        results.push(g, "migrator client max gap", "ms", Better::Lower, self.gap);
+        results.push(
+            g,
+            "migrator retransmits",
+            "count",
+            Better::Lower,
+            self.retransmits as f64,
+        );
+        if report["forced"].as_bool() == Some(true) {
+            results.note(g, "migrator pause", "some runs were forced by the timeout");
+        }
+    }
 }
 
 fn theirs(
@@ -476,85 +521,127 @@ fn theirs(
             continue;
         }
         let gap = client_gap(&client)?;
-        let t1 = migevents::monotonic_ns();
-        results.push(&g, &format!("{label} total"), "ms", Better::Lower, m.total_ms);
-        results.push(
-            &g,
-            &format!("{label} pause"),
-            "ms",
-            Better::Lower,
-            m.pause_ms.unwrap_or(f64::NAN),
-        );
-        results.push(
-            &g,
-            &format!("{label} own downtime"),
-            "ms",
-            Better::Lower,
-            m.downtime_ms,
-        );
-        results.push(
-            &g,
-            &format!("{label} MiB sent"),
-            "MiB",
-            Better::Lower,
-            m.bytes as f64 / MIB,
-        );
-        results.push(
-            &g,
-            &format!("{label} rounds"),
-            "count",
-            Better::Lower,
-            m.rounds as f64,
-        );
-        results.push(&g, &format!("{label} client max gap"), "ms", Better::Lower, gap);
-        results.push(
-            &g,
-            &format!("{label} retransmits"),
-            "count",
-            Better::Lower,
-            watch.retransmits_between(t0, t1) as f64,
-        );
+        let retransmits = watch.retransmits_between(t0, migevents::monotonic_ns());
+        push_theirs_run(results, &g, label, &m, gap, retransmits);
         let _ = vm_qmp.execute("quit", None);
         vm.proc_.wait_exit(Duration::from_secs(10));
         vm = dest;
         vm_qmp = dest_qmp;
         on = side;
     }
-    let bw_note = max_bandwidth.map_or_else(
-        || {
-            format!(
-                "QEMU's default max-bandwidth {:.0} MiB/s",
-                default_bw as f64 / MIB
-            )
-        },
-        |b| format!("max-bandwidth {:.0} MiB/s", b as f64 / MIB),
-    );
-    let note = format!(
-        "{}; downtime-limit {} ms; {}",
-        accel.name(),
-        w.downtime_ms,
-        bw_note
-    );
-    results.note(&g, &format!("{label} total"), &note);
-    results.note(
-        &g,
-        &format!("{label} pause"),
-        "source STOP → destination RESUME (QMP events)",
-    );
-    if not_converged > 0 {
-        results.note(
-            &g,
-            &format!("{label} total"),
-            &format!(
-                "{not_converged} of {} runs did not converge within {} s",
-                ctx.runs,
-                timeout.as_secs()
-            ),
-        );
-    }
+    let settings = TheirSettings {
+        accel,
+        label,
+        max_bandwidth,
+        default_bw,
+        timeout,
+    };
+    settings.note(results, &g, w, not_converged, ctx.runs);
     drop(client);
     watch.stop();
     Ok(())
+}
+
+/// The rows of one completed QEMU run.
+fn push_theirs_run(
+    results: &mut Results,
+    g: &str,
+    label: &str,
+    m: &qemu::QemuMigration,
+    gap: f64,
+    retransmits: usize,
+) {
+    results.push(g, &format!("{label} total"), "ms", Better::Lower, m.total_ms);
+    results.push(
+        g,
+        &format!("{label} pause"),
+        "ms",
+        Better::Lower,
+        m.pause_ms.unwrap_or(f64::NAN),
+    );
+    results.push(
+        g,
+        &format!("{label} own downtime"),
+        "ms",
+        Better::Lower,
+        m.downtime_ms,
+    );
+    results.push(
+        g,
+        &format!("{label} MiB sent"),
+        "MiB",
+        Better::Lower,
+        m.bytes as f64 / MIB,
+    );
+    results.push(
+        g,
+        &format!("{label} rounds"),
+        "count",
+        Better::Lower,
+        m.rounds as f64,
+    );
+    results.push(g, &format!("{label} client max gap"), "ms", Better::Lower, gap);
+    results.push(
+        g,
+        &format!("{label} retransmits"),
+        "count",
+        Better::Lower,
+        retransmits as f64,
+    );
+}
+
+/// How QEMU was run, for the notes under its rows.
+struct TheirSettings<'a> {
+    accel: Accel,
+    label: &'a str,
+    max_bandwidth: Option<u64>,
+    /// QEMU's own max-bandwidth, bytes/s.
+    default_bw: u64,
+    timeout: Duration,
+}
+
+impl TheirSettings<'_> {
+    fn note(&self, results: &mut Results, g: &str, w: &Workload, not_converged: usize, runs: usize) {
+        let Self {
+            accel,
+            label,
+            max_bandwidth,
+            default_bw,
+            timeout,
+        } = *self;
+        let bw_note = max_bandwidth.map_or_else(
+            || {
+                format!(
+                    "QEMU's default max-bandwidth {:.0} MiB/s",
+                    default_bw as f64 / MIB
+                )
+            },
+            |b| format!("max-bandwidth {:.0} MiB/s", b as f64 / MIB),
+        );
+        let note = format!(
+            "{}; downtime-limit {} ms; {}",
+            accel.name(),
+            w.downtime_ms,
+            bw_note
+        );
+        results.note(g, &format!("{label} total"), &note);
+        results.note(
+            g,
+            &format!("{label} pause"),
+            "source STOP → destination RESUME (QMP events)",
+        );
+        if not_converged > 0 {
+            results.note(
+                g,
+                &format!("{label} total"),
+                &format!(
+                    "{not_converged} of {} runs did not converge within {} s",
+                    runs,
+                    timeout.as_secs()
+                ),
+            );
+        }
+    }
 }
 
 /// Samples processes' resident memory outside their guest RAM mappings every 20 ms; the peak, in KiB.

@@ -16,21 +16,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::net::Netns;
+use testbed::net::wait_until;
 
-/// Polls `cond` every 10 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use super::net::Netns;
 
 #[derive(Default)]
 struct GapState {
@@ -51,7 +39,7 @@ pub struct EchoClient {
 impl EchoClient {
     pub fn start(ns: &Netns, addr: SocketAddrV4, interval: Duration) -> Result<Self> {
         let mut stream = ns
-            .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)))?
+            .try_run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)))?
             .with_context(|| format!("the echo client cannot connect to {addr}"))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -324,7 +312,7 @@ pub fn wait_echo(ns: &Netns, addr: SocketAddrV4, timeout: Duration, proc_: &mut 
     let up = wait_until(timeout, || {
         proc_.running()
             && ns
-                .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)).is_ok())
+                .try_run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)).is_ok())
                 .unwrap_or(false)
     });
     if !up {

@@ -18,13 +18,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use monitor::{
-    events::Decoder,
+    decode::Decoder,
     probes::{Iface, ProbeOptions, Probes, WatchList, XdpTestRunner},
 };
 
 use super::{
     Ctx, floors,
-    net::VethPair,
+    net::{self, VethPair},
     report::{Better, Results},
 };
 
@@ -561,7 +561,7 @@ fn tcp_overhead(ctx: &Ctx, results: &mut Results) -> Result<()> {
         bytes >> 20
     ));
     let t = ctx.ticker("probes: TCP stream with and without probes");
-    let pair = VethPair::new(2)?;
+    let pair = net::veth_pair(2)?;
     let mut xdp_mode = String::new();
     for i in 0..ctx.runs {
         t.set(&format!("probes: TCP stream, run {}/{}", i + 1, ctx.runs));

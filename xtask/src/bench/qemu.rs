@@ -14,8 +14,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
+use testbed::net::wait_until;
 
-use super::observe::{Proc, wait_until};
+use super::observe::Proc;
 
 /// A QMP connection: commands one at a time; events that arrive meanwhile are kept.
 pub struct Qmp {

@@ -9,7 +9,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
     sync::{
         Arc,
@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use super::{
     Ctx,
     migration::{self, Workload},
-    net::VethPair,
+    net::{self, VethPair},
     observe::{Watcher, cpu_seconds, peak_rss_kib},
     report::{Better, Results, Stats},
 };
@@ -139,7 +139,7 @@ impl Load {
     fn start(pair: &VethPair, n: usize) -> Result<Self> {
         let listener = pair
             .a
-            .run(|| TcpListener::bind(SocketAddrV4::new(pair.ip_a, SERVER_PORT)))?
+            .try_run(|| TcpListener::bind(SocketAddr::new(pair.ip_a, SERVER_PORT)))?
             .context("cannot listen for the scale clients")?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -156,7 +156,7 @@ impl Load {
                     })
                     .collect()
             });
-            let clients: Vec<TcpStream> = pair.b.run(|| {
+            let clients: Vec<TcpStream> = pair.b.try_run(|| {
                 (0..n)
                     .map(|_| TcpStream::connect(addr))
                     .collect::<std::io::Result<Vec<_>>>()
@@ -232,6 +232,32 @@ fn connections(ctx: &Ctx, results: &mut Results) -> Result<()> {
     let counts: &[u64] = if ctx.quick { &[4, 16] } else { &[16, 256, 1024] };
     let outage = Duration::from_millis(500);
     let after = Duration::from_millis(if ctx.quick { 700 } else { 1500 });
+    declare_connection_rows(results, counts);
+    for &n in counts {
+        connections_at(ctx, results, n, outage, after)?;
+    }
+    results.note(
+        GROUP_CONNS,
+        &format!("CPU at {} connections", counts[0]),
+        &format!(
+            "migmon watch --port {SERVER_PORT} --iface (server side); CPU = user+system (/proc/PID/stat, 10 ms ticks) during the {} ms blackhole \
+             and {} ms after",
+            outage.as_millis(),
+            after.as_millis()
+        ),
+    );
+    for metric in ["CPU", "events"] {
+        let steps: Vec<(u64, String)> = counts
+            .iter()
+            .map(|&n| (n, format!("{metric} at {n} connections")))
+            .collect();
+        growth(results, GROUP_CONNS, &steps, metric, "connections");
+    }
+    Ok(())
+}
+
+/// The rows of every connection count, and the RSS target at the largest.
+fn declare_connection_rows(results: &mut Results, counts: &[u64]) {
     for &n in counts {
         results.declare(
             GROUP_CONNS,
@@ -258,91 +284,76 @@ fn connections(ctx: &Ctx, results: &mut Results) -> Result<()> {
         &format!("peak RSS at {biggest} connections"),
         "≤ 64 MiB at 1024",
     );
-    for &n in counts {
-        ctx.progress(&format!(
-            "scale: migmon with {n} connections through a {} ms blackhole ({} runs)",
-            outage.as_millis(),
-            ctx.runs
-        ));
-        let _t = ctx.ticker(&format!("scale: {n} connections"));
-        let pair = VethPair::new(60)?;
-        let watch = Watcher::start(
-            &ctx.bin("migmon"),
-            &[
-                "--port".to_owned(),
-                SERVER_PORT.to_string(),
-                "--iface".to_owned(),
-                format!("{}@{}", pair.if_a, pair.a.name),
-                "--iface".to_owned(),
-                format!("{}@{}", pair.if_b, pair.b.name),
-            ],
+}
+
+/// migmon's CPU, event rate and peak RSS with `n` connections through an `outage`-long blackhole and `after` it.
+fn connections_at(ctx: &Ctx, results: &mut Results, n: u64, outage: Duration, after: Duration) -> Result<()> {
+    ctx.progress(&format!(
+        "scale: migmon with {n} connections through a {} ms blackhole ({} runs)",
+        outage.as_millis(),
+        ctx.runs
+    ));
+    let _t = ctx.ticker(&format!("scale: {n} connections"));
+    let pair = net::veth_pair(60)?;
+    let watch = Watcher::start(
+        &ctx.bin("migmon"),
+        &[
+            "--port".to_owned(),
+            SERVER_PORT.to_string(),
+            "--iface".to_owned(),
+            format!("{}@{}", pair.if_a, pair.a.name),
+            "--iface".to_owned(),
+            format!("{}@{}", pair.if_b, pair.b.name),
+        ],
+    )?;
+    let load = Load::start(&pair, n as usize)?;
+    for _ in 0..ctx.runs {
+        let cpu0 = cpu_seconds(watch.pid()).unwrap_or(f64::NAN);
+        let ev0 = watch.events();
+        let t = Instant::now();
+        nft(
+            &pair.a.name,
+            "table inet bench_blackhole {\n chain input {\n  type filter hook input priority 0; policy drop;\n }\n}\n",
         )?;
-        let load = Load::start(&pair, n as usize)?;
-        for _ in 0..ctx.runs {
-            let cpu0 = cpu_seconds(watch.pid()).unwrap_or(f64::NAN);
-            let ev0 = watch.events();
-            let t = Instant::now();
-            nft(
-                &pair.a.name,
-                "table inet bench_blackhole {\n chain input {\n  type filter hook input priority 0; policy drop;\n }\n}\n",
-            )?;
-            std::thread::sleep(outage);
-            nft(&pair.a.name, "delete table inet bench_blackhole\n")?;
-            std::thread::sleep(after);
-            let secs = t.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(watch.pid()).unwrap_or(f64::NAN) - cpu0;
-            let events = (watch.events() - ev0) as f64;
+        std::thread::sleep(outage);
+        nft(&pair.a.name, "delete table inet bench_blackhole\n")?;
+        std::thread::sleep(after);
+        let secs = t.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(watch.pid()).unwrap_or(f64::NAN) - cpu0;
+        let events = (watch.events() - ev0) as f64;
+        results.push(
+            GROUP_CONNS,
+            &format!("CPU at {n} connections"),
+            "ms",
+            Better::Lower,
+            cpu * 1e3,
+        );
+        results.push(
+            GROUP_CONNS,
+            &format!("events at {n} connections"),
+            "events/s",
+            Better::Higher,
+            events / secs,
+        );
+        if let Some(kib) = peak_rss_kib(watch.pid()) {
             results.push(
                 GROUP_CONNS,
-                &format!("CPU at {n} connections"),
-                "ms",
+                &format!("peak RSS at {n} connections"),
+                "MiB",
                 Better::Lower,
-                cpu * 1e3,
-            );
-            results.push(
-                GROUP_CONNS,
-                &format!("events at {n} connections"),
-                "events/s",
-                Better::Higher,
-                events / secs,
-            );
-            if let Some(kib) = peak_rss_kib(watch.pid()) {
-                results.push(
-                    GROUP_CONNS,
-                    &format!("peak RSS at {n} connections"),
-                    "MiB",
-                    Better::Lower,
-                    kib as f64 / 1024.0,
-                );
-            }
-        }
-        if watch.lost() > 0 {
-            results.note(
-                GROUP_CONNS,
-                &format!("events at {n} connections"),
-                &format!("{} events lost", watch.lost()),
+                kib as f64 / 1024.0,
             );
         }
-        drop(load);
-        watch.stop();
     }
-    results.note(
-        GROUP_CONNS,
-        &format!("CPU at {} connections", counts[0]),
-        &format!(
-            "migmon watch --port {SERVER_PORT} --iface (server side); CPU = user+system (/proc/PID/stat, 10 ms ticks) during the {} ms blackhole \
-             and {} ms after",
-            outage.as_millis(),
-            after.as_millis()
-        ),
-    );
-    for metric in ["CPU", "events"] {
-        let steps: Vec<(u64, String)> = counts
-            .iter()
-            .map(|&n| (n, format!("{metric} at {n} connections")))
-            .collect();
-        growth(results, GROUP_CONNS, &steps, metric, "connections");
+    if watch.lost() > 0 {
+        results.note(
+            GROUP_CONNS,
+            &format!("events at {n} connections"),
+            &format!("{} events lost", watch.lost()),
+        );
     }
+    drop(load);
+    watch.stop();
     Ok(())
 }
 

@@ -1,0 +1,357 @@
+//! `migmon check`: a CI gate on a correlated trace. Each limit becomes a named check per migration; the verdict is
+//! the list of checks, with a `JUnit` rendering for CI systems.
+
+use std::{io, path::Path};
+
+use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+use serde::Serialize;
+
+use crate::correlate::{Analysis, Fate, Figure, MigrationReport, fmt_dur};
+
+/// The limits. `None` = not checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub max_aborted: Option<usize>,
+    pub max_pause_ns: Option<u64>,
+    pub max_blackout_ns: Option<u64>,
+    pub max_convergence_ns: Option<u64>,
+    /// Lost kernel events do not fail the check.
+    pub allow_loss: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_aborted: Some(0),
+            max_pause_ns: None,
+            max_blackout_ns: None,
+            max_convergence_ns: None,
+            allow_loss: false,
+        }
+    }
+}
+
+/// One named check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckCase {
+    pub name: String,
+    pub migration: Option<String>,
+    pub passed: bool,
+    pub message: String,
+}
+
+/// The verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub cases: Vec<CheckCase>,
+}
+
+impl Verdict {
+    pub fn passed(&self) -> bool {
+        self.cases.iter().all(|c| c.passed)
+    }
+
+    pub fn violations(&self) -> impl Iterator<Item = &CheckCase> {
+        self.cases.iter().filter(|c| !c.passed)
+    }
+
+    /// 0 when every check passed, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        i32::from(!self.passed())
+    }
+
+    /// One line per check.
+    pub fn render_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        for c in &self.cases {
+            let where_ = c
+                .migration
+                .as_deref()
+                .map(|m| format!(" [{m}]"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "{} {}{}: {}",
+                if c.passed { "ok  " } else { "FAIL" },
+                c.name,
+                where_,
+                c.message
+            );
+        }
+        let n = self.violations().count();
+        let _ = writeln!(
+            s,
+            "{}",
+            if n == 0 {
+                "check passed".to_owned()
+            } else {
+                format!("check FAILED: {n} violation(s)")
+            }
+        );
+        s
+    }
+
+    /// The `JUnit` XML report: one test case per check, in one suite.
+    pub fn junit(&self) -> Result<String, quick_junit::SerializeError> {
+        let mut report = Report::new("migmon check");
+        let mut suite = TestSuite::new("migmon check");
+        for c in &self.cases {
+            let status = if c.passed {
+                TestCaseStatus::success()
+            } else {
+                let mut st = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                st.set_message(c.message.clone());
+                st.set_type("limit exceeded");
+                st
+            };
+            let mut tc = TestCase::new(c.name.clone(), status);
+            tc.set_classname(c.migration.clone().unwrap_or_else(|| "trace".to_owned()));
+            if c.passed {
+                tc.set_system_out(c.message.clone());
+            }
+            suite.add_test_case(tc);
+        }
+        report.add_test_suite(suite);
+        report.to_string()
+    }
+
+    pub fn write_junit(&self, path: &Path) -> io::Result<()> {
+        let xml = self.junit().map_err(io::Error::other)?;
+        std::fs::write(path, xml)
+    }
+}
+
+fn limit_case(name: &str, mig: &str, fig: Option<&Figure>, limit: u64) -> CheckCase {
+    let (passed, message) = match fig {
+        Some(f) if f.ns <= limit => (
+            true,
+            format!("{} ≤ {} ({})", fmt_dur(f.ns), fmt_dur(limit), f.source),
+        ),
+        Some(f) => (
+            false,
+            format!(
+                "{} exceeds the limit of {} ({}: {})",
+                fmt_dur(f.ns),
+                fmt_dur(limit),
+                f.source,
+                f.basis
+            ),
+        ),
+        None => (
+            false,
+            format!(
+                "could not be measured, so the limit of {} cannot be verified",
+                fmt_dur(limit)
+            ),
+        ),
+    };
+    CheckCase {
+        name: name.to_owned(),
+        migration: Some(mig.to_owned()),
+        passed,
+        message,
+    }
+}
+
+/// Evaluates the limits.
+pub fn evaluate(a: &Analysis, l: &Limits) -> Verdict {
+    let mut cases = Vec::new();
+    cases.push(CheckCase {
+        name: "no events lost".into(),
+        migration: None,
+        passed: a.lost_events == 0 || l.allow_loss,
+        message: if a.lost_events == 0 {
+            "0 events lost".into()
+        } else if l.allow_loss {
+            format!("{} events lost (allowed by --allow-loss)", a.lost_events)
+        } else {
+            format!(
+                "{} events lost in the kernel: the verdict may be wrong (pass --allow-loss to accept)",
+                a.lost_events
+            )
+        },
+    });
+    cases.push(CheckCase {
+        name: "migrations found".into(),
+        migration: None,
+        passed: !a.migrations.is_empty(),
+        message: format!("{} migration(s) in the trace", a.migrations.len()),
+    });
+    for m in &a.migrations {
+        let ok = !(m.outcome.starts_with("failed") || m.outcome.starts_with("in progress"));
+        cases.push(CheckCase {
+            name: "migration completed".into(),
+            migration: Some(m.id.clone()),
+            passed: ok,
+            message: m.outcome.clone(),
+        });
+        if let Some(max) = l.max_aborted {
+            let names: Vec<String> = m
+                .connections
+                .iter()
+                .filter(|c| c.fate.is_aborted() && !c.opened_during_window)
+                .map(|c| {
+                    format!(
+                        "{}:{} → {}:{} {}",
+                        c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport, c.fate
+                    )
+                })
+                .collect();
+            cases.push(CheckCase {
+                name: "aborted connections".into(),
+                migration: Some(m.id.clone()),
+                passed: m.aborted <= max,
+                message: if m.aborted <= max {
+                    format!("{} aborted ≤ {max} ({} survived)", m.aborted, m.survived)
+                } else {
+                    format!("{} aborted > {max}: {}", m.aborted, names.join("; "))
+                },
+            });
+        }
+        if let Some(max) = l.max_pause_ns {
+            cases.push(limit_case(
+                "vCPU pause",
+                &m.id,
+                m.downtime.vcpu_pause.as_ref(),
+                max,
+            ));
+        }
+        if let Some(max) = l.max_blackout_ns {
+            cases.push(limit_case(
+                "network blackout",
+                &m.id,
+                m.downtime.blackout.as_ref(),
+                max,
+            ));
+        }
+        if let Some(max) = l.max_convergence_ns {
+            cases.push(limit_case(
+                "convergence",
+                &m.id,
+                m.downtime.convergence.as_ref(),
+                max,
+            ));
+        }
+    }
+    Verdict { cases }
+}
+
+/// Whether a migration has settled at `now`: every connection judged against it has a final fate (aborted, or
+/// forward progress seen), or `settle` ns have passed since its resume. A migration not resumed has not settled.
+pub fn settled(m: &MigrationReport, now: u64, settle: u64) -> bool {
+    let Some(resume) = m.timeline.resume.as_ref().map(|r| r.ts_ns) else {
+        return false;
+    };
+    if now >= resume.saturating_add(settle) {
+        return true;
+    }
+    !m.connections.is_empty()
+        && m.connections
+            .iter()
+            .all(|c| c.fate.is_aborted() || (c.fate == Fate::Survived && c.first_progress_ns.is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        correlate::correlate,
+        fixtures::{live_trace, quick_trace},
+        trace::Event,
+    };
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn live_passes_quick_fails_with_named_violations() {
+        let live = correlate(&live_trace());
+        let v = evaluate(&live, &Limits::default());
+        assert!(v.passed(), "{}", v.render_text());
+        assert_eq!(v.exit_code(), 0);
+
+        let quick = correlate(&quick_trace());
+        let v = evaluate(
+            &quick,
+            &Limits {
+                max_pause_ns: Some(100 * MS),
+                ..Limits::default()
+            },
+        );
+        assert_eq!(v.exit_code(), 1);
+        let names: Vec<&str> = v.violations().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["aborted connections", "vCPU pause"]);
+        let text = v.render_text();
+        assert!(text.contains("4 aborted > 0"), "{text}");
+        assert!(text.contains("10.77.0.2:7 aborted: ETIMEDOUT"), "{text}");
+        assert!(text.contains("8.00 s exceeds the limit of 100.0 ms"), "{text}");
+    }
+
+    #[test]
+    fn limits_on_figures_and_unmeasurable_ones() {
+        let live = correlate(&live_trace());
+        let tight = Limits {
+            max_blackout_ns: Some(9 * MS),
+            max_convergence_ns: Some(10 * MS),
+            ..Limits::default()
+        };
+        let v = evaluate(&live, &tight);
+        let failed: Vec<&str> = v.violations().map(|c| c.name.as_str()).collect();
+        assert_eq!(failed, ["network blackout"]); // 10 ms > 9 ms; convergence 2 ms passes
+        // Without wire events the blackout cannot be measured: a limit on it fails rather than passing silently.
+        let no_wire: Vec<Event> = live_trace()
+            .into_iter()
+            .filter(|e| !matches!(e, Event::MacStats { .. } | Event::MacSeen { .. }))
+            .collect();
+        let v = evaluate(&correlate(&no_wire), &tight);
+        assert!(
+            v.violations()
+                .any(|c| c.message.contains("could not be measured"))
+        );
+    }
+
+    #[test]
+    fn losses_fail_unless_allowed() {
+        let mut a = correlate(&live_trace());
+        a.lost_events = 3;
+        assert_eq!(evaluate(&a, &Limits::default()).exit_code(), 1);
+        let allow = Limits {
+            allow_loss: true,
+            ..Limits::default()
+        };
+        assert_eq!(evaluate(&a, &allow).exit_code(), 0);
+        assert_eq!(evaluate(&correlate(&[]), &Limits::default()).exit_code(), 1);
+    }
+
+    #[test]
+    fn junit_names_each_violation() {
+        let v = evaluate(&correlate(&quick_trace()), &Limits::default());
+        let xml = v.junit().unwrap();
+        assert!(
+            xml.contains("<testsuite name=\"migmon check\" tests=\"4\""),
+            "{xml}"
+        );
+        assert!(xml.contains("failures=\"1\""), "{xml}");
+        assert!(xml.contains("<failure message=\"4 aborted &gt; 0"), "{xml}");
+    }
+
+    #[test]
+    fn settling_and_the_live_line() {
+        let a = correlate(&quick_trace());
+        let m = &a.migrations[0];
+        let resume = m.timeline.resume.as_ref().unwrap().ts_ns;
+        // Every connection is final (4 aborted, one with progress): settled at once.
+        assert!(settled(m, resume, 5_000_000_000));
+        let line = crate::report::live_line(m);
+        assert!(line.contains("1 survived, 4 aborted"), "{line}");
+        assert!(line.contains("10.77.0.2:7 ETIMEDOUT"), "{line}");
+        assert!(line.contains("vCPU pause 8.00 s [migrator]"), "{line}");
+
+        // The live migration's idle connection has no final sign: it settles after the settle time.
+        let a = correlate(&live_trace());
+        let m = &a.migrations[0];
+        let resume = m.timeline.resume.as_ref().unwrap().ts_ns;
+        assert!(!settled(m, resume + 1, 5_000_000_000));
+        assert!(settled(m, resume + 5_000_000_000, 5_000_000_000));
+    }
+}

@@ -1,0 +1,476 @@
+//! pcapng export, written block by block (Section Header, Interface Description, Enhanced Packet blocks).
+//!
+//! - One Ethernet interface per port: the real bytes of the ARP, GARP and RARP frames the XDP program captured
+//!   (rebuilt from the decoded fields when a probe did not keep them), each with a comment saying what it is and how
+//!   it relates to the migration.
+//! - One raw-IP interface, `migmon-tcp-events`: one TCP/IP header per kernel TCP event (retransmit, error, reset),
+//!   addressed with the connection's 4-tuple, with the event as the packet comment. These are annotations, not
+//!   captured packets: the comment says so.
+//! - The section comment carries the report's summary per migration.
+//!
+//! Times are converted to Unix time with the trace header's anchor, at nanosecond resolution.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{self, BufWriter, Write},
+    net::IpAddr,
+    path::Path,
+};
+
+use super::mono_to_unix;
+use crate::{
+    correlate::Analysis,
+    report::rel,
+    trace::{ArpFrame, Event, FourTuple, Trace},
+};
+
+const LINKTYPE_ETHERNET: u16 = 1;
+const LINKTYPE_RAW: u16 = 101;
+const OPT_ENDOFOPT: u16 = 0;
+const OPT_COMMENT: u16 = 1;
+const IF_NAME: u16 = 2;
+const IF_TSRESOL: u16 = 9;
+const SHB_USERAPPL: u16 = 4;
+
+fn pad4(n: usize) -> usize {
+    (4 - n % 4) % 4
+}
+
+fn option(buf: &mut Vec<u8>, code: u16, value: &[u8]) {
+    buf.extend_from_slice(&code.to_le_bytes());
+    buf.extend_from_slice(&(value.len() as u16).to_le_bytes());
+    buf.extend_from_slice(value);
+    buf.extend(std::iter::repeat_n(0u8, pad4(value.len())));
+}
+
+fn end_options(buf: &mut Vec<u8>) {
+    buf.extend_from_slice(&OPT_ENDOFOPT.to_le_bytes());
+    buf.extend_from_slice(&0u16.to_le_bytes());
+}
+
+fn block(out: &mut impl Write, block_type: u32, body: &[u8]) -> io::Result<()> {
+    let total = (12 + body.len()) as u32;
+    out.write_all(&block_type.to_le_bytes())?;
+    out.write_all(&total.to_le_bytes())?;
+    out.write_all(body)?;
+    out.write_all(&total.to_le_bytes())
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, part) in s.split(':').take(6).enumerate() {
+        m[i] = u8::from_str_radix(part, 16).unwrap_or(0);
+    }
+    m
+}
+
+fn parse_ip4(s: &str) -> [u8; 4] {
+    s.parse::<std::net::Ipv4Addr>().map_or([0; 4], |ip| ip.octets())
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The frame's bytes: as captured, or rebuilt from the decoded fields (Ethernet + ARP, padded to 60 bytes).
+pub fn frame_bytes(f: &ArpFrame, rarp: bool) -> Vec<u8> {
+    if let Some(b) = hex_bytes(&f.frame) {
+        return b;
+    }
+    let mut b = Vec::with_capacity(60);
+    let dst = if f.op == 2 || f.op == 4 {
+        parse_mac(&f.tha)
+    } else {
+        [0xff; 6]
+    };
+    b.extend_from_slice(&dst);
+    b.extend_from_slice(&parse_mac(&f.mac));
+    for v in &f.vlan {
+        b.extend_from_slice(&0x8100u16.to_be_bytes());
+        b.extend_from_slice(&v.to_be_bytes());
+    }
+    b.extend_from_slice(&(if rarp { 0x8035u16 } else { 0x0806 }).to_be_bytes());
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&0x0800u16.to_be_bytes());
+    b.extend_from_slice(&[6, 4]);
+    b.extend_from_slice(&f.op.to_be_bytes());
+    b.extend_from_slice(&parse_mac(&f.sha));
+    b.extend_from_slice(&parse_ip4(&f.spa));
+    b.extend_from_slice(&parse_mac(&f.tha));
+    b.extend_from_slice(&parse_ip4(&f.tpa));
+    b.resize(b.len().max(60), 0);
+    b
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        let w = u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]);
+        sum += u32::from(w);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A TCP/IP header (no payload) for a 4-tuple, with `flags` (0x10 ACK, 0x04 RST, 0x08 PSH).
+pub fn tcp_packet(t: &FourTuple, flags: u8) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&t.sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&t.dport.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    match (t.saddr, t.daddr) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = vec![0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+            ip[8] = 64;
+            ip[9] = 6;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            let c = checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            let mut pseudo = Vec::with_capacity(32);
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 6, 0, 20]);
+            pseudo.extend_from_slice(&tcp);
+            let c = checksum(&pseudo);
+            tcp[16..18].copy_from_slice(&c.to_be_bytes());
+            ip.extend_from_slice(&tcp);
+            ip
+        }
+        (s, d) => {
+            let to6 = |a: IpAddr| match a {
+                IpAddr::V6(a) => a,
+                IpAddr::V4(a) => a.to_ipv6_mapped(),
+            };
+            let (s, d) = (to6(s), to6(d));
+            let mut ip = vec![0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+            ip[6] = 6;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            let mut pseudo = Vec::with_capacity(60);
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, 6]);
+            pseudo.extend_from_slice(&tcp);
+            let c = checksum(&pseudo);
+            tcp[16..18].copy_from_slice(&c.to_be_bytes());
+            ip.extend_from_slice(&tcp);
+            ip
+        }
+    }
+}
+
+/// Where a time falls relative to the migrations: "migration m1 pause+1.2 s", or "".
+fn context(a: &Analysis, mac: Option<&str>, ts: u64) -> String {
+    let m = a
+        .migrations
+        .iter()
+        .filter(|m| mac.is_none_or(|mac| m.mac.is_empty() || m.mac.eq_ignore_ascii_case(mac)))
+        .filter_map(|m| m.timeline.pause.as_ref().map(|p| (m, p.ts_ns)))
+        .filter(|(_, p)| *p <= ts + 1_000_000_000)
+        .max_by_key(|(_, p)| *p);
+    m.map(|(m, p)| format!(" [migration {}: pause{}]", m.id, rel(ts, p)))
+        .unwrap_or_default()
+}
+
+struct Writer<W: Write> {
+    out: W,
+    ifaces: HashMap<String, u32>,
+    next_if: u32,
+    packets: usize,
+}
+
+impl<W: Write> Writer<W> {
+    fn iface(&mut self, name: &str, linktype: u16) -> io::Result<u32> {
+        if let Some(&i) = self.ifaces.get(name) {
+            return Ok(i);
+        }
+        let mut body = Vec::new();
+        body.extend_from_slice(&linktype.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        body.extend_from_slice(&262_144u32.to_le_bytes());
+        option(&mut body, IF_NAME, name.as_bytes());
+        option(&mut body, IF_TSRESOL, &[9]);
+        end_options(&mut body);
+        block(&mut self.out, 1, &body)?;
+        let id = self.next_if;
+        self.next_if += 1;
+        self.ifaces.insert(name.to_owned(), id);
+        Ok(id)
+    }
+
+    fn packet(
+        &mut self,
+        iface: u32,
+        unix_ns: u64,
+        data: &[u8],
+        orig_len: u32,
+        comment: &str,
+    ) -> io::Result<()> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&iface.to_le_bytes());
+        body.extend_from_slice(&((unix_ns >> 32) as u32).to_le_bytes());
+        body.extend_from_slice(&(unix_ns as u32).to_le_bytes());
+        body.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        body.extend_from_slice(&orig_len.max(data.len() as u32).to_le_bytes());
+        body.extend_from_slice(data);
+        body.extend(std::iter::repeat_n(0u8, pad4(data.len())));
+        option(&mut body, OPT_COMMENT, comment.as_bytes());
+        end_options(&mut body);
+        self.packets += 1;
+        block(&mut self.out, 6, &body)
+    }
+}
+
+/// Writes the pcapng file; returns the number of packets.
+pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
+    let mut w = Writer {
+        out: BufWriter::new(File::create(path)?),
+        ifaces: HashMap::new(),
+        next_if: 0,
+        packets: 0,
+    };
+    // Section header with the report summary.
+    let mut body = Vec::new();
+    body.extend_from_slice(&0x1A2B_3C4Du32.to_le_bytes());
+    body.extend_from_slice(&1u16.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes());
+    body.extend_from_slice(&(-1i64).to_le_bytes());
+    let summary: Vec<String> = a
+        .migrations
+        .iter()
+        .map(|m| {
+            format!(
+                "migration {} ({}) VM {}: {} survived, {} aborted; vCPU pause {}",
+                m.id,
+                m.mode.as_deref().unwrap_or("?"),
+                m.mac,
+                m.survived,
+                m.aborted,
+                m.downtime
+                    .vcpu_pause
+                    .as_ref()
+                    .map_or("?".into(), |f| crate::correlate::fmt_dur(f.ns))
+            )
+        })
+        .collect();
+    let warnings: String = a.warnings.iter().fold(String::new(), |mut acc, w| {
+        acc.push_str(" WARNING: ");
+        acc.push_str(w);
+        acc.push('.');
+        acc
+    });
+    option(
+        &mut body,
+        OPT_COMMENT,
+        format!("migmon export.{warnings} {}", summary.join(". ")).as_bytes(),
+    );
+    option(
+        &mut body,
+        SHB_USERAPPL,
+        format!("migmon {}", env!("CARGO_PKG_VERSION")).as_bytes(),
+    );
+    end_options(&mut body);
+    block(&mut w.out, 0x0A0D_0D0A, &body)?;
+
+    let mut events: Vec<&Event> = t.events.iter().collect();
+    events.sort_by_key(|e| e.ts_ns());
+    for e in events {
+        let ts = e.ts_ns();
+        let unix = mono_to_unix(t, ts);
+        match e {
+            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
+                let rarp = matches!(e, Event::Rarp { .. });
+                let what = match e {
+                    Event::Rarp { .. } => "RARP self-announce".to_owned(),
+                    Event::Garp { .. } => format!("gratuitous ARP for {}", frame.spa),
+                    _ => format!("ARP op {} {} → {}", frame.op, frame.spa, frame.tpa),
+                };
+                let id = w.iface(&frame.port.to_string(), LINKTYPE_ETHERNET)?;
+                let bytes = frame_bytes(frame, rarp);
+                let comment = format!(
+                    "migmon: {what} from {} seen by XDP on {}{}",
+                    frame.mac,
+                    frame.port,
+                    context(a, Some(&frame.mac), ts)
+                );
+                w.packet(id, unix, &bytes, frame.len, &comment)?;
+            }
+            Event::TcpRetransmit {
+                tcp,
+                state,
+                retransmits,
+                backoff,
+                rto_us,
+                ..
+            } => {
+                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
+                let what = if *retransmits == 0 {
+                    "tcp_retransmit (tail loss probe or fast retransmit)".to_owned()
+                } else {
+                    format!("tcp_retransmit #{retransmits} (RTO)")
+                };
+                let comment = format!(
+                    "migmon annotation (not a captured packet): {what} backoff {backoff} rto {} state {state}{}",
+                    crate::correlate::fmt_dur(rto_us * 1000),
+                    context(a, None, ts)
+                );
+                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x18), 40, &comment)?;
+            }
+            Event::TcpError { tcp, errno, .. } => {
+                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
+                let name = if *errno == 110 { " (ETIMEDOUT)" } else { "" };
+                let comment = format!(
+                    "migmon annotation (not a captured packet): socket error {errno}{name}: the connection aborted{}",
+                    context(a, None, ts)
+                );
+                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x10), 40, &comment)?;
+            }
+            Event::TcpResetIn { tcp, .. } | Event::TcpResetOut { tcp, .. } => {
+                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
+                let dir = if matches!(e, Event::TcpResetIn { .. }) {
+                    "received"
+                } else {
+                    "sent"
+                };
+                let comment = format!(
+                    "migmon annotation (not a captured packet): RST {dir}{}",
+                    context(a, None, ts)
+                );
+                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x04), 40, &comment)?;
+            }
+            _ => {}
+        }
+    }
+    w.out.flush()?;
+    Ok(w.packets)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+    use crate::{
+        correlate::correlate,
+        fixtures::{live_trace, quick_trace},
+        trace::TraceHeader,
+    };
+
+    fn trace(ev: Vec<Event>) -> Trace {
+        Trace {
+            header: Some(TraceHeader {
+                kind: "trace_header".into(),
+                version: crate::trace::TRACE_VERSION,
+                migmon: "test".into(),
+                start_mono_ns: 0,
+                start_unix_ns: 1_790_000_000_000_000_000,
+                hostname: "h".into(),
+                command: vec![],
+            }),
+            events: ev,
+            ..Trace::default()
+        }
+    }
+
+    #[test]
+    fn rebuilt_rarp_matches_qemu_format() {
+        let Event::Rarp { mut frame, .. } = crate::fixtures::rarp(0, "52:54:00:12:34:56", "tapB") else {
+            unreachable!()
+        };
+        let captured = frame_bytes(&frame, true);
+        frame.frame.clear();
+        assert_eq!(
+            frame_bytes(&frame, true),
+            captured,
+            "rebuilt bytes equal the captured ones"
+        );
+        assert_eq!(captured.len(), 60);
+        assert_eq!(&captured[12..14], &[0x80, 0x35]);
+    }
+
+    #[test]
+    fn tshark_reads_frames_comments_and_annotations() {
+        let mut ev = live_trace();
+        ev.extend(
+            quick_trace()
+                .into_iter()
+                .filter(|e| !matches!(e, Event::Migration { .. })),
+        );
+        let t = trace(ev);
+        let a = correlate(&t.events);
+        let path = std::env::temp_dir().join(format!("migmon-{}.pcapng", std::process::id()));
+        let n = write(&path, &t, &a).unwrap();
+        assert!(n > 10);
+        let out = match Command::new("tshark")
+            .args(["-r"])
+            .arg(&path)
+            .args([
+                "-T",
+                "fields",
+                "-e",
+                "frame.interface_name",
+                "-e",
+                "arp.opcode",
+                "-e",
+                "tcp.srcport",
+                "-e",
+                "frame.comment",
+            ])
+            .output()
+        {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("skipping: tshark is not installed ({e}); ./x setup installs it");
+                return;
+            }
+        };
+        assert!(
+            out.status.success(),
+            "tshark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), n, "{text}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("tapB\t3\t") && l.contains("RARP self-announce")),
+            "{text}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("gratuitous ARP for 10.77.0.2")),
+            "{text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("migmon-tcp-events\t\t41001\t") && l.contains("ETIMEDOUT")),
+            "{text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("tcp_retransmit #3 (RTO) backoff 2")),
+            "{text}"
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+}

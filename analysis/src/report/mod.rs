@@ -1,0 +1,386 @@
+//! Reports of an [`Analysis`]: text for people at a terminal, JSON for programs, HTML (with the SVG timeline) for a
+//! browser. The fields are described in `docs/report.md`.
+
+use std::fmt::Write as _;
+
+use crate::{
+    correlate::{Analysis, ConnectionVerdict, Fate, Figure, MigrationReport, Sighting, Stamp, fmt_dur},
+    trace::Event,
+};
+
+pub mod compare;
+pub mod html;
+pub mod svg;
+
+/// A time relative to an anchor, signed: `+5.0 ms`, `−2.0 ms`.
+pub fn rel(ts: u64, anchor: u64) -> String {
+    if ts >= anchor {
+        format!("+{}", fmt_dur(ts - anchor))
+    } else {
+        format!("−{}", fmt_dur(anchor - ts))
+    }
+}
+
+/// The JSON report.
+pub fn render_json(a: &Analysis) -> String {
+    serde_json::to_string_pretty(a).unwrap_or_default()
+}
+
+fn line(s: &mut String, label: &str, when: &str, rest: &str) {
+    let _ = writeln!(s, "    {label:<24} {when:<12} {rest}");
+}
+
+fn stamp_line(s: &mut String, label: &str, st: Option<&Stamp>, anchor: u64) {
+    if let Some(st) = st {
+        line(s, label, &rel(st.ts_ns, anchor), &format!("[{}]", st.source));
+    }
+}
+
+fn sight_line(s: &mut String, label: &str, si: Option<&Sighting>, anchor: u64, missing: &str) {
+    match si {
+        Some(si) => line(
+            s,
+            label,
+            &format!("{}{}", if si.exact { "" } else { "≤" }, rel(si.ts_ns, anchor)),
+            &format!("at {}", si.port),
+        ),
+        None => line(s, label, "–", missing),
+    }
+}
+
+fn figure_line(s: &mut String, label: &str, f: Option<&Figure>, missing: &str) {
+    match f {
+        Some(f) => line(s, label, &fmt_dur(f.ns), &format!("[{}] {}", f.source, f.basis)),
+        None => line(s, label, "–", missing),
+    }
+}
+
+/// The anchor of a migration's times: its pause, or its first event.
+pub fn anchor_of(m: &MigrationReport) -> u64 {
+    m.timeline
+        .pause
+        .as_ref()
+        .or(m.timeline.setup.as_ref())
+        .or(m.timeline.resume.as_ref())
+        .map_or(0, |s| s.ts_ns)
+}
+
+/// Short description of what proves an abort.
+pub fn proof_summary(c: &ConnectionVerdict) -> String {
+    c.proof
+        .iter()
+        .map(|e| match e {
+            Event::TcpError { errno, .. } => format!("tcp_error errno {errno}"),
+            Event::TcpState {
+                old_state, new_state, ..
+            } => format!("tcp_state {old_state}→{new_state}"),
+            Event::TcpResetIn { .. } => "tcp_reset_in".to_owned(),
+            Event::TcpResetOut { .. } => "tcp_reset_out".to_owned(),
+            Event::TcpRetransmit { retransmits, .. } => format!("last tcp_retransmit (#{retransmits})"),
+            other => other.kind().to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The text report: one block per migration, then a table of connections.
+pub fn render_text(a: &Analysis, title: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "migmon report: {title}: {} events over {}, {} migration(s)",
+        a.events,
+        fmt_dur(a.end_ns.saturating_sub(a.start_ns)),
+        a.migrations.len()
+    );
+    for w in &a.warnings {
+        let _ = writeln!(s, "WARNING: {w}");
+    }
+    for m in &a.migrations {
+        let anchor = anchor_of(m);
+        let _ = writeln!(s);
+        let hosts = match (&m.source_host, &m.destination_host) {
+            (Some(a), Some(b)) => format!("  {a} → {b}"),
+            (Some(a), None) => format!("  from {a}"),
+            (None, Some(b)) => format!("  to {b}"),
+            (None, None) => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "Migration {}  VM {}{}  mode {}{}  {}  [pause window from {}]",
+            m.id,
+            if m.mac.is_empty() { "?" } else { &m.mac },
+            if m.ips.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", m.ips.join(", "))
+            },
+            m.mode.as_deref().unwrap_or("?"),
+            hosts,
+            m.outcome,
+            m.source
+        );
+        let _ = writeln!(
+            s,
+            "  verdict: {} survived, {} aborted{}, {} retransmits",
+            m.survived,
+            m.aborted,
+            if m.unresolved > 0 {
+                format!(", {} unresolved", m.unresolved)
+            } else {
+                String::new()
+            },
+            m.retransmits
+        );
+        let _ = writeln!(s, "  downtime");
+        let d = &m.downtime;
+        figure_line(
+            &mut s,
+            "vCPU pause",
+            d.vcpu_pause.as_ref(),
+            "no pause/resume pair",
+        );
+        figure_line(
+            &mut s,
+            "network blackout",
+            d.blackout.as_ref(),
+            "needs the VM's frames on the wire",
+        );
+        figure_line(
+            &mut s,
+            "convergence",
+            d.convergence.as_ref(),
+            "no FDB move or delivered frame after resume",
+        );
+        figure_line(
+            &mut s,
+            "longest recovery tail",
+            d.max_recovery_tail.as_ref(),
+            "no connection needed to recover",
+        );
+        let tl = &m.timeline;
+        let _ = writeln!(s, "  timeline (relative to the pause)");
+        stamp_line(&mut s, "setup", tl.setup.as_ref(), anchor);
+        if let (Some(first), Some(last)) = (tl.rounds.first(), tl.rounds.last()) {
+            let bytes: u64 = tl.rounds.iter().map(|r| r.bytes).sum();
+            line(
+                &mut s,
+                "pre-copy rounds",
+                &rel(first.ts_ns, anchor),
+                &format!(
+                    "{} round(s), {:.1} MiB, last at {}",
+                    tl.rounds.len(),
+                    bytes as f64 / 1_048_576.0,
+                    rel(last.ts_ns, anchor)
+                ),
+            );
+        }
+        sight_line(
+            &mut s,
+            "last VM frame (old port)",
+            tl.last_vm_frame_old_port.as_ref(),
+            anchor,
+            "not seen",
+        );
+        if let Some(last) = &tl.last_frame_to_vm_old_port {
+            sight_line(&mut s, "last frame to VM (old)", Some(last), anchor, "");
+        }
+        stamp_line(&mut s, "pause", tl.pause.as_ref(), anchor);
+        stamp_line(&mut s, "state sent", tl.state_sent.as_ref(), anchor);
+        stamp_line(&mut s, "resume", tl.resume.as_ref(), anchor);
+        if let Some(first) = tl.announces.first() {
+            line(
+                &mut s,
+                "announces (migrator)",
+                &rel(first.ts_ns, anchor),
+                &format!("{} sent [{}]", tl.announces.len(), first.source),
+            );
+        }
+        sight_line(&mut s, "first RARP", tl.first_rarp.as_ref(), anchor, "none seen");
+        sight_line(&mut s, "first GARP", tl.first_garp.as_ref(), anchor, "none seen");
+        if tl.fdb_moves.is_empty() {
+            line(&mut s, "FDB move", "–", "no bridge re-learned the MAC");
+        }
+        for f in &tl.fdb_moves {
+            line(
+                &mut s,
+                &format!("FDB move {}", f.bridge),
+                &rel(f.ts_ns, anchor),
+                &format!("{} → {}", f.from_port.as_deref().unwrap_or("(new)"), f.to_port),
+            );
+        }
+        sight_line(
+            &mut s,
+            "first VM frame (new)",
+            tl.first_vm_frame_new_port.as_ref(),
+            anchor,
+            "not seen",
+        );
+        sight_line(
+            &mut s,
+            "first frame to VM (new)",
+            tl.first_frame_to_vm_new_port.as_ref(),
+            anchor,
+            "not seen (needs TC egress on the new port)",
+        );
+        if tl.black_holed.is_empty() {
+            line(
+                &mut s,
+                "black-holed",
+                "–",
+                "no frame delivered to the old port after the pause",
+            );
+        }
+        for b in &tl.black_holed {
+            line(
+                &mut s,
+                "black-holed",
+                &rel(b.last_ns, anchor),
+                &format!(
+                    "{} frame(s) delivered to {} after the pause, the last at this time",
+                    b.frames, b.port
+                ),
+            );
+        }
+        stamp_line(&mut s, "complete", tl.complete.as_ref(), anchor);
+        for w in &m.warnings {
+            let _ = writeln!(s, "  WARNING: {w}");
+        }
+    }
+
+    let rows: Vec<(&MigrationReport, &ConnectionVerdict)> = a
+        .migrations
+        .iter()
+        .flat_map(|m| m.connections.iter().map(move |c| (m, c)))
+        .collect();
+    if !rows.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(s, "Connections (times relative to each migration's pause)");
+        let idw = a
+            .migrations
+            .iter()
+            .map(|m| m.id.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(9);
+        let _ = writeln!(
+            s,
+            "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  fate",
+            "migration", "connection (client → VM)", "at pause", "rtx", "backoff", "recovery"
+        );
+        for (m, c) in rows {
+            let anchor = anchor_of(m);
+            let conn = format!(
+                "{}:{} → {}:{}",
+                c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport
+            );
+            let recovery = c.recovery_tail_ns.map_or_else(|| "–".to_owned(), fmt_dur);
+            let mut fate = match c.fate {
+                Fate::Aborted { at_ns, .. } => {
+                    format!("{} at {} ({})", c.fate, rel(at_ns, anchor), proof_summary(c))
+                }
+                _ => c.fate.to_string(),
+            };
+            if let Some(rst) = c
+                .afterwards
+                .iter()
+                .find(|e| matches!(e, Event::TcpResetOut { .. }))
+            {
+                let _ = write!(
+                    fate,
+                    "; RST sent to the VM at {} (it spoke on the dead connection)",
+                    rel(rst.ts_ns(), anchor)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
+                m.id,
+                conn,
+                c.state_at_pause,
+                c.retransmits,
+                c.highest_backoff,
+                recovery,
+                fate,
+                if c.opened_during_window {
+                    "  (opened during the outage; not counted)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    s
+}
+
+/// The one-line summary `migmon watch` prints when a migration settles.
+pub fn live_line(m: &MigrationReport) -> String {
+    let fig = |f: &Option<Figure>| {
+        f.as_ref()
+            .map_or_else(|| "–".to_owned(), |f| format!("{} [{}]", fmt_dur(f.ns), f.source))
+    };
+    let mut reasons: Vec<String> = Vec::new();
+    for c in &m.connections {
+        if let Fate::Aborted { reason, .. } = c.fate {
+            reasons.push(format!("{}:{} {reason}", c.tuple.daddr, c.tuple.dport));
+        }
+    }
+    format!(
+        "migmon: migration {} ({}) {}: vCPU pause {}, blackout {}, convergence {}; {} survived, {} aborted{}",
+        m.id,
+        m.mode.as_deref().unwrap_or("?"),
+        m.outcome,
+        fig(&m.downtime.vcpu_pause),
+        fig(&m.downtime.blackout),
+        fig(&m.downtime.convergence),
+        m.survived,
+        m.aborted,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        correlate::correlate,
+        fixtures::{live_trace, quick_trace},
+    };
+
+    #[test]
+    fn text_report_reads_at_a_glance() {
+        let a = correlate(&live_trace());
+        let text = render_text(&a, "t.trace");
+        assert!(
+            text.contains("Migration live-1  VM 52:54:00:12:34:56 (10.77.0.2)  mode live"),
+            "{text}"
+        );
+        assert!(text.contains("verdict: 2 survived, 0 aborted"), "{text}");
+        assert!(text.contains("vCPU pause               5.0 ms"), "{text}");
+        assert!(text.contains("FDB move brS"), "{text}");
+        assert!(
+            text.contains("3 frame(s) delivered to tapA after the pause"),
+            "{text}"
+        );
+        assert!(text.contains("10.77.0.100:40001 → 10.77.0.2:7"), "{text}");
+
+        let q = correlate(&quick_trace());
+        let text = render_text(&q, "q.trace");
+        assert!(
+            text.contains("aborted: ETIMEDOUT at +6.20 s (tcp_state ESTABLISHED→CLOSE, tcp_error errno 110)"),
+            "{text}"
+        );
+        let page = html::render(&q, "q <trace>");
+        assert!(
+            page.starts_with("<!DOCTYPE html>") && page.contains("<svg") && page.contains("q &lt;trace&gt;")
+        );
+        let json: serde_json::Value = serde_json::from_str(&render_json(&q)).unwrap();
+        assert_eq!(json["migrations"][0]["aborted"], 4);
+        assert_eq!(json["migrations"][0]["connections"][0]["fate"], "aborted");
+        assert_eq!(json["migrations"][0]["connections"][0]["reason"], "etimedout");
+    }
+}
