@@ -1,10 +1,10 @@
-//! The offline subcommands: report, check, whatif, export. (Owned by the correlation work, issue 4.)
+//! The offline subcommands: report, check, whatif, export.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{
+use migmon_analysis::{
     check::{self, Limits},
     correlate::{self, Analysis},
     export, report,
@@ -269,8 +269,8 @@ pub fn export(a: &ExportArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        correlate::tests::{live_trace, quick_trace},
+    use migmon_analysis::{
+        fixtures::{live_trace, quick_trace},
         trace::{Event, TRACE_VERSION, TraceHeader, TraceWriter},
     };
 

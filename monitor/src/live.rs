@@ -13,14 +13,13 @@ use std::{
 
 use anyhow::{Context, Result};
 
+use migmon_analysis::{check, correlate::analyse_events, report::live_line, trace::Event};
+
 use crate::{
-    check,
-    cli::{LimitArgs, parse_duration},
-    correlate::{Analysis, Fate, MigrationReport, fmt_dur},
+    cli::{LimitArgs, parse_duration, run_check},
     metrics::{self, Metrics},
     pause::{self, SourceHandle},
-    trace::Event,
-    watch::{Control, Flow, Observer},
+    pipeline::{Control, Flow, Observer},
 };
 
 /// The `migmon watch` flags of the correlation work.
@@ -73,117 +72,6 @@ pub struct Live {
     gate: Arc<Mutex<Gate>>,
     thread: std::thread::JoinHandle<Seen>,
     args: LiveArgs,
-}
-
-/// Whether every judged connection has a final fate, or the settle time has passed.
-fn settled(m: &MigrationReport, now: u64, settle: u64) -> bool {
-    let Some(resume) = m.timeline.resume.as_ref().map(|r| r.ts_ns) else {
-        return false;
-    };
-    if now >= resume.saturating_add(settle) {
-        return true;
-    }
-    !m.connections.is_empty()
-        && m.connections
-            .iter()
-            .all(|c| c.fate.is_aborted() || (c.fate == Fate::Survived && c.first_progress_ns.is_some()))
-}
-
-/// A human line for the events of the pause sources (`migmon watch` without `--json`).
-pub fn describe(ev: &Event) -> String {
-    match ev {
-        Event::Migration { ev, source } => {
-            let what = match &ev.phase {
-                migevents::Phase::Setup {
-                    mode,
-                    ram_bytes,
-                    host,
-                    ..
-                } => format!("setup {mode:?} {} MiB {host}", ram_bytes >> 20).to_lowercase(),
-                migevents::Phase::Round { n, pages, bytes, .. } => {
-                    format!("round {n}: {pages} pages, {:.1} MiB", *bytes as f64 / 1_048_576.0)
-                }
-                migevents::Phase::Pause => "PAUSE".to_owned(),
-                migevents::Phase::StateSent => "state sent".to_owned(),
-                migevents::Phase::Resume => "RESUME".to_owned(),
-                migevents::Phase::Announce { n } => format!("announce {n}"),
-                migevents::Phase::Complete {
-                    total_ms, pause_ms, ..
-                } => format!("complete: total {total_ms:.1} ms, pause {pause_ms:.1} ms"),
-                migevents::Phase::Failed { reason } => format!("FAILED: {reason}"),
-                migevents::Phase::Rollback => "ROLLBACK".to_owned(),
-            };
-            format!(
-                "{:<20} {} {:?} {what} [{source}]",
-                ev.migration_id, ev.mac, ev.role
-            )
-            .to_owned()
-        }
-        Event::ClockOffset {
-            source,
-            wall_minus_mono_ns,
-            ..
-        } => format!(
-            "{source:<20} wall − monotonic = {:.6} s",
-            *wall_minus_mono_ns as f64 / 1e9
-        ),
-        Event::Note { level, message, .. } => format!("{level:<20} {message}"),
-        other => serde_json::to_string(other).unwrap_or_default(),
-    }
-}
-
-/// The one-line summary printed when a migration settles.
-pub fn live_line(m: &MigrationReport) -> String {
-    let fig = |f: &Option<crate::correlate::Figure>| {
-        f.as_ref()
-            .map_or_else(|| "–".to_owned(), |f| format!("{} [{}]", fmt_dur(f.ns), f.source))
-    };
-    let mut reasons: Vec<String> = Vec::new();
-    for c in &m.connections {
-        if let Fate::Aborted { reason, .. } = c.fate {
-            reasons.push(format!("{}:{} {reason}", c.tuple.daddr, c.tuple.dport));
-        }
-    }
-    format!(
-        "migmon: migration {} ({}) {}: vCPU pause {}, blackout {}, convergence {}; {} survived, {} aborted{}",
-        m.id,
-        m.mode.as_deref().unwrap_or("?"),
-        m.outcome,
-        fig(&m.downtime.vcpu_pause),
-        fig(&m.downtime.blackout),
-        fig(&m.downtime.convergence),
-        m.survived,
-        m.aborted,
-        if reasons.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", reasons.join(", "))
-        }
-    )
-}
-
-fn analysis_of(events: &[Event]) -> Analysis {
-    let mut a = crate::correlate::correlate(events);
-    a.lost_events = events
-        .iter()
-        .map(|e| {
-            if let Event::Loss { count, .. } = e {
-                *count
-            } else {
-                0
-            }
-        })
-        .sum();
-    if a.lost_events > 0 {
-        a.warnings.insert(
-            0,
-            format!(
-                "{} events were lost in the kernel (ring buffer full)",
-                a.lost_events
-            ),
-        );
-    }
-    a
 }
 
 /// Starts the sources and observers the flags ask for.
@@ -287,7 +175,7 @@ pub fn start(
                     continue;
                 }
                 last_full = std::time::Instant::now();
-                let a = analysis_of(&seen.events);
+                let a = analyse_events(&seen.events);
                 seen.in_flight = a.migrations.iter().any(|m| m.timeline.resume.is_none());
                 let now = a.end_ns.max(migevents::monotonic_ns());
                 resumed = a
@@ -296,7 +184,7 @@ pub fn start(
                     .filter(|m| m.timeline.resume.is_some())
                     .count();
                 for m in &a.migrations {
-                    if !seen.printed.contains(&m.id) && settled(m, now, settle) {
+                    if !seen.printed.contains(&m.id) && check::settled(m, now, settle) {
                         eprintln!("{}", live_line(m));
                         seen.printed.push(m.id.clone());
                     }
@@ -304,7 +192,7 @@ pub fn start(
                 if let Some(n) = until
                     && seen.printed.len() >= n
                 {
-                    let code = crate::cli::run_check(&a, &limits, true).unwrap_or_else(|e| {
+                    let code = run_check(&a, &limits, true).unwrap_or_else(|e| {
                         eprintln!("migmon: error: {e:#}");
                         2
                     });
@@ -340,69 +228,12 @@ impl Live {
             return Ok(done);
         }
         seen.events.append(&mut g.incoming);
-        let a = analysis_of(&seen.events);
-        let verdict = check::evaluate(&a, &self.args.limits.limits());
-        eprint!("{}", verdict.render_text());
+        let a = analyse_events(&seen.events);
+        run_check(&a, &self.args.limits, true)?;
         eprintln!(
             "migmon: stopped after {} of {n} migrations settled: the check fails",
             seen.printed.len()
         );
-        if let Some(j) = &self.args.limits.junit {
-            verdict
-                .write_junit(j)
-                .with_context(|| format!("cannot write the JUnit file {}", j.display()))?;
-        }
         Ok(1)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::correlate::{
-        correlate,
-        tests::{live_trace, quick_trace},
-    };
-
-    #[test]
-    fn human_lines_for_pause_sources() {
-        let ev = crate::correlate::tests::mig(
-            1,
-            "m1",
-            "52:54:00:00:00:01",
-            migevents::Role::Source,
-            migevents::Phase::Pause,
-            "qmp",
-        );
-        assert_eq!(
-            describe(&ev),
-            "m1                   52:54:00:00:00:01 Source PAUSE [qmp]"
-        );
-        let off = Event::ClockOffset {
-            ts_ns: 0,
-            source: "qmp:/run/a".into(),
-            wall_minus_mono_ns: 1_500_000_000,
-        };
-        assert!(describe(&off).ends_with("wall − monotonic = 1.500000 s"));
-    }
-
-    #[test]
-    fn settling_and_the_live_line() {
-        let a = correlate(&quick_trace());
-        let m = &a.migrations[0];
-        let resume = m.timeline.resume.as_ref().unwrap().ts_ns;
-        // Every connection is final (4 aborted, one with progress): settled at once.
-        assert!(settled(m, resume, 5_000_000_000));
-        let line = live_line(m);
-        assert!(line.contains("1 survived, 4 aborted"), "{line}");
-        assert!(line.contains("10.77.0.2:7 ETIMEDOUT"), "{line}");
-        assert!(line.contains("vCPU pause 8.00 s [migrator]"), "{line}");
-
-        // The live migration's idle connection has no final sign: it settles after the settle time.
-        let a = correlate(&live_trace());
-        let m = &a.migrations[0];
-        let resume = m.timeline.resume.as_ref().unwrap().ts_ns;
-        assert!(!settled(m, resume + 1, 5_000_000_000));
-        assert!(settled(m, resume + 5_000_000_000, 5_000_000_000));
     }
 }

@@ -24,7 +24,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{
+use migmon_analysis::{
     correlate::{Fate, correlate},
     trace::Event,
 };
@@ -269,7 +269,7 @@ fn answer(mut s: TcpStream, m: &Metrics) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::tests::{live_trace, quick_trace};
+    use migmon_analysis::fixtures::{live_trace, quick_trace};
 
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).unwrap();

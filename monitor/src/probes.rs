@@ -29,7 +29,9 @@ use monitor_common::{
     ProbeConfig, WireEvent,
 };
 
-use crate::{btf::Btf, netns, trace::Port, tracefs};
+use migmon_analysis::trace::Port;
+
+use crate::{btf::Btf, netns, tracefs};
 
 /// The compiled kernel programs (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

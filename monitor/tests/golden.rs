@@ -14,7 +14,7 @@ use std::{
 };
 
 fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../analysis/tests/data")
 }
 
 fn traces() -> Vec<PathBuf> {
@@ -30,7 +30,9 @@ fn traces() -> Vec<PathBuf> {
 
 /// Runs `migmon ARGS` and returns its stdout, with the exit code when it is not 0.
 fn migmon(args: &[&str]) -> Vec<u8> {
+    // Run from the data directory with bare file names: the text and HTML reports print the trace's path.
     let out = Command::new(env!("CARGO_BIN_EXE_migmon"))
+        .current_dir(data_dir())
         .args(args)
         .output()
         .unwrap();
@@ -78,7 +80,8 @@ fn offline_outputs_match_the_golden_files() {
     let mut failures = Vec::new();
     for trace in traces() {
         let name = trace.file_stem().unwrap().to_str().unwrap().to_owned();
-        let t = trace.to_str().unwrap();
+        let file = trace.file_name().unwrap().to_str().unwrap().to_owned();
+        let t = file.as_str();
         let mut check = |file: PathBuf, actual: Vec<u8>| failures.extend(compare(&file, &actual));
 
         check(

@@ -14,7 +14,8 @@ use std::{
 };
 
 use migevents::{Phase, monotonic_ns};
-use monitor::{pause::qmp, trace::Event};
+use migmon_analysis::trace::Event;
+use monitor::pause::qmp;
 use testbed::net::wait_until;
 
 /// Kills and reaps QEMU and removes its directory, also when the test fails.
@@ -153,7 +154,7 @@ fn follower_turns_stop_and_cont_into_a_pause_window() {
     );
 
     // The correlation makes it a migration with a vCPU pause measured by QMP.
-    let a = monitor::correlate::correlate(&got);
+    let a = migmon_analysis::correlate::correlate(&got);
     assert_eq!(a.migrations.len(), 1);
     assert_eq!(
         a.migrations[0].downtime.vcpu_pause.as_ref().unwrap().source,

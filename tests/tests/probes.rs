@@ -308,7 +308,7 @@ fn reset_both_sides(v6: bool) {
     );
 
     // The trace holds the same events as the JSON stream, after its header.
-    let recorded = monitor::trace::read_trace(&trace).expect("read the --record trace");
+    let recorded = migmon_analysis::trace::read_trace(&trace).expect("read the --record trace");
     std::fs::remove_file(&trace).ok();
     assert!(recorded.header.is_some() && !recorded.truncated && recorded.skipped.is_empty());
     let as_json: Vec<Value> = recorded
@@ -652,7 +652,7 @@ fn move_there_and_back(bed: &BridgeNetns, watch: &Watch, vm: MacAddr, peer: MacA
         .and_then(|e| e["last_ns"].as_u64())
         .expect("the VM's frames counted on port 1");
     assert!(wait_until(Duration::from_secs(5), || {
-        monitor::events::mono_now_ns() > p1_last + 60_000_000
+        monitor::decode::mono_now_ns() > p1_last + 60_000_000
     }));
     tx1.send(&ping(vm, MacAddr::BROADCAST));
     watch.wait_for("the move back to port 1", Duration::from_secs(10), |evs| {

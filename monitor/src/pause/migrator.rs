@@ -24,7 +24,7 @@ use std::{
 use migevents::MigrationEvent;
 
 use super::{Emit, LineReader, SourceHandle, warn_note};
-use crate::trace::Event;
+use migmon_analysis::trace::Event;
 
 const POLL: Duration = Duration::from_millis(100);
 

@@ -1,5 +1,5 @@
-//! Where pause windows come from: our migrator's event stream ([`migrator`]), QEMU's QMP ([`qmp`]), or the data
-//! plane ([`wire`]). Each live source runs on its own thread and hands `trace::Event`s to an emit callback, so it
+//! The live sources of pause windows: our migrator's event stream ([`migrator`]) and QEMU's QMP ([`qmp`]). (Windows
+//! inferred from the data plane are analysis: `migmon_analysis::correlate::wire`.) Each live source runs on its own thread and hands `trace::Event`s to an emit callback, so it
 //! plugs into whatever channel the watch pipeline uses (`move |ev| tx.send(ev).is_ok()`).
 
 use std::{
@@ -11,11 +11,10 @@ use std::{
     thread::JoinHandle,
 };
 
-use crate::trace::Event;
+use migmon_analysis::trace::Event;
 
 pub mod migrator;
 pub mod qmp;
-pub mod wire;
 
 /// Where a source delivers events. Returns `false` when the receiver is gone (the source then stops).
 pub trait Emit: Send + Sync + 'static {

@@ -37,7 +37,7 @@ use migevents::{MigrationEvent, Mode, Phase, Role, monotonic_ns};
 use serde_json::{Value, json};
 
 use super::{Emit, LineReader, SourceHandle, warn_note};
-use crate::trace::Event;
+use migmon_analysis::trace::Event;
 
 const POLL: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

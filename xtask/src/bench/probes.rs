@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use monitor::{
-    events::Decoder,
+    decode::Decoder,
     probes::{Iface, ProbeOptions, Probes, WatchList, XdpTestRunner},
 };
 

@@ -370,7 +370,7 @@ pub fn render_text(w: &WhatIf) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{correlate, tests::quick_trace};
+    use crate::{correlate::correlate, fixtures::quick_trace};
 
     const S: u64 = 1_000_000_000;
     const MS: u64 = 1_000_000;

@@ -313,12 +313,42 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
     s
 }
 
+/// The one-line summary `migmon watch` prints when a migration settles.
+pub fn live_line(m: &MigrationReport) -> String {
+    let fig = |f: &Option<Figure>| {
+        f.as_ref()
+            .map_or_else(|| "–".to_owned(), |f| format!("{} [{}]", fmt_dur(f.ns), f.source))
+    };
+    let mut reasons: Vec<String> = Vec::new();
+    for c in &m.connections {
+        if let Fate::Aborted { reason, .. } = c.fate {
+            reasons.push(format!("{}:{} {reason}", c.tuple.daddr, c.tuple.dport));
+        }
+    }
+    format!(
+        "migmon: migration {} ({}) {}: vCPU pause {}, blackout {}, convergence {}; {} survived, {} aborted{}",
+        m.id,
+        m.mode.as_deref().unwrap_or("?"),
+        m.outcome,
+        fig(&m.downtime.vcpu_pause),
+        fig(&m.downtime.blackout),
+        fig(&m.downtime.convergence),
+        m.survived,
+        m.aborted,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{
-        correlate,
-        tests::{live_trace, quick_trace},
+    use crate::{
+        correlate::correlate,
+        fixtures::{live_trace, quick_trace},
     };
 
     #[test]

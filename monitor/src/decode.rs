@@ -10,7 +10,7 @@ use monitor_common::{
     WireEvent,
 };
 
-use crate::trace::{ArpFrame, Direction, Event, FourTuple, Port, TcpCommon};
+use migmon_analysis::trace::{ArpFrame, Direction, Event, FourTuple, Port, TcpCommon};
 
 /// Name of a kernel TCP state (`include/net/tcp_states.h`).
 pub fn tcp_state_name(state: u32) -> String {

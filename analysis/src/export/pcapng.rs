@@ -20,7 +20,7 @@ use std::{
 
 use super::mono_to_unix;
 use crate::{
-    correlate::{Analysis, port_label},
+    correlate::Analysis,
     report::rel,
     trace::{ArpFrame, Event, FourTuple, Trace},
 };
@@ -302,12 +302,12 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
                     Event::Garp { .. } => format!("gratuitous ARP for {}", frame.spa),
                     _ => format!("ARP op {} {} → {}", frame.op, frame.spa, frame.tpa),
                 };
-                let id = w.iface(&port_label(&frame.port), LINKTYPE_ETHERNET)?;
+                let id = w.iface(&frame.port.to_string(), LINKTYPE_ETHERNET)?;
                 let bytes = frame_bytes(frame, rarp);
                 let comment = format!(
                     "migmon: {what} from {} seen by XDP on {}{}",
                     frame.mac,
-                    port_label(&frame.port),
+                    frame.port,
                     context(a, Some(&frame.mac), ts)
                 );
                 w.packet(id, unix, &bytes, frame.len, &comment)?;
@@ -368,10 +368,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        correlate::{
-            correlate,
-            tests::{live_trace, quick_trace},
-        },
+        correlate::correlate,
+        fixtures::{live_trace, quick_trace},
         trace::TraceHeader,
     };
 
@@ -393,8 +391,7 @@ mod tests {
 
     #[test]
     fn rebuilt_rarp_matches_qemu_format() {
-        let Event::Rarp { mut frame, .. } = crate::correlate::tests::rarp(0, "52:54:00:12:34:56", "tapB")
-        else {
+        let Event::Rarp { mut frame, .. } = crate::fixtures::rarp(0, "52:54:00:12:34:56", "tapB") else {
             unreachable!()
         };
         let captured = frame_bytes(&frame, true);

@@ -6,7 +6,7 @@ use std::{io, path::Path};
 use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
 use serde::Serialize;
 
-use crate::correlate::{Analysis, Figure, fmt_dur};
+use crate::correlate::{Analysis, Fate, Figure, MigrationReport, fmt_dur};
 
 /// The limits. `None` = not checked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -237,14 +237,27 @@ pub fn evaluate(a: &Analysis, l: &Limits) -> Verdict {
     Verdict { cases }
 }
 
+/// Whether a migration has settled at `now`: every connection judged against it has a final fate (aborted, or
+/// forward progress seen), or `settle` ns have passed since its resume. A migration not resumed has not settled.
+pub fn settled(m: &MigrationReport, now: u64, settle: u64) -> bool {
+    let Some(resume) = m.timeline.resume.as_ref().map(|r| r.ts_ns) else {
+        return false;
+    };
+    if now >= resume.saturating_add(settle) {
+        return true;
+    }
+    !m.connections.is_empty()
+        && m.connections
+            .iter()
+            .all(|c| c.fate.is_aborted() || (c.fate == Fate::Survived && c.first_progress_ns.is_some()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        correlate::{
-            correlate,
-            tests::{live_trace, quick_trace},
-        },
+        correlate::correlate,
+        fixtures::{live_trace, quick_trace},
         trace::Event,
     };
 
@@ -320,5 +333,25 @@ mod tests {
         );
         assert!(xml.contains("failures=\"1\""), "{xml}");
         assert!(xml.contains("<failure message=\"4 aborted &gt; 0"), "{xml}");
+    }
+
+    #[test]
+    fn settling_and_the_live_line() {
+        let a = correlate(&quick_trace());
+        let m = &a.migrations[0];
+        let resume = m.timeline.resume.as_ref().unwrap().ts_ns;
+        // Every connection is final (4 aborted, one with progress): settled at once.
+        assert!(settled(m, resume, 5_000_000_000));
+        let line = crate::report::live_line(m);
+        assert!(line.contains("1 survived, 4 aborted"), "{line}");
+        assert!(line.contains("10.77.0.2:7 ETIMEDOUT"), "{line}");
+        assert!(line.contains("vCPU pause 8.00 s [migrator]"), "{line}");
+
+        // The live migration's idle connection has no final sign: it settles after the settle time.
+        let a = correlate(&live_trace());
+        let m = &a.migrations[0];
+        let resume = m.timeline.resume.as_ref().unwrap().ts_ns;
+        assert!(!settled(m, resume + 1, 5_000_000_000));
+        assert!(settled(m, resume + 5_000_000_000, 5_000_000_000));
     }
 }

@@ -9,6 +9,7 @@
 //! line was cut. All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
 
 use std::{
+    fmt,
     fs::File,
     io::{self, BufRead, BufReader, BufWriter, Write},
     net::IpAddr,
@@ -39,6 +40,20 @@ pub struct Port {
     /// Network namespace name (`None` = the root namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+}
+
+impl fmt::Display for Port {
+    /// `iface@netns`, or `if#N` when the name is unknown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.iface {
+            Some(name) => f.write_str(name)?,
+            None => write!(f, "if#{}", self.ifindex)?,
+        }
+        match &self.netns {
+            Some(ns) => write!(f, "@{ns}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Direction of frames on a port.
@@ -104,7 +119,7 @@ pub enum Event {
         /// `icsk_rto` in microseconds (0 = unknown).
         #[serde(default)]
         rto_us: u64,
-        /// Smoothed RTT (`srtt_us >> 3`) in microseconds (0 = unknown). Added by the probes work.
+        /// Smoothed RTT (`srtt_us >> 3`) in microseconds (0 = unknown).
         #[serde(default)]
         srtt_us: u64,
     },

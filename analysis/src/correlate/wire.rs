@@ -10,10 +10,7 @@ use std::collections::HashMap;
 
 use migevents::{MigrationEvent, Phase, Role};
 
-use crate::{
-    correlate::port_label,
-    trace::{Direction, Event},
-};
+use crate::trace::{Direction, Event};
 
 /// The MAC must have been silent this long before a new port counts as a move.
 pub const MIN_SILENCE_NS: u64 = 50_000_000;
@@ -53,7 +50,7 @@ impl WireInference {
                 ..
             } if *last_ns > 0 => {
                 let st = self.macs.entry(mac.to_ascii_lowercase()).or_default();
-                let label = port_label(port);
+                let label = port.to_string();
                 let slot = st.ports.entry(label.clone()).or_insert(0);
                 *slot = (*slot).max(*last_ns);
                 if st.last.as_ref().is_none_or(|(t, _)| *last_ns > *t) {
@@ -78,7 +75,7 @@ impl WireInference {
             } => {
                 let key = mac.to_ascii_lowercase();
                 let st = self.macs.entry(key.clone()).or_default();
-                let label = port_label(port);
+                let label = port.to_string();
                 let mut out = Vec::new();
                 if let Some((last_ts, last_port)) = st.last.clone() {
                     let silence = ts_ns.saturating_sub(last_ts);
@@ -138,7 +135,7 @@ pub fn infer(sorted: &[&Event], covered: impl Fn(&str, u64) -> bool) -> Vec<Even
                 direction: Direction::Ingress,
                 ..
             } => activity
-                .entry((mac.to_ascii_lowercase(), port_label(port)))
+                .entry((mac.to_ascii_lowercase(), port.to_string()))
                 .or_default()
                 .push(*ts_ns),
             Event::MacStats {
@@ -148,7 +145,7 @@ pub fn infer(sorted: &[&Event], covered: impl Fn(&str, u64) -> bool) -> Vec<Even
                 last_ns,
                 ..
             } => activity
-                .entry((mac.to_ascii_lowercase(), port_label(port)))
+                .entry((mac.to_ascii_lowercase(), port.to_string()))
                 .or_default()
                 .push(*last_ns),
             _ => {}

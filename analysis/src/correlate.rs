@@ -12,10 +12,9 @@ use std::{
 use migevents::{Mode, Phase, Role};
 use serde::Serialize;
 
-use crate::{
-    pause::wire,
-    trace::{Direction, Event, FourTuple, Port, Trace},
-};
+use crate::trace::{Direction, Event, FourTuple, Trace};
+
+pub mod wire;
 
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
@@ -281,6 +280,32 @@ pub fn analyse(trace: &Trace) -> Analysis {
     }
     warnings.append(&mut a.warnings);
     a.warnings = warnings;
+    a
+}
+
+/// Correlates events collected live (no trace file): [`correlate`], plus the kernel's losses counted and warned
+/// about first.
+pub fn analyse_events(events: &[Event]) -> Analysis {
+    let mut a = correlate(events);
+    a.lost_events = events
+        .iter()
+        .map(|e| {
+            if let Event::Loss { count, .. } = e {
+                *count
+            } else {
+                0
+            }
+        })
+        .sum();
+    if a.lost_events > 0 {
+        a.warnings.insert(
+            0,
+            format!(
+                "{} events were lost in the kernel (ring buffer full)",
+                a.lost_events
+            ),
+        );
+    }
     a
 }
 
@@ -550,15 +575,6 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
 // L2 index: per (MAC, port, direction) sightings and counters
 // ---------------------------------------------------------------------------------------------------------------
 
-/// A port's display name: `iface@netns`, or `if#N` when the name is unknown.
-pub fn port_label(p: &Port) -> String {
-    let name = p.iface.clone().unwrap_or_else(|| format!("if#{}", p.ifindex));
-    match &p.netns {
-        Some(ns) => format!("{name}@{ns}"),
-        None => name,
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     ts: u64,
@@ -708,7 +724,7 @@ impl<'a> L2Index<'a> {
                     .ports
                     .entry((mac.to_ascii_lowercase(), *direction))
                     .or_default()
-                    .entry(port_label(port))
+                    .entry(port.to_string())
                     .or_default()
                     .seen
                     .push(*ts_ns),
@@ -725,7 +741,7 @@ impl<'a> L2Index<'a> {
                     .ports
                     .entry((mac.to_ascii_lowercase(), *direction))
                     .or_default()
-                    .entry(port_label(port))
+                    .entry(port.to_string())
                     .or_default()
                     .samples
                     .push(Sample {
@@ -1279,7 +1295,7 @@ fn build_migration(
             {
                 tl.first_rarp = Some(Sighting {
                     ts_ns: ts,
-                    port: port_label(&frame.port),
+                    port: frame.port.to_string(),
                     exact: true,
                 });
             }
@@ -1288,7 +1304,7 @@ fn build_migration(
             {
                 tl.first_garp = Some(Sighting {
                     ts_ns: ts,
-                    port: port_label(&frame.port),
+                    port: frame.port.to_string(),
                     exact: true,
                 });
             }

@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    correlate::{Analysis, Fate, fmt_dur, port_label},
+    correlate::{Analysis, Fate, fmt_dur},
     trace::{Event, Trace},
 };
 
@@ -279,7 +279,7 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                     *ts_ns,
                     &format!("{} {}", e.kind(), frame.mac),
                     "l2",
-                    &[("port", port_label(&frame.port)), ("spa", frame.spa.clone())],
+                    &[("port", frame.port.to_string()), ("spa", frame.spa.clone())],
                 );
             }
             Event::FdbUpdate {
@@ -309,7 +309,7 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{correlate, tests::quick_trace};
+    use crate::{correlate::correlate, fixtures::quick_trace};
 
     /// A tiny protobuf reader: (field, wire type, varint value or bytes).
     fn fields(mut b: &[u8]) -> Vec<(u32, u64, Vec<u8>)> {

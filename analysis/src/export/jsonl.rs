@@ -44,7 +44,7 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{correlate, tests::quick_trace};
+    use crate::{correlate::correlate, fixtures::quick_trace};
 
     #[test]
     fn events_then_verdicts() {

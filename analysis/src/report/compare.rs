@@ -201,9 +201,9 @@ pub fn render(a: &Analysis, settings: Option<&Settings>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{
-        correlate,
-        tests::{live_trace, quick_trace},
+    use crate::{
+        correlate::correlate,
+        fixtures::{live_trace, quick_trace},
     };
 
     #[test]

@@ -848,7 +848,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{correlate, tests::quick_trace};
+    use crate::{correlate::correlate, fixtures::quick_trace};
 
     #[test]
     fn ticks_are_round() {
@@ -879,9 +879,9 @@ mod tests {
 mod sample {
     #[test]
     fn write_sample_svgs() {
-        use crate::correlate::{
-            correlate,
-            tests::{live_trace, quick_trace},
+        use crate::{
+            correlate::correlate,
+            fixtures::{live_trace, quick_trace},
         };
         let Ok(dir) = std::env::var("MIGMON_SVG_SAMPLES") else {
             return;

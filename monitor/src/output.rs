@@ -1,0 +1,343 @@
+//! Where the pipeline's events go: stdout, as human lines or JSON (`--json`), and the `--record` trace.
+
+use std::{
+    collections::HashMap,
+    io::{IsTerminal, Write},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use migmon_analysis::trace::{Event, TraceWriter};
+
+use crate::{decode::mono_now_ns, netns};
+
+/// Where events go: stdout (human or JSON) and the optional trace.
+pub struct Output {
+    json: bool,
+    color: bool,
+    start_ns: u64,
+    record: Option<TraceWriter>,
+    netns_names: HashMap<u64, String>,
+    /// When `netns_names` was read.
+    names_read: Instant,
+    /// Inode of the root namespace (not named in human lines).
+    root_netns: Option<u64>,
+    stdout: std::io::Stdout,
+    /// Lines not yet written: [`Pipeline::consume`] writes them in one go whenever its queue runs empty
+    /// ([`Output::flush`]), so a storm costs one `write` per batch rather than one per event. On a terminal
+    /// every line is written at once, so it keeps its place among stderr lines (live verdicts).
+    pending: Vec<u8>,
+    tty: bool,
+}
+
+/// [`Output`] writes what it holds once it reaches this many bytes, even while events keep coming.
+const OUTPUT_BATCH_BYTES: usize = 64 * 1024;
+
+impl Output {
+    pub fn new(json: bool, record: Option<TraceWriter>) -> Self {
+        let stdout = std::io::stdout();
+        Self {
+            json,
+            color: !json && stdout.is_terminal(),
+            tty: stdout.is_terminal(),
+            start_ns: mono_now_ns(),
+            record,
+            netns_names: netns::names_by_inode(),
+            names_read: Instant::now(),
+            root_netns: std::fs::metadata("/proc/1/ns/net")
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
+            stdout,
+            pending: Vec::with_capacity(OUTPUT_BATCH_BYTES + 4096),
+        }
+    }
+
+    /// Prints and records one event.
+    pub fn emit(&mut self, ev: &Event) -> Result<()> {
+        if let Some(w) = &mut self.record {
+            w.write(ev)
+                .context("cannot append to the --record trace (disk full?)")?;
+        }
+        if self.json {
+            serde_json::to_writer(&mut self.pending, ev).context("cannot serialise an event")?;
+        } else {
+            let line = self.human(ev);
+            self.pending.extend_from_slice(line.as_bytes());
+        }
+        self.pending.push(b'\n');
+        if self.tty || self.pending.len() >= OUTPUT_BATCH_BYTES {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    /// Writes the lines [`Output::emit`] holds to stdout. A closed stdout (e.g. `| head`) must not stop
+    /// recording, so write errors are dropped.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut out = self.stdout.lock();
+        let _ = out.write_all(&self.pending);
+        let _ = out.flush();
+        self.pending.clear();
+    }
+
+    fn netns_name(&mut self, inode: u64) -> String {
+        if inode == 0 || Some(inode) == self.root_netns {
+            return String::new();
+        }
+        // Re-read /run/netns for a new namespace, at most once a second (some never get a name there).
+        if !self.netns_names.contains_key(&inode) && self.names_read.elapsed() > Duration::from_secs(1) {
+            self.netns_names = netns::names_by_inode();
+            self.names_read = Instant::now();
+        }
+        self.netns_names
+            .get(&inode)
+            .map_or_else(|| format!("netns:{inode}"), |n| format!("netns:{n}"))
+    }
+
+    fn human(&mut self, ev: &Event) -> String {
+        let rel = i128::from(ev.ts_ns()) - i128::from(self.start_ns);
+        let time = format!("{:+12.6}", rel as f64 / 1e9);
+        let kind = ev.kind();
+        let colour = match ev {
+            Event::TcpError { .. }
+            | Event::TcpResetIn { .. }
+            | Event::TcpResetOut { .. }
+            | Event::Loss { .. } => "31",
+            Event::TcpRetransmit { .. } | Event::Malformed { .. } => "33",
+            Event::TcpState { .. } => "32",
+            Event::Arp { .. } | Event::Garp { .. } | Event::Rarp { .. } | Event::MacSeen { .. } => "36",
+            Event::FdbUpdate { .. } => "35",
+            _ => "2",
+        };
+        let kind_col = if self.color {
+            format!("\x1b[{colour}m{kind:<14}\x1b[0m")
+        } else {
+            format!("{kind:<14}")
+        };
+        let detail = self.detail(ev);
+        format!("{time}  {kind_col}  {detail}")
+    }
+
+    fn detail(&mut self, ev: &Event) -> String {
+        let port = |p: &migmon_analysis::trace::Port| {
+            let name = p.iface.clone().unwrap_or_else(|| format!("if{}", p.ifindex));
+            match &p.netns {
+                Some(ns) => format!("{name}@{ns}"),
+                None => name,
+            }
+        };
+        match ev {
+            Event::TcpRetransmit {
+                tcp,
+                state,
+                retransmits,
+                backoff,
+                rto_us,
+                srtt_us,
+                ..
+            } => format!(
+                "{:<44} {state:<12} retransmits={retransmits} backoff={backoff} rto={}ms srtt={:.1}ms {}",
+                tuple(&tcp.tuple),
+                rto_us / 1000,
+                *srtt_us as f64 / 1000.0,
+                self.netns_name(tcp.netns)
+            ),
+            Event::TcpState {
+                tcp,
+                old_state,
+                new_state,
+                ..
+            } => format!(
+                "{:<44} {old_state} -> {new_state} {}",
+                tuple(&tcp.tuple),
+                self.netns_name(tcp.netns)
+            ),
+            Event::TcpError {
+                tcp, errno, state, ..
+            } => format!(
+                "{:<44} errno={errno} ({}) {state} {}",
+                tuple(&tcp.tuple),
+                errno_name(*errno),
+                self.netns_name(tcp.netns)
+            ),
+            Event::TcpResetIn { tcp, state, .. } | Event::TcpResetOut { tcp, state, .. } => {
+                format!("{:<44} {state} {}", tuple(&tcp.tuple), self.netns_name(tcp.netns))
+            }
+            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
+                let vlan = if frame.vlan.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " vlan={}",
+                        frame
+                            .vlan
+                            .iter()
+                            .map(u16::to_string)
+                            .collect::<Vec<_>>()
+                            .join(".")
+                    )
+                };
+                format!(
+                    "{:<20} {} op={} {} ({}) -> {} ({}){vlan} len={}",
+                    port(&frame.port),
+                    frame.mac,
+                    frame.op,
+                    frame.spa,
+                    frame.sha,
+                    frame.tpa,
+                    frame.tha,
+                    frame.len
+                )
+            }
+            Event::FdbUpdate {
+                bridge,
+                port,
+                mac,
+                vlan,
+                ..
+            } => format!("{bridge:<20} {mac} now on port {port} vlan={vlan}"),
+            Event::MacSeen {
+                mac,
+                port: p,
+                direction,
+                gap_ns,
+                ..
+            } => {
+                let when = if *gap_ns == 0 {
+                    "first time".to_owned()
+                } else {
+                    format!("after {:.1} ms of silence", *gap_ns as f64 / 1e6)
+                };
+                format!("{:<20} {mac} {} {when}", port(p), dir_name(*direction))
+            }
+            Event::MacStats {
+                mac,
+                port: p,
+                direction,
+                frames,
+                bytes,
+                first_ns,
+                last_ns,
+                ..
+            } => format!(
+                "{:<20} {mac} {} frames={frames} bytes={bytes} last={:+.6}s span={:.3}s",
+                port(p),
+                dir_name(*direction),
+                (i128::from(*last_ns) - i128::from(self.start_ns)) as f64 / 1e9,
+                last_ns.saturating_sub(*first_ns) as f64 / 1e9
+            ),
+            Event::Loss { cpu, count, .. } => format!("cpu {cpu}: {count} events lost (ring buffer full)"),
+            Event::Malformed { port: p, count, .. } => {
+                format!("{:<20} {count} frames passed unread (truncated or odd)", port(p))
+            }
+            Event::Note { level, message, .. } => format!("{level}: {message}"),
+            Event::Migration { .. } | Event::ClockOffset { .. } => describe_source(ev),
+        }
+    }
+}
+
+fn dir_name(d: migmon_analysis::trace::Direction) -> &'static str {
+    match d {
+        migmon_analysis::trace::Direction::Ingress => "ingress",
+        migmon_analysis::trace::Direction::Egress => "egress",
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+fn tuple(t: &migmon_analysis::trace::FourTuple) -> String {
+    let ep = |ip: std::net::IpAddr, port: u16| match ip {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    };
+    format!("{} -> {}", ep(t.saddr, t.sport), ep(t.daddr, t.dport))
+}
+
+fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        110 => "ETIMEDOUT",
+        104 => "ECONNRESET",
+        111 => "ECONNREFUSED",
+        32 => "EPIPE",
+        113 => "EHOSTUNREACH",
+        101 => "ENETUNREACH",
+        _ => "?",
+    }
+}
+
+/// A human line for the events of the pause sources (`migmon watch` without `--json`).
+fn describe_source(ev: &Event) -> String {
+    match ev {
+        Event::Migration { ev, source } => {
+            let what = match &ev.phase {
+                migevents::Phase::Setup {
+                    mode,
+                    ram_bytes,
+                    host,
+                    ..
+                } => format!("setup {mode:?} {} MiB {host}", ram_bytes >> 20).to_lowercase(),
+                migevents::Phase::Round { n, pages, bytes, .. } => {
+                    format!("round {n}: {pages} pages, {:.1} MiB", *bytes as f64 / 1_048_576.0)
+                }
+                migevents::Phase::Pause => "PAUSE".to_owned(),
+                migevents::Phase::StateSent => "state sent".to_owned(),
+                migevents::Phase::Resume => "RESUME".to_owned(),
+                migevents::Phase::Announce { n } => format!("announce {n}"),
+                migevents::Phase::Complete {
+                    total_ms, pause_ms, ..
+                } => format!("complete: total {total_ms:.1} ms, pause {pause_ms:.1} ms"),
+                migevents::Phase::Failed { reason } => format!("FAILED: {reason}"),
+                migevents::Phase::Rollback => "ROLLBACK".to_owned(),
+            };
+            format!(
+                "{:<20} {} {:?} {what} [{source}]",
+                ev.migration_id, ev.mac, ev.role
+            )
+            .to_owned()
+        }
+        Event::ClockOffset {
+            source,
+            wall_minus_mono_ns,
+            ..
+        } => format!(
+            "{source:<20} wall − monotonic = {:.6} s",
+            *wall_minus_mono_ns as f64 / 1e9
+        ),
+        Event::Note { level, message, .. } => format!("{level:<20} {message}"),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_lines_for_pause_sources() {
+        let ev = migmon_analysis::fixtures::mig(
+            1,
+            "m1",
+            "52:54:00:00:00:01",
+            migevents::Role::Source,
+            migevents::Phase::Pause,
+            "qmp",
+        );
+        assert_eq!(
+            describe_source(&ev),
+            "m1                   52:54:00:00:00:01 Source PAUSE [qmp]"
+        );
+        let off = Event::ClockOffset {
+            ts_ns: 0,
+            source: "qmp:/run/a".into(),
+            wall_minus_mono_ns: 1_500_000_000,
+        };
+        assert!(describe_source(&off).ends_with("wall − monotonic = 1.500000 s"));
+    }
+}
