@@ -2,12 +2,12 @@
 //!
 //! XDP parses Ethernet with up to two VLAN tags (802.1Q 0x8100, 802.1ad 0x88a8), reports ARP and RARP frames and
 //! the ICMPv6 Neighbor Advertisements that announce (unsolicited, or with the override flag: the IPv6 gratuitous
-//! ARP) with their first bytes, and counts frames *from* watched MACs per (MAC, ifindex). TC egress counts frames *towards*
-//! watched MACs. Both emit `MacSeen` the first time a watched MAC shows on a port, and again after a silence longer
-//! than `CONFIG.mac_gap_ns`. Frames too short for what their headers announce, or with odd ARP parameters, are
-//! counted in `MALFORMED` and passed unread. XDP always returns `XDP_PASS`; TC always lets the frame go on.
-//! Before TC ingress the kernel takes the outermost VLAN tag out of the frame into the socket buffer: the TC parser
-//! reports it first among the tags, but the frame bytes it captures lack it.
+//! ARP) with their first bytes, and counts frames *from* watched MACs per (MAC, ifindex). TC egress counts frames
+//! *towards* watched MACs. Both emit `MacSeen` the first time a watched MAC shows on a port, and again after a
+//! silence longer than `CONFIG.mac_gap_ns`. Frames too short for what their headers announce, or with odd ARP or
+//! Neighbor Discovery parameters, are counted in `MALFORMED` and passed unread. XDP always returns `XDP_PASS`; TC
+//! always lets the frame go on. Before TC ingress the kernel takes the outermost VLAN tag out of the frame into the
+//! socket buffer: the TC parser reports it first among the tags, but the frame bytes it captures lack it.
 
 use aya_ebpf::{
     EbpfContext,
@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use monitor_common::{
-    ArpEvent, CFG_WATCH_MACS, DIR_EGRESS, DIR_INGRESS, EventKind, FRAME_CAPTURE, MacCounters, MacKey,
-    MacSeenEvent, NeighborAdvertEvent, na_announces,
+    ArpEvent, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_WATCH_MACS, DIR_EGRESS, DIR_INGRESS, EventKind, FRAME_CAPTURE,
+    MacCounters, MacKey, MacSeenEvent, NeighborAdvertEvent, na_announces,
 };
 
 use crate::{EVENTS, MAC_STATS, MALFORMED, WATCH_MACS, atomic_add, config, count_lost, header};
@@ -31,6 +31,7 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_RARP: u16 = 0x8035;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// ARP for Ethernet/IPv4: 8 bytes of header, then 6+4+6+4 bytes of addresses.
 const ARP_LEN: usize = 28;
@@ -48,7 +49,7 @@ const ND_HOP_LIMIT: u8 = 255;
 
 #[xdp]
 pub fn l2_ingress(ctx: XdpContext) -> u32 {
-    ingress(&ctx);
+    ingress(&XdpFrame(&ctx));
     xdp_action::XDP_PASS
 }
 
@@ -56,33 +57,153 @@ pub fn l2_ingress(ctx: XdpContext) -> u32 {
 /// veth, driver-mode XDP turns the peer's segmentation offloads off, and skb-mode XDP copies every large skb).
 #[classifier]
 pub fn l2_ingress_tc(ctx: TcContext) -> i32 {
-    let sk = ctx.as_ptr().cast::<__sk_buff>();
-    // SAFETY: the context of a classifier program is a `__sk_buff`; reading these fields is allowed.
-    let (ifindex, vlan_present, vlan_tci) = unsafe { ((*sk).ifindex, (*sk).vlan_present, (*sk).vlan_tci) };
-    // The kernel takes the outermost VLAN tag out of the frame into the socket buffer before TC ingress runs.
-    let outer_tag = (vlan_present != 0).then_some(vlan_tci as u16);
-    let skb = ctx.as_ptr();
-    parse(
-        ctx.data(),
-        ctx.data_end(),
-        ifindex,
-        outer_tag,
-        u64::from(ctx.len()),
-        // SAFETY: `dst` points to `FRAME_CAPTURE` writable bytes (the caller's contract).
-        |dst, len| unsafe { copy_frame_skb(skb, dst, len) },
-    );
+    ingress(&TcFrame::new(&ctx));
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn l2_egress(ctx: TcContext) -> i32 {
-    egress(&ctx);
+    egress(&TcFrame::new(&ctx));
     TC_ACT_UNSPEC
+}
+
+/// What the parsers need from a frame, the same for XDP and TC.
+pub(crate) trait Frame {
+    /// Start of the directly readable bytes.
+    fn data(&self) -> usize;
+    /// End of the directly readable bytes.
+    fn data_end(&self) -> usize;
+    /// The interface the program runs on.
+    fn ifindex(&self) -> u32;
+    /// Length of the whole frame (for TC the skb's length, which may exceed the directly readable part).
+    fn wire_len(&self) -> u64;
+    /// The VLAN tag (TCI) the kernel took out of the frame before the program ran (TC), outside the tags still in
+    /// the frame.
+    fn outer_tag(&self) -> Option<u16>;
+    /// The byte at `off`, read through the kernel (`bpf_xdp_load_bytes`, `bpf_skb_load_bytes`), 0 past the end.
+    /// Unlike a direct read it leaves the verifier's packet bounds as they were, so a test on it does not split
+    /// the paths that reach the flow tracker (which the verifier walks once per distinct path).
+    fn load_byte(&self, off: usize) -> u8;
+    /// Makes at least the first `n` bytes directly readable (TC: `bpf_skb_pull_data`); false when it cannot.
+    /// Afterwards `data()` and `data_end()` must be read again.
+    fn pull(&self, n: u32) -> bool;
+    /// Copies the first `min(wire_len, FRAME_CAPTURE)` bytes to `dst`; returns how many it copied.
+    ///
+    /// # Safety
+    /// `dst` must point to `FRAME_CAPTURE` writable bytes.
+    unsafe fn copy(&self, dst: *mut u8) -> u32;
+}
+
+pub(crate) struct XdpFrame<'a>(&'a XdpContext);
+
+impl Frame for XdpFrame<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn wire_len(&self) -> u64 {
+        (self.0.data_end() - self.0.data()) as u64
+    }
+    #[inline(always)]
+    fn outer_tag(&self) -> Option<u16> {
+        None
+    }
+    #[inline(always)]
+    fn load_byte(&self, off: usize) -> u8 {
+        let mut b = 0u8;
+        // SAFETY: the context is the program's own; the helper writes at most 1 byte into `b`, and leaves it as
+        // it was when `off` is past the end.
+        unsafe {
+            bpf_xdp_load_bytes(
+                self.0.as_ptr().cast::<xdp_md>(),
+                off as u32,
+                (&raw mut b).cast(),
+                1,
+            )
+        };
+        b
+    }
+    #[inline(always)]
+    fn pull(&self, _n: u32) -> bool {
+        // Without multi-buffer support (which these programs do not declare) the whole frame is direct.
+        false
+    }
+    #[inline(always)]
+    unsafe fn copy(&self, dst: *mut u8) -> u32 {
+        // SAFETY: the caller's contract.
+        unsafe { copy_frame(self.0, dst, self.wire_len()) }
+    }
+}
+
+pub(crate) struct TcFrame<'a> {
+    ctx: &'a TcContext,
+    ifindex: u32,
+}
+
+impl<'a> TcFrame<'a> {
+    #[inline(always)]
+    fn new(ctx: &'a TcContext) -> Self {
+        // SAFETY: the context of a classifier program is a `__sk_buff`; reading `ifindex` is allowed.
+        let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+        Self { ctx, ifindex }
+    }
+}
+
+impl Frame for TcFrame<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+    #[inline(always)]
+    fn wire_len(&self) -> u64 {
+        u64::from(self.ctx.len())
+    }
+    #[inline(always)]
+    fn outer_tag(&self) -> Option<u16> {
+        let sk = self.ctx.as_ptr().cast::<__sk_buff>();
+        // SAFETY: the context of a classifier program is a `__sk_buff`; reading these fields is allowed.
+        let (present, tci) = unsafe { ((*sk).vlan_present, (*sk).vlan_tci) };
+        (present != 0).then_some(tci as u16)
+    }
+    #[inline(always)]
+    fn load_byte(&self, off: usize) -> u8 {
+        let mut b = 0u8;
+        // SAFETY: the context is the program's own; the helper writes at most 1 byte into `b`, and leaves it as
+        // it was when `off` is past the end.
+        unsafe { bpf_skb_load_bytes(self.ctx.as_ptr(), off as u32, (&raw mut b).cast(), 1) };
+        b
+    }
+    #[inline(always)]
+    fn pull(&self, n: u32) -> bool {
+        self.ctx.pull_data(n).is_ok()
+    }
+    #[inline(always)]
+    unsafe fn copy(&self, dst: *mut u8) -> u32 {
+        // SAFETY: the caller's contract; the context is the program's own.
+        unsafe { copy_frame_skb(self.ctx.as_ptr(), dst, self.wire_len()) }
+    }
 }
 
 /// A byte at `data + off`, bounds-checked against `end`.
 #[inline(always)]
-fn byte(data: usize, end: usize, off: usize) -> Option<u8> {
+pub(crate) fn byte(data: usize, end: usize, off: usize) -> Option<u8> {
     if data + off + 1 > end {
         return None;
     }
@@ -92,7 +213,7 @@ fn byte(data: usize, end: usize, off: usize) -> Option<u8> {
 
 /// A big-endian u16 at `data + off`.
 #[inline(always)]
-fn be16(data: usize, end: usize, off: usize) -> Option<u16> {
+pub(crate) fn be16(data: usize, end: usize, off: usize) -> Option<u16> {
     if data + off + 2 > end {
         return None;
     }
@@ -103,7 +224,7 @@ fn be16(data: usize, end: usize, off: usize) -> Option<u16> {
 
 /// `N` bytes at `data + off`.
 #[inline(always)]
-fn bytes<const N: usize>(data: usize, end: usize, off: usize) -> Option<[u8; N]> {
+pub(crate) fn bytes<const N: usize>(data: usize, end: usize, off: usize) -> Option<[u8; N]> {
     if data + off + N > end {
         return None;
     }
@@ -112,7 +233,7 @@ fn bytes<const N: usize>(data: usize, end: usize, off: usize) -> Option<[u8; N]>
 }
 
 #[inline(always)]
-fn count_malformed(ifindex: u32) {
+pub(crate) fn count_malformed(ifindex: u32) {
     match MALFORMED.get_ptr_mut(&ifindex) {
         // SAFETY: this CPU's slot of a per-CPU map value; the add is atomic against other contexts on the CPU.
         Some(p) => unsafe { atomic_add(p, 1) },
@@ -122,112 +243,103 @@ fn count_malformed(ifindex: u32) {
     }
 }
 
-fn ingress(ctx: &XdpContext) {
-    let data = ctx.data();
-    let end = ctx.data_end();
-    let ifindex = ctx.ingress_ifindex() as u32;
-    let len = (end - data) as u64;
-    // SAFETY: `dst` points to `FRAME_CAPTURE` writable bytes (the caller's contract).
-    parse(data, end, ifindex, None, len, |dst, len| unsafe {
-        copy_frame(ctx, dst, len)
-    });
+/// An Ethernet header with up to two VLAN tags, parsed.
+pub(crate) struct Eth {
+    /// The ethertype after the tags.
+    pub ethertype: u16,
+    /// Offset of the payload after the tags.
+    pub off: usize,
+    pub vlan: [u16; 2],
+    pub vlan_count: u16,
 }
 
-/// Parses one frame at `data..end` (`len` bytes on the wire) that arrived on `ifindex`. `outer_tag` is the TCI of a
-/// VLAN tag the kernel already took out of the frame (TC), outside the tags still in it. `copy(dst, len)` copies
-/// the frame's first bytes into `dst` (`FRAME_CAPTURE` writable bytes) and returns how many it copied.
+/// Parses the Ethernet header and its tags (up to two: 802.1Q 0x8100, 802.1ad 0x88a8). `None` when the frame is
+/// cut inside them or has a third tag (the caller counts it as malformed).
 #[inline(always)]
-fn parse(
-    data: usize,
-    end: usize,
-    ifindex: u32,
-    outer_tag: Option<u16>,
-    len: u64,
-    copy: impl FnOnce(*mut u8, u64) -> u32,
-) {
-    let Some(src) = bytes::<6>(data, end, 6) else {
-        count_malformed(ifindex);
-        return;
-    };
-    let Some(mut ethertype) = be16(data, end, 12) else {
-        count_malformed(ifindex);
-        return;
-    };
-    if config!(flags) & CFG_WATCH_MACS != 0 {
-        count_mac(src, ifindex, DIR_INGRESS, len);
-    }
-
+pub(crate) fn parse_eth(data: usize, end: usize) -> Option<Eth> {
+    let mut ethertype = be16(data, end, 12)?;
     let mut off = ETH_HLEN;
     let mut vlan = [0u16; 2];
     let mut vlan_count = 0u16;
-    // Up to two tags (QinQ); a third is odd.
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let (Some(tci), Some(inner)) = (be16(data, end, off), be16(data, end, off + 2)) else {
-            count_malformed(ifindex);
-            return;
-        };
-        vlan[0] = tci & 0x0fff;
+        vlan[0] = be16(data, end, off)? & 0x0fff;
+        ethertype = be16(data, end, off + 2)?;
         vlan_count = 1;
-        ethertype = inner;
         off += 4;
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            let (Some(tci), Some(inner)) = (be16(data, end, off), be16(data, end, off + 2)) else {
-                count_malformed(ifindex);
-                return;
-            };
-            vlan[1] = tci & 0x0fff;
+            vlan[1] = be16(data, end, off)? & 0x0fff;
+            ethertype = be16(data, end, off + 2)?;
             vlan_count = 2;
-            ethertype = inner;
             off += 4;
             if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-                count_malformed(ifindex);
-                return;
+                return None;
             }
         }
     }
-    if let Some(tci) = outer_tag {
-        if vlan_count == 2 {
-            count_malformed(ifindex);
-            return;
-        }
-        vlan = [tci & 0x0fff, vlan[0]];
-        vlan_count += 1;
-    }
-    let tags = Tags {
+    Some(Eth {
+        ethertype,
+        off,
         vlan,
-        count: vlan_count,
+        vlan_count,
+    })
+}
+
+/// Parses one frame arriving on the interface: counts it for a watched source MAC, reports ARP, RARP and announcing
+/// neighbor advertisements, and hands TCP to the flow tracker when it is on.
+#[inline(always)]
+fn ingress(f: &impl Frame) {
+    let data = f.data();
+    let end = f.data_end();
+    let ifindex = f.ifindex();
+    let len = f.wire_len();
+    let (Some(src), Some(_)) = (bytes::<6>(data, end, 6), be16(data, end, 12)) else {
+        count_malformed(ifindex);
+        return;
     };
-    match ethertype {
-        ETH_P_ARP | ETH_P_RARP => arp(data, end, off, ethertype, src, tags, ifindex, len, copy),
-        ETH_P_IPV6 => neighbor_advert(data, end, off, src, tags, ifindex, len, copy),
-        _ => {}
+    let flags = config!(flags);
+    if flags & CFG_WATCH_MACS != 0 {
+        count_mac(src, ifindex, DIR_INGRESS, len);
+    }
+    let Some(eth) = parse_eth(data, end) else {
+        count_malformed(ifindex);
+        return;
+    };
+    if eth.ethertype == ETH_P_IPV6 && f.load_byte(eth.off + 6) == IPPROTO_ICMPV6 {
+        // ICMPv6 is never for the flow tracker. Every path through the NA parser ends here, and the test reads
+        // through the kernel, so the verifier walks the tracker below no more often than before.
+        neighbor_advert(f, &eth, &src);
+        return;
+    }
+    if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
+        if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) != 0 {
+            crate::flow::keep(crate::flow::track(f, &eth, DIR_INGRESS));
+        }
+        return;
+    }
+    if eth.ethertype != ETH_P_ARP && eth.ethertype != ETH_P_RARP {
+        return;
+    }
+    arp(f, &eth, src);
+}
+
+/// The VLAN tags of a frame, outermost first: the one the kernel took out of it (TC), then those in it. `None`
+/// for a third tag.
+#[inline(always)]
+fn tags(f: &impl Frame, eth: &Eth) -> Option<([u16; 2], u16)> {
+    match f.outer_tag() {
+        None => Some((eth.vlan, eth.vlan_count)),
+        Some(_) if eth.vlan_count == 2 => None,
+        Some(tci) => Some(([tci & 0x0fff, eth.vlan[0]], eth.vlan_count + 1)),
     }
 }
 
-/// The VLAN tags in front of the payload, outermost first.
-#[derive(Clone, Copy)]
-struct Tags {
-    vlan: [u16; 2],
-    count: u16,
-}
-
-/// An ARP or RARP frame whose payload starts at `off`.
+/// Reports an ARP or RARP frame whose Ethernet header `eth` has been parsed.
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parser state, passed by value so it stays in registers"
-)]
-fn arp(
-    data: usize,
-    end: usize,
-    off: usize,
-    ethertype: u16,
-    src: [u8; 6],
-    tags: Tags,
-    ifindex: u32,
-    len: u64,
-    copy: impl FnOnce(*mut u8, u64) -> u32,
-) {
+fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
+    let data = f.data();
+    let end = f.data_end();
+    let ifindex = f.ifindex();
+    let off = eth.off;
     if data + off + ARP_LEN > end {
         count_malformed(ifindex);
         return;
@@ -252,6 +364,10 @@ fn arp(
         return;
     };
 
+    let Some((vlan, vlan_count)) = tags(f, eth) else {
+        count_malformed(ifindex);
+        return;
+    };
     let Some(mut entry) = EVENTS.reserve::<ArpEvent>(0) else {
         count_lost();
         return;
@@ -263,10 +379,10 @@ fn arp(
         (*e).header = header(EventKind::Arp);
         (*e).ifindex = ifindex;
         (*e).netns_id = config!(netns_id);
-        (*e).ethertype = ethertype;
+        (*e).ethertype = eth.ethertype;
         (*e).op = op;
-        (*e).vlan = tags.vlan;
-        (*e).vlan_count = tags.count;
+        (*e).vlan = vlan;
+        (*e).vlan_count = vlan_count;
         (*e).pad0 = 0;
         (*e).src_mac = src;
         (*e).pad1 = [0; 2];
@@ -274,69 +390,59 @@ fn arp(
         (*e).tha = tha;
         (*e).spa = spa;
         (*e).tpa = tpa;
-        (*e).frame_len = len as u32;
+        (*e).frame_len = f.wire_len() as u32;
         (*e).frame = [0; FRAME_CAPTURE];
-        (*e).cap_len = copy((&raw mut (*e).frame).cast::<u8>(), len);
+        (*e).cap_len = f.copy((&raw mut (*e).frame).cast::<u8>());
     }
     entry.submit(0);
 }
 
-/// An IPv6 packet whose header starts at `off`: reports it when it is a Neighbor Advertisement that announces. Other
-/// IPv6 packets, and solicited NAs without the override flag (they answer a question and move no cache entry), are
-/// passed unread. An NA cut shorter than its payload length, or with a hop limit other than 255 or a code other
-/// than 0, counts as malformed. Only the first option is read, for the target link-layer address (Linux sends it
-/// alone); extension headers in front of the ICMPv6 header are not followed.
+/// An ICMPv6 packet whose Ethernet header `eth` has been parsed: reports it when it is a Neighbor Advertisement
+/// that announces. Solicited NAs without the override flag (they answer a question and move no cache entry) and
+/// other ICMPv6 messages are passed unread. An NA cut shorter than its payload length, or with a hop limit other
+/// than 255 or a code other than 0, counts as malformed. Only the first option is read, for the target link-layer
+/// address (Linux sends it alone); extension headers in front of the ICMPv6 header are not followed. At TC, an NA
+/// whose headers lie outside the socket buffer's directly readable part is counted as cut (neighbor discovery
+/// frames are small and arrive whole).
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parser state, passed by value so it stays in registers"
-)]
-fn neighbor_advert(
-    data: usize,
-    end: usize,
-    off: usize,
-    src: [u8; 6],
-    tags: Tags,
-    ifindex: u32,
-    len: u64,
-    copy: impl FnOnce(*mut u8, u64) -> u32,
-) {
-    let Some(next_header) = byte(data, end, off + 6) else {
+fn neighbor_advert(f: &impl Frame, eth: &Eth, src: &[u8; 6]) {
+    let ifindex = f.ifindex();
+    let (data, end) = (f.data(), f.data_end());
+    let len = f.wire_len();
+    // Plain checks, each followed by reads at constant offsets from `p`: the shape the verifier follows.
+    let p = data + eth.off;
+    if p + IPV6_HLEN + 1 > end {
         count_malformed(ifindex);
-        return;
-    };
-    if next_header != IPPROTO_ICMPV6 {
         return;
     }
-    let icmp = off + IPV6_HLEN;
-    let Some(icmp_type) = byte(data, end, icmp) else {
-        count_malformed(ifindex);
-        return;
-    };
-    if icmp_type != ICMPV6_NEIGHBOR_ADVERT {
+    // SAFETY: checked above that the byte lies inside the packet.
+    if unsafe { *((p + IPV6_HLEN) as *const u8) } != ICMPV6_NEIGHBOR_ADVERT {
         return;
     }
-    let (Some(version), Some(payload_len), Some(hop_limit), Some(code), Some(flags)) = (
-        byte(data, end, off),
-        be16(data, end, off + 4),
-        byte(data, end, off + 7),
-        byte(data, end, icmp + 1),
-        byte(data, end, icmp + 4),
-    ) else {
+    if p + IPV6_HLEN + NA_LEN > end {
         count_malformed(ifindex);
         return;
+    }
+    // SAFETY: checked above that the IPv6 header and the NA's fixed part lie inside the packet.
+    let (version, payload_len, hop_limit, code, flags) = unsafe {
+        (
+            *(p as *const u8),
+            u16::from_be(((p + 4) as *const u16).read_unaligned()),
+            *((p + 7) as *const u8),
+            *((p + IPV6_HLEN + 1) as *const u8),
+            *((p + IPV6_HLEN + 4) as *const u8),
+        )
     };
     let payload_len = usize::from(payload_len);
-    // The verifier follows packet bounds only through comparisons of packet pointers. In XDP `len` is
-    // `data_end - data`, and from `len >= icmp + payload_len >= icmp + NA_LEN` the compiler would drop the pointer
-    // checks of the reads below; the volatile read hides where `len` came from.
+    // In XDP the wire length is `data_end - data`; from `len >= off + IPV6_HLEN + payload_len` the compiler could
+    // drop the pointer checks that follow, which the verifier needs. The volatile read hides where it came from.
     // SAFETY: a read of a local variable.
     let frame_len = unsafe { core::ptr::read_volatile(&raw const len) } as usize;
     if version >> 4 != 6
         || hop_limit != ND_HOP_LIMIT
         || code != 0
         || payload_len < NA_LEN
-        || frame_len < icmp + payload_len
+        || frame_len < eth.off + IPV6_HLEN + payload_len
     {
         count_malformed(ifindex);
         return;
@@ -344,50 +450,53 @@ fn neighbor_advert(
     if !na_announces(flags) {
         return;
     }
-    let (Some(src_ip), Some(dst_ip), Some(target)) = (
-        bytes::<16>(data, end, off + 8),
-        bytes::<16>(data, end, off + 24),
-        bytes::<16>(data, end, icmp + 8),
-    ) else {
+    let mut tlla = [0u8; 6];
+    let mut has_tlla = 0u8;
+    if payload_len >= NA_LEN + ND_OPT_LEN && p + IPV6_HLEN + NA_LEN + ND_OPT_LEN <= end {
+        let opt = p + IPV6_HLEN + NA_LEN;
+        // SAFETY: checked above that the option's 8 bytes lie inside the packet.
+        let (kind, units, mac) = unsafe {
+            (
+                *(opt as *const u8),
+                *((opt + 1) as *const u8),
+                ((opt + 2) as *const [u8; 6]).read_unaligned(),
+            )
+        };
+        if kind == ND_OPT_TARGET_LLADDR && units == 1 {
+            tlla = mac;
+            has_tlla = 1;
+        }
+    }
+
+    let Some((vlan, vlan_count)) = tags(f, eth) else {
         count_malformed(ifindex);
         return;
     };
-    let opt = icmp + NA_LEN;
-    let mut tlla = [0u8; 6];
-    let mut has_tlla = 0u8;
-    if payload_len >= NA_LEN + ND_OPT_LEN
-        && byte(data, end, opt) == Some(ND_OPT_TARGET_LLADDR)
-        && byte(data, end, opt + 1) == Some(1)
-        && let Some(mac) = bytes::<6>(data, end, opt + 2)
-    {
-        tlla = mac;
-        has_tlla = 1;
-    }
-
     let Some(mut entry) = EVENTS.reserve::<NeighborAdvertEvent>(0) else {
         count_lost();
         return;
     };
     let e = entry.as_mut_ptr();
     // SAFETY: `e` points to a reserved, exclusively owned NeighborAdvertEvent in the ring buffer; every field is
-    // written before submit.
+    // written before submit. The addresses are copied straight from the packet (checked above to hold the IPv6
+    // header and the NA's fixed part), so they take no room on the stack the flow tracker's calls share.
     unsafe {
         (*e).header = header(EventKind::NeighborAdvert);
         (*e).ifindex = ifindex;
         (*e).netns_id = config!(netns_id);
-        (*e).vlan = tags.vlan;
-        (*e).vlan_count = tags.count;
+        (*e).vlan = vlan;
+        (*e).vlan_count = vlan_count;
         (*e).flags = flags;
         (*e).has_tlla = has_tlla;
-        (*e).src_mac = src;
+        (*e).src_mac = *src;
         (*e).tlla = tlla;
         (*e).frame_len = len as u32;
         (*e).pad0 = 0;
-        (*e).src_ip = src_ip;
-        (*e).dst_ip = dst_ip;
-        (*e).target = target;
+        (*e).src_ip = ((p + 8) as *const [u8; 16]).read_unaligned();
+        (*e).dst_ip = ((p + 24) as *const [u8; 16]).read_unaligned();
+        (*e).target = ((p + IPV6_HLEN + 8) as *const [u8; 16]).read_unaligned();
         (*e).frame = [0; FRAME_CAPTURE];
-        (*e).cap_len = copy((&raw mut (*e).frame).cast::<u8>(), len);
+        (*e).cap_len = f.copy((&raw mut (*e).frame).cast::<u8>());
     }
     entry.submit(0);
 }
@@ -464,28 +573,49 @@ unsafe fn copy_frame_skb(skb: *mut core::ffi::c_void, dst: *mut u8, len: u64) ->
     done
 }
 
-fn egress(ctx: &TcContext) {
-    if config!(flags) & CFG_WATCH_MACS == 0 {
+/// Counts a frame leaving towards a watched destination MAC and hands TCP to the flow tracker when it is on.
+#[inline(always)]
+fn egress(f: &impl Frame) {
+    let flags = config!(flags);
+    if flags & (CFG_WATCH_MACS | CFG_FLOW_IPS | CFG_FLOW_MACS) == 0 {
         return;
     }
-    // SAFETY: the context of a classifier program is a `__sk_buff`; reading `ifindex` is allowed.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
-    let Some(dst) = bytes::<6>(ctx.data(), ctx.data_end(), 0) else {
+    let data = f.data();
+    let end = f.data_end();
+    if flags & CFG_WATCH_MACS != 0 {
+        let Some(dst) = bytes::<6>(data, end, 0) else {
+            return;
+        };
+        count_mac(dst, f.ifindex(), DIR_EGRESS, f.wire_len());
+    }
+    if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) == 0 {
+        return;
+    }
+    let Some(eth) = parse_eth(data, end) else {
+        count_malformed(f.ifindex());
         return;
     };
-    count_mac(dst, ifindex, DIR_EGRESS, u64::from(ctx.len()));
+    if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
+        crate::flow::keep(crate::flow::track(f, &eth, DIR_EGRESS));
+    }
+}
+
+/// `mac` is on the watch list.
+#[inline(always)]
+pub(crate) fn mac_watched(mac: &[u8; 6]) -> bool {
+    // Most frames are from MACs nobody watches: one word tells, before the hash lookup.
+    if config!(mac_filter) & monitor_common::mac_filter_bit(mac) == 0 {
+        return false;
+    }
+    let key8 = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0];
+    // SAFETY: map lookup of a plain key; the value is not dereferenced.
+    unsafe { WATCH_MACS.get(&key8) }.is_some()
 }
 
 /// Counts a frame of a watched MAC and emits `MacSeen` on its first frame on the port or after a silence.
 #[inline(always)]
 fn count_mac(mac: [u8; 6], ifindex: u32, direction: u8, len: u64) {
-    // Most frames are from MACs nobody watches: one word tells, before the hash lookup.
-    if config!(mac_filter) & monitor_common::mac_filter_bit(&mac) == 0 {
-        return;
-    }
-    let key8 = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0];
-    // SAFETY: map lookup of a plain key; the value is not dereferenced.
-    if unsafe { WATCH_MACS.get(&key8) }.is_none() {
+    if !mac_watched(&mac) {
         return;
     }
     let key = MacKey {
