@@ -199,11 +199,68 @@ pub struct PauseBreakdown {
     pub destination_ms: f64,
 }
 
+/// What a migrator is doing, as `migrator status` reports it (serialised as the lower-case word).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Nothing yet.
+    #[default]
+    Idle,
+    /// `migrator receive`: listening for the incoming migration.
+    Waiting,
+    /// Receiving a migration.
+    Receiving,
+    /// The guest runs here.
+    Running,
+    /// An outgoing migration connects and sends its hello.
+    Setup,
+    /// Pre-copy rounds while the guest runs.
+    Precopy,
+    /// The guest is paused for the final transfer.
+    Paused,
+    /// Everything was sent; waiting for the destination's acknowledgement.
+    Completing,
+    /// The guest runs at the destination now.
+    Migrated,
+    /// The last migration failed; the guest kept running here.
+    Failed,
+}
+
+impl MigrationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Waiting => "waiting",
+            Self::Receiving => "receiving",
+            Self::Running => "running",
+            Self::Setup => "setup",
+            Self::Precopy => "precopy",
+            Self::Paused => "paused",
+            Self::Completing => "completing",
+            Self::Migrated => "migrated",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// A migration is under way or done: another may not start.
+    pub fn is_busy(self) -> bool {
+        matches!(
+            self,
+            Self::Setup | Self::Precopy | Self::Paused | Self::Completing | Self::Migrated
+        )
+    }
+}
+
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// Where a migration stands (`migrator status`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    /// idle | setup | precopy | paused | completing | migrated | failed | receiving | running
-    pub state: String,
+    pub state: MigrationState,
     pub migration_id: Option<String>,
     pub mode: Option<String>,
     /// Pre-copy round in progress.
@@ -377,4 +434,28 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         src = e.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_serialise_as_their_words() {
+        use MigrationState::*;
+        for s in [
+            Idle, Waiting, Receiving, Running, Setup, Precopy, Paused, Completing, Migrated, Failed,
+        ] {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<MigrationState>(&json).unwrap(), s);
+            assert_eq!(format!("{s:<11}|"), format!("{:<11}|", s.as_str()));
+        }
+        let status = serde_json::to_value(Status {
+            state: Precopy,
+            ..Status::default()
+        })
+        .unwrap();
+        assert_eq!(status["state"], "precopy");
+    }
 }
