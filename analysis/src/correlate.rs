@@ -12,7 +12,9 @@ use std::{
 use migevents::{Mode, Phase, Role};
 use serde::Serialize;
 
-use crate::trace::{Direction, Event, FourTuple, Trace};
+use std::net::IpAddr;
+
+use crate::trace::{Direction, Event, FourTuple, MacAddr, PauseSource, TcpState, Trace, state_text};
 
 pub mod wire;
 
@@ -34,7 +36,7 @@ const SHARED_PATH_SLACK_NS: u64 = 1_000_000_000;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Stamp {
     pub ts_ns: u64,
-    pub source: String,
+    pub source: PauseSource,
 }
 
 /// A frame sighting on a port.
@@ -181,7 +183,9 @@ pub struct ConnectionVerdict {
     #[serde(flatten)]
     pub tuple: FourTuple,
     pub netns: u64,
-    pub state_at_pause: String,
+    /// The socket's state at the pause (`unknown` when no event told it).
+    #[serde(serialize_with = "state_or_unknown")]
+    pub state_at_pause: Option<TcpState>,
     /// Retransmissions between the pause and the recovery (or the abort).
     pub retransmits: u32,
     pub highest_backoff: u32,
@@ -214,11 +218,13 @@ pub struct ConnectionVerdict {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MigrationReport {
     pub id: String,
-    pub mac: String,
+    /// The VM's MAC (`""` when the pause source did not say and the wire could not tell).
+    #[serde(serialize_with = "mac_or_empty")]
+    pub mac: Option<MacAddr>,
     pub mode: Option<String>,
-    pub ips: Vec<String>,
+    pub ips: Vec<IpAddr>,
     /// Where the pause window came from.
-    pub source: String,
+    pub source: PauseSource,
     pub source_host: Option<String>,
     pub destination_host: Option<String>,
     /// The hypervisor carries the frames that reach the source during the pause to the guest at resume (from the
@@ -234,6 +240,42 @@ pub struct MigrationReport {
     pub unresolved: usize,
     pub retransmits: u64,
     pub warnings: Vec<String>,
+}
+
+impl MigrationReport {
+    /// The VM's MAC as reports print it: `""` when unknown.
+    pub fn mac_text(&self) -> String {
+        self.mac.map(|m| m.to_string()).unwrap_or_default()
+    }
+}
+
+#[expect(
+    clippy::ref_option,
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with hands the field by reference"
+)]
+fn state_or_unknown<S: serde::Serializer>(state: &Option<TcpState>, s: S) -> Result<S::Ok, S::Error> {
+    match state {
+        Some(st) => st.serialize(s),
+        None => s.serialize_str("unknown"),
+    }
+}
+
+#[expect(
+    clippy::ref_option,
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with hands the field by reference"
+)]
+fn mac_or_empty<S: serde::Serializer>(mac: &Option<MacAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match mac {
+        Some(m) => m.serialize(s),
+        None => s.serialize_str(""),
+    }
+}
+
+/// Whether two MACs may be the same VM's: equal, or one of them unknown.
+fn same_vm(a: Option<MacAddr>, b: Option<MacAddr>) -> bool {
+    a.is_none() || b.is_none() || a == b
 }
 
 /// Everything a report says about a trace.
@@ -333,9 +375,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
     let mut groups = group_migrations(&sorted);
     // The data plane fills in where no migrator or QMP window covers a move.
     let inferred = wire::infer(&sorted, |mac, ts| {
-        groups
-            .iter()
-            .any(|g| (g.mac.is_empty() || g.mac.eq_ignore_ascii_case(mac)) && g.covers(ts))
+        groups.iter().any(|g| same_vm(g.mac, Some(mac)) && g.covers(ts))
     });
     if !inferred.is_empty() {
         let refs: Vec<&Event> = inferred.iter().collect();
@@ -349,7 +389,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
         // Window end: the next pause of the same VM, or the end of the trace.
         let next_pause = groups[i + 1..]
             .iter()
-            .filter(|n| n.mac.eq_ignore_ascii_case(&g.mac) || n.mac.is_empty() || g.mac.is_empty())
+            .filter(|n| same_vm(n.mac, g.mac))
             .find_map(|n| n.pause.as_ref().map(|p| p.ts_ns).filter(|&t| t > g.anchor_ns()));
         let window_end = next_pause.unwrap_or(end_ns.saturating_add(1));
         migrations.push(build_migration(g, &l2, &conns, window_end, end_ns));
@@ -379,11 +419,11 @@ pub fn correlate(events: &[Event]) -> Analysis {
 #[derive(Clone, Debug, Default)]
 struct MigrationGroup {
     ids: Vec<String>,
-    source: String,
-    mac: String,
+    source: PauseSource,
+    mac: Option<MacAddr>,
     mode: Option<Mode>,
     carries_frames: bool,
-    ips: Vec<String>,
+    ips: Vec<IpAddr>,
     source_host: Option<String>,
     destination_host: Option<String>,
     setup: Option<u64>,
@@ -414,9 +454,7 @@ impl MigrationGroup {
 
     fn absorb(&mut self, o: MigrationGroup) {
         self.ids.extend(o.ids);
-        if self.mac.is_empty() {
-            self.mac = o.mac;
-        }
+        self.mac = self.mac.or(o.mac);
         self.mode = self.mode.or(o.mode);
         for ip in o.ips {
             if !self.ips.contains(&ip) {
@@ -441,12 +479,12 @@ impl MigrationGroup {
 }
 
 fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
-    let mut by_id: Vec<((String, String), MigrationGroup)> = Vec::new();
+    let mut by_id: Vec<((PauseSource, String), MigrationGroup)> = Vec::new();
     for e in sorted {
         let Event::Migration { ev, source } = e else {
             continue;
         };
-        let key = (source.clone(), ev.migration_id.clone());
+        let key = (*source, ev.migration_id.clone());
         let idx = if let Some(i) = by_id.iter().position(|(k, _)| *k == key) {
             i
         } else {
@@ -454,7 +492,7 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                 key,
                 MigrationGroup {
                     ids: vec![ev.migration_id.clone()],
-                    source: source.clone(),
+                    source: *source,
                     first_ns: ev.ts_ns,
                     ..MigrationGroup::default()
                 },
@@ -462,12 +500,11 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
             by_id.len() - 1
         };
         let g = &mut by_id[idx].1;
-        if g.mac.is_empty() {
-            g.mac.clone_from(&ev.mac);
-        }
+        // A pause source that does not know the MAC (QMP) sends an empty one.
+        g.mac = g.mac.or_else(|| ev.mac.parse().ok());
         let stamp = || Stamp {
             ts_ns: ev.ts_ns,
-            source: source.clone(),
+            source: *source,
         };
         match &ev.phase {
             Phase::Setup {
@@ -480,9 +517,9 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                 g.setup.get_or_insert(ev.ts_ns);
                 g.mode = Some(*mode);
                 g.carries_frames |= *carries_frames;
-                for ip in ips {
-                    if !g.ips.contains(ip) {
-                        g.ips.push(ip.clone());
+                for ip in ips.iter().filter_map(|ip| ip.parse().ok()) {
+                    if !g.ips.contains(&ip) {
+                        g.ips.push(ip);
                     }
                 }
                 if !host.is_empty() {
@@ -554,9 +591,7 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                     && groups[j].source == groups[i].source
                     && groups[j].pause.is_none()
                     && groups[j].resume.as_ref().is_some_and(|r| r.ts_ns >= pause_ts)
-                    && (groups[j].mac.is_empty()
-                        || groups[i].mac.is_empty()
-                        || groups[j].mac.eq_ignore_ascii_case(&groups[i].mac))
+                    && same_vm(groups[j].mac, groups[i].mac)
             });
             if let Some(j) = partner {
                 let other = groups.remove(j);
@@ -703,8 +738,8 @@ fn first_sighting_after(
 
 #[derive(Default)]
 struct L2Index<'a> {
-    /// (mac lowercase, direction) → port label → activity.
-    ports: HashMap<(String, Direction), BTreeMap<String, PortActivity>>,
+    /// (MAC, direction) → port label → activity.
+    ports: HashMap<(MacAddr, Direction), BTreeMap<String, PortActivity>>,
     announces: Vec<&'a Event>,
     fdb: Vec<&'a Event>,
 }
@@ -722,7 +757,7 @@ impl<'a> L2Index<'a> {
                     ..
                 } => idx
                     .ports
-                    .entry((mac.to_ascii_lowercase(), *direction))
+                    .entry((*mac, *direction))
                     .or_default()
                     .entry(port.to_string())
                     .or_default()
@@ -739,7 +774,7 @@ impl<'a> L2Index<'a> {
                     ..
                 } => idx
                     .ports
-                    .entry((mac.to_ascii_lowercase(), *direction))
+                    .entry((*mac, *direction))
                     .or_default()
                     .entry(port.to_string())
                     .or_default()
@@ -758,23 +793,22 @@ impl<'a> L2Index<'a> {
         idx
     }
 
-    fn ports(&self, mac: &str, dir: Direction) -> Option<&BTreeMap<String, PortActivity>> {
-        self.ports.get(&(mac.to_ascii_lowercase(), dir))
+    fn ports(&self, mac: MacAddr, dir: Direction) -> Option<&BTreeMap<String, PortActivity>> {
+        self.ports.get(&(mac, dir))
     }
 
-    /// IPs the VM announced for itself (ARP/GARP with its MAC as sender).
-    fn ips_of(&self, mac: &str) -> Vec<String> {
+    /// IPs the VM announced for itself (ARP/GARP with its MAC as sender), in text order.
+    fn ips_of(&self, mac: MacAddr) -> Vec<IpAddr> {
         let mut ips = BTreeSet::new();
         for e in &self.announces {
             if let Event::Arp { frame, .. } | Event::Garp { frame, .. } = e
-                && frame.sha.eq_ignore_ascii_case(mac)
-                && frame.spa != "0.0.0.0"
-                && !frame.spa.is_empty()
+                && frame.sha == mac
+                && !frame.spa.is_unspecified()
             {
-                ips.insert(frame.spa.clone());
+                ips.insert(frame.spa.to_string());
             }
         }
-        ips.into_iter().collect()
+        ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
     }
 }
 
@@ -824,14 +858,20 @@ impl<'a> ConnectionIndex<'a> {
             let Some((tuple, netns)) = tcp_of(e) else { continue };
             if tuple.sport == 0 {
                 if let Event::TcpState { old_state, .. } = e
-                    && old_state == "CLOSE"
+                    && *old_state == Some(TcpState::Close)
                 {
                     pending_open.insert((tuple.saddr, tuple.daddr, tuple.dport, netns), e.ts_ns());
                 }
                 continue;
             }
             // A new life starts at an opening transition even if the old one was never seen closing.
-            let opening = matches!(e, Event::TcpState { old_state, .. } if old_state == "CLOSE" || old_state == "LISTEN");
+            let opening = matches!(
+                e,
+                Event::TcpState {
+                    old_state: Some(TcpState::Close | TcpState::Listen),
+                    ..
+                }
+            );
             let ending = matches!(
                 e,
                 Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. }
@@ -860,8 +900,8 @@ impl<'a> ConnectionIndex<'a> {
             // Events that do not prove a socket exists (an error report, a RST sent without a socket: the kernel
             // answering a segment for a connection it no longer has) never start a connection; after a close they
             // are that connection's epilogue (not part of its fate), otherwise they are dropped.
-            let socketless = matches!(e, Event::TcpError { .. })
-                || matches!(e, Event::TcpResetOut { state, .. } if state.is_empty());
+            let socketless =
+                matches!(e, Event::TcpError { .. }) || matches!(e, Event::TcpResetOut { state: None, .. });
             if found.is_none() && after_close.is_none() && socketless {
                 if let Some(&i) = last_closed.get(tuple) {
                     lives[i].epilogue.push(e);
@@ -890,7 +930,7 @@ impl<'a> ConnectionIndex<'a> {
             }
             lives[idx].events.push(e);
             if let Event::TcpState { new_state, ts_ns, .. } = e
-                && new_state == "CLOSE"
+                && *new_state == Some(TcpState::Close)
                 && lives[idx].closed_ns.is_none()
             {
                 lives[idx].closed_ns = Some(*ts_ns);
@@ -904,54 +944,52 @@ impl<'a> ConnectionIndex<'a> {
     }
 }
 
-fn matches_ips(t: &FourTuple, ips: &[String]) -> bool {
-    ips.is_empty()
-        || ips.iter().any(|ip| {
-            ip.parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip == t.daddr || ip == t.saddr)
-        })
+fn matches_ips(t: &FourTuple, ips: &[IpAddr]) -> bool {
+    ips.is_empty() || ips.iter().any(|&ip| ip == t.daddr || ip == t.saddr)
 }
 
-/// The state a life was in at `t`.
-fn state_at(life: &ConnLife<'_>, t: u64) -> String {
+/// The state a life was in at `t`: the last transition before it, or what the first event after it says.
+fn state_at(life: &ConnLife<'_>, t: u64) -> Option<TcpState> {
     let mut before = None;
     for e in &life.events {
         if e.ts_ns() > t {
             break;
         }
         if let Event::TcpState { new_state, .. } = e {
-            before = Some(new_state.clone());
+            before = Some(*new_state);
         }
     }
     if let Some(s) = before {
         return s;
     }
-    for e in life.events.iter().filter(|e| e.ts_ns() > t) {
-        match e {
-            Event::TcpState { old_state, .. } => return old_state.clone(),
+    life.events
+        .iter()
+        .filter(|e| e.ts_ns() > t)
+        .find_map(|e| match e {
+            Event::TcpState { old_state, .. } => Some(*old_state),
             Event::TcpRetransmit { state, .. }
             | Event::TcpError { state, .. }
             | Event::TcpResetIn { state, .. }
-            | Event::TcpResetOut { state, .. }
-                if !state.is_empty() =>
-            {
-                return state.clone();
-            }
-            _ => {}
-        }
-    }
-    "unknown".to_owned()
+            | Event::TcpResetOut { state, .. } => state.map(Some),
+            _ => None,
+        })?
 }
 
 /// Transitions that prove the peer answered (a segment came in).
-fn is_progress_transition(old: &str, new: &str) -> bool {
+fn is_progress_transition(old: Option<TcpState>, new: Option<TcpState>) -> bool {
+    use TcpState::{
+        Close, CloseWait, Closing, Established, FinWait1, FinWait2, LastAck, SynRecv, SynSent, TimeWait,
+    };
+    let (Some(old), Some(new)) = (old, new) else {
+        return false;
+    };
     matches!(
         (old, new),
-        ("SYN_SENT" | "SYN_RECV", "ESTABLISHED")
-            | ("FIN_WAIT1", "FIN_WAIT2" | "CLOSING" | "TIME_WAIT")
-            | ("FIN_WAIT2", "TIME_WAIT")
-            | ("ESTABLISHED", "CLOSE_WAIT")
-            | ("LAST_ACK" | "CLOSING", "CLOSE" | "TIME_WAIT")
+        (SynSent | SynRecv, Established)
+            | (FinWait1, FinWait2 | Closing | TimeWait)
+            | (FinWait2, TimeWait)
+            | (Established, CloseWait)
+            | (LastAck | Closing, Close | TimeWait)
     )
 }
 
@@ -1036,7 +1074,6 @@ fn verdict(
         .filter(|e| e.ts_ns() >= pause && e.ts_ns() < window_end)
         .collect();
 
-    // The first terminal event: an error, a reset, or a transition into closing/closed.
     // The first terminal event: an error, a reset, or a CLOSE that does not end an orderly close. An application's
     // close (ESTABLISHED → FIN_WAIT1, CLOSE_WAIT → LAST_ACK) is not terminal by itself: if its FIN is acknowledged
     // after resume the close completed and the connection came through; if the socket dies first, the close is
@@ -1046,10 +1083,10 @@ fn verdict(
         Event::TcpState {
             old_state, new_state, ..
         } => {
-            new_state == "CLOSE"
+            *new_state == Some(TcpState::Close)
                 && !matches!(
-                    old_state.as_str(),
-                    "LAST_ACK" | "CLOSING" | "TIME_WAIT" | "FIN_WAIT2"
+                    old_state,
+                    Some(TcpState::LastAck | TcpState::Closing | TcpState::TimeWait | TcpState::FinWait2)
                 )
         }
         _ => false,
@@ -1062,9 +1099,10 @@ fn verdict(
             old_state,
             new_state,
             ..
-        } if *ts_ns >= resume && is_progress_transition(old_state, new_state) => {
-            Some((*ts_ns, format!("{old_state} → {new_state}")))
-        }
+        } if *ts_ns >= resume && is_progress_transition(*old_state, *new_state) => Some((
+            *ts_ns,
+            format!("{} → {}", state_text(*old_state), state_text(*new_state)),
+        )),
         _ => None,
     });
     let terminal_ts = terminal.map(|i| in_window[i].ts_ns());
@@ -1243,10 +1281,10 @@ fn build_migration(
     trace_end: u64,
 ) -> MigrationReport {
     let mut warnings = Vec::new();
-    let mac = g.mac.to_ascii_lowercase();
+    let mac = g.mac;
     let mut ips = g.ips.clone();
-    if ips.is_empty() && !mac.is_empty() {
-        ips = l2.ips_of(&mac);
+    if let (true, Some(mac)) = (ips.is_empty(), mac) {
+        ips = l2.ips_of(mac);
     }
     let pause = g.pause.as_ref().map(|p| p.ts_ns);
     let resume = g.resume.as_ref().map(|r| r.ts_ns);
@@ -1255,25 +1293,25 @@ fn build_migration(
     let mut tl = Timeline {
         setup: g.setup.map(|ts| Stamp {
             ts_ns: ts,
-            source: g.source.clone(),
+            source: g.source,
         }),
         rounds: g.rounds.clone(),
         pause: g.pause.clone(),
         state_sent: g.state_sent.map(|ts| Stamp {
             ts_ns: ts,
-            source: g.source.clone(),
+            source: g.source,
         }),
         resume: g.resume.clone(),
         complete: g.complete.map(|ts| Stamp {
             ts_ns: ts,
-            source: g.source.clone(),
+            source: g.source,
         }),
         announces: g
             .announces
             .iter()
             .map(|&ts| Stamp {
                 ts_ns: ts,
-                source: g.source.clone(),
+                source: g.source,
             })
             .collect(),
         ..Timeline::default()
@@ -1290,18 +1328,14 @@ fn build_migration(
             continue;
         }
         match e {
-            Event::Rarp { frame, .. }
-                if tl.first_rarp.is_none() && (mac.is_empty() || frame.mac.eq_ignore_ascii_case(&mac)) =>
-            {
+            Event::Rarp { frame, .. } if tl.first_rarp.is_none() && same_vm(mac, Some(frame.mac)) => {
                 tl.first_rarp = Some(Sighting {
                     ts_ns: ts,
                     port: frame.port.to_string(),
                     exact: true,
                 });
             }
-            Event::Garp { frame, .. }
-                if tl.first_garp.is_none() && (mac.is_empty() || frame.mac.eq_ignore_ascii_case(&mac)) =>
-            {
+            Event::Garp { frame, .. } if tl.first_garp.is_none() && same_vm(mac, Some(frame.mac)) => {
                 tl.first_garp = Some(Sighting {
                     ts_ns: ts,
                     port: frame.port.to_string(),
@@ -1327,7 +1361,7 @@ fn build_migration(
         else {
             continue;
         };
-        if !m.eq_ignore_ascii_case(&mac) || *ts_ns >= l2_end {
+        if mac != Some(*m) || *ts_ns >= l2_end {
             continue;
         }
         let bridge_key = match netns {
@@ -1350,11 +1384,7 @@ fn build_migration(
     }
 
     // The VM's frames: last before the pause (any port), first after resume (new port).
-    let ingress = if mac.is_empty() {
-        None
-    } else {
-        l2.ports(&mac, Direction::Ingress)
-    };
+    let ingress = mac.and_then(|mac| l2.ports(mac, Direction::Ingress));
     if let (Some(ports), Some(p)) = (ingress, pause) {
         tl.last_vm_frame_old_port = last_sighting_before(ports, p);
     }
@@ -1365,11 +1395,7 @@ fn build_migration(
         let old = old_path(ports, p);
         tl.first_vm_frame_new_port = first_sighting_after(ports, &old, after, l2_end);
     }
-    let egress = if mac.is_empty() {
-        None
-    } else {
-        l2.ports(&mac, Direction::Egress)
-    };
+    let egress = mac.and_then(|mac| l2.ports(mac, Direction::Egress));
     if let Some(ports) = egress {
         let p = pause.unwrap_or(anchor);
         // Old path: egress ports that were part of the last burst of delivery before the pause.
@@ -1406,8 +1432,8 @@ fn build_migration(
     if let (Some(p), Some(r)) = (&g.pause, &g.resume) {
         dt.vcpu_pause = Some(Figure {
             ns: r.ts_ns.saturating_sub(p.ts_ns),
-            source: r.source.clone(),
-            basis: if g.source == "wire" {
+            source: r.source.to_string(),
+            basis: if g.source == PauseSource::Wire {
                 "inferred: the VM's last frame at the old port → its first frame at the new port".to_owned()
             } else {
                 format!("{} pause → resume events", g.source)
@@ -1487,7 +1513,7 @@ fn build_migration(
             if opened_during && life.opened_ns.is_some_and(|o| o > outage_end) {
                 continue;
             }
-            if !opened_during && first > p && state_at(life, p) == "SYN_SENT" {
+            if !opened_during && first > p && state_at(life, p) == Some(TcpState::SynSent) {
                 continue;
             }
             let mut v = verdict(life, p, &net, window_end, trace_end);
@@ -1540,10 +1566,10 @@ fn build_migration(
                 .to_owned(),
         );
     }
-    if mac.is_empty() {
+    if mac.is_none() {
         warnings.push("the VM's MAC is unknown: no wire figures".to_owned());
     }
-    if tl.first_rarp.is_none() && tl.first_garp.is_none() && resume.is_some() && !mac.is_empty() {
+    if tl.first_rarp.is_none() && tl.first_garp.is_none() && resume.is_some() && mac.is_some() {
         warnings.push("no RARP or GARP from the VM was seen after the pause".to_owned());
     }
     let outcome = if let Some(r) = &g.failed {
@@ -1554,7 +1580,7 @@ fn build_migration(
         }
     } else if g.rollback {
         "rolled back".to_owned()
-    } else if g.complete.is_some() || (g.source != "migrator" && resume.is_some()) {
+    } else if g.complete.is_some() || (g.source != PauseSource::Migrator && resume.is_some()) {
         "completed".to_owned()
     } else if resume.is_some() {
         "resumed (no completion event)".to_owned()
@@ -1569,7 +1595,7 @@ fn build_migration(
             Mode::Quick => "quick".to_owned(),
         }),
         ips,
-        source: g.source.clone(),
+        source: g.source,
         source_host: g.source_host.clone(),
         destination_host: g.destination_host.clone(),
         carries_frames: g.carries_frames,

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use migmon_analysis::{check, correlate::analyse_events, report::live_line, trace::Event};
 
 use crate::{
-    cli::{LimitArgs, parse_duration, run_check},
+    cli::{LimitArgs, duration_ns, run_check},
     metrics::{self, Metrics},
     pause::{self, SourceHandle},
     pipeline::{Control, Flow, Observer},
@@ -41,7 +41,7 @@ pub struct LiveArgs {
     #[arg(long, value_name = "N")]
     pub until_migrations: Option<usize>,
     /// How long after a resume to wait for connections to show their fate before a migration counts as settled.
-    #[arg(long, value_name = "D", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "D", default_value = "5s", value_parser = duration_ns)]
     pub settle: u64,
     #[command(flatten)]
     pub limits: LimitArgs,

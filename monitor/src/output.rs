@@ -7,7 +7,8 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use migmon_analysis::trace::{Event, TraceWriter};
+use migmon_analysis::trace::{Event, TraceWriter, state_text};
+use migmon_base::errno_name;
 
 use crate::{decode::mono_now_ns, netns};
 
@@ -139,8 +140,9 @@ impl Output {
                 srtt_us,
                 ..
             } => format!(
-                "{:<44} {state:<12} retransmits={retransmits} backoff={backoff} rto={}ms srtt={:.1}ms {}",
+                "{:<44} {:<12} retransmits={retransmits} backoff={backoff} rto={}ms srtt={:.1}ms {}",
                 tuple(&tcp.tuple),
+                state_text(*state),
                 rto_us / 1000,
                 *srtt_us as f64 / 1000.0,
                 self.netns_name(tcp.netns)
@@ -151,20 +153,28 @@ impl Output {
                 new_state,
                 ..
             } => format!(
-                "{:<44} {old_state} -> {new_state} {}",
+                "{:<44} {} -> {} {}",
                 tuple(&tcp.tuple),
+                state_text(*old_state),
+                state_text(*new_state),
                 self.netns_name(tcp.netns)
             ),
             Event::TcpError {
                 tcp, errno, state, ..
             } => format!(
-                "{:<44} errno={errno} ({}) {state} {}",
+                "{:<44} errno={errno} ({}) {} {}",
                 tuple(&tcp.tuple),
                 errno_name(*errno),
+                state_text(*state),
                 self.netns_name(tcp.netns)
             ),
             Event::TcpResetIn { tcp, state, .. } | Event::TcpResetOut { tcp, state, .. } => {
-                format!("{:<44} {state} {}", tuple(&tcp.tuple), self.netns_name(tcp.netns))
+                format!(
+                    "{:<44} {} {}",
+                    tuple(&tcp.tuple),
+                    state_text(*state),
+                    self.netns_name(tcp.netns)
+                )
             }
             Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
                 let vlan = if frame.vlan.is_empty() {
@@ -258,18 +268,6 @@ fn tuple(t: &migmon_analysis::trace::FourTuple) -> String {
         std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
     };
     format!("{} -> {}", ep(t.saddr, t.sport), ep(t.daddr, t.dport))
-}
-
-fn errno_name(errno: i32) -> &'static str {
-    match errno {
-        110 => "ETIMEDOUT",
-        104 => "ECONNRESET",
-        111 => "ECONNREFUSED",
-        32 => "EPIPE",
-        113 => "EHOSTUNREACH",
-        101 => "ENETUNREACH",
-        _ => "?",
-    }
 }
 
 /// A human line for the events of the pause sources (`migmon watch` without `--json`).

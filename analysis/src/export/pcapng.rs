@@ -22,7 +22,7 @@ use super::mono_to_unix;
 use crate::{
     correlate::Analysis,
     report::rel,
-    trace::{ArpFrame, Event, FourTuple, Trace},
+    trace::{ArpFrame, Event, FourTuple, MacAddr, Trace, state_text},
 };
 
 const LINKTYPE_ETHERNET: u16 = 1;
@@ -57,16 +57,12 @@ fn block(out: &mut impl Write, block_type: u32, body: &[u8]) -> io::Result<()> {
     out.write_all(&total.to_le_bytes())
 }
 
-fn parse_mac(s: &str) -> [u8; 6] {
-    let mut m = [0u8; 6];
-    for (i, part) in s.split(':').take(6).enumerate() {
-        m[i] = u8::from_str_radix(part, 16).unwrap_or(0);
+/// An ARP protocol address: IPv4 octets (zeros for anything else).
+fn ip4_octets(ip: std::net::IpAddr) -> [u8; 4] {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets(),
+        std::net::IpAddr::V6(_) => [0; 4],
     }
-    m
-}
-
-fn parse_ip4(s: &str) -> [u8; 4] {
-    s.parse::<std::net::Ipv4Addr>().map_or([0; 4], |ip| ip.octets())
 }
 
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
@@ -86,12 +82,12 @@ pub fn frame_bytes(f: &ArpFrame, rarp: bool) -> Vec<u8> {
     }
     let mut b = Vec::with_capacity(60);
     let dst = if f.op == 2 || f.op == 4 {
-        parse_mac(&f.tha)
+        f.tha.octets()
     } else {
         [0xff; 6]
     };
     b.extend_from_slice(&dst);
-    b.extend_from_slice(&parse_mac(&f.mac));
+    b.extend_from_slice(&f.mac.octets());
     for v in &f.vlan {
         b.extend_from_slice(&0x8100u16.to_be_bytes());
         b.extend_from_slice(&v.to_be_bytes());
@@ -101,10 +97,10 @@ pub fn frame_bytes(f: &ArpFrame, rarp: bool) -> Vec<u8> {
     b.extend_from_slice(&0x0800u16.to_be_bytes());
     b.extend_from_slice(&[6, 4]);
     b.extend_from_slice(&f.op.to_be_bytes());
-    b.extend_from_slice(&parse_mac(&f.sha));
-    b.extend_from_slice(&parse_ip4(&f.spa));
-    b.extend_from_slice(&parse_mac(&f.tha));
-    b.extend_from_slice(&parse_ip4(&f.tpa));
+    b.extend_from_slice(&f.sha.octets());
+    b.extend_from_slice(&ip4_octets(f.spa));
+    b.extend_from_slice(&f.tha.octets());
+    b.extend_from_slice(&ip4_octets(f.tpa));
     b.resize(b.len().max(60), 0);
     b
 }
@@ -177,11 +173,11 @@ pub fn tcp_packet(t: &FourTuple, flags: u8) -> Vec<u8> {
 }
 
 /// Where a time falls relative to the migrations: "migration m1 pause+1.2 s", or "".
-fn context(a: &Analysis, mac: Option<&str>, ts: u64) -> String {
+fn context(a: &Analysis, mac: Option<MacAddr>, ts: u64) -> String {
     let m = a
         .migrations
         .iter()
-        .filter(|m| mac.is_none_or(|mac| m.mac.is_empty() || m.mac.eq_ignore_ascii_case(mac)))
+        .filter(|m| mac.is_none_or(|mac| m.mac.is_none_or(|m| m == mac)))
         .filter_map(|m| m.timeline.pause.as_ref().map(|p| (m, p.ts_ns)))
         .filter(|(_, p)| *p <= ts + 1_000_000_000)
         .max_by_key(|(_, p)| *p);
@@ -260,7 +256,7 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
                 "migration {} ({}) VM {}: {} survived, {} aborted; vCPU pause {}",
                 m.id,
                 m.mode.as_deref().unwrap_or("?"),
-                m.mac,
+                m.mac_text(),
                 m.survived,
                 m.aborted,
                 m.downtime
@@ -308,7 +304,7 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
                     "migmon: {what} from {} seen by XDP on {}{}",
                     frame.mac,
                     frame.port,
-                    context(a, Some(&frame.mac), ts)
+                    context(a, Some(frame.mac), ts)
                 );
                 w.packet(id, unix, &bytes, frame.len, &comment)?;
             }
@@ -327,8 +323,9 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
                     format!("tcp_retransmit #{retransmits} (RTO)")
                 };
                 let comment = format!(
-                    "migmon annotation (not a captured packet): {what} backoff {backoff} rto {} state {state}{}",
+                    "migmon annotation (not a captured packet): {what} backoff {backoff} rto {} state {}{}",
                     crate::correlate::fmt_dur(rto_us * 1000),
+                    state_text(*state),
                     context(a, None, ts)
                 );
                 w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x18), 40, &comment)?;

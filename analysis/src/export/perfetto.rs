@@ -138,7 +138,7 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                 "migration {} ({}) VM {}",
                 m.id,
                 m.mode.as_deref().unwrap_or("?"),
-                m.mac
+                m.mac_text()
             ),
             None,
         );
@@ -157,7 +157,11 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
             );
         }
         if let (Some(p), Some(r)) = (pause, resume) {
-            let src = tl.pause.as_ref().map(|s| s.source.clone()).unwrap_or_default();
+            let src = tl
+                .pause
+                .as_ref()
+                .map(|s| s.source.to_string())
+                .unwrap_or_default();
             b.slice(
                 phases,
                 p,
@@ -279,7 +283,7 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                     *ts_ns,
                     &format!("{} {}", e.kind(), frame.mac),
                     "l2",
-                    &[("port", frame.port.to_string()), ("spa", frame.spa.clone())],
+                    &[("port", frame.port.to_string()), ("spa", frame.spa.to_string())],
                 );
             }
             Event::FdbUpdate {

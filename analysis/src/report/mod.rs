@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::{
     correlate::{Analysis, ConnectionVerdict, Fate, Figure, MigrationReport, Sighting, Stamp, fmt_dur},
-    trace::Event,
+    trace::{Event, TcpState, state_text},
 };
 
 pub mod compare;
@@ -73,7 +73,7 @@ pub fn proof_summary(c: &ConnectionVerdict) -> String {
             Event::TcpError { errno, .. } => format!("tcp_error errno {errno}"),
             Event::TcpState {
                 old_state, new_state, ..
-            } => format!("tcp_state {old_state}→{new_state}"),
+            } => format!("tcp_state {}→{}", state_text(*old_state), state_text(*new_state)),
             Event::TcpResetIn { .. } => "tcp_reset_in".to_owned(),
             Event::TcpResetOut { .. } => "tcp_reset_out".to_owned(),
             Event::TcpRetransmit { retransmits, .. } => format!("last tcp_retransmit (#{retransmits})"),
@@ -109,11 +109,12 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
             s,
             "Migration {}  VM {}{}  mode {}{}  {}  [pause window from {}]",
             m.id,
-            if m.mac.is_empty() { "?" } else { &m.mac },
+            m.mac.map_or_else(|| "?".to_owned(), |m| m.to_string()),
             if m.ips.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", m.ips.join(", "))
+                let ips: Vec<String> = m.ips.iter().map(ToString::to_string).collect();
+                format!(" ({})", ips.join(", "))
             },
             m.mode.as_deref().unwrap_or("?"),
             hosts,
@@ -297,7 +298,7 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
                 "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
                 m.id,
                 conn,
-                c.state_at_pause,
+                c.state_at_pause.map_or("unknown".into(), TcpState::name),
                 c.retransmits,
                 c.highest_backoff,
                 recovery,

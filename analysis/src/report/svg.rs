@@ -703,7 +703,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
                 "Migration {} ({}) VM {} — {} survived, {} aborted{suffix}",
                 m.id,
                 m.mode.as_deref().unwrap_or("?"),
-                m.mac,
+                m.mac_text(),
                 m.survived,
                 m.aborted
             )

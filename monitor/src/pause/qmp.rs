@@ -37,7 +37,7 @@ use migevents::{MigrationEvent, Mode, Phase, Role, monotonic_ns};
 use serde_json::{Value, json};
 
 use super::{Emit, LineReader, SourceHandle, warn_note};
-use migmon_analysis::trace::Event;
+use migmon_analysis::trace::{Event, PauseSource};
 
 const POLL: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,7 +151,7 @@ impl QmpTranslator {
                 role,
                 phase,
             },
-            source: "qmp".to_owned(),
+            source: PauseSource::Qmp,
         }
     }
 
@@ -476,7 +476,7 @@ mod tests {
         let (Event::Migration { ev: pe, source }, Event::Migration { ev: re, .. }) = (&p[0], &r[0]) else {
             panic!("{p:?} {r:?}")
         };
-        assert_eq!(source, "qmp");
+        assert_eq!(*source, PauseSource::Qmp);
         assert_eq!(pe.phase, Phase::Pause);
         assert_eq!(pe.ts_ns, 1_000_000_000);
         assert_eq!(re.ts_ns, 1_000_500_000);
