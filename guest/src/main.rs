@@ -100,6 +100,69 @@ fn run_in_user_mode(boot_info: *mut BootInfo) -> ! {
 /// only the VMM (its mailbox fields) and this function write.
 unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
     serial::init();
+    // SAFETY: the caller's promise.
+    let info = unsafe { read_boot_info(boot_info) };
+    heap::init(info.ram_bytes.min(MMIO_BASE));
+    let clock = Clock::new(info.tsc_khz);
+    let (mut device, mut iface, mac) = bring_up_network(&info, &clock);
+    let mut sockets = SocketSet::new(alloc::vec::Vec::new());
+    let mut services = Services::new(&mut sockets);
+    let mut dirtier = Dirtier::new(info.dirty_bytes, info.dirty_rate, clock.now_us());
+
+    arch::outl(PORT_MARK, GuestMark::Ready as u32);
+    log!(
+        "guest: ready: echo {}, stream {}, rr {}",
+        guest_abi::ECHO_PORT,
+        guest_abi::STREAM_PORT,
+        guest_abi::RR_PORT
+    );
+
+    let mut mailbox = Mailbox {
+        boot_info,
+        garp_done: info.garp_done,
+        mac,
+        ipv4: info.ipv4,
+    };
+    let mut stats_log = StatsLog::new(services.stats(), clock.now_us());
+    loop {
+        mailbox.answer_garp_request(&mut device);
+
+        // One clock read per round: under software KVM `rdtsc` is emulated and costs a VM exit (~25 µs).
+        let now_us = clock.now_us();
+        let now = Instant::from_micros(now_us as i64);
+        let mut busy = services::poll(&mut iface, &mut device, &mut sockets, &mut services, now);
+        busy |= dirtier.work(now_us);
+        stats_log.log_if_changed(now_us, &services, &dirtier, &device);
+
+        let idle = pvh::idle_mode();
+        if idle == Idle::Interrupt {
+            // Lower the NIC's interrupt line before looking at the queue: a frame after this raises it again.
+            device.ack_interrupt();
+        }
+        if busy || device.rx_pending() {
+            continue;
+        }
+        // Idle: sleep until the earliest deadline (smoltcp timers, paced streams, the dirtier's next slice).
+        let deadlines = [
+            iface.poll_at(now, &sockets),
+            services.next_deadline(&sockets),
+            dirtier.next_deadline(),
+        ];
+        let sleep_us = sleep_budget(now, deadlines);
+        if sleep_us < MIN_SLEEP_US {
+            continue;
+        }
+        stats_log.sleeps += 1;
+        sleep(idle, now_us, sleep_us, &clock, &device);
+    }
+}
+
+/// Reads and checks the `BootInfo` the VMM wrote, and logs what it says.
+///
+/// # Safety
+///
+/// As for [`guest_main`].
+unsafe fn read_boot_info(boot_info: *mut BootInfo) -> BootInfo {
     // SAFETY: the VMM (or the PVH entry) put a BootInfo at this address; the page is identity-mapped RAM.
     let info = unsafe { boot_info.read_volatile() };
     assert!(
@@ -120,17 +183,18 @@ unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
         info.dirty_bytes,
         info.dirty_rate
     );
-    let ram_top = info.ram_bytes.min(MMIO_BASE);
-    heap::init(ram_top);
-    let clock = Clock::new(info.tsc_khz);
+    info
+}
+
+/// The virtio-net device and the smoltcp interface on it, with the address and default route of `info`.
+fn bring_up_network(info: &BootInfo, clock: &Clock) -> (NetDevice, Interface, EthernetAddress) {
     let mut device = NetDevice::new(info.mmio_base, info.mmio_size, info.mac);
     // PVH without mac= on the command line: the device's own MAC.
-    let mac = if info.mac == [0; 6] {
+    let mac = EthernetAddress(if info.mac == [0; 6] {
         device.mac()
     } else {
         info.mac
-    };
-    let mac = EthernetAddress(mac);
+    });
     let mut config = Config::new(HardwareAddress::Ethernet(mac));
     config.random_seed = arch::rdtsc();
     let mut iface = Interface::new(config, &mut device, clock.now());
@@ -143,100 +207,100 @@ unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
             .routes_mut()
             .add_default_ipv4_route(Ipv4Address::from(info.gateway));
     }
-    let mut sockets = SocketSet::new(alloc::vec::Vec::new());
-    let mut services = Services::new(&mut sockets);
-    let mut dirtier = Dirtier::new(info.dirty_bytes, info.dirty_rate, clock.now_us());
+    (device, iface, mac)
+}
 
-    arch::outl(PORT_MARK, GuestMark::Ready as u32);
-    log!(
-        "guest: ready: echo {}, stream {}, rr {}",
-        guest_abi::ECHO_PORT,
-        guest_abi::STREAM_PORT,
-        guest_abi::RR_PORT
-    );
+/// The `BootInfo` mailbox: the VMM bumps `garp_request` (after a migration) to ask for a gratuitous ARP.
+struct Mailbox {
+    boot_info: *mut BootInfo,
+    garp_done: u32,
+    mac: EthernetAddress,
+    ipv4: [u8; 4],
+}
 
-    let mut garp_done = info.garp_done;
-    let mut logged = (services.stats(), 0);
-    let mut last_log = clock.now_us();
-    let mut sleeps: u64 = 0;
-    loop {
-        // The mailbox: the VMM bumps garp_request (after a migration) to ask for a gratuitous ARP.
+impl Mailbox {
+    /// Sends a gratuitous ARP if the VMM asked for one since the last, and says so in `garp_done` and a mark.
+    fn answer_garp_request(&mut self, device: &mut NetDevice) {
         // SAFETY: BootInfo stays mapped for the guest's lifetime; the VMM writes the field at any time.
-        let garp_request = unsafe { (&raw const (*boot_info).garp_request).read_volatile() };
-        if garp_request != garp_done {
-            device.send_raw(&guest::frames::gratuitous_arp(mac.0, info.ipv4));
-            garp_done = garp_request;
-            // SAFETY: as above; the guest owns garp_done.
-            unsafe { (&raw mut (*boot_info).garp_done).write_volatile(garp_done) };
-            arch::outl(PORT_MARK, GuestMark::GarpSent as u32);
-            log!("guest: gratuitous ARP sent (request {garp_request})");
+        let garp_request = unsafe { (&raw const (*self.boot_info).garp_request).read_volatile() };
+        if garp_request == self.garp_done {
+            return;
         }
+        device.send_raw(&guest::frames::gratuitous_arp(self.mac.0, self.ipv4));
+        self.garp_done = garp_request;
+        // SAFETY: as above; the guest owns garp_done.
+        unsafe { (&raw mut (*self.boot_info).garp_done).write_volatile(garp_request) };
+        arch::outl(PORT_MARK, GuestMark::GarpSent as u32);
+        log!("guest: gratuitous ARP sent (request {garp_request})");
+    }
+}
 
-        // One clock read per round: under software KVM `rdtsc` is emulated and costs a VM exit (~25 µs).
-        let now_us = clock.now_us();
-        let now = Instant::from_micros(now_us as i64);
-        let mut busy = services::poll(&mut iface, &mut device, &mut sockets, &mut services, now);
-        busy |= dirtier.work(now_us);
+/// The periodic stats line: at most every [`LOG_EVERY_US`], and only when something changed.
+struct StatsLog {
+    logged: (services::Stats, u64),
+    last_log_us: u64,
+    /// Idle waits so far.
+    sleeps: u64,
+}
 
+impl StatsLog {
+    fn new(stats: services::Stats, now_us: u64) -> Self {
+        Self {
+            logged: (stats, 0),
+            last_log_us: now_us,
+            sleeps: 0,
+        }
+    }
+
+    fn log_if_changed(&mut self, now_us: u64, services: &Services, dirtier: &Dirtier, device: &NetDevice) {
         let stats = services.stats();
-        if (stats, dirtier.passes()) != logged && now_us.saturating_sub(last_log) >= LOG_EVERY_US {
-            let net = device.counters();
-            log!(
-                "guest: connections active {} opened {} closed {} listening {} (pool full {}, bad requests {}); \
-                 frames rx {} tx {}; sleeps {}; dirtier passes {}",
-                stats.active,
-                stats.opened,
-                stats.closed,
-                stats.listening,
-                stats.pool_full,
-                stats.bad_requests,
-                net.rx_frames,
-                net.tx_frames,
-                sleeps,
-                dirtier.passes()
-            );
-            logged = (stats, dirtier.passes());
-            last_log = now_us;
-        }
-        let idle = pvh::idle_mode();
-        if idle == Idle::Interrupt {
-            // Lower the NIC's interrupt line before looking at the queue: a frame after this raises it again.
-            device.ack_interrupt();
-        }
-        if busy || device.rx_pending() {
-            continue;
-        }
-
-        // Idle: sleep until the earliest deadline (smoltcp timers, paced streams, the dirtier's next slice).
-        let mut deadline: Option<Instant> = iface.poll_at(now, &sockets);
-        for other in [services.next_deadline(&sockets), dirtier.next_deadline()]
-            .into_iter()
-            .flatten()
+        if (stats, dirtier.passes()) == self.logged || now_us.saturating_sub(self.last_log_us) < LOG_EVERY_US
         {
-            deadline = Some(deadline.map_or(other, |d| d.min(other)));
+            return;
         }
-        let sleep_us = deadline.map_or(MAX_SLEEP_US, |d| {
-            (d.total_micros() - now.total_micros()).clamp(0, MAX_SLEEP_US as i64) as u64
-        });
-        if sleep_us < MIN_SLEEP_US {
-            continue;
+        let net = device.counters();
+        log!(
+            "guest: connections active {} opened {} closed {} listening {} (pool full {}, bad requests {}); \
+             frames rx {} tx {}; sleeps {}; dirtier passes {}",
+            stats.active,
+            stats.opened,
+            stats.closed,
+            stats.listening,
+            stats.pool_full,
+            stats.bad_requests,
+            net.rx_frames,
+            net.tx_frames,
+            self.sleeps,
+            dirtier.passes()
+        );
+        self.logged = (stats, dirtier.passes());
+        self.last_log_us = now_us;
+    }
+}
+
+/// How long the guest may sleep from `now`: until the earliest deadline, at most [`MAX_SLEEP_US`].
+fn sleep_budget(now: Instant, deadlines: [Option<Instant>; 3]) -> u64 {
+    deadlines.into_iter().flatten().min().map_or(MAX_SLEEP_US, |d| {
+        (d.total_micros() - now.total_micros()).clamp(0, MAX_SLEEP_US as i64) as u64
+    })
+}
+
+/// Waits up to `sleep_us` in the way the platform wants (see [`pvh::idle_mode`]).
+fn sleep(idle: Idle, now_us: u64, sleep_us: u64, clock: &Clock, device: &NetDevice) {
+    match idle {
+        Idle::SleepPort => {
+            cpu::out32_then_halt(PORT_SLEEP_US, sleep_us as u32);
         }
-        sleeps += 1;
-        match idle {
-            Idle::SleepPort => {
-                cpu::out32_then_halt(PORT_SLEEP_US, sleep_us as u32);
-            }
-            // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
-            Idle::Interrupt => cpu::wait_for_interrupt(),
-            Idle::Poll => {
-                let until = now_us + sleep_us;
-                'spin: while clock.now_us() < until {
-                    for _ in 0..256 {
-                        if device.rx_pending() {
-                            break 'spin;
-                        }
-                        core::hint::spin_loop();
+        // Under QEMU: the 1 kHz tick or the NIC's interrupt ends the wait.
+        Idle::Interrupt => cpu::wait_for_interrupt(),
+        Idle::Poll => {
+            let until = now_us + sleep_us;
+            'spin: while clock.now_us() < until {
+                for _ in 0..256 {
+                    if device.rx_pending() {
+                        break 'spin;
                     }
+                    core::hint::spin_loop();
                 }
             }
         }

@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Status requests are answered by the listener thread at any time, also during a migration. Migrate requests are
-//! handed to the thread that owns the VM ([`ApiServer::next_migrate`]), which runs the migration and streams its
-//! progress back.
+//! handed to the thread that owns the VM ([`ApiServer::next_migrate`], see [`crate::service::serve`]), which runs the
+//! migration and streams its progress back.
 
 use std::{
     io::{self, BufRead, BufReader, Write},
@@ -28,7 +28,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::migration::{MigrateOptions, MigrationError, MigrationReport, Status, Tracker};
+use crate::engine::{MigrateOptions, MigrationError, MigrationSummary, Status, Tracker};
 
 /// A request line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,7 +44,7 @@ pub enum Request {
 pub enum Response {
     Status(Status),
     Progress(Status),
-    Done(MigrationReport),
+    Done(MigrationSummary),
     Error { message: String },
 }
 
@@ -101,11 +101,11 @@ impl PendingMigrate {
     }
 
     /// Sends the outcome and closes the connection.
-    pub fn finish(self, result: &Result<MigrationReport, MigrationError>) {
+    pub fn finish(self, result: &Result<MigrationSummary, MigrationError>) {
         let r = match result {
             Ok(report) => Response::Done(report.clone()),
             Err(e) => Response::Error {
-                message: crate::source::anyhow_like(e),
+                message: crate::engine::error_chain(e),
             },
         };
         write_line(&self.conn, &r);
@@ -170,56 +170,6 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ignored = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Why [`serve`] returned.
-#[derive(Debug)]
-pub enum Served {
-    /// The VM now runs elsewhere; this process should exit.
-    Migrated(Box<MigrationReport>),
-    /// The VM stopped on its own.
-    Stopped,
-}
-
-/// The control loop of a running VM: waits for migrate requests (when there is an API) and runs them on this
-/// thread, until the VM was migrated away or `stopped` reports that it has gone. A failed migration leaves the VM
-/// running here and the loop goes on.
-pub fn serve<S: crate::migration::MigrationSource>(
-    vm: &mut S,
-    server: Option<&ApiServer>,
-    events: Option<&Path>,
-    mut stopped: impl FnMut(&mut S) -> bool,
-) -> Served {
-    loop {
-        if stopped(vm) {
-            return Served::Stopped;
-        }
-        let Some(server) = server else {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        };
-        let Some(pending) = server.next_migrate(Duration::from_millis(50)) else {
-            continue;
-        };
-        let tracker = pending.tracker(server.status());
-        let result = crate::source::migrate(vm, &pending.options, events, &tracker);
-        match &result {
-            Ok(r) => eprintln!(
-                "migrator: migrated to {} in {:.1} ms (pause {:.1} ms)",
-                pending.options.to, r.total_ms, r.pause_ms
-            ),
-            Err(e) => eprintln!(
-                "migrator: migration to {} failed, the guest keeps running here: {}",
-                pending.options.to,
-                crate::source::anyhow_like(e)
-            ),
-        }
-        pending.finish(&result);
-        if let Ok(r) = result {
-            return Served::Migrated(Box::new(r));
-        }
-        server.status.lock().unwrap_or_else(PoisonError::into_inner).state = "running".into();
     }
 }
 
@@ -320,7 +270,7 @@ pub fn request_migrate(
     path: &Path,
     options: &MigrateOptions,
     mut on_progress: impl FnMut(&Status),
-) -> Result<MigrationReport, ApiError> {
+) -> Result<MigrationSummary, ApiError> {
     let mut conn = connect(path)?;
     send_request(&mut conn, &Request::Migrate(options.clone()))?;
     for line in BufReader::new(conn).lines() {
@@ -378,9 +328,9 @@ mod tests {
         let busy = request_migrate(&path, &opts, |_| {}).unwrap_err();
         assert!(busy.to_string().contains("already running"), "{busy}");
         assert_eq!(request_status(&path).unwrap().iteration, 3);
-        pending.finish(&Ok(MigrationReport {
+        pending.finish(&Ok(MigrationSummary {
             pause_ms: 2.5,
-            ..MigrationReport::default()
+            ..MigrationSummary::default()
         }));
         let (r, seen) = client.join().unwrap();
         assert!((r.unwrap().pause_ms - 2.5).abs() < 1e-9);

@@ -1,9 +1,5 @@
 //! The migration engines end to end over real sockets, with a fake VM made of plain anonymous memory and a
 //! "guest" thread that dirties pages. Pure logic: the KVM VM is tested in tests/tests/migration.rs.
-#![expect(
-    clippy::undocumented_unsafe_blocks,
-    reason = "test RAM is only touched under the fake vCPU lock"
-)]
 
 use std::{
     io::{Read, Write},
@@ -21,12 +17,13 @@ use migevents::{MigrationEvent, Mode, Phase, Role};
 
 use crate::{
     announce::{AnnounceSchedule, RARP_FRAME_LEN},
-    migration::{
-        MigrateOptions, MigrationError, MigrationSource, MigrationTarget, OnTimeout, Tracker, VmError,
+    engine::{
+        BoxedVmError, MigrateOptions, MigrationError, MigrationSource, MigrationTarget, OnTimeout, Tracker,
         VmIdentity,
     },
     protocol::Hello,
-    ram::{DirtyBitmap, GuestRam, PAGE_SIZE, RamRegion},
+    ram::{DirtyBitmap, PAGE_SIZE, RamRegion},
+    ram_io::GuestRam,
     receive::{ReceiveOptions, ReceiveReport, receive},
     source::migrate,
     transport::{Endpoint, Listener},
@@ -64,7 +61,7 @@ impl Guest {
         if self.paused.load(Ordering::SeqCst) {
             return;
         }
-        unsafe { self.ram.run_mut(page, 1).unwrap().fill(value) };
+        self.ram.write(page, 0, &[value; PAGE_SIZE]).unwrap();
         self.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::SeqCst);
         self.writes.fetch_add(1, Ordering::Relaxed);
     }
@@ -84,7 +81,7 @@ impl FakeSource {
     fn new(working_set: u64, rate: u64) -> Self {
         let ram = GuestRam::anonymous(&layout()).unwrap();
         for p in (0..PAGES).step_by(7) {
-            unsafe { ram.run_mut(p, 1).unwrap()[(p % 4096) as usize] = (p % 251) as u8 + 1 };
+            ram.write(p, (p % 4096) as usize, &[(p % 251) as u8 + 1]).unwrap();
         }
         let guest = Arc::new(Guest {
             ram,
@@ -148,14 +145,14 @@ impl MigrationSource for FakeSource {
     fn guest_ram(&self) -> GuestRam {
         self.guest.ram.clone()
     }
-    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    fn start_dirty_log(&mut self) -> Result<(), BoxedVmError> {
         self.guest.logging.store(true, Ordering::SeqCst);
         for w in &self.guest.dirty {
             w.store(0, Ordering::SeqCst);
         }
         Ok(())
     }
-    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, VmError> {
+    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, BoxedVmError> {
         let words = self
             .guest
             .dirty
@@ -164,23 +161,23 @@ impl MigrationSource for FakeSource {
             .collect();
         Ok(DirtyBitmap::from_words(words, PAGES))
     }
-    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+    fn stop_dirty_log(&mut self) -> Result<(), BoxedVmError> {
         self.guest.logging.store(false, Ordering::SeqCst);
         Ok(())
     }
-    fn pause(&mut self) -> Result<(), VmError> {
+    fn pause(&mut self) -> Result<(), BoxedVmError> {
         let _g = self.guest.lock.lock().unwrap();
         self.guest.paused.store(true, Ordering::SeqCst);
         self.pauses += 1;
         self.pending = vec![vec![0xaa; 64], vec![0xbb; 1514]];
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), VmError> {
+    fn resume(&mut self) -> Result<(), BoxedVmError> {
         self.guest.paused.store(false, Ordering::SeqCst);
         self.resumes += 1;
         Ok(())
     }
-    fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, BoxedVmError> {
         if self.fail_save {
             return Err("vcpu state unavailable".into());
         }
@@ -210,27 +207,30 @@ impl MigrationTarget for FakeTarget {
     fn guest_ram(&self) -> GuestRam {
         self.ram.clone().unwrap()
     }
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), BoxedVmError> {
         self.state = state.to_vec();
         if self.scribble {
-            unsafe { self.ram.as_ref().unwrap().run_mut(5, 1).unwrap()[0] ^= 0x40 };
+            let ram = self.ram.as_ref().unwrap();
+            let mut first = [0u8];
+            ram.read(5, &mut first).unwrap();
+            ram.write(5, 0, &[first[0] ^ 0x40]).unwrap();
         }
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), VmError> {
+    fn resume(&mut self) -> Result<(), BoxedVmError> {
         self.running = true;
         Ok(())
     }
-    fn deliver_frames(&mut self, frames: Vec<Vec<u8>>) -> Result<(), VmError> {
+    fn deliver_frames(&mut self, frames: Vec<Vec<u8>>) -> Result<(), BoxedVmError> {
         assert!(self.running, "frames are delivered after resume");
         self.delivered.extend(frames);
         Ok(())
     }
-    fn send_frame(&mut self, frame: &[u8]) -> Result<(), VmError> {
+    fn send_frame(&mut self, frame: &[u8]) -> Result<(), BoxedVmError> {
         self.sent.push(frame.to_vec());
         Ok(())
     }
-    fn request_garp(&mut self) -> Result<(), VmError> {
+    fn request_garp(&mut self) -> Result<(), BoxedVmError> {
         self.garps += 1;
         Ok(())
     }
@@ -274,7 +274,7 @@ fn start_destination(
         };
         receive(
             stream,
-            |h: &Hello| -> Result<FakeTarget, VmError> {
+            |h: &Hello| -> Result<FakeTarget, BoxedVmError> {
                 if fail_create {
                     return Err("no /dev/kvm here".into());
                 }
@@ -311,7 +311,7 @@ fn names(evs: &[MigrationEvent], role: Role) -> Vec<String> {
 }
 
 fn ram_hash(ram: &GuestRam) -> u128 {
-    unsafe { ram.hash() }
+    ram.hash()
 }
 
 #[test]
@@ -325,7 +325,7 @@ fn live_idle_migrates_everything_and_announces() {
     let (target, dreport) = dst
         .join()
         .unwrap()
-        .map_err(|e| crate::source::anyhow_like(&e))
+        .map_err(|e| crate::engine::error_chain(&e))
         .unwrap();
     let report = report.unwrap();
 
@@ -597,7 +597,7 @@ fn corrupted_stream_is_caught_and_the_source_rolls_back() {
         let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
         assert!(!src.paused(), "corruption at {after}: {err}");
         let derr = dst.join().unwrap().unwrap_err();
-        let text = crate::source::anyhow_like(&derr);
+        let text = crate::engine::error_chain(&derr);
         assert!(text.contains("corrupted"), "corruption at {after}: {text}");
         let _ = std::fs::remove_file(events);
     }
@@ -614,7 +614,7 @@ fn destination_dying_mid_transfer_rolls_back() {
         assert!(!src.paused(), "cut at {after}: {err}");
         let derr = dst.join().unwrap().unwrap_err();
         assert!(
-            crate::source::anyhow_like(&derr).contains("closed"),
+            crate::engine::error_chain(&derr).contains("closed"),
             "cut at {after}: {derr}"
         );
         let _ = std::fs::remove_file(events);

@@ -1,8 +1,9 @@
 //! migrator: a small KVM VMM with pre-copy live and quick migration.
 //!
 //! The VMM core: [`vm::Vm`] (KVM, RAM, vCPU and I/O threads), [`memory`] (memslots and dirty tracking), [`boot`]
-//! (ELF, page tables, GDT, `BootInfo`), [`vcpu`], [`devices`] (COM1, virtio-mmio, virtio-net), [`tap`] and
-//! [`state`] (`Persist` and the versioned [`state::VmState`]). [`runner`] is `migrator run`.
+//! (ELF, page tables, GDT, `BootInfo`), [`vcpu`], [`bus`] (port and MMIO ranges mapped to devices), [`devices`]
+//! (COM1, virtio-mmio, virtio-net), [`tap`], [`persist`] (the `Persist` trait alone) and [`vm_state`] (the
+//! versioned [`vm_state::VmState`] of the whole VM). [`runner`] boots and runs a guest.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -30,7 +31,7 @@
 //!
 //! # Migration
 //!
-//! The engines work on two traits, [`migration::MigrationSource`] and [`migration::MigrationTarget`], and speak the
+//! The engines work on two traits, [`engine::MigrationSource`] and [`engine::MigrationTarget`], and speak the
 //! protocol of [`protocol`] over a [`transport`] (`tcp:HOST:PORT` or `unix:PATH`).
 //!
 //! ```text
@@ -89,24 +90,25 @@
 pub mod announce;
 pub mod api;
 pub mod boot;
-pub mod cli;
+pub mod bus;
+pub mod config;
 pub mod devices;
+pub mod engine;
 pub mod memory;
-pub mod migration;
-pub mod precopy;
+pub mod persist;
 pub mod protocol;
-pub mod quick;
 pub mod ram;
+pub mod ram_io;
 pub mod receive;
 pub mod runner;
+pub mod service;
 pub mod source;
-pub mod state;
 pub mod tap;
 pub mod transport;
-pub mod units;
 pub mod vcpu;
 pub mod vm;
 pub mod vm_migration;
+pub mod vm_state;
 
 #[cfg(test)]
 mod engine_tests;

@@ -10,8 +10,6 @@
 //! Both are read and cleared by [`Memory::take_dirty_pages`]. Pages are numbered by the flat page index of
 //! [`crate::ram`]: the pages of region 0, then those of region 1.
 
-use std::sync::Arc;
-
 use guest_abi::MMIO_BASE;
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
@@ -21,7 +19,7 @@ use vm_memory::{
     mmap::{FromRangesError, GuestRegionMmap},
 };
 
-use crate::ram::{DirtyBitmap, GuestRam, PAGE_SIZE, RamError, RamRegion};
+use crate::ram::{DirtyBitmap, PAGE_SIZE, RamError, RamRegion};
 
 /// Guest memory with the VMM-side dirty bitmap: every write made through it marks its pages.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -187,20 +185,6 @@ impl Memory {
             first_page += pages;
         }
         Ok(DirtyBitmap::from_words(flat, total))
-    }
-
-    /// The flat page view the migration engines use. It keeps the mapping alive on its own.
-    pub fn guest_ram(&self) -> Result<GuestRam, MemoryError> {
-        let triples: Vec<(u64, *mut u8, usize)> = self
-            .mem
-            .iter()
-            .map(|r| (r.start_addr().0, r.as_ptr(), r.len() as usize))
-            .collect();
-        let owner: Arc<dyn std::any::Any + Send + Sync> = Arc::new(self.mem.clone());
-        // SAFETY: every pointer is a live mapping of its length owned by the regions of `self.mem`; `owner` holds a
-        // clone of it (the regions are reference counted), so the mappings live as long as the view. Regions do not
-        // overlap in host memory (separate mmaps).
-        unsafe { GuestRam::new(&triples, owner) }.map_err(MemoryError::RamView)
     }
 }
 

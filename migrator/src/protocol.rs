@@ -32,9 +32,11 @@
 //! Every length, count, page number and address is checked before use. Bad input yields a [`ProtocolError`], never
 //! a panic.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, BufRead, IoSlice, Read, Write};
 
-use crate::ram::{GuestRam, PAGE_SIZE, RamRegion};
+use migevents::Mode;
+
+use crate::ram::{PAGE_SIZE, RamError, RamLayout, RamRegion, is_zero};
 
 /// "MIGMONVM", first field of [`Hello`].
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MIGMONVM");
@@ -158,11 +160,12 @@ impl TryFrom<u32> for Command {
     }
 }
 
-/// Migration mode, as sent in [`Hello`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WireMode {
-    Live = 1,
-    Quick = 2,
+/// The migration mode on the wire, in [`Hello`]: live 1, quick 2.
+fn mode_code(mode: Mode) -> u32 {
+    match mode {
+        Mode::Live => 1,
+        Mode::Quick => 2,
+    }
 }
 
 /// Everything that can go wrong reading or writing the stream.
@@ -202,6 +205,8 @@ pub enum ProtocolError {
     PageOutOfRange { page: u64, npages: u64, total: u64 },
     #[error("unexpected {got:?} message {during}")]
     Unexpected { got: Command, during: &'static str },
+    #[error("cannot store a page batch in guest RAM")]
+    Ram(#[from] RamError),
 }
 
 fn malformed(command: Command, what: impl Into<String>) -> ProtocolError {
@@ -264,7 +269,7 @@ impl<'a> Cursor<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub version: u32,
-    pub mode: WireMode,
+    pub mode: Mode,
     pub flags: u32,
     pub regions: Vec<RamRegion>,
     pub mac: [u8; 6],
@@ -341,7 +346,7 @@ impl Message {
                 flags = h.flags;
                 p.extend_from_slice(&MAGIC.to_le_bytes());
                 p.extend_from_slice(&h.version.to_le_bytes());
-                p.extend_from_slice(&(h.mode as u32).to_le_bytes());
+                p.extend_from_slice(&mode_code(h.mode).to_le_bytes());
                 p.extend_from_slice(&(h.regions.len() as u32).to_le_bytes());
                 p.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
                 for r in &h.regions {
@@ -463,8 +468,8 @@ fn decode_hello(c: &mut Cursor<'_>, flags: u32) -> Result<Hello, ProtocolError> 
         return Err(malformed(Command::Hello, format!("unknown flags {flags:#x}")));
     }
     let mode = match c.u32()? {
-        1 => WireMode::Live,
-        2 => WireMode::Quick,
+        1 => Mode::Live,
+        2 => Mode::Quick,
         m => return Err(malformed(Command::Hello, format!("unknown mode {m}"))),
     };
     let nregions = c.u32()?;
@@ -570,12 +575,42 @@ impl PageBatch {
     }
 
     /// Adds a zero page, merging it into the previous zero run when contiguous and in the same region.
-    pub fn push_zero(&mut self, ram: &GuestRam, page: u64) {
+    pub fn push_zero(&mut self, layout: &RamLayout, page: u64) {
+        self.push_run_page(layout, page, PAGE_ZERO);
+    }
+
+    /// Adds one page whose bytes `fill` writes into the batch. Returns `Ok(true)` if it held data, `Ok(false)` if
+    /// it was all zero (then it is added as a zero page, without data); the error of `fill` otherwise (the page is
+    /// then not added).
+    pub fn push_page_with<E>(
+        &mut self,
+        layout: &RamLayout,
+        page: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let start = self.data.len();
+        self.data.resize(start + PAGE_SIZE, 0);
+        if let Err(e) = fill(&mut self.data[start..]) {
+            self.data.truncate(start);
+            return Err(e);
+        }
+        if is_zero(&self.data[start..]) {
+            self.data.truncate(start);
+            self.push_zero(layout, page);
+            return Ok(false);
+        }
+        self.push_run_page(layout, page, 0);
+        Ok(true)
+    }
+
+    /// Extends the last run by `page` when it has the same flags, follows it and stays in its region; starts a run
+    /// otherwise.
+    fn push_run_page(&mut self, layout: &RamLayout, page: u64, flags: u32) {
         if let Some(last) = self.entries.last_mut()
-            && last.flags == PAGE_ZERO
+            && last.flags == flags
             && last.page + u64::from(last.npages) == page
             && last.npages < u32::MAX
-            && ram.run_in_one_region(last.page, u64::from(last.npages) + 1)
+            && layout.run_in_one_region(last.page, u64::from(last.npages) + 1)
         {
             last.npages += 1;
             return;
@@ -583,42 +618,8 @@ impl PageBatch {
         self.entries.push(PageRun {
             page,
             npages: 1,
-            flags: PAGE_ZERO,
+            flags,
         });
-    }
-
-    /// Copies one page out of `ram` and adds it. Returns `Ok(true)` if it held data, `Ok(false)` if it was all
-    /// zero (then it is added as a zero page); `Err` if the page is out of range.
-    pub fn push_page(&mut self, ram: &GuestRam, page: u64) -> Result<bool, ProtocolError> {
-        let start = self.data.len();
-        self.data.resize(start + PAGE_SIZE, 0);
-        if !ram.copy_out(page, 1, &mut self.data[start..]) {
-            self.data.truncate(start);
-            return Err(ProtocolError::PageOutOfRange {
-                page,
-                npages: 1,
-                total: ram.total_pages(),
-            });
-        }
-        if crate::ram::is_zero(&self.data[start..]) {
-            self.data.truncate(start);
-            self.push_zero(ram, page);
-            return Ok(false);
-        }
-        if let Some(last) = self.entries.last_mut()
-            && last.flags == 0
-            && last.page + u64::from(last.npages) == page
-            && ram.run_in_one_region(last.page, u64::from(last.npages) + 1)
-        {
-            last.npages += 1;
-        } else {
-            self.entries.push(PageRun {
-                page,
-                npages: 1,
-                flags: 0,
-            });
-        }
-        Ok(true)
     }
 
     /// Writes the batch as one `Pages` message (one `writev`) and empties it. Returns the bytes written.
@@ -768,6 +769,15 @@ pub struct PagesReceived {
     pub bytes: u64,
 }
 
+/// A read error as the protocol reports it: end of stream and timeouts by name.
+fn io_error(e: io::Error, during: &'static str) -> ProtocolError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => ProtocolError::Closed { during },
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProtocolError::Timeout { during },
+        _ => ProtocolError::Io(e),
+    }
+}
+
 /// Reads and checks messages.
 pub struct MessageReader<R> {
     input: R,
@@ -800,11 +810,7 @@ impl<R: Read> MessageReader<R> {
     }
 
     fn read_exact(&mut self, buf: &mut [u8], during: &'static str) -> Result<(), ProtocolError> {
-        self.input.read_exact(buf).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => ProtocolError::Closed { during },
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProtocolError::Timeout { during },
-            _ => ProtocolError::Io(e),
-        })?;
+        self.input.read_exact(buf).map_err(|e| io_error(e, during))?;
         self.bytes += buf.len() as u64;
         Ok(())
     }
@@ -861,20 +867,29 @@ impl<R: Read> MessageReader<R> {
             }),
         }
     }
+}
 
-    /// Reads a page batch straight into guest RAM.
+/// Where the contents of a page batch go (guest RAM at the destination). The reader has checked every run against
+/// the layout before the sink sees it.
+pub trait PageSink {
+    /// `data` belongs at byte `offset` of the run that starts at flat page `page` (a run arrives in pieces, in
+    /// order).
+    fn write(&mut self, page: u64, offset: usize, data: &[u8]) -> Result<(), RamError>;
+    /// The run of `npages` pages from `page` is all zero.
+    fn zero(&mut self, page: u64, npages: u64) -> Result<(), RamError>;
+}
+
+impl<R: BufRead> MessageReader<R> {
+    /// Reads a page batch and hands its runs to `sink` as they arrive, without a copy of the batch in between.
     ///
-    /// Every run is checked against `ram` before a byte is written. The checksum covers the whole payload and is
-    /// checked at the end: a corrupted batch has then already been written, so the caller must treat the error as
-    /// fatal for the migration (the destination's guest never runs with it).
-    ///
-    /// # Safety
-    /// The guest behind `ram` must not run, and nobody else may access its RAM during the call.
-    pub unsafe fn read_pages(
+    /// Every run is checked against `layout` before the sink sees a byte. The checksum covers the whole payload and
+    /// is checked at the end: a corrupted batch has then already reached the sink, so the caller must treat the
+    /// error as fatal for the migration (the destination's guest never runs with it).
+    pub fn read_pages(
         &mut self,
         header: &Header,
-        ram: &GuestRam,
-        maybe_nonzero: &mut crate::ram::DirtyBitmap,
+        layout: &RamLayout,
+        sink: &mut impl PageSink,
     ) -> Result<PagesReceived, ProtocolError> {
         let cmd = Command::Pages;
         if header.flags != 0 {
@@ -901,20 +916,40 @@ impl<R: Read> MessageReader<R> {
         }
         let mut entries = std::mem::take(&mut self.entries);
         entries.resize(entries_len, 0);
-        let res = self.read_entries(&mut entries, &mut crc, header, ram, round, maybe_nonzero);
+        let runs = self.read_runs(&mut entries, &mut crc, header, layout);
         self.entries = entries;
-        res
+        let mut out = PagesReceived {
+            round,
+            ..PagesReceived::default()
+        };
+        for r in &runs? {
+            let n = u64::from(r.npages);
+            if r.flags & PAGE_ZERO != 0 {
+                sink.zero(r.page, n)?;
+                out.zero_pages += n;
+            } else {
+                self.stream_run(r.page, n as usize * PAGE_SIZE, &mut crc, sink)?;
+                out.data_pages += n;
+            }
+        }
+        if crc.finalize() != header.crc {
+            return Err(ProtocolError::Checksum {
+                command: cmd,
+                sequence: header.sequence,
+            });
+        }
+        out.bytes = HEADER_SIZE as u64 + header.length;
+        Ok(out)
     }
 
-    fn read_entries(
+    /// Reads the entry table and checks each run (known flags, inside one region) and the payload length.
+    fn read_runs(
         &mut self,
         entries: &mut [u8],
         crc: &mut crc32fast::Hasher,
         header: &Header,
-        ram: &GuestRam,
-        round: u32,
-        maybe_nonzero: &mut crate::ram::DirtyBitmap,
-    ) -> Result<PagesReceived, ProtocolError> {
+        layout: &RamLayout,
+    ) -> Result<Vec<PageRun>, ProtocolError> {
         let cmd = Command::Pages;
         self.read_exact(entries, "inside a page batch")?;
         crc.update(entries);
@@ -933,19 +968,15 @@ impl<R: Read> MessageReader<R> {
             })
             .collect();
         let mut data_bytes = 0u64;
-        let mut out = PagesReceived {
-            round,
-            ..PagesReceived::default()
-        };
         for r in &runs {
             if r.flags & !PAGE_ZERO != 0 {
                 return Err(malformed(cmd, format!("unknown page flags {:#x}", r.flags)));
             }
-            if r.npages == 0 || !ram.run_in_one_region(r.page, u64::from(r.npages)) {
+            if !layout.run_in_one_region(r.page, u64::from(r.npages)) {
                 return Err(ProtocolError::PageOutOfRange {
                     page: r.page,
                     npages: u64::from(r.npages),
-                    total: ram.total_pages(),
+                    total: layout.total_pages(),
                 });
             }
             if r.flags & PAGE_ZERO == 0 {
@@ -961,53 +992,94 @@ impl<R: Read> MessageReader<R> {
                 ),
             ));
         }
-        for r in &runs {
-            let n = u64::from(r.npages);
-            if r.flags & PAGE_ZERO != 0 {
-                // SAFETY: the caller promises the guest is stopped; the run was range-checked above.
-                unsafe { ram.zero_run(r.page, n, maybe_nonzero) };
-                out.zero_pages += n;
-                continue;
-            }
-            // SAFETY: range-checked above; the caller promises exclusive access with the guest stopped.
-            let Some(dst) = (unsafe { ram.run_mut(r.page, n) }) else {
-                return Err(ProtocolError::PageOutOfRange {
-                    page: r.page,
-                    npages: n,
-                    total: ram.total_pages(),
-                });
+        Ok(runs)
+    }
+
+    /// Moves `len` bytes of a data run from the input's buffer to the sink, checksumming them on the way.
+    fn stream_run(
+        &mut self,
+        page: u64,
+        len: usize,
+        crc: &mut crc32fast::Hasher,
+        sink: &mut impl PageSink,
+    ) -> Result<(), ProtocolError> {
+        let during = "inside a page batch";
+        let mut done = 0;
+        while done < len {
+            let chunk = match self.input.fill_buf() {
+                Ok([]) => return Err(ProtocolError::Closed { during }),
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_error(e, during)),
             };
-            self.read_exact(dst, "inside a page batch")?;
-            crc.update(dst);
-            for p in r.page..r.page + n {
-                maybe_nonzero.set(p);
-            }
-            out.data_pages += n;
+            let take = chunk.len().min(len - done);
+            crc.update(&chunk[..take]);
+            sink.write(page, done, &chunk[..take])?;
+            self.input.consume(take);
+            self.bytes += take as u64;
+            done += take;
         }
-        if crc.clone().finalize() != header.crc {
-            return Err(ProtocolError::Checksum {
-                command: cmd,
-                sequence: header.sequence,
-            });
-        }
-        out.bytes = HEADER_SIZE as u64 + header.length;
-        Ok(out)
+        Ok(())
     }
 }
 
 #[cfg(test)]
-#[expect(
-    clippy::undocumented_unsafe_blocks,
-    reason = "test RAM is never run by a guest"
-)]
 mod tests {
+    use std::convert::Infallible;
+
     use super::*;
-    use crate::ram::DirtyBitmap;
+
+    /// Guest RAM as a plain vector, flat page index over `layout`.
+    struct VecRam {
+        layout: RamLayout,
+        bytes: Vec<u8>,
+    }
+
+    impl VecRam {
+        fn new(regions: &[RamRegion]) -> Self {
+            let layout = RamLayout::new(regions).unwrap();
+            let bytes = vec![0; layout.total_bytes() as usize];
+            Self { layout, bytes }
+        }
+
+        fn page(&self, p: u64) -> &[u8] {
+            &self.bytes[p as usize * PAGE_SIZE..][..PAGE_SIZE]
+        }
+
+        fn fill(&mut self, p: u64, v: u8) {
+            self.bytes[p as usize * PAGE_SIZE..][..PAGE_SIZE].fill(v);
+        }
+
+        fn total_pages(&self) -> u64 {
+            self.layout.total_pages()
+        }
+    }
+
+    impl PageSink for VecRam {
+        fn write(&mut self, page: u64, offset: usize, data: &[u8]) -> Result<(), RamError> {
+            let at = page as usize * PAGE_SIZE + offset;
+            self.bytes[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero(&mut self, page: u64, npages: u64) -> Result<(), RamError> {
+            self.bytes[page as usize * PAGE_SIZE..][..npages as usize * PAGE_SIZE].fill(0);
+            Ok(())
+        }
+    }
+
+    /// Adds page `p` of `src` to the batch.
+    fn push(b: &mut PageBatch, src: &VecRam, p: u64) -> bool {
+        b.push_page_with(&src.layout, p, |buf| {
+            buf.copy_from_slice(src.page(p));
+            Ok::<(), Infallible>(())
+        })
+        .unwrap()
+    }
 
     fn hello() -> Hello {
         Hello {
             version: VERSION,
-            mode: WireMode::Live,
+            mode: Mode::Live,
             flags: HELLO_VERIFY,
             regions: vec![RamRegion {
                 gpa: 0,
@@ -1042,12 +1114,11 @@ mod tests {
         ]
     }
 
-    fn ram() -> GuestRam {
-        GuestRam::anonymous(&[RamRegion {
+    fn ram() -> VecRam {
+        VecRam::new(&[RamRegion {
             gpa: 0,
             size: 64 * 4096,
         }])
-        .unwrap()
     }
 
     #[test]
@@ -1065,34 +1136,34 @@ mod tests {
     }
 
     /// A stream with a hello, one page batch (data and zero runs) and a complete.
-    fn page_stream(src: &GuestRam) -> Vec<u8> {
+    fn page_stream(src: &VecRam) -> Vec<u8> {
         let mut w = MessageWriter::new(Vec::new());
         w.send(&Message::Hello(hello())).unwrap();
         let mut b = PageBatch::new(1 << 20);
         b.round = 2;
         for p in 0..src.total_pages() {
-            b.push_page(src, p).unwrap();
+            push(&mut b, src, p);
         }
         b.flush(&mut w).unwrap();
         w.send(&Message::Complete { paused_ns: 1 }).unwrap();
         w.into_inner()
     }
 
-    fn source_ram() -> GuestRam {
-        let src = ram();
+    fn source_ram() -> VecRam {
+        let mut src = ram();
         for (p, v) in [(1u64, 1u8), (2, 2), (3, 3), (10, 10), (63, 63)] {
-            unsafe { src.run_mut(p, 1).unwrap().fill(v) };
+            src.fill(p, v);
         }
         src
     }
 
-    fn receive(stream: &[u8], dst: &GuestRam) -> Result<Vec<PagesReceived>, ProtocolError> {
+    fn receive(stream: &[u8], dst: &mut VecRam) -> Result<Vec<PagesReceived>, ProtocolError> {
         let mut r = MessageReader::new(stream);
-        let mut maybe = dst.resident_pages();
+        let layout = dst.layout.clone();
         let mut got = Vec::new();
         loop {
             match r.recv()? {
-                Incoming::Pages(h) => got.push(unsafe { r.read_pages(&h, dst, &mut maybe)? }),
+                Incoming::Pages(h) => got.push(r.read_pages(&h, &layout, dst)?),
                 Incoming::Message(Message::Complete { .. }) => return Ok(got),
                 Incoming::Message(_) => {}
             }
@@ -1103,16 +1174,16 @@ mod tests {
     fn pages_round_trip_with_zero_runs() {
         let src = source_ram();
         let stream = page_stream(&src);
-        let dst = ram();
+        let mut dst = ram();
         // A page that is non-zero at the destination but zero at the source must come out zero.
-        unsafe { dst.run_mut(20, 1).unwrap().fill(0xee) };
-        let got = receive(&stream, &dst).unwrap();
+        dst.fill(20, 0xee);
+        let got = receive(&stream, &mut dst).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].round, 2);
         assert_eq!(got[0].data_pages, 5);
         assert_eq!(got[0].zero_pages, 59);
-        assert_eq!(unsafe { src.hash() }, unsafe { dst.hash() });
-        assert_eq!(unsafe { dst.run(20, 1).unwrap()[0] }, 0);
+        assert!(src.bytes == dst.bytes, "the destination holds the source's pages");
+        assert_eq!(dst.page(20)[0], 0);
     }
 
     #[test]
@@ -1120,7 +1191,7 @@ mod tests {
         let src = source_ram();
         let mut b = PageBatch::new(1 << 20);
         for p in 0..src.total_pages() {
-            b.push_page(&src, p).unwrap();
+            push(&mut b, &src, p);
         }
         // zero 0, data 1-3, zero 4-9, data 10, zero 11-62, data 63
         let shape: Vec<(u64, u32, u32)> = b.entries.iter().map(|e| (e.page, e.npages, e.flags)).collect();
@@ -1141,16 +1212,9 @@ mod tests {
     /// Flipping any single byte of the stream must give an error, never a panic, and never a silent success.
     #[test]
     fn every_single_byte_corruption_is_caught() {
-        let small = || {
-            GuestRam::anonymous(&[RamRegion {
-                gpa: 0,
-                size: 64 * 4096,
-            }])
-            .unwrap()
-        };
-        let src = small();
+        let mut src = ram();
         for (p, v) in [(1u64, 1u8), (2, 2), (9, 9)] {
-            unsafe { src.run_mut(p, 1).unwrap().fill(v) };
+            src.fill(p, v);
         }
         let stream = page_stream(&src);
         for i in 0..stream.len() {
@@ -1162,9 +1226,9 @@ mod tests {
             for flip in flips {
                 let mut bad = stream.clone();
                 bad[i] ^= flip;
-                let dst = small();
+                let mut dst = ram();
                 assert!(
-                    receive(&bad, &dst).is_err(),
+                    receive(&bad, &mut dst).is_err(),
                     "corruption at byte {i} (^{flip:#x}) went unnoticed"
                 );
             }
@@ -1176,8 +1240,8 @@ mod tests {
         let src = source_ram();
         let stream = page_stream(&src);
         for cut in 0..stream.len() {
-            let dst = ram();
-            let err = receive(&stream[..cut], &dst).unwrap_err();
+            let mut dst = ram();
+            let err = receive(&stream[..cut], &mut dst).unwrap_err();
             assert!(matches!(err, ProtocolError::Closed { .. }), "cut at {cut}: {err}");
         }
     }
@@ -1206,7 +1270,7 @@ mod tests {
     /// Well-checksummed but semantically bad batches: out-of-range pages, runs across regions, length mismatches.
     #[test]
     fn bad_page_batches_are_rejected() {
-        let dst = GuestRam::anonymous(&[
+        let mut dst = VecRam::new(&[
             RamRegion {
                 gpa: 0,
                 size: 8 * 4096,
@@ -1215,8 +1279,8 @@ mod tests {
                 gpa: 1 << 32,
                 size: 8 * 4096,
             },
-        ])
-        .unwrap();
+        ]);
+        let layout = dst.layout.clone();
         let entry = |page: u64, npages: u32, flags: u32| {
             let mut e = Vec::new();
             e.extend_from_slice(&page.to_le_bytes());
@@ -1249,9 +1313,8 @@ mod tests {
         ];
         for (what, stream) in cases {
             let mut r = MessageReader::new(&stream[..]);
-            let mut maybe = DirtyBitmap::new(16);
             let res = match r.recv().unwrap() {
-                Incoming::Pages(h) => unsafe { r.read_pages(&h, &dst, &mut maybe) },
+                Incoming::Pages(h) => r.read_pages(&h, &layout, &mut dst),
                 Incoming::Message(m) => panic!("{what}: got {m:?}"),
             };
             assert!(res.is_err(), "{what} was accepted");
@@ -1263,11 +1326,10 @@ mod tests {
             vec![5; 4096],
         );
         let mut r = MessageReader::new(&ok[..]);
-        let mut maybe = DirtyBitmap::new(16);
         let Incoming::Pages(h) = r.recv().unwrap() else {
             panic!()
         };
-        let got = unsafe { r.read_pages(&h, &dst, &mut maybe) }.unwrap();
+        let got = r.read_pages(&h, &layout, &mut dst).unwrap();
         assert_eq!((got.data_pages, got.zero_pages), (1, 7));
     }
 

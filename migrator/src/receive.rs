@@ -1,7 +1,7 @@
 //! The destination side: accept one migration, restore, resume, announce, acknowledge.
 //!
 //! The receiver never holds more than one message of page data: page batches are read straight into guest RAM
-//! (at most [`crate::source::BATCH_BYTES`] plus the entry table per message), so its own memory does not grow with
+//! (at most [`crate::source::session::BATCH_BYTES`] plus the entry table per message), so its own memory does not grow with
 //! the guest or the round.
 
 use std::{
@@ -11,16 +11,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use migevents::{Mode, Phase, Role};
+use migevents::{Phase, Role};
+use migmon_base::MacAddr;
 
 use crate::{
     announce::{AnnounceSchedule, rarp_frame},
-    migration::{Events, MigrationError, MigrationTarget, Tracker, VmError, mac_string},
+    engine::{BoxedVmError, Events, MigrationError, MigrationTarget, Tracker, error_chain},
     protocol::{
-        Ack, HELLO_VERIFY, Hello, Incoming, Message, MessageReader, MessageWriter, ProtocolError, WireMode,
+        Ack, Command, HELLO_VERIFY, Hello, Incoming, Message, MessageReader, MessageWriter, ProtocolError,
+        RoundEnd,
     },
-    ram::{DirtyBitmap, GuestRam},
-    source::anyhow_like,
+    ram::{DirtyBitmap, RamRegion},
+    ram_io::{GuestRam, RamSink},
     transport::Stream,
 };
 
@@ -70,7 +72,7 @@ pub struct ReceiveReport {
 }
 
 /// The layout of a RAM, as text for error messages.
-fn layout_text(r: &[crate::ram::RamRegion]) -> String {
+fn layout_text(r: &[RamRegion]) -> String {
     r.iter()
         .map(|r| format!("{:#x}+{:#x}", r.gpa, r.size))
         .collect::<Vec<_>>()
@@ -87,7 +89,7 @@ pub fn receive<T, F>(
 ) -> Result<(T, ReceiveReport), MigrationError>
 where
     T: MigrationTarget,
-    F: FnOnce(&Hello) -> Result<T, VmError>,
+    F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
 {
     let started = Instant::now();
     let io = |e| MigrationError::Protocol(ProtocolError::Io(e));
@@ -100,32 +102,20 @@ where
     let mut writer = MessageWriter::new(stream);
     tracker.update(|s| s.state = "receiving".into());
 
-    let hello = match reader.recv_message("waiting for the hello") {
-        Ok(Message::Hello(h)) => h,
-        Ok(other) => {
-            let e: MigrationError = ProtocolError::Unexpected {
-                got: other.command(),
-                during: "waiting for the hello",
-            }
-            .into();
-            return Err(abort(&mut writer, None, e));
-        }
-        Err(e) => return Err(abort(&mut writer, None, e.into())),
+    let hello = match read_hello(&mut reader) {
+        Ok(h) => h,
+        Err(e) => return Err(abort(&mut writer, None, e)),
     };
-    let mode = match hello.mode {
-        WireMode::Live => Mode::Live,
-        WireMode::Quick => Mode::Quick,
-    };
+    let mode = hello.mode;
     let mut events = Events::open(
         opts.events.as_deref(),
         &hello.migration_id,
-        &mac_string(&hello.mac),
+        &MacAddr(hello.mac).to_string(),
         Role::Destination,
     );
-    let total_bytes: u64 = hello.regions.iter().map(|r| r.size).sum();
     events.emit(Phase::Setup {
         mode,
-        ram_bytes: total_bytes,
+        ram_bytes: hello.regions.iter().map(|r| r.size).sum(),
         ips: Vec::new(),
         host: opts.host.clone(),
         // Frames that reach the source tap during the pause are delivered to the guest at resume.
@@ -133,47 +123,31 @@ where
     });
     tracker.update(|s| {
         s.migration_id = Some(hello.migration_id.clone());
-        s.mode = Some(crate::migration::mode_name(mode).into());
+        s.mode = Some(crate::engine::mode_name(mode).into());
     });
-    let mut target = match create(&hello) {
+    let (mut target, ram) = match create_target(create, &hello) {
         Ok(t) => t,
-        Err(source) => {
-            let e = MigrationError::Vm {
-                op: "be created for restore",
-                source,
-            };
-            return Err(abort(&mut writer, Some(&mut events), e));
-        }
+        Err(e) => return Err(abort(&mut writer, Some(&mut events), e)),
     };
-    let ram = target.guest_ram();
-    if ram.layout() != hello.regions {
-        let e = MigrationError::LayoutMismatch {
-            ours: layout_text(&hello.regions),
-            theirs: layout_text(&ram.layout()),
-        };
-        return Err(abort(&mut writer, Some(&mut events), e));
-    }
     let mut report = ReceiveReport {
         migration_id: hello.migration_id.clone(),
-        mode: crate::migration::mode_name(mode).into(),
-        mac: mac_string(&hello.mac),
+        mode: crate::engine::mode_name(mode).into(),
+        mac: MacAddr(hello.mac).to_string(),
         verified: hello.flags & HELLO_VERIFY != 0,
         ..ReceiveReport::default()
     };
-    match run(
-        &mut target,
-        &ram,
-        &hello,
-        &mut reader,
-        &mut writer,
-        &mut events,
-        opts,
-        tracker,
-        &mut report,
-    ) {
-        Ok(()) => {}
-        Err(e) => return Err(abort(&mut writer, Some(&mut events), e)),
+    let mut session = ReceiveSession {
+        reader,
+        writer,
+        events,
+        report: &mut report,
+    };
+    if let Err(e) = session.run(&mut target, &ram, &hello, opts, tracker) {
+        return Err(abort(&mut session.writer, Some(&mut session.events), e));
     }
+    let ReceiveSession {
+        reader, mut events, ..
+    } = session;
     // The guest runs here now: finish the announce while draining the source's last frames.
     finish(&mut target, reader, &hello, &mut events, opts, &mut report);
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -186,13 +160,42 @@ where
     Ok((target, report))
 }
 
+/// The first message, which must be the hello.
+fn read_hello(reader: &mut MessageReader<BufReader<Stream>>) -> Result<Hello, MigrationError> {
+    match reader.recv_message("waiting for the hello")? {
+        Message::Hello(h) => Ok(h),
+        other => Err(ProtocolError::Unexpected {
+            got: other.command(),
+            during: "waiting for the hello",
+        }
+        .into()),
+    }
+}
+
+/// Builds the VM the hello describes and checks that its RAM layout is the source's.
+fn create_target<T, F>(create: F, hello: &Hello) -> Result<(T, GuestRam), MigrationError>
+where
+    T: MigrationTarget,
+    F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
+{
+    let target = create(hello).map_err(MigrationError::vm("be created for restore"))?;
+    let ram = target.guest_ram();
+    if ram.regions() != hello.regions {
+        return Err(MigrationError::LayoutMismatch {
+            ours: layout_text(&hello.regions),
+            theirs: layout_text(&ram.regions()),
+        });
+    }
+    Ok((target, ram))
+}
+
 /// Tells the source (best effort) and the monitor why, and returns the error.
 fn abort(
     writer: &mut MessageWriter<Stream>,
     events: Option<&mut Events>,
     e: MigrationError,
 ) -> MigrationError {
-    let reason = anyhow_like(&e);
+    let reason = error_chain(&e);
     if !matches!(e, MigrationError::SourceAborted { .. }) {
         let _ignored = writer.send(&Message::Abort(reason.clone()));
     }
@@ -203,131 +206,172 @@ fn abort(
     e
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the parts are the receive session"
-)]
-fn run<T: MigrationTarget>(
-    target: &mut T,
-    ram: &GuestRam,
-    hello: &Hello,
-    reader: &mut MessageReader<BufReader<Stream>>,
-    writer: &mut MessageWriter<Stream>,
-    events: &mut Events,
-    opts: &ReceiveOptions,
-    tracker: &Tracker,
-    report: &mut ReceiveReport,
-) -> Result<(), MigrationError> {
-    // Pages never touched here read as zero and need no zeroing.
-    let mut maybe_nonzero: DirtyBitmap = ram.resident_pages();
-    writer.send(&Message::HelloAck)?;
-    let mut state = None;
-    let mut hash = None;
-    let mut frames: Vec<Vec<u8>> = Vec::new();
-    let paused_ns = loop {
-        match reader.recv()? {
-            Incoming::Pages(h) => {
-                // SAFETY: the target has not been resumed: its guest does not run, and nothing else touches its
-                // RAM until `resume` below.
-                let got = unsafe { reader.read_pages(&h, ram, &mut maybe_nonzero)? };
-                report.data_pages += got.data_pages;
-                report.zero_pages += got.zero_pages;
-            }
-            Incoming::Message(Message::RoundEnd(r)) => {
-                report.rounds = r.round + 1;
-                events.emit(Phase::Round {
-                    n: r.round,
-                    pages: r.pages,
-                    bytes: r.bytes,
-                    bandwidth: r.bandwidth,
-                });
-                tracker.update(|s| {
-                    s.iteration = r.round;
-                    s.bandwidth = r.bandwidth;
-                    s.bytes_sent = reader.bytes();
-                });
-            }
-            Incoming::Message(Message::Verify(h)) => hash = Some(h),
-            Incoming::Message(Message::State(s)) => state = Some(s),
-            Incoming::Message(Message::Frames(f)) => {
-                if frames.len() + f.len() > 1 << 16 {
-                    return Err(ProtocolError::Malformed {
-                        command: crate::protocol::Command::Frames,
-                        what: "more than 65536 frames queued at the source".into(),
+/// What the source sent up to `Complete`.
+struct Received {
+    state: Vec<u8>,
+    hash: Option<u128>,
+    frames: Vec<Vec<u8>>,
+    /// The source's `CLOCK_MONOTONIC` ns at pause.
+    paused_ns: u64,
+}
+
+/// The receive session once the target exists: the stream both ways, the events and the report.
+struct ReceiveSession<'r> {
+    reader: MessageReader<BufReader<Stream>>,
+    writer: MessageWriter<Stream>,
+    events: Events,
+    report: &'r mut ReceiveReport,
+}
+
+impl ReceiveSession<'_> {
+    /// Acknowledges the hello, receives everything, restores, checks the hash, resumes, announces and acks.
+    fn run<T: MigrationTarget>(
+        &mut self,
+        target: &mut T,
+        ram: &GuestRam,
+        hello: &Hello,
+        opts: &ReceiveOptions,
+        tracker: &Tracker,
+    ) -> Result<(), MigrationError> {
+        self.writer.send(&Message::HelloAck)?;
+        let received = self.receive_until_complete(ram, tracker)?;
+        self.events.emit(Phase::StateSent);
+        self.report.state_bytes = received.state.len() as u64;
+        let t_restore = Instant::now();
+        target
+            .restore_state(&received.state)
+            .map_err(MigrationError::vm("restore its state"))?;
+        let mut restore = t_restore.elapsed();
+        if hello.flags & HELLO_VERIFY != 0 {
+            verify(ram, received.hash)?;
+        }
+        let t_resume = Instant::now();
+        target.resume().map_err(MigrationError::vm("resume"))?;
+        restore += t_resume.elapsed();
+        self.report.restore_us = restore.as_micros() as u64;
+        let resumed_ns = self.events.emit(Phase::Resume);
+        self.report.resumed_ns = resumed_ns;
+        self.report.pause_ms = resumed_ns.saturating_sub(received.paused_ns) as f64 / 1e6;
+        self.report.forwarded_frames += received.frames.len() as u64;
+        if !received.frames.is_empty()
+            && let Err(e) = target.deliver_frames(received.frames)
+        {
+            eprintln!("migrator: warning: could not deliver forwarded frames: {e}");
+        }
+        // The first announce goes out before the ack, so the bridges re-learn as early as possible.
+        if opts.announce.rounds > 0 {
+            announce(target, hello.mac, 0, &mut self.events, self.report);
+        }
+        self.writer.send(&Message::Ack(Ack {
+            resumed_ns,
+            restore_us: self.report.restore_us,
+        }))?;
+        self.report.bytes = self.reader.bytes() + self.writer.bytes();
+        Ok(())
+    }
+
+    /// Pages go straight into guest RAM; the rest is kept until `Complete`.
+    fn receive_until_complete(
+        &mut self,
+        ram: &GuestRam,
+        tracker: &Tracker,
+    ) -> Result<Received, MigrationError> {
+        // Pages never touched here read as zero and need no zeroing.
+        let mut maybe_nonzero: DirtyBitmap = ram.resident_pages();
+        let mut state = None;
+        let mut hash = None;
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let message = match self.reader.recv()? {
+                Incoming::Pages(h) => {
+                    // The target has not been resumed: its guest does not run and nothing else writes its RAM.
+                    let mut sink = RamSink {
+                        ram,
+                        maybe_nonzero: &mut maybe_nonzero,
+                    };
+                    let got = self.reader.read_pages(&h, ram.layout(), &mut sink)?;
+                    self.report.data_pages += got.data_pages;
+                    self.report.zero_pages += got.zero_pages;
+                    continue;
+                }
+                Incoming::Message(m) => m,
+            };
+            match message {
+                Message::RoundEnd(r) => self.end_round(&r, tracker),
+                Message::Verify(h) => hash = Some(h),
+                Message::State(s) => state = Some(s),
+                Message::Frames(f) => {
+                    if frames.len() + f.len() > 1 << 16 {
+                        return Err(malformed(
+                            Command::Frames,
+                            "more than 65536 frames queued at the source",
+                        ));
+                    }
+                    frames.extend(f);
+                }
+                Message::Complete { paused_ns } => {
+                    let state =
+                        state.ok_or_else(|| malformed(Command::Complete, "complete before any state"))?;
+                    return Ok(Received {
+                        state,
+                        hash,
+                        frames,
+                        paused_ns,
+                    });
+                }
+                Message::Abort(reason) => return Err(MigrationError::SourceAborted { reason }),
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        got: other.command(),
+                        during: "receiving the migration",
                     }
                     .into());
                 }
-                frames.extend(f);
-            }
-            Incoming::Message(Message::Complete { paused_ns }) => break paused_ns,
-            Incoming::Message(Message::Abort(reason)) => {
-                return Err(MigrationError::SourceAborted { reason });
-            }
-            Incoming::Message(other) => {
-                return Err(ProtocolError::Unexpected {
-                    got: other.command(),
-                    during: "receiving the migration",
-                }
-                .into());
             }
         }
+    }
+
+    fn end_round(&mut self, r: &RoundEnd, tracker: &Tracker) {
+        self.report.rounds = r.round + 1;
+        self.events.emit(Phase::Round {
+            n: r.round,
+            pages: r.pages,
+            bytes: r.bytes,
+            bandwidth: r.bandwidth,
+        });
+        tracker.update(|s| {
+            s.iteration = r.round;
+            s.bandwidth = r.bandwidth;
+            s.bytes_sent = self.reader.bytes();
+        });
+    }
+}
+
+fn malformed(command: Command, what: &str) -> MigrationError {
+    ProtocolError::Malformed {
+        command,
+        what: what.into(),
+    }
+    .into()
+}
+
+/// Compares the RAM hash here with the source's, before the guest runs.
+fn verify(ram: &GuestRam, source_hash: Option<u128>) -> Result<(), MigrationError> {
+    let Some(source_hash) = source_hash else {
+        return Err(malformed(
+            Command::Complete,
+            "verification was announced but no hash came",
+        ));
     };
-    let Some(state) = state else {
-        return Err(ProtocolError::Malformed {
-            command: crate::protocol::Command::Complete,
-            what: "complete before any state".into(),
-        }
-        .into());
-    };
-    events.emit(Phase::StateSent);
-    report.state_bytes = state.len() as u64;
-    let t_restore = Instant::now();
-    target
-        .restore_state(&state)
-        .map_err(MigrationError::vm("restore its state"))?;
-    let mut restore = t_restore.elapsed();
-    if hello.flags & HELLO_VERIFY != 0 {
-        let Some(source_hash) = hash else {
-            return Err(ProtocolError::Malformed {
-                command: crate::protocol::Command::Complete,
-                what: "verification was announced but no hash came".into(),
-            }
-            .into());
-        };
-        // SAFETY: the guest has not run yet; nothing writes its RAM.
-        let here = unsafe { ram.hash() };
-        if here != source_hash {
-            eprintln!(
-                "migrator: RAM VERIFICATION FAILED: source {source_hash:032x} != destination {here:032x}"
-            );
-            return Err(MigrationError::VerifyMismatch {
-                source_hash,
-                destination: here,
-            });
-        }
+    // The guest has not run yet: nothing writes its RAM.
+    let here = ram.hash();
+    if here != source_hash {
+        eprintln!("migrator: RAM VERIFICATION FAILED: source {source_hash:032x} != destination {here:032x}");
+        return Err(MigrationError::VerifyMismatch {
+            source_hash,
+            destination: here,
+        });
     }
-    let t_resume = Instant::now();
-    target.resume().map_err(MigrationError::vm("resume"))?;
-    restore += t_resume.elapsed();
-    report.restore_us = restore.as_micros() as u64;
-    let resumed_ns = events.emit(Phase::Resume);
-    report.resumed_ns = resumed_ns;
-    report.pause_ms = resumed_ns.saturating_sub(paused_ns) as f64 / 1e6;
-    report.forwarded_frames += frames.len() as u64;
-    if !frames.is_empty()
-        && let Err(e) = target.deliver_frames(frames)
-    {
-        eprintln!("migrator: warning: could not deliver forwarded frames: {e}");
-    }
-    // The first announce goes out before the ack, so the bridges re-learn as early as possible.
-    if opts.announce.rounds > 0 {
-        announce(target, hello.mac, 0, events, report);
-    }
-    writer.send(&Message::Ack(Ack {
-        resumed_ns,
-        restore_us: report.restore_us,
-    }))?;
-    report.bytes = reader.bytes() + writer.bytes();
     Ok(())
 }
 

@@ -6,8 +6,9 @@
 //! cloud-hypervisor do.
 //!
 //! Exits handled (there is no in-kernel irqchip, so there are no interrupts):
-//! - port I/O: COM1 (log), [`PORT_SLEEP_US`], [`PORT_EXIT`], [`PORT_MARK`];
-//! - MMIO: the virtio-mmio window;
+//! - port I/O: the VMM's own ports ([`PORT_SLEEP_US`], [`PORT_IDLE`], [`PORT_MARK`], [`PORT_EXIT`]) here, every
+//!   other port on the port [`Bus`] (COM1);
+//! - MMIO: the MMIO [`Bus`] (the virtio-mmio window);
 //! - `hlt`: the thread sleeps until the guest's timer is due, a frame was delivered, or a message arrives, then
 //!   re-enters the guest, which continues after its `hlt`. An idle guest therefore costs almost nothing.
 
@@ -20,9 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guest_abi::{
-    GuestMark, MMIO_BASE, MMIO_SIZE, PORT_EXIT, PORT_IDLE, PORT_MARK, PORT_SERIAL, PORT_SLEEP_US,
-};
+use guest_abi::{GuestMark, PORT_EXIT, PORT_IDLE, PORT_MARK, PORT_SLEEP_US};
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
     kvm_vcpu_events,
@@ -30,7 +29,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{net::NetDevice, serial::Serial, virtio_mmio::MmioTransport};
+use crate::bus::Bus;
 
 /// `MSR_IA32_TSC`.
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -324,11 +323,11 @@ impl Waker {
     }
 }
 
-/// The devices and shared objects the exits reach.
+/// What the exits reach: the port and MMIO buses with the devices on them, the waker and the guest status.
 #[derive(Debug)]
 pub struct ExitContext {
-    pub serial: Mutex<Serial>,
-    pub net: Arc<Mutex<MmioTransport<NetDevice>>>,
+    pub pio: Bus,
+    pub mmio: Bus,
     pub waker: Arc<Waker>,
     pub status: Arc<GuestStatus>,
 }
@@ -643,111 +642,103 @@ impl Vcpu {
         let result = self.fd.run();
         self.stats.exits += 1;
         let exit = match result {
-            Ok(exit) => {
-                self.pending_io = matches!(
-                    exit,
-                    VcpuExit::IoIn(..)
-                        | VcpuExit::IoOut(..)
-                        | VcpuExit::MmioRead(..)
-                        | VcpuExit::MmioWrite(..)
-                );
-                exit
-            }
+            Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 return Step::Continue;
             }
             Err(e) => return Step::Exit(GuestExit::Crashed(format!("KVM_RUN failed: {e}"))),
         };
+        self.pending_io = matches!(
+            exit,
+            VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)
+        );
         match exit {
             VcpuExit::IoOut(port, data) => {
                 self.stats.pio += 1;
-                let value = le_u32(data);
-                match port {
-                    p if (PORT_SERIAL..PORT_SERIAL + 8).contains(&p) => {
-                        let mut serial = ctx
-                            .serial
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        for b in data {
-                            serial.write((p - PORT_SERIAL) as u8, *b);
-                        }
-                    }
-                    PORT_SLEEP_US => {
-                        self.sleep_deadline = (value != u32::MAX)
-                            .then(|| Instant::now() + Duration::from_micros(u64::from(value)));
-                    }
-                    PORT_IDLE => {
-                        self.sleep_deadline = (value != u32::MAX)
-                            .then(|| Instant::now() + Duration::from_micros(u64::from(value)));
+                match control_port(port, le_u32(data)) {
+                    Some(Control::Sleep(deadline)) => self.sleep_deadline = deadline,
+                    Some(Control::Idle(deadline)) => {
+                        self.sleep_deadline = deadline;
                         return Step::Halt;
                     }
-                    PORT_MARK => ctx.status.record_mark(value),
-                    PORT_EXIT => return Step::Exit(GuestExit::Status(value)),
-                    _ => {}
+                    Some(Control::Mark(mark)) => ctx.status.record_mark(mark),
+                    Some(Control::Exit(status)) => return Step::Exit(GuestExit::Status(status)),
+                    None => {
+                        ctx.pio.write(u64::from(port), data);
+                    }
                 }
                 Step::Continue
             }
             VcpuExit::IoIn(port, data) => {
                 self.stats.pio += 1;
-                if (PORT_SERIAL..PORT_SERIAL + 8).contains(&port) {
-                    let v = ctx
-                        .serial
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .read((port - PORT_SERIAL) as u8);
-                    data.fill(0);
-                    if let Some(b) = data.first_mut() {
-                        *b = v;
-                    }
-                } else {
-                    data.fill(0xff);
-                }
+                ctx.pio.read(u64::from(port), data);
                 Step::Continue
             }
             VcpuExit::MmioRead(addr, data) => {
                 self.stats.mmio += 1;
-                if (MMIO_BASE..MMIO_BASE + MMIO_SIZE).contains(&addr) {
-                    ctx.net
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .read(addr - MMIO_BASE, data);
-                } else {
-                    data.fill(0xff);
-                }
+                ctx.mmio.read(addr, data);
                 Step::Continue
             }
             VcpuExit::MmioWrite(addr, data) => {
                 self.stats.mmio += 1;
-                if (MMIO_BASE..MMIO_BASE + MMIO_SIZE).contains(&addr) {
-                    ctx.net
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .write(addr - MMIO_BASE, data);
-                }
+                ctx.mmio.write(addr, data);
                 Step::Continue
             }
             VcpuExit::Hlt => Step::Halt,
             VcpuExit::Intr => Step::Continue,
-            VcpuExit::Shutdown => Step::Exit(GuestExit::Crashed("KVM_EXIT_SHUTDOWN (triple fault)".into())),
-            VcpuExit::FailEntry(reason, cpu) => Step::Exit(GuestExit::Crashed(format!(
-                "KVM_EXIT_FAIL_ENTRY (reason {reason:#x}, cpu {cpu})"
-            ))),
-            VcpuExit::InternalError => {
-                let run = self.fd.get_kvm_run();
-                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active union member.
-                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                let rip = self.fd.get_regs().map_or(0, |r| r.rip);
-                Step::Exit(GuestExit::Crashed(format!(
-                    "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}, rip {rip:#x}): the guest used an instruction this KVM cannot emulate"
-                )))
-            }
-            other => Step::Exit(GuestExit::Crashed(format!("unexpected vCPU exit {other:?}"))),
+            VcpuExit::InternalError => Step::Exit(self.internal_error()),
+            other => Step::Exit(GuestExit::Crashed(crash_reason(&other))),
         }
+    }
+
+    /// The crash report of `KVM_EXIT_INTERNAL_ERROR`: its suberror and where the guest was.
+    fn internal_error(&mut self) -> GuestExit {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active union member.
+        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+        let rip = self.fd.get_regs().map_or(0, |r| r.rip);
+        GuestExit::Crashed(format!(
+            "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}, rip {rip:#x}): the guest used an instruction this KVM cannot emulate"
+        ))
     }
 }
 
-impl crate::state::Persist for Vcpu {
+/// What a write to one of the VMM's own ports asks for (see [`guest_abi`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Control {
+    /// [`PORT_SLEEP_US`]: the guest's next timer is due then (`None`: no timer).
+    Sleep(Option<Instant>),
+    /// [`PORT_IDLE`]: as `Sleep`, and the guest halts until then.
+    Idle(Option<Instant>),
+    /// [`PORT_MARK`]: a milestone.
+    Mark(u32),
+    /// [`PORT_EXIT`]: the guest stops with this status.
+    Exit(u32),
+}
+
+/// Decodes a write of `value` to `port` if it is one of the VMM's own ports; devices get the others.
+fn control_port(port: u16, value: u32) -> Option<Control> {
+    let deadline = || (value != u32::MAX).then(|| Instant::now() + Duration::from_micros(u64::from(value)));
+    Some(match port {
+        PORT_SLEEP_US => Control::Sleep(deadline()),
+        PORT_IDLE => Control::Idle(deadline()),
+        PORT_MARK => Control::Mark(value),
+        PORT_EXIT => Control::Exit(value),
+        _ => return None,
+    })
+}
+
+/// Why an exit that ends the guest ended it.
+fn crash_reason(exit: &VcpuExit<'_>) -> String {
+    match exit {
+        VcpuExit::Shutdown => "KVM_EXIT_SHUTDOWN (triple fault)".into(),
+        VcpuExit::FailEntry(reason, cpu) => format!("KVM_EXIT_FAIL_ENTRY (reason {reason:#x}, cpu {cpu})"),
+        other => format!("unexpected vCPU exit {other:?}"),
+    }
+}
+
+impl crate::persist::Persist for Vcpu {
     type State = VcpuState;
     type Error = VcpuError;
 

@@ -37,7 +37,7 @@ use std::{
     time::Duration,
 };
 
-use guest_abi::{BOOT_INFO_ADDR, GuestMark};
+use guest_abi::{BOOT_INFO_ADDR, GuestMark, MMIO_BASE, MMIO_SIZE, PORT_SERIAL};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -45,23 +45,29 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::{
     boot::{self, BootError, BootParams},
+    bus::{Bus, BusError},
     devices::{
         net::{NetCounters, NetDevice, NetError},
         serial::Serial,
         virtio_mmio::{MmioError, MmioTransport},
     },
     memory::{GuestMemoryMmap, Memory, MemoryError},
-    ram::{DirtyBitmap, GuestRam, RamRegion},
-    state::{Persist, VmState},
+    persist::Persist,
+    ram::{DirtyBitmap, RamRegion},
+    ram_io::GuestRam,
     tap::{MAX_FRAME, Tap, TapError},
     vcpu::{
         ExitContext, GuestExit, GuestStatus, Vcpu, VcpuError, VcpuRequest, VcpuState, VcpuStats, WaitError,
         Waker, kick_signal,
     },
+    vm_state::VmState,
 };
 
 /// The guest image, built by `build.rs` from the `guest` crate and embedded in the binary.
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
+
+/// COM1's registers: eight ports from [`PORT_SERIAL`].
+const SERIAL_PORTS: u64 = 8;
 
 /// How long `pause` waits for the vCPU thread to park before giving up.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,6 +123,8 @@ pub enum VmError {
     Transport(#[from] MmioError),
     #[error("net device")]
     Net(#[from] NetError),
+    #[error("cannot place a device on the I/O bus")]
+    Bus(#[from] BusError),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("cannot start the net I/O thread")]
@@ -162,6 +170,8 @@ pub struct Vm {
     io_thread: Option<IoThread>,
     vcpu: Option<Vcpu>,
     ctx: Arc<ExitContext>,
+    serial: Arc<Mutex<Serial>>,
+    net: Arc<Mutex<MmioTransport<NetDevice>>>,
     tap: Arc<Tap>,
     io_event: Arc<EventFd>,
     rx_event: Arc<EventFd>,
@@ -267,9 +277,15 @@ impl Vm {
         net.set_rx_posted_event(Arc::clone(&rx_event));
         let transport = MmioTransport::new(net, memory.guest_memory().clone())?;
         let vcpu = Vcpu::new(&kvm, &vmfd)?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_sink(&config.serial)?)));
+        let net = Arc::new(Mutex::new(transport));
+        let mut pio = Bus::default();
+        pio.insert(u64::from(PORT_SERIAL), SERIAL_PORTS, serial.clone())?;
+        let mut mmio = Bus::default();
+        mmio.insert(MMIO_BASE, MMIO_SIZE, net.clone())?;
         let ctx = Arc::new(ExitContext {
-            serial: Mutex::new(Serial::new(serial_sink(&config.serial)?)),
-            net: Arc::new(Mutex::new(transport)),
+            pio,
+            mmio,
             waker: Arc::new(Waker::default()),
             status: Arc::new(GuestStatus::default()),
         });
@@ -279,6 +295,8 @@ impl Vm {
             io_thread: None,
             vcpu: Some(vcpu),
             ctx,
+            serial,
+            net,
             tap,
             io_event,
             rx_event,
@@ -299,7 +317,7 @@ impl Vm {
         let stop = Arc::new(AtomicBool::new(false));
         let io = IoLoop {
             tap: Arc::clone(&self.tap),
-            net: Arc::clone(&self.ctx.net),
+            net: Arc::clone(&self.net),
             waker: Arc::clone(&self.ctx.waker),
             io_event: Arc::clone(&self.io_event),
             rx_event: Arc::clone(&self.rx_event),
@@ -328,7 +346,8 @@ impl Vm {
 
     /// Guest RAM as flat page runs (the view the migration engines and the RAM hash use).
     pub fn guest_ram(&self) -> Result<GuestRam, VmError> {
-        Ok(self.memory.guest_ram()?)
+        GuestRam::new(self.memory.guest_memory().clone())
+            .map_err(|e| VmError::Memory(MemoryError::RamView(e)))
     }
 
     /// The RAM regions, in guest-physical order.
@@ -389,7 +408,7 @@ impl Vm {
             }
         }
         // The I/O thread delivers under this lock, so once we hold it and set the flag no delivery is in progress.
-        lock(&self.ctx.net).device_mut().set_paused(true);
+        lock(&self.net).device_mut().set_paused(true);
         self.wake_io();
         self.paused = true;
         Ok(())
@@ -397,7 +416,7 @@ impl Vm {
 
     /// Lets the guest run again; frames queued meanwhile are delivered first.
     pub fn resume(&mut self) -> Result<(), VmError> {
-        lock(&self.ctx.net).device_mut().set_paused(false);
+        lock(&self.net).device_mut().set_paused(false);
         self.wake_io();
         if let Some(t) = &mut self.vcpu_thread {
             t.parked = None;
@@ -427,8 +446,8 @@ impl Vm {
             }
             (None, false, _) => return Err(VmError::NotPaused),
         };
-        let net = lock(&self.ctx.net);
-        let serial = lock(&self.ctx.serial).save();
+        let net = lock(&self.net);
+        let serial = lock(&self.serial).save();
         Ok(VmState {
             ram_bytes: self.ram_bytes(),
             vcpu,
@@ -459,10 +478,10 @@ impl Vm {
             }
             (None, false) => return Err(VmError::NotPaused),
         }
-        let mut net = lock(&self.ctx.net);
+        let mut net = lock(&self.net);
         net.restore(&state.transport)?;
         net.device_mut().restore(&state.net)?;
-        lock(&self.ctx.serial)
+        lock(&self.serial)
             .restore(&state.serial)
             .unwrap_or_else(|never| match never {});
         Ok(())
@@ -472,7 +491,7 @@ impl Vm {
     /// pause). A migration carries them to the destination's [`Vm::deliver_frames`]. On a rollback, hand them back
     /// with [`Vm::deliver_frames`] before resuming.
     pub fn take_pending_frames(&self) -> Vec<Vec<u8>> {
-        lock(&self.ctx.net).device_mut().take_backlog()
+        lock(&self.net).device_mut().take_backlog()
     }
 
     /// Queues frames for the guest ahead of any newer ones; they are delivered once the VM runs.
@@ -480,7 +499,7 @@ impl Vm {
         if frames.is_empty() {
             return;
         }
-        lock(&self.ctx.net).device_mut().prepend_frames(frames);
+        lock(&self.net).device_mut().prepend_frames(frames);
         self.wake_io();
     }
 
@@ -534,7 +553,7 @@ impl Vm {
 
     /// Net device counters.
     pub fn net_counters(&self) -> NetCounters {
-        lock(&self.ctx.net).device().counters()
+        lock(&self.net).device().counters()
     }
 
     /// Stops the threads and releases KVM, the tap and RAM.

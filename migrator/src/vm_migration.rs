@@ -1,8 +1,9 @@
-//! The KVM [`Vm`] as a migration source and target, and the VM-aware bodies of `migrator run --api/--events` and
-//! `migrator receive`.
+//! The glue that migrates a real KVM [`Vm`]: the VM as a [`MigrationSource`] and (as [`IncomingVm`]) a
+//! [`MigrationTarget`] of the engines in [`crate::engine`], and the bodies of `migrator run` ([`run`]) and
+//! `migrator receive` ([`run_destination`]).
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -10,19 +11,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use crate::{
     api::ApiServer,
-    cli::{ReceiveArgs, receive_main, serve_vm},
-    migration::{MigrationSource, MigrationTarget, Status, VmError, VmIdentity},
+    config::{ReceiveConfig, RunConfig},
+    engine::{BoxedVmError, MigrationSource, MigrationTarget, Status, VmIdentity},
     protocol::Hello,
-    ram::{DirtyBitmap, GuestRam},
+    ram::DirtyBitmap,
+    ram_io::GuestRam,
     runner::{EndReason, Shutdown},
-    state::VmState,
+    service::{Served, receive_and_serve, serve},
     transport::Endpoint,
-    vcpu::{GuestExit, GuestStatus},
+    vcpu::GuestStatus,
     vm::{SerialOutput, Vm, VmConfig},
+    vm_state::VmState,
 };
 
 /// How long the destination waits for its tap to run before it accepts pages.
@@ -58,7 +61,7 @@ fn wait_link_running(name: &str, timeout: Duration) -> bool {
     running
 }
 
-fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> VmError {
+fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BoxedVmError {
     Box::new(e)
 }
 
@@ -79,27 +82,27 @@ impl MigrationSource for Vm {
         Vm::guest_ram(self).unwrap_or_else(|e| panic!("guest RAM view of a live VM: {e}"))
     }
 
-    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    fn start_dirty_log(&mut self) -> Result<(), BoxedVmError> {
         Vm::start_dirty_log(self).map_err(boxed)
     }
 
-    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, VmError> {
+    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, BoxedVmError> {
         Vm::take_dirty_pages(self).map_err(boxed)
     }
 
-    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+    fn stop_dirty_log(&mut self) -> Result<(), BoxedVmError> {
         Vm::stop_dirty_log(self).map_err(boxed)
     }
 
-    fn pause(&mut self) -> Result<(), VmError> {
+    fn pause(&mut self) -> Result<(), BoxedVmError> {
         Vm::pause(self).map_err(boxed)
     }
 
-    fn resume(&mut self) -> Result<(), VmError> {
+    fn resume(&mut self) -> Result<(), BoxedVmError> {
         Vm::resume(self).map_err(boxed)
     }
 
-    fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, BoxedVmError> {
         Vm::save_state(self).map_err(boxed)?.encode().map_err(boxed)
     }
 
@@ -123,12 +126,12 @@ impl MigrationTarget for IncomingVm {
         MigrationSource::guest_ram(&self.vm)
     }
 
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), BoxedVmError> {
         let state = VmState::decode(state).map_err(boxed)?;
         self.vm.restore_state(&state).map_err(boxed)
     }
 
-    fn resume(&mut self) -> Result<(), VmError> {
+    fn resume(&mut self) -> Result<(), BoxedVmError> {
         if self.started {
             return self.vm.resume().map_err(boxed);
         }
@@ -137,16 +140,16 @@ impl MigrationTarget for IncomingVm {
         Ok(())
     }
 
-    fn deliver_frames(&mut self, frames: Vec<Vec<u8>>) -> Result<(), VmError> {
+    fn deliver_frames(&mut self, frames: Vec<Vec<u8>>) -> Result<(), BoxedVmError> {
         self.vm.deliver_frames(frames);
         Ok(())
     }
 
-    fn send_frame(&mut self, frame: &[u8]) -> Result<(), VmError> {
+    fn send_frame(&mut self, frame: &[u8]) -> Result<(), BoxedVmError> {
         self.vm.send_frame(frame).map_err(boxed)
     }
 
-    fn request_garp(&mut self) -> Result<(), VmError> {
+    fn request_garp(&mut self) -> Result<(), BoxedVmError> {
         self.vm.request_garp().map(|_| ()).map_err(boxed)
     }
 }
@@ -159,22 +162,22 @@ impl MigrationSource for IncomingVm {
     fn guest_ram(&self) -> GuestRam {
         MigrationSource::guest_ram(&self.vm)
     }
-    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    fn start_dirty_log(&mut self) -> Result<(), BoxedVmError> {
         MigrationSource::start_dirty_log(&mut self.vm)
     }
-    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, VmError> {
+    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, BoxedVmError> {
         MigrationSource::take_dirty_pages(&mut self.vm)
     }
-    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+    fn stop_dirty_log(&mut self) -> Result<(), BoxedVmError> {
         MigrationSource::stop_dirty_log(&mut self.vm)
     }
-    fn pause(&mut self) -> Result<(), VmError> {
+    fn pause(&mut self) -> Result<(), BoxedVmError> {
         MigrationSource::pause(&mut self.vm)
     }
-    fn resume(&mut self) -> Result<(), VmError> {
+    fn resume(&mut self) -> Result<(), BoxedVmError> {
         MigrationSource::resume(&mut self.vm)
     }
-    fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, BoxedVmError> {
         MigrationSource::save_state(&mut self.vm)
     }
     fn take_pending_frames(&mut self) -> Vec<Vec<u8>> {
@@ -212,33 +215,34 @@ impl EndWatch {
     }
 
     fn result(&self) -> Result<()> {
-        match self.reason.lock().unwrap_or_else(PoisonError::into_inner).clone() {
-            None
-            | Some(EndReason::Signal(_) | EndReason::Requested | EndReason::Guest(GuestExit::Status(0))) => {
-                Ok(())
-            }
-            Some(EndReason::Guest(GuestExit::Status(n))) => {
-                bail!("the guest stopped with status {n} (a guest panic: see its log)")
-            }
-            Some(EndReason::Guest(GuestExit::Crashed(why))) => bail!("the guest crashed: {why}"),
-        }
+        let reason = self.reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        reason.map_or(Ok(()), EndReason::into_result)
     }
 }
 
-/// `migrator run --api PATH --events PATH`: boots the guest and serves `status` and `migrate` until the guest was
+/// `migrator run`: boots the guest; with an API or events, serves `status` and `migrate` until the guest was
 /// migrated away (exit 0), stops, or a signal comes.
-pub fn run_with_api(config: &VmConfig, api: Option<&Path>, events: Option<&Path>) -> Result<()> {
+pub fn run(config: &RunConfig) -> Result<()> {
+    if config.api.is_none() && config.events.is_none() {
+        return crate::runner::run(&config.vm);
+    }
     let shutdown = Shutdown::install()?;
     let status = Arc::new(Mutex::new(Status {
         state: "running".into(),
         ..Status::default()
     }));
-    let server = api.map(|p| ApiServer::bind(p, status)).transpose()?;
-    let mut vm = crate::runner::boot(config)?;
+    let server = config
+        .api
+        .as_deref()
+        .map(|p| ApiServer::bind(p, status))
+        .transpose()?;
+    let mut vm = crate::runner::boot(&config.vm)?;
     let end = EndWatch::start(&shutdown, &vm);
-    let migrated = serve_vm(&mut vm, server.as_ref(), events, |_| end.ended());
+    let served = serve(&mut vm, server.as_ref(), config.events.as_deref(), |_| {
+        end.ended()
+    });
     vm.shutdown();
-    if migrated.is_some() {
+    if let Served::Migrated(_) = served {
         eprintln!("migrator: the guest runs at the destination now; exiting");
         return Ok(());
     }
@@ -246,10 +250,10 @@ pub fn run_with_api(config: &VmConfig, api: Option<&Path>, events: Option<&Path>
 }
 
 /// `migrator receive`: waits for one migration, then runs the guest like `run --api` (so it can move on).
-pub fn receive(args: &ReceiveArgs) -> Result<()> {
+pub fn run_destination(config: &ReceiveConfig) -> Result<()> {
     let shutdown = Shutdown::install()?;
-    let tap = args.tap.clone();
-    let create = move |hello: &Hello| -> Result<IncomingVm, VmError> {
+    let tap = config.tap.clone();
+    let create = move |hello: &Hello| -> Result<IncomingVm, BoxedVmError> {
         let mut config: VmConfig = serde_json::from_slice(&hello.config).map_err(boxed)?;
         config.tap = tap;
         config.serial = SerialOutput::Stderr {
@@ -271,8 +275,8 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
     let received = Arc::new(AtomicBool::new(false));
     {
         let (s, r) = (shutdown.clone(), received.clone());
-        let mut sockets: Vec<PathBuf> = args.api.iter().cloned().collect();
-        if let Endpoint::Unix(p) = &args.listen {
+        let mut sockets: Vec<PathBuf> = config.api.iter().cloned().collect();
+        if let Endpoint::Unix(p) = &config.listen {
             sockets.push(p.clone());
         }
         let _spawned = std::thread::Builder::new()
@@ -289,7 +293,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
             });
     }
     let mut end: Option<EndWatch> = None;
-    let (migrated, _received) = receive_main(args, create, |vm: &mut IncomingVm| {
+    let (migrated, _received) = receive_and_serve(config, create, |vm: &mut IncomingVm| {
         end.get_or_insert_with(|| {
             received.store(true, Ordering::SeqCst);
             EndWatch::start(&shutdown, &vm.vm)

@@ -248,7 +248,7 @@ fn boots_serves_pauses_and_restores() {
     vm.pause().expect("pause for save");
     let state = vm.save_state().expect("save state");
     let bytes = state.encode().expect("encode");
-    let decoded = migrator::state::VmState::decode(&bytes).expect("decode");
+    let decoded = migrator::vm_state::VmState::decode(&bytes).expect("decode");
     assert_eq!(decoded, state);
     let frames = vm.take_pending_frames();
     let mut b = topo

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::{
     devices::virtio_mmio::{VIRTIO_F_VERSION_1, VirtioDevice},
     memory::GuestMemoryMmap,
-    state::Persist,
+    persist::Persist,
     tap::{MAX_FRAME, Tap, TapError},
 };
 

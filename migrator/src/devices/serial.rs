@@ -7,7 +7,7 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::Persist;
+use crate::{bus::BusDevice, persist::Persist};
 
 const DATA: u8 = 0;
 const IER: u8 = 1;
@@ -79,7 +79,7 @@ impl Serial {
     }
 
     /// A guest `out` to `base + offset`.
-    pub fn write(&mut self, offset: u8, value: u8) {
+    pub fn write_register(&mut self, offset: u8, value: u8) {
         match offset {
             DATA if self.dlab() => self.regs.dll = value,
             DATA => match value {
@@ -102,7 +102,7 @@ impl Serial {
     }
 
     /// A guest `in` from `base + offset`.
-    pub fn read(&self, offset: u8) -> u8 {
+    pub fn read_register(&self, offset: u8) -> u8 {
         match offset {
             DATA if self.dlab() => self.regs.dll,
             IER if self.dlab() => self.regs.dlm,
@@ -114,6 +114,23 @@ impl Serial {
             MSR => MSR_READY,
             SCR => self.regs.scr,
             _ => 0,
+        }
+    }
+}
+
+/// On the port bus: one byte per access (wider accesses read the register in their low byte, zero above it).
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = self.read_register(offset as u8);
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = value;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for &b in data {
+            self.write_register(offset as u8, b);
         }
     }
 }
@@ -161,21 +178,21 @@ mod tests {
         let out = Shared::default();
         let mut s = Serial::new(Box::new(out.clone()));
         for b in b"hello\r\nwor" {
-            s.write(0, *b);
+            s.write_register(0, *b);
         }
         assert_eq!(&*out.0.lock().unwrap(), b"hello\n");
-        assert_eq!(s.read(LSR), LSR_IDLE);
-        s.write(LCR, 0x83);
-        s.write(DATA, 1);
-        s.write(IER, 0);
-        s.write(LCR, 0x03);
-        s.write(SCR, 0x5a);
+        assert_eq!(s.read_register(LSR), LSR_IDLE);
+        s.write_register(LCR, 0x83);
+        s.write_register(DATA, 1);
+        s.write_register(IER, 0);
+        s.write_register(LCR, 0x03);
+        s.write_register(SCR, 0x5a);
         let saved = s.save().unwrap();
         assert_eq!(saved.dll, 1);
         assert_eq!(saved.lcr, 3);
         let mut t = Serial::new(Box::new(std::io::sink()));
         t.restore(&saved).unwrap();
-        assert_eq!(t.read(SCR), 0x5a);
+        assert_eq!(t.read_register(SCR), 0x5a);
         drop(s);
         assert_eq!(&*out.0.lock().unwrap(), b"hello\nwor\n");
     }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use crate::{memory::GuestMemoryMmap, state::Persist};
+use crate::{bus::BusDevice, memory::GuestMemoryMmap, persist::Persist};
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -338,6 +338,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.device.ack_features(self.driver_features);
         }
         self.status = v;
+    }
+}
+
+/// On the MMIO bus, at the transport's window.
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        Self::read(self, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        Self::write(self, offset, data);
     }
 }
 

@@ -1,5 +1,5 @@
-//! The source side, shared by live and quick mode: connect and hello, page rounds, the paused tail (final pages,
-//! hash, state, frames, complete), the wait for the acknowledgement with frame forwarding, and the rollback.
+//! An open outgoing migration, shared by live and quick mode: connect and hello, page rounds, the paused tail (final
+//! pages, hash, state, frames, complete), and the wait for the acknowledgement with frame forwarding.
 
 use std::{
     io::{self, BufReader, Write},
@@ -7,17 +7,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use migevents::{Mode, Phase, Role};
+use migevents::{Phase, Role};
+use migmon_base::MacAddr;
 
 use crate::{
-    migration::{
-        Events, MigrateOptions, MigrationError, MigrationReport, MigrationSource, Tracker, mac_string,
-        mode_name, new_migration_id,
+    engine::{
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, mode_name,
+        new_migration_id,
     },
-    protocol::{
-        HELLO_VERIFY, Hello, Message, MessageReader, MessageWriter, PageBatch, RoundEnd, VERSION, WireMode,
-    },
-    ram::{DirtyBitmap, GuestRam, PAGE_SIZE},
+    protocol::{HELLO_VERIFY, Hello, Message, MessageReader, MessageWriter, PageBatch, RoundEnd, VERSION},
+    ram::{DirtyBitmap, PAGE_SIZE},
+    ram_io::GuestRam,
     transport::Stream,
 };
 
@@ -50,6 +50,11 @@ impl<W: Write> Throttled<W> {
             tokens: 0.0,
             last: Instant::now(),
         }
+    }
+
+    /// The stream behind the throttle.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
     }
 
     /// Waits until `want` bytes may go (at most 1/20 s of burst), returns how many may.
@@ -143,7 +148,7 @@ pub struct Session {
     pub batch: PageBatch,
     pub events: Events,
     pub tracker: Tracker,
-    pub report: MigrationReport,
+    pub report: MigrationSummary,
     pub bandwidth: Bandwidth,
     pub started: Instant,
     pub mac: [u8; 6],
@@ -161,7 +166,12 @@ impl Session {
     ) -> Result<Self, Box<(MigrationError, Option<Events>)>> {
         let id = vm.identity();
         let migration_id = new_migration_id();
-        let mut events = Events::open(events_path, &migration_id, &mac_string(&id.mac), Role::Source);
+        let mut events = Events::open(
+            events_path,
+            &migration_id,
+            &MacAddr(id.mac).to_string(),
+            Role::Source,
+        );
         let ram = vm.guest_ram();
         let started = Instant::now();
         events.emit(Phase::Setup {
@@ -173,7 +183,7 @@ impl Session {
             carries_frames: true,
         });
         tracker.update(|s| {
-            *s = crate::migration::Status {
+            *s = crate::engine::Status {
                 state: "setup".into(),
                 migration_id: Some(migration_id.clone()),
                 mode: Some(mode_name(opts.mode).into()),
@@ -199,7 +209,7 @@ impl Session {
             ram,
             events,
             tracker: tracker.clone(),
-            report: MigrationReport {
+            report: MigrationSummary {
                 migration_id: migration_id.clone(),
                 mode: mode_name(opts.mode).into(),
                 max_bandwidth: opts.max_bandwidth,
@@ -217,12 +227,9 @@ impl Session {
         }
         let hello = Hello {
             version: VERSION,
-            mode: match opts.mode {
-                Mode::Live => WireMode::Live,
-                Mode::Quick => WireMode::Quick,
-            },
+            mode: opts.mode,
             flags: if opts.verify { HELLO_VERIFY } else { 0 },
-            regions: s.ram.layout(),
+            regions: s.ram.regions(),
             mac: id.mac,
             migration_id,
             config: id.config,
@@ -410,9 +417,9 @@ pub fn write_round<W: Write>(
     for p in pages {
         st.pages += 1;
         if known_zero.is_some_and(|z| !z.get(p)) {
-            batch.push_zero(ram, p);
+            batch.push_zero(ram.layout(), p);
             st.zero_pages += 1;
-        } else if batch.push_page(ram, p)? {
+        } else if batch.push_page_with(ram.layout(), p, |buf| ram.read(p, buf))? {
             st.data_pages += 1;
         } else {
             st.zero_pages += 1;
@@ -435,12 +442,12 @@ pub fn write_tail<W: Write, S: MigrationSource>(
     ram: &GuestRam,
     vm: &mut S,
     verify: bool,
-    report: &mut MigrationReport,
+    report: &mut MigrationSummary,
 ) -> Result<Vec<Vec<u8>>, MigrationError> {
     if verify {
         let t_hash = Instant::now();
-        // SAFETY: the VM is paused: neither the vCPU nor the VMM's devices write guest RAM now.
-        let h = unsafe { ram.hash() };
+        // The VM is paused: neither the vCPU nor the VMM's devices write guest RAM now.
+        let h = ram.hash();
         report.hash_ms = t_hash.elapsed().as_secs_f64() * 1e3;
         report.verified_hash = Some(format!("{h:032x}"));
         w.send(&Message::Verify(h))?;
@@ -466,114 +473,4 @@ pub fn write_tail<W: Write, S: MigrationSource>(
 pub struct Progress {
     pub dirty_log: bool,
     pub paused: bool,
-}
-
-/// Gives the VM back to the source after a failure: resume if paused, stop dirty logging, tell the destination
-/// (best effort), and emit `failed`, `resume` (if it was paused) and `rollback`.
-pub fn rollback<S: MigrationSource>(
-    vm: &mut S,
-    progress: Progress,
-    err: &MigrationError,
-    mut session: Option<&mut Session>,
-    events: Option<&mut Events>,
-    tracker: &Tracker,
-) {
-    let reason = anyhow_like(err);
-    let mut resume_err = None;
-    if let Some(s) = session.as_deref_mut() {
-        let frames = std::mem::take(&mut s.forwarded);
-        if !frames.is_empty() {
-            vm.return_frames(frames);
-        }
-    }
-    if progress.paused
-        && let Err(e) = vm.resume()
-    {
-        resume_err = Some(e);
-    }
-    if progress.dirty_log {
-        let _ignored = vm.stop_dirty_log();
-    }
-    let events = match session {
-        Some(s) => {
-            if !matches!(err, MigrationError::DestinationAborted { .. }) {
-                let _ignored = s
-                    .writer
-                    .get_mut()
-                    .inner
-                    .set_write_timeout(Some(Duration::from_millis(200)));
-                let _ignored = s.writer.send(&Message::Abort(reason.clone()));
-            }
-            s.writer.get_mut().inner.shutdown();
-            Some(&mut s.events)
-        }
-        None => events,
-    };
-    if let Some(ev) = events {
-        ev.emit(migevents::Phase::Failed {
-            reason: reason.clone(),
-        });
-        if progress.paused {
-            ev.emit(Phase::Resume);
-        }
-        ev.emit(Phase::Rollback);
-    }
-    if let Some(e) = resume_err {
-        eprintln!("migrator: CRITICAL: the guest could not be resumed after a failed migration: {e}");
-    }
-    tracker.update(|s| {
-        s.state = "failed".into();
-        s.error = Some(reason);
-    });
-}
-
-/// The error with its causes, `a: b: c`.
-pub fn anyhow_like(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut src = err.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
-}
-
-/// Runs a migration in the mode `opts` asks for. On failure the guest keeps running here.
-pub fn migrate<S: MigrationSource>(
-    vm: &mut S,
-    opts: &MigrateOptions,
-    events_path: Option<&Path>,
-    tracker: &Tracker,
-) -> Result<MigrationReport, MigrationError> {
-    if opts.mode == Mode::Live && (opts.via_file.is_some() || !opts.extra_pause.is_zero()) {
-        return Err(MigrationError::Usage(
-            "--via-file and --extra-pause belong to --mode quick".into(),
-        ));
-    }
-    let mut session = match Session::open(vm, opts, events_path, tracker) {
-        Ok(s) => s,
-        Err(failed) => {
-            let (e, mut events) = *failed;
-            rollback(vm, Progress::default(), &e, None, events.as_mut(), tracker);
-            return Err(e);
-        }
-    };
-    let mut progress = Progress::default();
-    let res = match opts.mode {
-        Mode::Live => crate::precopy::run(vm, opts, &mut session, &mut progress),
-        Mode::Quick => crate::quick::run(vm, opts, &mut session, &mut progress),
-    };
-    match res {
-        Ok(()) => {
-            if progress.dirty_log {
-                let _ignored = vm.stop_dirty_log();
-            }
-            Ok(session.report)
-        }
-        Err(e) => {
-            rollback(vm, progress, &e, Some(&mut session), None, tracker);
-            Err(e)
-        }
-    }
 }

@@ -1,37 +1,14 @@
-//! Saved VM state: a `Persist` trait for each part and the [`VmState`] container with its byte encoding.
-//!
-//! Each live object (`Vcpu`, `MmioTransport`, `NetDevice`, `Serial`) saves into a plain-data `*State` and restores
-//! from one, as firecracker's `Persist` does. [`VmState`] gathers them. Its encoding is
-//!
-//! ```text
-//! offset  size  field
-//!      0     8  magic    "MIGVMSTA"
-//!      8     4  version  (STATE_VERSION, little endian)
-//!     12     4  crc32    (IEEE, of the payload)
-//!     16     8  length   (payload bytes, at most MAX_STATE_PAYLOAD)
-//!     24     …  payload  (JSON of VmState)
-//! ```
-//!
-//! Decoding checks the magic, the version, the length and the checksum before it parses anything, and never panics
-//! on bad input.
+//! The whole VM's saved state except guest RAM: [`VmState`] gathers the parts' `*State`s (see [`crate::persist`])
+//! and encodes them as one framed blob (magic "MIGVMSTA", version [`STATE_VERSION`], a CRC-32, a length of at most
+//! [`MAX_STATE_PAYLOAD`], then the JSON of [`VmState`]).
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     devices::{net::NetState, serial::SerialState, virtio_mmio::MmioState},
+    persist::{Framing, StateError, decode_framed, encode_framed},
     vcpu::VcpuState,
 };
-
-/// Save/restore of one part of the VM.
-pub trait Persist {
-    /// Plain data: everything needed to rebuild the part on another host.
-    type State;
-    type Error;
-    /// Captures the state (the VM must be paused for it to be consistent).
-    fn save(&self) -> Result<Self::State, Self::Error>;
-    /// Loads a saved state into a freshly created part.
-    fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error>;
-}
 
 /// "MIGVMSTA".
 pub const STATE_MAGIC: [u8; 8] = *b"MIGVMSTA";
@@ -39,7 +16,12 @@ pub const STATE_MAGIC: [u8; 8] = *b"MIGVMSTA";
 pub const STATE_VERSION: u32 = 1;
 /// Largest payload accepted.
 pub const MAX_STATE_PAYLOAD: u64 = 16 << 20;
-const HEADER: usize = 24;
+
+const FRAMING: Framing = Framing {
+    magic: STATE_MAGIC,
+    version: STATE_VERSION,
+    max_payload: MAX_STATE_PAYLOAD,
+};
 
 /// The whole VM except guest RAM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -52,81 +34,16 @@ pub struct VmState {
     pub serial: SerialState,
 }
 
-/// Errors decoding or encoding a [`VmState`].
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("the VM state is truncated: {have} bytes, at least {need} needed")]
-    Truncated { have: usize, need: usize },
-    #[error("the data is not a migrator VM state (bad magic)")]
-    BadMagic,
-    #[error(
-        "the VM state has version {found}, this migrator reads version {STATE_VERSION}: use the same migrator build on both sides"
-    )]
-    Version { found: u32 },
-    #[error("the VM state payload length {0} exceeds the limit {MAX_STATE_PAYLOAD}")]
-    TooLarge(u64),
-    #[error("the VM state has {extra} trailing bytes after its payload")]
-    TrailingBytes { extra: usize },
-    #[error("the VM state is corrupted: checksum {found:#010x}, expected {expected:#010x}")]
-    Checksum { expected: u32, found: u32 },
-    #[error("cannot parse the VM state payload")]
-    Parse(#[source] serde_json::Error),
-    #[error("cannot serialize the VM state")]
-    Serialize(#[source] serde_json::Error),
-}
-
 impl VmState {
     /// The versioned, checksummed bytes.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
         let payload = serde_json::to_vec(self).map_err(StateError::Serialize)?;
-        let mut out = Vec::with_capacity(HEADER + payload.len());
-        out.extend_from_slice(&STATE_MAGIC);
-        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&payload);
-        Ok(out)
+        Ok(encode_framed(&FRAMING, &payload))
     }
 
     /// Parses bytes made by [`VmState::encode`], checking magic, version, length and checksum first.
     pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
-        let header: &[u8; HEADER] =
-            bytes
-                .get(..HEADER)
-                .and_then(|h| h.try_into().ok())
-                .ok_or(StateError::Truncated {
-                    have: bytes.len(),
-                    need: HEADER,
-                })?;
-        let field = |range: std::ops::Range<usize>| &header[range];
-        if field(0..8) != STATE_MAGIC {
-            return Err(StateError::BadMagic);
-        }
-        let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-        if version != STATE_VERSION {
-            return Err(StateError::Version { found: version });
-        }
-        let expected = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-        let mut len_bytes = [0u8; 8];
-        len_bytes.copy_from_slice(field(16..24));
-        let len = u64::from_le_bytes(len_bytes);
-        if len > MAX_STATE_PAYLOAD {
-            return Err(StateError::TooLarge(len));
-        }
-        let need = HEADER + len as usize;
-        let payload = bytes.get(HEADER..need).ok_or(StateError::Truncated {
-            have: bytes.len(),
-            need,
-        })?;
-        if bytes.len() > need {
-            return Err(StateError::TrailingBytes {
-                extra: bytes.len() - need,
-            });
-        }
-        let found = crc32fast::hash(payload);
-        if found != expected {
-            return Err(StateError::Checksum { expected, found });
-        }
+        let payload = decode_framed(&FRAMING, bytes)?;
         serde_json::from_slice(payload).map_err(StateError::Parse)
     }
 }
@@ -263,12 +180,12 @@ mod tests {
         let mut version = bytes.clone();
         version[8..12].copy_from_slice(&(STATE_VERSION + 1).to_le_bytes());
         assert!(
-            matches!(VmState::decode(&version), Err(StateError::Version { found }) if found == STATE_VERSION + 1)
+            matches!(VmState::decode(&version), Err(StateError::Version { found, .. }) if found == STATE_VERSION + 1)
         );
 
         let mut huge = bytes.clone();
         huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(VmState::decode(&huge), Err(StateError::TooLarge(_))));
+        assert!(matches!(VmState::decode(&huge), Err(StateError::TooLarge { .. })));
 
         // Flip every payload byte in turn: the checksum catches each one.
         for i in (24..bytes.len()).step_by(7) {

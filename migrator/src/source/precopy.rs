@@ -8,10 +8,10 @@ use std::{
 use migevents::Phase;
 
 use crate::{
-    migration::{MigrateOptions, MigrationError, MigrationSource, OnTimeout},
+    engine::{MigrateOptions, MigrationError, MigrationSource, OnTimeout},
     protocol::HEADER_SIZE,
-    ram::PAGE_SIZE,
-    source::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session},
+    ram::{DirtyBitmap, PAGE_SIZE},
+    source::session::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session},
 };
 
 /// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
@@ -92,6 +92,18 @@ pub fn run<S: MigrationSource>(
     s: &mut Session,
     progress: &mut Progress,
 ) -> Result<(), MigrationError> {
+    send_first_round(vm, s, progress)?;
+    let converged = converge(vm, opts, s)?;
+    s.report.rounds = converged.round;
+    switch_over(vm, opts, s, progress, &converged)
+}
+
+/// Starts the dirty log and sends round 0: every page that may hold data (the others as zero flags).
+fn send_first_round<S: MigrationSource>(
+    vm: &mut S,
+    s: &mut Session,
+    progress: &mut Progress,
+) -> Result<(), MigrationError> {
     vm.start_dirty_log()
         .map_err(MigrationError::vm("start dirty logging"))?;
     progress.dirty_log = true;
@@ -106,12 +118,29 @@ pub fn run<S: MigrationSource>(
     });
     let r0 = s.send_round(0, 0..total, total, Some(&resident))?;
     s.bandwidth.record(r0.bytes, r0.secs);
-    s.end_round(0, &r0)?;
+    s.end_round(0, &r0)
+}
 
+/// Where pre-copy stopped iterating.
+struct Converged {
+    /// The dirty set read at the decision, not sent yet.
+    dirty: DirtyBitmap,
+    /// The pause the rule expected.
+    expected: Duration,
+    /// The round the final set goes out as (the rounds sent before the pause).
+    round: u32,
+}
+
+/// Sends dirty sets round after round until the switch-over rule says pause (or force); fails when it says abort.
+fn converge<S: MigrationSource>(
+    vm: &mut S,
+    opts: &MigrateOptions,
+    s: &mut Session,
+) -> Result<Converged, MigrationError> {
     let (state_bytes, state_time) = state_figures();
     let deadline = s.started + opts.timeout;
     let mut round = 1u32;
-    let (dirty, expected) = loop {
+    loop {
         let dirty = vm
             .take_dirty_pages()
             .map_err(MigrationError::vm("read the dirty log"))?;
@@ -127,39 +156,52 @@ pub fn run<S: MigrationSource>(
             st.dirty_pages = est.dirty_pages;
             st.remaining_bytes = est.remaining_bytes();
             st.bandwidth = est.bandwidth;
-            st.expected_pause_ms = expected.as_secs_f64() * 1e3;
+            st.expected_pause_ms = ms(expected);
             st.bytes_sent = s.writer.bytes();
         });
         match decide(&est, opts.downtime, Instant::now() >= deadline, opts.on_timeout) {
-            Decision::SwitchOver => break (dirty, expected),
+            Decision::SwitchOver => {}
             Decision::Force => {
                 s.report.forced = true;
                 s.report.notes.push(format!(
                     "did not converge within {:?}: switch-over forced with an expected pause of {:.1} ms",
                     opts.timeout,
-                    expected.as_secs_f64() * 1e3
+                    ms(expected)
                 ));
-                break (dirty, expected);
             }
             Decision::Abort => {
                 return Err(MigrationError::NotConverged {
                     timeout: opts.timeout,
                     dirty_pages: est.dirty_pages,
-                    expected_ms: expected.as_secs_f64() * 1e3,
-                    budget_ms: opts.downtime.as_secs_f64() * 1e3,
+                    expected_ms: ms(expected),
+                    budget_ms: ms(opts.downtime),
                 });
             }
-            Decision::Iterate => {}
+            Decision::Iterate => {
+                let st = s.send_round(round, dirty.iter_ones(), est.dirty_pages, None)?;
+                s.bandwidth.record(st.bytes, st.secs);
+                s.end_round(round, &st)?;
+                round += 1;
+                continue;
+            }
         }
-        let n = est.dirty_pages;
-        let st = s.send_round(round, dirty.iter_ones(), n, None)?;
-        s.bandwidth.record(st.bytes, st.secs);
-        s.end_round(round, &st)?;
-        round += 1;
-    };
-    s.report.rounds = round;
+        return Ok(Converged {
+            dirty,
+            expected,
+            round,
+        });
+    }
+}
 
-    // Switch-over: everything from here to the ack is the pause.
+/// The pause: stop the vCPU, send the last dirty set and the tail, wait for the ack. Everything from here to the
+/// ack is the pause.
+fn switch_over<S: MigrationSource>(
+    vm: &mut S,
+    opts: &MigrateOptions,
+    s: &mut Session,
+    progress: &mut Progress,
+    converged: &Converged,
+) -> Result<(), MigrationError> {
     let paused_at = Instant::now();
     vm.pause().map_err(MigrationError::vm("pause"))?;
     progress.paused = true;
@@ -170,10 +212,10 @@ pub fn run<S: MigrationSource>(
     let mut last = vm
         .take_dirty_pages()
         .map_err(MigrationError::vm("read the dirty log"))?;
-    last.union_with(&dirty);
+    last.union_with(&converged.dirty);
     let n = last.count_ones();
-    let st = s.send_round(round, last.iter_ones(), n, None)?;
-    s.end_round(round, &st)?;
+    let st = s.send_round(converged.round, last.iter_ones(), n, None)?;
+    s.end_round(converged.round, &st)?;
     // The dirty log stays on until the ack: turning it off rewrites the memslot, which is slow and not needed
     // while paused (and a rollback stops it).
     let t_final = Instant::now();
@@ -187,16 +229,20 @@ pub fn run<S: MigrationSource>(
     b.final_round_ms = ms(t_final - t_stopped);
     b.tail_ms = ms(t_tail - t_final);
     b.destination_ms = ms(t_tail.elapsed());
-    // The state cost for the next estimate: save + send here, restore + resume there (hashing excluded: it is
-    // estimated on its own).
-    LAST_STATE_BYTES.store(s.report.state_bytes.max(1), Ordering::Relaxed);
-    let state_ns = (s.report.state_ms * 1e6) as u64 + ack.restore_us * 1000;
+    record_state_figures(s.report.state_bytes, s.report.state_ms, ack.restore_us);
+    s.complete(paused_at, ack, ms(converged.expected));
+    Ok(())
+}
+
+/// Keeps the state cost for the next estimate: save + send here, restore + resume there (hashing excluded: it is
+/// estimated on its own).
+fn record_state_figures(state_bytes: u64, state_ms: f64, restore_us: u64) {
+    LAST_STATE_BYTES.store(state_bytes.max(1), Ordering::Relaxed);
+    let state_ns = (state_ms * 1e6) as u64 + restore_us * 1000;
     LAST_STATE_NS.store(
         state_ns.clamp(1, Duration::from_millis(50).as_nanos() as u64),
         Ordering::Relaxed,
     );
-    s.complete(paused_at, ack, expected.as_secs_f64() * 1e3);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -246,7 +292,7 @@ mod tests {
 
     #[test]
     fn bandwidth_estimator() {
-        let mut b = crate::source::Bandwidth::default();
+        let mut b = crate::source::session::Bandwidth::default();
         assert_eq!(b.rate(), 1 << 30);
         b.record(1000, 0.001);
         assert_eq!(b.rate(), 1_000_000);

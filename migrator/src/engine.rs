@@ -1,8 +1,10 @@
-//! What the migration engines need from a VM, and what they report.
+//! The transport-generic migration engine's contract: what the engines need from a VM, what they take as options,
+//! and what they report.
 //!
-//! The engines ([`crate::precopy`], [`crate::quick`], [`crate::receive`]) are written against two small traits,
-//! [`MigrationSource`] and [`MigrationTarget`]. The KVM `Vm` implements both; the unit tests implement them over
-//! plain anonymous memory, so the protocol and the switch-over logic are tested without KVM.
+//! The engines ([`crate::source`] with its live and quick modes, [`crate::receive`]) are written against two small
+//! traits, [`MigrationSource`] and [`MigrationTarget`]. The KVM `Vm` implements both ([`crate::vm_migration`]); the
+//! unit tests implement them over plain anonymous memory, so the protocol and the switch-over logic are tested
+//! without KVM.
 
 use std::{
     error::Error,
@@ -16,12 +18,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     protocol::ProtocolError,
-    ram::{DirtyBitmap, GuestRam},
+    ram::{DirtyBitmap, RamError},
+    ram_io::GuestRam,
     transport::{Endpoint, TransportError},
 };
 
 /// An error from the VM behind the traits (the VMM's own error type, boxed).
-pub type VmError = Box<dyn Error + Send + Sync + 'static>;
+pub type BoxedVmError = Box<dyn Error + Send + Sync + 'static>;
 
 /// Who the VM is, as the destination needs to recreate it.
 #[derive(Clone, Debug, Default)]
@@ -41,16 +44,16 @@ pub trait MigrationSource {
     /// Guest RAM; the view stays valid while the VM lives.
     fn guest_ram(&self) -> GuestRam;
     /// Starts dirty tracking (KVM dirty log plus the VMM's own writes) and clears the dirty set.
-    fn start_dirty_log(&mut self) -> Result<(), VmError>;
+    fn start_dirty_log(&mut self) -> Result<(), BoxedVmError>;
     /// The pages written since the last call (or since the start), and clears them.
-    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, VmError>;
-    fn stop_dirty_log(&mut self) -> Result<(), VmError>;
+    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, BoxedVmError>;
+    fn stop_dirty_log(&mut self) -> Result<(), BoxedVmError>;
     /// Stops the vCPU and device processing. While paused nothing writes guest RAM; frames arriving at the tap are
     /// queued for [`MigrationSource::take_pending_frames`].
-    fn pause(&mut self) -> Result<(), VmError>;
-    fn resume(&mut self) -> Result<(), VmError>;
+    fn pause(&mut self) -> Result<(), BoxedVmError>;
+    fn resume(&mut self) -> Result<(), BoxedVmError>;
     /// All vCPU and device state (the VMM's versioned, checksummed blob). Only while paused.
-    fn save_state(&mut self) -> Result<Vec<u8>, VmError>;
+    fn save_state(&mut self) -> Result<Vec<u8>, BoxedVmError>;
     /// Frames that reached the tap since the pause and that the guest has not seen.
     fn take_pending_frames(&mut self) -> Vec<Vec<u8>>;
     /// Gives frames taken by [`MigrationSource::take_pending_frames`] back to the guest (rollback), ahead of newer
@@ -62,15 +65,15 @@ pub trait MigrationSource {
 pub trait MigrationTarget {
     fn guest_ram(&self) -> GuestRam;
     /// Restores the blob [`MigrationSource::save_state`] produced.
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError>;
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), BoxedVmError>;
     /// Starts (or resumes) the vCPU.
-    fn resume(&mut self) -> Result<(), VmError>;
+    fn resume(&mut self) -> Result<(), BoxedVmError>;
     /// Hands frames to the guest's receive queue, after resume.
-    fn deliver_frames(&mut self, frames: Vec<Vec<u8>>) -> Result<(), VmError>;
+    fn deliver_frames(&mut self, frames: Vec<Vec<u8>>) -> Result<(), BoxedVmError>;
     /// Writes a raw frame out of the tap (the announce).
-    fn send_frame(&mut self, frame: &[u8]) -> Result<(), VmError>;
+    fn send_frame(&mut self, frame: &[u8]) -> Result<(), BoxedVmError>;
     /// Asks the guest for a gratuitous ARP.
-    fn request_garp(&mut self) -> Result<(), VmError>;
+    fn request_garp(&mut self) -> Result<(), BoxedVmError>;
 }
 
 /// What to do when pre-copy has not converged by `--timeout`.
@@ -136,9 +139,9 @@ mod duration_ns {
     }
 }
 
-/// The outcome of a migration, printed as the JSON summary of `migrator migrate`.
+/// The source's summary of a migration, printed as the JSON summary of `migrator migrate`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct MigrationReport {
+pub struct MigrationSummary {
     pub migration_id: String,
     pub mode: String,
     /// Setup to acknowledgement, ms.
@@ -266,11 +269,13 @@ pub enum MigrationError {
     Transport(#[from] TransportError),
     #[error("migration stream failed")]
     Protocol(#[from] ProtocolError),
+    #[error("guest RAM")]
+    Ram(#[from] RamError),
     #[error("the VM failed to {op}")]
     Vm {
         op: &'static str,
         #[source]
-        source: VmError,
+        source: BoxedVmError,
     },
     #[error("the destination aborted: {reason}")]
     DestinationAborted { reason: String },
@@ -304,17 +309,9 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
-    pub fn vm(op: &'static str) -> impl FnOnce(VmError) -> Self {
+    pub fn vm(op: &'static str) -> impl FnOnce(BoxedVmError) -> Self {
         move |source| Self::Vm { op, source }
     }
-}
-
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
-pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// A fresh migration id: pid and monotonic time, unique on a host.
@@ -368,4 +365,16 @@ pub fn mode_name(mode: Mode) -> &'static str {
         Mode::Live => "live",
         Mode::Quick => "quick",
     }
+}
+
+/// The error with its causes, `a: b: c`.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
 }

@@ -1,0 +1,113 @@
+//! `migrator`: run a guest; migrate it live or quick (see the library's crate docs). This binary owns the command
+//! line (clap, in `args`) and the client side of `migrate` and `status`; everything else is the library.
+
+mod args;
+
+use std::{
+    io::{IsTerminal, Write},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use migevents::Mode;
+use migrator::{api, engine::Status};
+
+use crate::args::{MigrateArgs, ReceiveArgs, RunArgs, StatusArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "migrator",
+    about = "A small KVM VMM with pre-copy live and quick migration",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot the embedded guest on a tap and run it until Ctrl-C (or until it is migrated away).
+    Run(RunArgs),
+    /// Wait for one incoming migration, then run the guest (it can be migrated on).
+    Receive(ReceiveArgs),
+    /// Ask a running migrator (--api) to migrate its guest; prints a JSON summary.
+    Migrate(MigrateArgs),
+    /// Print a running migrator's status as JSON.
+    Status(StatusArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.cmd {
+        Cmd::Run(args) => migrator::vm_migration::run(&args.config()),
+        Cmd::Receive(args) => migrator::vm_migration::run_destination(&args.config()),
+        Cmd::Migrate(args) => migrate(&args),
+        Cmd::Status(args) => status(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("migrator: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// `migrator status --api PATH`: prints the status JSON.
+fn status(args: &StatusArgs) -> Result<()> {
+    let s = api::request_status(&args.api)?;
+    print_json(&serde_json::to_string_pretty(&s)?)
+}
+
+/// Prints a JSON document on stdout; a reader that went away (`| head`) is not an error.
+fn print_json(doc: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{doc}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),
+        _ => Ok(()),
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn progress_line(s: &Status) -> String {
+    format!(
+        "{:<10} round {:>3}  remaining {:>8.1} MiB  rate {:>8.1} MiB/s  expected pause {:>6.1} ms",
+        s.state,
+        s.iteration,
+        s.remaining_bytes as f64 / MIB,
+        s.bandwidth as f64 / MIB,
+        s.expected_pause_ms
+    )
+}
+
+/// `migrator migrate`: progress on a TTY, then the JSON summary on stdout.
+fn migrate(args: &MigrateArgs) -> Result<()> {
+    let opts = args.options();
+    if opts.mode == Mode::Live && (opts.via_file.is_some() || !opts.extra_pause.is_zero()) {
+        bail!("--via-file and --extra-pause only apply to --mode quick");
+    }
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(100));
+        b
+    });
+    let result = api::request_migrate(&args.api, &opts, |s| {
+        if let Some(b) = &bar {
+            b.set_message(progress_line(s));
+        }
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let summary = result.with_context(|| {
+        format!(
+            "migration to {} failed; the guest keeps running at the source",
+            args.to
+        )
+    })?;
+    print_json(&serde_json::to_string_pretty(&summary)?)
+}

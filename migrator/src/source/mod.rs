@@ -1,0 +1,116 @@
+//! The source side of a migration: [`migrate`] opens a [`session::Session`], runs the mode's engine on it
+//! ([`precopy`] for live, [`quick`] for quick), and on failure rolls back so the guest keeps running here.
+
+pub mod precopy;
+pub mod quick;
+pub mod session;
+
+use std::{path::Path, time::Duration};
+
+use migevents::{Mode, Phase};
+
+use crate::source::session::{Progress, Session};
+use crate::{
+    engine::{
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, error_chain,
+    },
+    protocol::Message,
+};
+
+/// Runs a migration in the mode `opts` asks for. On failure the guest keeps running here.
+pub fn migrate<S: MigrationSource>(
+    vm: &mut S,
+    opts: &MigrateOptions,
+    events_path: Option<&Path>,
+    tracker: &Tracker,
+) -> Result<MigrationSummary, MigrationError> {
+    if opts.mode == Mode::Live && (opts.via_file.is_some() || !opts.extra_pause.is_zero()) {
+        return Err(MigrationError::Usage(
+            "--via-file and --extra-pause belong to --mode quick".into(),
+        ));
+    }
+    let mut session = match Session::open(vm, opts, events_path, tracker) {
+        Ok(s) => s,
+        Err(failed) => {
+            let (e, mut events) = *failed;
+            rollback(vm, Progress::default(), &e, None, events.as_mut(), tracker);
+            return Err(e);
+        }
+    };
+    let mut progress = Progress::default();
+    let res = match opts.mode {
+        Mode::Live => precopy::run(vm, opts, &mut session, &mut progress),
+        Mode::Quick => quick::run(vm, opts, &mut session, &mut progress),
+    };
+    match res {
+        Ok(()) => {
+            if progress.dirty_log {
+                let _ignored = vm.stop_dirty_log();
+            }
+            Ok(session.report)
+        }
+        Err(e) => {
+            rollback(vm, progress, &e, Some(&mut session), None, tracker);
+            Err(e)
+        }
+    }
+}
+
+/// Gives the VM back to the source after a failure: resume if paused, stop dirty logging, tell the destination
+/// (best effort), and emit `failed`, `resume` (if it was paused) and `rollback`.
+pub fn rollback<S: MigrationSource>(
+    vm: &mut S,
+    progress: Progress,
+    err: &MigrationError,
+    mut session: Option<&mut Session>,
+    events: Option<&mut Events>,
+    tracker: &Tracker,
+) {
+    let reason = error_chain(err);
+    let mut resume_err = None;
+    if let Some(s) = session.as_deref_mut() {
+        let frames = std::mem::take(&mut s.forwarded);
+        if !frames.is_empty() {
+            vm.return_frames(frames);
+        }
+    }
+    if progress.paused
+        && let Err(e) = vm.resume()
+    {
+        resume_err = Some(e);
+    }
+    if progress.dirty_log {
+        let _ignored = vm.stop_dirty_log();
+    }
+    let events = match session {
+        Some(s) => {
+            if !matches!(err, MigrationError::DestinationAborted { .. }) {
+                let _ignored = s
+                    .writer
+                    .get_mut()
+                    .get_mut()
+                    .set_write_timeout(Some(Duration::from_millis(200)));
+                let _ignored = s.writer.send(&Message::Abort(reason.clone()));
+            }
+            s.writer.get_mut().get_mut().shutdown();
+            Some(&mut s.events)
+        }
+        None => events,
+    };
+    if let Some(ev) = events {
+        ev.emit(migevents::Phase::Failed {
+            reason: reason.clone(),
+        });
+        if progress.paused {
+            ev.emit(Phase::Resume);
+        }
+        ev.emit(Phase::Rollback);
+    }
+    if let Some(e) = resume_err {
+        eprintln!("migrator: CRITICAL: the guest could not be resumed after a failed migration: {e}");
+    }
+    tracker.update(|s| {
+        s.state = "failed".into();
+        s.error = Some(reason);
+    });
+}
