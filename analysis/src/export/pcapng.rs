@@ -242,7 +242,28 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
         next_if: 0,
         packets: 0,
     };
-    // Section header with the report summary.
+    block(&mut w.out, 0x0A0D_0D0A, &section_header(a))?;
+    let mut events: Vec<&Event> = t.events.iter().collect();
+    events.sort_by_key(|e| e.ts_ns());
+    for e in events {
+        let unix = mono_to_unix(t, e.ts_ns());
+        match e {
+            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
+                arp_packet(&mut w, a, e, frame, unix)?;
+            }
+            Event::TcpRetransmit { .. }
+            | Event::TcpError { .. }
+            | Event::TcpResetIn { .. }
+            | Event::TcpResetOut { .. } => tcp_annotation(&mut w, a, e, unix)?,
+            _ => {}
+        }
+    }
+    w.out.flush()?;
+    Ok(w.packets)
+}
+
+/// The section header block, with the report's summary as its comment.
+fn section_header(a: &Analysis) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&0x1A2B_3C4Du32.to_le_bytes());
     body.extend_from_slice(&1u16.to_le_bytes());
@@ -283,80 +304,73 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
         format!("migmon {}", env!("CARGO_PKG_VERSION")).as_bytes(),
     );
     end_options(&mut body);
-    block(&mut w.out, 0x0A0D_0D0A, &body)?;
+    body
+}
 
-    let mut events: Vec<&Event> = t.events.iter().collect();
-    events.sort_by_key(|e| e.ts_ns());
-    for e in events {
-        let ts = e.ts_ns();
-        let unix = mono_to_unix(t, ts);
-        match e {
-            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
-                let rarp = matches!(e, Event::Rarp { .. });
-                let what = match e {
-                    Event::Rarp { .. } => "RARP self-announce".to_owned(),
-                    Event::Garp { .. } => format!("gratuitous ARP for {}", frame.spa),
-                    _ => format!("ARP op {} {} → {}", frame.op, frame.spa, frame.tpa),
-                };
-                let id = w.iface(&frame.port.to_string(), LINKTYPE_ETHERNET)?;
-                let bytes = frame_bytes(frame, rarp);
-                let comment = format!(
-                    "migmon: {what} from {} seen by XDP on {}{}",
-                    frame.mac,
-                    frame.port,
-                    context(a, Some(frame.mac), ts)
-                );
-                w.packet(id, unix, &bytes, frame.len, &comment)?;
-            }
-            Event::TcpRetransmit {
-                tcp,
-                state,
-                retransmits,
-                backoff,
-                rto_us,
-                ..
-            } => {
-                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
-                let what = if *retransmits == 0 {
-                    "tcp_retransmit (tail loss probe or fast retransmit)".to_owned()
-                } else {
-                    format!("tcp_retransmit #{retransmits} (RTO)")
-                };
-                let comment = format!(
-                    "migmon annotation (not a captured packet): {what} backoff {backoff} rto {} state {}{}",
-                    crate::correlate::fmt_dur(rto_us * 1000),
-                    state_text(*state),
-                    context(a, None, ts)
-                );
-                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x18), 40, &comment)?;
-            }
-            Event::TcpError { tcp, errno, .. } => {
-                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
-                let name = if *errno == 110 { " (ETIMEDOUT)" } else { "" };
-                let comment = format!(
-                    "migmon annotation (not a captured packet): socket error {errno}{name}: the connection aborted{}",
-                    context(a, None, ts)
-                );
-                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x10), 40, &comment)?;
-            }
-            Event::TcpResetIn { tcp, .. } | Event::TcpResetOut { tcp, .. } => {
-                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
-                let dir = if matches!(e, Event::TcpResetIn { .. }) {
-                    "received"
-                } else {
-                    "sent"
-                };
-                let comment = format!(
-                    "migmon annotation (not a captured packet): RST {dir}{}",
-                    context(a, None, ts)
-                );
-                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x04), 40, &comment)?;
-            }
-            _ => {}
+/// An ARP-family frame with its real bytes, on an interface named after its port.
+fn arp_packet<W: Write>(
+    w: &mut Writer<W>,
+    a: &Analysis,
+    e: &Event,
+    frame: &ArpFrame,
+    unix: u64,
+) -> io::Result<()> {
+    let rarp = matches!(e, Event::Rarp { .. });
+    let what = match e {
+        Event::Rarp { .. } => "RARP self-announce".to_owned(),
+        Event::Garp { .. } => format!("gratuitous ARP for {}", frame.spa),
+        _ => format!("ARP op {} {} → {}", frame.op, frame.spa, frame.tpa),
+    };
+    let id = w.iface(&frame.port.to_string(), LINKTYPE_ETHERNET)?;
+    let bytes = frame_bytes(frame, rarp);
+    let comment = format!(
+        "migmon: {what} from {} seen by XDP on {}{}",
+        frame.mac,
+        frame.port,
+        context(a, Some(frame.mac), e.ts_ns())
+    );
+    w.packet(id, unix, &bytes, frame.len, &comment)
+}
+
+/// A socket event as an annotated header-only TCP packet of its 4-tuple on the `migmon-tcp-events` interface.
+fn tcp_annotation<W: Write>(w: &mut Writer<W>, a: &Analysis, e: &Event, unix: u64) -> io::Result<()> {
+    let ctx = context(a, None, e.ts_ns());
+    let (tcp, flags, what) = match e {
+        Event::TcpRetransmit {
+            tcp,
+            state,
+            retransmits,
+            backoff,
+            rto_us,
+            ..
+        } => {
+            let what = if *retransmits == 0 {
+                "tcp_retransmit (tail loss probe or fast retransmit)".to_owned()
+            } else {
+                format!("tcp_retransmit #{retransmits} (RTO)")
+            };
+            let what = format!(
+                "{what} backoff {backoff} rto {} state {}{ctx}",
+                crate::correlate::fmt_dur(rto_us * 1000),
+                state_text(*state),
+            );
+            (tcp, 0x18, what)
         }
-    }
-    w.out.flush()?;
-    Ok(w.packets)
+        Event::TcpError { tcp, errno, .. } => {
+            let name = if *errno == 110 { " (ETIMEDOUT)" } else { "" };
+            (
+                tcp,
+                0x10,
+                format!("socket error {errno}{name}: the connection aborted{ctx}"),
+            )
+        }
+        Event::TcpResetIn { tcp, .. } => (tcp, 0x04, format!("RST received{ctx}")),
+        Event::TcpResetOut { tcp, .. } => (tcp, 0x04, format!("RST sent{ctx}")),
+        _ => return Ok(()),
+    };
+    let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
+    let comment = format!("migmon annotation (not a captured packet): {what}");
+    w.packet(id, unix, &tcp_packet(&tcp.tuple, flags), 40, &comment)
 }
 
 #[cfg(test)]
