@@ -1154,7 +1154,7 @@ fn verdict(
 }
 
 /// The first terminal event: an error, a reset, or a CLOSE that does not end an orderly close. An application's
-/// close (ESTABLISHED → FIN_WAIT1, CLOSE_WAIT → LAST_ACK) is not terminal by itself: if its FIN is acknowledged
+/// close (`ESTABLISHED` → `FIN_WAIT1`, `CLOSE_WAIT` → `LAST_ACK`) is not terminal by itself: if its FIN is acknowledged
 /// after resume the close completed and the connection came through; if the socket dies first, the close is what
 /// ended it.
 fn first_terminal(in_window: &[&Event]) -> Option<usize> {
@@ -1407,12 +1407,11 @@ fn build_migration(
     let (mut dt, net) = downtime_split(g, &tl, &w);
 
     let mut warnings = Vec::new();
-    let connections = match w.pause {
-        Some(p) => judge_connections(conns, &ips, p, &net, &tl, &w),
-        None => {
-            warnings.push("no pause seen for this migration: connections were not judged".to_owned());
-            Vec::new()
-        }
+    let connections = if let Some(p) = w.pause {
+        judge_connections(conns, &ips, p, &net, &tl, &w)
+    } else {
+        warnings.push("no pause seen for this migration: connections were not judged".to_owned());
+        Vec::new()
     };
     let tally = Tally::of(&connections);
     dt.max_recovery_tail = max_recovery_tail(&connections);

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use migmon_analysis::trace::{Event, TraceWriter, state_text};
+use migmon_analysis::trace::{ArpFrame, Event, TraceWriter, state_text};
 use migmon_base::errno_name;
 
 use crate::{decode::mono_now_ns, netns};
@@ -123,13 +123,66 @@ impl Output {
     }
 
     fn detail(&mut self, ev: &Event) -> String {
-        let port = |p: &migmon_analysis::trace::Port| {
-            let name = p.iface.clone().unwrap_or_else(|| format!("if{}", p.ifindex));
-            match &p.netns {
-                Some(ns) => format!("{name}@{ns}"),
-                None => name,
+        match ev {
+            Event::TcpRetransmit { .. }
+            | Event::TcpState { .. }
+            | Event::TcpError { .. }
+            | Event::TcpResetIn { .. }
+            | Event::TcpResetOut { .. } => self.tcp_detail(ev),
+            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
+                arp_detail(frame)
             }
-        };
+            Event::FdbUpdate {
+                bridge,
+                port,
+                mac,
+                vlan,
+                ..
+            } => format!("{bridge:<20} {mac} now on port {port} vlan={vlan}"),
+            Event::MacSeen {
+                mac,
+                port: p,
+                direction,
+                gap_ns,
+                ..
+            } => {
+                let when = if *gap_ns == 0 {
+                    "first time".to_owned()
+                } else {
+                    format!("after {:.1} ms of silence", *gap_ns as f64 / 1e6)
+                };
+                format!("{:<20} {mac} {} {when}", port_name(p), dir_name(*direction))
+            }
+            Event::MacStats {
+                mac,
+                port: p,
+                direction,
+                frames,
+                bytes,
+                first_ns,
+                last_ns,
+                ..
+            } => format!(
+                "{:<20} {mac} {} frames={frames} bytes={bytes} last={:+.6}s span={:.3}s",
+                port_name(p),
+                dir_name(*direction),
+                (i128::from(*last_ns) - i128::from(self.start_ns)) as f64 / 1e9,
+                last_ns.saturating_sub(*first_ns) as f64 / 1e9
+            ),
+            Event::Loss { cpu, count, .. } => format!("cpu {cpu}: {count} events lost (ring buffer full)"),
+            Event::Malformed { port: p, count, .. } => {
+                format!(
+                    "{:<20} {count} frames passed unread (truncated or odd)",
+                    port_name(p)
+                )
+            }
+            Event::Note { level, message, .. } => format!("{level}: {message}"),
+            Event::Migration { .. } | Event::ClockOffset { .. } => describe_source(ev),
+        }
+    }
+
+    /// A socket event: the 4-tuple, what happened, the socket's namespace.
+    fn tcp_detail(&mut self, ev: &Event) -> String {
         match ev {
             Event::TcpRetransmit {
                 tcp,
@@ -176,76 +229,45 @@ impl Output {
                     self.netns_name(tcp.netns)
                 )
             }
-            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
-                let vlan = if frame.vlan.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " vlan={}",
-                        frame
-                            .vlan
-                            .iter()
-                            .map(u16::to_string)
-                            .collect::<Vec<_>>()
-                            .join(".")
-                    )
-                };
-                format!(
-                    "{:<20} {} op={} {} ({}) -> {} ({}){vlan} len={}",
-                    port(&frame.port),
-                    frame.mac,
-                    frame.op,
-                    frame.spa,
-                    frame.sha,
-                    frame.tpa,
-                    frame.tha,
-                    frame.len
-                )
-            }
-            Event::FdbUpdate {
-                bridge,
-                port,
-                mac,
-                vlan,
-                ..
-            } => format!("{bridge:<20} {mac} now on port {port} vlan={vlan}"),
-            Event::MacSeen {
-                mac,
-                port: p,
-                direction,
-                gap_ns,
-                ..
-            } => {
-                let when = if *gap_ns == 0 {
-                    "first time".to_owned()
-                } else {
-                    format!("after {:.1} ms of silence", *gap_ns as f64 / 1e6)
-                };
-                format!("{:<20} {mac} {} {when}", port(p), dir_name(*direction))
-            }
-            Event::MacStats {
-                mac,
-                port: p,
-                direction,
-                frames,
-                bytes,
-                first_ns,
-                last_ns,
-                ..
-            } => format!(
-                "{:<20} {mac} {} frames={frames} bytes={bytes} last={:+.6}s span={:.3}s",
-                port(p),
-                dir_name(*direction),
-                (i128::from(*last_ns) - i128::from(self.start_ns)) as f64 / 1e9,
-                last_ns.saturating_sub(*first_ns) as f64 / 1e9
-            ),
-            Event::Loss { cpu, count, .. } => format!("cpu {cpu}: {count} events lost (ring buffer full)"),
-            Event::Malformed { port: p, count, .. } => {
-                format!("{:<20} {count} frames passed unread (truncated or odd)", port(p))
-            }
-            Event::Note { level, message, .. } => format!("{level}: {message}"),
-            Event::Migration { .. } | Event::ClockOffset { .. } => describe_source(ev),
+            _ => String::new(),
         }
+    }
+}
+
+/// An ARP-family frame: where, from whom, who-has/is-at, VLAN tags, length.
+fn arp_detail(frame: &ArpFrame) -> String {
+    let vlan = if frame.vlan.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " vlan={}",
+            frame
+                .vlan
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(".")
+        )
+    };
+    format!(
+        "{:<20} {} op={} {} ({}) -> {} ({}){vlan} len={}",
+        port_name(&frame.port),
+        frame.mac,
+        frame.op,
+        frame.spa,
+        frame.sha,
+        frame.tpa,
+        frame.tha,
+        frame.len
+    )
+}
+
+/// A port as human lines print it: `iface@netns`, or `ifN`.
+fn port_name(p: &migmon_analysis::trace::Port) -> String {
+    let name = p.iface.clone().unwrap_or_else(|| format!("if{}", p.ifindex));
+    match &p.netns {
+        Some(ns) => format!("{name}@{ns}"),
+        None => name,
     }
 }
 

@@ -831,6 +831,10 @@ fn lane_rows(out: &mut String, lanes: &[Lane], lanes_top: f64) {
 }
 
 /// The pause, shaded across every lane, and the blackout hatched.
+#[expect(
+    clippy::many_single_char_names,
+    reason = "s is the scale, m the migration, as in every helper"
+)]
 fn pause_and_blackout(out: &mut String, f: &Frame, m: &MigrationReport, lanes_top: f64, lanes_h: f64) {
     let s = &f.s;
     let tl = &m.timeline;
@@ -885,6 +889,10 @@ fn pause_and_blackout(out: &mut String, f: &Frame, m: &MigrationReport, lanes_to
 }
 
 /// The time axis at `y`, ticked at round steps relative to the pause; returns the y below it.
+#[expect(
+    clippy::many_single_char_names,
+    reason = "s is the scale, t a time, x its position, as in every helper"
+)]
 fn axis(out: &mut String, f: &Frame, y: f64) -> f64 {
     let (s, anchor) = (&f.s, f.anchor);
     let step = tick_step(s.t1 - s.t0);
