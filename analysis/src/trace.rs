@@ -250,6 +250,66 @@ pub struct TcpCommon {
     pub netns: u64,
 }
 
+/// Which end of a tracked flow sent a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowSide {
+    /// The watched VM.
+    Vm,
+    /// The VM's peer.
+    Peer,
+}
+
+/// A TCP segment of a watched VM's flow, as the flow tracker saw it on a port, with the sender's state before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSegment {
+    /// The VM's end of the connection.
+    pub vm_addr: IpAddr,
+    pub vm_port: u16,
+    /// The other end.
+    pub peer_addr: IpAddr,
+    pub peer_port: u16,
+    /// Where it was seen.
+    #[serde(flatten)]
+    pub port: Port,
+    /// The hook that saw it: ingress (arriving on the interface) or egress (leaving through it).
+    pub direction: Direction,
+    /// Who sent the segment.
+    pub side: FlowSide,
+    /// TCP flags, as in the header (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Payload bytes.
+    pub len: u32,
+    /// Advertised window, unscaled.
+    pub window: u16,
+    /// The sender's highest sequence end before this segment (`None` before its first segment with data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_end: Option<u32>,
+    /// The receiver's last ACK (`None` when the tracker has not seen one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_ack: Option<u32>,
+    /// Retransmissions the sender made so far on this port, this one included.
+    pub retransmits: u32,
+    /// `flow_retransmit`: time since the sender last sent new data (its highest sequence end advanced).
+    /// `flow_progress`: the quiet period that ended. Otherwise 0.
+    #[serde(default)]
+    pub gap_ns: u64,
+    /// Time since the sender's previous segment on this port (0 = its first).
+    #[serde(default)]
+    pub silence_ns: u64,
+    /// VLAN tags, outermost first (empty when untagged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlan: Vec<u16>,
+    /// The frame's first bytes (up to 128), hex, for pcapng export; empty when the capture budget was spent.
+    #[serde(default)]
+    pub frame: String,
+    /// Original frame length in bytes.
+    #[serde(default)]
+    pub frame_len: u32,
+}
+
 /// One event. Serialised with a `kind` tag; see `docs/events.md` for the schema.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -371,6 +431,56 @@ pub enum Event {
         port: Port,
         count: u64,
     },
+    /// The flow tracker picked up a watched flow (its first segment on this port, mid-stream or a SYN).
+    FlowOpen {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// A segment with data inside sequence space its sender already sent: a retransmission.
+    FlowRetransmit {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// A RST (`side` sent it).
+    FlowReset {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// The first FIN of a side.
+    FlowFin {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// A side started advertising a zero window.
+    FlowZeroWindow {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// A side's first forward progress (new data, or an ACK of new data) after a quiet period (`gap_ns`).
+    FlowProgress {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// The flow tracker's counters, cumulative, sampled when they change.
+    FlowTable {
+        ts_ns: u64,
+        /// Flows inserted into the tables.
+        inserts: u64,
+        /// Flows in the tables at the sample.
+        entries: u64,
+        /// Flows the tables evicted to make room (least recently used first): their state was lost.
+        evictions: u64,
+        /// Flows the kernel could not insert (not tracked).
+        insert_failed: u64,
+        /// Flow records sent without their frame bytes (capture rate limit).
+        capture_dropped: u64,
+    },
     /// A migration phase, from a migrator's event stream, QMP, or inferred from the wire.
     Migration {
         #[serde(flatten)]
@@ -411,6 +521,13 @@ impl Event {
             | Event::Loss { ts_ns, .. }
             | Event::Malformed { ts_ns, .. }
             | Event::ClockOffset { ts_ns, .. }
+            | Event::FlowOpen { ts_ns, .. }
+            | Event::FlowRetransmit { ts_ns, .. }
+            | Event::FlowReset { ts_ns, .. }
+            | Event::FlowFin { ts_ns, .. }
+            | Event::FlowZeroWindow { ts_ns, .. }
+            | Event::FlowProgress { ts_ns, .. }
+            | Event::FlowTable { ts_ns, .. }
             | Event::Note { ts_ns, .. } => *ts_ns,
             Event::Migration { ev, .. } => ev.ts_ns,
         }
@@ -435,6 +552,26 @@ impl Event {
             Event::Migration { .. } => "migration",
             Event::ClockOffset { .. } => "clock_offset",
             Event::Note { .. } => "note",
+            Event::FlowOpen { .. } => "flow_open",
+            Event::FlowRetransmit { .. } => "flow_retransmit",
+            Event::FlowReset { .. } => "flow_reset",
+            Event::FlowFin { .. } => "flow_fin",
+            Event::FlowZeroWindow { .. } => "flow_zero_window",
+            Event::FlowProgress { .. } => "flow_progress",
+            Event::FlowTable { .. } => "flow_table",
+        }
+    }
+
+    /// The flow segment of a `flow_*` event.
+    pub fn flow_segment(&self) -> Option<&FlowSegment> {
+        match self {
+            Event::FlowOpen { seg, .. }
+            | Event::FlowRetransmit { seg, .. }
+            | Event::FlowReset { seg, .. }
+            | Event::FlowFin { seg, .. }
+            | Event::FlowZeroWindow { seg, .. }
+            | Event::FlowProgress { seg, .. } => Some(seg),
+            _ => None,
         }
     }
 }

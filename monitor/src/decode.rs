@@ -6,11 +6,13 @@ use std::{
 };
 
 use monitor_common::{
-    AF_INET6, ArpEvent, DIR_EGRESS, EventKind, FdbEvent, MacCounters, MacKey, MacSeenEvent, TcpEvent,
-    WireEvent,
+    AF_INET6, ArpEvent, DIR_EGRESS, EventKind, FLOW_PEER_ACK_KNOWN, FLOW_SEQ_KNOWN, FdbEvent, FlowEvent,
+    MacCounters, MacKey, MacSeenEvent, SIDE_VM, TcpEvent, WireEvent,
 };
 
-use migmon_analysis::trace::{ArpFrame, Direction, Event, FourTuple, MacAddr, Port, TcpCommon, TcpState};
+use migmon_analysis::trace::{
+    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, MacAddr, Port, TcpCommon, TcpState,
+};
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
@@ -81,6 +83,58 @@ impl Decoder {
             WireEvent::Arp(e) => self.arp(e),
             WireEvent::Fdb(e) => fdb(e),
             WireEvent::MacSeen(e) => self.mac_seen(e),
+            WireEvent::Flow(kind, e) => self.flow(*kind, e),
+        }
+    }
+
+    fn flow(&self, kind: EventKind, e: &FlowEvent) -> Event {
+        let ts_ns = e.header.ts_ns;
+        let addr = |k: &[u8; 16]| {
+            let v6 = Ipv6Addr::from(*k);
+            match v6.to_ipv4_mapped() {
+                Some(v4) if e.family != AF_INET6 => IpAddr::V4(v4),
+                _ => IpAddr::V6(v6),
+            }
+        };
+        let cap = (e.cap_len as usize).min(e.frame.len());
+        let seg = FlowSegment {
+            vm_addr: addr(&e.key.vm_addr),
+            vm_port: e.key.vm_port,
+            peer_addr: addr(&e.key.peer_addr),
+            peer_port: e.key.peer_port,
+            port: self.port(e.netns_id, e.key.ifindex),
+            direction: if e.direction == DIR_EGRESS {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+            side: if e.side == SIDE_VM {
+                FlowSide::Vm
+            } else {
+                FlowSide::Peer
+            },
+            tcp_flags: e.tcp_flags,
+            seq: e.seq,
+            ack: e.ack,
+            len: e.len,
+            window: e.window,
+            seq_end: (e.flags & FLOW_SEQ_KNOWN != 0).then_some(e.seq_end),
+            peer_ack: (e.flags & FLOW_PEER_ACK_KNOWN != 0).then_some(e.peer_ack),
+            retransmits: e.retransmits,
+            gap_ns: e.gap_ns,
+            silence_ns: e.silence_ns,
+            vlan: e.vlan[..usize::from(e.vlan_count.min(2))].to_vec(),
+            frame: hex(&e.frame[..cap]),
+            frame_len: e.frame_len,
+        };
+        match kind {
+            EventKind::FlowOpen => Event::FlowOpen { ts_ns, seg },
+            EventKind::FlowRetransmit => Event::FlowRetransmit { ts_ns, seg },
+            EventKind::FlowReset => Event::FlowReset { ts_ns, seg },
+            EventKind::FlowFin => Event::FlowFin { ts_ns, seg },
+            EventKind::FlowZeroWindow => Event::FlowZeroWindow { ts_ns, seg },
+            // The other kinds never come with a FlowEvent payload; FlowProgress is the last flow kind.
+            _ => Event::FlowProgress { ts_ns, seg },
         }
     }
 

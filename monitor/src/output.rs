@@ -3,11 +3,12 @@
 use std::{
     collections::HashMap,
     io::{IsTerminal, Write},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use migmon_analysis::trace::{ArpFrame, Event, TraceWriter, state_text};
+use migmon_analysis::trace::{ArpFrame, Event, FlowSegment, FlowSide, TraceWriter, state_text};
 use migmon_base::errno_name;
 
 use crate::{decode::mono_now_ns, netns};
@@ -106,9 +107,14 @@ impl Output {
             Event::TcpError { .. }
             | Event::TcpResetIn { .. }
             | Event::TcpResetOut { .. }
-            | Event::Loss { .. } => "31",
-            Event::TcpRetransmit { .. } | Event::Malformed { .. } => "33",
-            Event::TcpState { .. } => "32",
+            | Event::Loss { .. }
+            | Event::FlowReset { .. }
+            | Event::FlowZeroWindow { .. } => "31",
+            Event::TcpRetransmit { .. } | Event::Malformed { .. } | Event::FlowRetransmit { .. } => "33",
+            Event::TcpState { .. }
+            | Event::FlowProgress { .. }
+            | Event::FlowOpen { .. }
+            | Event::FlowFin { .. } => "32",
             Event::Arp { .. } | Event::Garp { .. } | Event::Rarp { .. } | Event::MacSeen { .. } => "36",
             Event::FdbUpdate { .. } => "35",
             _ => "2",
@@ -178,6 +184,23 @@ impl Output {
             }
             Event::Note { level, message, .. } => format!("{level}: {message}"),
             Event::Migration { .. } | Event::ClockOffset { .. } => describe_source(ev),
+            Event::FlowOpen { seg, .. }
+            | Event::FlowRetransmit { seg, .. }
+            | Event::FlowReset { seg, .. }
+            | Event::FlowFin { seg, .. }
+            | Event::FlowZeroWindow { seg, .. }
+            | Event::FlowProgress { seg, .. } => flow_detail(ev, seg),
+            Event::FlowTable {
+                inserts,
+                entries,
+                evictions,
+                insert_failed,
+                capture_dropped,
+                ..
+            } => format!(
+                "flows: {entries} tracked, {inserts} picked up, {evictions} evicted, {insert_failed} not inserted, \
+                 {capture_dropped} records without frame bytes"
+            ),
         }
     }
 
@@ -260,6 +283,49 @@ fn arp_detail(frame: &ArpFrame) -> String {
         frame.tha,
         frame.len
     )
+}
+
+/// A segment the flow tracker reported: the port, which side sent it, its flags, sequence numbers and window.
+fn flow_detail(ev: &Event, seg: &FlowSegment) -> String {
+    let (from, to, who) = match seg.side {
+        FlowSide::Vm => ((seg.vm_addr, seg.vm_port), (seg.peer_addr, seg.peer_port), "vm  "),
+        FlowSide::Peer => ((seg.peer_addr, seg.peer_port), (seg.vm_addr, seg.vm_port), "peer"),
+    };
+    let extra = match ev {
+        Event::FlowRetransmit { .. } => format!(
+            " retransmits={} gap={:.1}ms silence={:.1}ms",
+            seg.retransmits,
+            seg.gap_ns as f64 / 1e6,
+            seg.silence_ns as f64 / 1e6
+        ),
+        Event::FlowProgress { .. } => format!(" after {:.1}ms quiet", seg.gap_ns as f64 / 1e6),
+        _ => String::new(),
+    };
+    format!(
+        "{:<20} {who} {} -> {} [{}] seq={} ack={} len={} win={}{extra}",
+        port_name(&seg.port),
+        SocketAddr::new(from.0, from.1),
+        SocketAddr::new(to.0, to.1),
+        tcp_flag_names(seg.tcp_flags),
+        seg.seq,
+        seg.ack,
+        seg.len,
+        seg.window
+    )
+}
+
+/// `S.`-style TCP flags, as tcpdump writes them.
+fn tcp_flag_names(flags: u8) -> String {
+    let mut s = String::new();
+    for (bit, c) in [(0x02, 'S'), (0x01, 'F'), (0x04, 'R'), (0x08, 'P'), (0x10, '.')] {
+        if flags & bit != 0 {
+            s.push(c);
+        }
+    }
+    if s.is_empty() {
+        s.push_str("none");
+    }
+    s
 }
 
 /// A port as human lines print it: `iface@netns`, or `ifN`.

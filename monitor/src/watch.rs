@@ -152,7 +152,14 @@ struct Samples {
     mac: HashMap<(u32, MacKey), MacCounters>,
     malformed: HashMap<(u32, u32), u64>,
     lost: Vec<u64>,
+    /// The flow counters last reported (entries and evictions as counted then), and when the tables were last
+    /// walked.
+    flows: crate::probes::FlowTotals,
+    flows_walked: Option<std::time::Instant>,
 }
+
+/// The flow tables are walked at most this often to count evictions.
+const FLOW_WALK_EVERY: Duration = Duration::from_secs(1);
 
 fn sample(probes: &Probes, decoder: &Decoder, prev: &mut Samples, tx: &Sender<Event>) {
     let ts_ns = mono_now_ns();
@@ -202,6 +209,45 @@ fn sample(probes: &Probes, decoder: &Decoder, prev: &mut Samples, tx: &Sender<Ev
         }
         Err(e) => note(tx, "warning", format!("cannot read the loss counters: {e}")),
     }
+    sample_flows(probes, prev, tx, ts_ns);
+}
+
+/// Emits `flow_table` when the flow tracker's counters moved (counting the table entries at most once per
+/// [`FLOW_WALK_EVERY`]).
+fn sample_flows(probes: &Probes, prev: &mut Samples, tx: &Sender<Event>, ts_ns: u64) {
+    let cheap = match probes.flow_totals(false) {
+        Ok(t) => t,
+        Err(e) => {
+            note(tx, "warning", format!("cannot read the flow counters: {e}"));
+            return;
+        }
+    };
+    let p = &prev.flows;
+    if (cheap.inserts, cheap.insert_failed, cheap.capture_dropped)
+        == (p.inserts, p.insert_failed, p.capture_dropped)
+    {
+        return;
+    }
+    if prev.flows_walked.is_some_and(|t| t.elapsed() < FLOW_WALK_EVERY) {
+        return;
+    }
+    let t = match probes.flow_totals(true) {
+        Ok(t) => t,
+        Err(e) => {
+            note(tx, "warning", format!("cannot count the flow table: {e}"));
+            return;
+        }
+    };
+    prev.flows_walked = Some(std::time::Instant::now());
+    prev.flows = t;
+    let _ = tx.send(Event::FlowTable {
+        ts_ns,
+        inserts: t.inserts,
+        entries: t.entries,
+        evictions: t.evictions,
+        insert_failed: t.insert_failed,
+        capture_dropped: t.capture_dropped,
+    });
 }
 
 fn note(tx: &Sender<Event>, level: &str, message: String) {
@@ -241,6 +287,10 @@ pub fn spawn_collector(
                 drain(&mut probes, &mut decoder, &tx);
                 let asked = control.take_sample_request();
                 if asked || stopping || Instant::now() >= next {
+                    if stopping {
+                        // The last sample counts the flow tables whatever the pace.
+                        prev.flows_walked = None;
+                    }
                     sample(&probes, &decoder, &mut prev, &tx);
                     next = Instant::now() + interval;
                 }
