@@ -191,7 +191,7 @@ fn handle(conn: UnixStream, status: &Arc<Mutex<Status>>, tx: &mpsc::Sender<Pendi
         Ok(Request::Migrate(options)) => {
             let busy = {
                 let s = status.lock().unwrap_or_else(PoisonError::into_inner);
-                s.state.is_busy()
+                s.state.is_migrating_out()
             };
             if busy {
                 write_line(

@@ -199,51 +199,36 @@ pub struct PauseBreakdown {
     pub destination_ms: f64,
 }
 
-/// What a migrator is doing, as `migrator status` reports it (serialised as the lower-case word).
+/// Where a VM and its migration stand, as `migrator status` reports it (serialised in snake case: `precopy`, ...).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationState {
-    /// Nothing yet.
+    /// Nothing started yet.
     #[default]
     Idle,
-    /// `migrator receive`: listening for the incoming migration.
+    /// A destination service waits for a source to connect.
     Waiting,
-    /// Receiving a migration.
-    Receiving,
-    /// The guest runs here.
-    Running,
-    /// An outgoing migration connects and sends its hello.
+    /// The source connected and announced the migration.
     Setup,
-    /// Pre-copy rounds while the guest runs.
+    /// Pre-copy rounds: the VM runs while its memory is copied.
     Precopy,
-    /// The guest is paused for the final transfer.
+    /// The VM is paused for the final copy (or the whole copy, in quick mode).
     Paused,
-    /// Everything was sent; waiting for the destination's acknowledgement.
+    /// The state is sent; waiting for the destination's acknowledgement.
     Completing,
-    /// The guest runs at the destination now.
+    /// The VM runs on the destination; this source is done.
     Migrated,
-    /// The last migration failed; the guest kept running here.
+    /// The migration failed (the source VM resumes where it was).
     Failed,
+    /// A destination receives a migration.
+    Receiving,
+    /// The VM runs here.
+    Running,
 }
 
 impl MigrationState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Idle => "idle",
-            Self::Waiting => "waiting",
-            Self::Receiving => "receiving",
-            Self::Running => "running",
-            Self::Setup => "setup",
-            Self::Precopy => "precopy",
-            Self::Paused => "paused",
-            Self::Completing => "completing",
-            Self::Migrated => "migrated",
-            Self::Failed => "failed",
-        }
-    }
-
-    /// A migration is under way or done: another may not start.
-    pub fn is_busy(self) -> bool {
+    /// A migration out of this VM is under way or finished: another one cannot start.
+    pub fn is_migrating_out(self) -> bool {
         matches!(
             self,
             Self::Setup | Self::Precopy | Self::Paused | Self::Completing | Self::Migrated
@@ -253,7 +238,19 @@ impl MigrationState {
 
 impl std::fmt::Display for MigrationState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
+        let name = match self {
+            Self::Idle => "idle",
+            Self::Waiting => "waiting",
+            Self::Setup => "setup",
+            Self::Precopy => "precopy",
+            Self::Paused => "paused",
+            Self::Completing => "completing",
+            Self::Migrated => "migrated",
+            Self::Failed => "failed",
+            Self::Receiving => "receiving",
+            Self::Running => "running",
+        };
+        f.pad(name)
     }
 }
 
@@ -442,17 +439,24 @@ mod tests {
 
     #[test]
     fn states_serialise_as_their_words() {
-        use MigrationState::*;
         for s in [
-            Idle, Waiting, Receiving, Running, Setup, Precopy, Paused, Completing, Migrated, Failed,
+            MigrationState::Idle,
+            MigrationState::Waiting,
+            MigrationState::Setup,
+            MigrationState::Precopy,
+            MigrationState::Paused,
+            MigrationState::Completing,
+            MigrationState::Migrated,
+            MigrationState::Failed,
+            MigrationState::Receiving,
+            MigrationState::Running,
         ] {
             let json = serde_json::to_string(&s).unwrap();
-            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(json, format!("\"{s}\""));
             assert_eq!(serde_json::from_str::<MigrationState>(&json).unwrap(), s);
-            assert_eq!(format!("{s:<11}|"), format!("{:<11}|", s.as_str()));
         }
         let status = serde_json::to_value(Status {
-            state: Precopy,
+            state: MigrationState::Precopy,
             ..Status::default()
         })
         .unwrap();

@@ -11,7 +11,6 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -24,6 +23,7 @@ use std::{
 
 use integration_tests::{Netns, VmHost, Watch, kvm_available, migmon_bin, migrator_bin, unique, wait_until};
 use serde_json::Value;
+use testbed::clients::set_user_timeout;
 
 /// Hands each test its own subnet.
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -136,18 +136,7 @@ impl Client {
             .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
             .unwrap();
         if let Some(ms) = user_timeout_ms {
-            let v: libc::c_uint = ms;
-            // SAFETY: a valid socket fd and a c_uint option value of the right size.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_USER_TIMEOUT,
-                    (&raw const v).cast(),
-                    size_of::<libc::c_uint>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "TCP_USER_TIMEOUT");
+            set_user_timeout(&s, Duration::from_millis(ms.into())).expect("set TCP_USER_TIMEOUT");
         }
         s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
         let local_port = s.local_addr().unwrap().port();
