@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Netns, VmHost, fdb_port, kvm_available, migrator_bin, unique, wait_until};
+use integration_tests::{Netns, TestDir, VmHost, fdb_port, kvm_available, migrator_bin, wait_until};
 use serde_json::Value;
 use testbed::clients::set_user_timeout;
 
@@ -44,7 +44,7 @@ struct Bed {
     tap_a: String,
     tap_b: String,
     guest_ip: Ipv4Addr,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl Bed {
@@ -59,8 +59,7 @@ impl Bed {
             ..
         } = VmHost::create("mg", 2, client_ip.into(), 24).expect("build the test's host and client");
         let (tap_b, tap_a) = (taps.pop().expect("tap B"), taps.pop().expect("tap A"));
-        let dir = std::env::temp_dir().join(unique("migt"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = TestDir::new("migt");
         Self {
             host,
             client,
@@ -185,12 +184,6 @@ impl Bed {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
