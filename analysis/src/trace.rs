@@ -14,9 +14,11 @@ use std::{
     io::{self, BufRead, BufReader, BufWriter, Write},
     net::IpAddr,
     path::{Path, PathBuf},
+    str::FromStr,
 };
 
-use serde::{Deserialize, Serialize};
+pub use migmon_base::MacAddr;
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// Current trace format version.
 pub const TRACE_VERSION: u32 = 1;
@@ -66,22 +68,170 @@ pub enum Direction {
     Egress,
 }
 
+/// A TCP socket state, as the kernel names it (`include/net/tcp_states.h`). Traces write the kernel's name
+/// (`ESTABLISHED`, `SYN_SENT`, ...); a number the kernel may add later is kept as `UNKNOWN(n)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    Unknown(u32),
+}
+
+impl TcpState {
+    const NAMED: [(TcpState, &'static str); 12] = [
+        (TcpState::Established, "ESTABLISHED"),
+        (TcpState::SynSent, "SYN_SENT"),
+        (TcpState::SynRecv, "SYN_RECV"),
+        (TcpState::FinWait1, "FIN_WAIT1"),
+        (TcpState::FinWait2, "FIN_WAIT2"),
+        (TcpState::TimeWait, "TIME_WAIT"),
+        (TcpState::Close, "CLOSE"),
+        (TcpState::CloseWait, "CLOSE_WAIT"),
+        (TcpState::LastAck, "LAST_ACK"),
+        (TcpState::Listen, "LISTEN"),
+        (TcpState::Closing, "CLOSING"),
+        (TcpState::NewSynRecv, "NEW_SYN_RECV"),
+    ];
+
+    /// The state of the kernel's number (`TCP_ESTABLISHED` = 1, ...); `None` for 0, which the probes report when
+    /// they could not read the socket's state.
+    pub fn from_kernel(n: u32) -> Option<Self> {
+        match n {
+            0 => None,
+            1..=12 => Some(Self::NAMED[n as usize - 1].0),
+            other => Some(Self::Unknown(other)),
+        }
+    }
+
+    /// The kernel's name.
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Self::Unknown(n) => format!("UNKNOWN({n})").into(),
+            named => Self::NAMED
+                .iter()
+                .find(|(s, _)| *s == named)
+                .map_or("UNKNOWN".into(), |(_, name)| (*name).into()),
+        }
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.name())
+    }
+}
+
+/// A text that is not a TCP state name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a TCP state (ESTABLISHED, SYN_SENT, ..., CLOSE, or UNKNOWN(n))")]
+pub struct TcpStateParseError(String);
+
+impl FromStr for TcpState {
+    type Err = TcpStateParseError;
+
+    fn from_str(s: &str) -> Result<Self, TcpStateParseError> {
+        if let Some((state, _)) = Self::NAMED.iter().find(|(_, name)| *name == s) {
+            return Ok(*state);
+        }
+        s.strip_prefix("UNKNOWN(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|n| n.parse().ok())
+            .map(Self::Unknown)
+            .ok_or_else(|| TcpStateParseError(s.to_owned()))
+    }
+}
+
+impl Serialize for TcpState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for TcpState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// `Option<TcpState>` as a trace writes it: the state's name, or `""` when the probe could not read it.
+pub mod state_or_empty {
+    use super::{Deserialize, Deserializer, Serializer, TcpState, de};
+
+    pub fn serialize<S: Serializer>(state: &Option<TcpState>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::state_text(*state))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<TcpState>, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse().map(Some).map_err(de::Error::custom)
+        }
+    }
+}
+
+/// A state as traces write it: its name, or `""` for `None`.
+pub fn state_text(state: Option<TcpState>) -> std::borrow::Cow<'static, str> {
+    state.map_or("".into(), TcpState::name)
+}
+
+/// Where a migration's pause window came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseSource {
+    /// A migrator's phase events (`--events-listen`, `--events`).
+    #[default]
+    Migrator,
+    /// QEMU's QMP events (`--qmp`).
+    Qmp,
+    /// Inferred from the data plane (the VM's MAC moving between ports).
+    Wire,
+}
+
+impl PauseSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Migrator => "migrator",
+            Self::Qmp => "qmp",
+            Self::Wire => "wire",
+        }
+    }
+}
+
+impl fmt::Display for PauseSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// An ARP-family frame (ARP, GARP or RARP) as XDP saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArpFrame {
     #[serde(flatten)]
     pub port: Port,
     /// Ethernet source MAC.
-    pub mac: String,
+    pub mac: MacAddr,
     /// VLAN tags, outermost first (empty when untagged).
     #[serde(default)]
     pub vlan: Vec<u16>,
     /// ARP operation: 1 request, 2 reply, 3 RARP request, 4 RARP reply.
     pub op: u16,
-    pub sha: String,
-    pub spa: String,
-    pub tha: String,
-    pub tpa: String,
+    pub sha: MacAddr,
+    pub spa: IpAddr,
+    pub tha: MacAddr,
+    pub tpa: IpAddr,
     /// The frame's first bytes (up to 128), hex, for pcapng export.
     #[serde(default)]
     pub frame: String,
@@ -183,7 +333,8 @@ pub enum Event {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        state: String,
+        #[serde(with = "state_or_empty")]
+        state: Option<TcpState>,
         /// `icsk_retransmits`: retransmissions of the current segment so far.
         #[serde(default)]
         retransmits: u32,
@@ -205,8 +356,10 @@ pub enum Event {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        old_state: String,
-        new_state: String,
+        #[serde(with = "state_or_empty")]
+        old_state: Option<TcpState>,
+        #[serde(with = "state_or_empty")]
+        new_state: Option<TcpState>,
     },
     /// `sock:inet_sk_error_report`: `errno` 110 is ETIMEDOUT (retransmit or user-timeout abort).
     TcpError {
@@ -214,24 +367,24 @@ pub enum Event {
         #[serde(flatten)]
         tcp: TcpCommon,
         errno: i32,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// `tcp:tcp_receive_reset`: this socket received a RST.
     TcpResetIn {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// `tcp:tcp_send_reset`: this socket sent a RST.
     TcpResetOut {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// ARP request or reply that is not gratuitous.
     Arp {
@@ -256,7 +409,7 @@ pub enum Event {
         ts_ns: u64,
         bridge: String,
         port: String,
-        mac: String,
+        mac: MacAddr,
         #[serde(default)]
         vlan: u16,
         /// Network namespace of the bridge, when known.
@@ -267,7 +420,7 @@ pub enum Event {
     /// frame there; 0 = first time).
     MacSeen {
         ts_ns: u64,
-        mac: String,
+        mac: MacAddr,
         #[serde(flatten)]
         port: Port,
         direction: Direction,
@@ -277,7 +430,7 @@ pub enum Event {
     /// Cumulative per-(MAC, port, direction) counters sampled from the maps. Emitted when they changed.
     MacStats {
         ts_ns: u64,
-        mac: String,
+        mac: MacAddr,
         #[serde(flatten)]
         port: Port,
         direction: Direction,
@@ -350,8 +503,8 @@ pub enum Event {
         #[serde(flatten)]
         ev: migevents::MigrationEvent,
         /// Where the figure came from: `migrator`, `qmp` or `wire`.
-        #[serde(default = "default_source")]
-        source: String,
+        #[serde(default)]
+        source: PauseSource,
     },
     /// Offset measured once between a wall clock source (QMP) and `CLOCK_MONOTONIC`: mono = wall - offset.
     ClockOffset {
@@ -365,10 +518,6 @@ pub enum Event {
         level: String,
         message: String,
     },
-}
-
-fn default_source() -> String {
-    "migrator".to_owned()
 }
 
 impl Event {
@@ -631,7 +780,7 @@ mod tests {
                 },
                 netns: 0,
             },
-            state: "ESTABLISHED".into(),
+            state: Some(TcpState::Established),
             retransmits: 1,
             backoff: 1,
             rto_us: 400_000,

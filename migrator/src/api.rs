@@ -191,10 +191,7 @@ fn handle(conn: UnixStream, status: &Arc<Mutex<Status>>, tx: &mpsc::Sender<Pendi
         Ok(Request::Migrate(options)) => {
             let busy = {
                 let s = status.lock().unwrap_or_else(PoisonError::into_inner);
-                matches!(
-                    s.state.as_str(),
-                    "setup" | "precopy" | "paused" | "completing" | "migrated"
-                )
+                s.state.is_migrating_out()
             };
             if busy {
                 write_line(
@@ -292,16 +289,17 @@ mod tests {
     use migevents::Mode;
 
     use super::*;
+    use crate::engine::MigrationState;
 
     #[test]
     fn status_and_migrate_round_trip() {
         let path = std::env::temp_dir().join(format!("migrator-api-{}.sock", std::process::id()));
         let status = Arc::new(Mutex::new(Status {
-            state: "running".into(),
+            state: MigrationState::Running,
             ..Status::default()
         }));
         let server = ApiServer::bind(&path, status.clone()).unwrap();
-        assert_eq!(request_status(&path).unwrap().state, "running");
+        assert_eq!(request_status(&path).unwrap().state, MigrationState::Running);
 
         let opts = MigrateOptions::new("unix:/nonexistent".parse().unwrap(), Mode::Live);
         let client = {
@@ -321,7 +319,7 @@ mod tests {
         assert_eq!(pending.options, opts);
         let tracker = pending.tracker(server.status());
         tracker.update(|s| {
-            s.state = "precopy".into();
+            s.state = MigrationState::Precopy;
             s.iteration = 3;
         });
         // A second migrate while one runs is refused.

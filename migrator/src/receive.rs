@@ -16,7 +16,7 @@ use migmon_base::MacAddr;
 
 use crate::{
     announce::{AnnounceSchedule, rarp_frame},
-    engine::{BoxedVmError, Events, MigrationError, MigrationTarget, Tracker, error_chain},
+    engine::{BoxedVmError, Events, MigrationError, MigrationState, MigrationTarget, Tracker, error_chain},
     protocol::{
         Ack, Command, HELLO_VERIFY, Hello, Incoming, Message, MessageReader, MessageWriter, ProtocolError,
         RoundEnd,
@@ -100,7 +100,7 @@ where
     let rd = stream.try_clone().map_err(io)?;
     let mut reader = MessageReader::new(BufReader::with_capacity(256 << 10, rd));
     let mut writer = MessageWriter::new(stream);
-    tracker.update(|s| s.state = "receiving".into());
+    tracker.update(|s| s.state = MigrationState::Receiving);
 
     let hello = match read_hello(&mut reader) {
         Ok(h) => h,
@@ -156,7 +156,7 @@ where
         pause_ms: report.pause_ms,
         bytes: report.bytes,
     });
-    tracker.update(|s| s.state = "running".into());
+    tracker.update(|s| s.state = MigrationState::Running);
     Ok((target, report))
 }
 

@@ -15,7 +15,8 @@ use crate::{
     api::ApiServer,
     config::ReceiveConfig,
     engine::{
-        BoxedVmError, MigrationSource, MigrationSummary, MigrationTarget, Status, Tracker, error_chain,
+        BoxedVmError, MigrationSource, MigrationState, MigrationSummary, MigrationTarget, Status, Tracker,
+        error_chain,
     },
     protocol::Hello,
     receive::{ReceiveOptions, ReceiveReport, receive},
@@ -46,7 +47,7 @@ pub fn serve<S: MigrationSource>(
             .status()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .state = "running".into();
+            .state = MigrationState::Running;
     };
     if let Some(s) = server {
         set_running(s);
@@ -100,7 +101,7 @@ where
     let listener = Listener::bind(&config.listen)?;
     // The API comes up at once so that `status` works while receiving.
     let status = Arc::new(Mutex::new(Status {
-        state: "waiting".into(),
+        state: MigrationState::Waiting,
         ..Status::default()
     }));
     let server = config

@@ -23,7 +23,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use migmon_analysis::trace::{Event, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_analysis::trace::{Event, MacAddr, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_base::units::parse_duration;
 use monitor_common::{MacCounters, MacKey};
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
@@ -31,7 +32,7 @@ use nix::{
 };
 
 use crate::{
-    decode::{Decoder, mono_now_ns, parse_mac},
+    decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline},
     probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
@@ -124,32 +125,6 @@ pub enum TcpSource {
     Both,
 }
 
-/// Parses `1.5s`, `500ms`, `100us`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 30s, 500ms, 2m)"))?;
-    let scale = match unit.trim() {
-        "" | "s" => 1.0,
-        "ms" => 1e-3,
-        "us" | "µs" => 1e-6,
-        "ns" => 1e-9,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}` (use ns, us, ms, s, m, h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(v * scale).map_err(|e| format!("`{s}`: {e}"))
-}
-
 /// Parses `IF` or `IF@NETNS`.
 pub fn parse_iface(s: &str) -> Result<Iface> {
     let (name, netns) = match s.rsplit_once('@') {
@@ -171,9 +146,10 @@ pub fn parse_vm(s: &str, watch: &mut WatchList) -> Result<()> {
         Some((m, ip)) => (m, Some(ip)),
         None => (s, None),
     };
-    let mac =
-        parse_mac(mac).with_context(|| format!("`{s}`: `{mac}` is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
-    watch.macs.push(mac);
+    let mac: MacAddr = mac
+        .parse()
+        .with_context(|| format!("`{s}`: not a VM (MAC[=IP])"))?;
+    watch.macs.push(mac.octets());
     if let Some(ip) = ip {
         watch.ips.push(
             ip.parse()
@@ -419,9 +395,9 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         let mut macs = Vec::new();
         for vm in &args.vm {
             if !vm.contains('=')
-                && let Some(m) = parse_mac(vm)
+                && let Ok(m) = vm.parse::<MacAddr>()
             {
-                macs.push(m);
+                macs.push(m.octets());
             }
         }
         if watch.ips.is_empty() && macs.is_empty() {
@@ -572,13 +548,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("3 parsecs").is_err());
+    fn durations_need_their_unit() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            watch: WatchArgs,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(std::iter::once("watch").chain(args.iter().copied()))
+        };
+        let ok = parse(&["--duration", "30s", "--settle", "30ms", "--mac-gap", "1.5s"]).unwrap();
+        assert_eq!(ok.watch.duration, Some(Duration::from_secs(30)));
+        assert_eq!(ok.watch.live.settle, 30_000_000);
+        assert_eq!(ok.watch.mac_gap, Duration::from_millis(1500));
+        // A bare number meant seconds for --duration and milliseconds for --settle: both are refused now, with a
+        // message that names the units.
+        for flag in ["--duration", "--settle", "--mac-gap", "--max-pause"] {
+            let err = parse(&[flag, "30"]).err().unwrap().to_string();
+            assert!(
+                err.contains("needs a unit") && err.contains("ms"),
+                "{flag}: {err}"
+            );
+        }
     }
 
     #[test]

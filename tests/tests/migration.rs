@@ -18,7 +18,7 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    os::{fd::AsRawFd, unix::net::UnixListener},
+    os::unix::net::UnixListener,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -29,8 +29,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Netns, VmHost, fdb_port, kvm_available, migrator_bin, unique, wait_until};
+use integration_tests::{Netns, TestDir, VmHost, fdb_port, kvm_available, migrator_bin, wait_until};
 use serde_json::Value;
+use testbed::clients::set_user_timeout;
 
 const MAC: &str = "52:54:00:6d:69:67";
 const MAC_BYTES: [u8; 6] = [0x52, 0x54, 0x00, 0x6d, 0x69, 0x67];
@@ -43,7 +44,7 @@ struct Bed {
     tap_a: String,
     tap_b: String,
     guest_ip: Ipv4Addr,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl Bed {
@@ -58,8 +59,7 @@ impl Bed {
             ..
         } = VmHost::create("mg", 2, client_ip.into(), 24).expect("build the test's host and client");
         let (tap_b, tap_a) = (taps.pop().expect("tap B"), taps.pop().expect("tap A"));
-        let dir = std::env::temp_dir().join(unique("migt"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = TestDir::new("migt");
         Self {
             host,
             client,
@@ -126,27 +126,31 @@ impl Bed {
         p
     }
 
-    /// `migrator receive` on tap B.
+    /// `migrator receive` on tap B, writing to the events file.
     fn receive(&self, listen: &Path, api: &Path) -> Proc {
-        let listen = format!("unix:{}", listen.display());
         let events = self.path("events");
-        let p = self.spawn(
-            &[
-                "receive",
-                "--tap",
-                &self.tap_b,
-                "--listen",
-                &listen,
-                "--api",
-                api.to_str().expect("utf-8 path"),
-                "--events",
-                events.to_str().expect("utf-8 path"),
-            ],
-            "b.log",
-        );
+        let events = ["--events", events.to_str().expect("utf-8 path")];
+        self.receive_on(&self.tap_b, listen, api, "b.log", &events)
+    }
+
+    /// `migrator receive` on `tap` with `extra` arguments, output to `log`; waits until its API is open.
+    fn receive_on(&self, tap: &str, listen: &Path, api: &Path, log: &str, extra: &[&str]) -> Proc {
+        let listen = format!("unix:{}", listen.display());
+        let mut args = vec![
+            "receive",
+            "--tap",
+            tap,
+            "--listen",
+            &listen,
+            "--api",
+            api.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        let p = self.spawn(&args, log);
         assert!(
             wait_until(Duration::from_secs(10), || api.exists()),
-            "migrator receive never opened its API"
+            "migrator receive never opened its API:\n{}",
+            p.log()
         );
         p
     }
@@ -180,12 +184,6 @@ impl Bed {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -262,21 +260,6 @@ struct Client {
     handle: JoinHandle<ClientResult>,
 }
 
-fn set_user_timeout(s: &TcpStream, ms: u32) {
-    let v: libc::c_uint = ms;
-    // SAFETY: a valid socket fd and a c_uint option value of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&raw const v).cast(),
-            size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_USER_TIMEOUT");
-}
-
 impl Client {
     /// Connects from the client namespace; the socket stays there.
     fn connect(bed: &Bed, port: u16, user_timeout_ms: Option<u32>) -> TcpStream {
@@ -286,7 +269,7 @@ impl Client {
             .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
             .expect("connect to the guest");
         if let Some(ms) = user_timeout_ms {
-            set_user_timeout(&s, ms);
+            set_user_timeout(&s, Duration::from_millis(ms.into())).expect("set TCP_USER_TIMEOUT");
         }
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
@@ -583,20 +566,7 @@ fn live_migration_keeps_every_connection() {
     // Back to A: the received VM migrates again.
     let sock_a = bed.path("a2.sock");
     let api_a2 = bed.path("a2.api");
-    let listen = format!("unix:{}", sock_a.display());
-    let mut a2 = bed.spawn(
-        &[
-            "receive",
-            "--tap",
-            &bed.tap_a,
-            "--listen",
-            &listen,
-            "--api",
-            api_a2.to_str().expect("utf-8"),
-        ],
-        "a2.log",
-    );
-    assert!(wait_until(Duration::from_secs(10), || api_a2.exists()));
+    let mut a2 = bed.receive_on(&bed.tap_a, &sock_a, &api_a2, "a2.log", &[]);
     let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
     let back = summary(&bed.migrate(&api_b, &sock_a, &["--mode", "live"]));
     assert!(
@@ -704,20 +674,7 @@ fn quick_migration_pause_outlasts_tcp_user_timeout() {
     // Back to A with a 1 s pause: the same clients' settings survive.
     let sock_a = bed.path("a2.sock");
     let api_a2 = bed.path("a2.api");
-    let listen = format!("unix:{}", sock_a.display());
-    let mut a2 = bed.spawn(
-        &[
-            "receive",
-            "--tap",
-            &bed.tap_a,
-            "--listen",
-            &listen,
-            "--api",
-            api_a2.to_str().expect("utf-8"),
-        ],
-        "a2.log",
-    );
-    assert!(wait_until(Duration::from_secs(10), || api_a2.exists()));
+    let mut a2 = bed.receive_on(&bed.tap_a, &sock_a, &api_a2, "a2.log", &[]);
     let clients: Vec<Client> = (0..4)
         .map(|_| Client::request_response(&bed, Some(5000)))
         .collect();

@@ -12,7 +12,8 @@ use migevents::{Mode, Phase};
 use crate::source::session::{Progress, Session};
 use crate::{
     engine::{
-        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, error_chain,
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationState, MigrationSummary, Tracker,
+        error_chain,
     },
     protocol::Message,
 };
@@ -110,7 +111,7 @@ pub fn rollback<S: MigrationSource>(
         eprintln!("migrator: CRITICAL: the guest could not be resumed after a failed migration: {e}");
     }
     tracker.update(|s| {
-        s.state = "failed".into();
+        s.state = MigrationState::Failed;
         s.error = Some(reason);
     });
 }

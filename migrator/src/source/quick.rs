@@ -17,7 +17,7 @@ use std::{
 use migevents::Phase;
 
 use crate::{
-    engine::{MigrateOptions, MigrationError, MigrationSource},
+    engine::{MigrateOptions, MigrationError, MigrationSource, MigrationState},
     protocol::{Message, MessageWriter, ProtocolError, RoundEnd},
     source::session::{Progress, Session, write_round, write_tail},
 };
@@ -33,7 +33,7 @@ pub fn run<S: MigrationSource>(
     vm.pause().map_err(MigrationError::vm("pause"))?;
     progress.paused = true;
     let paused_ns = s.events.emit(Phase::Pause);
-    s.tracker.update(|st| st.state = "paused".into());
+    s.tracker.update(|st| st.state = MigrationState::Paused);
     let bytes0 = s.writer.bytes();
 
     if let Some(path) = &opts.via_file {
@@ -53,7 +53,7 @@ pub fn run<S: MigrationSource>(
     s.writer.send(&Message::Complete { paused_ns })?;
     s.events.emit(Phase::StateSent);
     s.report.final_bytes = s.writer.bytes() - bytes0;
-    s.tracker.update(|st| st.state = "completing".into());
+    s.tracker.update(|st| st.state = MigrationState::Completing);
     let ack = s.await_ack(vm)?;
     s.complete(paused_at, ack, 0.0);
     Ok(())

@@ -12,8 +12,8 @@ use migmon_base::MacAddr;
 
 use crate::{
     engine::{
-        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, mode_name,
-        new_migration_id,
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationState, MigrationSummary, Tracker,
+        mode_name, new_migration_id,
     },
     protocol::{HELLO_VERIFY, Hello, Message, MessageReader, MessageWriter, PageBatch, RoundEnd, VERSION},
     ram::{DirtyBitmap, PAGE_SIZE},
@@ -184,7 +184,7 @@ impl Session {
         });
         tracker.update(|s| {
             *s = crate::engine::Status {
-                state: "setup".into(),
+                state: MigrationState::Setup,
                 migration_id: Some(migration_id.clone()),
                 mode: Some(mode_name(opts.mode).into()),
                 ..Default::default()
@@ -392,7 +392,7 @@ impl Session {
             bytes,
         });
         self.tracker.update(|s| {
-            s.state = "migrated".into();
+            s.state = MigrationState::Migrated;
             s.bytes_sent = bytes;
         });
     }
