@@ -30,11 +30,11 @@ use std::{
 };
 
 use integration_tests::{Netns, TestDir, VmHost, fdb_port, kvm_available, migrator_bin, wait_until};
+use migmon_base::MacAddr;
 use serde_json::Value;
 use testbed::clients::set_user_timeout;
 
-const MAC: &str = "52:54:00:6d:69:67";
-const MAC_BYTES: [u8; 6] = [0x52, 0x54, 0x00, 0x6d, 0x69, 0x67];
+const MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x6d, 0x69, 0x67]);
 
 /// One test's world: the namespaces, the bridge, the taps and the addresses.
 struct Bed {
@@ -99,12 +99,13 @@ impl Bed {
         let api = self.path("a.api");
         let events = self.path("events");
         let ip = format!("{}/24", self.guest_ip);
+        let mac = MAC.to_string();
         let mut args = vec![
             "run",
             "--tap",
             &self.tap_a,
             "--mac",
-            MAC,
+            &mac,
             "--ip",
             &ip,
             "--mem",
@@ -428,7 +429,10 @@ impl RarpCapture {
             while !s.load(Ordering::SeqCst) {
                 // SAFETY: `buf` is writable for its length.
                 let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n >= 42 && buf[6..12] == MAC_BYTES && buf[12..14] == [0x80, 0x35] && buf[20..22] == [0, 3]
+                if n >= 42
+                    && buf[6..12] == MAC.octets()
+                    && buf[12..14] == [0x80, 0x35]
+                    && buf[20..22] == [0, 3]
                 {
                     c.fetch_add(1, Ordering::SeqCst);
                 }
@@ -559,7 +563,7 @@ fn live_migration_keeps_every_connection() {
     ] {
         assert!(
             evs.iter()
-                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC),
+                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC.to_string()),
             "event {role}/{ev} missing"
         );
     }
