@@ -20,7 +20,7 @@ use crate::{
     protocol::ProtocolError,
     ram::{DirtyBitmap, RamError},
     ram_io::GuestRam,
-    transport::{Endpoint, TransportError},
+    transport::{ClientTls, Endpoint, TransportError},
 };
 
 /// An error from the VM behind the traits (the VMM's own error type, boxed).
@@ -108,6 +108,12 @@ pub struct MigrateOptions {
     pub extra_pause: Duration,
     /// Hash RAM at both ends and fail on a mismatch.
     pub verify: bool,
+    /// Mutual TLS to a `tcp:` destination.
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+    /// Plain TCP accepted (without it, a `tcp:` destination needs `tls`).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 impl MigrateOptions {
@@ -122,6 +128,8 @@ impl MigrateOptions {
             via_file: None,
             extra_pause: Duration::ZERO,
             verify: false,
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -219,6 +227,9 @@ pub struct Status {
     pub bytes_sent: u64,
     /// Last error, when `state` is failed.
     pub error: Option<String>,
+    /// Connections the destination refused while it waited for its source (scans, failed TLS, bad hellos).
+    #[serde(default)]
+    pub rejected_peers: u64,
 }
 
 /// Shared status plus an optional progress callback (the API streams progress to `migrator migrate`).
@@ -302,6 +313,15 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the source asks for {} of guest RAM, more than --max-mem {} allows here; raise --max-mem on `migrator receive` if that is expected",
+        migmon_base::units::Size(*ram), migmon_base::units::Size(*max_mem)
+    )]
+    TooLarge { ram: u64, max_mem: u64 },
+    #[error(
+        "no authenticated source arrived within --idle-timeout {idle_timeout:?} ({rejected} connections refused)"
+    )]
+    NoSource { idle_timeout: Duration, rejected: u64 },
     #[error("no acknowledgement from the destination within {0:?}")]
     AckTimeout(Duration),
     #[error("{0}")]

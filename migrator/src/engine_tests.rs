@@ -271,6 +271,7 @@ fn start_destination(
             idle_timeout: Duration::from_secs(3),
             events: Some(events),
             host: "dst".into(),
+            ..ReceiveOptions::default()
         };
         receive(
             stream,
@@ -290,6 +291,14 @@ fn start_destination(
         )
     });
     (ep, t)
+}
+
+/// Options of a migration over plain TCP on loopback (the tests' relays read the stream).
+fn plain_tcp(to: Endpoint, mode: Mode) -> MigrateOptions {
+    MigrateOptions {
+        insecure: true,
+        ..MigrateOptions::new(to, mode)
+    }
 }
 
 fn events_of(path: &PathBuf) -> Vec<MigrationEvent> {
@@ -319,7 +328,7 @@ fn live_idle_migrates_everything_and_announces() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, false, events.clone());
     let mut src = FakeSource::new(0, 0);
-    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    let mut opts = plain_tcp(ep, Mode::Live);
     opts.verify = true;
     let report = migrate(&mut src, &opts, Some(&events), &Tracker::default());
     let (target, dreport) = dst
@@ -397,7 +406,7 @@ fn live_with_a_dirtier_iterates_and_stays_consistent() {
     // 512 pages rewritten at 20000 pages/s (80 MiB/s) against a tight budget: several rounds are needed.
     let mut src = FakeSource::new(512, 20_000);
     std::thread::sleep(Duration::from_millis(20));
-    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    let mut opts = plain_tcp(ep, Mode::Live);
     opts.verify = true;
     opts.downtime = Duration::from_millis(3);
     opts.max_bandwidth = Some(200 << 20);
@@ -420,7 +429,7 @@ fn timeout_abort_keeps_the_guest_and_force_moves_it() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, false, events.clone());
     let mut src = FakeSource::new(1024, 200_000);
-    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    let mut opts = plain_tcp(ep, Mode::Live);
     opts.downtime = Duration::from_micros(1);
     opts.timeout = Duration::from_millis(150);
     opts.on_timeout = OnTimeout::Abort;
@@ -449,7 +458,7 @@ fn quick_via_file_with_extra_pause() {
     let file = temp_path("suspend");
     let (ep, dst) = start_destination(false, false, events.clone());
     let mut src = FakeSource::new(64, 5000);
-    let mut opts = MigrateOptions::new(ep, Mode::Quick);
+    let mut opts = plain_tcp(ep, Mode::Quick);
     opts.verify = true;
     opts.via_file = Some(file.clone());
     opts.extra_pause = Duration::from_millis(100);
@@ -473,7 +482,7 @@ fn quick_direct() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, false, events.clone());
     let mut src = FakeSource::new(0, 0);
-    let mut opts = MigrateOptions::new(ep, Mode::Quick);
+    let mut opts = plain_tcp(ep, Mode::Quick);
     opts.verify = true;
     migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap();
     let (target, _) = dst.join().unwrap().unwrap();
@@ -486,7 +495,7 @@ fn verify_mismatch_fails_loudly_and_rolls_back() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(true, false, events.clone());
     let mut src = FakeSource::new(0, 0);
-    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    let mut opts = plain_tcp(ep, Mode::Live);
     opts.verify = true;
     let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
     assert!(
@@ -514,7 +523,7 @@ fn destination_that_cannot_create_the_vm() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, true, events.clone());
     let mut src = FakeSource::new(0, 0);
-    let opts = MigrateOptions::new(ep, Mode::Live);
+    let opts = plain_tcp(ep, Mode::Live);
     let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
     assert!(err.to_string().contains("/dev/kvm"), "{err}");
     assert!(!src.paused());
@@ -530,7 +539,7 @@ fn source_failure_while_paused_rolls_back() {
     src.fail_save = true;
     let err = migrate(
         &mut src,
-        &MigrateOptions::new(ep, Mode::Live),
+        &plain_tcp(ep, Mode::Live),
         Some(&events),
         &Tracker::default(),
     )
@@ -592,7 +601,7 @@ fn corrupted_stream_is_caught_and_the_source_rolls_back() {
         let events = temp_path("events");
         let (ep, dst) = start_destination(false, false, events.clone());
         let mut src = FakeSource::new(0, 0);
-        let mut opts = MigrateOptions::new(relay(ep, after, true), Mode::Live);
+        let mut opts = plain_tcp(relay(ep, after, true), Mode::Live);
         opts.verify = true;
         let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
         assert!(!src.paused(), "corruption at {after}: {err}");
@@ -609,7 +618,7 @@ fn destination_dying_mid_transfer_rolls_back() {
         let events = temp_path("events");
         let (ep, dst) = start_destination(false, false, events.clone());
         let mut src = FakeSource::new(256, 5000);
-        let opts = MigrateOptions::new(relay(ep, after, false), Mode::Live);
+        let opts = plain_tcp(relay(ep, after, false), Mode::Live);
         let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
         assert!(!src.paused(), "cut at {after}: {err}");
         let derr = dst.join().unwrap().unwrap_err();
@@ -619,4 +628,117 @@ fn destination_dying_mid_transfer_rolls_back() {
         );
         let _ = std::fs::remove_file(events);
     }
+}
+
+/// A receiver behind the accept loop, with TLS credentials from `creds` (or plain), RAM capped at `max_mem`.
+fn start_guarded_destination(
+    creds: Option<PathBuf>,
+    max_mem: u64,
+) -> (Endpoint, Tracker, JoinHandle<DestResult>) {
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = l.local_endpoint();
+    let tracker = Tracker::default();
+    let tr = tracker.clone();
+    let t = std::thread::spawn(move || {
+        let tls = creds.map(|d| crate::tls::server_config(&d).unwrap());
+        let opts = ReceiveOptions {
+            announce: fast_announce(),
+            idle_timeout: Duration::from_secs(20),
+            max_mem,
+            ..ReceiveOptions::default()
+        };
+        let arrival = crate::accept::wait_for_source(&l, tls.as_ref(), &opts, &tr)?;
+        crate::receive::receive_arrival(
+            arrival,
+            |h: &Hello| -> Result<FakeTarget, BoxedVmError> {
+                Ok(FakeTarget {
+                    ram: Some(GuestRam::anonymous(&h.regions)?),
+                    ..FakeTarget::default()
+                })
+            },
+            &opts,
+            &tr,
+        )
+    });
+    (ep, tracker, t)
+}
+
+fn tls_dir(tag: &str) -> PathBuf {
+    let d = temp_path(tag);
+    crate::tls::tls_init(&d, &crate::tls::TlsInit::default()).unwrap();
+    d
+}
+
+#[test]
+fn tls_receiver_survives_scans_garbage_and_strangers_then_migrates() {
+    let creds = tls_dir("creds");
+    let stranger = tls_dir("stranger");
+    let (ep, tracker, dst) = start_guarded_destination(Some(creds.clone()), 1 << 30);
+    let Endpoint::Tcp(addr) = ep.clone() else {
+        unreachable!()
+    };
+    // A port scan: connect and close.
+    drop(TcpStream::connect(&addr).unwrap());
+    // Garbage instead of a TLS hello.
+    let mut g = TcpStream::connect(&addr).unwrap();
+    g.write_all(&[0xab; 4096]).unwrap();
+    drop(g);
+    // A source with certificates of another CA.
+    let mut src = FakeSource::new(0, 0);
+    let mut opts = MigrateOptions::new(ep.clone(), Mode::Live);
+    opts.tls = Some(crate::transport::ClientTls {
+        creds: stranger.clone(),
+        hostname: None,
+    });
+    let err = migrate(&mut src, &opts, None, &Tracker::default()).unwrap_err();
+    assert!(crate::engine::error_chain(&err).contains("TLS"), "{err}");
+    assert!(!src.paused());
+    // Plain TCP without --insecure is refused before a byte moves.
+    let plain = migrate(
+        &mut src,
+        &MigrateOptions::new(ep.clone(), Mode::Live),
+        None,
+        &Tracker::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        plain.contains("--tls-creds") && plain.contains("--insecure"),
+        "{plain}"
+    );
+    // The real source.
+    opts.tls = Some(crate::transport::ClientTls {
+        creds: creds.clone(),
+        hostname: None,
+    });
+    opts.verify = true;
+    let report = migrate(&mut src, &opts, None, &Tracker::default())
+        .map_err(|e| crate::engine::error_chain(&e))
+        .unwrap();
+    let (target, _) = dst.join().unwrap().unwrap();
+    assert_eq!(ram_hash(&src.guest.ram), ram_hash(&target.guest_ram()));
+    assert!(report.verified_hash.is_some());
+    assert!(
+        tracker.snapshot().rejected_peers >= 3,
+        "scan, garbage and stranger counted: {:?}",
+        tracker.snapshot()
+    );
+    let _ = std::fs::remove_dir_all(creds);
+    let _ = std::fs::remove_dir_all(stranger);
+}
+
+#[test]
+fn max_mem_refuses_a_large_guest_and_keeps_listening() {
+    let (ep, tracker, dst) = start_guarded_destination(None, 4 << 20);
+    let mut src = FakeSource::new(0, 0);
+    let err = migrate(&mut src, &plain_tcp(ep, Mode::Live), None, &Tracker::default()).unwrap_err();
+    let text = crate::engine::error_chain(&err);
+    assert!(text.contains("--max-mem"), "{text}");
+    assert!(!src.paused());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tracker.snapshot().rejected_peers == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(tracker.snapshot().rejected_peers, 1);
+    assert!(!dst.is_finished(), "the receiver keeps listening");
 }

@@ -32,7 +32,11 @@
 //! # Migration
 //!
 //! The engines work on two traits, [`engine::MigrationSource`] and [`engine::MigrationTarget`], and speak the
-//! protocol of [`protocol`] over a [`transport`] (`tcp:HOST:PORT` or `unix:PATH`).
+//! protocol of [`protocol`] over a [`transport`]: `tcp:HOST:PORT` with mutual TLS ([`tls`], `--tls-creds DIR` on
+//! both ends, QEMU's `tls-creds-x509` layout) or, only when both ends say `--insecure`, plain; or `unix:PATH`
+//! (plain, the socket mode 0600). The destination ([`accept`]) keeps listening through port scans, failed
+//! handshakes, garbage and hellos over its limits (`--max-mem`), each logged and counted, until a source it
+//! accepts arrives or `--idle-timeout` passes.
 //!
 //! ```text
 //!  source (migrator run / receive)                 destination (migrator receive)
@@ -87,6 +91,7 @@
 //! The pause reported is measured at the source, from the vCPU stop to the arrival of the ack; the destination's
 //! events carry the exact resume instant for the monitor.
 
+pub mod accept;
 pub mod announce;
 pub mod api;
 pub mod boot;
@@ -104,6 +109,7 @@ pub mod runner;
 pub mod service;
 pub mod source;
 pub mod tap;
+pub mod tls;
 pub mod transport;
 pub mod vcpu;
 pub mod vm;

@@ -36,7 +36,16 @@ pub struct ReceiveOptions {
     pub events: Option<PathBuf>,
     /// Host label for the events.
     pub host: String,
+    /// The largest guest RAM a source may bring (`--max-mem`).
+    pub max_mem: u64,
 }
+
+/// The default of `--max-mem`.
+pub const DEFAULT_MAX_MEM: u64 = 4 << 30;
+/// How long a new connection may take to show its hello (after the TLS handshake).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most bytes of tap frames the destination buffers from the source before the guest runs here.
+pub const MAX_BUFFERED_FRAME_BYTES: usize = 32 << 20;
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
@@ -45,7 +54,50 @@ impl Default for ReceiveOptions {
             idle_timeout: Duration::from_secs(60),
             events: None,
             host: String::new(),
+            max_mem: DEFAULT_MAX_MEM,
         }
+    }
+}
+
+/// A source that connected, passed the transport's checks and sent an acceptable hello.
+pub struct Arrival {
+    pub reader: MessageReader<BufReader<Stream>>,
+    pub writer: MessageWriter<Stream>,
+    pub hello: Hello,
+    /// Who it is, for log lines.
+    pub peer: String,
+}
+
+/// Reads the hello on a fresh stream (within [`HELLO_TIMEOUT`]) and checks it against the limits. A refused
+/// source is told why (`Abort`, best effort) and the stream is closed.
+pub fn greet(stream: Stream, opts: &ReceiveOptions) -> Result<Arrival, MigrationError> {
+    let io = |e| MigrationError::Protocol(ProtocolError::Io(e));
+    let peer = stream.peer();
+    stream.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(io)?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    let rd = stream.try_clone().map_err(io)?;
+    let mut reader = MessageReader::new(BufReader::with_capacity(256 << 10, rd));
+    let mut writer = MessageWriter::new(stream);
+    let checked = read_hello(&mut reader).and_then(|hello| {
+        let ram: u64 = hello.regions.iter().map(|r| r.size).sum();
+        if ram > opts.max_mem {
+            return Err(MigrationError::TooLarge {
+                ram,
+                max_mem: opts.max_mem,
+            });
+        }
+        Ok(hello)
+    });
+    match checked {
+        Ok(hello) => Ok(Arrival {
+            reader,
+            writer,
+            hello,
+            peer,
+        }),
+        Err(e) => Err(abort(&mut writer, None, e)),
     }
 }
 
@@ -79,8 +131,7 @@ fn layout_text(r: &[RamRegion]) -> String {
         .join(",")
 }
 
-/// Receives one migration on `stream`. `create` builds the VM from the hello (its configuration blob and layout).
-/// On success the guest runs here and the VM is returned; on failure the VM is dropped and the source rolls back.
+/// Receives one migration on `stream` (see [`greet`] and [`receive_arrival`]).
 pub fn receive<T, F>(
     stream: Stream,
     create: F,
@@ -91,21 +142,38 @@ where
     T: MigrationTarget,
     F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
 {
-    let started = Instant::now();
-    let io = |e| MigrationError::Protocol(ProtocolError::Io(e));
-    stream.set_read_timeout(Some(opts.idle_timeout)).map_err(io)?;
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
-    let rd = stream.try_clone().map_err(io)?;
-    let mut reader = MessageReader::new(BufReader::with_capacity(256 << 10, rd));
-    let mut writer = MessageWriter::new(stream);
-    tracker.update(|s| s.state = "receiving".into());
+    receive_arrival(greet(stream, opts)?, create, opts, tracker)
+}
 
-    let hello = match read_hello(&mut reader) {
-        Ok(h) => h,
-        Err(e) => return Err(abort(&mut writer, None, e)),
-    };
+/// Receives the migration of a source that was greeted. `create` builds the VM from the hello (its configuration
+/// blob and layout). On success the guest runs here and the VM is returned; on failure the VM is dropped and the
+/// source rolls back.
+pub fn receive_arrival<T, F>(
+    arrival: Arrival,
+    create: F,
+    opts: &ReceiveOptions,
+    tracker: &Tracker,
+) -> Result<(T, ReceiveReport), MigrationError>
+where
+    T: MigrationTarget,
+    F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
+{
+    let started = Instant::now();
+    let Arrival {
+        reader,
+        mut writer,
+        hello,
+        ..
+    } = arrival;
+    let io = |e| MigrationError::Protocol(ProtocolError::Io(e));
+    if let Err(e) = reader
+        .get_ref()
+        .get_ref()
+        .set_read_timeout(Some(opts.idle_timeout))
+    {
+        return Err(abort(&mut writer, None, io(e)));
+    }
+    tracker.update(|s| s.state = "receiving".into());
     let mode = hello.mode;
     let mut events = Events::open(
         opts.events.as_deref(),
@@ -161,7 +229,7 @@ where
 }
 
 /// The first message, which must be the hello.
-fn read_hello(reader: &mut MessageReader<BufReader<Stream>>) -> Result<Hello, MigrationError> {
+fn read_hello<R: std::io::Read>(reader: &mut MessageReader<R>) -> Result<Hello, MigrationError> {
     match reader.recv_message("waiting for the hello")? {
         Message::Hello(h) => Ok(h),
         other => Err(ProtocolError::Unexpected {
@@ -281,6 +349,7 @@ impl ReceiveSession<'_> {
         let mut state = None;
         let mut hash = None;
         let mut frames: Vec<Vec<u8>> = Vec::new();
+        let mut frame_bytes = 0usize;
         loop {
             let message = match self.reader.recv()? {
                 Incoming::Pages(h) => {
@@ -301,10 +370,11 @@ impl ReceiveSession<'_> {
                 Message::Verify(h) => hash = Some(h),
                 Message::State(s) => state = Some(s),
                 Message::Frames(f) => {
-                    if frames.len() + f.len() > 1 << 16 {
+                    frame_bytes += f.iter().map(Vec::len).sum::<usize>();
+                    if frames.len() + f.len() > 1 << 16 || frame_bytes > MAX_BUFFERED_FRAME_BYTES {
                         return Err(malformed(
                             Command::Frames,
-                            "more than 65536 frames queued at the source",
+                            "more than 65536 frames or 32 MiB of frames queued at the source",
                         ));
                     }
                     frames.extend(f);
@@ -404,7 +474,8 @@ fn finish<T: MigrationTarget>(
     report: &mut ReceiveReport,
 ) {
     let resumed = Instant::now();
-    let (tx, rx) = mpsc::channel();
+    // Bounded: a source that floods frames after the ack waits for the guest to take them.
+    let (tx, rx) = mpsc::sync_channel(64);
     let drain = std::thread::spawn(move || {
         let _ignored = reader
             .get_ref()

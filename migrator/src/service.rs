@@ -12,15 +12,16 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
+    accept::wait_for_source,
     api::ApiServer,
     config::ReceiveConfig,
     engine::{
         BoxedVmError, MigrationSource, MigrationSummary, MigrationTarget, Status, Tracker, error_chain,
     },
     protocol::Hello,
-    receive::{ReceiveOptions, ReceiveReport, receive},
+    receive::{ReceiveOptions, ReceiveReport, receive_arrival},
     source::migrate,
-    transport::Listener,
+    transport::{Listener, check_security},
 };
 
 /// Why [`serve`] returned.
@@ -97,6 +98,12 @@ where
     T: MigrationTarget + MigrationSource,
     F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
 {
+    check_security(&config.listen, config.tls_creds.is_some(), config.insecure)?;
+    let tls = config
+        .tls_creds
+        .as_deref()
+        .map(crate::tls::server_config)
+        .transpose()?;
     let listener = Listener::bind(&config.listen)?;
     // The API comes up at once so that `status` works while receiving.
     let status = Arc::new(Mutex::new(Status {
@@ -112,15 +119,18 @@ where
         "migrator: waiting for an incoming migration on {}",
         listener.local_endpoint()
     );
-    let stream = listener.accept()?;
-    drop(listener);
     let opts = ReceiveOptions {
         announce: config.announce,
         idle_timeout: config.idle_timeout,
         events: config.events.clone(),
         host: config.tap.clone(),
+        max_mem: config.max_mem,
     };
-    let (mut vm, report) = receive(stream, create, &opts, &Tracker::new(status))
+    let tracker = Tracker::new(status);
+    let arrival = wait_for_source(&listener, tls.as_ref(), &opts, &tracker)
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    drop(listener);
+    let (mut vm, report) = receive_arrival(arrival, create, &opts, &tracker)
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))
         .context("incoming migration failed; the source keeps the guest")?;
     eprintln!(

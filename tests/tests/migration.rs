@@ -847,3 +847,213 @@ fn failed_migrations_roll_back() {
         "two rollbacks were reported"
     );
 }
+
+/// `migrator tls-init DIR`.
+fn tls_init(dir: &Path) {
+    let out = Command::new(migrator_bin())
+        .arg("tls-init")
+        .arg(dir)
+        .output()
+        .expect("run migrator tls-init");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A free TCP port on the host namespace's loopback (bound and released).
+fn free_port(bed: &Bed) -> u16 {
+    bed.host
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
+        .expect("a free port")
+        .port()
+}
+
+/// `migrator receive` on tap B at `tcp:127.0.0.1:PORT` with `extra`; waits for its API.
+fn receive_tcp(bed: &Bed, port: u16, api: &Path, extra: &[&str], log: &str) -> Proc {
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec![
+        "receive",
+        "--tap",
+        &bed.tap_b,
+        "--listen",
+        &listen,
+        "--api",
+        api.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let mut p = bed.spawn(&args, log);
+    assert!(
+        wait_until(Duration::from_secs(10), || api.exists() || !p.running()),
+        "migrator receive never opened its API"
+    );
+    p
+}
+
+/// `migrator migrate` to `tcp:127.0.0.1:PORT` with `extra`.
+fn migrate_tcp(bed: &Bed, api: &Path, port: u16, extra: &[&str]) -> Output {
+    let to = format!("tcp:127.0.0.1:{port}");
+    bed.host
+        .command(migrator_bin())
+        .args([
+            "migrate",
+            "--api",
+            api.to_str().expect("utf-8 path"),
+            "--to",
+            &to,
+            "--verify",
+        ])
+        .args(extra)
+        .output()
+        .expect("run migrator migrate")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn tls_migration_outlasts_scans_strangers_and_oversized_guests() {
+    if !kvm_available("the migration tests") {
+        return;
+    }
+    let bed = Bed::new();
+    let mut a = bed.boot(&[]);
+    let api_a = bed.path("a.api");
+    let (creds, stranger) = (bed.path("tls"), bed.path("stranger"));
+    tls_init(&creds);
+    tls_init(&stranger);
+    let creds_s = creds.to_str().expect("utf-8").to_owned();
+    let stranger_s = stranger.to_str().expect("utf-8").to_owned();
+    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+
+    // Plain TCP without --insecure: refused at both ends, naming both options.
+    let port = free_port(&bed);
+    let mut plain = receive_tcp(&bed, port, &bed.path("plain.api"), &[], "plain.log");
+    let st = plain
+        .wait_exit(Duration::from_secs(10))
+        .expect("receive refuses at once");
+    assert!(!st.success());
+    let log = plain.log();
+    assert!(log.contains("--tls-creds") && log.contains("--insecure"), "{log}");
+    let out = migrate_tcp(&bed, &api_a, port, &[]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("--tls-creds") && err.contains("--insecure"), "{err}");
+
+    // --max-mem below the guest's 256 MiB: refused by name, and the receiver keeps listening.
+    let (port_small, api_small) = (free_port(&bed), bed.path("small.api"));
+    let mut small = receive_tcp(
+        &bed,
+        port_small,
+        &api_small,
+        &["--tls-creds", &creds_s, "--max-mem", "128MiB"],
+        "small.log",
+    );
+    let out = migrate_tcp(&bed, &api_a, port_small, &["--tls-creds", &creds_s]);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("--max-mem"), "{}", stderr_of(&out));
+    assert!(small.running(), "still listening:\n{}", small.log());
+    assert_eq!(status(&api_small).expect("status")["rejected_peers"], 1);
+    small.kill();
+
+    // The real receiver: a port scan, garbage, a stranger's certificate, then the source.
+    let (port, api_b) = (free_port(&bed), bed.path("b.api"));
+    let mut b = receive_tcp(&bed, port, &api_b, &["--tls-creds", &creds_s], "b.log");
+    bed.host.run(|| {
+        drop(TcpStream::connect(("127.0.0.1", port)).expect("scan"));
+        let mut g = TcpStream::connect(("127.0.0.1", port)).expect("garbage peer");
+        let _ = g.write_all(&[0x5a; 2048]);
+    });
+    let out = migrate_tcp(&bed, &api_a, port, &["--tls-creds", &stranger_s]);
+    assert!(!out.status.success(), "a stranger's certificate is refused");
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&api_b)
+            .is_some_and(|s| s["rejected_peers"].as_u64() >= Some(3))),
+        "scan, garbage and stranger are counted: {:?}\n{}",
+        status(&api_b),
+        b.log()
+    );
+    assert!(b.running(), "the receiver keeps listening:\n{}", b.log());
+    assert!(a.running() && status(&api_a).is_some_and(|s| s["state"] == "running"));
+
+    let s = summary(&migrate_tcp(
+        &bed,
+        &api_a,
+        port,
+        &["--tls-creds", &creds_s, "--mode", "live"],
+    ));
+    assert!(s["verified_hash"].is_string(), "{s}");
+    assert!(
+        a.wait_exit(Duration::from_secs(10))
+            .is_some_and(|st| st.success()),
+        "{}",
+        a.log()
+    );
+    assert!(b.running(), "{}", b.log());
+    assert!(b.log().contains("mutual TLS"), "{}", b.log());
+    assert!(
+        all_progress(&clients, Duration::from_secs(10)),
+        "clients go on after a TLS move"
+    );
+    let results: Vec<ClientResult> = clients.into_iter().map(Client::finish).collect();
+    for r in &results {
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    print_figures("live over mutual TLS", &s, &results);
+}
+
+#[test]
+fn qemu_loads_the_credentials_tls_init_makes() {
+    let Ok(qemu) = which_qemu() else {
+        eprintln!("SKIP: qemu-system-x86_64 is not installed; QEMU's tls-creds-x509 cannot be checked");
+        return;
+    };
+    let dir = std::env::temp_dir().join(unique("qemutls"));
+    tls_init(&dir);
+    let d = dir.to_str().expect("utf-8");
+    let mut child = Command::new(qemu)
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            "stdio",
+        ])
+        .arg("-object")
+        .arg(format!(
+            "tls-creds-x509,id=srv,dir={d},endpoint=server,verify-peer=on,sanity-check=on"
+        ))
+        .arg("-object")
+        .arg(format!(
+            "tls-creds-x509,id=cli,dir={d},endpoint=client,sanity-check=on"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
+        .expect("qmp");
+    let out = child.wait_with_output().expect("qemu output");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "QEMU refused the credentials: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("host-qmp-quit"));
+}
+
+fn which_qemu() -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+        .ok_or(())
+}

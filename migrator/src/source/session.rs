@@ -191,7 +191,8 @@ impl Session {
             };
         });
         let connect = || -> Result<(Stream, Stream), MigrationError> {
-            let stream = Stream::connect(&opts.to, HANDSHAKE_TIMEOUT)?;
+            crate::transport::check_security(&opts.to, opts.tls.is_some(), opts.insecure)?;
+            let stream = Stream::connect_secure(&opts.to, opts.tls.as_ref(), HANDSHAKE_TIMEOUT)?;
             let io = |e| MigrationError::Protocol(crate::protocol::ProtocolError::Io(e));
             stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(io)?;
             stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
