@@ -9,7 +9,10 @@
 use std::{
     error::Error,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -59,6 +62,9 @@ pub trait MigrationSource {
     /// Gives frames taken by [`MigrationSource::take_pending_frames`] back to the guest (rollback), ahead of newer
     /// ones.
     fn return_frames(&mut self, frames: Vec<Vec<u8>>);
+    /// Announces the VM's MAC from here again (a RARP out of the tap, and a gratuitous ARP asked of the guest):
+    /// after a rollback, or when an in-doubt guest is resumed here.
+    fn announce(&mut self) -> Result<(), BoxedVmError>;
 }
 
 /// The destination side: a VM created for restore, not yet running.
@@ -114,6 +120,10 @@ pub struct MigrateOptions {
     /// Plain TCP accepted (without it, a `tcp:` destination needs `tls`).
     #[serde(default)]
     pub insecure: bool,
+    /// The switch-over's deadline: from the pause, the destination must be ready within it or the guest resumes
+    /// here. `None`: the default of [`MigrateOptions::pause_deadline`].
+    #[serde(default, with = "opt_duration_ns")]
+    pub max_pause: Option<Duration>,
 }
 
 impl MigrateOptions {
@@ -130,7 +140,35 @@ impl MigrateOptions {
             verify: false,
             tls: None,
             insecure: false,
+            max_pause: None,
         }
+    }
+
+    /// The pause deadline in force: `--max-pause` when given; else, in live mode, ten times the downtime budget and
+    /// at least one second (the budget is an estimate; ten times it means the destination or the link is stuck,
+    /// not slow); in quick mode, where the pause is the whole copy, none.
+    pub fn pause_deadline(&self) -> Option<Duration> {
+        self.max_pause.or(match self.mode {
+            Mode::Live => Some((self.downtime * 10).max(Duration::from_secs(1))),
+            Mode::Quick => None,
+        })
+    }
+}
+
+mod opt_duration_ns {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[expect(clippy::ref_option, reason = "serde's `with` passes a reference to the field")]
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_nanos() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<u64>::deserialize(d).map(|v| v.map(Duration::from_nanos))
     }
 }
 
@@ -210,7 +248,8 @@ pub struct PauseBreakdown {
 /// Where a migration stands (`migrator status`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    /// idle | setup | precopy | paused | completing | migrated | failed | receiving | running
+    /// idle | setup | precopy | paused | completing | committed | migrated | failed | waiting | receiving |
+    /// prepared | running | in-doubt
     pub state: String,
     pub migration_id: Option<String>,
     pub mode: Option<String>,
@@ -230,13 +269,18 @@ pub struct Status {
     /// Connections the destination refused while it waited for its source (scans, failed TLS, bad hellos).
     #[serde(default)]
     pub rejected_peers: u64,
+    /// Progress lines the API dropped because a client read too slowly (the migration never waits for one).
+    #[serde(default)]
+    pub dropped_progress: u64,
 }
 
-/// Shared status plus an optional progress callback (the API streams progress to `migrator migrate`).
+/// Shared status plus an optional progress callback (the API streams progress to `migrator migrate`), and the
+/// cancel flag `migrator cancel` raises.
 #[derive(Clone, Default)]
 pub struct Tracker {
     status: Arc<Mutex<Status>>,
     observer: Option<Observer>,
+    cancel: Arc<AtomicBool>,
 }
 
 /// Called with every status change.
@@ -247,7 +291,32 @@ impl Tracker {
         Self {
             status,
             observer: None,
+            cancel: Arc::default(),
         }
+    }
+
+    /// A tracker over `status` that shares `cancel` (the API's flag).
+    pub fn with_cancel(status: Arc<Mutex<Status>>, cancel: Arc<AtomicBool>) -> Self {
+        Self {
+            status,
+            observer: None,
+            cancel,
+        }
+    }
+
+    /// Asks the running migration to stop (it rolls back, unless it has committed).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a cancel was asked for; the engines check it between steps.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Clears the cancel flag (a new migration starts).
+    pub fn clear_cancel(&self) {
+        self.cancel.store(false, Ordering::SeqCst);
     }
 
     #[must_use]
@@ -322,6 +391,16 @@ pub enum MigrationError {
         "no authenticated source arrived within --idle-timeout {idle_timeout:?} ({rejected} connections refused)"
     )]
     NoSource { idle_timeout: Duration, rejected: u64 },
+    #[error(
+        "the destination was not ready within the pause deadline {0:?} (--max-pause); the guest resumed here"
+    )]
+    PauseDeadline(Duration),
+    #[error("cancelled (migrator cancel)")]
+    Cancelled,
+    #[error(
+        "IN DOUBT: {reason}. The guest is paused on this side ({side}) and may run on the other; check the other side with `migrator status`, then on exactly one side run `migrator resume --force --api SOCKET` (the other side: `migrator cancel --api SOCKET` drops its copy)"
+    )]
+    InDoubt { side: &'static str, reason: String },
     #[error("no acknowledgement from the destination within {0:?}")]
     AckTimeout(Duration),
     #[error("{0}")]

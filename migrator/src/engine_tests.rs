@@ -73,7 +73,11 @@ struct FakeSource {
     pending: Vec<Vec<u8>>,
     resumes: u32,
     pauses: u32,
+    announces: u32,
     fail_save: bool,
+    /// The last pause and resume instants.
+    paused_at: Option<Instant>,
+    resumed_at: Option<Instant>,
 }
 
 impl FakeSource {
@@ -113,7 +117,10 @@ impl FakeSource {
             pending: Vec::new(),
             resumes: 0,
             pauses: 0,
+            announces: 0,
             fail_save: false,
+            paused_at: None,
+            resumed_at: None,
         }
     }
 
@@ -169,12 +176,14 @@ impl MigrationSource for FakeSource {
         let _g = self.guest.lock.lock().unwrap();
         self.guest.paused.store(true, Ordering::SeqCst);
         self.pauses += 1;
+        self.paused_at = Some(Instant::now());
         self.pending = vec![vec![0xaa; 64], vec![0xbb; 1514]];
         Ok(())
     }
     fn resume(&mut self) -> Result<(), BoxedVmError> {
         self.guest.paused.store(false, Ordering::SeqCst);
         self.resumes += 1;
+        self.resumed_at = Some(Instant::now());
         Ok(())
     }
     fn save_state(&mut self) -> Result<Vec<u8>, BoxedVmError> {
@@ -189,6 +198,10 @@ impl MigrationSource for FakeSource {
     fn return_frames(&mut self, mut frames: Vec<Vec<u8>>) {
         frames.append(&mut self.pending);
         self.pending = frames;
+    }
+    fn announce(&mut self) -> Result<(), BoxedVmError> {
+        self.announces += 1;
+        Ok(())
     }
 }
 
@@ -648,7 +661,7 @@ fn start_guarded_destination(
             ..ReceiveOptions::default()
         };
         let arrival = crate::accept::wait_for_source(&l, tls.as_ref(), &opts, &tr)?;
-        crate::receive::receive_arrival(
+        let outcome = crate::receive::receive_arrival(
             arrival,
             |h: &Hello| -> Result<FakeTarget, BoxedVmError> {
                 Ok(FakeTarget {
@@ -658,7 +671,14 @@ fn start_guarded_destination(
             },
             &opts,
             &tr,
-        )
+        )?;
+        match outcome {
+            crate::receive::Outcome::Running(t, r) => Ok((t, r)),
+            crate::receive::Outcome::InDoubt { reason, .. } => Err(MigrationError::InDoubt {
+                side: "destination",
+                reason,
+            }),
+        }
     });
     (ep, tracker, t)
 }
@@ -741,4 +761,186 @@ fn max_mem_refuses_a_large_guest_and_keeps_listening() {
     }
     assert_eq!(tracker.snapshot().rejected_peers, 1);
     assert!(!dst.is_finished(), "the receiver keeps listening");
+}
+
+/// What [`relay_at`] does when the source sends a message of its command.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Stop forwarding (both ways), keep both connections open: a destination that stalls.
+    Stall,
+    /// Close both connections: the message is lost and the destination is gone.
+    Cut,
+}
+
+/// A relay that forwards whole messages from the source until one of command `at`, where it applies `fault`.
+fn relay_at(to: Endpoint, at: crate::protocol::Command, fault: Fault) -> Endpoint {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ep = Endpoint::Tcp(listener.local_addr().unwrap().to_string());
+    let Endpoint::Tcp(to) = to else { unreachable!() };
+    std::thread::spawn(move || {
+        let (mut from_src, _) = listener.accept().unwrap();
+        let mut to_dst = TcpStream::connect(to).unwrap();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (mut back_src, mut back_dst, st) = (
+            from_src.try_clone().unwrap(),
+            to_dst.try_clone().unwrap(),
+            stalled.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = back_dst.read(&mut buf) {
+                if n == 0 || st.load(Ordering::SeqCst) || back_src.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut header = [0u8; crate::protocol::HEADER_SIZE];
+        loop {
+            if from_src.read_exact(&mut header).is_err() {
+                break;
+            }
+            let h = crate::protocol::Header::decode(&header);
+            if h.command == at as u32 {
+                match fault {
+                    Fault::Stall => {
+                        stalled.store(true, Ordering::SeqCst);
+                        // Both connections stay open and nothing more goes through, until the source gives up.
+                        let _ = std::io::copy(&mut from_src, &mut std::io::sink());
+                    }
+                    Fault::Cut => {}
+                }
+                let _ = to_dst.shutdown(std::net::Shutdown::Both);
+                let _ = from_src.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            let mut payload = vec![0u8; h.length as usize];
+            if from_src.read_exact(&mut payload).is_err()
+                || to_dst.write_all(&header).is_err()
+                || to_dst.write_all(&payload).is_err()
+            {
+                break;
+            }
+        }
+        let _ = to_dst.shutdown(std::net::Shutdown::Both);
+    });
+    ep
+}
+
+#[test]
+fn a_destination_stalled_in_the_pause_gets_the_guest_resumed_here_within_max_pause() {
+    use crate::protocol::Command;
+    for at in [Command::State, Command::Complete] {
+        let events = temp_path("events");
+        let (ep, dst) = start_destination(false, false, events.clone());
+        let mut src = FakeSource::new(0, 0);
+        let mut opts = plain_tcp(relay_at(ep, at, Fault::Stall), Mode::Live);
+        let max_pause = Duration::from_millis(400);
+        opts.max_pause = Some(max_pause);
+        let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
+        assert!(
+            matches!(err, MigrationError::PauseDeadline(_)),
+            "stall at {at:?}: {err}"
+        );
+        assert!(!src.paused(), "the guest runs at the source again");
+        let paused = src.resumed_at.unwrap() - src.paused_at.unwrap();
+        assert!(
+            paused <= max_pause,
+            "stall at {at:?}: paused {paused:?} > {max_pause:?}"
+        );
+        assert_eq!(src.announces, 1, "the rolled-back source announces its MAC again");
+        let derr = dst.join().unwrap().unwrap_err();
+        assert!(
+            !matches!(derr, MigrationError::InDoubt { .. }),
+            "never ready, so not in doubt: {derr}"
+        );
+        let _ = std::fs::remove_file(events);
+    }
+}
+
+#[test]
+fn a_lost_commit_leaves_both_sides_paused_in_doubt_and_one_can_resume() {
+    let (ep, dst) = start_destination_keeping_doubt();
+    let mut src = FakeSource::new(0, 0);
+    let opts = plain_tcp(
+        relay_at(ep, crate::protocol::Command::Commit, Fault::Cut),
+        Mode::Live,
+    );
+    let tracker = Tracker::default();
+    let err = migrate(&mut src, &opts, None, &tracker).unwrap_err();
+    assert!(
+        matches!(err, MigrationError::InDoubt { side: "source", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("resume --force"), "{err}");
+    assert!(
+        src.paused() && src.resumes == 0,
+        "a committed source never resumes on its own"
+    );
+    assert_eq!(tracker.snapshot().state, "in-doubt");
+    let outcome = dst.join().unwrap().unwrap();
+    let crate::receive::Outcome::InDoubt {
+        mut target,
+        mac,
+        reason,
+    } = outcome
+    else {
+        panic!("the destination is in doubt too");
+    };
+    assert!(!target.running, "held paused: {reason}");
+    // The operator picks the destination.
+    crate::receive::resume_held(&mut target, mac).unwrap();
+    assert!(target.running && target.sent.len() == 1 && target.garps == 1);
+}
+
+/// A receiver (plain TCP) that returns its outcome as it is, in doubt included.
+fn start_destination_keeping_doubt() -> (
+    Endpoint,
+    JoinHandle<Result<crate::receive::Outcome<FakeTarget>, MigrationError>>,
+) {
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = l.local_endpoint();
+    let t = std::thread::spawn(move || {
+        let opts = ReceiveOptions {
+            announce: fast_announce(),
+            idle_timeout: Duration::from_secs(5),
+            ..ReceiveOptions::default()
+        };
+        let arrival = crate::receive::greet(l.accept()?, &opts)?;
+        crate::receive::receive_arrival(
+            arrival,
+            |h: &Hello| -> Result<FakeTarget, BoxedVmError> {
+                Ok(FakeTarget {
+                    ram: Some(GuestRam::anonymous(&h.regions)?),
+                    ..FakeTarget::default()
+                })
+            },
+            &opts,
+            &Tracker::default(),
+        )
+    });
+    (ep, t)
+}
+
+#[test]
+fn cancel_stops_pre_copy_and_the_guest_keeps_running() {
+    let (ep, dst) = start_destination(false, false, temp_path("events"));
+    // A working set rewritten faster than it can converge within 1 ms.
+    let mut src = FakeSource::new(1500, 400_000);
+    let mut opts = plain_tcp(ep, Mode::Live);
+    opts.downtime = Duration::from_micros(10);
+    opts.on_timeout = OnTimeout::Abort;
+    let tracker = Tracker::default();
+    let t = tracker.clone();
+    let canceller = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.snapshot().iteration < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        t.cancel();
+    });
+    let err = migrate(&mut src, &opts, None, &tracker).unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(err, MigrationError::Cancelled), "{err}");
+    assert!(!src.paused());
+    assert!(dst.join().unwrap().is_err());
 }

@@ -132,6 +132,7 @@ fn layout_text(r: &[RamRegion]) -> String {
 }
 
 /// Receives one migration on `stream` (see [`greet`] and [`receive_arrival`]).
+/// A guest held in doubt is dropped here (the error says so).
 pub fn receive<T, F>(
     stream: Stream,
     create: F,
@@ -142,18 +143,24 @@ where
     T: MigrationTarget,
     F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
 {
-    receive_arrival(greet(stream, opts)?, create, opts, tracker)
+    match receive_arrival(greet(stream, opts)?, create, opts, tracker)? {
+        Outcome::Running(t, r) => Ok((t, r)),
+        Outcome::InDoubt { reason, .. } => Err(MigrationError::InDoubt {
+            side: "destination",
+            reason,
+        }),
+    }
 }
 
 /// Receives the migration of a source that was greeted. `create` builds the VM from the hello (its configuration
 /// blob and layout). On success the guest runs here and the VM is returned; on failure the VM is dropped and the
-/// source rolls back.
+/// source rolls back. The guest resumes here only after the source's `Commit`.
 pub fn receive_arrival<T, F>(
     arrival: Arrival,
     create: F,
     opts: &ReceiveOptions,
     tracker: &Tracker,
-) -> Result<(T, ReceiveReport), MigrationError>
+) -> Result<Outcome<T>, MigrationError>
 where
     T: MigrationTarget,
     F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
@@ -210,7 +217,38 @@ where
         events,
         report: &mut report,
     };
-    if let Err(e) = session.run(&mut target, &ram, &hello, opts, tracker) {
+    let received = match session.prepare(&mut target, &ram, &hello, tracker) {
+        Ok(r) => r,
+        Err(e) => return Err(abort(&mut session.writer, Some(&mut session.events), e)),
+    };
+    match session.await_commit(&received, opts) {
+        Ok(()) => {}
+        Err(NoCommit::SourceKeeps(e)) => {
+            return Err(abort(&mut session.writer, Some(&mut session.events), e));
+        }
+        Err(NoCommit::InDoubt(reason)) => {
+            session.writer.get_mut().shutdown();
+            let err = MigrationError::InDoubt {
+                side: "destination",
+                reason,
+            };
+            let reason = error_chain(&err);
+            session.events.emit(Phase::Failed {
+                reason: reason.clone(),
+            });
+            eprintln!("migrator: {reason}");
+            tracker.update(|s| {
+                s.state = "in-doubt".into();
+                s.error = Some(reason.clone());
+            });
+            return Ok(Outcome::InDoubt {
+                target,
+                mac: hello.mac,
+                reason,
+            });
+        }
+    }
+    if let Err(e) = session.resume(&mut target, received, &hello, opts) {
         return Err(abort(&mut session.writer, Some(&mut session.events), e));
     }
     let ReceiveSession {
@@ -225,7 +263,28 @@ where
         bytes: report.bytes,
     });
     tracker.update(|s| s.state = "running".into());
-    Ok((target, report))
+    Ok(Outcome::Running(target, report))
+}
+
+/// How a receive that did not fail ended.
+pub enum Outcome<T> {
+    /// The guest runs here.
+    Running(T, ReceiveReport),
+    /// The stream broke after this side was ready and before the commit: the guest is restored here and paused,
+    /// and the source may have committed. Resolve with [`resume_held`] (`migrator resume --force`) or drop it.
+    InDoubt { target: T, mac: [u8; 6], reason: String },
+}
+
+/// Resumes a guest held in doubt (the operator chose this side), and announces its MAC from here.
+pub fn resume_held<T: MigrationTarget>(target: &mut T, mac: [u8; 6]) -> Result<(), MigrationError> {
+    target.resume().map_err(MigrationError::vm("resume"))?;
+    if let Err(e) = target.send_frame(&rarp_frame(mac)) {
+        eprintln!("migrator: warning: announce failed: {e}");
+    }
+    if let Err(e) = target.request_garp() {
+        eprintln!("migrator: warning: could not ask the guest for a gratuitous ARP: {e}");
+    }
+    Ok(())
 }
 
 /// The first message, which must be the hello.
@@ -281,6 +340,10 @@ struct Received {
     frames: Vec<Vec<u8>>,
     /// The source's `CLOCK_MONOTONIC` ns at pause.
     paused_ns: u64,
+    /// How long the source waits for `Ready` (zero: no limit given).
+    commit_within: Duration,
+    /// Time spent restoring the state.
+    restore: Duration,
 }
 
 /// The receive session once the target exists: the stream both ways, the events and the report.
@@ -291,32 +354,83 @@ struct ReceiveSession<'r> {
     report: &'r mut ReceiveReport,
 }
 
+/// How long past the source's own deadline the destination still waits for `Commit` (the network's share).
+pub const COMMIT_SLACK: Duration = Duration::from_secs(1);
+
+/// Why the wait for `Commit` ended without one.
+enum NoCommit {
+    /// The source gave up (Abort) or its deadline has certainly passed: it keeps the guest.
+    SourceKeeps(MigrationError),
+    /// The stream broke: the source may have committed.
+    InDoubt(String),
+}
+
 impl ReceiveSession<'_> {
-    /// Acknowledges the hello, receives everything, restores, checks the hash, resumes, announces and acks.
-    fn run<T: MigrationTarget>(
+    /// Acknowledges the hello, receives everything, restores and checks the hash, then says `Ready`. The guest
+    /// does not run here yet.
+    fn prepare<T: MigrationTarget>(
         &mut self,
         target: &mut T,
         ram: &GuestRam,
         hello: &Hello,
-        opts: &ReceiveOptions,
         tracker: &Tracker,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<Received, MigrationError> {
         self.writer.send(&Message::HelloAck)?;
-        let received = self.receive_until_complete(ram, tracker)?;
+        let mut received = self.receive_until_complete(ram, tracker)?;
         self.events.emit(Phase::StateSent);
         self.report.state_bytes = received.state.len() as u64;
         let t_restore = Instant::now();
         target
             .restore_state(&received.state)
             .map_err(MigrationError::vm("restore its state"))?;
-        let mut restore = t_restore.elapsed();
+        received.restore = t_restore.elapsed();
         if hello.flags & HELLO_VERIFY != 0 {
             verify(ram, received.hash)?;
         }
+        self.writer.send(&Message::Ready)?;
+        tracker.update(|s| s.state = "prepared".into());
+        Ok(received)
+    }
+
+    /// Waits for the source's `Commit`: as long as the source said it would wait for `Ready`, plus
+    /// [`COMMIT_SLACK`] (without a limit from the source, the idle timeout).
+    fn await_commit(&mut self, received: &Received, opts: &ReceiveOptions) -> Result<(), NoCommit> {
+        let wait = if received.commit_within.is_zero() {
+            opts.idle_timeout
+        } else {
+            received.commit_within + COMMIT_SLACK
+        };
+        let _ignored = self.reader.get_ref().get_ref().set_read_timeout(Some(wait));
+        match self.reader.recv_message("waiting for the commit") {
+            Ok(Message::Commit) => Ok(()),
+            Ok(Message::Abort(reason)) => {
+                Err(NoCommit::SourceKeeps(MigrationError::SourceAborted { reason }))
+            }
+            Ok(other) => Err(NoCommit::InDoubt(format!(
+                "the source sent {:?} where the commit was due",
+                other.command()
+            ))),
+            Err(ProtocolError::Timeout { .. }) => Err(NoCommit::SourceKeeps(MigrationError::Usage(format!(
+                "no commit within {wait:?} of the source's complete: its deadline has passed and it keeps the guest"
+            )))),
+            Err(e) => Err(NoCommit::InDoubt(format!(
+                "the stream failed after this side was ready, before the commit ({})",
+                error_chain(&e)
+            ))),
+        }
+    }
+
+    /// After the commit: resumes, delivers the forwarded frames, announces and acknowledges.
+    fn resume<T: MigrationTarget>(
+        &mut self,
+        target: &mut T,
+        received: Received,
+        hello: &Hello,
+        opts: &ReceiveOptions,
+    ) -> Result<(), MigrationError> {
         let t_resume = Instant::now();
         target.resume().map_err(MigrationError::vm("resume"))?;
-        restore += t_resume.elapsed();
-        self.report.restore_us = restore.as_micros() as u64;
+        self.report.restore_us = (received.restore + t_resume.elapsed()).as_micros() as u64;
         let resumed_ns = self.events.emit(Phase::Resume);
         self.report.resumed_ns = resumed_ns;
         self.report.pause_ms = resumed_ns.saturating_sub(received.paused_ns) as f64 / 1e6;
@@ -379,7 +493,10 @@ impl ReceiveSession<'_> {
                     }
                     frames.extend(f);
                 }
-                Message::Complete { paused_ns } => {
+                Message::Complete {
+                    paused_ns,
+                    commit_within_ns,
+                } => {
                     let state =
                         state.ok_or_else(|| malformed(Command::Complete, "complete before any state"))?;
                     return Ok(Received {
@@ -387,6 +504,8 @@ impl ReceiveSession<'_> {
                         hash,
                         frames,
                         paused_ns,
+                        commit_within: Duration::from_nanos(commit_within_ns),
+                        restore: Duration::ZERO,
                     });
                 }
                 Message::Abort(reason) => return Err(MigrationError::SourceAborted { reason }),

@@ -178,13 +178,19 @@ pub struct MigrateArgs {
     /// Cap the stream at this rate (bytes/s; K/M/G = KiB/MiB/GiB), e.g. 125M.
     #[arg(long, value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
-    /// Pre-copy gives up converging after this long.
+    /// Pre-copy gives up converging after this long; a stream that makes no progress this long (30 s at most)
+    /// ends the migration.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The switch-over's deadline: a destination not ready this long after the pause gets the guest resumed here
+    /// within it. Default: live, max(10 x --downtime, 1s); quick, none.
+    #[arg(long, value_parser = parse_duration)]
+    pub max_pause: Option<Duration>,
     /// What to do when pre-copy has not converged by --timeout.
     #[arg(long, default_value = "force", value_parser = one_of(ON_TIMEOUT))]
     pub on_timeout: OnTimeout,
-    /// Quick mode: write the suspended state to this file (fsynced) first, then send it.
+    /// Quick mode: write the suspended state to this file (fsynced) first, then send it. The file must not exist:
+    /// it is created mode 0600, never through a link, and removed once the migration succeeded.
     #[arg(long)]
     pub via_file: Option<PathBuf>,
     /// Quick mode: hold the guest paused this much longer (reproduces a slow move; the report says so).
@@ -227,9 +233,21 @@ impl MigrateArgs {
                 hostname: self.security.tls_hostname.clone(),
             }),
             insecure: self.security.insecure,
+            max_pause: self.max_pause,
             ..MigrateOptions::new(self.to.clone(), self.mode)
         }
     }
+}
+
+/// `migrator resume`.
+#[derive(Args, Debug, Clone)]
+pub struct ResumeArgs {
+    /// The API socket of the migrator that holds the in-doubt guest.
+    #[arg(long)]
+    pub api: PathBuf,
+    /// Confirm that the guest runs on no other side (required).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `migrator status`.

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use migevents::Mode;
 use migrator::{api, engine::Status};
 
-use crate::args::{MigrateArgs, ReceiveArgs, RunArgs, StatusArgs, TlsInitArgs};
+use crate::args::{MigrateArgs, ReceiveArgs, ResumeArgs, RunArgs, StatusArgs, TlsInitArgs};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +36,10 @@ enum Cmd {
     Migrate(MigrateArgs),
     /// Print a running migrator's status as JSON.
     Status(StatusArgs),
+    /// Stop a running migration (it rolls back unless it has committed), or drop an in-doubt guest's copy here.
+    Cancel(StatusArgs),
+    /// Resume an in-doubt guest on this side (with --force, once it is sure the guest runs nowhere else).
+    Resume(ResumeArgs),
     /// Make a test CA and server and client certificates in DIR (QEMU's tls-creds-x509 layout).
     TlsInit(TlsInitArgs),
 }
@@ -48,6 +52,12 @@ fn main() {
         Cmd::Migrate(args) => migrate(&args),
         Cmd::Status(args) => status(&args),
         Cmd::TlsInit(args) => tls_init(&args),
+        Cmd::Cancel(args) => api::request_simple(&args.api, &api::Request::Cancel)
+            .map(|m| eprintln!("migrator: {m}"))
+            .map_err(Into::into),
+        Cmd::Resume(args) => api::request_simple(&args.api, &api::Request::Resume { force: args.force })
+            .map(|m| eprintln!("migrator: {m}"))
+            .map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("migrator: error: {e:#}");
