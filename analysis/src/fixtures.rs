@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use migevents::{MigrationEvent, Mode, Phase, Role};
 
-use crate::trace::{ArpFrame, Direction, Event, FourTuple, Port, TcpCommon};
+use crate::trace::{ArpFrame, Direction, Event, FourTuple, MacAddr, PauseSource, Port, TcpCommon, TcpState};
 
 pub const MS: u64 = 1_000_000;
 pub const VM_MAC: &str = "52:54:00:12:34:56";
@@ -29,8 +29,22 @@ pub fn mig(ts_ms: u64, id: &str, mac: &str, role: Role, phase: Phase, source: &s
             role,
             phase,
         },
-        source: source.to_owned(),
+        source: match source {
+            "qmp" => PauseSource::Qmp,
+            "wire" => PauseSource::Wire,
+            _ => PauseSource::Migrator,
+        },
     }
+}
+
+/// A MAC written in a test.
+pub fn mac_of(s: &str) -> MacAddr {
+    s.parse().expect("a fixture's MAC is well formed")
+}
+
+/// A TCP state named in a test (`""` for none).
+pub fn state_of(s: &str) -> Option<TcpState> {
+    (!s.is_empty()).then(|| s.parse().expect("a fixture's TCP state is a kernel name"))
 }
 
 pub fn setup(ts_ms: u64, id: &str, mac: &str, ip: Ipv4Addr, mode: Mode) -> Event {
@@ -109,8 +123,8 @@ pub fn state(ts_ms: u64, t: FourTuple, old: &str, new: &str) -> Event {
     Event::TcpState {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
-        old_state: old.into(),
-        new_state: new.into(),
+        old_state: state_of(old),
+        new_state: state_of(new),
     }
 }
 
@@ -120,11 +134,12 @@ pub fn rtx(ts_ms: u64, t: FourTuple, k: u32, base_rto_ms: u64) -> Event {
     Event::TcpRetransmit {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
-        state: "ESTABLISHED".into(),
+        state: Some(TcpState::Established),
         retransmits: k,
         backoff: k - 1,
         rto_us: (base_rto_ms * 1000) << (k - 1),
         srtt_us: 0,
+        retransmit_kind: None,
     }
 }
 
@@ -134,7 +149,7 @@ pub fn err(ts_ms: u64, t: FourTuple, errno: i32) -> Event {
         ts_ns: ts_ms * MS,
         tcp: TcpCommon { tuple: t, netns: 0 },
         errno,
-        state: String::new(),
+        state: None,
     }
 }
 
@@ -142,7 +157,7 @@ pub fn rst_in(ts_ms: u64, t: FourTuple) -> Event {
     Event::TcpResetIn {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
-        state: "ESTABLISHED".into(),
+        state: Some(TcpState::Established),
     }
 }
 
@@ -150,14 +165,14 @@ pub fn rst_out(ts_ms: u64, t: FourTuple) -> Event {
     Event::TcpResetOut {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
-        state: "ESTABLISHED".into(),
+        state: Some(TcpState::Established),
     }
 }
 
 pub fn seen(ts_ms: u64, mac: &str, p: &str, dir: Direction) -> Event {
     Event::MacSeen {
         ts_ns: ts_ms * MS,
-        mac: mac.into(),
+        mac: mac_of(mac),
         port: port(p),
         direction: dir,
         gap_ns: 0,
@@ -175,7 +190,7 @@ pub fn stats(
 ) -> Event {
     Event::MacStats {
         ts_ns: ts_ms * MS,
-        mac: mac.into(),
+        mac: mac_of(mac),
         port: port(p),
         direction: dir,
         frames,
@@ -199,13 +214,13 @@ pub fn rarp(ts_ms: u64, mac: &str, p: &str) -> Event {
         ts_ns: ts_ms * MS,
         frame: ArpFrame {
             port: port(p),
-            mac: mac.into(),
+            mac: mac_of(mac),
             vlan: vec![],
             op: 3,
-            sha: mac.into(),
-            spa: "0.0.0.0".into(),
-            tha: mac.into(),
-            tpa: "0.0.0.0".into(),
+            sha: mac_of(mac),
+            spa: Ipv4Addr::UNSPECIFIED.into(),
+            tha: mac_of(mac),
+            tpa: Ipv4Addr::UNSPECIFIED.into(),
             frame: format!(
                 "ffffffffffff{m}80350001080006040003{m}00000000{m}00000000{pad}",
                 m = mac.replace(':', ""),
@@ -221,13 +236,13 @@ pub fn garp(ts_ms: u64, mac: &str, ip: Ipv4Addr, p: &str) -> Event {
         ts_ns: ts_ms * MS,
         frame: ArpFrame {
             port: port(p),
-            mac: mac.into(),
+            mac: mac_of(mac),
             vlan: vec![],
             op: 1,
-            sha: mac.into(),
-            spa: ip.to_string(),
-            tha: "00:00:00:00:00:00".into(),
-            tpa: ip.to_string(),
+            sha: mac_of(mac),
+            spa: ip.into(),
+            tha: MacAddr::default(),
+            tpa: ip.into(),
             frame: String::new(),
             len: 42,
         },
@@ -239,7 +254,7 @@ pub fn fdb(ts_ms: u64, bridge: &str, p: &str, mac: &str) -> Event {
         ts_ns: ts_ms * MS,
         bridge: bridge.into(),
         port: p.into(),
-        mac: mac.into(),
+        mac: mac_of(mac),
         vlan: 0,
         netns: None,
     }

@@ -14,9 +14,11 @@ use std::{
     io::{self, BufRead, BufReader, BufWriter, Write},
     net::IpAddr,
     path::{Path, PathBuf},
+    str::FromStr,
 };
 
-use serde::{Deserialize, Serialize};
+pub use migmon_base::MacAddr;
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// Current trace format version.
 pub const TRACE_VERSION: u32 = 1;
@@ -66,22 +68,170 @@ pub enum Direction {
     Egress,
 }
 
+/// A TCP socket state, as the kernel names it (`include/net/tcp_states.h`). Traces write the kernel's name
+/// (`ESTABLISHED`, `SYN_SENT`, ...); a number the kernel may add later is kept as `UNKNOWN(n)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    Unknown(u32),
+}
+
+impl TcpState {
+    const NAMED: [(TcpState, &'static str); 12] = [
+        (TcpState::Established, "ESTABLISHED"),
+        (TcpState::SynSent, "SYN_SENT"),
+        (TcpState::SynRecv, "SYN_RECV"),
+        (TcpState::FinWait1, "FIN_WAIT1"),
+        (TcpState::FinWait2, "FIN_WAIT2"),
+        (TcpState::TimeWait, "TIME_WAIT"),
+        (TcpState::Close, "CLOSE"),
+        (TcpState::CloseWait, "CLOSE_WAIT"),
+        (TcpState::LastAck, "LAST_ACK"),
+        (TcpState::Listen, "LISTEN"),
+        (TcpState::Closing, "CLOSING"),
+        (TcpState::NewSynRecv, "NEW_SYN_RECV"),
+    ];
+
+    /// The state of the kernel's number (`TCP_ESTABLISHED` = 1, ...); `None` for 0, which the probes report when
+    /// they could not read the socket's state.
+    pub fn from_kernel(n: u32) -> Option<Self> {
+        match n {
+            0 => None,
+            1..=12 => Some(Self::NAMED[n as usize - 1].0),
+            other => Some(Self::Unknown(other)),
+        }
+    }
+
+    /// The kernel's name.
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Self::Unknown(n) => format!("UNKNOWN({n})").into(),
+            named => Self::NAMED
+                .iter()
+                .find(|(s, _)| *s == named)
+                .map_or("UNKNOWN".into(), |(_, name)| (*name).into()),
+        }
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.name())
+    }
+}
+
+/// A text that is not a TCP state name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a TCP state (ESTABLISHED, SYN_SENT, ..., CLOSE, or UNKNOWN(n))")]
+pub struct TcpStateParseError(String);
+
+impl FromStr for TcpState {
+    type Err = TcpStateParseError;
+
+    fn from_str(s: &str) -> Result<Self, TcpStateParseError> {
+        if let Some((state, _)) = Self::NAMED.iter().find(|(_, name)| *name == s) {
+            return Ok(*state);
+        }
+        s.strip_prefix("UNKNOWN(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|n| n.parse().ok())
+            .map(Self::Unknown)
+            .ok_or_else(|| TcpStateParseError(s.to_owned()))
+    }
+}
+
+impl Serialize for TcpState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for TcpState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// `Option<TcpState>` as a trace writes it: the state's name, or `""` when the probe could not read it.
+pub mod state_or_empty {
+    use super::{Deserialize, Deserializer, Serializer, TcpState, de};
+
+    pub fn serialize<S: Serializer>(state: &Option<TcpState>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::state_text(*state))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<TcpState>, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse().map(Some).map_err(de::Error::custom)
+        }
+    }
+}
+
+/// A state as traces write it: its name, or `""` for `None`.
+pub fn state_text(state: Option<TcpState>) -> std::borrow::Cow<'static, str> {
+    state.map_or("".into(), TcpState::name)
+}
+
+/// Where a migration's pause window came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseSource {
+    /// A migrator's phase events (`--events-listen`, `--events`).
+    #[default]
+    Migrator,
+    /// QEMU's QMP events (`--qmp`).
+    Qmp,
+    /// Inferred from the data plane (the VM's MAC moving between ports).
+    Wire,
+}
+
+impl PauseSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Migrator => "migrator",
+            Self::Qmp => "qmp",
+            Self::Wire => "wire",
+        }
+    }
+}
+
+impl fmt::Display for PauseSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// An ARP-family frame (ARP, GARP or RARP) as XDP saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArpFrame {
     #[serde(flatten)]
     pub port: Port,
     /// Ethernet source MAC.
-    pub mac: String,
+    pub mac: MacAddr,
     /// VLAN tags, outermost first (empty when untagged).
     #[serde(default)]
     pub vlan: Vec<u16>,
     /// ARP operation: 1 request, 2 reply, 3 RARP request, 4 RARP reply.
     pub op: u16,
-    pub sha: String,
-    pub spa: String,
-    pub tha: String,
-    pub tpa: String,
+    pub sha: MacAddr,
+    pub spa: IpAddr,
+    pub tha: MacAddr,
+    pub tpa: IpAddr,
     /// The frame's first bytes (up to 128), hex, for pcapng export.
     #[serde(default)]
     pub frame: String,
@@ -100,6 +250,80 @@ pub struct TcpCommon {
     pub netns: u64,
 }
 
+/// Why a socket retransmitted, from its congestion state at `tcp:tcp_retransmit_skb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetransmitKind {
+    /// The retransmission timer expired (congestion state Loss).
+    Rto,
+    /// Fast retransmit or SACK/RACK recovery (congestion state Recovery).
+    Fast,
+    /// A tail-loss probe: a retransmission outside recovery, before any timeout (`retransmits` is 0).
+    Tlp,
+    /// A SYN or SYN-ACK sent again.
+    Syn,
+}
+
+/// Which end of a tracked flow sent a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowSide {
+    /// The watched VM.
+    Vm,
+    /// The VM's peer.
+    Peer,
+}
+
+/// A TCP segment of a watched VM's flow, as the flow tracker saw it on a port, with the sender's state before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSegment {
+    /// The VM's end of the connection.
+    pub vm_addr: IpAddr,
+    pub vm_port: u16,
+    /// The other end.
+    pub peer_addr: IpAddr,
+    pub peer_port: u16,
+    /// Where it was seen.
+    #[serde(flatten)]
+    pub port: Port,
+    /// The hook that saw it: ingress (arriving on the interface) or egress (leaving through it).
+    pub direction: Direction,
+    /// Who sent the segment.
+    pub side: FlowSide,
+    /// TCP flags, as in the header (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Payload bytes.
+    pub len: u32,
+    /// Advertised window, unscaled.
+    pub window: u16,
+    /// The sender's highest sequence end before this segment (`None` before its first segment with data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_end: Option<u32>,
+    /// The receiver's last ACK (`None` when the tracker has not seen one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_ack: Option<u32>,
+    /// Retransmissions the sender made so far on this port, this one included.
+    pub retransmits: u32,
+    /// `flow_retransmit`: time since the sender last sent new data (its highest sequence end advanced).
+    /// `flow_progress`: the quiet period that ended. Otherwise 0.
+    #[serde(default)]
+    pub gap_ns: u64,
+    /// Time since the sender's previous segment on this port (0 = its first).
+    #[serde(default)]
+    pub silence_ns: u64,
+    /// VLAN tags, outermost first (empty when untagged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlan: Vec<u16>,
+    /// The frame's first bytes (up to 128), hex, for pcapng export; empty when the capture budget was spent.
+    #[serde(default)]
+    pub frame: String,
+    /// Original frame length in bytes.
+    #[serde(default)]
+    pub frame_len: u32,
+}
+
 /// One event. Serialised with a `kind` tag; see `docs/events.md` for the schema.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -109,7 +333,8 @@ pub enum Event {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        state: String,
+        #[serde(with = "state_or_empty")]
+        state: Option<TcpState>,
         /// `icsk_retransmits`: retransmissions of the current segment so far.
         #[serde(default)]
         retransmits: u32,
@@ -122,14 +347,19 @@ pub enum Event {
         /// Smoothed RTT (`srtt_us >> 3`) in microseconds (0 = unknown).
         #[serde(default)]
         srtt_us: u64,
+        /// What kind of retransmission the socket's state says this is (absent when it could not be read).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retransmit_kind: Option<RetransmitKind>,
     },
     /// `sock:inet_sock_set_state` for TCP.
     TcpState {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        old_state: String,
-        new_state: String,
+        #[serde(with = "state_or_empty")]
+        old_state: Option<TcpState>,
+        #[serde(with = "state_or_empty")]
+        new_state: Option<TcpState>,
     },
     /// `sock:inet_sk_error_report`: `errno` 110 is ETIMEDOUT (retransmit or user-timeout abort).
     TcpError {
@@ -137,24 +367,24 @@ pub enum Event {
         #[serde(flatten)]
         tcp: TcpCommon,
         errno: i32,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// `tcp:tcp_receive_reset`: this socket received a RST.
     TcpResetIn {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// `tcp:tcp_send_reset`: this socket sent a RST.
     TcpResetOut {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// ARP request or reply that is not gratuitous.
     Arp {
@@ -179,7 +409,7 @@ pub enum Event {
         ts_ns: u64,
         bridge: String,
         port: String,
-        mac: String,
+        mac: MacAddr,
         #[serde(default)]
         vlan: u16,
         /// Network namespace of the bridge, when known.
@@ -190,7 +420,7 @@ pub enum Event {
     /// frame there; 0 = first time).
     MacSeen {
         ts_ns: u64,
-        mac: String,
+        mac: MacAddr,
         #[serde(flatten)]
         port: Port,
         direction: Direction,
@@ -200,7 +430,7 @@ pub enum Event {
     /// Cumulative per-(MAC, port, direction) counters sampled from the maps. Emitted when they changed.
     MacStats {
         ts_ns: u64,
-        mac: String,
+        mac: MacAddr,
         #[serde(flatten)]
         port: Port,
         direction: Direction,
@@ -218,13 +448,63 @@ pub enum Event {
         port: Port,
         count: u64,
     },
+    /// The flow tracker picked up a watched flow (its first segment on this port, mid-stream or a SYN).
+    FlowOpen {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// A segment with data inside sequence space its sender already sent: a retransmission.
+    FlowRetransmit {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// A RST (`side` sent it).
+    FlowReset {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// The first FIN of a side.
+    FlowFin {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// A side started advertising a zero window.
+    FlowZeroWindow {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// A side's first forward progress (new data, or an ACK of new data) after a quiet period (`gap_ns`).
+    FlowProgress {
+        ts_ns: u64,
+        #[serde(flatten)]
+        seg: FlowSegment,
+    },
+    /// The flow tracker's counters, cumulative, sampled when they change.
+    FlowTable {
+        ts_ns: u64,
+        /// Flows inserted into the tables.
+        inserts: u64,
+        /// Flows in the tables at the sample.
+        entries: u64,
+        /// Flows the tables evicted to make room (least recently used first): their state was lost.
+        evictions: u64,
+        /// Flows the kernel could not insert (not tracked).
+        insert_failed: u64,
+        /// Flow records sent without their frame bytes (capture rate limit).
+        capture_dropped: u64,
+    },
     /// A migration phase, from a migrator's event stream, QMP, or inferred from the wire.
     Migration {
         #[serde(flatten)]
         ev: migevents::MigrationEvent,
         /// Where the figure came from: `migrator`, `qmp` or `wire`.
-        #[serde(default = "default_source")]
-        source: String,
+        #[serde(default)]
+        source: PauseSource,
     },
     /// Offset measured once between a wall clock source (QMP) and `CLOCK_MONOTONIC`: mono = wall - offset.
     ClockOffset {
@@ -238,10 +518,6 @@ pub enum Event {
         level: String,
         message: String,
     },
-}
-
-fn default_source() -> String {
-    "migrator".to_owned()
 }
 
 impl Event {
@@ -262,6 +538,13 @@ impl Event {
             | Event::Loss { ts_ns, .. }
             | Event::Malformed { ts_ns, .. }
             | Event::ClockOffset { ts_ns, .. }
+            | Event::FlowOpen { ts_ns, .. }
+            | Event::FlowRetransmit { ts_ns, .. }
+            | Event::FlowReset { ts_ns, .. }
+            | Event::FlowFin { ts_ns, .. }
+            | Event::FlowZeroWindow { ts_ns, .. }
+            | Event::FlowProgress { ts_ns, .. }
+            | Event::FlowTable { ts_ns, .. }
             | Event::Note { ts_ns, .. } => *ts_ns,
             Event::Migration { ev, .. } => ev.ts_ns,
         }
@@ -286,6 +569,26 @@ impl Event {
             Event::Migration { .. } => "migration",
             Event::ClockOffset { .. } => "clock_offset",
             Event::Note { .. } => "note",
+            Event::FlowOpen { .. } => "flow_open",
+            Event::FlowRetransmit { .. } => "flow_retransmit",
+            Event::FlowReset { .. } => "flow_reset",
+            Event::FlowFin { .. } => "flow_fin",
+            Event::FlowZeroWindow { .. } => "flow_zero_window",
+            Event::FlowProgress { .. } => "flow_progress",
+            Event::FlowTable { .. } => "flow_table",
+        }
+    }
+
+    /// The flow segment of a `flow_*` event.
+    pub fn flow_segment(&self) -> Option<&FlowSegment> {
+        match self {
+            Event::FlowOpen { seg, .. }
+            | Event::FlowRetransmit { seg, .. }
+            | Event::FlowReset { seg, .. }
+            | Event::FlowFin { seg, .. }
+            | Event::FlowZeroWindow { seg, .. }
+            | Event::FlowProgress { seg, .. } => Some(seg),
+            _ => None,
         }
     }
 }
@@ -477,11 +780,12 @@ mod tests {
                 },
                 netns: 0,
             },
-            state: "ESTABLISHED".into(),
+            state: Some(TcpState::Established),
             retransmits: 1,
             backoff: 1,
             rto_us: 400_000,
             srtt_us: 0,
+            retransmit_kind: None,
         }
     }
 

@@ -37,7 +37,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{MigrateOptions, MigrationError, MigrationSummary, Status, Tracker};
+use crate::engine::{MigrateOptions, MigrationError, MigrationState, MigrationSummary, Status, Tracker};
 
 /// The longest request line.
 pub const MAX_LINE: u64 = 64 << 10;
@@ -370,13 +370,7 @@ impl Shared {
     }
 
     fn dispatch(&self, line: &str, reply: Reply) {
-        let state = || {
-            self.status
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .state
-                .clone()
-        };
+        let state = || self.status.lock().unwrap_or_else(PoisonError::into_inner).state;
         match serde_json::from_str::<Request>(line.trim()) {
             Ok(Request::Status) => {
                 let s = self.status.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -384,10 +378,7 @@ impl Shared {
             }
             Ok(Request::Migrate(options)) => {
                 let st = state();
-                if matches!(
-                    st.as_str(),
-                    "setup" | "precopy" | "paused" | "completing" | "committed" | "migrated" | "in-doubt"
-                ) {
+                if st.is_migrating_out() {
                     reply.error(format!(
                         "a migration is already running or done on this VM (state {st})"
                     ));
@@ -402,18 +393,18 @@ impl Shared {
             }
             Ok(Request::Cancel) => {
                 let st = state();
-                match st.as_str() {
-                    "setup" | "precopy" | "paused" | "completing" => {
+                match st {
+                    s if s.is_cancellable() => {
                         self.cancel.store(true, Ordering::SeqCst);
                         reply.ok("cancel requested: the migration stops and the guest keeps running here");
                     }
-                    "in-doubt" => self.forward(Command::Cancel(Answer(reply))),
+                    MigrationState::InDoubt => self.forward(Command::Cancel(Answer(reply))),
                     _ => reply.error(format!("nothing to cancel (state {st})")),
                 }
             }
             Ok(Request::Resume { force }) => {
                 let st = state();
-                if st != "in-doubt" {
+                if st != MigrationState::InDoubt {
                     reply.error(format!(
                         "nothing to resume: the guest is not in doubt here (state {st})"
                     ));
@@ -524,16 +515,17 @@ mod tests {
     use migevents::Mode;
 
     use super::*;
+    use crate::engine::MigrationState;
 
     #[test]
     fn status_and_migrate_round_trip() {
         let path = std::env::temp_dir().join(format!("migrator-api-{}.sock", std::process::id()));
         let status = Arc::new(Mutex::new(Status {
-            state: "running".into(),
+            state: MigrationState::Running,
             ..Status::default()
         }));
         let server = ApiServer::bind(&path, status.clone()).unwrap();
-        assert_eq!(request_status(&path).unwrap().state, "running");
+        assert_eq!(request_status(&path).unwrap().state, MigrationState::Running);
 
         let opts = MigrateOptions::new("unix:/nonexistent".parse().unwrap(), Mode::Live);
         let client = {
@@ -553,7 +545,7 @@ mod tests {
         assert_eq!(pending.options, opts);
         let tracker = pending.tracker(&server);
         tracker.update(|s| {
-            s.state = "precopy".into();
+            s.state = MigrationState::Precopy;
             s.iteration = 3;
         });
         // A second migrate while one runs is refused.
@@ -577,7 +569,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let path = std::env::temp_dir().join(format!("migrator-api-slow-{}.sock", std::process::id()));
         let status = Arc::new(Mutex::new(Status {
-            state: "running".into(),
+            state: MigrationState::Running,
             ..Status::default()
         }));
         let server = ApiServer::bind(&path, status.clone()).unwrap();
@@ -592,7 +584,7 @@ mod tests {
         let mut answer = String::new();
         BufReader::new(&long).read_line(&mut answer).unwrap();
         assert!(answer.contains("over"), "{answer}");
-        assert_eq!(request_status(&path).unwrap().state, "running");
+        assert_eq!(request_status(&path).unwrap().state, MigrationState::Running);
 
         // A migrate client that never reads: progress is dropped and counted, the updates never wait.
         let mut stalled = UnixStream::connect(&path).unwrap();
@@ -606,7 +598,7 @@ mod tests {
         let tracker = pending.tracker(&server);
         for i in 0..20_000 {
             tracker.update(|s| {
-                s.state = "precopy".into();
+                s.state = MigrationState::Precopy;
                 s.bytes_sent = i;
             });
         }
@@ -616,7 +608,7 @@ mod tests {
         assert!(tracker.cancelled());
         let refused = request_simple(&path, &Request::Resume { force: true }).unwrap_err();
         assert!(refused.to_string().contains("not in doubt"), "{refused}");
-        status.lock().unwrap().state = "in-doubt".into();
+        status.lock().unwrap().state = MigrationState::InDoubt;
         let unforced = request_simple(&path, &Request::Resume { force: false }).unwrap_err();
         assert!(unforced.to_string().contains("--force"), "{unforced}");
         drop(stalled);

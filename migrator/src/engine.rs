@@ -245,12 +245,89 @@ pub struct PauseBreakdown {
     pub destination_ms: f64,
 }
 
+/// Where a VM and its migration stand, as `migrator status` reports it (serialised in snake case: `precopy`, ...).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Nothing started yet.
+    #[default]
+    Idle,
+    /// A destination service waits for a source to connect.
+    Waiting,
+    /// The source connected and announced the migration.
+    Setup,
+    /// Pre-copy rounds: the VM runs while its memory is copied.
+    Precopy,
+    /// The VM is paused for the final copy (or the whole copy, in quick mode).
+    Paused,
+    /// The state is sent; waiting for the destination to be ready.
+    Completing,
+    /// The source sent its commit: the guest no longer resumes here; waiting for the acknowledgement.
+    Committed,
+    /// A destination holds the whole guest, restored and paused, and waits for the source's commit.
+    Prepared,
+    /// The stream broke around the commit: the guest is paused here and may run on the other side. The operator
+    /// resumes it on one side (`migrator resume --force`) or drops a copy (`migrator cancel`).
+    InDoubt,
+    /// The VM runs on the destination; this source is done.
+    Migrated,
+    /// The migration failed (the source VM resumes where it was).
+    Failed,
+    /// A destination receives a migration.
+    Receiving,
+    /// The VM runs here.
+    Running,
+}
+
+impl MigrationState {
+    /// A migration out of this VM is under way or finished: another one cannot start.
+    pub fn is_migrating_out(self) -> bool {
+        matches!(
+            self,
+            Self::Setup
+                | Self::Precopy
+                | Self::Paused
+                | Self::Completing
+                | Self::Committed
+                | Self::Migrated
+                | Self::InDoubt
+        )
+    }
+
+    /// A migration out of this VM runs and can still be cancelled (before its commit).
+    pub fn is_cancellable(self) -> bool {
+        matches!(
+            self,
+            Self::Setup | Self::Precopy | Self::Paused | Self::Completing
+        )
+    }
+}
+
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Self::Idle => "idle",
+            Self::Waiting => "waiting",
+            Self::Setup => "setup",
+            Self::Precopy => "precopy",
+            Self::Paused => "paused",
+            Self::Completing => "completing",
+            Self::Committed => "committed",
+            Self::Prepared => "prepared",
+            Self::InDoubt => "in_doubt",
+            Self::Migrated => "migrated",
+            Self::Failed => "failed",
+            Self::Receiving => "receiving",
+            Self::Running => "running",
+        };
+        f.pad(name)
+    }
+}
+
 /// Where a migration stands (`migrator status`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    /// idle | setup | precopy | paused | completing | committed | migrated | failed | waiting | receiving |
-    /// prepared | running | in-doubt
-    pub state: String,
+    pub state: MigrationState,
     pub migration_id: Option<String>,
     pub mode: Option<String>,
     /// Pre-copy round in progress.
@@ -476,4 +553,35 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         src = e.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_serialise_as_their_words() {
+        for s in [
+            MigrationState::Idle,
+            MigrationState::Waiting,
+            MigrationState::Setup,
+            MigrationState::Precopy,
+            MigrationState::Paused,
+            MigrationState::Completing,
+            MigrationState::Migrated,
+            MigrationState::Failed,
+            MigrationState::Receiving,
+            MigrationState::Running,
+        ] {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{s}\""));
+            assert_eq!(serde_json::from_str::<MigrationState>(&json).unwrap(), s);
+        }
+        let status = serde_json::to_value(Status {
+            state: MigrationState::Precopy,
+            ..Status::default()
+        })
+        .unwrap();
+        assert_eq!(status["state"], "precopy");
+    }
 }

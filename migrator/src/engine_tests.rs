@@ -481,7 +481,17 @@ fn quick_via_file_with_extra_pause() {
     assert!(report.pause_ms >= 100.0 && (report.extra_pause_ms - 100.0).abs() < 1e-9);
     assert!(report.notes.iter().any(|n| n.contains("--extra-pause")));
     assert!(report.notes.iter().any(|n| n.contains("fsynced")));
-    assert!(std::fs::metadata(&file).unwrap().len() > report.data_pages * PAGE_SIZE as u64);
+    assert!(!file.exists(), "the suspend file is removed after success");
+    // An existing file (or a link) is never written through.
+    std::fs::write(&file, b"someone else's").unwrap();
+    let (ep2, dst2) = start_destination(false, false, events.clone());
+    let mut again = plain_tcp(ep2, Mode::Quick);
+    again.via_file = Some(file.clone());
+    let err = migrate(&mut src, &again, None, &Tracker::default()).unwrap_err();
+    assert!(err.to_string().contains("suspend file"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"someone else's");
+    assert!(!src.paused());
+    let _ = dst2.join();
     assert_eq!(dreport.forwarded_frames, 2);
     assert!(dreport.pause_ms >= 100.0);
     let s = names(&events_of(&events), Role::Source);
@@ -876,7 +886,7 @@ fn a_lost_commit_leaves_both_sides_paused_in_doubt_and_one_can_resume() {
         src.paused() && src.resumes == 0,
         "a committed source never resumes on its own"
     );
-    assert_eq!(tracker.snapshot().state, "in-doubt");
+    assert_eq!(tracker.snapshot().state, crate::engine::MigrationState::InDoubt);
     let outcome = dst.join().unwrap().unwrap();
     let crate::receive::Outcome::InDoubt {
         mut target,

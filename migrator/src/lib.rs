@@ -74,7 +74,7 @@
 //! | the stream or the `Ack`, after the source sent `Commit` | **in doubt**: keeps the guest paused | resumed if the commit arrived |
 //! | no `Commit` within the source's `commit_within` + 1 s | (it has rolled back) | drops its VM |
 //!
-//! A side in doubt says so (`state: in-doubt` in `migrator status`, and a message naming the way out) and waits
+//! A side in doubt says so (`state: in_doubt` in `migrator status`, and a message naming the way out) and waits
 //! for the operator, who checks the other side and runs `migrator resume --force --api SOCKET` on exactly one
 //! (`migrator cancel` drops a side's copy). A destination without `--api` drops its copy and says so.
 //!
@@ -86,7 +86,7 @@
 //! The source gives up at the deadline less what its own resume takes (a tenth of it, at most 50 ms), so the
 //! guest runs again within `--max-pause`. Every write in the pause is bounded by the time left (socket write
 //! timeouts set before each write), every read by the same; before the pause, a stream that makes no progress
-//! for `--timeout` (at most 30 s) ends the migration, and pre-copy that does not converge ends at `--timeout` as
+//! for `--timeout` (at least 1 s, at most 30 s) ends the migration, and pre-copy that does not converge ends at `--timeout` as
 //! `--on-timeout` says. After the commit the source waits 10 s for the `Ack`, then is in doubt.
 //!
 //! ## The switch-over rule (live mode)
@@ -126,6 +126,7 @@ pub mod devices;
 pub mod engine;
 pub mod memory;
 pub mod persist;
+pub mod poll;
 pub mod protocol;
 pub mod ram;
 pub mod ram_io;

@@ -16,7 +16,7 @@ use migmon_base::MacAddr;
 
 use crate::{
     announce::{AnnounceSchedule, rarp_frame},
-    engine::{BoxedVmError, Events, MigrationError, MigrationTarget, Tracker, error_chain},
+    engine::{BoxedVmError, Events, MigrationError, MigrationState, MigrationTarget, Tracker, error_chain},
     protocol::{
         Ack, Command, HELLO_VERIFY, Hello, Incoming, Message, MessageReader, MessageWriter, ProtocolError,
         RoundEnd,
@@ -180,7 +180,7 @@ where
     {
         return Err(abort(&mut writer, None, io(e)));
     }
-    tracker.update(|s| s.state = "receiving".into());
+    tracker.update(|s| s.state = MigrationState::Receiving);
     let mode = hello.mode;
     let mut events = Events::open(
         opts.events.as_deref(),
@@ -238,7 +238,7 @@ where
             });
             eprintln!("migrator: {reason}");
             tracker.update(|s| {
-                s.state = "in-doubt".into();
+                s.state = MigrationState::InDoubt;
                 s.error = Some(reason.clone());
             });
             return Ok(Outcome::InDoubt {
@@ -262,7 +262,7 @@ where
         pause_ms: report.pause_ms,
         bytes: report.bytes,
     });
-    tracker.update(|s| s.state = "running".into());
+    tracker.update(|s| s.state = MigrationState::Running);
     Ok(Outcome::Running(target, report))
 }
 
@@ -388,7 +388,7 @@ impl ReceiveSession<'_> {
             verify(ram, received.hash)?;
         }
         self.writer.send(&Message::Ready)?;
-        tracker.update(|s| s.state = "prepared".into());
+        tracker.update(|s| s.state = MigrationState::Prepared);
         Ok(received)
     }
 

@@ -16,8 +16,8 @@ use crate::{
     api::{ApiServer, Command},
     config::ReceiveConfig,
     engine::{
-        BoxedVmError, MigrationError, MigrationSource, MigrationSummary, MigrationTarget, Status, Tracker,
-        error_chain,
+        BoxedVmError, MigrationError, MigrationSource, MigrationState, MigrationSummary, MigrationTarget,
+        Status, Tracker, error_chain,
     },
     protocol::Hello,
     receive::{Outcome, ReceiveOptions, ReceiveReport, receive_arrival, resume_held},
@@ -36,12 +36,12 @@ pub enum Served {
     Dropped,
 }
 
-fn set_state(server: &ApiServer, state: &str) {
+fn set_state(server: &ApiServer, state: MigrationState) {
     server
         .status()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .state = state.into();
+        .state = state;
 }
 
 /// The control loop of a running VM: waits for migrate requests (when there is an API) and runs them on this
@@ -55,7 +55,7 @@ pub fn serve<S: MigrationSource>(
     mut stopped: impl FnMut(&mut S) -> bool,
 ) -> Served {
     if let Some(s) = server {
-        set_state(s, "running");
+        set_state(s, MigrationState::Running);
     }
     loop {
         if stopped(vm) {
@@ -95,7 +95,7 @@ pub fn serve<S: MigrationSource>(
         if in_doubt && !hold_source(vm, server) {
             return Served::Dropped;
         }
-        set_state(server, "running");
+        set_state(server, MigrationState::Running);
     }
 }
 
@@ -186,7 +186,7 @@ where
     let listener = Listener::bind(&config.listen)?;
     // The API comes up at once so that `status` works while receiving.
     let status = Arc::new(Mutex::new(Status {
-        state: "waiting".into(),
+        state: MigrationState::Waiting,
         ..Status::default()
     }));
     let server = config

@@ -312,7 +312,7 @@ impl TlsStream {
                 return Ok(true);
             }
         }
-        crate::transport::wait_readable(self.shared.sock.as_raw_fd(), timeout)
+        crate::poll::wait_readable(self.shared.sock.as_raw_fd(), timeout)
     }
 
     /// Sends the TLS close alert (best effort) and shuts the socket down both ways.
@@ -361,9 +361,9 @@ impl Read for TlsStream {
                 .unwrap_or_else(PoisonError::into_inner);
             let fd = self.shared.sock.as_raw_fd();
             let readable = match timeout {
-                Some(t) => crate::transport::wait_readable(fd, t)?,
+                Some(t) => crate::poll::wait_readable(fd, t)?,
                 None => loop {
-                    if crate::transport::wait_readable(fd, Duration::from_secs(3600))? {
+                    if crate::poll::wait_readable(fd, Duration::from_secs(3600))? {
                         break true;
                     }
                 },

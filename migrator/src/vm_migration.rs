@@ -16,7 +16,7 @@ use anyhow::Result;
 use crate::{
     api::ApiServer,
     config::{ReceiveConfig, RunConfig},
-    engine::{BoxedVmError, MigrationSource, MigrationTarget, Status, VmIdentity},
+    engine::{BoxedVmError, MigrationSource, MigrationState, MigrationTarget, Status, VmIdentity},
     protocol::Hello,
     ram::DirtyBitmap,
     ram_io::GuestRam,
@@ -238,7 +238,7 @@ pub fn run(config: &RunConfig) -> Result<()> {
     }
     let shutdown = Shutdown::install()?;
     let status = Arc::new(Mutex::new(Status {
-        state: "running".into(),
+        state: MigrationState::Running,
         ..Status::default()
     }));
     let server = config

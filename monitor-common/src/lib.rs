@@ -35,6 +35,20 @@ pub enum EventKind {
     FdbUpdate = 7,
     /// A watched MAC seen on a port for the first time or after a silence, payload [`MacSeenEvent`].
     MacSeen = 8,
+    /// The flow tracker saw a watched flow for the first time (picked up mid-stream or at its SYN), payload
+    /// [`FlowEvent`].
+    FlowOpen = 9,
+    /// A segment with data inside sequence space already seen in its direction, payload [`FlowEvent`].
+    FlowRetransmit = 10,
+    /// A segment with RST, payload [`FlowEvent`] (`side` says who sent it).
+    FlowReset = 11,
+    /// The first FIN in a direction, payload [`FlowEvent`].
+    FlowFin = 12,
+    /// A side started advertising a zero receive window, payload [`FlowEvent`].
+    FlowZeroWindow = 13,
+    /// A side's first forward progress (new data, or an ACK of new data) after a quiet period longer than
+    /// `ProbeConfig::flow_quiet_ns`, payload [`FlowEvent`].
+    FlowProgress = 14,
 }
 
 /// An unknown record kind.
@@ -54,6 +68,12 @@ impl TryFrom<u32> for EventKind {
             6 => Self::Arp,
             7 => Self::FdbUpdate,
             8 => Self::MacSeen,
+            9 => Self::FlowOpen,
+            10 => Self::FlowRetransmit,
+            11 => Self::FlowReset,
+            12 => Self::FlowFin,
+            13 => Self::FlowZeroWindow,
+            14 => Self::FlowProgress,
             other => return Err(UnknownKind(other)),
         })
     }
@@ -114,7 +134,19 @@ pub struct TcpEvent {
     pub srtt_us8: u32,
     /// For `TcpResetOut`: the kernel's `sk_rst_reason` (0 = unknown).
     pub reason: u32,
+    /// `TcpRetransmit`: the congestion state (`icsk_ca_state`: 0 Open, 1 Disorder, 2 CWR, 3 Recovery, 4 Loss), or
+    /// [`UNKNOWN_U8`].
+    pub ca_state: u8,
+    /// `TcpRetransmit`: the pending timer (`icsk_pending`: 1 retransmit, 3 zero-window probe, 5 loss probe), or
+    /// [`UNKNOWN_U8`].
+    pub pending: u8,
+    pub pad2: u16,
+    /// `TcpRetransmit`: `tlp_high_seq` (non-zero while a tail-loss probe is outstanding).
+    pub tlp_high_seq: u32,
 }
+
+/// A socket byte field the probe could not read.
+pub const UNKNOWN_U8: u8 = 0xff;
 
 /// Maximum frame bytes an [`ArpEvent`] carries.
 pub const FRAME_CAPTURE: usize = 128;
@@ -237,6 +269,180 @@ pub type MacKey8 = [u8; 8];
 /// An IP address as a map key: IPv6, or IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
 pub type IpKey = [u8; 16];
 
+/// Which end of a tracked flow sent a segment: the watched VM's side.
+pub const SIDE_VM: u8 = 0;
+/// The other end (the VM's peer).
+pub const SIDE_PEER: u8 = 1;
+
+/// TCP header flag bits, as in the header's 13th byte.
+pub const TCP_FIN: u8 = 0x01;
+/// SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// RST.
+pub const TCP_RST: u8 = 0x04;
+/// PSH.
+pub const TCP_PSH: u8 = 0x08;
+/// ACK.
+pub const TCP_ACK: u8 = 0x10;
+
+/// Key of the flow table: one entry per TCP connection of a watched VM and port, both directions together.
+///
+/// The key is oriented, not sorted: the VM's end comes first, whichever direction the segment goes, so a segment
+/// and its answer find the same entry, and the entry knows which half is the VM's. When both ends are watched
+/// VMs, the end with the lower (address, port) is the "VM" end. Addresses are IPv6 or IPv4-mapped IPv6 (as
+/// [`IpKey`]); ports in host byte order. The interface is part of the key: the same connection seen on a tap and
+/// on an uplink is two entries, so a segment seen at both places never looks like its own retransmission.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub vm_addr: IpKey,
+    pub peer_addr: IpKey,
+    pub vm_port: u16,
+    pub peer_port: u16,
+    pub ifindex: u32,
+}
+
+/// `FlowDir::flags`: `seq_end` holds a value (the direction has sent a segment).
+pub const FLOW_SEQ_KNOWN: u32 = 1;
+/// `FlowDir::flags`: `ack` holds a value.
+pub const FLOW_ACK_KNOWN: u32 = 2;
+/// `FlowDir::flags`: a FIN was seen in this direction.
+pub const FLOW_FIN_SEEN: u32 = 4;
+/// `FlowDir::flags`: the last segment advertised a zero window.
+pub const FLOW_ZERO_WINDOW: u32 = 8;
+/// `FlowEvent::flags` only: `peer_ack` holds a value (the other side has sent an ACK).
+pub const FLOW_PEER_ACK_KNOWN: u32 = 0x100;
+
+/// One direction of a tracked flow (what one side sent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowDir {
+    /// Highest sequence end (`seq + len`, SYN and FIN count one) this side sent.
+    pub seq_end: u32,
+    /// Last acknowledgement number this side sent.
+    pub ack: u32,
+    /// Time of the last segment from this side.
+    pub last_ns: u64,
+    /// Time `seq_end` last moved forward (new data last sent).
+    pub advance_ns: u64,
+    /// Time of this side's last forward progress (new data, or an ACK of new data).
+    pub progress_ns: u64,
+    /// Segments seen from this side.
+    pub segments: u32,
+    /// Retransmissions seen from this side.
+    pub retransmits: u32,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// Value of the flow table: both directions, indexed by [`SIDE_VM`] / [`SIDE_PEER`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// When the tracker first saw the flow.
+    pub first_ns: u64,
+    pub dir: [FlowDir; 2],
+}
+
+/// Per-CPU counters and the capture token bucket of the flow tracker (one slot of a per-CPU array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Flows inserted into the flow table. The table never deletes, so `inserts - entries` is how many flows
+    /// the LRU evicted.
+    pub inserts: u64,
+    /// Inserts the kernel refused (out of memory): those flows were not tracked.
+    pub insert_failed: u64,
+    /// Records emitted without their frame bytes because the capture budget was spent.
+    pub capture_dropped: u64,
+    /// Flow records handed to the ring buffer.
+    pub records: u64,
+    /// Capture credit left, ns: a capture costs `ProbeConfig::flow_capture_ns`; the credit grows with time, up
+    /// to `flow_capture_burst` captures.
+    pub credit_ns: u64,
+    /// When the bucket was last refilled.
+    pub refill_ns: u64,
+}
+
+/// A flow tracker record: one TCP segment that matters, with the flow's state before it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub header: EventHeader,
+    pub key: FlowKey,
+    /// User-space id of the network namespace the program instance is attached in.
+    pub netns_id: u32,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// [`SIDE_VM`] or [`SIDE_PEER`]: who sent the segment.
+    pub side: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`]: the hook that saw it.
+    pub direction: u8,
+    /// TCP flags (`TCP_*`).
+    pub tcp_flags: u8,
+    pub pad0: u8,
+    /// Advertised window, unscaled.
+    pub window: u16,
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP payload bytes.
+    pub len: u32,
+    /// The sender's highest sequence end before this segment (0 with `FLOW_SEQ_KNOWN` clear in `flags`).
+    pub seq_end: u32,
+    /// The other side's last ACK (what the receiver had acknowledged).
+    pub peer_ack: u32,
+    /// Retransmissions from this side so far, this one included.
+    pub retransmits: u32,
+    /// VLAN ids, outermost first; `vlan_count` of them are valid.
+    pub vlan: [u16; 2],
+    pub vlan_count: u16,
+    pub pad1: u16,
+    /// The sender's `FlowDir::flags` before this segment, plus [`FLOW_PEER_ACK_KNOWN`].
+    pub flags: u32,
+    /// `FlowRetransmit`: time since the sender's highest sequence end last advanced (since new data was last
+    /// sent). `FlowProgress`: the quiet period that ended. Otherwise 0.
+    pub gap_ns: u64,
+    /// Time since the previous segment from the same side (0 = its first).
+    pub silence_ns: u64,
+    /// Length of the whole frame.
+    pub frame_len: u32,
+    /// Bytes of the frame copied into `frame` (0 when the capture budget was spent).
+    pub cap_len: u32,
+    pub frame: [u8; FRAME_CAPTURE],
+}
+
+impl Default for FlowEvent {
+    fn default() -> Self {
+        Self {
+            header: EventHeader::default(),
+            key: FlowKey::default(),
+            netns_id: 0,
+            family: 0,
+            side: 0,
+            direction: 0,
+            tcp_flags: 0,
+            pad0: 0,
+            window: 0,
+            seq: 0,
+            ack: 0,
+            len: 0,
+            seq_end: 0,
+            peer_ack: 0,
+            retransmits: 0,
+            vlan: [0; 2],
+            vlan_count: 0,
+            pad1: 0,
+            flags: 0,
+            gap_ns: 0,
+            silence_ns: 0,
+            frame_len: 0,
+            cap_len: 0,
+            frame: [0; FRAME_CAPTURE],
+        }
+    }
+}
+
 /// "Field absent" in a [`TpLayout`].
 pub const NO_FIELD: u16 = 0xffff;
 
@@ -311,6 +517,10 @@ pub const CFG_FILTER_PORTS: u32 = 2;
 pub const CFG_WATCH_MACS: u32 = 4;
 /// `ProbeConfig::flags`: report only FDB updates of watched MACs.
 pub const CFG_FILTER_FDB: u32 = 8;
+/// `ProbeConfig::flags`: track TCP flows whose address is in the flow IP list (`FLOW_IPS`).
+pub const CFG_FLOW_IPS: u32 = 16;
+/// `ProbeConfig::flags`: track TCP flows whose Ethernet source or destination is a watched MAC.
+pub const CFG_FLOW_MACS: u32 = 32;
 
 /// The global the programs read (symbol `CONFIG`), written by user space before loading.
 #[repr(C)]
@@ -346,6 +556,31 @@ pub struct ProbeConfig {
     /// A frame whose bit is clear is not from a watched MAC, so the per-frame hash lookup is skipped (it was most
     /// of the XDP parser's cost for non-ARP frames). 0 with no MAC under watch.
     pub mac_filter: u32,
+    /// The flow tracker's quiet period: a side's first progress after this much time without progress is
+    /// reported (`FlowProgress`).
+    pub flow_quiet_ns: u64,
+    /// The rate limit of frame captures in flow records, per CPU: one capture per `flow_capture_ns` on average
+    /// (0 = no limit). A record over the limit goes out without its frame bytes, counted.
+    pub flow_capture_ns: u64,
+    /// Captures the bucket holds at most (a burst).
+    pub flow_capture_burst: u32,
+    pub pad: u32,
+    /// A one-word filter in front of the `FLOW_IPS` lookups: bit [`ip_filter_bit`] of every flow IP is set.
+    pub ip_filter: u64,
+    /// Offset of the byte holding the `icsk_ca_state` bitfield in `struct sock`.
+    pub off_icsk_ca_state: u32,
+    /// `icsk_ca_state`'s bit position in that byte (low 8 bits) and width (next 8 bits; 0 = unknown).
+    pub ca_state_bits: u32,
+    /// Offset of `icsk_pending` (u8).
+    pub off_icsk_pending: u32,
+    /// Offset of `tlp_high_seq` (u32) in `struct tcp_sock`.
+    pub off_tlp_high_seq: u32,
+}
+
+/// The bit of an address (IPv6 or IPv4-mapped) in [`ProbeConfig::ip_filter`].
+#[inline]
+pub const fn ip_filter_bit(addr: &IpKey) -> u64 {
+    1 << ((addr[15] ^ addr[14]) & 63)
 }
 
 /// The bit of `mac` in [`ProbeConfig::mac_filter`].
@@ -379,12 +614,21 @@ impl ProbeConfig {
         off_icsk_rto: NO_OFFSET,
         off_srtt_us: NO_OFFSET,
         mac_filter: 0,
+        flow_quiet_ns: 50_000_000,
+        flow_capture_ns: 1_000_000,
+        flow_capture_burst: 256,
+        pad: 0,
+        ip_filter: 0,
+        off_icsk_ca_state: NO_OFFSET,
+        ca_state_bits: 0,
+        off_icsk_pending: NO_OFFSET,
+        off_tlp_high_seq: NO_OFFSET,
     };
 }
 
 const _: () = assert!(size_of::<EventHeader>() == 16);
 const _: () = assert!(size_of::<TcpTuple>() == 40);
-const _: () = assert!(size_of::<TcpEvent>() == 96);
+const _: () = assert!(size_of::<TcpEvent>() == 104);
 const _: () = assert!(size_of::<ArpEvent>() == 200);
 const _: () = assert!(size_of::<FdbEvent>() == 56);
 const _: () = assert!(size_of::<MacSeenEvent>() == 40);
@@ -392,7 +636,16 @@ const _: () = assert!(size_of::<MacKey>() == 12);
 const _: () = assert!(size_of::<MacCounters>() == 32);
 const _: () = assert!(size_of::<TpLayout>() == 32);
 const _: () = assert!(size_of::<FdbLayout>() == 8);
-const _: () = assert!(size_of::<ProbeConfig>() == 5 * 32 + 8 + 8 + 8 + 8 * 4);
+const _: () = assert!(size_of::<ProbeConfig>() == 5 * 32 + 8 + 8 + 8 + 8 * 4 + 32 + 16);
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowDir>() == 48);
+const _: () = assert!(size_of::<FlowState>() == 104);
+const _: () = assert!(size_of::<FlowCounters>() == 48);
+const _: () = assert!(size_of::<FlowEvent>() == 256);
+const _: () = assert!(core::mem::offset_of!(FlowEvent, key) == 16);
+const _: () = assert!(core::mem::offset_of!(FlowEvent, seq) == 68);
+const _: () = assert!(core::mem::offset_of!(FlowEvent, gap_ns) == 104);
+const _: () = assert!(core::mem::offset_of!(FlowEvent, frame) == 128);
 const _: () = assert!(core::mem::offset_of!(TcpEvent, tuple) == 16);
 const _: () = assert!(core::mem::offset_of!(ArpEvent, frame) == 72);
 const _: () = assert!(core::mem::offset_of!(MacSeenEvent, gap_ns) == 32);

@@ -3,8 +3,8 @@
 use core::{fmt, mem::size_of};
 
 use crate::{
-    ArpEvent, EventHeader, EventKind, FdbEvent, MacCounters, MacKey, MacSeenEvent, ProbeConfig, TcpEvent,
-    UnknownKind,
+    ArpEvent, EventHeader, EventKind, FdbEvent, FlowCounters, FlowDir, FlowEvent, FlowKey, FlowState,
+    MacCounters, MacKey, MacSeenEvent, ProbeConfig, TcpEvent, UnknownKind,
 };
 
 /// Plain data: every bit pattern is valid, no padding the compiler adds (asserted by the size checks in lib.rs).
@@ -28,7 +28,12 @@ pod!(
     MacSeenEvent,
     MacKey,
     MacCounters,
-    ProbeConfig
+    ProbeConfig,
+    FlowKey,
+    FlowDir,
+    FlowState,
+    FlowCounters,
+    FlowEvent
 );
 
 /// A ring buffer record, decoded.
@@ -39,6 +44,8 @@ pub enum WireEvent {
     Arp(ArpEvent),
     Fdb(FdbEvent),
     MacSeen(MacSeenEvent),
+    /// One of the six flow tracker kinds (see `kind`).
+    Flow(EventKind, FlowEvent),
 }
 
 impl WireEvent {
@@ -49,6 +56,7 @@ impl WireEvent {
             WireEvent::Arp(e) => &e.header,
             WireEvent::Fdb(e) => &e.header,
             WireEvent::MacSeen(e) => &e.header,
+            WireEvent::Flow(_, e) => &e.header,
         }
     }
 }
@@ -109,6 +117,12 @@ pub fn decode(bytes: &[u8]) -> Result<WireEvent, DecodeError> {
         EventKind::Arp => WireEvent::Arp(read(header.kind, bytes)?),
         EventKind::FdbUpdate => WireEvent::Fdb(read(header.kind, bytes)?),
         EventKind::MacSeen => WireEvent::MacSeen(read(header.kind, bytes)?),
+        EventKind::FlowOpen
+        | EventKind::FlowRetransmit
+        | EventKind::FlowReset
+        | EventKind::FlowFin
+        | EventKind::FlowZeroWindow
+        | EventKind::FlowProgress => WireEvent::Flow(kind, read(header.kind, bytes)?),
     })
 }
 
@@ -118,7 +132,10 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
-    use crate::{AF_INET, AF_INET6, DIR_EGRESS, FRAME_CAPTURE};
+    use crate::{
+        AF_INET, AF_INET6, DIR_EGRESS, FLOW_ACK_KNOWN, FLOW_SEQ_KNOWN, FRAME_CAPTURE, SIDE_PEER, TCP_ACK,
+        TCP_PSH,
+    };
 
     #[test]
     fn mac_filter_keeps_every_watched_mac_and_drops_most_others() {
@@ -186,6 +203,10 @@ mod tests {
             .u32(2) // backoff
             .u32(200) // rto jiffies
             .u32(8000) // srtt_us << 3
+            .u32(0)
+            .u8(4) // ca_state Loss
+            .u8(1) // pending: retransmit timer
+            .u16(0)
             .u32(0);
         assert_eq!(b.0.len(), size_of::<TcpEvent>());
         let WireEvent::Tcp(kind, e) = decode(&b.0).unwrap() else {
@@ -203,6 +224,7 @@ mod tests {
             (e.state, e.retransmits, e.backoff, e.rto_jiffies, e.srtt_us8),
             (1, 2, 2, 200, 8000)
         );
+        assert_eq!((e.ca_state, e.pending, e.tlp_high_seq), (4, 1, 0));
     }
 
     #[test]
@@ -226,7 +248,8 @@ mod tests {
                 .u32(0)
                 .u32(0)
                 .u32(0)
-                .u32(6);
+                .u32(6)
+                .raw(&[0; 8]);
             let WireEvent::Tcp(k, e) = decode(&b.0).unwrap() else {
                 panic!("not tcp")
             };
@@ -313,9 +336,117 @@ mod tests {
         );
     }
 
+    fn mapped(a: [u8; 4]) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[10] = 0xff;
+        out[11] = 0xff;
+        out[12..].copy_from_slice(&a);
+        out
+    }
+
+    /// A flow record written field by field.
+    fn flow_fixture(kind: u32) -> Bytes {
+        let mut frame = [0u8; FRAME_CAPTURE];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        Bytes::default()
+            .header(kind, 1, 5_000_000_000)
+            .raw(&mapped([10, 77, 1, 10]))
+            .raw(&mapped([10, 77, 2, 20]))
+            .u16(7) // vm port
+            .u16(40_000) // peer port
+            .u32(9) // ifindex
+            .u32(2) // netns id
+            .u16(AF_INET)
+            .u8(SIDE_PEER)
+            .u8(DIR_EGRESS)
+            .u8(TCP_ACK | TCP_PSH)
+            .u8(0)
+            .u16(502)
+            .u32(1000) // seq
+            .u32(77) // ack
+            .u32(100) // len
+            .u32(1100) // seq_end before
+            .u32(1050) // peer ack
+            .u32(3) // retransmits
+            .u16(100)
+            .u16(200)
+            .u16(2)
+            .u16(0)
+            .u32(FLOW_SEQ_KNOWN | FLOW_ACK_KNOWN)
+            .u64(210_000_000) // gap
+            .u64(200_000_000) // silence
+            .u32(162)
+            .u32(128)
+            .raw(&frame)
+    }
+
+    #[test]
+    fn flow_retransmit_fixture() {
+        let b = flow_fixture(10);
+        assert_eq!(b.0.len(), size_of::<FlowEvent>());
+        let WireEvent::Flow(kind, e) = decode(&b.0).unwrap() else {
+            panic!("not a flow record")
+        };
+        assert_eq!(kind, EventKind::FlowRetransmit);
+        assert_eq!(e.header.ts_ns, 5_000_000_000);
+        assert_eq!(e.key.vm_addr, mapped([10, 77, 1, 10]));
+        assert_eq!(e.key.peer_addr, mapped([10, 77, 2, 20]));
+        assert_eq!((e.key.vm_port, e.key.peer_port, e.key.ifindex), (7, 40_000, 9));
+        assert_eq!(
+            (e.netns_id, e.family, e.side, e.direction),
+            (2, AF_INET, SIDE_PEER, DIR_EGRESS)
+        );
+        assert_eq!((e.tcp_flags, e.window), (TCP_ACK | TCP_PSH, 502));
+        assert_eq!(
+            (e.seq, e.ack, e.len, e.seq_end, e.peer_ack),
+            (1000, 77, 100, 1100, 1050)
+        );
+        assert_eq!((e.retransmits, e.vlan, e.vlan_count), (3, [100, 200], 2));
+        assert_eq!(e.flags, FLOW_SEQ_KNOWN | FLOW_ACK_KNOWN);
+        assert_eq!((e.gap_ns, e.silence_ns), (210_000_000, 200_000_000));
+        assert_eq!((e.frame_len, e.cap_len), (162, 128));
+        assert_eq!(&e.frame[12..14], &[0x08, 0x00]);
+    }
+
+    #[test]
+    fn every_flow_kind_decodes() {
+        for (n, kind) in [
+            (9, EventKind::FlowOpen),
+            (10, EventKind::FlowRetransmit),
+            (11, EventKind::FlowReset),
+            (12, EventKind::FlowFin),
+            (13, EventKind::FlowZeroWindow),
+            (14, EventKind::FlowProgress),
+        ] {
+            assert_eq!(EventKind::try_from(n), Ok(kind));
+            let WireEvent::Flow(k, e) = decode(&flow_fixture(n).0).unwrap() else {
+                panic!("kind {n} is not a flow record")
+            };
+            assert_eq!((k, e.header.kind), (kind, n));
+        }
+        let short = flow_fixture(11);
+        assert_eq!(
+            decode(&short.0[..200]),
+            Err(DecodeError::Short {
+                kind: 11,
+                need: 256,
+                got: 200
+            })
+        );
+    }
+
+    #[test]
+    fn ip_filter_keeps_every_flow_ip() {
+        let ips = [mapped([10, 77, 1, 10]), mapped([192, 168, 0, 1]), [0xfd; 16]];
+        let filter = ips.iter().fold(0u64, |f, a| f | crate::ip_filter_bit(a));
+        for a in &ips {
+            assert_ne!(filter & crate::ip_filter_bit(a), 0);
+        }
+    }
+
     #[test]
     fn rejects_unknown_kinds_and_short_records() {
-        for kind in [0u32, 9, 0xdead_beef] {
+        for kind in [0u32, 15, 0xdead_beef] {
             let b = Bytes::default().header(kind, 0, 0).raw(&[0; 200]);
             assert_eq!(decode(&b.0), Err(DecodeError::UnknownKind(kind)));
             assert!(EventKind::try_from(kind).is_err());

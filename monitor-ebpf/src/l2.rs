@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use monitor_common::{
-    ArpEvent, CFG_WATCH_MACS, DIR_EGRESS, DIR_INGRESS, EventKind, FRAME_CAPTURE, MacCounters, MacKey,
-    MacSeenEvent,
+    ArpEvent, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_WATCH_MACS, DIR_EGRESS, DIR_INGRESS, EventKind, FRAME_CAPTURE,
+    MacCounters, MacKey, MacSeenEvent,
 };
 
 use crate::{EVENTS, MAC_STATS, MALFORMED, WATCH_MACS, atomic_add, config, count_lost, header};
@@ -28,12 +28,14 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_RARP: u16 = 0x8035;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 /// ARP for Ethernet/IPv4: 8 bytes of header, then 6+4+6+4 bytes of addresses.
 const ARP_LEN: usize = 28;
 
 #[xdp]
 pub fn l2_ingress(ctx: XdpContext) -> u32 {
-    ingress(&ctx);
+    ingress(&XdpFrame(&ctx));
     xdp_action::XDP_PASS
 }
 
@@ -41,29 +43,125 @@ pub fn l2_ingress(ctx: XdpContext) -> u32 {
 /// veth, driver-mode XDP turns the peer's segmentation offloads off, and skb-mode XDP copies every large skb).
 #[classifier]
 pub fn l2_ingress_tc(ctx: TcContext) -> i32 {
-    // SAFETY: the context of a classifier program is a `__sk_buff`; reading `ifindex` is allowed.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
-    let skb = ctx.as_ptr();
-    parse(
-        ctx.data(),
-        ctx.data_end(),
-        ifindex,
-        u64::from(ctx.len()),
-        // SAFETY: `dst` points to `FRAME_CAPTURE` writable bytes (the caller's contract).
-        |dst, len| unsafe { copy_frame_skb(skb, dst, len) },
-    );
+    ingress(&TcFrame::new(&ctx));
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn l2_egress(ctx: TcContext) -> i32 {
-    egress(&ctx);
+    egress(&TcFrame::new(&ctx));
     TC_ACT_UNSPEC
+}
+
+/// What the parsers need from a frame, the same for XDP and TC.
+pub(crate) trait Frame {
+    /// Start of the directly readable bytes.
+    fn data(&self) -> usize;
+    /// End of the directly readable bytes.
+    fn data_end(&self) -> usize;
+    /// The interface the program runs on.
+    fn ifindex(&self) -> u32;
+    /// Length of the whole frame (for TC the skb's length, which may exceed the directly readable part).
+    fn wire_len(&self) -> u64;
+    /// Makes at least the first `n` bytes directly readable (TC: `bpf_skb_pull_data`); false when it cannot.
+    /// Afterwards `data()` and `data_end()` must be read again.
+    fn pull(&self, n: u32) -> bool;
+    /// An outer VLAN tag the kernel took out of the frame into the packet's metadata (TC sees frames after the
+    /// stack untagged them); `None` for XDP.
+    fn outer_vlan(&self) -> Option<u16>;
+    /// Copies the first `min(wire_len, FRAME_CAPTURE)` bytes to `dst`; returns how many it copied.
+    ///
+    /// # Safety
+    /// `dst` must point to `FRAME_CAPTURE` writable bytes.
+    unsafe fn copy(&self, dst: *mut u8) -> u32;
+}
+
+pub(crate) struct XdpFrame<'a>(&'a XdpContext);
+
+impl Frame for XdpFrame<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn wire_len(&self) -> u64 {
+        (self.0.data_end() - self.0.data()) as u64
+    }
+    #[inline(always)]
+    fn pull(&self, _n: u32) -> bool {
+        // Without multi-buffer support (which these programs do not declare) the whole frame is direct.
+        false
+    }
+    #[inline(always)]
+    fn outer_vlan(&self) -> Option<u16> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn copy(&self, dst: *mut u8) -> u32 {
+        // SAFETY: the caller's contract.
+        unsafe { copy_frame(self.0, dst, self.wire_len()) }
+    }
+}
+
+pub(crate) struct TcFrame<'a> {
+    ctx: &'a TcContext,
+    ifindex: u32,
+}
+
+impl<'a> TcFrame<'a> {
+    #[inline(always)]
+    fn new(ctx: &'a TcContext) -> Self {
+        // SAFETY: the context of a classifier program is a `__sk_buff`; reading `ifindex` is allowed.
+        let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+        Self { ctx, ifindex }
+    }
+}
+
+impl Frame for TcFrame<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+    #[inline(always)]
+    fn wire_len(&self) -> u64 {
+        u64::from(self.ctx.len())
+    }
+    #[inline(always)]
+    fn pull(&self, n: u32) -> bool {
+        self.ctx.pull_data(n).is_ok()
+    }
+    #[inline(always)]
+    fn outer_vlan(&self) -> Option<u16> {
+        let skb = self.ctx.as_ptr().cast::<__sk_buff>();
+        // SAFETY: the context of a classifier program is a `__sk_buff`; its VLAN fields may be read.
+        unsafe { ((*skb).vlan_present != 0).then(|| ((*skb).vlan_tci & 0x0fff) as u16) }
+    }
+    #[inline(always)]
+    unsafe fn copy(&self, dst: *mut u8) -> u32 {
+        // SAFETY: the caller's contract; the context is the program's own.
+        unsafe { copy_frame_skb(self.ctx.as_ptr(), dst, self.wire_len()) }
+    }
 }
 
 /// A byte at `data + off`, bounds-checked against `end`.
 #[inline(always)]
-fn byte(data: usize, end: usize, off: usize) -> Option<u8> {
+pub(crate) fn byte(data: usize, end: usize, off: usize) -> Option<u8> {
     if data + off + 1 > end {
         return None;
     }
@@ -73,7 +171,7 @@ fn byte(data: usize, end: usize, off: usize) -> Option<u8> {
 
 /// A big-endian u16 at `data + off`.
 #[inline(always)]
-fn be16(data: usize, end: usize, off: usize) -> Option<u16> {
+pub(crate) fn be16(data: usize, end: usize, off: usize) -> Option<u16> {
     if data + off + 2 > end {
         return None;
     }
@@ -84,7 +182,7 @@ fn be16(data: usize, end: usize, off: usize) -> Option<u16> {
 
 /// `N` bytes at `data + off`.
 #[inline(always)]
-fn bytes<const N: usize>(data: usize, end: usize, off: usize) -> Option<[u8; N]> {
+pub(crate) fn bytes<const N: usize>(data: usize, end: usize, off: usize) -> Option<[u8; N]> {
     if data + off + N > end {
         return None;
     }
@@ -93,7 +191,7 @@ fn bytes<const N: usize>(data: usize, end: usize, off: usize) -> Option<[u8; N]>
 }
 
 #[inline(always)]
-fn count_malformed(ifindex: u32) {
+pub(crate) fn count_malformed(ifindex: u32) {
     match MALFORMED.get_ptr_mut(&ifindex) {
         // SAFETY: this CPU's slot of a per-CPU map value; the add is atomic against other contexts on the CPU.
         Some(p) => unsafe { atomic_add(p, 1) },
@@ -103,64 +201,99 @@ fn count_malformed(ifindex: u32) {
     }
 }
 
-fn ingress(ctx: &XdpContext) {
-    let data = ctx.data();
-    let end = ctx.data_end();
-    let ifindex = ctx.ingress_ifindex() as u32;
-    let len = (end - data) as u64;
-    // SAFETY: `dst` points to `FRAME_CAPTURE` writable bytes (the caller's contract).
-    parse(data, end, ifindex, len, |dst, len| unsafe {
-        copy_frame(ctx, dst, len)
-    });
+/// An Ethernet header with up to two VLAN tags, parsed.
+pub(crate) struct Eth {
+    /// The ethertype after the tags.
+    pub ethertype: u16,
+    /// Offset of the payload after the tags.
+    pub off: usize,
+    pub vlan: [u16; 2],
+    pub vlan_count: u16,
 }
 
-/// Parses one frame at `data..end` (`len` bytes on the wire) that arrived on `ifindex`. `copy(dst, len)` copies
-/// the frame's first bytes into `dst` (`FRAME_CAPTURE` writable bytes) and returns how many it copied.
+/// Parses the Ethernet header and its tags (up to two: 802.1Q 0x8100, 802.1ad 0x88a8, counting an `outer` one
+/// the kernel already took into the packet's metadata). `None` when the frame is cut inside them or has a third
+/// tag (the caller counts it as malformed).
 #[inline(always)]
-fn parse(data: usize, end: usize, ifindex: u32, len: u64, copy: impl FnOnce(*mut u8, u64) -> u32) {
-    let Some(src) = bytes::<6>(data, end, 6) else {
-        count_malformed(ifindex);
-        return;
-    };
-    let Some(mut ethertype) = be16(data, end, 12) else {
-        count_malformed(ifindex);
-        return;
-    };
-    if config!(flags) & CFG_WATCH_MACS != 0 {
-        count_mac(src, ifindex, DIR_INGRESS, len);
-    }
-
+pub(crate) fn parse_eth(data: usize, end: usize, outer: Option<u16>) -> Option<Eth> {
+    let mut ethertype = be16(data, end, 12)?;
     let mut off = ETH_HLEN;
     let mut vlan = [0u16; 2];
     let mut vlan_count = 0u16;
-    // Up to two tags (QinQ); a third is odd.
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let (Some(tci), Some(inner)) = (be16(data, end, off), be16(data, end, off + 2)) else {
-            count_malformed(ifindex);
-            return;
-        };
-        vlan[0] = tci & 0x0fff;
+    if let Some(tag) = outer {
+        vlan[0] = tag;
         vlan_count = 1;
-        ethertype = inner;
-        off += 4;
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            let (Some(tci), Some(inner)) = (be16(data, end, off), be16(data, end, off + 2)) else {
-                count_malformed(ifindex);
-                return;
-            };
-            vlan[1] = tci & 0x0fff;
+            vlan[1] = be16(data, end, off)? & 0x0fff;
+            ethertype = be16(data, end, off + 2)?;
             vlan_count = 2;
-            ethertype = inner;
             off += 4;
             if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-                count_malformed(ifindex);
-                return;
+                return None;
+            }
+        }
+    } else if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        vlan[0] = be16(data, end, off)? & 0x0fff;
+        ethertype = be16(data, end, off + 2)?;
+        vlan_count = 1;
+        off += 4;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            vlan[1] = be16(data, end, off)? & 0x0fff;
+            ethertype = be16(data, end, off + 2)?;
+            vlan_count = 2;
+            off += 4;
+            if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+                return None;
             }
         }
     }
-    if ethertype != ETH_P_ARP && ethertype != ETH_P_RARP {
+    Some(Eth {
+        ethertype,
+        off,
+        vlan,
+        vlan_count,
+    })
+}
+
+/// Parses one frame arriving on the interface: counts it for a watched source MAC, reports ARP and RARP, and
+/// hands TCP to the flow tracker when it is on.
+#[inline(always)]
+fn ingress(f: &impl Frame) {
+    let data = f.data();
+    let end = f.data_end();
+    let ifindex = f.ifindex();
+    let len = f.wire_len();
+    let (Some(src), Some(_)) = (bytes::<6>(data, end, 6), be16(data, end, 12)) else {
+        count_malformed(ifindex);
+        return;
+    };
+    let flags = config!(flags);
+    if flags & CFG_WATCH_MACS != 0 {
+        count_mac(src, ifindex, DIR_INGRESS, len);
+    }
+    let Some(eth) = parse_eth(data, end, f.outer_vlan()) else {
+        count_malformed(ifindex);
+        return;
+    };
+    if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
+        if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) != 0 {
+            crate::flow::keep(crate::flow::track(f, &eth, DIR_INGRESS));
+        }
         return;
     }
+    if eth.ethertype != ETH_P_ARP && eth.ethertype != ETH_P_RARP {
+        return;
+    }
+    arp(f, &eth, src);
+}
+
+/// Reports an ARP or RARP frame whose Ethernet header `eth` has been parsed.
+#[inline(always)]
+fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
+    let data = f.data();
+    let end = f.data_end();
+    let ifindex = f.ifindex();
+    let off = eth.off;
     if data + off + ARP_LEN > end {
         count_malformed(ifindex);
         return;
@@ -196,10 +329,10 @@ fn parse(data: usize, end: usize, ifindex: u32, len: u64, copy: impl FnOnce(*mut
         (*e).header = header(EventKind::Arp);
         (*e).ifindex = ifindex;
         (*e).netns_id = config!(netns_id);
-        (*e).ethertype = ethertype;
+        (*e).ethertype = eth.ethertype;
         (*e).op = op;
-        (*e).vlan = vlan;
-        (*e).vlan_count = vlan_count;
+        (*e).vlan = eth.vlan;
+        (*e).vlan_count = eth.vlan_count;
         (*e).pad0 = 0;
         (*e).src_mac = src;
         (*e).pad1 = [0; 2];
@@ -207,9 +340,9 @@ fn parse(data: usize, end: usize, ifindex: u32, len: u64, copy: impl FnOnce(*mut
         (*e).tha = tha;
         (*e).spa = spa;
         (*e).tpa = tpa;
-        (*e).frame_len = len as u32;
+        (*e).frame_len = f.wire_len() as u32;
         (*e).frame = [0; FRAME_CAPTURE];
-        (*e).cap_len = copy((&raw mut (*e).frame).cast::<u8>(), len);
+        (*e).cap_len = f.copy((&raw mut (*e).frame).cast::<u8>());
     }
     entry.submit(0);
 }
@@ -286,28 +419,49 @@ unsafe fn copy_frame_skb(skb: *mut core::ffi::c_void, dst: *mut u8, len: u64) ->
     done
 }
 
-fn egress(ctx: &TcContext) {
-    if config!(flags) & CFG_WATCH_MACS == 0 {
+/// Counts a frame leaving towards a watched destination MAC and hands TCP to the flow tracker when it is on.
+#[inline(always)]
+fn egress(f: &impl Frame) {
+    let flags = config!(flags);
+    if flags & (CFG_WATCH_MACS | CFG_FLOW_IPS | CFG_FLOW_MACS) == 0 {
         return;
     }
-    // SAFETY: the context of a classifier program is a `__sk_buff`; reading `ifindex` is allowed.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
-    let Some(dst) = bytes::<6>(ctx.data(), ctx.data_end(), 0) else {
+    let data = f.data();
+    let end = f.data_end();
+    if flags & CFG_WATCH_MACS != 0 {
+        let Some(dst) = bytes::<6>(data, end, 0) else {
+            return;
+        };
+        count_mac(dst, f.ifindex(), DIR_EGRESS, f.wire_len());
+    }
+    if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) == 0 {
+        return;
+    }
+    let Some(eth) = parse_eth(data, end, f.outer_vlan()) else {
+        count_malformed(f.ifindex());
         return;
     };
-    count_mac(dst, ifindex, DIR_EGRESS, u64::from(ctx.len()));
+    if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
+        crate::flow::keep(crate::flow::track(f, &eth, DIR_EGRESS));
+    }
+}
+
+/// `mac` is on the watch list.
+#[inline(always)]
+pub(crate) fn mac_watched(mac: &[u8; 6]) -> bool {
+    // Most frames are from MACs nobody watches: one word tells, before the hash lookup.
+    if config!(mac_filter) & monitor_common::mac_filter_bit(mac) == 0 {
+        return false;
+    }
+    let key8 = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0];
+    // SAFETY: map lookup of a plain key; the value is not dereferenced.
+    unsafe { WATCH_MACS.get(&key8) }.is_some()
 }
 
 /// Counts a frame of a watched MAC and emits `MacSeen` on its first frame on the port or after a silence.
 #[inline(always)]
 fn count_mac(mac: [u8; 6], ifindex: u32, direction: u8, len: u64) {
-    // Most frames are from MACs nobody watches: one word tells, before the hash lookup.
-    if config!(mac_filter) & monitor_common::mac_filter_bit(&mac) == 0 {
-        return;
-    }
-    let key8 = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0];
-    // SAFETY: map lookup of a plain key; the value is not dereferenced.
-    if unsafe { WATCH_MACS.get(&key8) }.is_none() {
+    if !mac_watched(&mac) {
         return;
     }
     let key = MacKey {

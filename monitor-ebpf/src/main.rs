@@ -2,6 +2,7 @@
 //! - [`tcp`]: `tcp:tcp_retransmit_skb`, `sock:inet_sock_set_state`, `sock:inet_sk_error_report`,
 //!   `tcp:tcp_receive_reset`, `tcp:tcp_send_reset`;
 //! - [`l2`]: the XDP ingress parser (ARP/RARP events, watched-MAC counters) and the TC egress counter;
+//! - [`flow`]: the TCP flow tracker the L2 programs call for IP frames;
 //! - [`bridge`]: `bridge:br_fdb_update`.
 //!
 //! Shared here: the ring buffer, the loss counter, the watch lists and the [`CONFIG`] global that user space fills
@@ -13,6 +14,7 @@
 #![allow(internal_features)]
 
 mod bridge;
+mod flow;
 mod l2;
 mod tcp;
 

@@ -3,6 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use migmon_base::{
+    UnitError,
+    units::{Quantity, parse_duration},
+};
 
 use migmon_analysis::{
     check::{self, Limits},
@@ -12,25 +16,13 @@ use migmon_analysis::{
     whatif::{self, Settings},
 };
 
-/// Parses a duration: `250ms`, `8s`, `1.5s`, `500us`, `2m`, or a bare number of milliseconds.
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (try 250ms, 8s, 1.5s)"))?;
-    let mult = match unit.trim() {
-        "ns" => 1.0,
-        "us" | "µs" => 1e3,
-        "" | "ms" => 1e6,
-        "s" => 1e9,
-        "m" | "min" => 60e9,
-        u => return Err(format!("unknown unit {u:?} in {s:?} (use ns, us, ms, s or m)")),
-    };
-    Ok((v * mult).round() as u64)
+/// Reads a duration with its unit (`250ms`, `8s`, `1.5s`, `500us`, `2m`; a bare number is refused) as nanoseconds.
+pub fn duration_ns(s: &str) -> Result<u64, UnitError> {
+    let d = parse_duration(s)?;
+    u64::try_from(d.as_nanos()).map_err(|_| UnitError::TooLarge {
+        input: s.to_owned(),
+        quantity: Quantity::Duration,
+    })
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,10 +47,10 @@ pub struct ReportArgs {
     #[arg(long, value_name = "N")]
     pub tcp_retries2: Option<u32>,
     /// With --format compare: the clients' route `rto_min`.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub rto_min: Option<u64>,
     /// With --format compare: the clients' `TCP_USER_TIMEOUT`.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub user_timeout: Option<u64>,
     /// With --format compare: the clients are Windows (5 retransmissions).
     #[arg(long)]
@@ -71,13 +63,13 @@ pub struct LimitArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub max_aborted: usize,
     /// Longest vCPU pause allowed (e.g. 100ms).
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub max_pause: Option<u64>,
     /// Longest network blackout allowed.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub max_blackout: Option<u64>,
     /// Longest convergence (resume → FDB move) allowed.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub max_convergence: Option<u64>,
     #[arg(
         long,
@@ -118,10 +110,10 @@ pub struct WhatifArgs {
     #[arg(long, value_name = "N")]
     pub tcp_retries2: Option<u32>,
     /// Route `rto_min` to model.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub rto_min: Option<u64>,
     /// `TCP_USER_TIMEOUT` to model.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub user_timeout: Option<u64>,
     /// Model a Windows client: 5 retransmissions doubling from the SRTT-based RTO.
     #[arg(long)]
@@ -130,10 +122,10 @@ pub struct WhatifArgs {
     #[arg(long, default_value_t = 15, value_name = "N")]
     pub in_force_tcp_retries2: u32,
     /// Route `rto_min` in force when the trace was recorded.
-    #[arg(long, value_parser = parse_duration, default_value = "200ms", value_name = "D")]
+    #[arg(long, value_parser = duration_ns, default_value = "200ms", value_name = "D")]
     pub in_force_rto_min: u64,
     /// `TCP_USER_TIMEOUT` in force when the trace was recorded.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub in_force_user_timeout: Option<u64>,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -370,11 +362,11 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(250_000_000));
-        assert_eq!(parse_duration("1.5s"), Ok(1_500_000_000));
-        assert_eq!(parse_duration("8"), Ok(8_000_000));
-        assert_eq!(parse_duration("500us"), Ok(500_000));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(duration_ns("250ms"), Ok(250_000_000));
+        assert_eq!(duration_ns("1.5s"), Ok(1_500_000_000));
+        assert_eq!(duration_ns("500us"), Ok(500_000));
+        assert_eq!(duration_ns("1h"), Ok(3_600_000_000_000));
+        assert!(duration_ns("8").is_err(), "a bare number is refused");
+        assert!(duration_ns("fast").is_err());
     }
 }

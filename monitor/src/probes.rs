@@ -25,8 +25,8 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TracePoint, Xdp, tc::TcAttachType, xdp::XdpMode},
 };
 use monitor_common::{
-    CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_WATCH_MACS, IpKey, MacCounters, MacKey, MacKey8,
-    ProbeConfig, WireEvent,
+    CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_WATCH_MACS,
+    FlowCounters, FlowKey, FlowState, IpKey, MacCounters, MacKey, MacKey8, ProbeConfig, WireEvent,
 };
 
 use migmon_analysis::trace::Port;
@@ -126,6 +126,10 @@ pub struct WatchList {
 
 /// How to load the probes.
 #[derive(Clone, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches of one load, each documented; a builder would say the same at more length"
+)]
 pub struct ProbeOptions {
     pub watch: WatchList,
     /// Ring buffer bytes per instance (a power of two, at least a page).
@@ -140,6 +144,63 @@ pub struct ProbeOptions {
     /// Run the ingress parser as a TC ingress classifier instead of XDP (`attach_xdp` then attaches that). It
     /// sees the same frames after GRO, costs no offloads and copies nothing: the cheapest on a busy veth.
     pub l2_tc_ingress: bool,
+    /// With `tracepoints`: attach the TCP and socket tracepoints too (off: only `bridge:br_fdb_update`).
+    pub socket_tracepoints: bool,
+    /// The TCP flow tracker in the L2 programs (`None`: off).
+    pub flows: Option<FlowOptions>,
+}
+
+/// The TCP flow tracker's settings.
+#[derive(Clone, Debug)]
+pub struct FlowOptions {
+    /// Track flows with one end at these addresses (the VMs' IPs).
+    pub ips: Vec<IpAddr>,
+    /// Track flows whose frames come from or go to these MACs (VMs whose IP is not known).
+    pub macs: Vec<[u8; 6]>,
+    /// Entries of the flow table (an LRU map: the least recently used flow is evicted when it is full).
+    pub table_entries: u32,
+    /// A side's first forward progress after this long without is reported.
+    pub quiet_ns: u64,
+    /// Frame captures per second and CPU in flow records (0 = no limit); records over it carry no frame bytes.
+    pub captures_per_sec: u32,
+    /// Captures allowed in a burst above that rate.
+    pub capture_burst: u32,
+}
+
+impl Default for FlowOptions {
+    fn default() -> Self {
+        Self {
+            ips: Vec::new(),
+            macs: Vec::new(),
+            table_entries: DEFAULT_FLOW_TABLE,
+            quiet_ns: 50_000_000,
+            captures_per_sec: 1000,
+            capture_burst: 256,
+        }
+    }
+}
+
+/// Default entries of the flow table.
+pub const DEFAULT_FLOW_TABLE: u32 = 16_384;
+
+/// Flow table entries when the tracker is off (the map must exist; it stays empty).
+const FLOW_TABLE_OFF: u32 = 64;
+
+/// The flow tracker's counters, summed over CPUs and instances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTotals {
+    /// Flows inserted into the tables.
+    pub inserts: u64,
+    /// Flows in the tables now.
+    pub entries: u64,
+    /// Flows the LRU evicted: the tables never delete, so `inserts - entries`.
+    pub evictions: u64,
+    /// Inserts the kernel refused (those flows were not tracked).
+    pub insert_failed: u64,
+    /// Flow records handed to the ring buffer.
+    pub records: u64,
+    /// Flow records sent without their frame bytes (capture budget spent).
+    pub capture_dropped: u64,
 }
 
 impl Default for ProbeOptions {
@@ -151,6 +212,8 @@ impl Default for ProbeOptions {
             tracepoints: true,
             xdp_skb_mode: false,
             l2_tc_ingress: false,
+            socket_tracepoints: true,
+            flows: None,
         }
     }
 }
@@ -167,6 +230,123 @@ impl std::fmt::Display for Iface {
         match &self.netns {
             Some(ns) => write!(f, "{}@{ns}", self.name),
             None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// How [`Probes::attach_ingress`] attaches the ingress parser.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IngressMode {
+    /// TC on veths and taps, XDP elsewhere.
+    #[default]
+    Auto,
+    /// XDP, driver mode, falling back to skb mode.
+    Xdp,
+    /// XDP, skb (generic) mode only.
+    XdpSkb,
+    /// A TC ingress classifier.
+    Tc,
+}
+
+/// `iface` is a veth or a tap/tun (its driver, as ethtool reports it, is `veth` or `tun`).
+pub fn is_virtual(iface: &Iface) -> Result<bool, ProbeError> {
+    let driver = netns::run_in(iface.netns.as_deref(), || {
+        ifindex(iface)?;
+        Ok::<_, ProbeError>(driver_name(&iface.name))
+    })??;
+    Ok(matches!(driver.as_deref(), Some("veth" | "tun")))
+}
+
+/// `struct ethtool_drvinfo` (`include/uapi/linux/ethtool.h`).
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// `struct ifreq` with the `ifr_data` member.
+#[repr(C)]
+struct IfreqData {
+    name: [u8; 16],
+    data: *mut EthtoolDrvinfo,
+    pad: [u8; 16],
+}
+
+const ETHTOOL_GDRVINFO: u32 = 3;
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+
+/// The driver of interface `name` in the calling thread's namespace (`ETHTOOL_GDRVINFO`), when it says.
+fn driver_name(name: &str) -> Option<String> {
+    let mut info = EthtoolDrvinfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        n_priv_flags: 0,
+        n_stats: 0,
+        testinfo_len: 0,
+        eedump_len: 0,
+        regdump_len: 0,
+    };
+    let mut req = IfreqData {
+        name: [0; 16],
+        data: &raw mut info,
+        pad: [0; 16],
+    };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.name.len() {
+        return None;
+    }
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: plain socket call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is our own socket; `req` is a valid `ifreq` whose `ifr_data` points to `info`, both live
+    // across the call, and the kernel writes at most `size_of::<EthtoolDrvinfo>()` bytes there.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &raw mut req) };
+    // SAFETY: `fd` is open and closed once.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return None;
+    }
+    let end = info
+        .driver
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// The TC programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcProgram {
+    /// `l2_ingress_tc`: the ingress parser as a classifier.
+    Ingress,
+    /// `l2_egress`: frames leaving through the interface.
+    Egress,
+}
+
+impl TcProgram {
+    /// The program's name in the object.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcProgram::Ingress => "l2_ingress_tc",
+            TcProgram::Egress => "l2_egress",
         }
     }
 }
@@ -334,7 +514,7 @@ fn measure_hz() -> Option<u32> {
 /// Reads every tracepoint layout and socket offset this kernel offers.
 fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
     let mut c = ProbeConfig::EMPTY;
-    if opts.tracepoints {
+    if opts.tracepoints && opts.socket_tracepoints {
         let root = tracefs::root()?;
         c.retransmit =
             tracefs::retransmit_layout(&tracefs::read_format(&root, "tcp", "tcp_retransmit_skb")?)?;
@@ -344,7 +524,6 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
             tracefs::error_report_layout(&tracefs::read_format(&root, "sock", "inet_sk_error_report")?)?;
         c.receive_reset = tracefs::reset_layout(&tracefs::read_format(&root, "tcp", "tcp_receive_reset")?)?;
         c.send_reset = tracefs::reset_layout(&tracefs::read_format(&root, "tcp", "tcp_send_reset")?)?;
-        c.fdb = tracefs::fdb_layout(&tracefs::read_format(&root, "bridge", "br_fdb_update")?)?;
 
         let btf = Btf::from_sys_fs()?;
         let off = |s: &str, path: &[&str]| btf.member_offset(s, path).unwrap_or(monitor_common::NO_OFFSET);
@@ -355,6 +534,42 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
         c.off_icsk_backoff = off("inet_connection_sock", &["icsk_backoff"]);
         c.off_icsk_rto = off("inet_connection_sock", &["icsk_rto"]);
         c.off_srtt_us = off("tcp_sock", &["srtt_us"]);
+        c.off_icsk_pending = off("inet_connection_sock", &["icsk_pending"]);
+        c.off_tlp_high_seq = off("tcp_sock", &["tlp_high_seq"]);
+        if let Some((bit, width)) = btf.bitfield("inet_connection_sock", &["icsk_ca_state"]) {
+            c.off_icsk_ca_state = bit / 8;
+            // A plain u8 member (width 0 in BTF) is 8 bits wide; a bitfield must fit in its byte.
+            let width = if width == 0 { 8 } else { width };
+            if (bit % 8) + width <= 8 {
+                c.ca_state_bits = (bit % 8) | (width.min(7) << 8);
+            }
+        }
+    }
+    if opts.tracepoints {
+        let root = tracefs::root()?;
+        c.fdb = tracefs::fdb_layout(&tracefs::read_format(&root, "bridge", "br_fdb_update")?)?;
+    }
+    if let Some(f) = &opts.flows {
+        if !f.ips.is_empty() {
+            c.flags |= CFG_FLOW_IPS;
+        }
+        if !f.macs.is_empty() {
+            c.flags |= CFG_FLOW_MACS;
+            for mac in &f.macs {
+                c.mac_filter |= monitor_common::mac_filter_bit(mac);
+            }
+        }
+        for ip in &f.ips {
+            c.ip_filter |= monitor_common::ip_filter_bit(&ip_key(*ip));
+        }
+        c.flow_quiet_ns = f.quiet_ns;
+        // Burst and interval are bounded so that their product (the bucket's size in ns) cannot overflow.
+        c.flow_capture_ns = if f.captures_per_sec == 0 {
+            0
+        } else {
+            1_000_000_000 / u64::from(f.captures_per_sec.min(1_000_000_000))
+        };
+        c.flow_capture_burst = f.capture_burst.clamp(1, 1 << 20);
     }
     let w = &opts.watch;
     if !w.ips.is_empty() {
@@ -447,9 +662,14 @@ impl Instance {
         }
         let mut cfg = *config;
         cfg.netns_id = id;
+        let flow_table = opts
+            .flows
+            .as_ref()
+            .map_or(FLOW_TABLE_OFF, |f| f.table_entries.max(FLOW_TABLE_OFF));
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &cfg, true)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
+            .map_max_entries("FLOWS", flow_table)
             .load(OBJECT)
             .map_err(|e| match &e {
                 aya::EbpfError::MapError(MapError::CreateError { io_error, .. })
@@ -460,6 +680,9 @@ impl Instance {
                 _ => ProbeError::LoadObject(Box::new(e)),
             })?;
         fill_watch_maps(&mut ebpf, &opts.watch)?;
+        if let Some(f) = &opts.flows {
+            fill_flow_maps(&mut ebpf, f)?;
+        }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::NoMap("EVENTS"))?)
             .map_err(map_err("EVENTS"))?;
         Ok(Self {
@@ -498,6 +721,13 @@ impl Instance {
             p.load().map_err(|e| load_error("l2_ingress_tc", e))?;
         }
         Ok(p)
+    }
+
+    fn tc_program(&mut self, program: TcProgram) -> Result<&mut SchedClassifier, ProbeError> {
+        match program {
+            TcProgram::Ingress => self.tc_ingress_loaded(),
+            TcProgram::Egress => self.tc_loaded(),
+        }
     }
 
     fn tc_loaded(&mut self) -> Result<&mut SchedClassifier, ProbeError> {
@@ -540,6 +770,26 @@ fn fill_watch_maps(ebpf: &mut Ebpf, w: &WatchList) -> Result<(), ProbeError> {
     Ok(())
 }
 
+fn fill_flow_maps(ebpf: &mut Ebpf, f: &FlowOptions) -> Result<(), ProbeError> {
+    let mut ips: BpfHashMap<_, IpKey, u8> =
+        BpfHashMap::try_from(ebpf.map_mut("FLOW_IPS").ok_or(ProbeError::NoMap("FLOW_IPS"))?)
+            .map_err(map_err("FLOW_IPS"))?;
+    for ip in &f.ips {
+        ips.insert(&ip_key(*ip), &1, 0).map_err(map_err("FLOW_IPS"))?;
+    }
+    // MACs go to WATCH_MACS, which `fill_watch_maps` filled with the watch list's; add the others.
+    let mut macs: BpfHashMap<_, MacKey8, u8> = BpfHashMap::try_from(
+        ebpf.map_mut("WATCH_MACS")
+            .ok_or(ProbeError::NoMap("WATCH_MACS"))?,
+    )
+    .map_err(map_err("WATCH_MACS"))?;
+    for m in &f.macs {
+        let key = [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0];
+        macs.insert(&key, &1, 0).map_err(map_err("WATCH_MACS"))?;
+    }
+    Ok(())
+}
+
 /// Resolves `iface` in the calling thread's namespace.
 fn ifindex(iface: &Iface) -> Result<u32, ProbeError> {
     let no_iface = || ProbeError::NoInterface {
@@ -564,6 +814,9 @@ impl Probes {
         let mut root = Instance::load(None, 0, &config, opts)?;
         if opts.tracepoints {
             for (program, category, event) in TRACEPOINTS {
+                if !opts.socket_tracepoints && category != "bridge" {
+                    continue;
+                }
                 let p: &mut TracePoint = root.program(program)?;
                 p.load().map_err(|e| load_error(program, e))?;
                 p.attach(category, event).map_err(|source| ProbeError::Attach {
@@ -609,12 +862,16 @@ impl Probes {
         Ok(&mut self.instances[pos])
     }
 
-    /// Attaches the XDP parser to `iface`: driver mode first, skb (generic) mode as a fallback.
+    /// Attaches the XDP parser to `iface`: driver mode first, skb (generic) mode as a fallback; or as
+    /// [`ProbeOptions::l2_tc_ingress`] and [`ProbeOptions::xdp_skb_mode`] say.
     pub fn attach_xdp(&mut self, iface: &Iface) -> Result<Attached, ProbeError> {
         if self.opts.l2_tc_ingress {
             return self.attach_tc_ingress(iface);
         }
-        let skb_only = self.opts.xdp_skb_mode;
+        self.attach_xdp_mode(iface, self.opts.xdp_skb_mode)
+    }
+
+    fn attach_xdp_mode(&mut self, iface: &Iface, skb_only: bool) -> Result<Attached, ProbeError> {
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.xdp_loaded()?;
@@ -645,6 +902,27 @@ impl Probes {
             }
         })??;
         Ok(self.add_port(id, ifindex, iface, mode, fallback))
+    }
+
+    /// Attaches the ingress parser to `iface` as `mode` says. [`IngressMode::Auto`] picks TC on veths and taps
+    /// (driver-mode XDP on a veth turns its peer's offloads off; skb-mode XDP copies every large skb) and XDP on
+    /// anything else (a physical NIC, where XDP runs before the stack allocates anything).
+    pub fn attach_ingress(&mut self, iface: &Iface, mode: IngressMode) -> Result<Attached, ProbeError> {
+        let mode = match mode {
+            IngressMode::Auto => {
+                if is_virtual(iface)? {
+                    IngressMode::Tc
+                } else {
+                    IngressMode::Xdp
+                }
+            }
+            m => m,
+        };
+        match mode {
+            IngressMode::Tc => self.attach_tc_ingress(iface),
+            IngressMode::XdpSkb => self.attach_xdp_mode(iface, true),
+            _ => self.attach_xdp_mode(iface, false),
+        }
     }
 
     /// Attaches the ingress parser as a TC ingress classifier (see [`ProbeOptions::l2_tc_ingress`]).
@@ -766,6 +1044,95 @@ impl Probes {
             }
         }
         Ok(out)
+    }
+
+    /// The flow tracker's counters, summed over CPUs and instances. With `count_entries`, also the tables'
+    /// occupancy and so the evictions: that walks the tables (one syscall per entry), so do it at a sampling
+    /// pace, not per event. Without it, `entries` and `evictions` are 0.
+    pub fn flow_totals(&self, count_entries: bool) -> Result<FlowTotals, ProbeError> {
+        let mut t = FlowTotals::default();
+        for inst in &self.instances {
+            let counters: PerCpuArray<_, FlowCounters> = PerCpuArray::try_from(
+                inst.ebpf
+                    .map("FLOW_COUNTERS")
+                    .ok_or(ProbeError::NoMap("FLOW_COUNTERS"))?,
+            )
+            .map_err(map_err("FLOW_COUNTERS"))?;
+            let mut inserts = 0;
+            for c in counters.get(&0, 0).map_err(map_err("FLOW_COUNTERS"))?.iter() {
+                inserts += c.inserts;
+                t.insert_failed += c.insert_failed;
+                t.records += c.records;
+                t.capture_dropped += c.capture_dropped;
+            }
+            let mut entries = 0u64;
+            if count_entries && inserts > 0 {
+                let flows: BpfHashMap<_, FlowKey, FlowState> =
+                    BpfHashMap::try_from(inst.ebpf.map("FLOWS").ok_or(ProbeError::NoMap("FLOWS"))?)
+                        .map_err(map_err("FLOWS"))?;
+                entries = flows.keys().flatten().count() as u64;
+            }
+            t.inserts += inserts;
+            t.entries += entries;
+            if count_entries {
+                t.evictions += inserts.saturating_sub(entries);
+            }
+        }
+        Ok(t)
+    }
+
+    /// Every tracked flow of every instance: (instance id, key, state).
+    pub fn flows(&self) -> Result<Vec<(u32, FlowKey, FlowState)>, ProbeError> {
+        let mut out = Vec::new();
+        for inst in &self.instances {
+            let flows: BpfHashMap<_, FlowKey, FlowState> =
+                BpfHashMap::try_from(inst.ebpf.map("FLOWS").ok_or(ProbeError::NoMap("FLOWS"))?)
+                    .map_err(map_err("FLOWS"))?;
+            // An entry evicted between two steps of the walk is skipped.
+            for (k, v) in flows.iter().flatten() {
+                out.push((inst.id, k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one of the root instance's TC programs on `frame` with `BPF_PROG_TEST_RUN`, like
+    /// [`Probes::xdp_test_run`]. Returns the program's return value (-1 = `TC_ACT_UNSPEC`) and the mean time per
+    /// run.
+    pub fn tc_test_run(
+        &mut self,
+        program: TcProgram,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), ProbeError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let prog = self.instances[0].tc_program(program)?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat.max(1);
+        let r = prog.test_run(opts).map_err(|source| ProbeError::Attach {
+            program: program.name().to_owned(),
+            target: "BPF_PROG_TEST_RUN".to_owned(),
+            source: Box::new(source),
+        })?;
+        Ok((r.return_value as i32, r.duration))
+    }
+
+    /// A [`XdpTestRunner`] for one of the root instance's TC programs (the runner works for any program type).
+    pub fn tc_test_runner(&mut self, program: TcProgram) -> Result<XdpTestRunner, ProbeError> {
+        let prog = self.instances[0].tc_program(program)?;
+        let fd = prog.fd().map_err(|source| ProbeError::LoadProgram {
+            program: program.name().to_owned(),
+            source: Box::new(source),
+        })?;
+        let fd = fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| ProbeError::LoadProgram {
+                program: program.name().to_owned(),
+                source: Box::new(ProgramError::IOError(e)),
+            })?;
+        Ok(XdpTestRunner { fd })
     }
 
     /// The XDP program of the root instance, loaded but not attached: for `BPF_PROG_TEST_RUN` benchmarks.

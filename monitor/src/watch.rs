@@ -23,7 +23,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use migmon_analysis::trace::{Event, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_analysis::trace::{Event, MacAddr, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_base::units::parse_duration;
 use monitor_common::{MacCounters, MacKey};
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
@@ -31,36 +32,61 @@ use nix::{
 };
 
 use crate::{
-    decode::{Decoder, mono_now_ns, parse_mac},
+    decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline},
-    probes::{Iface, ProbeOptions, Probes, WatchList},
+    probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
 };
 
 /// Options of `migmon watch`. Flat, so other parts add their flags here.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line switches; --xdp, --xdp-skb and --tc-ingress exclude each other through clap"
+)]
 pub struct WatchArgs {
-    /// Attach the XDP parser (ARP/RARP/GARP, frames from watched MACs) to this interface; `IF@NETNS` for an
-    /// interface in a named network namespace. Repeatable.
+    /// Watch the frames on this interface (a VM's tap, a bridge port, an uplink); `IF@NETNS` for an interface in a
+    /// named network namespace. Repeatable. The ingress parser (ARP/RARP/GARP, frames from watched MACs, the
+    /// TCP flow tracker) runs as a TC classifier on veths and taps and as XDP elsewhere (`--xdp`, `--xdp-skb`,
+    /// `--tc-ingress` choose); with the flow tracker on, TC egress is attached too, for the other direction.
     #[arg(long = "iface", value_name = "IF[@NETNS]")]
     pub iface: Vec<String>,
+    /// Attach the ingress parser with XDP (driver mode, skb fallback) on every --iface, veths and taps included.
+    #[arg(long, conflicts_with_all = ["xdp_skb", "tc_ingress"])]
+    pub xdp: bool,
     /// Attach the XDP parser in generic (skb) mode instead of driver mode. On a veth, driver-mode XDP turns off
     /// the peer's segmentation offloads, so a TCP stream across the pair slows down several times; skb mode
     /// keeps them (measured: ~73 % slower in driver mode, ~13 % in skb mode; `./x bench --only probes`).
     #[arg(long)]
     pub xdp_skb: bool,
-    /// Run the ingress parser of every --iface as a TC ingress classifier instead of XDP: no offloads lost and
-    /// nothing copied, the cheapest on a busy veth. It sees frames after GRO (frame counters count aggregated
-    /// packets) and after the kernel took an outer 802.1Q tag into the packet's metadata (such a tag is not
-    /// reported).
+    /// Run the ingress parser of every --iface as a TC ingress classifier (the default on veths and taps): no
+    /// offloads lost and nothing copied. It sees frames after GRO (frame counters count aggregated packets) and
+    /// after the kernel took an outer VLAN tag into the packet's metadata (reported from there).
     #[arg(long, conflicts_with = "xdp_skb")]
     pub tc_ingress: bool,
     /// Attach the TC egress counter (frames towards watched MACs) to this interface. Repeatable.
     #[arg(long = "egress", value_name = "IF[@NETNS]")]
     pub egress: Vec<String>,
-    /// Watch a VM: its MAC (L2 counters, first-seen, FDB moves) and optionally its IP (TCP filter). Repeatable.
+    /// Watch a VM: its MAC (L2 counters, first-seen, FDB moves) and optionally its IP, IPv4 or IPv6 (TCP filter,
+    /// and the flow tracker's key; without an IP the tracker follows the MAC). Repeatable, also for one VM's
+    /// several addresses.
     #[arg(long = "vm", value_name = "MAC[=IP]")]
     pub vm: Vec<String>,
+    /// Where the per-connection TCP facts come from. `sockets`: the host's TCP tracepoints, which see only sockets
+    /// of this host (the clients run here, as in CI). `wire`: the flow tracker on the --iface ports, which sees
+    /// the VMs' own connections (a hypervisor host); no socket tracepoint is attached. `both`: the two.
+    #[arg(long, value_enum, default_value_t = TcpSource::Both)]
+    pub tcp: TcpSource,
+    /// Flow tracker: a side's first forward progress after this long without is reported (`flow_progress`).
+    #[arg(long, value_name = "D", default_value = "50ms", value_parser = parse_duration)]
+    pub flow_quiet: Duration,
+    /// Flow tracker: entries of the flow table (least recently used flows are evicted, and counted, beyond).
+    #[arg(long, value_name = "N", default_value_t = crate::probes::DEFAULT_FLOW_TABLE)]
+    pub flow_table: u32,
+    /// Flow tracker: frame captures per second and CPU in flow records, for the pcapng export (0 = no limit).
+    /// Records over the limit carry no frame bytes and are counted (`flow_table.capture_dropped`).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub flow_captures: u32,
     /// Report only TCP connections with this local or remote port (with --vm IPs: either matches). Repeatable.
     #[arg(long = "port", value_name = "N")]
     pub port: Vec<u16>,
@@ -87,30 +113,16 @@ pub struct WatchArgs {
     pub live: crate::live::LiveArgs,
 }
 
-/// Parses `1.5s`, `500ms`, `100us`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 30s, 500ms, 2m)"))?;
-    let scale = match unit.trim() {
-        "" | "s" => 1.0,
-        "ms" => 1e-3,
-        "us" | "µs" => 1e-6,
-        "ns" => 1e-9,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}` (use ns, us, ms, s, m, h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(v * scale).map_err(|e| format!("`{s}`: {e}"))
+/// Where TCP facts come from (`--tcp`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcpSource {
+    /// The TCP and socket tracepoints.
+    Sockets,
+    /// The flow tracker on the watched ports.
+    Wire,
+    /// Both.
+    #[default]
+    Both,
 }
 
 /// Parses `IF` or `IF@NETNS`.
@@ -134,9 +146,10 @@ pub fn parse_vm(s: &str, watch: &mut WatchList) -> Result<()> {
         Some((m, ip)) => (m, Some(ip)),
         None => (s, None),
     };
-    let mac =
-        parse_mac(mac).with_context(|| format!("`{s}`: `{mac}` is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
-    watch.macs.push(mac);
+    let mac: MacAddr = mac
+        .parse()
+        .with_context(|| format!("`{s}`: not a VM (MAC[=IP])"))?;
+    watch.macs.push(mac.octets());
     if let Some(ip) = ip {
         watch.ips.push(
             ip.parse()
@@ -176,7 +189,14 @@ struct Samples {
     mac: HashMap<(u32, MacKey), MacCounters>,
     malformed: HashMap<(u32, u32), u64>,
     lost: Vec<u64>,
+    /// The flow counters last reported (entries and evictions as counted then), and when the tables were last
+    /// walked.
+    flows: crate::probes::FlowTotals,
+    flows_walked: Option<std::time::Instant>,
 }
+
+/// The flow tables are walked at most this often to count evictions.
+const FLOW_WALK_EVERY: Duration = Duration::from_secs(1);
 
 fn sample(probes: &Probes, decoder: &Decoder, prev: &mut Samples, tx: &Sender<Event>) {
     let ts_ns = mono_now_ns();
@@ -226,6 +246,45 @@ fn sample(probes: &Probes, decoder: &Decoder, prev: &mut Samples, tx: &Sender<Ev
         }
         Err(e) => note(tx, "warning", format!("cannot read the loss counters: {e}")),
     }
+    sample_flows(probes, prev, tx, ts_ns);
+}
+
+/// Emits `flow_table` when the flow tracker's counters moved (counting the table entries at most once per
+/// [`FLOW_WALK_EVERY`]).
+fn sample_flows(probes: &Probes, prev: &mut Samples, tx: &Sender<Event>, ts_ns: u64) {
+    let cheap = match probes.flow_totals(false) {
+        Ok(t) => t,
+        Err(e) => {
+            note(tx, "warning", format!("cannot read the flow counters: {e}"));
+            return;
+        }
+    };
+    let p = &prev.flows;
+    if (cheap.inserts, cheap.insert_failed, cheap.capture_dropped)
+        == (p.inserts, p.insert_failed, p.capture_dropped)
+    {
+        return;
+    }
+    if prev.flows_walked.is_some_and(|t| t.elapsed() < FLOW_WALK_EVERY) {
+        return;
+    }
+    let t = match probes.flow_totals(true) {
+        Ok(t) => t,
+        Err(e) => {
+            note(tx, "warning", format!("cannot count the flow table: {e}"));
+            return;
+        }
+    };
+    prev.flows_walked = Some(std::time::Instant::now());
+    prev.flows = t;
+    let _ = tx.send(Event::FlowTable {
+        ts_ns,
+        inserts: t.inserts,
+        entries: t.entries,
+        evictions: t.evictions,
+        insert_failed: t.insert_failed,
+        capture_dropped: t.capture_dropped,
+    });
 }
 
 fn note(tx: &Sender<Event>, level: &str, message: String) {
@@ -265,6 +324,10 @@ pub fn spawn_collector(
                 drain(&mut probes, &mut decoder, &tx);
                 let asked = control.take_sample_request();
                 if asked || stopping || Instant::now() >= next {
+                    if stopping {
+                        // The last sample counts the flow tables whatever the pace.
+                        prev.flows_walked = None;
+                    }
                     sample(&probes, &decoder, &mut prev, &tx);
                     next = Instant::now() + interval;
                 }
@@ -325,11 +388,44 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
     for vm in &args.vm {
         parse_vm(vm, &mut watch)?;
     }
+    let flows = if args.tcp == TcpSource::Sockets {
+        None
+    } else {
+        // VMs given without an IP are followed by their MAC.
+        let mut macs = Vec::new();
+        for vm in &args.vm {
+            if !vm.contains('=')
+                && let Ok(m) = vm.parse::<MacAddr>()
+            {
+                macs.push(m.octets());
+            }
+        }
+        if watch.ips.is_empty() && macs.is_empty() {
+            if args.tcp == TcpSource::Wire {
+                bail!("--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC)");
+            }
+            None
+        } else {
+            if args.iface.is_empty() && args.tcp == TcpSource::Wire {
+                bail!("--tcp wire needs the VM's ports: add --iface IF[@NETNS] (its tap, or an uplink)");
+            }
+            Some(FlowOptions {
+                ips: watch.ips.clone(),
+                macs,
+                table_entries: args.flow_table,
+                quiet_ns: args.flow_quiet.as_nanos() as u64,
+                captures_per_sec: args.flow_captures,
+                ..FlowOptions::default()
+            })
+        }
+    };
     let mut opts = ProbeOptions {
         watch,
         mac_gap_ns: args.mac_gap.as_nanos() as u64,
         xdp_skb_mode: args.xdp_skb,
         l2_tc_ingress: args.tc_ingress,
+        socket_tracepoints: args.tcp != TcpSource::Wire,
+        flows,
         ..ProbeOptions::default()
     };
     if let Some(bytes) = args.ringbuf_bytes {
@@ -355,10 +451,24 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
         .map(|s| parse_iface(s))
         .collect::<Result<Vec<_>>>()?;
     let mut probes = Probes::load(&opts).context("cannot start the kernel probes")?;
+    let mode = if args.xdp {
+        IngressMode::Xdp
+    } else if args.xdp_skb {
+        IngressMode::XdpSkb
+    } else if args.tc_ingress {
+        IngressMode::Tc
+    } else {
+        IngressMode::Auto
+    };
+    let mut egress = egress;
     for iface in &ifaces {
         let a = probes
-            .attach_xdp(iface)
+            .attach_ingress(iface, mode)
             .with_context(|| format!("cannot watch frames arriving on {iface}"))?;
+        // The flow tracker needs both directions of the port.
+        if opts.flows.is_some() && !egress.contains(iface) {
+            egress.push(iface.clone());
+        }
         if let Some(why) = a.fallback {
             let msg =
                 format!("XDP driver mode is not available on {iface} ({why}); using skb (generic) mode");
@@ -438,13 +548,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("3 parsecs").is_err());
+    fn durations_need_their_unit() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            watch: WatchArgs,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(std::iter::once("watch").chain(args.iter().copied()))
+        };
+        let ok = parse(&["--duration", "30s", "--settle", "30ms", "--mac-gap", "1.5s"]).unwrap();
+        assert_eq!(ok.watch.duration, Some(Duration::from_secs(30)));
+        assert_eq!(ok.watch.live.settle, 30_000_000);
+        assert_eq!(ok.watch.mac_gap, Duration::from_millis(1500));
+        // A bare number meant seconds for --duration and milliseconds for --settle: both are refused now, with a
+        // message that names the units.
+        for flag in ["--duration", "--settle", "--mac-gap", "--max-pause"] {
+            let err = parse(&[flag, "30"]).err().unwrap().to_string();
+            assert!(
+                err.contains("needs a unit") && err.contains("ms"),
+                "{flag}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -369,7 +369,9 @@ impl Default for ClientOptions {
     }
 }
 
-fn set_user_timeout(s: &TcpStream, d: Duration) -> std::io::Result<()> {
+/// Sets `TCP_USER_TIMEOUT` on a socket: how long sent data may stay unacknowledged before the kernel aborts the
+/// connection with `ETIMEDOUT` (whole milliseconds; longer than `u32::MAX` ms is clamped).
+pub fn set_user_timeout(s: &TcpStream, d: Duration) -> std::io::Result<()> {
     let v = libc::c_uint::try_from(d.as_millis()).unwrap_or(libc::c_uint::MAX);
     // SAFETY: a valid socket fd and a c_uint option value of the right size.
     let rc = unsafe {
@@ -470,21 +472,7 @@ impl Client {
     /// What the client has seen so far, without stopping it. The max gap is taken (and reset) as by
     /// [`Client::take_max_gap`].
     pub fn snapshot(&self) -> ClientReport {
-        let verdict = self
-            .shared
-            .verdict
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or(Verdict::Alive);
-        ClientReport {
-            kind: self.kind,
-            local: self.local,
-            remote: self.remote,
-            count: self.progress(),
-            max_gap: self.take_max_gap(),
-            verdict,
-        }
+        self.report(self.verdict())
     }
 
     /// The verdict so far (alive while the thread runs).
@@ -505,6 +493,11 @@ impl Client {
                 reason: "the client thread panicked".into(),
             })
         });
+        self.report(verdict)
+    }
+
+    /// The report with `verdict`; takes (and resets) the max gap.
+    fn report(&self, verdict: Verdict) -> ClientReport {
         ClientReport {
             kind: self.kind,
             local: self.local,
@@ -572,6 +565,19 @@ impl<'a> Tracker<'a> {
             error: e.to_string(),
         })
     }
+
+    /// Reads what is there into `buf`: the byte count (0 after a read timeout the connection survives), or the
+    /// verdict that ends the connection (`closed` names what the peer closed, for an orderly close).
+    fn read(&self, s: &mut TcpStream, buf: &mut [u8], closed: &str) -> Result<usize, Verdict> {
+        match s.read(buf) {
+            Ok(0) => Err(Verdict::Aborted {
+                errno: None,
+                error: format!("the guest closed the {closed}"),
+            }),
+            Ok(n) => Ok(n),
+            Err(e) => self.on_error(&e).map_or(Ok(0), Err),
+        }
+    }
 }
 
 /// Reads the stream; see [`Kind::Stream`].
@@ -594,20 +600,9 @@ fn stream(mut s: TcpStream, rate: u32, acks: bool, shared: &Shared, stall_limit:
                 return v;
             }
         }
-        match s.read(&mut buf[have..]) {
-            Ok(0) => {
-                return Verdict::Aborted {
-                    errno: None,
-                    error: "the guest closed the stream".into(),
-                };
-            }
+        match t.read(&mut s, &mut buf[have..], "stream") {
             Ok(n) => have += n,
-            Err(e) => {
-                if let Some(v) = t.on_error(&e) {
-                    return v;
-                }
-                continue;
-            }
+            Err(v) => return v,
         }
         let whole = have / rec_len * rec_len;
         for rec in buf[..whole].chunks_exact(rec_len) {
@@ -646,19 +641,9 @@ fn rr(mut s: TcpStream, len: u32, interval: Duration, shared: &Shared, stall_lim
             if t.stopped() {
                 return Verdict::Alive;
             }
-            match s.read(&mut resp[got..]) {
-                Ok(0) => {
-                    return Verdict::Aborted {
-                        errno: None,
-                        error: "the guest closed the connection".into(),
-                    };
-                }
+            match t.read(&mut s, &mut resp[got..], "connection") {
                 Ok(n) => got += n,
-                Err(e) => {
-                    if let Some(v) = t.on_error(&e) {
-                        return v;
-                    }
-                }
+                Err(v) => return v,
             }
         }
         if resp[..4] != seq.to_be_bytes() || resp[4..].iter().any(|&b| b != seq as u8) {

@@ -11,8 +11,7 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -22,8 +21,9 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Netns, VmHost, Watch, kvm_available, migmon_bin, migrator_bin, unique, wait_until};
+use integration_tests::{Netns, TestDir, VmHost, Watch, kvm_available, migmon_bin, migrator_bin, wait_until};
 use serde_json::Value;
+use testbed::clients::set_user_timeout;
 
 /// Hands each test its own subnet.
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -42,7 +42,7 @@ struct Bed {
     tap_a: String,
     tap_b: String,
     guest_ip: Ipv4Addr,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl Bed {
@@ -58,8 +58,7 @@ impl Bed {
             ..
         } = VmHost::create("ce", 2, client_ip.into(), 24).expect("build the test's host and client");
         let (tap_b, tap_a) = (taps.pop().unwrap(), taps.pop().unwrap());
-        let dir = std::env::temp_dir().join(unique("migmon-e2e"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("migmon-e2e");
         Self {
             host,
             client,
@@ -89,16 +88,6 @@ impl Bed {
             child,
             log: self.path(log),
         }
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if std::env::var_os("MIGMON_KEEP_TEST_DIR").is_some() {
-            eprintln!("kept {}", self.dir.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -136,18 +125,7 @@ impl Client {
             .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
             .unwrap();
         if let Some(ms) = user_timeout_ms {
-            let v: libc::c_uint = ms;
-            // SAFETY: a valid socket fd and a c_uint option value of the right size.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_USER_TIMEOUT,
-                    (&raw const v).cast(),
-                    size_of::<libc::c_uint>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "TCP_USER_TIMEOUT");
+            set_user_timeout(&s, Duration::from_millis(ms.into())).expect("set TCP_USER_TIMEOUT");
         }
         s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
         let local_port = s.local_addr().unwrap().port();

@@ -18,7 +18,7 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    os::{fd::AsRawFd, unix::net::UnixListener},
+    os::unix::net::UnixListener,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -29,11 +29,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Netns, VmHost, fdb_port, kvm_available, migrator_bin, unique, wait_until};
+use integration_tests::{Netns, TestDir, VmHost, fdb_port, kvm_available, migrator_bin, wait_until};
+use migmon_base::MacAddr;
 use serde_json::Value;
+use testbed::clients::set_user_timeout;
 
-const MAC: &str = "52:54:00:6d:69:67";
-const MAC_BYTES: [u8; 6] = [0x52, 0x54, 0x00, 0x6d, 0x69, 0x67];
+const MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x6d, 0x69, 0x67]);
 
 /// One test's world: the namespaces, the bridge, the taps and the addresses.
 struct Bed {
@@ -43,7 +44,7 @@ struct Bed {
     tap_a: String,
     tap_b: String,
     guest_ip: Ipv4Addr,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl Bed {
@@ -58,8 +59,7 @@ impl Bed {
             ..
         } = VmHost::create("mg", 2, client_ip.into(), 24).expect("build the test's host and client");
         let (tap_b, tap_a) = (taps.pop().expect("tap B"), taps.pop().expect("tap A"));
-        let dir = std::env::temp_dir().join(unique("migt"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = TestDir::new("migt");
         Self {
             host,
             client,
@@ -99,12 +99,13 @@ impl Bed {
         let api = self.path("a.api");
         let events = self.path("events");
         let ip = format!("{}/24", self.guest_ip);
+        let mac = MAC.to_string();
         let mut args = vec![
             "run",
             "--tap",
             &self.tap_a,
             "--mac",
-            MAC,
+            &mac,
             "--ip",
             &ip,
             "--mem",
@@ -126,27 +127,31 @@ impl Bed {
         p
     }
 
-    /// `migrator receive` on tap B.
+    /// `migrator receive` on tap B, writing to the events file.
     fn receive(&self, listen: &Path, api: &Path) -> Proc {
-        let listen = format!("unix:{}", listen.display());
         let events = self.path("events");
-        let p = self.spawn(
-            &[
-                "receive",
-                "--tap",
-                &self.tap_b,
-                "--listen",
-                &listen,
-                "--api",
-                api.to_str().expect("utf-8 path"),
-                "--events",
-                events.to_str().expect("utf-8 path"),
-            ],
-            "b.log",
-        );
+        let events = ["--events", events.to_str().expect("utf-8 path")];
+        self.receive_on(&self.tap_b, listen, api, "b.log", &events)
+    }
+
+    /// `migrator receive` on `tap` with `extra` arguments, output to `log`; waits until its API is open.
+    fn receive_on(&self, tap: &str, listen: &Path, api: &Path, log: &str, extra: &[&str]) -> Proc {
+        let listen = format!("unix:{}", listen.display());
+        let mut args = vec![
+            "receive",
+            "--tap",
+            tap,
+            "--listen",
+            &listen,
+            "--api",
+            api.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        let p = self.spawn(&args, log);
         assert!(
             wait_until(Duration::from_secs(10), || api.exists()),
-            "migrator receive never opened its API"
+            "migrator receive never opened its API:\n{}",
+            p.log()
         );
         p
     }
@@ -180,12 +185,6 @@ impl Bed {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -262,21 +261,6 @@ struct Client {
     handle: JoinHandle<ClientResult>,
 }
 
-fn set_user_timeout(s: &TcpStream, ms: u32) {
-    let v: libc::c_uint = ms;
-    // SAFETY: a valid socket fd and a c_uint option value of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&raw const v).cast(),
-            size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_USER_TIMEOUT");
-}
-
 impl Client {
     /// Connects from the client namespace; the socket stays there.
     fn connect(bed: &Bed, port: u16, user_timeout_ms: Option<u32>) -> TcpStream {
@@ -286,7 +270,7 @@ impl Client {
             .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
             .expect("connect to the guest");
         if let Some(ms) = user_timeout_ms {
-            set_user_timeout(&s, ms);
+            set_user_timeout(&s, Duration::from_millis(ms.into())).expect("set TCP_USER_TIMEOUT");
         }
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
@@ -445,7 +429,10 @@ impl RarpCapture {
             while !s.load(Ordering::SeqCst) {
                 // SAFETY: `buf` is writable for its length.
                 let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n >= 42 && buf[6..12] == MAC_BYTES && buf[12..14] == [0x80, 0x35] && buf[20..22] == [0, 3]
+                if n >= 42
+                    && buf[6..12] == MAC.octets()
+                    && buf[12..14] == [0x80, 0x35]
+                    && buf[20..22] == [0, 3]
                 {
                     c.fetch_add(1, Ordering::SeqCst);
                 }
@@ -576,27 +563,14 @@ fn live_migration_keeps_every_connection() {
     ] {
         assert!(
             evs.iter()
-                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC),
+                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC.to_string()),
             "event {role}/{ev} missing"
         );
     }
     // Back to A: the received VM migrates again.
     let sock_a = bed.path("a2.sock");
     let api_a2 = bed.path("a2.api");
-    let listen = format!("unix:{}", sock_a.display());
-    let mut a2 = bed.spawn(
-        &[
-            "receive",
-            "--tap",
-            &bed.tap_a,
-            "--listen",
-            &listen,
-            "--api",
-            api_a2.to_str().expect("utf-8"),
-        ],
-        "a2.log",
-    );
-    assert!(wait_until(Duration::from_secs(10), || api_a2.exists()));
+    let mut a2 = bed.receive_on(&bed.tap_a, &sock_a, &api_a2, "a2.log", &[]);
     let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
     let back = summary(&bed.migrate(&api_b, &sock_a, &["--mode", "live"]));
     assert!(
@@ -704,20 +678,7 @@ fn quick_migration_pause_outlasts_tcp_user_timeout() {
     // Back to A with a 1 s pause: the same clients' settings survive.
     let sock_a = bed.path("a2.sock");
     let api_a2 = bed.path("a2.api");
-    let listen = format!("unix:{}", sock_a.display());
-    let mut a2 = bed.spawn(
-        &[
-            "receive",
-            "--tap",
-            &bed.tap_a,
-            "--listen",
-            &listen,
-            "--api",
-            api_a2.to_str().expect("utf-8"),
-        ],
-        "a2.log",
-    );
-    assert!(wait_until(Duration::from_secs(10), || api_a2.exists()));
+    let mut a2 = bed.receive_on(&bed.tap_a, &sock_a, &api_a2, "a2.log", &[]);
     let clients: Vec<Client> = (0..4)
         .map(|_| Client::request_response(&bed, Some(5000)))
         .collect();
@@ -1012,7 +973,7 @@ fn qemu_loads_the_credentials_tls_init_makes() {
         eprintln!("SKIP: qemu-system-x86_64 is not installed; QEMU's tls-creds-x509 cannot be checked");
         return;
     };
-    let dir = std::env::temp_dir().join(unique("qemutls"));
+    let dir = TestDir::new("qemutls");
     tls_init(&dir);
     let d = dir.to_str().expect("utf-8");
     let mut child = Command::new(qemu)
@@ -1045,7 +1006,6 @@ fn qemu_loads_the_credentials_tls_init_makes() {
         .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
         .expect("qmp");
     let out = child.wait_with_output().expect("qemu output");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
         "QEMU refused the credentials: {}",
@@ -1201,12 +1161,12 @@ fn a_lost_commit_leaves_both_sides_paused_until_the_operator_picks_one() {
     let state = |api: &Path| status(api).map(|s| s["state"].as_str().unwrap_or_default().to_owned());
     assert!(
         wait_until(Duration::from_secs(10), || state(&api_b).as_deref()
-            == Some("in-doubt")),
+            == Some("in_doubt")),
         "the destination is in doubt: {:?}\n{}",
         status(&api_b),
         b.log()
     );
-    assert_eq!(state(&api_a).as_deref(), Some("in-doubt"), "{}", a.log());
+    assert_eq!(state(&api_a).as_deref(), Some("in_doubt"), "{}", a.log());
     assert!(!echo_answers(&bed), "no copy runs while in doubt");
     // The operator picks the destination.
     let out = Command::new(migrator_bin())
@@ -1229,7 +1189,7 @@ fn a_lost_commit_leaves_both_sides_paused_until_the_operator_picks_one() {
     assert_eq!(state(&api_b).as_deref(), Some("running"));
     assert_eq!(
         state(&api_a).as_deref(),
-        Some("in-doubt"),
+        Some("in_doubt"),
         "A still holds its copy paused"
     );
     let out = Command::new(migrator_bin())

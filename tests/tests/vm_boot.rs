@@ -403,6 +403,27 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Boots `code` as a tiny guest on tap 0 and runs it until it exits through `PORT_EXIT` with status 0, after more
+/// than `n` port exits. Returns the VM and how long it ran.
+fn run_exit_loop(topo: &Topology, code: &[u8], n: u32, what: &str) -> (Vm, Duration) {
+    let config = topo.config(0, None);
+    let mut vm = topo
+        .host
+        .run(|| Vm::create_with_image(&config, &tiny_elf(code)).expect("create the VM"));
+    let t = Instant::now();
+    vm.start().expect("start");
+    let exit = vm.wait_exit(Some(Duration::from_secs(60)));
+    let elapsed = t.elapsed();
+    assert_eq!(
+        exit,
+        Some(migrator::vcpu::GuestExit::Status(0)),
+        "{what} did not finish"
+    );
+    let pio = vm.vcpu_stats().pio;
+    assert!(pio > u64::from(n), "only {pio} port exits");
+    (vm, elapsed)
+}
+
 /// The cost of a VM exit to the VMM and back: a guest that does nothing but `out` to an unused port N times, then
 /// exits through `PORT_EXIT`.
 #[test]
@@ -419,21 +440,8 @@ fn exit_cost() {
     code.extend_from_slice(&[0x31, 0xc0, 0xef]); // xor eax, eax; out dx, eax
     code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // 2: hlt; jmp 2b
     let topo = Topology::new(1);
-    let config = topo.config(0, None);
-    let mut vm = topo
-        .host
-        .run(|| Vm::create_with_image(&config, &tiny_elf(&code)).expect("create the VM"));
-    let t = Instant::now();
-    vm.start().expect("start");
-    let exit = vm.wait_exit(Some(Duration::from_secs(60)));
-    let elapsed = t.elapsed();
-    assert_eq!(
-        exit,
-        Some(migrator::vcpu::GuestExit::Status(0)),
-        "the exit-loop guest did not finish"
-    );
+    let (vm, elapsed) = run_exit_loop(&topo, &code, N, "the exit-loop guest");
     let stats = vm.vcpu_stats();
-    assert!(stats.pio > u64::from(N), "only {} port exits", stats.pio);
     eprintln!(
         "figure: VM exit to the VMM and back: {:.2} us ({} exits in {} ms)",
         elapsed.as_secs_f64() * 1e6 / stats.exits as f64,
@@ -471,21 +479,8 @@ fn guest_runs_at_cpl3_and_idles_through_the_port() {
     code.extend_from_slice(&[0x31, 0xc0, 0xef]); // xor eax, eax; out dx, eax
     code.extend_from_slice(&[0xeb, 0xfe]); // 2: jmp 2b (no hlt at CPL 3)
     let topo = Topology::new(1);
-    let config = topo.config(0, None);
-    let mut vm = topo
-        .host
-        .run(|| Vm::create_with_image(&config, &tiny_elf(&code)).expect("create the VM"));
-    let t = Instant::now();
-    vm.start().expect("start");
-    let exit = vm.wait_exit(Some(Duration::from_secs(60)));
-    let elapsed = t.elapsed();
-    assert_eq!(
-        exit,
-        Some(migrator::vcpu::GuestExit::Status(0)),
-        "the CPL 3 guest did not finish"
-    );
+    let (mut vm, elapsed) = run_exit_loop(&topo, &code, N, "the CPL 3 guest");
     let stats = vm.vcpu_stats();
-    assert!(stats.pio > u64::from(N), "only {} port exits", stats.pio);
     assert!(stats.halts >= 1, "the PORT_IDLE sleep was not taken");
     eprintln!(
         "figure: VM exit to the VMM and back from CPL 3: {:.2} us ({} exits in {} ms, 1 ms of it asleep)",

@@ -22,7 +22,7 @@ use super::mono_to_unix;
 use crate::{
     correlate::Analysis,
     report::rel,
-    trace::{ArpFrame, Event, FourTuple, Trace},
+    trace::{ArpFrame, Event, FourTuple, MacAddr, Trace, state_text},
 };
 
 const LINKTYPE_ETHERNET: u16 = 1;
@@ -57,16 +57,12 @@ fn block(out: &mut impl Write, block_type: u32, body: &[u8]) -> io::Result<()> {
     out.write_all(&total.to_le_bytes())
 }
 
-fn parse_mac(s: &str) -> [u8; 6] {
-    let mut m = [0u8; 6];
-    for (i, part) in s.split(':').take(6).enumerate() {
-        m[i] = u8::from_str_radix(part, 16).unwrap_or(0);
+/// An ARP protocol address: IPv4 octets (zeros for anything else).
+fn ip4_octets(ip: std::net::IpAddr) -> [u8; 4] {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets(),
+        std::net::IpAddr::V6(_) => [0; 4],
     }
-    m
-}
-
-fn parse_ip4(s: &str) -> [u8; 4] {
-    s.parse::<std::net::Ipv4Addr>().map_or([0; 4], |ip| ip.octets())
 }
 
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
@@ -86,12 +82,12 @@ pub fn frame_bytes(f: &ArpFrame, rarp: bool) -> Vec<u8> {
     }
     let mut b = Vec::with_capacity(60);
     let dst = if f.op == 2 || f.op == 4 {
-        parse_mac(&f.tha)
+        f.tha.octets()
     } else {
         [0xff; 6]
     };
     b.extend_from_slice(&dst);
-    b.extend_from_slice(&parse_mac(&f.mac));
+    b.extend_from_slice(&f.mac.octets());
     for v in &f.vlan {
         b.extend_from_slice(&0x8100u16.to_be_bytes());
         b.extend_from_slice(&v.to_be_bytes());
@@ -101,10 +97,10 @@ pub fn frame_bytes(f: &ArpFrame, rarp: bool) -> Vec<u8> {
     b.extend_from_slice(&0x0800u16.to_be_bytes());
     b.extend_from_slice(&[6, 4]);
     b.extend_from_slice(&f.op.to_be_bytes());
-    b.extend_from_slice(&parse_mac(&f.sha));
-    b.extend_from_slice(&parse_ip4(&f.spa));
-    b.extend_from_slice(&parse_mac(&f.tha));
-    b.extend_from_slice(&parse_ip4(&f.tpa));
+    b.extend_from_slice(&f.sha.octets());
+    b.extend_from_slice(&ip4_octets(f.spa));
+    b.extend_from_slice(&f.tha.octets());
+    b.extend_from_slice(&ip4_octets(f.tpa));
     b.resize(b.len().max(60), 0);
     b
 }
@@ -177,11 +173,11 @@ pub fn tcp_packet(t: &FourTuple, flags: u8) -> Vec<u8> {
 }
 
 /// Where a time falls relative to the migrations: "migration m1 pause+1.2 s", or "".
-fn context(a: &Analysis, mac: Option<&str>, ts: u64) -> String {
+fn context(a: &Analysis, mac: Option<MacAddr>, ts: u64) -> String {
     let m = a
         .migrations
         .iter()
-        .filter(|m| mac.is_none_or(|mac| m.mac.is_empty() || m.mac.eq_ignore_ascii_case(mac)))
+        .filter(|m| mac.is_none_or(|mac| m.mac.is_none_or(|m| m == mac)))
         .filter_map(|m| m.timeline.pause.as_ref().map(|p| (m, p.ts_ns)))
         .filter(|(_, p)| *p <= ts + 1_000_000_000)
         .max_by_key(|(_, p)| *p);
@@ -246,7 +242,28 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
         next_if: 0,
         packets: 0,
     };
-    // Section header with the report summary.
+    block(&mut w.out, 0x0A0D_0D0A, &section_header(a))?;
+    let mut events: Vec<&Event> = t.events.iter().collect();
+    events.sort_by_key(|e| e.ts_ns());
+    for e in events {
+        let unix = mono_to_unix(t, e.ts_ns());
+        match e {
+            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
+                arp_packet(&mut w, a, e, frame, unix)?;
+            }
+            Event::TcpRetransmit { .. }
+            | Event::TcpError { .. }
+            | Event::TcpResetIn { .. }
+            | Event::TcpResetOut { .. } => tcp_annotation(&mut w, a, e, unix)?,
+            _ => {}
+        }
+    }
+    w.out.flush()?;
+    Ok(w.packets)
+}
+
+/// The section header block, with the report's summary as its comment.
+fn section_header(a: &Analysis) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&0x1A2B_3C4Du32.to_le_bytes());
     body.extend_from_slice(&1u16.to_le_bytes());
@@ -260,7 +277,7 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
                 "migration {} ({}) VM {}: {} survived, {} aborted; vCPU pause {}",
                 m.id,
                 m.mode.as_deref().unwrap_or("?"),
-                m.mac,
+                m.mac_text(),
                 m.survived,
                 m.aborted,
                 m.downtime
@@ -287,79 +304,73 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
         format!("migmon {}", env!("CARGO_PKG_VERSION")).as_bytes(),
     );
     end_options(&mut body);
-    block(&mut w.out, 0x0A0D_0D0A, &body)?;
+    body
+}
 
-    let mut events: Vec<&Event> = t.events.iter().collect();
-    events.sort_by_key(|e| e.ts_ns());
-    for e in events {
-        let ts = e.ts_ns();
-        let unix = mono_to_unix(t, ts);
-        match e {
-            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
-                let rarp = matches!(e, Event::Rarp { .. });
-                let what = match e {
-                    Event::Rarp { .. } => "RARP self-announce".to_owned(),
-                    Event::Garp { .. } => format!("gratuitous ARP for {}", frame.spa),
-                    _ => format!("ARP op {} {} → {}", frame.op, frame.spa, frame.tpa),
-                };
-                let id = w.iface(&frame.port.to_string(), LINKTYPE_ETHERNET)?;
-                let bytes = frame_bytes(frame, rarp);
-                let comment = format!(
-                    "migmon: {what} from {} seen by XDP on {}{}",
-                    frame.mac,
-                    frame.port,
-                    context(a, Some(&frame.mac), ts)
-                );
-                w.packet(id, unix, &bytes, frame.len, &comment)?;
-            }
-            Event::TcpRetransmit {
-                tcp,
-                state,
-                retransmits,
-                backoff,
-                rto_us,
-                ..
-            } => {
-                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
-                let what = if *retransmits == 0 {
-                    "tcp_retransmit (tail loss probe or fast retransmit)".to_owned()
-                } else {
-                    format!("tcp_retransmit #{retransmits} (RTO)")
-                };
-                let comment = format!(
-                    "migmon annotation (not a captured packet): {what} backoff {backoff} rto {} state {state}{}",
-                    crate::correlate::fmt_dur(rto_us * 1000),
-                    context(a, None, ts)
-                );
-                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x18), 40, &comment)?;
-            }
-            Event::TcpError { tcp, errno, .. } => {
-                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
-                let name = if *errno == 110 { " (ETIMEDOUT)" } else { "" };
-                let comment = format!(
-                    "migmon annotation (not a captured packet): socket error {errno}{name}: the connection aborted{}",
-                    context(a, None, ts)
-                );
-                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x10), 40, &comment)?;
-            }
-            Event::TcpResetIn { tcp, .. } | Event::TcpResetOut { tcp, .. } => {
-                let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
-                let dir = if matches!(e, Event::TcpResetIn { .. }) {
-                    "received"
-                } else {
-                    "sent"
-                };
-                let comment = format!(
-                    "migmon annotation (not a captured packet): RST {dir}{}",
-                    context(a, None, ts)
-                );
-                w.packet(id, unix, &tcp_packet(&tcp.tuple, 0x04), 40, &comment)?;
-            }
-            _ => {}
+/// An ARP-family frame with its real bytes, on an interface named after its port.
+fn arp_packet<W: Write>(
+    w: &mut Writer<W>,
+    a: &Analysis,
+    e: &Event,
+    frame: &ArpFrame,
+    unix: u64,
+) -> io::Result<()> {
+    let rarp = matches!(e, Event::Rarp { .. });
+    let what = match e {
+        Event::Rarp { .. } => "RARP self-announce".to_owned(),
+        Event::Garp { .. } => format!("gratuitous ARP for {}", frame.spa),
+        _ => format!("ARP op {} {} → {}", frame.op, frame.spa, frame.tpa),
+    };
+    let id = w.iface(&frame.port.to_string(), LINKTYPE_ETHERNET)?;
+    let bytes = frame_bytes(frame, rarp);
+    let comment = format!(
+        "migmon: {what} from {} seen by XDP on {}{}",
+        frame.mac,
+        frame.port,
+        context(a, Some(frame.mac), e.ts_ns())
+    );
+    w.packet(id, unix, &bytes, frame.len, &comment)
+}
+
+/// A socket event as an annotated header-only TCP packet of its 4-tuple on the `migmon-tcp-events` interface.
+fn tcp_annotation<W: Write>(w: &mut Writer<W>, a: &Analysis, e: &Event, unix: u64) -> io::Result<()> {
+    let ctx = context(a, None, e.ts_ns());
+    let (tcp, flags, what) = match e {
+        Event::TcpRetransmit {
+            tcp,
+            state,
+            retransmits,
+            backoff,
+            rto_us,
+            ..
+        } => {
+            let what = if *retransmits == 0 {
+                "tcp_retransmit (tail loss probe or fast retransmit)".to_owned()
+            } else {
+                format!("tcp_retransmit #{retransmits} (RTO)")
+            };
+            let what = format!(
+                "{what} backoff {backoff} rto {} state {}{ctx}",
+                crate::correlate::fmt_dur(rto_us * 1000),
+                state_text(*state),
+            );
+            (tcp, 0x18, what)
         }
-    }
-    w.out.flush()?;
-    Ok(w.packets)
+        Event::TcpError { tcp, errno, .. } => {
+            let name = if *errno == 110 { " (ETIMEDOUT)" } else { "" };
+            (
+                tcp,
+                0x10,
+                format!("socket error {errno}{name}: the connection aborted{ctx}"),
+            )
+        }
+        Event::TcpResetIn { tcp, .. } => (tcp, 0x04, format!("RST received{ctx}")),
+        Event::TcpResetOut { tcp, .. } => (tcp, 0x04, format!("RST sent{ctx}")),
+        _ => return Ok(()),
+    };
+    let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
+    let comment = format!("migmon annotation (not a captured packet): {what}");
+    w.packet(id, unix, &tcp_packet(&tcp.tuple, flags), 40, &comment)
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use migevents::{Mode, Phase};
 use crate::source::session::{Progress, Session};
 use crate::{
     engine::{
-        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, error_chain,
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationState, MigrationSummary, Tracker,
+        error_chain,
     },
     protocol::Message,
 };
@@ -61,7 +62,7 @@ pub fn migrate<S: MigrationSource>(
     }
 }
 
-/// After the commit the guest must not resume here on its own: it stays paused, the status says `in-doubt` with
+/// After the commit the guest must not resume here on its own: it stays paused, the status says `in_doubt` with
 /// the way out, and the caller waits for the operator (`migrator resume --force` or `migrator cancel`).
 fn hold_in_doubt(err: &MigrationError, session: &mut Session, tracker: &Tracker) {
     let reason = error_chain(err);
@@ -71,7 +72,7 @@ fn hold_in_doubt(err: &MigrationError, session: &mut Session, tracker: &Tracker)
     });
     eprintln!("migrator: {reason}");
     tracker.update(|s| {
-        s.state = "in-doubt".into();
+        s.state = MigrationState::InDoubt;
         s.error = Some(reason);
     });
 }
@@ -137,7 +138,7 @@ pub fn rollback<S: MigrationSource>(
         eprintln!("migrator: CRITICAL: the guest could not be resumed after a failed migration: {e}");
     }
     tracker.update(|s| {
-        s.state = "failed".into();
+        s.state = MigrationState::Failed;
         s.error = Some(reason);
     });
 }

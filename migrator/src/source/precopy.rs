@@ -8,7 +8,7 @@ use std::{
 use migevents::Phase;
 
 use crate::{
-    engine::{MigrateOptions, MigrationError, MigrationSource, OnTimeout},
+    engine::{MigrateOptions, MigrationError, MigrationSource, MigrationState, OnTimeout},
     protocol::HEADER_SIZE,
     ram::{DirtyBitmap, PAGE_SIZE},
     source::session::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session, past_deadline},
@@ -111,7 +111,7 @@ fn send_first_round<S: MigrationSource>(
     let resident = s.ram.resident_pages();
     let total = s.ram.total_pages();
     s.tracker.update(|st| {
-        st.state = "precopy".into();
+        st.state = MigrationState::Precopy;
         st.iteration = 0;
         st.dirty_pages = total;
         st.remaining_bytes = total * PAGE_SIZE as u64;
@@ -226,7 +226,7 @@ fn paused<S: MigrationSource>(
 ) -> Result<(), MigrationError> {
     let paused_ns = s.events.emit(Phase::Pause);
     let t_stopped = Instant::now();
-    s.tracker.update(|st| st.state = "paused".into());
+    s.tracker.update(|st| st.state = MigrationState::Paused);
     let bytes0 = s.writer.bytes();
     let mut last = vm
         .take_dirty_pages()
@@ -240,7 +240,7 @@ fn paused<S: MigrationSource>(
     let t_final = Instant::now();
     s.send_tail(vm, opts.verify, paused_ns, deadline)?;
     s.report.final_bytes = s.writer.bytes() - bytes0;
-    s.tracker.update(|st| st.state = "completing".into());
+    s.tracker.update(|st| st.state = MigrationState::Completing);
     let t_tail = Instant::now();
     s.await_ready_and_commit(vm, deadline, opts.pause_deadline(), progress)?;
     let ack = s.await_ack(vm)?;

@@ -18,7 +18,7 @@ use std::{
 use migevents::Phase;
 
 use crate::{
-    engine::{MigrateOptions, MigrationError, MigrationSource},
+    engine::{MigrateOptions, MigrationError, MigrationSource, MigrationState},
     protocol::{Message, MessageWriter, ProtocolError, RoundEnd},
     source::session::{Progress, Session, past_deadline, write_round, write_tail},
 };
@@ -49,7 +49,7 @@ fn paused<S: MigrationSource>(
     deadline: Option<Instant>,
 ) -> Result<(), MigrationError> {
     let paused_ns = s.events.emit(Phase::Pause);
-    s.tracker.update(|st| st.state = "paused".into());
+    s.tracker.update(|st| st.state = MigrationState::Paused);
     let bytes0 = s.writer.bytes();
 
     if let Some(path) = &opts.via_file {
@@ -68,7 +68,7 @@ fn paused<S: MigrationSource>(
 
     s.send_complete(paused_ns, deadline)?;
     s.report.final_bytes = s.writer.bytes() - bytes0;
-    s.tracker.update(|st| st.state = "completing".into());
+    s.tracker.update(|st| st.state = MigrationState::Completing);
     s.await_ready_and_commit(vm, deadline, opts.pause_deadline(), progress)?;
     let ack = s.await_ack(vm)?;
     s.complete(paused_at, ack, 0.0);

@@ -12,8 +12,8 @@ use migmon_base::MacAddr;
 
 use crate::{
     engine::{
-        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, mode_name,
-        new_migration_id,
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationState, MigrationSummary, Tracker,
+        mode_name, new_migration_id,
     },
     protocol::{HELLO_VERIFY, Hello, Message, MessageReader, MessageWriter, PageBatch, RoundEnd, VERSION},
     ram::{DirtyBitmap, PAGE_SIZE},
@@ -230,7 +230,7 @@ impl Session {
         });
         tracker.update(|s| {
             *s = crate::engine::Status {
-                state: "setup".into(),
+                state: MigrationState::Setup,
                 migration_id: Some(migration_id.clone()),
                 mode: Some(mode_name(opts.mode).into()),
                 ..Default::default()
@@ -472,7 +472,7 @@ impl Session {
         }
         // The point of no return: from the first byte of `Commit` on, the guest never resumes here on its own.
         progress.committed = true;
-        self.tracker.update(|st| st.state = "committed".into());
+        self.tracker.update(|st| st.state = MigrationState::Committed);
         self.writer.get_mut().set_deadline(None);
         self.writer
             .send(&Message::Commit)
@@ -530,7 +530,7 @@ impl Session {
             bytes,
         });
         self.tracker.update(|s| {
-            s.state = "migrated".into();
+            s.state = MigrationState::Migrated;
             s.bytes_sent = bytes;
         });
     }
@@ -606,9 +606,10 @@ pub fn write_tail<W: Write, S: MigrationSource>(
     Ok(frames)
 }
 
-/// The longest a write may make no progress before the pause: `--timeout`, and at most [`WRITE_TIMEOUT`].
+/// The longest a write may make no progress before the pause: `--timeout`, at least 1 s (a loaded host may hold
+/// a writer that long) and at most [`WRITE_TIMEOUT`].
 fn stall_timeout(opts: &MigrateOptions) -> Duration {
-    opts.timeout.min(WRITE_TIMEOUT).max(Duration::from_millis(100))
+    opts.timeout.clamp(Duration::from_secs(1), WRITE_TIMEOUT)
 }
 
 /// An error in the pause, once the deadline has passed, is the deadline's (the stream's own error says less).

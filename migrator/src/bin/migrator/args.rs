@@ -175,10 +175,10 @@ pub struct MigrateArgs {
     /// Pause budget of the live switch-over rule.
     #[arg(long, default_value = "30ms", value_parser = parse_duration)]
     pub downtime: Duration,
-    /// Cap the stream at this rate (bytes/s; K/M/G = KiB/MiB/GiB), e.g. 125M.
+    /// Cap the stream at this rate, e.g. 125MiB/s or 125M (binary units: M = MiB).
     #[arg(long, value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
-    /// Pre-copy gives up converging after this long; a stream that makes no progress this long (30 s at most)
+    /// Pre-copy gives up converging after this long; a stream that makes no progress this long (1 s to 30 s)
     /// ends the migration.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
