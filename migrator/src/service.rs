@@ -9,8 +9,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
-
 use crate::{
     accept::wait_for_source,
     api::{ApiServer, Command},
@@ -21,6 +19,7 @@ use crate::{
     },
     protocol::Hello,
     receive::{Outcome, ReceiveOptions, ReceiveReport, receive_arrival, resume_held},
+    runner::RunError,
     source::migrate,
     transport::{Listener, check_security},
 };
@@ -135,11 +134,9 @@ fn hold_destination<T: MigrationTarget>(
     target: &mut T,
     mac: [u8; 6],
     server: Option<&ApiServer>,
-) -> Result<()> {
+) -> Result<(), RunError> {
     let Some(server) = server else {
-        anyhow::bail!(
-            "the guest is in doubt and this receiver has no --api to resolve it: this copy is dropped; if the guest runs nowhere, resume the source with `migrator resume --force`"
-        );
+        return Err(RunError::InDoubtWithoutApi);
     };
     loop {
         match server.next_command(Duration::from_millis(100)) {
@@ -153,7 +150,7 @@ fn hold_destination<T: MigrationTarget>(
             },
             Some(Command::Cancel(a)) => {
                 a.ok("this copy of the guest is dropped; the migrator exits");
-                anyhow::bail!("the in-doubt guest's copy here was dropped (cancel)");
+                return Err(RunError::Dropped);
             }
             Some(Command::Migrate(p)) => p.finish(&Err(MigrationError::Usage(
                 "the guest is in doubt here: resolve that first (resume --force or cancel)".into(),
@@ -172,7 +169,7 @@ pub fn receive_and_serve<T, F>(
     config: &ReceiveConfig,
     create: F,
     stopped: impl FnMut(&mut T) -> bool,
-) -> Result<(Option<MigrationSummary>, ReceiveReport)>
+) -> Result<(Option<MigrationSummary>, ReceiveReport), RunError>
 where
     T: MigrationTarget + MigrationSource,
     F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
@@ -182,7 +179,8 @@ where
         .tls_creds
         .as_deref()
         .map(crate::tls::server_config)
-        .transpose()?;
+        .transpose()
+        .map_err(crate::transport::TransportError::from)?;
     let listener = Listener::bind(&config.listen)?;
     // The API comes up at once so that `status` works while receiving.
     let status = Arc::new(Mutex::new(Status {
@@ -208,12 +206,9 @@ where
     let tracker = server
         .as_ref()
         .map_or_else(|| Tracker::new(status), ApiServer::tracker);
-    let arrival = wait_for_source(&listener, tls.as_ref(), &opts, &tracker)
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let arrival = wait_for_source(&listener, tls.as_ref(), &opts, &tracker).map_err(RunError::Receive)?;
     drop(listener);
-    let outcome = receive_arrival(arrival, create, &opts, &tracker)
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-        .context("incoming migration failed; the source keeps the guest")?;
+    let outcome = receive_arrival(arrival, create, &opts, &tracker).map_err(RunError::Receive)?;
     let (mut vm, report) = match outcome {
         Outcome::Running(vm, report) => (vm, report),
         Outcome::InDoubt { mut target, mac, .. } => {
@@ -228,7 +223,7 @@ where
     let served = match serve(&mut vm, server.as_ref(), config.events.as_deref(), stopped) {
         Served::Migrated(r) => Some(*r),
         Served::Stopped => None,
-        Served::Dropped => anyhow::bail!("the in-doubt guest's copy here was dropped (cancel)"),
+        Served::Dropped => return Err(RunError::Dropped),
     };
     Ok((served, report))
 }
