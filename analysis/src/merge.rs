@@ -96,6 +96,9 @@ pub struct MergeInfo {
     pub bound_ns: u64,
     /// Events present in two traces of one host, kept once.
     pub duplicates: usize,
+    /// What is wrong with each trace file (see `Trace::damage`), prefixed with its name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub damage: Vec<String>,
     pub warnings: Vec<String>,
 }
 
@@ -925,10 +928,23 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
     let (maps, fits) = refine(inputs, &group_of, &coarse);
     let clash = port_clashes(inputs, &ids, &group_of, &mut warnings);
 
+    // The merged trace is whole when its inputs are: each input's damage is listed in the merge, by file.
     let mut merged = Trace {
         header: inputs[0].trace.header.clone(),
+        end: inputs[0].trace.end.clone(),
+        lines_read: inputs[0].trace.lines_read,
+        hash_read: inputs[0].trace.hash_read,
         ..Trace::default()
     };
+    let damage: Vec<String> = inputs
+        .iter()
+        .flat_map(|inp| {
+            inp.trace
+                .damage()
+                .into_iter()
+                .map(move |d| format!("{}: {d}", inp.name))
+        })
+        .collect();
     let mut seen: HashMap<usize, HashSet<String>> = HashMap::new();
     let mut duplicates = 0;
     for (i, inp) in inputs.iter().enumerate() {
@@ -998,6 +1014,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
             hosts,
             bound_ns,
             duplicates,
+            damage,
             warnings,
         },
     })
@@ -1021,6 +1038,10 @@ pub fn annotate(a: &mut Analysis, info: &MergeInfo) {
                 f.bound_ns = Some(info.bound_ns);
             }
         }
+    }
+    for (i, d) in info.damage.iter().enumerate() {
+        a.damage.push(d.clone());
+        a.warnings.insert(i, d.clone());
     }
     a.merge = Some(info.clone());
 }
