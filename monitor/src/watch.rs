@@ -35,7 +35,7 @@ use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline},
-    probes::{Iface, ProbeOptions, Probes, WatchList},
+    probes::{DEFAULT_FLOW_TABLE, FlowOptions, Iface, ProbeOptions, Probes, WatchList},
 };
 
 /// Options of `migmon watch`. Flat, so other parts add their flags here.
@@ -62,6 +62,16 @@ pub struct WatchArgs {
     /// Watch a VM: its MAC (L2 counters, first-seen, FDB moves) and optionally its IP (TCP filter). Repeatable.
     #[arg(long = "vm", value_name = "MAC[=IP]")]
     pub vm: Vec<String>,
+    /// Where each connection's verdict comes from. `sockets`: the TCP and socket tracepoints, which see the sockets
+    /// of this host (clients that run here, as in CI). `wire`: the flow tracker in the programs on --iface/--egress,
+    /// which follows the `--vm` flows' segments (a hypervisor host, where no TCP endpoint is a local socket); no
+    /// socket tracepoint is attached. `both`: each verdict says which basis gave it and the report flags the
+    /// connections where the two disagree.
+    #[arg(long, value_enum, default_value = "both")]
+    pub tcp: TcpBasis,
+    /// Entries of the flow tracker's table (least recently used flows are evicted when it is full).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FLOW_TABLE)]
+    pub flow_table: u32,
     /// Report only TCP connections with this local or remote port (with --vm IPs: either matches). Repeatable.
     #[arg(long = "port", value_name = "N")]
     pub port: Vec<u16>,
@@ -86,6 +96,15 @@ pub struct WatchArgs {
     /// Pause-window sources, metrics and the CI gate.
     #[command(flatten)]
     pub live: crate::live::LiveArgs,
+}
+
+/// The basis of the per-connection verdicts (`--tcp`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcpBasis {
+    Sockets,
+    Wire,
+    #[default]
+    Both,
 }
 
 /// Parses `IF` or `IF@NETNS`.
@@ -142,6 +161,15 @@ fn describe(args: &WatchArgs) -> String {
         args.vm
             .iter()
             .map(|v| format!("vm {}", v.split('=').next().unwrap_or(v))),
+    );
+    parts.push(
+        match (args.tcp, args.vm.is_empty()) {
+            (TcpBasis::Sockets, _) => "(verdicts from sockets)",
+            (TcpBasis::Wire, _) => "(verdicts from the wire)",
+            (TcpBasis::Both, false) => "(verdicts from sockets and the wire)",
+            (TcpBasis::Both, true) => "(verdicts from sockets: the wire needs --vm)",
+        }
+        .to_owned(),
     );
     parts.join(" ")
 }
@@ -351,11 +379,23 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
     for vm in &args.vm {
         parse_vm(vm, &mut watch)?;
     }
+    let wire = args.tcp != TcpBasis::Sockets;
+    if args.tcp == TcpBasis::Wire && watch.macs.is_empty() {
+        bail!("--tcp wire follows the flows of the watched VMs: name them with --vm MAC[=IP]");
+    }
+    let flows = (wire && !watch.macs.is_empty()).then(|| FlowOptions {
+        ips: watch.ips.clone(),
+        macs: watch.macs.clone(),
+        table_entries: args.flow_table,
+        ..FlowOptions::default()
+    });
     let mut opts = ProbeOptions {
         watch,
         mac_gap_ns: args.mac_gap.as_nanos() as u64,
         xdp_skb_mode: args.xdp_skb,
         l2_tc_ingress: args.tc_ingress,
+        socket_tracepoints: args.tcp != TcpBasis::Wire,
+        flows,
         ..ProbeOptions::default()
     };
     if let Some(bytes) = args.ringbuf_bytes {
@@ -486,6 +526,29 @@ mod tests {
                 "{flag}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn the_tcp_basis_picks_the_probes() {
+        let args = |tcp, vm: &[&str]| WatchArgs {
+            tcp,
+            vm: vm.iter().map(|v| (*v).to_owned()).collect(),
+            flow_table: 4096,
+            ..WatchArgs::default()
+        };
+        let vm = ["52:54:00:12:34:56=10.0.0.5"];
+        let o = probe_options(&args(TcpBasis::Wire, &vm)).unwrap();
+        assert!(!o.socket_tracepoints);
+        let f = o.flows.unwrap();
+        assert_eq!((f.ips.len(), f.macs.len(), f.table_entries), (1, 1, 4096));
+        let o = probe_options(&args(TcpBasis::Both, &vm)).unwrap();
+        assert!(o.socket_tracepoints && o.flows.is_some());
+        let o = probe_options(&args(TcpBasis::Sockets, &vm)).unwrap();
+        assert!(o.socket_tracepoints && o.flows.is_none());
+        // Without a VM the wire has nothing to follow: refused for `wire`, sockets alone for `both`.
+        assert!(probe_options(&args(TcpBasis::Wire, &[])).is_err());
+        let o = probe_options(&args(TcpBasis::Both, &[])).unwrap();
+        assert!(o.socket_tracepoints && o.flows.is_none());
     }
 
     #[test]
