@@ -142,6 +142,7 @@ pub fn rtx(ts_ms: u64, t: FourTuple, k: u32, base_rto_ms: u64) -> Event {
         backoff: k - 1,
         rto_us: (base_rto_ms * 1000) << (k - 1),
         srtt_us: 0,
+        retransmit_kind: None,
     }
 }
 

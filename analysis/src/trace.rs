@@ -250,6 +250,20 @@ pub struct TcpCommon {
     pub netns: u64,
 }
 
+/// Why a socket retransmitted, from its congestion state at `tcp:tcp_retransmit_skb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetransmitKind {
+    /// The retransmission timer expired (congestion state Loss).
+    Rto,
+    /// Fast retransmit or SACK/RACK recovery (congestion state Recovery).
+    Fast,
+    /// A tail-loss probe: a retransmission outside recovery, before any timeout (`retransmits` is 0).
+    Tlp,
+    /// A SYN or SYN-ACK sent again.
+    Syn,
+}
+
 /// Which end of a tracked flow sent a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -333,6 +347,9 @@ pub enum Event {
         /// Smoothed RTT (`srtt_us >> 3`) in microseconds (0 = unknown).
         #[serde(default)]
         srtt_us: u64,
+        /// What kind of retransmission the socket's state says this is (absent when it could not be read).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retransmit_kind: Option<RetransmitKind>,
     },
     /// `sock:inet_sock_set_state` for TCP.
     TcpState {
@@ -768,6 +785,7 @@ mod tests {
             backoff: 1,
             rto_us: 400_000,
             srtt_us: 0,
+            retransmit_kind: None,
         }
     }
 

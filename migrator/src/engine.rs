@@ -432,3 +432,34 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_serialise_as_their_words() {
+        for s in [
+            MigrationState::Idle,
+            MigrationState::Waiting,
+            MigrationState::Setup,
+            MigrationState::Precopy,
+            MigrationState::Paused,
+            MigrationState::Completing,
+            MigrationState::Migrated,
+            MigrationState::Failed,
+            MigrationState::Receiving,
+            MigrationState::Running,
+        ] {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{s}\""));
+            assert_eq!(serde_json::from_str::<MigrationState>(&json).unwrap(), s);
+        }
+        let status = serde_json::to_value(Status {
+            state: MigrationState::Precopy,
+            ..Status::default()
+        })
+        .unwrap();
+        assert_eq!(status["state"], "precopy");
+    }
+}

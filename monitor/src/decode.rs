@@ -7,11 +7,12 @@ use std::{
 
 use monitor_common::{
     AF_INET6, ArpEvent, DIR_EGRESS, EventKind, FLOW_PEER_ACK_KNOWN, FLOW_SEQ_KNOWN, FdbEvent, FlowEvent,
-    MacCounters, MacKey, MacSeenEvent, SIDE_VM, TcpEvent, WireEvent,
+    MacCounters, MacKey, MacSeenEvent, SIDE_VM, TcpEvent, UNKNOWN_U8, WireEvent,
 };
 
 use migmon_analysis::trace::{
-    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, MacAddr, Port, TcpCommon, TcpState,
+    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, MacAddr, Port, RetransmitKind, TcpCommon,
+    TcpState,
 };
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -36,6 +37,28 @@ fn hex(bytes: &[u8]) -> String {
         s.push(char::from(HEX_DIGITS[usize::from(b & 0xf)]));
     }
     s
+}
+
+/// The kind of a socket retransmission, from the state the probe read at `tcp:tcp_retransmit_skb`: a SYN in the
+/// handshake states; the RTO in congestion state Loss (the timer handler enters it before retransmitting);
+/// a fast retransmit in Recovery; and a tail-loss probe outside both, before any timeout (`icsk_retransmits`
+/// 0), or while the loss-probe timer is the pending one. `None` when the state could not be read.
+pub fn retransmit_kind(e: &TcpEvent) -> Option<RetransmitKind> {
+    const SYN_SENT: u32 = 2;
+    const SYN_RECV: u32 = 3;
+    const CA_RECOVERY: u8 = 3;
+    const CA_LOSS: u8 = 4;
+    const ICSK_TIME_LOSS_PROBE: u8 = 5;
+    if e.state == SYN_SENT || e.state == SYN_RECV {
+        return Some(RetransmitKind::Syn);
+    }
+    match e.ca_state {
+        UNKNOWN_U8 => None,
+        CA_LOSS => Some(RetransmitKind::Rto),
+        CA_RECOVERY => Some(RetransmitKind::Fast),
+        _ if e.retransmits == 0 || e.pending == ICSK_TIME_LOSS_PROBE => Some(RetransmitKind::Tlp),
+        _ => None,
+    }
 }
 
 /// Turns wire records into [`Event`]s, naming ports.
@@ -170,6 +193,7 @@ impl Decoder {
                     u64::from(e.rto_jiffies) * 1_000_000 / u64::from(self.hz)
                 },
                 srtt_us: u64::from(e.srtt_us8 >> 3),
+                retransmit_kind: retransmit_kind(e),
             },
             EventKind::TcpState => Event::TcpState {
                 ts_ns,

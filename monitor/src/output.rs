@@ -214,11 +214,13 @@ impl Output {
                 backoff,
                 rto_us,
                 srtt_us,
+                retransmit_kind,
                 ..
             } => format!(
-                "{:<44} {:<12} retransmits={retransmits} backoff={backoff} rto={}ms srtt={:.1}ms {}",
+                "{:<44} {:<12} {}retransmits={retransmits} backoff={backoff} rto={}ms srtt={:.1}ms {}",
                 tuple(&tcp.tuple),
                 state_text(*state),
+                retransmit_kind.map_or(String::new(), |k| format!("{k:?} ").to_lowercase()),
                 rto_us / 1000,
                 *srtt_us as f64 / 1000.0,
                 self.netns_name(tcp.netns)

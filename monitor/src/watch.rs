@@ -35,43 +35,58 @@ use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline},
-    probes::{DEFAULT_FLOW_TABLE, FlowOptions, Iface, ProbeOptions, Probes, WatchList},
+    probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
 };
 
 /// Options of `migmon watch`. Flat, so other parts add their flags here.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line switches; --xdp, --xdp-skb and --tc-ingress exclude each other through clap"
+)]
 pub struct WatchArgs {
-    /// Attach the XDP parser (ARP/RARP/GARP, frames from watched MACs) to this interface; `IF@NETNS` for an
-    /// interface in a named network namespace. Repeatable.
+    /// Watch the frames on this interface (a VM's tap, a bridge port, an uplink); `IF@NETNS` for an interface in a
+    /// named network namespace. Repeatable. The ingress parser (ARP/RARP/GARP, frames from watched MACs, the
+    /// TCP flow tracker) runs as a TC classifier on veths and taps and as XDP elsewhere (`--xdp`, `--xdp-skb`,
+    /// `--tc-ingress` choose); with the flow tracker on, TC egress is attached too, for the other direction.
     #[arg(long = "iface", value_name = "IF[@NETNS]")]
     pub iface: Vec<String>,
+    /// Attach the ingress parser with XDP (driver mode, skb fallback) on every --iface, veths and taps included.
+    #[arg(long, conflicts_with_all = ["xdp_skb", "tc_ingress"])]
+    pub xdp: bool,
     /// Attach the XDP parser in generic (skb) mode instead of driver mode. On a veth, driver-mode XDP turns off
     /// the peer's segmentation offloads, so a TCP stream across the pair slows down several times; skb mode
     /// keeps them (measured: ~73 % slower in driver mode, ~13 % in skb mode; `./x bench --only probes`).
     #[arg(long)]
     pub xdp_skb: bool,
-    /// Run the ingress parser of every --iface as a TC ingress classifier instead of XDP: no offloads lost and
-    /// nothing copied, the cheapest on a busy veth. It sees frames after GRO (frame counters count aggregated
-    /// packets) and after the kernel took an outer 802.1Q tag into the packet's metadata (such a tag is not
-    /// reported).
+    /// Run the ingress parser of every --iface as a TC ingress classifier (the default on veths and taps): no
+    /// offloads lost and nothing copied. It sees frames after GRO (frame counters count aggregated packets) and
+    /// after the kernel took an outer VLAN tag into the packet's metadata (reported from there).
     #[arg(long, conflicts_with = "xdp_skb")]
     pub tc_ingress: bool,
     /// Attach the TC egress counter (frames towards watched MACs) to this interface. Repeatable.
     #[arg(long = "egress", value_name = "IF[@NETNS]")]
     pub egress: Vec<String>,
-    /// Watch a VM: its MAC (L2 counters, first-seen, FDB moves) and optionally its IP (TCP filter). Repeatable.
+    /// Watch a VM: its MAC (L2 counters, first-seen, FDB moves) and optionally its IP, IPv4 or IPv6 (TCP filter,
+    /// and the flow tracker's key; without an IP the tracker follows the MAC). Repeatable, also for one VM's
+    /// several addresses.
     #[arg(long = "vm", value_name = "MAC[=IP]")]
     pub vm: Vec<String>,
-    /// Where each connection's verdict comes from. `sockets`: the TCP and socket tracepoints, which see the sockets
-    /// of this host (clients that run here, as in CI). `wire`: the flow tracker in the programs on --iface/--egress,
-    /// which follows the `--vm` flows' segments (a hypervisor host, where no TCP endpoint is a local socket); no
-    /// socket tracepoint is attached. `both`: each verdict says which basis gave it and the report flags the
-    /// connections where the two disagree.
-    #[arg(long, value_enum, default_value = "both")]
-    pub tcp: TcpBasis,
-    /// Entries of the flow tracker's table (least recently used flows are evicted when it is full).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_FLOW_TABLE)]
+    /// Where the per-connection TCP facts come from. `sockets`: the host's TCP tracepoints, which see only sockets
+    /// of this host (the clients run here, as in CI). `wire`: the flow tracker on the --iface ports, which sees
+    /// the VMs' own connections (a hypervisor host); no socket tracepoint is attached. `both`: the two.
+    #[arg(long, value_enum, default_value_t = TcpSource::Both)]
+    pub tcp: TcpSource,
+    /// Flow tracker: a side's first forward progress after this long without is reported (`flow_progress`).
+    #[arg(long, value_name = "D", default_value = "50ms", value_parser = parse_duration)]
+    pub flow_quiet: Duration,
+    /// Flow tracker: entries of the flow table (least recently used flows are evicted, and counted, beyond).
+    #[arg(long, value_name = "N", default_value_t = crate::probes::DEFAULT_FLOW_TABLE)]
     pub flow_table: u32,
+    /// Flow tracker: frame captures per second and CPU in flow records, for the pcapng export (0 = no limit).
+    /// Records over the limit carry no frame bytes and are counted (`flow_table.capture_dropped`).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub flow_captures: u32,
     /// Report only TCP connections with this local or remote port (with --vm IPs: either matches). Repeatable.
     #[arg(long = "port", value_name = "N")]
     pub port: Vec<u16>,
@@ -98,11 +113,14 @@ pub struct WatchArgs {
     pub live: crate::live::LiveArgs,
 }
 
-/// The basis of the per-connection verdicts (`--tcp`).
+/// Where TCP facts come from (`--tcp`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum TcpBasis {
+pub enum TcpSource {
+    /// The TCP and socket tracepoints.
     Sockets,
+    /// The flow tracker on the watched ports.
     Wire,
+    /// Both.
     #[default]
     Both,
 }
@@ -161,15 +179,6 @@ fn describe(args: &WatchArgs) -> String {
         args.vm
             .iter()
             .map(|v| format!("vm {}", v.split('=').next().unwrap_or(v))),
-    );
-    parts.push(
-        match (args.tcp, args.vm.is_empty()) {
-            (TcpBasis::Sockets, _) => "(verdicts from sockets)",
-            (TcpBasis::Wire, _) => "(verdicts from the wire)",
-            (TcpBasis::Both, false) => "(verdicts from sockets and the wire)",
-            (TcpBasis::Both, true) => "(verdicts from sockets: the wire needs --vm)",
-        }
-        .to_owned(),
     );
     parts.join(" ")
 }
@@ -379,22 +388,43 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
     for vm in &args.vm {
         parse_vm(vm, &mut watch)?;
     }
-    let wire = args.tcp != TcpBasis::Sockets;
-    if args.tcp == TcpBasis::Wire && watch.macs.is_empty() {
-        bail!("--tcp wire follows the flows of the watched VMs: name them with --vm MAC[=IP]");
-    }
-    let flows = (wire && !watch.macs.is_empty()).then(|| FlowOptions {
-        ips: watch.ips.clone(),
-        macs: watch.macs.clone(),
-        table_entries: args.flow_table,
-        ..FlowOptions::default()
-    });
+    let flows = if args.tcp == TcpSource::Sockets {
+        None
+    } else {
+        // VMs given without an IP are followed by their MAC.
+        let mut macs = Vec::new();
+        for vm in &args.vm {
+            if !vm.contains('=')
+                && let Ok(m) = vm.parse::<MacAddr>()
+            {
+                macs.push(m.octets());
+            }
+        }
+        if watch.ips.is_empty() && macs.is_empty() {
+            if args.tcp == TcpSource::Wire {
+                bail!("--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC)");
+            }
+            None
+        } else {
+            if args.iface.is_empty() && args.tcp == TcpSource::Wire {
+                bail!("--tcp wire needs the VM's ports: add --iface IF[@NETNS] (its tap, or an uplink)");
+            }
+            Some(FlowOptions {
+                ips: watch.ips.clone(),
+                macs,
+                table_entries: args.flow_table,
+                quiet_ns: args.flow_quiet.as_nanos() as u64,
+                captures_per_sec: args.flow_captures,
+                ..FlowOptions::default()
+            })
+        }
+    };
     let mut opts = ProbeOptions {
         watch,
         mac_gap_ns: args.mac_gap.as_nanos() as u64,
         xdp_skb_mode: args.xdp_skb,
         l2_tc_ingress: args.tc_ingress,
-        socket_tracepoints: args.tcp != TcpBasis::Wire,
+        socket_tracepoints: args.tcp != TcpSource::Wire,
         flows,
         ..ProbeOptions::default()
     };
@@ -421,10 +451,24 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
         .map(|s| parse_iface(s))
         .collect::<Result<Vec<_>>>()?;
     let mut probes = Probes::load(&opts).context("cannot start the kernel probes")?;
+    let mode = if args.xdp {
+        IngressMode::Xdp
+    } else if args.xdp_skb {
+        IngressMode::XdpSkb
+    } else if args.tc_ingress {
+        IngressMode::Tc
+    } else {
+        IngressMode::Auto
+    };
+    let mut egress = egress;
     for iface in &ifaces {
         let a = probes
-            .attach_xdp(iface)
+            .attach_ingress(iface, mode)
             .with_context(|| format!("cannot watch frames arriving on {iface}"))?;
+        // The flow tracker needs both directions of the port.
+        if opts.flows.is_some() && !egress.contains(iface) {
+            egress.push(iface.clone());
+        }
         if let Some(why) = a.fallback {
             let msg =
                 format!("XDP driver mode is not available on {iface} ({why}); using skb (generic) mode");
@@ -526,29 +570,6 @@ mod tests {
                 "{flag}: {err}"
             );
         }
-    }
-
-    #[test]
-    fn the_tcp_basis_picks_the_probes() {
-        let args = |tcp, vm: &[&str]| WatchArgs {
-            tcp,
-            vm: vm.iter().map(|v| (*v).to_owned()).collect(),
-            flow_table: 4096,
-            ..WatchArgs::default()
-        };
-        let vm = ["52:54:00:12:34:56=10.0.0.5"];
-        let o = probe_options(&args(TcpBasis::Wire, &vm)).unwrap();
-        assert!(!o.socket_tracepoints);
-        let f = o.flows.unwrap();
-        assert_eq!((f.ips.len(), f.macs.len(), f.table_entries), (1, 1, 4096));
-        let o = probe_options(&args(TcpBasis::Both, &vm)).unwrap();
-        assert!(o.socket_tracepoints && o.flows.is_some());
-        let o = probe_options(&args(TcpBasis::Sockets, &vm)).unwrap();
-        assert!(o.socket_tracepoints && o.flows.is_none());
-        // Without a VM the wire has nothing to follow: refused for `wire`, sockets alone for `both`.
-        assert!(probe_options(&args(TcpBasis::Wire, &[])).is_err());
-        let o = probe_options(&args(TcpBasis::Both, &[])).unwrap();
-        assert!(o.socket_tracepoints && o.flows.is_none());
     }
 
     #[test]

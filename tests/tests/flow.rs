@@ -722,3 +722,44 @@ fn a_reset_from_each_side_is_reported_with_its_side() {
         assert_ne!(rst.tcp_flags & TCP_RST, 0);
     }
 }
+
+/// `migmon watch --tcp wire` on the VM's veth: the flow kinds of a connection (open, reset) come out with the
+/// port named, and no socket tracepoint event does, although the connection's sockets live on this host.
+#[test]
+fn watch_with_tcp_wire_reports_flows_and_no_socket_events() {
+    let pair = Pair::new(false);
+    let iface = format!("{}@{}", pair.vm_dev, pair.vm.name);
+    let vm = format!("52:54:00:0f:10:99={}", pair.vm_ip);
+    let watch = integration_tests::Watch::start(&["--tcp", "wire", "--iface", &iface, "--vm", &vm]);
+    let (mut server, mut client, _l) = pair.connect();
+    client.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    server.read_exact(&mut b).unwrap();
+    let peer_port = u64::from(client.local_addr().unwrap().port());
+    reset(client);
+    watch.wait_for("flow_reset", Duration::from_secs(10), |evs| {
+        evs.iter()
+            .any(|e| e["kind"] == "flow_reset" && e["peer_port"].as_u64() == Some(peer_port))
+    });
+    let (events, stderr) = watch.stop();
+    let open = events
+        .iter()
+        .find(|e| e["kind"] == "flow_open" && e["peer_port"].as_u64() == Some(peer_port))
+        .unwrap_or_else(|| panic!("no flow_open: {}", integration_tests::dump(&events)));
+    assert_eq!(open["vm_addr"], pair.vm_ip.to_string());
+    assert_eq!(open["iface"], pair.vm_dev.as_str());
+    assert_eq!(open["side"], "peer", "the peer's SYN or first segment opened it");
+    let rst = events.iter().find(|e| e["kind"] == "flow_reset").unwrap();
+    assert_eq!(
+        (rst["side"].as_str(), rst["direction"].as_str()),
+        (Some("peer"), Some("ingress"))
+    );
+    let socket: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("tcp_")))
+        .collect();
+    assert!(
+        socket.is_empty(),
+        "--tcp wire records no socket events: {socket:?}\n{stderr}"
+    );
+}

@@ -29,12 +29,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Netns, VmHost, fdb_port, kvm_available, migrator_bin, unique, wait_until};
+use integration_tests::{Netns, TestDir, VmHost, fdb_port, kvm_available, migrator_bin, wait_until};
+use migmon_base::MacAddr;
 use serde_json::Value;
 use testbed::clients::set_user_timeout;
 
-const MAC: &str = "52:54:00:6d:69:67";
-const MAC_BYTES: [u8; 6] = [0x52, 0x54, 0x00, 0x6d, 0x69, 0x67];
+const MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x6d, 0x69, 0x67]);
 
 /// One test's world: the namespaces, the bridge, the taps and the addresses.
 struct Bed {
@@ -44,7 +44,7 @@ struct Bed {
     tap_a: String,
     tap_b: String,
     guest_ip: Ipv4Addr,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl Bed {
@@ -59,8 +59,7 @@ impl Bed {
             ..
         } = VmHost::create("mg", 2, client_ip.into(), 24).expect("build the test's host and client");
         let (tap_b, tap_a) = (taps.pop().expect("tap B"), taps.pop().expect("tap A"));
-        let dir = std::env::temp_dir().join(unique("migt"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = TestDir::new("migt");
         Self {
             host,
             client,
@@ -100,12 +99,13 @@ impl Bed {
         let api = self.path("a.api");
         let events = self.path("events");
         let ip = format!("{}/24", self.guest_ip);
+        let mac = MAC.to_string();
         let mut args = vec![
             "run",
             "--tap",
             &self.tap_a,
             "--mac",
-            MAC,
+            &mac,
             "--ip",
             &ip,
             "--mem",
@@ -185,12 +185,6 @@ impl Bed {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -435,7 +429,10 @@ impl RarpCapture {
             while !s.load(Ordering::SeqCst) {
                 // SAFETY: `buf` is writable for its length.
                 let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n >= 42 && buf[6..12] == MAC_BYTES && buf[12..14] == [0x80, 0x35] && buf[20..22] == [0, 3]
+                if n >= 42
+                    && buf[6..12] == MAC.octets()
+                    && buf[12..14] == [0x80, 0x35]
+                    && buf[20..22] == [0, 3]
                 {
                     c.fetch_add(1, Ordering::SeqCst);
                 }
@@ -566,7 +563,7 @@ fn live_migration_keeps_every_connection() {
     ] {
         assert!(
             evs.iter()
-                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC),
+                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC.to_string()),
             "event {role}/{ev} missing"
         );
     }

@@ -7,7 +7,7 @@
 //! - each side's retransmissions in the window are classified: timer retransmissions (`rto`) come after a silence
 //!   that doubles from one to the next; a fast retransmit resends the peer's ACK point right after other segments;
 //!   a tail loss probe resends the sender's last segment while earlier ones are unacknowledged, or comes before a
-//!   timer series whose first interval is more than 2.7 times its own silence;
+//!   timer series whose first interval is more than 2.7 times its own silence; a SYN sent again is `syn`;
 //! - from the timer series: the sender's RTO before backoff (half the first interval, else the first silence), its
 //!   backoff, and when its next retransmission was due;
 //! - the fate: `aborted` (`rst_sent` / `rst_received`, as the client's socket would say) when a RST came during the
@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::{AbortReason, Basis, ConnectionVerdict, Fate, Network, fmt_dur};
-use crate::trace::{Event, FlowSegment, FlowSide, FourTuple, TcpState};
+use crate::trace::{Event, FlowSegment, FlowSide, FourTuple, RetransmitKind, TcpState};
 
 /// The same segment seen on several ports within this long is one segment.
 const SAME_SEGMENT_NS: u64 = 2_000_000;
@@ -38,25 +38,12 @@ const BACKOFF_MAX: f64 = 2.7;
 /// At most this many flow segments of one connection go into its proof.
 const MAX_PROOF: usize = 32;
 
-/// How a retransmission was sent, inferred from its timing and what it resent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RetransmitKind {
-    /// By the retransmission timer.
-    Rto,
-    /// After duplicate ACKs.
-    Fast,
-    /// A tail loss probe.
-    Tlp,
-    /// Not enough evidence.
-    Unknown,
-}
-
 /// One retransmission seen on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WireRetransmit {
     pub ts_ns: u64,
-    pub kind: RetransmitKind,
+    /// How it was sent, inferred from its timing and what it resent (absent: not enough evidence).
+    pub kind: Option<RetransmitKind>,
     /// Time since the sender's previous segment.
     pub silence_ns: u64,
 }
@@ -77,7 +64,7 @@ impl SideRetransmits {
     fn timer_count(&self) -> usize {
         self.retransmits
             .iter()
-            .filter(|r| r.kind == RetransmitKind::Rto)
+            .filter(|r| r.kind == Some(RetransmitKind::Rto))
             .count()
     }
 
@@ -219,9 +206,9 @@ pub fn side_retransmits(rtx: &[(u64, &FlowSegment)]) -> SideRetransmits {
         let kind = if i == 0 {
             first_kind(seg, rtx.get(1).map(|n| n.0 - ts))
         } else if seg.silence_ns > 0 && seg.silence_ns < FAST_MAX_SILENCE_NS {
-            RetransmitKind::Fast
+            Some(RetransmitKind::Fast)
         } else {
-            RetransmitKind::Rto
+            Some(RetransmitKind::Rto)
         };
         out.retransmits.push(WireRetransmit {
             ts_ns: ts,
@@ -238,21 +225,26 @@ fn ratio(a: u64, b: u64) -> f64 {
 }
 
 /// The kind of the first retransmission of a series, from what it resent and what followed.
-fn first_kind(seg: &FlowSegment, next_interval: Option<u64>) -> RetransmitKind {
+fn first_kind(seg: &FlowSegment, next_interval: Option<u64>) -> Option<RetransmitKind> {
     let head = seg.peer_ack.is_some_and(|a| a == seg.seq);
     let tail = seg.seq_end.is_some_and(|e| seg.seq.wrapping_add(seg.len) == e);
+    if seg.tcp_flags & 0x02 != 0 {
+        return Some(RetransmitKind::Syn);
+    }
     if tail && !head {
-        return RetransmitKind::Tlp;
+        return Some(RetransmitKind::Tlp);
     }
     if head && seg.silence_ns < FAST_MAX_SILENCE_NS && seg.silence_ns > 0 {
-        return RetransmitKind::Fast;
+        return Some(RetransmitKind::Fast);
     }
     match next_interval {
-        Some(d) if (BACKOFF_MIN..=BACKOFF_MAX).contains(&ratio(d, seg.silence_ns)) => RetransmitKind::Rto,
+        Some(d) if (BACKOFF_MIN..=BACKOFF_MAX).contains(&ratio(d, seg.silence_ns)) => {
+            Some(RetransmitKind::Rto)
+        }
         // A probe, then the timer armed afresh: the next interval is far more than twice this silence.
-        Some(d) if ratio(d, seg.silence_ns) > BACKOFF_MAX && tail => RetransmitKind::Tlp,
-        Some(_) | None if seg.silence_ns >= RTO_MIN_SILENCE_NS => RetransmitKind::Rto,
-        _ => RetransmitKind::Unknown,
+        Some(d) if ratio(d, seg.silence_ns) > BACKOFF_MAX && tail => Some(RetransmitKind::Tlp),
+        Some(_) | None if seg.silence_ns >= RTO_MIN_SILENCE_NS => Some(RetransmitKind::Rto),
+        _ => None,
     }
 }
 
@@ -261,7 +253,7 @@ fn infer_schedule(side: &mut SideRetransmits) {
     let timer: Vec<&WireRetransmit> = side
         .retransmits
         .iter()
-        .filter(|r| r.kind == RetransmitKind::Rto)
+        .filter(|r| r.kind == Some(RetransmitKind::Rto))
         .collect();
     let Some(first) = timer.first() else {
         return;
@@ -514,7 +506,7 @@ fn verdict_of(flow: &Flow<'_>, view: WireView, proof: Vec<Event>, resume: u64) -
         last_retransmit_ns: counted.last().map(|r| r.ts_ns),
         first_rto_ns: counted
             .iter()
-            .find(|r| r.kind == RetransmitKind::Rto)
+            .find(|r| r.kind == Some(RetransmitKind::Rto))
             .map(|r| r.ts_ns),
         retransmit_ns: counted.iter().map(|r| r.ts_ns).collect(),
         base_rto_us: view.peer.rto_us,

@@ -533,6 +533,7 @@ fn nonsense_input_does_not_panic() {
             backoff: u32::MAX,
             rto_us: u64::MAX / 2,
             srtt_us: u64::MAX,
+            retransmit_kind: None,
         },
         stats(6200, VM_MAC, "tapA", Direction::Egress, 5, 9000, 1),
         fdb(6300, "br", "p", VM_MAC),

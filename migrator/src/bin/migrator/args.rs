@@ -159,7 +159,7 @@ pub struct MigrateArgs {
     /// Pause budget of the live switch-over rule.
     #[arg(long, default_value = "30ms", value_parser = parse_duration)]
     pub downtime: Duration,
-    /// Cap the stream at this rate (bytes/s; K/M/G = KiB/MiB/GiB), e.g. 125M.
+    /// Cap the stream at this rate, e.g. 125MiB/s or 125M (binary units: M = MiB).
     #[arg(long, value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
     /// Pre-copy gives up converging after this long.
