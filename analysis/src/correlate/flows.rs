@@ -35,6 +35,9 @@ const RTO_MAX_NS: u64 = 120_000_000_000;
 /// Interval ratios between consecutive timer retransmissions (the backoff doubles; timers fire a little late).
 const BACKOFF_MIN: f64 = 1.6;
 const BACKOFF_MAX: f64 = 2.7;
+/// The ratio of the interval after a tail loss probe to the probe's own wait when the probe fired at the RTO.
+const PROBE_MIN: f64 = 0.75;
+const PROBE_MAX: f64 = 1.35;
 /// At most this many flow segments of one connection go into its proof.
 const MAX_PROOF: usize = 32;
 
@@ -225,6 +228,10 @@ fn ratio(a: u64, b: u64) -> f64 {
 }
 
 /// The kind of the first retransmission of a series, from what it resent and what followed.
+///
+/// Its timing is read from the time since the sender last sent new data (the lost segment's age, when the tracker
+/// knew it), else its silence: the timer's first retransmission comes one RTO after, and the next two RTOs later; a
+/// probe comes at most one RTO after (Linux caps the probe timeout at the RTO) and the timer one RTO after it.
 fn first_kind(seg: &FlowSegment, next_interval: Option<u64>) -> Option<RetransmitKind> {
     let head = seg.peer_ack.is_some_and(|a| a == seg.seq);
     let tail = seg.seq_end.is_some_and(|e| seg.seq.wrapping_add(seg.len) == e);
@@ -237,13 +244,18 @@ fn first_kind(seg: &FlowSegment, next_interval: Option<u64>) -> Option<Retransmi
     if head && seg.silence_ns < FAST_MAX_SILENCE_NS && seg.silence_ns > 0 {
         return Some(RetransmitKind::Fast);
     }
-    match next_interval {
-        Some(d) if (BACKOFF_MIN..=BACKOFF_MAX).contains(&ratio(d, seg.silence_ns)) => {
-            Some(RetransmitKind::Rto)
-        }
-        // A probe, then the timer armed afresh: the next interval is far more than twice this silence.
-        Some(d) if ratio(d, seg.silence_ns) > BACKOFF_MAX && tail => Some(RetransmitKind::Tlp),
-        Some(_) | None if seg.silence_ns >= RTO_MIN_SILENCE_NS => Some(RetransmitKind::Rto),
+    let since = if seg.gap_ns > 0 {
+        seg.gap_ns
+    } else {
+        seg.silence_ns
+    };
+    match next_interval.map(|d| ratio(d, since)) {
+        Some(r) if (BACKOFF_MIN..=BACKOFF_MAX).contains(&r) => Some(RetransmitKind::Rto),
+        // A probe at the RTO, then the timer one RTO later.
+        Some(r) if (PROBE_MIN..=PROBE_MAX).contains(&r) => Some(RetransmitKind::Tlp),
+        // A probe, then the timer armed afresh: the next interval is far more than twice its wait.
+        Some(r) if r > BACKOFF_MAX && tail => Some(RetransmitKind::Tlp),
+        Some(_) | None if since >= RTO_MIN_SILENCE_NS => Some(RetransmitKind::Rto),
         _ => None,
     }
 }
@@ -357,7 +369,7 @@ fn wire_fate(v: &WireView, resume: u64, trace_end: u64) -> (Fate, String, u64) {
         let basis = format!("{} reset the connection during the window", who(r.by));
         return (aborted(reset_reason(r.by), r.ts_ns), basis, r.ts_ns + 1);
     }
-    if let Some(fate) = gave_up(v, resume) {
+    if let Some(fate) = gave_up(v, resume, trace_end) {
         return fate;
     }
     if let Some(r) = v
@@ -412,11 +424,12 @@ fn aborted(reason: AbortReason, at_ns: u64) -> Fate {
     Fate::Aborted { reason, at_ns }
 }
 
-/// The client gave up: its timer series stopped, and its next retransmission was due (with the timer's slack)
-/// before the resume, when it would still have been seen.
-fn gave_up(v: &WireView, resume: u64) -> Option<(Fate, String, u64)> {
+/// The client gave up: its timer series stopped, its next retransmission was due before the resume, and none came
+/// (a late timer's would have been seen after the resume too, and would be the last one) by the time the trace
+/// ends, with the timer's slack.
+fn gave_up(v: &WireView, resume: u64, trace_end: u64) -> Option<(Fate, String, u64)> {
     let (last, due) = (v.peer.last_ns()?, v.peer.next_due_ns?);
-    if v.peer.timer_count() == 0 || due + slack(due, last) > resume {
+    if v.peer.timer_count() == 0 || due >= resume || due + slack(due, last) > trace_end {
         return None;
     }
     let basis = format!(

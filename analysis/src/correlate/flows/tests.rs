@@ -235,3 +235,42 @@ fn with_both_bases_the_socket_verdict_carries_the_wire_view_and_disagreements_ar
         m.warnings
     );
 }
+
+/// A trace of the testbed scenario recorded with `--tcp both` (a live migration, then a 6 s quick one under the
+/// windows-2003 client profile: three of the four clients timed out, one came through): each client socket's
+/// verdict and the wire's agree, and the wire's inferred abort times are the sockets' to within 20 ms.
+#[test]
+fn on_a_kernel_trace_the_wire_agrees_with_every_socket() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/flows/kernel_demo_both.trace");
+    let a = crate::correlate::analyse(&crate::trace::read_trace(&path).unwrap());
+    assert_eq!(a.migrations.len(), 2);
+    let mut judged = 0;
+    for m in &a.migrations {
+        for c in m.connections.iter().filter(|c| c.basis == Basis::Sockets) {
+            let w = c.wire.as_ref().unwrap_or_else(|| panic!("no wire view: {c:#?}"));
+            assert_eq!(c.wire_agrees, Some(true), "{}: {c:#?}", m.id);
+            if let (Fate::Aborted { at_ns: s, .. }, Fate::Aborted { at_ns: w, .. }) = (&c.fate, &w.fate) {
+                assert!(s.abs_diff(*w) < 20 * MS, "socket {s}, wire {w}");
+            }
+            judged += 1;
+        }
+    }
+    assert_eq!(judged, 8);
+    let quick = &a.migrations[1];
+    assert_eq!((quick.aborted, quick.survived), (3, 2));
+    for c in quick.connections.iter().filter(|c| c.basis == Basis::Sockets) {
+        let w = c.wire.as_ref().unwrap();
+        // Each client first sent a tail loss probe, then its timer took over, doubling from ~90 ms.
+        assert_eq!(w.peer.retransmits[0].kind, Some(RetransmitKind::Tlp), "{w:#?}");
+        assert!(
+            w.peer.retransmits[1..]
+                .iter()
+                .all(|r| r.kind == Some(RetransmitKind::Rto))
+        );
+        assert!(
+            w.peer.rto_us.is_some_and(|us| (80_000..100_000).contains(&us)),
+            "{w:#?}"
+        );
+    }
+}
