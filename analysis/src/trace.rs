@@ -512,6 +512,19 @@ pub enum Event {
         source: String,
         wall_minus_mono_ns: i64,
     },
+    /// The host's clocks read together (see [`ClockTriple`]), every 10 s while recording: with the header's
+    /// triple, they let a merge of traces from several hosts see each clock's drift and any realtime step.
+    ClockSample {
+        /// `CLOCK_MONOTONIC` ns, the middle of the read.
+        ts_ns: u64,
+        /// `CLOCK_REALTIME`, Unix ns.
+        realtime_ns: u64,
+        /// `CLOCK_BOOTTIME` ns (monotonic plus the time spent suspended).
+        boottime_ns: u64,
+        /// Half the width of the monotonic reads around the other two: the realtime and boottime readings lie
+        /// within `ts_ns ± uncertainty_ns`.
+        uncertainty_ns: u64,
+    },
     /// A note from the monitor itself (warnings about skipped input, attach fallbacks).
     Note {
         ts_ns: u64,
@@ -538,6 +551,7 @@ impl Event {
             | Event::Loss { ts_ns, .. }
             | Event::Malformed { ts_ns, .. }
             | Event::ClockOffset { ts_ns, .. }
+            | Event::ClockSample { ts_ns, .. }
             | Event::FlowOpen { ts_ns, .. }
             | Event::FlowRetransmit { ts_ns, .. }
             | Event::FlowReset { ts_ns, .. }
@@ -568,6 +582,7 @@ impl Event {
             Event::Malformed { .. } => "malformed",
             Event::Migration { .. } => "migration",
             Event::ClockOffset { .. } => "clock_offset",
+            Event::ClockSample { .. } => "clock_sample",
             Event::Note { .. } => "note",
             Event::FlowOpen { .. } => "flow_open",
             Event::FlowRetransmit { .. } => "flow_retransmit",
@@ -593,8 +608,34 @@ impl Event {
     }
 }
 
+/// `CLOCK_MONOTONIC`, `CLOCK_REALTIME` and `CLOCK_BOOTTIME` read together: the realtime and boottime reads sit
+/// between two monotonic reads, and the narrowest of a few tries is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockTriple {
+    /// `CLOCK_MONOTONIC` ns, the middle of the two monotonic reads.
+    pub mono_ns: u64,
+    /// `CLOCK_REALTIME`, Unix ns.
+    pub realtime_ns: u64,
+    /// `CLOCK_BOOTTIME` ns.
+    pub boottime_ns: u64,
+    /// Half the distance between the two monotonic reads.
+    pub uncertainty_ns: u64,
+}
+
+impl ClockTriple {
+    /// The triple as a `clock_sample` event.
+    pub fn to_event(self) -> Event {
+        Event::ClockSample {
+            ts_ns: self.mono_ns,
+            realtime_ns: self.realtime_ns,
+            boottime_ns: self.boottime_ns,
+            uncertainty_ns: self.uncertainty_ns,
+        }
+    }
+}
+
 /// The first line of a trace.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceHeader {
     /// Always `"trace_header"`.
     pub kind: String,
@@ -609,6 +650,13 @@ pub struct TraceHeader {
     /// The command line that recorded it.
     #[serde(default)]
     pub command: Vec<String>,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`): with the host name, which clock the trace's
+    /// monotonic times are on. Empty in traces from before it was recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id: String,
+    /// The three clocks read together when recording started (absent in older traces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clocks: Option<ClockTriple>,
 }
 
 /// Errors reading or writing traces.
@@ -765,6 +813,7 @@ mod tests {
             start_unix_ns: 2,
             hostname: "h".into(),
             command: vec![],
+            ..TraceHeader::default()
         }
     }
 

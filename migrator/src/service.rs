@@ -9,8 +9,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
-
 use crate::{
     api::ApiServer,
     config::ReceiveConfig,
@@ -20,6 +18,7 @@ use crate::{
     },
     protocol::Hello,
     receive::{ReceiveOptions, ReceiveReport, receive},
+    runner::RunError,
     source::migrate,
     transport::Listener,
 };
@@ -93,7 +92,7 @@ pub fn receive_and_serve<T, F>(
     config: &ReceiveConfig,
     create: F,
     stopped: impl FnMut(&mut T) -> bool,
-) -> Result<(Option<MigrationSummary>, ReceiveReport)>
+) -> Result<(Option<MigrationSummary>, ReceiveReport), RunError>
 where
     T: MigrationTarget + MigrationSource,
     F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
@@ -121,9 +120,8 @@ where
         events: config.events.clone(),
         host: config.tap.clone(),
     };
-    let (mut vm, report) = receive(stream, create, &opts, &Tracker::new(status))
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-        .context("incoming migration failed; the source keeps the guest")?;
+    let (mut vm, report) =
+        receive(stream, create, &opts, &Tracker::new(status)).map_err(RunError::Receive)?;
     eprintln!(
         "migrator: guest {} received ({} data pages, {} rounds), running here",
         report.mac, report.data_pages, report.rounds

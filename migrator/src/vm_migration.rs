@@ -11,8 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
-
 use crate::{
     api::ApiServer,
     config::{ReceiveConfig, RunConfig},
@@ -20,7 +18,7 @@ use crate::{
     protocol::Hello,
     ram::DirtyBitmap,
     ram_io::GuestRam,
-    runner::{EndReason, Shutdown},
+    runner::{EndReason, RunError, Shutdown},
     service::{Served, receive_and_serve, serve},
     transport::Endpoint,
     vcpu::GuestStatus,
@@ -214,7 +212,7 @@ impl EndWatch {
         self.ended.load(Ordering::SeqCst)
     }
 
-    fn result(&self) -> Result<()> {
+    fn result(&self) -> Result<(), RunError> {
         let reason = self.reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
         reason.map_or(Ok(()), EndReason::into_result)
     }
@@ -222,7 +220,7 @@ impl EndWatch {
 
 /// `migrator run`: boots the guest; with an API or events, serves `status` and `migrate` until the guest was
 /// migrated away (exit 0), stops, or a signal comes.
-pub fn run(config: &RunConfig) -> Result<()> {
+pub fn run(config: &RunConfig) -> Result<(), RunError> {
     if config.api.is_none() && config.events.is_none() {
         return crate::runner::run(&config.vm);
     }
@@ -250,7 +248,7 @@ pub fn run(config: &RunConfig) -> Result<()> {
 }
 
 /// `migrator receive`: waits for one migration, then runs the guest like `run --api` (so it can move on).
-pub fn run_destination(config: &ReceiveConfig) -> Result<()> {
+pub fn run_destination(config: &ReceiveConfig) -> Result<(), RunError> {
     let shutdown = Shutdown::install()?;
     let tap = config.tap.clone();
     let create = move |hello: &Hello| -> Result<IncomingVm, BoxedVmError> {

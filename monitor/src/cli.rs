@@ -276,6 +276,7 @@ mod tests {
             start_unix_ns: 1_790_000_000_000_000_000,
             hostname: "h".into(),
             command: vec![],
+            ..TraceHeader::default()
         };
         let mut w = TraceWriter::create(&path, &header).unwrap();
         for e in events {

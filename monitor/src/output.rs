@@ -184,6 +184,15 @@ impl Output {
             }
             Event::Note { level, message, .. } => format!("{level}: {message}"),
             Event::Migration { .. } | Event::ClockOffset { .. } => describe_source(ev),
+            Event::ClockSample {
+                realtime_ns,
+                uncertainty_ns,
+                ..
+            } => format!(
+                "clocks               realtime {:.6} s (± {} ns)",
+                *realtime_ns as f64 / 1e9,
+                uncertainty_ns
+            ),
             Event::FlowOpen { seg, .. }
             | Event::FlowRetransmit { seg, .. }
             | Event::FlowReset { seg, .. }

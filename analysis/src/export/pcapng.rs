@@ -523,6 +523,7 @@ mod tests {
                 start_unix_ns: 1_790_000_000_000_000_000,
                 hostname: "h".into(),
                 command: vec![],
+                ..TraceHeader::default()
             }),
             events: ev,
             ..Trace::default()

@@ -41,8 +41,8 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.cmd {
-        Cmd::Run(args) => migrator::vm_migration::run(&args.config()),
-        Cmd::Receive(args) => migrator::vm_migration::run_destination(&args.config()),
+        Cmd::Run(args) => migrator::vm_migration::run(&args.config()).map_err(Into::into),
+        Cmd::Receive(args) => migrator::vm_migration::run_destination(&args.config()).map_err(Into::into),
         Cmd::Migrate(args) => migrate(&args),
         Cmd::Status(args) => status(&args),
     };
