@@ -45,6 +45,12 @@ pub enum RunError {
     Transport(#[from] TransportError),
     #[error("incoming migration failed; the source keeps the guest")]
     Receive(#[source] MigrationError),
+    #[error(
+        "the guest is in doubt and this receiver has no --api to resolve it: this copy is dropped; if the guest runs nowhere, resume the source with `migrator resume --force`"
+    )]
+    InDoubtWithoutApi,
+    #[error("the in-doubt guest's copy here was dropped (migrator cancel)")]
+    Dropped,
 }
 
 /// Why `run` ended.

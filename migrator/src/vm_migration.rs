@@ -111,6 +111,13 @@ impl MigrationSource for Vm {
     fn return_frames(&mut self, frames: Vec<Vec<u8>>) {
         Vm::deliver_frames(self, frames);
     }
+
+    fn announce(&mut self) -> Result<(), BoxedVmError> {
+        let mac = self.config().mac;
+        self.send_frame(&crate::announce::rarp_frame(mac))
+            .map_err(boxed)?;
+        self.request_garp().map(|_| ()).map_err(boxed)
+    }
 }
 
 /// A VM created for restore; it starts at the migration's resume.
@@ -184,6 +191,9 @@ impl MigrationSource for IncomingVm {
     fn return_frames(&mut self, frames: Vec<Vec<u8>>) {
         MigrationSource::return_frames(&mut self.vm, frames);
     }
+    fn announce(&mut self) -> Result<(), BoxedVmError> {
+        MigrationSource::announce(&mut self.vm)
+    }
 }
 
 /// The end of a run (signal or guest exit), watched on a helper thread so the control loop can poll it.
@@ -240,11 +250,14 @@ pub fn run(config: &RunConfig) -> Result<(), RunError> {
         end.ended()
     });
     vm.shutdown();
-    if let Served::Migrated(_) = served {
-        eprintln!("migrator: the guest runs at the destination now; exiting");
-        return Ok(());
+    match served {
+        Served::Migrated(_) => {
+            eprintln!("migrator: the guest runs at the destination now; exiting");
+            Ok(())
+        }
+        Served::Dropped => Err(RunError::Dropped),
+        Served::Stopped => end.result(),
     }
-    end.result()
 }
 
 /// `migrator receive`: waits for one migration, then runs the guest like `run --api` (so it can move on).
