@@ -269,6 +269,10 @@ pub struct MigrationReport {
     pub aborted: usize,
     pub unresolved: usize,
     pub retransmits: u64,
+    /// Connections alive at the pause that no migration judged: their addresses match neither this VM's IPs nor
+    /// another migrated VM's (the gate fails on them: a verdict is missing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unjudged: Vec<FourTuple>,
     pub warnings: Vec<String>,
 }
 
@@ -319,6 +323,9 @@ pub struct Analysis {
     pub lost_events: u64,
     pub truncated: bool,
     pub skipped_lines: Vec<(usize, String)>,
+    /// What is wrong with the trace file beyond skipped lines and a cut last line ([`Trace::damage`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damage: Vec<String>,
     pub warnings: Vec<String>,
 }
 
@@ -334,7 +341,8 @@ pub fn analyse(trace: &Trace) -> Analysis {
     a.lost_events = trace.lost_events();
     a.truncated = trace.truncated;
     a.skipped_lines.clone_from(&trace.skipped);
-    let mut warnings = Vec::new();
+    a.damage = trace.damage();
+    let mut warnings = a.damage.clone();
     if a.lost_events > 0 {
         warnings.push(format!(
             "{} events were lost in the kernel (ring buffer full): figures may miss retransmits or state changes",
@@ -359,16 +367,7 @@ pub fn analyse(trace: &Trace) -> Analysis {
 /// about first.
 pub fn analyse_events(events: &[Event]) -> Analysis {
     let mut a = correlate(events);
-    a.lost_events = events
-        .iter()
-        .map(|e| {
-            if let Event::Loss { count, .. } = e {
-                *count
-            } else {
-                0
-            }
-        })
-        .sum();
+    a.lost_events = crate::trace::lost_events(events);
     if a.lost_events > 0 {
         a.warnings.insert(
             0,
@@ -425,6 +424,12 @@ pub fn correlate(events: &[Event]) -> Analysis {
         let window_end = next_pause.unwrap_or(end_ns.saturating_add(1));
         migrations.push(build_migration(g, &l2, (&conns, &flows), window_end, end_ns));
     }
+    let known_ips: Vec<Vec<IpAddr>> = migrations.iter().map(|m| m.ips.clone()).collect();
+    for m in &mut migrations {
+        if let Some(p) = m.timeline.pause.as_ref().map(|s| s.ts_ns) {
+            m.unjudged = unjudged_at(&conns, m, p, &known_ips);
+        }
+    }
     if migrations.is_empty() {
         warnings.push(
             "no migration found: no migrator or QMP events and no move of a watched MAC on the wire"
@@ -439,6 +444,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
         lost_events: 0,
         truncated: false,
         skipped_lines: Vec::new(),
+        damage: Vec::new(),
         warnings,
     }
 }
@@ -1474,6 +1480,7 @@ fn build_migration(
         survived: tally.survived,
         aborted: tally.aborted,
         unresolved: tally.unresolved,
+        unjudged: Vec::new(),
         warnings,
     }
 }
@@ -1783,6 +1790,36 @@ fn join_bases(
     }
     out.sort_by_key(|c| (c.tuple, c.netns));
     (out, warnings)
+}
+
+/// Connections alive at the pause `p` (an event before it, not closed before it) that `m` did not judge and whose
+/// addresses no other migration's VM has. A migration with unknown IPs judges every connection.
+fn unjudged_at(
+    conns: &ConnectionIndex<'_>,
+    m: &MigrationReport,
+    p: u64,
+    known_ips: &[Vec<IpAddr>],
+) -> Vec<FourTuple> {
+    if m.ips.is_empty() {
+        return Vec::new();
+    }
+    let mut out: Vec<FourTuple> = conns
+        .lives
+        .iter()
+        .filter(|life| {
+            life.events.first().is_some_and(|e| e.ts_ns() < p) && life.closed_ns.is_none_or(|c| c >= p)
+        })
+        .filter(|life| !m.connections.iter().any(|c| c.tuple == life.tuple))
+        .filter(|life| {
+            !known_ips
+                .iter()
+                .any(|ips| !ips.is_empty() && matches_ips(&life.tuple, ips))
+        })
+        .map(|life| life.tuple)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Fates counted over the connections alive at the pause.

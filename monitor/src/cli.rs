@@ -80,6 +80,10 @@ pub struct LimitArgs {
     /// Do not fail when the kernel lost events.
     #[arg(long)]
     pub allow_loss: bool,
+    /// Do not fail on a damaged trace (skipped or corrupted lines, truncated, no end record, altered), lost events,
+    /// or connections alive at a pause without a verdict; they are still listed.
+    #[arg(long)]
+    pub allow_damaged: bool,
 }
 
 impl LimitArgs {
@@ -90,6 +94,7 @@ impl LimitArgs {
             max_blackout_ns: self.max_blackout,
             max_convergence_ns: self.max_convergence,
             allow_loss: self.allow_loss,
+            allow_damaged: self.allow_damaged,
         }
     }
 }
@@ -282,6 +287,7 @@ mod tests {
         for e in events {
             w.write(e).unwrap();
         }
+        w.finish(u64::MAX).unwrap();
         path
     }
 
@@ -293,6 +299,7 @@ mod tests {
             max_convergence: None,
             junit,
             allow_loss: false,
+            allow_damaged: false,
         }
     }
 
@@ -342,6 +349,29 @@ mod tests {
         let out = report::render_text(&a, "q");
         assert!(out.contains("WARNING: the trace is truncated"), "{out}");
         assert!(out.contains("Migration quick-1"), "{out}");
+        // The gate fails closed on it, naming the damage, and passes it only with --allow-damaged (the live trace
+        // cut the same way).
+        let text = std::fs::read_to_string(&live).unwrap();
+        std::fs::write(&live, &text[..text.len() - 10]).unwrap();
+        assert_eq!(
+            check(&CheckArgs {
+                trace: live.clone(),
+                limits: limits(None),
+            })
+            .unwrap(),
+            1
+        );
+        let mut lenient = limits(None);
+        lenient.allow_damaged = true;
+        assert_eq!(
+            check(&CheckArgs {
+                trace: live.clone(),
+                limits: lenient,
+            })
+            .unwrap(),
+            0
+        );
+        std::fs::write(&live, &text).unwrap();
 
         for (flag, path) in [
             ("jsonl", "e.jsonl"),

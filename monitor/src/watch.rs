@@ -554,6 +554,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
     let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
+    out.finish_record()?;
     eprintln!("migmon: {summary}");
     live.finish(code)
 }

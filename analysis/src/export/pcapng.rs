@@ -37,9 +37,27 @@ fn pad4(n: usize) -> usize {
     (4 - n % 4) % 4
 }
 
+/// The longest option value written: an option's length is 16 bits, and its padding must not wrap it.
+const MAX_OPTION_LEN: usize = 65_532;
+/// The snapshot length the interface blocks declare: longer frames are cut to it.
+const SNAPLEN: usize = 262_144;
+
+/// Writes one option; a value longer than [`MAX_OPTION_LEN`] is cut there (at a character boundary when it is
+/// text: callers pass UTF-8).
 fn option(buf: &mut Vec<u8>, code: u16, value: &[u8]) {
+    let value = match std::str::from_utf8(value) {
+        Ok(text) if text.len() > MAX_OPTION_LEN => {
+            let mut end = MAX_OPTION_LEN;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            &value[..end]
+        }
+        _ => &value[..value.len().min(MAX_OPTION_LEN)],
+    };
+    let len = u16::try_from(value.len()).unwrap_or(u16::MAX);
     buf.extend_from_slice(&code.to_le_bytes());
-    buf.extend_from_slice(&(value.len() as u16).to_le_bytes());
+    buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(value);
     buf.extend(std::iter::repeat_n(0u8, pad4(value.len())));
 }
@@ -50,7 +68,11 @@ fn end_options(buf: &mut Vec<u8>) {
 }
 
 fn block(out: &mut impl Write, block_type: u32, body: &[u8]) -> io::Result<()> {
-    let total = (12 + body.len()) as u32;
+    let total = body
+        .len()
+        .checked_add(12)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| io::Error::other("a pcapng block would exceed 4 GiB"))?;
     out.write_all(&block_type.to_le_bytes())?;
     out.write_all(&total.to_le_bytes())?;
     out.write_all(body)?;
@@ -200,7 +222,7 @@ impl<W: Write> Writer<W> {
         let mut body = Vec::new();
         body.extend_from_slice(&linktype.to_le_bytes());
         body.extend_from_slice(&0u16.to_le_bytes());
-        body.extend_from_slice(&262_144u32.to_le_bytes());
+        body.extend_from_slice(&(SNAPLEN as u32).to_le_bytes());
         option(&mut body, IF_NAME, name.as_bytes());
         option(&mut body, IF_TSRESOL, &[9]);
         end_options(&mut body);
@@ -219,12 +241,14 @@ impl<W: Write> Writer<W> {
         orig_len: u32,
         comment: &str,
     ) -> io::Result<()> {
+        let data = &data[..data.len().min(SNAPLEN)];
+        let captured = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let mut body = Vec::new();
         body.extend_from_slice(&iface.to_le_bytes());
         body.extend_from_slice(&((unix_ns >> 32) as u32).to_le_bytes());
         body.extend_from_slice(&(unix_ns as u32).to_le_bytes());
-        body.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        body.extend_from_slice(&orig_len.max(data.len() as u32).to_le_bytes());
+        body.extend_from_slice(&captured.to_le_bytes());
+        body.extend_from_slice(&orig_len.max(captured).to_le_bytes());
         body.extend_from_slice(data);
         body.extend(std::iter::repeat_n(0u8, pad4(data.len())));
         option(&mut body, OPT_COMMENT, comment.as_bytes());
