@@ -16,7 +16,10 @@ use std::net::IpAddr;
 
 use crate::trace::{Direction, Event, FourTuple, MacAddr, PauseSource, TcpState, Trace, state_text};
 
+pub mod flows;
 pub mod wire;
+
+use flows::{FlowIndex, WireView};
 
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
@@ -215,6 +218,33 @@ pub struct ConnectionVerdict {
     pub afterwards: Vec<Event>,
     /// The connection was opened during the outage (not alive at the pause; not counted in the totals).
     pub opened_during_window: bool,
+    /// Which basis gave the verdict: `sockets` (the client socket's tracepoints) or `wire` (the flow tracker).
+    pub basis: Basis,
+    /// What the flow tracker saw of the connection in the window, with the wire's own fate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire: Option<WireView>,
+    /// With both bases: whether the wire's fate tells the same story as the sockets'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_agrees: Option<bool>,
+}
+
+/// What a connection's verdict rests on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// The client socket's tracepoints (`tcp_*` events): the clients run on the monitoring host.
+    Sockets,
+    /// The segments the flow tracker saw on the VM's ports (`flow_*` events).
+    Wire,
+}
+
+impl fmt::Display for Basis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Basis::Sockets => "sockets",
+            Basis::Wire => "wire",
+        })
+    }
 }
 
 /// One migration, correlated.
@@ -389,6 +419,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
     groups.sort_by_key(MigrationGroup::anchor_ns);
 
     let conns = ConnectionIndex::build(&sorted);
+    let flows = FlowIndex::build(&sorted);
     let mut migrations = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         // Window end: the next pause of the same VM, or the end of the trace.
@@ -397,7 +428,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
             .filter(|n| same_vm(n.mac, g.mac))
             .find_map(|n| n.pause.as_ref().map(|p| p.ts_ns).filter(|&t| t > g.anchor_ns()));
         let window_end = next_pause.unwrap_or(end_ns.saturating_add(1));
-        migrations.push(build_migration(g, &l2, &conns, window_end, end_ns));
+        migrations.push(build_migration(g, &l2, (&conns, &flows), window_end, end_ns));
     }
     let known_ips: Vec<Vec<IpAddr>> = migrations.iter().map(|m| m.ips.clone()).collect();
     for m in &mut migrations {
@@ -1163,6 +1194,9 @@ fn verdict(
             .map(|e| (*e).clone())
             .collect(),
         opened_during_window: false,
+        basis: Basis::Sockets,
+        wire: None,
+        wire_agrees: None,
     }
 }
 
@@ -1395,7 +1429,7 @@ impl Window {
 fn build_migration(
     g: &MigrationGroup,
     l2: &L2Index<'_>,
-    conns: &ConnectionIndex<'_>,
+    (conns, flows): (&ConnectionIndex<'_>, &FlowIndex<'_>),
     window_end: u64,
     trace_end: u64,
 ) -> MigrationReport {
@@ -1421,7 +1455,11 @@ fn build_migration(
 
     let mut warnings = Vec::new();
     let connections = if let Some(p) = w.pause {
-        judge_connections(conns, &ips, p, &net, &tl, &w)
+        let sockets = judge_connections(conns, &ips, p, &net, &tl, &w);
+        let wire = flows::judge_flows(flows, &ips, p, &net, w.end, w.trace_end);
+        let (connections, disagreements) = join_bases(sockets, wire);
+        warnings.extend(disagreements);
+        connections
     } else {
         warnings.push("no pause seen for this migration: connections were not judged".to_owned());
         Vec::new()
@@ -1727,6 +1765,42 @@ fn judge_connections(
     }
     connections.sort_by_key(|c| (c.tuple, c.netns));
     connections
+}
+
+/// The verdicts of both bases, one per connection: the socket's where the client socket was seen (with the wire's
+/// view and whether it agrees), the wire's for the others. Returns them with a warning per disagreement.
+fn join_bases(
+    sockets: Vec<ConnectionVerdict>,
+    wire: Vec<ConnectionVerdict>,
+) -> (Vec<ConnectionVerdict>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut out = sockets;
+    for w in wire {
+        let Some(s) = out
+            .iter_mut()
+            .find(|s| s.basis == Basis::Sockets && s.tuple == w.tuple && s.wire.is_none())
+        else {
+            out.push(w);
+            continue;
+        };
+        let agrees = flows::agree(&s.fate, &w.fate);
+        if !agrees {
+            warnings.push(format!(
+                "{}:{} → {}:{}: the sockets say {}, the wire says {} ({})",
+                s.tuple.saddr,
+                s.tuple.sport,
+                s.tuple.daddr,
+                s.tuple.dport,
+                s.fate,
+                w.fate,
+                w.wire.as_ref().map_or("", |v| v.basis.as_str())
+            ));
+        }
+        s.wire = w.wire;
+        s.wire_agrees = Some(agrees);
+    }
+    out.sort_by_key(|c| (c.tuple, c.netns));
+    (out, warnings)
 }
 
 /// Connections alive at the pause `p` (an event before it, not closed before it) that `m` did not judge and whose

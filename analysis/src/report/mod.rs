@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use crate::{
     correlate::{
-        Analysis, ConnectionVerdict, Downtime, Fate, Figure, MigrationReport, Sighting, Stamp, Timeline,
-        fmt_dur,
+        Analysis, Basis, ConnectionVerdict, Downtime, Fate, Figure, MigrationReport, Sighting, Stamp,
+        Timeline, fmt_dur,
     },
     trace::{Event, TcpState, state_text},
 };
@@ -346,6 +346,14 @@ fn fate_text(c: &ConnectionVerdict, anchor: u64) -> String {
             "; RST sent to the VM at {} (it spoke on the dead connection)",
             rel(rst.ts_ns(), anchor)
         );
+    }
+    match (c.basis, c.wire_agrees, &c.wire) {
+        (Basis::Wire, _, _) => fate.push_str(" [wire]"),
+        (Basis::Sockets, Some(true), _) => fate.push_str(" [sockets; the wire agrees]"),
+        (Basis::Sockets, Some(false), Some(w)) => {
+            let _ = write!(fate, " [sockets; THE WIRE DISAGREES: {}: {}]", w.fate, w.basis);
+        }
+        _ => {}
     }
     fate
 }
