@@ -763,3 +763,30 @@ fn watch_with_tcp_wire_reports_flows_and_no_socket_events() {
         "--tcp wire records no socket events: {socket:?}\n{stderr}"
     );
 }
+
+/// The socket side labels its retransmissions: a lone segment dropped at the receiver is first sent again by a
+/// tail-loss probe (`tlp`, before any timeout), then by the retransmission timer (`rto`, counted up).
+#[test]
+fn socket_retransmits_are_labelled_tlp_then_rto() {
+    let pair = Pair::new(false);
+    let (mut server, mut client, listener) = pair.connect();
+    let vm_port = listener.local_addr().unwrap().port().to_string();
+    let watch = integration_tests::Watch::start(&["--tcp", "sockets", "--port", &vm_port]);
+    client.write_all(&[1; 100]).unwrap();
+    let mut b = [0u8; 100];
+    server.read_exact(&mut b).unwrap();
+    let _rule = DropRule::new(&pair.vm.name, listener.local_addr().unwrap().port());
+    client.write_all(&[2; 100]).unwrap();
+    let events = watch.wait_for("three retransmissions", Duration::from_secs(15), |evs| {
+        evs.iter().filter(|e| e["kind"] == "tcp_retransmit").count() >= 3
+    });
+    drop(watch);
+    let rtx: Vec<_> = events.iter().filter(|e| e["kind"] == "tcp_retransmit").collect();
+    let kinds: Vec<_> = rtx
+        .iter()
+        .map(|e| (e["retransmit_kind"].as_str().unwrap_or("?"), e["retransmits"].as_u64().unwrap_or(99)))
+        .collect();
+    assert_eq!(kinds[0], ("tlp", 0), "{kinds:?}");
+    assert!(kinds[1..].iter().all(|(k, _)| *k == "rto"), "{kinds:?}");
+    assert_eq!(kinds[1].1, 1, "{kinds:?}");
+}
