@@ -784,9 +784,33 @@ fn socket_retransmits_are_labelled_tlp_then_rto() {
     let rtx: Vec<_> = events.iter().filter(|e| e["kind"] == "tcp_retransmit").collect();
     let kinds: Vec<_> = rtx
         .iter()
-        .map(|e| (e["retransmit_kind"].as_str().unwrap_or("?"), e["retransmits"].as_u64().unwrap_or(99)))
+        .map(|e| {
+            (
+                e["retransmit_kind"].as_str().unwrap_or("?"),
+                e["retransmits"].as_u64().unwrap_or(99),
+            )
+        })
         .collect();
     assert_eq!(kinds[0], ("tlp", 0), "{kinds:?}");
     assert!(kinds[1..].iter().all(|(k, _)| *k == "rto"), "{kinds:?}");
     assert_eq!(kinds[1].1, 1, "{kinds:?}");
+}
+
+/// For orientation only (`./x bench --only probes` measures it properly): the kernel's time per segment.
+#[test]
+fn cost_per_segment_for_orientation() {
+    let mut probes = Probes::load(&flow_opts(1024, Duration::from_secs(1))).expect("load the probes");
+    let ack = frame(&Seg::from_vm(false, 43_000, 1, 0).reply(1, 1, TCP_ACK, 0), &[]);
+    let other = {
+        let mut s = Seg::from_vm(false, 43_001, 1, 0);
+        s.src = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 1));
+        s.dst = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 2));
+        frame(&s, &[])
+    };
+    run(&mut probes, Prog::Xdp, &ack);
+    for (what, f) in [("tracked flow ACK", &ack), ("unwatched segment", &other)] {
+        let (_, d) = probes.xdp_test_run(f, 200_000).unwrap();
+        eprintln!("XDP {what}: {} ns", d.as_nanos());
+    }
+    flow_records(&mut probes);
 }
