@@ -560,6 +560,30 @@ fn emit(f: &impl Frame, kind: EventKind, gap_ns: u64, r: &Record<'_>) -> u32 {
     captured
 }
 
+/// A cheap test before [`track`], inlined in the L2 programs: false when neither IP address of the frame can be a
+/// watched one (their bits in `CONFIG.ip_filter` are clear), so most frames of other hosts cost no call. True
+/// when it cannot tell (VMs followed by MAC, addresses not directly readable): [`track`] then decides, and counts
+/// a cut frame.
+#[inline(always)]
+pub(crate) fn worth_tracking(f: &impl Frame, eth: &Eth) -> bool {
+    if config!(flags) & CFG_FLOW_MACS != 0 {
+        return true;
+    }
+    let (data, end) = (f.data(), f.data_end());
+    // The last two bytes of each address: what `ip_filter_bit` hashes.
+    let (s, d) = if eth.ethertype == 0x0800 {
+        (eth.off + 14, eth.off + 18)
+    } else {
+        (eth.off + 22, eth.off + 38)
+    };
+    let (Some(a), Some(b)) = (bytes::<2>(data, end, s), bytes::<2>(data, end, d)) else {
+        return true;
+    };
+    let filter = config!(ip_filter);
+    let bit = |x: [u8; 2]| 1u64 << ((x[0] ^ x[1]) & 63);
+    filter & (bit(a) | bit(b)) != 0
+}
+
 /// Tracks one IPv4 or IPv6 frame whose Ethernet header `eth` has been parsed, seen by a hook in `direction`.
 ///
 /// Not inlined, so the L2 parser's stack and the tracker's do not add up in one frame. Returns the bytes of frame

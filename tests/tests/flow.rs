@@ -455,8 +455,20 @@ fn a_full_flow_table_counts_evictions_and_keeps_working() {
     assert!(t.evictions >= u64::from(flows) - 64, "{t:?}");
     assert_eq!(t.insert_failed, 0, "{t:?}");
 
-    // The first flow is long gone: its next segment opens it again (picked up, not a retransmission).
-    let s = Seg::from_vm(false, 10_000, 11, 10);
+    // An evicted flow (the LRU is approximate: find one that is gone) is picked up again by its next segment, not
+    // taken for a retransmission.
+    let held: Vec<u16> = probes
+        .flows()
+        .unwrap()
+        .iter()
+        .map(|(_, k, _)| k.vm_port)
+        .collect();
+    let gone = (0..flows)
+        .step_by(2)
+        .map(|i| 10_000 + i)
+        .find(|p| !held.contains(p))
+        .expect("an evicted IPv4 flow");
+    let s = Seg::from_vm(false, gone, 11, 10);
     run(&mut probes, Prog::Xdp, &frame(&s, &[]));
     let r = flow_records(&mut probes);
     assert_eq!(r.len(), 1);
@@ -803,8 +815,9 @@ fn cost_per_segment_for_orientation() {
     let ack = frame(&Seg::from_vm(false, 43_000, 1, 0).reply(1, 1, TCP_ACK, 0), &[]);
     let other = {
         let mut s = Seg::from_vm(false, 43_001, 1, 0);
+        // Addresses whose filter bits are not those of the watched ones.
         s.src = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 1));
-        s.dst = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 2));
+        s.dst = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 3));
         frame(&s, &[])
     };
     run(&mut probes, Prog::Xdp, &ack);
