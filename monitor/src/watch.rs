@@ -19,7 +19,7 @@ use std::{
     path::PathBuf,
     sync::mpsc::Sender,
     thread::JoinHandle,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -96,6 +96,11 @@ pub struct WatchArgs {
     /// Also write every event to this trace file (for `migmon report`/`export`), flushed line by line.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// The host name the --record trace carries (default: this machine's). A merge of traces (`migmon report
+    /// A.trace B.trace`) tells hosts apart by it and the kernel's boot id: give each monitor sharing one kernel its
+    /// own name, as the testbed's one monitor per host namespace does.
+    #[arg(long, value_name = "NAME")]
+    pub host_name: Option<String>,
     /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -108,7 +113,7 @@ pub struct WatchArgs {
     /// Test only: ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, hide = true, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
-    /// Pause-window sources, metrics and the CI gate (the correlation work).
+    /// Pause-window sources, metrics and the CI gate.
     #[command(flatten)]
     pub live: crate::live::LiveArgs,
 }
@@ -496,21 +501,27 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
     Ok((probes, decoder))
 }
 
-/// The header `--record` writes: now, this host, this command line.
-pub fn trace_header() -> TraceHeader {
-    let start_unix_ns = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+/// The header `--record` writes: now (the three clocks read together), this host (`host_name`, or the machine's
+/// name) and its boot id, this command line.
+pub fn trace_header(host_name: Option<&str>) -> TraceHeader {
+    let clocks = crate::clocks::read_triple();
     TraceHeader {
         kind: "trace_header".into(),
         version: TRACE_VERSION,
         migmon: env!("CARGO_PKG_VERSION").into(),
-        start_mono_ns: mono_now_ns(),
-        start_unix_ns,
-        hostname: nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        start_mono_ns: clocks.mono_ns,
+        start_unix_ns: clocks.realtime_ns,
+        hostname: host_name.map_or_else(
+            || {
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            },
+            str::to_owned,
+        ),
         command: std::env::args().collect(),
+        boot_id: crate::clocks::boot_id(),
+        clocks: Some(clocks),
     }
 }
 
@@ -523,11 +534,15 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     let record = args
         .record
         .as_ref()
-        .map(|p| TraceWriter::create(p, &trace_header()))
+        .map(|p| TraceWriter::create(p, &trace_header(args.host_name.as_deref())))
         .transpose()
         .context("cannot create the --record trace")?;
     let tx = pipeline.sender();
     let (probes, decoder) = attach(args, &tx)?;
+    if record.is_some() {
+        crate::clocks::spawn_sampler(tx.clone(), control.clone())
+            .context("cannot start the clock sampler")?;
+    }
     let collector = spawn_collector(probes, decoder, tx, control.clone(), args.sample_interval)?;
 
     // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
@@ -539,6 +554,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
     let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
+    out.finish_record()?;
     eprintln!("migmon: {summary}");
     live.finish(code)
 }

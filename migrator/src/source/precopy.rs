@@ -11,7 +11,7 @@ use crate::{
     engine::{MigrateOptions, MigrationError, MigrationSource, MigrationState, OnTimeout},
     protocol::HEADER_SIZE,
     ram::{DirtyBitmap, PAGE_SIZE},
-    source::session::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session},
+    source::session::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session, past_deadline},
 };
 
 /// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
@@ -178,6 +178,9 @@ fn converge<S: MigrationSource>(
                 });
             }
             Decision::Iterate => {
+                if s.tracker.cancelled() {
+                    return Err(MigrationError::Cancelled);
+                }
                 let st = s.send_round(round, dirty.iter_ones(), est.dirty_pages, None)?;
                 s.bandwidth.record(st.bytes, st.secs);
                 s.end_round(round, &st)?;
@@ -203,8 +206,24 @@ fn switch_over<S: MigrationSource>(
     converged: &Converged,
 ) -> Result<(), MigrationError> {
     let paused_at = Instant::now();
+    let deadline = pause_deadline(opts, paused_at);
+    s.writer.get_mut().set_deadline(deadline);
     vm.pause().map_err(MigrationError::vm("pause"))?;
     progress.paused = true;
+    paused(vm, opts, s, progress, converged, paused_at, deadline)
+        .map_err(|e| past_deadline(e, deadline, opts.pause_deadline()))
+}
+
+/// Everything from the stopped vCPU to the ack.
+fn paused<S: MigrationSource>(
+    vm: &mut S,
+    opts: &MigrateOptions,
+    s: &mut Session,
+    progress: &mut Progress,
+    converged: &Converged,
+    paused_at: Instant,
+    deadline: Option<Instant>,
+) -> Result<(), MigrationError> {
     let paused_ns = s.events.emit(Phase::Pause);
     let t_stopped = Instant::now();
     s.tracker.update(|st| st.state = MigrationState::Paused);
@@ -219,10 +238,11 @@ fn switch_over<S: MigrationSource>(
     // The dirty log stays on until the ack: turning it off rewrites the memslot, which is slow and not needed
     // while paused (and a rollback stops it).
     let t_final = Instant::now();
-    s.send_tail(vm, opts.verify, paused_ns)?;
+    s.send_tail(vm, opts.verify, paused_ns, deadline)?;
     s.report.final_bytes = s.writer.bytes() - bytes0;
     s.tracker.update(|st| st.state = MigrationState::Completing);
     let t_tail = Instant::now();
+    s.await_ready_and_commit(vm, deadline, opts.pause_deadline(), progress)?;
     let ack = s.await_ack(vm)?;
     let b = &mut s.report.pause_breakdown;
     b.stop_vcpu_ms = ms(t_stopped - paused_at);
@@ -232,6 +252,15 @@ fn switch_over<S: MigrationSource>(
     record_state_figures(s.report.state_bytes, s.report.state_ms, ack.restore_us);
     s.complete(paused_at, ack, ms(converged.expected));
     Ok(())
+}
+
+/// The instant by which the destination must be ready: `paused_at` plus the pause deadline, less what resuming
+/// here takes (a tenth of the deadline, at most 50 ms), so that a rollback lands within the deadline.
+pub fn pause_deadline(opts: &MigrateOptions, paused_at: Instant) -> Option<Instant> {
+    opts.pause_deadline().map(|d| {
+        let allowance = (d / 10).min(Duration::from_millis(50));
+        paused_at + d.saturating_sub(allowance)
+    })
 }
 
 /// Keeps the state cost for the next estimate: save + send here, restore + resume there (hashing excluded: it is
