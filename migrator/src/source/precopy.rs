@@ -11,7 +11,7 @@ use crate::{
     engine::{MigrateOptions, MigrationError, MigrationSource, MigrationState, OnTimeout},
     protocol::HEADER_SIZE,
     ram::{DirtyBitmap, PAGE_SIZE},
-    source::session::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session, past_deadline},
+    source::session::{Progress, RoundStats, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session, past_deadline},
 };
 
 /// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
@@ -126,8 +126,8 @@ pub fn run<S: MigrationSource>(
     s: &mut Session,
     progress: &mut Progress,
 ) -> Result<(), MigrationError> {
-    send_first_round(vm, s, progress)?;
-    let converged = converge(vm, opts, s)?;
+    let first = send_first_round(vm, s, progress)?;
+    let converged = converge(vm, opts, s, first.data_pages)?;
     s.report.rounds = converged.round;
     switch_over(vm, opts, s, progress, &converged)
 }
@@ -137,7 +137,7 @@ fn send_first_round<S: MigrationSource>(
     vm: &mut S,
     s: &mut Session,
     progress: &mut Progress,
-) -> Result<(), MigrationError> {
+) -> Result<RoundStats, MigrationError> {
     vm.start_dirty_log()
         .map_err(MigrationError::vm("start dirty logging"))?;
     progress.dirty_log = true;
@@ -152,7 +152,8 @@ fn send_first_round<S: MigrationSource>(
     });
     let r0 = s.send_round(0, 0..total, total, Some(&resident))?;
     s.bandwidth.record(r0.bytes, r0.secs);
-    s.end_round(0, &r0)
+    s.end_round(0, &r0)?;
+    Ok(r0)
 }
 
 /// Where pre-copy stopped iterating.
@@ -166,15 +167,20 @@ struct Converged {
 }
 
 /// Sends dirty sets round after round until the switch-over rule says pause (or force); fails when it says abort.
+/// `first_pages`: the data pages of round 0, what the first dirty set is compared with.
 fn converge<S: MigrationSource>(
     vm: &mut S,
     opts: &MigrateOptions,
     s: &mut Session,
+    first_pages: u64,
 ) -> Result<Converged, MigrationError> {
     let (state_bytes, state_time) = state_figures();
     let deadline = s.started + opts.timeout;
     let mut round = 1u32;
-    let mut trend = Trend::default();
+    let mut trend = Trend {
+        previous_dirty: Some(first_pages),
+        extra_rounds: 0,
+    };
     loop {
         let dirty = vm
             .take_dirty_pages()

@@ -1,7 +1,7 @@
 //! The benchmarks' two topologies, from `testbed::topology`: a veth pair between two namespaces, and the two-host
 //! testbed with its migration link. Names are unique per process and call, so parallel runs and the privileged tests
 //! never collide; each namespace is deleted by its guard (with every interface inside it), also on failure.
-//! Addresses come from 10.251.0.0/16, used only inside these namespaces.
+//! Addresses (10.251.0.0/16 for the pairs, the testbed's 10.77.N.0/24) are used only inside these namespaces.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
