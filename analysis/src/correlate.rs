@@ -16,7 +16,10 @@ use std::net::IpAddr;
 
 use crate::trace::{Direction, Event, FourTuple, MacAddr, PauseSource, TcpState, Trace, state_text};
 
+pub mod flows;
 pub mod wire;
+
+use flows::{FlowIndex, WireView};
 
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
@@ -106,6 +109,9 @@ pub struct Figure {
     pub ns: u64,
     pub source: String,
     pub basis: String,
+    /// In a merge of traces from several hosts: the figure's error bound from aligning their clocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound_ns: Option<u64>,
 }
 
 /// The downtime split of one migration.
@@ -212,6 +218,33 @@ pub struct ConnectionVerdict {
     pub afterwards: Vec<Event>,
     /// The connection was opened during the outage (not alive at the pause; not counted in the totals).
     pub opened_during_window: bool,
+    /// Which basis gave the verdict: `sockets` (the client socket's tracepoints) or `wire` (the flow tracker).
+    pub basis: Basis,
+    /// What the flow tracker saw of the connection in the window, with the wire's own fate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire: Option<WireView>,
+    /// With both bases: whether the wire's fate tells the same story as the sockets'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_agrees: Option<bool>,
+}
+
+/// What a connection's verdict rests on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// The client socket's tracepoints (`tcp_*` events): the clients run on the monitoring host.
+    Sockets,
+    /// The segments the flow tracker saw on the VM's ports (`flow_*` events).
+    Wire,
+}
+
+impl fmt::Display for Basis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Basis::Sockets => "sockets",
+            Basis::Wire => "wire",
+        })
+    }
 }
 
 /// One migration, correlated.
@@ -239,6 +272,10 @@ pub struct MigrationReport {
     pub aborted: usize,
     pub unresolved: usize,
     pub retransmits: u64,
+    /// Connections alive at the pause that no migration judged: their addresses match neither this VM's IPs nor
+    /// another migrated VM's (the gate fails on them: a verdict is missing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unjudged: Vec<FourTuple>,
     pub warnings: Vec<String>,
 }
 
@@ -289,7 +326,13 @@ pub struct Analysis {
     pub lost_events: u64,
     pub truncated: bool,
     pub skipped_lines: Vec<(usize, String)>,
+    /// What is wrong with the trace file beyond skipped lines and a cut last line ([`Trace::damage`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damage: Vec<String>,
     pub warnings: Vec<String>,
+    /// How the traces of several hosts were merged (absent for one trace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<crate::merge::MergeInfo>,
 }
 
 impl Analysis {
@@ -304,7 +347,8 @@ pub fn analyse(trace: &Trace) -> Analysis {
     a.lost_events = trace.lost_events();
     a.truncated = trace.truncated;
     a.skipped_lines.clone_from(&trace.skipped);
-    let mut warnings = Vec::new();
+    a.damage = trace.damage();
+    let mut warnings = a.damage.clone();
     if a.lost_events > 0 {
         warnings.push(format!(
             "{} events were lost in the kernel (ring buffer full): figures may miss retransmits or state changes",
@@ -329,16 +373,7 @@ pub fn analyse(trace: &Trace) -> Analysis {
 /// about first.
 pub fn analyse_events(events: &[Event]) -> Analysis {
     let mut a = correlate(events);
-    a.lost_events = events
-        .iter()
-        .map(|e| {
-            if let Event::Loss { count, .. } = e {
-                *count
-            } else {
-                0
-            }
-        })
-        .sum();
+    a.lost_events = crate::trace::lost_events(events);
     if a.lost_events > 0 {
         a.warnings.insert(
             0,
@@ -384,6 +419,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
     groups.sort_by_key(MigrationGroup::anchor_ns);
 
     let conns = ConnectionIndex::build(&sorted);
+    let flows = FlowIndex::build(&sorted);
     let mut migrations = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         // Window end: the next pause of the same VM, or the end of the trace.
@@ -392,7 +428,13 @@ pub fn correlate(events: &[Event]) -> Analysis {
             .filter(|n| same_vm(n.mac, g.mac))
             .find_map(|n| n.pause.as_ref().map(|p| p.ts_ns).filter(|&t| t > g.anchor_ns()));
         let window_end = next_pause.unwrap_or(end_ns.saturating_add(1));
-        migrations.push(build_migration(g, &l2, &conns, window_end, end_ns));
+        migrations.push(build_migration(g, &l2, (&conns, &flows), window_end, end_ns));
+    }
+    let known_ips: Vec<Vec<IpAddr>> = migrations.iter().map(|m| m.ips.clone()).collect();
+    for m in &mut migrations {
+        if let Some(p) = m.timeline.pause.as_ref().map(|s| s.ts_ns) {
+            m.unjudged = unjudged_at(&conns, m, p, &known_ips);
+        }
     }
     if migrations.is_empty() {
         warnings.push(
@@ -408,7 +450,9 @@ pub fn correlate(events: &[Event]) -> Analysis {
         lost_events: 0,
         truncated: false,
         skipped_lines: Vec::new(),
+        damage: Vec::new(),
         warnings,
+        merge: None,
     }
 }
 
@@ -1150,6 +1194,9 @@ fn verdict(
             .map(|e| (*e).clone())
             .collect(),
         opened_during_window: false,
+        basis: Basis::Sockets,
+        wire: None,
+        wire_agrees: None,
     }
 }
 
@@ -1382,7 +1429,7 @@ impl Window {
 fn build_migration(
     g: &MigrationGroup,
     l2: &L2Index<'_>,
-    conns: &ConnectionIndex<'_>,
+    (conns, flows): (&ConnectionIndex<'_>, &FlowIndex<'_>),
     window_end: u64,
     trace_end: u64,
 ) -> MigrationReport {
@@ -1408,7 +1455,11 @@ fn build_migration(
 
     let mut warnings = Vec::new();
     let connections = if let Some(p) = w.pause {
-        judge_connections(conns, &ips, p, &net, &tl, &w)
+        let sockets = judge_connections(conns, &ips, p, &net, &tl, &w);
+        let wire = flows::judge_flows(flows, &ips, p, &net, w.end, w.trace_end);
+        let (connections, disagreements) = join_bases(sockets, wire);
+        warnings.extend(disagreements);
+        connections
     } else {
         warnings.push("no pause seen for this migration: connections were not judged".to_owned());
         Vec::new()
@@ -1436,6 +1487,7 @@ fn build_migration(
         survived: tally.survived,
         aborted: tally.aborted,
         unresolved: tally.unresolved,
+        unjudged: Vec::new(),
         warnings,
     }
 }
@@ -1592,6 +1644,7 @@ fn downtime_split(g: &MigrationGroup, tl: &Timeline, w: &Window) -> (Downtime, N
             } else {
                 format!("{} pause → resume events", g.source)
             },
+            bound_ns: None,
         });
     }
     let arrival = network_arrival(tl);
@@ -1605,6 +1658,7 @@ fn downtime_split(g: &MigrationGroup, tl: &Timeline, w: &Window) -> (Downtime, N
             ns: t.saturating_sub(r),
             source: format!("{}+wire", g.source),
             basis: basis.to_owned(),
+            bound_ns: None,
         });
     }
     let net = Network {
@@ -1654,11 +1708,13 @@ fn blackout(
             ns: end.saturating_sub(start.ts_ns),
             source: "wire".to_owned(),
             basis: format!("{which} at {} → {what}", start.port),
+            bound_ns: None,
         }),
         (None, Some(p)) => Some(Figure {
             ns: end.saturating_sub(p),
             source: format!("{source}+wire"),
             basis: format!("pause → {what} (no frame from the VM seen before the pause)"),
+            bound_ns: None,
         }),
         (None, None) => None,
     }
@@ -1711,6 +1767,72 @@ fn judge_connections(
     connections
 }
 
+/// The verdicts of both bases, one per connection: the socket's where the client socket was seen (with the wire's
+/// view and whether it agrees), the wire's for the others. Returns them with a warning per disagreement.
+fn join_bases(
+    sockets: Vec<ConnectionVerdict>,
+    wire: Vec<ConnectionVerdict>,
+) -> (Vec<ConnectionVerdict>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut out = sockets;
+    for w in wire {
+        let Some(s) = out
+            .iter_mut()
+            .find(|s| s.basis == Basis::Sockets && s.tuple == w.tuple && s.wire.is_none())
+        else {
+            out.push(w);
+            continue;
+        };
+        let agrees = flows::agree(&s.fate, &w.fate);
+        if !agrees {
+            warnings.push(format!(
+                "{}:{} → {}:{}: the sockets say {}, the wire says {} ({})",
+                s.tuple.saddr,
+                s.tuple.sport,
+                s.tuple.daddr,
+                s.tuple.dport,
+                s.fate,
+                w.fate,
+                w.wire.as_ref().map_or("", |v| v.basis.as_str())
+            ));
+        }
+        s.wire = w.wire;
+        s.wire_agrees = Some(agrees);
+    }
+    out.sort_by_key(|c| (c.tuple, c.netns));
+    (out, warnings)
+}
+
+/// Connections alive at the pause `p` (an event before it, not closed before it) that `m` did not judge and whose
+/// addresses no other migration's VM has. A migration with unknown IPs judges every connection.
+fn unjudged_at(
+    conns: &ConnectionIndex<'_>,
+    m: &MigrationReport,
+    p: u64,
+    known_ips: &[Vec<IpAddr>],
+) -> Vec<FourTuple> {
+    if m.ips.is_empty() {
+        return Vec::new();
+    }
+    let mut out: Vec<FourTuple> = conns
+        .lives
+        .iter()
+        .filter(|life| {
+            life.events.first().is_some_and(|e| e.ts_ns() < p) && life.closed_ns.is_none_or(|c| c >= p)
+        })
+        .filter(|life| !m.connections.iter().any(|c| c.tuple == life.tuple))
+        .filter(|life| {
+            !known_ips
+                .iter()
+                .any(|ips| !ips.is_empty() && matches_ips(&life.tuple, ips))
+        })
+        .map(|life| life.tuple)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Fates counted over the connections alive at the pause.
 #[derive(Default)]
 struct Tally {
@@ -1747,6 +1869,7 @@ fn max_recovery_tail(connections: &[ConnectionVerdict]) -> Option<Figure> {
                 "{}:{} → {}:{}: {}",
                 c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport, c.progress_basis
             ),
+            bound_ns: None,
         })
 }
 

@@ -4,9 +4,13 @@
 //! counters sampled from maps, migration phases from migrators or QMP. `migmon watch --json` prints them, `--record`
 //! appends them to a trace, and `report`, `check`, `whatif` and `export` read the trace back.
 //!
-//! A trace is JSON lines: a [`TraceHeader`] line, then one event per line, each written whole and flushed. A killed
-//! monitor therefore leaves a trace that is readable up to its last complete line; [`read_trace`] says when the last
-//! line was cut. All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
+//! A trace is JSON lines: a [`TraceHeader`] line, then one event per line, each written whole and flushed, then a
+//! [`TraceEnd`] line when the monitor finished its observation. A killed monitor therefore leaves a trace that is
+//! readable up to its last complete line, without an end record; [`read_trace`] says when the last line was cut.
+//! The end record counts the lines before it and carries a hash of them (FNV-1a, 64 bits), so a line dropped,
+//! duplicated or altered after recording is noticed ([`Trace::damage`]). The hash guards against corruption, not
+//! against someone editing the file on purpose. Traces written before the end record existed are still read; they
+//! count as damaged (no end record). All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
 
 use std::{
     fmt,
@@ -659,6 +663,45 @@ pub struct TraceHeader {
     pub clocks: Option<ClockTriple>,
 }
 
+/// The last line of a trace that the monitor finished writing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceEnd {
+    /// Always `"trace_end"`.
+    pub kind: String,
+    /// `CLOCK_MONOTONIC` ns when recording ended.
+    pub ts_ns: u64,
+    /// Lines written between the header and this record.
+    pub lines: u64,
+    /// FNV-1a (64 bits) of every line before this record, the header included, each without its newline and
+    /// followed by one `\n` byte; 16 hex digits.
+    pub hash: String,
+}
+
+/// FNV-1a, 64 bits, over a trace's lines.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LineHash(u64);
+
+impl LineHash {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    fn new() -> Self {
+        Self(Self::OFFSET)
+    }
+
+    /// Adds one line (without its newline); the newline is hashed as one `\n` byte.
+    fn line(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().chain(b"\n") {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+    }
+
+    fn hex(self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
 /// Errors reading or writing traces.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
@@ -691,6 +734,9 @@ pub enum TraceError {
 /// Appends events to a trace file, one flushed line each.
 pub struct TraceWriter {
     out: BufWriter<File>,
+    /// Lines written after the header.
+    lines: u64,
+    hash: LineHash,
 }
 
 impl TraceWriter {
@@ -702,9 +748,26 @@ impl TraceWriter {
         })?;
         let mut w = Self {
             out: BufWriter::new(file),
+            lines: 0,
+            hash: LineHash::new(),
         };
         w.write_json(header)?;
+        w.lines = 0;
         Ok(w)
+    }
+
+    /// Writes the end record: the trace is complete. `ts_ns` is the time recording ended.
+    pub fn finish(mut self, ts_ns: u64) -> Result<(), TraceError> {
+        let end = TraceEnd {
+            kind: "trace_end".to_owned(),
+            ts_ns,
+            lines: self.lines,
+            hash: self.hash.hex(),
+        };
+        let line = serde_json::to_vec(&end).map_err(|e| TraceError::Write(e.into()))?;
+        self.out.write_all(&line).map_err(TraceError::Write)?;
+        self.out.write_all(b"\n").map_err(TraceError::Write)?;
+        self.out.flush().map_err(TraceError::Write)
     }
 
     /// Appends one event and flushes it to the file.
@@ -713,9 +776,13 @@ impl TraceWriter {
     }
 
     fn write_json<T: Serialize>(&mut self, v: &T) -> Result<(), TraceError> {
-        serde_json::to_writer(&mut self.out, v).map_err(|e| TraceError::Write(e.into()))?;
+        let line = serde_json::to_vec(v).map_err(|e| TraceError::Write(e.into()))?;
+        self.out.write_all(&line).map_err(TraceError::Write)?;
         self.out.write_all(b"\n").map_err(TraceError::Write)?;
-        self.out.flush().map_err(TraceError::Write)
+        self.out.flush().map_err(TraceError::Write)?;
+        self.hash.line(&line);
+        self.lines = self.lines.saturating_add(1);
+        Ok(())
     }
 }
 
@@ -728,22 +795,62 @@ pub struct Trace {
     pub truncated: bool,
     /// Lines that did not parse, with their 1-based line number and the error. Reported, never fatal.
     pub skipped: Vec<(usize, String)>,
+    /// The end record, when the monitor finished the trace.
+    pub end: Option<TraceEnd>,
+    /// Lines read between the header and the end record (or the end of the file), and their hash.
+    pub(crate) lines_read: u64,
+    pub(crate) hash_read: Option<LineHash>,
+    /// Non-empty lines after the end record, and end records after the first.
+    pub(crate) lines_after_end: usize,
 }
 
 impl Trace {
-    /// Total events lost in the kernel (sum of `loss` events).
+    /// Total events lost in the kernel (sum of `loss` events; saturates rather than wrapping).
     pub fn lost_events(&self) -> u64 {
-        self.events
-            .iter()
-            .map(|e| {
-                if let Event::Loss { count, .. } = e {
-                    *count
-                } else {
-                    0
-                }
-            })
-            .sum()
+        lost_events(&self.events)
     }
+
+    /// What is wrong with the file itself, beyond lines that did not parse ([`Trace::skipped`]) and a cut last line
+    /// ([`Trace::truncated`]): no header, no end record, an end record that does not match the lines before it,
+    /// lines after it. Empty for a trace the monitor wrote whole and nobody changed.
+    pub fn damage(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.header.is_none() {
+            out.push("the trace has no header line".to_owned());
+        }
+        match &self.end {
+            None => out.push(
+                "the trace has no end record: the monitor did not finish it (killed, crashed, still running, or \
+                 the file was cut or written by a migmon older than the end record)"
+                    .to_owned(),
+            ),
+            Some(end) => {
+                if end.lines != self.lines_read {
+                    out.push(format!(
+                        "the end record counts {} line(s), the file has {}: lines were dropped or duplicated",
+                        end.lines, self.lines_read
+                    ));
+                } else if self.hash_read.map(LineHash::hex).as_deref() != Some(end.hash.as_str()) {
+                    out.push(
+                        "the lines do not match the end record's hash: the file was altered after recording"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        if self.lines_after_end > 0 {
+            out.push(format!("{} line(s) after the end record", self.lines_after_end));
+        }
+        out
+    }
+}
+
+/// Sum of the `loss` events' counts, saturating at `u64::MAX`.
+pub fn lost_events(events: &[Event]) -> u64 {
+    events.iter().fold(0u64, |sum, e| match e {
+        Event::Loss { count, .. } => sum.saturating_add(*count),
+        _ => sum,
+    })
 }
 
 /// Reads a trace. Unknown or malformed lines are skipped and listed; a cut last line sets `truncated`.
@@ -752,25 +859,38 @@ pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
         path: path.to_owned(),
         source,
     })?;
-    let mut reader = BufReader::new(file);
+    read_trace_from(BufReader::new(file), path)
+}
+
+/// Reads a trace from any reader; `path` names it in errors. Lines that are not UTF-8 or not JSON are skipped and
+/// listed, never fatal; only a first line that is not a trace header is.
+pub fn read_trace_from<R: BufRead>(mut reader: R, path: &Path) -> Result<Trace, TraceError> {
     let mut trace = Trace::default();
-    let mut buf = String::new();
-    let mut lineno = 0;
+    let mut hash = LineHash::new();
+    let mut buf = Vec::new();
+    let mut lineno = 0usize;
     loop {
         buf.clear();
-        let n = reader.read_line(&mut buf).map_err(|source| TraceError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| TraceError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         if n == 0 {
             break;
         }
-        lineno += 1;
-        let complete = buf.ends_with('\n');
-        let line = buf.trim();
-        if line.is_empty() {
+        lineno = lineno.saturating_add(1);
+        let complete = buf.ends_with(b"\n");
+        let raw = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        if trace.end.is_some() {
+            if !raw.iter().all(u8::is_ascii_whitespace) {
+                trace.lines_after_end = trace.lines_after_end.saturating_add(1);
+            }
             continue;
         }
+        let text = std::str::from_utf8(raw);
+        let line = text.map(str::trim).unwrap_or_default();
         if lineno == 1 {
             let header: TraceHeader = serde_json::from_str(line).map_err(|_| TraceError::NoHeader {
                 path: path.to_owned(),
@@ -787,12 +907,29 @@ pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
                 });
             }
             trace.header = Some(header);
+            hash.line(raw);
             continue;
         }
-        match serde_json::from_str::<Event>(line) {
+        if complete
+            && line.starts_with(r#"{"kind":"trace_end""#)
+            && let Ok(end) = serde_json::from_str::<TraceEnd>(line)
+        {
+            trace.hash_read = Some(hash);
+            trace.end = Some(end);
+            continue;
+        }
+        hash.line(raw);
+        trace.lines_read = trace.lines_read.saturating_add(1);
+        if line.is_empty() && text.is_ok() {
+            continue;
+        }
+        match text
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<Event>(t.trim()).map_err(|e| e.to_string()))
+        {
             Ok(ev) => trace.events.push(ev),
             Err(_) if !complete => trace.truncated = true,
-            Err(e) => trace.skipped.push((lineno, e.to_string())),
+            Err(e) => trace.skipped.push((lineno, e)),
         }
     }
     Ok(trace)
@@ -874,6 +1011,56 @@ mod tests {
         assert_eq!(t.events, vec![retransmit(10)]);
         assert!(t.truncated);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_end_record_notices_dropped_duplicated_and_altered_lines() {
+        let dir = std::env::temp_dir().join(format!("migmon-trace-end-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.trace");
+        let mut w = TraceWriter::create(&path, &header()).unwrap();
+        for ts in [10, 20, 30] {
+            w.write(&retransmit(ts)).unwrap();
+        }
+        w.finish(40).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let read = |text: &str| read_trace_from(text.as_bytes(), Path::new("t.trace")).unwrap();
+        let t = read(&text);
+        assert_eq!(t.events.len(), 3);
+        assert_eq!(t.end.as_ref().map(|e| (e.ts_ns, e.lines)), Some((40, 3)));
+        assert!(t.damage().is_empty(), "{:?}", t.damage());
+
+        let lines: Vec<&str> = text.lines().collect();
+        let join = |ls: &[&str]| ls.iter().flat_map(|l| [*l, "\n"]).collect::<String>();
+        let dropped = join(&[lines[0], lines[1], lines[3], lines[4]]);
+        assert!(read(&dropped).damage()[0].contains("dropped or duplicated"));
+        let duplicated = join(&[lines[0], lines[1], lines[2], lines[2], lines[3], lines[4]]);
+        assert!(read(&duplicated).damage()[0].contains("dropped or duplicated"));
+        let altered = text.replacen("40000", "40001", 1);
+        assert!(read(&altered).damage()[0].contains("hash"));
+        let after = format!("{text}{}\n", lines[1]);
+        assert!(read(&after).damage()[0].contains("after the end record"));
+        let unfinished = join(&lines[..4]);
+        let t = read(&unfinished);
+        assert!(t.damage()[0].contains("no end record"));
+        assert_eq!(t.events.len(), 3, "a trace without its end record is still read");
+        // Bytes that are not UTF-8 skip their line rather than failing the read.
+        let mut bytes = text.clone().into_bytes();
+        let at = lines[0].len() + 5;
+        bytes[at] = 0xff;
+        let t = read_trace_from(bytes.as_slice(), Path::new("t.trace")).unwrap();
+        assert_eq!((t.events.len(), t.skipped.len()), (2, 1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn loss_sums_saturate() {
+        let loss = |count| Event::Loss {
+            ts_ns: 1,
+            cpu: 0,
+            count,
+        };
+        assert_eq!(lost_events(&[loss(u64::MAX - 1), loss(5)]), u64::MAX);
     }
 
     #[test]

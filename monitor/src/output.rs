@@ -73,6 +73,17 @@ impl Output {
         Ok(())
     }
 
+    /// Ends the `--record` trace with its end record: the observation finished normally. A trace without one reads
+    /// as truncated.
+    pub fn finish_record(&mut self) -> Result<()> {
+        self.flush();
+        if let Some(w) = self.record.take() {
+            w.finish(mono_now_ns())
+                .context("cannot write the end record of the --record trace (disk full?)")?;
+        }
+        Ok(())
+    }
+
     /// Writes the lines [`Output::emit`] holds to stdout. A closed stdout (e.g. `| head`) must not stop
     /// recording, so write errors are dropped.
     pub fn flush(&mut self) {

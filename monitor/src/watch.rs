@@ -113,7 +113,7 @@ pub struct WatchArgs {
     /// Test only: ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, hide = true, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
-    /// Pause-window sources, metrics and the CI gate (the correlation work).
+    /// Pause-window sources, metrics and the CI gate.
     #[command(flatten)]
     pub live: crate::live::LiveArgs,
 }
@@ -554,6 +554,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
     let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
+    out.finish_record()?;
     eprintln!("migmon: {summary}");
     live.finish(code)
 }

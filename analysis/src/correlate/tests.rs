@@ -410,6 +410,7 @@ fn losses_truncation_and_skipped_lines_are_warnings() {
         events: ev,
         truncated: true,
         skipped: vec![(12, "expected value".into())],
+        ..Trace::default()
     };
     let a = analyse(&trace);
     assert_eq!(a.lost_events, 7);
