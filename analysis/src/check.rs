@@ -17,6 +17,9 @@ pub struct Limits {
     pub max_convergence_ns: Option<u64>,
     /// Lost kernel events do not fail the check.
     pub allow_loss: bool,
+    /// A damaged trace (skipped or corrupted lines, truncated, altered, lost events) and missing verdicts do not
+    /// fail the check; they are still listed.
+    pub allow_damaged: bool,
 }
 
 impl Default for Limits {
@@ -27,6 +30,7 @@ impl Default for Limits {
             max_blackout_ns: None,
             max_convergence_ns: None,
             allow_loss: false,
+            allow_damaged: false,
         }
     }
 }
@@ -102,7 +106,11 @@ impl Verdict {
             } else {
                 let mut st = TestCaseStatus::non_success(NonSuccessKind::Failure);
                 st.set_message(c.message.clone());
-                st.set_type("limit exceeded");
+                st.set_type(if c.message.contains("--allow-damaged") {
+                    "damaged trace"
+                } else {
+                    "limit exceeded"
+                });
                 st
             };
             let mut tc = TestCase::new(c.name.clone(), status);
@@ -154,17 +162,144 @@ fn limit_case(name: &str, mig: &str, fig: Option<&Figure>, limit: u64) -> CheckC
     }
 }
 
-/// Evaluates the limits.
-pub fn evaluate(a: &Analysis, l: &Limits) -> Verdict {
+/// A case that fails unless `--allow-damaged`.
+fn damage_case(name: &str, migration: Option<&str>, what: &str, allowed: bool) -> CheckCase {
+    CheckCase {
+        name: name.to_owned(),
+        migration: migration.map(str::to_owned),
+        passed: allowed,
+        message: if allowed {
+            format!("{what} (allowed by --allow-damaged)")
+        } else {
+            format!("{what}: the verdict cannot be trusted (pass --allow-damaged to accept)")
+        },
+    }
+}
+
+/// The trace's own damage: skipped lines, a cut last line, no end record, lines that do not match it. Listed only
+/// when there is some.
+fn trace_cases(a: &Analysis, l: &Limits) -> Vec<CheckCase> {
     let mut cases = Vec::new();
+    if !a.skipped_lines.is_empty() {
+        let shown: Vec<String> = a
+            .skipped_lines
+            .iter()
+            .take(5)
+            .map(|(n, e)| format!("line {n}: {e}"))
+            .collect();
+        let more = a.skipped_lines.len().saturating_sub(shown.len());
+        cases.push(damage_case(
+            "corrupted lines",
+            None,
+            &format!(
+                "{} line(s) skipped ({}{})",
+                a.skipped_lines.len(),
+                shown.join("; "),
+                if more > 0 {
+                    format!("; {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+            l.allow_damaged,
+        ));
+    }
+    if a.truncated {
+        cases.push(damage_case(
+            "truncated trace",
+            None,
+            "the last line was cut",
+            l.allow_damaged,
+        ));
+    }
+    for d in &a.damage {
+        let name = if d.contains("no end record") {
+            "truncated trace"
+        } else {
+            "damaged trace"
+        };
+        cases.push(damage_case(name, None, d, l.allow_damaged));
+    }
+    cases
+}
+
+fn tuple_text(t: &crate::trace::FourTuple) -> String {
+    format!("{}:{} → {}:{}", t.saddr, t.sport, t.daddr, t.dport)
+}
+
+/// Missing verdicts of one migration: none at all, connections alive at the pause left unresolved, connections
+/// alive at the pause that no migration judged. Listed only when there are some.
+fn verdict_cases(m: &MigrationReport, l: &Limits) -> Vec<CheckCase> {
+    let mut cases = Vec::new();
+    if m.connections.is_empty() {
+        let why = if m.timeline.pause.is_none() {
+            "no pause seen, so no connection was judged"
+        } else {
+            "no connection was alive at the pause"
+        };
+        cases.push(damage_case(
+            "migration without verdicts",
+            Some(&m.id),
+            &format!("{why}: nothing shows that clients survived"),
+            l.allow_damaged,
+        ));
+    }
+    let unresolved: Vec<String> = m
+        .connections
+        .iter()
+        .filter(|c| !c.opened_during_window && c.fate == Fate::Unresolved)
+        .map(|c| tuple_text(&c.tuple))
+        .collect();
+    let unjudged: Vec<String> = m.unjudged.iter().map(tuple_text).collect();
+    if !unresolved.is_empty() || !unjudged.is_empty() {
+        let mut parts = Vec::new();
+        if !unresolved.is_empty() {
+            parts.push(format!(
+                "{} unresolved when the trace ended: {}",
+                unresolved.len(),
+                unresolved.join("; ")
+            ));
+        }
+        if !unjudged.is_empty() {
+            parts.push(format!(
+                "{} not judged (their addresses match no migrated VM): {}",
+                unjudged.len(),
+                unjudged.join("; ")
+            ));
+        }
+        cases.push(damage_case(
+            "connections without verdict",
+            Some(&m.id),
+            &format!(
+                "connections alive at the pause without a verdict: {}",
+                parts.join("; ")
+            ),
+            l.allow_damaged,
+        ));
+    }
+    cases
+}
+
+/// Evaluates the limits. Fails closed: a damaged trace, lost events and missing verdicts fail unless allowed.
+pub fn evaluate(a: &Analysis, l: &Limits) -> Verdict {
+    let mut cases = trace_cases(a, l);
+    let loss_ok = a.lost_events == 0 || l.allow_loss || l.allow_damaged;
     cases.push(CheckCase {
         name: "no events lost".into(),
         migration: None,
-        passed: a.lost_events == 0 || l.allow_loss,
+        passed: loss_ok,
         message: if a.lost_events == 0 {
             "0 events lost".into()
-        } else if l.allow_loss {
-            format!("{} events lost (allowed by --allow-loss)", a.lost_events)
+        } else if loss_ok {
+            format!(
+                "{} events lost (allowed by {})",
+                a.lost_events,
+                if l.allow_loss {
+                    "--allow-loss"
+                } else {
+                    "--allow-damaged"
+                }
+            )
         } else {
             format!(
                 "{} events lost in the kernel: the verdict may be wrong (pass --allow-loss to accept)",
@@ -186,6 +321,7 @@ pub fn evaluate(a: &Analysis, l: &Limits) -> Verdict {
             passed: ok,
             message: m.outcome.clone(),
         });
+        cases.extend(verdict_cases(m, l));
         if let Some(max) = l.max_aborted {
             let names: Vec<String> = m
                 .connections
@@ -321,6 +457,70 @@ mod tests {
         };
         assert_eq!(evaluate(&a, &allow).exit_code(), 0);
         assert_eq!(evaluate(&correlate(&[]), &Limits::default()).exit_code(), 1);
+    }
+
+    #[test]
+    fn a_damaged_trace_fails_closed_with_each_problem_named() {
+        let mut a = correlate(&live_trace());
+        assert!(evaluate(&a, &Limits::default()).passed());
+        a.skipped_lines = vec![(4, "expected value".into())];
+        a.truncated = true;
+        a.damage = vec!["the trace has no end record: ...".into()];
+        a.lost_events = 2;
+        let v = evaluate(&a, &Limits::default());
+        let names: Vec<&str> = v.violations().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "corrupted lines",
+                "truncated trace",
+                "truncated trace",
+                "no events lost"
+            ]
+        );
+        let text = v.render_text();
+        assert!(
+            text.contains("1 line(s) skipped (line 4: expected value)"),
+            "{text}"
+        );
+        assert!(text.contains("pass --allow-damaged"), "{text}");
+        let xml = v.junit().unwrap();
+        assert!(xml.contains("type=\"damaged trace\""), "{xml}");
+        let lenient = Limits {
+            allow_damaged: true,
+            ..Limits::default()
+        };
+        let v = evaluate(&a, &lenient);
+        assert!(v.passed(), "{}", v.render_text());
+        assert!(v.render_text().contains("allowed by --allow-damaged"));
+    }
+
+    #[test]
+    fn missing_verdicts_fail() {
+        // No connection alive at the pause: no verdict says the clients survived.
+        let mut a = correlate(&live_trace());
+        a.migrations[0].connections.clear();
+        let v = evaluate(&a, &Limits::default());
+        assert_eq!(
+            v.violations().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["migration without verdicts"]
+        );
+        // A connection left unresolved, another that no migration judged: both named.
+        let mut a = correlate(&quick_trace());
+        let t = a.migrations[0].connections[0].tuple;
+        a.migrations[0].connections[0].fate = Fate::Unresolved;
+        a.migrations[0].unjudged = vec![t];
+        let v = evaluate(&a, &Limits::default());
+        let c = v
+            .violations()
+            .find(|c| c.name == "connections without verdict")
+            .unwrap();
+        assert!(
+            c.message.contains("1 unresolved when the trace ended"),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("1 not judged"), "{}", c.message);
     }
 
     #[test]

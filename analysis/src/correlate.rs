@@ -9,12 +9,17 @@ use std::{
     fmt::{self, Write as _},
 };
 
-use migevents::{Mode, Phase, Role};
+use migevents::{MigrationEvent, Mode, Phase, Role};
 use serde::Serialize;
 
-use crate::trace::{Direction, Event, FourTuple, Trace};
+use std::net::IpAddr;
 
+use crate::trace::{Direction, Event, FourTuple, MacAddr, PauseSource, TcpState, Trace, state_text};
+
+pub mod flows;
 pub mod wire;
+
+use flows::{FlowIndex, WireView};
 
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
@@ -34,7 +39,7 @@ const SHARED_PATH_SLACK_NS: u64 = 1_000_000_000;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Stamp {
     pub ts_ns: u64,
-    pub source: String,
+    pub source: PauseSource,
 }
 
 /// A frame sighting on a port.
@@ -107,6 +112,9 @@ pub struct Figure {
     pub ns: u64,
     pub source: String,
     pub basis: String,
+    /// In a merge of traces from several hosts: the figure's error bound from aligning their clocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound_ns: Option<u64>,
 }
 
 /// The downtime split of one migration.
@@ -184,7 +192,9 @@ pub struct ConnectionVerdict {
     #[serde(flatten)]
     pub tuple: FourTuple,
     pub netns: u64,
-    pub state_at_pause: String,
+    /// The socket's state at the pause (`unknown` when no event told it).
+    #[serde(serialize_with = "state_or_unknown")]
+    pub state_at_pause: Option<TcpState>,
     /// Retransmissions between the pause and the recovery (or the abort).
     pub retransmits: u32,
     pub highest_backoff: u32,
@@ -211,17 +221,46 @@ pub struct ConnectionVerdict {
     pub afterwards: Vec<Event>,
     /// The connection was opened during the outage (not alive at the pause; not counted in the totals).
     pub opened_during_window: bool,
+    /// Which basis gave the verdict: `sockets` (the client socket's tracepoints) or `wire` (the flow tracker).
+    pub basis: Basis,
+    /// What the flow tracker saw of the connection in the window, with the wire's own fate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire: Option<WireView>,
+    /// With both bases: whether the wire's fate tells the same story as the sockets'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_agrees: Option<bool>,
+}
+
+/// What a connection's verdict rests on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// The client socket's tracepoints (`tcp_*` events): the clients run on the monitoring host.
+    Sockets,
+    /// The segments the flow tracker saw on the VM's ports (`flow_*` events).
+    Wire,
+}
+
+impl fmt::Display for Basis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Basis::Sockets => "sockets",
+            Basis::Wire => "wire",
+        })
+    }
 }
 
 /// One migration, correlated.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MigrationReport {
     pub id: String,
-    pub mac: String,
+    /// The VM's MAC (`""` when the pause source did not say and the wire could not tell).
+    #[serde(serialize_with = "mac_or_empty")]
+    pub mac: Option<MacAddr>,
     pub mode: Option<String>,
-    pub ips: Vec<String>,
+    pub ips: Vec<IpAddr>,
     /// Where the pause window came from.
-    pub source: String,
+    pub source: PauseSource,
     pub source_host: Option<String>,
     pub destination_host: Option<String>,
     /// The hypervisor carries the frames that reach the source during the pause to the guest at resume (from the
@@ -236,7 +275,47 @@ pub struct MigrationReport {
     pub aborted: usize,
     pub unresolved: usize,
     pub retransmits: u64,
+    /// Connections alive at the pause that no migration judged: their addresses match neither this VM's IPs nor
+    /// another migrated VM's (the gate fails on them: a verdict is missing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unjudged: Vec<FourTuple>,
     pub warnings: Vec<String>,
+}
+
+impl MigrationReport {
+    /// The VM's MAC as reports print it: `""` when unknown.
+    pub fn mac_text(&self) -> String {
+        self.mac.map(|m| m.to_string()).unwrap_or_default()
+    }
+}
+
+#[expect(
+    clippy::ref_option,
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with hands the field by reference"
+)]
+fn state_or_unknown<S: serde::Serializer>(state: &Option<TcpState>, s: S) -> Result<S::Ok, S::Error> {
+    match state {
+        Some(st) => st.serialize(s),
+        None => s.serialize_str("unknown"),
+    }
+}
+
+#[expect(
+    clippy::ref_option,
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with hands the field by reference"
+)]
+fn mac_or_empty<S: serde::Serializer>(mac: &Option<MacAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match mac {
+        Some(m) => m.serialize(s),
+        None => s.serialize_str(""),
+    }
+}
+
+/// Whether two MACs may be the same VM's: equal, or one of them unknown.
+fn same_vm(a: Option<MacAddr>, b: Option<MacAddr>) -> bool {
+    a.is_none() || b.is_none() || a == b
 }
 
 /// Everything a report says about a trace.
@@ -250,7 +329,13 @@ pub struct Analysis {
     pub lost_events: u64,
     pub truncated: bool,
     pub skipped_lines: Vec<(usize, String)>,
+    /// What is wrong with the trace file beyond skipped lines and a cut last line ([`Trace::damage`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damage: Vec<String>,
     pub warnings: Vec<String>,
+    /// How the traces of several hosts were merged (absent for one trace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<crate::merge::MergeInfo>,
 }
 
 impl Analysis {
@@ -265,7 +350,8 @@ pub fn analyse(trace: &Trace) -> Analysis {
     a.lost_events = trace.lost_events();
     a.truncated = trace.truncated;
     a.skipped_lines.clone_from(&trace.skipped);
-    let mut warnings = Vec::new();
+    a.damage = trace.damage();
+    let mut warnings = a.damage.clone();
     if a.lost_events > 0 {
         warnings.push(format!(
             "{} events were lost in the kernel (ring buffer full): figures may miss retransmits or state changes",
@@ -290,16 +376,7 @@ pub fn analyse(trace: &Trace) -> Analysis {
 /// about first.
 pub fn analyse_events(events: &[Event]) -> Analysis {
     let mut a = correlate(events);
-    a.lost_events = events
-        .iter()
-        .map(|e| {
-            if let Event::Loss { count, .. } = e {
-                *count
-            } else {
-                0
-            }
-        })
-        .sum();
+    a.lost_events = crate::trace::lost_events(events);
     if a.lost_events > 0 {
         a.warnings.insert(
             0,
@@ -336,9 +413,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
     let mut groups = group_migrations(&sorted);
     // The data plane fills in where no migrator or QMP window covers a move.
     let inferred = wire::infer(&sorted, |mac, ts| {
-        groups
-            .iter()
-            .any(|g| (g.mac.is_empty() || g.mac.eq_ignore_ascii_case(mac)) && g.covers(ts))
+        groups.iter().any(|g| same_vm(g.mac, Some(mac)) && g.covers(ts))
     });
     if !inferred.is_empty() {
         let refs: Vec<&Event> = inferred.iter().collect();
@@ -347,15 +422,22 @@ pub fn correlate(events: &[Event]) -> Analysis {
     groups.sort_by_key(MigrationGroup::anchor_ns);
 
     let conns = ConnectionIndex::build(&sorted);
+    let flows = FlowIndex::build(&sorted);
     let mut migrations = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         // Window end: the next pause of the same VM, or the end of the trace.
         let next_pause = groups[i + 1..]
             .iter()
-            .filter(|n| n.mac.eq_ignore_ascii_case(&g.mac) || n.mac.is_empty() || g.mac.is_empty())
+            .filter(|n| same_vm(n.mac, g.mac))
             .find_map(|n| n.pause.as_ref().map(|p| p.ts_ns).filter(|&t| t > g.anchor_ns()));
         let window_end = next_pause.unwrap_or(end_ns.saturating_add(1));
-        migrations.push(build_migration(g, &l2, &conns, window_end, end_ns));
+        migrations.push(build_migration(g, &l2, (&conns, &flows), window_end, end_ns));
+    }
+    let known_ips: Vec<Vec<IpAddr>> = migrations.iter().map(|m| m.ips.clone()).collect();
+    for m in &mut migrations {
+        if let Some(p) = m.timeline.pause.as_ref().map(|s| s.ts_ns) {
+            m.unjudged = unjudged_at(&conns, m, p, &known_ips);
+        }
     }
     if migrations.is_empty() {
         warnings.push(
@@ -371,7 +453,9 @@ pub fn correlate(events: &[Event]) -> Analysis {
         lost_events: 0,
         truncated: false,
         skipped_lines: Vec::new(),
+        damage: Vec::new(),
         warnings,
+        merge: None,
     }
 }
 
@@ -382,11 +466,11 @@ pub fn correlate(events: &[Event]) -> Analysis {
 #[derive(Clone, Debug, Default)]
 struct MigrationGroup {
     ids: Vec<String>,
-    source: String,
-    mac: String,
+    source: PauseSource,
+    mac: Option<MacAddr>,
     mode: Option<Mode>,
     carries_frames: bool,
-    ips: Vec<String>,
+    ips: Vec<IpAddr>,
     source_host: Option<String>,
     destination_host: Option<String>,
     setup: Option<u64>,
@@ -417,9 +501,7 @@ impl MigrationGroup {
 
     fn absorb(&mut self, o: MigrationGroup) {
         self.ids.extend(o.ids);
-        if self.mac.is_empty() {
-            self.mac = o.mac;
-        }
+        self.mac = self.mac.or(o.mac);
         self.mode = self.mode.or(o.mode);
         for ip in o.ips {
             if !self.ips.contains(&ip) {
@@ -443,13 +525,15 @@ impl MigrationGroup {
     }
 }
 
+/// The migrations in a trace: its phase events grouped by (pause source, migration id), and a QEMU pair's two
+/// halves joined.
 fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
-    let mut by_id: Vec<((String, String), MigrationGroup)> = Vec::new();
+    let mut by_id: Vec<((PauseSource, String), MigrationGroup)> = Vec::new();
     for e in sorted {
         let Event::Migration { ev, source } = e else {
             continue;
         };
-        let key = (source.clone(), ev.migration_id.clone());
+        let key = (*source, ev.migration_id.clone());
         let idx = if let Some(i) = by_id.iter().position(|(k, _)| *k == key) {
             i
         } else {
@@ -457,20 +541,27 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                 key,
                 MigrationGroup {
                     ids: vec![ev.migration_id.clone()],
-                    source: source.clone(),
+                    source: *source,
                     first_ns: ev.ts_ns,
                     ..MigrationGroup::default()
                 },
             ));
             by_id.len() - 1
         };
-        let g = &mut by_id[idx].1;
-        if g.mac.is_empty() {
-            g.mac.clone_from(&ev.mac);
-        }
-        let stamp = || Stamp {
+        by_id[idx].1.take(ev);
+    }
+    // A group with neither pause nor resume (only setup/rounds) stays: the migration may have failed early.
+    join_halves(by_id.into_iter().map(|(_, g)| g).collect())
+}
+
+impl MigrationGroup {
+    /// Takes one of this migration's phase events.
+    fn take(&mut self, ev: &MigrationEvent) {
+        // A pause source that does not know the MAC (QMP) sends an empty one.
+        self.mac = self.mac.or_else(|| ev.mac.parse().ok());
+        let stamp = Stamp {
             ts_ns: ev.ts_ns,
-            source: source.clone(),
+            source: self.source,
         };
         match &ev.phase {
             Phase::Setup {
@@ -480,18 +571,18 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                 carries_frames,
                 ..
             } => {
-                g.setup.get_or_insert(ev.ts_ns);
-                g.mode = Some(*mode);
-                g.carries_frames |= *carries_frames;
-                for ip in ips {
-                    if !g.ips.contains(ip) {
-                        g.ips.push(ip.clone());
+                self.setup.get_or_insert(ev.ts_ns);
+                self.mode = Some(*mode);
+                self.carries_frames |= *carries_frames;
+                for ip in ips.iter().filter_map(|ip| ip.parse().ok()) {
+                    if !self.ips.contains(&ip) {
+                        self.ips.push(ip);
                     }
                 }
                 if !host.is_empty() {
                     match ev.role {
-                        Role::Source => g.source_host = Some(host.clone()),
-                        Role::Destination => g.destination_host = Some(host.clone()),
+                        Role::Source => self.source_host = Some(host.clone()),
+                        Role::Destination => self.destination_host = Some(host.clone()),
                     }
                 }
             }
@@ -500,54 +591,57 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                 pages,
                 bytes,
                 bandwidth,
-            } => {
-                // Both ends report each round (sent / received): keep the source's, or the destination's when the
-                // source's stream is missing.
-                let round = Round {
+            } => self.take_round(
+                ev.role,
+                Round {
                     n: *n,
                     ts_ns: ev.ts_ns,
                     pages: *pages,
                     bytes: *bytes,
                     bandwidth: *bandwidth,
-                };
-                match ev.role {
-                    Role::Source => {
-                        g.rounds.retain(|r| r.n != *n);
-                        g.source_rounds = true;
-                        g.rounds.push(round);
-                    }
-                    Role::Destination if !g.source_rounds && g.rounds.iter().all(|r| r.n != *n) => {
-                        g.rounds.push(round);
-                    }
-                    Role::Destination => {}
-                }
-            }
+                },
+            ),
             Phase::Pause => {
-                if g.pause.is_none() {
-                    g.pause = Some(stamp());
-                }
+                self.pause.get_or_insert(stamp);
             }
             Phase::StateSent => {
-                g.state_sent.get_or_insert(ev.ts_ns);
+                self.state_sent.get_or_insert(ev.ts_ns);
             }
             Phase::Resume => {
                 // The destination's resume wins over a source's (rollback) resume if both exist.
-                if g.resume.is_none() || ev.role == Role::Destination {
-                    g.resume = Some(stamp());
+                if self.resume.is_none() || ev.role == Role::Destination {
+                    self.resume = Some(stamp);
                 }
             }
-            Phase::Announce { .. } => g.announces.push(ev.ts_ns),
+            Phase::Announce { .. } => self.announces.push(ev.ts_ns),
             Phase::Complete { .. } => {
-                g.complete.get_or_insert(ev.ts_ns);
+                self.complete.get_or_insert(ev.ts_ns);
             }
-            Phase::Failed { reason } => g.failed = Some(reason.clone()),
-            Phase::Rollback => g.rollback = true,
+            Phase::Failed { reason } => self.failed = Some(reason.clone()),
+            Phase::Rollback => self.rollback = true,
         }
     }
-    let mut groups: Vec<MigrationGroup> = by_id.into_iter().map(|(_, g)| g).collect();
 
-    // A QEMU pair gives two halves: the source's STOP and the destination's RESUME, with different ids. Join a
-    // half without resume to the next half without pause of the same VM (same MAC, or unknown MAC), same source.
+    /// Both ends report each round (sent / received): keep the source's, or the destination's when the source's
+    /// stream is missing.
+    fn take_round(&mut self, role: Role, round: Round) {
+        match role {
+            Role::Source => {
+                self.rounds.retain(|r| r.n != round.n);
+                self.source_rounds = true;
+                self.rounds.push(round);
+            }
+            Role::Destination if !self.source_rounds && self.rounds.iter().all(|r| r.n != round.n) => {
+                self.rounds.push(round);
+            }
+            Role::Destination => {}
+        }
+    }
+}
+
+/// A QEMU pair gives two halves: the source's STOP and the destination's RESUME, with different ids. Joins a half
+/// without resume to the next half without pause of the same VM (same MAC, or unknown MAC), same source.
+fn join_halves(mut groups: Vec<MigrationGroup>) -> Vec<MigrationGroup> {
     let mut i = 0;
     while i < groups.len() {
         if groups[i].pause.is_some() && groups[i].resume.is_none() {
@@ -557,9 +651,7 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
                     && groups[j].source == groups[i].source
                     && groups[j].pause.is_none()
                     && groups[j].resume.as_ref().is_some_and(|r| r.ts_ns >= pause_ts)
-                    && (groups[j].mac.is_empty()
-                        || groups[i].mac.is_empty()
-                        || groups[j].mac.eq_ignore_ascii_case(&groups[i].mac))
+                    && same_vm(groups[j].mac, groups[i].mac)
             });
             if let Some(j) = partner {
                 let other = groups.remove(j);
@@ -570,7 +662,6 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
         }
         i += 1;
     }
-    // A group with neither pause nor resume (only setup/rounds) stays: the migration may have failed early.
     groups
 }
 
@@ -706,8 +797,8 @@ fn first_sighting_after(
 
 #[derive(Default)]
 struct L2Index<'a> {
-    /// (mac lowercase, direction) → port label → activity.
-    ports: HashMap<(String, Direction), BTreeMap<String, PortActivity>>,
+    /// (MAC, direction) → port label → activity.
+    ports: HashMap<(MacAddr, Direction), BTreeMap<String, PortActivity>>,
     announces: Vec<&'a Event>,
     fdb: Vec<&'a Event>,
 }
@@ -725,7 +816,7 @@ impl<'a> L2Index<'a> {
                     ..
                 } => idx
                     .ports
-                    .entry((mac.to_ascii_lowercase(), *direction))
+                    .entry((*mac, *direction))
                     .or_default()
                     .entry(port.to_string())
                     .or_default()
@@ -742,7 +833,7 @@ impl<'a> L2Index<'a> {
                     ..
                 } => idx
                     .ports
-                    .entry((mac.to_ascii_lowercase(), *direction))
+                    .entry((*mac, *direction))
                     .or_default()
                     .entry(port.to_string())
                     .or_default()
@@ -766,32 +857,28 @@ impl<'a> L2Index<'a> {
         idx
     }
 
-    fn ports(&self, mac: &str, dir: Direction) -> Option<&BTreeMap<String, PortActivity>> {
-        self.ports.get(&(mac.to_ascii_lowercase(), dir))
+    fn ports(&self, mac: MacAddr, dir: Direction) -> Option<&BTreeMap<String, PortActivity>> {
+        self.ports.get(&(mac, dir))
     }
 
     /// IPs the VM announced for itself (ARP/GARP with its MAC as sender, the targets of its neighbor
-    /// advertisements).
-    fn ips_of(&self, mac: &str) -> Vec<String> {
+    /// advertisements), in text order.
+    fn ips_of(&self, mac: MacAddr) -> Vec<IpAddr> {
         let mut ips = BTreeSet::new();
         for e in &self.announces {
             match e {
                 Event::Arp { frame, .. } | Event::Garp { frame, .. }
-                    if frame.sha.eq_ignore_ascii_case(mac)
-                        && frame.spa != "0.0.0.0"
-                        && !frame.spa.is_empty() =>
+                    if frame.sha == mac && !frame.spa.is_unspecified() =>
                 {
-                    ips.insert(frame.spa.clone());
+                    ips.insert(frame.spa.to_string());
                 }
-                Event::NeighborAdvert { frame, .. }
-                    if frame.mac.eq_ignore_ascii_case(mac) && frame.target != "::" =>
-                {
-                    ips.insert(frame.target.clone());
+                Event::NeighborAdvert { frame, .. } if frame.mac == mac && !frame.target.is_unspecified() => {
+                    ips.insert(frame.target.to_string());
                 }
                 _ => {}
             }
         }
-        ips.into_iter().collect()
+        ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
     }
 }
 
@@ -841,14 +928,20 @@ impl<'a> ConnectionIndex<'a> {
             let Some((tuple, netns)) = tcp_of(e) else { continue };
             if tuple.sport == 0 {
                 if let Event::TcpState { old_state, .. } = e
-                    && old_state == "CLOSE"
+                    && *old_state == Some(TcpState::Close)
                 {
                     pending_open.insert((tuple.saddr, tuple.daddr, tuple.dport, netns), e.ts_ns());
                 }
                 continue;
             }
             // A new life starts at an opening transition even if the old one was never seen closing.
-            let opening = matches!(e, Event::TcpState { old_state, .. } if old_state == "CLOSE" || old_state == "LISTEN");
+            let opening = matches!(
+                e,
+                Event::TcpState {
+                    old_state: Some(TcpState::Close | TcpState::Listen),
+                    ..
+                }
+            );
             let ending = matches!(
                 e,
                 Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. }
@@ -877,8 +970,8 @@ impl<'a> ConnectionIndex<'a> {
             // Events that do not prove a socket exists (an error report, a RST sent without a socket: the kernel
             // answering a segment for a connection it no longer has) never start a connection; after a close they
             // are that connection's epilogue (not part of its fate), otherwise they are dropped.
-            let socketless = matches!(e, Event::TcpError { .. })
-                || matches!(e, Event::TcpResetOut { state, .. } if state.is_empty());
+            let socketless =
+                matches!(e, Event::TcpError { .. }) || matches!(e, Event::TcpResetOut { state: None, .. });
             if found.is_none() && after_close.is_none() && socketless {
                 if let Some(&i) = last_closed.get(tuple) {
                     lives[i].epilogue.push(e);
@@ -907,7 +1000,7 @@ impl<'a> ConnectionIndex<'a> {
             }
             lives[idx].events.push(e);
             if let Event::TcpState { new_state, ts_ns, .. } = e
-                && new_state == "CLOSE"
+                && *new_state == Some(TcpState::Close)
                 && lives[idx].closed_ns.is_none()
             {
                 lives[idx].closed_ns = Some(*ts_ns);
@@ -921,54 +1014,52 @@ impl<'a> ConnectionIndex<'a> {
     }
 }
 
-fn matches_ips(t: &FourTuple, ips: &[String]) -> bool {
-    ips.is_empty()
-        || ips.iter().any(|ip| {
-            ip.parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip == t.daddr || ip == t.saddr)
-        })
+fn matches_ips(t: &FourTuple, ips: &[IpAddr]) -> bool {
+    ips.is_empty() || ips.iter().any(|&ip| ip == t.daddr || ip == t.saddr)
 }
 
-/// The state a life was in at `t`.
-fn state_at(life: &ConnLife<'_>, t: u64) -> String {
+/// The state a life was in at `t`: the last transition before it, or what the first event after it says.
+fn state_at(life: &ConnLife<'_>, t: u64) -> Option<TcpState> {
     let mut before = None;
     for e in &life.events {
         if e.ts_ns() > t {
             break;
         }
         if let Event::TcpState { new_state, .. } = e {
-            before = Some(new_state.clone());
+            before = Some(*new_state);
         }
     }
     if let Some(s) = before {
         return s;
     }
-    for e in life.events.iter().filter(|e| e.ts_ns() > t) {
-        match e {
-            Event::TcpState { old_state, .. } => return old_state.clone(),
+    life.events
+        .iter()
+        .filter(|e| e.ts_ns() > t)
+        .find_map(|e| match e {
+            Event::TcpState { old_state, .. } => Some(*old_state),
             Event::TcpRetransmit { state, .. }
             | Event::TcpError { state, .. }
             | Event::TcpResetIn { state, .. }
-            | Event::TcpResetOut { state, .. }
-                if !state.is_empty() =>
-            {
-                return state.clone();
-            }
-            _ => {}
-        }
-    }
-    "unknown".to_owned()
+            | Event::TcpResetOut { state, .. } => state.map(Some),
+            _ => None,
+        })?
 }
 
 /// Transitions that prove the peer answered (a segment came in).
-fn is_progress_transition(old: &str, new: &str) -> bool {
+fn is_progress_transition(old: Option<TcpState>, new: Option<TcpState>) -> bool {
+    use TcpState::{
+        Close, CloseWait, Closing, Established, FinWait1, FinWait2, LastAck, SynRecv, SynSent, TimeWait,
+    };
+    let (Some(old), Some(new)) = (old, new) else {
+        return false;
+    };
     matches!(
         (old, new),
-        ("SYN_SENT" | "SYN_RECV", "ESTABLISHED")
-            | ("FIN_WAIT1", "FIN_WAIT2" | "CLOSING" | "TIME_WAIT")
-            | ("FIN_WAIT2", "TIME_WAIT")
-            | ("ESTABLISHED", "CLOSE_WAIT")
-            | ("LAST_ACK" | "CLOSING", "CLOSE" | "TIME_WAIT")
+        (SynSent | SynRecv, Established)
+            | (FinWait1, FinWait2 | Closing | TimeWait)
+            | (FinWait2, TimeWait)
+            | (Established, CloseWait)
+            | (LastAck | Closing, Close | TimeWait)
     )
 }
 
@@ -1037,6 +1128,7 @@ struct Network {
     restored: Option<u64>,
 }
 
+/// One connection's verdict across the pause at `pause`, from its socket's events before `window_end`.
 fn verdict(
     life: &ConnLife<'_>,
     pause: u64,
@@ -1044,7 +1136,6 @@ fn verdict(
     window_end: u64,
     trace_end: u64,
 ) -> ConnectionVerdict {
-    let state_at_pause = state_at(life, pause);
     let ep = episode(life, pause, window_end);
     let in_window: Vec<&Event> = life
         .events
@@ -1052,157 +1143,40 @@ fn verdict(
         .copied()
         .filter(|e| e.ts_ns() >= pause && e.ts_ns() < window_end)
         .collect();
-
-    // The first terminal event: an error, a reset, or a transition into closing/closed.
-    // The first terminal event: an error, a reset, or a CLOSE that does not end an orderly close. An application's
-    // close (ESTABLISHED → FIN_WAIT1, CLOSE_WAIT → LAST_ACK) is not terminal by itself: if its FIN is acknowledged
-    // after resume the close completed and the connection came through; if the socket dies first, the close is
-    // what ended it.
-    let terminal = in_window.iter().position(|e| match e {
-        Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. } => true,
-        Event::TcpState {
-            old_state, new_state, ..
-        } => {
-            new_state == "CLOSE"
-                && !matches!(
-                    old_state.as_str(),
-                    "LAST_ACK" | "CLOSING" | "TIME_WAIT" | "FIN_WAIT2"
-                )
-        }
-        _ => false,
-    });
+    let terminal = first_terminal(&in_window);
     let resume = net.resume.unwrap_or(pause);
-    // Precise progress: a transition that needs a segment from the peer, after resume.
-    let precise = in_window.iter().find_map(|e| match e {
-        Event::TcpState {
-            ts_ns,
-            old_state,
-            new_state,
-            ..
-        } if *ts_ns >= resume && is_progress_transition(old_state, new_state) => {
-            Some((*ts_ns, format!("{old_state} → {new_state}")))
-        }
-        _ => None,
-    });
-    let terminal_ts = terminal.map(|i| in_window[i].ts_ns());
+    let precise = precise_progress(&in_window, resume);
+    let reading = read_episode(
+        &ep,
+        terminal.map(|i| in_window[i].ts_ns()),
+        precise.as_ref(),
+        resume,
+        trace_end,
+    );
+    let unresolved = reading.unresolved_basis.is_some();
+    let progress = reading.progress.or(precise);
 
-    // Progress inferred from the retransmit episode: its last retransmission got through if no abort follows
-    // within the time the next one was due.
-    let mut progress: Option<(u64, String)> = precise.clone();
-    let mut unresolved = false;
-    let mut unresolved_basis: Option<String> = None;
-    if let Some(last) = ep.last() {
-        // The next retransmission was due one doubled RTO later; long timers fire late by the timer wheel's
-        // granularity (up to an eighth of the timeout), hence the slack.
-        let interval = if last.rto_us > 0 {
-            (last.rto_us * 2).min(120_000_000) * 1000
-        } else if ep.len() >= 2 {
-            2 * (last.ts - ep[ep.len() - 2].ts)
-        } else {
-            400_000_000
-        };
-        let next_due = last.ts + interval + (interval / 4).max(300_000_000);
-        let aborted_in_episode = terminal_ts.is_some_and(|t| t <= next_due);
-        let inferred_ok = !aborted_in_episode && next_due <= trace_end;
-        let precise_in_episode = precise.as_ref().is_some_and(|(t, _)| *t <= next_due);
-        if inferred_ok && !precise_in_episode {
-            progress = Some(if last.ts >= resume {
-                (
-                    last.ts,
-                    format!(
-                        "retransmission #{} at resume+{} was the last: no further retransmission or abort",
-                        ep.len(),
-                        fmt_dur(last.ts - resume)
-                    ),
-                )
-            } else {
-                (
-                    resume,
-                    "retransmissions stopped before resume and none followed: the segment queued during the pause \
-                     was delivered after resume"
-                        .to_owned(),
-                )
-            });
-        }
-        if !aborted_in_episode && next_due > trace_end && !precise_in_episode {
-            unresolved = true;
-            unresolved_basis = Some(format!(
-                "survived so far: no abort by the trace's end ({} after resume); retransmission #{} came at {}, the \
-                 next was due by resume+{}",
-                fmt_dur(trace_end.saturating_sub(resume)),
-                ep.len(),
-                if last.ts >= resume {
-                    format!("resume+{}", fmt_dur(last.ts - resume))
-                } else {
-                    format!("resume−{}", fmt_dur(resume - last.ts))
-                },
-                fmt_dur(next_due.saturating_sub(resume))
-            ));
-        }
-    }
-
-    // Fate.
+    // The fate: an abort if the terminal event came before the connection showed progress (or, without a
+    // retransmission to judge, within the grace after the network came back).
     let settle = match &progress {
         Some((t, _)) => *t,
         None if !ep.is_empty() => u64::MAX,
         None => net.restored.unwrap_or(resume).saturating_add(RESET_GRACE_NS),
     };
-    let mut proof: Vec<Event> = Vec::new();
-    let fate = match terminal {
-        Some(i) if in_window[i].ts_ns() <= settle => {
-            let t0 = in_window[i].ts_ns();
-            // The terminal cluster: from the first terminal event to the socket's CLOSE (or 10 ms).
-            let cluster_end = life.closed_ns.unwrap_or(t0).max(t0) + CLOSE_CLUSTER_NS;
-            let cluster: Vec<&Event> = in_window[i..]
-                .iter()
-                .copied()
-                .take_while(|e| e.ts_ns() <= cluster_end)
-                .collect();
-            let reason = if cluster.iter().any(|e| matches!(e, Event::TcpResetIn { .. })) {
-                AbortReason::RstReceived
-            } else if cluster
-                .iter()
-                .any(|e| matches!(e, Event::TcpError { errno: 110, .. }))
-            {
-                AbortReason::Etimedout
-            } else if cluster.iter().any(|e| matches!(e, Event::TcpResetOut { .. })) {
-                AbortReason::RstSent
-            } else if let Some(errno) = cluster.iter().find_map(|e| match e {
-                Event::TcpError { errno, .. } => Some(*errno),
-                _ => None,
-            }) {
-                AbortReason::Error { errno }
-            } else {
-                AbortReason::ClosedByApplication
-            };
-            proof.extend(cluster.into_iter().cloned());
-            progress = None;
-            Fate::Aborted { reason, at_ns: t0 }
-        }
-        _ if unresolved && progress.is_none() => Fate::Unresolved,
-        _ => Fate::Survived,
+    let (fate, mut proof) = match terminal {
+        Some(i) if in_window[i].ts_ns() <= settle => abort(life, &in_window[i..]),
+        _ if unresolved && progress.is_none() => (Fate::Unresolved, Vec::new()),
+        _ => (Fate::Survived, Vec::new()),
     };
     if fate == Fate::Survived
         && let Some(last) = ep.last()
+        && let Some(e) = life.events.iter().find(|e| e.ts_ns() == last.ts)
     {
         // The last retransmission is the proof of recovery.
-        if let Some(e) = life.events.iter().find(|e| e.ts_ns() == last.ts) {
-            proof.push((*e).clone());
-        }
+        proof.push((*e).clone());
     }
-    let (first_progress_ns, progress_basis) = match (&fate, progress) {
-        (Fate::Survived, Some((t, b))) => (Some(t), b),
-        (Fate::Survived, None) => (
-            None,
-            "no retransmission in the window: nothing was lost".to_owned(),
-        ),
-        (Fate::Aborted { .. }, _) => (None, "aborted before any forward progress".to_owned()),
-        (Fate::Unresolved, _) => (
-            None,
-            unresolved_basis
-                .unwrap_or_else(|| "the trace ends before the next retransmission was due".to_owned()),
-        ),
-    };
+    let progress = if fate.is_aborted() { None } else { progress };
+    let (first_progress_ns, progress_basis) = progress_of(&fate, progress, reading.unresolved_basis);
     let counted: Vec<&Rtx> = ep
         .iter()
         .filter(|r| match (&fate, first_progress_ns) {
@@ -1214,7 +1188,7 @@ fn verdict(
     ConnectionVerdict {
         tuple: life.tuple,
         netns: life.netns,
-        state_at_pause,
+        state_at_pause: state_at(life, pause),
         retransmits: counted.len() as u32,
         highest_backoff: counted.iter().map(|r| r.backoff).max().unwrap_or(0),
         first_retransmit_ns: counted.first().map(|r| r.ts),
@@ -1234,6 +1208,186 @@ fn verdict(
             .map(|e| (*e).clone())
             .collect(),
         opened_during_window: false,
+        basis: Basis::Sockets,
+        wire: None,
+        wire_agrees: None,
+    }
+}
+
+/// The first terminal event: an error, a reset, or a CLOSE that does not end an orderly close. An application's
+/// close (`ESTABLISHED` → `FIN_WAIT1`, `CLOSE_WAIT` → `LAST_ACK`) is not terminal by itself: if its FIN is acknowledged
+/// after resume the close completed and the connection came through; if the socket dies first, the close is what
+/// ended it.
+fn first_terminal(in_window: &[&Event]) -> Option<usize> {
+    in_window.iter().position(|e| match e {
+        Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. } => true,
+        Event::TcpState {
+            old_state, new_state, ..
+        } => {
+            *new_state == Some(TcpState::Close)
+                && !matches!(
+                    old_state,
+                    Some(TcpState::LastAck | TcpState::Closing | TcpState::TimeWait | TcpState::FinWait2)
+                )
+        }
+        _ => false,
+    })
+}
+
+/// Precise progress: the first transition after `resume` that needs a segment from the peer.
+fn precise_progress(in_window: &[&Event], resume: u64) -> Option<(u64, String)> {
+    in_window.iter().find_map(|e| match e {
+        Event::TcpState {
+            ts_ns,
+            old_state,
+            new_state,
+            ..
+        } if *ts_ns >= resume && is_progress_transition(*old_state, *new_state) => Some((
+            *ts_ns,
+            format!("{} → {}", state_text(*old_state), state_text(*new_state)),
+        )),
+        _ => None,
+    })
+}
+
+/// What a retransmission episode says about progress.
+struct EpisodeReading {
+    /// Progress inferred from the episode: its last retransmission got through (no abort followed within the time
+    /// the next one was due), and when.
+    progress: Option<(u64, String)>,
+    /// Set when the trace ends before the next retransmission was due: why the fate is still open.
+    unresolved_basis: Option<String>,
+}
+
+/// Reads the episode `ep` against the first terminal event and the precise progress.
+fn read_episode(
+    ep: &[Rtx],
+    terminal_ts: Option<u64>,
+    precise: Option<&(u64, String)>,
+    resume: u64,
+    trace_end: u64,
+) -> EpisodeReading {
+    let mut reading = EpisodeReading {
+        progress: None,
+        unresolved_basis: None,
+    };
+    let Some(last) = ep.last() else {
+        return reading;
+    };
+    let next_due = next_retransmission_due(ep);
+    let aborted_in_episode = terminal_ts.is_some_and(|t| t <= next_due);
+    let precise_in_episode = precise.is_some_and(|(t, _)| *t <= next_due);
+    if aborted_in_episode || precise_in_episode {
+        return reading;
+    }
+    if next_due <= trace_end {
+        reading.progress = Some(if last.ts >= resume {
+            (
+                last.ts,
+                format!(
+                    "retransmission #{} at resume+{} was the last: no further retransmission or abort",
+                    ep.len(),
+                    fmt_dur(last.ts - resume)
+                ),
+            )
+        } else {
+            (
+                resume,
+                "retransmissions stopped before resume and none followed: the segment queued during the pause was \
+                 delivered after resume"
+                    .to_owned(),
+            )
+        });
+    } else {
+        reading.unresolved_basis = Some(format!(
+            "survived so far: no abort by the trace's end ({} after resume); retransmission #{} came at {}, the next \
+             was due by resume+{}",
+            fmt_dur(trace_end.saturating_sub(resume)),
+            ep.len(),
+            if last.ts >= resume {
+                format!("resume+{}", fmt_dur(last.ts - resume))
+            } else {
+                format!("resume−{}", fmt_dur(resume - last.ts))
+            },
+            fmt_dur(next_due.saturating_sub(resume))
+        ));
+    }
+    reading
+}
+
+/// When the retransmission after the episode's last was due at the latest: one doubled RTO later, plus the timer
+/// wheel's granularity (long timers fire up to an eighth of the timeout late).
+fn next_retransmission_due(ep: &[Rtx]) -> u64 {
+    let Some(last) = ep.last() else {
+        return 0;
+    };
+    let interval = if last.rto_us > 0 {
+        (last.rto_us * 2).min(120_000_000) * 1000
+    } else if ep.len() >= 2 {
+        2 * (last.ts - ep[ep.len() - 2].ts)
+    } else {
+        400_000_000
+    };
+    last.ts + interval + (interval / 4).max(300_000_000)
+}
+
+/// The abort that starts with `terminal[0]`: its reason from the terminal cluster (the first terminal event to the
+/// socket's CLOSE, or 10 ms), and that cluster as proof.
+fn abort(life: &ConnLife<'_>, terminal: &[&Event]) -> (Fate, Vec<Event>) {
+    let t0 = terminal[0].ts_ns();
+    let cluster_end = life.closed_ns.unwrap_or(t0).max(t0) + CLOSE_CLUSTER_NS;
+    let cluster: Vec<&Event> = terminal
+        .iter()
+        .copied()
+        .take_while(|e| e.ts_ns() <= cluster_end)
+        .collect();
+    let reason = abort_reason(&cluster);
+    (
+        Fate::Aborted { reason, at_ns: t0 },
+        cluster.into_iter().cloned().collect(),
+    )
+}
+
+/// Why a connection ended, from the events that ended it: a RST received, a timeout, a RST sent, another error, or
+/// its application's close.
+fn abort_reason(cluster: &[&Event]) -> AbortReason {
+    if cluster.iter().any(|e| matches!(e, Event::TcpResetIn { .. })) {
+        AbortReason::RstReceived
+    } else if cluster
+        .iter()
+        .any(|e| matches!(e, Event::TcpError { errno: 110, .. }))
+    {
+        AbortReason::Etimedout
+    } else if cluster.iter().any(|e| matches!(e, Event::TcpResetOut { .. })) {
+        AbortReason::RstSent
+    } else if let Some(errno) = cluster.iter().find_map(|e| match e {
+        Event::TcpError { errno, .. } => Some(*errno),
+        _ => None,
+    }) {
+        AbortReason::Error { errno }
+    } else {
+        AbortReason::ClosedByApplication
+    }
+}
+
+/// The first forward progress and what it rests on, for the verdict.
+fn progress_of(
+    fate: &Fate,
+    progress: Option<(u64, String)>,
+    unresolved_basis: Option<String>,
+) -> (Option<u64>, String) {
+    match (fate, progress) {
+        (Fate::Survived, Some((t, b))) => (Some(t), b),
+        (Fate::Survived, None) => (
+            None,
+            "no retransmission in the window: nothing was lost".to_owned(),
+        ),
+        (Fate::Aborted { .. }, _) => (None, "aborted before any forward progress".to_owned()),
+        (Fate::Unresolved, _) => (
+            None,
+            unresolved_basis
+                .unwrap_or_else(|| "the trace ends before the next retransmission was due".to_owned()),
+        ),
     }
 }
 
@@ -1252,93 +1406,166 @@ pub fn fmt_dur(ns: u64) -> String {
 // One migration
 // ---------------------------------------------------------------------------------------------------------------
 
+/// The times a migration's evidence is read within.
+struct Window {
+    pause: Option<u64>,
+    resume: Option<u64>,
+    /// Wire events from here on are the VM's arrival: the resume, or the pause when there is none.
+    after: u64,
+    /// Wire evidence of the move is read from the pause (or the anchor) ...
+    l2_from: u64,
+    /// ... up to the next pause of the VM, or [`L2_HORIZON_NS`] after the resume, whichever comes first.
+    l2_end: u64,
+    /// The next pause of the same VM, or the end of the trace.
+    end: u64,
+    trace_end: u64,
+}
+
+impl Window {
+    fn of(g: &MigrationGroup, window_end: u64, trace_end: u64) -> Self {
+        let pause = g.pause.as_ref().map(|p| p.ts_ns);
+        let resume = g.resume.as_ref().map(|r| r.ts_ns);
+        let anchor = g.anchor_ns();
+        let after = resume.or(pause).unwrap_or(anchor);
+        Self {
+            pause,
+            resume,
+            after,
+            l2_from: pause.unwrap_or(anchor),
+            // Wire events long after the resume belong to something else (the VM's next life, another migration).
+            l2_end: window_end.min(after.saturating_add(L2_HORIZON_NS)),
+            end: window_end,
+            trace_end,
+        }
+    }
+}
+
 fn build_migration(
     g: &MigrationGroup,
     l2: &L2Index<'_>,
-    conns: &ConnectionIndex<'_>,
+    (conns, flows): (&ConnectionIndex<'_>, &FlowIndex<'_>),
     window_end: u64,
     trace_end: u64,
 ) -> MigrationReport {
-    let mut warnings = Vec::new();
-    let mac = g.mac.to_ascii_lowercase();
+    let w = Window::of(g, window_end, trace_end);
+    let mac = g.mac;
     let mut ips = g.ips.clone();
-    if ips.is_empty() && !mac.is_empty() {
-        ips = l2.ips_of(&mac);
+    if let (true, Some(mac)) = (ips.is_empty(), mac) {
+        ips = l2.ips_of(mac);
     }
-    let pause = g.pause.as_ref().map(|p| p.ts_ns);
-    let resume = g.resume.as_ref().map(|r| r.ts_ns);
-    let anchor = g.anchor_ns();
+    let mut tl = group_timeline(g);
+    (tl.first_rarp, tl.first_garp) = first_announces(l2, mac, &w);
+    tl.first_na = first_neighbor_advert(l2, mac, &w);
+    tl.fdb_moves = mac.map(|mac| fdb_moves(l2, mac, &w)).unwrap_or_default();
+    if let Some(ports) = mac.and_then(|mac| l2.ports(mac, Direction::Ingress)) {
+        (tl.last_vm_frame_old_port, tl.first_vm_frame_new_port) = frames_from_vm(ports, &w);
+    }
+    if let Some(ports) = mac.and_then(|mac| l2.ports(mac, Direction::Egress)) {
+        let to_vm = frames_to_vm(ports, &w);
+        tl.last_frame_to_vm_old_port = to_vm.last_old;
+        tl.first_frame_to_vm_new_port = to_vm.first_new;
+        tl.black_holed = to_vm.black_holed;
+    }
+    let (mut dt, net) = downtime_split(g, &tl, &w);
 
-    let mut tl = Timeline {
-        setup: g.setup.map(|ts| Stamp {
-            ts_ns: ts,
-            source: g.source.clone(),
+    let mut warnings = Vec::new();
+    let connections = if let Some(p) = w.pause {
+        let sockets = judge_connections(conns, &ips, p, &net, &tl, &w);
+        let wire = flows::judge_flows(flows, &ips, p, &net, w.end, w.trace_end);
+        let (connections, disagreements) = join_bases(sockets, wire);
+        warnings.extend(disagreements);
+        connections
+    } else {
+        warnings.push("no pause seen for this migration: connections were not judged".to_owned());
+        Vec::new()
+    };
+    let tally = Tally::of(&connections);
+    dt.max_recovery_tail = max_recovery_tail(&connections);
+    warnings.extend(migration_warnings(&ips, mac, &tl, w.resume));
+    MigrationReport {
+        id: g.ids.join("+"),
+        mac,
+        mode: g.mode.map(|m| match m {
+            Mode::Live => "live".to_owned(),
+            Mode::Quick => "quick".to_owned(),
         }),
+        ips,
+        source: g.source,
+        source_host: g.source_host.clone(),
+        destination_host: g.destination_host.clone(),
+        carries_frames: g.carries_frames,
+        outcome: outcome(g, w.resume),
+        timeline: tl,
+        downtime: dt,
+        retransmits: connections.iter().map(|c| u64::from(c.retransmits)).sum(),
+        connections,
+        survived: tally.survived,
+        aborted: tally.aborted,
+        unresolved: tally.unresolved,
+        unjudged: Vec::new(),
+        warnings,
+    }
+}
+
+/// The migration's own phases, stamped with its pause source.
+fn group_timeline(g: &MigrationGroup) -> Timeline {
+    let stamp = |ts_ns: u64| Stamp {
+        ts_ns,
+        source: g.source,
+    };
+    Timeline {
+        setup: g.setup.map(stamp),
         rounds: g.rounds.clone(),
         pause: g.pause.clone(),
-        state_sent: g.state_sent.map(|ts| Stamp {
-            ts_ns: ts,
-            source: g.source.clone(),
-        }),
+        state_sent: g.state_sent.map(stamp),
         resume: g.resume.clone(),
-        complete: g.complete.map(|ts| Stamp {
-            ts_ns: ts,
-            source: g.source.clone(),
-        }),
-        announces: g
-            .announces
-            .iter()
-            .map(|&ts| Stamp {
-                ts_ns: ts,
-                source: g.source.clone(),
-            })
-            .collect(),
+        complete: g.complete.map(stamp),
+        announces: g.announces.iter().copied().map(stamp).collect(),
         ..Timeline::default()
-    };
-
-    // Wire: announces after the pause (or the anchor), by the VM's MAC.
-    let after = resume.or(pause).unwrap_or(anchor);
-    let l2_from = pause.unwrap_or(anchor);
-    // Wire events long after the resume belong to something else (the VM's next life, another migration).
-    let l2_end = window_end.min(after.saturating_add(L2_HORIZON_NS));
-    for e in &l2.announces {
-        let ts = e.ts_ns();
-        if ts < l2_from || ts >= l2_end {
-            continue;
-        }
-        match e {
-            Event::Rarp { frame, .. }
-                if tl.first_rarp.is_none() && (mac.is_empty() || frame.mac.eq_ignore_ascii_case(&mac)) =>
-            {
-                tl.first_rarp = Some(Sighting {
-                    ts_ns: ts,
-                    port: frame.port.to_string(),
-                    exact: true,
-                });
-            }
-            Event::Garp { frame, .. }
-                if tl.first_garp.is_none() && (mac.is_empty() || frame.mac.eq_ignore_ascii_case(&mac)) =>
-            {
-                tl.first_garp = Some(Sighting {
-                    ts_ns: ts,
-                    port: frame.port.to_string(),
-                    exact: true,
-                });
-            }
-            Event::NeighborAdvert { frame, .. }
-                if tl.first_na.is_none() && (mac.is_empty() || frame.mac.eq_ignore_ascii_case(&mac)) =>
-            {
-                tl.first_na = Some(Sighting {
-                    ts_ns: ts,
-                    port: frame.port.to_string(),
-                    exact: true,
-                });
-            }
-            _ => {}
-        }
     }
+}
 
-    // FDB: per bridge, the first update after the pause to a port other than the one before.
+/// The first RARP and the first GARP from the VM's MAC after the pause (any MAC when it is unknown).
+fn first_announces(
+    l2: &L2Index<'_>,
+    mac: Option<MacAddr>,
+    w: &Window,
+) -> (Option<Sighting>, Option<Sighting>) {
+    let first = |rarp: bool| {
+        l2.announces.iter().find_map(|e| {
+            let ts = e.ts_ns();
+            let frame = match e {
+                Event::Rarp { frame, .. } if rarp => frame,
+                Event::Garp { frame, .. } if !rarp => frame,
+                _ => return None,
+            };
+            (ts >= w.l2_from && ts < w.l2_end && same_vm(mac, Some(frame.mac))).then(|| Sighting {
+                ts_ns: ts,
+                port: frame.port.to_string(),
+                exact: true,
+            })
+        })
+    };
+    (first(true), first(false))
+}
+
+/// The first announcing neighbor advertisement from the VM's MAC after the pause (any MAC when it is unknown).
+fn first_neighbor_advert(l2: &L2Index<'_>, mac: Option<MacAddr>, w: &Window) -> Option<Sighting> {
+    l2.announces.iter().find_map(|e| {
+        let Event::NeighborAdvert { ts_ns, frame } = e else {
+            return None;
+        };
+        (*ts_ns >= w.l2_from && *ts_ns < w.l2_end && same_vm(mac, Some(frame.mac))).then(|| Sighting {
+            ts_ns: *ts_ns,
+            port: frame.port.to_string(),
+            exact: true,
+        })
+    })
+}
+
+/// Per bridge, the first update after the pause that puts the VM's MAC on a port other than the one before.
+fn fdb_moves(l2: &L2Index<'_>, mac: MacAddr, w: &Window) -> Vec<FdbMove> {
+    let mut moves = Vec::new();
     let mut last_port: BTreeMap<String, String> = BTreeMap::new();
     let mut moved: BTreeSet<String> = BTreeSet::new();
     for e in &l2.fdb {
@@ -1353,17 +1580,17 @@ fn build_migration(
         else {
             continue;
         };
-        if !m.eq_ignore_ascii_case(&mac) || *ts_ns >= l2_end {
+        if *m != mac || *ts_ns >= w.l2_end {
             continue;
         }
         let bridge_key = match netns {
             Some(ns) => format!("{bridge}@{ns}"),
             None => bridge.clone(),
         };
-        if *ts_ns >= l2_from && !moved.contains(&bridge_key) {
+        if *ts_ns >= w.l2_from && !moved.contains(&bridge_key) {
             let from = last_port.get(&bridge_key).cloned();
             if from.as_deref() != Some(port.as_str()) {
-                tl.fdb_moves.push(FdbMove {
+                moves.push(FdbMove {
                     bridge: bridge_key.clone(),
                     from_port: from,
                     to_port: port.clone(),
@@ -1374,74 +1601,105 @@ fn build_migration(
         }
         last_port.insert(bridge_key, port.clone());
     }
+    moves
+}
 
-    // The VM's frames: last before the pause (any port), first after resume (new port).
-    let ingress = if mac.is_empty() {
-        None
-    } else {
-        l2.ports(&mac, Direction::Ingress)
-    };
-    if let (Some(ports), Some(p)) = (ingress, pause) {
-        tl.last_vm_frame_old_port = last_sighting_before(ports, p);
-    }
-    if let Some(ports) = ingress {
-        // The new port is outside the VM's old path (the ports of its last burst before the pause); only when the
-        // VM came back where it was (a stop/cont) is it one of those.
-        let p = pause.unwrap_or(anchor);
-        let old = old_path(ports, p);
-        tl.first_vm_frame_new_port = first_sighting_after(ports, &old, after, l2_end);
-    }
-    let egress = if mac.is_empty() {
-        None
-    } else {
-        l2.ports(&mac, Direction::Egress)
-    };
-    if let Some(ports) = egress {
-        let p = pause.unwrap_or(anchor);
-        // Old path: egress ports that were part of the last burst of delivery before the pause.
-        tl.last_frame_to_vm_old_port = last_sighting_before(ports, p);
-        let old = old_path(ports, p);
-        // New port: the first port outside the old path that delivers after resume (or, when the VM came back to
-        // the same port, the first old one).
-        tl.first_frame_to_vm_new_port = first_sighting_after(ports, &old, after, l2_end);
-        let new_first = tl.first_frame_to_vm_new_port.as_ref().map(|s| s.ts_ns);
-        let new_label = tl.first_frame_to_vm_new_port.as_ref().map(|s| s.port.clone());
-        for label in old {
-            if Some(label) == new_label.as_ref() {
-                continue;
-            }
-            let a = &ports[label];
-            let (frames, last) = a.between(p, l2_end.min(trace_end.saturating_add(1)));
-            let Some(last) = last else { continue };
-            // Still delivering well after the new port started: a shared hop, not the old port.
-            if new_first.is_some_and(|nf| last > nf + SHARED_PATH_SLACK_NS) {
-                continue;
-            }
-            if frames > 0 {
-                tl.black_holed.push(BlackHole {
-                    port: label.clone(),
-                    frames,
-                    last_ns: last,
-                });
-            }
+/// The VM's own frames: its last before the pause (any port) and its first after the resume at its new port.
+fn frames_from_vm(
+    ports: &BTreeMap<String, PortActivity>,
+    w: &Window,
+) -> (Option<Sighting>, Option<Sighting>) {
+    let last_old = w.pause.and_then(|p| last_sighting_before(ports, p));
+    // The new port is outside the VM's old path (the ports of its last burst before the pause); only when the VM
+    // came back where it was (a stop/cont) is it one of those.
+    let old = old_path(ports, w.l2_from);
+    let first_new = first_sighting_after(ports, &old, w.after, w.l2_end);
+    (last_old, first_new)
+}
+
+/// Frames delivered towards the VM, around the move.
+struct FramesToVm {
+    last_old: Option<Sighting>,
+    first_new: Option<Sighting>,
+    black_holed: Vec<BlackHole>,
+}
+
+/// The last frame delivered towards the VM before the pause, the first at its new port, and the frames delivered
+/// after the pause at old ports it had left (black-holed).
+fn frames_to_vm(ports: &BTreeMap<String, PortActivity>, w: &Window) -> FramesToVm {
+    let p = w.l2_from;
+    let last_old = last_sighting_before(ports, p);
+    let old = old_path(ports, p);
+    // New port: the first port outside the old path that delivers after resume (or, when the VM came back to the
+    // same port, the first old one).
+    let first_new = first_sighting_after(ports, &old, w.after, w.l2_end);
+    let new_first = first_new.as_ref().map(|s| s.ts_ns);
+    let new_label = first_new.as_ref().map(|s| s.port.clone());
+    let mut black_holed = Vec::new();
+    for label in old {
+        if Some(label) == new_label.as_ref() {
+            continue;
+        }
+        let (frames, last) = ports[label].between(p, w.l2_end.min(w.trace_end.saturating_add(1)));
+        let Some(last) = last else { continue };
+        // Still delivering well after the new port started: a shared hop, not the old port.
+        if new_first.is_some_and(|nf| last > nf + SHARED_PATH_SLACK_NS) {
+            continue;
+        }
+        if frames > 0 {
+            black_holed.push(BlackHole {
+                port: label.clone(),
+                frames,
+                last_ns: last,
+            });
         }
     }
+    FramesToVm {
+        last_old,
+        first_new,
+        black_holed,
+    }
+}
 
-    // Downtime split.
+/// The vCPU pause, the network blackout and the convergence, and when the network let frames reach the VM again.
+fn downtime_split(g: &MigrationGroup, tl: &Timeline, w: &Window) -> (Downtime, Network) {
     let mut dt = Downtime::default();
     if let (Some(p), Some(r)) = (&g.pause, &g.resume) {
         dt.vcpu_pause = Some(Figure {
             ns: r.ts_ns.saturating_sub(p.ts_ns),
-            source: r.source.clone(),
-            basis: if g.source == "wire" {
+            source: r.source.to_string(),
+            basis: if g.source == PauseSource::Wire {
                 "inferred: the VM's last frame at the old port → its first frame at the new port".to_owned()
             } else {
                 format!("{} pause → resume events", g.source)
             },
+            bound_ns: None,
         });
     }
-    let blackout_end = tl
-        .first_frame_to_vm_new_port
+    let arrival = network_arrival(tl);
+    dt.blackout = blackout(g.source, tl, w.pause, arrival);
+    let last_fdb = tl.fdb_moves.iter().map(|m| m.ts_ns).max();
+    if let Some(r) = w.resume {
+        let conv = last_fdb
+            .map(|t| (t, "resume → the last bridge's FDB move"))
+            .or_else(|| arrival.map(|(t, _)| (t, "resume → the first frame delivered at the new port")));
+        dt.convergence = conv.map(|(t, basis)| Figure {
+            ns: t.saturating_sub(r),
+            source: format!("{}+wire", g.source),
+            basis: basis.to_owned(),
+            bound_ns: None,
+        });
+    }
+    let net = Network {
+        resume: w.resume,
+        restored: w.resume.map(|r| last_fdb.map_or(r, |f| f.max(r))),
+    };
+    (dt, net)
+}
+
+/// When traffic reached the VM at its new port, and what shows it.
+fn network_arrival(tl: &Timeline) -> Option<(u64, &'static str)> {
+    tl.first_frame_to_vm_new_port
         .as_ref()
         .map(|s| (s.ts_ns, "first frame delivered towards the VM at the new port"))
         .or_else(|| {
@@ -1451,10 +1709,19 @@ fn build_migration(
                     "first frame from the VM at the new port (no egress counters)",
                 )
             })
-        });
-    // The blackout starts at the last frame exchanged with the VM at its old port, either way: until then the path
-    // demonstrably worked.
-    let blackout_start = [
+        })
+}
+
+/// The blackout: from the last frame exchanged with the VM at its old port (either way: until then the path
+/// demonstrably worked), or from the pause when none was seen, to its arrival at the new port.
+fn blackout(
+    source: PauseSource,
+    tl: &Timeline,
+    pause: Option<u64>,
+    arrival: Option<(u64, &'static str)>,
+) -> Option<Figure> {
+    let (end, what) = arrival?;
+    let start = [
         tl.last_vm_frame_old_port
             .as_ref()
             .map(|s| (s, "the VM's last frame")),
@@ -1465,88 +1732,161 @@ fn build_migration(
     .into_iter()
     .flatten()
     .max_by_key(|(s, _)| s.ts_ns);
-    if let (Some((start, which)), Some((end, what))) = (blackout_start, blackout_end) {
-        dt.blackout = Some(Figure {
+    match (start, pause) {
+        (Some((start, which)), _) => Some(Figure {
             ns: end.saturating_sub(start.ts_ns),
             source: "wire".to_owned(),
             basis: format!("{which} at {} → {what}", start.port),
-        });
-    } else if let (Some(p), Some((end, what))) = (pause, blackout_end) {
-        dt.blackout = Some(Figure {
+            bound_ns: None,
+        }),
+        (None, Some(p)) => Some(Figure {
             ns: end.saturating_sub(p),
-            source: format!("{}+wire", g.source),
+            source: format!("{source}+wire"),
             basis: format!("pause → {what} (no frame from the VM seen before the pause)"),
-        });
+            bound_ns: None,
+        }),
+        (None, None) => None,
     }
-    let last_fdb = tl.fdb_moves.iter().map(|m| m.ts_ns).max();
-    if let Some(r) = resume {
-        let conv = last_fdb
-            .map(|t| (t, "resume → the last bridge's FDB move"))
-            .or_else(|| blackout_end.map(|(t, _)| (t, "resume → the first frame delivered at the new port")));
-        if let Some((t, basis)) = conv {
-            dt.convergence = Some(Figure {
-                ns: t.saturating_sub(r),
-                source: format!("{}+wire", g.source),
-                basis: basis.to_owned(),
-            });
-        }
-    }
-    let net = Network {
-        resume,
-        restored: resume.map(|r| last_fdb.map_or(r, |f| f.max(r))),
-    };
+}
 
-    // Connections.
+/// A verdict for every connection of the VM alive at the pause `p` (or opened during the outage).
+fn judge_connections(
+    conns: &ConnectionIndex<'_>,
+    ips: &[IpAddr],
+    p: u64,
+    net: &Network,
+    tl: &Timeline,
+    w: &Window,
+) -> Vec<ConnectionVerdict> {
+    let outage_end = net.restored.unwrap_or(p);
     let mut connections = Vec::new();
-    if let Some(p) = pause {
-        let outage_end = net.restored.unwrap_or(p);
-        for life in &conns.lives {
-            if !matches_ips(&life.tuple, &ips) {
-                continue;
-            }
-            let first = life.events.first().map_or(u64::MAX, |e| e.ts_ns());
-            let closed_before = life.closed_ns.is_some_and(|c| c < p);
-            if closed_before || first >= window_end {
-                continue;
-            }
-            let opened_during = life.opened_ns.is_some_and(|o| o >= p);
-            if opened_during && life.opened_ns.is_some_and(|o| o > outage_end) {
-                continue;
-            }
-            if !opened_during && first > p && state_at(life, p) == "SYN_SENT" {
-                continue;
-            }
-            let mut v = verdict(life, p, &net, window_end, trace_end);
-            v.opened_during_window = opened_during;
-            // Nothing lost: the data plane still tells when traffic towards the VM flowed again (not per connection).
-            if v.fate == Fate::Survived
-                && v.retransmits == 0
-                && let (Some(first), Some(r)) = (&tl.first_frame_to_vm_new_port, resume)
-            {
-                let _ = write!(
-                    v.progress_basis,
-                    "; traffic towards the VM flowed again at resume+{} ({})",
-                    fmt_dur(first.ts_ns.saturating_sub(r)),
-                    first.port
-                );
-            }
-            connections.push(v);
+    for life in &conns.lives {
+        if !matches_ips(&life.tuple, ips) {
+            continue;
         }
-    } else {
-        warnings.push("no pause seen for this migration: connections were not judged".to_owned());
+        let first = life.events.first().map_or(u64::MAX, |e| e.ts_ns());
+        let closed_before = life.closed_ns.is_some_and(|c| c < p);
+        if closed_before || first >= w.end {
+            continue;
+        }
+        let opened_during = life.opened_ns.is_some_and(|o| o >= p);
+        if opened_during && life.opened_ns.is_some_and(|o| o > outage_end) {
+            continue;
+        }
+        if !opened_during && first > p && state_at(life, p) == Some(TcpState::SynSent) {
+            continue;
+        }
+        let mut v = verdict(life, p, net, w.end, w.trace_end);
+        v.opened_during_window = opened_during;
+        // Nothing lost: the data plane still tells when traffic towards the VM flowed again (not per connection).
+        if v.fate == Fate::Survived
+            && v.retransmits == 0
+            && let (Some(first), Some(r)) = (&tl.first_frame_to_vm_new_port, w.resume)
+        {
+            let _ = write!(
+                v.progress_basis,
+                "; traffic towards the VM flowed again at resume+{} ({})",
+                fmt_dur(first.ts_ns.saturating_sub(r)),
+                first.port
+            );
+        }
+        connections.push(v);
     }
     connections.sort_by_key(|c| (c.tuple, c.netns));
-    let counted = connections.iter().filter(|c| !c.opened_during_window);
-    let (mut survived, mut aborted, mut unresolved) = (0, 0, 0);
-    for c in counted {
-        match c.fate {
-            Fate::Survived => survived += 1,
-            Fate::Aborted { .. } => aborted += 1,
-            Fate::Unresolved => unresolved += 1,
+    connections
+}
+
+/// The verdicts of both bases, one per connection: the socket's where the client socket was seen (with the wire's
+/// view and whether it agrees), the wire's for the others. Returns them with a warning per disagreement.
+fn join_bases(
+    sockets: Vec<ConnectionVerdict>,
+    wire: Vec<ConnectionVerdict>,
+) -> (Vec<ConnectionVerdict>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut out = sockets;
+    for w in wire {
+        let Some(s) = out
+            .iter_mut()
+            .find(|s| s.basis == Basis::Sockets && s.tuple == w.tuple && s.wire.is_none())
+        else {
+            out.push(w);
+            continue;
+        };
+        let agrees = flows::agree(&s.fate, &w.fate);
+        if !agrees {
+            warnings.push(format!(
+                "{}:{} → {}:{}: the sockets say {}, the wire says {} ({})",
+                s.tuple.saddr,
+                s.tuple.sport,
+                s.tuple.daddr,
+                s.tuple.dport,
+                s.fate,
+                w.fate,
+                w.wire.as_ref().map_or("", |v| v.basis.as_str())
+            ));
         }
+        s.wire = w.wire;
+        s.wire_agrees = Some(agrees);
     }
-    let retransmits = connections.iter().map(|c| u64::from(c.retransmits)).sum();
-    dt.max_recovery_tail = connections
+    out.sort_by_key(|c| (c.tuple, c.netns));
+    (out, warnings)
+}
+
+/// Connections alive at the pause `p` (an event before it, not closed before it) that `m` did not judge and whose
+/// addresses no other migration's VM has. A migration with unknown IPs judges every connection.
+fn unjudged_at(
+    conns: &ConnectionIndex<'_>,
+    m: &MigrationReport,
+    p: u64,
+    known_ips: &[Vec<IpAddr>],
+) -> Vec<FourTuple> {
+    if m.ips.is_empty() {
+        return Vec::new();
+    }
+    let mut out: Vec<FourTuple> = conns
+        .lives
+        .iter()
+        .filter(|life| {
+            life.events.first().is_some_and(|e| e.ts_ns() < p) && life.closed_ns.is_none_or(|c| c >= p)
+        })
+        .filter(|life| !m.connections.iter().any(|c| c.tuple == life.tuple))
+        .filter(|life| {
+            !known_ips
+                .iter()
+                .any(|ips| !ips.is_empty() && matches_ips(&life.tuple, ips))
+        })
+        .map(|life| life.tuple)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Fates counted over the connections alive at the pause.
+#[derive(Default)]
+struct Tally {
+    survived: usize,
+    aborted: usize,
+    unresolved: usize,
+}
+
+impl Tally {
+    fn of(connections: &[ConnectionVerdict]) -> Self {
+        let mut t = Self::default();
+        for c in connections.iter().filter(|c| !c.opened_during_window) {
+            match c.fate {
+                Fate::Survived => t.survived += 1,
+                Fate::Aborted { .. } => t.aborted += 1,
+                Fate::Unresolved => t.unresolved += 1,
+            }
+        }
+        t
+    }
+}
+
+/// The longest resume → first progress among the connections alive at the pause.
+fn max_recovery_tail(connections: &[ConnectionVerdict]) -> Option<Figure> {
+    connections
         .iter()
         .filter(|c| !c.opened_during_window)
         .filter_map(|c| c.recovery_tail_ns.map(|t| (t, c)))
@@ -1558,26 +1898,41 @@ fn build_migration(
                 "{}:{} → {}:{}: {}",
                 c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport, c.progress_basis
             ),
-        });
+            bound_ns: None,
+        })
+}
 
+/// What the report cannot tell, and why.
+fn migration_warnings(
+    ips: &[IpAddr],
+    mac: Option<MacAddr>,
+    tl: &Timeline,
+    resume: Option<u64>,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
     if ips.is_empty() {
         warnings.push(
             "the VM's IPs are unknown: every connection in the trace was judged against this pause"
                 .to_owned(),
         );
     }
-    if mac.is_empty() {
+    if mac.is_none() {
         warnings.push("the VM's MAC is unknown: no wire figures".to_owned());
     }
     if tl.first_rarp.is_none()
         && tl.first_garp.is_none()
         && tl.first_na.is_none()
         && resume.is_some()
-        && !mac.is_empty()
+        && mac.is_some()
     {
         warnings.push("no RARP or GARP from the VM was seen after the pause".to_owned());
     }
-    let outcome = if let Some(r) = &g.failed {
+    warnings
+}
+
+/// completed, failed: …, rolled back, in progress.
+fn outcome(g: &MigrationGroup, resume: Option<u64>) -> String {
+    if let Some(r) = &g.failed {
         if g.rollback {
             format!("failed ({r}), rolled back")
         } else {
@@ -1585,34 +1940,12 @@ fn build_migration(
         }
     } else if g.rollback {
         "rolled back".to_owned()
-    } else if g.complete.is_some() || (g.source != "migrator" && resume.is_some()) {
+    } else if g.complete.is_some() || (g.source != PauseSource::Migrator && resume.is_some()) {
         "completed".to_owned()
     } else if resume.is_some() {
         "resumed (no completion event)".to_owned()
     } else {
         "in progress when the trace ended".to_owned()
-    };
-    MigrationReport {
-        id: g.ids.join("+"),
-        mac,
-        mode: g.mode.map(|m| match m {
-            Mode::Live => "live".to_owned(),
-            Mode::Quick => "quick".to_owned(),
-        }),
-        ips,
-        source: g.source.clone(),
-        source_host: g.source_host.clone(),
-        destination_host: g.destination_host.clone(),
-        carries_frames: g.carries_frames,
-        outcome,
-        timeline: tl,
-        downtime: dt,
-        connections,
-        survived,
-        aborted,
-        unresolved,
-        retransmits,
-        warnings,
     }
 }
 

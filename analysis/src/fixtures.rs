@@ -6,7 +6,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use migevents::{MigrationEvent, Mode, Phase, Role};
 
-use crate::trace::{ArpFrame, Direction, Event, FourTuple, Port, TcpCommon};
+use crate::trace::{
+    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, MacAddr, PauseSource, Port, TcpCommon,
+    TcpState,
+};
 
 pub const MS: u64 = 1_000_000;
 pub const VM_MAC: &str = "52:54:00:12:34:56";
@@ -29,8 +32,22 @@ pub fn mig(ts_ms: u64, id: &str, mac: &str, role: Role, phase: Phase, source: &s
             role,
             phase,
         },
-        source: source.to_owned(),
+        source: match source {
+            "qmp" => PauseSource::Qmp,
+            "wire" => PauseSource::Wire,
+            _ => PauseSource::Migrator,
+        },
     }
+}
+
+/// A MAC written in a test.
+pub fn mac_of(s: &str) -> MacAddr {
+    s.parse().expect("a fixture's MAC is well formed")
+}
+
+/// A TCP state named in a test (`""` for none).
+pub fn state_of(s: &str) -> Option<TcpState> {
+    (!s.is_empty()).then(|| s.parse().expect("a fixture's TCP state is a kernel name"))
 }
 
 pub fn setup(ts_ms: u64, id: &str, mac: &str, ip: Ipv4Addr, mode: Mode) -> Event {
@@ -109,8 +126,8 @@ pub fn state(ts_ms: u64, t: FourTuple, old: &str, new: &str) -> Event {
     Event::TcpState {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
-        old_state: old.into(),
-        new_state: new.into(),
+        old_state: state_of(old),
+        new_state: state_of(new),
     }
 }
 
@@ -120,11 +137,12 @@ pub fn rtx(ts_ms: u64, t: FourTuple, k: u32, base_rto_ms: u64) -> Event {
     Event::TcpRetransmit {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
-        state: "ESTABLISHED".into(),
+        state: Some(TcpState::Established),
         retransmits: k,
         backoff: k - 1,
         rto_us: (base_rto_ms * 1000) << (k - 1),
         srtt_us: 0,
+        retransmit_kind: None,
     }
 }
 
@@ -134,7 +152,7 @@ pub fn err(ts_ms: u64, t: FourTuple, errno: i32) -> Event {
         ts_ns: ts_ms * MS,
         tcp: TcpCommon { tuple: t, netns: 0 },
         errno,
-        state: String::new(),
+        state: None,
     }
 }
 
@@ -142,7 +160,7 @@ pub fn rst_in(ts_ms: u64, t: FourTuple) -> Event {
     Event::TcpResetIn {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
-        state: "ESTABLISHED".into(),
+        state: Some(TcpState::Established),
     }
 }
 
@@ -150,14 +168,14 @@ pub fn rst_out(ts_ms: u64, t: FourTuple) -> Event {
     Event::TcpResetOut {
         ts_ns: ts_ms * MS,
         tcp: tcp(t),
-        state: "ESTABLISHED".into(),
+        state: Some(TcpState::Established),
     }
 }
 
 pub fn seen(ts_ms: u64, mac: &str, p: &str, dir: Direction) -> Event {
     Event::MacSeen {
         ts_ns: ts_ms * MS,
-        mac: mac.into(),
+        mac: mac_of(mac),
         port: port(p),
         direction: dir,
         gap_ns: 0,
@@ -175,7 +193,7 @@ pub fn stats(
 ) -> Event {
     Event::MacStats {
         ts_ns: ts_ms * MS,
-        mac: mac.into(),
+        mac: mac_of(mac),
         port: port(p),
         direction: dir,
         frames,
@@ -199,13 +217,13 @@ pub fn rarp(ts_ms: u64, mac: &str, p: &str) -> Event {
         ts_ns: ts_ms * MS,
         frame: ArpFrame {
             port: port(p),
-            mac: mac.into(),
+            mac: mac_of(mac),
             vlan: vec![],
             op: 3,
-            sha: mac.into(),
-            spa: "0.0.0.0".into(),
-            tha: mac.into(),
-            tpa: "0.0.0.0".into(),
+            sha: mac_of(mac),
+            spa: Ipv4Addr::UNSPECIFIED.into(),
+            tha: mac_of(mac),
+            tpa: Ipv4Addr::UNSPECIFIED.into(),
             frame: format!(
                 "ffffffffffff{m}80350001080006040003{m}00000000{m}00000000{pad}",
                 m = mac.replace(':', ""),
@@ -221,13 +239,13 @@ pub fn garp(ts_ms: u64, mac: &str, ip: Ipv4Addr, p: &str) -> Event {
         ts_ns: ts_ms * MS,
         frame: ArpFrame {
             port: port(p),
-            mac: mac.into(),
+            mac: mac_of(mac),
             vlan: vec![],
             op: 1,
-            sha: mac.into(),
-            spa: ip.to_string(),
-            tha: "00:00:00:00:00:00".into(),
-            tpa: ip.to_string(),
+            sha: mac_of(mac),
+            spa: ip.into(),
+            tha: MacAddr::default(),
+            tpa: ip.into(),
             frame: String::new(),
             len: 42,
         },
@@ -240,15 +258,15 @@ pub fn neighbor_advert(ts_ms: u64, mac: &str, target: std::net::Ipv6Addr, p: &st
         ts_ns: ts_ms * MS,
         frame: crate::trace::NeighborAdvertFrame {
             port: port(p),
-            mac: mac.into(),
+            mac: mac_of(mac),
             vlan: vec![],
-            src_ip: target.to_string(),
-            dst_ip: "ff02::1".into(),
-            target: target.to_string(),
+            src_ip: target,
+            dst_ip: std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+            target,
             router: false,
             solicited: false,
             override_: true,
-            tlla: Some(mac.into()),
+            tlla: Some(mac_of(mac)),
             frame: String::new(),
             len: 86,
         },
@@ -260,7 +278,7 @@ pub fn fdb(ts_ms: u64, bridge: &str, p: &str, mac: &str) -> Event {
         ts_ns: ts_ms * MS,
         bridge: bridge.into(),
         port: p.into(),
-        mac: mac.into(),
+        mac: mac_of(mac),
         vlan: 0,
         netns: None,
     }
@@ -361,4 +379,114 @@ pub fn quick_trace() -> Vec<Event> {
         },
     ]);
     ev
+}
+
+/// A client (the VM's peer) at 10.77.0.100:`client_port` talking to the VM's port 7 (the [`tuple`] of the socket
+/// fixtures), as the flow tracker reports
+/// its segments: `seq`, `len`, the sender's highest sequence end and the receiver's last ACK before it, and the
+/// sender's silence before it (ms).
+pub struct FlowSeg {
+    pub side: FlowSide,
+    pub client_port: u16,
+    pub seq: u32,
+    pub len: u32,
+    pub seq_end: Option<u32>,
+    pub peer_ack: Option<u32>,
+    pub silence_ms: u64,
+    pub flags: u8,
+}
+
+impl FlowSeg {
+    /// A data segment (PSH|ACK) from `side`.
+    pub fn data(side: FlowSide, client_port: u16, seq: u32, len: u32) -> Self {
+        Self {
+            side,
+            client_port,
+            seq,
+            len,
+            seq_end: Some(seq.wrapping_add(len)),
+            peer_ack: Some(seq),
+            silence_ms: 0,
+            flags: 0x18,
+        }
+    }
+
+    #[must_use]
+    pub fn silence(mut self, ms: u64) -> Self {
+        self.silence_ms = ms;
+        self
+    }
+
+    #[must_use]
+    pub fn seq_end(mut self, e: u32) -> Self {
+        self.seq_end = Some(e);
+        self
+    }
+
+    #[must_use]
+    pub fn peer_ack(mut self, a: u32) -> Self {
+        self.peer_ack = Some(a);
+        self
+    }
+
+    #[must_use]
+    pub fn flags(mut self, f: u8) -> Self {
+        self.flags = f;
+        self
+    }
+
+    /// The segment as seen on `port`.
+    pub fn on(&self, p: &str) -> FlowSegment {
+        FlowSegment {
+            vm_addr: VM_IP.into(),
+            vm_port: 7,
+            peer_addr: Ipv4Addr::new(10, 77, 0, 100).into(),
+            peer_port: self.client_port,
+            port: port(p),
+            direction: Direction::Ingress,
+            side: self.side,
+            tcp_flags: self.flags,
+            seq: self.seq,
+            ack: 1,
+            len: self.len,
+            window: 512,
+            seq_end: self.seq_end,
+            peer_ack: self.peer_ack,
+            retransmits: 0,
+            gap_ns: self.silence_ms * MS,
+            silence_ns: self.silence_ms * MS,
+            vlan: Vec::new(),
+            frame: String::new(),
+            frame_len: 0,
+        }
+    }
+}
+
+/// `flow_open`, `flow_retransmit`, `flow_reset` and `flow_progress` at `ts_ms` on port `p`.
+pub fn flow_open(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowOpen {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
+}
+
+pub fn flow_rtx(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowRetransmit {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
+}
+
+pub fn flow_rst(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowReset {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
+}
+
+pub fn flow_progress(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowProgress {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
 }

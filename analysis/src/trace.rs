@@ -4,19 +4,25 @@
 //! counters sampled from maps, migration phases from migrators or QMP. `migmon watch --json` prints them, `--record`
 //! appends them to a trace, and `report`, `check`, `whatif` and `export` read the trace back.
 //!
-//! A trace is JSON lines: a [`TraceHeader`] line, then one event per line, each written whole and flushed. A killed
-//! monitor therefore leaves a trace that is readable up to its last complete line; [`read_trace`] says when the last
-//! line was cut. All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
+//! A trace is JSON lines: a [`TraceHeader`] line, then one event per line, each written whole and flushed, then a
+//! [`TraceEnd`] line when the monitor finished its observation. A killed monitor therefore leaves a trace that is
+//! readable up to its last complete line, without an end record; [`read_trace`] says when the last line was cut.
+//! The end record counts the lines before it and carries a hash of them (FNV-1a, 64 bits), so a line dropped,
+//! duplicated or altered after recording is noticed ([`Trace::damage`]). The hash guards against corruption, not
+//! against someone editing the file on purpose. Traces written before the end record existed are still read; they
+//! count as damaged (no end record). All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
 
 use std::{
     fmt,
     fs::File,
     io::{self, BufRead, BufReader, BufWriter, Write},
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
+    str::FromStr,
 };
 
-use serde::{Deserialize, Serialize};
+pub use migmon_base::MacAddr;
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// Current trace format version.
 pub const TRACE_VERSION: u32 = 1;
@@ -66,22 +72,170 @@ pub enum Direction {
     Egress,
 }
 
+/// A TCP socket state, as the kernel names it (`include/net/tcp_states.h`). Traces write the kernel's name
+/// (`ESTABLISHED`, `SYN_SENT`, ...); a number the kernel may add later is kept as `UNKNOWN(n)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    Unknown(u32),
+}
+
+impl TcpState {
+    const NAMED: [(TcpState, &'static str); 12] = [
+        (TcpState::Established, "ESTABLISHED"),
+        (TcpState::SynSent, "SYN_SENT"),
+        (TcpState::SynRecv, "SYN_RECV"),
+        (TcpState::FinWait1, "FIN_WAIT1"),
+        (TcpState::FinWait2, "FIN_WAIT2"),
+        (TcpState::TimeWait, "TIME_WAIT"),
+        (TcpState::Close, "CLOSE"),
+        (TcpState::CloseWait, "CLOSE_WAIT"),
+        (TcpState::LastAck, "LAST_ACK"),
+        (TcpState::Listen, "LISTEN"),
+        (TcpState::Closing, "CLOSING"),
+        (TcpState::NewSynRecv, "NEW_SYN_RECV"),
+    ];
+
+    /// The state of the kernel's number (`TCP_ESTABLISHED` = 1, ...); `None` for 0, which the probes report when
+    /// they could not read the socket's state.
+    pub fn from_kernel(n: u32) -> Option<Self> {
+        match n {
+            0 => None,
+            1..=12 => Some(Self::NAMED[n as usize - 1].0),
+            other => Some(Self::Unknown(other)),
+        }
+    }
+
+    /// The kernel's name.
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Self::Unknown(n) => format!("UNKNOWN({n})").into(),
+            named => Self::NAMED
+                .iter()
+                .find(|(s, _)| *s == named)
+                .map_or("UNKNOWN".into(), |(_, name)| (*name).into()),
+        }
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.name())
+    }
+}
+
+/// A text that is not a TCP state name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a TCP state (ESTABLISHED, SYN_SENT, ..., CLOSE, or UNKNOWN(n))")]
+pub struct TcpStateParseError(String);
+
+impl FromStr for TcpState {
+    type Err = TcpStateParseError;
+
+    fn from_str(s: &str) -> Result<Self, TcpStateParseError> {
+        if let Some((state, _)) = Self::NAMED.iter().find(|(_, name)| *name == s) {
+            return Ok(*state);
+        }
+        s.strip_prefix("UNKNOWN(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|n| n.parse().ok())
+            .map(Self::Unknown)
+            .ok_or_else(|| TcpStateParseError(s.to_owned()))
+    }
+}
+
+impl Serialize for TcpState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for TcpState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// `Option<TcpState>` as a trace writes it: the state's name, or `""` when the probe could not read it.
+pub mod state_or_empty {
+    use super::{Deserialize, Deserializer, Serializer, TcpState, de};
+
+    pub fn serialize<S: Serializer>(state: &Option<TcpState>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::state_text(*state))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<TcpState>, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse().map(Some).map_err(de::Error::custom)
+        }
+    }
+}
+
+/// A state as traces write it: its name, or `""` for `None`.
+pub fn state_text(state: Option<TcpState>) -> std::borrow::Cow<'static, str> {
+    state.map_or("".into(), TcpState::name)
+}
+
+/// Where a migration's pause window came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseSource {
+    /// A migrator's phase events (`--events-listen`, `--events`).
+    #[default]
+    Migrator,
+    /// QEMU's QMP events (`--qmp`).
+    Qmp,
+    /// Inferred from the data plane (the VM's MAC moving between ports).
+    Wire,
+}
+
+impl PauseSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Migrator => "migrator",
+            Self::Qmp => "qmp",
+            Self::Wire => "wire",
+        }
+    }
+}
+
+impl fmt::Display for PauseSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// An ARP-family frame (ARP, GARP or RARP) as XDP saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArpFrame {
     #[serde(flatten)]
     pub port: Port,
     /// Ethernet source MAC.
-    pub mac: String,
+    pub mac: MacAddr,
     /// VLAN tags, outermost first (empty when untagged).
     #[serde(default)]
     pub vlan: Vec<u16>,
     /// ARP operation: 1 request, 2 reply, 3 RARP request, 4 RARP reply.
     pub op: u16,
-    pub sha: String,
-    pub spa: String,
-    pub tha: String,
-    pub tpa: String,
+    pub sha: MacAddr,
+    pub spa: IpAddr,
+    pub tha: MacAddr,
+    pub tpa: IpAddr,
     /// The frame's first bytes (up to 128), hex, for pcapng export.
     #[serde(default)]
     pub frame: String,
@@ -97,16 +251,16 @@ pub struct NeighborAdvertFrame {
     #[serde(flatten)]
     pub port: Port,
     /// Ethernet source MAC.
-    pub mac: String,
+    pub mac: MacAddr,
     /// VLAN tags, outermost first (empty when untagged).
     #[serde(default)]
     pub vlan: Vec<u16>,
     /// IPv6 source address.
-    pub src_ip: String,
+    pub src_ip: Ipv6Addr,
     /// IPv6 destination address (`ff02::1` when unsolicited).
-    pub dst_ip: String,
+    pub dst_ip: Ipv6Addr,
     /// The address the advertisement is about.
-    pub target: String,
+    pub target: Ipv6Addr,
     /// R: the sender is a router.
     #[serde(default)]
     pub router: bool,
@@ -118,7 +272,7 @@ pub struct NeighborAdvertFrame {
     pub override_: bool,
     /// The target link-layer address option, when the advertisement carries one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tlla: Option<String>,
+    pub tlla: Option<MacAddr>,
     /// The frame's first bytes (up to 128), hex, for pcapng export.
     #[serde(default)]
     pub frame: String,
@@ -135,6 +289,20 @@ pub struct TcpCommon {
     /// Network namespace inode of the socket, when the probe could read it (0 = unknown).
     #[serde(default)]
     pub netns: u64,
+}
+
+/// Why a socket retransmitted, from its congestion state at `tcp:tcp_retransmit_skb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetransmitKind {
+    /// The retransmission timer expired (congestion state Loss).
+    Rto,
+    /// Fast retransmit or SACK/RACK recovery (congestion state Recovery).
+    Fast,
+    /// A tail-loss probe: a retransmission outside recovery, before any timeout (`retransmits` is 0).
+    Tlp,
+    /// A SYN or SYN-ACK sent again.
+    Syn,
 }
 
 /// Which end of a tracked flow sent a segment.
@@ -206,7 +374,8 @@ pub enum Event {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        state: String,
+        #[serde(with = "state_or_empty")]
+        state: Option<TcpState>,
         /// `icsk_retransmits`: retransmissions of the current segment so far.
         #[serde(default)]
         retransmits: u32,
@@ -219,14 +388,19 @@ pub enum Event {
         /// Smoothed RTT (`srtt_us >> 3`) in microseconds (0 = unknown).
         #[serde(default)]
         srtt_us: u64,
+        /// What kind of retransmission the socket's state says this is (absent when it could not be read).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retransmit_kind: Option<RetransmitKind>,
     },
     /// `sock:inet_sock_set_state` for TCP.
     TcpState {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        old_state: String,
-        new_state: String,
+        #[serde(with = "state_or_empty")]
+        old_state: Option<TcpState>,
+        #[serde(with = "state_or_empty")]
+        new_state: Option<TcpState>,
     },
     /// `sock:inet_sk_error_report`: `errno` 110 is ETIMEDOUT (retransmit or user-timeout abort).
     TcpError {
@@ -234,24 +408,24 @@ pub enum Event {
         #[serde(flatten)]
         tcp: TcpCommon,
         errno: i32,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// `tcp:tcp_receive_reset`: this socket received a RST.
     TcpResetIn {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// `tcp:tcp_send_reset`: this socket sent a RST.
     TcpResetOut {
         ts_ns: u64,
         #[serde(flatten)]
         tcp: TcpCommon,
-        #[serde(default)]
-        state: String,
+        #[serde(default, with = "state_or_empty")]
+        state: Option<TcpState>,
     },
     /// ARP request or reply that is not gratuitous.
     Arp {
@@ -282,7 +456,7 @@ pub enum Event {
         ts_ns: u64,
         bridge: String,
         port: String,
-        mac: String,
+        mac: MacAddr,
         #[serde(default)]
         vlan: u16,
         /// Network namespace of the bridge, when known.
@@ -293,7 +467,7 @@ pub enum Event {
     /// frame there; 0 = first time).
     MacSeen {
         ts_ns: u64,
-        mac: String,
+        mac: MacAddr,
         #[serde(flatten)]
         port: Port,
         direction: Direction,
@@ -303,7 +477,7 @@ pub enum Event {
     /// Cumulative per-(MAC, port, direction) counters sampled from the maps. Emitted when they changed.
     MacStats {
         ts_ns: u64,
-        mac: String,
+        mac: MacAddr,
         #[serde(flatten)]
         port: Port,
         direction: Direction,
@@ -376,8 +550,8 @@ pub enum Event {
         #[serde(flatten)]
         ev: migevents::MigrationEvent,
         /// Where the figure came from: `migrator`, `qmp` or `wire`.
-        #[serde(default = "default_source")]
-        source: String,
+        #[serde(default)]
+        source: PauseSource,
     },
     /// Offset measured once between a wall clock source (QMP) and `CLOCK_MONOTONIC`: mono = wall - offset.
     ClockOffset {
@@ -385,16 +559,25 @@ pub enum Event {
         source: String,
         wall_minus_mono_ns: i64,
     },
+    /// The host's clocks read together (see [`ClockTriple`]), every 10 s while recording: with the header's
+    /// triple, they let a merge of traces from several hosts see each clock's drift and any realtime step.
+    ClockSample {
+        /// `CLOCK_MONOTONIC` ns, the middle of the read.
+        ts_ns: u64,
+        /// `CLOCK_REALTIME`, Unix ns.
+        realtime_ns: u64,
+        /// `CLOCK_BOOTTIME` ns (monotonic plus the time spent suspended).
+        boottime_ns: u64,
+        /// Half the width of the monotonic reads around the other two: the realtime and boottime readings lie
+        /// within `ts_ns ± uncertainty_ns`.
+        uncertainty_ns: u64,
+    },
     /// A note from the monitor itself (warnings about skipped input, attach fallbacks).
     Note {
         ts_ns: u64,
         level: String,
         message: String,
     },
-}
-
-fn default_source() -> String {
-    "migrator".to_owned()
 }
 
 impl Event {
@@ -416,6 +599,7 @@ impl Event {
             | Event::Loss { ts_ns, .. }
             | Event::Malformed { ts_ns, .. }
             | Event::ClockOffset { ts_ns, .. }
+            | Event::ClockSample { ts_ns, .. }
             | Event::FlowOpen { ts_ns, .. }
             | Event::FlowRetransmit { ts_ns, .. }
             | Event::FlowReset { ts_ns, .. }
@@ -447,6 +631,7 @@ impl Event {
             Event::Malformed { .. } => "malformed",
             Event::Migration { .. } => "migration",
             Event::ClockOffset { .. } => "clock_offset",
+            Event::ClockSample { .. } => "clock_sample",
             Event::Note { .. } => "note",
             Event::FlowOpen { .. } => "flow_open",
             Event::FlowRetransmit { .. } => "flow_retransmit",
@@ -472,8 +657,34 @@ impl Event {
     }
 }
 
+/// `CLOCK_MONOTONIC`, `CLOCK_REALTIME` and `CLOCK_BOOTTIME` read together: the realtime and boottime reads sit
+/// between two monotonic reads, and the narrowest of a few tries is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockTriple {
+    /// `CLOCK_MONOTONIC` ns, the middle of the two monotonic reads.
+    pub mono_ns: u64,
+    /// `CLOCK_REALTIME`, Unix ns.
+    pub realtime_ns: u64,
+    /// `CLOCK_BOOTTIME` ns.
+    pub boottime_ns: u64,
+    /// Half the distance between the two monotonic reads.
+    pub uncertainty_ns: u64,
+}
+
+impl ClockTriple {
+    /// The triple as a `clock_sample` event.
+    pub fn to_event(self) -> Event {
+        Event::ClockSample {
+            ts_ns: self.mono_ns,
+            realtime_ns: self.realtime_ns,
+            boottime_ns: self.boottime_ns,
+            uncertainty_ns: self.uncertainty_ns,
+        }
+    }
+}
+
 /// The first line of a trace.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceHeader {
     /// Always `"trace_header"`.
     pub kind: String,
@@ -488,6 +699,52 @@ pub struct TraceHeader {
     /// The command line that recorded it.
     #[serde(default)]
     pub command: Vec<String>,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`): with the host name, which clock the trace's
+    /// monotonic times are on. Empty in traces from before it was recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id: String,
+    /// The three clocks read together when recording started (absent in older traces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clocks: Option<ClockTriple>,
+}
+
+/// The last line of a trace that the monitor finished writing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceEnd {
+    /// Always `"trace_end"`.
+    pub kind: String,
+    /// `CLOCK_MONOTONIC` ns when recording ended.
+    pub ts_ns: u64,
+    /// Lines written between the header and this record.
+    pub lines: u64,
+    /// FNV-1a (64 bits) of every line before this record, the header included, each without its newline and
+    /// followed by one `\n` byte; 16 hex digits.
+    pub hash: String,
+}
+
+/// FNV-1a, 64 bits, over a trace's lines.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LineHash(u64);
+
+impl LineHash {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    fn new() -> Self {
+        Self(Self::OFFSET)
+    }
+
+    /// Adds one line (without its newline); the newline is hashed as one `\n` byte.
+    fn line(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().chain(b"\n") {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+    }
+
+    fn hex(self) -> String {
+        format!("{:016x}", self.0)
+    }
 }
 
 /// Errors reading or writing traces.
@@ -522,6 +779,9 @@ pub enum TraceError {
 /// Appends events to a trace file, one flushed line each.
 pub struct TraceWriter {
     out: BufWriter<File>,
+    /// Lines written after the header.
+    lines: u64,
+    hash: LineHash,
 }
 
 impl TraceWriter {
@@ -533,9 +793,26 @@ impl TraceWriter {
         })?;
         let mut w = Self {
             out: BufWriter::new(file),
+            lines: 0,
+            hash: LineHash::new(),
         };
         w.write_json(header)?;
+        w.lines = 0;
         Ok(w)
+    }
+
+    /// Writes the end record: the trace is complete. `ts_ns` is the time recording ended.
+    pub fn finish(mut self, ts_ns: u64) -> Result<(), TraceError> {
+        let end = TraceEnd {
+            kind: "trace_end".to_owned(),
+            ts_ns,
+            lines: self.lines,
+            hash: self.hash.hex(),
+        };
+        let line = serde_json::to_vec(&end).map_err(|e| TraceError::Write(e.into()))?;
+        self.out.write_all(&line).map_err(TraceError::Write)?;
+        self.out.write_all(b"\n").map_err(TraceError::Write)?;
+        self.out.flush().map_err(TraceError::Write)
     }
 
     /// Appends one event and flushes it to the file.
@@ -544,9 +821,13 @@ impl TraceWriter {
     }
 
     fn write_json<T: Serialize>(&mut self, v: &T) -> Result<(), TraceError> {
-        serde_json::to_writer(&mut self.out, v).map_err(|e| TraceError::Write(e.into()))?;
+        let line = serde_json::to_vec(v).map_err(|e| TraceError::Write(e.into()))?;
+        self.out.write_all(&line).map_err(TraceError::Write)?;
         self.out.write_all(b"\n").map_err(TraceError::Write)?;
-        self.out.flush().map_err(TraceError::Write)
+        self.out.flush().map_err(TraceError::Write)?;
+        self.hash.line(&line);
+        self.lines = self.lines.saturating_add(1);
+        Ok(())
     }
 }
 
@@ -559,22 +840,62 @@ pub struct Trace {
     pub truncated: bool,
     /// Lines that did not parse, with their 1-based line number and the error. Reported, never fatal.
     pub skipped: Vec<(usize, String)>,
+    /// The end record, when the monitor finished the trace.
+    pub end: Option<TraceEnd>,
+    /// Lines read between the header and the end record (or the end of the file), and their hash.
+    pub(crate) lines_read: u64,
+    pub(crate) hash_read: Option<LineHash>,
+    /// Non-empty lines after the end record, and end records after the first.
+    pub(crate) lines_after_end: usize,
 }
 
 impl Trace {
-    /// Total events lost in the kernel (sum of `loss` events).
+    /// Total events lost in the kernel (sum of `loss` events; saturates rather than wrapping).
     pub fn lost_events(&self) -> u64 {
-        self.events
-            .iter()
-            .map(|e| {
-                if let Event::Loss { count, .. } = e {
-                    *count
-                } else {
-                    0
-                }
-            })
-            .sum()
+        lost_events(&self.events)
     }
+
+    /// What is wrong with the file itself, beyond lines that did not parse ([`Trace::skipped`]) and a cut last line
+    /// ([`Trace::truncated`]): no header, no end record, an end record that does not match the lines before it,
+    /// lines after it. Empty for a trace the monitor wrote whole and nobody changed.
+    pub fn damage(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.header.is_none() {
+            out.push("the trace has no header line".to_owned());
+        }
+        match &self.end {
+            None => out.push(
+                "the trace has no end record: the monitor did not finish it (killed, crashed, still running, or \
+                 the file was cut or written by a migmon older than the end record)"
+                    .to_owned(),
+            ),
+            Some(end) => {
+                if end.lines != self.lines_read {
+                    out.push(format!(
+                        "the end record counts {} line(s), the file has {}: lines were dropped or duplicated",
+                        end.lines, self.lines_read
+                    ));
+                } else if self.hash_read.map(LineHash::hex).as_deref() != Some(end.hash.as_str()) {
+                    out.push(
+                        "the lines do not match the end record's hash: the file was altered after recording"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        if self.lines_after_end > 0 {
+            out.push(format!("{} line(s) after the end record", self.lines_after_end));
+        }
+        out
+    }
+}
+
+/// Sum of the `loss` events' counts, saturating at `u64::MAX`.
+pub fn lost_events(events: &[Event]) -> u64 {
+    events.iter().fold(0u64, |sum, e| match e {
+        Event::Loss { count, .. } => sum.saturating_add(*count),
+        _ => sum,
+    })
 }
 
 /// Reads a trace. Unknown or malformed lines are skipped and listed; a cut last line sets `truncated`.
@@ -583,25 +904,38 @@ pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
         path: path.to_owned(),
         source,
     })?;
-    let mut reader = BufReader::new(file);
+    read_trace_from(BufReader::new(file), path)
+}
+
+/// Reads a trace from any reader; `path` names it in errors. Lines that are not UTF-8 or not JSON are skipped and
+/// listed, never fatal; only a first line that is not a trace header is.
+pub fn read_trace_from<R: BufRead>(mut reader: R, path: &Path) -> Result<Trace, TraceError> {
     let mut trace = Trace::default();
-    let mut buf = String::new();
-    let mut lineno = 0;
+    let mut hash = LineHash::new();
+    let mut buf = Vec::new();
+    let mut lineno = 0usize;
     loop {
         buf.clear();
-        let n = reader.read_line(&mut buf).map_err(|source| TraceError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| TraceError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         if n == 0 {
             break;
         }
-        lineno += 1;
-        let complete = buf.ends_with('\n');
-        let line = buf.trim();
-        if line.is_empty() {
+        lineno = lineno.saturating_add(1);
+        let complete = buf.ends_with(b"\n");
+        let raw = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        if trace.end.is_some() {
+            if !raw.iter().all(u8::is_ascii_whitespace) {
+                trace.lines_after_end = trace.lines_after_end.saturating_add(1);
+            }
             continue;
         }
+        let text = std::str::from_utf8(raw);
+        let line = text.map(str::trim).unwrap_or_default();
         if lineno == 1 {
             let header: TraceHeader = serde_json::from_str(line).map_err(|_| TraceError::NoHeader {
                 path: path.to_owned(),
@@ -618,12 +952,29 @@ pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
                 });
             }
             trace.header = Some(header);
+            hash.line(raw);
             continue;
         }
-        match serde_json::from_str::<Event>(line) {
+        if complete
+            && line.starts_with(r#"{"kind":"trace_end""#)
+            && let Ok(end) = serde_json::from_str::<TraceEnd>(line)
+        {
+            trace.hash_read = Some(hash);
+            trace.end = Some(end);
+            continue;
+        }
+        hash.line(raw);
+        trace.lines_read = trace.lines_read.saturating_add(1);
+        if line.is_empty() && text.is_ok() {
+            continue;
+        }
+        match text
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<Event>(t.trim()).map_err(|e| e.to_string()))
+        {
             Ok(ev) => trace.events.push(ev),
             Err(_) if !complete => trace.truncated = true,
-            Err(e) => trace.skipped.push((lineno, e.to_string())),
+            Err(e) => trace.skipped.push((lineno, e)),
         }
     }
     Ok(trace)
@@ -644,6 +995,7 @@ mod tests {
             start_unix_ns: 2,
             hostname: "h".into(),
             command: vec![],
+            ..TraceHeader::default()
         }
     }
 
@@ -659,11 +1011,12 @@ mod tests {
                 },
                 netns: 0,
             },
-            state: "ESTABLISHED".into(),
+            state: Some(TcpState::Established),
             retransmits: 1,
             backoff: 1,
             rto_us: 400_000,
             srtt_us: 0,
+            retransmit_kind: None,
         }
     }
 
@@ -703,6 +1056,56 @@ mod tests {
         assert_eq!(t.events, vec![retransmit(10)]);
         assert!(t.truncated);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_end_record_notices_dropped_duplicated_and_altered_lines() {
+        let dir = std::env::temp_dir().join(format!("migmon-trace-end-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.trace");
+        let mut w = TraceWriter::create(&path, &header()).unwrap();
+        for ts in [10, 20, 30] {
+            w.write(&retransmit(ts)).unwrap();
+        }
+        w.finish(40).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let read = |text: &str| read_trace_from(text.as_bytes(), Path::new("t.trace")).unwrap();
+        let t = read(&text);
+        assert_eq!(t.events.len(), 3);
+        assert_eq!(t.end.as_ref().map(|e| (e.ts_ns, e.lines)), Some((40, 3)));
+        assert!(t.damage().is_empty(), "{:?}", t.damage());
+
+        let lines: Vec<&str> = text.lines().collect();
+        let join = |ls: &[&str]| ls.iter().flat_map(|l| [*l, "\n"]).collect::<String>();
+        let dropped = join(&[lines[0], lines[1], lines[3], lines[4]]);
+        assert!(read(&dropped).damage()[0].contains("dropped or duplicated"));
+        let duplicated = join(&[lines[0], lines[1], lines[2], lines[2], lines[3], lines[4]]);
+        assert!(read(&duplicated).damage()[0].contains("dropped or duplicated"));
+        let altered = text.replacen("40000", "40001", 1);
+        assert!(read(&altered).damage()[0].contains("hash"));
+        let after = format!("{text}{}\n", lines[1]);
+        assert!(read(&after).damage()[0].contains("after the end record"));
+        let unfinished = join(&lines[..4]);
+        let t = read(&unfinished);
+        assert!(t.damage()[0].contains("no end record"));
+        assert_eq!(t.events.len(), 3, "a trace without its end record is still read");
+        // Bytes that are not UTF-8 skip their line rather than failing the read.
+        let mut bytes = text.clone().into_bytes();
+        let at = lines[0].len() + 5;
+        bytes[at] = 0xff;
+        let t = read_trace_from(bytes.as_slice(), Path::new("t.trace")).unwrap();
+        assert_eq!((t.events.len(), t.skipped.len()), (2, 1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn loss_sums_saturate() {
+        let loss = |count| Event::Loss {
+            ts_ns: 1,
+            cpu: 0,
+            count,
+        };
+        assert_eq!(lost_events(&[loss(u64::MAX - 1), loss(5)]), u64::MAX);
     }
 
     #[test]

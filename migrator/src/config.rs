@@ -30,4 +30,10 @@ pub struct ReceiveConfig {
     pub idle_timeout: Duration,
     /// The RARP announces after resume.
     pub announce: AnnounceSchedule,
+    /// Mutual TLS on a `tcp:` listener: a directory in QEMU's `tls-creds-x509` layout.
+    pub tls_creds: Option<PathBuf>,
+    /// Plain TCP accepted (without it, a `tcp:` listener needs `tls_creds`).
+    pub insecure: bool,
+    /// The largest guest RAM a source may bring.
+    pub max_mem: u64,
 }

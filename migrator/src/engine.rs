@@ -9,7 +9,10 @@
 use std::{
     error::Error,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -20,7 +23,7 @@ use crate::{
     protocol::ProtocolError,
     ram::{DirtyBitmap, RamError},
     ram_io::GuestRam,
-    transport::{Endpoint, TransportError},
+    transport::{ClientTls, Endpoint, TransportError},
 };
 
 /// An error from the VM behind the traits (the VMM's own error type, boxed).
@@ -59,6 +62,9 @@ pub trait MigrationSource {
     /// Gives frames taken by [`MigrationSource::take_pending_frames`] back to the guest (rollback), ahead of newer
     /// ones.
     fn return_frames(&mut self, frames: Vec<Vec<u8>>);
+    /// Announces the VM's MAC from here again (a RARP out of the tap, and a gratuitous ARP asked of the guest):
+    /// after a rollback, or when an in-doubt guest is resumed here.
+    fn announce(&mut self) -> Result<(), BoxedVmError>;
 }
 
 /// The destination side: a VM created for restore, not yet running.
@@ -108,6 +114,16 @@ pub struct MigrateOptions {
     pub extra_pause: Duration,
     /// Hash RAM at both ends and fail on a mismatch.
     pub verify: bool,
+    /// Mutual TLS to a `tcp:` destination.
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+    /// Plain TCP accepted (without it, a `tcp:` destination needs `tls`).
+    #[serde(default)]
+    pub insecure: bool,
+    /// The switch-over's deadline: from the pause, the destination must be ready within it or the guest resumes
+    /// here. `None`: the default of [`MigrateOptions::pause_deadline`].
+    #[serde(default, with = "opt_duration_ns")]
+    pub max_pause: Option<Duration>,
 }
 
 impl MigrateOptions {
@@ -122,7 +138,37 @@ impl MigrateOptions {
             via_file: None,
             extra_pause: Duration::ZERO,
             verify: false,
+            tls: None,
+            insecure: false,
+            max_pause: None,
         }
+    }
+
+    /// The pause deadline in force: `--max-pause` when given; else, in live mode, ten times the downtime budget and
+    /// at least one second (the budget is an estimate; ten times it means the destination or the link is stuck,
+    /// not slow); in quick mode, where the pause is the whole copy, none.
+    pub fn pause_deadline(&self) -> Option<Duration> {
+        self.max_pause.or(match self.mode {
+            Mode::Live => Some((self.downtime * 10).max(Duration::from_secs(1))),
+            Mode::Quick => None,
+        })
+    }
+}
+
+mod opt_duration_ns {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[expect(clippy::ref_option, reason = "serde's `with` passes a reference to the field")]
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_nanos() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<u64>::deserialize(d).map(|v| v.map(Duration::from_nanos))
     }
 }
 
@@ -199,11 +245,89 @@ pub struct PauseBreakdown {
     pub destination_ms: f64,
 }
 
+/// Where a VM and its migration stand, as `migrator status` reports it (serialised in snake case: `precopy`, ...).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Nothing started yet.
+    #[default]
+    Idle,
+    /// A destination service waits for a source to connect.
+    Waiting,
+    /// The source connected and announced the migration.
+    Setup,
+    /// Pre-copy rounds: the VM runs while its memory is copied.
+    Precopy,
+    /// The VM is paused for the final copy (or the whole copy, in quick mode).
+    Paused,
+    /// The state is sent; waiting for the destination to be ready.
+    Completing,
+    /// The source sent its commit: the guest no longer resumes here; waiting for the acknowledgement.
+    Committed,
+    /// A destination holds the whole guest, restored and paused, and waits for the source's commit.
+    Prepared,
+    /// The stream broke around the commit: the guest is paused here and may run on the other side. The operator
+    /// resumes it on one side (`migrator resume --force`) or drops a copy (`migrator cancel`).
+    InDoubt,
+    /// The VM runs on the destination; this source is done.
+    Migrated,
+    /// The migration failed (the source VM resumes where it was).
+    Failed,
+    /// A destination receives a migration.
+    Receiving,
+    /// The VM runs here.
+    Running,
+}
+
+impl MigrationState {
+    /// A migration out of this VM is under way or finished: another one cannot start.
+    pub fn is_migrating_out(self) -> bool {
+        matches!(
+            self,
+            Self::Setup
+                | Self::Precopy
+                | Self::Paused
+                | Self::Completing
+                | Self::Committed
+                | Self::Migrated
+                | Self::InDoubt
+        )
+    }
+
+    /// A migration out of this VM runs and can still be cancelled (before its commit).
+    pub fn is_cancellable(self) -> bool {
+        matches!(
+            self,
+            Self::Setup | Self::Precopy | Self::Paused | Self::Completing
+        )
+    }
+}
+
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Self::Idle => "idle",
+            Self::Waiting => "waiting",
+            Self::Setup => "setup",
+            Self::Precopy => "precopy",
+            Self::Paused => "paused",
+            Self::Completing => "completing",
+            Self::Committed => "committed",
+            Self::Prepared => "prepared",
+            Self::InDoubt => "in_doubt",
+            Self::Migrated => "migrated",
+            Self::Failed => "failed",
+            Self::Receiving => "receiving",
+            Self::Running => "running",
+        };
+        f.pad(name)
+    }
+}
+
 /// Where a migration stands (`migrator status`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    /// idle | setup | precopy | paused | completing | migrated | failed | receiving | running
-    pub state: String,
+    pub state: MigrationState,
     pub migration_id: Option<String>,
     pub mode: Option<String>,
     /// Pre-copy round in progress.
@@ -219,13 +343,21 @@ pub struct Status {
     pub bytes_sent: u64,
     /// Last error, when `state` is failed.
     pub error: Option<String>,
+    /// Connections the destination refused while it waited for its source (scans, failed TLS, bad hellos).
+    #[serde(default)]
+    pub rejected_peers: u64,
+    /// Progress lines the API dropped because a client read too slowly (the migration never waits for one).
+    #[serde(default)]
+    pub dropped_progress: u64,
 }
 
-/// Shared status plus an optional progress callback (the API streams progress to `migrator migrate`).
+/// Shared status plus an optional progress callback (the API streams progress to `migrator migrate`), and the
+/// cancel flag `migrator cancel` raises.
 #[derive(Clone, Default)]
 pub struct Tracker {
     status: Arc<Mutex<Status>>,
     observer: Option<Observer>,
+    cancel: Arc<AtomicBool>,
 }
 
 /// Called with every status change.
@@ -236,7 +368,32 @@ impl Tracker {
         Self {
             status,
             observer: None,
+            cancel: Arc::default(),
         }
+    }
+
+    /// A tracker over `status` that shares `cancel` (the API's flag).
+    pub fn with_cancel(status: Arc<Mutex<Status>>, cancel: Arc<AtomicBool>) -> Self {
+        Self {
+            status,
+            observer: None,
+            cancel,
+        }
+    }
+
+    /// Asks the running migration to stop (it rolls back, unless it has committed).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a cancel was asked for; the engines check it between steps.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Clears the cancel flag (a new migration starts).
+    pub fn clear_cancel(&self) {
+        self.cancel.store(false, Ordering::SeqCst);
     }
 
     #[must_use]
@@ -302,6 +459,25 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the source asks for {} of guest RAM, more than --max-mem {} allows here; raise --max-mem on `migrator receive` if that is expected",
+        migmon_base::units::Size(*ram), migmon_base::units::Size(*max_mem)
+    )]
+    TooLarge { ram: u64, max_mem: u64 },
+    #[error(
+        "no authenticated source arrived within --idle-timeout {idle_timeout:?} ({rejected} connections refused)"
+    )]
+    NoSource { idle_timeout: Duration, rejected: u64 },
+    #[error(
+        "the destination was not ready within the pause deadline {0:?} (--max-pause); the guest resumed here"
+    )]
+    PauseDeadline(Duration),
+    #[error("cancelled (migrator cancel)")]
+    Cancelled,
+    #[error(
+        "IN DOUBT: {reason}. The guest is paused on this side ({side}) and may run on the other; check the other side with `migrator status`, then on exactly one side run `migrator resume --force --api SOCKET` (the other side: `migrator cancel --api SOCKET` drops its copy)"
+    )]
+    InDoubt { side: &'static str, reason: String },
     #[error("no acknowledgement from the destination within {0:?}")]
     AckTimeout(Duration),
     #[error("{0}")]
@@ -377,4 +553,35 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         src = e.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_serialise_as_their_words() {
+        for s in [
+            MigrationState::Idle,
+            MigrationState::Waiting,
+            MigrationState::Setup,
+            MigrationState::Precopy,
+            MigrationState::Paused,
+            MigrationState::Completing,
+            MigrationState::Migrated,
+            MigrationState::Failed,
+            MigrationState::Receiving,
+            MigrationState::Running,
+        ] {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{s}\""));
+            assert_eq!(serde_json::from_str::<MigrationState>(&json).unwrap(), s);
+        }
+        let status = serde_json::to_value(Status {
+            state: MigrationState::Precopy,
+            ..Status::default()
+        })
+        .unwrap();
+        assert_eq!(status["state"], "precopy");
+    }
 }

@@ -73,7 +73,11 @@ struct FakeSource {
     pending: Vec<Vec<u8>>,
     resumes: u32,
     pauses: u32,
+    announces: u32,
     fail_save: bool,
+    /// The last pause and resume instants.
+    paused_at: Option<Instant>,
+    resumed_at: Option<Instant>,
 }
 
 impl FakeSource {
@@ -113,7 +117,10 @@ impl FakeSource {
             pending: Vec::new(),
             resumes: 0,
             pauses: 0,
+            announces: 0,
             fail_save: false,
+            paused_at: None,
+            resumed_at: None,
         }
     }
 
@@ -169,12 +176,14 @@ impl MigrationSource for FakeSource {
         let _g = self.guest.lock.lock().unwrap();
         self.guest.paused.store(true, Ordering::SeqCst);
         self.pauses += 1;
+        self.paused_at = Some(Instant::now());
         self.pending = vec![vec![0xaa; 64], vec![0xbb; 1514]];
         Ok(())
     }
     fn resume(&mut self) -> Result<(), BoxedVmError> {
         self.guest.paused.store(false, Ordering::SeqCst);
         self.resumes += 1;
+        self.resumed_at = Some(Instant::now());
         Ok(())
     }
     fn save_state(&mut self) -> Result<Vec<u8>, BoxedVmError> {
@@ -189,6 +198,10 @@ impl MigrationSource for FakeSource {
     fn return_frames(&mut self, mut frames: Vec<Vec<u8>>) {
         frames.append(&mut self.pending);
         self.pending = frames;
+    }
+    fn announce(&mut self) -> Result<(), BoxedVmError> {
+        self.announces += 1;
+        Ok(())
     }
 }
 
@@ -271,6 +284,7 @@ fn start_destination(
             idle_timeout: Duration::from_secs(3),
             events: Some(events),
             host: "dst".into(),
+            ..ReceiveOptions::default()
         };
         receive(
             stream,
@@ -290,6 +304,14 @@ fn start_destination(
         )
     });
     (ep, t)
+}
+
+/// Options of a migration over plain TCP on loopback (the tests' relays read the stream).
+fn plain_tcp(to: Endpoint, mode: Mode) -> MigrateOptions {
+    MigrateOptions {
+        insecure: true,
+        ..MigrateOptions::new(to, mode)
+    }
 }
 
 fn events_of(path: &PathBuf) -> Vec<MigrationEvent> {
@@ -319,7 +341,7 @@ fn live_idle_migrates_everything_and_announces() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, false, events.clone());
     let mut src = FakeSource::new(0, 0);
-    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    let mut opts = plain_tcp(ep, Mode::Live);
     opts.verify = true;
     let report = migrate(&mut src, &opts, Some(&events), &Tracker::default());
     let (target, dreport) = dst
@@ -397,7 +419,7 @@ fn live_with_a_dirtier_iterates_and_stays_consistent() {
     // 512 pages rewritten at 20000 pages/s (80 MiB/s) against a tight budget: several rounds are needed.
     let mut src = FakeSource::new(512, 20_000);
     std::thread::sleep(Duration::from_millis(20));
-    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    let mut opts = plain_tcp(ep, Mode::Live);
     opts.verify = true;
     opts.downtime = Duration::from_millis(3);
     opts.max_bandwidth = Some(200 << 20);
@@ -420,7 +442,7 @@ fn timeout_abort_keeps_the_guest_and_force_moves_it() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, false, events.clone());
     let mut src = FakeSource::new(1024, 200_000);
-    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    let mut opts = plain_tcp(ep, Mode::Live);
     opts.downtime = Duration::from_micros(1);
     opts.timeout = Duration::from_millis(150);
     opts.on_timeout = OnTimeout::Abort;
@@ -449,7 +471,7 @@ fn quick_via_file_with_extra_pause() {
     let file = temp_path("suspend");
     let (ep, dst) = start_destination(false, false, events.clone());
     let mut src = FakeSource::new(64, 5000);
-    let mut opts = MigrateOptions::new(ep, Mode::Quick);
+    let mut opts = plain_tcp(ep, Mode::Quick);
     opts.verify = true;
     opts.via_file = Some(file.clone());
     opts.extra_pause = Duration::from_millis(100);
@@ -459,7 +481,17 @@ fn quick_via_file_with_extra_pause() {
     assert!(report.pause_ms >= 100.0 && (report.extra_pause_ms - 100.0).abs() < 1e-9);
     assert!(report.notes.iter().any(|n| n.contains("--extra-pause")));
     assert!(report.notes.iter().any(|n| n.contains("fsynced")));
-    assert!(std::fs::metadata(&file).unwrap().len() > report.data_pages * PAGE_SIZE as u64);
+    assert!(!file.exists(), "the suspend file is removed after success");
+    // An existing file (or a link) is never written through.
+    std::fs::write(&file, b"someone else's").unwrap();
+    let (ep2, dst2) = start_destination(false, false, events.clone());
+    let mut again = plain_tcp(ep2, Mode::Quick);
+    again.via_file = Some(file.clone());
+    let err = migrate(&mut src, &again, None, &Tracker::default()).unwrap_err();
+    assert!(err.to_string().contains("suspend file"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"someone else's");
+    assert!(!src.paused());
+    let _ = dst2.join();
     assert_eq!(dreport.forwarded_frames, 2);
     assert!(dreport.pause_ms >= 100.0);
     let s = names(&events_of(&events), Role::Source);
@@ -473,7 +505,7 @@ fn quick_direct() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, false, events.clone());
     let mut src = FakeSource::new(0, 0);
-    let mut opts = MigrateOptions::new(ep, Mode::Quick);
+    let mut opts = plain_tcp(ep, Mode::Quick);
     opts.verify = true;
     migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap();
     let (target, _) = dst.join().unwrap().unwrap();
@@ -486,7 +518,7 @@ fn verify_mismatch_fails_loudly_and_rolls_back() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(true, false, events.clone());
     let mut src = FakeSource::new(0, 0);
-    let mut opts = MigrateOptions::new(ep, Mode::Live);
+    let mut opts = plain_tcp(ep, Mode::Live);
     opts.verify = true;
     let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
     assert!(
@@ -514,7 +546,7 @@ fn destination_that_cannot_create_the_vm() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, true, events.clone());
     let mut src = FakeSource::new(0, 0);
-    let opts = MigrateOptions::new(ep, Mode::Live);
+    let opts = plain_tcp(ep, Mode::Live);
     let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
     assert!(err.to_string().contains("/dev/kvm"), "{err}");
     assert!(!src.paused());
@@ -530,7 +562,7 @@ fn source_failure_while_paused_rolls_back() {
     src.fail_save = true;
     let err = migrate(
         &mut src,
-        &MigrateOptions::new(ep, Mode::Live),
+        &plain_tcp(ep, Mode::Live),
         Some(&events),
         &Tracker::default(),
     )
@@ -592,7 +624,7 @@ fn corrupted_stream_is_caught_and_the_source_rolls_back() {
         let events = temp_path("events");
         let (ep, dst) = start_destination(false, false, events.clone());
         let mut src = FakeSource::new(0, 0);
-        let mut opts = MigrateOptions::new(relay(ep, after, true), Mode::Live);
+        let mut opts = plain_tcp(relay(ep, after, true), Mode::Live);
         opts.verify = true;
         let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
         assert!(!src.paused(), "corruption at {after}: {err}");
@@ -609,7 +641,7 @@ fn destination_dying_mid_transfer_rolls_back() {
         let events = temp_path("events");
         let (ep, dst) = start_destination(false, false, events.clone());
         let mut src = FakeSource::new(256, 5000);
-        let opts = MigrateOptions::new(relay(ep, after, false), Mode::Live);
+        let opts = plain_tcp(relay(ep, after, false), Mode::Live);
         let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
         assert!(!src.paused(), "cut at {after}: {err}");
         let derr = dst.join().unwrap().unwrap_err();
@@ -619,4 +651,306 @@ fn destination_dying_mid_transfer_rolls_back() {
         );
         let _ = std::fs::remove_file(events);
     }
+}
+
+/// A receiver behind the accept loop, with TLS credentials from `creds` (or plain), RAM capped at `max_mem`.
+fn start_guarded_destination(
+    creds: Option<PathBuf>,
+    max_mem: u64,
+) -> (Endpoint, Tracker, JoinHandle<DestResult>) {
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = l.local_endpoint();
+    let tracker = Tracker::default();
+    let tr = tracker.clone();
+    let t = std::thread::spawn(move || {
+        let tls = creds.map(|d| crate::tls::server_config(&d).unwrap());
+        let opts = ReceiveOptions {
+            announce: fast_announce(),
+            idle_timeout: Duration::from_secs(20),
+            max_mem,
+            ..ReceiveOptions::default()
+        };
+        let arrival = crate::accept::wait_for_source(&l, tls.as_ref(), &opts, &tr)?;
+        let outcome = crate::receive::receive_arrival(
+            arrival,
+            |h: &Hello| -> Result<FakeTarget, BoxedVmError> {
+                Ok(FakeTarget {
+                    ram: Some(GuestRam::anonymous(&h.regions)?),
+                    ..FakeTarget::default()
+                })
+            },
+            &opts,
+            &tr,
+        )?;
+        match outcome {
+            crate::receive::Outcome::Running(t, r) => Ok((t, r)),
+            crate::receive::Outcome::InDoubt { reason, .. } => Err(MigrationError::InDoubt {
+                side: "destination",
+                reason,
+            }),
+        }
+    });
+    (ep, tracker, t)
+}
+
+fn tls_dir(tag: &str) -> PathBuf {
+    let d = temp_path(tag);
+    crate::tls::tls_init(&d, &crate::tls::TlsInit::default()).unwrap();
+    d
+}
+
+#[test]
+fn tls_receiver_survives_scans_garbage_and_strangers_then_migrates() {
+    let creds = tls_dir("creds");
+    let stranger = tls_dir("stranger");
+    let (ep, tracker, dst) = start_guarded_destination(Some(creds.clone()), 1 << 30);
+    let Endpoint::Tcp(addr) = ep.clone() else {
+        unreachable!()
+    };
+    // A port scan: connect and close.
+    drop(TcpStream::connect(&addr).unwrap());
+    // Garbage instead of a TLS hello.
+    let mut g = TcpStream::connect(&addr).unwrap();
+    g.write_all(&[0xab; 4096]).unwrap();
+    drop(g);
+    // A source with certificates of another CA.
+    let mut src = FakeSource::new(0, 0);
+    let mut opts = MigrateOptions::new(ep.clone(), Mode::Live);
+    opts.tls = Some(crate::transport::ClientTls {
+        creds: stranger.clone(),
+        hostname: None,
+    });
+    let err = migrate(&mut src, &opts, None, &Tracker::default()).unwrap_err();
+    assert!(crate::engine::error_chain(&err).contains("TLS"), "{err}");
+    assert!(!src.paused());
+    // Plain TCP without --insecure is refused before a byte moves.
+    let plain = migrate(
+        &mut src,
+        &MigrateOptions::new(ep.clone(), Mode::Live),
+        None,
+        &Tracker::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        plain.contains("--tls-creds") && plain.contains("--insecure"),
+        "{plain}"
+    );
+    // The real source.
+    opts.tls = Some(crate::transport::ClientTls {
+        creds: creds.clone(),
+        hostname: None,
+    });
+    opts.verify = true;
+    let report = migrate(&mut src, &opts, None, &Tracker::default())
+        .map_err(|e| crate::engine::error_chain(&e))
+        .unwrap();
+    let (target, _) = dst.join().unwrap().unwrap();
+    assert_eq!(ram_hash(&src.guest.ram), ram_hash(&target.guest_ram()));
+    assert!(report.verified_hash.is_some());
+    assert!(
+        tracker.snapshot().rejected_peers >= 3,
+        "scan, garbage and stranger counted: {:?}",
+        tracker.snapshot()
+    );
+    let _ = std::fs::remove_dir_all(creds);
+    let _ = std::fs::remove_dir_all(stranger);
+}
+
+#[test]
+fn max_mem_refuses_a_large_guest_and_keeps_listening() {
+    let (ep, tracker, dst) = start_guarded_destination(None, 4 << 20);
+    let mut src = FakeSource::new(0, 0);
+    let err = migrate(&mut src, &plain_tcp(ep, Mode::Live), None, &Tracker::default()).unwrap_err();
+    let text = crate::engine::error_chain(&err);
+    assert!(text.contains("--max-mem"), "{text}");
+    assert!(!src.paused());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tracker.snapshot().rejected_peers == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(tracker.snapshot().rejected_peers, 1);
+    assert!(!dst.is_finished(), "the receiver keeps listening");
+}
+
+/// What [`relay_at`] does when the source sends a message of its command.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Stop forwarding (both ways), keep both connections open: a destination that stalls.
+    Stall,
+    /// Close both connections: the message is lost and the destination is gone.
+    Cut,
+}
+
+/// A relay that forwards whole messages from the source until one of command `at`, where it applies `fault`.
+fn relay_at(to: Endpoint, at: crate::protocol::Command, fault: Fault) -> Endpoint {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ep = Endpoint::Tcp(listener.local_addr().unwrap().to_string());
+    let Endpoint::Tcp(to) = to else { unreachable!() };
+    std::thread::spawn(move || {
+        let (mut from_src, _) = listener.accept().unwrap();
+        let mut to_dst = TcpStream::connect(to).unwrap();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (mut back_src, mut back_dst, st) = (
+            from_src.try_clone().unwrap(),
+            to_dst.try_clone().unwrap(),
+            stalled.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = back_dst.read(&mut buf) {
+                if n == 0 || st.load(Ordering::SeqCst) || back_src.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut header = [0u8; crate::protocol::HEADER_SIZE];
+        loop {
+            if from_src.read_exact(&mut header).is_err() {
+                break;
+            }
+            let h = crate::protocol::Header::decode(&header);
+            if h.command == at as u32 {
+                match fault {
+                    Fault::Stall => {
+                        stalled.store(true, Ordering::SeqCst);
+                        // Both connections stay open and nothing more goes through, until the source gives up.
+                        let _ = std::io::copy(&mut from_src, &mut std::io::sink());
+                    }
+                    Fault::Cut => {}
+                }
+                let _ = to_dst.shutdown(std::net::Shutdown::Both);
+                let _ = from_src.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            let mut payload = vec![0u8; h.length as usize];
+            if from_src.read_exact(&mut payload).is_err()
+                || to_dst.write_all(&header).is_err()
+                || to_dst.write_all(&payload).is_err()
+            {
+                break;
+            }
+        }
+        let _ = to_dst.shutdown(std::net::Shutdown::Both);
+    });
+    ep
+}
+
+#[test]
+fn a_destination_stalled_in_the_pause_gets_the_guest_resumed_here_within_max_pause() {
+    use crate::protocol::Command;
+    for at in [Command::State, Command::Complete] {
+        let events = temp_path("events");
+        let (ep, dst) = start_destination(false, false, events.clone());
+        let mut src = FakeSource::new(0, 0);
+        let mut opts = plain_tcp(relay_at(ep, at, Fault::Stall), Mode::Live);
+        let max_pause = Duration::from_millis(400);
+        opts.max_pause = Some(max_pause);
+        let err = migrate(&mut src, &opts, Some(&events), &Tracker::default()).unwrap_err();
+        assert!(
+            matches!(err, MigrationError::PauseDeadline(_)),
+            "stall at {at:?}: {err}"
+        );
+        assert!(!src.paused(), "the guest runs at the source again");
+        let paused = src.resumed_at.unwrap() - src.paused_at.unwrap();
+        assert!(
+            paused <= max_pause,
+            "stall at {at:?}: paused {paused:?} > {max_pause:?}"
+        );
+        assert_eq!(src.announces, 1, "the rolled-back source announces its MAC again");
+        let derr = dst.join().unwrap().unwrap_err();
+        assert!(
+            !matches!(derr, MigrationError::InDoubt { .. }),
+            "never ready, so not in doubt: {derr}"
+        );
+        let _ = std::fs::remove_file(events);
+    }
+}
+
+#[test]
+fn a_lost_commit_leaves_both_sides_paused_in_doubt_and_one_can_resume() {
+    let (ep, dst) = start_destination_keeping_doubt();
+    let mut src = FakeSource::new(0, 0);
+    let opts = plain_tcp(
+        relay_at(ep, crate::protocol::Command::Commit, Fault::Cut),
+        Mode::Live,
+    );
+    let tracker = Tracker::default();
+    let err = migrate(&mut src, &opts, None, &tracker).unwrap_err();
+    assert!(
+        matches!(err, MigrationError::InDoubt { side: "source", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("resume --force"), "{err}");
+    assert!(
+        src.paused() && src.resumes == 0,
+        "a committed source never resumes on its own"
+    );
+    assert_eq!(tracker.snapshot().state, crate::engine::MigrationState::InDoubt);
+    let outcome = dst.join().unwrap().unwrap();
+    let crate::receive::Outcome::InDoubt {
+        mut target,
+        mac,
+        reason,
+    } = outcome
+    else {
+        panic!("the destination is in doubt too");
+    };
+    assert!(!target.running, "held paused: {reason}");
+    // The operator picks the destination.
+    crate::receive::resume_held(&mut target, mac).unwrap();
+    assert!(target.running && target.sent.len() == 1 && target.garps == 1);
+}
+
+/// A receiver (plain TCP) that returns its outcome as it is, in doubt included.
+fn start_destination_keeping_doubt() -> (
+    Endpoint,
+    JoinHandle<Result<crate::receive::Outcome<FakeTarget>, MigrationError>>,
+) {
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = l.local_endpoint();
+    let t = std::thread::spawn(move || {
+        let opts = ReceiveOptions {
+            announce: fast_announce(),
+            idle_timeout: Duration::from_secs(5),
+            ..ReceiveOptions::default()
+        };
+        let arrival = crate::receive::greet(l.accept()?, &opts)?;
+        crate::receive::receive_arrival(
+            arrival,
+            |h: &Hello| -> Result<FakeTarget, BoxedVmError> {
+                Ok(FakeTarget {
+                    ram: Some(GuestRam::anonymous(&h.regions)?),
+                    ..FakeTarget::default()
+                })
+            },
+            &opts,
+            &Tracker::default(),
+        )
+    });
+    (ep, t)
+}
+
+#[test]
+fn cancel_stops_pre_copy_and_the_guest_keeps_running() {
+    let (ep, dst) = start_destination(false, false, temp_path("events"));
+    // A working set rewritten faster than it can converge within 1 ms.
+    let mut src = FakeSource::new(1500, 400_000);
+    let mut opts = plain_tcp(ep, Mode::Live);
+    opts.downtime = Duration::from_micros(10);
+    opts.on_timeout = OnTimeout::Abort;
+    let tracker = Tracker::default();
+    let t = tracker.clone();
+    let canceller = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.snapshot().iteration < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        t.cancel();
+    });
+    let err = migrate(&mut src, &opts, None, &tracker).unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(err, MigrationError::Cancelled), "{err}");
+    assert!(!src.paused());
+    assert!(dst.join().unwrap().is_err());
 }

@@ -32,7 +32,11 @@
 //! # Migration
 //!
 //! The engines work on two traits, [`engine::MigrationSource`] and [`engine::MigrationTarget`], and speak the
-//! protocol of [`protocol`] over a [`transport`] (`tcp:HOST:PORT` or `unix:PATH`).
+//! protocol of [`protocol`] over a [`transport`]: `tcp:HOST:PORT` with mutual TLS ([`tls`], `--tls-creds DIR` on
+//! both ends, QEMU's `tls-creds-x509` layout) or, only when both ends say `--insecure`, plain; or `unix:PATH`
+//! (plain, the socket mode 0600). The destination ([`accept`]) keeps listening through port scans, failed
+//! handshakes, garbage and hellos over its limits (`--max-mem`), each logged and counted, until a source it
+//! accepts arrives or `--idle-timeout` passes.
 //!
 //! ```text
 //!  source (migrator run / receive)                 destination (migrator receive)
@@ -48,17 +52,42 @@
 //!  [--verify] RAM hash ─────────────────────── Verify ─────────►
 //!  vCPU + device state ─────────────────────── State ──────────►
 //!  frames the paused tap received ──────────── Frames ─────────►
-//!                                             Complete ────────►  restore; [--verify] hash RAM, compare
+//!  Complete{paused_ns, commit_within} ────────────────────────►  restore; [--verify] hash RAM, compare
+//!          ◄────────────────────────────────────── Ready          (guest restored, still paused)
+//!  COMMIT (point of no return) ── Commit ─────────────────────►
 //!                                                                 RESUME vCPU                (event resume)
 //!                                                                 deliver forwarded frames
 //!                                                                 RARP #0, ask guest for GARP (announce 0)
 //!          ◄────────────────────────────────────── Ack
 //!  frames still arriving ──────────────────── Frames, Close ───►  deliver; RARP #1..4 at 50/200/450/800 ms
 //!  exit (event complete)
-//!
-//!  any failure before the Ack: source sends Abort (best effort), resumes its vCPU if paused, stops the dirty log,
-//!  emits failed + rollback and keeps running; the destination exits non-zero.
 //! ```
+//!
+//! ## Never two running copies
+//!
+//! The guest runs on exactly one side at every step, or on none with the operator told where it is:
+//!
+//! | what fails | source | destination |
+//! |---|---|---|
+//! | anything before the source sends `Commit` (stream, deadline, `Abort`, cancel) | resumes (rollback), announces its MAC again, sends `Abort` | drops its VM, exits non-zero |
+//! | the stream, after the destination sent `Ready` and before `Commit` arrived | - | **in doubt**: keeps the restored guest paused |
+//! | the stream or the `Ack`, after the source sent `Commit` | **in doubt**: keeps the guest paused | resumed if the commit arrived |
+//! | no `Commit` within the source's `commit_within` + 1 s | (it has rolled back) | drops its VM |
+//!
+//! A side in doubt says so (`state: in_doubt` in `migrator status`, and a message naming the way out) and waits
+//! for the operator, who checks the other side and runs `migrator resume --force --api SOCKET` on exactly one
+//! (`migrator cancel` drops a side's copy). A destination without `--api` drops its copy and says so.
+//!
+//! ## The pause deadline
+//!
+//! From the vCPU stop, the destination must be `Ready` within `--max-pause`; otherwise the source rolls back. The
+//! default, in live mode, is `max(10 × --downtime, 1 s)`: the downtime budget is an estimate, ten times it means a
+//! stuck destination or link, not a slow one. Quick mode, whose pause is the whole copy, has none unless asked.
+//! The source gives up at the deadline less what its own resume takes (a tenth of it, at most 50 ms), so the
+//! guest runs again within `--max-pause`. Every write in the pause is bounded by the time left (socket write
+//! timeouts set before each write), every read by the same; before the pause, a stream that makes no progress
+//! for `--timeout` (at least 1 s, at most 30 s) ends the migration, and pre-copy that does not converge ends at `--timeout` as
+//! `--on-timeout` says. After the commit the source waits 10 s for the `Ack`, then is in doubt.
 //!
 //! ## The switch-over rule (live mode)
 //!
@@ -79,14 +108,20 @@
 //! `--verify` is a check, not part of the move: its hashing (of every resident page, at both ends) lengthens the
 //! pause but is not counted against `--downtime`; the summary reports it as `hash_ms`.
 //!
-//! If `expected_pause ≤ --downtime`, the source pauses and sends the final set. Otherwise it sends the dirty set as
-//! the next round and repeats. When `--timeout` has passed since setup and the estimate still does not fit,
+//! If `expected_pause ≤ --downtime`, the pause fits the budget; the source still sends one more round while that
+//! makes the pause clearly shorter: while the dirty set keeps shrinking (to at most ¾ of the previous one), is
+//! larger than 64 pages, and at most 8 such extra rounds were sent. A dirtier slower than the link leaves a dirty
+//! set that shrinks geometrically round after round, so the pause ends up near the floor of what it writes
+//! during one short round, not just under the budget; a dirtier as fast as the link stops the shrinking at once
+//! and costs no extra round. Then the source pauses and sends the final set. Otherwise (the estimate does not fit)
+//! it sends the dirty set as the next round and repeats. When `--timeout` has passed since setup and the estimate still does not fit,
 //! `--on-timeout force` pauses anyway (the report says `forced` with the expected pause) and `--on-timeout abort`
 //! gives up while the guest keeps running at the source.
 //!
 //! The pause reported is measured at the source, from the vCPU stop to the arrival of the ack; the destination's
 //! events carry the exact resume instant for the monitor.
 
+pub mod accept;
 pub mod announce;
 pub mod api;
 pub mod boot;
@@ -96,6 +131,7 @@ pub mod devices;
 pub mod engine;
 pub mod memory;
 pub mod persist;
+pub mod poll;
 pub mod protocol;
 pub mod ram;
 pub mod ram_io;
@@ -104,6 +140,7 @@ pub mod runner;
 pub mod service;
 pub mod source;
 pub mod tap;
+pub mod tls;
 pub mod transport;
 pub mod vcpu;
 pub mod vm;

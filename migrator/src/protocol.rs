@@ -24,10 +24,12 @@
 //!   every entry without [`PAGE_ZERO`], in entry order. A page is a flat page index (see [`crate::ram`]); a run
 //!   must lie inside one RAM region. Zero pages travel as a flag, without data.
 //! - `RoundEnd`, `State` (the VMM's versioned, checksummed state blob), `Frames` (tap frames the source read while
-//!   the guest was paused), `Verify` (the RAM hash at pause), `Complete`;
+//!   the guest was paused), `Verify` (the RAM hash at pause), `Complete { paused_ns, commit_within_ns }`;
 //!
+//! answers `Ready` once it holds the whole guest, restored but not running, waits for `Commit` (the source's
+//! point of no return; `commit_within_ns` says how long the source will still wait for `Ready`, 0 for no limit),
 //! and answers `Ack` once the guest runs on the destination. After the `Ack` the source may still send `Frames`,
-//! then `Close`. Either side may send `Abort { reason }` at any time.
+//! then `Close`. Either side may send `Abort { reason }` at any time before `Commit`.
 //!
 //! Every length, count, page number and address is checked before use. Bad input yields a [`ProtocolError`], never
 //! a panic.
@@ -41,7 +43,7 @@ use crate::ram::{PAGE_SIZE, RamError, RamLayout, RamRegion, is_zero};
 /// "MIGMONVM", first field of [`Hello`].
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MIGMONVM");
 /// Protocol version. Bump on any change of the wire format.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Header size in bytes.
 pub const HEADER_SIZE: usize = 32;
 /// Largest payload of any message.
@@ -138,6 +140,8 @@ pub enum Command {
     Ack = 9,
     Abort = 10,
     Close = 11,
+    Ready = 12,
+    Commit = 13,
 }
 
 impl TryFrom<u32> for Command {
@@ -155,6 +159,8 @@ impl TryFrom<u32> for Command {
             9 => Self::Ack,
             10 => Self::Abort,
             11 => Self::Close,
+            12 => Self::Ready,
+            13 => Self::Commit,
             other => return Err(ProtocolError::UnknownCommand { command: other }),
         })
     }
@@ -315,7 +321,13 @@ pub enum Message {
     /// ends share a host clock; used for the destination's pause figure).
     Complete {
         paused_ns: u64,
+        /// How long from now the source still waits for `Ready` before it rolls back, ns; 0: no limit.
+        commit_within_ns: u64,
     },
+    /// The destination holds the whole guest, restored and paused: it resumes on `Commit`.
+    Ready,
+    /// The source's point of no return: it will not resume the guest; the destination resumes it.
+    Commit,
     Ack(Ack),
     Abort(String),
     Close,
@@ -334,6 +346,8 @@ impl Message {
             Self::Ack(_) => Command::Ack,
             Self::Abort(_) => Command::Abort,
             Self::Close => Command::Close,
+            Self::Ready => Command::Ready,
+            Self::Commit => Command::Commit,
         }
     }
 
@@ -373,13 +387,19 @@ impl Message {
                 }
             }
             Self::Verify(h) => p.extend_from_slice(&h.to_le_bytes()),
-            Self::Complete { paused_ns } => p.extend_from_slice(&paused_ns.to_le_bytes()),
+            Self::Complete {
+                paused_ns,
+                commit_within_ns,
+            } => {
+                p.extend_from_slice(&paused_ns.to_le_bytes());
+                p.extend_from_slice(&commit_within_ns.to_le_bytes());
+            }
             Self::Ack(a) => {
                 p.extend_from_slice(&a.resumed_ns.to_le_bytes());
                 p.extend_from_slice(&a.restore_us.to_le_bytes());
             }
             Self::Abort(reason) => put_bytes(&mut p, reason.as_bytes()),
-            Self::HelloAck | Self::Close => {}
+            Self::HelloAck | Self::Close | Self::Ready | Self::Commit => {}
         }
         (flags, p)
     }
@@ -430,7 +450,12 @@ impl Message {
                 a.copy_from_slice(c.take(16)?);
                 Self::Verify(u128::from_le_bytes(a))
             }
-            Command::Complete => Self::Complete { paused_ns: c.u64()? },
+            Command::Complete => Self::Complete {
+                paused_ns: c.u64()?,
+                commit_within_ns: c.u64()?,
+            },
+            Command::Ready => Self::Ready,
+            Command::Commit => Self::Commit,
             Command::Ack => Self::Ack(Ack {
                 resumed_ns: c.u64()?,
                 restore_us: c.u64()?,
@@ -1104,7 +1129,12 @@ mod tests {
             Message::State(vec![1, 2, 3]),
             Message::Frames(vec![vec![0xff; 60], vec![7; 1514]]),
             Message::Verify(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
-            Message::Complete { paused_ns: 77 },
+            Message::Complete {
+                paused_ns: 77,
+                commit_within_ns: 5,
+            },
+            Message::Ready,
+            Message::Commit,
             Message::Ack(Ack {
                 resumed_ns: 5,
                 restore_us: 6,
@@ -1145,7 +1175,11 @@ mod tests {
             push(&mut b, src, p);
         }
         b.flush(&mut w).unwrap();
-        w.send(&Message::Complete { paused_ns: 1 }).unwrap();
+        w.send(&Message::Complete {
+            paused_ns: 1,
+            commit_within_ns: 0,
+        })
+        .unwrap();
         w.into_inner()
     }
 
@@ -1402,7 +1436,9 @@ mod tests {
             send(Command::Verify, &[0; 15]),
             send(Command::Ack, &[0; 17]),
             send(Command::Abort, &100u32.to_le_bytes()),
-            send(Command::Complete, &[0; 9]),
+            send(Command::Complete, &[0; 17]),
+            send(Command::Ready, &[0]),
+            send(Command::Commit, &[0]),
             send(Command::Close, &[0]),
             send(Command::Hello, &MAGIC.to_le_bytes()),
         ];

@@ -16,7 +16,7 @@ use migmon_base::MacAddr;
 
 use crate::{
     announce::{AnnounceSchedule, rarp_frame},
-    engine::{BoxedVmError, Events, MigrationError, MigrationTarget, Tracker, error_chain},
+    engine::{BoxedVmError, Events, MigrationError, MigrationState, MigrationTarget, Tracker, error_chain},
     protocol::{
         Ack, Command, HELLO_VERIFY, Hello, Incoming, Message, MessageReader, MessageWriter, ProtocolError,
         RoundEnd,
@@ -36,7 +36,16 @@ pub struct ReceiveOptions {
     pub events: Option<PathBuf>,
     /// Host label for the events.
     pub host: String,
+    /// The largest guest RAM a source may bring (`--max-mem`).
+    pub max_mem: u64,
 }
+
+/// The default of `--max-mem`.
+pub const DEFAULT_MAX_MEM: u64 = 4 << 30;
+/// How long a new connection may take to show its hello (after the TLS handshake).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most bytes of tap frames the destination buffers from the source before the guest runs here.
+pub const MAX_BUFFERED_FRAME_BYTES: usize = 32 << 20;
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
@@ -45,7 +54,50 @@ impl Default for ReceiveOptions {
             idle_timeout: Duration::from_secs(60),
             events: None,
             host: String::new(),
+            max_mem: DEFAULT_MAX_MEM,
         }
+    }
+}
+
+/// A source that connected, passed the transport's checks and sent an acceptable hello.
+pub struct Arrival {
+    pub reader: MessageReader<BufReader<Stream>>,
+    pub writer: MessageWriter<Stream>,
+    pub hello: Hello,
+    /// Who it is, for log lines.
+    pub peer: String,
+}
+
+/// Reads the hello on a fresh stream (within [`HELLO_TIMEOUT`]) and checks it against the limits. A refused
+/// source is told why (`Abort`, best effort) and the stream is closed.
+pub fn greet(stream: Stream, opts: &ReceiveOptions) -> Result<Arrival, MigrationError> {
+    let io = |e| MigrationError::Protocol(ProtocolError::Io(e));
+    let peer = stream.peer();
+    stream.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(io)?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    let rd = stream.try_clone().map_err(io)?;
+    let mut reader = MessageReader::new(BufReader::with_capacity(256 << 10, rd));
+    let mut writer = MessageWriter::new(stream);
+    let checked = read_hello(&mut reader).and_then(|hello| {
+        let ram: u64 = hello.regions.iter().map(|r| r.size).sum();
+        if ram > opts.max_mem {
+            return Err(MigrationError::TooLarge {
+                ram,
+                max_mem: opts.max_mem,
+            });
+        }
+        Ok(hello)
+    });
+    match checked {
+        Ok(hello) => Ok(Arrival {
+            reader,
+            writer,
+            hello,
+            peer,
+        }),
+        Err(e) => Err(abort(&mut writer, None, e)),
     }
 }
 
@@ -79,8 +131,8 @@ fn layout_text(r: &[RamRegion]) -> String {
         .join(",")
 }
 
-/// Receives one migration on `stream`. `create` builds the VM from the hello (its configuration blob and layout).
-/// On success the guest runs here and the VM is returned; on failure the VM is dropped and the source rolls back.
+/// Receives one migration on `stream` (see [`greet`] and [`receive_arrival`]).
+/// A guest held in doubt is dropped here (the error says so).
 pub fn receive<T, F>(
     stream: Stream,
     create: F,
@@ -91,21 +143,44 @@ where
     T: MigrationTarget,
     F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
 {
-    let started = Instant::now();
-    let io = |e| MigrationError::Protocol(ProtocolError::Io(e));
-    stream.set_read_timeout(Some(opts.idle_timeout)).map_err(io)?;
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
-    let rd = stream.try_clone().map_err(io)?;
-    let mut reader = MessageReader::new(BufReader::with_capacity(256 << 10, rd));
-    let mut writer = MessageWriter::new(stream);
-    tracker.update(|s| s.state = "receiving".into());
+    match receive_arrival(greet(stream, opts)?, create, opts, tracker)? {
+        Outcome::Running(t, r) => Ok((t, r)),
+        Outcome::InDoubt { reason, .. } => Err(MigrationError::InDoubt {
+            side: "destination",
+            reason,
+        }),
+    }
+}
 
-    let hello = match read_hello(&mut reader) {
-        Ok(h) => h,
-        Err(e) => return Err(abort(&mut writer, None, e)),
-    };
+/// Receives the migration of a source that was greeted. `create` builds the VM from the hello (its configuration
+/// blob and layout). On success the guest runs here and the VM is returned; on failure the VM is dropped and the
+/// source rolls back. The guest resumes here only after the source's `Commit`.
+pub fn receive_arrival<T, F>(
+    arrival: Arrival,
+    create: F,
+    opts: &ReceiveOptions,
+    tracker: &Tracker,
+) -> Result<Outcome<T>, MigrationError>
+where
+    T: MigrationTarget,
+    F: FnOnce(&Hello) -> Result<T, BoxedVmError>,
+{
+    let started = Instant::now();
+    let Arrival {
+        reader,
+        mut writer,
+        hello,
+        ..
+    } = arrival;
+    let io = |e| MigrationError::Protocol(ProtocolError::Io(e));
+    if let Err(e) = reader
+        .get_ref()
+        .get_ref()
+        .set_read_timeout(Some(opts.idle_timeout))
+    {
+        return Err(abort(&mut writer, None, io(e)));
+    }
+    tracker.update(|s| s.state = MigrationState::Receiving);
     let mode = hello.mode;
     let mut events = Events::open(
         opts.events.as_deref(),
@@ -142,7 +217,38 @@ where
         events,
         report: &mut report,
     };
-    if let Err(e) = session.run(&mut target, &ram, &hello, opts, tracker) {
+    let received = match session.prepare(&mut target, &ram, &hello, tracker) {
+        Ok(r) => r,
+        Err(e) => return Err(abort(&mut session.writer, Some(&mut session.events), e)),
+    };
+    match session.await_commit(&received, opts) {
+        Ok(()) => {}
+        Err(NoCommit::SourceKeeps(e)) => {
+            return Err(abort(&mut session.writer, Some(&mut session.events), e));
+        }
+        Err(NoCommit::InDoubt(reason)) => {
+            session.writer.get_mut().shutdown();
+            let err = MigrationError::InDoubt {
+                side: "destination",
+                reason,
+            };
+            let reason = error_chain(&err);
+            session.events.emit(Phase::Failed {
+                reason: reason.clone(),
+            });
+            eprintln!("migrator: {reason}");
+            tracker.update(|s| {
+                s.state = MigrationState::InDoubt;
+                s.error = Some(reason.clone());
+            });
+            return Ok(Outcome::InDoubt {
+                target,
+                mac: hello.mac,
+                reason,
+            });
+        }
+    }
+    if let Err(e) = session.resume(&mut target, received, &hello, opts) {
         return Err(abort(&mut session.writer, Some(&mut session.events), e));
     }
     let ReceiveSession {
@@ -156,12 +262,33 @@ where
         pause_ms: report.pause_ms,
         bytes: report.bytes,
     });
-    tracker.update(|s| s.state = "running".into());
-    Ok((target, report))
+    tracker.update(|s| s.state = MigrationState::Running);
+    Ok(Outcome::Running(target, report))
+}
+
+/// How a receive that did not fail ended.
+pub enum Outcome<T> {
+    /// The guest runs here.
+    Running(T, ReceiveReport),
+    /// The stream broke after this side was ready and before the commit: the guest is restored here and paused,
+    /// and the source may have committed. Resolve with [`resume_held`] (`migrator resume --force`) or drop it.
+    InDoubt { target: T, mac: [u8; 6], reason: String },
+}
+
+/// Resumes a guest held in doubt (the operator chose this side), and announces its MAC from here.
+pub fn resume_held<T: MigrationTarget>(target: &mut T, mac: [u8; 6]) -> Result<(), MigrationError> {
+    target.resume().map_err(MigrationError::vm("resume"))?;
+    if let Err(e) = target.send_frame(&rarp_frame(mac)) {
+        eprintln!("migrator: warning: announce failed: {e}");
+    }
+    if let Err(e) = target.request_garp() {
+        eprintln!("migrator: warning: could not ask the guest for a gratuitous ARP: {e}");
+    }
+    Ok(())
 }
 
 /// The first message, which must be the hello.
-fn read_hello(reader: &mut MessageReader<BufReader<Stream>>) -> Result<Hello, MigrationError> {
+fn read_hello<R: std::io::Read>(reader: &mut MessageReader<R>) -> Result<Hello, MigrationError> {
     match reader.recv_message("waiting for the hello")? {
         Message::Hello(h) => Ok(h),
         other => Err(ProtocolError::Unexpected {
@@ -213,6 +340,10 @@ struct Received {
     frames: Vec<Vec<u8>>,
     /// The source's `CLOCK_MONOTONIC` ns at pause.
     paused_ns: u64,
+    /// How long the source waits for `Ready` (zero: no limit given).
+    commit_within: Duration,
+    /// Time spent restoring the state.
+    restore: Duration,
 }
 
 /// The receive session once the target exists: the stream both ways, the events and the report.
@@ -223,32 +354,83 @@ struct ReceiveSession<'r> {
     report: &'r mut ReceiveReport,
 }
 
+/// How long past the source's own deadline the destination still waits for `Commit` (the network's share).
+pub const COMMIT_SLACK: Duration = Duration::from_secs(1);
+
+/// Why the wait for `Commit` ended without one.
+enum NoCommit {
+    /// The source gave up (Abort) or its deadline has certainly passed: it keeps the guest.
+    SourceKeeps(MigrationError),
+    /// The stream broke: the source may have committed.
+    InDoubt(String),
+}
+
 impl ReceiveSession<'_> {
-    /// Acknowledges the hello, receives everything, restores, checks the hash, resumes, announces and acks.
-    fn run<T: MigrationTarget>(
+    /// Acknowledges the hello, receives everything, restores and checks the hash, then says `Ready`. The guest
+    /// does not run here yet.
+    fn prepare<T: MigrationTarget>(
         &mut self,
         target: &mut T,
         ram: &GuestRam,
         hello: &Hello,
-        opts: &ReceiveOptions,
         tracker: &Tracker,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<Received, MigrationError> {
         self.writer.send(&Message::HelloAck)?;
-        let received = self.receive_until_complete(ram, tracker)?;
+        let mut received = self.receive_until_complete(ram, tracker)?;
         self.events.emit(Phase::StateSent);
         self.report.state_bytes = received.state.len() as u64;
         let t_restore = Instant::now();
         target
             .restore_state(&received.state)
             .map_err(MigrationError::vm("restore its state"))?;
-        let mut restore = t_restore.elapsed();
+        received.restore = t_restore.elapsed();
         if hello.flags & HELLO_VERIFY != 0 {
             verify(ram, received.hash)?;
         }
+        self.writer.send(&Message::Ready)?;
+        tracker.update(|s| s.state = MigrationState::Prepared);
+        Ok(received)
+    }
+
+    /// Waits for the source's `Commit`: as long as the source said it would wait for `Ready`, plus
+    /// [`COMMIT_SLACK`] (without a limit from the source, the idle timeout).
+    fn await_commit(&mut self, received: &Received, opts: &ReceiveOptions) -> Result<(), NoCommit> {
+        let wait = if received.commit_within.is_zero() {
+            opts.idle_timeout
+        } else {
+            received.commit_within + COMMIT_SLACK
+        };
+        let _ignored = self.reader.get_ref().get_ref().set_read_timeout(Some(wait));
+        match self.reader.recv_message("waiting for the commit") {
+            Ok(Message::Commit) => Ok(()),
+            Ok(Message::Abort(reason)) => {
+                Err(NoCommit::SourceKeeps(MigrationError::SourceAborted { reason }))
+            }
+            Ok(other) => Err(NoCommit::InDoubt(format!(
+                "the source sent {:?} where the commit was due",
+                other.command()
+            ))),
+            Err(ProtocolError::Timeout { .. }) => Err(NoCommit::SourceKeeps(MigrationError::Usage(format!(
+                "no commit within {wait:?} of the source's complete: its deadline has passed and it keeps the guest"
+            )))),
+            Err(e) => Err(NoCommit::InDoubt(format!(
+                "the stream failed after this side was ready, before the commit ({})",
+                error_chain(&e)
+            ))),
+        }
+    }
+
+    /// After the commit: resumes, delivers the forwarded frames, announces and acknowledges.
+    fn resume<T: MigrationTarget>(
+        &mut self,
+        target: &mut T,
+        received: Received,
+        hello: &Hello,
+        opts: &ReceiveOptions,
+    ) -> Result<(), MigrationError> {
         let t_resume = Instant::now();
         target.resume().map_err(MigrationError::vm("resume"))?;
-        restore += t_resume.elapsed();
-        self.report.restore_us = restore.as_micros() as u64;
+        self.report.restore_us = (received.restore + t_resume.elapsed()).as_micros() as u64;
         let resumed_ns = self.events.emit(Phase::Resume);
         self.report.resumed_ns = resumed_ns;
         self.report.pause_ms = resumed_ns.saturating_sub(received.paused_ns) as f64 / 1e6;
@@ -281,6 +463,7 @@ impl ReceiveSession<'_> {
         let mut state = None;
         let mut hash = None;
         let mut frames: Vec<Vec<u8>> = Vec::new();
+        let mut frame_bytes = 0usize;
         loop {
             let message = match self.reader.recv()? {
                 Incoming::Pages(h) => {
@@ -301,15 +484,19 @@ impl ReceiveSession<'_> {
                 Message::Verify(h) => hash = Some(h),
                 Message::State(s) => state = Some(s),
                 Message::Frames(f) => {
-                    if frames.len() + f.len() > 1 << 16 {
+                    frame_bytes += f.iter().map(Vec::len).sum::<usize>();
+                    if frames.len() + f.len() > 1 << 16 || frame_bytes > MAX_BUFFERED_FRAME_BYTES {
                         return Err(malformed(
                             Command::Frames,
-                            "more than 65536 frames queued at the source",
+                            "more than 65536 frames or 32 MiB of frames queued at the source",
                         ));
                     }
                     frames.extend(f);
                 }
-                Message::Complete { paused_ns } => {
+                Message::Complete {
+                    paused_ns,
+                    commit_within_ns,
+                } => {
                     let state =
                         state.ok_or_else(|| malformed(Command::Complete, "complete before any state"))?;
                     return Ok(Received {
@@ -317,6 +504,8 @@ impl ReceiveSession<'_> {
                         hash,
                         frames,
                         paused_ns,
+                        commit_within: Duration::from_nanos(commit_within_ns),
+                        restore: Duration::ZERO,
                     });
                 }
                 Message::Abort(reason) => return Err(MigrationError::SourceAborted { reason }),
@@ -404,7 +593,8 @@ fn finish<T: MigrationTarget>(
     report: &mut ReceiveReport,
 ) {
     let resumed = Instant::now();
-    let (tx, rx) = mpsc::channel();
+    // Bounded: a source that floods frames after the ack waits for the guest to take them.
+    let (tx, rx) = mpsc::sync_channel(64);
     let drain = std::thread::spawn(move || {
         let _ignored = reader
             .get_ref()

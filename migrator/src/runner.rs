@@ -8,14 +8,50 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
 use guest_abi::GuestMark;
 use migmon_base::MacAddr;
 
 use crate::{
+    api::ApiError,
+    engine::MigrationError,
+    transport::TransportError,
     vcpu::{GuestExit, GuestStatus},
-    vm::{Vm, VmConfig},
+    vm::{Vm, VmConfig, VmError},
 };
+
+/// Why running a guest (`migrator run`, `migrator receive`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot block SIGINT/SIGTERM (error {0})")]
+    BlockSignals(i32),
+    #[error("cannot start the signal thread")]
+    SignalThread(#[source] std::io::Error),
+    #[error("cannot create the VM ({ram_mib} MiB RAM, tap {tap})")]
+    CreateVm {
+        ram_mib: u64,
+        tap: String,
+        #[source]
+        source: VmError,
+    },
+    #[error("cannot start the VM")]
+    StartVm(#[source] VmError),
+    #[error("the guest stopped with status {0} (a guest panic: see its log)")]
+    GuestFailed(u32),
+    #[error("the guest crashed: {0}")]
+    GuestCrashed(String),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("incoming migration failed; the source keeps the guest")]
+    Receive(#[source] MigrationError),
+    #[error(
+        "the guest is in doubt and this receiver has no --api to resolve it: this copy is dropped; if the guest runs nowhere, resume the source with `migrator resume --force`"
+    )]
+    InDoubtWithoutApi,
+    #[error("the in-doubt guest's copy here was dropped (migrator cancel)")]
+    Dropped,
+}
 
 /// Why `run` ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,13 +66,11 @@ pub enum EndReason {
 
 impl EndReason {
     /// Success for a signal, a request or a guest that stopped with status 0; the guest's failure otherwise.
-    pub fn into_result(self) -> Result<()> {
+    pub fn into_result(self) -> Result<(), RunError> {
         match self {
             Self::Signal(_) | Self::Requested | Self::Guest(GuestExit::Status(0)) => Ok(()),
-            Self::Guest(GuestExit::Status(n)) => {
-                bail!("the guest stopped with status {n} (a guest panic: see its log)")
-            }
-            Self::Guest(GuestExit::Crashed(why)) => bail!("the guest crashed: {why}"),
+            Self::Guest(GuestExit::Status(n)) => Err(RunError::GuestFailed(n)),
+            Self::Guest(GuestExit::Crashed(why)) => Err(RunError::GuestCrashed(why)),
         }
     }
 }
@@ -50,7 +84,7 @@ pub struct Shutdown {
 impl Shutdown {
     /// Blocks SIGINT and SIGTERM in this thread (and so in every thread started after) and turns them into an end
     /// reason on a dedicated thread. Call it before starting the VM.
-    pub fn install() -> Result<Self> {
+    pub fn install() -> Result<Self, RunError> {
         let shutdown = Self {
             inner: Arc::new((Mutex::new(None), Condvar::new())),
         };
@@ -65,7 +99,7 @@ impl Shutdown {
         // SAFETY: `set` is initialised; the old mask is not needed.
         let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
         if rc != 0 {
-            bail!("cannot block SIGINT/SIGTERM (error {rc})");
+            return Err(RunError::BlockSignals(rc));
         }
         let s = shutdown.clone();
         std::thread::Builder::new()
@@ -77,7 +111,7 @@ impl Shutdown {
                     s.end(EndReason::Signal(sig));
                 }
             })
-            .context("cannot start the signal thread")?;
+            .map_err(RunError::SignalThread)?;
         Ok(shutdown)
     }
 
@@ -114,16 +148,14 @@ impl Shutdown {
 }
 
 /// Creates and starts the VM, and reports on stderr when the guest is ready.
-pub fn boot(config: &VmConfig) -> Result<Vm> {
+pub fn boot(config: &VmConfig) -> Result<Vm, RunError> {
     let t0 = Instant::now();
-    let mut vm = Vm::create(config).with_context(|| {
-        format!(
-            "cannot create the VM ({} MiB RAM, tap {})",
-            config.ram_bytes >> 20,
-            config.tap
-        )
+    let mut vm = Vm::create(config).map_err(|source| RunError::CreateVm {
+        ram_mib: config.ram_bytes >> 20,
+        tap: config.tap.clone(),
+        source,
     })?;
-    vm.start().context("cannot start the VM")?;
+    vm.start().map_err(RunError::StartVm)?;
     let status = vm.guest_status();
     let mac = MacAddr(config.mac);
     let ip = config.ipv4;
@@ -142,7 +174,7 @@ pub fn boot(config: &VmConfig) -> Result<Vm> {
 }
 
 /// `migrator run` without an API or events: boots the guest and runs it until Ctrl-C or until it stops.
-pub fn run(config: &VmConfig) -> Result<()> {
+pub fn run(config: &VmConfig) -> Result<(), RunError> {
     let shutdown = Shutdown::install()?;
     let vm = boot(config)?;
     eprintln!(

@@ -11,16 +11,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
-
 use crate::{
     api::ApiServer,
     config::{ReceiveConfig, RunConfig},
-    engine::{BoxedVmError, MigrationSource, MigrationTarget, Status, VmIdentity},
+    engine::{BoxedVmError, MigrationSource, MigrationState, MigrationTarget, Status, VmIdentity},
     protocol::Hello,
     ram::DirtyBitmap,
     ram_io::GuestRam,
-    runner::{EndReason, Shutdown},
+    runner::{EndReason, RunError, Shutdown},
     service::{Served, receive_and_serve, serve},
     transport::Endpoint,
     vcpu::GuestStatus,
@@ -113,6 +111,13 @@ impl MigrationSource for Vm {
     fn return_frames(&mut self, frames: Vec<Vec<u8>>) {
         Vm::deliver_frames(self, frames);
     }
+
+    fn announce(&mut self) -> Result<(), BoxedVmError> {
+        let mac = self.config().mac;
+        self.send_frame(&crate::announce::rarp_frame(mac))
+            .map_err(boxed)?;
+        self.request_garp().map(|_| ()).map_err(boxed)
+    }
 }
 
 /// A VM created for restore; it starts at the migration's resume.
@@ -186,6 +191,9 @@ impl MigrationSource for IncomingVm {
     fn return_frames(&mut self, frames: Vec<Vec<u8>>) {
         MigrationSource::return_frames(&mut self.vm, frames);
     }
+    fn announce(&mut self) -> Result<(), BoxedVmError> {
+        MigrationSource::announce(&mut self.vm)
+    }
 }
 
 /// The end of a run (signal or guest exit), watched on a helper thread so the control loop can poll it.
@@ -214,7 +222,7 @@ impl EndWatch {
         self.ended.load(Ordering::SeqCst)
     }
 
-    fn result(&self) -> Result<()> {
+    fn result(&self) -> Result<(), RunError> {
         let reason = self.reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
         reason.map_or(Ok(()), EndReason::into_result)
     }
@@ -222,13 +230,13 @@ impl EndWatch {
 
 /// `migrator run`: boots the guest; with an API or events, serves `status` and `migrate` until the guest was
 /// migrated away (exit 0), stops, or a signal comes.
-pub fn run(config: &RunConfig) -> Result<()> {
+pub fn run(config: &RunConfig) -> Result<(), RunError> {
     if config.api.is_none() && config.events.is_none() {
         return crate::runner::run(&config.vm);
     }
     let shutdown = Shutdown::install()?;
     let status = Arc::new(Mutex::new(Status {
-        state: "running".into(),
+        state: MigrationState::Running,
         ..Status::default()
     }));
     let server = config
@@ -242,15 +250,18 @@ pub fn run(config: &RunConfig) -> Result<()> {
         end.ended()
     });
     vm.shutdown();
-    if let Served::Migrated(_) = served {
-        eprintln!("migrator: the guest runs at the destination now; exiting");
-        return Ok(());
+    match served {
+        Served::Migrated(_) => {
+            eprintln!("migrator: the guest runs at the destination now; exiting");
+            Ok(())
+        }
+        Served::Dropped => Err(RunError::Dropped),
+        Served::Stopped => end.result(),
     }
-    end.result()
 }
 
 /// `migrator receive`: waits for one migration, then runs the guest like `run --api` (so it can move on).
-pub fn run_destination(config: &ReceiveConfig) -> Result<()> {
+pub fn run_destination(config: &ReceiveConfig) -> Result<(), RunError> {
     let shutdown = Shutdown::install()?;
     let tap = config.tap.clone();
     let create = move |hello: &Hello| -> Result<IncomingVm, BoxedVmError> {

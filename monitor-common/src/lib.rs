@@ -138,7 +138,19 @@ pub struct TcpEvent {
     pub srtt_us8: u32,
     /// For `TcpResetOut`: the kernel's `sk_rst_reason` (0 = unknown).
     pub reason: u32,
+    /// `TcpRetransmit`: the congestion state (`icsk_ca_state`: 0 Open, 1 Disorder, 2 CWR, 3 Recovery, 4 Loss), or
+    /// [`UNKNOWN_U8`].
+    pub ca_state: u8,
+    /// `TcpRetransmit`: the pending timer (`icsk_pending`: 1 retransmit, 3 zero-window probe, 5 loss probe), or
+    /// [`UNKNOWN_U8`].
+    pub pending: u8,
+    pub pad2: u16,
+    /// `TcpRetransmit`: `tlp_high_seq` (non-zero while a tail-loss probe is outstanding).
+    pub tlp_high_seq: u32,
 }
+
+/// A socket byte field the probe could not read.
+pub const UNKNOWN_U8: u8 = 0xff;
 
 /// Maximum frame bytes an [`ArpEvent`] carries.
 pub const FRAME_CAPTURE: usize = 128;
@@ -632,7 +644,24 @@ pub struct ProbeConfig {
     pub pad: u32,
     /// A one-word filter in front of the `FLOW_IPS` lookups: bit [`ip_filter_bit`] of every flow IP is set.
     pub ip_filter: u64,
+    /// Offset of the byte holding the `icsk_ca_state` bitfield in `struct sock`.
+    pub off_icsk_ca_state: u32,
+    /// `icsk_ca_state`'s bit position in that byte (low 8 bits) and width (next 8 bits; 0 = unknown).
+    pub ca_state_bits: u32,
+    /// Offset of `icsk_pending` (u8).
+    pub off_icsk_pending: u32,
+    /// Offset of `tlp_high_seq` (u32) in `struct tcp_sock`.
+    pub off_tlp_high_seq: u32,
+    /// The first [`FLOW_INLINE_IPS`] flow IPs, compared in place (a hash lookup costs more than the comparisons);
+    /// with more than that, `FLOW_IPS` holds them all and is looked up instead.
+    pub flow_ips: [IpKey; FLOW_INLINE_IPS],
+    /// How many flow IPs there are (all in `flow_ips` when at most [`FLOW_INLINE_IPS`]).
+    pub flow_ip_count: u32,
+    pub pad2: u32,
 }
+
+/// Flow IPs the programs compare in place.
+pub const FLOW_INLINE_IPS: usize = 4;
 
 /// The bit of an address (IPv6 or IPv4-mapped) in [`ProbeConfig::ip_filter`].
 #[inline]
@@ -676,12 +705,19 @@ impl ProbeConfig {
         flow_capture_burst: 256,
         pad: 0,
         ip_filter: 0,
+        off_icsk_ca_state: NO_OFFSET,
+        ca_state_bits: 0,
+        off_icsk_pending: NO_OFFSET,
+        off_tlp_high_seq: NO_OFFSET,
+        flow_ips: [[0; 16]; FLOW_INLINE_IPS],
+        flow_ip_count: 0,
+        pad2: 0,
     };
 }
 
 const _: () = assert!(size_of::<EventHeader>() == 16);
 const _: () = assert!(size_of::<TcpTuple>() == 40);
-const _: () = assert!(size_of::<TcpEvent>() == 96);
+const _: () = assert!(size_of::<TcpEvent>() == 104);
 const _: () = assert!(size_of::<ArpEvent>() == 200);
 const _: () = assert!(size_of::<NeighborAdvertEvent>() == 232);
 const _: () = assert!(size_of::<FdbEvent>() == 56);
@@ -690,7 +726,9 @@ const _: () = assert!(size_of::<MacKey>() == 12);
 const _: () = assert!(size_of::<MacCounters>() == 32);
 const _: () = assert!(size_of::<TpLayout>() == 32);
 const _: () = assert!(size_of::<FdbLayout>() == 8);
-const _: () = assert!(size_of::<ProbeConfig>() == 5 * 32 + 8 + 8 + 8 + 8 * 4 + 32);
+const _: () =
+    assert!(size_of::<ProbeConfig>() == 5 * 32 + 8 + 8 + 8 + 8 * 4 + 32 + 16 + 16 * FLOW_INLINE_IPS + 8);
+const _: () = assert!(core::mem::offset_of!(ProbeConfig, flow_ips) % 8 == 0);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowDir>() == 48);
 const _: () = assert!(size_of::<FlowState>() == 104);

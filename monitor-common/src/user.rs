@@ -207,6 +207,10 @@ mod tests {
             .u32(2) // backoff
             .u32(200) // rto jiffies
             .u32(8000) // srtt_us << 3
+            .u32(0)
+            .u8(4) // ca_state Loss
+            .u8(1) // pending: retransmit timer
+            .u16(0)
             .u32(0);
         assert_eq!(b.0.len(), size_of::<TcpEvent>());
         let WireEvent::Tcp(kind, e) = decode(&b.0).unwrap() else {
@@ -224,6 +228,7 @@ mod tests {
             (e.state, e.retransmits, e.backoff, e.rto_jiffies, e.srtt_us8),
             (1, 2, 2, 200, 8000)
         );
+        assert_eq!((e.ca_state, e.pending, e.tlp_high_seq), (4, 1, 0));
     }
 
     #[test]
@@ -247,7 +252,8 @@ mod tests {
                 .u32(0)
                 .u32(0)
                 .u32(0)
-                .u32(6);
+                .u32(6)
+                .raw(&[0; 8]);
             let WireEvent::Tcp(k, e) = decode(&b.0).unwrap() else {
                 panic!("not tcp")
             };

@@ -87,6 +87,9 @@ pub(crate) trait Frame {
     /// Makes at least the first `n` bytes directly readable (TC: `bpf_skb_pull_data`); false when it cannot.
     /// Afterwards `data()` and `data_end()` must be read again.
     fn pull(&self, n: u32) -> bool;
+    /// An outer VLAN tag the kernel took out of the frame into the packet's metadata (TC sees frames after the
+    /// stack untagged them); `None` for XDP.
+    fn outer_vlan(&self) -> Option<u16>;
     /// Copies the first `min(wire_len, FRAME_CAPTURE)` bytes to `dst`; returns how many it copied.
     ///
     /// # Safety
@@ -136,6 +139,10 @@ impl Frame for XdpFrame<'_> {
     fn pull(&self, _n: u32) -> bool {
         // Without multi-buffer support (which these programs do not declare) the whole frame is direct.
         false
+    }
+    #[inline(always)]
+    fn outer_vlan(&self) -> Option<u16> {
+        None
     }
     #[inline(always)]
     unsafe fn copy(&self, dst: *mut u8) -> u32 {
@@ -193,6 +200,12 @@ impl Frame for TcFrame<'_> {
     #[inline(always)]
     fn pull(&self, n: u32) -> bool {
         self.ctx.pull_data(n).is_ok()
+    }
+    #[inline(always)]
+    fn outer_vlan(&self) -> Option<u16> {
+        let skb = self.ctx.as_ptr().cast::<__sk_buff>();
+        // SAFETY: the context of a classifier program is a `__sk_buff`; its VLAN fields may be read.
+        unsafe { ((*skb).vlan_present != 0).then(|| ((*skb).vlan_tci & 0x0fff) as u16) }
     }
     #[inline(always)]
     unsafe fn copy(&self, dst: *mut u8) -> u32 {
@@ -253,15 +266,28 @@ pub(crate) struct Eth {
     pub vlan_count: u16,
 }
 
-/// Parses the Ethernet header and its tags (up to two: 802.1Q 0x8100, 802.1ad 0x88a8). `None` when the frame is
-/// cut inside them or has a third tag (the caller counts it as malformed).
+/// Parses the Ethernet header and its tags (up to two: 802.1Q 0x8100, 802.1ad 0x88a8, counting an `outer` one
+/// the kernel already took into the packet's metadata). `None` when the frame is cut inside them or has a third
+/// tag (the caller counts it as malformed).
 #[inline(always)]
-pub(crate) fn parse_eth(data: usize, end: usize) -> Option<Eth> {
+pub(crate) fn parse_eth(data: usize, end: usize, outer: Option<u16>) -> Option<Eth> {
     let mut ethertype = be16(data, end, 12)?;
     let mut off = ETH_HLEN;
     let mut vlan = [0u16; 2];
     let mut vlan_count = 0u16;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+    if let Some(tag) = outer {
+        vlan[0] = tag;
+        vlan_count = 1;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            vlan[1] = be16(data, end, off)? & 0x0fff;
+            ethertype = be16(data, end, off + 2)?;
+            vlan_count = 2;
+            off += 4;
+            if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+                return None;
+            }
+        }
+    } else if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         vlan[0] = be16(data, end, off)? & 0x0fff;
         ethertype = be16(data, end, off + 2)?;
         vlan_count = 1;
@@ -300,7 +326,7 @@ fn ingress(f: &impl Frame) {
     if flags & CFG_WATCH_MACS != 0 {
         count_mac(src, ifindex, DIR_INGRESS, len);
     }
-    let Some(eth) = parse_eth(data, end) else {
+    let Some(eth) = parse_eth(data, end, f.outer_vlan()) else {
         count_malformed(ifindex);
         return;
     };
@@ -311,7 +337,7 @@ fn ingress(f: &impl Frame) {
         return;
     }
     if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
-        if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) != 0 {
+        if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) != 0 && crate::flow::worth_tracking(f, &eth) {
             crate::flow::keep(crate::flow::track(f, &eth, DIR_INGRESS));
         }
         return;
@@ -591,11 +617,11 @@ fn egress(f: &impl Frame) {
     if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) == 0 {
         return;
     }
-    let Some(eth) = parse_eth(data, end) else {
+    let Some(eth) = parse_eth(data, end, f.outer_vlan()) else {
         count_malformed(f.ifindex());
         return;
     };
-    if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
+    if (eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6) && crate::flow::worth_tracking(f, &eth) {
         crate::flow::keep(crate::flow::track(f, &eth, DIR_EGRESS));
     }
 }

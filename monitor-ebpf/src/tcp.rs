@@ -4,7 +4,7 @@
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
 use monitor_common::{
     AF_INET, AF_INET6, CFG_FILTER_IPS, CFG_FILTER_PORTS, EventKind, IpKey, NO_FIELD, NO_OFFSET, TP_SOCKADDR,
-    TcpEvent, TcpTuple, TpLayout,
+    TcpEvent, TcpTuple, TpLayout, UNKNOWN_U8,
 };
 
 use crate::{CONFIG, EVENTS, WATCH_IPS, WATCH_PORTS, config, count_lost, header};
@@ -177,7 +177,17 @@ fn emit(ctx: &TracePointContext, kind: EventKind, l: *const TpLayout) -> Result<
         .and_then(|net| kread::<u32>(net, config!(off_net_inum)))
         .map_or(0, u64::from);
     let (mut retransmits, mut backoff, mut rto_jiffies, mut srtt_us8) = (0u32, 0u32, 0u32, 0u32);
+    let (mut ca_state, mut pending, mut tlp_high_seq) = (UNKNOWN_U8, UNKNOWN_U8, 0u32);
     if matches!(kind, EventKind::TcpRetransmit) {
+        let bits = config!(ca_state_bits);
+        let width = (bits >> 8) & 0xff;
+        if width != 0 && width < 8 {
+            if let Ok(b) = kread::<u8>(sk, config!(off_icsk_ca_state)) {
+                ca_state = (b >> (bits & 7)) & ((1u8 << width) - 1);
+            }
+        }
+        pending = kread::<u8>(sk, config!(off_icsk_pending)).unwrap_or(UNKNOWN_U8);
+        tlp_high_seq = kread::<u32>(sk, config!(off_tlp_high_seq)).unwrap_or(0);
         retransmits = u32::from(kread::<u8>(sk, config!(off_icsk_retransmits)).unwrap_or(0));
         backoff = u32::from(kread::<u8>(sk, config!(off_icsk_backoff)).unwrap_or(0));
         rto_jiffies = kread::<u32>(sk, config!(off_icsk_rto)).unwrap_or(0);
@@ -200,6 +210,10 @@ fn emit(ctx: &TracePointContext, kind: EventKind, l: *const TpLayout) -> Result<
         rto_jiffies,
         srtt_us8,
         reason,
+        ca_state,
+        pending,
+        pad2: 0,
+        tlp_high_seq,
     });
     entry.submit(0);
     Ok(())

@@ -231,6 +231,25 @@ impl Btf {
         }
         bits.is_multiple_of(8).then_some(bits / 8)
     }
+
+    /// Bit offset and width of the bitfield at the end of `path` inside `struct struct_name` (like
+    /// [`Btf::member_offset`], but the last member may be a bitfield; a plain member gives its type's width as
+    /// unknown, 0).
+    pub fn bitfield(&self, struct_name: &str, path: &[&str]) -> Option<(u32, u32)> {
+        let mut id = *self.structs.get(struct_name)?;
+        let mut bits = 0u32;
+        let mut width = 0;
+        for (i, name) in path.iter().enumerate() {
+            let (off, m) = self.find_member(id, name)?;
+            if m.bitfield_size != 0 && i + 1 != path.len() {
+                return None;
+            }
+            bits += off;
+            width = m.bitfield_size;
+            id = m.type_id;
+        }
+        Some((bits, width))
+    }
 }
 
 #[cfg(test)]

@@ -3,34 +3,26 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use migmon_base::{
+    UnitError,
+    units::{Quantity, parse_duration},
+};
 
 use migmon_analysis::{
     check::{self, Limits},
     correlate::{self, Analysis},
-    export, report,
+    export, merge, report,
     trace::{self, Trace},
     whatif::{self, Settings},
 };
 
-/// Parses a duration: `250ms`, `8s`, `1.5s`, `500us`, `2m`, or a bare number of milliseconds.
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (try 250ms, 8s, 1.5s)"))?;
-    let mult = match unit.trim() {
-        "ns" => 1.0,
-        "us" | "µs" => 1e3,
-        "" | "ms" => 1e6,
-        "s" => 1e9,
-        "m" | "min" => 60e9,
-        u => return Err(format!("unknown unit {u:?} in {s:?} (use ns, us, ms, s or m)")),
-    };
-    Ok((v * mult).round() as u64)
+/// Reads a duration with its unit (`250ms`, `8s`, `1.5s`, `500us`, `2m`; a bare number is refused) as nanoseconds.
+pub fn duration_ns(s: &str) -> Result<u64, UnitError> {
+    let d = parse_duration(s)?;
+    u64::try_from(d.as_nanos()).map_err(|_| UnitError::TooLarge {
+        input: s.to_owned(),
+        quantity: Quantity::Duration,
+    })
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +36,10 @@ pub enum Format {
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
-    /// The trace (from `migmon watch --record FILE`).
-    pub trace: PathBuf,
+    /// The trace (from `migmon watch --record FILE`). Several traces, or directories of `*.trace` files, from the
+    /// hosts of one migration are merged onto one timeline (docs/report.md, "Several hosts").
+    #[arg(required = true, value_name = "TRACE")]
+    pub trace: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Also write the SVG timeline to this file.
@@ -55,10 +49,10 @@ pub struct ReportArgs {
     #[arg(long, value_name = "N")]
     pub tcp_retries2: Option<u32>,
     /// With --format compare: the clients' route `rto_min`.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub rto_min: Option<u64>,
     /// With --format compare: the clients' `TCP_USER_TIMEOUT`.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub user_timeout: Option<u64>,
     /// With --format compare: the clients are Windows (5 retransmissions).
     #[arg(long)]
@@ -71,13 +65,13 @@ pub struct LimitArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub max_aborted: usize,
     /// Longest vCPU pause allowed (e.g. 100ms).
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub max_pause: Option<u64>,
     /// Longest network blackout allowed.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub max_blackout: Option<u64>,
     /// Longest convergence (resume → FDB move) allowed.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub max_convergence: Option<u64>,
     #[arg(
         long,
@@ -88,6 +82,10 @@ pub struct LimitArgs {
     /// Do not fail when the kernel lost events.
     #[arg(long)]
     pub allow_loss: bool,
+    /// Do not fail on a damaged trace (skipped or corrupted lines, truncated, no end record, altered), lost events,
+    /// or connections alive at a pause without a verdict; they are still listed.
+    #[arg(long)]
+    pub allow_damaged: bool,
 }
 
 impl LimitArgs {
@@ -98,30 +96,35 @@ impl LimitArgs {
             max_blackout_ns: self.max_blackout,
             max_convergence_ns: self.max_convergence,
             allow_loss: self.allow_loss,
+            allow_damaged: self.allow_damaged,
         }
     }
 }
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
-    /// The trace (from `migmon watch --record FILE`).
-    pub trace: PathBuf,
+    /// The trace (from `migmon watch --record FILE`). Several traces, or directories of `*.trace` files, from the
+    /// hosts of one migration are merged onto one timeline (docs/report.md, "Several hosts").
+    #[arg(required = true, value_name = "TRACE")]
+    pub trace: Vec<PathBuf>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct WhatifArgs {
-    /// The trace (from `migmon watch --record FILE`).
-    pub trace: PathBuf,
+    /// The trace (from `migmon watch --record FILE`). Several traces, or directories of `*.trace` files, from the
+    /// hosts of one migration are merged onto one timeline (docs/report.md, "Several hosts").
+    #[arg(required = true, value_name = "TRACE")]
+    pub trace: Vec<PathBuf>,
     /// `net.ipv4.tcp_retries2` to model.
     #[arg(long, value_name = "N")]
     pub tcp_retries2: Option<u32>,
     /// Route `rto_min` to model.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub rto_min: Option<u64>,
     /// `TCP_USER_TIMEOUT` to model.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub user_timeout: Option<u64>,
     /// Model a Windows client: 5 retransmissions doubling from the SRTT-based RTO.
     #[arg(long)]
@@ -130,10 +133,10 @@ pub struct WhatifArgs {
     #[arg(long, default_value_t = 15, value_name = "N")]
     pub in_force_tcp_retries2: u32,
     /// Route `rto_min` in force when the trace was recorded.
-    #[arg(long, value_parser = parse_duration, default_value = "200ms", value_name = "D")]
+    #[arg(long, value_parser = duration_ns, default_value = "200ms", value_name = "D")]
     pub in_force_rto_min: u64,
     /// `TCP_USER_TIMEOUT` in force when the trace was recorded.
-    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    #[arg(long, value_parser = duration_ns, value_name = "D")]
     pub in_force_user_timeout: Option<u64>,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -143,8 +146,10 @@ pub struct WhatifArgs {
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("out").required(true).multiple(true)))]
 pub struct ExportArgs {
-    /// The trace (from `migmon watch --record FILE`).
-    pub trace: PathBuf,
+    /// The trace (from `migmon watch --record FILE`). Several traces, or directories of `*.trace` files, from the
+    /// hosts of one migration are merged onto one timeline (docs/report.md, "Several hosts").
+    #[arg(required = true, value_name = "TRACE")]
+    pub trace: Vec<PathBuf>,
     /// The events, time-sorted, then one verdict line per migration and connection.
     #[arg(long, value_name = "FILE", group = "out")]
     pub jsonl: Option<PathBuf>,
@@ -163,12 +168,58 @@ pub fn load(path: &Path) -> Result<(Trace, Analysis)> {
     Ok((t, a))
 }
 
-fn title(path: &Path) -> String {
-    path.display().to_string()
+/// The trace files named: files as given, directories as their `*.trace` files (sorted by name).
+pub fn trace_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list the directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "trace") && f.is_file())
+                .collect();
+            if found.is_empty() {
+                bail!("{} holds no *.trace file", p.display());
+            }
+            found.sort();
+            out.append(&mut found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Reads and correlates one trace, or merges several (from several hosts) onto the first one's clock.
+pub fn load_all(paths: &[PathBuf]) -> Result<(Trace, Analysis)> {
+    let files = trace_files(paths)?;
+    if let [one] = files.as_slice() {
+        return load(one);
+    }
+    let mut inputs = Vec::new();
+    for f in &files {
+        let t = trace::read_trace(f).with_context(|| format!("cannot read the trace {}", f.display()))?;
+        inputs.push(merge::Input {
+            name: f.display().to_string(),
+            trace: t,
+        });
+    }
+    let merged = merge::merge(&inputs).context("cannot merge the traces")?;
+    let mut a = correlate::analyse(&merged.trace);
+    merge::annotate(&mut a, &merged.info);
+    Ok((merged.trace, a))
+}
+
+fn title(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 pub fn report(a: &ReportArgs) -> Result<i32> {
-    let (_, an) = load(&a.trace)?;
+    let (_, an) = load_all(&a.trace)?;
     let out = match a.format {
         Format::Text => report::render_text(&an, &title(&a.trace)),
         Format::Json => report::render_json(&an),
@@ -212,12 +263,12 @@ pub fn run_check(an: &Analysis, limits: &LimitArgs, to_stderr: bool) -> Result<i
 }
 
 pub fn check(a: &CheckArgs) -> Result<i32> {
-    let (_, an) = load(&a.trace)?;
+    let (_, an) = load_all(&a.trace)?;
     run_check(&an, &a.limits, false)
 }
 
 pub fn whatif(a: &WhatifArgs) -> Result<i32> {
-    let (_, an) = load(&a.trace)?;
+    let (_, an) = load_all(&a.trace)?;
     let in_force = Settings {
         tcp_retries2: a.in_force_tcp_retries2,
         rto_min_ns: a.in_force_rto_min,
@@ -247,7 +298,7 @@ pub fn whatif(a: &WhatifArgs) -> Result<i32> {
 }
 
 pub fn export(a: &ExportArgs) -> Result<i32> {
-    let (t, an) = load(&a.trace)?;
+    let (t, an) = load_all(&a.trace)?;
     if a.jsonl.is_none() && a.pcapng.is_none() && a.perfetto.is_none() {
         bail!("say what to export: --jsonl FILE, --pcapng FILE or --perfetto FILE");
     }
@@ -284,11 +335,13 @@ mod tests {
             start_unix_ns: 1_790_000_000_000_000_000,
             hostname: "h".into(),
             command: vec![],
+            ..TraceHeader::default()
         };
         let mut w = TraceWriter::create(&path, &header).unwrap();
         for e in events {
             w.write(e).unwrap();
         }
+        w.finish(u64::MAX).unwrap();
         path
     }
 
@@ -300,6 +353,7 @@ mod tests {
             max_convergence: None,
             junit,
             allow_loss: false,
+            allow_damaged: false,
         }
     }
 
@@ -311,7 +365,7 @@ mod tests {
         let quick = write_trace(&dir, "quick.trace", &quick_trace());
         let junit = dir.join("junit.xml");
         let code = check(&CheckArgs {
-            trace: live.clone(),
+            trace: vec![live.clone()],
             limits: limits(Some(junit.clone())),
         })
         .unwrap();
@@ -322,7 +376,7 @@ mod tests {
                 .contains("failures=\"0\"")
         );
         let code = check(&CheckArgs {
-            trace: quick.clone(),
+            trace: vec![quick.clone()],
             limits: limits(Some(junit.clone())),
         })
         .unwrap();
@@ -331,7 +385,7 @@ mod tests {
         // A missing trace is an input error (main turns it into exit 2).
         assert!(
             check(&CheckArgs {
-                trace: dir.join("missing.trace"),
+                trace: vec![dir.join("missing.trace")],
                 limits: limits(None),
             })
             .is_err()
@@ -349,6 +403,29 @@ mod tests {
         let out = report::render_text(&a, "q");
         assert!(out.contains("WARNING: the trace is truncated"), "{out}");
         assert!(out.contains("Migration quick-1"), "{out}");
+        // The gate fails closed on it, naming the damage, and passes it only with --allow-damaged (the live trace
+        // cut the same way).
+        let text = std::fs::read_to_string(&live).unwrap();
+        std::fs::write(&live, &text[..text.len() - 10]).unwrap();
+        assert_eq!(
+            check(&CheckArgs {
+                trace: vec![live.clone()],
+                limits: limits(None),
+            })
+            .unwrap(),
+            1
+        );
+        let mut lenient = limits(None);
+        lenient.allow_damaged = true;
+        assert_eq!(
+            check(&CheckArgs {
+                trace: vec![live.clone()],
+                limits: lenient,
+            })
+            .unwrap(),
+            0
+        );
+        std::fs::write(&live, &text).unwrap();
 
         for (flag, path) in [
             ("jsonl", "e.jsonl"),
@@ -357,7 +434,7 @@ mod tests {
         ] {
             let p = dir.join(path);
             let args = ExportArgs {
-                trace: live.clone(),
+                trace: vec![live.clone()],
                 jsonl: (flag == "jsonl").then(|| p.clone()),
                 pcapng: (flag == "pcapng").then(|| p.clone()),
                 perfetto: (flag == "perfetto").then(|| p.clone()),
@@ -370,11 +447,11 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(250_000_000));
-        assert_eq!(parse_duration("1.5s"), Ok(1_500_000_000));
-        assert_eq!(parse_duration("8"), Ok(8_000_000));
-        assert_eq!(parse_duration("500us"), Ok(500_000));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(duration_ns("250ms"), Ok(250_000_000));
+        assert_eq!(duration_ns("1.5s"), Ok(1_500_000_000));
+        assert_eq!(duration_ns("500us"), Ok(500_000));
+        assert_eq!(duration_ns("1h"), Ok(3_600_000_000_000));
+        assert!(duration_ns("8").is_err(), "a bare number is refused");
+        assert!(duration_ns("fast").is_err());
     }
 }

@@ -8,81 +8,15 @@ use std::{
 use monitor_common::{
     AF_INET6, ArpEvent, DIR_EGRESS, EventKind, FLOW_PEER_ACK_KNOWN, FLOW_SEQ_KNOWN, FdbEvent, FlowEvent,
     MacCounters, MacKey, MacSeenEvent, NA_OVERRIDE, NA_ROUTER, NA_SOLICITED, NeighborAdvertEvent, SIDE_VM,
-    TcpEvent, WireEvent,
+    TcpEvent, UNKNOWN_U8, WireEvent,
 };
 
 use migmon_analysis::trace::{
-    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, NeighborAdvertFrame, Port, TcpCommon,
+    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, MacAddr, NeighborAdvertFrame, Port,
+    RetransmitKind, TcpCommon, TcpState,
 };
 
-/// Name of a kernel TCP state (`include/net/tcp_states.h`).
-pub fn tcp_state_name(state: u32) -> String {
-    let name = match state {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        0 => return String::new(),
-        other => return format!("UNKNOWN({other})"),
-    };
-    name.to_owned()
-}
-
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
-
-/// `aa:bb:cc:dd:ee:ff`. (Hand-rolled: it runs for every ARP record, where `format!` was the collector's largest
-/// cost.)
-pub fn mac_string(mac: [u8; 6]) -> String {
-    let mut s = String::with_capacity(17);
-    for (i, b) in mac.iter().enumerate() {
-        if i > 0 {
-            s.push(':');
-        }
-        s.push(char::from(HEX_DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(HEX_DIGITS[usize::from(b & 0xf)]));
-    }
-    s
-}
-
-/// Dotted decimal, as `Ipv4Addr`'s `Display` writes it, without the formatting machinery.
-fn ipv4_string(a: [u8; 4]) -> String {
-    let mut s = String::with_capacity(15);
-    for (i, &b) in a.iter().enumerate() {
-        if i > 0 {
-            s.push('.');
-        }
-        if b >= 100 {
-            s.push(char::from(b'0' + b / 100));
-        }
-        if b >= 10 {
-            s.push(char::from(b'0' + b / 10 % 10));
-        }
-        s.push(char::from(b'0' + b % 10));
-    }
-    s
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`).
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split([':', '-']);
-    for b in &mut out {
-        let p = parts.next()?;
-        if p.is_empty() || p.len() > 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
 
 fn ip(family: u16, addr: &[u8; 16]) -> IpAddr {
     if family == AF_INET6 {
@@ -104,6 +38,28 @@ fn hex(bytes: &[u8]) -> String {
         s.push(char::from(HEX_DIGITS[usize::from(b & 0xf)]));
     }
     s
+}
+
+/// The kind of a socket retransmission, from the state the probe read at `tcp:tcp_retransmit_skb`: a SYN in the
+/// handshake states; the RTO in congestion state Loss (the timer handler enters it before retransmitting);
+/// a fast retransmit in Recovery; and a tail-loss probe outside both, before any timeout (`icsk_retransmits`
+/// 0), or while the loss-probe timer is the pending one. `None` when the state could not be read.
+pub fn retransmit_kind(e: &TcpEvent) -> Option<RetransmitKind> {
+    const SYN_SENT: u32 = 2;
+    const SYN_RECV: u32 = 3;
+    const CA_RECOVERY: u8 = 3;
+    const CA_LOSS: u8 = 4;
+    const ICSK_TIME_LOSS_PROBE: u8 = 5;
+    if e.state == SYN_SENT || e.state == SYN_RECV {
+        return Some(RetransmitKind::Syn);
+    }
+    match e.ca_state {
+        UNKNOWN_U8 => None,
+        CA_LOSS => Some(RetransmitKind::Rto),
+        CA_RECOVERY => Some(RetransmitKind::Fast),
+        _ if e.retransmits == 0 || e.pending == ICSK_TIME_LOSS_PROBE => Some(RetransmitKind::Tlp),
+        _ => None,
+    }
 }
 
 /// Turns wire records into [`Event`]s, naming ports.
@@ -225,7 +181,7 @@ impl Decoder {
             self.netns_of_tuple.get(&tuple).copied().unwrap_or(0)
         };
         let tcp = TcpCommon { tuple, netns };
-        let state = tcp_state_name(e.state);
+        let state = TcpState::from_kernel(e.state);
         match kind {
             EventKind::TcpRetransmit => Event::TcpRetransmit {
                 ts_ns,
@@ -239,12 +195,13 @@ impl Decoder {
                     u64::from(e.rto_jiffies) * 1_000_000 / u64::from(self.hz)
                 },
                 srtt_us: u64::from(e.srtt_us8 >> 3),
+                retransmit_kind: retransmit_kind(e),
             },
             EventKind::TcpState => Event::TcpState {
                 ts_ns,
                 tcp,
                 old_state: state,
-                new_state: tcp_state_name(e.new_state),
+                new_state: TcpState::from_kernel(e.new_state),
             },
             EventKind::TcpError => Event::TcpError {
                 ts_ns,
@@ -264,13 +221,13 @@ impl Decoder {
         let cap = (e.cap_len as usize).min(e.frame.len());
         let frame = ArpFrame {
             port: self.port(e.netns_id, e.ifindex),
-            mac: mac_string(e.src_mac),
+            mac: MacAddr(e.src_mac),
             vlan: e.vlan[..count].to_vec(),
             op: e.op,
-            sha: mac_string(e.sha),
-            spa: ipv4_string(e.spa),
-            tha: mac_string(e.tha),
-            tpa: ipv4_string(e.tpa),
+            sha: MacAddr(e.sha),
+            spa: Ipv4Addr::from(e.spa).into(),
+            tha: MacAddr(e.tha),
+            tpa: Ipv4Addr::from(e.tpa).into(),
             frame: hex(&e.frame[..cap]),
             len: e.frame_len,
         };
@@ -290,15 +247,15 @@ impl Decoder {
             ts_ns: e.header.ts_ns,
             frame: NeighborAdvertFrame {
                 port: self.port(e.netns_id, e.ifindex),
-                mac: mac_string(e.src_mac),
+                mac: MacAddr(e.src_mac),
                 vlan: e.vlan[..count].to_vec(),
-                src_ip: Ipv6Addr::from(e.src_ip).to_string(),
-                dst_ip: Ipv6Addr::from(e.dst_ip).to_string(),
-                target: Ipv6Addr::from(e.target).to_string(),
+                src_ip: Ipv6Addr::from(e.src_ip),
+                dst_ip: Ipv6Addr::from(e.dst_ip),
+                target: Ipv6Addr::from(e.target),
                 router: e.flags & NA_ROUTER != 0,
                 solicited: e.flags & NA_SOLICITED != 0,
                 override_: e.flags & NA_OVERRIDE != 0,
-                tlla: (e.has_tlla != 0).then(|| mac_string(e.tlla)),
+                tlla: (e.has_tlla != 0).then_some(MacAddr(e.tlla)),
                 frame: hex(&e.frame[..cap]),
                 len: e.frame_len,
             },
@@ -308,7 +265,7 @@ impl Decoder {
     fn mac_seen(&self, e: &MacSeenEvent) -> Event {
         Event::MacSeen {
             ts_ns: e.header.ts_ns,
-            mac: mac_string(e.mac),
+            mac: MacAddr(e.mac),
             port: self.port(e.netns_id, e.ifindex),
             direction: direction(e.direction),
             gap_ns: e.gap_ns,
@@ -319,7 +276,7 @@ impl Decoder {
     pub fn mac_stats(&self, ts_ns: u64, netns_id: u32, key: &MacKey, c: &MacCounters) -> Event {
         Event::MacStats {
             ts_ns,
-            mac: mac_string(key.mac),
+            mac: MacAddr(key.mac),
             port: self.port(netns_id, key.ifindex),
             direction: direction(key.direction),
             frames: c.frames,
@@ -343,7 +300,7 @@ fn fdb(e: &FdbEvent) -> Event {
         ts_ns: e.header.ts_ns,
         bridge: cstr(&e.br_dev),
         port: cstr(&e.dev),
-        mac: mac_string(e.mac),
+        mac: MacAddr(e.mac),
         vlan: e.vid,
         netns: None,
     }
@@ -362,28 +319,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn macs_round_trip() {
-        let m = parse_mac("52:54:00:AB:cd:0f").unwrap();
-        assert_eq!(m, [0x52, 0x54, 0, 0xab, 0xcd, 0x0f]);
-        assert_eq!(mac_string(m), "52:54:00:ab:cd:0f");
-        assert!(parse_mac("52:54:00:ab:cd").is_none());
-        assert!(parse_mac("52:54:00:ab:cd:0f:11").is_none());
-        assert!(parse_mac("zz:54:00:ab:cd:0f").is_none());
-    }
-
-    #[test]
-    fn fast_formatters_match_std() {
+    fn hex_matches_std() {
         for b in 0..=255u8 {
-            let a = [b, 255 - b, b / 3, 9];
-            assert_eq!(ipv4_string(a), Ipv4Addr::from(a).to_string());
-            let m = [b, 0, 255, b.wrapping_mul(7), 16, 15];
-            assert_eq!(
-                mac_string(m),
-                format!(
-                    "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                    m[0], m[1], m[2], m[3], m[4], m[5]
-                )
-            );
             assert_eq!(hex(&[b, 0xa5]), format!("{b:02x}a5"));
         }
         assert_eq!(hex(&[]), "");
@@ -438,7 +375,7 @@ mod tests {
         assert_eq!(frame.vlan, vec![10]);
         assert_eq!(frame.frame, "deadbeef");
         assert_eq!(frame.port.iface.as_deref(), Some("veth0"));
-        assert_eq!(frame.spa, "10.0.0.1");
+        assert_eq!(frame.spa.to_string(), "10.0.0.1");
         let ev = d.event(&WireEvent::Arp(arp_event(
             0x0806,
             1,

@@ -9,6 +9,7 @@
 
 pub mod btf;
 pub mod cli;
+pub mod clocks;
 pub mod decode;
 pub mod live;
 pub mod metrics;

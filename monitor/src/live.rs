@@ -13,10 +13,15 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use migmon_analysis::{check, correlate::analyse_events, report::live_line, trace::Event};
+use migmon_analysis::{
+    check,
+    correlate::{Analysis, analyse_events},
+    report::live_line,
+    trace::Event,
+};
 
 use crate::{
-    cli::{LimitArgs, parse_duration, run_check},
+    cli::{LimitArgs, duration_ns, run_check},
     metrics::{self, Metrics},
     pause::{self, SourceHandle},
     pipeline::{Control, Flow, Observer},
@@ -34,6 +39,12 @@ pub struct LiveArgs {
     /// Follow a QEMU QMP socket for STOP/RESUME/MIGRATION events. Repeatable (source and destination).
     #[arg(long = "qmp", value_name = "PATH")]
     pub qmp: Vec<PathBuf>,
+    /// The host name this monitor reports under: the `host` label of its metrics and the host of its --record trace
+    /// (default: this machine's). A merge of traces (`migmon report A.trace B.trace`) tells hosts apart by it and
+    /// the kernel's boot id: give each monitor sharing one kernel its own name, as the testbed's one monitor per host
+    /// namespace does.
+    #[arg(long, value_name = "NAME")]
+    pub host_name: Option<String>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -41,7 +52,7 @@ pub struct LiveArgs {
     #[arg(long, value_name = "N")]
     pub until_migrations: Option<usize>,
     /// How long after a resume to wait for connections to show their fate before a migration counts as settled.
-    #[arg(long, value_name = "D", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "D", default_value = "5s", value_parser = duration_ns)]
     pub settle: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -81,8 +92,41 @@ pub fn start(
     control: &Control,
     observers: &mut Vec<Observer>,
 ) -> Result<Live> {
-    // Every source's events go into the pipeline; a pause also triggers an immediate MAC-stats sample, so the frames
-    // black-holed after it are counted from that instant.
+    let sources = start_sources(args, tx, control)?;
+    if let Some(addr) = &args.metrics {
+        let m = Arc::new(match &args.host_name {
+            Some(h) => Metrics::for_host(h),
+            None => Metrics::new(),
+        });
+        let bound = metrics::serve(m.clone(), addr)?;
+        eprintln!("migmon: metrics on http://{bound}/metrics");
+        observers.push(Box::new(move |ev| {
+            m.observe(ev);
+            Flow::Continue
+        }));
+    }
+    // The observer only collects; the gate thread correlates (see [`spawn_gate`]).
+    let gate = Arc::new(Mutex::new(Gate::default()));
+    let g = gate.clone();
+    observers.push(Box::new(move |ev| {
+        g.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .incoming
+            .push(ev.clone());
+        Flow::Continue
+    }));
+    let thread = spawn_gate(args, gate.clone(), tx.clone(), control.clone())?;
+    Ok(Live {
+        sources,
+        gate,
+        thread,
+        args: args.clone(),
+    })
+}
+
+/// Starts the pause-window sources. Every source's events go into the pipeline; a pause also triggers an immediate
+/// MAC-stats sample, so the frames black-holed after it are counted from that instant.
+fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Result<Vec<SourceHandle>> {
     let emit = |tx: Sender<Event>| {
         let control = control.clone();
         move |ev: Event| {
@@ -110,44 +154,31 @@ pub fn start(
         );
         eprintln!("migmon: following QMP {}", q.display());
     }
-    if let Some(addr) = &args.metrics {
-        let m = Arc::new(Metrics::new());
-        let bound = metrics::serve(m.clone(), addr)?;
-        eprintln!("migmon: metrics on http://{bound}/metrics");
-        observers.push(Box::new(move |ev| {
-            m.observe(ev);
-            Flow::Continue
-        }));
-    }
+    Ok(sources)
+}
 
-    // The observer only collects; a thread correlates five times a second, prints a line per settled migration and,
-    // with --until-migrations, runs the check and stops the watch. It runs on the monotonic clock, so a migration
-    // settles even when no more events arrive.
-    let gate = Arc::new(Mutex::new(Gate::default()));
-    let g = gate.clone();
-    observers.push(Box::new(move |ev| {
-        g.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .incoming
-            .push(ev.clone());
-        Flow::Continue
-    }));
-    let g = gate.clone();
+/// The gate thread: correlates five times a second while a migration is in flight or settling (every few seconds
+/// otherwise), prints a line per settled migration and, with `--until-migrations`, runs the check and stops the
+/// watch. It runs on the monotonic clock, so a migration settles even when no more events arrive.
+fn spawn_gate(
+    args: &LiveArgs,
+    g: Arc<Mutex<Gate>>,
+    tx: Sender<Event>,
+    control: Control,
+) -> Result<std::thread::JoinHandle<Seen>> {
     let until = args.until_migrations;
     let settle = args.settle;
     let limits = args.limits.clone();
-    let control_t = control.clone();
-    let tx_end = tx.clone();
     // The last event of a trace marks the end of observation: a connection whose next retransmission was due after
     // it is unresolved. Record when the watch really ended.
     let end_note = move |why: &str| {
-        let _ = tx_end.send(Event::Note {
+        let _ = tx.send(Event::Note {
             ts_ns: migevents::monotonic_ns(),
             level: "info".to_owned(),
             message: format!("migmon watch: end of observation ({why})"),
         });
     };
-    let thread = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("migmon-gate".into())
         .spawn(move || {
             let mut seen = Seen::default();
@@ -155,7 +186,7 @@ pub fn start(
             let mut last_run = std::time::Instant::now();
             let mut last_full = std::time::Instant::now();
             loop {
-                if control_t.stopped() {
+                if control.stopped() {
                     end_note("stopped");
                     return seen;
                 }
@@ -176,19 +207,7 @@ pub fn start(
                 }
                 last_full = std::time::Instant::now();
                 let a = analyse_events(&seen.events);
-                seen.in_flight = a.migrations.iter().any(|m| m.timeline.resume.is_none());
-                let now = a.end_ns.max(migevents::monotonic_ns());
-                resumed = a
-                    .migrations
-                    .iter()
-                    .filter(|m| m.timeline.resume.is_some())
-                    .count();
-                for m in &a.migrations {
-                    if !seen.printed.contains(&m.id) && check::settled(m, now, settle) {
-                        eprintln!("{}", live_line(m));
-                        seen.printed.push(m.id.clone());
-                    }
-                }
+                resumed = seen.update(&a, settle);
                 if let Some(n) = until
                     && seen.printed.len() >= n
                 {
@@ -198,18 +217,31 @@ pub fn start(
                     });
                     g.lock().unwrap_or_else(PoisonError::into_inner).done = Some(code);
                     end_note(&format!("{n} migration(s) checked"));
-                    control_t.stop();
+                    control.stop();
                     return seen;
                 }
             }
         })
-        .context("cannot start the migration gate thread")?;
-    Ok(Live {
-        sources,
-        gate,
-        thread,
-        args: args.clone(),
-    })
+        .context("cannot start the migration gate thread")
+}
+
+impl Seen {
+    /// Takes a fresh correlation: whether a migration is in flight, and a line for each migration that settled
+    /// since. Returns how many migrations have resumed.
+    fn update(&mut self, a: &Analysis, settle: u64) -> usize {
+        self.in_flight = a.migrations.iter().any(|m| m.timeline.resume.is_none());
+        let now = a.end_ns.max(migevents::monotonic_ns());
+        for m in &a.migrations {
+            if !self.printed.contains(&m.id) && check::settled(m, now, settle) {
+                eprintln!("{}", live_line(m));
+                self.printed.push(m.id.clone());
+            }
+        }
+        a.migrations
+            .iter()
+            .filter(|m| m.timeline.resume.is_some())
+            .count()
+    }
 }
 
 impl Live {

@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use migmon_analysis::trace::{Event, FlowSide, TraceWriter};
+use migmon_analysis::trace::{
+    ArpFrame, Event, FlowSegment, FlowSide, NeighborAdvertFrame, TraceWriter, state_text,
+};
+use migmon_base::errno_name;
 
 use crate::{decode::mono_now_ns, netns};
 
@@ -68,6 +71,17 @@ impl Output {
         self.pending.push(b'\n');
         if self.tty || self.pending.len() >= OUTPUT_BATCH_BYTES {
             self.flush();
+        }
+        Ok(())
+    }
+
+    /// Ends the `--record` trace with its end record: the observation finished normally. A trace without one reads
+    /// as truncated.
+    pub fn finish_record(&mut self) -> Result<()> {
+        self.flush();
+        if let Some(w) = self.record.take() {
+            w.finish(mono_now_ns())
+                .context("cannot write the end record of the --record trace (disk full?)")?;
         }
         Ok(())
     }
@@ -132,110 +146,16 @@ impl Output {
     }
 
     fn detail(&mut self, ev: &Event) -> String {
-        let port = |p: &migmon_analysis::trace::Port| {
-            let name = p.iface.clone().unwrap_or_else(|| format!("if{}", p.ifindex));
-            match &p.netns {
-                Some(ns) => format!("{name}@{ns}"),
-                None => name,
-            }
-        };
         match ev {
-            Event::TcpRetransmit {
-                tcp,
-                state,
-                retransmits,
-                backoff,
-                rto_us,
-                srtt_us,
-                ..
-            } => format!(
-                "{:<44} {state:<12} retransmits={retransmits} backoff={backoff} rto={}ms srtt={:.1}ms {}",
-                tuple(&tcp.tuple),
-                rto_us / 1000,
-                *srtt_us as f64 / 1000.0,
-                self.netns_name(tcp.netns)
-            ),
-            Event::TcpState {
-                tcp,
-                old_state,
-                new_state,
-                ..
-            } => format!(
-                "{:<44} {old_state} -> {new_state} {}",
-                tuple(&tcp.tuple),
-                self.netns_name(tcp.netns)
-            ),
-            Event::TcpError {
-                tcp, errno, state, ..
-            } => format!(
-                "{:<44} errno={errno} ({}) {state} {}",
-                tuple(&tcp.tuple),
-                errno_name(*errno),
-                self.netns_name(tcp.netns)
-            ),
-            Event::TcpResetIn { tcp, state, .. } | Event::TcpResetOut { tcp, state, .. } => {
-                format!("{:<44} {state} {}", tuple(&tcp.tuple), self.netns_name(tcp.netns))
-            }
+            Event::TcpRetransmit { .. }
+            | Event::TcpState { .. }
+            | Event::TcpError { .. }
+            | Event::TcpResetIn { .. }
+            | Event::TcpResetOut { .. } => self.tcp_detail(ev),
             Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
-                let vlan = if frame.vlan.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " vlan={}",
-                        frame
-                            .vlan
-                            .iter()
-                            .map(u16::to_string)
-                            .collect::<Vec<_>>()
-                            .join(".")
-                    )
-                };
-                format!(
-                    "{:<20} {} op={} {} ({}) -> {} ({}){vlan} len={}",
-                    port(&frame.port),
-                    frame.mac,
-                    frame.op,
-                    frame.spa,
-                    frame.sha,
-                    frame.tpa,
-                    frame.tha,
-                    frame.len
-                )
+                arp_detail(frame)
             }
-            Event::NeighborAdvert { frame, .. } => {
-                let vlan = if frame.vlan.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " vlan={}",
-                        frame
-                            .vlan
-                            .iter()
-                            .map(u16::to_string)
-                            .collect::<Vec<_>>()
-                            .join(".")
-                    )
-                };
-                let flags: String = [
-                    (frame.router, 'R'),
-                    (frame.solicited, 'S'),
-                    (frame.override_, 'O'),
-                ]
-                .iter()
-                .filter_map(|&(on, c)| on.then_some(c))
-                .collect();
-                format!(
-                    "{:<20} {} target {} ({}) {} -> {} flags={}{vlan} len={}",
-                    port(&frame.port),
-                    frame.mac,
-                    frame.target,
-                    frame.tlla.as_deref().unwrap_or("no lladdr"),
-                    frame.src_ip,
-                    frame.dst_ip,
-                    if flags.is_empty() { "-" } else { &flags },
-                    frame.len
-                )
-            }
+            Event::NeighborAdvert { frame, .. } => neighbor_advert_detail(frame),
             Event::FdbUpdate {
                 bridge,
                 port,
@@ -255,7 +175,7 @@ impl Output {
                 } else {
                     format!("after {:.1} ms of silence", *gap_ns as f64 / 1e6)
                 };
-                format!("{:<20} {mac} {} {when}", port(p), dir_name(*direction))
+                format!("{:<20} {mac} {} {when}", port_name(p), dir_name(*direction))
             }
             Event::MacStats {
                 mac,
@@ -268,49 +188,35 @@ impl Output {
                 ..
             } => format!(
                 "{:<20} {mac} {} frames={frames} bytes={bytes} last={:+.6}s span={:.3}s",
-                port(p),
+                port_name(p),
                 dir_name(*direction),
                 (i128::from(*last_ns) - i128::from(self.start_ns)) as f64 / 1e9,
                 last_ns.saturating_sub(*first_ns) as f64 / 1e9
             ),
             Event::Loss { cpu, count, .. } => format!("cpu {cpu}: {count} events lost (ring buffer full)"),
             Event::Malformed { port: p, count, .. } => {
-                format!("{:<20} {count} frames passed unread (truncated or odd)", port(p))
+                format!(
+                    "{:<20} {count} frames passed unread (truncated or odd)",
+                    port_name(p)
+                )
             }
             Event::Note { level, message, .. } => format!("{level}: {message}"),
             Event::Migration { .. } | Event::ClockOffset { .. } => describe_source(ev),
+            Event::ClockSample {
+                realtime_ns,
+                uncertainty_ns,
+                ..
+            } => format!(
+                "clocks               realtime {:.6} s (± {} ns)",
+                *realtime_ns as f64 / 1e9,
+                uncertainty_ns
+            ),
             Event::FlowOpen { seg, .. }
             | Event::FlowRetransmit { seg, .. }
             | Event::FlowReset { seg, .. }
             | Event::FlowFin { seg, .. }
             | Event::FlowZeroWindow { seg, .. }
-            | Event::FlowProgress { seg, .. } => {
-                let (from, to, who) = match seg.side {
-                    FlowSide::Vm => ((seg.vm_addr, seg.vm_port), (seg.peer_addr, seg.peer_port), "vm  "),
-                    FlowSide::Peer => ((seg.peer_addr, seg.peer_port), (seg.vm_addr, seg.vm_port), "peer"),
-                };
-                let extra = match ev {
-                    Event::FlowRetransmit { .. } => format!(
-                        " retransmits={} gap={:.1}ms silence={:.1}ms",
-                        seg.retransmits,
-                        seg.gap_ns as f64 / 1e6,
-                        seg.silence_ns as f64 / 1e6
-                    ),
-                    Event::FlowProgress { .. } => format!(" after {:.1}ms quiet", seg.gap_ns as f64 / 1e6),
-                    _ => String::new(),
-                };
-                format!(
-                    "{:<20} {who} {} -> {} [{}] seq={} ack={} len={} win={}{extra}",
-                    port(&seg.port),
-                    SocketAddr::new(from.0, from.1),
-                    SocketAddr::new(to.0, to.1),
-                    tcp_flag_names(seg.tcp_flags),
-                    seg.seq,
-                    seg.ack,
-                    seg.len,
-                    seg.window
-                )
-            }
+            | Event::FlowProgress { seg, .. } => flow_detail(ev, seg),
             Event::FlowTable {
                 inserts,
                 entries,
@@ -324,6 +230,155 @@ impl Output {
             ),
         }
     }
+
+    /// A socket event: the 4-tuple, what happened, the socket's namespace.
+    fn tcp_detail(&mut self, ev: &Event) -> String {
+        match ev {
+            Event::TcpRetransmit {
+                tcp,
+                state,
+                retransmits,
+                backoff,
+                rto_us,
+                srtt_us,
+                retransmit_kind,
+                ..
+            } => format!(
+                "{:<44} {:<12} {}retransmits={retransmits} backoff={backoff} rto={}ms srtt={:.1}ms {}",
+                tuple(&tcp.tuple),
+                state_text(*state),
+                retransmit_kind.map_or(String::new(), |k| format!("{k:?} ").to_lowercase()),
+                rto_us / 1000,
+                *srtt_us as f64 / 1000.0,
+                self.netns_name(tcp.netns)
+            ),
+            Event::TcpState {
+                tcp,
+                old_state,
+                new_state,
+                ..
+            } => format!(
+                "{:<44} {} -> {} {}",
+                tuple(&tcp.tuple),
+                state_text(*old_state),
+                state_text(*new_state),
+                self.netns_name(tcp.netns)
+            ),
+            Event::TcpError {
+                tcp, errno, state, ..
+            } => format!(
+                "{:<44} errno={errno} ({}) {} {}",
+                tuple(&tcp.tuple),
+                errno_name(*errno),
+                state_text(*state),
+                self.netns_name(tcp.netns)
+            ),
+            Event::TcpResetIn { tcp, state, .. } | Event::TcpResetOut { tcp, state, .. } => {
+                format!(
+                    "{:<44} {} {}",
+                    tuple(&tcp.tuple),
+                    state_text(*state),
+                    self.netns_name(tcp.netns)
+                )
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+/// An ARP-family frame: where, from whom, who-has/is-at, VLAN tags, length.
+fn arp_detail(frame: &ArpFrame) -> String {
+    let vlan = if frame.vlan.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " vlan={}",
+            frame
+                .vlan
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(".")
+        )
+    };
+    format!(
+        "{:<20} {} op={} {} ({}) -> {} ({}){vlan} len={}",
+        port_name(&frame.port),
+        frame.mac,
+        frame.op,
+        frame.spa,
+        frame.sha,
+        frame.tpa,
+        frame.tha,
+        frame.len
+    )
+}
+
+/// An announcing neighbor advertisement: port, source MAC, target (and its link-layer address), addresses, flags.
+fn neighbor_advert_detail(frame: &NeighborAdvertFrame) -> String {
+    let vlan = if frame.vlan.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " vlan={}",
+            frame
+                .vlan
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(".")
+        )
+    };
+    let flags: String = [
+        (frame.router, 'R'),
+        (frame.solicited, 'S'),
+        (frame.override_, 'O'),
+    ]
+    .iter()
+    .filter_map(|&(on, c)| on.then_some(c))
+    .collect();
+    format!(
+        "{:<20} {} target {} ({}) {} -> {} flags={}{vlan} len={}",
+        port_name(&frame.port),
+        frame.mac,
+        frame.target,
+        frame
+            .tlla
+            .map_or_else(|| "no lladdr".to_owned(), |m| m.to_string()),
+        frame.src_ip,
+        frame.dst_ip,
+        if flags.is_empty() { "-" } else { &flags },
+        frame.len
+    )
+}
+
+/// A segment the flow tracker reported: the port, which side sent it, its flags, sequence numbers and window.
+fn flow_detail(ev: &Event, seg: &FlowSegment) -> String {
+    let (from, to, who) = match seg.side {
+        FlowSide::Vm => ((seg.vm_addr, seg.vm_port), (seg.peer_addr, seg.peer_port), "vm  "),
+        FlowSide::Peer => ((seg.peer_addr, seg.peer_port), (seg.vm_addr, seg.vm_port), "peer"),
+    };
+    let extra = match ev {
+        Event::FlowRetransmit { .. } => format!(
+            " retransmits={} gap={:.1}ms silence={:.1}ms",
+            seg.retransmits,
+            seg.gap_ns as f64 / 1e6,
+            seg.silence_ns as f64 / 1e6
+        ),
+        Event::FlowProgress { .. } => format!(" after {:.1}ms quiet", seg.gap_ns as f64 / 1e6),
+        _ => String::new(),
+    };
+    format!(
+        "{:<20} {who} {} -> {} [{}] seq={} ack={} len={} win={}{extra}",
+        port_name(&seg.port),
+        SocketAddr::new(from.0, from.1),
+        SocketAddr::new(to.0, to.1),
+        tcp_flag_names(seg.tcp_flags),
+        seg.seq,
+        seg.ack,
+        seg.len,
+        seg.window
+    )
 }
 
 /// `S.`-style TCP flags, as tcpdump writes them.
@@ -338,6 +393,15 @@ fn tcp_flag_names(flags: u8) -> String {
         s.push_str("none");
     }
     s
+}
+
+/// A port as human lines print it: `iface@netns`, or `ifN`.
+fn port_name(p: &migmon_analysis::trace::Port) -> String {
+    let name = p.iface.clone().unwrap_or_else(|| format!("if{}", p.ifindex));
+    match &p.netns {
+        Some(ns) => format!("{name}@{ns}"),
+        None => name,
+    }
 }
 
 fn dir_name(d: migmon_analysis::trace::Direction) -> &'static str {
@@ -359,18 +423,6 @@ fn tuple(t: &migmon_analysis::trace::FourTuple) -> String {
         std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
     };
     format!("{} -> {}", ep(t.saddr, t.sport), ep(t.daddr, t.dport))
-}
-
-fn errno_name(errno: i32) -> &'static str {
-    match errno {
-        110 => "ETIMEDOUT",
-        104 => "ECONNRESET",
-        111 => "ECONNREFUSED",
-        32 => "EPIPE",
-        113 => "EHOSTUNREACH",
-        101 => "ENETUNREACH",
-        _ => "?",
-    }
 }
 
 /// A human line for the events of the pause sources (`migmon watch` without `--json`).

@@ -234,6 +234,104 @@ impl std::fmt::Display for Iface {
     }
 }
 
+/// How [`Probes::attach_ingress`] attaches the ingress parser.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IngressMode {
+    /// TC on veths and taps, XDP elsewhere.
+    #[default]
+    Auto,
+    /// XDP, driver mode, falling back to skb mode.
+    Xdp,
+    /// XDP, skb (generic) mode only.
+    XdpSkb,
+    /// A TC ingress classifier.
+    Tc,
+}
+
+/// `iface` is a veth or a tap/tun (its driver, as ethtool reports it, is `veth` or `tun`).
+pub fn is_virtual(iface: &Iface) -> Result<bool, ProbeError> {
+    let driver = netns::run_in(iface.netns.as_deref(), || {
+        ifindex(iface)?;
+        Ok::<_, ProbeError>(driver_name(&iface.name))
+    })??;
+    Ok(matches!(driver.as_deref(), Some("veth" | "tun")))
+}
+
+/// `struct ethtool_drvinfo` (`include/uapi/linux/ethtool.h`).
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// `struct ifreq` with the `ifr_data` member.
+#[repr(C)]
+struct IfreqData {
+    name: [u8; 16],
+    data: *mut EthtoolDrvinfo,
+    pad: [u8; 16],
+}
+
+const ETHTOOL_GDRVINFO: u32 = 3;
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+
+/// The driver of interface `name` in the calling thread's namespace (`ETHTOOL_GDRVINFO`), when it says.
+fn driver_name(name: &str) -> Option<String> {
+    let mut info = EthtoolDrvinfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        n_priv_flags: 0,
+        n_stats: 0,
+        testinfo_len: 0,
+        eedump_len: 0,
+        regdump_len: 0,
+    };
+    let mut req = IfreqData {
+        name: [0; 16],
+        data: &raw mut info,
+        pad: [0; 16],
+    };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.name.len() {
+        return None;
+    }
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: plain socket call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is our own socket; `req` is a valid `ifreq` whose `ifr_data` points to `info`, both live
+    // across the call, and the kernel writes at most `size_of::<EthtoolDrvinfo>()` bytes there.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &raw mut req) };
+    // SAFETY: `fd` is open and closed once.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return None;
+    }
+    let end = info
+        .driver
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 /// The TC programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcProgram {
@@ -436,6 +534,16 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
         c.off_icsk_backoff = off("inet_connection_sock", &["icsk_backoff"]);
         c.off_icsk_rto = off("inet_connection_sock", &["icsk_rto"]);
         c.off_srtt_us = off("tcp_sock", &["srtt_us"]);
+        c.off_icsk_pending = off("inet_connection_sock", &["icsk_pending"]);
+        c.off_tlp_high_seq = off("tcp_sock", &["tlp_high_seq"]);
+        if let Some((bit, width)) = btf.bitfield("inet_connection_sock", &["icsk_ca_state"]) {
+            c.off_icsk_ca_state = bit / 8;
+            // A plain u8 member (width 0 in BTF) is 8 bits wide; a bitfield must fit in its byte.
+            let width = if width == 0 { 8 } else { width };
+            if (bit % 8) + width <= 8 {
+                c.ca_state_bits = (bit % 8) | (width.min(7) << 8);
+            }
+        }
     }
     if opts.tracepoints {
         let root = tracefs::root()?;
@@ -451,9 +559,14 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
                 c.mac_filter |= monitor_common::mac_filter_bit(mac);
             }
         }
-        for ip in &f.ips {
-            c.ip_filter |= monitor_common::ip_filter_bit(&ip_key(*ip));
+        for (i, ip) in f.ips.iter().enumerate() {
+            let key = ip_key(*ip);
+            c.ip_filter |= monitor_common::ip_filter_bit(&key);
+            if let Some(slot) = c.flow_ips.get_mut(i) {
+                *slot = key;
+            }
         }
+        c.flow_ip_count = u32::try_from(f.ips.len()).unwrap_or(u32::MAX);
         c.flow_quiet_ns = f.quiet_ns;
         // Burst and interval are bounded so that their product (the bucket's size in ns) cannot overflow.
         c.flow_capture_ns = if f.captures_per_sec == 0 {
@@ -754,12 +867,16 @@ impl Probes {
         Ok(&mut self.instances[pos])
     }
 
-    /// Attaches the XDP parser to `iface`: driver mode first, skb (generic) mode as a fallback.
+    /// Attaches the XDP parser to `iface`: driver mode first, skb (generic) mode as a fallback; or as
+    /// [`ProbeOptions::l2_tc_ingress`] and [`ProbeOptions::xdp_skb_mode`] say.
     pub fn attach_xdp(&mut self, iface: &Iface) -> Result<Attached, ProbeError> {
         if self.opts.l2_tc_ingress {
             return self.attach_tc_ingress(iface);
         }
-        let skb_only = self.opts.xdp_skb_mode;
+        self.attach_xdp_mode(iface, self.opts.xdp_skb_mode)
+    }
+
+    fn attach_xdp_mode(&mut self, iface: &Iface, skb_only: bool) -> Result<Attached, ProbeError> {
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.xdp_loaded()?;
@@ -790,6 +907,27 @@ impl Probes {
             }
         })??;
         Ok(self.add_port(id, ifindex, iface, mode, fallback))
+    }
+
+    /// Attaches the ingress parser to `iface` as `mode` says. [`IngressMode::Auto`] picks TC on veths and taps
+    /// (driver-mode XDP on a veth turns its peer's offloads off; skb-mode XDP copies every large skb) and XDP on
+    /// anything else (a physical NIC, where XDP runs before the stack allocates anything).
+    pub fn attach_ingress(&mut self, iface: &Iface, mode: IngressMode) -> Result<Attached, ProbeError> {
+        let mode = match mode {
+            IngressMode::Auto => {
+                if is_virtual(iface)? {
+                    IngressMode::Tc
+                } else {
+                    IngressMode::Xdp
+                }
+            }
+            m => m,
+        };
+        match mode {
+            IngressMode::Tc => self.attach_tc_ingress(iface),
+            IngressMode::XdpSkb => self.attach_xdp_mode(iface, true),
+            _ => self.attach_xdp_mode(iface, false),
+        }
     }
 
     /// Attaches the ingress parser as a TC ingress classifier (see [`ProbeOptions::l2_tc_ingress`]).

@@ -19,11 +19,12 @@ use std::{
     path::PathBuf,
     sync::mpsc::Sender,
     thread::JoinHandle,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use migmon_analysis::trace::{Event, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_analysis::trace::{Event, MacAddr, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_base::units::parse_duration;
 use monitor_common::{MacCounters, MacKey};
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
@@ -31,36 +32,61 @@ use nix::{
 };
 
 use crate::{
-    decode::{Decoder, mono_now_ns, parse_mac},
+    decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline},
-    probes::{Iface, ProbeOptions, Probes, WatchList},
+    probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
 };
 
 /// Options of `migmon watch`. Flat, so other parts add their flags here.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line switches; --xdp, --xdp-skb and --tc-ingress exclude each other through clap"
+)]
 pub struct WatchArgs {
-    /// Attach the XDP parser (ARP/RARP/GARP, frames from watched MACs) to this interface; `IF@NETNS` for an
-    /// interface in a named network namespace. Repeatable.
+    /// Watch the frames on this interface (a VM's tap, a bridge port, an uplink); `IF@NETNS` for an interface in a
+    /// named network namespace. Repeatable. The ingress parser (ARP/RARP/GARP, frames from watched MACs, the
+    /// TCP flow tracker) runs as a TC classifier on veths and taps and as XDP elsewhere (`--xdp`, `--xdp-skb`,
+    /// `--tc-ingress` choose); with the flow tracker on, TC egress is attached too, for the other direction.
     #[arg(long = "iface", value_name = "IF[@NETNS]")]
     pub iface: Vec<String>,
+    /// Attach the ingress parser with XDP (driver mode, skb fallback) on every --iface, veths and taps included.
+    #[arg(long, conflicts_with_all = ["xdp_skb", "tc_ingress"])]
+    pub xdp: bool,
     /// Attach the XDP parser in generic (skb) mode instead of driver mode. On a veth, driver-mode XDP turns off
     /// the peer's segmentation offloads, so a TCP stream across the pair slows down several times; skb mode
     /// keeps them (measured: ~73 % slower in driver mode, ~13 % in skb mode; `./x bench --only probes`).
     #[arg(long)]
     pub xdp_skb: bool,
-    /// Run the ingress parser of every --iface as a TC ingress classifier instead of XDP: no offloads lost and
-    /// nothing copied, the cheapest on a busy veth. It sees frames after GRO (frame counters count aggregated
-    /// packets) and after the kernel took an outer 802.1Q tag into the packet's metadata (such a tag is not
-    /// reported).
+    /// Run the ingress parser of every --iface as a TC ingress classifier (the default on veths and taps): no
+    /// offloads lost and nothing copied. It sees frames after GRO (frame counters count aggregated packets) and
+    /// after the kernel took an outer VLAN tag into the packet's metadata (reported from there).
     #[arg(long, conflicts_with = "xdp_skb")]
     pub tc_ingress: bool,
     /// Attach the TC egress counter (frames towards watched MACs) to this interface. Repeatable.
     #[arg(long = "egress", value_name = "IF[@NETNS]")]
     pub egress: Vec<String>,
-    /// Watch a VM: its MAC (L2 counters, first-seen, FDB moves) and optionally its IP (TCP filter). Repeatable.
+    /// Watch a VM: its MAC (L2 counters, first-seen, FDB moves) and optionally its IP, IPv4 or IPv6 (TCP filter,
+    /// and the flow tracker's key; without an IP the tracker follows the MAC). Repeatable, also for one VM's
+    /// several addresses.
     #[arg(long = "vm", value_name = "MAC[=IP]")]
     pub vm: Vec<String>,
+    /// Where the per-connection TCP facts come from. `sockets`: the host's TCP tracepoints, which see only sockets
+    /// of this host (the clients run here, as in CI). `wire`: the flow tracker on the --iface ports, which sees
+    /// the VMs' own connections (a hypervisor host); no socket tracepoint is attached. `both`: the two.
+    #[arg(long, value_enum, default_value_t = TcpSource::Both)]
+    pub tcp: TcpSource,
+    /// Flow tracker: a side's first forward progress after this long without is reported (`flow_progress`).
+    #[arg(long, value_name = "D", default_value = "50ms", value_parser = parse_duration)]
+    pub flow_quiet: Duration,
+    /// Flow tracker: entries of the flow table (least recently used flows are evicted, and counted, beyond).
+    #[arg(long, value_name = "N", default_value_t = crate::probes::DEFAULT_FLOW_TABLE)]
+    pub flow_table: u32,
+    /// Flow tracker: frame captures per second and CPU in flow records, for the pcapng export (0 = no limit).
+    /// Records over the limit carry no frame bytes and are counted (`flow_table.capture_dropped`).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub flow_captures: u32,
     /// Report only TCP connections with this local or remote port (with --vm IPs: either matches). Repeatable.
     #[arg(long = "port", value_name = "N")]
     pub port: Vec<u16>,
@@ -82,35 +108,21 @@ pub struct WatchArgs {
     /// Test only: ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, hide = true, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
-    /// Pause-window sources, metrics and the CI gate (the correlation work).
+    /// Pause-window sources, metrics and the CI gate.
     #[command(flatten)]
     pub live: crate::live::LiveArgs,
 }
 
-/// Parses `1.5s`, `500ms`, `100us`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 30s, 500ms, 2m)"))?;
-    let scale = match unit.trim() {
-        "" | "s" => 1.0,
-        "ms" => 1e-3,
-        "us" | "µs" => 1e-6,
-        "ns" => 1e-9,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}` (use ns, us, ms, s, m, h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(v * scale).map_err(|e| format!("`{s}`: {e}"))
+/// Where TCP facts come from (`--tcp`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcpSource {
+    /// The TCP and socket tracepoints.
+    Sockets,
+    /// The flow tracker on the watched ports.
+    Wire,
+    /// Both.
+    #[default]
+    Both,
 }
 
 /// Parses `IF` or `IF@NETNS`.
@@ -134,9 +146,10 @@ pub fn parse_vm(s: &str, watch: &mut WatchList) -> Result<()> {
         Some((m, ip)) => (m, Some(ip)),
         None => (s, None),
     };
-    let mac =
-        parse_mac(mac).with_context(|| format!("`{s}`: `{mac}` is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
-    watch.macs.push(mac);
+    let mac: MacAddr = mac
+        .parse()
+        .with_context(|| format!("`{s}`: not a VM (MAC[=IP])"))?;
+    watch.macs.push(mac.octets());
     if let Some(ip) = ip {
         watch.ips.push(
             ip.parse()
@@ -375,11 +388,44 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
     for vm in &args.vm {
         parse_vm(vm, &mut watch)?;
     }
+    let flows = if args.tcp == TcpSource::Sockets {
+        None
+    } else {
+        // VMs given without an IP are followed by their MAC.
+        let mut macs = Vec::new();
+        for vm in &args.vm {
+            if !vm.contains('=')
+                && let Ok(m) = vm.parse::<MacAddr>()
+            {
+                macs.push(m.octets());
+            }
+        }
+        if watch.ips.is_empty() && macs.is_empty() {
+            if args.tcp == TcpSource::Wire {
+                bail!("--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC)");
+            }
+            None
+        } else {
+            if args.iface.is_empty() && args.tcp == TcpSource::Wire {
+                bail!("--tcp wire needs the VM's ports: add --iface IF[@NETNS] (its tap, or an uplink)");
+            }
+            Some(FlowOptions {
+                ips: watch.ips.clone(),
+                macs,
+                table_entries: args.flow_table,
+                quiet_ns: args.flow_quiet.as_nanos() as u64,
+                captures_per_sec: args.flow_captures,
+                ..FlowOptions::default()
+            })
+        }
+    };
     let mut opts = ProbeOptions {
         watch,
         mac_gap_ns: args.mac_gap.as_nanos() as u64,
         xdp_skb_mode: args.xdp_skb,
         l2_tc_ingress: args.tc_ingress,
+        socket_tracepoints: args.tcp != TcpSource::Wire,
+        flows,
         ..ProbeOptions::default()
     };
     if let Some(bytes) = args.ringbuf_bytes {
@@ -405,10 +451,24 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
         .map(|s| parse_iface(s))
         .collect::<Result<Vec<_>>>()?;
     let mut probes = Probes::load(&opts).context("cannot start the kernel probes")?;
+    let mode = if args.xdp {
+        IngressMode::Xdp
+    } else if args.xdp_skb {
+        IngressMode::XdpSkb
+    } else if args.tc_ingress {
+        IngressMode::Tc
+    } else {
+        IngressMode::Auto
+    };
+    let mut egress = egress;
     for iface in &ifaces {
         let a = probes
-            .attach_xdp(iface)
+            .attach_ingress(iface, mode)
             .with_context(|| format!("cannot watch frames arriving on {iface}"))?;
+        // The flow tracker needs both directions of the port.
+        if opts.flows.is_some() && !egress.contains(iface) {
+            egress.push(iface.clone());
+        }
         if let Some(why) = a.fallback {
             let msg =
                 format!("XDP driver mode is not available on {iface} ({why}); using skb (generic) mode");
@@ -436,21 +496,27 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
     Ok((probes, decoder))
 }
 
-/// The header `--record` writes: now, this host, this command line.
-pub fn trace_header() -> TraceHeader {
-    let start_unix_ns = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+/// The header `--record` writes: now (the three clocks read together), this host (`host_name`, or the machine's
+/// name) and its boot id, this command line.
+pub fn trace_header(host_name: Option<&str>) -> TraceHeader {
+    let clocks = crate::clocks::read_triple();
     TraceHeader {
         kind: "trace_header".into(),
         version: TRACE_VERSION,
         migmon: env!("CARGO_PKG_VERSION").into(),
-        start_mono_ns: mono_now_ns(),
-        start_unix_ns,
-        hostname: nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        start_mono_ns: clocks.mono_ns,
+        start_unix_ns: clocks.realtime_ns,
+        hostname: host_name.map_or_else(
+            || {
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            },
+            str::to_owned,
+        ),
         command: std::env::args().collect(),
+        boot_id: crate::clocks::boot_id(),
+        clocks: Some(clocks),
     }
 }
 
@@ -463,11 +529,15 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     let record = args
         .record
         .as_ref()
-        .map(|p| TraceWriter::create(p, &trace_header()))
+        .map(|p| TraceWriter::create(p, &trace_header(args.live.host_name.as_deref())))
         .transpose()
         .context("cannot create the --record trace")?;
     let tx = pipeline.sender();
     let (probes, decoder) = attach(args, &tx)?;
+    if record.is_some() {
+        crate::clocks::spawn_sampler(tx.clone(), control.clone())
+            .context("cannot start the clock sampler")?;
+    }
     let collector = spawn_collector(probes, decoder, tx, control.clone(), args.sample_interval)?;
 
     // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
@@ -479,6 +549,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
     let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
+    out.finish_record()?;
     eprintln!("migmon: {summary}");
     live.finish(code)
 }
@@ -488,13 +559,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("3 parsecs").is_err());
+    fn durations_need_their_unit() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            watch: WatchArgs,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(std::iter::once("watch").chain(args.iter().copied()))
+        };
+        let ok = parse(&["--duration", "30s", "--settle", "30ms", "--mac-gap", "1.5s"]).unwrap();
+        assert_eq!(ok.watch.duration, Some(Duration::from_secs(30)));
+        assert_eq!(ok.watch.live.settle, 30_000_000);
+        assert_eq!(ok.watch.mac_gap, Duration::from_millis(1500));
+        // A bare number meant seconds for --duration and milliseconds for --settle: both are refused now, with a
+        // message that names the units.
+        for flag in ["--duration", "--settle", "--mac-gap", "--max-pause"] {
+            let err = parse(&[flag, "30"]).err().unwrap().to_string();
+            assert!(
+                err.contains("needs a unit") && err.contains("ms"),
+                "{flag}: {err}"
+            );
+        }
     }
 
     #[test]

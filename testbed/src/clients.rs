@@ -472,21 +472,7 @@ impl Client {
     /// What the client has seen so far, without stopping it. The max gap is taken (and reset) as by
     /// [`Client::take_max_gap`].
     pub fn snapshot(&self) -> ClientReport {
-        let verdict = self
-            .shared
-            .verdict
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or(Verdict::Alive);
-        ClientReport {
-            kind: self.kind,
-            local: self.local,
-            remote: self.remote,
-            count: self.progress(),
-            max_gap: self.take_max_gap(),
-            verdict,
-        }
+        self.report(self.verdict())
     }
 
     /// The verdict so far (alive while the thread runs).
@@ -507,6 +493,11 @@ impl Client {
                 reason: "the client thread panicked".into(),
             })
         });
+        self.report(verdict)
+    }
+
+    /// The report with `verdict`; takes (and resets) the max gap.
+    fn report(&self, verdict: Verdict) -> ClientReport {
         ClientReport {
             kind: self.kind,
             local: self.local,

@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use migmon_base::MacAddr;
 use nix::sched::{CloneFlags, setns};
 
 /// Errors of the network helpers.
@@ -302,17 +303,17 @@ impl Drop for Link {
 }
 
 /// The bridge port a MAC is learned on (`bridge fdb show br BRIDGE` in `netns`), if any.
-pub fn fdb_port(netns: Option<&str>, bridge: &str, mac: &str) -> Option<String> {
+pub fn fdb_port(netns: Option<&str>, bridge: &str, mac: MacAddr) -> Option<String> {
     let mut args: Vec<&str> = Vec::new();
     if let Some(ns) = netns {
         args.extend(["-n", ns]);
     }
     args.extend(["fdb", "show", "br", bridge]);
     let out = try_run("bridge", &args).ok()?;
-    let mac = mac.to_ascii_lowercase();
     out.lines().find_map(|l| {
         let mut w = l.split_whitespace();
-        (w.next() == Some(mac.as_str()) && w.next() == Some("dev")).then(|| w.next().unwrap_or("").to_owned())
+        let learned = w.next()?.parse::<MacAddr>().ok()? == mac;
+        (learned && w.next() == Some("dev")).then(|| w.next().unwrap_or("").to_owned())
     })
 }
 

@@ -105,6 +105,8 @@ pub struct Config {
     pub dirty: Option<String>,
     /// migmon's `--settle`.
     pub settle: Duration,
+    /// More `migmon watch` arguments (for example `--tcp wire`).
+    pub migmon_args: Vec<String>,
 }
 
 /// What the clients saw across one migration.
@@ -362,7 +364,8 @@ impl Scenario<'_> {
             &settle,
         ])
         .arg("--record")
-        .arg(trace);
+        .arg(trace)
+        .args(&self.cfg.migmon_args);
         let log = self.out("watch.log");
         let mut p = Proc::spawn("migmon watch", &mut cmd, &log)?;
         self.say("migmon watch: loading the probes and attaching to 7 ports in 3 namespaces");
@@ -425,8 +428,38 @@ impl Scenario<'_> {
         Ok(p)
     }
 
+    /// The mutual-TLS credentials of the migration link (made by [`Scenario::tls_init`]).
+    fn tls_dir(&self) -> String {
+        self.sock("tls")
+    }
+
+    /// `migrator tls-init`: a test CA and certificates, the destination's valid for both hosts' migration addresses.
+    fn tls_init(&self) -> Result<(), ScenarioError> {
+        let dir = self.tls_dir();
+        let (a, b) = (
+            self.bed.mig_ip(Host::A).to_string(),
+            self.bed.mig_ip(Host::B).to_string(),
+        );
+        let out = Command::new(&self.cfg.migrator)
+            .args(["tls-init", &dir, "--name", &a, "--name", &b])
+            .output()
+            .map_err(|source| ScenarioError::Spawn {
+                what: "migrator tls-init".into(),
+                bin: self.cfg.migrator.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(ScenarioError::Failed {
+                what: "migrator tls-init".into(),
+                log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(())
+    }
+
     fn receive(&self, host: Host, api: &str, events: &str, log: &str) -> Result<Proc, ScenarioError> {
         let listen = format!("tcp:{}:{MIG_PORT}", self.bed.mig_ip(host));
+        let tls = self.tls_dir();
         let mut p = self.migrator(
             host,
             &[
@@ -435,6 +468,8 @@ impl Scenario<'_> {
                 host.tap(),
                 "--listen",
                 &listen,
+                "--tls-creds",
+                &tls,
                 "--api",
                 api,
                 "--events",
@@ -469,7 +504,9 @@ impl Scenario<'_> {
     ) -> Result<(Value, Duration), ScenarioError> {
         let dest = format!("tcp:{}:{MIG_PORT}", self.bed.mig_ip(to));
         let mut cmd = Command::new(&self.cfg.migrator);
+        let tls = self.tls_dir();
         cmd.args(["migrate", "--api", api, "--to", &dest, "--mode", mode, "--verify"])
+            .args(["--tls-creds", &tls])
             .args(extra);
         let log = self.out(&format!("migrate-{mode}.log"));
         let summary_path = self.out(&format!("migrate-{mode}.json"));
@@ -615,6 +652,8 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
     let trace = s.out("migration.trace");
     let _ = std::fs::remove_file(&trace);
     let mut watch = s.start_watch(&events, &trace)?;
+    s.say("migration link: mutual TLS with a test CA (migrator tls-init)");
+    s.tls_init()?;
 
     let (api_a, api_b, api_a2) = (s.sock("a.api"), s.sock("b.api"), s.sock("a2.api"));
     s.say(&format!(

@@ -17,11 +17,12 @@
 //! `testbed::topology` ([`VethNetns`], [`BridgeNetns`], [`VethPair`], [`VmHost`]).
 //!
 //! # Fixtures
-//! Shared by the test files: [`Watch`] (a running `migmon watch`), [`frames`] (crafted L2 frames and a raw sender).
+//! Shared by the test files: [`Watch`] (a running `migmon watch`), [`TestDir`] (a temporary directory, kept with
+//! `MIGMON_KEEP_TEST_DIR=1`), [`frames`] (crafted L2 frames and a raw sender).
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, PoisonError},
     thread::JoinHandle,
@@ -76,6 +77,39 @@ pub fn kvm_available(what: &str) -> bool {
         return false;
     }
     true
+}
+
+/// A fresh directory under the system temp dir, `prefix` + pid + counter, removed on drop (also when the test fails)
+/// unless `MIGMON_KEEP_TEST_DIR` is set, to look at the logs and traces afterwards. Derefs to its [`Path`].
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    /// Creates the directory; panics when it cannot.
+    pub fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("MIGMON_KEEP_TEST_DIR").is_some() {
+            eprintln!("kept {}", self.path.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// A running `migmon watch --json`, its events collected as they come.

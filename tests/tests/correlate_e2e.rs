@@ -11,7 +11,7 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Netns, VmHost, Watch, kvm_available, migmon_bin, migrator_bin, unique, wait_until};
+use integration_tests::{Netns, TestDir, VmHost, Watch, kvm_available, migmon_bin, migrator_bin, wait_until};
 use serde_json::Value;
 use testbed::clients::set_user_timeout;
 
@@ -42,7 +42,7 @@ struct Bed {
     tap_a: String,
     tap_b: String,
     guest_ip: Ipv4Addr,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl Bed {
@@ -58,8 +58,7 @@ impl Bed {
             ..
         } = VmHost::create("ce", 2, client_ip.into(), 24).expect("build the test's host and client");
         let (tap_b, tap_a) = (taps.pop().unwrap(), taps.pop().unwrap());
-        let dir = std::env::temp_dir().join(unique("migmon-e2e"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("migmon-e2e");
         Self {
             host,
             client,
@@ -89,16 +88,6 @@ impl Bed {
             child,
             log: self.path(log),
         }
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if std::env::var_os("MIGMON_KEEP_TEST_DIR").is_some() {
-            eprintln!("kept {}", self.dir.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Netns, VethPair, Watch, migmon_bin, netns_exec, unique, wait_until};
+use integration_tests::{Netns, TestDir, VethPair, Watch, migmon_bin, netns_exec, wait_until};
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
 use serde_json::Value;
 
@@ -28,7 +28,7 @@ struct Setup {
     server: Netns,
     client_ip: Ipv4Addr,
     server_ip: Ipv4Addr,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl Setup {
@@ -41,8 +41,7 @@ impl Setup {
         let VethPair { a, b, .. } = VethPair::create("cc", [client_ip.into(), server_ip.into()], 24)
             .expect("build the test's namespaces");
         let (client, server) = (a, b);
-        let dir = std::env::temp_dir().join(unique("migmon-corr"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("migmon-corr");
         Self {
             client,
             server,
@@ -59,16 +58,6 @@ impl Setup {
             "delete table inet migmon_pause"
         };
         netns_exec(&self.server.name, &["nft", rule]);
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if std::env::var_os("MIGMON_KEEP_TEST_DIR").is_some() {
-            eprintln!("kept {}", self.dir.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -347,8 +336,7 @@ fn qmp_pause_window_through_watch() {
         eprintln!("skipping: qemu-system-x86_64 is not installed (./x setup installs qemu-system-x86)");
         return;
     }
-    let dir = std::env::temp_dir().join(unique("migmon-qmpw"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("migmon-qmpw");
     let (follow, drive) = (dir.join("follow.qmp"), dir.join("drive.qmp"));
     let _qemu = Kill(
         Command::new("qemu-system-x86_64")
@@ -398,14 +386,12 @@ fn qmp_pause_window_through_watch() {
         text.contains("\"kind\":\"clock_offset\""),
         "the offset is recorded"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `migmon watch --metrics`: a migration announced on the events socket shows up in the Prometheus metrics.
 #[test]
 fn metrics_count_a_migration_live() {
-    let dir = std::env::temp_dir().join(unique("migmon-metrics"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("migmon-metrics");
     let sock = dir.join("events.sock");
     let watch = Watch::start(&[
         "--port",
@@ -446,5 +432,4 @@ fn metrics_count_a_migration_live() {
     });
     assert!(ok, "metrics never counted the migration: {:?}", scrape());
     let _ = watch.stop();
-    std::fs::remove_dir_all(&dir).unwrap();
 }

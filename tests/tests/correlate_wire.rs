@@ -8,9 +8,9 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use integration_tests::{
-    BridgeNetns, Watch,
+    BridgeNetns, TestDir, Watch,
     frames::{RawSender, padded, qemu_rarp},
-    migmon_bin, of_kind, unique,
+    migmon_bin, of_kind,
 };
 use migmon_base::MacAddr;
 use serde_json::Value;
@@ -25,8 +25,7 @@ fn a_move_seen_only_on_the_wire_is_inferred_with_its_timeline() {
     let (old, new) = (&bed.ports[0].port, &bed.ports[1].port);
     let at = |p: &str| bed.at(p);
     let vm_s = VM.to_string();
-    let dir = std::env::temp_dir().join(unique("migmon-wire"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("migmon-wire");
     let trace = dir.join("wire.trace");
     move_on_the_wire(&bed, &trace);
 
@@ -66,7 +65,6 @@ fn a_move_seen_only_on_the_wire_is_inferred_with_its_timeline() {
     let blackout = m["downtime"]["blackout"]["ns"].as_u64().unwrap();
     let pause = m["downtime"]["vcpu_pause"]["ns"].as_u64().unwrap();
     assert!(blackout >= pause, "blackout {blackout} < inferred window {pause}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Records the move with `migmon watch`: the VM talks from port 0 while the peer (port 2) sends to it, falls

@@ -6,7 +6,7 @@
 
 use std::{sync::atomic::AtomicBool, time::Duration};
 
-use integration_tests::{migmon_bin, migrator_bin, unique};
+use integration_tests::{TestDir, migmon_bin, migrator_bin, unique};
 use serde_json::Value;
 use testbed::{
     clients::Profile,
@@ -34,18 +34,19 @@ fn live_keeps_every_session_quick_aborts_every_one() {
         "{} does not exist: `./x test` builds it (by hand: cargo build --release -p migrator)",
         migrator.display()
     );
-    let out = std::env::temp_dir().join(unique("mmdemo-test"));
+    let out = TestDir::new("mmdemo-test");
     let cfg = Config {
         prefix: unique("tbd"),
         clients: 4,
         quick_pause: Duration::from_secs(6),
         profile: Profile::Windows2003,
-        out: out.clone(),
+        out: out.to_path_buf(),
         migmon: migmon_bin(),
         migrator,
         mem: "256M".into(),
         dirty: Some("8M@16M".into()),
         settle: Duration::from_secs(3),
+        migmon_args: Vec::new(),
     };
     let say = |m: &str| eprintln!("demo: {m}");
     let interrupted = AtomicBool::new(false);
@@ -120,7 +121,6 @@ fn live_keeps_every_session_quick_aborts_every_one() {
             p.display()
         );
     }
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 /// Connects from namespace `from` to a listener at `addr` in namespace `to`; returns whether a byte went through.

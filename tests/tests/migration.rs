@@ -29,12 +29,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Netns, VmHost, fdb_port, kvm_available, migrator_bin, unique, wait_until};
+use integration_tests::{Netns, TestDir, VmHost, fdb_port, kvm_available, migrator_bin, wait_until};
+use migmon_base::MacAddr;
 use serde_json::Value;
 use testbed::clients::set_user_timeout;
 
-const MAC: &str = "52:54:00:6d:69:67";
-const MAC_BYTES: [u8; 6] = [0x52, 0x54, 0x00, 0x6d, 0x69, 0x67];
+const MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x6d, 0x69, 0x67]);
 
 /// One test's world: the namespaces, the bridge, the taps and the addresses.
 struct Bed {
@@ -44,7 +44,7 @@ struct Bed {
     tap_a: String,
     tap_b: String,
     guest_ip: Ipv4Addr,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl Bed {
@@ -59,8 +59,7 @@ impl Bed {
             ..
         } = VmHost::create("mg", 2, client_ip.into(), 24).expect("build the test's host and client");
         let (tap_b, tap_a) = (taps.pop().expect("tap B"), taps.pop().expect("tap A"));
-        let dir = std::env::temp_dir().join(unique("migt"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = TestDir::new("migt");
         Self {
             host,
             client,
@@ -100,12 +99,13 @@ impl Bed {
         let api = self.path("a.api");
         let events = self.path("events");
         let ip = format!("{}/24", self.guest_ip);
+        let mac = MAC.to_string();
         let mut args = vec![
             "run",
             "--tap",
             &self.tap_a,
             "--mac",
-            MAC,
+            &mac,
             "--ip",
             &ip,
             "--mem",
@@ -185,12 +185,6 @@ impl Bed {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -435,7 +429,10 @@ impl RarpCapture {
             while !s.load(Ordering::SeqCst) {
                 // SAFETY: `buf` is writable for its length.
                 let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n >= 42 && buf[6..12] == MAC_BYTES && buf[12..14] == [0x80, 0x35] && buf[20..22] == [0, 3]
+                if n >= 42
+                    && buf[6..12] == MAC.octets()
+                    && buf[12..14] == [0x80, 0x35]
+                    && buf[20..22] == [0, 3]
                 {
                     c.fetch_add(1, Ordering::SeqCst);
                 }
@@ -566,7 +563,7 @@ fn live_migration_keeps_every_connection() {
     ] {
         assert!(
             evs.iter()
-                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC),
+                .any(|e| e["role"] == role && e["event"] == ev && e["mac"] == MAC.to_string()),
             "event {role}/{ev} missing"
         );
     }
@@ -810,4 +807,407 @@ fn failed_migrations_roll_back() {
         evs.iter().filter(|e| e["event"] == "rollback").count() >= 2,
         "two rollbacks were reported"
     );
+}
+
+/// `migrator tls-init DIR`.
+fn tls_init(dir: &Path) {
+    let out = Command::new(migrator_bin())
+        .arg("tls-init")
+        .arg(dir)
+        .output()
+        .expect("run migrator tls-init");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A free TCP port on the host namespace's loopback (bound and released).
+fn free_port(bed: &Bed) -> u16 {
+    bed.host
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
+        .expect("a free port")
+        .port()
+}
+
+/// `migrator receive` on tap B at `tcp:127.0.0.1:PORT` with `extra`; waits for its API.
+fn receive_tcp(bed: &Bed, port: u16, api: &Path, extra: &[&str], log: &str) -> Proc {
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut args = vec![
+        "receive",
+        "--tap",
+        &bed.tap_b,
+        "--listen",
+        &listen,
+        "--api",
+        api.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let mut p = bed.spawn(&args, log);
+    assert!(
+        wait_until(Duration::from_secs(10), || api.exists() || !p.running()),
+        "migrator receive never opened its API"
+    );
+    p
+}
+
+/// `migrator migrate` to `tcp:127.0.0.1:PORT` with `extra`.
+fn migrate_tcp(bed: &Bed, api: &Path, port: u16, extra: &[&str]) -> Output {
+    let to = format!("tcp:127.0.0.1:{port}");
+    bed.host
+        .command(migrator_bin())
+        .args([
+            "migrate",
+            "--api",
+            api.to_str().expect("utf-8 path"),
+            "--to",
+            &to,
+            "--verify",
+        ])
+        .args(extra)
+        .output()
+        .expect("run migrator migrate")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn tls_migration_outlasts_scans_strangers_and_oversized_guests() {
+    if !kvm_available("the migration tests") {
+        return;
+    }
+    let bed = Bed::new();
+    let mut a = bed.boot(&[]);
+    let api_a = bed.path("a.api");
+    let (creds, stranger) = (bed.path("tls"), bed.path("stranger"));
+    tls_init(&creds);
+    tls_init(&stranger);
+    let creds_s = creds.to_str().expect("utf-8").to_owned();
+    let stranger_s = stranger.to_str().expect("utf-8").to_owned();
+    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+
+    // Plain TCP without --insecure: refused at both ends, naming both options.
+    let port = free_port(&bed);
+    let mut plain = receive_tcp(&bed, port, &bed.path("plain.api"), &[], "plain.log");
+    let st = plain
+        .wait_exit(Duration::from_secs(10))
+        .expect("receive refuses at once");
+    assert!(!st.success());
+    let log = plain.log();
+    assert!(log.contains("--tls-creds") && log.contains("--insecure"), "{log}");
+    let out = migrate_tcp(&bed, &api_a, port, &[]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("--tls-creds") && err.contains("--insecure"), "{err}");
+
+    // --max-mem below the guest's 256 MiB: refused by name, and the receiver keeps listening.
+    let (port_small, api_small) = (free_port(&bed), bed.path("small.api"));
+    let mut small = receive_tcp(
+        &bed,
+        port_small,
+        &api_small,
+        &["--tls-creds", &creds_s, "--max-mem", "128MiB"],
+        "small.log",
+    );
+    let out = migrate_tcp(&bed, &api_a, port_small, &["--tls-creds", &creds_s]);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("--max-mem"), "{}", stderr_of(&out));
+    assert!(small.running(), "still listening:\n{}", small.log());
+    assert!(
+        wait_until(Duration::from_secs(5), || status(&api_small)
+            .is_some_and(|s| s["rejected_peers"] == 1)),
+        "the refusal is counted: {:?}",
+        status(&api_small)
+    );
+    small.kill();
+
+    // The real receiver: a port scan, garbage, a stranger's certificate, then the source.
+    let (port, api_b) = (free_port(&bed), bed.path("b.api"));
+    let mut b = receive_tcp(&bed, port, &api_b, &["--tls-creds", &creds_s], "b.log");
+    bed.host.run(|| {
+        drop(TcpStream::connect(("127.0.0.1", port)).expect("scan"));
+        let mut g = TcpStream::connect(("127.0.0.1", port)).expect("garbage peer");
+        let _ = g.write_all(&[0x5a; 2048]);
+    });
+    let out = migrate_tcp(&bed, &api_a, port, &["--tls-creds", &stranger_s]);
+    assert!(!out.status.success(), "a stranger's certificate is refused");
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&api_b)
+            .is_some_and(|s| s["rejected_peers"].as_u64() >= Some(3))),
+        "scan, garbage and stranger are counted: {:?}\n{}",
+        status(&api_b),
+        b.log()
+    );
+    assert!(b.running(), "the receiver keeps listening:\n{}", b.log());
+    assert!(a.running() && status(&api_a).is_some_and(|s| s["state"] == "running"));
+
+    let s = summary(&migrate_tcp(
+        &bed,
+        &api_a,
+        port,
+        &["--tls-creds", &creds_s, "--mode", "live"],
+    ));
+    assert!(s["verified_hash"].is_string(), "{s}");
+    assert!(
+        a.wait_exit(Duration::from_secs(10))
+            .is_some_and(|st| st.success()),
+        "{}",
+        a.log()
+    );
+    assert!(b.running(), "{}", b.log());
+    assert!(b.log().contains("mutual TLS"), "{}", b.log());
+    assert!(
+        all_progress(&clients, Duration::from_secs(10)),
+        "clients go on after a TLS move"
+    );
+    let results: Vec<ClientResult> = clients.into_iter().map(Client::finish).collect();
+    for r in &results {
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    print_figures("live over mutual TLS", &s, &results);
+}
+
+#[test]
+fn qemu_loads_the_credentials_tls_init_makes() {
+    let Ok(qemu) = which_qemu() else {
+        eprintln!("SKIP: qemu-system-x86_64 is not installed; QEMU's tls-creds-x509 cannot be checked");
+        return;
+    };
+    let dir = TestDir::new("qemutls");
+    tls_init(&dir);
+    let d = dir.to_str().expect("utf-8");
+    let mut child = Command::new(qemu)
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            "stdio",
+        ])
+        .arg("-object")
+        .arg(format!(
+            "tls-creds-x509,id=srv,dir={d},endpoint=server,verify-peer=on,sanity-check=on"
+        ))
+        .arg("-object")
+        .arg(format!(
+            "tls-creds-x509,id=cli,dir={d},endpoint=client,sanity-check=on"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
+        .expect("qmp");
+    let out = child.wait_with_output().expect("qemu output");
+    assert!(
+        out.status.success(),
+        "QEMU refused the credentials: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("host-qmp-quit"));
+}
+
+fn which_qemu() -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+/// Message kinds of the migration stream the relay below acts on (see migrator's protocol module).
+const CMD_STATE: u32 = 5;
+const CMD_COMMIT: u32 = 13;
+
+/// A unix relay from `listen` to `to` that forwards the source's stream message by message until one of command
+/// `at`; then it either stalls (`stall`: both connections stay open, nothing more goes through) or cuts both.
+fn fault_relay(listen: &Path, to: PathBuf, at: u32, stall: bool) -> JoinHandle<()> {
+    let l = UnixListener::bind(listen).expect("relay socket");
+    std::thread::spawn(move || {
+        let Ok((mut from, _)) = l.accept() else { return };
+        let Ok(mut dst) = std::os::unix::net::UnixStream::connect(&to) else {
+            return;
+        };
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (mut back_from, mut back_dst, st) = (
+            from.try_clone().expect("clone"),
+            dst.try_clone().expect("clone"),
+            stalled.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = back_dst.read(&mut buf) {
+                if n == 0 || st.load(Ordering::SeqCst) || back_from.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut header = [0u8; 32];
+        while from.read_exact(&mut header).is_ok() {
+            let command = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+            let length = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+            if command == at {
+                stalled.store(true, Ordering::SeqCst);
+                if stall {
+                    let _ = std::io::copy(&mut from, &mut std::io::sink());
+                }
+                break;
+            }
+            let mut payload = vec![0u8; length as usize];
+            if from.read_exact(&mut payload).is_err()
+                || dst.write_all(&header).is_err()
+                || dst.write_all(&payload).is_err()
+            {
+                break;
+            }
+        }
+        let _ = dst.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    })
+}
+
+/// The source's pause, from its own events: pause to resume (a rollback) or to complete, ms.
+fn source_pause_ms(evs: &[Value]) -> Option<f64> {
+    let ts = |ev: &str| {
+        evs.iter()
+            .filter(|e| e["role"] == "source" && e["event"] == ev)
+            .filter_map(|e| e["ts_ns"].as_u64())
+            .next_back()
+    };
+    Some((ts("resume")? - ts("pause")?) as f64 / 1e6)
+}
+
+#[test]
+fn a_destination_stalled_in_the_pause_gets_the_guest_resumed_at_the_source_within_max_pause() {
+    if !kvm_available("the migration tests") {
+        return;
+    }
+    let bed = Bed::new();
+    let mut a = bed.boot(&[]);
+    let api_a = bed.path("a.api");
+    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+    let (api_b, sock, relay) = (bed.path("b.api"), bed.path("b.sock"), bed.path("relay.sock"));
+    let mut b = bed.receive(&sock, &api_b);
+    let _relay = fault_relay(&relay, sock.clone(), CMD_STATE, true);
+    let max_pause = 500.0;
+    let out = bed.migrate(&api_a, &relay, &["--mode", "live", "--max-pause", "500ms"]);
+    assert!(!out.status.success(), "the migration fails");
+    let err = stderr_of(&out);
+    assert!(err.contains("--max-pause"), "{err}");
+    let pause = source_pause_ms(&bed.events()).expect("pause and resume events of the source");
+    eprintln!("destination stalled in the pause: the guest ran again at the source after {pause:.1} ms");
+    assert!(
+        pause <= max_pause,
+        "paused {pause:.1} ms > --max-pause {max_pause} ms"
+    );
+    assert!(a.running(), "{}", a.log());
+    assert!(status(&api_a).is_some_and(|s| s["state"] == "running"));
+    let st = b
+        .wait_exit(Duration::from_secs(20))
+        .expect("the destination gives up");
+    assert!(!st.success(), "{}", b.log());
+    assert!(
+        all_progress(&clients, Duration::from_secs(10)),
+        "clients go on at the source"
+    );
+    for c in clients {
+        let r = c.finish();
+        assert!(r.error.is_none(), "{r:?}");
+    }
+}
+
+/// Whether the guest's echo service answers (from the client namespace).
+fn echo_answers(bed: &Bed) -> bool {
+    let addr = SocketAddrV4::new(bed.guest_ip, guest_abi::ECHO_PORT);
+    bed.client.run(|| {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut back = [0u8; 4];
+        s.write_all(b"ping").is_ok() && s.read_exact(&mut back).is_ok() && &back == b"ping"
+    })
+}
+
+#[test]
+fn a_lost_commit_leaves_both_sides_paused_until_the_operator_picks_one() {
+    if !kvm_available("the migration tests") {
+        return;
+    }
+    let bed = Bed::new();
+    let mut a = bed.boot(&[]);
+    let api_a = bed.path("a.api");
+    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
+    assert!(all_progress(&clients, Duration::from_secs(10)));
+    let (api_b, sock, relay) = (bed.path("b.api"), bed.path("b.sock"), bed.path("relay.sock"));
+    let mut b = bed.receive(&sock, &api_b);
+    let _relay = fault_relay(&relay, sock.clone(), CMD_COMMIT, false);
+    let out = bed.migrate(&api_a, &relay, &["--mode", "live"]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("IN DOUBT") && err.contains("resume --force"),
+        "{err}"
+    );
+    let state = |api: &Path| status(api).map(|s| s["state"].as_str().unwrap_or_default().to_owned());
+    assert!(
+        wait_until(Duration::from_secs(10), || state(&api_b).as_deref()
+            == Some("in_doubt")),
+        "the destination is in doubt: {:?}\n{}",
+        status(&api_b),
+        b.log()
+    );
+    assert_eq!(state(&api_a).as_deref(), Some("in_doubt"), "{}", a.log());
+    assert!(!echo_answers(&bed), "no copy runs while in doubt");
+    // The operator picks the destination.
+    let out = Command::new(migrator_bin())
+        .args(["resume", "--api", api_b.to_str().expect("utf-8")])
+        .output()
+        .expect("resume");
+    assert!(
+        !out.status.success() && stderr_of(&out).contains("--force"),
+        "resume needs --force"
+    );
+    let out = Command::new(migrator_bin())
+        .args(["resume", "--force", "--api", api_b.to_str().expect("utf-8")])
+        .output()
+        .expect("resume --force");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        wait_until(Duration::from_secs(10), || echo_answers(&bed)),
+        "the guest runs at B"
+    );
+    assert_eq!(state(&api_b).as_deref(), Some("running"));
+    assert_eq!(
+        state(&api_a).as_deref(),
+        Some("in_doubt"),
+        "A still holds its copy paused"
+    );
+    let out = Command::new(migrator_bin())
+        .args(["cancel", "--api", api_a.to_str().expect("utf-8")])
+        .output()
+        .expect("cancel");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let st = a
+        .wait_exit(Duration::from_secs(10))
+        .expect("A drops its copy and exits");
+    assert!(!st.success());
+    assert!(b.running(), "{}", b.log());
+    assert!(
+        all_progress(&clients, Duration::from_secs(20)),
+        "clients go on at B"
+    );
+    for c in clients {
+        let r = c.finish();
+        assert!(r.error.is_none(), "{r:?}");
+    }
 }

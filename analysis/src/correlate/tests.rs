@@ -1,11 +1,14 @@
 //! Correlation on synthetic event sequences: one test per edge case.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use migevents::{Mode, Phase, Role};
 
 use super::*;
-use crate::{fixtures::*, trace::TcpCommon};
+use crate::{
+    fixtures::*,
+    trace::{PauseSource, TcpCommon},
+};
 
 fn conn(m: &MigrationReport, sport: u16) -> &ConnectionVerdict {
     m.connections
@@ -58,7 +61,7 @@ fn live_migration_timeline_and_split() {
 
     assert_eq!((m.survived, m.aborted, m.unresolved), (2, 0, 0));
     let c1 = conn(m, 40001);
-    assert_eq!(c1.state_at_pause, "ESTABLISHED");
+    assert_eq!(c1.state_at_pause, Some(TcpState::Established));
     assert_eq!(c1.retransmits, 1);
     assert_eq!(c1.first_progress_ns, Some(1200 * MS));
     assert_eq!(c1.recovery_tail_ns, Some(195 * MS));
@@ -103,7 +106,7 @@ fn quick_migration_fates_with_proof() {
     assert!(
         c1.proof
             .iter()
-            .any(|e| matches!(e, Event::TcpState { new_state, .. } if new_state == "CLOSE"))
+            .any(|e| matches!(e, Event::TcpState { new_state, .. } if *new_state == Some(TcpState::Close)))
     );
 
     let c2 = conn(m, 41002);
@@ -135,7 +138,7 @@ fn quick_migration_fates_with_proof() {
             ..
         }
     ));
-    assert_eq!(c4.state_at_pause, "ESTABLISHED");
+    assert_eq!(c4.state_at_pause, Some(TcpState::Established));
 
     let c5 = conn(m, 41005);
     assert_eq!(c5.fate, Fate::Survived);
@@ -213,7 +216,7 @@ fn a_rst_for_a_dead_connection_is_its_epilogue_not_a_new_connection() {
         Event::TcpResetOut {
             ts_ns: 9100 * MS,
             tcp: TcpCommon { tuple: t, netns: 0 },
-            state: String::new(),
+            state: None,
         },
     ]);
     let m = &correlate(&ev).migrations[0];
@@ -246,7 +249,7 @@ fn reused_four_tuple_is_a_new_connection() {
     let m = &correlate(&ev).migrations[0];
     // The first incarnation died before the pause: only the second is judged.
     assert_eq!(m.connections.len(), 1);
-    assert_eq!(m.connections[0].state_at_pause, "ESTABLISHED");
+    assert_eq!(m.connections[0].state_at_pause, Some(TcpState::Established));
     assert_eq!(m.connections[0].fate, Fate::Survived);
 }
 
@@ -332,11 +335,11 @@ fn qmp_halves_are_joined_and_labelled() {
     let a = correlate(&ev);
     assert_eq!(a.migrations.len(), 1, "{:#?}", a.migrations);
     let m = &a.migrations[0];
-    assert_eq!(m.source, "qmp");
+    assert_eq!(m.source, PauseSource::Qmp);
     assert_eq!(m.downtime.vcpu_pause.as_ref().unwrap().ns, 25 * MS);
     assert_eq!(m.downtime.vcpu_pause.as_ref().unwrap().source, "qmp");
     // The VM's IP came from its GARP.
-    assert_eq!(m.ips, vec![VM_IP.to_string()]);
+    assert_eq!(m.ips, vec![IpAddr::from(VM_IP)]);
     assert_eq!(m.survived, 1);
 }
 
@@ -379,7 +382,11 @@ fn a_neighbor_advert_is_the_announce_and_names_the_vms_ipv6_address() {
         "{:?}",
         m.warnings
     );
-    assert_eq!(m.ips, vec![vm6.to_string()], "the VM's address came from its NA");
+    assert_eq!(
+        m.ips,
+        vec![std::net::IpAddr::V6(vm6)],
+        "the VM's address came from its NA"
+    );
     assert_eq!((m.connections.len(), m.survived), (1, 1), "{:#?}", m.connections);
     // A report without an NA keeps its JSON as before: no `first_na` key.
     let plain = correlate(&live_trace());
@@ -409,7 +416,7 @@ fn wire_inference_without_any_pause_source() {
     let a = correlate(&ev);
     assert_eq!(a.migrations.len(), 1, "{:#?}", a.migrations);
     let m = &a.migrations[0];
-    assert_eq!(m.source, "wire");
+    assert_eq!(m.source, PauseSource::Wire);
     let p = m.downtime.vcpu_pause.as_ref().unwrap();
     assert_eq!((p.ns, p.source.as_str()), (350 * MS, "wire"));
     assert!(p.basis.contains("inferred"));
@@ -421,7 +428,7 @@ fn wire_inference_without_any_pause_source() {
     with_migrator.extend(migration("real", VM_MAC, VM_IP, Mode::Live, 960, 1290));
     let a = correlate(&with_migrator);
     assert_eq!(a.migrations.len(), 1);
-    assert_eq!(a.migrations[0].source, "migrator");
+    assert_eq!(a.migrations[0].source, PauseSource::Migrator);
 }
 
 #[test]
@@ -455,6 +462,7 @@ fn losses_truncation_and_skipped_lines_are_warnings() {
         events: ev,
         truncated: true,
         skipped: vec![(12, "expected value".into())],
+        ..Trace::default()
     };
     let a = analyse(&trace);
     assert_eq!(a.lost_events, 7);
@@ -573,11 +581,12 @@ fn nonsense_input_does_not_panic() {
         Event::TcpRetransmit {
             ts_ns: 6100 * MS,
             tcp: TcpCommon { tuple: t, netns: 1 },
-            state: String::new(),
+            state: None,
             retransmits: u32::MAX,
             backoff: u32::MAX,
             rto_us: u64::MAX / 2,
             srtt_us: u64::MAX,
+            retransmit_kind: None,
         },
         stats(6200, VM_MAC, "tapA", Direction::Egress, 5, 9000, 1),
         fdb(6300, "br", "p", VM_MAC),

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use migevents::{MigrationEvent, Phase, Role};
 
-use crate::trace::{Direction, Event};
+use crate::trace::{Direction, Event, MacAddr, PauseSource};
 
 /// The MAC must have been silent this long before a new port counts as a move.
 pub const MIN_SILENCE_NS: u64 = 50_000_000;
@@ -29,9 +29,9 @@ struct MacState {
 /// Incremental inference: feed events in time order, get `migration` events (source `wire`) back.
 #[derive(Default)]
 pub struct WireInference {
-    macs: HashMap<String, MacState>,
-    /// The old port of each inferred move, by migration id.
-    old_ports: HashMap<String, String>,
+    macs: HashMap<MacAddr, MacState>,
+    /// The MAC and old port of each inferred move, by migration id.
+    old_ports: HashMap<String, (MacAddr, String)>,
 }
 
 impl WireInference {
@@ -40,7 +40,7 @@ impl WireInference {
     }
 
     /// Observes one event. `covered(mac, ts)` says whether another source already has a window for that move.
-    pub fn observe(&mut self, ev: &Event, covered: &dyn Fn(&str, u64) -> bool) -> Vec<Event> {
+    pub fn observe(&mut self, ev: &Event, covered: &dyn Fn(MacAddr, u64) -> bool) -> Vec<Event> {
         match ev {
             Event::MacStats {
                 mac,
@@ -49,7 +49,7 @@ impl WireInference {
                 last_ns,
                 ..
             } if *last_ns > 0 => {
-                let st = self.macs.entry(mac.to_ascii_lowercase()).or_default();
+                let st = self.macs.entry(*mac).or_default();
                 let label = port.to_string();
                 let slot = st.ports.entry(label.clone()).or_insert(0);
                 *slot = (*slot).max(*last_ns);
@@ -77,18 +77,17 @@ impl WireInference {
                 ts_ns,
                 frame: crate::trace::NeighborAdvertFrame { mac, port, .. },
             } => {
-                let key = mac.to_ascii_lowercase();
-                let st = self.macs.entry(key.clone()).or_default();
+                let st = self.macs.entry(*mac).or_default();
                 let label = port.to_string();
                 let mut out = Vec::new();
                 if let Some((last_ts, last_port)) = st.last.clone() {
                     let silence = ts_ns.saturating_sub(last_ts);
                     let port_last = st.ports.get(&label).copied();
                     let new_port = port_last.is_none_or(|p| p + STALE_PORT_NS < last_ts);
-                    if silence >= MIN_SILENCE_NS && new_port && last_port != label && !covered(&key, *ts_ns) {
+                    if silence >= MIN_SILENCE_NS && new_port && last_port != label && !covered(*mac, *ts_ns) {
                         st.moves += 1;
-                        let id = format!("wire:{key}:{}", st.moves);
-                        self.old_ports.insert(id.clone(), last_port.clone());
+                        let id = format!("wire:{mac}:{}", st.moves);
+                        self.old_ports.insert(id.clone(), (*mac, last_port.clone()));
                         for (ts, role, phase) in [
                             (last_ts, Role::Source, Phase::Pause),
                             (*ts_ns, Role::Destination, Phase::Resume),
@@ -97,11 +96,11 @@ impl WireInference {
                                 ev: MigrationEvent {
                                     ts_ns: ts,
                                     migration_id: id.clone(),
-                                    mac: key.clone(),
+                                    mac: mac.to_string(),
                                     role,
                                     phase,
                                 },
-                                source: "wire".to_owned(),
+                                source: PauseSource::Wire,
                             });
                         }
                     }
@@ -122,14 +121,14 @@ impl WireInference {
 pub const CONFIRM_NS: u64 = 1_000_000_000;
 
 /// Infers moves from time-sorted events, looking ahead to confirm each one.
-pub fn infer(sorted: &[&Event], covered: impl Fn(&str, u64) -> bool) -> Vec<Event> {
+pub fn infer(sorted: &[&Event], covered: impl Fn(MacAddr, u64) -> bool) -> Vec<Event> {
     let mut w = WireInference::new();
     let mut candidates = Vec::new();
     for e in sorted {
         candidates.extend(w.observe(e, &covered));
     }
     // Ingress activity per (MAC, port): frame times from mac_seen and the last frame of each mac_stats sample.
-    let mut activity: HashMap<(String, String), Vec<u64>> = HashMap::new();
+    let mut activity: HashMap<(MacAddr, String), Vec<u64>> = HashMap::new();
     for e in sorted {
         match e {
             Event::MacSeen {
@@ -138,10 +137,7 @@ pub fn infer(sorted: &[&Event], covered: impl Fn(&str, u64) -> bool) -> Vec<Even
                 port,
                 direction: Direction::Ingress,
                 ..
-            } => activity
-                .entry((mac.to_ascii_lowercase(), port.to_string()))
-                .or_default()
-                .push(*ts_ns),
+            } => activity.entry((*mac, port.to_string())).or_default().push(*ts_ns),
             Event::MacStats {
                 mac,
                 port,
@@ -149,7 +145,7 @@ pub fn infer(sorted: &[&Event], covered: impl Fn(&str, u64) -> bool) -> Vec<Even
                 last_ns,
                 ..
             } => activity
-                .entry((mac.to_ascii_lowercase(), port.to_string()))
+                .entry((*mac, port.to_string()))
                 .or_default()
                 .push(*last_ns),
             _ => {}
@@ -165,8 +161,8 @@ pub fn infer(sorted: &[&Event], covered: impl Fn(&str, u64) -> bool) -> Vec<Even
             continue;
         };
         let old_port = w.old_ports.get(&pause.migration_id);
-        let still_there = old_port.is_some_and(|p| {
-            activity.get(&(pause.mac.clone(), p.clone())).is_some_and(|ts| {
+        let still_there = old_port.is_some_and(|key| {
+            activity.get(key).is_some_and(|ts| {
                 ts.iter()
                     .any(|&t| t > resume.ts_ns && t <= resume.ts_ns + CONFIRM_NS)
             })

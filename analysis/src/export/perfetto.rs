@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    correlate::{Analysis, Fate, fmt_dur},
+    correlate::{Analysis, ConnectionVerdict, Fate, MigrationReport, Timeline, fmt_dur},
     trace::{Event, Trace},
 };
 
@@ -123,7 +123,8 @@ impl Builder {
     }
 }
 
-/// Encodes the trace.
+/// Encodes the trace: a track per migration with its phases, its L2 sightings and a track per connection, then
+/// every L2 event.
 pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
     let mut b = Builder::default();
     if !a.warnings.is_empty() {
@@ -138,138 +139,160 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                 "migration {} ({}) VM {}",
                 m.id,
                 m.mode.as_deref().unwrap_or("?"),
-                m.mac
+                m.mac_text()
             ),
             None,
         );
         let phases = b.track("phases", Some(root));
-        let tl = &m.timeline;
-        let pause = tl.pause.as_ref().map(|p| p.ts_ns);
-        let resume = tl.resume.as_ref().map(|r| r.ts_ns);
-        if let (Some(s), Some(p)) = (tl.setup.as_ref().map(|s| s.ts_ns), pause) {
-            b.slice(
-                phases,
-                s,
-                p,
-                "pre-copy",
-                "migration",
-                &[("rounds", tl.rounds.len().to_string())],
-            );
-        }
-        if let (Some(p), Some(r)) = (pause, resume) {
-            let src = tl.pause.as_ref().map(|s| s.source.clone()).unwrap_or_default();
-            b.slice(
-                phases,
-                p,
-                r,
-                "vCPU paused",
-                "migration",
-                &[("source", src), ("duration", fmt_dur(r.saturating_sub(p)))],
-            );
-        }
-        if let (Some(r), Some(c)) = (resume, &m.downtime.convergence) {
-            b.slice(
-                phases,
-                r,
-                r + c.ns,
-                "convergence",
-                "migration",
-                &[("basis", c.basis.clone())],
-            );
-        }
-        for r in &tl.rounds {
-            b.instant(
-                phases,
-                r.ts_ns,
-                &format!("round {}", r.n),
-                "migration",
-                &[("pages", r.pages.to_string()), ("bytes", r.bytes.to_string())],
-            );
-        }
-        for an in &tl.announces {
-            b.instant(phases, an.ts_ns, "announce", "migration", &[]);
-        }
-
+        phase_events(&mut b, phases, m);
         let l2 = b.track("L2 (VM's MAC)", Some(root));
-        for (name, s) in [
-            ("last VM frame (old port)", &tl.last_vm_frame_old_port),
-            ("last frame to VM (old port)", &tl.last_frame_to_vm_old_port),
-            ("first RARP", &tl.first_rarp),
-            ("first GARP", &tl.first_garp),
-            ("first NA", &tl.first_na),
-            ("first VM frame (new port)", &tl.first_vm_frame_new_port),
-            ("first frame to VM (new port)", &tl.first_frame_to_vm_new_port),
-        ] {
-            if let Some(s) = s {
-                b.instant(l2, s.ts_ns, name, "l2", &[("port", s.port.clone())]);
-            }
-        }
-        for f in &tl.fdb_moves {
-            b.instant(
-                l2,
-                f.ts_ns,
-                &format!("FDB move {}", f.bridge),
-                "l2",
-                &[
-                    ("from", f.from_port.clone().unwrap_or_default()),
-                    ("to", f.to_port.clone()),
-                ],
-            );
-        }
-        for h in &tl.black_holed {
-            b.instant(
-                l2,
-                h.last_ns,
-                &format!("{} frames black-holed", h.frames),
-                "l2",
-                &[("port", h.port.clone())],
-            );
-        }
-
+        l2_events(&mut b, l2, &m.timeline);
         for c in &m.connections {
-            let name = format!(
-                "{}:{} → {}:{}",
-                c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport
-            );
-            let tr = b.track(&name, Some(root));
-            let end = match c.fate {
-                Fate::Aborted { at_ns, .. } => Some(at_ns),
-                _ => c.first_progress_ns,
-            };
-            if let (Some(first), Some(end)) = (c.first_retransmit_ns, end) {
-                b.slice(
-                    tr,
-                    first,
-                    end,
-                    "recovering",
-                    "tcp",
-                    &[("fate", c.fate.to_string()), ("basis", c.progress_basis.clone())],
-                );
-            }
-            for (i, &t) in c.retransmit_ns.iter().enumerate() {
-                b.instant(tr, t, &format!("retransmit #{}", i + 1), "tcp", &[]);
-            }
-            match c.fate {
-                Fate::Aborted { at_ns, reason } => {
-                    b.instant(tr, at_ns, &format!("aborted: {reason}"), "tcp", &[]);
-                }
-                Fate::Survived => {
-                    if let Some(p) = c.first_progress_ns {
-                        b.instant(
-                            tr,
-                            p,
-                            "forward progress",
-                            "tcp",
-                            &[("basis", c.progress_basis.clone())],
-                        );
-                    }
-                }
-                Fate::Unresolved => {}
-            }
+            connection_track(&mut b, root, c);
         }
     }
-
     let all = b.track("L2 events (all)", None);
+    all_l2_events(&mut b, all, t);
+    b.out
+}
+
+/// Pre-copy, the pause, the convergence, the rounds and the announces.
+fn phase_events(b: &mut Builder, phases: u64, m: &MigrationReport) {
+    let tl = &m.timeline;
+    let pause = tl.pause.as_ref().map(|p| p.ts_ns);
+    let resume = tl.resume.as_ref().map(|r| r.ts_ns);
+    if let (Some(s), Some(p)) = (tl.setup.as_ref().map(|s| s.ts_ns), pause) {
+        b.slice(
+            phases,
+            s,
+            p,
+            "pre-copy",
+            "migration",
+            &[("rounds", tl.rounds.len().to_string())],
+        );
+    }
+    if let (Some(p), Some(r)) = (pause, resume) {
+        let src = tl
+            .pause
+            .as_ref()
+            .map(|s| s.source.to_string())
+            .unwrap_or_default();
+        b.slice(
+            phases,
+            p,
+            r,
+            "vCPU paused",
+            "migration",
+            &[("source", src), ("duration", fmt_dur(r.saturating_sub(p)))],
+        );
+    }
+    if let (Some(r), Some(c)) = (resume, &m.downtime.convergence) {
+        b.slice(
+            phases,
+            r,
+            r + c.ns,
+            "convergence",
+            "migration",
+            &[("basis", c.basis.clone())],
+        );
+    }
+    for r in &tl.rounds {
+        b.instant(
+            phases,
+            r.ts_ns,
+            &format!("round {}", r.n),
+            "migration",
+            &[("pages", r.pages.to_string()), ("bytes", r.bytes.to_string())],
+        );
+    }
+    for an in &tl.announces {
+        b.instant(phases, an.ts_ns, "announce", "migration", &[]);
+    }
+}
+
+/// The VM's sightings around the move, the FDB moves and the black-holed frames.
+fn l2_events(b: &mut Builder, l2: u64, tl: &Timeline) {
+    for (name, s) in [
+        ("last VM frame (old port)", &tl.last_vm_frame_old_port),
+        ("last frame to VM (old port)", &tl.last_frame_to_vm_old_port),
+        ("first RARP", &tl.first_rarp),
+        ("first GARP", &tl.first_garp),
+        ("first NA", &tl.first_na),
+        ("first VM frame (new port)", &tl.first_vm_frame_new_port),
+        ("first frame to VM (new port)", &tl.first_frame_to_vm_new_port),
+    ] {
+        if let Some(s) = s {
+            b.instant(l2, s.ts_ns, name, "l2", &[("port", s.port.clone())]);
+        }
+    }
+    for f in &tl.fdb_moves {
+        b.instant(
+            l2,
+            f.ts_ns,
+            &format!("FDB move {}", f.bridge),
+            "l2",
+            &[
+                ("from", f.from_port.clone().unwrap_or_default()),
+                ("to", f.to_port.clone()),
+            ],
+        );
+    }
+    for h in &tl.black_holed {
+        b.instant(
+            l2,
+            h.last_ns,
+            &format!("{} frames black-holed", h.frames),
+            "l2",
+            &[("port", h.port.clone())],
+        );
+    }
+}
+
+/// A connection's track: its recovery, retransmissions and fate.
+fn connection_track(b: &mut Builder, root: u64, c: &ConnectionVerdict) {
+    let name = format!(
+        "{}:{} → {}:{}",
+        c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport
+    );
+    let tr = b.track(&name, Some(root));
+    let end = match c.fate {
+        Fate::Aborted { at_ns, .. } => Some(at_ns),
+        _ => c.first_progress_ns,
+    };
+    if let (Some(first), Some(end)) = (c.first_retransmit_ns, end) {
+        b.slice(
+            tr,
+            first,
+            end,
+            "recovering",
+            "tcp",
+            &[("fate", c.fate.to_string()), ("basis", c.progress_basis.clone())],
+        );
+    }
+    for (i, &t) in c.retransmit_ns.iter().enumerate() {
+        b.instant(tr, t, &format!("retransmit #{}", i + 1), "tcp", &[]);
+    }
+    match c.fate {
+        Fate::Aborted { at_ns, reason } => {
+            b.instant(tr, at_ns, &format!("aborted: {reason}"), "tcp", &[]);
+        }
+        Fate::Survived => {
+            if let Some(p) = c.first_progress_ns {
+                b.instant(
+                    tr,
+                    p,
+                    "forward progress",
+                    "tcp",
+                    &[("basis", c.progress_basis.clone())],
+                );
+            }
+        }
+        Fate::Unresolved => {}
+    }
+}
+
+/// Every ARP-family frame and FDB update in the trace, in time order.
+fn all_l2_events(b: &mut Builder, all: u64, t: &Trace) {
     let mut events: Vec<&Event> = t.events.iter().collect();
     events.sort_by_key(|e| e.ts_ns());
     for e in events {
@@ -280,7 +303,7 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                     *ts_ns,
                     &format!("{} {}", e.kind(), frame.mac),
                     "l2",
-                    &[("port", frame.port.to_string()), ("spa", frame.spa.clone())],
+                    &[("port", frame.port.to_string()), ("spa", frame.spa.to_string())],
                 );
             }
             Event::NeighborAdvert { ts_ns, frame } => {
@@ -289,7 +312,10 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
                     *ts_ns,
                     &format!("{} {}", e.kind(), frame.mac),
                     "l2",
-                    &[("port", frame.port.to_string()), ("target", frame.target.clone())],
+                    &[
+                        ("port", frame.port.to_string()),
+                        ("target", frame.target.to_string()),
+                    ],
                 );
             }
             Event::FdbUpdate {
@@ -308,7 +334,6 @@ pub fn encode(t: &Trace, a: &Analysis) -> Vec<u8> {
             _ => {}
         }
     }
-    b.out
 }
 
 /// Writes the file.

@@ -4,8 +4,11 @@
 use std::fmt::Write as _;
 
 use crate::{
-    correlate::{Analysis, ConnectionVerdict, Fate, Figure, MigrationReport, Sighting, Stamp, fmt_dur},
-    trace::Event,
+    correlate::{
+        Analysis, Basis, ConnectionVerdict, Downtime, Fate, Figure, MigrationReport, Sighting, Stamp,
+        Timeline, fmt_dur,
+    },
+    trace::{Event, TcpState, state_text},
 };
 
 pub mod compare;
@@ -50,7 +53,13 @@ fn sight_line(s: &mut String, label: &str, si: Option<&Sighting>, anchor: u64, m
 
 fn figure_line(s: &mut String, label: &str, f: Option<&Figure>, missing: &str) {
     match f {
-        Some(f) => line(s, label, &fmt_dur(f.ns), &format!("[{}] {}", f.source, f.basis)),
+        Some(f) => {
+            let value = match f.bound_ns {
+                Some(b) => format!("{} ± {}", fmt_dur(f.ns), fmt_dur(b)),
+                None => fmt_dur(f.ns),
+            };
+            line(s, label, &value, &format!("[{}] {}", f.source, f.basis));
+        }
         None => line(s, label, "–", missing),
     }
 }
@@ -73,7 +82,7 @@ pub fn proof_summary(c: &ConnectionVerdict) -> String {
             Event::TcpError { errno, .. } => format!("tcp_error errno {errno}"),
             Event::TcpState {
                 old_state, new_state, ..
-            } => format!("tcp_state {old_state}→{new_state}"),
+            } => format!("tcp_state {}→{}", state_text(*old_state), state_text(*new_state)),
             Event::TcpResetIn { .. } => "tcp_reset_in".to_owned(),
             Event::TcpResetOut { .. } => "tcp_reset_out".to_owned(),
             Event::TcpRetransmit { retransmits, .. } => format!("last tcp_retransmit (#{retransmits})"),
@@ -93,227 +102,263 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
         fmt_dur(a.end_ns.saturating_sub(a.start_ns)),
         a.migrations.len()
     );
+    if let Some(m) = &a.merge {
+        s.push_str(&crate::merge::render_text(m));
+    }
     for w in &a.warnings {
         let _ = writeln!(s, "WARNING: {w}");
     }
     for m in &a.migrations {
-        let anchor = anchor_of(m);
         let _ = writeln!(s);
-        let hosts = match (&m.source_host, &m.destination_host) {
-            (Some(a), Some(b)) => format!("  {a} → {b}"),
-            (Some(a), None) => format!("  from {a}"),
-            (None, Some(b)) => format!("  to {b}"),
-            (None, None) => String::new(),
-        };
-        let _ = writeln!(
-            s,
-            "Migration {}  VM {}{}  mode {}{}  {}  [pause window from {}]",
-            m.id,
-            if m.mac.is_empty() { "?" } else { &m.mac },
-            if m.ips.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", m.ips.join(", "))
-            },
-            m.mode.as_deref().unwrap_or("?"),
-            hosts,
-            m.outcome,
-            m.source
-        );
-        let _ = writeln!(
-            s,
-            "  verdict: {} survived, {} aborted{}, {} retransmits",
-            m.survived,
-            m.aborted,
-            if m.unresolved > 0 {
-                format!(", {} unresolved", m.unresolved)
-            } else {
-                String::new()
-            },
-            m.retransmits
-        );
-        let _ = writeln!(s, "  downtime");
-        let d = &m.downtime;
-        figure_line(
-            &mut s,
-            "vCPU pause",
-            d.vcpu_pause.as_ref(),
-            "no pause/resume pair",
-        );
-        figure_line(
-            &mut s,
-            "network blackout",
-            d.blackout.as_ref(),
-            "needs the VM's frames on the wire",
-        );
-        figure_line(
-            &mut s,
-            "convergence",
-            d.convergence.as_ref(),
-            "no FDB move or delivered frame after resume",
-        );
-        figure_line(
-            &mut s,
-            "longest recovery tail",
-            d.max_recovery_tail.as_ref(),
-            "no connection needed to recover",
-        );
-        let tl = &m.timeline;
-        let _ = writeln!(s, "  timeline (relative to the pause)");
-        stamp_line(&mut s, "setup", tl.setup.as_ref(), anchor);
-        if let (Some(first), Some(last)) = (tl.rounds.first(), tl.rounds.last()) {
-            let bytes: u64 = tl.rounds.iter().map(|r| r.bytes).sum();
-            line(
-                &mut s,
-                "pre-copy rounds",
-                &rel(first.ts_ns, anchor),
-                &format!(
-                    "{} round(s), {:.1} MiB, last at {}",
-                    tl.rounds.len(),
-                    bytes as f64 / 1_048_576.0,
-                    rel(last.ts_ns, anchor)
-                ),
-            );
-        }
-        sight_line(
-            &mut s,
-            "last VM frame (old port)",
-            tl.last_vm_frame_old_port.as_ref(),
-            anchor,
-            "not seen",
-        );
-        if let Some(last) = &tl.last_frame_to_vm_old_port {
-            sight_line(&mut s, "last frame to VM (old)", Some(last), anchor, "");
-        }
-        stamp_line(&mut s, "pause", tl.pause.as_ref(), anchor);
-        stamp_line(&mut s, "state sent", tl.state_sent.as_ref(), anchor);
-        stamp_line(&mut s, "resume", tl.resume.as_ref(), anchor);
-        if let Some(first) = tl.announces.first() {
-            line(
-                &mut s,
-                "announces (migrator)",
-                &rel(first.ts_ns, anchor),
-                &format!("{} sent [{}]", tl.announces.len(), first.source),
-            );
-        }
-        sight_line(&mut s, "first RARP", tl.first_rarp.as_ref(), anchor, "none seen");
-        sight_line(&mut s, "first GARP", tl.first_garp.as_ref(), anchor, "none seen");
-        if tl.first_na.is_some() {
-            sight_line(&mut s, "first NA", tl.first_na.as_ref(), anchor, "none seen");
-        }
-        if tl.fdb_moves.is_empty() {
-            line(&mut s, "FDB move", "–", "no bridge re-learned the MAC");
-        }
-        for f in &tl.fdb_moves {
-            line(
-                &mut s,
-                &format!("FDB move {}", f.bridge),
-                &rel(f.ts_ns, anchor),
-                &format!("{} → {}", f.from_port.as_deref().unwrap_or("(new)"), f.to_port),
-            );
-        }
-        sight_line(
-            &mut s,
-            "first VM frame (new)",
-            tl.first_vm_frame_new_port.as_ref(),
-            anchor,
-            "not seen",
-        );
-        sight_line(
-            &mut s,
-            "first frame to VM (new)",
-            tl.first_frame_to_vm_new_port.as_ref(),
-            anchor,
-            "not seen (needs TC egress on the new port)",
-        );
-        if tl.black_holed.is_empty() {
-            line(
-                &mut s,
-                "black-holed",
-                "–",
-                "no frame delivered to the old port after the pause",
-            );
-        }
-        for b in &tl.black_holed {
-            line(
-                &mut s,
-                "black-holed",
-                &rel(b.last_ns, anchor),
-                &format!(
-                    "{} frame(s) delivered to {} after the pause, the last at this time",
-                    b.frames, b.port
-                ),
-            );
-        }
-        stamp_line(&mut s, "complete", tl.complete.as_ref(), anchor);
+        migration_heading(&mut s, m);
+        downtime_lines(&mut s, &m.downtime);
+        timeline_lines(&mut s, m);
         for w in &m.warnings {
             let _ = writeln!(s, "  WARNING: {w}");
         }
     }
+    connection_table(&mut s, a);
+    s
+}
 
+/// A migration's heading and verdict.
+fn migration_heading(s: &mut String, m: &MigrationReport) {
+    let hosts = match (&m.source_host, &m.destination_host) {
+        (Some(a), Some(b)) => format!("  {a} → {b}"),
+        (Some(a), None) => format!("  from {a}"),
+        (None, Some(b)) => format!("  to {b}"),
+        (None, None) => String::new(),
+    };
+    let _ = writeln!(
+        s,
+        "Migration {}  VM {}{}  mode {}{}  {}  [pause window from {}]",
+        m.id,
+        m.mac.map_or_else(|| "?".to_owned(), |m| m.to_string()),
+        if m.ips.is_empty() {
+            String::new()
+        } else {
+            let ips: Vec<String> = m.ips.iter().map(ToString::to_string).collect();
+            format!(" ({})", ips.join(", "))
+        },
+        m.mode.as_deref().unwrap_or("?"),
+        hosts,
+        m.outcome,
+        m.source
+    );
+    let _ = writeln!(
+        s,
+        "  verdict: {} survived, {} aborted{}, {} retransmits",
+        m.survived,
+        m.aborted,
+        if m.unresolved > 0 {
+            format!(", {} unresolved", m.unresolved)
+        } else {
+            String::new()
+        },
+        m.retransmits
+    );
+}
+
+/// The downtime split, one figure a line.
+fn downtime_lines(s: &mut String, d: &Downtime) {
+    let _ = writeln!(s, "  downtime");
+    figure_line(s, "vCPU pause", d.vcpu_pause.as_ref(), "no pause/resume pair");
+    figure_line(
+        s,
+        "network blackout",
+        d.blackout.as_ref(),
+        "needs the VM's frames on the wire",
+    );
+    figure_line(
+        s,
+        "convergence",
+        d.convergence.as_ref(),
+        "no FDB move or delivered frame after resume",
+    );
+    figure_line(
+        s,
+        "longest recovery tail",
+        d.max_recovery_tail.as_ref(),
+        "no connection needed to recover",
+    );
+}
+
+/// A migration's timeline, relative to its pause: up to the resume, then the network's side of the move.
+fn timeline_lines(s: &mut String, m: &MigrationReport) {
+    let anchor = anchor_of(m);
+    let tl = &m.timeline;
+    let _ = writeln!(s, "  timeline (relative to the pause)");
+    stamp_line(s, "setup", tl.setup.as_ref(), anchor);
+    if let (Some(first), Some(last)) = (tl.rounds.first(), tl.rounds.last()) {
+        let bytes: u64 = tl.rounds.iter().map(|r| r.bytes).sum();
+        line(
+            s,
+            "pre-copy rounds",
+            &rel(first.ts_ns, anchor),
+            &format!(
+                "{} round(s), {:.1} MiB, last at {}",
+                tl.rounds.len(),
+                bytes as f64 / 1_048_576.0,
+                rel(last.ts_ns, anchor)
+            ),
+        );
+    }
+    sight_line(
+        s,
+        "last VM frame (old port)",
+        tl.last_vm_frame_old_port.as_ref(),
+        anchor,
+        "not seen",
+    );
+    if let Some(last) = &tl.last_frame_to_vm_old_port {
+        sight_line(s, "last frame to VM (old)", Some(last), anchor, "");
+    }
+    stamp_line(s, "pause", tl.pause.as_ref(), anchor);
+    stamp_line(s, "state sent", tl.state_sent.as_ref(), anchor);
+    stamp_line(s, "resume", tl.resume.as_ref(), anchor);
+    network_lines(s, tl, anchor);
+    stamp_line(s, "complete", tl.complete.as_ref(), anchor);
+}
+
+/// Announces, FDB moves, the VM's first frames at its new port and the frames black-holed at its old one.
+fn network_lines(s: &mut String, tl: &Timeline, anchor: u64) {
+    if let Some(first) = tl.announces.first() {
+        line(
+            s,
+            "announces (migrator)",
+            &rel(first.ts_ns, anchor),
+            &format!("{} sent [{}]", tl.announces.len(), first.source),
+        );
+    }
+    sight_line(s, "first RARP", tl.first_rarp.as_ref(), anchor, "none seen");
+    sight_line(s, "first GARP", tl.first_garp.as_ref(), anchor, "none seen");
+    if tl.first_na.is_some() {
+        sight_line(s, "first NA", tl.first_na.as_ref(), anchor, "none seen");
+    }
+    if tl.fdb_moves.is_empty() {
+        line(s, "FDB move", "–", "no bridge re-learned the MAC");
+    }
+    for f in &tl.fdb_moves {
+        line(
+            s,
+            &format!("FDB move {}", f.bridge),
+            &rel(f.ts_ns, anchor),
+            &format!("{} → {}", f.from_port.as_deref().unwrap_or("(new)"), f.to_port),
+        );
+    }
+    sight_line(
+        s,
+        "first VM frame (new)",
+        tl.first_vm_frame_new_port.as_ref(),
+        anchor,
+        "not seen",
+    );
+    sight_line(
+        s,
+        "first frame to VM (new)",
+        tl.first_frame_to_vm_new_port.as_ref(),
+        anchor,
+        "not seen (needs TC egress on the new port)",
+    );
+    if tl.black_holed.is_empty() {
+        line(
+            s,
+            "black-holed",
+            "–",
+            "no frame delivered to the old port after the pause",
+        );
+    }
+    for b in &tl.black_holed {
+        line(
+            s,
+            "black-holed",
+            &rel(b.last_ns, anchor),
+            &format!(
+                "{} frame(s) delivered to {} after the pause, the last at this time",
+                b.frames, b.port
+            ),
+        );
+    }
+}
+
+/// Every migration's connections, one row each.
+fn connection_table(s: &mut String, a: &Analysis) {
     let rows: Vec<(&MigrationReport, &ConnectionVerdict)> = a
         .migrations
         .iter()
         .flat_map(|m| m.connections.iter().map(move |c| (m, c)))
         .collect();
-    if !rows.is_empty() {
-        let _ = writeln!(s);
-        let _ = writeln!(s, "Connections (times relative to each migration's pause)");
-        let idw = a
-            .migrations
-            .iter()
-            .map(|m| m.id.chars().count())
-            .max()
-            .unwrap_or(0)
-            .max(9);
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Connections (times relative to each migration's pause)");
+    let idw = a
+        .migrations
+        .iter()
+        .map(|m| m.id.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(9);
+    let _ = writeln!(
+        s,
+        "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  fate",
+        "migration", "connection (client → VM)", "at pause", "rtx", "backoff", "recovery"
+    );
+    for (m, c) in rows {
+        let anchor = anchor_of(m);
+        let conn = format!(
+            "{}:{} → {}:{}",
+            c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport
+        );
+        let recovery = c.recovery_tail_ns.map_or_else(|| "–".to_owned(), fmt_dur);
         let _ = writeln!(
             s,
-            "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  fate",
-            "migration", "connection (client → VM)", "at pause", "rtx", "backoff", "recovery"
-        );
-        for (m, c) in rows {
-            let anchor = anchor_of(m);
-            let conn = format!(
-                "{}:{} → {}:{}",
-                c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport
-            );
-            let recovery = c.recovery_tail_ns.map_or_else(|| "–".to_owned(), fmt_dur);
-            let mut fate = match c.fate {
-                Fate::Aborted { at_ns, .. } => {
-                    format!("{} at {} ({})", c.fate, rel(at_ns, anchor), proof_summary(c))
-                }
-                _ => c.fate.to_string(),
-            };
-            if let Some(rst) = c
-                .afterwards
-                .iter()
-                .find(|e| matches!(e, Event::TcpResetOut { .. }))
-            {
-                let _ = write!(
-                    fate,
-                    "; RST sent to the VM at {} (it spoke on the dead connection)",
-                    rel(rst.ts_ns(), anchor)
-                );
+            "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
+            m.id,
+            conn,
+            c.state_at_pause.map_or("unknown".into(), TcpState::name),
+            c.retransmits,
+            c.highest_backoff,
+            recovery,
+            fate_text(c, anchor),
+            if c.opened_during_window {
+                "  (opened during the outage; not counted)"
+            } else {
+                ""
             }
-            let _ = writeln!(
-                s,
-                "  {:<idw$} {:<46} {:<12} {:>4} {:>7} {:>11}  {}{}",
-                m.id,
-                conn,
-                c.state_at_pause,
-                c.retransmits,
-                c.highest_backoff,
-                recovery,
-                fate,
-                if c.opened_during_window {
-                    "  (opened during the outage; not counted)"
-                } else {
-                    ""
-                }
-            );
-        }
+        );
     }
-    s
+}
+
+/// A connection's fate for the table: an abort with its time and proof, and the RST its peer sent afterwards.
+fn fate_text(c: &ConnectionVerdict, anchor: u64) -> String {
+    let mut fate = match c.fate {
+        Fate::Aborted { at_ns, .. } => {
+            format!("{} at {} ({})", c.fate, rel(at_ns, anchor), proof_summary(c))
+        }
+        _ => c.fate.to_string(),
+    };
+    if let Some(rst) = c
+        .afterwards
+        .iter()
+        .find(|e| matches!(e, Event::TcpResetOut { .. }))
+    {
+        let _ = write!(
+            fate,
+            "; RST sent to the VM at {} (it spoke on the dead connection)",
+            rel(rst.ts_ns(), anchor)
+        );
+    }
+    match (c.basis, c.wire_agrees, &c.wire) {
+        (Basis::Wire, _, _) => fate.push_str(" [wire]"),
+        (Basis::Sockets, Some(true), _) => fate.push_str(" [sockets; the wire agrees]"),
+        (Basis::Sockets, Some(false), Some(w)) => {
+            let _ = write!(fate, " [sockets; THE WIRE DISAGREES: {}: {}]", w.fate, w.basis);
+        }
+        _ => {}
+    }
+    fate
 }
 
 /// The one-line summary `migmon watch` prints when a migration settles.

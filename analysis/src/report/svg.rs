@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::{anchor_of, rel};
-use crate::correlate::{Analysis, Fate, MigrationReport, fmt_dur};
+use crate::correlate::{Analysis, Basis, BlackHole, Fate, MigrationReport, Timeline, fmt_dur};
 
 const WIDTH: f64 = 1200.0;
 const LABEL_W: f64 = 250.0;
@@ -335,31 +335,67 @@ fn panel(out: &mut String, m: &MigrationReport, top: f64) -> f64 {
     }
 }
 
-#[expect(
-    clippy::many_single_char_names,
-    reason = "s is the scale, m the migration, as in every helper"
-)]
+/// What every lane builder draws against: the time scale, the row its marks are drawn at (moved to the lane's row
+/// afterwards) and the pause the times are relative to.
+struct Frame {
+    s: Scale,
+    top: f64,
+    anchor: u64,
+}
+
+/// One panel: `m` between `lo` and `hi`, its lanes one per kind (vCPUs, migration phases, ports, bridges,
+/// connections), then the pause and blackout across them and the time axis. Returns the y below it.
 fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64, suffix: &str) -> f64 {
-    let anchor = anchor_of(m);
     let span = (hi - lo).max(1_000_000);
-    let s = Scale {
-        t0: lo.saturating_sub(span / 12),
-        t1: hi + span / 12,
+    let f = Frame {
+        s: Scale {
+            t0: lo.saturating_sub(span / 12),
+            t1: hi + span / 12,
+        },
+        top,
+        anchor: anchor_of(m),
     };
+    let mut lanes = vcpu_lanes(&f, m);
+    lanes.push(phase_lane(&f, m));
+    lanes.extend(
+        wire_ports(&m.timeline)
+            .iter()
+            .map(|port| wire_lane(&f, &m.timeline, port)),
+    );
+    lanes.extend(fdb_lanes(&f, &m.timeline));
+    lanes.extend(connection_lanes(&f, m));
+    let lanes_top = header(out, m, top, suffix);
+    let lanes_h = lanes.len() as f64 * LANE_H;
+    lane_rows(out, &lanes, lanes_top);
+    pause_and_blackout(out, &f, m, lanes_top, lanes_h);
+    // Each lane's marks were drawn at y = `top`: move them to the lane's row.
+    for (i, lane) in lanes.iter().enumerate() {
+        let dy = lanes_top + i as f64 * LANE_H - top;
+        let _ = writeln!(out, r#"<g transform="translate(0,{dy:.1})">"#);
+        for d in &lane.draw {
+            let _ = writeln!(out, "{d}");
+        }
+        let _ = writeln!(out, "</g>");
+    }
+    axis(out, &f, lanes_top + lanes_h)
+}
+
+/// The vCPU on the source (running until the pause) and on the destination (running from the resume).
+fn vcpu_lanes(f: &Frame, m: &MigrationReport) -> Vec<Lane> {
+    let Frame { s, top, anchor } = f;
+    let (top, anchor) = (*top, *anchor);
     let tl = &m.timeline;
     let pause = tl.pause.as_ref().map(|p| p.ts_ns);
     let resume = tl.resume.as_ref().map(|r| r.ts_ns);
     let mut lanes: Vec<Lane> = Vec::new();
-
-    // vCPU lanes.
     let src_host = m.source_host.clone().unwrap_or_else(|| "source".into());
     let dst_host = m.destination_host.clone().unwrap_or_else(|| "destination".into());
     let mut draw = Vec::new();
     if let Some(p) = pause {
-        draw.push(bar(&s, s.t0, p, top, C_RUN, 0.85, "vCPU running on the source"));
+        draw.push(bar(s, s.t0, p, top, C_RUN, 0.85, "vCPU running on the source"));
         if resume.is_none() {
             draw.push(bar(
-                &s,
+                s,
                 p,
                 s.t1,
                 top,
@@ -377,7 +413,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
     let mut draw = Vec::new();
     if let Some(r) = resume {
         draw.push(bar(
-            &s,
+            s,
             r,
             s.t1,
             top,
@@ -391,8 +427,16 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
         sub: "destination".into(),
         draw,
     });
+    lanes
+}
 
-    // Migration phases.
+/// Pre-copy, its rounds, the stop-and-copy and the announces.
+fn phase_lane(f: &Frame, m: &MigrationReport) -> Lane {
+    let Frame { s, top, anchor } = f;
+    let (top, anchor) = (*top, *anchor);
+    let tl = &m.timeline;
+    let pause = tl.pause.as_ref().map(|p| p.ts_ns);
+    let resume = tl.resume.as_ref().map(|r| r.ts_ns);
     let mut draw = Vec::new();
     if let (Some(st), Some(p)) = (
         tl.setup
@@ -402,7 +446,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
         pause,
     ) {
         draw.push(bar(
-            &s,
+            s,
             st,
             p,
             top,
@@ -413,7 +457,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
     }
     for r in &tl.rounds {
         draw.push(tick(
-            &s,
+            s,
             r.ts_ns,
             top,
             "#1565c0",
@@ -422,7 +466,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
     }
     if let (Some(p), Some(r)) = (pause, resume) {
         draw.push(bar(
-            &s,
+            s,
             p,
             r,
             top,
@@ -433,20 +477,23 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
     }
     for a in &tl.announces {
         draw.push(tick(
-            &s,
+            s,
             a.ts_ns,
             top,
             C_ANNOUNCE,
             &format!("announce at {}", rel(a.ts_ns, anchor)),
         ));
     }
-    lanes.push(Lane {
+    Lane {
         label: "migration".into(),
         sub: format!("{} [{}]", m.mode.as_deref().unwrap_or("?"), m.source),
         draw,
-    });
+    }
+}
 
-    // Wire lanes, one per port that matters.
+/// The ports that matter, one wire lane each: where the VM's frames were last and first seen, where it announced
+/// itself, where frames reached it, where they were black-holed.
+fn wire_ports(tl: &Timeline) -> Vec<String> {
     let mut ports: Vec<String> = Vec::new();
     for p in [
         &tl.last_vm_frame_old_port,
@@ -464,108 +511,125 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             ports.push(p);
         }
     }
-    for port in &ports {
-        let mut draw = Vec::new();
-        if let Some(l) = tl.last_vm_frame_old_port.as_ref().filter(|l| &l.port == port) {
-            draw.push(bar(
-                &s,
-                s.t0,
-                l.ts_ns,
-                top,
-                C_WIRE,
-                0.35,
-                "the VM's frames on its old port",
-            ));
-            draw.push(tick(
-                &s,
-                l.ts_ns,
-                top,
-                C_WIRE,
-                &format!("last VM frame at {}", rel(l.ts_ns, anchor)),
-            ));
-        }
-        if let Some(f) = tl.first_vm_frame_new_port.as_ref().filter(|l| &l.port == port) {
-            draw.push(bar(
-                &s,
-                f.ts_ns,
-                s.t1,
-                top,
-                C_WIRE,
-                0.35,
-                "the VM's frames on its new port",
-            ));
-            draw.push(tick(
-                &s,
-                f.ts_ns,
-                top,
-                C_WIRE,
-                &format!("first VM frame at {}", rel(f.ts_ns, anchor)),
-            ));
-        }
-        if let Some(f) = tl.first_frame_to_vm_new_port.as_ref().filter(|l| &l.port == port) {
-            draw.push(dot(
-                &s,
-                f.ts_ns,
-                top,
-                C_OK,
-                5.0,
-                &format!("first frame delivered towards the VM at {}", rel(f.ts_ns, anchor)),
-            ));
-        }
-        if let Some(r) = tl.first_rarp.as_ref().filter(|l| &l.port == port) {
-            draw.push(diamond(
-                &s,
-                r.ts_ns,
-                top,
-                C_ANNOUNCE,
-                &format!("first RARP at {}", rel(r.ts_ns, anchor)),
-            ));
-        }
-        if let Some(g) = tl.first_garp.as_ref().filter(|l| &l.port == port) {
-            draw.push(diamond(
-                &s,
-                g.ts_ns,
-                top,
-                "#f4511e",
-                &format!("first GARP at {}", rel(g.ts_ns, anchor)),
-            ));
-        }
-        for b in tl.black_holed.iter().filter(|b| &b.port == port) {
-            draw.push(cross(
-                &s,
-                b.last_ns,
-                top,
-                C_ABORT,
-                &format!(
-                    "{} frame(s) black-holed, last at {}",
-                    b.frames,
-                    rel(b.last_ns, anchor)
-                ),
-            ));
-            if !s.contains(b.last_ns) {
-                continue;
-            }
-            draw.push(text_at(
-                s.x(b.last_ns) + 10.0,
-                top + LANE_H / 2.0 + 4.0,
-                "start",
-                11.0,
-                C_ABORT,
-                &format!("{} black-holed", b.frames),
-            ));
-        }
-        lanes.push(Lane {
-            label: format!("wire {port}"),
-            sub: "VM frames, announces".into(),
-            draw,
-        });
-    }
+    ports
+}
 
-    // FDB lanes, one per bridge.
+/// One port's lane: the VM's frames there, the first frame delivered, RARP and GARP, black-holed frames.
+fn wire_lane(f: &Frame, tl: &Timeline, port: &String) -> Lane {
+    let Frame { s, top, anchor } = f;
+    let (top, anchor) = (*top, *anchor);
+    let mut draw = Vec::new();
+    if let Some(l) = tl.last_vm_frame_old_port.as_ref().filter(|l| &l.port == port) {
+        draw.push(bar(
+            s,
+            s.t0,
+            l.ts_ns,
+            top,
+            C_WIRE,
+            0.35,
+            "the VM's frames on its old port",
+        ));
+        draw.push(tick(
+            s,
+            l.ts_ns,
+            top,
+            C_WIRE,
+            &format!("last VM frame at {}", rel(l.ts_ns, anchor)),
+        ));
+    }
+    if let Some(f) = tl.first_vm_frame_new_port.as_ref().filter(|l| &l.port == port) {
+        draw.push(bar(
+            s,
+            f.ts_ns,
+            s.t1,
+            top,
+            C_WIRE,
+            0.35,
+            "the VM's frames on its new port",
+        ));
+        draw.push(tick(
+            s,
+            f.ts_ns,
+            top,
+            C_WIRE,
+            &format!("first VM frame at {}", rel(f.ts_ns, anchor)),
+        ));
+    }
+    if let Some(f) = tl.first_frame_to_vm_new_port.as_ref().filter(|l| &l.port == port) {
+        draw.push(dot(
+            s,
+            f.ts_ns,
+            top,
+            C_OK,
+            5.0,
+            &format!("first frame delivered towards the VM at {}", rel(f.ts_ns, anchor)),
+        ));
+    }
+    if let Some(r) = tl.first_rarp.as_ref().filter(|l| &l.port == port) {
+        draw.push(diamond(
+            s,
+            r.ts_ns,
+            top,
+            C_ANNOUNCE,
+            &format!("first RARP at {}", rel(r.ts_ns, anchor)),
+        ));
+    }
+    if let Some(g) = tl.first_garp.as_ref().filter(|l| &l.port == port) {
+        draw.push(diamond(
+            s,
+            g.ts_ns,
+            top,
+            "#f4511e",
+            &format!("first GARP at {}", rel(g.ts_ns, anchor)),
+        ));
+    }
+    for b in tl.black_holed.iter().filter(|b| &b.port == port) {
+        black_hole_marks(f, b, &mut draw);
+    }
+    Lane {
+        label: format!("wire {port}"),
+        sub: "VM frames, announces".into(),
+        draw,
+    }
+}
+
+/// A cross where frames were black-holed at a port, with their count beside it.
+fn black_hole_marks(f: &Frame, b: &BlackHole, draw: &mut Vec<String>) {
+    let Frame { s, top, anchor } = f;
+    let (top, anchor) = (*top, *anchor);
+    draw.push(cross(
+        s,
+        b.last_ns,
+        top,
+        C_ABORT,
+        &format!(
+            "{} frame(s) black-holed, last at {}",
+            b.frames,
+            rel(b.last_ns, anchor)
+        ),
+    ));
+    if !s.contains(b.last_ns) {
+        return;
+    }
+    draw.push(text_at(
+        s.x(b.last_ns) + 10.0,
+        top + LANE_H / 2.0 + 4.0,
+        "start",
+        11.0,
+        C_ABORT,
+        &format!("{} black-holed", b.frames),
+    ));
+}
+
+/// One lane per bridge that moved the VM's MAC: the port before and after the move.
+fn fdb_lanes(f: &Frame, tl: &Timeline) -> Vec<Lane> {
+    let Frame { s, top, anchor } = f;
+    let (top, anchor) = (*top, *anchor);
+    let mut lanes: Vec<Lane> = Vec::new();
     for f in &tl.fdb_moves {
         let mut draw = vec![
             bar(
-                &s,
+                s,
                 s.t0,
                 f.ts_ns,
                 top,
@@ -574,7 +638,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
                 &format!("MAC on {}", f.from_port.as_deref().unwrap_or("?")),
             ),
             bar(
-                &s,
+                s,
                 f.ts_ns,
                 s.t1,
                 top,
@@ -583,7 +647,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
                 &format!("MAC on {}", f.to_port),
             ),
             tick(
-                &s,
+                s,
                 f.ts_ns,
                 top,
                 "#00695c",
@@ -614,8 +678,14 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             draw,
         });
     }
+    lanes
+}
 
-    // Connections.
+/// One lane per connection (up to [`MAX_CONN_LANES`]): its fate, retransmissions, progress and abort.
+fn connection_lanes(f: &Frame, m: &MigrationReport) -> Vec<Lane> {
+    let Frame { s, top, anchor } = f;
+    let (top, anchor) = (*top, *anchor);
+    let mut lanes: Vec<Lane> = Vec::new();
     let conns: Vec<_> = m.connections.iter().collect();
     for c in conns.iter().take(MAX_CONN_LANES) {
         let end = match c.fate {
@@ -627,10 +697,10 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             Fate::Aborted { .. } => C_ABORT,
             Fate::Unresolved => C_GREY,
         };
-        let mut draw = vec![bar(&s, s.t0, end, top, color, 0.25, &format!("{}", c.fate))];
+        let mut draw = vec![bar(s, s.t0, end, top, color, 0.25, &format!("{}", c.fate))];
         for (i, &t) in c.retransmit_ns.iter().enumerate() {
             draw.push(dot(
-                &s,
+                s,
                 t,
                 top,
                 "#ef6c00",
@@ -640,7 +710,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
         }
         if let Some(p) = c.first_progress_ns {
             draw.push(ring(
-                &s,
+                s,
                 p,
                 top,
                 C_OK,
@@ -651,7 +721,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             && s.contains(at_ns)
         {
             draw.push(cross(
-                &s,
+                s,
                 at_ns,
                 top,
                 C_ABORT,
@@ -669,12 +739,17 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
         lanes.push(Lane {
             label: format!("{}:{} → :{}", c.tuple.saddr, c.tuple.sport, c.tuple.dport),
             sub: format!(
-                "{}{}",
+                "{}{}{}",
                 c.fate,
                 if c.opened_during_window {
                     " (opened in outage)"
                 } else {
                     ""
+                },
+                match (c.basis, c.wire_agrees) {
+                    (Basis::Wire, _) => " [wire]",
+                    (_, Some(false)) => " [the wire disagrees]",
+                    _ => "",
                 }
             ),
             draw,
@@ -687,8 +762,11 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             draw: Vec::new(),
         });
     }
+    lanes
+}
 
-    // Header.
+/// The panel's title and figures; returns where the lanes start.
+fn header(out: &mut String, m: &MigrationReport, top: f64, suffix: &str) -> f64 {
     let mut y = top;
     let _ = writeln!(
         out,
@@ -703,7 +781,7 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
                 "Migration {} ({}) VM {} — {} survived, {} aborted{suffix}",
                 m.id,
                 m.mode.as_deref().unwrap_or("?"),
-                m.mac,
+                m.mac_text(),
                 m.survived,
                 m.aborted
             )
@@ -731,10 +809,11 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
         )
     );
     y += 56.0;
-    let lanes_top = y;
-    let lanes_h = lanes.len() as f64 * LANE_H;
+    y
+}
 
-    // Zebra background and labels.
+/// Zebra background and each lane's label.
+fn lane_rows(out: &mut String, lanes: &[Lane], lanes_top: f64) {
     for (i, lane) in lanes.iter().enumerate() {
         let ly = lanes_top + i as f64 * LANE_H;
         if i % 2 == 0 {
@@ -754,7 +833,19 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             text_at(12.0, ly + 23.0, "start", 9.5, "#757575", &lane.sub)
         );
     }
-    // The pause, shaded across every lane, and the blackout hatched.
+}
+
+/// The pause, shaded across every lane, and the blackout hatched.
+#[expect(
+    clippy::many_single_char_names,
+    reason = "s is the scale, m the migration, as in every helper"
+)]
+fn pause_and_blackout(out: &mut String, f: &Frame, m: &MigrationReport, lanes_top: f64, lanes_h: f64) {
+    let s = &f.s;
+    let tl = &m.timeline;
+    let d = &m.downtime;
+    let pause = tl.pause.as_ref().map(|p| p.ts_ns);
+    let resume = tl.resume.as_ref().map(|r| r.ts_ns);
     if let Some(p) = pause {
         let r = resume.unwrap_or(s.t1);
         let x0 = s.x(p);
@@ -800,18 +891,15 @@ fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64
             fmt_dur(b.ns)
         );
     }
-    // Each lane's marks were drawn at y = `top`: move them to the lane's row.
-    for (i, lane) in lanes.iter().enumerate() {
-        let dy = lanes_top + i as f64 * LANE_H - top;
-        let _ = writeln!(out, r#"<g transform="translate(0,{dy:.1})">"#);
-        for d in &lane.draw {
-            let _ = writeln!(out, "{d}");
-        }
-        let _ = writeln!(out, "</g>");
-    }
-    y = lanes_top + lanes_h;
+}
 
-    // Axis.
+/// The time axis at `y`, ticked at round steps relative to the pause; returns the y below it.
+#[expect(
+    clippy::many_single_char_names,
+    reason = "s is the scale, t a time, x its position, as in every helper"
+)]
+fn axis(out: &mut String, f: &Frame, y: f64) -> f64 {
+    let (s, anchor) = (&f.s, f.anchor);
     let step = tick_step(s.t1 - s.t0);
     let _ = writeln!(
         out,

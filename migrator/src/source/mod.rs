@@ -12,7 +12,8 @@ use migevents::{Mode, Phase};
 use crate::source::session::{Progress, Session};
 use crate::{
     engine::{
-        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, error_chain,
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationState, MigrationSummary, Tracker,
+        error_chain,
     },
     protocol::Message,
 };
@@ -38,6 +39,7 @@ pub fn migrate<S: MigrationSource>(
         }
     };
     let mut progress = Progress::default();
+    tracker.clear_cancel();
     let res = match opts.mode {
         Mode::Live => precopy::run(vm, opts, &mut session, &mut progress),
         Mode::Quick => quick::run(vm, opts, &mut session, &mut progress),
@@ -49,11 +51,30 @@ pub fn migrate<S: MigrationSource>(
             }
             Ok(session.report)
         }
+        Err(e) if progress.committed => {
+            hold_in_doubt(&e, &mut session, tracker);
+            Err(e)
+        }
         Err(e) => {
             rollback(vm, progress, &e, Some(&mut session), None, tracker);
             Err(e)
         }
     }
+}
+
+/// After the commit the guest must not resume here on its own: it stays paused, the status says `in_doubt` with
+/// the way out, and the caller waits for the operator (`migrator resume --force` or `migrator cancel`).
+fn hold_in_doubt(err: &MigrationError, session: &mut Session, tracker: &Tracker) {
+    let reason = error_chain(err);
+    session.writer.get_mut().get_mut().shutdown();
+    session.events.emit(Phase::Failed {
+        reason: reason.clone(),
+    });
+    eprintln!("migrator: {reason}");
+    tracker.update(|s| {
+        s.state = MigrationState::InDoubt;
+        s.error = Some(reason);
+    });
 }
 
 /// Gives the VM back to the source after a failure: resume if paused, stop dirty logging, tell the destination
@@ -74,10 +95,17 @@ pub fn rollback<S: MigrationSource>(
             vm.return_frames(frames);
         }
     }
-    if progress.paused
-        && let Err(e) = vm.resume()
-    {
-        resume_err = Some(e);
+    if progress.paused {
+        match vm.resume() {
+            // The destination may have been seen on the network (its tap came up, frames went over): the guest's
+            // MAC is announced from here again.
+            Ok(()) => {
+                if let Err(e) = vm.announce() {
+                    eprintln!("migrator: warning: could not re-announce the guest after the rollback: {e}");
+                }
+            }
+            Err(e) => resume_err = Some(e),
+        }
     }
     if progress.dirty_log {
         let _ignored = vm.stop_dirty_log();
@@ -110,7 +138,7 @@ pub fn rollback<S: MigrationSource>(
         eprintln!("migrator: CRITICAL: the guest could not be resumed after a failed migration: {e}");
     }
     tracker.update(|s| {
-        s.state = "failed".into();
+        s.state = MigrationState::Failed;
         s.error = Some(reason);
     });
 }

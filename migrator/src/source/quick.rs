@@ -10,6 +10,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{BufWriter, Seek, SeekFrom, Write},
+    os::unix::fs::OpenOptionsExt,
     path::Path,
     time::{Duration, Instant},
 };
@@ -17,9 +18,9 @@ use std::{
 use migevents::Phase;
 
 use crate::{
-    engine::{MigrateOptions, MigrationError, MigrationSource},
+    engine::{MigrateOptions, MigrationError, MigrationSource, MigrationState},
     protocol::{Message, MessageWriter, ProtocolError, RoundEnd},
-    source::session::{Progress, Session, write_round, write_tail},
+    source::session::{Progress, Session, past_deadline, write_round, write_tail},
 };
 
 /// Runs the quick migration on an open session.
@@ -30,10 +31,25 @@ pub fn run<S: MigrationSource>(
     progress: &mut Progress,
 ) -> Result<(), MigrationError> {
     let paused_at = Instant::now();
+    let deadline = crate::source::precopy::pause_deadline(opts, paused_at);
+    s.writer.get_mut().set_deadline(deadline);
     vm.pause().map_err(MigrationError::vm("pause"))?;
     progress.paused = true;
+    paused(vm, opts, s, progress, paused_at, deadline)
+        .map_err(|e| past_deadline(e, deadline, opts.pause_deadline()))
+}
+
+/// Everything from the stopped vCPU to the ack.
+fn paused<S: MigrationSource>(
+    vm: &mut S,
+    opts: &MigrateOptions,
+    s: &mut Session,
+    progress: &mut Progress,
+    paused_at: Instant,
+    deadline: Option<Instant>,
+) -> Result<(), MigrationError> {
     let paused_ns = s.events.emit(Phase::Pause);
-    s.tracker.update(|st| st.state = "paused".into());
+    s.tracker.update(|st| st.state = MigrationState::Paused);
     let bytes0 = s.writer.bytes();
 
     if let Some(path) = &opts.via_file {
@@ -50,12 +66,20 @@ pub fn run<S: MigrationSource>(
     s.report.rounds = 0;
     hold_extra_pause(opts.extra_pause, s);
 
-    s.writer.send(&Message::Complete { paused_ns })?;
-    s.events.emit(Phase::StateSent);
+    s.send_complete(paused_ns, deadline)?;
     s.report.final_bytes = s.writer.bytes() - bytes0;
-    s.tracker.update(|st| st.state = "completing".into());
+    s.tracker.update(|st| st.state = MigrationState::Completing);
+    s.await_ready_and_commit(vm, deadline, opts.pause_deadline(), progress)?;
     let ack = s.await_ack(vm)?;
     s.complete(paused_at, ack, 0.0);
+    if let Some(path) = &opts.via_file
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        eprintln!(
+            "migrator: warning: could not remove the suspend file {}: {e}",
+            path.display()
+        );
+    }
     Ok(())
 }
 
@@ -72,11 +96,13 @@ fn send_via_file<S: MigrationSource>(
         source,
     };
     let t_file = Instant::now();
+    // Guest RAM goes in there: a new file only this user can read, never through a link, never an old file.
     let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .read(true)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(file_err)?;
     let first_seq = s.writer.sequence();
@@ -131,7 +157,7 @@ fn send_via_file<S: MigrationSource>(
         },
     });
     s.report.notes.push(format!(
-        "suspended to {} first: {file_bytes} bytes written and fsynced in {write_ms:.1} ms, then sent",
+        "suspended to {} first: {file_bytes} bytes written and fsynced in {write_ms:.1} ms, then sent (removed after the ack)",
         path.display()
     ));
     Ok(())

@@ -12,8 +12,8 @@ use migmon_base::MacAddr;
 
 use crate::{
     engine::{
-        Events, MigrateOptions, MigrationError, MigrationSource, MigrationSummary, Tracker, mode_name,
-        new_migration_id,
+        Events, MigrateOptions, MigrationError, MigrationSource, MigrationState, MigrationSummary, Tracker,
+        mode_name, new_migration_id,
     },
     protocol::{HELLO_VERIFY, Hello, Message, MessageReader, MessageWriter, PageBatch, RoundEnd, VERSION},
     ram::{DirtyBitmap, PAGE_SIZE},
@@ -25,7 +25,7 @@ use crate::{
 pub const BATCH_BYTES: usize = 4 << 20;
 /// How long to wait for the destination to create its VM, and for its acknowledgement.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A write blocked this long means the destination is stuck.
+/// A write blocked this long means the destination is stuck (`--timeout` when shorter).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Until a round of at least this size was measured, the bandwidth is the running average.
 const MIN_MEASURED_ROUND: u64 = 1 << 20;
@@ -34,22 +34,66 @@ pub const STATE_TIME_GUESS: Duration = Duration::from_millis(1);
 /// State size assumed before it was measured.
 pub const STATE_BYTES_GUESS: u64 = 64 << 10;
 
-/// A token bucket in front of the stream, for `--max-bandwidth`.
+/// How long the source waits for the destination's `Ack` once it has committed. Past it the migration is in
+/// doubt (the destination may or may not run the guest).
+pub const ACK_AFTER_COMMIT: Duration = Duration::from_secs(10);
+
+/// A stream whose writes can be bounded in time.
+pub trait TimedWrite: Write {
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl TimedWrite for Stream {
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        Stream::set_write_timeout(self, t)
+    }
+}
+
+/// A token bucket in front of the stream, for `--max-bandwidth`, and the pause deadline: once set, no write
+/// blocks past it.
 pub struct Throttled<W> {
     inner: W,
     rate: Option<u64>,
     tokens: f64,
     last: Instant,
+    deadline: Option<Instant>,
+    stall: Duration,
 }
 
-impl<W: Write> Throttled<W> {
-    pub fn new(inner: W, rate: Option<u64>) -> Self {
+impl<W: TimedWrite> Throttled<W> {
+    /// `stall`: the longest a write may make no progress (outside the pause, where the deadline rules).
+    pub fn new(inner: W, rate: Option<u64>, stall: Duration) -> Self {
         Self {
             inner,
             rate,
             tokens: 0.0,
             last: Instant::now(),
+            deadline: None,
+            stall,
         }
+    }
+
+    /// From now on every write ends by `deadline` (an error past it).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+        if deadline.is_none() {
+            let _ignored = self.inner.set_write_timeout(Some(self.stall));
+        }
+    }
+
+    /// Bounds the next write by the deadline.
+    fn arm(&mut self) -> io::Result<()> {
+        let Some(d) = self.deadline else {
+            return Ok(());
+        };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the pause deadline passed",
+            ));
+        }
+        self.inner.set_write_timeout(Some(left.min(self.stall)))
     }
 
     /// The stream behind the throttle.
@@ -78,8 +122,9 @@ impl<W: Write> Throttled<W> {
     }
 }
 
-impl<W: Write> Write for Throttled<W> {
+impl<W: TimedWrite> Write for Throttled<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
         let n = self.admit(buf.len());
         let written = self.inner.write(&buf[..n])?;
         // Give back the tokens of a short write.
@@ -92,6 +137,7 @@ impl<W: Write> Write for Throttled<W> {
             let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
             return self.write(first);
         }
+        self.arm()?;
         self.inner.write_vectored(bufs)
     }
 
@@ -184,16 +230,17 @@ impl Session {
         });
         tracker.update(|s| {
             *s = crate::engine::Status {
-                state: "setup".into(),
+                state: MigrationState::Setup,
                 migration_id: Some(migration_id.clone()),
                 mode: Some(mode_name(opts.mode).into()),
                 ..Default::default()
             };
         });
         let connect = || -> Result<(Stream, Stream), MigrationError> {
-            let stream = Stream::connect(&opts.to, HANDSHAKE_TIMEOUT)?;
+            crate::transport::check_security(&opts.to, opts.tls.is_some(), opts.insecure)?;
+            let stream = Stream::connect_secure(&opts.to, opts.tls.as_ref(), HANDSHAKE_TIMEOUT)?;
             let io = |e| MigrationError::Protocol(crate::protocol::ProtocolError::Io(e));
-            stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(io)?;
+            stream.set_write_timeout(Some(stall_timeout(opts))).map_err(io)?;
             stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
             let rd = stream.try_clone().map_err(io)?;
             Ok((stream, rd))
@@ -203,7 +250,7 @@ impl Session {
             Err(e) => return Err(Box::new((e, Some(events)))),
         };
         let mut s = Self {
-            writer: MessageWriter::new(Throttled::new(stream, opts.max_bandwidth)),
+            writer: MessageWriter::new(Throttled::new(stream, opts.max_bandwidth, stall_timeout(opts))),
             reader: MessageReader::new(BufReader::with_capacity(64 << 10, rd)),
             batch: PageBatch::new(BATCH_BYTES),
             ram,
@@ -314,10 +361,22 @@ impl Session {
         vm: &mut S,
         verify: bool,
         paused_ns: u64,
+        deadline: Option<Instant>,
     ) -> Result<(), MigrationError> {
         let frames = write_tail(&mut self.writer, &self.ram, vm, verify, &mut self.report)?;
         self.forwarded.extend(frames);
-        self.writer.send(&Message::Complete { paused_ns })?;
+        self.send_complete(paused_ns, deadline)
+    }
+
+    /// `Complete`, with how long the destination has to be ready.
+    pub fn send_complete(&mut self, paused_ns: u64, deadline: Option<Instant>) -> Result<(), MigrationError> {
+        let commit_within_ns = deadline.map_or(0, |d| {
+            d.saturating_duration_since(Instant::now()).as_nanos().max(1) as u64
+        });
+        self.writer.send(&Message::Complete {
+            paused_ns,
+            commit_within_ns,
+        })?;
         self.events.emit(Phase::StateSent);
         Ok(())
     }
@@ -336,38 +395,117 @@ impl Session {
         Ok(())
     }
 
-    /// Waits for the acknowledgement, forwarding frames that still reach the source meanwhile, then sends the
-    /// last frames and `Close`.
-    pub fn await_ack<S: MigrationSource>(
+    /// Waits until `until` for one message from the destination, forwarding frames that reach the source
+    /// meanwhile. `None` when the time is up.
+    fn next_reply<S: MigrationSource>(
         &mut self,
         vm: &mut S,
-    ) -> Result<crate::protocol::Ack, MigrationError> {
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        let ack = loop {
+        until: Instant,
+        during: &'static str,
+    ) -> Result<Option<Message>, MigrationError> {
+        let io = |e| MigrationError::Protocol(crate::protocol::ProtocolError::Io(e));
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
             let readable = !self.reader.get_ref().buffer().is_empty()
                 || self
                     .reader
                     .get_ref()
                     .get_ref()
-                    .wait_readable(Duration::from_millis(1))
-                    .map_err(|e| MigrationError::Protocol(crate::protocol::ProtocolError::Io(e)))?;
+                    .wait_readable(left.min(Duration::from_millis(1)))
+                    .map_err(io)?;
             if readable {
-                match self.reader.recv_message("waiting for the destination's ack")? {
-                    Message::Ack(a) => break a,
-                    Message::Abort(reason) => return Err(MigrationError::DestinationAborted { reason }),
-                    other => {
-                        return Err(crate::protocol::ProtocolError::Unexpected {
-                            got: other.command(),
-                            during: "waiting for the ack",
-                        }
-                        .into());
-                    }
-                }
+                // A message that has begun arrives whole soon; the read still ends at `until`.
+                self.reader
+                    .get_ref()
+                    .get_ref()
+                    .set_read_timeout(Some(left))
+                    .map_err(io)?;
+                return Ok(Some(self.reader.recv_message(during)?));
             }
-            if Instant::now() > deadline {
-                return Err(MigrationError::AckTimeout(HANDSHAKE_TIMEOUT));
+            if self.tracker.cancelled() {
+                return Err(MigrationError::Cancelled);
             }
             self.forward_frames(vm)?;
+        }
+    }
+
+    /// Waits for the destination's `Ready` (it holds the guest, restored and paused) until `deadline`, then
+    /// commits: sends `Commit` and marks `progress.committed`, from which point the guest never resumes here.
+    /// Any failure before that point leaves the guest to the caller's rollback.
+    pub fn await_ready_and_commit<S: MigrationSource>(
+        &mut self,
+        vm: &mut S,
+        deadline: Option<Instant>,
+        max_pause: Option<Duration>,
+        progress: &mut Progress,
+    ) -> Result<(), MigrationError> {
+        let until = deadline.unwrap_or_else(|| Instant::now() + HANDSHAKE_TIMEOUT);
+        let late = || match max_pause {
+            Some(d) => MigrationError::PauseDeadline(d),
+            None => MigrationError::AckTimeout(HANDSHAKE_TIMEOUT),
+        };
+        match self.next_reply(vm, until, "waiting for the destination's ready") {
+            Ok(Some(Message::Ready)) => {}
+            Ok(Some(Message::Abort(reason))) => return Err(MigrationError::DestinationAborted { reason }),
+            Ok(Some(other)) => {
+                return Err(crate::protocol::ProtocolError::Unexpected {
+                    got: other.command(),
+                    during: "waiting for the ready",
+                }
+                .into());
+            }
+            Ok(None) => return Err(late()),
+            Err(e) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                eprintln!("migrator: {e} at the pause deadline");
+                return Err(late());
+            }
+            Err(e) => return Err(e),
+        }
+        if self.tracker.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(late());
+        }
+        // The point of no return: from the first byte of `Commit` on, the guest never resumes here on its own.
+        progress.committed = true;
+        self.tracker.update(|st| st.state = MigrationState::Committed);
+        self.writer.get_mut().set_deadline(None);
+        self.writer
+            .send(&Message::Commit)
+            .map_err(|e| in_doubt(&format!("sending the commit failed: {e}")))?;
+        Ok(())
+    }
+
+    /// After the commit: waits for the acknowledgement (the guest runs there), forwarding frames meanwhile, then
+    /// sends the last frames and `Close`. A failure here is in doubt: the destination may run the guest.
+    pub fn await_ack<S: MigrationSource>(
+        &mut self,
+        vm: &mut S,
+    ) -> Result<crate::protocol::Ack, MigrationError> {
+        let until = Instant::now() + ACK_AFTER_COMMIT;
+        let ack = match self.next_reply(vm, until, "waiting for the destination's ack") {
+            Ok(Some(Message::Ack(a))) => a,
+            Ok(Some(other)) => {
+                return Err(in_doubt(&format!(
+                    "the destination answered the commit with {:?} instead of an ack",
+                    other.command()
+                )));
+            }
+            Ok(None) => {
+                return Err(in_doubt(&format!(
+                    "no acknowledgement within {ACK_AFTER_COMMIT:?} of the commit"
+                )));
+            }
+            Err(e) => {
+                return Err(in_doubt(&format!(
+                    "the stream failed after the commit ({})",
+                    crate::engine::error_chain(&e)
+                )));
+            }
         };
         // After the ack the guest runs at the destination; what still reaches us goes over, best effort.
         let _ignored = self.forward_frames(vm);
@@ -392,7 +530,7 @@ impl Session {
             bytes,
         });
         self.tracker.update(|s| {
-            s.state = "migrated".into();
+            s.state = MigrationState::Migrated;
             s.bytes_sent = bytes;
         });
     }
@@ -468,9 +606,43 @@ pub fn write_tail<W: Write, S: MigrationSource>(
     Ok(frames)
 }
 
+/// The longest a write may make no progress before the pause: `--timeout`, at least 1 s (a loaded host may hold
+/// a writer that long) and at most [`WRITE_TIMEOUT`].
+fn stall_timeout(opts: &MigrateOptions) -> Duration {
+    opts.timeout.clamp(Duration::from_secs(1), WRITE_TIMEOUT)
+}
+
+/// An error in the pause, once the deadline has passed, is the deadline's (the stream's own error says less).
+pub fn past_deadline(
+    e: MigrationError,
+    deadline: Option<Instant>,
+    max_pause: Option<Duration>,
+) -> MigrationError {
+    match (deadline, max_pause, &e) {
+        (_, _, MigrationError::InDoubt { .. } | MigrationError::PauseDeadline(_)) => e,
+        (Some(d), Some(max), _) if Instant::now() >= d => {
+            eprintln!(
+                "migrator: {} at the pause deadline",
+                crate::engine::error_chain(&e)
+            );
+            MigrationError::PauseDeadline(max)
+        }
+        _ => e,
+    }
+}
+
+fn in_doubt(reason: &str) -> MigrationError {
+    MigrationError::InDoubt {
+        side: "source",
+        reason: reason.to_owned(),
+    }
+}
+
 /// What the source had done when it failed, so the rollback undoes exactly that.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
     pub dirty_log: bool,
     pub paused: bool,
+    /// `Commit` was (being) sent: the guest must not resume here on its own any more.
+    pub committed: bool,
 }

@@ -24,7 +24,7 @@ use std::{
 use migevents::MigrationEvent;
 
 use super::{Emit, LineReader, SourceHandle, warn_note};
-use migmon_analysis::trace::Event;
+use migmon_analysis::trace::{Event, PauseSource};
 
 const POLL: Duration = Duration::from_millis(100);
 
@@ -68,7 +68,7 @@ fn parse_line(line: &str, origin: &str, lineno: usize) -> Option<Event> {
     Some(match MigrationEvent::from_line(line) {
         Ok(ev) => Event::Migration {
             ev,
-            source: "migrator".to_owned(),
+            source: PauseSource::Migrator,
         },
         Err(e) => {
             let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
@@ -298,7 +298,7 @@ mod tests {
         .unwrap();
         let got = recv_until(&rx, 3);
         assert_eq!(got.len(), 3, "{got:?}");
-        assert!(got.iter().any(|e| matches!(e, Event::Migration { ev, source } if ev.phase == Phase::Pause && source == "migrator")));
+        assert!(got.iter().any(|e| matches!(e, Event::Migration { ev, source } if ev.phase == Phase::Pause && *source == PauseSource::Migrator)));
         assert!(
             got.iter()
                 .any(|e| matches!(e, Event::Migration { ev, .. } if ev.phase == Phase::Resume))

@@ -37,7 +37,7 @@ use migevents::{MigrationEvent, Mode, Phase, Role, monotonic_ns};
 use serde_json::{Value, json};
 
 use super::{Emit, LineReader, SourceHandle, warn_note};
-use migmon_analysis::trace::Event;
+use migmon_analysis::trace::{Event, PauseSource};
 
 const POLL: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,7 +151,7 @@ impl QmpTranslator {
                 role,
                 phase,
             },
-            source: "qmp".to_owned(),
+            source: PauseSource::Qmp,
         }
     }
 
@@ -181,18 +181,7 @@ impl QmpTranslator {
             return self.reply(&id, ret);
         }
         if v.get("error").is_some() {
-            let id = v.get("id").and_then(Value::as_str).unwrap_or_default();
-            let kind = self.pending.remove(id).unwrap_or("command");
-            let desc = v["error"].get("desc").and_then(Value::as_str).unwrap_or("error");
-            let note = if kind == "caps" {
-                format!(
-                    "QMP {}: cannot enable migration events ({desc}); MIGRATION phases will be missing",
-                    self.origin
-                )
-            } else {
-                format!("QMP {}: {kind} failed: {desc}", self.origin)
-            };
-            return (vec![warn_note(note)], Vec::new());
+            return (vec![self.error_reply(&v)], Vec::new());
         }
         let Some(event) = v.get("event").and_then(Value::as_str) else {
             if v.get("QMP").is_some() {
@@ -205,6 +194,27 @@ impl QmpTranslator {
             .and_then(|t| qmp_timestamp_to_mono(t, self.wall_minus_mono))
             .unwrap_or_else(monotonic_ns);
         let data = v.get("data").cloned().unwrap_or(Value::Null);
+        self.event(event, ts, &data)
+    }
+
+    /// A QMP error reply to one of our commands, as a warning.
+    fn error_reply(&mut self, v: &Value) -> Event {
+        let id = v.get("id").and_then(Value::as_str).unwrap_or_default();
+        let kind = self.pending.remove(id).unwrap_or("command");
+        let desc = v["error"].get("desc").and_then(Value::as_str).unwrap_or("error");
+        let note = if kind == "caps" {
+            format!(
+                "QMP {}: cannot enable migration events ({desc}); MIGRATION phases will be missing",
+                self.origin
+            )
+        } else {
+            format!("QMP {}: {kind} failed: {desc}", self.origin)
+        };
+        warn_note(note)
+    }
+
+    /// One QMP event at `ts`: the pause-window events it gives and the commands to send.
+    fn event(&mut self, event: &str, ts: u64, data: &Value) -> (Vec<Event>, Vec<String>) {
         let mut out = Vec::new();
         let mut cmds = Vec::new();
         match event {
@@ -242,47 +252,55 @@ impl QmpTranslator {
                     ));
                 }
             }
-            "MIGRATION" => match data.get("status").and_then(Value::as_str).unwrap_or_default() {
-                "setup" => {
-                    let id = self.open_window();
-                    self.setup_open = true;
-                    out.push(self.migration(
-                        ts,
-                        &id,
-                        Role::Source,
-                        Phase::Setup {
-                            mode: Mode::Live,
-                            ram_bytes: 0,
-                            ips: Vec::new(),
-                            host: self.name.clone(),
-                            // QEMU drops the frames that reach the old tap during the pause.
-                            carries_frames: false,
-                        },
-                    ));
-                }
-                "completed" => {
-                    self.pending.insert("migmon-done".into(), "done");
-                    cmds.push(json!({"execute": "query-migrate", "id": "migmon-done"}).to_string());
-                }
-                status @ ("failed" | "cancelled") => {
-                    let id = self
-                        .current
-                        .clone()
-                        .unwrap_or_else(|| format!("qmp:{}:{}", self.name, self.windows));
-                    out.push(self.migration(
-                        ts,
-                        &id,
-                        Role::Source,
-                        Phase::Failed {
-                            reason: format!("QEMU migration {status}"),
-                        },
-                    ));
-                }
-                _ => {}
-            },
+            "MIGRATION" => {
+                let status = data.get("status").and_then(Value::as_str).unwrap_or_default();
+                self.migration_status(status, ts, &mut out, &mut cmds);
+            }
             _ => {}
         }
         (out, cmds)
+    }
+
+    /// A `MIGRATION` event's status: setup opens a window, completed asks for the figures, failed ends it.
+    fn migration_status(&mut self, status: &str, ts: u64, out: &mut Vec<Event>, cmds: &mut Vec<String>) {
+        match status {
+            "setup" => {
+                let id = self.open_window();
+                self.setup_open = true;
+                out.push(self.migration(
+                    ts,
+                    &id,
+                    Role::Source,
+                    Phase::Setup {
+                        mode: Mode::Live,
+                        ram_bytes: 0,
+                        ips: Vec::new(),
+                        host: self.name.clone(),
+                        // QEMU drops the frames that reach the old tap during the pause.
+                        carries_frames: false,
+                    },
+                ));
+            }
+            "completed" => {
+                self.pending.insert("migmon-done".into(), "done");
+                cmds.push(json!({"execute": "query-migrate", "id": "migmon-done"}).to_string());
+            }
+            status @ ("failed" | "cancelled") => {
+                let id = self
+                    .current
+                    .clone()
+                    .unwrap_or_else(|| format!("qmp:{}:{}", self.name, self.windows));
+                out.push(self.migration(
+                    ts,
+                    &id,
+                    Role::Source,
+                    Phase::Failed {
+                        reason: format!("QEMU migration {status}"),
+                    },
+                ));
+            }
+            _ => {}
+        }
     }
 
     fn reply(&mut self, id: &str, ret: &Value) -> (Vec<Event>, Vec<String>) {
@@ -333,21 +351,16 @@ impl QmpTranslator {
     }
 }
 
-/// Connects to a QMP socket and follows it on a thread until stopped or until QEMU closes the socket.
-pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
-    let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
-        path: path.to_owned(),
-        source,
-    })?;
+/// The QMP greeting, then the capabilities negotiation, within [`HANDSHAKE_TIMEOUT`].
+fn handshake(
+    path: &Path,
+    reader: &mut LineReader<UnixStream>,
+    writer: &mut UnixStream,
+) -> Result<(), QmpError> {
     let io_err = |source| QmpError::Io {
         path: path.to_owned(),
         source,
     };
-    stream.set_read_timeout(Some(POLL)).map_err(io_err)?;
-    let mut writer = stream.try_clone().map_err(io_err)?;
-    let mut reader = LineReader::new(stream);
-
-    // Greeting, then capabilities negotiation.
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let read_json = |reader: &mut LineReader<UnixStream>| -> Result<Value, QmpError> {
         loop {
@@ -376,7 +389,7 @@ pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
             }
         }
     };
-    let greeting = read_json(&mut reader)?;
+    let greeting = read_json(reader)?;
     if greeting.get("QMP").is_none() {
         return Err(QmpError::Handshake {
             path: path.to_owned(),
@@ -386,13 +399,32 @@ pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
     writer
         .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
         .map_err(io_err)?;
-    let ack = read_json(&mut reader)?;
+    let ack = read_json(reader)?;
     if ack.get("return").is_none() {
         return Err(QmpError::Handshake {
             path: path.to_owned(),
             what: format!("capabilities negotiation refused: {ack}"),
         });
     }
+
+    Ok(())
+}
+
+/// Connects to a QMP socket and follows it on a thread until stopped or until QEMU closes the socket.
+pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
+    let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let io_err = |source| QmpError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    stream.set_read_timeout(Some(POLL)).map_err(io_err)?;
+    let mut writer = stream.try_clone().map_err(io_err)?;
+    let mut reader = LineReader::new(stream);
+
+    handshake(path, &mut reader, &mut writer)?;
 
     let offset = measure_wall_minus_mono();
     let mut tr = QmpTranslator::new(path, offset);
@@ -476,7 +508,7 @@ mod tests {
         let (Event::Migration { ev: pe, source }, Event::Migration { ev: re, .. }) = (&p[0], &r[0]) else {
             panic!("{p:?} {r:?}")
         };
-        assert_eq!(source, "qmp");
+        assert_eq!(*source, PauseSource::Qmp);
         assert_eq!(pe.phase, Phase::Pause);
         assert_eq!(pe.ts_ns, 1_000_000_000);
         assert_eq!(re.ts_ns, 1_000_500_000);

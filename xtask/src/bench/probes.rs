@@ -8,6 +8,7 @@
 //!   against none, alternating, as a throughput ratio.
 
 use std::{
+    net::{IpAddr, Ipv4Addr},
     os::fd::{FromRawFd, OwnedFd},
     sync::{
         Arc,
@@ -19,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use monitor::{
     decode::Decoder,
-    probes::{Iface, ProbeOptions, Probes, WatchList, XdpTestRunner},
+    probes::{FlowOptions, Iface, ProbeOptions, Probes, TcProgram, WatchList, XdpTestRunner},
 };
 
 use super::{
@@ -31,6 +32,7 @@ use super::{
 pub const GROUP_XDP: &str = "probes: XDP cost per frame (BPF_PROG_TEST_RUN)";
 pub const GROUP_EVENTS: &str = "probes: events through the collector";
 pub const GROUP_TCP: &str = "probes: TCP stream over veth";
+pub const GROUP_FLOW: &str = "probes: flow tracker cost per TCP segment (BPF_PROG_TEST_RUN)";
 
 const WATCHED: [u8; 6] = [0x52, 0x54, 0x00, 0xbe, 0x4c, 0x02];
 const OTHER: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -40,6 +42,7 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
     let mut errors = Vec::new();
     for (what, r) in [
         ("XDP cost", xdp_cost(ctx, results)),
+        ("flow tracker cost", flow_cost(ctx, results)),
         ("event rate", event_rate(ctx, results)),
         ("TCP overhead", tcp_overhead(ctx, results)),
     ] {
@@ -123,6 +126,7 @@ pub fn qinq_arp_frame(src: [u8; 6]) -> Vec<u8> {
 // The empty XDP program (baseline); monitor's XdpTestRunner runs it
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 
 /// The first fields of `union bpf_attr` for `BPF_PROG_LOAD` (the rest stays zero).
@@ -146,16 +150,27 @@ struct ProgLoadAttr {
 
 /// Loads `r0 = XDP_PASS; exit`.
 fn load_empty_xdp() -> Result<OwnedFd> {
-    // mov64 r0, 2 ; exit
+    load_empty(BPF_PROG_TYPE_XDP, 2)
+}
+
+/// Loads a TC classifier `r0 = TC_ACT_UNSPEC; exit`.
+fn load_empty_tc() -> Result<OwnedFd> {
+    load_empty(BPF_PROG_TYPE_SCHED_CLS, -1)
+}
+
+/// Loads `r0 = ret; exit` as a program of type `prog_type`.
+fn load_empty(prog_type: u32, ret: i32) -> Result<OwnedFd> {
+    // mov64 r0, ret ; exit
+    let imm = ret.to_le_bytes();
     let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+        u64::from_le_bytes([0xb7, 0, 0, 0, imm[0], imm[1], imm[2], imm[3]]),
         u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
     ];
     let license = c"GPL";
     let mut name = [0u8; 16];
     name[..9].copy_from_slice(b"bench_nop");
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
+        prog_type,
         insn_cnt: 2,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -173,8 +188,7 @@ fn load_empty_xdp() -> Result<OwnedFd> {
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("cannot load the empty XDP program (needs root)");
+        return Err(std::io::Error::last_os_error()).context("cannot load the empty program (needs root)");
     }
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -277,6 +291,139 @@ fn xdp_cost(ctx: &Ctx, results: &mut Results) -> Result<()> {
     for (name, _) in &frames {
         results.note(GROUP_XDP, name, &note);
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Flow tracker cost
+
+/// The watched VM's address in the flow benches, and its peer.
+const VM_IP: [u8; 4] = [10, 0, 0, 1];
+const PEER_IP: [u8; 4] = [10, 0, 0, 2];
+
+/// An IPv4/TCP frame from `src` to `dst` (ports 40000 → 5001) with `flags` and `payload` bytes, and the 12 bytes of
+/// timestamp options Linux sends.
+pub fn tcp_frame(src: [u8; 4], dst: [u8; 4], seq: u32, flags: u8, payload: usize) -> Vec<u8> {
+    // Neither MAC is watched: the MAC counters (timed in the XDP group) stay out of these figures.
+    let mut f = eth(PEER, OTHER);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let tot = (20 + 32 + payload) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&tot.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&40_000u16.to_be_bytes());
+    f.extend_from_slice(&5001u16.to_be_bytes());
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&1u32.to_be_bytes());
+    f.extend_from_slice(&[0x80, flags, 0x01, 0xf4, 0, 0, 0, 0]);
+    f.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+    f.resize(f.len() + payload, 0xab);
+    pad(f)
+}
+
+/// ns per frame of `run`, averaged over `chunks` runs of `chunk` repeats.
+fn per_frame(chunks: u32, mut run: impl FnMut() -> Result<std::time::Duration>) -> Result<f64> {
+    let mut total = 0.0;
+    for _ in 0..chunks {
+        total += run()?.as_nanos() as f64;
+    }
+    Ok(total / f64::from(chunks))
+}
+
+/// What the flow tracker adds per TCP segment, in XDP and in TC (the default on veths and taps), against an empty
+/// program of the same type in the same run. The segment is a pure ACK of a tracked flow, repeated: the steady
+/// state of a busy flow (a lookup and a few stores in the flow table, no record). A data segment repeated would
+/// be a retransmission each time and time the record path instead (shown apart, for orientation).
+fn flow_cost(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    let (chunk, chunks): (u32, u32) = if ctx.quick { (5000, 2) } else { (50_000, 20) };
+    const XDP_EMPTY: &str = "empty XDP program";
+    const XDP_ACK: &str = "tracked flow ACK, XDP";
+    const XDP_ADD: &str = "tracked flow ACK, XDP, minus empty program";
+    const TC_EMPTY: &str = "empty TC program";
+    const TC_ACK: &str = "tracked flow ACK, TC ingress";
+    const TC_ADD: &str = "tracked flow ACK, TC ingress, minus empty program";
+    const UNWATCHED: &str = "unwatched TCP segment, XDP, minus empty program";
+    const RETRANSMIT: &str = "retransmission (record + 128-byte capture), XDP, minus empty program";
+    for name in [
+        XDP_EMPTY, XDP_ACK, XDP_ADD, TC_EMPTY, TC_ACK, TC_ADD, UNWATCHED, RETRANSMIT,
+    ] {
+        results.declare(GROUP_FLOW, name, "ns/segment", Better::Lower);
+    }
+    results.set_baseline(GROUP_FLOW, XDP_ACK, GROUP_FLOW, XDP_EMPTY);
+    results.set_baseline(GROUP_FLOW, TC_ACK, GROUP_FLOW, TC_EMPTY);
+    results.set_target(GROUP_FLOW, XDP_ADD, "≤ 40 ns");
+    results.set_target(GROUP_FLOW, TC_ADD, "≤ 40 ns");
+    ctx.progress(&format!(
+        "probes: flow tracker ns per TCP segment, {} repeats per frame per run",
+        u64::from(chunk) * u64::from(chunks)
+    ));
+    let _t = ctx.ticker("probes: flow tracker ns per segment");
+    let empty_xdp = XdpTestRunner::from_fd(load_empty_xdp()?);
+    let empty_tc = XdpTestRunner::from_fd(load_empty_tc()?);
+    let mut probes = Probes::load(&ProbeOptions {
+        ringbuf_bytes: 32 << 20,
+        flows: Some(FlowOptions {
+            ips: vec![IpAddr::V4(Ipv4Addr::from(VM_IP))],
+            captures_per_sec: 0,
+            ..FlowOptions::default()
+        }),
+        ..opts(false)
+    })
+    .context("cannot load migmon's probes")?;
+    let tc = probes.tc_test_runner(TcProgram::Ingress)?;
+    let ack = tcp_frame(PEER_IP, VM_IP, 1, 0x10, 0);
+    let data = tcp_frame(VM_IP, PEER_IP, 1000, 0x18, 100);
+    let unwatched = tcp_frame([10, 9, 9, 1], [10, 9, 9, 2], 1, 0x10, 0);
+    // The flows exist before the timing: the first run of each frame opens its flow.
+    probes.xdp_test_run(&ack, 1)?;
+    probes.xdp_test_run(&data, 1)?;
+    tc.run(&ack, 1)
+        .context("BPF_PROG_TEST_RUN of the TC parser failed")?;
+    probes.drain(|_| {});
+    let lost_before: u64 = probes.lost()?.iter().sum();
+    let mut drained = 0usize;
+    for _ in 0..ctx.runs {
+        let xdp_empty = per_frame(chunks, || Ok(empty_xdp.run(&ack, chunk)?.1))?;
+        let tc_empty = per_frame(chunks, || Ok(empty_tc.run(&ack, chunk)?.1))?;
+        let xdp_ack = per_frame(chunks, || Ok(probes.xdp_test_run(&ack, chunk)?.1))?;
+        let tc_ack = per_frame(chunks, || Ok(tc.run(&ack, chunk)?.1))?;
+        let unwatched_ns = per_frame(chunks, || Ok(probes.xdp_test_run(&unwatched, chunk)?.1))?;
+        let retransmit = per_frame(chunks, || {
+            let d = probes.xdp_test_run(&data, chunk)?.1;
+            drained += probes.drain(|_| {});
+            Ok(d)
+        })?;
+        for (name, v) in [
+            (XDP_EMPTY, xdp_empty),
+            (XDP_ACK, xdp_ack),
+            (XDP_ADD, xdp_ack - xdp_empty),
+            (TC_EMPTY, tc_empty),
+            (TC_ACK, tc_ack),
+            (TC_ADD, tc_ack - tc_empty),
+            (UNWATCHED, unwatched_ns - xdp_empty),
+            (RETRANSMIT, retransmit - xdp_empty),
+        ] {
+            results.push(GROUP_FLOW, name, "ns/segment", Better::Lower, v);
+        }
+    }
+    let lost = probes.lost()?.iter().sum::<u64>() - lost_before;
+    results.note(
+        GROUP_FLOW,
+        XDP_ADD,
+        &format!(
+            "{chunks} × {chunk} repeats per run; a 66-byte pure ACK of a flow in the table (IPv4, timestamps), the \
+             VM's address in the flow IP list; the empty programs run the same frame in the same run"
+        ),
+    );
+    results.note(
+        GROUP_FLOW,
+        RETRANSMIT,
+        &format!(
+            "every run of the same data segment is a retransmission; {drained} records drained, {lost} lost"
+        ),
+    );
     Ok(())
 }
 
@@ -476,6 +623,9 @@ enum Attach {
     AllXdpSkb,
     /// All, the ingress parser as a TC ingress classifier.
     AllTcIngress,
+    /// What `migmon watch --iface A --iface B --vm MAC=IP` attaches by default on a veth (`--tcp both`): the
+    /// tracepoints, TC ingress and egress on both ends, the flow tracker following the stream itself.
+    Default,
 }
 
 impl Attach {
@@ -486,6 +636,7 @@ impl Attach {
             Attach::All => "all probes",
             Attach::AllXdpSkb => "all probes, XDP in skb mode",
             Attach::AllTcIngress => "all probes, parser on TC ingress",
+            Attach::Default => "default (TC, flow tracker on the stream)",
         }
     }
 }
@@ -495,9 +646,15 @@ fn tcp_run(pair: &VethPair, bytes: u64, attach: Option<Attach>) -> Result<(f64, 
     let Some(attach) = attach else {
         return Ok((floors::tcp_over(pair, bytes)?, String::new()));
     };
+    let flows = (attach == Attach::Default).then(|| FlowOptions {
+        // The listening end: the stream's receiver plays the VM.
+        ips: vec![pair.ip_a],
+        ..FlowOptions::default()
+    });
     let mut probes = Probes::load(&ProbeOptions {
         xdp_skb_mode: attach == Attach::AllXdpSkb,
-        l2_tc_ingress: attach == Attach::AllTcIngress,
+        l2_tc_ingress: matches!(attach, Attach::AllTcIngress | Attach::Default),
+        flows,
         ..opts(true)
     })
     .context("cannot load migmon's probes")?;
@@ -541,6 +698,7 @@ fn tcp_overhead(ctx: &Ctx, results: &mut Results) -> Result<()> {
         Some(Attach::All),
         Some(Attach::AllXdpSkb),
         Some(Attach::AllTcIngress),
+        Some(Attach::Default),
     ];
     for v in variants {
         let name = v.map_or("no probes", Attach::name);
@@ -553,6 +711,7 @@ fn tcp_overhead(ctx: &Ctx, results: &mut Results) -> Result<()> {
         "all probes",
         "all probes, XDP in skb mode",
         "all probes, parser on TC ingress",
+        "default (TC, flow tracker on the stream)",
     ] {
         results.set_target(GROUP_TCP, name, "≥ 0.98× no probes");
     }
@@ -586,6 +745,12 @@ fn tcp_overhead(ctx: &Ctx, results: &mut Results) -> Result<()> {
             "6 tracepoints, XDP ({xdp_mode} mode) and TC egress on both veth ends, a watched MAC not in the stream; \
              the variants run in turn within each run"
         ),
+    );
+    results.note(
+        GROUP_TCP,
+        "default (TC, flow tracker on the stream)",
+        "6 tracepoints, TC ingress and egress on both veth ends, the receiver's IP under watch: every segment \
+         of the stream goes through the flow tracker (twice: egress at the sender's end, ingress at the receiver's)",
     );
     Ok(())
 }

@@ -16,9 +16,25 @@ use migrator::{
     announce::AnnounceSchedule,
     config::{ReceiveConfig, RunConfig},
     engine::{MigrateOptions, OnTimeout},
-    transport::Endpoint,
+    transport::{ClientTls, Endpoint},
     vm::{SerialOutput, VmConfig},
 };
+
+/// `path` made absolute (the migrator that uses it may run in another directory).
+fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// `migrator tls-init`.
+#[derive(Args, Debug, Clone)]
+pub struct TlsInitArgs {
+    /// Where to write ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and client-key.pem.
+    pub dir: PathBuf,
+    /// A DNS name or IP address the destination's certificate is valid for (repeatable; localhost and 127.0.0.1
+    /// are always in).
+    #[arg(long = "name", value_name = "NAME")]
+    pub names: Vec<String>,
+}
 
 /// A value parser that accepts exactly the names of `choices` (and lists them in `--help`).
 fn one_of<T: Copy + Send + Sync + 'static>(
@@ -159,16 +175,22 @@ pub struct MigrateArgs {
     /// Pause budget of the live switch-over rule.
     #[arg(long, default_value = "30ms", value_parser = parse_duration)]
     pub downtime: Duration,
-    /// Cap the stream at this rate (bytes/s; K/M/G = KiB/MiB/GiB), e.g. 125M.
+    /// Cap the stream at this rate, e.g. 125MiB/s or 125M (binary units: M = MiB).
     #[arg(long, value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
-    /// Pre-copy gives up converging after this long.
+    /// Pre-copy gives up converging after this long; a stream that makes no progress this long (1 s to 30 s)
+    /// ends the migration.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The switch-over's deadline: a destination not ready this long after the pause gets the guest resumed here
+    /// within it. Default: live, max(10 x --downtime, 1s); quick, none.
+    #[arg(long, value_parser = parse_duration)]
+    pub max_pause: Option<Duration>,
     /// What to do when pre-copy has not converged by --timeout.
     #[arg(long, default_value = "force", value_parser = one_of(ON_TIMEOUT))]
     pub on_timeout: OnTimeout,
-    /// Quick mode: write the suspended state to this file (fsynced) first, then send it.
+    /// Quick mode: write the suspended state to this file (fsynced) first, then send it. The file must not exist:
+    /// it is created mode 0600, never through a link, and removed once the migration succeeded.
     #[arg(long)]
     pub via_file: Option<PathBuf>,
     /// Quick mode: hold the guest paused this much longer (reproduces a slow move; the report says so).
@@ -177,6 +199,23 @@ pub struct MigrateArgs {
     /// Hash all guest RAM at both ends; a mismatch fails the migration.
     #[arg(long)]
     pub verify: bool,
+    #[command(flatten)]
+    pub security: ClientSecurityArgs,
+}
+
+/// How the source reaches a `tcp:` destination.
+#[derive(Args, Debug, Clone)]
+pub struct ClientSecurityArgs {
+    /// Mutual TLS with the credentials in DIR (QEMU's tls-creds-x509 layout: ca-cert.pem, client-cert.pem,
+    /// client-key.pem; see `migrator tls-init`). Required for tcp: unless --insecure.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of --to), as QEMU's tls-hostname.
+    #[arg(long, requires = "tls_creds")]
+    pub tls_hostname: Option<String>,
+    /// Send over plain TCP: guest memory unencrypted and the destination unauthenticated.
+    #[arg(long, conflicts_with = "tls_creds")]
+    pub insecure: bool,
 }
 
 impl MigrateArgs {
@@ -189,9 +228,26 @@ impl MigrateArgs {
             via_file: self.via_file.clone(),
             extra_pause: self.extra_pause.unwrap_or_default(),
             verify: self.verify,
+            tls: self.security.tls_creds.as_ref().map(|creds| ClientTls {
+                creds: absolute(creds),
+                hostname: self.security.tls_hostname.clone(),
+            }),
+            insecure: self.security.insecure,
+            max_pause: self.max_pause,
             ..MigrateOptions::new(self.to.clone(), self.mode)
         }
     }
+}
+
+/// `migrator resume`.
+#[derive(Args, Debug, Clone)]
+pub struct ResumeArgs {
+    /// The API socket of the migrator that holds the in-doubt guest.
+    #[arg(long)]
+    pub api: PathBuf,
+    /// Confirm that the guest runs on no other side (required).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `migrator status`.
@@ -249,9 +305,19 @@ pub struct ReceiveArgs {
     /// Migration events: a unix socket to connect to (migmon --events-listen) or a file to append to.
     #[arg(long)]
     pub events: Option<PathBuf>,
-    /// Give up on a source that stays silent this long.
+    /// Give up when no authenticated source has arrived, or a source has stayed silent, this long.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Mutual TLS with the credentials in DIR (QEMU's tls-creds-x509 layout: ca-cert.pem, server-cert.pem,
+    /// server-key.pem; see `migrator tls-init`). Required for tcp: unless --insecure.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Accept plain TCP: guest memory unencrypted and the source unauthenticated.
+    #[arg(long, conflicts_with = "tls_creds")]
+    pub insecure: bool,
+    /// Refuse a source whose guest RAM is larger than this.
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    pub max_mem: u64,
     #[command(flatten)]
     pub announce: AnnounceArgs,
 }
@@ -265,6 +331,9 @@ impl ReceiveArgs {
             events: self.events.clone(),
             idle_timeout: self.idle_timeout,
             announce: self.announce.schedule(),
+            tls_creds: self.tls_creds.as_deref().map(absolute),
+            insecure: self.insecure,
+            max_mem: self.max_mem,
         }
     }
 }

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use migevents::Mode;
 use migrator::{api, engine::Status};
 
-use crate::args::{MigrateArgs, ReceiveArgs, RunArgs, StatusArgs};
+use crate::args::{MigrateArgs, ReceiveArgs, ResumeArgs, RunArgs, StatusArgs, TlsInitArgs};
 
 #[derive(Parser)]
 #[command(
@@ -36,20 +36,48 @@ enum Cmd {
     Migrate(MigrateArgs),
     /// Print a running migrator's status as JSON.
     Status(StatusArgs),
+    /// Stop a running migration (it rolls back unless it has committed), or drop an in-doubt guest's copy here.
+    Cancel(StatusArgs),
+    /// Resume an in-doubt guest on this side (with --force, once it is sure the guest runs nowhere else).
+    Resume(ResumeArgs),
+    /// Make a test CA and server and client certificates in DIR (QEMU's tls-creds-x509 layout).
+    TlsInit(TlsInitArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.cmd {
-        Cmd::Run(args) => migrator::vm_migration::run(&args.config()),
-        Cmd::Receive(args) => migrator::vm_migration::run_destination(&args.config()),
+        Cmd::Run(args) => migrator::vm_migration::run(&args.config()).map_err(Into::into),
+        Cmd::Receive(args) => migrator::vm_migration::run_destination(&args.config()).map_err(Into::into),
         Cmd::Migrate(args) => migrate(&args),
         Cmd::Status(args) => status(&args),
+        Cmd::TlsInit(args) => tls_init(&args),
+        Cmd::Cancel(args) => api::request_simple(&args.api, &api::Request::Cancel)
+            .map(|m| eprintln!("migrator: {m}"))
+            .map_err(Into::into),
+        Cmd::Resume(args) => api::request_simple(&args.api, &api::Request::Resume { force: args.force })
+            .map(|m| eprintln!("migrator: {m}"))
+            .map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("migrator: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `migrator tls-init DIR`.
+fn tls_init(args: &TlsInitArgs) -> Result<()> {
+    let init = migrator::tls::TlsInit {
+        server_names: args.names.clone(),
+    };
+    migrator::tls::tls_init(&args.dir, &init)
+        .with_context(|| format!("cannot make TLS credentials in {}", args.dir.display()))?;
+    eprintln!(
+        "migrator: test CA and certificates written to {} (use --tls-creds {} on both ends)",
+        args.dir.display(),
+        args.dir.display()
+    );
+    Ok(())
 }
 
 /// `migrator status --api PATH`: prints the status JSON.
@@ -86,6 +114,7 @@ fn migrate(args: &MigrateArgs) -> Result<()> {
     if opts.mode == Mode::Live && (opts.via_file.is_some() || !opts.extra_pause.is_zero()) {
         bail!("--via-file and --extra-pause only apply to --mode quick");
     }
+    migrator::transport::check_security(&opts.to, opts.tls.is_some(), opts.insecure)?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(

@@ -1,0 +1,89 @@
+//! What a trace records so that traces from several hosts can be merged: the kernel's boot id and the host's
+//! clocks read together, once in the header and then every [`SAMPLE_EVERY`] as `clock_sample` events.
+
+use std::{sync::mpsc::Sender, thread::JoinHandle, time::Duration};
+
+use migmon_analysis::trace::{ClockTriple, Event};
+use nix::time::{ClockId, clock_gettime};
+
+use crate::pipeline::Control;
+
+/// How often a recording samples the clocks.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+
+/// Reads of the triple; the narrowest is kept.
+const TRIES: usize = 5;
+
+fn read(clock: ClockId) -> u64 {
+    clock_gettime(clock).map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// `CLOCK_MONOTONIC`, `CLOCK_REALTIME` and `CLOCK_BOOTTIME` read together: realtime and boottime between two
+/// monotonic reads, the narrowest of a few tries kept; the monotonic time is the middle of the two reads and the
+/// uncertainty half their distance.
+pub fn read_triple() -> ClockTriple {
+    let mut best: Option<(u64, ClockTriple)> = None;
+    for _ in 0..TRIES {
+        let m1 = read(ClockId::CLOCK_MONOTONIC);
+        let real = read(ClockId::CLOCK_REALTIME);
+        let boot = read(ClockId::CLOCK_BOOTTIME);
+        let m2 = read(ClockId::CLOCK_MONOTONIC);
+        let width = m2.saturating_sub(m1);
+        if best.as_ref().is_none_or(|(w, _)| width < *w) {
+            best = Some((
+                width,
+                ClockTriple {
+                    mono_ns: m1 + width / 2,
+                    realtime_ns: real,
+                    boottime_ns: boot,
+                    uncertainty_ns: width.div_ceil(2),
+                },
+            ));
+        }
+    }
+    best.map(|(_, t)| t).unwrap_or_default()
+}
+
+/// The kernel's boot id, or `""` when `/proc` does not say.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Sends a `clock_sample` every [`SAMPLE_EVERY`] until the watch stops or the pipeline is gone.
+pub fn spawn_sampler(tx: Sender<Event>, control: Control) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("migmon-clocks".into())
+        .spawn(move || {
+            let tick = Duration::from_millis(200);
+            let mut waited = Duration::ZERO;
+            while !control.stopped() {
+                // Short sleeps so a stop is seen promptly; this is the sampling period, not synchronisation.
+                std::thread::sleep(tick);
+                waited += tick;
+                if waited >= SAMPLE_EVERY {
+                    waited = Duration::ZERO;
+                    if tx.send(read_triple().to_event()).is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_triple_is_tight_and_consistent() {
+        let t = read_triple();
+        assert!(t.mono_ns > 0 && t.realtime_ns > 1_500_000_000_000_000_000);
+        assert!(t.boottime_ns >= t.mono_ns.saturating_sub(t.uncertainty_ns));
+        // Two reads of the monotonic clock are microseconds apart, even on a loaded machine.
+        assert!(t.uncertainty_ns < 5_000_000, "{t:?}");
+        let id = boot_id();
+        assert_eq!(id.len(), 36, "{id:?}");
+    }
+}
