@@ -109,6 +109,9 @@ pub struct Figure {
     pub ns: u64,
     pub source: String,
     pub basis: String,
+    /// In a merge of traces from several hosts: the figure's error bound from aligning their clocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound_ns: Option<u64>,
 }
 
 /// The downtime split of one migration.
@@ -327,6 +330,9 @@ pub struct Analysis {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub damage: Vec<String>,
     pub warnings: Vec<String>,
+    /// How the traces of several hosts were merged (absent for one trace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<crate::merge::MergeInfo>,
 }
 
 impl Analysis {
@@ -446,6 +452,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
         skipped_lines: Vec::new(),
         damage: Vec::new(),
         warnings,
+        merge: None,
     }
 }
 
@@ -1637,6 +1644,7 @@ fn downtime_split(g: &MigrationGroup, tl: &Timeline, w: &Window) -> (Downtime, N
             } else {
                 format!("{} pause → resume events", g.source)
             },
+            bound_ns: None,
         });
     }
     let arrival = network_arrival(tl);
@@ -1650,6 +1658,7 @@ fn downtime_split(g: &MigrationGroup, tl: &Timeline, w: &Window) -> (Downtime, N
             ns: t.saturating_sub(r),
             source: format!("{}+wire", g.source),
             basis: basis.to_owned(),
+            bound_ns: None,
         });
     }
     let net = Network {
@@ -1699,11 +1708,13 @@ fn blackout(
             ns: end.saturating_sub(start.ts_ns),
             source: "wire".to_owned(),
             basis: format!("{which} at {} → {what}", start.port),
+            bound_ns: None,
         }),
         (None, Some(p)) => Some(Figure {
             ns: end.saturating_sub(p),
             source: format!("{source}+wire"),
             basis: format!("pause → {what} (no frame from the VM seen before the pause)"),
+            bound_ns: None,
         }),
         (None, None) => None,
     }
@@ -1858,6 +1869,7 @@ fn max_recovery_tail(connections: &[ConnectionVerdict]) -> Option<Figure> {
                 "{}:{} → {}:{}: {}",
                 c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport, c.progress_basis
             ),
+            bound_ns: None,
         })
 }
 
