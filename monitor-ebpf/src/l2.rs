@@ -77,9 +77,6 @@ pub(crate) trait Frame {
     fn ifindex(&self) -> u32;
     /// Length of the whole frame (for TC the skb's length, which may exceed the directly readable part).
     fn wire_len(&self) -> u64;
-    /// The VLAN tag (TCI) the kernel took out of the frame before the program ran (TC), outside the tags still in
-    /// the frame.
-    fn outer_tag(&self) -> Option<u16>;
     /// The byte at `off`, read through the kernel (`bpf_xdp_load_bytes`, `bpf_skb_load_bytes`), 0 past the end.
     /// Unlike a direct read it leaves the verifier's packet bounds as they were, so a test on it does not split
     /// the paths that reach the flow tracker (which the verifier walks once per distinct path).
@@ -115,10 +112,6 @@ impl Frame for XdpFrame<'_> {
     #[inline(always)]
     fn wire_len(&self) -> u64 {
         (self.0.data_end() - self.0.data()) as u64
-    }
-    #[inline(always)]
-    fn outer_tag(&self) -> Option<u16> {
-        None
     }
     #[inline(always)]
     fn load_byte(&self, off: usize) -> u8 {
@@ -181,13 +174,6 @@ impl Frame for TcFrame<'_> {
     #[inline(always)]
     fn wire_len(&self) -> u64 {
         u64::from(self.ctx.len())
-    }
-    #[inline(always)]
-    fn outer_tag(&self) -> Option<u16> {
-        let sk = self.ctx.as_ptr().cast::<__sk_buff>();
-        // SAFETY: the context of a classifier program is a `__sk_buff`; reading these fields is allowed.
-        let (present, tci) = unsafe { ((*sk).vlan_present, (*sk).vlan_tci) };
-        (present != 0).then_some(tci as u16)
     }
     #[inline(always)]
     fn load_byte(&self, off: usize) -> u8 {
@@ -348,17 +334,6 @@ fn ingress(f: &impl Frame) {
     arp(f, &eth, src);
 }
 
-/// The VLAN tags of a frame, outermost first: the one the kernel took out of it (TC), then those in it. `None`
-/// for a third tag.
-#[inline(always)]
-fn tags(f: &impl Frame, eth: &Eth) -> Option<([u16; 2], u16)> {
-    match f.outer_tag() {
-        None => Some((eth.vlan, eth.vlan_count)),
-        Some(_) if eth.vlan_count == 2 => None,
-        Some(tci) => Some(([tci & 0x0fff, eth.vlan[0]], eth.vlan_count + 1)),
-    }
-}
-
 /// Reports an ARP or RARP frame whose Ethernet header `eth` has been parsed.
 #[inline(always)]
 fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
@@ -390,10 +365,6 @@ fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
         return;
     };
 
-    let Some((vlan, vlan_count)) = tags(f, eth) else {
-        count_malformed(ifindex);
-        return;
-    };
     let Some(mut entry) = EVENTS.reserve::<ArpEvent>(0) else {
         count_lost();
         return;
@@ -407,8 +378,8 @@ fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
         (*e).netns_id = config!(netns_id);
         (*e).ethertype = eth.ethertype;
         (*e).op = op;
-        (*e).vlan = vlan;
-        (*e).vlan_count = vlan_count;
+        (*e).vlan = eth.vlan;
+        (*e).vlan_count = eth.vlan_count;
         (*e).pad0 = 0;
         (*e).src_mac = src;
         (*e).pad1 = [0; 2];
@@ -427,14 +398,17 @@ fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
 /// that announces. Solicited NAs without the override flag (they answer a question and move no cache entry) and
 /// other ICMPv6 messages are passed unread. An NA cut shorter than its payload length, or with a hop limit other
 /// than 255 or a code other than 0, counts as malformed. Only the first option is read, for the target link-layer
-/// address (Linux sends it alone); extension headers in front of the ICMPv6 header are not followed. At TC, an NA
-/// whose headers lie outside the socket buffer's directly readable part is counted as cut (neighbor discovery
-/// frames are small and arrive whole).
+/// address (Linux sends it alone); extension headers in front of the ICMPv6 header are not followed.
 #[inline(always)]
 fn neighbor_advert(f: &impl Frame, eth: &Eth, src: &[u8; 6]) {
     let ifindex = f.ifindex();
-    let (data, end) = (f.data(), f.data_end());
     let len = f.wire_len();
+    // TC: the headers may lie outside the directly readable part; pull them in (XDP frames are direct).
+    let want = (eth.off + IPV6_HLEN + NA_LEN + ND_OPT_LEN).min(len as usize);
+    if f.data() + want > f.data_end() {
+        f.pull(want as u32);
+    }
+    let (data, end) = (f.data(), f.data_end());
     // Plain checks, each followed by reads at constant offsets from `p`: the shape the verifier follows.
     let p = data + eth.off;
     if p + IPV6_HLEN + 1 > end {
@@ -494,10 +468,6 @@ fn neighbor_advert(f: &impl Frame, eth: &Eth, src: &[u8; 6]) {
         }
     }
 
-    let Some((vlan, vlan_count)) = tags(f, eth) else {
-        count_malformed(ifindex);
-        return;
-    };
     let Some(mut entry) = EVENTS.reserve::<NeighborAdvertEvent>(0) else {
         count_lost();
         return;
@@ -510,8 +480,8 @@ fn neighbor_advert(f: &impl Frame, eth: &Eth, src: &[u8; 6]) {
         (*e).header = header(EventKind::NeighborAdvert);
         (*e).ifindex = ifindex;
         (*e).netns_id = config!(netns_id);
-        (*e).vlan = vlan;
-        (*e).vlan_count = vlan_count;
+        (*e).vlan = eth.vlan;
+        (*e).vlan_count = eth.vlan_count;
         (*e).flags = flags;
         (*e).has_tlla = has_tlla;
         (*e).src_mac = *src;

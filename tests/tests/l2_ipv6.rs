@@ -350,10 +350,8 @@ fn over_veth(tc: bool) {
     let (outer, inner) = (unique("n6o"), unique("n6i"));
     let _link = Link::veth(&outer, None, &inner, Some(&ns.name));
     let iface = format!("{inner}@{}", ns.name);
-    let mut args = vec!["--iface", iface.as_str(), "--port", "1"];
-    if tc {
-        args.insert(0, "--tc-ingress");
-    }
+    let mode = if tc { "--tc-ingress" } else { "--xdp" };
+    let args = [mode, "--iface", iface.as_str(), "--port", "1"];
     let watch = Watch::start(&args);
     let mut tx = sender(&outer);
     let f = frames();
