@@ -94,7 +94,7 @@ pub struct MergeInfo {
     pub hosts: Vec<HostClock>,
     /// The bound of a figure that spans two hosts: the two largest host bounds added.
     pub bound_ns: u64,
-    /// Events present in two traces of one host, kept once.
+    /// Events present in two traces of one kernel, kept once.
     pub duplicates: usize,
     /// What is wrong with each trace file (see `Trace::damage`), prefixed with its name.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -699,7 +699,7 @@ fn clock_groups(inputs: &[Input], ids: &[(String, String)], warnings: &mut Vec<S
         {
             warnings.push(format!(
                 "{} ({}) and {} ({}) were recorded on one kernel (boot {}) under two host names: their clocks are \
-                 one, but they are aligned as two hosts",
+                 one, but they are aligned as two hosts; kernel events both recorded are kept once",
                 inputs[j].name, ids[j].0, inputs[i].name, ids[i].0, ids[i].1
             ));
         }
@@ -945,16 +945,27 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
                 .map(move |d| format!("{}: {d}", inp.name))
         })
         .collect();
-    let mut seen: HashMap<usize, HashSet<String>> = HashMap::new();
+    // Traces of one kernel (one boot id, or one host and recording) may hold the same kernel event twice: a trace
+    // given twice, or two monitors of one kernel (the testbed's hosts) that both record the kernel-wide tracepoints
+    // (sockets, bridge FDB). An event identical to one already taken, on the same clock, is kept once and counted.
+    let kernel_of: Vec<String> = (0..inputs.len())
+        .map(|i| {
+            if ids[i].1.is_empty() {
+                format!("#{}", group_of[i])
+            } else {
+                ids[i].1.clone()
+            }
+        })
+        .collect();
+    let mut seen: HashMap<&str, HashSet<String>> = HashMap::new();
     let mut duplicates = 0;
     for (i, inp) in inputs.iter().enumerate() {
         merged.truncated |= inp.trace.truncated;
         for (line, err) in &inp.trace.skipped {
             merged.skipped.push((*line, format!("{}: {err}", inp.name)));
         }
-        // Only traces of a host given more than once are checked for events present twice.
-        let shared_clock = group_of.iter().filter(|&&g| g == group_of[i]).count() > 1;
-        let keys = seen.entry(group_of[i]).or_default();
+        let shared_clock = kernel_of.iter().filter(|k| **k == kernel_of[i]).count() > 1;
+        let keys = seen.entry(kernel_of[i].as_str()).or_default();
         for e in &inp.trace.events {
             if shared_clock && !keys.insert(serde_json::to_string(e).unwrap_or_default()) {
                 duplicates += 1;
@@ -968,7 +979,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
     merged.events.sort_by_key(Event::ts_ns);
     if duplicates > 0 {
         warnings.push(format!(
-            "{duplicates} events were in two traces of one host and are kept once"
+            "{duplicates} events were in two traces of one kernel (the same time, the same fields) and are kept once"
         ));
     }
 
