@@ -379,10 +379,8 @@ impl QmpTranslator {
                     },
                 ));
             }
-            "completed" => {
-                if self.current.as_ref().is_some_and(|w| w.migrating) {
-                    cmds.push(self.command(Pending::Done { ts }, json!({"execute": "query-migrate"})));
-                }
+            "completed" if self.current.as_ref().is_some_and(|w| w.migrating) => {
+                cmds.push(self.command(Pending::Done { ts }, json!({"execute": "query-migrate"})));
             }
             status @ ("failed" | "cancelled") => {
                 let Some(w) = self.current.as_mut().filter(|w| w.migrating) else {
