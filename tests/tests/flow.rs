@@ -455,8 +455,20 @@ fn a_full_flow_table_counts_evictions_and_keeps_working() {
     assert!(t.evictions >= u64::from(flows) - 64, "{t:?}");
     assert_eq!(t.insert_failed, 0, "{t:?}");
 
-    // The first flow is long gone: its next segment opens it again (picked up, not a retransmission).
-    let s = Seg::from_vm(false, 10_000, 11, 10);
+    // An evicted flow (the LRU is approximate: find one that is gone) is picked up again by its next segment, not
+    // taken for a retransmission.
+    let held: Vec<u16> = probes
+        .flows()
+        .unwrap()
+        .iter()
+        .map(|(_, k, _)| k.vm_port)
+        .collect();
+    let gone = (0..flows)
+        .step_by(2)
+        .map(|i| 10_000 + i)
+        .find(|p| !held.contains(p))
+        .expect("an evicted IPv4 flow");
+    let s = Seg::from_vm(false, gone, 11, 10);
     run(&mut probes, Prog::Xdp, &frame(&s, &[]));
     let r = flow_records(&mut probes);
     assert_eq!(r.len(), 1);
@@ -762,4 +774,56 @@ fn watch_with_tcp_wire_reports_flows_and_no_socket_events() {
         socket.is_empty(),
         "--tcp wire records no socket events: {socket:?}\n{stderr}"
     );
+}
+
+/// The socket side labels its retransmissions: a lone segment dropped at the receiver is first sent again by a
+/// tail-loss probe (`tlp`, before any timeout), then by the retransmission timer (`rto`, counted up).
+#[test]
+fn socket_retransmits_are_labelled_tlp_then_rto() {
+    let pair = Pair::new(false);
+    let (mut server, mut client, listener) = pair.connect();
+    let vm_port = listener.local_addr().unwrap().port().to_string();
+    let watch = integration_tests::Watch::start(&["--tcp", "sockets", "--port", &vm_port]);
+    client.write_all(&[1; 100]).unwrap();
+    let mut b = [0u8; 100];
+    server.read_exact(&mut b).unwrap();
+    let _rule = DropRule::new(&pair.vm.name, listener.local_addr().unwrap().port());
+    client.write_all(&[2; 100]).unwrap();
+    let events = watch.wait_for("three retransmissions", Duration::from_secs(15), |evs| {
+        evs.iter().filter(|e| e["kind"] == "tcp_retransmit").count() >= 3
+    });
+    drop(watch);
+    let rtx: Vec<_> = events.iter().filter(|e| e["kind"] == "tcp_retransmit").collect();
+    let kinds: Vec<_> = rtx
+        .iter()
+        .map(|e| {
+            (
+                e["retransmit_kind"].as_str().unwrap_or("?"),
+                e["retransmits"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    assert_eq!(kinds[0], ("tlp", 0), "{kinds:?}");
+    assert!(kinds[1..].iter().all(|(k, _)| *k == "rto"), "{kinds:?}");
+    assert_eq!(kinds[1].1, 1, "{kinds:?}");
+}
+
+/// For orientation only (`./x bench --only probes` measures it properly): the kernel's time per segment.
+#[test]
+fn cost_per_segment_for_orientation() {
+    let mut probes = Probes::load(&flow_opts(1024, Duration::from_secs(1))).expect("load the probes");
+    let ack = frame(&Seg::from_vm(false, 43_000, 1, 0).reply(1, 1, TCP_ACK, 0), &[]);
+    let other = {
+        let mut s = Seg::from_vm(false, 43_001, 1, 0);
+        // Addresses whose filter bits are not those of the watched ones.
+        s.src = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 1));
+        s.dst = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 3));
+        frame(&s, &[])
+    };
+    run(&mut probes, Prog::Xdp, &ack);
+    for (what, f) in [("tracked flow ACK", &ack), ("unwatched segment", &other)] {
+        let (_, d) = probes.xdp_test_run(f, 200_000).unwrap();
+        eprintln!("XDP {what}: {} ns", d.as_nanos());
+    }
+    flow_records(&mut probes);
 }
