@@ -616,10 +616,12 @@ impl<E: Emit> Follower<E> {
         }
     }
 
-    fn run(mut self) {
+    /// Follows until stopped, starting with `first` (a session already negotiated) if there is one.
+    fn run(mut self, mut first: Option<(LineReader<UnixStream>, UnixStream)>) {
         let mut backoff = MIN_BACKOFF;
         while !self.stopped() {
-            match connect(&self.path) {
+            let attempt = first.take().map_or_else(|| connect(&self.path), Ok);
+            match attempt {
                 Ok((reader, writer)) => {
                     backoff = MIN_BACKOFF;
                     self.unreachable = None;
@@ -722,7 +724,10 @@ impl<E: Emit> Follower<E> {
 
 /// Follows a QMP socket on a thread until stopped: waits for the socket to appear, and connects again whenever it
 /// goes away (QEMU restarted, or a destination started at migration time). Only starting the thread can fail.
+///
+/// A socket that is there already is connected to before this returns, so QEMU's events from then on are seen.
 pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
+    let first = connect(path).ok();
     let stop = Arc::new(AtomicBool::new(false));
     let follower = Follower {
         path: path.to_owned(),
@@ -735,7 +740,7 @@ pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
     };
     let thread = thread::Builder::new()
         .name("migmon-qmp".into())
-        .spawn(move || follower.run())
+        .spawn(move || follower.run(first))
         .map_err(QmpError::Spawn)?;
     Ok(SourceHandle::new(stop, thread))
 }
