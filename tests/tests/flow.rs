@@ -223,6 +223,13 @@ type Shape<'a> = (&'a str, bool, &'a [(u16, u16)]);
 #[test]
 fn every_prefix_of_a_tcp_frame_is_counted_and_never_misread() {
     let mut probes = Probes::load(&flow_opts(1024, Duration::from_secs(1))).expect("load the probes");
+    every_prefix_of_each_shape(&mut probes);
+    odd_headers_are_counted_never_tracked(&mut probes);
+    random_bytes_are_passed(&mut probes);
+}
+
+/// Each shape's every prefix, through each program: counted when cut, tracked (its fields right) when whole.
+fn every_prefix_of_each_shape(probes: &mut Probes) {
     let shapes: [Shape<'_>; 4] = [
         ("IPv4", false, &[]),
         ("IPv6", true, &[]),
@@ -237,12 +244,12 @@ fn every_prefix_of_a_tcp_frame_is_counted_and_never_misread() {
             sport += 1;
             let seg = Seg::from_vm(v6, sport, 1_000_000, 48);
             let f = frame(&seg, tags);
-            let before = malformed(&probes);
+            let before = malformed(probes);
             let mut ran = 0;
             for len in 14..f.len() {
-                ran += u64::from(run(&mut probes, prog, &f[..len]));
+                ran += u64::from(run(probes, prog, &f[..len]));
             }
-            let cut = malformed(&probes) - before;
+            let cut = malformed(probes) - before;
             assert_eq!(
                 cut,
                 ran,
@@ -254,11 +261,11 @@ fn every_prefix_of_a_tcp_frame_is_counted_and_never_misread() {
                 "{what} through {prog:?}: only {ran} prefixes ran"
             );
             assert!(
-                flow_records(&mut probes).is_empty(),
+                flow_records(probes).is_empty(),
                 "{what} through {prog:?}: no cut prefix is tracked"
             );
-            run(&mut probes, prog, &f);
-            let recs = flow_records(&mut probes);
+            run(probes, prog, &f);
+            let recs = flow_records(probes);
             assert_eq!(recs.len(), 1, "{what} through {prog:?}: {recs:?}");
             let (kind, e) = recs[0];
             assert_eq!(kind, EventKind::FlowOpen, "{what} through {prog:?}");
@@ -283,9 +290,11 @@ fn every_prefix_of_a_tcp_frame_is_counted_and_never_misread() {
             assert_eq!(&e.frame[..e.cap_len as usize], &f[..e.cap_len as usize]);
         }
     }
+}
 
-    // Odd headers: an IPv4 header length below 20, a TCP data offset below 5 words and one past the packet,
-    // a wrong IP version. Counted, never tracked.
+/// Odd headers: an IPv4 header length below 20, a TCP data offset below 5 words and one past the packet, a wrong
+/// IP version. Counted, never tracked.
+fn odd_headers_are_counted_never_tracked(probes: &mut Probes) {
     let seg = Seg::from_vm(false, 41_000, 1, 10);
     let good = frame(&seg, &[]);
     let mut odd = Vec::new();
@@ -302,15 +311,17 @@ fn every_prefix_of_a_tcp_frame_is_counted_and_never_misread() {
     f[14] = 0x65;
     odd.push(f);
     for prog in PROGS {
-        let before = malformed(&probes);
+        let before = malformed(probes);
         for f in &odd {
-            run(&mut probes, prog, f);
+            run(probes, prog, f);
         }
-        assert_eq!(malformed(&probes) - before, odd.len() as u64, "{prog:?}");
-        assert!(flow_records(&mut probes).is_empty(), "{prog:?}");
+        assert_eq!(malformed(probes) - before, odd.len() as u64, "{prog:?}");
+        assert!(flow_records(probes).is_empty(), "{prog:?}");
     }
+}
 
-    // Pseudo-random bytes behind an IPv4 or IPv6 ethertype (a fixed LCG, so a failure reproduces): always passed.
+/// Pseudo-random bytes behind an IPv4 or IPv6 ethertype (a fixed LCG, so a failure reproduces): always passed.
+fn random_bytes_are_passed(probes: &mut Probes) {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in 0..3000 {
         x = x
@@ -332,7 +343,7 @@ fn every_prefix_of_a_tcp_frame_is_counted_and_never_misread() {
             f[14] = 0x60;
             f[14 + 6] = 6;
         }
-        run(&mut probes, PROGS[i % 3], &f);
+        run(probes, PROGS[i % 3], &f);
     }
 }
 

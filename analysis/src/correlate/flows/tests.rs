@@ -274,3 +274,35 @@ fn on_a_kernel_trace_the_wire_agrees_with_every_socket() {
         );
     }
 }
+
+/// `whatif` replays a wire verdict as a socket's, from the client's retransmissions and the RTO the wire inferred:
+/// a client whose backoff (200/400/800 ms) stopped 3 s after its first retransmission is what `tcp_retries2` = 3
+/// gives from a 200 ms RTO; the defaults would have carried it through the 7 s outage.
+#[test]
+fn whatif_replays_a_wire_verdict_from_the_inferred_rto() {
+    use crate::whatif::{Settings, whatif};
+    let mut ev = migration("q1", VM_MAC, VM_IP, Mode::Quick, 1000, 8000);
+    ev.extend([
+        flow_open(100, &FlowSeg::data(Peer, PORT, 900, 100), "uplink"),
+        flow_rtx(1200, &head(200), "uplink"),
+        flow_rtx(1600, &head(400), "uplink"),
+        flow_rtx(2400, &head(800), "uplink"),
+        note(20_000),
+    ]);
+    let a = correlate(&ev);
+    let c = &a.migrations[0].connections[0];
+    assert_eq!((c.basis, c.base_rto_us), (Basis::Wire, Some(200_000)));
+    let in_force = Settings {
+        tcp_retries2: 3,
+        ..Settings::default()
+    };
+    let w = whatif(&a, &in_force, &Settings::default());
+    assert_eq!((w.agree, w.judged), (1, 1), "{}", crate::whatif::render_text(&w));
+    let row = &w.rows[0];
+    assert!(row.baseline_agrees && row.observed.is_aborted());
+    assert!(
+        !matches!(row.scenario, crate::whatif::Prediction::Aborts { .. }),
+        "{}",
+        crate::whatif::render_text(&w)
+    );
+}
