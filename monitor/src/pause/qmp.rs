@@ -1022,6 +1022,84 @@ mod tests {
         assert_eq!((p[1].0.as_str(), p[1].1), ("qmp:a.qmp:in1", Role::Destination));
     }
 
+    /// A QMP server that sends a line over the bound, then garbage and dies, then a STOP: each bad connection costs
+    /// a warning and a reconnect, and the follower reads the last connection's events.
+    #[test]
+    fn an_overlong_line_or_a_dying_connection_costs_a_reconnect() {
+        use std::{io::BufRead, os::unix::net::UnixListener, sync::mpsc};
+        let dir = std::env::temp_dir().join(format!("migmon-qmp-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("bad.qmp");
+        let (tx, rx) = mpsc::channel();
+        // The socket does not exist yet: the follower says it waits for it.
+        let handle = follow(&sock, tx).unwrap();
+        let mut got: Vec<Event> = Vec::new();
+        let recv_until = |got: &mut Vec<Event>, done: &dyn Fn(&[Event]) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && !done(got) {
+                if let Ok(ev) = rx.recv_timeout(POLL) {
+                    got.push(ev);
+                }
+            }
+        };
+        let note_has = |got: &[Event], s: &str| {
+            got.iter()
+                .any(|e| matches!(e, Event::Note { message, .. } if message.contains(s)))
+        };
+        recv_until(&mut got, &|g| note_has(g, "waiting for it"));
+        let listener = UnixListener::bind(&sock).unwrap();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let server = thread::spawn(move || {
+            // Handshake, then read the follower's three first queries, then the test's lines.
+            let serve = |lines: &[u8]| {
+                let (mut s, _) = listener.accept().unwrap();
+                s.write_all(b"{\"QMP\": {\"version\": {}}}\n").unwrap();
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                let mut l = String::new();
+                r.read_line(&mut l).unwrap();
+                s.write_all(b"{\"return\": {}}\n").unwrap();
+                for _ in 0..3 {
+                    r.read_line(&mut l).unwrap();
+                }
+                // The follower may drop the connection in the middle of an overlong line.
+                let _ = s.write_all(lines);
+                s
+            };
+            drop(serve(&vec![b'x'; 2 << 20]));
+            drop(serve(b"garbage\n"));
+            let _keep =
+                serve(b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\n");
+            let _ = done_rx.recv_timeout(Duration::from_secs(20));
+        });
+        recv_until(&mut got, &|g| {
+            g.iter().any(|e| matches!(e, Event::Migration { .. }))
+        });
+        handle.stop();
+        let _ = done_tx.send(());
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        for want in [
+            "a line longer than 1048576 bytes",
+            "skipped malformed QMP line",
+            "QEMU closed the socket",
+            "reconnect 2",
+        ] {
+            assert!(note_has(&got, want), "{want}: {got:#?}");
+        }
+        assert!(
+            got.iter()
+                .any(|e| matches!(e, Event::Migration { ev, .. } if ev.phase == Phase::Pause))
+        );
+        assert_eq!(
+            got.iter()
+                .filter(|e| matches!(e, Event::ClockOffset { .. }))
+                .count(),
+            3,
+            "one offset per connection"
+        );
+    }
+
     #[test]
     fn malformed_lines_are_counted_warnings_naming_source_and_line() {
         let mut t = QmpTranslator::new(Path::new("/run/a.qmp"), 0);
