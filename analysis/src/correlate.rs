@@ -16,7 +16,10 @@ use std::net::IpAddr;
 
 use crate::trace::{Direction, Event, FourTuple, MacAddr, PauseSource, TcpState, Trace, state_text};
 
+pub mod flows;
 pub mod wire;
+
+use flows::{FlowIndex, WireView};
 
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
@@ -106,6 +109,9 @@ pub struct Figure {
     pub ns: u64,
     pub source: String,
     pub basis: String,
+    /// In a merge of traces from several hosts: the figure's error bound from aligning their clocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound_ns: Option<u64>,
 }
 
 /// The downtime split of one migration.
@@ -212,6 +218,33 @@ pub struct ConnectionVerdict {
     pub afterwards: Vec<Event>,
     /// The connection was opened during the outage (not alive at the pause; not counted in the totals).
     pub opened_during_window: bool,
+    /// Which basis gave the verdict: `sockets` (the client socket's tracepoints) or `wire` (the flow tracker).
+    pub basis: Basis,
+    /// What the flow tracker saw of the connection in the window, with the wire's own fate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire: Option<WireView>,
+    /// With both bases: whether the wire's fate tells the same story as the sockets'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_agrees: Option<bool>,
+}
+
+/// What a connection's verdict rests on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// The client socket's tracepoints (`tcp_*` events): the clients run on the monitoring host.
+    Sockets,
+    /// The segments the flow tracker saw on the VM's ports (`flow_*` events).
+    Wire,
+}
+
+impl fmt::Display for Basis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Basis::Sockets => "sockets",
+            Basis::Wire => "wire",
+        })
+    }
 }
 
 /// One migration, correlated.
@@ -297,6 +330,9 @@ pub struct Analysis {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub damage: Vec<String>,
     pub warnings: Vec<String>,
+    /// How the traces of several hosts were merged (absent for one trace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<crate::merge::MergeInfo>,
 }
 
 impl Analysis {
@@ -383,6 +419,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
     groups.sort_by_key(MigrationGroup::anchor_ns);
 
     let conns = ConnectionIndex::build(&sorted);
+    let flows = FlowIndex::build(&sorted);
     let mut migrations = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         // Window end: the next pause of the same VM, or the end of the trace.
@@ -391,7 +428,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
             .filter(|n| same_vm(n.mac, g.mac))
             .find_map(|n| n.pause.as_ref().map(|p| p.ts_ns).filter(|&t| t > g.anchor_ns()));
         let window_end = next_pause.unwrap_or(end_ns.saturating_add(1));
-        migrations.push(build_migration(g, &l2, &conns, window_end, end_ns));
+        migrations.push(build_migration(g, &l2, (&conns, &flows), window_end, end_ns));
     }
     let known_ips: Vec<Vec<IpAddr>> = migrations.iter().map(|m| m.ips.clone()).collect();
     for m in &mut migrations {
@@ -415,6 +452,7 @@ pub fn correlate(events: &[Event]) -> Analysis {
         skipped_lines: Vec::new(),
         damage: Vec::new(),
         warnings,
+        merge: None,
     }
 }
 
@@ -510,7 +548,43 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
         by_id[idx].1.take(ev);
     }
     // A group with neither pause nor resume (only setup/rounds) stays: the migration may have failed early.
-    join_halves(by_id.into_iter().map(|(_, g)| g).collect())
+    join_halves(join_stopped_then_migrated(
+        by_id.into_iter().map(|(_, g)| g).collect(),
+    ))
+}
+
+/// A `stop` and then a `migrate` on one QEMU is one migration, paused before it moved. Traces written before the
+/// QMP source said so split it in two: the STOP's window (a pause and nothing else yet), and a migration without a
+/// pause or resume of its own that set up while that window was open. Joins the second into the first, as one quick
+/// migration. (The QMP source now writes both on one id, which needs no join.)
+fn join_stopped_then_migrated(mut groups: Vec<MigrationGroup>) -> Vec<MigrationGroup> {
+    let mut j = 0;
+    while j < groups.len() {
+        let g = &groups[j];
+        let setup = g
+            .setup
+            .filter(|_| g.source == PauseSource::Qmp && g.pause.is_none() && g.resume.is_none());
+        let host = setup.and_then(|setup| {
+            (0..groups.len()).find(|&i| {
+                let h = &groups[i];
+                i != j
+                    && h.source == PauseSource::Qmp
+                    && h.setup.is_none()
+                    && h.pause.as_ref().is_some_and(|p| p.ts_ns <= setup)
+                    && h.resume.as_ref().is_none_or(|r| r.ts_ns >= setup)
+                    && same_vm(h.mac, g.mac)
+            })
+        });
+        if let Some(i) = host {
+            let other = groups.remove(j);
+            let i = if j < i { i - 1 } else { i };
+            groups[i].absorb(other);
+            groups[i].mode = Some(Mode::Quick);
+            continue;
+        }
+        j += 1;
+    }
+    groups
 }
 
 impl MigrationGroup {
@@ -1156,6 +1230,9 @@ fn verdict(
             .map(|e| (*e).clone())
             .collect(),
         opened_during_window: false,
+        basis: Basis::Sockets,
+        wire: None,
+        wire_agrees: None,
     }
 }
 
@@ -1388,7 +1465,7 @@ impl Window {
 fn build_migration(
     g: &MigrationGroup,
     l2: &L2Index<'_>,
-    conns: &ConnectionIndex<'_>,
+    (conns, flows): (&ConnectionIndex<'_>, &FlowIndex<'_>),
     window_end: u64,
     trace_end: u64,
 ) -> MigrationReport {
@@ -1414,7 +1491,11 @@ fn build_migration(
 
     let mut warnings = Vec::new();
     let connections = if let Some(p) = w.pause {
-        judge_connections(conns, &ips, p, &net, &tl, &w)
+        let sockets = judge_connections(conns, &ips, p, &net, &tl, &w);
+        let wire = flows::judge_flows(flows, &ips, p, &net, w.end, w.trace_end);
+        let (connections, disagreements) = join_bases(sockets, wire);
+        warnings.extend(disagreements);
+        connections
     } else {
         warnings.push("no pause seen for this migration: connections were not judged".to_owned());
         Vec::new()
@@ -1599,6 +1680,7 @@ fn downtime_split(g: &MigrationGroup, tl: &Timeline, w: &Window) -> (Downtime, N
             } else {
                 format!("{} pause → resume events", g.source)
             },
+            bound_ns: None,
         });
     }
     let arrival = network_arrival(tl);
@@ -1612,6 +1694,7 @@ fn downtime_split(g: &MigrationGroup, tl: &Timeline, w: &Window) -> (Downtime, N
             ns: t.saturating_sub(r),
             source: format!("{}+wire", g.source),
             basis: basis.to_owned(),
+            bound_ns: None,
         });
     }
     let net = Network {
@@ -1661,11 +1744,13 @@ fn blackout(
             ns: end.saturating_sub(start.ts_ns),
             source: "wire".to_owned(),
             basis: format!("{which} at {} → {what}", start.port),
+            bound_ns: None,
         }),
         (None, Some(p)) => Some(Figure {
             ns: end.saturating_sub(p),
             source: format!("{source}+wire"),
             basis: format!("pause → {what} (no frame from the VM seen before the pause)"),
+            bound_ns: None,
         }),
         (None, None) => None,
     }
@@ -1716,6 +1801,42 @@ fn judge_connections(
     }
     connections.sort_by_key(|c| (c.tuple, c.netns));
     connections
+}
+
+/// The verdicts of both bases, one per connection: the socket's where the client socket was seen (with the wire's
+/// view and whether it agrees), the wire's for the others. Returns them with a warning per disagreement.
+fn join_bases(
+    sockets: Vec<ConnectionVerdict>,
+    wire: Vec<ConnectionVerdict>,
+) -> (Vec<ConnectionVerdict>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut out = sockets;
+    for w in wire {
+        let Some(s) = out
+            .iter_mut()
+            .find(|s| s.basis == Basis::Sockets && s.tuple == w.tuple && s.wire.is_none())
+        else {
+            out.push(w);
+            continue;
+        };
+        let agrees = flows::agree(&s.fate, &w.fate);
+        if !agrees {
+            warnings.push(format!(
+                "{}:{} → {}:{}: the sockets say {}, the wire says {} ({})",
+                s.tuple.saddr,
+                s.tuple.sport,
+                s.tuple.daddr,
+                s.tuple.dport,
+                s.fate,
+                w.fate,
+                w.wire.as_ref().map_or("", |v| v.basis.as_str())
+            ));
+        }
+        s.wire = w.wire;
+        s.wire_agrees = Some(agrees);
+    }
+    out.sort_by_key(|c| (c.tuple, c.netns));
+    (out, warnings)
 }
 
 /// Connections alive at the pause `p` (an event before it, not closed before it) that `m` did not judge and whose
@@ -1784,6 +1905,7 @@ fn max_recovery_tail(connections: &[ConnectionVerdict]) -> Option<Figure> {
                 "{}:{} → {}:{}: {}",
                 c.tuple.saddr, c.tuple.sport, c.tuple.daddr, c.tuple.dport, c.progress_basis
             ),
+            bound_ns: None,
         })
 }
 

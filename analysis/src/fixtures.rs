@@ -6,7 +6,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use migevents::{MigrationEvent, Mode, Phase, Role};
 
-use crate::trace::{ArpFrame, Direction, Event, FourTuple, MacAddr, PauseSource, Port, TcpCommon, TcpState};
+use crate::trace::{
+    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, MacAddr, PauseSource, Port, TcpCommon,
+    TcpState,
+};
 
 pub const MS: u64 = 1_000_000;
 pub const VM_MAC: &str = "52:54:00:12:34:56";
@@ -355,4 +358,114 @@ pub fn quick_trace() -> Vec<Event> {
         },
     ]);
     ev
+}
+
+/// A client (the VM's peer) at 10.77.0.100:`client_port` talking to the VM's port 7 (the [`tuple`] of the socket
+/// fixtures), as the flow tracker reports
+/// its segments: `seq`, `len`, the sender's highest sequence end and the receiver's last ACK before it, and the
+/// sender's silence before it (ms).
+pub struct FlowSeg {
+    pub side: FlowSide,
+    pub client_port: u16,
+    pub seq: u32,
+    pub len: u32,
+    pub seq_end: Option<u32>,
+    pub peer_ack: Option<u32>,
+    pub silence_ms: u64,
+    pub flags: u8,
+}
+
+impl FlowSeg {
+    /// A data segment (PSH|ACK) from `side`.
+    pub fn data(side: FlowSide, client_port: u16, seq: u32, len: u32) -> Self {
+        Self {
+            side,
+            client_port,
+            seq,
+            len,
+            seq_end: Some(seq.wrapping_add(len)),
+            peer_ack: Some(seq),
+            silence_ms: 0,
+            flags: 0x18,
+        }
+    }
+
+    #[must_use]
+    pub fn silence(mut self, ms: u64) -> Self {
+        self.silence_ms = ms;
+        self
+    }
+
+    #[must_use]
+    pub fn seq_end(mut self, e: u32) -> Self {
+        self.seq_end = Some(e);
+        self
+    }
+
+    #[must_use]
+    pub fn peer_ack(mut self, a: u32) -> Self {
+        self.peer_ack = Some(a);
+        self
+    }
+
+    #[must_use]
+    pub fn flags(mut self, f: u8) -> Self {
+        self.flags = f;
+        self
+    }
+
+    /// The segment as seen on `port`.
+    pub fn on(&self, p: &str) -> FlowSegment {
+        FlowSegment {
+            vm_addr: VM_IP.into(),
+            vm_port: 7,
+            peer_addr: Ipv4Addr::new(10, 77, 0, 100).into(),
+            peer_port: self.client_port,
+            port: port(p),
+            direction: Direction::Ingress,
+            side: self.side,
+            tcp_flags: self.flags,
+            seq: self.seq,
+            ack: 1,
+            len: self.len,
+            window: 512,
+            seq_end: self.seq_end,
+            peer_ack: self.peer_ack,
+            retransmits: 0,
+            gap_ns: self.silence_ms * MS,
+            silence_ns: self.silence_ms * MS,
+            vlan: Vec::new(),
+            frame: String::new(),
+            frame_len: 0,
+        }
+    }
+}
+
+/// `flow_open`, `flow_retransmit`, `flow_reset` and `flow_progress` at `ts_ms` on port `p`.
+pub fn flow_open(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowOpen {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
+}
+
+pub fn flow_rtx(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowRetransmit {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
+}
+
+pub fn flow_rst(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowReset {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
+}
+
+pub fn flow_progress(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowProgress {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
 }

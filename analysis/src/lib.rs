@@ -6,7 +6,8 @@
 //! - [`whatif`]: each connection's observed outage replayed against other TCP settings;
 //! - [`check`]: the CI gate (limits, exit code, `JUnit`);
 //! - [`report`]: text, JSON, HTML, SVG and side-by-side renderings of an analysis;
-//! - [`export`]: JSONL, pcapng and Perfetto files.
+//! - [`export`]: JSONL, pcapng and Perfetto files;
+//! - [`merge`]: traces from several hosts on one timeline (clock offset and drift from the frames both saw).
 //!
 //! The crate has no eBPF or aya dependency: it builds and tests without the BPF toolchain. `monitor` (the `migmon`
 //! binary) records traces with its probes and calls into this crate to analyse them.
@@ -16,6 +17,7 @@ pub mod correlate;
 pub mod export;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
+pub mod merge;
 pub mod report;
 pub mod trace;
 pub mod whatif;

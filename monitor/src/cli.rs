@@ -11,7 +11,7 @@ use migmon_base::{
 use migmon_analysis::{
     check::{self, Limits},
     correlate::{self, Analysis},
-    export, report,
+    export, merge, report,
     trace::{self, Trace},
     whatif::{self, Settings},
 };
@@ -36,8 +36,10 @@ pub enum Format {
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
-    /// The trace (from `migmon watch --record FILE`).
-    pub trace: PathBuf,
+    /// The trace (from `migmon watch --record FILE`). Several traces, or directories of `*.trace` files, from the
+    /// hosts of one migration are merged onto one timeline (docs/report.md, "Several hosts").
+    #[arg(required = true, value_name = "TRACE")]
+    pub trace: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Also write the SVG timeline to this file.
@@ -101,16 +103,20 @@ impl LimitArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
-    /// The trace (from `migmon watch --record FILE`).
-    pub trace: PathBuf,
+    /// The trace (from `migmon watch --record FILE`). Several traces, or directories of `*.trace` files, from the
+    /// hosts of one migration are merged onto one timeline (docs/report.md, "Several hosts").
+    #[arg(required = true, value_name = "TRACE")]
+    pub trace: Vec<PathBuf>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct WhatifArgs {
-    /// The trace (from `migmon watch --record FILE`).
-    pub trace: PathBuf,
+    /// The trace (from `migmon watch --record FILE`). Several traces, or directories of `*.trace` files, from the
+    /// hosts of one migration are merged onto one timeline (docs/report.md, "Several hosts").
+    #[arg(required = true, value_name = "TRACE")]
+    pub trace: Vec<PathBuf>,
     /// `net.ipv4.tcp_retries2` to model.
     #[arg(long, value_name = "N")]
     pub tcp_retries2: Option<u32>,
@@ -140,8 +146,10 @@ pub struct WhatifArgs {
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("out").required(true).multiple(true)))]
 pub struct ExportArgs {
-    /// The trace (from `migmon watch --record FILE`).
-    pub trace: PathBuf,
+    /// The trace (from `migmon watch --record FILE`). Several traces, or directories of `*.trace` files, from the
+    /// hosts of one migration are merged onto one timeline (docs/report.md, "Several hosts").
+    #[arg(required = true, value_name = "TRACE")]
+    pub trace: Vec<PathBuf>,
     /// The events, time-sorted, then one verdict line per migration and connection.
     #[arg(long, value_name = "FILE", group = "out")]
     pub jsonl: Option<PathBuf>,
@@ -160,12 +168,58 @@ pub fn load(path: &Path) -> Result<(Trace, Analysis)> {
     Ok((t, a))
 }
 
-fn title(path: &Path) -> String {
-    path.display().to_string()
+/// The trace files named: files as given, directories as their `*.trace` files (sorted by name).
+pub fn trace_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list the directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "trace") && f.is_file())
+                .collect();
+            if found.is_empty() {
+                bail!("{} holds no *.trace file", p.display());
+            }
+            found.sort();
+            out.append(&mut found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Reads and correlates one trace, or merges several (from several hosts) onto the first one's clock.
+pub fn load_all(paths: &[PathBuf]) -> Result<(Trace, Analysis)> {
+    let files = trace_files(paths)?;
+    if let [one] = files.as_slice() {
+        return load(one);
+    }
+    let mut inputs = Vec::new();
+    for f in &files {
+        let t = trace::read_trace(f).with_context(|| format!("cannot read the trace {}", f.display()))?;
+        inputs.push(merge::Input {
+            name: f.display().to_string(),
+            trace: t,
+        });
+    }
+    let merged = merge::merge(&inputs).context("cannot merge the traces")?;
+    let mut a = correlate::analyse(&merged.trace);
+    merge::annotate(&mut a, &merged.info);
+    Ok((merged.trace, a))
+}
+
+fn title(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 pub fn report(a: &ReportArgs) -> Result<i32> {
-    let (_, an) = load(&a.trace)?;
+    let (_, an) = load_all(&a.trace)?;
     let out = match a.format {
         Format::Text => report::render_text(&an, &title(&a.trace)),
         Format::Json => report::render_json(&an),
@@ -209,12 +263,12 @@ pub fn run_check(an: &Analysis, limits: &LimitArgs, to_stderr: bool) -> Result<i
 }
 
 pub fn check(a: &CheckArgs) -> Result<i32> {
-    let (_, an) = load(&a.trace)?;
+    let (_, an) = load_all(&a.trace)?;
     run_check(&an, &a.limits, false)
 }
 
 pub fn whatif(a: &WhatifArgs) -> Result<i32> {
-    let (_, an) = load(&a.trace)?;
+    let (_, an) = load_all(&a.trace)?;
     let in_force = Settings {
         tcp_retries2: a.in_force_tcp_retries2,
         rto_min_ns: a.in_force_rto_min,
@@ -244,7 +298,7 @@ pub fn whatif(a: &WhatifArgs) -> Result<i32> {
 }
 
 pub fn export(a: &ExportArgs) -> Result<i32> {
-    let (t, an) = load(&a.trace)?;
+    let (t, an) = load_all(&a.trace)?;
     if a.jsonl.is_none() && a.pcapng.is_none() && a.perfetto.is_none() {
         bail!("say what to export: --jsonl FILE, --pcapng FILE or --perfetto FILE");
     }
@@ -311,7 +365,7 @@ mod tests {
         let quick = write_trace(&dir, "quick.trace", &quick_trace());
         let junit = dir.join("junit.xml");
         let code = check(&CheckArgs {
-            trace: live.clone(),
+            trace: vec![live.clone()],
             limits: limits(Some(junit.clone())),
         })
         .unwrap();
@@ -322,7 +376,7 @@ mod tests {
                 .contains("failures=\"0\"")
         );
         let code = check(&CheckArgs {
-            trace: quick.clone(),
+            trace: vec![quick.clone()],
             limits: limits(Some(junit.clone())),
         })
         .unwrap();
@@ -331,7 +385,7 @@ mod tests {
         // A missing trace is an input error (main turns it into exit 2).
         assert!(
             check(&CheckArgs {
-                trace: dir.join("missing.trace"),
+                trace: vec![dir.join("missing.trace")],
                 limits: limits(None),
             })
             .is_err()
@@ -355,7 +409,7 @@ mod tests {
         std::fs::write(&live, &text[..text.len() - 10]).unwrap();
         assert_eq!(
             check(&CheckArgs {
-                trace: live.clone(),
+                trace: vec![live.clone()],
                 limits: limits(None),
             })
             .unwrap(),
@@ -365,7 +419,7 @@ mod tests {
         lenient.allow_damaged = true;
         assert_eq!(
             check(&CheckArgs {
-                trace: live.clone(),
+                trace: vec![live.clone()],
                 limits: lenient,
             })
             .unwrap(),
@@ -380,7 +434,7 @@ mod tests {
         ] {
             let p = dir.join(path);
             let args = ExportArgs {
-                trace: live.clone(),
+                trace: vec![live.clone()],
                 jsonl: (flag == "jsonl").then(|| p.clone()),
                 pcapng: (flag == "pcapng").then(|| p.clone()),
                 perfetto: (flag == "perfetto").then(|| p.clone()),

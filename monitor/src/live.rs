@@ -39,6 +39,12 @@ pub struct LiveArgs {
     /// Follow a QEMU QMP socket for STOP/RESUME/MIGRATION events. Repeatable (source and destination).
     #[arg(long = "qmp", value_name = "PATH")]
     pub qmp: Vec<PathBuf>,
+    /// The host name this monitor reports under: the `host` label of its metrics and the host of its --record trace
+    /// (default: this machine's). A merge of traces (`migmon report A.trace B.trace`) tells hosts apart by it and
+    /// the kernel's boot id: give each monitor sharing one kernel its own name, as the testbed's one monitor per host
+    /// namespace does.
+    #[arg(long, value_name = "NAME")]
+    pub host_name: Option<String>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -88,7 +94,10 @@ pub fn start(
 ) -> Result<Live> {
     let sources = start_sources(args, tx, control)?;
     if let Some(addr) = &args.metrics {
-        let m = Arc::new(Metrics::new());
+        let m = Arc::new(match &args.host_name {
+            Some(h) => Metrics::for_host(h),
+            None => Metrics::new(),
+        });
         let bound = metrics::serve(m.clone(), addr)?;
         eprintln!("migmon: metrics on http://{bound}/metrics");
         observers.push(Box::new(move |ev| {

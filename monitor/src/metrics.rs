@@ -4,6 +4,10 @@
 //! (migrations, pause, blackout, convergence, connection fates) are published once each, when they are settled: a
 //! migration counts when it resumed; its pause when measured; its blackout and convergence when seen; a connection when
 //! it aborted, made forward progress, or (with nothing in flight) ten seconds after the resume.
+//!
+//! The per-migration figures carry the labels `host` (this monitor's host name, `watch --host-name` or the machine's)
+//! and `vm` (the VM's MAC), never a migration id: ids are unbounded, and a fleet's Prometheus aggregates by host and
+//! VM (docs/fleet.md).
 
 use std::{
     collections::HashSet,
@@ -30,6 +34,7 @@ use migmon_analysis::{
 };
 
 type Labels = Vec<(String, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
 
 const SETTLE_NS: u64 = 10_000_000_000;
 
@@ -46,10 +51,11 @@ struct Live {
 /// The metrics and the state needed to settle them.
 pub struct Metrics {
     registry: Registry,
-    migrations: Counter,
-    pause: Histogram,
-    blackout: Histogram,
-    convergence: Histogram,
+    host: String,
+    migrations: Family<Labels, Counter>,
+    pause: Histograms,
+    blackout: Histograms,
+    convergence: Histograms,
     connections: Family<Labels, Counter>,
     retransmits: Counter,
     lost: Counter,
@@ -69,12 +75,21 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Metrics labelled with this machine's host name.
     pub fn new() -> Self {
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self::for_host(&host)
+    }
+
+    /// Metrics labelled `host="HOST"`.
+    pub fn for_host(host: &str) -> Self {
         let mut registry = Registry::with_prefix("migmon");
-        let migrations = Counter::default();
-        let pause = seconds_histogram();
-        let blackout = seconds_histogram();
-        let convergence = seconds_histogram();
+        let migrations = Family::<Labels, Counter>::default();
+        let pause = Histograms::new_with_constructor(seconds_histogram);
+        let blackout = Histograms::new_with_constructor(seconds_histogram);
+        let convergence = Histograms::new_with_constructor(seconds_histogram);
         let connections = Family::<Labels, Counter>::default();
         let retransmits = Counter::default();
         let lost = Counter::default();
@@ -109,6 +124,7 @@ impl Metrics {
         registry.register("events", "Events by kind", events.clone());
         Self {
             registry,
+            host: host.to_owned(),
             migrations,
             pause,
             blackout,
@@ -150,23 +166,27 @@ impl Metrics {
             let Some(resume) = m.timeline.resume.as_ref().map(|r| r.ts_ns) else {
                 continue;
             };
+            let labels = vec![
+                ("host".to_owned(), self.host.clone()),
+                ("vm".to_owned(), m.mac_text()),
+            ];
             if live.migrations.insert(m.id.clone()) {
-                self.migrations.inc();
+                self.migrations.get_or_create(&labels).inc();
             }
             if let Some(p) = &m.downtime.vcpu_pause
                 && live.pauses.insert(m.id.clone())
             {
-                self.pause.observe(p.ns as f64 / 1e9);
+                self.pause.get_or_create(&labels).observe(p.ns as f64 / 1e9);
             }
             if let Some(b) = &m.downtime.blackout
                 && live.blackouts.insert(m.id.clone())
             {
-                self.blackout.observe(b.ns as f64 / 1e9);
+                self.blackout.get_or_create(&labels).observe(b.ns as f64 / 1e9);
             }
             if let Some(c) = &m.downtime.convergence
                 && live.convergences.insert(m.id.clone())
             {
-                self.convergence.observe(c.ns as f64 / 1e9);
+                self.convergence.get_or_create(&labels).observe(c.ns as f64 / 1e9);
             }
             for c in m.connections.iter().filter(|c| !c.opened_during_window) {
                 let settled = match c.fate {
@@ -176,15 +196,14 @@ impl Metrics {
                 };
                 let key = format!("{}|{:?}|{}", m.id, c.tuple, c.netns);
                 if settled && live.connections.insert(key) {
-                    let labels = match c.fate {
+                    let mut labels = labels.clone();
+                    match c.fate {
                         Fate::Aborted { reason, .. } => {
-                            vec![
-                                ("fate".to_owned(), "aborted".to_owned()),
-                                ("reason".to_owned(), reason.to_string()),
-                            ]
+                            labels.push(("fate".to_owned(), "aborted".to_owned()));
+                            labels.push(("reason".to_owned(), reason.to_string()));
                         }
-                        _ => vec![("fate".to_owned(), "survived".to_owned())],
-                    };
+                        _ => labels.push(("fate".to_owned(), "survived".to_owned())),
+                    }
                     self.connections.get_or_create(&labels).inc();
                 }
             }
@@ -281,7 +300,7 @@ mod tests {
 
     #[test]
     fn metrics_over_http_after_a_quick_and_a_live_migration() {
-        let m = Arc::new(Metrics::new());
+        let m = Arc::new(Metrics::for_host("hv1"));
         let addr = serve(m.clone(), "127.0.0.1:0").unwrap();
         let mut ev = quick_trace();
         ev.extend(live_trace().into_iter().map(|mut e| {
@@ -320,18 +339,22 @@ mod tests {
         let body = get(addr, "/metrics");
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         for needle in [
-            "migmon_migrations_total 2",
-            "migmon_pause_seconds_count 2",
-            "migmon_blackout_seconds_count 1",
-            "migmon_connections_total{fate=\"aborted\",reason=\"ETIMEDOUT\"} 1",
+            "migmon_migrations_total{host=\"hv1\",vm=\"52:54:00:12:34:56\"} 2",
+            "migmon_pause_seconds_count{host=\"hv1\",vm=\"52:54:00:12:34:56\"} 2",
+            "migmon_blackout_seconds_count{host=\"hv1\",vm=\"52:54:00:12:34:56\"} 1",
+            "migmon_connections_total{host=\"hv1\",vm=\"52:54:00:12:34:56\",fate=\"aborted\",reason=\"ETIMEDOUT\"} 1",
             // The quick migration's survivor is alive at the live migration's pause too (same VM): 1 + 1 + 2.
-            "migmon_connections_total{fate=\"survived\"} 4",
-            "migmon_convergence_seconds_count 1",
+            "migmon_connections_total{host=\"hv1\",vm=\"52:54:00:12:34:56\",fate=\"survived\"} 4",
+            "migmon_convergence_seconds_count{host=\"hv1\",vm=\"52:54:00:12:34:56\"} 1",
             "migmon_lost_events_total 2",
             "migmon_tcp_retransmits_total 19",
         ] {
             assert!(body.contains(needle), "missing {needle}:\n{body}");
         }
+        assert!(
+            !body.contains("migration_id") && !body.contains("quick-1"),
+            "{body}"
+        );
         assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
     }
 }

@@ -96,11 +96,6 @@ pub struct WatchArgs {
     /// Also write every event to this trace file (for `migmon report`/`export`), flushed line by line.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
-    /// The host name the --record trace carries (default: this machine's). A merge of traces (`migmon report
-    /// A.trace B.trace`) tells hosts apart by it and the kernel's boot id: give each monitor sharing one kernel its
-    /// own name, as the testbed's one monitor per host namespace does.
-    #[arg(long, value_name = "NAME")]
-    pub host_name: Option<String>,
     /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -113,7 +108,7 @@ pub struct WatchArgs {
     /// Test only: ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, hide = true, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
-    /// Pause-window sources, metrics and the CI gate (the correlation work).
+    /// Pause-window sources, metrics and the CI gate.
     #[command(flatten)]
     pub live: crate::live::LiveArgs,
 }
@@ -534,7 +529,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     let record = args
         .record
         .as_ref()
-        .map(|p| TraceWriter::create(p, &trace_header(args.host_name.as_deref())))
+        .map(|p| TraceWriter::create(p, &trace_header(args.live.host_name.as_deref())))
         .transpose()
         .context("cannot create the --record trace")?;
     let tx = pipeline.sender();

@@ -105,6 +105,8 @@ pub struct Config {
     pub dirty: Option<String>,
     /// migmon's `--settle`.
     pub settle: Duration,
+    /// More `migmon watch` arguments (for example `--tcp wire`).
+    pub migmon_args: Vec<String>,
 }
 
 /// What the clients saw across one migration.
@@ -362,7 +364,8 @@ impl Scenario<'_> {
             &settle,
         ])
         .arg("--record")
-        .arg(trace);
+        .arg(trace)
+        .args(&self.cfg.migmon_args);
         let log = self.out("watch.log");
         let mut p = Proc::spawn("migmon watch", &mut cmd, &log)?;
         self.say("migmon watch: loading the probes and attaching to 7 ports in 3 namespaces");

@@ -46,6 +46,7 @@ fn live_keeps_every_session_quick_aborts_every_one() {
         mem: "256M".into(),
         dirty: Some("8M@16M".into()),
         settle: Duration::from_secs(3),
+        migmon_args: Vec::new(),
     };
     let say = |m: &str| eprintln!("demo: {m}");
     let interrupted = AtomicBool::new(false);

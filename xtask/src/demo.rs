@@ -111,6 +111,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         mem: "256M".into(),
         dirty: (args.dirty != "off").then(|| args.dirty.clone()),
         settle: Duration::from_secs(3),
+        migmon_args: Vec::new(),
     };
     let ui = Ui {
         say: &say,

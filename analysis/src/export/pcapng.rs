@@ -22,7 +22,7 @@ use super::mono_to_unix;
 use crate::{
     correlate::Analysis,
     report::rel,
-    trace::{ArpFrame, Event, FourTuple, MacAddr, Trace, state_text},
+    trace::{ArpFrame, Event, FlowSegment, FlowSide, FourTuple, MacAddr, Trace, state_text},
 };
 
 const LINKTYPE_ETHERNET: u16 = 1;
@@ -266,9 +266,10 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
         next_if: 0,
         packets: 0,
     };
-    block(&mut w.out, 0x0A0D_0D0A, &section_header(a))?;
     let mut events: Vec<&Event> = t.events.iter().collect();
     events.sort_by_key(|e| e.ts_ns());
+    let segments = ProofSegments::pick(a, &events);
+    block(&mut w.out, 0x0A0D_0D0A, &section_header(a, &segments))?;
     for e in events {
         let unix = mono_to_unix(t, e.ts_ns());
         match e {
@@ -279,6 +280,11 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
             | Event::TcpError { .. }
             | Event::TcpResetIn { .. }
             | Event::TcpResetOut { .. } => tcp_annotation(&mut w, a, e, unix)?,
+            _ if segments.contains(e) => {
+                if let Some(seg) = e.flow_segment() {
+                    flow_packet(&mut w, a, e, seg, unix)?;
+                }
+            }
             _ => {}
         }
     }
@@ -287,7 +293,7 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
 }
 
 /// The section header block, with the report's summary as its comment.
-fn section_header(a: &Analysis) -> Vec<u8> {
+fn section_header(a: &Analysis, segments: &ProofSegments) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&0x1A2B_3C4Du32.to_le_bytes());
     body.extend_from_slice(&1u16.to_le_bytes());
@@ -320,7 +326,12 @@ fn section_header(a: &Analysis) -> Vec<u8> {
     option(
         &mut body,
         OPT_COMMENT,
-        format!("migmon export.{warnings} {}", summary.join(". ")).as_bytes(),
+        format!(
+            "migmon export.{warnings} {}{}",
+            summary.join(". "),
+            segments.summary()
+        )
+        .as_bytes(),
     );
     option(
         &mut body,
@@ -354,6 +365,124 @@ fn arp_packet<W: Write>(
         context(a, Some(frame.mac), e.ts_ns())
     );
     w.packet(id, unix, &bytes, frame.len, &comment)
+}
+
+/// Flow segments written at most, each port's copy one packet; the rest are counted in the section header.
+const MAX_FLOW_PACKETS: usize = 10_000;
+
+/// The flow segments that prove wire verdicts, as every port saw them: the packets the export carries.
+struct ProofSegments<'a> {
+    picked: Vec<&'a Event>,
+    /// Proving segments over [`MAX_FLOW_PACKETS`].
+    over_limit: usize,
+    /// Picked segments whose bytes the kernel did not capture (its capture budget was spent): written as
+    /// header-only annotations.
+    without_bytes: usize,
+    /// Records the kernel sent without frame bytes, from its counters (`flow_table`).
+    kernel_dropped: u64,
+}
+
+impl<'a> ProofSegments<'a> {
+    fn pick(a: &Analysis, events: &[&'a Event]) -> Self {
+        let proof: Vec<&Event> = a
+            .migrations
+            .iter()
+            .flat_map(|m| &m.connections)
+            .flat_map(|c| &c.proof)
+            .filter(|e| e.flow_segment().is_some())
+            .collect();
+        let proves = |e: &Event| {
+            let Some(s) = e.flow_segment() else { return false };
+            proof.iter().any(|p| {
+                p.kind() == e.kind()
+                    && p.ts_ns().abs_diff(e.ts_ns()) <= 2_000_000
+                    && p.flow_segment().is_some_and(|q| {
+                        (q.side, q.seq, q.len, q.tcp_flags, q.peer_port)
+                            == (s.side, s.seq, s.len, s.tcp_flags, s.peer_port)
+                    })
+            })
+        };
+        let all: Vec<&Event> = events.iter().copied().filter(|e| proves(e)).collect();
+        let over_limit = all.len().saturating_sub(MAX_FLOW_PACKETS);
+        let picked: Vec<&Event> = all.into_iter().take(MAX_FLOW_PACKETS).collect();
+        let without_bytes = picked
+            .iter()
+            .filter(|e| e.flow_segment().is_some_and(|s| s.frame.is_empty()))
+            .count();
+        let kernel_dropped = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::FlowTable { capture_dropped, .. } => Some(*capture_dropped),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        Self {
+            picked,
+            over_limit,
+            without_bytes,
+            kernel_dropped,
+        }
+    }
+
+    fn contains(&self, e: &Event) -> bool {
+        self.picked.iter().any(|p| std::ptr::eq(*p, e))
+    }
+
+    /// The section header's account of them (empty when the trace has no flow segments).
+    fn summary(&self) -> String {
+        if self.picked.is_empty() && self.kernel_dropped == 0 {
+            return String::new();
+        }
+        format!(
+            ". {} flow segment(s) proving wire verdicts ({} without captured bytes, {} over the export's limit of \
+             {MAX_FLOW_PACKETS}); the kernel sent {} flow record(s) without bytes (capture rate limit)",
+            self.picked.len(),
+            self.without_bytes,
+            self.over_limit,
+            self.kernel_dropped
+        )
+    }
+}
+
+/// A flow segment that proves a verdict: its captured bytes (the first 128) on an interface named after its port,
+/// or, when none were captured, a header-only annotation of its 4-tuple.
+fn flow_packet<W: Write>(
+    w: &mut Writer<W>,
+    a: &Analysis,
+    e: &Event,
+    seg: &FlowSegment,
+    unix: u64,
+) -> io::Result<()> {
+    let who = match seg.side {
+        FlowSide::Vm => "the VM",
+        FlowSide::Peer => "the client",
+    };
+    let comment = format!(
+        "migmon: {} by {who} seq {} len {} seen on {}{}",
+        e.kind(),
+        seg.seq,
+        seg.len,
+        seg.port,
+        context(a, None, e.ts_ns())
+    );
+    if let Some(bytes) = hex_bytes(&seg.frame) {
+        let id = w.iface(&seg.port.to_string(), LINKTYPE_ETHERNET)?;
+        return w.packet(id, unix, &bytes, seg.frame_len.max(bytes.len() as u32), &comment);
+    }
+    let id = w.iface("migmon-tcp-events", LINKTYPE_RAW)?;
+    let (from, to) = match seg.side {
+        FlowSide::Vm => ((seg.vm_addr, seg.vm_port), (seg.peer_addr, seg.peer_port)),
+        FlowSide::Peer => ((seg.peer_addr, seg.peer_port), (seg.vm_addr, seg.vm_port)),
+    };
+    let tuple = FourTuple {
+        saddr: from.0,
+        sport: from.1,
+        daddr: to.0,
+        dport: to.1,
+    };
+    let comment = format!("migmon annotation (not a captured packet, bytes not captured): {comment}");
+    w.packet(id, unix, &tcp_packet(&tuple, seg.tcp_flags), 40, &comment)
 }
 
 /// A socket event as an annotated header-only TCP packet of its 4-tuple on the `migmon-tcp-events` interface.
@@ -508,5 +637,57 @@ mod tests {
             "{text}"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn segments_proving_wire_verdicts_carry_their_bytes_and_the_rest_is_counted() {
+        use crate::fixtures::{FlowSeg, VM_IP, VM_MAC, flow_open, flow_rst, flow_rtx, migration, note};
+        let head = |silence| FlowSeg::data(FlowSide::Peer, 41000, 1000, 100).silence(silence);
+        let mut captured = flow_rtx(1200, &head(200), "uplink");
+        if let Event::FlowRetransmit { seg, .. } = &mut captured {
+            // A 60-byte frame: Ethernet, IPv4, TCP, as the tracker hands over its first bytes.
+            seg.frame = "00".repeat(60);
+            seg.frame_len = 1514;
+        }
+        let mut ev = migration("q1", VM_MAC, VM_IP, migevents::Mode::Quick, 1000, 8000);
+        ev.extend([
+            flow_open(100, &FlowSeg::data(FlowSide::Peer, 41000, 900, 100), "uplink"),
+            captured,
+            // The same retransmission on a second port: a second packet, on that port's interface.
+            flow_rtx(1200, &head(200), "tapA"),
+            flow_rtx(1600, &head(400), "uplink"),
+            flow_rtx(2400, &head(800), "uplink"),
+            flow_rst(
+                8010,
+                &FlowSeg::data(FlowSide::Peer, 41000, 1000, 0).flags(0x04),
+                "uplink",
+            ),
+            Event::FlowTable {
+                ts_ns: 9_000_000_000,
+                inserts: 1,
+                entries: 1,
+                evictions: 0,
+                insert_failed: 0,
+                capture_dropped: 3,
+            },
+            note(20_000),
+        ]);
+        let t = trace(ev);
+        let a = correlate(&t.events);
+        assert!(a.migrations[0].connections[0].fate.is_aborted());
+        let path = std::env::temp_dir().join(format!("migmon-flows-{}.pcapng", std::process::id()));
+        // The flow_open is not proof: 5 segments (the first retransmission twice), one with bytes.
+        assert_eq!(write(&path, &t, &a).unwrap(), 5);
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            text.contains(
+                "5 flow segment(s) proving wire verdicts (4 without captured bytes, 0 over the export's limit"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("the kernel sent 3 flow record(s) without bytes"));
+        assert!(text.contains("flow_retransmit by the client seq 1000 len 100 seen on uplink"));
     }
 }

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use crate::{
     correlate::{
-        Analysis, ConnectionVerdict, Downtime, Fate, Figure, MigrationReport, Sighting, Stamp, Timeline,
-        fmt_dur,
+        Analysis, Basis, ConnectionVerdict, Downtime, Fate, Figure, MigrationReport, Sighting, Stamp,
+        Timeline, fmt_dur,
     },
     trace::{Event, TcpState, state_text},
 };
@@ -53,7 +53,13 @@ fn sight_line(s: &mut String, label: &str, si: Option<&Sighting>, anchor: u64, m
 
 fn figure_line(s: &mut String, label: &str, f: Option<&Figure>, missing: &str) {
     match f {
-        Some(f) => line(s, label, &fmt_dur(f.ns), &format!("[{}] {}", f.source, f.basis)),
+        Some(f) => {
+            let value = match f.bound_ns {
+                Some(b) => format!("{} ± {}", fmt_dur(f.ns), fmt_dur(b)),
+                None => fmt_dur(f.ns),
+            };
+            line(s, label, &value, &format!("[{}] {}", f.source, f.basis));
+        }
         None => line(s, label, "–", missing),
     }
 }
@@ -96,6 +102,9 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
         fmt_dur(a.end_ns.saturating_sub(a.start_ns)),
         a.migrations.len()
     );
+    if let Some(m) = &a.merge {
+        s.push_str(&crate::merge::render_text(m));
+    }
     for w in &a.warnings {
         let _ = writeln!(s, "WARNING: {w}");
     }
@@ -337,6 +346,14 @@ fn fate_text(c: &ConnectionVerdict, anchor: u64) -> String {
             "; RST sent to the VM at {} (it spoke on the dead connection)",
             rel(rst.ts_ns(), anchor)
         );
+    }
+    match (c.basis, c.wire_agrees, &c.wire) {
+        (Basis::Wire, _, _) => fate.push_str(" [wire]"),
+        (Basis::Sockets, Some(true), _) => fate.push_str(" [sockets; the wire agrees]"),
+        (Basis::Sockets, Some(false), Some(w)) => {
+            let _ = write!(fate, " [sockets; THE WIRE DISAGREES: {}: {}]", w.fate, w.basis);
+        }
+        _ => {}
     }
     fate
 }

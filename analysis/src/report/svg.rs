@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::{anchor_of, rel};
-use crate::correlate::{Analysis, BlackHole, Fate, MigrationReport, Timeline, fmt_dur};
+use crate::correlate::{Analysis, Basis, BlackHole, Fate, MigrationReport, Timeline, fmt_dur};
 
 const WIDTH: f64 = 1200.0;
 const LABEL_W: f64 = 250.0;
@@ -739,12 +739,17 @@ fn connection_lanes(f: &Frame, m: &MigrationReport) -> Vec<Lane> {
         lanes.push(Lane {
             label: format!("{}:{} → :{}", c.tuple.saddr, c.tuple.sport, c.tuple.dport),
             sub: format!(
-                "{}{}",
+                "{}{}{}",
                 c.fate,
                 if c.opened_during_window {
                     " (opened in outage)"
                 } else {
                     ""
+                },
+                match (c.basis, c.wire_agrees) {
+                    (Basis::Wire, _) => " [wire]",
+                    (_, Some(false)) => " [the wire disagrees]",
+                    _ => "",
                 }
             ),
             draw,
