@@ -498,8 +498,47 @@ fn fit_pairs(
             }
         }
     }
+    let (corr, half, note) = envelope(sent, received, (lo, hi), &resid_unknown);
+    let map = ClockMap {
+        anchor,
+        offset: line.offset + corr,
+        drift,
+    };
+    // The drift's error, over the distance from the pairs to the migrations.
+    let far = [span_of_interest.0, span_of_interest.1]
+        .iter()
+        .map(|t| (*t as f64 - anchor as f64).abs())
+        .fold(0.0, f64::max);
+    // Two standard errors of the drift (at least DRIFT_FLOOR_PPM; UNKNOWN_DRIFT_PPM when neither the pairs nor the
+    // realtime samples measured it), over the distance from the pairs to the migrations.
+    let floor = if fits_drift || realtime_rate_measured {
+        DRIFT_FLOOR_PPM
+    } else {
+        UNKNOWN_DRIFT_PPM
+    };
+    let drift_err = (2.0 * se).max(floor * 1e-6);
+    let bound = half.unsigned_abs() + (drift_err * far).ceil() as u64;
+    Some(Fit {
+        map,
+        bound,
+        sent,
+        received,
+        unknown,
+        note,
+    })
+}
+
+/// The correction to the fitted line and the half-width of its envelope, from the residuals of the frames each host
+/// sent (`lo`: the highest of the reference's, `hi`: the lowest of this host's) or of frames whose sender is not
+/// known, and a note when the envelope rests on an assumed one-way delay.
+fn envelope(
+    sent: usize,
+    received: usize,
+    (lo, hi): (i64, i64),
+    resid_unknown: &[i64],
+) -> (i64, i64, Option<String>) {
     let delay = ASSUMED_DELAY_NS as i64;
-    let (corr, half, note) = match (sent > 0, received > 0) {
+    match (sent > 0, received > 0) {
         (true, true) if lo <= hi => (i64::midpoint(lo, hi), (hi - lo) / 2, None),
         (true, true) => (
             i64::midpoint(lo, hi),
@@ -527,7 +566,7 @@ fn fit_pairs(
             )),
         ),
         (false, false) => {
-            let m = median_i64(resid_unknown.clone());
+            let m = median_i64(resid_unknown.to_vec());
             let spread = resid_unknown.iter().map(|e| (e - m).abs()).max().unwrap_or(0);
             (
                 m,
@@ -539,34 +578,7 @@ fn fit_pairs(
                 )),
             )
         }
-    };
-    let map = ClockMap {
-        anchor,
-        offset: line.offset + corr,
-        drift,
-    };
-    // The drift's error, over the distance from the pairs to the migrations.
-    let far = [span_of_interest.0, span_of_interest.1]
-        .iter()
-        .map(|t| (*t as f64 - anchor as f64).abs())
-        .fold(0.0, f64::max);
-    // Two standard errors of the drift (at least DRIFT_FLOOR_PPM), over the distance from the pairs to the
-    // migrations.
-    let floor = if fits_drift || realtime_rate_measured {
-        DRIFT_FLOOR_PPM
-    } else {
-        UNKNOWN_DRIFT_PPM
-    };
-    let drift_err = (2.0 * se).max(floor * 1e-6);
-    let bound = half.unsigned_abs() + (drift_err * far).ceil() as u64;
-    Some(Fit {
-        map,
-        bound,
-        sent,
-        received,
-        unknown,
-        note,
-    })
+    }
 }
 
 /// Host identity: host name and boot id.

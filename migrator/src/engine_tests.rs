@@ -75,6 +75,8 @@ struct FakeSource {
     pauses: u32,
     announces: u32,
     fail_save: bool,
+    /// Frames keep reaching the paused tap (one per take) — a busy network.
+    busy_tap: bool,
     /// The last pause and resume instants.
     paused_at: Option<Instant>,
     resumed_at: Option<Instant>,
@@ -119,6 +121,7 @@ impl FakeSource {
             pauses: 0,
             announces: 0,
             fail_save: false,
+            busy_tap: false,
             paused_at: None,
             resumed_at: None,
         }
@@ -193,6 +196,9 @@ impl MigrationSource for FakeSource {
         Ok(vec![0x5a; 3000])
     }
     fn take_pending_frames(&mut self) -> Vec<Vec<u8>> {
+        if self.busy_tap && self.paused() {
+            self.pending.push(vec![0xcc; 60]);
+        }
         std::mem::take(&mut self.pending)
     }
     fn return_frames(&mut self, mut frames: Vec<Vec<u8>>) {
@@ -953,4 +959,23 @@ fn cancel_stops_pre_copy_and_the_guest_keeps_running() {
     assert!(matches!(err, MigrationError::Cancelled), "{err}");
     assert!(!src.paused());
     assert!(dst.join().unwrap().is_err());
+}
+
+#[test]
+fn frames_that_keep_arriving_in_the_pause_reach_the_destination_guest() {
+    let events = temp_path("events");
+    let (ep, dst) = start_destination(false, false, events.clone());
+    let mut src = FakeSource::new(0, 0);
+    src.busy_tap = true;
+    let report = migrate(&mut src, &plain_tcp(ep, Mode::Live), None, &Tracker::default())
+        .map_err(|e| crate::engine::error_chain(&e))
+        .unwrap();
+    let (target, dreport) = dst.join().unwrap().unwrap();
+    assert!(target.running);
+    assert!(report.forwarded_frames > 2, "{report:?}");
+    assert_eq!(
+        dreport.forwarded_frames, report.forwarded_frames,
+        "every forwarded frame reached the guest"
+    );
+    let _ = std::fs::remove_file(events);
 }

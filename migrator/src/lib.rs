@@ -108,8 +108,13 @@
 //! `--verify` is a check, not part of the move: its hashing (of every resident page, at both ends) lengthens the
 //! pause but is not counted against `--downtime`; the summary reports it as `hash_ms`.
 //!
-//! If `expected_pause ≤ --downtime`, the source pauses and sends the final set. Otherwise it sends the dirty set as
-//! the next round and repeats. When `--timeout` has passed since setup and the estimate still does not fit,
+//! If `expected_pause ≤ --downtime`, the pause fits the budget; the source still sends one more round while that
+//! makes the pause clearly shorter: while the dirty set keeps shrinking (to at most ¾ of the previous one), is
+//! larger than 64 pages, and at most 8 such extra rounds were sent. A dirtier slower than the link leaves a dirty
+//! set that shrinks geometrically round after round, so the pause ends up near the floor of what it writes
+//! during one short round, not just under the budget; a dirtier as fast as the link stops the shrinking at once
+//! and costs no extra round. Then the source pauses and sends the final set. Otherwise (the estimate does not fit)
+//! it sends the dirty set as the next round and repeats. When `--timeout` has passed since setup and the estimate still does not fit,
 //! `--on-timeout force` pauses anyway (the report says `forced` with the expected pause) and `--on-timeout abort`
 //! gives up while the guest keeps running at the source.
 //!
@@ -144,3 +149,5 @@ pub mod vm_state;
 
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod fuzz;

@@ -217,11 +217,11 @@ where
         events,
         report: &mut report,
     };
-    let received = match session.prepare(&mut target, &ram, &hello, tracker) {
+    let mut received = match session.prepare(&mut target, &ram, &hello, tracker) {
         Ok(r) => r,
         Err(e) => return Err(abort(&mut session.writer, Some(&mut session.events), e)),
     };
-    match session.await_commit(&received, opts) {
+    match session.await_commit(&mut received, opts) {
         Ok(()) => {}
         Err(NoCommit::SourceKeeps(e)) => {
             return Err(abort(&mut session.writer, Some(&mut session.events), e));
@@ -394,29 +394,52 @@ impl ReceiveSession<'_> {
 
     /// Waits for the source's `Commit`: as long as the source said it would wait for `Ready`, plus
     /// [`COMMIT_SLACK`] (without a limit from the source, the idle timeout).
-    fn await_commit(&mut self, received: &Received, opts: &ReceiveOptions) -> Result<(), NoCommit> {
+    fn await_commit(&mut self, received: &mut Received, opts: &ReceiveOptions) -> Result<(), NoCommit> {
         let wait = if received.commit_within.is_zero() {
             opts.idle_timeout
         } else {
             received.commit_within + COMMIT_SLACK
         };
-        let _ignored = self.reader.get_ref().get_ref().set_read_timeout(Some(wait));
-        match self.reader.recv_message("waiting for the commit") {
-            Ok(Message::Commit) => Ok(()),
-            Ok(Message::Abort(reason)) => {
-                Err(NoCommit::SourceKeeps(MigrationError::SourceAborted { reason }))
+        let until = Instant::now() + wait;
+        let mut frame_bytes: usize = received.frames.iter().map(Vec::len).sum();
+        loop {
+            let left = until
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            let _ignored = self.reader.get_ref().get_ref().set_read_timeout(Some(left));
+            match self.reader.recv_message("waiting for the commit") {
+                Ok(Message::Commit) => return Ok(()),
+                // Frames that reach the paused source while it waits for the ready go to the guest at resume.
+                Ok(Message::Frames(f)) => {
+                    frame_bytes += f.iter().map(Vec::len).sum::<usize>();
+                    if frame_bytes > MAX_BUFFERED_FRAME_BYTES {
+                        return Err(NoCommit::InDoubt(
+                            "the source forwarded more than 32 MiB of frames before its commit".into(),
+                        ));
+                    }
+                    received.frames.extend(f);
+                }
+                Ok(Message::Abort(reason)) => {
+                    return Err(NoCommit::SourceKeeps(MigrationError::SourceAborted { reason }));
+                }
+                Ok(other) => {
+                    return Err(NoCommit::InDoubt(format!(
+                        "the source sent {:?} where the commit was due",
+                        other.command()
+                    )));
+                }
+                Err(ProtocolError::Timeout { .. }) => {
+                    return Err(NoCommit::SourceKeeps(MigrationError::Usage(format!(
+                        "no commit within {wait:?} of the source's complete: its deadline has passed and it keeps the guest"
+                    ))));
+                }
+                Err(e) => {
+                    return Err(NoCommit::InDoubt(format!(
+                        "the stream failed after this side was ready, before the commit ({})",
+                        error_chain(&e)
+                    )));
+                }
             }
-            Ok(other) => Err(NoCommit::InDoubt(format!(
-                "the source sent {:?} where the commit was due",
-                other.command()
-            ))),
-            Err(ProtocolError::Timeout { .. }) => Err(NoCommit::SourceKeeps(MigrationError::Usage(format!(
-                "no commit within {wait:?} of the source's complete: its deadline has passed and it keeps the guest"
-            )))),
-            Err(e) => Err(NoCommit::InDoubt(format!(
-                "the stream failed after this side was ready, before the commit ({})",
-                error_chain(&e)
-            ))),
         }
     }
 

@@ -575,7 +575,16 @@ pub struct ProbeConfig {
     pub off_icsk_pending: u32,
     /// Offset of `tlp_high_seq` (u32) in `struct tcp_sock`.
     pub off_tlp_high_seq: u32,
+    /// The first [`FLOW_INLINE_IPS`] flow IPs, compared in place (a hash lookup costs more than the comparisons);
+    /// with more than that, `FLOW_IPS` holds them all and is looked up instead.
+    pub flow_ips: [IpKey; FLOW_INLINE_IPS],
+    /// How many flow IPs there are (all in `flow_ips` when at most [`FLOW_INLINE_IPS`]).
+    pub flow_ip_count: u32,
+    pub pad2: u32,
 }
+
+/// Flow IPs the programs compare in place.
+pub const FLOW_INLINE_IPS: usize = 4;
 
 /// The bit of an address (IPv6 or IPv4-mapped) in [`ProbeConfig::ip_filter`].
 #[inline]
@@ -623,6 +632,9 @@ impl ProbeConfig {
         ca_state_bits: 0,
         off_icsk_pending: NO_OFFSET,
         off_tlp_high_seq: NO_OFFSET,
+        flow_ips: [[0; 16]; FLOW_INLINE_IPS],
+        flow_ip_count: 0,
+        pad2: 0,
     };
 }
 
@@ -636,7 +648,9 @@ const _: () = assert!(size_of::<MacKey>() == 12);
 const _: () = assert!(size_of::<MacCounters>() == 32);
 const _: () = assert!(size_of::<TpLayout>() == 32);
 const _: () = assert!(size_of::<FdbLayout>() == 8);
-const _: () = assert!(size_of::<ProbeConfig>() == 5 * 32 + 8 + 8 + 8 + 8 * 4 + 32 + 16);
+const _: () =
+    assert!(size_of::<ProbeConfig>() == 5 * 32 + 8 + 8 + 8 + 8 * 4 + 32 + 16 + 16 * FLOW_INLINE_IPS + 8);
+const _: () = assert!(core::mem::offset_of!(ProbeConfig, flow_ips) % 8 == 0);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowDir>() == 48);
 const _: () = assert!(size_of::<FlowState>() == 104);

@@ -43,8 +43,9 @@ use aya_ebpf::{
 };
 use monitor_common::{
     AF_INET, AF_INET6, CFG_FLOW_IPS, CFG_FLOW_MACS, EventKind, FLOW_ACK_KNOWN, FLOW_FIN_SEEN,
-    FLOW_PEER_ACK_KNOWN, FLOW_SEQ_KNOWN, FLOW_ZERO_WINDOW, FRAME_CAPTURE, FlowCounters, FlowDir, FlowEvent,
-    FlowKey, FlowState, IpKey, SIDE_PEER, SIDE_VM, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ip_filter_bit,
+    FLOW_INLINE_IPS, FLOW_PEER_ACK_KNOWN, FLOW_SEQ_KNOWN, FLOW_ZERO_WINDOW, FRAME_CAPTURE, FlowCounters,
+    FlowDir, FlowEvent, FlowKey, FlowState, IpKey, SIDE_PEER, SIDE_VM, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    ip_filter_bit,
 };
 
 use crate::{
@@ -260,6 +261,25 @@ unsafe fn ipv6(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Ip> {
 #[inline(always)]
 fn ip_watched(addr: &IpKey) -> bool {
     if config!(ip_filter) & ip_filter_bit(addr) == 0 {
+        return false;
+    }
+    let count = config!(flow_ip_count) as usize;
+    if count <= FLOW_INLINE_IPS {
+        let a = addr.as_ptr().cast::<u64>();
+        // SAFETY: `addr` is 16 readable bytes (unaligned loads).
+        let (a0, a1) = unsafe { (a.read_unaligned(), a.add(1).read_unaligned()) };
+        for i in 0..FLOW_INLINE_IPS {
+            if i >= count {
+                return false;
+            }
+            let w = (&raw const crate::CONFIG.flow_ips[i]).cast::<u64>();
+            // SAFETY: CONFIG is a valid static and `flow_ips` sits at an 8-byte aligned offset (asserted in
+            // monitor-common); volatile, so the value user space wrote at load time is used.
+            let (w0, w1) = unsafe { (w.read_volatile(), w.add(1).read_volatile()) };
+            if a0 == w0 && a1 == w1 {
+                return true;
+            }
+        }
         return false;
     }
     // SAFETY: map lookup of a plain key; the value is not dereferenced.
@@ -538,6 +558,30 @@ fn emit(f: &impl Frame, kind: EventKind, gap_ns: u64, r: &Record<'_>) -> u32 {
     }
     entry.submit(0);
     captured
+}
+
+/// A cheap test before [`track`], inlined in the L2 programs: false when neither IP address of the frame can be a
+/// watched one (their bits in `CONFIG.ip_filter` are clear), so most frames of other hosts cost no call. True
+/// when it cannot tell (VMs followed by MAC, addresses not directly readable): [`track`] then decides, and counts
+/// a cut frame.
+#[inline(always)]
+pub(crate) fn worth_tracking(f: &impl Frame, eth: &Eth) -> bool {
+    if config!(flags) & CFG_FLOW_MACS != 0 {
+        return true;
+    }
+    let (data, end) = (f.data(), f.data_end());
+    // The last two bytes of each address: what `ip_filter_bit` hashes.
+    let (s, d) = if eth.ethertype == 0x0800 {
+        (eth.off + 14, eth.off + 18)
+    } else {
+        (eth.off + 22, eth.off + 38)
+    };
+    let (Some(a), Some(b)) = (bytes::<2>(data, end, s), bytes::<2>(data, end, d)) else {
+        return true;
+    };
+    let filter = config!(ip_filter);
+    let bit = |x: [u8; 2]| 1u64 << ((x[0] ^ x[1]) & 63);
+    filter & (bit(a) | bit(b)) != 0
 }
 
 /// Tracks one IPv4 or IPv6 frame whose Ethernet header `eth` has been parsed, seen by a hook in `direction`.

@@ -276,7 +276,7 @@ fn ingress(f: &impl Frame) {
         return;
     };
     if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
-        if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) != 0 {
+        if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) != 0 && crate::flow::worth_tracking(f, &eth) {
             crate::flow::keep(crate::flow::track(f, &eth, DIR_INGRESS));
         }
         return;
@@ -441,7 +441,7 @@ fn egress(f: &impl Frame) {
         count_malformed(f.ifindex());
         return;
     };
-    if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
+    if (eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6) && crate::flow::worth_tracking(f, &eth) {
         crate::flow::keep(crate::flow::track(f, &eth, DIR_EGRESS));
     }
 }

@@ -559,9 +559,14 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
                 c.mac_filter |= monitor_common::mac_filter_bit(mac);
             }
         }
-        for ip in &f.ips {
-            c.ip_filter |= monitor_common::ip_filter_bit(&ip_key(*ip));
+        for (i, ip) in f.ips.iter().enumerate() {
+            let key = ip_key(*ip);
+            c.ip_filter |= monitor_common::ip_filter_bit(&key);
+            if let Some(slot) = c.flow_ips.get_mut(i) {
+                *slot = key;
+            }
         }
+        c.flow_ip_count = u32::try_from(f.ips.len()).unwrap_or(u32::MAX);
         c.flow_quiet_ns = f.quiet_ns;
         // Burst and interval are bounded so that their product (the bucket's size in ns) cannot overflow.
         c.flow_capture_ns = if f.captures_per_sec == 0 {

@@ -1,8 +1,10 @@
 //! Verdicts from the wire agree with the sockets' and with what the clients saw: the testbed scenario (a live and a
-//! quick migration of the real guest, every client with data in flight during the pause) watched with `--tcp both`,
-//! then with `--tcp wire` alone. With both, each client connection keeps the sockets' verdict and the wire's view
-//! agrees with it; with the wire alone, the trace has no socket event and each verdict comes from the wire; and every
-//! verdict is what the client's own socket saw (live: alive; quick: ETIMEDOUT).
+//! 6 s quick migration of the real guest, every client with data in flight during the pause) watched with
+//! `--tcp both`, then with `--tcp wire` alone, under the windows-2003 client profile (5 retransmissions: the quick
+//! migration times them out), then with `--tcp both` under Linux defaults (they outlast it) and a 2 s
+//! `TCP_USER_TIMEOUT` (it cuts the backoff short). With both, each client connection keeps the sockets' verdict and the
+//! wire's view agrees with it; with the wire alone, the trace has no socket event and each verdict comes from the
+//! wire; and every verdict is what the client's own socket saw.
 #![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
 use std::{sync::atomic::AtomicBool, time::Duration};
@@ -14,13 +16,13 @@ use testbed::{
     scenario::{self, Config, Run, Ui},
 };
 
-fn run(tcp: &str) -> Run {
+fn run(tcp: &str, profile: Profile) -> Run {
     let out = TestDir::new(&format!("mmagree-{tcp}"));
     let cfg = Config {
         prefix: unique("tag"),
         clients: 4,
         quick_pause: Duration::from_secs(6),
-        profile: Profile::Windows2003,
+        profile,
         out: out.to_path_buf(),
         migmon: migmon_bin(),
         migrator: migrator_bin(),
@@ -30,7 +32,7 @@ fn run(tcp: &str) -> Run {
         migmon_args: vec!["--tcp".into(), tcp.into()],
         monitor_per_host: false,
     };
-    let say = |m: &str| eprintln!("agreement ({tcp}): {m}");
+    let say = |m: &str| eprintln!("agreement ({tcp}, {profile:?}): {m}");
     let interrupted = AtomicBool::new(false);
     let run = scenario::run(
         &cfg,
@@ -103,8 +105,13 @@ fn wire_verdicts_agree_with_the_sockets_and_the_clients() {
         eprintln!("SKIP: /dev/kvm is missing: the scenario needs KVM");
         return;
     }
-    for tcp in ["both", "wire"] {
-        let run = run(tcp);
+    for (tcp, profile) in [
+        ("both", Profile::Windows2003),
+        ("wire", Profile::Windows2003),
+        ("both", Profile::Linux),
+        ("both", Profile::UserTimeout(Duration::from_secs(2))),
+    ] {
+        let run = run(tcp, profile);
         eprintln!("{}", run.compare);
         check(&run, tcp);
     }

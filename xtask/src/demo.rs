@@ -242,7 +242,13 @@ fn summary(run: &scenario::Run, args: &DemoArgs) -> String {
     if let Some(merged) = &run.merged_report {
         s.push_str(&per_host_lines(&run.report, merged));
     }
-    let o = &run.outputs;
+    s.push_str(&files_lines(&run.outputs, args));
+    s
+}
+
+/// The files the run wrote, one a line.
+fn files_lines(o: &scenario::Outputs, args: &DemoArgs) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "\nfiles in {}:", args.out.display());
     for (what, p) in [
         ("trace (migmon report/check/whatif/export read it)", &o.trace),

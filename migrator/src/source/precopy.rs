@@ -11,7 +11,7 @@ use crate::{
     engine::{MigrateOptions, MigrationError, MigrationSource, MigrationState, OnTimeout},
     protocol::HEADER_SIZE,
     ram::{DirtyBitmap, PAGE_SIZE},
-    source::session::{Progress, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session, past_deadline},
+    source::session::{Progress, RoundStats, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session, past_deadline},
 };
 
 /// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
@@ -57,10 +57,44 @@ pub enum Decision {
     Abort,
 }
 
-/// The switch-over rule (see the crate documentation).
-pub fn decide(est: &Estimate, budget: Duration, timed_out: bool, on_timeout: OnTimeout) -> Decision {
+/// A dirty set this small (pages) is not worth another round.
+pub const SMALL_DIRTY_SET: u64 = 64;
+/// Another round within budget only when the dirty set shrank to at most this share of the previous one.
+pub const SHRINK: f64 = 0.75;
+/// The most pre-copy rounds that may be spent making a pause within budget shorter.
+pub const MAX_EXTRA_ROUNDS: u32 = 8;
+
+/// Where pre-copy stands at a decision.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Trend {
+    /// The dirty set at the previous decision (pages), `None` at the first.
+    pub previous_dirty: Option<u64>,
+    /// Rounds sent since the estimate first fit the budget.
+    pub extra_rounds: u32,
+}
+
+/// The switch-over rule (see the crate documentation): pause once the estimate fits the budget and the dirty set
+/// has stopped shrinking (or is small, or enough extra rounds were spent); until then, iterate.
+pub fn decide(
+    est: &Estimate,
+    budget: Duration,
+    trend: Trend,
+    timed_out: bool,
+    on_timeout: OnTimeout,
+) -> Decision {
     if est.pause() <= budget {
-        Decision::SwitchOver
+        let shrinking = trend
+            .previous_dirty
+            .is_some_and(|prev| (est.dirty_pages as f64) <= prev as f64 * SHRINK);
+        if shrinking
+            && est.dirty_pages > SMALL_DIRTY_SET
+            && trend.extra_rounds < MAX_EXTRA_ROUNDS
+            && !timed_out
+        {
+            Decision::Iterate
+        } else {
+            Decision::SwitchOver
+        }
     } else if timed_out {
         match on_timeout {
             OnTimeout::Force => Decision::Force,
@@ -92,8 +126,8 @@ pub fn run<S: MigrationSource>(
     s: &mut Session,
     progress: &mut Progress,
 ) -> Result<(), MigrationError> {
-    send_first_round(vm, s, progress)?;
-    let converged = converge(vm, opts, s)?;
+    let first = send_first_round(vm, s, progress)?;
+    let converged = converge(vm, opts, s, first.data_pages)?;
     s.report.rounds = converged.round;
     switch_over(vm, opts, s, progress, &converged)
 }
@@ -103,7 +137,7 @@ fn send_first_round<S: MigrationSource>(
     vm: &mut S,
     s: &mut Session,
     progress: &mut Progress,
-) -> Result<(), MigrationError> {
+) -> Result<RoundStats, MigrationError> {
     vm.start_dirty_log()
         .map_err(MigrationError::vm("start dirty logging"))?;
     progress.dirty_log = true;
@@ -118,7 +152,8 @@ fn send_first_round<S: MigrationSource>(
     });
     let r0 = s.send_round(0, 0..total, total, Some(&resident))?;
     s.bandwidth.record(r0.bytes, r0.secs);
-    s.end_round(0, &r0)
+    s.end_round(0, &r0)?;
+    Ok(r0)
 }
 
 /// Where pre-copy stopped iterating.
@@ -132,14 +167,20 @@ struct Converged {
 }
 
 /// Sends dirty sets round after round until the switch-over rule says pause (or force); fails when it says abort.
+/// `first_pages`: the data pages of round 0, what the first dirty set is compared with.
 fn converge<S: MigrationSource>(
     vm: &mut S,
     opts: &MigrateOptions,
     s: &mut Session,
+    first_pages: u64,
 ) -> Result<Converged, MigrationError> {
     let (state_bytes, state_time) = state_figures();
     let deadline = s.started + opts.timeout;
     let mut round = 1u32;
+    let mut trend = Trend {
+        previous_dirty: Some(first_pages),
+        extra_rounds: 0,
+    };
     loop {
         let dirty = vm
             .take_dirty_pages()
@@ -159,7 +200,18 @@ fn converge<S: MigrationSource>(
             st.expected_pause_ms = ms(expected);
             st.bytes_sent = s.writer.bytes();
         });
-        match decide(&est, opts.downtime, Instant::now() >= deadline, opts.on_timeout) {
+        let decision = decide(
+            &est,
+            opts.downtime,
+            trend,
+            Instant::now() >= deadline,
+            opts.on_timeout,
+        );
+        if est.pause() <= opts.downtime {
+            trend.extra_rounds += u32::from(decision == Decision::Iterate);
+        }
+        trend.previous_dirty = Some(est.dirty_pages);
+        match decision {
             Decision::SwitchOver => {}
             Decision::Force => {
                 s.report.forced = true;
@@ -291,25 +343,60 @@ mod tests {
     fn rule() {
         let budget = Duration::from_millis(30);
         // 1 GiB/s: 30 ms is about 7600 pages after the state cost.
+        let first = Trend::default();
         assert_eq!(
-            decide(&est(100), budget, false, OnTimeout::Abort),
+            decide(&est(100), budget, first, false, OnTimeout::Abort),
             Decision::SwitchOver
         );
         assert_eq!(
-            decide(&est(8192), budget, false, OnTimeout::Abort),
+            decide(&est(8192), budget, first, false, OnTimeout::Abort),
             Decision::Iterate
         );
         assert_eq!(
-            decide(&est(8192), budget, true, OnTimeout::Abort),
+            decide(&est(8192), budget, first, true, OnTimeout::Abort),
             Decision::Abort
         );
         assert_eq!(
-            decide(&est(8192), budget, true, OnTimeout::Force),
+            decide(&est(8192), budget, first, true, OnTimeout::Force),
             Decision::Force
         );
         // Fits even after the timeout: a normal switch-over.
         assert_eq!(
-            decide(&est(0), budget, true, OnTimeout::Abort),
+            decide(&est(0), budget, first, true, OnTimeout::Abort),
+            Decision::SwitchOver
+        );
+        // Within budget and still shrinking fast: one more round makes the pause shorter.
+        let shrinking = Trend {
+            previous_dirty: Some(4000),
+            extra_rounds: 0,
+        };
+        assert_eq!(
+            decide(&est(1000), budget, shrinking, false, OnTimeout::Abort),
+            Decision::Iterate
+        );
+        // Not shrinking any more, small, out of extra rounds, or out of time: pause now.
+        let flat = Trend {
+            previous_dirty: Some(1100),
+            extra_rounds: 0,
+        };
+        assert_eq!(
+            decide(&est(1000), budget, flat, false, OnTimeout::Abort),
+            Decision::SwitchOver
+        );
+        assert_eq!(
+            decide(&est(50), budget, shrinking, false, OnTimeout::Abort),
+            Decision::SwitchOver
+        );
+        let spent = Trend {
+            extra_rounds: MAX_EXTRA_ROUNDS,
+            ..shrinking
+        };
+        assert_eq!(
+            decide(&est(1000), budget, spent, false, OnTimeout::Abort),
+            Decision::SwitchOver
+        );
+        assert_eq!(
+            decide(&est(1000), budget, shrinking, true, OnTimeout::Abort),
             Decision::SwitchOver
         );
         let e = est(0);

@@ -1,7 +1,7 @@
-//! The benchmarks' two topologies, from `testbed::topology`: a veth pair between two namespaces, and a host with a
-//! bridge, two taps and a client. Names are unique per process and call, so parallel runs and the privileged tests
+//! The benchmarks' two topologies, from `testbed::topology`: a veth pair between two namespaces, and the two-host
+//! testbed with its migration link. Names are unique per process and call, so parallel runs and the privileged tests
 //! never collide; each namespace is deleted by its guard (with every interface inside it), also on failure.
-//! Addresses come from 10.251.0.0/16, used only inside these namespaces.
+//! Addresses (10.251.0.0/16 for the pairs, the testbed's 10.77.N.0/24) are used only inside these namespaces.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context, Result};
 pub use testbed::{net::Netns, topology::VethPair};
-use testbed::{net::unique, topology::VmHost};
+use testbed::{
+    net::unique,
+    topology::{Host, Testbed},
+};
 
 const NEEDS_ROOT: &str = "creating network namespaces needs root: run `sudo ./x bench`";
 
@@ -20,31 +23,41 @@ pub fn veth_pair(net: u8) -> Result<VethPair> {
     VethPair::create("bv", [ip(1), ip(2)], 24).context(NEEDS_ROOT)
 }
 
-/// The migration topology: a host namespace with a bridge and two taps (source and destination VM ports), and a
-/// client namespace on a veth into the bridge. Client 10.251.`net`.1, guest 10.251.`net`.2.
+/// The migration topology, as between real hosts: `testbed::topology`'s two host namespaces, each with a bridge and
+/// a tap for the guest, joined by a switch namespace that also holds the client, and a separate veth between the
+/// hosts that carries the migration stream (TCP). Every namespace is deleted when the bed is dropped.
 pub struct MigrationBed {
-    pub host: Netns,
+    /// Host A and host B (each runs the VMM on its tap).
+    pub hosts: [Netns; 2],
     pub client: Netns,
+    /// The guest's tap on each host (in that host's namespace).
     pub taps: [String; 2],
+    /// Each host's address on the migration link.
+    pub mig_ips: [Ipv4Addr; 2],
     pub guest_ip: Ipv4Addr,
+    pub prefix_len: u8,
     pub dir: PathBuf,
+    _testbed: Testbed,
 }
 
 impl MigrationBed {
+    /// A fresh two-host testbed; `net` tells concurrent beds of one run apart.
     pub fn new(net: u8) -> Result<Self> {
-        let client_ip = Ipv4Addr::new(10, 251, net, 1);
-        let VmHost {
-            host, client, taps, ..
-        } = VmHost::create("bm", 2, client_ip.into(), 24).context(NEEDS_ROOT)?;
-        let taps = [taps[0].clone(), taps[1].clone()];
+        let prefix = format!("bm{net}-{}", std::process::id());
+        let testbed = Testbed::up(&prefix).context(NEEDS_ROOT)?;
+        // Guards on the testbed's own namespaces: deleting one twice is harmless.
+        let ns = |name: String| Netns { name };
         let dir = std::env::temp_dir().join(unique("bench"));
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Self {
-            host,
-            client,
-            taps,
-            guest_ip: Ipv4Addr::new(10, 251, net, 2),
+            hosts: [ns(testbed.host_ns(Host::A)), ns(testbed.host_ns(Host::B))],
+            client: ns(testbed.client_ns()),
+            taps: [Host::A.tap().to_owned(), Host::B.tap().to_owned()],
+            mig_ips: [testbed.mig_ip(Host::A), testbed.mig_ip(Host::B)],
+            guest_ip: testbed.vm_ip(0),
+            prefix_len: testbed.lan_prefix_len(),
             dir,
+            _testbed: testbed,
         })
     }
 

@@ -304,7 +304,8 @@ const PEER_IP: [u8; 4] = [10, 0, 0, 2];
 /// An IPv4/TCP frame from `src` to `dst` (ports 40000 → 5001) with `flags` and `payload` bytes, and the 12 bytes of
 /// timestamp options Linux sends.
 pub fn tcp_frame(src: [u8; 4], dst: [u8; 4], seq: u32, flags: u8, payload: usize) -> Vec<u8> {
-    let mut f = eth(PEER, WATCHED);
+    // Neither MAC is watched: the MAC counters (timed in the XDP group) stay out of these figures.
+    let mut f = eth(PEER, OTHER);
     f.extend_from_slice(&[0x08, 0x00]);
     let tot = (20 + 32 + payload) as u16;
     f.extend_from_slice(&[0x45, 0]);

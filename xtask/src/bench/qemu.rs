@@ -127,7 +127,14 @@ pub struct QemuConfig {
     /// `dirty=...` for the guest's command line, e.g. `32M@125M`.
     pub dirty: Option<String>,
     pub accel: Accel,
+    /// TLS credentials (`tls-creds-x509` directory): the VM gets a server (`tlssrv`) and a client (`tlscli`)
+    /// object, used by [`listen`] and [`migrate`].
+    pub tls_dir: Option<PathBuf>,
 }
+
+/// The `tls-creds-x509` objects' ids.
+const TLS_SERVER: &str = "tlssrv";
+const TLS_CLIENT: &str = "tlscli";
 
 /// A running QEMU with its QMP socket.
 pub struct Qemu {
@@ -136,14 +143,15 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// Starts QEMU in `netns` on `tap`; with `incoming`, it waits for a migration on that unix socket.
+    /// Starts QEMU in `netns` on `tap`; with `incoming`, it waits for a migration (`-incoming defer`: see
+    /// [`listen`]).
     pub fn spawn(
         cfg: &QemuConfig,
         netns: &super::net::Netns,
         tap: &str,
         dir: &Path,
         name: &str,
-        incoming: Option<&Path>,
+        incoming: bool,
     ) -> Result<Self> {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let _ = std::fs::remove_file(&qmp_path);
@@ -170,8 +178,17 @@ impl Qemu {
                 &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac),
             ])
             .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())]);
-        if let Some(sock) = incoming {
-            cmd.args(["-incoming", &format!("unix:{}", sock.display())]);
+        if let Some(d) = &cfg.tls_dir {
+            let d = d.display();
+            cmd.arg("-object")
+                .arg(format!(
+                    "tls-creds-x509,id={TLS_SERVER},endpoint=server,dir={d},verify-peer=on"
+                ))
+                .arg("-object")
+                .arg(format!("tls-creds-x509,id={TLS_CLIENT},endpoint=client,dir={d}"));
+        }
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
         }
         let proc_ = Proc::spawn(cmd, &dir.join(format!("{name}.log")), &format!("qemu {name}"))?;
         Ok(Self { proc_, qmp_path })
@@ -200,12 +217,23 @@ pub struct QemuMigration {
     pub status: String,
 }
 
-/// Migrates `src` to the destination listening on `sock` (whose QMP is `dst`), with `downtime_ms` as the limit and
-/// `max_bandwidth` (bytes/s) when given; gives up (cancels) after `timeout`.
+/// Makes a QEMU started with `incoming` listen on `uri` (e.g. `tcp:10.0.0.2:7000`), with TLS (client
+/// certificates required) when `tls`.
+pub fn listen(dst: &mut Qmp, uri: &str, tls: bool) -> Result<()> {
+    if tls {
+        dst.execute("migrate-set-parameters", Some(json!({ "tls-creds": TLS_SERVER })))?;
+    }
+    dst.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+    Ok(())
+}
+
+/// Migrates `src` to the destination listening on `uri` (whose QMP is `dst`), with `downtime_ms` as the limit and
+/// `max_bandwidth` (bytes/s) when given, over TLS when `tls`; gives up (cancels) after `timeout`.
 pub fn migrate(
     src: &mut Qmp,
     dst: &mut Qmp,
-    sock: &Path,
+    uri: &str,
+    tls: bool,
     downtime_ms: u64,
     max_bandwidth: Option<u64>,
     timeout: Duration,
@@ -218,13 +246,13 @@ pub fn migrate(
     if let Some(bw) = max_bandwidth {
         params["max-bandwidth"] = json!(bw);
     }
+    if tls {
+        params["tls-creds"] = json!(TLS_CLIENT);
+    }
     src.execute("migrate-set-parameters", Some(params))?;
     src.events.clear();
     dst.events.clear();
-    src.execute(
-        "migrate",
-        Some(json!({ "uri": format!("unix:{}", sock.display()) })),
-    )?;
+    src.execute("migrate", Some(json!({ "uri": uri })))?;
     let deadline = Instant::now() + timeout;
     // The end is taken from the MIGRATION event, not from query-migrate alone: a QEMU that itself came in by
     // migration answers "completed" (its incoming one) until the outgoing migration has started.

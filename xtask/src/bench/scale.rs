@@ -102,7 +102,7 @@ fn ram(ctx: &Ctx, results: &mut Results) -> Result<()> {
         }
         results.declare(&g, "migrator total", "ms", Better::Lower);
         results.declare(&g, "migrator pause", "ms", Better::Lower);
-        if let Err(e) = migration::ours(ctx, results, &w, 40 + i as u8, &g, rss) {
+        if let Err(e) = migration::ours(ctx, results, &w, 40 + i as u8, &g, rss, migration::Transport::Tls) {
             errors.push(format!("{mib} MiB: {e:#}"));
         }
     }
