@@ -1344,7 +1344,7 @@ fn next_retransmission_due(ep: &[Rtx]) -> u64 {
         return 0;
     };
     let interval = if last.rto_us > 0 {
-        (last.rto_us * 2).min(120_000_000) * 1000
+        last.rto_us.saturating_mul(2).min(120_000_000) * 1000
     } else if ep.len() >= 2 {
         2 * (last.ts - ep[ep.len() - 2].ts)
     } else {

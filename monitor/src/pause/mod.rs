@@ -13,6 +13,8 @@ use std::{
 
 use migmon_analysis::trace::Event;
 
+#[cfg(test)]
+mod fuzz;
 pub mod migrator;
 pub mod qmp;
 

@@ -96,7 +96,9 @@ pub fn qmp_timestamp_to_mono(ts: &Value, wall_minus_mono: i64) -> Option<u64> {
     let wall = secs
         .checked_mul(1_000_000_000)?
         .checked_add(us.checked_mul(1000)?)?;
-    u64::try_from(wall - wall_minus_mono).ok()
+    u64::try_from(wall.checked_sub(wall_minus_mono)?)
+        .ok()
+        .filter(|&mono| mono <= migmon_analysis::trace::MAX_TRACE_NS)
 }
 
 /// A command of ours waiting for its reply.
