@@ -252,6 +252,9 @@ pub fn boot_info(p: &BootParams) -> BootInfo {
         dirty_rate: p.dirty_rate,
         garp_request: 0,
         garp_done: 0,
+        ipv6: [0; 16],
+        ipv6_prefix_len: 0,
+        pad2: [0; 7],
     }
 }
 
