@@ -58,12 +58,11 @@ pub fn unsolicited_neighbor_advert(mac: [u8; 6], ip: [u8; 16]) -> [u8; NA_FRAME]
 /// pseudo-header).
 fn icmpv6_checksum(src: &[u8; 16], dst: &[u8; 16], message: &[u8]) -> u16 {
     fn add(sum: u32, bytes: &[u8]) -> u32 {
-        let mut sum = sum;
-        let mut chunks = bytes.chunks_exact(2);
-        for c in &mut chunks {
-            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-        }
-        if let [last] = chunks.remainder() {
+        let (pairs, rest) = bytes.as_chunks::<2>();
+        let mut sum = pairs
+            .iter()
+            .fold(sum, |s, p| s + u32::from(u16::from_be_bytes(*p)));
+        if let [last] = rest {
             sum += u32::from(*last) << 8;
         }
         sum
