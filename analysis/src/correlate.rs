@@ -548,7 +548,43 @@ fn group_migrations(sorted: &[&Event]) -> Vec<MigrationGroup> {
         by_id[idx].1.take(ev);
     }
     // A group with neither pause nor resume (only setup/rounds) stays: the migration may have failed early.
-    join_halves(by_id.into_iter().map(|(_, g)| g).collect())
+    join_halves(join_stopped_then_migrated(
+        by_id.into_iter().map(|(_, g)| g).collect(),
+    ))
+}
+
+/// A `stop` and then a `migrate` on one QEMU is one migration, paused before it moved. Traces written before the
+/// QMP source said so split it in two: the STOP's window (a pause and nothing else yet), and a migration without a
+/// pause or resume of its own that set up while that window was open. Joins the second into the first, as one quick
+/// migration. (The QMP source now writes both on one id, which needs no join.)
+fn join_stopped_then_migrated(mut groups: Vec<MigrationGroup>) -> Vec<MigrationGroup> {
+    let mut j = 0;
+    while j < groups.len() {
+        let g = &groups[j];
+        let setup = g
+            .setup
+            .filter(|_| g.source == PauseSource::Qmp && g.pause.is_none() && g.resume.is_none());
+        let host = setup.and_then(|setup| {
+            (0..groups.len()).find(|&i| {
+                let h = &groups[i];
+                i != j
+                    && h.source == PauseSource::Qmp
+                    && h.setup.is_none()
+                    && h.pause.as_ref().is_some_and(|p| p.ts_ns <= setup)
+                    && h.resume.as_ref().is_none_or(|r| r.ts_ns >= setup)
+                    && same_vm(h.mac, g.mac)
+            })
+        });
+        if let Some(i) = host {
+            let other = groups.remove(j);
+            let i = if j < i { i - 1 } else { i };
+            groups[i].absorb(other);
+            groups[i].mode = Some(Mode::Quick);
+            continue;
+        }
+        j += 1;
+    }
+    groups
 }
 
 impl MigrationGroup {
@@ -1308,7 +1344,7 @@ fn next_retransmission_due(ep: &[Rtx]) -> u64 {
         return 0;
     };
     let interval = if last.rto_us > 0 {
-        (last.rto_us * 2).min(120_000_000) * 1000
+        last.rto_us.saturating_mul(2).min(120_000_000) * 1000
     } else if ep.len() >= 2 {
         2 * (last.ts - ep[ep.len() - 2].ts)
     } else {

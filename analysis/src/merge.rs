@@ -12,12 +12,14 @@
 //!    their headers) pairs an instant on one clock with an instant on the other. Candidate pairs are frames with the
 //!    same bytes within ± [`MATCH_WINDOW_NS`] of the realtime map; the densest cluster of their offsets (within
 //!    [`CLUSTER_WIDTH_NS`]) is the true one (a repeated RARP burst also pairs with its neighbours, each of those
-//!    offsets once). A straight line through the cluster (least squares, when the pairs span a second or more;
-//!    otherwise the realtime drift) gives offset and drift. Then, as NTP does with its delay envelope: a frame sent
+//!    offsets once). A straight line through the cluster gives the offset; its slope, the drift, comes from the
+//!    pairs when they span [`DRIFT_SPAN_NS`] or more (least squares, the one-way delay a term of its own when
+//!    frames went both ways), otherwise from the realtime lines. Then, as NTP does with its delay envelope: a frame sent
 //!    by host H and seen at host R arrives no earlier than it left, so its residual is an upper bound of the line's
 //!    error; a frame sent by R and seen at H gives a lower bound. The offset is the middle of the tightest bounds,
-//!    and the error bound half their distance, plus the drift's standard error over the distance from the pairs to
-//!    the host's migration events. Which host sent a frame follows from where its source MAC's VM ran then (the
+//!    and the error bound half their distance, plus two standard errors of the drift (at least [`DRIFT_FLOOR_PPM`];
+//!    [`UNKNOWN_DRIFT_PPM`] when neither the pairs nor the clock samples span long enough to measure it) over the
+//!    distance from the pairs to the host's migration events. Which host sent a frame follows from where its source MAC's VM ran then (the
 //!    migration events: the source until the destination resumed it). With frames of one direction only, the
 //!    one-way delay is not measured and is taken as at most [`ASSUMED_DELAY_NS`].
 //!
@@ -42,6 +44,12 @@ pub const STEP_TOLERANCE_NS: i64 = 1_000_000;
 pub const MATCH_WINDOW_NS: i64 = 500_000_000;
 /// The width of the cluster of pair offsets taken as the true one.
 pub const CLUSTER_WIDTH_NS: i64 = 2_000_000;
+/// Frame pairs spanning at least this long give the drift; shorter, the realtime samples do.
+pub const DRIFT_SPAN_NS: u64 = 10_000_000_000;
+/// The least error taken of a drift estimate (the realtime clocks' rate, NTP-disciplined).
+pub const DRIFT_FLOOR_PPM: f64 = 1.0;
+/// The drift error taken when neither the frames nor the clock samples measured it (a crystal's tolerance).
+pub const UNKNOWN_DRIFT_PPM: f64 = 100.0;
 /// The one-way delay taken when the frames went one way only (a LAN hop or two).
 pub const ASSUMED_DELAY_NS: u64 = 100_000;
 
@@ -94,7 +102,7 @@ pub struct MergeInfo {
     pub hosts: Vec<HostClock>,
     /// The bound of a figure that spans two hosts: the two largest host bounds added.
     pub bound_ns: u64,
-    /// Events present in two traces of one host, kept once.
+    /// Events present in two traces of one kernel, kept once.
     pub duplicates: usize,
     /// What is wrong with each trace file (see `Trace::damage`), prefixed with its name.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -132,6 +140,8 @@ struct RealtimeLine {
     m0: u64,
     q0: i64,
     rate: f64,
+    /// The rate was measured (samples spanning 5 s or more), not taken as 0.
+    measured: bool,
 }
 
 impl RealtimeLine {
@@ -187,13 +197,22 @@ fn realtime_line(s: &[(u64, u64)]) -> (Option<RealtimeLine>, Vec<(u64, i64)>) {
     let xs: Vec<f64> = part.iter().map(|p| p.0 as f64 - m0 as f64).collect();
     let ys: Vec<f64> = (a..b).map(|i| q(i) as f64).collect();
     let span = part.last().map_or(0, |l| l.0) - part[0].0;
-    let (rate, q0) = if part.len() >= 2 && span >= 5_000_000_000 {
+    let measured = part.len() >= 2 && span >= 5_000_000_000;
+    let (rate, q0) = if measured {
         let (slope, icpt, _) = least_squares(&xs, &ys);
         (slope, icpt.round() as i64)
     } else {
         (0.0, median_i64(ys.iter().map(|y| *y as i64).collect()))
     };
-    (Some(RealtimeLine { m0, q0, rate }), steps)
+    (
+        Some(RealtimeLine {
+            m0,
+            q0,
+            rate,
+            measured,
+        }),
+        steps,
+    )
 }
 
 /// Least squares `y = slope·x + intercept`; also the slope's standard error.
@@ -408,6 +427,7 @@ fn fit_pairs(
     coarse: &ClockMap,
     senders: &Senders<'_>,
     span_of_interest: (u64, u64),
+    realtime_rate_measured: bool,
 ) -> Option<Fit> {
     if pairs.is_empty() {
         return None;
@@ -416,7 +436,9 @@ fn fit_pairs(
     let xs: Vec<f64> = pairs.iter().map(|p| p.h as f64 - anchor as f64).collect();
     let ys: Vec<f64> = pairs.iter().map(|p| p.r as f64 - p.h as f64).collect();
     let span = pairs.iter().map(|p| p.h).max().unwrap_or(0) - pairs.iter().map(|p| p.h).min().unwrap_or(0);
-    let fits_drift = pairs.len() >= 3 && span >= 1_000_000_000;
+    // Over a few seconds the frames' delay jitter (tens of µs) swamps a drift of tens of ppm: the realtime line's
+    // drift is better there. The pairs' own drift is taken when they span DRIFT_SPAN_NS or more.
+    let fits_drift = pairs.len() >= 3 && span >= DRIFT_SPAN_NS;
     let (drift, icpt, se) = if fits_drift {
         least_squares(&xs, &ys)
     } else {
@@ -487,8 +509,15 @@ fn fit_pairs(
         .iter()
         .map(|t| (*t as f64 - anchor as f64).abs())
         .fold(0.0, f64::max);
-    // Two standard errors of the drift, over the distance from the pairs to the migrations.
-    let bound = half.unsigned_abs() + (2.0 * se * far).ceil() as u64;
+    // Two standard errors of the drift (at least DRIFT_FLOOR_PPM; UNKNOWN_DRIFT_PPM when neither the pairs nor the
+    // realtime samples measured it), over the distance from the pairs to the migrations.
+    let floor = if fits_drift || realtime_rate_measured {
+        DRIFT_FLOOR_PPM
+    } else {
+        UNKNOWN_DRIFT_PPM
+    };
+    let drift_err = (2.0 * se).max(floor * 1e-6);
+    let bound = half.unsigned_abs() + (drift_err * far).ceil() as u64;
     Some(Fit {
         map,
         bound,
@@ -649,9 +678,12 @@ fn port_mut(e: &mut Event) -> Option<&mut Port> {
 }
 
 /// Port and bridge names (with their namespace) each host group uses.
-fn port_names(t: &Trace) -> HashSet<(String, Option<String>)> {
+fn port_names(t: &Trace, drop: &HashSet<usize>) -> HashSet<(String, Option<String>)> {
     let mut out = HashSet::new();
-    for e in &t.events {
+    for (k, e) in t.events.iter().enumerate() {
+        if drop.contains(&k) {
+            continue;
+        }
         let mut e = e.clone();
         if let Some(p) = port_mut(&mut e) {
             out.insert((
@@ -711,7 +743,7 @@ fn clock_groups(inputs: &[Input], ids: &[(String, String)], warnings: &mut Vec<S
         {
             warnings.push(format!(
                 "{} ({}) and {} ({}) were recorded on one kernel (boot {}) under two host names: their clocks are \
-                 one, but they are aligned as two hosts",
+                 one, but they are aligned as two hosts; kernel events both recorded are kept once",
                 inputs[j].name, ids[j].0, inputs[i].name, ids[i].0, ids[i].1
             ));
         }
@@ -805,7 +837,13 @@ fn overlap_warnings(inputs: &[Input], coarse: &[ClockMap], warnings: &mut Vec<St
 }
 
 /// Step 2: each host's map refined by the frames it and the reference both saw.
-fn refine(inputs: &[Input], group_of: &[usize], coarse: &[ClockMap]) -> (Vec<ClockMap>, Vec<Option<Fit>>) {
+fn refine(
+    inputs: &[Input],
+    group_of: &[usize],
+    coarse: &[ClockMap],
+    realtime: &[Realtime],
+) -> (Vec<ClockMap>, Vec<Option<Fit>>) {
+    let measured = |i: usize| realtime[i].line.is_some_and(|l| l.measured);
     let mut maps = coarse.to_vec();
     maps[0] = ClockMap::default();
     let mut fits: Vec<Option<Fit>> = (0..inputs.len()).map(|_| None).collect();
@@ -823,7 +861,13 @@ fn refine(inputs: &[Input], group_of: &[usize], coarse: &[ClockMap]) -> (Vec<Clo
                 .map(|p| sender(&locs, p.src, p.r).map(|s| group_of[s] == i))
                 .collect()
         };
-        fits[i] = fit_pairs(&pairs, &coarse[i], &senders, span_of_interest(&inputs[i].trace));
+        fits[i] = fit_pairs(
+            &pairs,
+            &coarse[i],
+            &senders,
+            span_of_interest(&inputs[i].trace),
+            measured(0) && measured(i),
+        );
         if let Some(f) = &fits[i] {
             maps[i] = f.map;
         }
@@ -840,11 +884,16 @@ type PortName = (String, Option<String>);
 /// The port and bridge names of each trace that another host's trace uses too.
 fn port_clashes(
     inputs: &[Input],
+    drop: &[HashSet<usize>],
     ids: &[(String, String)],
     group_of: &[usize],
     warnings: &mut Vec<String>,
 ) -> Vec<HashSet<PortName>> {
-    let names: Vec<HashSet<PortName>> = inputs.iter().map(|i| port_names(&i.trace)).collect();
+    let names: Vec<HashSet<PortName>> = inputs
+        .iter()
+        .zip(drop)
+        .map(|(i, d)| port_names(&i.trace, d))
+        .collect();
     let mut clash: Vec<HashSet<PortName>> = vec![HashSet::new(); inputs.len()];
     for i in 0..inputs.len() {
         for j in 0..inputs.len() {
@@ -892,6 +941,62 @@ fn merged_event(e: &Event, map: &ClockMap, clash: &HashSet<PortName>, host: &str
     m
 }
 
+/// How far apart two monitors of one kernel stamp the same kernel event (each program on a tracepoint reads the
+/// clock itself).
+pub const SAME_EVENT_NS: u64 = 1_000_000;
+
+/// Events of traces of one kernel (one boot id, or one recording given twice) that another of them holds too: a
+/// trace given twice, or two monitors of one kernel (the testbed's hosts) that both record the kernel-wide
+/// tracepoints (sockets, bridge FDB). An event with the same fields as one of another trace of that kernel, within
+/// [`SAME_EVENT_NS`], is the same kernel event: kept once (the first trace's), one to one. Returns the indices to
+/// leave out per trace, and how many.
+/// Where an event's fields were seen: (trace, time, matched already).
+type Sightings = Vec<(usize, u64, bool)>;
+
+fn kernel_duplicates(
+    inputs: &[Input],
+    ids: &[(String, String)],
+    group_of: &[usize],
+) -> (Vec<HashSet<usize>>, usize) {
+    let kernel_of: Vec<String> = (0..inputs.len())
+        .map(|i| {
+            if ids[i].1.is_empty() {
+                format!("#{}", group_of[i])
+            } else {
+                ids[i].1.clone()
+            }
+        })
+        .collect();
+    let mut drop: Vec<HashSet<usize>> = vec![HashSet::new(); inputs.len()];
+    let mut count = 0;
+    // (kernel, fields without the time) → (trace, time, matched already)
+    let mut seen: HashMap<(&str, String), Sightings> = HashMap::new();
+    for (i, inp) in inputs.iter().enumerate() {
+        if kernel_of.iter().filter(|k| **k == kernel_of[i]).count() < 2 {
+            continue;
+        }
+        for (k, e) in inp.trace.events.iter().enumerate() {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("ts_ns");
+            }
+            let ts = e.ts_ns();
+            let entries = seen.entry((kernel_of[i].as_str(), v.to_string())).or_default();
+            if let Some(m) = entries
+                .iter_mut()
+                .find(|(j, t, used)| *j != i && !*used && t.abs_diff(ts) <= SAME_EVENT_NS)
+            {
+                m.2 = true;
+                drop[i].insert(k);
+                count += 1;
+            } else {
+                entries.push((i, ts, false));
+            }
+        }
+    }
+    (drop, count)
+}
+
 /// How one trace was mapped, for [`MergeInfo`].
 fn host_clock(
     i: usize,
@@ -937,8 +1042,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
     let group_of = clock_groups(inputs, &ids, &mut warnings);
     let (realtime, coarse) = realtime_maps(inputs, &mut warnings);
     overlap_warnings(inputs, &coarse, &mut warnings);
-    let (maps, fits) = refine(inputs, &group_of, &coarse);
-    let clash = port_clashes(inputs, &ids, &group_of, &mut warnings);
+    let (maps, fits) = refine(inputs, &group_of, &coarse, &realtime);
 
     // The merged trace is whole when its inputs are: each input's damage is listed in the merge, by file.
     let mut merged = Trace {
@@ -957,19 +1061,15 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
                 .map(move |d| format!("{}: {d}", inp.name))
         })
         .collect();
-    let mut seen: HashMap<usize, HashSet<String>> = HashMap::new();
-    let mut duplicates = 0;
+    let (drop, duplicates) = kernel_duplicates(inputs, &ids, &group_of);
+    let clash = port_clashes(inputs, &drop, &ids, &group_of, &mut warnings);
     for (i, inp) in inputs.iter().enumerate() {
         merged.truncated |= inp.trace.truncated;
         for (line, err) in &inp.trace.skipped {
             merged.skipped.push((*line, format!("{}: {err}", inp.name)));
         }
-        // Only traces of a host given more than once are checked for events present twice.
-        let shared_clock = group_of.iter().filter(|&&g| g == group_of[i]).count() > 1;
-        let keys = seen.entry(group_of[i]).or_default();
-        for e in &inp.trace.events {
-            if shared_clock && !keys.insert(serde_json::to_string(e).unwrap_or_default()) {
-                duplicates += 1;
+        for (k, e) in inp.trace.events.iter().enumerate() {
+            if drop[i].contains(&k) {
                 continue;
             }
             merged
@@ -980,7 +1080,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
     merged.events.sort_by_key(Event::ts_ns);
     if duplicates > 0 {
         warnings.push(format!(
-            "{duplicates} events were in two traces of one host and are kept once"
+            "{duplicates} events were in two traces of one kernel (the same time, the same fields) and are kept once"
         ));
     }
 

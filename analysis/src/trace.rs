@@ -638,6 +638,33 @@ impl ClockTriple {
     }
 }
 
+/// The latest time a trace may hold, ns (2^62: 146 years of uptime). A later one can only come from a damaged line:
+/// the reader skips it, so that the analysis never computes with times near `u64::MAX`.
+pub const MAX_TRACE_NS: u64 = 1 << 62;
+
+impl Event {
+    /// Checks the times an event carries against [`MAX_TRACE_NS`].
+    pub fn check_times(&self) -> Result<(), String> {
+        let mut times = vec![("ts_ns", self.ts_ns())];
+        match self {
+            Event::MacStats {
+                first_ns, last_ns, ..
+            } => times.extend([("first_ns", *first_ns), ("last_ns", *last_ns)]),
+            Event::MacSeen { gap_ns, .. } => times.push(("gap_ns", *gap_ns)),
+            _ => {}
+        }
+        if let Some(seg) = self.flow_segment() {
+            times.extend([("gap_ns", seg.gap_ns), ("silence_ns", seg.silence_ns)]);
+        }
+        match times.iter().find(|(_, t)| *t > MAX_TRACE_NS) {
+            Some((name, t)) => Err(format!(
+                "{name} {t} is beyond any monotonic clock ({MAX_TRACE_NS} ns at most)"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The first line of a trace.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceHeader {
@@ -926,6 +953,7 @@ pub fn read_trace_from<R: BufRead>(mut reader: R, path: &Path) -> Result<Trace, 
         match text
             .map_err(|e| e.to_string())
             .and_then(|t| serde_json::from_str::<Event>(t.trim()).map_err(|e| e.to_string()))
+            .and_then(|ev| ev.check_times().map(|()| ev))
         {
             Ok(ev) => trace.events.push(ev),
             Err(_) if !complete => trace.truncated = true,

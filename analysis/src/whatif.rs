@@ -200,7 +200,10 @@ pub fn restore_ns(m: &MigrationReport) -> u64 {
 /// ([`MigrationReport::carries_frames`]).
 pub fn outage_of(c: &ConnectionVerdict, restore: u64, carried: bool) -> Option<Outage> {
     let first = c.first_rto_ns.or(c.first_retransmit_ns)?;
-    let base = c.base_rto_us.map_or(TCP_RTO_MIN_NS, |us| us * 1000).max(1);
+    let base = c
+        .base_rto_us
+        .map_or(TCP_RTO_MIN_NS, |us| us.saturating_mul(1000))
+        .max(1);
     Some(Outage {
         t0_ns: first.saturating_sub(base),
         restore_ns: restore,

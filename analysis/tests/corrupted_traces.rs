@@ -4,17 +4,11 @@
 
 #![expect(clippy::unwrap_used, reason = "a test: a failed setup step should panic")]
 
-use std::{
-    io::Cursor,
-    path::{Path, PathBuf},
-};
+mod common;
 
-use migmon_analysis::{
-    check::{self, Limits},
-    correlate, export, report,
-    trace::{self, TraceError},
-    whatif::{self, Settings},
-};
+use std::path::{Path, PathBuf};
+
+use common::gate;
 
 /// A run whose gate fails: a quick migration that aborted two connections.
 const FAILING_RUN: &str = "kernel_quick_5s_retries3.trace";
@@ -105,37 +99,6 @@ fn mutate(bytes: &mut Vec<u8>, m: Mutation, rng: &mut Rng) {
             bytes.splice(to..to, line);
         }
     }
-}
-
-/// Reads `bytes` as a trace and runs everything that reads one. `None` when the reader refused it (not a trace);
-/// otherwise whether the gate passed, and whether it would have with `--allow-damaged`.
-fn gate(bytes: &[u8], scratch: &Path) -> Option<(bool, bool)> {
-    let t = match trace::read_trace_from(Cursor::new(bytes), Path::new("mutated.trace")) {
-        Ok(t) => t,
-        Err(TraceError::NoHeader { .. } | TraceError::Version { .. }) => return None,
-        Err(e) => panic!("reading from memory cannot fail otherwise: {e}"),
-    };
-    let a = correlate::analyse(&t);
-    let _ = report::render_text(&a, "mutated");
-    let _ = report::render_json(&a);
-    let _ = report::html::render(&a, "mutated");
-    let _ = report::svg::render(&a);
-    let _ = report::compare::render(&a, Some(&Settings::default()));
-    let scenario = Settings {
-        tcp_retries2: 5,
-        ..Settings::default()
-    };
-    let _ = whatif::render_text(&whatif::whatif(&a, &Settings::default(), &scenario));
-    let _ = export::perfetto::encode(&t, &a);
-    export::jsonl::write(&scratch.join("out.jsonl"), &t, &a).unwrap();
-    export::pcapng::write(&scratch.join("out.pcapng"), &t, &a).unwrap();
-    let v = check::evaluate(&a, &Limits::default());
-    let _ = v.junit().unwrap();
-    let lenient = Limits {
-        allow_damaged: true,
-        ..Limits::default()
-    };
-    Some((v.passed(), check::evaluate(&a, &lenient).passed()))
 }
 
 #[test]

@@ -149,3 +149,5 @@ pub mod vm_state;
 
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod fuzz;

@@ -49,14 +49,14 @@ impl VmState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{
         devices::virtio_mmio::QueueSnapshot,
         vcpu::{FpuState, MsrEntry},
     };
 
-    fn sample() -> VmState {
+    pub(crate) fn sample() -> VmState {
         let mut regs = kvm_bindings::kvm_regs {
             rip: 0x20_1234,
             rsp: 0x40_0000,

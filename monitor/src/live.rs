@@ -33,9 +33,9 @@ pub struct LiveArgs {
     /// Listen on this unix socket (mode 0600) for migrator phase events (`migrator ... --events PATH`).
     #[arg(long, value_name = "PATH")]
     pub events_listen: Option<PathBuf>,
-    /// Follow this file of migrator phase events as it grows.
+    /// Follow this file of migrator phase events as it grows. Repeatable (one file per migrator).
     #[arg(long = "events", value_name = "FILE")]
-    pub events: Option<PathBuf>,
+    pub events: Vec<PathBuf>,
     /// Follow a QEMU QMP socket for STOP/RESUME/MIGRATION events. Repeatable (source and destination).
     #[arg(long = "qmp", value_name = "PATH")]
     pub qmp: Vec<PathBuf>,
@@ -144,7 +144,7 @@ fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Resu
         );
         eprintln!("migmon: migrator events on {} (mode 0600)", p.display());
     }
-    if let Some(f) = &args.events {
+    for f in &args.events {
         sources.push(pause::migrator::follow_file(f, emit(tx.clone()))?);
     }
     for q in &args.qmp {

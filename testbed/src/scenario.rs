@@ -107,6 +107,10 @@ pub struct Config {
     pub settle: Duration,
     /// More `migmon watch` arguments (for example `--tcp wire`).
     pub migmon_args: Vec<String>,
+    /// Beside the one monitor of every port, one `migmon watch` per host, attached only to that host's tap and
+    /// uplink, each with its own migrator events (`--host-name PREFIX-a`, `PREFIX-b`); their two traces are merged
+    /// by `migmon report a.trace b.trace`.
+    pub monitor_per_host: bool,
 }
 
 /// What the clients saw across one migration.
@@ -144,6 +148,10 @@ pub struct Outputs {
     pub perfetto: PathBuf,
     pub jsonl: PathBuf,
     pub watch_log: PathBuf,
+    /// With `monitor_per_host`: host A's and host B's traces, and their merged report (text and JSON).
+    pub host_traces: Vec<PathBuf>,
+    pub merged_text: Option<PathBuf>,
+    pub merged_json: Option<PathBuf>,
 }
 
 /// The result of a run.
@@ -156,6 +164,8 @@ pub struct Run {
     pub compare: String,
     /// migmon's JSON report.
     pub report: Value,
+    /// With `monitor_per_host`: the JSON report of the two hosts' traces merged.
+    pub merged_report: Option<Value>,
     /// migmon watch's exit code (`--until-migrations` gate: 1 when a migration exceeded the limits).
     pub watch_exit: Option<i32>,
     pub outputs: Outputs,
@@ -326,6 +336,76 @@ impl Scenario<'_> {
         )
     }
 
+    /// Where a migrator on `host` sends its phase events: the one monitor's socket, or with `monitor_per_host` a file
+    /// per host that the one monitor and that host's monitor both follow.
+    fn events_for(&self, host: Host, sock: &str) -> String {
+        if self.cfg.monitor_per_host {
+            self.sock(&format!("events-{}.jsonl", host_label(host)))
+        } else {
+            sock.to_owned()
+        }
+    }
+
+    /// `migmon watch` for one host: its tap and uplink only, its migrators' events, its own host name and trace.
+    fn start_host_watch(&self, host: Host, trace: &Path) -> Result<Proc, ScenarioError> {
+        let vm = format!("{VM_MAC}={}", self.bed.vm_ip(0));
+        let ns = self.bed.host_ns(host);
+        let mut cmd = Command::new(&self.cfg.migmon);
+        cmd.args(["watch", "--vm", &vm, "--host-name", &ns])
+            .args(["--iface", &self.bed.tap_at(host)])
+            .args(["--iface", &format!("{}@{ns}", host.uplink())])
+            .args(["--egress", &self.bed.tap_at(host)])
+            .args(["--events", &self.events_for(host, "")]);
+        for port in [guest_abi::STREAM_PORT, guest_abi::RR_PORT] {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        let backstop = format!("{}s", 300 + self.cfg.quick_pause.as_secs());
+        cmd.args(["--duration", &backstop])
+            .arg("--record")
+            .arg(trace)
+            .args(&self.cfg.migmon_args);
+        let log = self.out(&format!("watch-{}.log", host_label(host)));
+        let mut p = Proc::spawn(&format!("migmon watch on host {host:?}"), &mut cmd, &log)?;
+        self.say(&format!(
+            "migmon watch for host {host:?} alone: {} and {}@{ns}, trace {}",
+            self.bed.tap_at(host),
+            host.uplink(),
+            trace.display()
+        ));
+        self.wait(
+            &format!("migmon watch on host {host:?} to attach its probes"),
+            Duration::from_secs(90),
+            || {
+                if let Some(st) = p.exited() {
+                    return Err(p.failed(&format!("exited with {st}")));
+                }
+                Ok(p.log().contains("migmon: watching"))
+            },
+            |t| {
+                format!(
+                    "migmon watch on host {host:?}: still attaching ({:.0} s)",
+                    t.as_secs_f64()
+                )
+            },
+            Some(&log),
+        )?;
+        Ok(p)
+    }
+
+    /// Stops a `migmon watch` (SIGTERM: it flushes its trace) and waits for it to exit.
+    fn stop_watch(&self, p: &mut Proc) -> Result<(), ScenarioError> {
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        let log = p.log.clone();
+        let what = p.what.clone();
+        self.wait(
+            &format!("{what} to stop"),
+            Duration::from_secs(20),
+            || Ok(p.exited().is_some()),
+            |_| format!("{what}: stopping"),
+            Some(&log),
+        )
+    }
+
     fn start_watch(&self, sock: &str, trace: &Path) -> Result<Proc, ScenarioError> {
         let vm = format!("{VM_MAC}={}", self.bed.vm_ip(0));
         let mut cmd = Command::new(&self.cfg.migmon);
@@ -355,17 +435,17 @@ impl Scenario<'_> {
         // A backstop: if this process is killed outright, migmon still ends by itself.
         let backstop = format!("{}s", 300 + self.cfg.quick_pause.as_secs());
         cmd.args(["--duration", &backstop]);
-        cmd.args([
-            "--events-listen",
-            sock,
-            "--until-migrations",
-            "2",
-            "--settle",
-            &settle,
-        ])
-        .arg("--record")
-        .arg(trace)
-        .args(&self.cfg.migmon_args);
+        if self.cfg.monitor_per_host {
+            for h in [Host::A, Host::B] {
+                cmd.args(["--events", &self.events_for(h, sock)]);
+            }
+        } else {
+            cmd.args(["--events-listen", sock]);
+        }
+        cmd.args(["--until-migrations", "2", "--settle", &settle])
+            .arg("--record")
+            .arg(trace)
+            .args(&self.cfg.migmon_args);
         let log = self.out("watch.log");
         let mut p = Proc::spawn("migmon watch", &mut cmd, &log)?;
         self.say("migmon watch: loading the probes and attaching to 7 ports in 3 namespaces");
@@ -652,6 +732,19 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
     let trace = s.out("migration.trace");
     let _ = std::fs::remove_file(&trace);
     let mut watch = s.start_watch(&events, &trace)?;
+    let host_traces: Vec<PathBuf> = if cfg.monitor_per_host {
+        [Host::A, Host::B]
+            .iter()
+            .map(|h| s.out(&format!("host-{}.trace", host_label(*h))))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut host_watches = Vec::new();
+    for (h, t) in [Host::A, Host::B].into_iter().zip(&host_traces) {
+        let _ = std::fs::remove_file(t);
+        host_watches.push(s.start_host_watch(h, t)?);
+    }
     s.say("migration link: mutual TLS with a test CA (migrator tls-init)");
     s.tls_init()?;
 
@@ -663,13 +756,26 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         cfg.dirty.as_deref().unwrap_or("off"),
         bed.vm_ip(0)
     ));
-    let mut run_a = s.boot(&api_a, &events)?;
-    let recv_b = s.receive(Host::B, &api_b, &events, "migrator-b-receive.log")?;
+    let mut run_a = s.boot(&api_a, &s.events_for(Host::A, &events))?;
+    let recv_b = s.receive(
+        Host::B,
+        &api_b,
+        &s.events_for(Host::B, &events),
+        "migrator-b-receive.log",
+    )?;
     let (arithmetic, clients) = start_clients(s)?;
     let live = live_a_to_b(s, &api_a, &mut run_a, &clients)?;
-    let recv_a = s.receive(Host::A, &api_a2, &events, "migrator-a-receive.log")?;
+    let recv_a = s.receive(
+        Host::A,
+        &api_a2,
+        &s.events_for(Host::A, &events),
+        "migrator-a-receive.log",
+    )?;
     let (quick_summary, quick_wall) = quick_b_to_a(s, &api_b, &clients)?;
     let watch_exit = settle(s, &mut watch)?;
+    for w in &mut host_watches {
+        s.stop_watch(w)?;
+    }
     let quick = MigrationOutcome {
         mode: "quick",
         summary: quick_summary,
@@ -677,7 +783,12 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         wall: quick_wall,
     };
     drop((recv_a, recv_b, run_a));
-    let (outputs, compare, report) = reports(s, &trace)?;
+    let (mut outputs, compare, report) = reports(s, &trace)?;
+    let merged_report = if host_traces.is_empty() {
+        None
+    } else {
+        Some(merged_reports(s, &host_traces, &mut outputs)?)
+    };
     s.say(&format!(
         "scenario finished after {:.0} s",
         s.elapsed().as_secs_f64()
@@ -688,6 +799,7 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         arithmetic,
         compare,
         report,
+        merged_report,
         watch_exit,
         outputs,
         guest_ip: bed.vm_ip(0),
@@ -827,6 +939,41 @@ fn quick_b_to_a(
     Ok((summary, wall))
 }
 
+/// `a` for host A, `b` for host B: the suffix of the per-host files.
+fn host_label(h: Host) -> &'static str {
+    match h {
+        Host::A => "a",
+        Host::B => "b",
+    }
+}
+
+/// `migmon report A.trace B.trace` (text and JSON): the two hosts' traces merged; returns the JSON report.
+fn merged_reports(
+    s: &Scenario<'_>,
+    traces: &[PathBuf],
+    outputs: &mut Outputs,
+) -> Result<Value, ScenarioError> {
+    s.say("reports: migmon report host-a.trace host-b.trace (the two hosts' traces merged)");
+    let mut args: Vec<String> = vec!["report".into()];
+    args.extend(traces.iter().map(|t| t.display().to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = s.migmon(&refs)?;
+    let text_path = s.out("merged-report.txt");
+    Scenario::write(&text_path, &text)?;
+    let mut json_args = refs.clone();
+    json_args.extend(["--format", "json"]);
+    let json = s.migmon(&json_args)?;
+    let json_path = s.out("merged-report.json");
+    Scenario::write(&json_path, &json)?;
+    outputs.host_traces = traces.to_vec();
+    outputs.merged_text = Some(text_path);
+    outputs.merged_json = Some(json_path);
+    serde_json::from_str(&json).map_err(|e| ScenarioError::Failed {
+        what: "reading migmon's merged JSON report".into(),
+        log: e.to_string(),
+    })
+}
+
 /// Waits for migmon to end by itself once both migrations have settled; returns its exit code.
 fn settle(s: &Scenario<'_>, watch: &mut Proc) -> Result<Option<i32>, ScenarioError> {
     let watch_log = watch.log.clone();
@@ -860,6 +1007,9 @@ fn reports(s: &Scenario<'_>, trace: &Path) -> Result<(Outputs, String, Value), S
         perfetto: s.out("migration.perfetto-trace"),
         jsonl: s.out("migration.jsonl"),
         watch_log: s.out("watch.log"),
+        host_traces: Vec::new(),
+        merged_text: None,
+        merged_json: None,
     };
     let p = |p: &Path| p.display().to_string();
     let mut compare_args = vec![

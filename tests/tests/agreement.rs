@@ -30,6 +30,7 @@ fn run(tcp: &str, profile: Profile) -> Run {
         dirty: Some("8M@16M".into()),
         settle: Duration::from_secs(3),
         migmon_args: vec!["--tcp".into(), tcp.into()],
+        monitor_per_host: false,
     };
     let say = |m: &str| eprintln!("agreement ({tcp}, {profile:?}): {m}");
     let interrupted = AtomicBool::new(false);

@@ -47,6 +47,7 @@ fn live_keeps_every_session_quick_aborts_every_one() {
         dirty: Some("8M@16M".into()),
         settle: Duration::from_secs(3),
         migmon_args: Vec::new(),
+        monitor_per_host: false,
     };
     let say = |m: &str| eprintln!("demo: {m}");
     let interrupted = AtomicBool::new(false);

@@ -42,6 +42,10 @@ pub struct DemoArgs {
     /// Use the release binaries as they are (do not run cargo build first).
     #[arg(long)]
     no_build: bool,
+    /// Also run one `migmon watch` per host (its tap and uplink only, its own migrator events), merge the two
+    /// traces (`migmon report host-a.trace host-b.trace`) and compare the merge with the one monitor's report.
+    #[arg(long)]
+    pub monitor_per_host: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -112,6 +116,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         dirty: (args.dirty != "off").then(|| args.dirty.clone()),
         settle: Duration::from_secs(3),
         migmon_args: Vec::new(),
+        monitor_per_host: args.monitor_per_host,
     };
     let ui = Ui {
         say: &say,
@@ -234,7 +239,16 @@ fn summary(run: &scenario::Run, args: &DemoArgs) -> String {
             }
         );
     }
-    let o = &run.outputs;
+    if let Some(merged) = &run.merged_report {
+        s.push_str(&per_host_lines(&run.report, merged));
+    }
+    s.push_str(&files_lines(&run.outputs, args));
+    s
+}
+
+/// The files the run wrote, one a line.
+fn files_lines(o: &scenario::Outputs, args: &DemoArgs) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "\nfiles in {}:", args.out.display());
     for (what, p) in [
         ("trace (migmon report/check/whatif/export read it)", &o.trace),
@@ -246,11 +260,87 @@ fn summary(run: &scenario::Run, args: &DemoArgs) -> String {
         ("Perfetto trace (ui.perfetto.dev)", &o.perfetto),
         ("events and verdicts, JSON lines", &o.jsonl),
         ("migmon watch's own output", &o.watch_log),
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        o.host_traces
+            .iter()
+            .map(|t| ("one host's trace (its monitor alone)", t)),
+    )
+    .chain(
+        o.merged_text
+            .iter()
+            .map(|t| ("the hosts' traces merged: text report", t)),
+    )
+    .chain(
+        o.merged_json
+            .iter()
+            .map(|t| ("the hosts' traces merged: JSON report", t)),
+    ) {
         let name = p
             .file_name()
             .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
         let _ = writeln!(s, "  {name:<26} {what}");
+    }
+    s
+}
+
+/// The merged report of the per-host monitors beside the one monitor's: the clock map, then per migration the
+/// verdicts and the figures with the merge's bound.
+fn per_host_lines(single: &serde_json::Value, merged: &serde_json::Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\none monitor per host, traces merged (migmon report host-a.trace host-b.trace):"
+    );
+    for h in merged["merge"]["hosts"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "  {:<8} {}: offset {:+.0} ns, drift {:+.2} ppm, ± {} ns ({}; {} frame pairs)",
+            h["host"].as_str().unwrap_or("?"),
+            h["method"].as_str().unwrap_or("?"),
+            h["offset_ns"].as_f64().unwrap_or(f64::NAN),
+            h["drift_ppm"].as_f64().unwrap_or(f64::NAN),
+            h["bound_ns"],
+            if h["reference"].as_bool() == Some(true) {
+                "reference"
+            } else {
+                "aligned"
+            },
+            h["pairs_sent"].as_u64().unwrap_or(0)
+                + h["pairs_received"].as_u64().unwrap_or(0)
+                + h["pairs_unknown"].as_u64().unwrap_or(0)
+        );
+    }
+    let ms = |v: &serde_json::Value| {
+        v["ns"]
+            .as_f64()
+            .map_or("–".to_owned(), |n| format!("{:.3} ms", n / 1e6))
+    };
+    let empty = Vec::new();
+    let singles = single["migrations"].as_array().unwrap_or(&empty);
+    for m in merged["migrations"].as_array().into_iter().flatten() {
+        let one = singles.iter().find(|x| x["id"] == m["id"]);
+        let _ = writeln!(
+            s,
+            "  {} ({}): merged {} survived, {} aborted; one monitor {} survived, {} aborted",
+            m["id"].as_str().unwrap_or("?"),
+            m["mode"].as_str().unwrap_or("?"),
+            m["survived"],
+            m["aborted"],
+            one.map_or(serde_json::Value::Null, |x| x["survived"].clone()),
+            one.map_or(serde_json::Value::Null, |x| x["aborted"].clone())
+        );
+        for f in ["vcpu_pause", "blackout", "convergence"] {
+            let (mf, sf) = (&m["downtime"][f], one.map(|x| &x["downtime"][f]));
+            let _ = writeln!(
+                s,
+                "    {f:<12} merged {} ± {} ns, one monitor {}",
+                ms(mf),
+                mf["bound_ns"],
+                sf.map_or("–".to_owned(), ms)
+            );
+        }
     }
     s
 }

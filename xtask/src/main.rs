@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod test;
 mod testbed_cmd;
 mod util;
@@ -12,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "./x",
-    about = "migmon's tasks: build, test, demo, bench, testbed",
+    about = "migmon's tasks: build, test, demo, bench, fuzz, testbed",
     version
 )]
 struct Cli {
@@ -32,6 +33,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Benchmarks: migrator against QEMU, probe costs, scale; ratios against baselines from the same run.
     Bench(bench::BenchArgs),
+    /// The fuzz targets (stream reader, state decoder, trace reader, QMP/event lines, kernel parsers), longer than
+    /// `./x test` runs them: rounds with fresh seeds for --seconds, --runs cases each.
+    Fuzz(fuzz::FuzzArgs),
     /// Bring the two-host testbed up or down, or show it.
     Testbed(testbed_cmd::TestbedArgs),
 }
@@ -44,6 +48,7 @@ fn main() {
         Cmd::Test(args) => test::run(&args),
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench(args) => bench::run(&args),
+        Cmd::Fuzz(args) => fuzz::run(&args),
         Cmd::Testbed(args) => testbed_cmd::run(&args),
     };
     if let Err(e) = result {

@@ -11,8 +11,8 @@
 //! - from the timer series: the sender's RTO before backoff (half the first interval, else the first silence), its
 //!   backoff, and when its next retransmission was due;
 //! - the fate: `aborted` (`rst_sent` / `rst_received`, as the client's socket would say) when a RST came during the
-//!   window; `aborted` (`etimedout`, inferred) when the client's timer series stopped and its next retransmission was
-//!   due before the resume (it gave up; a RST it sends after the resume, to the VM that speaks again, confirms it);
+//!   window; `aborted` (`etimedout`, inferred) when the client's timer series stopped, its next retransmission was
+//!   due before the resume, and it reset the connection when the VM spoke again;
 //!   `survived` on forward progress after the resume (a `flow_progress`, or the client's last retransmission followed
 //!   by no other and no reset by the time the next was due), or when nothing crossed the wire at all (nothing was in
 //!   flight); `unresolved` when retransmissions were pending and nothing came after the resume.
@@ -369,7 +369,7 @@ fn wire_fate(v: &WireView, resume: u64, trace_end: u64) -> (Fate, String, u64) {
         let basis = format!("{} reset the connection during the window", who(r.by));
         return (aborted(reset_reason(r.by), r.ts_ns), basis, r.ts_ns + 1);
     }
-    if let Some(fate) = gave_up(v, resume, trace_end) {
+    if let Some(fate) = gave_up(v, resume) {
         return fate;
     }
     if let Some(r) = v
@@ -424,28 +424,30 @@ fn aborted(reason: AbortReason, at_ns: u64) -> Fate {
     Fate::Aborted { reason, at_ns }
 }
 
-/// The client gave up: its timer series stopped, its next retransmission was due before the resume, and none came
-/// (a late timer's would have been seen after the resume too, and would be the last one) by the time the trace
-/// ends, with the timer's slack.
-fn gave_up(v: &WireView, resume: u64, trace_end: u64) -> Option<(Fate, String, u64)> {
-    let (last, due) = (v.peer.last_ns()?, v.peer.next_due_ns?);
-    if v.peer.timer_count() == 0 || due >= resume || due + slack(due, last) > trace_end {
+/// The client gave up: its timer series stopped, its next retransmission was due before the resume and none came
+/// (a late timer's would have been seen after the resume too, and would be the last one), and when the VM spoke
+/// again the client answered with a RST before any progress. (Without that RST the client may still be alive: its
+/// timer fires up to an eighth late, and an ACK from the resumed VM that comes first keeps the connection.)
+fn gave_up(v: &WireView, resume: u64) -> Option<(Fate, String, u64)> {
+    let due = v.peer.next_due_ns?;
+    let rst = v.reset.as_ref().filter(|r| {
+        r.by == FlowSide::Peer
+            && !r.during_window
+            && !(v.progress_by == Some(FlowSide::Peer) && v.first_progress_ns.is_some_and(|p| p < r.ts_ns))
+    })?;
+    if v.peer.timer_count() == 0 || due >= resume {
         return None;
     }
     let basis = format!(
         "the client's retransmissions (RTO {}, backoff {}) stopped: the next was due {} before the resume and none \
-         came: it gave up (ETIMEDOUT){}",
+         came: it gave up (ETIMEDOUT), and it reset the connection when the VM spoke again",
         v.peer
             .rto_us
             .map_or_else(|| "?".to_owned(), |us| fmt_dur(us * 1000)),
         v.peer.backoff,
         fmt_dur(resume - due),
-        match &v.reset {
-            Some(r) if r.by == FlowSide::Peer => "; it reset the connection when the VM spoke again",
-            _ => "",
-        }
     );
-    let until = v.reset.as_ref().map_or(due, |r| r.ts_ns.max(due)) + 1;
+    let until = rst.ts_ns.max(due) + 1;
     Some((aborted(AbortReason::Etimedout, due), basis, until))
 }
 

@@ -312,6 +312,85 @@ fn two_vms_at_once_keep_their_connections_apart() {
     assert_eq!(vm2.timeline.first_rarp.as_ref().unwrap().port, "tapD");
 }
 
+/// The QMP source's current shape of `stop`, a hold, `migrate`, `cont` on the destination: the STOP, then a quick
+/// setup on the same id, rounds and complete; the destination's RESUME on its own id.
+fn qmp_quick(split: bool) -> Vec<Event> {
+    let mid = if split { "qmp:a.qmp:2" } else { "qmp:a.qmp:1" };
+    let mode = if split { Mode::Live } else { Mode::Quick };
+    let setup = Phase::Setup {
+        mode,
+        ram_bytes: 0,
+        ips: Vec::new(),
+        host: "a.qmp".into(),
+        carries_frames: false,
+    };
+    let round = Phase::Round {
+        n: 0,
+        pages: 300,
+        bytes: 2_000_000,
+        bandwidth: 100_000_000,
+    };
+    let complete = Phase::Complete {
+        total_ms: 300.0,
+        pause_ms: 300.0,
+        bytes: 2_000_000,
+    };
+    vec![
+        mig(1000, "qmp:a.qmp:1", VM_MAC, Role::Source, Phase::Pause, "qmp"),
+        mig(3000, mid, VM_MAC, Role::Source, setup, "qmp"),
+        mig(3300, mid, VM_MAC, Role::Source, round, "qmp"),
+        mig(3300, mid, VM_MAC, Role::Source, complete, "qmp"),
+        mig(
+            3800,
+            "qmp:b.qmp:in1",
+            VM_MAC,
+            Role::Destination,
+            Phase::Resume,
+            "qmp",
+        ),
+        note(9000),
+    ]
+}
+
+#[test]
+fn qmp_stop_then_migrate_is_one_quick_migration() {
+    // As the QMP source writes it now, and as older traces split it (the migrate on an id of its own, mode live):
+    // both read as one quick migration paused from the STOP to the destination's RESUME.
+    for split in [false, true] {
+        let a = correlate(&qmp_quick(split));
+        assert_eq!(a.migrations.len(), 1, "split {split}: {:#?}", a.migrations);
+        let m = &a.migrations[0];
+        assert_eq!(m.mode.as_deref(), Some("quick"), "split {split}");
+        assert_eq!(m.downtime.vcpu_pause.as_ref().unwrap().ns, 2800 * MS);
+        assert_eq!(m.timeline.rounds.len(), 1);
+        assert!(m.timeline.complete.is_some());
+        assert_eq!(m.outcome, "completed", "split {split}");
+    }
+    // A stop and cont, then a live migration later: two, the second live.
+    let mut ev = vec![
+        mig(1000, "qmp:a.qmp:1", VM_MAC, Role::Source, Phase::Pause, "qmp"),
+        mig(1200, "qmp:a.qmp:1", VM_MAC, Role::Source, Phase::Resume, "qmp"),
+    ];
+    let live = qmp_quick(true);
+    ev.extend(live[1..4].iter().cloned());
+    ev.extend([
+        mig(3290, "qmp:a.qmp:2", VM_MAC, Role::Source, Phase::Pause, "qmp"),
+        mig(
+            3310,
+            "qmp:b.qmp:in1",
+            VM_MAC,
+            Role::Destination,
+            Phase::Resume,
+            "qmp",
+        ),
+        note(9000),
+    ]);
+    let a = correlate(&ev);
+    assert_eq!(a.migrations.len(), 2, "{:#?}", a.migrations);
+    assert_eq!(a.migrations[1].mode.as_deref(), Some("live"));
+    assert_eq!(a.migrations[1].downtime.vcpu_pause.as_ref().unwrap().ns, 20 * MS);
+}
+
 #[test]
 fn qmp_halves_are_joined_and_labelled() {
     let mut ev = vec![

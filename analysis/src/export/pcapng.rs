@@ -504,7 +504,7 @@ fn tcp_annotation<W: Write>(w: &mut Writer<W>, a: &Analysis, e: &Event, unix: u6
             };
             let what = format!(
                 "{what} backoff {backoff} rto {} state {}{ctx}",
-                crate::correlate::fmt_dur(rto_us * 1000),
+                crate::correlate::fmt_dur(rto_us.saturating_mul(1000)),
                 state_text(*state),
             );
             (tcp, 0x18, what)

@@ -190,7 +190,7 @@ fn timeline_lines(s: &mut String, m: &MigrationReport) {
     let _ = writeln!(s, "  timeline (relative to the pause)");
     stamp_line(s, "setup", tl.setup.as_ref(), anchor);
     if let (Some(first), Some(last)) = (tl.rounds.first(), tl.rounds.last()) {
-        let bytes: u64 = tl.rounds.iter().map(|r| r.bytes).sum();
+        let bytes: u64 = tl.rounds.iter().fold(0u64, |sum, r| sum.saturating_add(r.bytes));
         line(
             s,
             "pre-copy rounds",

@@ -328,7 +328,7 @@ fn panel(out: &mut String, m: &MigrationReport, top: f64) -> f64 {
     let y = panel_range(out, m, top, lo, hi, "");
     // A short switch-over is invisible at the scale of the recovery: add a zoomed panel.
     match switch_over(m) {
-        Some((zlo, zhi)) if (zhi - zlo) * 20 < (hi - lo) => {
+        Some((zlo, zhi)) if zhi > zlo && (zhi - zlo).saturating_mul(20) < hi.saturating_sub(lo) => {
             panel_range(out, m, y + 10.0, zlo, zhi, " — zoom on the switch-over")
         }
         _ => y,
@@ -346,11 +346,11 @@ struct Frame {
 /// One panel: `m` between `lo` and `hi`, its lanes one per kind (vCPUs, migration phases, ports, bridges,
 /// connections), then the pause and blackout across them and the time axis. Returns the y below it.
 fn panel_range(out: &mut String, m: &MigrationReport, top: f64, lo: u64, hi: u64, suffix: &str) -> f64 {
-    let span = (hi - lo).max(1_000_000);
+    let span = hi.saturating_sub(lo).max(1_000_000);
     let f = Frame {
         s: Scale {
             t0: lo.saturating_sub(span / 12),
-            t1: hi + span / 12,
+            t1: hi.saturating_add(span / 12),
         },
         top,
         anchor: anchor_of(m),

@@ -60,12 +60,16 @@ pub enum MigratorSourceError {
 }
 
 /// Turns one line into an event, or a warning note naming where it came from.
-fn parse_line(line: &str, origin: &str, lineno: usize) -> Option<Event> {
+pub(crate) fn parse_line(line: &str, origin: &str, lineno: usize) -> Option<Event> {
     let line = line.trim();
     if line.is_empty() {
         return None;
     }
     Some(match MigrationEvent::from_line(line) {
+        Ok(ev) if ev.ts_ns > migmon_analysis::trace::MAX_TRACE_NS => warn_note(format!(
+            "skipped migration event from {origin} line {lineno}: its time {} ns is beyond any monotonic clock",
+            ev.ts_ns
+        )),
         Ok(ev) => Event::Migration {
             ev,
             source: PauseSource::Migrator,

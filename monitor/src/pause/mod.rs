@@ -13,6 +13,8 @@ use std::{
 
 use migmon_analysis::trace::Event;
 
+#[cfg(test)]
+mod fuzz;
 pub mod migrator;
 pub mod qmp;
 
@@ -88,26 +90,56 @@ pub(crate) fn warn_note(message: String) -> Event {
     }
 }
 
-/// Splits a byte stream into lines, keeping a partial line across reads (timeouts, a file still being written).
+/// The longest line a source accepts (1 MiB): a longer one is an error, never a larger buffer.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Splits a byte stream into lines, keeping a partial line across reads (timeouts, a file still being written). The
+/// buffer never holds more than the bound plus one read: a line longer than the bound is an `InvalidData` error
+/// (the caller drops that connection), and the buffer is emptied.
 pub(crate) struct LineReader<R> {
     inner: R,
     buf: Vec<u8>,
+    /// Bytes of `buf` already searched for a newline.
+    scanned: usize,
+    max: usize,
 }
 
 impl<R: Read> LineReader<R> {
     pub(crate) fn new(inner: R) -> Self {
+        Self::with_limit(inner, MAX_LINE)
+    }
+
+    pub(crate) fn with_limit(inner: R, max: usize) -> Self {
         Self {
             inner,
             buf: Vec::new(),
+            scanned: 0,
+            max,
         }
     }
 
-    /// The next complete line; `Ok(None)` at end of input.
+    /// The next complete line; `Ok(None)` at end of input; `InvalidData` for a line longer than the bound.
     pub(crate) fn next_line(&mut self) -> io::Result<Option<String>> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                return Ok(Some(String::from_utf8_lossy(&line[..pos]).into_owned()));
+            if let Some(off) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let pos = self.scanned + off;
+                let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
+                self.buf.drain(..=pos);
+                self.scanned = 0;
+                return Ok(Some(line));
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > self.max {
+                let len = self.buf.len();
+                self.buf = Vec::new();
+                self.scanned = 0;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "a line longer than {} bytes ({len} bytes without a newline)",
+                        self.max
+                    ),
+                ));
             }
             let mut chunk = [0u8; 8192];
             let n = self.inner.read(&mut chunk)?;
@@ -119,6 +151,7 @@ impl<R: Read> LineReader<R> {
     }
 
     pub(crate) fn take_partial(&mut self) -> Option<String> {
+        self.scanned = 0;
         if self.buf.iter().all(u8::is_ascii_whitespace) {
             self.buf.clear();
             return None;
@@ -126,5 +159,52 @@ impl<R: Read> LineReader<R> {
         let s = String::from_utf8_lossy(&self.buf).into_owned();
         self.buf.clear();
         Some(s)
+    }
+
+    /// The bytes held for a partial line (the bound's test reads it).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An endless stream of one byte, never a newline.
+    struct Endless;
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            buf.fill(b'x');
+            Ok(buf.len())
+        }
+    }
+
+    #[test]
+    fn line_reader_splits_lines_across_reads() {
+        let data: &[u8] = b"{\"a\":1}\n\n{\"b\":2}\npartial";
+        let mut r = LineReader::new(io::Cursor::new(data).chain(io::empty()));
+        assert_eq!(r.next_line().unwrap().as_deref(), Some("{\"a\":1}"));
+        assert_eq!(r.next_line().unwrap().as_deref(), Some(""));
+        assert_eq!(r.next_line().unwrap().as_deref(), Some("{\"b\":2}"));
+        assert_eq!(r.next_line().unwrap(), None);
+        assert_eq!(r.take_partial().as_deref(), Some("partial"));
+    }
+
+    #[test]
+    fn line_reader_refuses_an_overlong_line_without_growing() {
+        let mut r = LineReader::with_limit(Endless, 64 * 1024);
+        let err = r.next_line().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("longer than 65536 bytes"), "{err}");
+        assert_eq!(r.held(), 0, "the buffer is released");
+        // The default bound is 1 MiB, and the buffer stays within it plus one read.
+        let mut r = LineReader::new(Endless.take(3 * MAX_LINE as u64));
+        assert!(r.next_line().is_err());
+        let mut r = LineReader::new(Endless.take(MAX_LINE as u64 / 2).chain(&b"\nnext\n"[..]));
+        assert_eq!(r.next_line().unwrap().map(|l| l.len()), Some(MAX_LINE / 2));
+        assert_eq!(r.next_line().unwrap().as_deref(), Some("next"));
     }
 }

@@ -1,24 +1,34 @@
 //! Pause windows from QEMU's QMP (`migmon watch --qmp PATH`, repeatable).
 //!
-//! The follower connects to a QMP unix socket, negotiates capabilities, turns on the `events` migration capability
-//! (so QEMU reports MIGRATION status changes), asks for the VM's MAC (`query-rx-filter`) and state
-//! (`query-status`), and then turns events into migration phases:
+//! The follower waits for the QMP unix socket to appear (polling with a backoff up to 2 s), negotiates capabilities,
+//! turns on the `events` migration capability (so QEMU reports MIGRATION status changes and passes), asks for the
+//! VM's MAC (`query-rx-filter`) and state (`query-status`), and then turns events into migration phases. When the
+//! socket goes away (QEMU exits, restarts, or a destination QEMU is started at migration time) it connects again;
+//! each connection records its own clock offset, and the reconnects are counted in the trace's notes.
+//!
+//! On a source QEMU:
 //!
 //! | QMP | phase |
 //! |---|---|
-//! | `MIGRATION` status `setup` | `setup` (mode live) |
-//! | `MIGRATION_PASS` | `round {n}` |
-//! | `STOP` | `pause` |
-//! | `RESUME` | `resume` |
-//! | `MIGRATION` status `completed` | `complete` (figures from `query-migrate`) |
+//! | `MIGRATION` status `setup` while running | `setup` (mode `live`), on a new window |
+//! | `STOP` with no window open | `pause`, on a new window (a plain stop, or the start of a quick migration) |
+//! | `MIGRATION` status `setup` while stopped | `setup` (mode `quick`) on the stopped window: paused, then moved |
+//! | `STOP` in a live migration | `pause` |
+//! | `MIGRATION_PASS` | `round` (pages, bytes, bandwidth from `query-migrate`) |
+//! | `MIGRATION` status `completed` | the final `round` and `complete` (QEMU's total time, downtime, bytes from `query-migrate`) |
 //! | `MIGRATION` status `failed` / `cancelled` | `failed` |
+//! | `RESUME` with a window open | `resume` (a `cont` after a stop, or the source taking the VM back) |
 //!
-//! QMP stamps events with the wall clock. The follower measures `wall - CLOCK_MONOTONIC` once at connect, emits it
+//! A destination (`query-status` says `inmigrate`) opens no window of its own from its MIGRATION events: its only
+//! phase is the `RESUME` after the incoming migration (QEMU's autostart, or a `cont` after a quick migration), on an
+//! id of its own with role `destination`; the correlation joins it to the source's pause by MAC.
+//!
+//! QMP stamps events with the wall clock. The follower measures `wall - CLOCK_MONOTONIC` at each connect, emits it
 //! as a `clock_offset` event (so the trace records it), and converts every timestamp with it.
 //!
-//! Ids: a STOP opens window `qmp:NAME:N` (NAME is the socket's file name); a RESUME on the same QEMU closes it. A
-//! RESUME on a QEMU that never stopped (a migration destination) gets its own id with role `destination`; the
-//! correlation joins it to the source's pause by MAC.
+//! Bad input never stops the follower: a malformed line is a counted warning, and a line longer than
+//! [`MAX_LINE`](super::MAX_LINE), a read error or a closed socket drops that connection with a warning and connects
+//! again.
 
 use std::{
     collections::HashMap,
@@ -41,6 +51,9 @@ use migmon_analysis::trace::{Event, PauseSource};
 
 const POLL: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first wait before connecting again; it doubles up to [`MAX_BACKOFF`] while the socket stays unreachable.
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Errors connecting to QMP.
 #[derive(Debug, thiserror::Error)]
@@ -83,23 +96,72 @@ pub fn qmp_timestamp_to_mono(ts: &Value, wall_minus_mono: i64) -> Option<u64> {
     let wall = secs
         .checked_mul(1_000_000_000)?
         .checked_add(us.checked_mul(1000)?)?;
-    u64::try_from(wall - wall_minus_mono).ok()
+    u64::try_from(wall.checked_sub(wall_minus_mono)?)
+        .ok()
+        .filter(|&mono| mono <= migmon_analysis::trace::MAX_TRACE_NS)
 }
 
-/// Turns QMP lines into events. Pure, so it is tested without a QEMU.
+/// A command of ours waiting for its reply.
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    Caps,
+    Mac,
+    Status,
+    /// `query-migrate` after `MIGRATION_PASS` `pass`, stamped `ts`.
+    Pass {
+        pass: u64,
+        ts: u64,
+    },
+    /// `query-migrate` after `MIGRATION` `completed`, stamped `ts`.
+    Done {
+        ts: u64,
+    },
+}
+
+impl Pending {
+    fn what(self) -> &'static str {
+        match self {
+            Self::Caps => "migrate-set-capabilities",
+            Self::Mac => "query-rx-filter",
+            Self::Status => "query-status",
+            Self::Pass { .. } | Self::Done { .. } => "query-migrate",
+        }
+    }
+}
+
+/// The window open on a source QEMU: a stop, a migration, or both.
+#[derive(Clone, Debug, Default)]
+struct Window {
+    id: String,
+    /// A STOP was seen (the VM is paused).
+    stopped: bool,
+    /// A migration runs (a `setup` was seen and no end yet).
+    migrating: bool,
+    /// Rounds emitted so far (the next round's number).
+    rounds: u32,
+    /// `ram.transferred` and `ram.normal` at the last `query-migrate`.
+    transferred: u64,
+    normal: u64,
+}
+
+/// Turns QMP lines into events. Pure, so it is tested without a QEMU; one translator lives across the
+/// connections of one socket path, so window ids are never reused when QEMU restarts.
 pub struct QmpTranslator {
     name: String,
     origin: String,
     wall_minus_mono: i64,
     mac: String,
     windows: u32,
-    current: Option<String>,
-    /// A migration `setup` opened an id that the coming STOP uses.
-    setup_open: bool,
-    incoming: u32,
+    current: Option<Window>,
+    /// `query-status` said `inmigrate`: this QEMU is a migration's destination until the incoming migration ends.
+    incoming: bool,
+    incoming_resumes: u32,
     lineno: usize,
+    /// Lines skipped since the follower started (malformed, not an object, neither event nor reply).
+    skipped: u64,
+    next_cmd: u64,
     /// Outstanding commands by id.
-    pending: HashMap<String, &'static str>,
+    pending: HashMap<String, Pending>,
 }
 
 impl QmpTranslator {
@@ -115,31 +177,50 @@ impl QmpTranslator {
             mac: String::new(),
             windows: 0,
             current: None,
-            setup_open: false,
-            incoming: 0,
+            incoming: false,
+            incoming_resumes: 0,
             lineno: 0,
+            skipped: 0,
+            next_cmd: 0,
             pending: HashMap::new(),
         }
     }
 
+    /// Lines skipped so far.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// A new connection (the first, or after QEMU restarted): a new clock offset, and whatever the old QEMU had
+    /// open is gone with it. Returns the commands to send after capabilities negotiation (each a JSON line).
+    pub fn connected(&mut self, wall_minus_mono: i64) -> Vec<String> {
+        self.wall_minus_mono = wall_minus_mono;
+        self.current = None;
+        self.incoming = false;
+        self.lineno = 0;
+        self.pending.clear();
+        self.initial_commands()
+    }
+
     /// The commands to send after capabilities negotiation (each a JSON line), recorded as pending.
     pub fn initial_commands(&mut self) -> Vec<String> {
-        let cmds = [
-            (
-                "migmon-caps",
-                "caps",
+        vec![
+            self.command(
+                Pending::Caps,
                 json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "events", "state": true}]}}),
             ),
-            ("migmon-mac", "mac", json!({"execute": "query-rx-filter"})),
-            ("migmon-status", "status", json!({"execute": "query-status"})),
-        ];
-        cmds.into_iter()
-            .map(|(id, kind, mut v)| {
-                v["id"] = json!(id);
-                self.pending.insert(id.to_owned(), kind);
-                v.to_string()
-            })
-            .collect()
+            self.command(Pending::Mac, json!({"execute": "query-rx-filter"})),
+            self.command(Pending::Status, json!({"execute": "query-status"})),
+        ]
+    }
+
+    /// A command line with a fresh id, recorded as pending.
+    fn command(&mut self, kind: Pending, mut v: Value) -> String {
+        self.next_cmd += 1;
+        let id = format!("migmon-{}", self.next_cmd);
+        v["id"] = json!(id);
+        self.pending.insert(id, kind);
+        v.to_string()
     }
 
     fn migration(&self, ts_ns: u64, id: &str, role: Role, phase: Phase) -> Event {
@@ -155,11 +236,14 @@ impl QmpTranslator {
         }
     }
 
-    fn open_window(&mut self) -> String {
+    /// Opens a new window and returns it.
+    fn open_window(&mut self) -> &mut Window {
         self.windows += 1;
         let id = format!("qmp:{}:{}", self.name, self.windows);
-        self.current = Some(id.clone());
-        id
+        self.current.insert(Window {
+            id,
+            ..Window::default()
+        })
     }
 
     /// Handles one line: returns events to emit and commands to send.
@@ -200,15 +284,15 @@ impl QmpTranslator {
     /// A QMP error reply to one of our commands, as a warning.
     fn error_reply(&mut self, v: &Value) -> Event {
         let id = v.get("id").and_then(Value::as_str).unwrap_or_default();
-        let kind = self.pending.remove(id).unwrap_or("command");
+        let kind = self.pending.remove(id);
         let desc = v["error"].get("desc").and_then(Value::as_str).unwrap_or("error");
-        let note = if kind == "caps" {
-            format!(
+        let note = match kind {
+            Some(Pending::Caps) => format!(
                 "QMP {}: cannot enable migration events ({desc}); MIGRATION phases will be missing",
                 self.origin
-            )
-        } else {
-            format!("QMP {}: {kind} failed: {desc}", self.origin)
+            ),
+            Some(k) => format!("QMP {}: {} failed: {desc}", self.origin, k.what()),
+            None => format!("QMP {}: a command failed: {desc}", self.origin),
         };
         warn_note(note)
     }
@@ -218,38 +302,36 @@ impl QmpTranslator {
         let mut out = Vec::new();
         let mut cmds = Vec::new();
         match event {
-            "STOP" => {
-                let id = if self.setup_open {
-                    self.setup_open = false;
-                    self.current.clone().unwrap_or_else(|| self.open_window())
-                } else {
-                    self.open_window()
-                };
-                out.push(self.migration(ts, &id, Role::Source, Phase::Pause));
-            }
+            "STOP" => match &mut self.current {
+                // The stop of a live migration's final phase.
+                Some(w) if !w.stopped => {
+                    w.stopped = true;
+                    let id = w.id.clone();
+                    out.push(self.migration(ts, &id, Role::Source, Phase::Pause));
+                }
+                // Already stopped: nothing new.
+                Some(_) => {}
+                None => {
+                    let w = self.open_window();
+                    w.stopped = true;
+                    let id = w.id.clone();
+                    out.push(self.migration(ts, &id, Role::Source, Phase::Pause));
+                }
+            },
             "RESUME" => {
-                if let Some(id) = self.current.take() {
-                    out.push(self.migration(ts, &id, Role::Source, Phase::Resume));
-                } else {
-                    self.incoming += 1;
-                    let id = format!("qmp:{}:in{}", self.name, self.incoming);
+                if let Some(w) = self.current.take_if(|w| w.stopped) {
+                    out.push(self.migration(ts, &w.id, Role::Source, Phase::Resume));
+                } else if self.current.is_none() {
+                    self.incoming = false;
+                    self.incoming_resumes += 1;
+                    let id = format!("qmp:{}:in{}", self.name, self.incoming_resumes);
                     out.push(self.migration(ts, &id, Role::Destination, Phase::Resume));
                 }
             }
             "MIGRATION_PASS" => {
-                let n = data.get("pass").and_then(Value::as_u64).unwrap_or(0) as u32;
-                if let Some(id) = self.current.clone() {
-                    out.push(self.migration(
-                        ts,
-                        &id,
-                        Role::Source,
-                        Phase::Round {
-                            n,
-                            pages: 0,
-                            bytes: 0,
-                            bandwidth: 0,
-                        },
-                    ));
+                let pass = data.get("pass").and_then(Value::as_u64).unwrap_or(0);
+                if self.current.as_ref().is_some_and(|w| w.migrating) && !self.incoming {
+                    cmds.push(self.command(Pending::Pass { pass, ts }, json!({"execute": "query-migrate"})));
                 }
             }
             "MIGRATION" => {
@@ -261,18 +343,36 @@ impl QmpTranslator {
         (out, cmds)
     }
 
-    /// A `MIGRATION` event's status: setup opens a window, completed asks for the figures, failed ends it.
+    /// A `MIGRATION` event's status on a source: setup opens (or joins) a window, completed asks for the figures,
+    /// failed ends it. A destination's statuses open nothing.
     fn migration_status(&mut self, status: &str, ts: u64, out: &mut Vec<Event>, cmds: &mut Vec<String>) {
+        if self.incoming {
+            if matches!(status, "completed" | "failed" | "cancelled") {
+                self.incoming = false;
+            }
+            return;
+        }
         match status {
             "setup" => {
-                let id = self.open_window();
-                self.setup_open = true;
+                let (id, mode) = match &mut self.current {
+                    Some(w) if w.migrating => return,
+                    // Stopped first, then migrated: one migration, paused before it moved.
+                    Some(w) => {
+                        w.migrating = true;
+                        (w.id.clone(), Mode::Quick)
+                    }
+                    None => {
+                        let w = self.open_window();
+                        w.migrating = true;
+                        (w.id.clone(), Mode::Live)
+                    }
+                };
                 out.push(self.migration(
                     ts,
                     &id,
                     Role::Source,
                     Phase::Setup {
-                        mode: Mode::Live,
+                        mode,
                         ram_bytes: 0,
                         ips: Vec::new(),
                         host: self.name.clone(),
@@ -281,15 +381,19 @@ impl QmpTranslator {
                     },
                 ));
             }
-            "completed" => {
-                self.pending.insert("migmon-done".into(), "done");
-                cmds.push(json!({"execute": "query-migrate", "id": "migmon-done"}).to_string());
+            "completed" if self.current.as_ref().is_some_and(|w| w.migrating) => {
+                cmds.push(self.command(Pending::Done { ts }, json!({"execute": "query-migrate"})));
             }
             status @ ("failed" | "cancelled") => {
-                let id = self
-                    .current
-                    .clone()
-                    .unwrap_or_else(|| format!("qmp:{}:{}", self.name, self.windows));
+                let Some(w) = self.current.as_mut().filter(|w| w.migrating) else {
+                    return;
+                };
+                w.migrating = false;
+                let id = w.id.clone();
+                // A live migration that failed before its stop is over; a stopped VM stays paused until a `cont`.
+                if !w.stopped {
+                    self.current = None;
+                }
                 out.push(self.migration(
                     ts,
                     &id,
@@ -305,48 +409,102 @@ impl QmpTranslator {
 
     fn reply(&mut self, id: &str, ret: &Value) -> (Vec<Event>, Vec<String>) {
         match self.pending.remove(id) {
-            Some("mac") => {
+            Some(Pending::Mac) => {
                 if let Some(mac) = ret.as_array().and_then(|a| {
                     a.iter()
                         .find_map(|nic| nic.get("main-mac").and_then(Value::as_str))
                 }) {
                     self.mac = mac.to_ascii_lowercase();
                 }
-                (Vec::new(), Vec::new())
             }
-            Some("done") => {
-                // The source stays stopped after completing: its window has no resume of its own.
-                let id = self
-                    .current
-                    .clone()
-                    .unwrap_or_else(|| format!("qmp:{}:{}", self.name, self.windows.max(1)));
-                let bytes = ret
-                    .pointer("/ram/transferred")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
-                let total_ms = ret.get("total-time").and_then(Value::as_f64).unwrap_or(0.0);
-                let pause_ms = ret.get("downtime").and_then(Value::as_f64).unwrap_or(0.0);
-                let ev = self.migration(
-                    monotonic_ns(),
-                    &id,
-                    Role::Source,
-                    Phase::Complete {
-                        total_ms,
-                        pause_ms,
-                        bytes,
-                    },
-                );
-                self.current = None;
-                (vec![ev], Vec::new())
+            Some(Pending::Status) => {
+                if ret.get("status").and_then(Value::as_str) == Some("inmigrate") {
+                    self.incoming = true;
+                }
             }
-            _ => (Vec::new(), Vec::new()),
+            Some(Pending::Pass { pass, ts }) => {
+                // Pass 1 is the first sync, before any page is sent; pass k > 1 ends round k - 2.
+                if pass > 1 {
+                    return (self.round(ts, ret).into_iter().collect(), Vec::new());
+                }
+                self.stats(ret);
+            }
+            Some(Pending::Done { ts }) => return (self.completed(ts, ret), Vec::new()),
+            Some(Pending::Caps) | None => {}
         }
+        (Vec::new(), Vec::new())
     }
 
-    fn skip(&self, why: &str) -> Event {
+    /// Records a `query-migrate` reply's counters; returns (bytes, pages) since the previous one.
+    fn stats(&mut self, ret: &Value) -> Option<(u64, u64)> {
+        let w = self.current.as_mut()?;
+        let transferred = ret.pointer("/ram/transferred").and_then(Value::as_u64)?;
+        let normal = ret
+            .pointer("/ram/normal")
+            .and_then(Value::as_u64)
+            .unwrap_or(w.normal);
+        let delta = (
+            transferred.saturating_sub(w.transferred),
+            normal.saturating_sub(w.normal),
+        );
+        w.transferred = transferred;
+        w.normal = normal;
+        Some(delta)
+    }
+
+    /// The round that ended at `ts`, from a `query-migrate` reply.
+    fn round(&mut self, ts: u64, ret: &Value) -> Option<Event> {
+        let (bytes, pages) = self.stats(ret)?;
+        let w = self.current.as_mut()?;
+        let n = w.rounds;
+        w.rounds += 1;
+        let id = w.id.clone();
+        // QEMU reports megabits per second.
+        let mbps = ret.pointer("/ram/mbps").and_then(Value::as_f64).unwrap_or(0.0);
+        Some(self.migration(
+            ts,
+            &id,
+            Role::Source,
+            Phase::Round {
+                n,
+                pages,
+                bytes,
+                bandwidth: (mbps * 1e6 / 8.0) as u64,
+            },
+        ))
+    }
+
+    /// The completed migration's final round (the bytes since the last pass, sent while paused) and QEMU's figures.
+    fn completed(&mut self, ts: u64, ret: &Value) -> Vec<Event> {
+        let mut out: Vec<Event> = self.round(ts, ret).into_iter().collect();
+        // The source stays stopped after completing: its window has no resume of its own.
+        let Some(w) = self.current.take() else {
+            return out;
+        };
+        let bytes = ret
+            .pointer("/ram/transferred")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let total_ms = ret.get("total-time").and_then(Value::as_f64).unwrap_or(0.0);
+        let pause_ms = ret.get("downtime").and_then(Value::as_f64).unwrap_or(0.0);
+        out.push(self.migration(
+            ts,
+            &w.id,
+            Role::Source,
+            Phase::Complete {
+                total_ms,
+                pause_ms,
+                bytes,
+            },
+        ));
+        out
+    }
+
+    fn skip(&mut self, why: &str) -> Event {
+        self.skipped += 1;
         warn_note(format!(
-            "skipped malformed QMP line from {} line {}: {why}",
-            self.origin, self.lineno
+            "skipped malformed QMP line from {} line {}: {why} ({} skipped so far)",
+            self.origin, self.lineno, self.skipped
         ))
     }
 }
@@ -410,8 +568,8 @@ fn handshake(
     Ok(())
 }
 
-/// Connects to a QMP socket and follows it on a thread until stopped or until QEMU closes the socket.
-pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
+/// Connects and negotiates: a reader and a writer on a QMP session ready for commands.
+fn connect(path: &Path) -> Result<(LineReader<UnixStream>, UnixStream), QmpError> {
     let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
         path: path.to_owned(),
         source,
@@ -423,55 +581,168 @@ pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
     stream.set_read_timeout(Some(POLL)).map_err(io_err)?;
     let mut writer = stream.try_clone().map_err(io_err)?;
     let mut reader = LineReader::new(stream);
-
     handshake(path, &mut reader, &mut writer)?;
+    Ok((reader, writer))
+}
 
-    let offset = measure_wall_minus_mono();
-    let mut tr = QmpTranslator::new(path, offset);
-    let source_name = format!("qmp:{}", path.display());
-    for c in tr.initial_commands() {
-        writer.write_all(format!("{c}\n").as_bytes()).map_err(io_err)?;
+/// How a session ended.
+enum Ended {
+    /// Asked to stop, or the receiver is gone.
+    Stop,
+    /// The connection is lost: the warning says why.
+    Lost(String),
+}
+
+/// The follower's state across connections: it warns once per change, not once per attempt.
+struct Follower<E> {
+    path: PathBuf,
+    origin: String,
+    emit: E,
+    stop: Arc<AtomicBool>,
+    tr: QmpTranslator,
+    connections: u64,
+    /// The last unreachable state warned about (so a socket that stays missing costs one note).
+    unreachable: Option<String>,
+}
+
+impl<E: Emit> Follower<E> {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_t = stop.clone();
-    let origin = path.display().to_string();
-    let thread = thread::Builder::new()
-        .name("migmon-qmp".into())
-        .spawn(move || {
-            if !emit.emit(Event::ClockOffset {
-                ts_ns: monotonic_ns(),
-                source: source_name,
-                wall_minus_mono_ns: offset,
-            }) {
-                return;
-            }
-            while !stop_t.load(Ordering::Relaxed) {
-                match reader.next_line() {
-                    Ok(Some(line)) => {
-                        let (events, cmds) = tr.line(&line);
-                        for ev in events {
-                            if !emit.emit(ev) {
+
+    /// Waits `d`, noticing a stop within [`POLL`].
+    fn wait(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopped() && Instant::now() < until {
+            thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    /// Follows until stopped, starting with `first` (a session already negotiated) if there is one.
+    fn run(mut self, mut first: Option<(LineReader<UnixStream>, UnixStream)>) {
+        let mut backoff = MIN_BACKOFF;
+        while !self.stopped() {
+            let attempt = first.take().map_or_else(|| connect(&self.path), Ok);
+            match attempt {
+                Ok((reader, writer)) => {
+                    backoff = MIN_BACKOFF;
+                    self.unreachable = None;
+                    match self.session(reader, writer) {
+                        Ended::Stop => return,
+                        Ended::Lost(why) => {
+                            if !self.emit.emit(warn_note(format!(
+                                "QMP {}: {why}; connecting again (reconnects so far: {})",
+                                self.origin, self.connections
+                            ))) {
                                 return;
                             }
                         }
-                        for c in cmds {
-                            if writer.write_all(format!("{c}\n").as_bytes()).is_err() {
-                                emit.emit(warn_note(format!("QMP {origin}: cannot send a query")));
-                            }
-                        }
-                    }
-                    Ok(None) => {
-                        emit.emit(warn_note(format!("QMP {origin}: QEMU closed the socket")));
-                        return;
-                    }
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                    Err(e) => {
-                        emit.emit(warn_note(format!("QMP {origin}: read failed: {e}")));
-                        return;
                     }
                 }
+                Err(e) => {
+                    // The kind of failure, without the OS detail that may vary between attempts.
+                    let state = match &e {
+                        QmpError::Connect { source, .. } => format!("{:?}", source.kind()),
+                        other => other.to_string(),
+                    };
+                    if self.unreachable.as_deref() != Some(state.as_str()) {
+                        let msg = format!(
+                            "{e}; waiting for it (retrying every {} s at most)",
+                            MAX_BACKOFF.as_secs()
+                        );
+                        self.unreachable = Some(state);
+                        if !self.emit.emit(warn_note(msg)) {
+                            return;
+                        }
+                    }
+                    self.wait(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
             }
-        })
+        }
+    }
+
+    /// One connection, from the clock offset to its end.
+    fn session(&mut self, mut reader: LineReader<UnixStream>, mut writer: UnixStream) -> Ended {
+        let offset = measure_wall_minus_mono();
+        let reconnect = self.connections > 0;
+        self.connections += 1;
+        if !self.emit.emit(Event::ClockOffset {
+            ts_ns: monotonic_ns(),
+            source: format!("qmp:{}", self.path.display()),
+            wall_minus_mono_ns: offset,
+        }) {
+            return Ended::Stop;
+        }
+        if reconnect {
+            let note = Event::Note {
+                ts_ns: monotonic_ns(),
+                level: "info".to_owned(),
+                message: format!(
+                    "QMP {}: connected again (reconnect {})",
+                    self.origin,
+                    self.connections - 1
+                ),
+            };
+            if !self.emit.emit(note) {
+                return Ended::Stop;
+            }
+        }
+        for c in self.tr.connected(offset) {
+            if let Err(e) = writer.write_all(format!("{c}\n").as_bytes()) {
+                return Ended::Lost(format!("cannot send the first queries ({e})"));
+            }
+        }
+        while !self.stopped() {
+            match reader.next_line() {
+                Ok(Some(line)) => {
+                    let (events, cmds) = self.tr.line(&line);
+                    for ev in events {
+                        if !self.emit.emit(ev) {
+                            return Ended::Stop;
+                        }
+                    }
+                    for c in cmds {
+                        if let Err(e) = writer.write_all(format!("{c}\n").as_bytes()) {
+                            return Ended::Lost(format!("cannot send a query ({e})"));
+                        }
+                    }
+                }
+                Ok(None) => return Ended::Lost("QEMU closed the socket".into()),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    self.tr.skipped += 1;
+                    return Ended::Lost(format!(
+                        "dropped the connection: {e} ({} skipped so far)",
+                        self.tr.skipped()
+                    ));
+                }
+                Err(e) => return Ended::Lost(format!("read failed: {e}")),
+            }
+        }
+        Ended::Stop
+    }
+}
+
+/// Follows a QMP socket on a thread until stopped: waits for the socket to appear, and connects again whenever it
+/// goes away (QEMU restarted, or a destination started at migration time). Only starting the thread can fail.
+///
+/// A socket that is there already is connected to before this returns, so QEMU's events from then on are seen.
+pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
+    let first = connect(path).ok();
+    let stop = Arc::new(AtomicBool::new(false));
+    let follower = Follower {
+        path: path.to_owned(),
+        origin: path.display().to_string(),
+        emit,
+        stop: stop.clone(),
+        tr: QmpTranslator::new(path, 0),
+        connections: 0,
+        unreachable: None,
+    };
+    let thread = thread::Builder::new()
+        .name("migmon-qmp".into())
+        .spawn(move || follower.run(first))
         .map_err(QmpError::Spawn)?;
     Ok(SourceHandle::new(stop, thread))
 }
@@ -480,13 +751,104 @@ pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
 mod tests {
     use super::*;
 
-    fn ts(secs: i64, us: i64) -> String {
-        format!("{{\"seconds\": {secs}, \"microseconds\": {us}}}")
+    /// A QMP event line at `ms` milliseconds of wall time.
+    fn qev(name: &str, ms: i64, data: &str) -> String {
+        let data = if data.is_empty() {
+            String::new()
+        } else {
+            format!(r#", "data": {data}"#)
+        };
+        format!(
+            r#"{{"event": "{name}"{data}, "timestamp": {{"seconds": {}, "microseconds": {}}}}}"#,
+            ms / 1000,
+            ms % 1000 * 1000
+        )
+    }
+
+    /// Feeds lines to a translator, answering its commands: `query-migrate` with the next of `migrate` replies,
+    /// `query-status` with `status`, `query-rx-filter` with `mac`. Returns the events.
+    struct Qemu {
+        tr: QmpTranslator,
+        status: &'static str,
+        migrate: Vec<String>,
+        events: Vec<Event>,
+    }
+
+    impl Qemu {
+        fn new(name: &str, status: &'static str) -> Self {
+            let mut q = Self {
+                tr: QmpTranslator::new(Path::new(name), 0),
+                status,
+                migrate: Vec::new(),
+                events: Vec::new(),
+            };
+            let cmds = q.tr.connected(0);
+            q.answer(cmds);
+            q
+        }
+
+        fn answer(&mut self, cmds: Vec<String>) {
+            for c in cmds {
+                let v: Value = serde_json::from_str(&c).unwrap();
+                let id = v["id"].as_str().unwrap().to_owned();
+                let ret = match v["execute"].as_str().unwrap() {
+                    "query-status" => format!(r#"{{"status": "{}", "running": false}}"#, self.status),
+                    "query-rx-filter" => r#"[{"name": "net0", "main-mac": "52:54:00:AA:00:01"}]"#.to_owned(),
+                    "query-migrate" => self.migrate.remove(0),
+                    _ => "{}".to_owned(),
+                };
+                self.feed(&format!(r#"{{"return": {ret}, "id": "{id}"}}"#));
+            }
+        }
+
+        fn feed(&mut self, line: &str) {
+            let (events, cmds) = self.tr.line(line);
+            self.events.extend(events);
+            self.answer(cmds);
+        }
+
+        fn phases(&self) -> Vec<(String, Role, Phase, u64)> {
+            self.events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Migration { ev, .. } => {
+                        Some((ev.migration_id.clone(), ev.role, ev.phase.clone(), ev.ts_ns))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn migrate_reply(transferred: u64, normal: u64) -> String {
+        format!(
+            r#"{{"status": "active", "ram": {{"transferred": {transferred}, "normal": {normal}, "mbps": 800}}}}"#
+        )
+    }
+
+    fn done_reply(transferred: u64, normal: u64) -> String {
+        format!(
+            r#"{{"status": "completed", "total-time": 470, "downtime": 9, "ram": {{"transferred": {transferred}, "normal": {normal}, "mbps": 800}}}}"#
+        )
+    }
+
+    /// The destination's side of one migration: its MIGRATION statuses, then its RESUME at `resume_ms`.
+    fn destination(resume_ms: i64) -> Qemu {
+        let mut dst = Qemu::new("/run/b.qmp", "inmigrate");
+        dst.feed(&qev("MIGRATION", 1000, r#"{"status": "active"}"#));
+        dst.feed(&qev("MIGRATION", resume_ms - 5, r#"{"status": "completed"}"#));
+        dst.feed(&qev("RESUME", resume_ms, ""));
+        dst
+    }
+
+    fn correlate(a: &Qemu, b: &Qemu) -> migmon_analysis::correlate::Analysis {
+        let all: Vec<Event> = a.events.iter().chain(&b.events).cloned().collect();
+        migmon_analysis::correlate::correlate(&all)
     }
 
     #[test]
     fn converts_wall_to_monotonic() {
-        let v: Value = serde_json::from_str(&ts(100, 250)).unwrap();
+        let v: Value = serde_json::from_str(r#"{"seconds": 100, "microseconds": 250}"#).unwrap();
         assert_eq!(qmp_timestamp_to_mono(&v, 40_000_000_000), Some(60_000_250_000));
         assert_eq!(
             qmp_timestamp_to_mono(&serde_json::json!({"seconds": -1, "microseconds": 0}), 0),
@@ -495,64 +857,253 @@ mod tests {
     }
 
     #[test]
-    #[expect(clippy::many_single_char_names, reason = "short names for one event each")]
-    fn stop_resume_and_a_migration_pair() {
-        let mut src = QmpTranslator::new(Path::new("/run/a.qmp"), 1_000_000_000);
-        src.initial_commands();
-        let (e, _) = src
-            .line(r#"{"return": [{"name": "net0", "main-mac": "52:54:00:AA:00:01"}], "id": "migmon-mac"}"#);
-        assert!(e.is_empty());
-        // stop/cont on one QEMU: one window.
-        let (p, _) = src.line(&format!(r#"{{"event": "STOP", "timestamp": {}}}"#, ts(2, 0)));
-        let (r, _) = src.line(&format!(r#"{{"event": "RESUME", "timestamp": {}}}"#, ts(2, 500)));
-        let (Event::Migration { ev: pe, source }, Event::Migration { ev: re, .. }) = (&p[0], &r[0]) else {
-            panic!("{p:?} {r:?}")
-        };
-        assert_eq!(*source, PauseSource::Qmp);
-        assert_eq!(pe.phase, Phase::Pause);
-        assert_eq!(pe.ts_ns, 1_000_000_000);
-        assert_eq!(re.ts_ns, 1_000_500_000);
-        assert_eq!(pe.migration_id, re.migration_id);
-        assert_eq!(pe.mac, "52:54:00:aa:00:01");
-
-        // A migration: setup, STOP, completed (query-migrate).
-        let (s, _) = src.line(&format!(
-            r#"{{"event": "MIGRATION", "data": {{"status": "setup"}}, "timestamp": {}}}"#,
-            ts(3, 0)
-        ));
-        let (p2, _) = src.line(&format!(
-            r#"{{"event": "STOP", "timestamp": {}}}"#,
-            ts(3, 400_000)
-        ));
-        let (_, cmds) = src.line(&format!(
-            r#"{{"event": "MIGRATION", "data": {{"status": "completed"}}, "timestamp": {}}}"#,
-            ts(3, 500_000)
-        ));
-        assert_eq!(cmds.len(), 1);
-        let (c, _) = src.line(r#"{"return": {"status": "completed", "total-time": 470, "downtime": 9, "ram": {"transferred": 1234}}, "id": "migmon-done"}"#);
-        let id = |e: &Event| match e {
-            Event::Migration { ev, .. } => ev.migration_id.clone(),
-            _ => String::new(),
-        };
-        assert_eq!(id(&s[0]), id(&p2[0]));
-        assert_eq!(id(&c[0]), id(&p2[0]));
+    fn stop_and_cont_is_one_window() {
+        let mut src = Qemu::new("/run/a.qmp", "running");
+        src.feed(&qev("STOP", 2000, ""));
+        src.feed(&qev("RESUME", 2500, ""));
+        let p = src.phases();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!((p[0].2.clone(), p[1].2.clone()), (Phase::Pause, Phase::Resume));
+        assert_eq!(p[0].0, p[1].0);
+        assert_eq!(p[1].3 - p[0].3, 500_000_000);
         assert!(
-            matches!(&c[0], Event::Migration { ev, .. } if matches!(ev.phase, Phase::Complete { bytes: 1234, .. }))
-        );
-
-        // The destination only resumes: its own id, role destination.
-        let mut dst = QmpTranslator::new(Path::new("/run/b.qmp"), 1_000_000_000);
-        let (r2, _) = dst.line(&format!(
-            r#"{{"event": "RESUME", "timestamp": {}}}"#,
-            ts(3, 450_000)
-        ));
-        assert!(
-            matches!(&r2[0], Event::Migration { ev, .. } if ev.role == Role::Destination && ev.migration_id == "qmp:b.qmp:in1")
+            matches!(&src.events[0], Event::Migration { ev, source: PauseSource::Qmp } if ev.mac == "52:54:00:aa:00:01")
         );
     }
 
     #[test]
-    fn malformed_lines_are_warnings_naming_source_and_line() {
+    fn live_migration_is_one_migration_with_rounds_from_query_migrate() {
+        let mut src = Qemu::new("/run/a.qmp", "running");
+        src.migrate = vec![
+            migrate_reply(1000, 0),
+            migrate_reply(40_000_000, 9000),
+            migrate_reply(41_000_000, 9200),
+            done_reply(41_500_000, 9300),
+        ];
+        src.feed(&qev("MIGRATION", 1000, r#"{"status": "setup"}"#));
+        src.feed(&qev("MIGRATION_PASS", 1001, r#"{"pass": 1}"#));
+        src.feed(&qev("MIGRATION", 1002, r#"{"status": "active"}"#));
+        src.feed(&qev("MIGRATION_PASS", 1400, r#"{"pass": 2}"#));
+        src.feed(&qev("MIGRATION_PASS", 1420, r#"{"pass": 3}"#));
+        src.feed(&qev("STOP", 1425, ""));
+        src.feed(&qev("MIGRATION", 1430, r#"{"status": "completed"}"#));
+        let p = src.phases();
+        let names: Vec<&Phase> = p.iter().map(|x| &x.2).collect();
+        assert!(matches!(names[0], Phase::Setup { mode: Mode::Live, .. }), "{p:?}");
+        assert_eq!(
+            *names[1],
+            Phase::Round {
+                n: 0,
+                pages: 9000,
+                bytes: 39_999_000,
+                bandwidth: 100_000_000
+            }
+        );
+        assert!(matches!(
+            names[2],
+            Phase::Round {
+                n: 1,
+                bytes: 1_000_000,
+                ..
+            }
+        ));
+        assert_eq!(*names[3], Phase::Pause);
+        assert!(matches!(
+            names[4],
+            Phase::Round {
+                n: 2,
+                bytes: 500_000,
+                pages: 100,
+                ..
+            }
+        ));
+        assert!(matches!(
+            names[5],
+            Phase::Complete {
+                bytes: 41_500_000,
+                ..
+            }
+        ));
+        assert!(p.iter().all(|x| x.0 == "qmp:a.qmp:1" && x.1 == Role::Source));
+
+        let dst = destination(1450);
+        let dp = dst.phases();
+        assert_eq!(
+            dp.len(),
+            1,
+            "the destination's MIGRATION events open nothing: {dp:?}"
+        );
+        assert_eq!((dp[0].1, &dp[0].2), (Role::Destination, &Phase::Resume));
+
+        let a = correlate(&src, &dst);
+        assert_eq!(a.migrations.len(), 1, "{:?}", a.migrations);
+        let m = &a.migrations[0];
+        assert_eq!(m.mode.as_deref(), Some("live"));
+        assert_eq!(m.timeline.rounds.len(), 3);
+        assert_eq!(m.downtime.vcpu_pause.as_ref().unwrap().ns, 25_000_000);
+    }
+
+    #[test]
+    fn stop_then_migrate_then_cont_is_one_quick_migration() {
+        let mut src = Qemu::new("/run/a.qmp", "running");
+        src.migrate = vec![migrate_reply(10, 0), done_reply(2_000_000, 300)];
+        src.feed(&qev("STOP", 1000, ""));
+        // A hold, then the migration.
+        src.feed(&qev("MIGRATION", 3000, r#"{"status": "setup"}"#));
+        src.feed(&qev("MIGRATION_PASS", 3001, r#"{"pass": 1}"#));
+        src.feed(&qev("MIGRATION", 3002, r#"{"status": "active"}"#));
+        src.feed(&qev("MIGRATION", 3300, r#"{"status": "completed"}"#));
+        let p = src.phases();
+        assert!(
+            matches!(
+                p[1].2,
+                Phase::Setup {
+                    mode: Mode::Quick,
+                    ..
+                }
+            ),
+            "{p:?}"
+        );
+        assert!(p.iter().all(|x| x.0 == "qmp:a.qmp:1"), "one window: {p:?}");
+        assert!(
+            matches!(
+                p[2].2,
+                Phase::Round {
+                    n: 0,
+                    bytes: 1_999_990,
+                    ..
+                }
+            ),
+            "{p:?}"
+        );
+
+        // The destination stays paused after the incoming migration; `cont` there resumes it.
+        let dst = destination(3800);
+        let a = correlate(&src, &dst);
+        assert_eq!(a.migrations.len(), 1, "{:?}", a.migrations);
+        let m = &a.migrations[0];
+        assert_eq!(m.mode.as_deref(), Some("quick"));
+        assert_eq!(m.timeline.rounds.len(), 1);
+        assert_eq!(
+            m.downtime.vcpu_pause.as_ref().unwrap().ns,
+            2_800_000_000,
+            "STOP to the destination's RESUME"
+        );
+    }
+
+    #[test]
+    fn a_failed_live_migration_ends_its_window() {
+        let mut src = Qemu::new("/run/a.qmp", "running");
+        src.feed(&qev("MIGRATION", 1000, r#"{"status": "setup"}"#));
+        src.feed(&qev("MIGRATION", 1100, r#"{"status": "failed"}"#));
+        src.feed(&qev("STOP", 2000, ""));
+        src.feed(&qev("RESUME", 2100, ""));
+        let p = src.phases();
+        assert!(matches!(p[1].2, Phase::Failed { .. }));
+        assert_eq!(
+            p[2].0, "qmp:a.qmp:2",
+            "a later stop is a window of its own: {p:?}"
+        );
+        assert_eq!(p[3].0, "qmp:a.qmp:2");
+        assert_eq!(p[3].1, Role::Source);
+    }
+
+    #[test]
+    fn a_restarted_qemu_never_reuses_an_id() {
+        let mut q = Qemu::new("/run/a.qmp", "running");
+        q.feed(&qev("STOP", 1000, ""));
+        // QEMU dies while stopped and comes back as a migration's destination.
+        q.status = "inmigrate";
+        let cmds = q.tr.connected(0);
+        q.answer(cmds);
+        q.feed(&qev("MIGRATION", 2000, r#"{"status": "setup"}"#));
+        q.feed(&qev("MIGRATION", 2100, r#"{"status": "completed"}"#));
+        q.feed(&qev("RESUME", 2200, ""));
+        let p = q.phases();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!((p[1].0.as_str(), p[1].1), ("qmp:a.qmp:in1", Role::Destination));
+    }
+
+    /// A QMP server that sends a line over the bound, then garbage and dies, then a STOP: each bad connection costs
+    /// a warning and a reconnect, and the follower reads the last connection's events.
+    #[test]
+    fn an_overlong_line_or_a_dying_connection_costs_a_reconnect() {
+        use std::{io::BufRead, os::unix::net::UnixListener, sync::mpsc};
+        let dir = std::env::temp_dir().join(format!("migmon-qmp-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("bad.qmp");
+        let (tx, rx) = mpsc::channel();
+        // The socket does not exist yet: the follower says it waits for it.
+        let handle = follow(&sock, tx).unwrap();
+        let mut got: Vec<Event> = Vec::new();
+        let recv_until = |got: &mut Vec<Event>, done: &dyn Fn(&[Event]) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && !done(got) {
+                if let Ok(ev) = rx.recv_timeout(POLL) {
+                    got.push(ev);
+                }
+            }
+        };
+        let note_has = |got: &[Event], s: &str| {
+            got.iter()
+                .any(|e| matches!(e, Event::Note { message, .. } if message.contains(s)))
+        };
+        recv_until(&mut got, &|g| note_has(g, "waiting for it"));
+        let listener = UnixListener::bind(&sock).unwrap();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let server = thread::spawn(move || {
+            // Handshake, then read the follower's three first queries, then the test's lines.
+            let serve = |lines: &[u8]| {
+                let (mut s, _) = listener.accept().unwrap();
+                s.write_all(b"{\"QMP\": {\"version\": {}}}\n").unwrap();
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                let mut l = String::new();
+                r.read_line(&mut l).unwrap();
+                s.write_all(b"{\"return\": {}}\n").unwrap();
+                for _ in 0..3 {
+                    r.read_line(&mut l).unwrap();
+                }
+                // The follower may drop the connection in the middle of an overlong line.
+                let _ = s.write_all(lines);
+                s
+            };
+            drop(serve(&vec![b'x'; 2 << 20]));
+            drop(serve(b"garbage\n"));
+            let _keep =
+                serve(b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\n");
+            let _ = done_rx.recv_timeout(Duration::from_secs(20));
+        });
+        recv_until(&mut got, &|g| {
+            g.iter().any(|e| matches!(e, Event::Migration { .. }))
+        });
+        handle.stop();
+        let _ = done_tx.send(());
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        for want in [
+            "a line longer than 1048576 bytes",
+            "skipped malformed QMP line",
+            "QEMU closed the socket",
+            "reconnect 2",
+        ] {
+            assert!(note_has(&got, want), "{want}: {got:#?}");
+        }
+        assert!(
+            got.iter()
+                .any(|e| matches!(e, Event::Migration { ev, .. } if ev.phase == Phase::Pause))
+        );
+        assert_eq!(
+            got.iter()
+                .filter(|e| matches!(e, Event::ClockOffset { .. }))
+                .count(),
+            3,
+            "one offset per connection"
+        );
+    }
+
+    #[test]
+    fn malformed_lines_are_counted_warnings_naming_source_and_line() {
         let mut t = QmpTranslator::new(Path::new("/run/a.qmp"), 0);
         t.line(r#"{"QMP": {}}"#);
         let (e, _) = t.line("{\"event\": \"STOP\", ");
@@ -561,7 +1112,10 @@ mod tests {
         };
         assert_eq!(level, "warn");
         assert!(message.contains("/run/a.qmp line 2"), "{message}");
+        assert!(message.contains("1 skipped so far"), "{message}");
         let (e, _) = t.line("[1,2]");
         assert!(matches!(&e[0], Event::Note { message, .. } if message.contains("line 3")));
+        t.line(r#"{"neither": 1}"#);
+        assert_eq!(t.skipped(), 3);
     }
 }
