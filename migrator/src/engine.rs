@@ -349,6 +349,12 @@ pub struct Status {
     /// Progress lines the API dropped because a client read too slowly (the migration never waits for one).
     #[serde(default)]
     pub dropped_progress: u64,
+    /// With `--verify`, after a rollback from the pause: guest RAM's hash when the source paused, and again just
+    /// before it resumed the guest (equal unless something wrote guest RAM while it was paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ram_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_ram_hash: Option<String>,
 }
 
 /// Shared status plus an optional progress callback (the API streams progress to `migrator migrate`), and the

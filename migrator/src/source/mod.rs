@@ -95,6 +95,15 @@ pub fn rollback<S: MigrationSource>(
             vm.return_frames(frames);
         }
     }
+    // With --verify the hash at the pause is known: hash again before the guest runs, so that a rollback can be shown
+    // to resume exactly the memory that was paused.
+    let hashes = session
+        .as_deref()
+        .filter(|_| progress.paused)
+        .and_then(|s| Some((s.report.verified_hash.clone()?, format!("{:032x}", s.ram.hash()))));
+    tracker.update(|st| {
+        (st.pause_ram_hash, st.rollback_ram_hash) = hashes.map_or((None, None), |(p, r)| (Some(p), Some(r)));
+    });
     if progress.paused {
         match vm.resume() {
             // The destination may have been seen on the network (its tap came up, frames went over): the guest's
