@@ -58,7 +58,7 @@ fn live_keeps_every_session_quick_aborts_every_one() {
     let cfg = Config {
         prefix: unique("tbd"),
         clients: 4,
-        quick_pause: Duration::from_secs(6),
+        quick_pause: Duration::from_secs(8),
         profile: Profile::Windows2003,
         out: out.to_path_buf(),
         migmon: migmon_bin(),
