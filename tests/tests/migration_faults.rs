@@ -774,6 +774,26 @@ fn faults_leave_exactly_one_running_copy() {
         t.moved,
         errors.is_empty() && alive
     );
+    // For `./x bench --only faults`.
+    eprintln!(
+        "faults-json: {}",
+        serde_json::json!({
+            "cases": t.cases + 1,
+            "cuts": cuts,
+            "cuts_pre_copy": by_stratum[0],
+            "cuts_paused_tail": by_stratum[1],
+            "cuts_before_commit": by_stratum[2],
+            "stalls": stalls,
+            "max_stall_pause_ms": t.max_stall_pause_ms,
+            "deadline_ms": MAX_PAUSE_MS,
+            "rolled_back": t.rolled_back,
+            "hash_checked": t.hash_checked,
+            "in_doubt_resolved": t.in_doubt_resolved,
+            "moved": t.moved,
+            "clients_alive": errors.is_empty() && alive,
+            "seconds": started.elapsed().as_secs_f64(),
+        })
+    );
     assert!(errors.is_empty(), "client connections died: {errors:?}");
     assert!(alive, "the clients stopped progressing");
 }
