@@ -95,6 +95,9 @@ pub struct Timeline {
     pub last_frame_to_vm_old_port: Option<Sighting>,
     pub first_rarp: Option<Sighting>,
     pub first_garp: Option<Sighting>,
+    /// The VM's first ICMPv6 Neighbor Advertisement that announces (the IPv6 gratuitous ARP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_na: Option<Sighting>,
     pub fdb_moves: Vec<FdbMove>,
     /// The first frame from the VM after resume (on its new port).
     pub first_vm_frame_new_port: Option<Sighting>,
@@ -877,7 +880,12 @@ impl<'a> L2Index<'a> {
                         first_ns: *first_ns,
                         last_ns: *last_ns,
                     }),
-                Event::Rarp { .. } | Event::Garp { .. } | Event::Arp { .. } => idx.announces.push(e),
+                Event::Rarp { .. }
+                | Event::Garp { .. }
+                | Event::Arp { .. }
+                | Event::NeighborAdvert { .. } => {
+                    idx.announces.push(e);
+                }
                 Event::FdbUpdate { .. } => idx.fdb.push(e),
                 _ => {}
             }
@@ -889,15 +897,21 @@ impl<'a> L2Index<'a> {
         self.ports.get(&(mac, dir))
     }
 
-    /// IPs the VM announced for itself (ARP/GARP with its MAC as sender), in text order.
+    /// IPs the VM announced for itself (ARP/GARP with its MAC as sender, the targets of its neighbor
+    /// advertisements), in text order.
     fn ips_of(&self, mac: MacAddr) -> Vec<IpAddr> {
         let mut ips = BTreeSet::new();
         for e in &self.announces {
-            if let Event::Arp { frame, .. } | Event::Garp { frame, .. } = e
-                && frame.sha == mac
-                && !frame.spa.is_unspecified()
-            {
-                ips.insert(frame.spa.to_string());
+            match e {
+                Event::Arp { frame, .. } | Event::Garp { frame, .. }
+                    if frame.sha == mac && !frame.spa.is_unspecified() =>
+                {
+                    ips.insert(frame.spa.to_string());
+                }
+                Event::NeighborAdvert { frame, .. } if frame.mac == mac && !frame.target.is_unspecified() => {
+                    ips.insert(frame.target.to_string());
+                }
+                _ => {}
             }
         }
         ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
@@ -1477,6 +1491,7 @@ fn build_migration(
     }
     let mut tl = group_timeline(g);
     (tl.first_rarp, tl.first_garp) = first_announces(l2, mac, &w);
+    tl.first_na = first_neighbor_advert(l2, mac, &w);
     tl.fdb_moves = mac.map(|mac| fdb_moves(l2, mac, &w)).unwrap_or_default();
     if let Some(ports) = mac.and_then(|mac| l2.ports(mac, Direction::Ingress)) {
         (tl.last_vm_frame_old_port, tl.first_vm_frame_new_port) = frames_from_vm(ports, &w);
@@ -1568,6 +1583,20 @@ fn first_announces(
         })
     };
     (first(true), first(false))
+}
+
+/// The first announcing neighbor advertisement from the VM's MAC after the pause (any MAC when it is unknown).
+fn first_neighbor_advert(l2: &L2Index<'_>, mac: Option<MacAddr>, w: &Window) -> Option<Sighting> {
+    l2.announces.iter().find_map(|e| {
+        let Event::NeighborAdvert { ts_ns, frame } = e else {
+            return None;
+        };
+        (*ts_ns >= w.l2_from && *ts_ns < w.l2_end && same_vm(mac, Some(frame.mac))).then(|| Sighting {
+            ts_ns: *ts_ns,
+            port: frame.port.to_string(),
+            exact: true,
+        })
+    })
 }
 
 /// Per bridge, the first update after the pause that puts the VM's MAC on a port other than the one before.
@@ -1926,7 +1955,12 @@ fn migration_warnings(
     if mac.is_none() {
         warnings.push("the VM's MAC is unknown: no wire figures".to_owned());
     }
-    if tl.first_rarp.is_none() && tl.first_garp.is_none() && resume.is_some() && mac.is_some() {
+    if tl.first_rarp.is_none()
+        && tl.first_garp.is_none()
+        && tl.first_na.is_none()
+        && resume.is_some()
+        && mac.is_some()
+    {
         warnings.push("no RARP or GARP from the VM was seen after the pause".to_owned());
     }
     warnings

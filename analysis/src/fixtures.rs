@@ -252,6 +252,27 @@ pub fn garp(ts_ms: u64, mac: &str, ip: Ipv4Addr, p: &str) -> Event {
     }
 }
 
+/// An unsolicited neighbor advertisement (override) of `target` from `mac`, to all nodes.
+pub fn neighbor_advert(ts_ms: u64, mac: &str, target: std::net::Ipv6Addr, p: &str) -> Event {
+    Event::NeighborAdvert {
+        ts_ns: ts_ms * MS,
+        frame: crate::trace::NeighborAdvertFrame {
+            port: port(p),
+            mac: mac_of(mac),
+            vlan: vec![],
+            src_ip: target,
+            dst_ip: std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+            target,
+            router: false,
+            solicited: false,
+            override_: true,
+            tlla: Some(mac_of(mac)),
+            frame: String::new(),
+            len: 86,
+        },
+    }
+}
+
 pub fn fdb(ts_ms: u64, bridge: &str, p: &str, mac: &str) -> Event {
     Event::FdbUpdate {
         ts_ns: ts_ms * MS,

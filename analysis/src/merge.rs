@@ -639,6 +639,7 @@ fn set_ts(e: &mut Event, m: &ClockMap) {
         | Event::Arp { ts_ns, .. }
         | Event::Garp { ts_ns, .. }
         | Event::Rarp { ts_ns, .. }
+        | Event::NeighborAdvert { ts_ns, .. }
         | Event::FdbUpdate { ts_ns, .. }
         | Event::MacSeen { ts_ns, .. }
         | Event::MacStats { ts_ns, .. }
@@ -664,6 +665,7 @@ fn port_mut(e: &mut Event) -> Option<&mut Port> {
         Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
             Some(&mut frame.port)
         }
+        Event::NeighborAdvert { frame, .. } => Some(&mut frame.port),
         Event::MacSeen { port, .. } | Event::MacStats { port, .. } | Event::Malformed { port, .. } => {
             Some(port)
         }

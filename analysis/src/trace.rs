@@ -16,7 +16,7 @@ use std::{
     fmt,
     fs::File,
     io::{self, BufRead, BufReader, BufWriter, Write},
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -244,6 +244,43 @@ pub struct ArpFrame {
     pub len: u32,
 }
 
+/// An ICMPv6 Neighbor Advertisement that announces an address (unsolicited, or with the override flag: the IPv6
+/// counterpart of a gratuitous ARP), as the ingress parser saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeighborAdvertFrame {
+    #[serde(flatten)]
+    pub port: Port,
+    /// Ethernet source MAC.
+    pub mac: MacAddr,
+    /// VLAN tags, outermost first (empty when untagged).
+    #[serde(default)]
+    pub vlan: Vec<u16>,
+    /// IPv6 source address.
+    pub src_ip: Ipv6Addr,
+    /// IPv6 destination address (`ff02::1` when unsolicited).
+    pub dst_ip: Ipv6Addr,
+    /// The address the advertisement is about.
+    pub target: Ipv6Addr,
+    /// R: the sender is a router.
+    #[serde(default)]
+    pub router: bool,
+    /// S: a reply to a solicitation.
+    #[serde(default)]
+    pub solicited: bool,
+    /// O: receivers replace the link-layer address they have cached.
+    #[serde(default, rename = "override")]
+    pub override_: bool,
+    /// The target link-layer address option, when the advertisement carries one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tlla: Option<MacAddr>,
+    /// The frame's first bytes (up to 128), hex, for pcapng export.
+    #[serde(default)]
+    pub frame: String,
+    /// Original frame length in bytes.
+    #[serde(default)]
+    pub len: u32,
+}
+
 /// TCP fields common to the socket tracepoints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpCommon {
@@ -408,6 +445,12 @@ pub enum Event {
         #[serde(flatten)]
         frame: ArpFrame,
     },
+    /// ICMPv6 Neighbor Advertisement that announces (unsolicited, or with the override flag).
+    NeighborAdvert {
+        ts_ns: u64,
+        #[serde(flatten)]
+        frame: NeighborAdvertFrame,
+    },
     /// `bridge:br_fdb_update`: `mac` was (re)learned on `port` of `bridge`.
     FdbUpdate {
         ts_ns: u64,
@@ -549,6 +592,7 @@ impl Event {
             | Event::Arp { ts_ns, .. }
             | Event::Garp { ts_ns, .. }
             | Event::Rarp { ts_ns, .. }
+            | Event::NeighborAdvert { ts_ns, .. }
             | Event::FdbUpdate { ts_ns, .. }
             | Event::MacSeen { ts_ns, .. }
             | Event::MacStats { ts_ns, .. }
@@ -579,6 +623,7 @@ impl Event {
             Event::Arp { .. } => "arp",
             Event::Garp { .. } => "garp",
             Event::Rarp { .. } => "rarp",
+            Event::NeighborAdvert { .. } => "neighbor_advert",
             Event::FdbUpdate { .. } => "fdb_update",
             Event::MacSeen { .. } => "mac_seen",
             Event::MacStats { .. } => "mac_stats",

@@ -67,7 +67,7 @@ pub const USER_CS: u16 = 0x23;
 /// `BootInfo::magic`: "MIGGUEST".
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"MIGGUEST");
 /// `BootInfo::version`. Bump on any layout change.
-pub const BOOT_VERSION: u32 = 1;
+pub const BOOT_VERSION: u32 = 2;
 
 /// Milestones the guest reports on [`PORT_MARK`].
 #[repr(u32)]
@@ -119,13 +119,44 @@ pub struct BootInfo {
     pub dirty_bytes: u64,
     /// Memory dirtier: bytes per second to rewrite.
     pub dirty_rate: u64,
-    /// Mailbox, written by the VMM at any time: bump it to ask for a gratuitous ARP.
+    /// Mailbox, written by the VMM at any time: bump it to ask for the self-announce (a gratuitous ARP, and an
+    /// unsolicited neighbor advertisement for each IPv6 address).
     pub garp_request: u32,
     /// Mailbox, written by the guest: the last `garp_request` it answered.
     pub garp_done: u32,
+    /// The VM's global (or unique local) IPv6 address, or `::` for none. The guest always has a link-local address
+    /// too, derived from its MAC.
+    pub ipv6: [u8; 16],
+    /// IPv6 prefix length of `ipv6`.
+    pub ipv6_prefix_len: u8,
+    pub pad2: [u8; 7],
 }
 
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 88);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 112);
+const _: () = assert!(core::mem::offset_of!(BootInfo, garp_request) == 80);
+const _: () = assert!(core::mem::offset_of!(BootInfo, ipv6) == 88);
+
+/// The modified EUI-64 link-local address (`fe80::/64`) of `mac`, as Linux and smoltcp derive it.
+pub const fn link_local_ipv6(mac: [u8; 6]) -> [u8; 16] {
+    [
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ]
+}
 
 /// TCP echo service.
 pub const ECHO_PORT: u16 = 7;
@@ -147,3 +178,20 @@ pub const RR_PORT: u16 = 5002;
 pub const RR_MAX_RESPONSE: u32 = 65536;
 /// The guest serves at least this many TCP connections at once, over all services.
 pub const MAX_CONNECTIONS: usize = 80;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_local_is_modified_eui64() {
+        let ll = link_local_ipv6([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        assert_eq!(
+            core::net::Ipv6Addr::from(ll),
+            "fe80::5054:ff:fe12:3456".parse::<core::net::Ipv6Addr>().unwrap()
+        );
+        // The universal/local bit flips both ways.
+        let ll = link_local_ipv6([0x00, 0x11, 0x22, 0x33, 0x44, 0x55]);
+        assert_eq!(&ll[8..], &[0x02, 0x11, 0x22, 0xff, 0xfe, 0x33, 0x44, 0x55]);
+    }
+}

@@ -3,6 +3,7 @@
 //! Recognised words (others, such as QEMU's `console=`, are ignored):
 //! - `virtio_mmio.device=<size>@<base>:<irq>` (QEMU appends it): the virtio-mmio window, e.g. `512@0xfeb00e00:12`;
 //! - `ip=<a.b.c.d>/<prefix>`; `gw=<a.b.c.d>`; `mac=<xx:xx:xx:xx:xx:xx>` (default: the device's MAC);
+//! - `ip6=<ipv6 address>/<prefix>`, e.g. `ip6=fd00:77::10/64` (the link-local address is always there);
 //! - `dirty=<bytes>@<bytes per second>` with optional `K`/`M`/`G` suffixes (binary), e.g. `dirty=32M@125M`;
 //! - `tsc_khz=<n>` to skip the TSC calibration;
 //! - `idle=poll` to idle in a `pause` loop instead of `sti; hlt` (costs a host CPU; for comparisons).
@@ -13,6 +14,7 @@ pub struct Cmdline {
     /// virtio-mmio window: base, size, IRQ.
     pub virtio_mmio: Option<(u64, u64, u32)>,
     pub ip: Option<([u8; 4], u8)>,
+    pub ip6: Option<([u8; 16], u8)>,
     pub gateway: Option<[u8; 4]>,
     pub mac: Option<[u8; 6]>,
     pub dirty_bytes: u64,
@@ -56,6 +58,15 @@ impl Cmdline {
                         return Err(bad());
                     }
                     out.ip = Some((parse_ipv4(addr).ok_or_else(bad)?, prefix));
+                }
+                "ip6" => {
+                    let (addr, prefix) = value.split_once('/').ok_or_else(bad)?;
+                    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+                    let addr: core::net::Ipv6Addr = addr.parse().map_err(|_| bad())?;
+                    if prefix == 0 || prefix > 128 || addr.is_unspecified() || addr.is_multicast() {
+                        return Err(bad());
+                    }
+                    out.ip6 = Some((addr.octets(), prefix));
                 }
                 "gw" => out.gateway = Some(parse_ipv4(value).ok_or_else(bad)?),
                 "mac" => out.mac = Some(parse_mac(value).ok_or_else(bad)?),
@@ -125,13 +136,17 @@ mod tests {
     #[test]
     fn parses_qemu_and_own_words() {
         let c = Cmdline::parse(
-            "console=ttyS0 virtio_mmio.device=512@0xfeb00e00:12 ip=10.9.0.2/24 gw=10.9.0.1 \
+            "console=ttyS0 virtio_mmio.device=512@0xfeb00e00:12 ip=10.9.0.2/24 gw=10.9.0.1 ip6=fd00:9::2/64 \
              mac=52:54:00:ab:cd:ef dirty=32M@125M tsc_khz=2400000 virtio_mmio.device=512@0xfeb00c00:11 idle=poll",
         )
         .unwrap();
         assert_eq!(c.virtio_mmio, Some((0xfeb0_0e00, 512, 12)));
         assert_eq!(c.ip, Some(([10, 9, 0, 2], 24)));
         assert_eq!(c.gateway, Some([10, 9, 0, 1]));
+        assert_eq!(
+            c.ip6,
+            Some(([0xfd, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 64))
+        );
         assert_eq!(c.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
         assert_eq!((c.dirty_bytes, c.dirty_rate), (32 << 20, 125 << 20));
         assert_eq!(c.tsc_khz, Some(2_400_000));
@@ -153,6 +168,11 @@ mod tests {
             "mac=52:54:00",
             "dirty=1M",
             "gw=1.2.3",
+            "ip6=fd00::1",
+            "ip6=fd00::1/129",
+            "ip6=fd00::zz/64",
+            "ip6=::/64",
+            "ip6=ff02::1/64",
         ] {
             assert_eq!(Cmdline::parse(bad), Err(BadWord(bad)), "{bad}");
         }

@@ -2,9 +2,10 @@
 //!
 //! It brings up a virtio-net device (virtio-mmio, polled, no interrupts), runs smoltcp with three TCP services
 //! (echo on 7, a sequence-numbered stream on 5001, request/response on 5002; see `guest_abi`), optionally
-//! dirties a working set of memory at a fixed rate so that pre-copy has work to converge on, sends a gratuitous
-//! ARP when the VMM asks through the boot-info mailbox, and halts when idle after telling the VMM how long it may
-//! sleep.
+//! dirties a working set of memory at a fixed rate so that pre-copy has work to converge on, announces itself when
+//! the VMM asks through the boot-info mailbox (a gratuitous ARP, and an unsolicited neighbor advertisement for each
+//! of its IPv6 addresses, as Linux does after a migration), and halts when idle after telling the VMM how long it
+//! may sleep. It speaks IPv4 and IPv6: a link-local address from its MAC, and the address the VMM gives it.
 //!
 //! # Why only simple instructions, and why ring 3
 //!
@@ -57,7 +58,7 @@ use guest_abi::{
 use smoltcp::{
     iface::{Config, Interface, SocketSet},
     time::Instant,
-    wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr},
+    wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr, Ipv6Address, Ipv6Cidr},
 };
 
 use crate::{clock::Clock, dirtier::Dirtier, net::NetDevice, pvh::Idle};
@@ -122,6 +123,7 @@ unsafe fn guest_main(boot_info: *mut BootInfo) -> ! {
         garp_done: info.garp_done,
         mac,
         ipv4: info.ipv4,
+        ipv6: ipv6_addresses(&info, mac),
     };
     let mut stats_log = StatsLog::new(services.stats(), clock.now_us());
     loop {
@@ -172,13 +174,15 @@ unsafe fn read_boot_info(boot_info: *mut BootInfo) -> BootInfo {
         info.version
     );
     log!(
-        "guest: {} MiB RAM, tsc {} kHz, mac {:02x?}, ip {}/{} gw {}, virtio-mmio {:#x}, dirty {} B @ {} B/s",
+        "guest: {} MiB RAM, tsc {} kHz, mac {:02x?}, ip {}/{} gw {} ip6 {}/{}, virtio-mmio {:#x}, dirty {} B @ {} B/s",
         info.ram_bytes >> 20,
         info.tsc_khz,
         info.mac,
         Ipv4Address::from(info.ipv4),
         info.prefix_len,
         Ipv4Address::from(info.gateway),
+        Ipv6Address::from(info.ipv6),
+        info.ipv6_prefix_len,
         info.mmio_base,
         info.dirty_bytes,
         info.dirty_rate
@@ -199,8 +203,18 @@ fn bring_up_network(info: &BootInfo, clock: &Clock) -> (NetDevice, Interface, Et
     config.random_seed = arch::rdtsc();
     let mut iface = Interface::new(config, &mut device, clock.now());
     let ip = Ipv4Address::from(info.ipv4);
+    let [link_local, global] = ipv6_addresses(info, mac);
     iface.update_ip_addrs(|addrs| {
         let _full = addrs.push(IpCidr::Ipv4(Ipv4Cidr::new(ip, info.prefix_len)));
+        if let Some(a) = link_local {
+            let _full = addrs.push(IpCidr::Ipv6(Ipv6Cidr::new(Ipv6Address::from(a), 64)));
+        }
+        if let Some(a) = global {
+            let _full = addrs.push(IpCidr::Ipv6(Ipv6Cidr::new(
+                Ipv6Address::from(a),
+                info.ipv6_prefix_len,
+            )));
+        }
     });
     if info.gateway != [0; 4] {
         let _replaced = iface
@@ -210,16 +224,26 @@ fn bring_up_network(info: &BootInfo, clock: &Clock) -> (NetDevice, Interface, Et
     (device, iface, mac)
 }
 
-/// The `BootInfo` mailbox: the VMM bumps `garp_request` (after a migration) to ask for a gratuitous ARP.
+/// The guest's IPv6 addresses: the link-local one from its MAC, and the one the VMM gave it (if any).
+fn ipv6_addresses(info: &BootInfo, mac: EthernetAddress) -> [Option<[u8; 16]>; 2] {
+    [
+        Some(guest_abi::link_local_ipv6(mac.0)),
+        (info.ipv6 != [0; 16]).then_some(info.ipv6),
+    ]
+}
+
+/// The `BootInfo` mailbox: the VMM bumps `garp_request` (after a migration) to ask for the self-announce.
 struct Mailbox {
     boot_info: *mut BootInfo,
     garp_done: u32,
     mac: EthernetAddress,
     ipv4: [u8; 4],
+    ipv6: [Option<[u8; 16]>; 2],
 }
 
 impl Mailbox {
-    /// Sends a gratuitous ARP if the VMM asked for one since the last, and says so in `garp_done` and a mark.
+    /// Sends a gratuitous ARP and an unsolicited neighbor advertisement (override) per IPv6 address if the VMM
+    /// asked since the last time, and says so in `garp_done` and a mark.
     fn answer_garp_request(&mut self, device: &mut NetDevice) {
         // SAFETY: BootInfo stays mapped for the guest's lifetime; the VMM writes the field at any time.
         let garp_request = unsafe { (&raw const (*self.boot_info).garp_request).read_volatile() };
@@ -227,11 +251,17 @@ impl Mailbox {
             return;
         }
         device.send_raw(&guest::frames::gratuitous_arp(self.mac.0, self.ipv4));
+        for a in self.ipv6.into_iter().flatten() {
+            device.send_raw(&guest::frames::unsolicited_neighbor_advert(self.mac.0, a));
+        }
         self.garp_done = garp_request;
         // SAFETY: as above; the guest owns garp_done.
         unsafe { (&raw mut (*self.boot_info).garp_done).write_volatile(garp_request) };
         arch::outl(PORT_MARK, GuestMark::GarpSent as u32);
-        log!("guest: gratuitous ARP sent (request {garp_request})");
+        log!(
+            "guest: gratuitous ARP and {} neighbor advertisement(s) sent (request {garp_request})",
+            self.ipv6.iter().flatten().count()
+        );
     }
 }
 

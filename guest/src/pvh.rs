@@ -13,7 +13,7 @@
 //!
 //! ```text
 //! qemu-system-x86_64 -M microvm,ioapic2=off -accel tcg -m 256M -smp 1 -nodefaults -no-user-config \
-//!     -display none -serial stdio -kernel guest -append "ip=10.0.0.2/24 dirty=32M@125M" \
+//!     -display none -serial stdio -kernel guest -append "ip=10.0.0.2/24 ip6=fd00::2/64 dirty=32M@125M" \
 //!     -netdev tap,id=n0,ifname=TAP,script=no,downscript=no -device virtio-net-device,netdev=n0,mac=MAC
 //! ```
 //!
@@ -155,6 +155,9 @@ static mut PVH_BOOT_INFO: BootInfo = BootInfo {
     dirty_rate: 0,
     garp_request: 0,
     garp_done: 0,
+    ipv6: [0; 16],
+    ipv6_prefix_len: 0,
+    pad2: [0; 7],
 };
 
 fn read_u32(addr: u64) -> u32 {
@@ -241,6 +244,9 @@ extern "C" fn pvh_main(start_info: u64) -> ! {
         dirty_rate: cmdline.dirty_rate,
         garp_request: 0,
         garp_done: 0,
+        ipv6: cmdline.ip6.map_or([0; 16], |(a, _)| a),
+        ipv6_prefix_len: cmdline.ip6.map_or(0, |(_, p)| p),
+        pad2: [0; 7],
     };
     let boot_info = &raw mut PVH_BOOT_INFO;
     // SAFETY: nothing else uses the static yet; guest_main reads it through the pointer from now on.

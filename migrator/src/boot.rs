@@ -229,6 +229,9 @@ pub struct BootParams {
     pub ipv4: [u8; 4],
     pub prefix_len: u8,
     pub gateway: [u8; 4],
+    /// `::` for none.
+    pub ipv6: [u8; 16],
+    pub ipv6_prefix_len: u8,
     pub dirty_bytes: u64,
     pub dirty_rate: u64,
 }
@@ -252,6 +255,9 @@ pub fn boot_info(p: &BootParams) -> BootInfo {
         dirty_rate: p.dirty_rate,
         garp_request: 0,
         garp_done: 0,
+        ipv6: p.ipv6,
+        ipv6_prefix_len: p.ipv6_prefix_len,
+        pad2: [0; 7],
     }
 }
 
@@ -479,6 +485,8 @@ mod tests {
             ipv4: [10, 0, 0, 2],
             prefix_len: 24,
             gateway: [0; 4],
+            ipv6: [0; 16],
+            ipv6_prefix_len: 0,
             dirty_bytes: 0,
             dirty_rate: 0,
         });

@@ -16,6 +16,7 @@
 //!     ipv4: "10.0.0.2".parse().unwrap(),
 //!     prefix_len: 24,
 //!     gateway: None,
+//!     ipv6: None,
 //!     dirty_bytes: 0,
 //!     dirty_rate: 0,
 //!     serial: SerialOutput::Stderr { prefix: "guest: ".into() },

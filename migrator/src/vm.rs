@@ -22,7 +22,7 @@
 
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{
         fd::{AsFd, AsRawFd},
         unix::thread::JoinHandleExt,
@@ -95,6 +95,9 @@ pub struct VmConfig {
     pub ipv4: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Option<Ipv4Addr>,
+    /// The VM's global (or unique local) IPv6 address and prefix length; it always has a link-local one too.
+    #[serde(default)]
+    pub ipv6: Option<(Ipv6Addr, u8)>,
     /// Memory dirtier: working set in bytes (0 = off) and rewrite rate in bytes per second.
     pub dirty_bytes: u64,
     pub dirty_rate: u64,
@@ -249,6 +252,8 @@ impl Vm {
             ipv4: config.ipv4.octets(),
             prefix_len: config.prefix_len,
             gateway: config.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
+            ipv6: config.ipv6.map_or([0; 16], |(a, _)| a.octets()),
+            ipv6_prefix_len: config.ipv6.map_or(0, |(_, p)| p),
             dirty_bytes: config.dirty_bytes,
             dirty_rate: config.dirty_rate,
         });

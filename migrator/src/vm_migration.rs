@@ -68,7 +68,9 @@ impl MigrationSource for Vm {
         let c = self.config();
         VmIdentity {
             mac: c.mac,
-            ips: vec![c.ipv4.to_string()],
+            ips: std::iter::once(c.ipv4.to_string())
+                .chain(c.ipv6.map(|(a, _)| a.to_string()))
+                .collect(),
             host: c.tap.clone(),
             // Plain data: serialising it cannot fail.
             config: serde_json::to_vec(c).unwrap_or_default(),

@@ -49,6 +49,9 @@ pub enum EventKind {
     /// A side's first forward progress (new data, or an ACK of new data) after a quiet period longer than
     /// `ProbeConfig::flow_quiet_ns`, payload [`FlowEvent`].
     FlowProgress = 14,
+    /// An ICMPv6 Neighbor Advertisement that announces (unsolicited, or with the override flag), payload
+    /// [`NeighborAdvertEvent`].
+    NeighborAdvert = 15,
 }
 
 /// An unknown record kind.
@@ -74,6 +77,7 @@ impl TryFrom<u32> for EventKind {
             12 => Self::FlowFin,
             13 => Self::FlowZeroWindow,
             14 => Self::FlowProgress,
+            15 => Self::NeighborAdvert,
             other => return Err(UnknownKind(other)),
         })
     }
@@ -201,6 +205,79 @@ impl Default for ArpEvent {
             tpa: [0; 4],
             frame_len: 0,
             cap_len: 0,
+            frame: [0; FRAME_CAPTURE],
+        }
+    }
+}
+
+/// [`NeighborAdvertEvent::flags`]: the sender is a router (R).
+pub const NA_ROUTER: u8 = 0x80;
+/// [`NeighborAdvertEvent::flags`]: sent in reply to a Neighbor Solicitation (S).
+pub const NA_SOLICITED: u8 = 0x40;
+/// [`NeighborAdvertEvent::flags`]: receivers replace the link-layer address they have cached (O).
+pub const NA_OVERRIDE: u8 = 0x20;
+
+/// Whether a Neighbor Advertisement with these flags announces an address, as a gratuitous ARP does: an
+/// unsolicited one (S clear; every NA sent to a multicast address has S clear), or one that overrides caches (O).
+/// A solicited NA without override only answers a question and moves nothing.
+#[inline]
+pub const fn na_announces(flags: u8) -> bool {
+    flags & NA_SOLICITED == 0 || flags & NA_OVERRIDE != 0
+}
+
+/// An ICMPv6 Neighbor Advertisement (type 136) that announces (see [`na_announces`]), seen by the ingress parser.
+/// Addresses are in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NeighborAdvertEvent {
+    pub header: EventHeader,
+    /// Interface the frame arrived on.
+    pub ifindex: u32,
+    /// User-space id of the network namespace the program instance is attached in.
+    pub netns_id: u32,
+    /// VLAN ids, outermost first; `vlan_count` of them are valid.
+    pub vlan: [u16; 2],
+    pub vlan_count: u16,
+    /// The NA's flag byte: [`NA_ROUTER`], [`NA_SOLICITED`], [`NA_OVERRIDE`].
+    pub flags: u8,
+    /// 1 when the NA's first option is a target link-layer address (then in `tlla`), else 0.
+    pub has_tlla: u8,
+    /// Ethernet source MAC.
+    pub src_mac: [u8; 6],
+    /// Target link-layer address option (zero when absent).
+    pub tlla: [u8; 6],
+    /// Length of the whole frame.
+    pub frame_len: u32,
+    /// Bytes of the frame copied into `frame` (at most [`FRAME_CAPTURE`]).
+    pub cap_len: u32,
+    pub pad0: u32,
+    /// IPv6 source address.
+    pub src_ip: [u8; 16],
+    /// IPv6 destination address (`ff02::1` for an unsolicited NA).
+    pub dst_ip: [u8; 16],
+    /// The address the NA is about.
+    pub target: [u8; 16],
+    pub frame: [u8; FRAME_CAPTURE],
+}
+
+impl Default for NeighborAdvertEvent {
+    fn default() -> Self {
+        Self {
+            header: EventHeader::default(),
+            ifindex: 0,
+            netns_id: 0,
+            vlan: [0; 2],
+            vlan_count: 0,
+            flags: 0,
+            has_tlla: 0,
+            src_mac: [0; 6],
+            tlla: [0; 6],
+            frame_len: 0,
+            cap_len: 0,
+            pad0: 0,
+            src_ip: [0; 16],
+            dst_ip: [0; 16],
+            target: [0; 16],
             frame: [0; FRAME_CAPTURE],
         }
     }
@@ -642,6 +719,7 @@ const _: () = assert!(size_of::<EventHeader>() == 16);
 const _: () = assert!(size_of::<TcpTuple>() == 40);
 const _: () = assert!(size_of::<TcpEvent>() == 104);
 const _: () = assert!(size_of::<ArpEvent>() == 200);
+const _: () = assert!(size_of::<NeighborAdvertEvent>() == 232);
 const _: () = assert!(size_of::<FdbEvent>() == 56);
 const _: () = assert!(size_of::<MacSeenEvent>() == 40);
 const _: () = assert!(size_of::<MacKey>() == 12);
@@ -663,6 +741,10 @@ const _: () = assert!(core::mem::offset_of!(FlowEvent, frame) == 128);
 const _: () = assert!(core::mem::offset_of!(TcpEvent, tuple) == 16);
 const _: () = assert!(core::mem::offset_of!(ArpEvent, frame) == 72);
 const _: () = assert!(core::mem::offset_of!(MacSeenEvent, gap_ns) == 32);
+const _: () = assert!(core::mem::offset_of!(NeighborAdvertEvent, src_mac) == 32);
+const _: () = assert!(core::mem::offset_of!(NeighborAdvertEvent, src_ip) == 56);
+const _: () = assert!(core::mem::offset_of!(NeighborAdvertEvent, target) == 88);
+const _: () = assert!(core::mem::offset_of!(NeighborAdvertEvent, frame) == 104);
 
 #[cfg(feature = "user")]
 mod user;

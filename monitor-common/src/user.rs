@@ -4,7 +4,7 @@ use core::{fmt, mem::size_of};
 
 use crate::{
     ArpEvent, EventHeader, EventKind, FdbEvent, FlowCounters, FlowDir, FlowEvent, FlowKey, FlowState,
-    MacCounters, MacKey, MacSeenEvent, ProbeConfig, TcpEvent, UnknownKind,
+    MacCounters, MacKey, MacSeenEvent, NeighborAdvertEvent, ProbeConfig, TcpEvent, UnknownKind,
 };
 
 /// Plain data: every bit pattern is valid, no padding the compiler adds (asserted by the size checks in lib.rs).
@@ -26,6 +26,7 @@ pod!(
     ArpEvent,
     FdbEvent,
     MacSeenEvent,
+    NeighborAdvertEvent,
     MacKey,
     MacCounters,
     ProbeConfig,
@@ -46,6 +47,7 @@ pub enum WireEvent {
     MacSeen(MacSeenEvent),
     /// One of the six flow tracker kinds (see `kind`).
     Flow(EventKind, FlowEvent),
+    NeighborAdvert(NeighborAdvertEvent),
 }
 
 impl WireEvent {
@@ -57,6 +59,7 @@ impl WireEvent {
             WireEvent::Fdb(e) => &e.header,
             WireEvent::MacSeen(e) => &e.header,
             WireEvent::Flow(_, e) => &e.header,
+            WireEvent::NeighborAdvert(e) => &e.header,
         }
     }
 }
@@ -123,6 +126,7 @@ pub fn decode(bytes: &[u8]) -> Result<WireEvent, DecodeError> {
         | EventKind::FlowFin
         | EventKind::FlowZeroWindow
         | EventKind::FlowProgress => WireEvent::Flow(kind, read(header.kind, bytes)?),
+        EventKind::NeighborAdvert => WireEvent::NeighborAdvert(read(header.kind, bytes)?),
     })
 }
 
@@ -445,8 +449,77 @@ mod tests {
     }
 
     #[test]
+    fn neighbor_advert_fixture() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let mut src_ip = [0u8; 16];
+        src_ip[..2].copy_from_slice(&[0xfe, 0x80]);
+        src_ip[15] = 0x10;
+        let mut dst_ip = [0u8; 16];
+        dst_ip[..2].copy_from_slice(&[0xff, 0x02]);
+        dst_ip[15] = 1;
+        let mut target = [0u8; 16];
+        target[..2].copy_from_slice(&[0xfd, 0x00]);
+        target[15] = 0x10;
+        let mut frame = [0u8; FRAME_CAPTURE];
+        frame[..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
+        let b = Bytes::default()
+            .header(15, 1, 42)
+            .u32(5) // ifindex
+            .u32(3) // netns id
+            .u16(100)
+            .u16(0)
+            .u16(1) // one tag
+            .u8(crate::NA_OVERRIDE)
+            .u8(1) // has tlla
+            .raw(&mac)
+            .raw(&mac)
+            .u32(86)
+            .u32(86)
+            .u32(0)
+            .raw(&src_ip)
+            .raw(&dst_ip)
+            .raw(&target)
+            .raw(&frame);
+        assert_eq!(b.0.len(), size_of::<NeighborAdvertEvent>());
+        let WireEvent::NeighborAdvert(e) = decode(&b.0).unwrap() else {
+            panic!("not a neighbor advert")
+        };
+        assert_eq!(e.header.ts_ns, 42);
+        assert_eq!((e.ifindex, e.netns_id), (5, 3));
+        assert_eq!((e.vlan, e.vlan_count), ([100, 0], 1));
+        assert_eq!((e.flags, e.has_tlla), (crate::NA_OVERRIDE, 1));
+        assert_eq!((e.src_mac, e.tlla), (mac, mac));
+        assert_eq!((e.frame_len, e.cap_len), (86, 86));
+        assert_eq!((e.src_ip, e.dst_ip, e.target), (src_ip, dst_ip, target));
+        assert_eq!(&e.frame[..6], &[0x33, 0x33, 0, 0, 0, 1]);
+        let short = &b.0[..100];
+        assert_eq!(
+            decode(short),
+            Err(DecodeError::Short {
+                kind: 15,
+                need: 232,
+                got: 100
+            })
+        );
+    }
+
+    #[test]
+    fn which_neighbor_adverts_announce() {
+        use crate::{NA_OVERRIDE, NA_ROUTER, NA_SOLICITED, na_announces};
+        assert!(na_announces(0), "unsolicited");
+        assert!(na_announces(NA_OVERRIDE), "unsolicited, override");
+        assert!(na_announces(NA_ROUTER), "unsolicited, from a router");
+        assert!(na_announces(NA_SOLICITED | NA_OVERRIDE), "solicited, override");
+        assert!(!na_announces(NA_SOLICITED), "solicited without override");
+        assert!(
+            !na_announces(NA_SOLICITED | NA_ROUTER),
+            "solicited without override"
+        );
+    }
+
+    #[test]
     fn rejects_unknown_kinds_and_short_records() {
-        for kind in [0u32, 15, 0xdead_beef] {
+        for kind in [0u32, 0x7fff, 0xdead_beef] {
             let b = Bytes::default().header(kind, 0, 0).raw(&[0; 200]);
             assert_eq!(decode(&b.0), Err(DecodeError::UnknownKind(kind)));
             assert!(EventKind::try_from(kind).is_err());

@@ -1,10 +1,13 @@
 //! L2: the XDP ingress parser (also as a TC ingress classifier, `l2_ingress_tc`) and the TC egress counter.
 //!
-//! XDP parses Ethernet with up to two VLAN tags (802.1Q 0x8100, 802.1ad 0x88a8), reports ARP and RARP frames with
-//! their first bytes, and counts frames *from* watched MACs per (MAC, ifindex). TC egress counts frames *towards*
-//! watched MACs. Both emit `MacSeen` the first time a watched MAC shows on a port, and again after a silence longer
-//! than `CONFIG.mac_gap_ns`. Frames too short for what their headers announce, or with odd ARP parameters, are
-//! counted in `MALFORMED` and passed unread. XDP always returns `XDP_PASS`; TC always lets the frame go on.
+//! XDP parses Ethernet with up to two VLAN tags (802.1Q 0x8100, 802.1ad 0x88a8), reports ARP and RARP frames and
+//! the ICMPv6 Neighbor Advertisements that announce (unsolicited, or with the override flag: the IPv6 gratuitous
+//! ARP) with their first bytes, and counts frames *from* watched MACs per (MAC, ifindex). TC egress counts frames
+//! *towards* watched MACs. Both emit `MacSeen` the first time a watched MAC shows on a port, and again after a
+//! silence longer than `CONFIG.mac_gap_ns`. Frames too short for what their headers announce, or with odd ARP or
+//! Neighbor Discovery parameters, are counted in `MALFORMED` and passed unread. XDP always returns `XDP_PASS`; TC
+//! always lets the frame go on. Before TC ingress the kernel takes the outermost VLAN tag out of the frame into the
+//! socket buffer: the TC parser reports it first among the tags, but the frame bytes it captures lack it.
 
 use aya_ebpf::{
     EbpfContext,
@@ -18,7 +21,7 @@ use aya_ebpf::{
 };
 use monitor_common::{
     ArpEvent, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_WATCH_MACS, DIR_EGRESS, DIR_INGRESS, EventKind, FRAME_CAPTURE,
-    MacCounters, MacKey, MacSeenEvent,
+    MacCounters, MacKey, MacSeenEvent, NeighborAdvertEvent, na_announces,
 };
 
 use crate::{EVENTS, MAC_STATS, MALFORMED, WATCH_MACS, atomic_add, config, count_lost, header};
@@ -32,6 +35,17 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// ARP for Ethernet/IPv4: 8 bytes of header, then 6+4+6+4 bytes of addresses.
 const ARP_LEN: usize = 28;
+/// The fixed IPv6 header.
+const IPV6_HLEN: usize = 40;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
+/// A Neighbor Advertisement without options: type, code, checksum, flags and reserved (4 bytes), target (16).
+const NA_LEN: usize = 24;
+/// One option of 8 bytes: type, length (in 8-byte units), and a MAC for the link-layer address options.
+const ND_OPT_LEN: usize = 8;
+const ND_OPT_TARGET_LLADDR: u8 = 2;
+/// Neighbor Discovery messages are sent with hop limit 255; anything else was forwarded and is odd.
+const ND_HOP_LIMIT: u8 = 255;
 
 #[xdp]
 pub fn l2_ingress(ctx: XdpContext) -> u32 {
@@ -63,6 +77,10 @@ pub(crate) trait Frame {
     fn ifindex(&self) -> u32;
     /// Length of the whole frame (for TC the skb's length, which may exceed the directly readable part).
     fn wire_len(&self) -> u64;
+    /// The byte at `off`, read through the kernel (`bpf_xdp_load_bytes`, `bpf_skb_load_bytes`), 0 past the end.
+    /// Unlike a direct read it leaves the verifier's packet bounds as they were, so a test on it does not split
+    /// the paths that reach the flow tracker (which the verifier walks once per distinct path).
+    fn load_byte(&self, off: usize) -> u8;
     /// Makes at least the first `n` bytes directly readable (TC: `bpf_skb_pull_data`); false when it cannot.
     /// Afterwards `data()` and `data_end()` must be read again.
     fn pull(&self, n: u32) -> bool;
@@ -94,6 +112,21 @@ impl Frame for XdpFrame<'_> {
     #[inline(always)]
     fn wire_len(&self) -> u64 {
         (self.0.data_end() - self.0.data()) as u64
+    }
+    #[inline(always)]
+    fn load_byte(&self, off: usize) -> u8 {
+        let mut b = 0u8;
+        // SAFETY: the context is the program's own; the helper writes at most 1 byte into `b`, and leaves it as
+        // it was when `off` is past the end.
+        unsafe {
+            bpf_xdp_load_bytes(
+                self.0.as_ptr().cast::<xdp_md>(),
+                off as u32,
+                (&raw mut b).cast(),
+                1,
+            )
+        };
+        b
     }
     #[inline(always)]
     fn pull(&self, _n: u32) -> bool {
@@ -141,6 +174,14 @@ impl Frame for TcFrame<'_> {
     #[inline(always)]
     fn wire_len(&self) -> u64 {
         u64::from(self.ctx.len())
+    }
+    #[inline(always)]
+    fn load_byte(&self, off: usize) -> u8 {
+        let mut b = 0u8;
+        // SAFETY: the context is the program's own; the helper writes at most 1 byte into `b`, and leaves it as
+        // it was when `off` is past the end.
+        unsafe { bpf_skb_load_bytes(self.ctx.as_ptr(), off as u32, (&raw mut b).cast(), 1) };
+        b
     }
     #[inline(always)]
     fn pull(&self, n: u32) -> bool {
@@ -255,8 +296,8 @@ pub(crate) fn parse_eth(data: usize, end: usize, outer: Option<u16>) -> Option<E
     })
 }
 
-/// Parses one frame arriving on the interface: counts it for a watched source MAC, reports ARP and RARP, and
-/// hands TCP to the flow tracker when it is on.
+/// Parses one frame arriving on the interface: counts it for a watched source MAC, reports ARP, RARP and announcing
+/// neighbor advertisements, and hands TCP to the flow tracker when it is on.
 #[inline(always)]
 fn ingress(f: &impl Frame) {
     let data = f.data();
@@ -275,6 +316,12 @@ fn ingress(f: &impl Frame) {
         count_malformed(ifindex);
         return;
     };
+    if eth.ethertype == ETH_P_IPV6 && f.load_byte(eth.off + 6) == IPPROTO_ICMPV6 {
+        // ICMPv6 is never for the flow tracker. Every path through the NA parser ends here, and the test reads
+        // through the kernel, so the verifier walks the tracker below no more often than before.
+        neighbor_advert(f, &eth, &src);
+        return;
+    }
     if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
         if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) != 0 && crate::flow::worth_tracking(f, &eth) {
             crate::flow::keep(crate::flow::track(f, &eth, DIR_INGRESS));
@@ -341,6 +388,109 @@ fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
         (*e).spa = spa;
         (*e).tpa = tpa;
         (*e).frame_len = f.wire_len() as u32;
+        (*e).frame = [0; FRAME_CAPTURE];
+        (*e).cap_len = f.copy((&raw mut (*e).frame).cast::<u8>());
+    }
+    entry.submit(0);
+}
+
+/// An ICMPv6 packet whose Ethernet header `eth` has been parsed: reports it when it is a Neighbor Advertisement
+/// that announces. Solicited NAs without the override flag (they answer a question and move no cache entry) and
+/// other ICMPv6 messages are passed unread. An NA cut shorter than its payload length, or with a hop limit other
+/// than 255 or a code other than 0, counts as malformed. Only the first option is read, for the target link-layer
+/// address (Linux sends it alone); extension headers in front of the ICMPv6 header are not followed.
+#[inline(always)]
+fn neighbor_advert(f: &impl Frame, eth: &Eth, src: &[u8; 6]) {
+    let ifindex = f.ifindex();
+    let len = f.wire_len();
+    // TC: the headers may lie outside the directly readable part; pull them in (XDP frames are direct).
+    let want = (eth.off + IPV6_HLEN + NA_LEN + ND_OPT_LEN).min(len as usize);
+    if f.data() + want > f.data_end() {
+        f.pull(want as u32);
+    }
+    let (data, end) = (f.data(), f.data_end());
+    // Plain checks, each followed by reads at constant offsets from `p`: the shape the verifier follows.
+    let p = data + eth.off;
+    if p + IPV6_HLEN + 1 > end {
+        count_malformed(ifindex);
+        return;
+    }
+    // SAFETY: checked above that the byte lies inside the packet.
+    if unsafe { *((p + IPV6_HLEN) as *const u8) } != ICMPV6_NEIGHBOR_ADVERT {
+        return;
+    }
+    if p + IPV6_HLEN + NA_LEN > end {
+        count_malformed(ifindex);
+        return;
+    }
+    // SAFETY: checked above that the IPv6 header and the NA's fixed part lie inside the packet.
+    let (version, payload_len, hop_limit, code, flags) = unsafe {
+        (
+            *(p as *const u8),
+            u16::from_be(((p + 4) as *const u16).read_unaligned()),
+            *((p + 7) as *const u8),
+            *((p + IPV6_HLEN + 1) as *const u8),
+            *((p + IPV6_HLEN + 4) as *const u8),
+        )
+    };
+    let payload_len = usize::from(payload_len);
+    // In XDP the wire length is `data_end - data`; from `len >= off + IPV6_HLEN + payload_len` the compiler could
+    // drop the pointer checks that follow, which the verifier needs. The volatile read hides where it came from.
+    // SAFETY: a read of a local variable.
+    let frame_len = unsafe { core::ptr::read_volatile(&raw const len) } as usize;
+    if version >> 4 != 6
+        || hop_limit != ND_HOP_LIMIT
+        || code != 0
+        || payload_len < NA_LEN
+        || frame_len < eth.off + IPV6_HLEN + payload_len
+    {
+        count_malformed(ifindex);
+        return;
+    }
+    if !na_announces(flags) {
+        return;
+    }
+    let mut tlla = [0u8; 6];
+    let mut has_tlla = 0u8;
+    if payload_len >= NA_LEN + ND_OPT_LEN && p + IPV6_HLEN + NA_LEN + ND_OPT_LEN <= end {
+        let opt = p + IPV6_HLEN + NA_LEN;
+        // SAFETY: checked above that the option's 8 bytes lie inside the packet.
+        let (kind, units, mac) = unsafe {
+            (
+                *(opt as *const u8),
+                *((opt + 1) as *const u8),
+                ((opt + 2) as *const [u8; 6]).read_unaligned(),
+            )
+        };
+        if kind == ND_OPT_TARGET_LLADDR && units == 1 {
+            tlla = mac;
+            has_tlla = 1;
+        }
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<NeighborAdvertEvent>(0) else {
+        count_lost();
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved, exclusively owned NeighborAdvertEvent in the ring buffer; every field is
+    // written before submit. The addresses are copied straight from the packet (checked above to hold the IPv6
+    // header and the NA's fixed part), so they take no room on the stack the flow tracker's calls share.
+    unsafe {
+        (*e).header = header(EventKind::NeighborAdvert);
+        (*e).ifindex = ifindex;
+        (*e).netns_id = config!(netns_id);
+        (*e).vlan = eth.vlan;
+        (*e).vlan_count = eth.vlan_count;
+        (*e).flags = flags;
+        (*e).has_tlla = has_tlla;
+        (*e).src_mac = *src;
+        (*e).tlla = tlla;
+        (*e).frame_len = len as u32;
+        (*e).pad0 = 0;
+        (*e).src_ip = ((p + 8) as *const [u8; 16]).read_unaligned();
+        (*e).dst_ip = ((p + 24) as *const [u8; 16]).read_unaligned();
+        (*e).target = ((p + IPV6_HLEN + 8) as *const [u8; 16]).read_unaligned();
         (*e).frame = [0; FRAME_CAPTURE];
         (*e).cap_len = f.copy((&raw mut (*e).frame).cast::<u8>());
     }

@@ -7,12 +7,13 @@ use std::{
 
 use monitor_common::{
     AF_INET6, ArpEvent, DIR_EGRESS, EventKind, FLOW_PEER_ACK_KNOWN, FLOW_SEQ_KNOWN, FdbEvent, FlowEvent,
-    MacCounters, MacKey, MacSeenEvent, SIDE_VM, TcpEvent, UNKNOWN_U8, WireEvent,
+    MacCounters, MacKey, MacSeenEvent, NA_OVERRIDE, NA_ROUTER, NA_SOLICITED, NeighborAdvertEvent, SIDE_VM,
+    TcpEvent, UNKNOWN_U8, WireEvent,
 };
 
 use migmon_analysis::trace::{
-    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, MacAddr, Port, RetransmitKind, TcpCommon,
-    TcpState,
+    ArpFrame, Direction, Event, FlowSegment, FlowSide, FourTuple, MacAddr, NeighborAdvertFrame, Port,
+    RetransmitKind, TcpCommon, TcpState,
 };
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -106,6 +107,7 @@ impl Decoder {
             WireEvent::Arp(e) => self.arp(e),
             WireEvent::Fdb(e) => fdb(e),
             WireEvent::MacSeen(e) => self.mac_seen(e),
+            WireEvent::NeighborAdvert(e) => self.neighbor_advert(e),
             WireEvent::Flow(kind, e) => self.flow(*kind, e),
         }
     }
@@ -238,6 +240,28 @@ impl Decoder {
         }
     }
 
+    fn neighbor_advert(&self, e: &NeighborAdvertEvent) -> Event {
+        let count = usize::from(e.vlan_count.min(2));
+        let cap = (e.cap_len as usize).min(e.frame.len());
+        Event::NeighborAdvert {
+            ts_ns: e.header.ts_ns,
+            frame: NeighborAdvertFrame {
+                port: self.port(e.netns_id, e.ifindex),
+                mac: MacAddr(e.src_mac),
+                vlan: e.vlan[..count].to_vec(),
+                src_ip: Ipv6Addr::from(e.src_ip),
+                dst_ip: Ipv6Addr::from(e.dst_ip),
+                target: Ipv6Addr::from(e.target),
+                router: e.flags & NA_ROUTER != 0,
+                solicited: e.flags & NA_SOLICITED != 0,
+                override_: e.flags & NA_OVERRIDE != 0,
+                tlla: (e.has_tlla != 0).then_some(MacAddr(e.tlla)),
+                frame: hex(&e.frame[..cap]),
+                len: e.frame_len,
+            },
+        }
+    }
+
     fn mac_seen(&self, e: &MacSeenEvent) -> Event {
         Event::MacSeen {
             ts_ns: e.header.ts_ns,
@@ -364,6 +388,76 @@ mod tests {
         // An ARP probe (spa 0.0.0.0) is not gratuitous.
         let ev = d.event(&WireEvent::Arp(arp_event(0x0806, 1, [0; 4], [0; 4])));
         assert_eq!(ev.kind(), "arp");
+    }
+
+    #[test]
+    fn neighbor_advert_decodes_addresses_flags_and_option() {
+        let mut d = Decoder::new(250);
+        let addr = |s: &str| s.parse::<Ipv6Addr>().unwrap().octets();
+        let mut e = NeighborAdvertEvent {
+            header: EventHeader {
+                kind: EventKind::NeighborAdvert as u32,
+                cpu: 1,
+                ts_ns: 77,
+            },
+            ifindex: 4,
+            netns_id: 2,
+            vlan: [300, 42],
+            vlan_count: 2,
+            flags: NA_OVERRIDE,
+            has_tlla: 1,
+            src_mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            tlla: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            frame_len: 94,
+            cap_len: 2,
+            src_ip: addr("fe80::5054:ff:fe12:3456"),
+            dst_ip: addr("ff02::1"),
+            target: addr("fd00:77::10"),
+            ..NeighborAdvertEvent::default()
+        };
+        e.frame[..2].copy_from_slice(&[0x33, 0x33]);
+        let ev = d.event(&WireEvent::NeighborAdvert(e));
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["kind"], "neighbor_advert");
+        assert_eq!(v["ts_ns"], 77);
+        assert_eq!(v["mac"], "52:54:00:12:34:56");
+        assert_eq!(v["vlan"], serde_json::json!([300, 42]));
+        assert_eq!(
+            (&v["src_ip"], &v["dst_ip"], &v["target"]),
+            (
+                &serde_json::json!("fe80::5054:ff:fe12:3456"),
+                &serde_json::json!("ff02::1"),
+                &serde_json::json!("fd00:77::10")
+            )
+        );
+        assert_eq!(
+            (&v["router"], &v["solicited"], &v["override"]),
+            (
+                &serde_json::json!(false),
+                &serde_json::json!(false),
+                &serde_json::json!(true)
+            )
+        );
+        assert_eq!(v["tlla"], "52:54:00:12:34:56");
+        assert_eq!(
+            (&v["frame"], &v["len"]),
+            (&serde_json::json!("3333"), &serde_json::json!(94))
+        );
+        let back: Event = serde_json::from_value(v).unwrap();
+        assert_eq!(back, ev, "round trip through JSON");
+
+        // Without the option: no `tlla` field.
+        let ev = d.event(&WireEvent::NeighborAdvert(NeighborAdvertEvent {
+            has_tlla: 0,
+            flags: NA_SOLICITED | NA_OVERRIDE | NA_ROUTER,
+            ..e
+        }));
+        let v = serde_json::to_value(&ev).unwrap();
+        assert!(v.get("tlla").is_none(), "{v}");
+        assert_eq!(
+            (&v["router"], &v["solicited"]),
+            (&serde_json::json!(true), &serde_json::json!(true))
+        );
     }
 
     #[test]

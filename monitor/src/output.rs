@@ -8,7 +8,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use migmon_analysis::trace::{ArpFrame, Event, FlowSegment, FlowSide, TraceWriter, state_text};
+use migmon_analysis::trace::{
+    ArpFrame, Event, FlowSegment, FlowSide, NeighborAdvertFrame, TraceWriter, state_text,
+};
 use migmon_base::errno_name;
 
 use crate::{decode::mono_now_ns, netns};
@@ -126,7 +128,11 @@ impl Output {
             | Event::FlowProgress { .. }
             | Event::FlowOpen { .. }
             | Event::FlowFin { .. } => "32",
-            Event::Arp { .. } | Event::Garp { .. } | Event::Rarp { .. } | Event::MacSeen { .. } => "36",
+            Event::Arp { .. }
+            | Event::Garp { .. }
+            | Event::Rarp { .. }
+            | Event::NeighborAdvert { .. }
+            | Event::MacSeen { .. } => "36",
             Event::FdbUpdate { .. } => "35",
             _ => "2",
         };
@@ -149,6 +155,7 @@ impl Output {
             Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
                 arp_detail(frame)
             }
+            Event::NeighborAdvert { frame, .. } => neighbor_advert_detail(frame),
             Event::FdbUpdate {
                 bridge,
                 port,
@@ -303,6 +310,44 @@ fn arp_detail(frame: &ArpFrame) -> String {
         frame.sha,
         frame.tpa,
         frame.tha,
+        frame.len
+    )
+}
+
+/// An announcing neighbor advertisement: port, source MAC, target (and its link-layer address), addresses, flags.
+fn neighbor_advert_detail(frame: &NeighborAdvertFrame) -> String {
+    let vlan = if frame.vlan.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " vlan={}",
+            frame
+                .vlan
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(".")
+        )
+    };
+    let flags: String = [
+        (frame.router, 'R'),
+        (frame.solicited, 'S'),
+        (frame.override_, 'O'),
+    ]
+    .iter()
+    .filter_map(|&(on, c)| on.then_some(c))
+    .collect();
+    format!(
+        "{:<20} {} target {} ({}) {} -> {} flags={}{vlan} len={}",
+        port_name(&frame.port),
+        frame.mac,
+        frame.target,
+        frame
+            .tlla
+            .map_or_else(|| "no lladdr".to_owned(), |m| m.to_string()),
+        frame.src_ip,
+        frame.dst_ip,
+        if flags.is_empty() { "-" } else { &flags },
         frame.len
     )
 }

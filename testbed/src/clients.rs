@@ -14,7 +14,7 @@
 use std::{
     fmt,
     io::{ErrorKind, Read, Write},
-    net::{SocketAddrV4, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::AsRawFd,
     str::FromStr,
     sync::{
@@ -37,14 +37,14 @@ use crate::net::{NetError, in_netns, try_ip_in, try_netns_exec};
 pub enum ClientError {
     #[error("cannot connect to {addr} from namespace {netns}")]
     Connect {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         netns: String,
         #[source]
         source: std::io::Error,
     },
     #[error("cannot set up the client socket to {addr}")]
     Socket {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -100,17 +100,23 @@ impl Profile {
         }
     }
 
-    /// Sets the namespace-wide part of the profile in `netns`: `tcp_retries2`, and a host route to `vm` over `dev`
-    /// with the profile's `rto_min` (or without one, for the defaults). Idempotent.
-    pub fn apply(self, netns: &str, dev: &str, vm: std::net::Ipv4Addr) -> Result<(), ClientError> {
+    /// Sets the namespace-wide part of the profile in `netns`: `tcp_retries2` (which IPv6 TCP shares), and a host
+    /// route to `vm` (IPv4 or IPv6) over `dev` with the profile's `rto_min` (or without one, for the defaults).
+    /// Idempotent.
+    pub fn apply(self, netns: &str, dev: &str, vm: IpAddr) -> Result<(), ClientError> {
         let err = |source| ClientError::Profile {
             netns: netns.to_owned(),
             source,
         };
         let sysctl = format!("net.ipv4.tcp_retries2={}", self.tcp_retries2());
         try_netns_exec(netns, &["sysctl", "-qw", &sysctl]).map_err(err)?;
-        let dst = format!("{vm}/32");
-        let mut args = vec!["route", "replace", dst.as_str(), "dev", dev];
+        let dst = if vm.is_ipv4() {
+            format!("{vm}/32")
+        } else {
+            format!("{vm}/128")
+        };
+        let family = if vm.is_ipv4() { "-4" } else { "-6" };
+        let mut args = vec![family, "route", "replace", dst.as_str(), "dev", dev];
         let rto;
         if let Some(r) = self.rto_min() {
             rto = format!("{}ms", r.as_millis());
@@ -322,8 +328,8 @@ impl fmt::Display for Verdict {
 pub struct ClientReport {
     pub kind: Kind,
     /// The client's end of the connection (its port identifies it in migmon's report).
-    pub local: SocketAddrV4,
-    pub remote: SocketAddrV4,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
     /// Records or responses received.
     pub count: u64,
     /// The longest time without progress (since the start, or since the last [`Client::take_max_gap`]).
@@ -346,8 +352,8 @@ struct Shared {
 /// A running client connection.
 pub struct Client {
     kind: Kind,
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
+    local: SocketAddr,
+    remote: SocketAddr,
     shared: Arc<Shared>,
     handle: Option<JoinHandle<Verdict>>,
 }
@@ -397,12 +403,12 @@ impl Client {
     /// Connects from namespace `netns` to `remote` and starts the client's thread.
     pub fn start(
         netns: &str,
-        remote: SocketAddrV4,
+        remote: SocketAddr,
         kind: Kind,
         opts: ClientOptions,
     ) -> Result<Self, ClientError> {
         let s = in_netns(netns, || {
-            TcpStream::connect_timeout(&remote.into(), Duration::from_secs(5))
+            TcpStream::connect_timeout(&remote, Duration::from_secs(5))
         })?
         .map_err(|source| ClientError::Connect {
             addr: remote,
@@ -415,14 +421,7 @@ impl Client {
         }
         s.set_read_timeout(Some(SLICE)).map_err(sock_err)?;
         s.set_nodelay(true).map_err(sock_err)?;
-        let local = match s.local_addr().map_err(sock_err)? {
-            std::net::SocketAddr::V4(a) => a,
-            std::net::SocketAddr::V6(_) => {
-                return Err(sock_err(std::io::Error::other(
-                    "an IPv6 local address for an IPv4 peer",
-                )));
-            }
-        };
+        let local = s.local_addr().map_err(sock_err)?;
         let shared = Arc::new(Shared::default());
         let sh = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -450,7 +449,7 @@ impl Client {
         self.kind
     }
 
-    pub fn local(&self) -> SocketAddrV4 {
+    pub fn local(&self) -> SocketAddr {
         self.local
     }
 
@@ -661,12 +660,7 @@ fn rr(mut s: TcpStream, len: u32, interval: Duration, shared: &Shared, stall_lim
 
 /// Starts `n` clients towards `vm`, alternating streams (200 records/s, with acks) and request/response (64-byte
 /// answers every 5 ms), the mix of the demo and the migration tests.
-pub fn start_mix(
-    netns: &str,
-    vm: std::net::Ipv4Addr,
-    n: usize,
-    opts: ClientOptions,
-) -> Result<Vec<Client>, ClientError> {
+pub fn start_mix(netns: &str, vm: IpAddr, n: usize, opts: ClientOptions) -> Result<Vec<Client>, ClientError> {
     (0..n)
         .map(|i| {
             let (port, kind) = if i % 2 == 0 {
@@ -686,7 +680,7 @@ pub fn start_mix(
                     },
                 )
             };
-            Client::start(netns, SocketAddrV4::new(vm, port), kind, opts)
+            Client::start(netns, SocketAddr::new(vm, port), kind, opts)
         })
         .collect()
 }

@@ -6,7 +6,8 @@
 //!    switch ports, TC egress on the taps), recording a trace and listening for the migrators' phase events on a
 //!    unix socket, with `--until-migrations 2`, so it ends by itself once both migrations have settled.
 //! 3. `migrator run` boots the guest on host A (in A's namespace, on A's tap) with the memory dirtier on.
-//! 4. The clients connect from the client namespace with the chosen socket profile.
+//! 4. The clients connect from the client namespace with the chosen socket profile, half of them over IPv4 and
+//!    half over IPv6 (the guest's unique local address on the testbed LAN).
 //! 5. `migrator migrate --mode live` moves the guest to a `migrator receive` on host B over the migration link,
 //!    then `--mode quick --extra-pause D` moves it back to a new `migrator receive` on A. The quick pause is the
 //!    real suspend/copy/resume (a few hundred ms here) plus D held on purpose, reproducing a 2008-era Quick
@@ -170,6 +171,8 @@ pub struct Run {
     pub watch_exit: Option<i32>,
     pub outputs: Outputs,
     pub guest_ip: std::net::Ipv4Addr,
+    /// The guest's IPv6 address (half of the clients connect to it).
+    pub guest_ip6: std::net::Ipv6Addr,
 }
 
 /// The caller's view of a run in progress: a progress line sink and an interrupt flag.
@@ -349,9 +352,10 @@ impl Scenario<'_> {
     /// `migmon watch` for one host: its tap and uplink only, its migrators' events, its own host name and trace.
     fn start_host_watch(&self, host: Host, trace: &Path) -> Result<Proc, ScenarioError> {
         let vm = format!("{VM_MAC}={}", self.bed.vm_ip(0));
+        let vm6 = format!("{VM_MAC}={}", self.bed.vm_ip6(0));
         let ns = self.bed.host_ns(host);
         let mut cmd = Command::new(&self.cfg.migmon);
-        cmd.args(["watch", "--vm", &vm, "--host-name", &ns])
+        cmd.args(["watch", "--vm", &vm, "--vm", &vm6, "--host-name", &ns])
             .args(["--iface", &self.bed.tap_at(host)])
             .args(["--iface", &format!("{}@{ns}", host.uplink())])
             .args(["--egress", &self.bed.tap_at(host)])
@@ -408,8 +412,9 @@ impl Scenario<'_> {
 
     fn start_watch(&self, sock: &str, trace: &Path) -> Result<Proc, ScenarioError> {
         let vm = format!("{VM_MAC}={}", self.bed.vm_ip(0));
+        let vm6 = format!("{VM_MAC}={}", self.bed.vm_ip6(0));
         let mut cmd = Command::new(&self.cfg.migmon);
-        cmd.args(["watch", "--vm", &vm]);
+        cmd.args(["watch", "--vm", &vm, "--vm", &vm6]);
         for p in self.bed.ports() {
             cmd.args(["--iface", &p]);
         }
@@ -466,6 +471,7 @@ impl Scenario<'_> {
 
     fn boot(&self, api: &str, events: &str) -> Result<Proc, ScenarioError> {
         let ip = format!("{}/{}", self.bed.vm_ip(0), self.bed.lan_prefix_len());
+        let ip6 = format!("{}/64", self.bed.vm_ip6(0));
         let serial = self.out("guest-serial.log").display().to_string();
         let mut args = vec![
             "run",
@@ -475,6 +481,8 @@ impl Scenario<'_> {
             VM_MAC,
             "--ip",
             &ip,
+            "--ip6",
+            &ip6,
             "--mem",
             &self.cfg.mem,
             "--api",
@@ -803,6 +811,7 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         watch_exit,
         outputs,
         guest_ip: bed.vm_ip(0),
+        guest_ip6: bed.vm_ip6(0),
     })
 }
 
@@ -815,19 +824,28 @@ fn all_progress(clients: &[Client], since: &[u64]) -> bool {
 fn start_clients(s: &Scenario<'_>) -> Result<(Arithmetic, Vec<Client>), ScenarioError> {
     let (cfg, bed) = (s.cfg, &s.bed);
     let arithmetic = cfg.profile.arithmetic();
-    cfg.profile.apply(&bed.client_ns(), CLIENT_IF, bed.vm_ip(0))?;
+    cfg.profile
+        .apply(&bed.client_ns(), CLIENT_IF, bed.vm_ip(0).into())?;
+    cfg.profile
+        .apply(&bed.client_ns(), CLIENT_IF, bed.vm_ip6(0).into())?;
     s.say(&arithmetic.to_string());
     let opts = ClientOptions {
         profile: cfg.profile,
         stall_limit: Duration::from_secs(60) + cfg.quick_pause,
     };
-    let clients = start_mix(&bed.client_ns(), bed.vm_ip(0), cfg.clients, opts)?;
+    // Half of the connections over IPv6 (each family gets streams and request/response).
+    let v6 = cfg.clients / 2;
+    let mut clients = start_mix(&bed.client_ns(), bed.vm_ip(0).into(), cfg.clients - v6, opts)?;
+    clients.extend(start_mix(&bed.client_ns(), bed.vm_ip6(0).into(), v6, opts)?);
     s.say(&format!(
-        "clients: {} connections from {} ({} streams with sequence checks, {} request/response)",
+        "clients: {} connections from {} ({} over IPv4 to {}, {} over IPv6 to {}; streams with sequence checks and \
+         request/response)",
         clients.len(),
         bed.client_ns(),
-        clients.len().div_ceil(2),
-        clients.len() / 2
+        clients.len() - v6,
+        bed.vm_ip(0),
+        v6,
+        bed.vm_ip6(0)
     ));
     let zero = vec![0; clients.len()];
     s.wait(

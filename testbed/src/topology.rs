@@ -15,6 +15,7 @@
 //! - A separate veth `mig` between the two hosts carries the migration stream.
 //! - Addresses come from 10.77.0.0/16, used only inside these namespaces: testbed `N` (derived from the prefix)
 //!   has the LAN 10.77.N.0/25 (client .1, VMs from .10) and the migration link 10.77.N.128/30 (A .129, B .130).
+//!   The LAN also carries IPv6: the unique local `fd00:77:N::/64` (client `::1`, VMs from `::10`).
 //!   No namespace has a default route or any link to the root namespace, so nothing can leave.
 //! - Every namespace name carries the prefix, so testbeds with different prefixes never collide. Interface names
 //!   are fixed (each lives in its testbed's own namespaces) and distinct within a testbed (see [`Host::tap`]).
@@ -25,7 +26,11 @@
 //! Beside it, smaller topologies for single tests and benchmarks, each built in one call: [`VethNetns`],
 //! [`BridgeNetns`], [`VethPair`] and [`VmHost`].
 
-use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use crate::net::{Link, NetError, Netns, netns_exists, try_ip_in, try_run, wait_until};
 
@@ -174,6 +179,25 @@ impl Topology {
         Ipv4Addr::new(10, 77, self.index, 1)
     }
 
+    /// The client's IPv6 address: the unique local `fd00:77:N::1` (`N` as for the IPv4 LAN).
+    pub fn client_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x77, u16::from(self.index), 0, 0, 0, 0, 1)
+    }
+
+    /// The IPv6 address of VM number `n`: `fd00:77:N::10` + n, in a /64.
+    pub fn vm_ip6(&self, n: u8) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x77,
+            u16::from(self.index),
+            0,
+            0,
+            0,
+            0,
+            0x10 + u16::from(n),
+        )
+    }
+
     /// The address of VM number `n` (0, 1, ...).
     pub fn vm_ip(&self, n: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 77, self.index, 10 + n)
@@ -284,6 +308,13 @@ impl Topology {
         let client_cidr = format!("{}/{}", self.client_ip(), self.lan_prefix_len());
         try_ip_in(Some(&client), &["addr", "add", &client_cidr, "dev", CLIENT_IF])
             .map_err(step("client address".into()))?;
+        // IPv6 too, usable at once (no duplicate address detection on a LAN this testbed owns).
+        let client_cidr6 = format!("{}/64", self.client_ip6());
+        try_ip_in(
+            Some(&client),
+            &["-6", "addr", "add", &client_cidr6, "dev", CLIENT_IF, "nodad"],
+        )
+        .map_err(step("client IPv6 address".into()))?;
         let (a, b) = (self.host_ns(Host::A), self.host_ns(Host::B));
         links.push(
             Link::try_veth(MIG_LINK, Some(&a), MIG_LINK, Some(&b)).map_err(step("migration link".into()))?,
@@ -469,6 +500,10 @@ mod tests {
         assert!((1..=250).contains(&i));
         assert_eq!(t.vm_ip(0), Ipv4Addr::new(10, 77, i, 10));
         assert_eq!(t.mig_ip(Host::B), Ipv4Addr::new(10, 77, i, 130));
+        assert_eq!(
+            t.vm_ip6(1).segments(),
+            [0xfd00, 0x77, u16::from(i), 0, 0, 0, 0, 0x11]
+        );
         assert_eq!(Topology::new("mmdemo").unwrap().index, i, "stable");
     }
 

@@ -22,6 +22,26 @@ fn migration<'a>(report: &'a Value, mode: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {mode} migration in the report: {report:#}"))
 }
 
+/// Each client connection, IPv4 and IPv6, is in migmon's quick-migration report, aborted with ETIMEDOUT as its own
+/// socket saw.
+fn every_client_is_judged_as_its_socket_saw(run: &scenario::Run, quick: &Value) {
+    let conns = quick["connections"].as_array().unwrap();
+    assert!(
+        run.quick.clients.iter().any(|c| c.remote.ip() == run.guest_ip6)
+            && run.quick.clients.iter().any(|c| c.remote.ip() == run.guest_ip),
+        "clients over both IPv4 and IPv6: {:#?}",
+        run.quick.clients
+    );
+    for c in &run.quick.clients {
+        let v = conns
+            .iter()
+            .find(|v| v["sport"] == c.local.port() && v["daddr"] == c.remote.ip().to_string())
+            .unwrap_or_else(|| panic!("client {} not in the quick report: {quick:#}", c.local));
+        assert_eq!(v["fate"], "aborted", "{v:#}");
+        assert_eq!(v["reason"], "etimedout", "{v:#}");
+    }
+}
+
 #[test]
 fn live_keeps_every_session_quick_aborts_every_one() {
     if std::fs::metadata("/dev/kvm").is_err() {
@@ -38,7 +58,7 @@ fn live_keeps_every_session_quick_aborts_every_one() {
     let cfg = Config {
         prefix: unique("tbd"),
         clients: 4,
-        quick_pause: Duration::from_secs(6),
+        quick_pause: Duration::from_secs(8),
         profile: Profile::Windows2003,
         out: out.to_path_buf(),
         migmon: migmon_bin(),
@@ -90,19 +110,15 @@ fn live_keeps_every_session_quick_aborts_every_one() {
             "the announce was seen: {m:#}"
         );
         assert!(
+            !m["timeline"]["first_na"].is_null(),
+            "the guest's neighbor advertisement was seen: {m:#}"
+        );
+        assert!(
             !m["timeline"]["fdb_moves"].as_array().unwrap().is_empty(),
             "the FDB moved: {m:#}"
         );
     }
-    let conns = quick["connections"].as_array().unwrap();
-    for c in &run.quick.clients {
-        let v = conns
-            .iter()
-            .find(|v| v["sport"] == c.local.port() && v["daddr"] == run.guest_ip.to_string())
-            .unwrap_or_else(|| panic!("client {} not in the quick report: {quick:#}", c.local));
-        assert_eq!(v["fate"], "aborted", "{v:#}");
-        assert_eq!(v["reason"], "etimedout", "{v:#}");
-    }
+    every_client_is_judged_as_its_socket_saw(&run, quick);
     assert_eq!(
         run.watch_exit,
         Some(1),

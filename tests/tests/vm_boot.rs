@@ -57,6 +57,7 @@ impl Topology {
             ipv4: self.guest_ip(),
             prefix_len: 24,
             gateway: None,
+            ipv6: None,
             dirty_bytes: dirty.map_or(0, |d| d.0),
             dirty_rate: dirty.map_or(0, |d| d.1),
             serial: SerialOutput::Stderr {
@@ -358,6 +359,7 @@ fn missing_tap_is_a_clear_error() {
         ipv4: Ipv4Addr::new(10, 0, 0, 2),
         prefix_len: 24,
         gateway: None,
+        ipv6: None,
         dirty_bytes: 0,
         dirty_rate: 0,
         serial: SerialOutput::Discard,

@@ -423,6 +423,58 @@ fn qmp_halves_are_joined_and_labelled() {
 }
 
 #[test]
+fn a_neighbor_advert_is_the_announce_and_names_the_vms_ipv6_address() {
+    let vm6: std::net::Ipv6Addr = "fd00:77::10".parse().unwrap();
+    let mut ev = vec![
+        mig(1000, "qmp:a.qmp:1", VM_MAC, Role::Source, Phase::Pause, "qmp"),
+        mig(
+            1025,
+            "qmp:b.qmp:in1",
+            VM_MAC,
+            Role::Destination,
+            Phase::Resume,
+            "qmp",
+        ),
+        neighbor_advert(1030, VM_MAC, vm6, "tapB"),
+        // Another host's advertisement names no address of the VM.
+        neighbor_advert(1031, "52:54:00:99:99:99", "fd00:77::99".parse().unwrap(), "tapB"),
+    ];
+    let t = FourTuple {
+        saddr: std::net::IpAddr::V6("fd00:77::1".parse().unwrap()),
+        sport: 46002,
+        daddr: std::net::IpAddr::V6(vm6),
+        dport: 7,
+    };
+    ev.extend([
+        state(1, t, "SYN_SENT", "ESTABLISHED"),
+        rtx(1200, t, 1, 200),
+        note(9000),
+    ]);
+    let a = correlate(&ev);
+    assert_eq!(a.migrations.len(), 1, "{:#?}", a.migrations);
+    let m = &a.migrations[0];
+    let na = m.timeline.first_na.as_ref().expect("the NA is the announce");
+    assert_eq!((na.ts_ns, na.port.as_str()), (1030 * MS, "tapB"));
+    assert!(m.timeline.first_garp.is_none());
+    assert!(
+        !m.warnings.iter().any(|w| w.contains("no RARP or GARP")),
+        "{:?}",
+        m.warnings
+    );
+    assert_eq!(
+        m.ips,
+        vec![std::net::IpAddr::V6(vm6)],
+        "the VM's address came from its NA"
+    );
+    assert_eq!((m.connections.len(), m.survived), (1, 1), "{:#?}", m.connections);
+    // A report without an NA keeps its JSON as before: no `first_na` key.
+    let plain = correlate(&live_trace());
+    let json = serde_json::to_value(&plain.migrations[0].timeline).unwrap();
+    assert!(json.get("first_na").is_none(), "{json}");
+    assert!(serde_json::to_value(&m.timeline).unwrap()["first_na"].is_object());
+}
+
+#[test]
 fn wire_inference_without_any_pause_source() {
     let t = tuple(47001, VM_IP);
     let ev = vec![

@@ -72,6 +72,10 @@ impl WireInference {
             | Event::Garp {
                 ts_ns,
                 frame: crate::trace::ArpFrame { mac, port, .. },
+            }
+            | Event::NeighborAdvert {
+                ts_ns,
+                frame: crate::trace::NeighborAdvertFrame { mac, port, .. },
             } => {
                 let st = self.macs.entry(*mac).or_default();
                 let label = port.to_string();

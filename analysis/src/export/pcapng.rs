@@ -22,7 +22,9 @@ use super::mono_to_unix;
 use crate::{
     correlate::Analysis,
     report::rel,
-    trace::{ArpFrame, Event, FlowSegment, FlowSide, FourTuple, MacAddr, Trace, state_text},
+    trace::{
+        ArpFrame, Event, FlowSegment, FlowSide, FourTuple, MacAddr, NeighborAdvertFrame, Trace, state_text,
+    },
 };
 
 const LINKTYPE_ETHERNET: u16 = 1;
@@ -276,6 +278,7 @@ pub fn write(path: &Path, t: &Trace, a: &Analysis) -> io::Result<usize> {
             Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => {
                 arp_packet(&mut w, a, e, frame, unix)?;
             }
+            Event::NeighborAdvert { frame, .. } => neighbor_advert_packet(&mut w, a, e, frame, unix)?,
             Event::TcpRetransmit { .. }
             | Event::TcpError { .. }
             | Event::TcpResetIn { .. }
@@ -360,6 +363,33 @@ fn arp_packet<W: Write>(
     let bytes = frame_bytes(frame, rarp);
     let comment = format!(
         "migmon: {what} from {} seen by XDP on {}{}",
+        frame.mac,
+        frame.port,
+        context(a, Some(frame.mac), e.ts_ns())
+    );
+    w.packet(id, unix, &bytes, frame.len, &comment)
+}
+
+/// An announcing neighbor advertisement with its real bytes (when captured), on an interface named after its port.
+fn neighbor_advert_packet<W: Write>(
+    w: &mut Writer<W>,
+    a: &Analysis,
+    e: &Event,
+    frame: &NeighborAdvertFrame,
+    unix: u64,
+) -> io::Result<()> {
+    let Some(bytes) = hex_bytes(&frame.frame) else {
+        return Ok(());
+    };
+    let kind = if frame.solicited {
+        "solicited neighbor advertisement (override)"
+    } else {
+        "unsolicited neighbor advertisement"
+    };
+    let id = w.iface(&frame.port.to_string(), LINKTYPE_ETHERNET)?;
+    let comment = format!(
+        "migmon: {kind} for {} from {} seen on {}{}",
+        frame.target,
         frame.mac,
         frame.port,
         context(a, Some(frame.mac), e.ts_ns())

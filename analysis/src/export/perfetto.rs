@@ -217,6 +217,7 @@ fn l2_events(b: &mut Builder, l2: u64, tl: &Timeline) {
         ("last frame to VM (old port)", &tl.last_frame_to_vm_old_port),
         ("first RARP", &tl.first_rarp),
         ("first GARP", &tl.first_garp),
+        ("first NA", &tl.first_na),
         ("first VM frame (new port)", &tl.first_vm_frame_new_port),
         ("first frame to VM (new port)", &tl.first_frame_to_vm_new_port),
     ] {
@@ -303,6 +304,18 @@ fn all_l2_events(b: &mut Builder, all: u64, t: &Trace) {
                     &format!("{} {}", e.kind(), frame.mac),
                     "l2",
                     &[("port", frame.port.to_string()), ("spa", frame.spa.to_string())],
+                );
+            }
+            Event::NeighborAdvert { ts_ns, frame } => {
+                b.instant(
+                    all,
+                    *ts_ns,
+                    &format!("{} {}", e.kind(), frame.mac),
+                    "l2",
+                    &[
+                        ("port", frame.port.to_string()),
+                        ("target", frame.target.to_string()),
+                    ],
                 );
             }
             Event::FdbUpdate {

@@ -17,10 +17,11 @@ fn fig(f: Option<&crate::correlate::Figure>) -> String {
 fn rows(m: &MigrationReport) -> Vec<(&'static str, String)> {
     let tl = &m.timeline;
     let anchor = super::anchor_of(m);
-    let announce = match (&tl.first_rarp, &tl.first_garp) {
-        (Some(r), _) => format!("RARP {} at {}", rel(r.ts_ns, anchor), r.port),
-        (None, Some(g)) => format!("GARP {} at {}", rel(g.ts_ns, anchor), g.port),
-        (None, None) => "not seen".to_owned(),
+    let announce = match (&tl.first_rarp, &tl.first_garp, &tl.first_na) {
+        (Some(r), _, _) => format!("RARP {} at {}", rel(r.ts_ns, anchor), r.port),
+        (None, Some(g), _) => format!("GARP {} at {}", rel(g.ts_ns, anchor), g.port),
+        (None, None, Some(n)) => format!("NA {} at {}", rel(n.ts_ns, anchor), n.port),
+        (None, None, None) => "not seen".to_owned(),
     };
     let fdb = if tl.fdb_moves.is_empty() {
         "no".to_owned()

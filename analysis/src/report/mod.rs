@@ -232,6 +232,9 @@ fn network_lines(s: &mut String, tl: &Timeline, anchor: u64) {
     }
     sight_line(s, "first RARP", tl.first_rarp.as_ref(), anchor, "none seen");
     sight_line(s, "first GARP", tl.first_garp.as_ref(), anchor, "none seen");
+    if tl.first_na.is_some() {
+        sight_line(s, "first NA", tl.first_na.as_ref(), anchor, "none seen");
+    }
     if tl.fdb_moves.is_empty() {
         line(s, "FDB move", "–", "no bridge re-learned the MAC");
     }

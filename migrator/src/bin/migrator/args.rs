@@ -1,7 +1,12 @@
 //! The command line of `migrator`: clap's argument structs and value parsers, each turned into the plain
 //! configuration the library takes.
 
-use std::{net::Ipv4Addr, path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
 
 use clap::{
     Args,
@@ -84,6 +89,27 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
+/// An IPv6 address with its prefix, `fd00:77::10/64`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Cidr {
+    pub addr: Ipv6Addr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for Ipv6Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a unicast IPv6 address with a prefix, like fd00:77::10/64");
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv6Addr = addr.parse().map_err(|_| bad())?;
+        let prefix_len: u8 = len.parse().map_err(|_| bad())?;
+        if !(1..=128).contains(&prefix_len) || addr.is_unspecified() || addr.is_multicast() {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix_len })
+    }
+}
+
 /// The dirtier's setting `SIZE@RATE`: rewrite SIZE bytes at RATE bytes per second, e.g. `32M@125M`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirtySpec {
@@ -119,6 +145,9 @@ pub struct RunArgs {
     /// Default gateway for the guest.
     #[arg(long)]
     pub gateway: Option<Ipv4Addr>,
+    /// The VM's IPv6 address and prefix, e.g. `fd00:77::10/64` (it has a link-local address from its MAC anyway).
+    #[arg(long)]
+    pub ip6: Option<Ipv6Cidr>,
     /// Guest RAM (a multiple of 2 MiB).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub mem: u64,
@@ -146,6 +175,7 @@ impl RunArgs {
                 ipv4: self.ip.addr,
                 prefix_len: self.ip.prefix_len,
                 gateway: self.gateway,
+                ipv6: self.ip6.map(|c| (c.addr, c.prefix_len)),
                 dirty_bytes: self.dirty.map_or(0, |d| d.bytes),
                 dirty_rate: self.dirty.map_or(0, |d| d.rate),
                 serial: self.serial_log.clone().map_or_else(
