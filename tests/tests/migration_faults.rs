@@ -36,6 +36,8 @@ const CMD_ROUND_END: u32 = 4;
 const CMD_COMPLETE: u32 = 8;
 const CMD_COMMIT: u32 = 13;
 const MAX_PAUSE_MS: f64 = 500.0;
+/// How long a receiver whose source rolled back may take to exit.
+const RECV_EXIT: Duration = Duration::from_secs(15);
 
 /// splitmix64.
 struct Rng(u64);
@@ -506,8 +508,16 @@ fn env_u32(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// After a failed case: the guest runs at home only, its RAM as it was paused, the receiver gave up.
-fn assert_rolled_back(bed: &Bed, home: &mut Home, recv: &mut Proc, what: &str, t: &mut Tally) {
+/// After a failed case: the guest runs at home only, its RAM as it was paused, the receiver gave up (within
+/// `recv_exit`; a receiver behind a stalled connection still waits on it: it must not run the guest, and is killed).
+fn assert_rolled_back(
+    bed: &Bed,
+    home: &mut Home,
+    recv: &mut Proc,
+    recv_exit: Duration,
+    what: &str,
+    t: &mut Tally,
+) {
     assert!(
         home.proc.running(),
         "{what}: the source died:\n{}",
@@ -528,7 +538,7 @@ fn assert_rolled_back(bed: &Bed, home: &mut Home, recv: &mut Proc, what: &str, t
         t.hash_checked += 1;
     }
     // The receiver must not run the guest: it exits, or is left paused without a running guest.
-    if !recv.wait_exit(Duration::from_secs(15)) {
+    if !recv.wait_exit(recv_exit) {
         let api_state = status(&bed.path(&format!("r{}.api", t.cases + 1))).map(|s| s["state"].clone());
         assert!(
             api_state.as_ref().is_none_or(|s| s != "running"),
@@ -646,6 +656,7 @@ fn faults_leave_exactly_one_running_copy() {
             &bed,
             case.home,
             &mut recv,
+            RECV_EXIT,
             &format!("cut at {at} ({name})"),
             &mut t,
         );
@@ -673,7 +684,8 @@ fn faults_leave_exactly_one_running_copy() {
             pause <= MAX_PAUSE_MS,
             "stall at {at}: paused {pause:.1} ms > --max-pause {MAX_PAUSE_MS} ms"
         );
-        assert_rolled_back(&bed, case.home, &mut recv, &format!("stall at {at}"), &mut t);
+        let what = format!("stall at {at}");
+        assert_rolled_back(&bed, case.home, &mut recv, Duration::from_secs(1), &what, &mut t);
         drop(relay);
     }
     eprintln!(
@@ -693,6 +705,7 @@ fn faults_leave_exactly_one_running_copy() {
             &bed,
             case.home,
             &mut recv,
+            RECV_EXIT,
             &format!("flip {mask:#04x} at {at}"),
             &mut t,
         );
@@ -707,7 +720,14 @@ fn faults_leave_exactly_one_running_copy() {
         !out.status.success(),
         "destination killed: the migration succeeded"
     );
-    assert_rolled_back(&bed, case.home, &mut recv, "destination killed", &mut t);
+    assert_rolled_back(
+        &bed,
+        case.home,
+        &mut recv,
+        RECV_EXIT,
+        "destination killed",
+        &mut t,
+    );
 
     // A lost commit: both sides in doubt, no copy runs, until the operator resumes the source.
     t.cases += 1;
@@ -773,6 +793,26 @@ fn faults_leave_exactly_one_running_copy() {
         t.in_doubt_resolved,
         t.moved,
         errors.is_empty() && alive
+    );
+    // For `./x bench --only faults`.
+    eprintln!(
+        "faults-json: {}",
+        serde_json::json!({
+            "cases": t.cases + 1,
+            "cuts": cuts,
+            "cuts_pre_copy": by_stratum[0],
+            "cuts_paused_tail": by_stratum[1],
+            "cuts_before_commit": by_stratum[2],
+            "stalls": stalls,
+            "max_stall_pause_ms": t.max_stall_pause_ms,
+            "deadline_ms": MAX_PAUSE_MS,
+            "rolled_back": t.rolled_back,
+            "hash_checked": t.hash_checked,
+            "in_doubt_resolved": t.in_doubt_resolved,
+            "moved": t.moved,
+            "clients_alive": errors.is_empty() && alive,
+            "seconds": started.elapsed().as_secs_f64(),
+        })
     );
     assert!(errors.is_empty(), "client connections died: {errors:?}");
     assert!(alive, "the clients stopped progressing");

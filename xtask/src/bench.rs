@@ -11,8 +11,11 @@
 //! - `floors`: memory copy bandwidth, unix socket and TCP-over-veth bandwidth (the floors of the others);
 //! - `probes`: XDP ns per frame (`BPF_PROG_TEST_RUN`), events/s through the collector, TCP stream overhead;
 //! - `migration`: our migrator against QEMU (`-M microvm`, same guest ELF) on the same workloads and clients;
-//! - `scale`: pause/total against guest RAM, migmon against connection count, peak RSS.
+//! - `scale`: pause/total against guest RAM, migmon against connection count, peak RSS;
+//! - `faults`: the fault injection test with its full counts (stream cuts, stalls, flips, lost commit, kills): cases,
+//!   outcomes, and the longest pause of a stalled destination against `--max-pause`.
 
+pub mod faults;
 pub mod floors;
 pub mod machine;
 pub mod migration;
@@ -39,7 +42,7 @@ use anyhow::{Context, Result, bail};
 use crate::util;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 4] = ["floors", "probes", "migration", "scale"];
+pub const SECTIONS: [&str; 5] = ["floors", "probes", "migration", "scale", "faults"];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -52,7 +55,7 @@ pub struct BenchArgs {
     /// Where bench.md and bench.json go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Run only these sections (floors, probes, migration, scale). Repeatable.
+    /// Run only these sections (floors, probes, migration, scale, faults). Repeatable.
     #[arg(long, value_name = "SECTION")]
     pub only: Vec<String>,
     /// Skip the release build (the binaries must already be there).
@@ -261,6 +264,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
             "probes" => run_probes(&ctx, &mut results),
             "migration" => migration::run(&ctx, &mut results),
             "scale" => scale::run(&ctx, &mut results),
+            "faults" => faults::run(&ctx, &mut results),
             _ => Ok(()),
         };
         if let Err(e) = r {
