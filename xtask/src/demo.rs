@@ -176,8 +176,9 @@ fn summary(run: &scenario::Run, args: &DemoArgs) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n══ migmon: live against quick migration, same guest ({}), same {} client connections ══\n",
+        "\n══ migmon: live against quick migration, same guest ({} and {}), same {} client connections ══\n",
         run.guest_ip,
+        run.guest_ip6,
         run.live.clients.len()
     );
     s.push_str(&run.compare);
