@@ -71,7 +71,7 @@ fn check(run: &Run, tcp: &str) {
         for c in &outcome.clients {
             let v = conns
                 .iter()
-                .find(|v| v["sport"] == c.local.port() && v["daddr"] == run.guest_ip.to_string())
+                .find(|v| v["sport"] == c.local.port() && v["daddr"] == c.remote.ip().to_string())
                 .unwrap_or_else(|| panic!("--tcp {tcp}: client {} not in the {mode} report: {m:#}", c.local));
             let (fate, reason) = match (c.verdict.is_alive(), c.verdict.errno()) {
                 (true, _) => ("survived", Value::Null),
