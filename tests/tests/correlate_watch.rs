@@ -114,6 +114,10 @@ fn scenario(mode: Mode, pause: Duration) -> Outcome {
         "2s",
         "--junit",
         path(&junit),
+        // The simulated VM's own sockets (its server side, in a namespace of this host) have nothing after the
+        // resume within the settle; on a real host they are inside the guest and invisible. Their unresolved
+        // verdicts are allowed here; the clients' verdicts are checked below.
+        "--allow-damaged",
     ]);
     assert!(
         wait_until(Duration::from_secs(5), || sock.exists()),
@@ -235,7 +239,7 @@ fn short_pause_survives_and_passes_the_gate() {
         assert!(c["first_progress_ns"].as_u64().is_some(), "{c:#}");
     }
     let junit = s.dir.join("check.xml");
-    let (rc, out) = migmon(&["check", path(&trace), "--junit", path(&junit)]);
+    let (rc, out) = migmon(&["check", path(&trace), "--allow-damaged", "--junit", path(&junit)]);
     assert_eq!(rc, Some(0), "{out}");
     assert!(
         std::fs::read_to_string(&junit)
@@ -429,7 +433,9 @@ fn metrics_count_a_migration_live() {
     };
     let ok = wait_until(Duration::from_secs(10), || {
         scrape().is_some_and(|b| {
-            b.contains("migmon_migrations_total 1") && b.contains("migmon_pause_seconds_count 1")
+            // Series carry host and VM labels: `name{host="...",vm="..."} 1`.
+            let counted = |name: &str| b.lines().any(|l| l.starts_with(name) && l.ends_with(" 1"));
+            counted("migmon_migrations_total{") && counted("migmon_pause_seconds_count{")
         })
     });
     assert!(ok, "metrics never counted the migration: {:?}", scrape());
