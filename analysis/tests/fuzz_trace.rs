@@ -12,28 +12,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use proptest::{
-    collection::vec,
-    prelude::*,
-    test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
-};
+use migmon_base::fuzz::runner;
+use proptest::{collection::vec, prelude::*};
 use serde_json::Value;
-
-fn runner() -> TestRunner {
-    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    let cases = env("MIGMON_FUZZ_CASES").map_or(256, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    let seed = env("MIGMON_FUZZ_SEED").unwrap_or(0x6d69_676d_6f6e);
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    TestRunner::new_with_rng(
-        Config {
-            cases,
-            failure_persistence: None,
-            ..Config::default()
-        },
-        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
-    )
-}
 
 fn fixtures() -> Vec<Vec<String>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");

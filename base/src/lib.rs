@@ -16,6 +16,8 @@
 //! ```
 
 pub mod errno;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 pub mod mac;
 pub mod units;
 

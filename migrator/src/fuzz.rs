@@ -12,11 +12,8 @@
 use std::io::Cursor;
 
 use migevents::Mode;
-use proptest::{
-    collection::vec,
-    prelude::*,
-    test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
-};
+use migmon_base::fuzz::runner;
+use proptest::{collection::vec, prelude::*};
 
 use crate::{
     persist::{FRAME_HEADER, Framing, decode_framed, encode_framed},
@@ -27,23 +24,6 @@ use crate::{
     ram::{PAGE_SIZE, RamError, RamLayout, RamRegion},
     vm_state::VmState,
 };
-
-/// The runner: `MIGMON_FUZZ_CASES` cases (256), from `MIGMON_FUZZ_SEED` (fixed), no persistence files.
-fn runner() -> TestRunner {
-    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    let cases = env("MIGMON_FUZZ_CASES").map_or(256, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    let seed = env("MIGMON_FUZZ_SEED").unwrap_or(0x6d69_676d_6f6e);
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    TestRunner::new_with_rng(
-        Config {
-            cases,
-            failure_persistence: None,
-            ..Config::default()
-        },
-        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
-    )
-}
 
 /// Two regions with a hole between them: 32 pages at 0, 16 pages at 1 MiB.
 fn layout() -> RamLayout {

@@ -8,29 +8,10 @@
 
 use std::path::Path;
 
-use proptest::{
-    collection::vec,
-    prelude::*,
-    test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
-};
+use migmon_base::fuzz::runner;
+use proptest::{collection::vec, prelude::*};
 
 use super::{LineReader, migrator::parse_line, qmp::QmpTranslator};
-
-fn runner() -> TestRunner {
-    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    let cases = env("MIGMON_FUZZ_CASES").map_or(256, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    let seed = env("MIGMON_FUZZ_SEED").unwrap_or(0x6d69_676d_6f6e);
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    TestRunner::new_with_rng(
-        Config {
-            cases,
-            failure_persistence: None,
-            ..Config::default()
-        },
-        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
-    )
-}
 
 const MIGRATOR_LINES: &[&str] = &[
     r#"{"ts_ns":1000,"migration_id":"m1","mac":"52:54:00:00:00:01","role":"source","event":"setup","mode":"live","ram_bytes":268435456,"host":"a","ips":["10.0.0.2"]}"#,
