@@ -106,6 +106,8 @@ pub enum ApiError {
 pub struct Reply {
     tx: SyncSender<Response>,
     status: Arc<Mutex<Status>>,
+    /// Signalled by the writer once a final line is on the socket (or the client is gone).
+    written: Arc<Mutex<Receiver<()>>>,
 }
 
 impl Reply {
@@ -119,9 +121,15 @@ impl Reply {
         }
     }
 
-    /// Queues the final line; waits for room (the writer gives up on a stalled client within its timeout).
+    /// Queues the final line and waits until the writer has put it on the socket, so a process that exits right
+    /// after (the source, once its guest runs elsewhere) does not close the connection unanswered. The writer gives
+    /// up on a stalled client within [`CLIENT_WRITE_TIMEOUT`], and so does this wait.
     pub fn finish(self, r: Response) {
-        let _ignored = self.tx.send(r);
+        if self.tx.send(r).is_err() {
+            return;
+        }
+        let written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ignored = written.recv_timeout(CLIENT_WRITE_TIMEOUT + Duration::from_secs(1));
     }
 
     fn ok(self, message: impl Into<String>) {
@@ -343,13 +351,19 @@ impl Shared {
             return;
         };
         let (tx, rx) = mpsc::sync_channel::<Response>(CLIENT_QUEUE);
+        let (written_tx, written_rx) = mpsc::channel::<()>();
         let writer = std::thread::Builder::new()
             .name("api-writer".into())
             .spawn(move || {
                 let mut conn = conn;
                 for r in rx {
-                    if write_line(&mut conn, &r).is_err() {
-                        // Gone or stalled: the rest is dropped with the queue.
+                    let last = !matches!(r, Response::Progress(_));
+                    let ok = write_line(&mut conn, &r).and_then(|()| conn.flush()).is_ok();
+                    if last || !ok {
+                        // Done, or gone or stalled (the rest is dropped with the queue): release `finish`.
+                        let _ignored = written_tx.send(());
+                    }
+                    if !ok {
                         break;
                     }
                 }
@@ -358,6 +372,7 @@ impl Shared {
         let reply = Reply {
             tx,
             status: self.status.clone(),
+            written: Arc::new(Mutex::new(written_rx)),
         };
         let mut line = Vec::new();
         let read = BufReader::new(read_half.take(MAX_LINE)).read_until(b'\n', &mut line);
@@ -562,6 +577,34 @@ mod tests {
         drop(server);
         assert!(!path.exists());
         assert!(matches!(request_status(&path), Err(ApiError::Connect { .. })));
+    }
+
+    #[test]
+    fn the_final_answer_is_on_the_socket_when_finish_returns() {
+        // The source exits right after `finish`: the answer must already be written, or the client sees a closed
+        // connection without one (a CI failure of `./x bench`).
+        let path = std::env::temp_dir().join(format!("migrator-api-fin-{}.sock", std::process::id()));
+        let status = Arc::new(Mutex::new(Status::default()));
+        let server = ApiServer::bind(&path, status).unwrap();
+        let mut conn = UnixStream::connect(&path).unwrap();
+        let opts = MigrateOptions::new("unix:/nonexistent".parse().unwrap(), Mode::Live);
+        send_request(&mut conn, &Request::Migrate(opts)).unwrap();
+        for _ in 0..50 {
+            let pending = loop {
+                if let Some(Command::Migrate(p)) = server.next_command(Duration::from_millis(100)) {
+                    break p;
+                }
+            };
+            pending.finish(&Ok(MigrationSummary::default()));
+            conn.set_nonblocking(true).unwrap();
+            let mut line = String::new();
+            let got = BufReader::new(&conn).read_line(&mut line);
+            assert!(got.is_ok() && line.contains("\"done\""), "{got:?} {line:?}");
+            conn.set_nonblocking(false).unwrap();
+            conn = UnixStream::connect(&path).unwrap();
+            let opts = MigrateOptions::new("unix:/nonexistent".parse().unwrap(), Mode::Live);
+            send_request(&mut conn, &Request::Migrate(opts)).unwrap();
+        }
     }
 
     #[test]
