@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 
 use migmon_analysis::{
     check,
-    correlate::{Analysis, analyse_events},
+    correlate::{Analysis, analyse_events_until},
     report::live_line,
     trace::Event,
 };
@@ -76,6 +76,16 @@ struct Seen {
 
 /// How often the gate correlates when no migration is going on.
 const IDLE_CORRELATION: Duration = Duration::from_secs(3);
+
+/// How far behind the monotonic clock the gate may still be missing events (ring buffer → collector → consumer;
+/// the collector wakes on every record, so this is a generous bound). The gate counts the watch as observing until
+/// now minus this, so a retransmission that was due and never came judges its connection recovered.
+const PIPELINE_LAG_NS: u64 = 100_000_000;
+
+/// The end of what the gate has certainly seen.
+fn observed_until() -> u64 {
+    migevents::monotonic_ns().saturating_sub(PIPELINE_LAG_NS)
+}
 
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
 pub struct Live {
@@ -206,7 +216,7 @@ fn spawn_gate(
                     continue;
                 }
                 last_full = std::time::Instant::now();
-                let a = analyse_events(&seen.events);
+                let a = analyse_events_until(&seen.events, observed_until());
                 resumed = seen.update(&a, settle);
                 if let Some(n) = until
                     && seen.printed.len() >= n
@@ -260,7 +270,7 @@ impl Live {
             return Ok(done);
         }
         seen.events.append(&mut g.incoming);
-        let a = analyse_events(&seen.events);
+        let a = analyse_events_until(&seen.events, observed_until());
         run_check(&a, &self.args.limits, true)?;
         eprintln!(
             "migmon: stopped after {} of {n} migrations settled: the check fails",
