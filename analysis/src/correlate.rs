@@ -378,7 +378,15 @@ pub fn analyse(trace: &Trace) -> Analysis {
 /// Correlates events collected live (no trace file): [`correlate`], plus the kernel's losses counted and warned
 /// about first.
 pub fn analyse_events(events: &[Event]) -> Analysis {
-    let mut a = correlate(events);
+    analyse_events_until(events, 0)
+}
+
+/// [`analyse_events`] for a watch that was observing until `observed_until` (monotonic ns), which may be later
+/// than its last event: a connection whose next retransmission was due before then and did not come has recovered,
+/// not "survived so far". The trace of such a watch ends with its end-of-observation note, so the offline
+/// correlation of the recorded trace reads the same.
+pub fn analyse_events_until(events: &[Event], observed_until: u64) -> Analysis {
+    let mut a = correlate_until(events, observed_until);
     a.lost_events = crate::trace::lost_events(events);
     if a.lost_events > 0 {
         a.warnings.insert(
@@ -398,17 +406,16 @@ fn fmt_abs(ts: u64, start: u64) -> String {
 
 /// Correlates events (any order; they are sorted by time, stably).
 pub fn correlate(events: &[Event]) -> Analysis {
-    correlate_until(events.iter(), None)
+    correlate_until(events, 0)
 }
 
-/// Correlates events (any order; they are sorted by time, stably) observed until `end_ns` (default: the last event's
-/// time). A live watch passes the present: the observation goes on when no event comes.
-pub fn correlate_until<'a>(events: impl IntoIterator<Item = &'a Event>, end_ns: Option<u64>) -> Analysis {
+/// [`correlate`], with the observation known to have lasted until at least `observed_until` (0: the last event). A
+/// live watch passes the present: the observation goes on when no event comes.
+pub fn correlate_until<'a>(events: impl IntoIterator<Item = &'a Event>, observed_until: u64) -> Analysis {
     let mut sorted: Vec<&Event> = events.into_iter().collect();
     sorted.sort_by_key(|e| e.ts_ns());
     let start_ns = sorted.first().map_or(0, |e| e.ts_ns());
-    let last_ns = sorted.last().map_or(0, |e| e.ts_ns());
-    let end_ns = end_ns.map_or(last_ns, |e| e.max(last_ns));
+    let end_ns = sorted.last().map_or(0, |e| e.ts_ns()).max(observed_until);
 
     let mut warnings: Vec<String> = Vec::new();
     for e in &sorted {

@@ -191,7 +191,7 @@ impl LiveCorrelation {
     /// Correlates what is held as of `now_ns`; returns what settled and what became final, and releases what no
     /// held migration needs.
     pub fn update(&mut self, now_ns: u64) -> LiveUpdate {
-        let mut a = correlate_until(self.residue.iter().chain(self.recent.iter()), Some(now_ns));
+        let mut a = correlate_until(self.residue.iter().chain(self.recent.iter()), now_ns);
         a.lost_events = self.lost;
         let mut up = LiveUpdate::default();
         let mut fresh = Vec::new();

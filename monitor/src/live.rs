@@ -85,6 +85,16 @@ struct Seen {
 const BUSY_CORRELATION: Duration = Duration::from_secs(1);
 const IDLE_CORRELATION: Duration = Duration::from_secs(3);
 
+/// How far behind the monotonic clock the gate may still be missing events (ring buffer → collector → consumer;
+/// the collector wakes on every record, so this is a generous bound). The gate counts the watch as observing until
+/// now minus this, so a retransmission that was due and never came judges its connection recovered.
+const PIPELINE_LAG_NS: u64 = 100_000_000;
+
+/// The end of what the gate has certainly seen.
+fn observed_until() -> u64 {
+    migevents::monotonic_ns().saturating_sub(PIPELINE_LAG_NS)
+}
+
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
 pub struct Live {
     sources: Vec<SourceHandle>,
@@ -239,7 +249,7 @@ fn spawn_gate(
                     continue;
                 }
                 last_full = std::time::Instant::now();
-                let now = migevents::monotonic_ns();
+                let now = observed_until();
                 let up = seen.live.update(now);
                 pending = up.pending;
                 for m in &up.settled {
@@ -291,7 +301,7 @@ impl Live {
         for ev in g.incoming.drain(..) {
             seen.live.push(ev);
         }
-        let up = seen.live.update(migevents::monotonic_ns());
+        let up = seen.live.update(observed_until());
         seen.printed += up.settled.len();
         let a = seen.live.analysis_for_check(&up.analysis);
         run_check(&a, &self.args.limits, true)?;
