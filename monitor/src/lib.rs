@@ -18,6 +18,7 @@ pub mod output;
 pub mod pause;
 pub mod pipeline;
 pub mod probes;
+pub mod record_dir;
 pub mod skipped;
 pub mod tracefs;
 pub mod watch;
