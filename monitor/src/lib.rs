@@ -17,6 +17,8 @@ pub mod netns;
 pub mod output;
 pub mod pause;
 pub mod pipeline;
+pub mod ports;
 pub mod probes;
+pub mod rtnl;
 pub mod tracefs;
 pub mod watch;
