@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use crate::trace::{Direction, Event, FourTuple, MacAddr, PauseSource, TcpState, Trace, state_text};
 
 pub mod flows;
+pub mod residue;
 pub mod wire;
 
 use flows::{FlowIndex, WireView};
@@ -24,6 +25,8 @@ use flows::{FlowIndex, WireView};
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
 const RESET_GRACE_NS: u64 = 1_000_000_000;
+/// A `connect()` transition opens the life of its 4-tuple that shows up within this long.
+const PENDING_OPEN_NS: u64 = 120_000_000_000;
 /// Errors and resets this close after a connection's CLOSE belong to it (the kernel reports the error after the
 /// state change).
 const CLOSE_CLUSTER_NS: u64 = 10_000_000;
@@ -410,9 +413,10 @@ pub fn correlate(events: &[Event]) -> Analysis {
     correlate_until(events, 0)
 }
 
-/// [`correlate`], with the observation known to have lasted until at least `observed_until` (0: the last event).
-fn correlate_until(events: &[Event], observed_until: u64) -> Analysis {
-    let mut sorted: Vec<&Event> = events.iter().collect();
+/// [`correlate`], with the observation known to have lasted until at least `observed_until` (0: the last event). A
+/// live watch passes the present: the observation goes on when no event comes.
+pub fn correlate_until<'a>(events: impl IntoIterator<Item = &'a Event>, observed_until: u64) -> Analysis {
+    let mut sorted: Vec<&Event> = events.into_iter().collect();
     sorted.sort_by_key(|e| e.ts_ns());
     let start_ns = sorted.first().map_or(0, |e| e.ts_ns());
     let end_ns = sorted.last().map_or(0, |e| e.ts_ns()).max(observed_until);
@@ -953,6 +957,8 @@ struct ConnLife<'a> {
     netns: u64,
     events: Vec<&'a Event>,
     opened_ns: Option<u64>,
+    /// The `connect()` transition (without a source port yet) that opened this life, when one did.
+    opened_by: Option<&'a Event>,
     closed_ns: Option<u64>,
     /// Events for the 4-tuple after the socket was gone (RSTs the kernel sent for it): shown, never judged.
     epilogue: Vec<&'a Event>,
@@ -960,6 +966,8 @@ struct ConnLife<'a> {
 
 struct ConnectionIndex<'a> {
     lives: Vec<ConnLife<'a>>,
+    /// `connect()` transitions no life has claimed yet.
+    pending: Vec<&'a Event>,
 }
 
 fn tcp_of(e: &Event) -> Option<(&FourTuple, u64)> {
@@ -983,14 +991,15 @@ impl<'a> ConnectionIndex<'a> {
         let mut lives: Vec<ConnLife<'a>> = Vec::new();
         // `connect()` moves the socket to SYN_SENT before it has a source port: remember that opening and give it to
         // the life that shows up with the same addresses and destination port.
-        let mut pending_open: HashMap<(std::net::IpAddr, std::net::IpAddr, u16, u64), u64> = HashMap::new();
+        let mut pending_open: HashMap<(std::net::IpAddr, std::net::IpAddr, u16, u64), &'a Event> =
+            HashMap::new();
         for e in sorted {
             let Some((tuple, netns)) = tcp_of(e) else { continue };
             if tuple.sport == 0 {
                 if let Event::TcpState { old_state, .. } = e
                     && *old_state == Some(TcpState::Close)
                 {
-                    pending_open.insert((tuple.saddr, tuple.daddr, tuple.dport, netns), e.ts_ns());
+                    pending_open.insert((tuple.saddr, tuple.daddr, tuple.dport, netns), *e);
                 }
                 continue;
             }
@@ -1043,12 +1052,17 @@ impl<'a> ConnectionIndex<'a> {
             } else {
                 let pending = pending_open
                     .remove(&(tuple.saddr, tuple.daddr, tuple.dport, netns))
-                    .filter(|&t| t + 120_000_000_000 >= e.ts_ns());
+                    .filter(|p| p.ts_ns() + PENDING_OPEN_NS >= e.ts_ns());
                 lives.push(ConnLife {
                     tuple: *tuple,
                     netns,
                     events: Vec::new(),
-                    opened_ns: if opening { Some(e.ts_ns()) } else { pending },
+                    opened_ns: if opening {
+                        Some(e.ts_ns())
+                    } else {
+                        pending.map(Event::ts_ns)
+                    },
+                    opened_by: if opening { None } else { pending },
                     closed_ns: None,
                     epilogue: Vec::new(),
                 });
@@ -1070,7 +1084,9 @@ impl<'a> ConnectionIndex<'a> {
                 last_closed.insert(*tuple, idx);
             }
         }
-        Self { lives }
+        let mut pending: Vec<&'a Event> = pending_open.into_values().collect();
+        pending.sort_by_key(|e| e.ts_ns());
+        Self { lives, pending }
     }
 }
 

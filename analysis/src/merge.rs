@@ -654,6 +654,7 @@ fn set_ts(e: &mut Event, m: &ClockMap) {
         | Event::FlowZeroWindow { ts_ns, .. }
         | Event::FlowProgress { ts_ns, .. }
         | Event::FlowTable { ts_ns, .. }
+        | Event::Skipped { ts_ns, .. }
         | Event::Note { ts_ns, .. } => *ts_ns = m.apply(t),
         Event::Migration { ev, .. } => ev.ts_ns = m.apply(t),
     }

@@ -572,6 +572,17 @@ pub enum Event {
         /// within `ts_ns ± uncertainty_ns`.
         uncertainty_ns: u64,
     },
+    /// Input the monitor skipped (a line that did not parse, a kernel record it could not decode, a line too long),
+    /// counted per source and reason since the watch started: cumulative, written when the count changes and at
+    /// the end.
+    Skipped {
+        ts_ns: u64,
+        /// Where the input came from: `kernel`, `migrator`, `qmp`, `trace`, ...
+        source: String,
+        /// Why it was skipped: `undecodable`, `malformed`, `too_long`, ...
+        reason: String,
+        count: u64,
+    },
     /// A note from the monitor itself (warnings about skipped input, attach fallbacks).
     Note {
         ts_ns: u64,
@@ -607,6 +618,7 @@ impl Event {
             | Event::FlowZeroWindow { ts_ns, .. }
             | Event::FlowProgress { ts_ns, .. }
             | Event::FlowTable { ts_ns, .. }
+            | Event::Skipped { ts_ns, .. }
             | Event::Note { ts_ns, .. } => *ts_ns,
             Event::Migration { ev, .. } => ev.ts_ns,
         }
@@ -640,6 +652,7 @@ impl Event {
             Event::FlowZeroWindow { .. } => "flow_zero_window",
             Event::FlowProgress { .. } => "flow_progress",
             Event::FlowTable { .. } => "flow_table",
+            Event::Skipped { .. } => "skipped",
         }
     }
 

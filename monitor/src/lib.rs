@@ -18,5 +18,6 @@ pub mod output;
 pub mod pause;
 pub mod pipeline;
 pub mod probes;
+pub mod skipped;
 pub mod tracefs;
 pub mod watch;
