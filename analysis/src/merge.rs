@@ -667,6 +667,7 @@ fn set_ts(e: &mut Event, m: &ClockMap) {
         | Event::PortDetached { ts_ns, .. }
         | Event::PortFailed { ts_ns, .. }
         | Event::MacLearned { ts_ns, .. }
+        | Event::Skipped { ts_ns, .. }
         | Event::Note { ts_ns, .. } => *ts_ns = m.apply(t),
         Event::Migration { ev, .. } => ev.ts_ns = m.apply(t),
     }

@@ -628,6 +628,17 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         netns: Option<String>,
     },
+    /// Input the monitor skipped (a line that did not parse, a kernel record it could not decode, a line too long),
+    /// counted per source and reason since the watch started: cumulative, written when the count changes and at
+    /// the end.
+    Skipped {
+        ts_ns: u64,
+        /// Where the input came from: `kernel`, `migrator`, `qmp`, `trace`, ...
+        source: String,
+        /// Why it was skipped: `undecodable`, `malformed`, `too_long`, ...
+        reason: String,
+        count: u64,
+    },
     /// A note from the monitor itself (warnings about skipped input, attach fallbacks).
     Note {
         ts_ns: u64,
@@ -667,6 +678,7 @@ impl Event {
             | Event::PortDetached { ts_ns, .. }
             | Event::PortFailed { ts_ns, .. }
             | Event::MacLearned { ts_ns, .. }
+            | Event::Skipped { ts_ns, .. }
             | Event::Note { ts_ns, .. } => *ts_ns,
             Event::Migration { ev, .. } => ev.ts_ns,
         }
@@ -704,6 +716,7 @@ impl Event {
             Event::PortDetached { .. } => "port_detached",
             Event::PortFailed { .. } => "port_failed",
             Event::MacLearned { .. } => "mac_learned",
+            Event::Skipped { .. } => "skipped",
         }
     }
 

@@ -20,5 +20,6 @@ pub mod pipeline;
 pub mod ports;
 pub mod probes;
 pub mod rtnl;
+pub mod skipped;
 pub mod tracefs;
 pub mod watch;

@@ -203,6 +203,12 @@ impl Output {
                 )
             }
             Event::Note { level, message, .. } => format!("{level}: {message}"),
+            Event::Skipped {
+                source,
+                reason,
+                count,
+                ..
+            } => format!("{source:<20} {count} inputs skipped so far ({reason})"),
             Event::Migration { .. } | Event::ClockOffset { .. } => describe_source(ev),
             Event::ClockSample {
                 realtime_ns,

@@ -328,7 +328,8 @@ impl PortHandler {
                     origin,
                     notified_ns,
                 }) => {
-                    attached |= self.attach(probes, decoder, tx, &iface, ifindex, bridge, origin, notified_ns)
+                    attached |=
+                        self.attach(probes, decoder, tx, &iface, ifindex, bridge, origin, notified_ns);
                 }
                 Ok(PortRequest::Detach {
                     netns,

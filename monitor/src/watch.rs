@@ -309,7 +309,10 @@ fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
         Ok(w) => {
             let _ = tx.send(decoder.event(&w));
         }
-        Err(e) => note(tx, "warning", format!("skipped a kernel record: {e}")),
+        Err(e) => {
+            crate::skipped::count("kernel", "undecodable");
+            note(tx, "warning", format!("skipped a kernel record: {e}"));
+        }
     });
 }
 
