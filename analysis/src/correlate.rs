@@ -131,6 +131,10 @@ pub struct Downtime {
     pub convergence: Option<Figure>,
     /// The longest per-connection recovery tail (resume → first forward progress).
     pub max_recovery_tail: Option<Figure>,
+    /// The pause as the VMM itself reported it when the migration completed (QEMU's `query-migrate` downtime,
+    /// the migrator's own pause), beside migmon's measure from the events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_reported_pause: Option<Figure>,
 }
 
 /// Why a connection ended.
@@ -498,6 +502,8 @@ struct MigrationGroup {
     state_sent: Option<u64>,
     resume: Option<Stamp>,
     complete: Option<u64>,
+    /// The VMM's own pause figure from its completion (ns).
+    vmm_pause_ns: Option<u64>,
     announces: Vec<u64>,
     failed: Option<String>,
     rollback: bool,
@@ -535,6 +541,7 @@ impl MigrationGroup {
         self.state_sent = self.state_sent.or(o.state_sent);
         self.resume = self.resume.take().or(o.resume);
         self.complete = self.complete.or(o.complete);
+        self.vmm_pause_ns = self.vmm_pause_ns.or(o.vmm_pause_ns);
         self.announces.extend(o.announces);
         self.failed = self.failed.take().or(o.failed);
         self.rollback |= o.rollback;
@@ -667,8 +674,12 @@ impl MigrationGroup {
                 }
             }
             Phase::Announce { .. } => self.announces.push(ev.ts_ns),
-            Phase::Complete { .. } => {
+            Phase::Complete { pause_ms, .. } => {
                 self.complete.get_or_insert(ev.ts_ns);
+                if pause_ms.is_finite() && *pause_ms > 0.0 {
+                    // Whole nanoseconds of a figure given in ms: the cast saturates and cannot wrap.
+                    self.vmm_pause_ns.get_or_insert((pause_ms * 1e6).round() as u64);
+                }
             }
             Phase::Failed { reason } => self.failed = Some(reason.clone()),
             Phase::Rollback => self.rollback = true,
@@ -1546,6 +1557,15 @@ fn build_migration(
     };
     let tally = Tally::of(&connections);
     dt.max_recovery_tail = max_recovery_tail(&connections);
+    dt.vmm_reported_pause = g.vmm_pause_ns.map(|ns| Figure {
+        ns,
+        source: g.source.to_string(),
+        basis: match g.source {
+            PauseSource::Qmp => "QEMU's own downtime (query-migrate, whole ms)".to_owned(),
+            _ => "the VMM's own pause, reported when the migration completed".to_owned(),
+        },
+        bound_ns: None,
+    });
     warnings.extend(migration_warnings(&ips, mac, &tl, w.resume));
     MigrationReport {
         id: g.ids.join("+"),
