@@ -39,6 +39,12 @@ pub struct LiveArgs {
     /// Follow a QEMU QMP socket for STOP/RESUME/MIGRATION events. Repeatable (source and destination).
     #[arg(long = "qmp", value_name = "PATH")]
     pub qmp: Vec<PathBuf>,
+    /// Follow a libvirt daemon's domain events (suspend/resume, save/restore, migrations with their statistics),
+    /// e.g. `qemu:///system`. Repeatable (one per daemon; a live migration between two followed daemons is one
+    /// migration). The taps of the domains running at start are watched as if given with --iface, with their MACs
+    /// as --vm. A daemon that dies or restarts costs a warning and a reconnect.
+    #[arg(long = "libvirt", value_name = "URI")]
+    pub libvirt: Vec<String>,
     /// The host name this monitor reports under: the `host` label of its metrics and the host of its --record trace
     /// (default: this machine's). A merge of traces (`migmon report A.trace B.trace`) tells hosts apart by it and
     /// the kernel's boot id: give each monitor sharing one kernel its own name, as the testbed's one monitor per host
@@ -153,6 +159,13 @@ fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Resu
                 .with_context(|| format!("cannot follow QMP on {}", q.display()))?,
         );
         eprintln!("migmon: following QMP {}", q.display());
+    }
+    if !args.libvirt.is_empty() {
+        sources.push(
+            pause::libvirt::follow(&args.libvirt, emit(tx.clone()), |_| {})
+                .context("cannot follow libvirt (--libvirt)")?,
+        );
+        eprintln!("migmon: following libvirt {}", args.libvirt.join(", "));
     }
     Ok(sources)
 }

@@ -533,6 +533,12 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         .transpose()
         .context("cannot create the --record trace")?;
     let tx = pipeline.sender();
+    // The taps and MACs of the domains libvirt runs now are watched as if given on the command line.
+    let mut args = args.clone();
+    for w in crate::pause::libvirt::add_running(&args.live.libvirt, &mut args.iface, &mut args.vm) {
+        eprintln!("migmon: warning: {w}");
+    }
+    let args = &args;
     let (probes, decoder) = attach(args, &tx)?;
     if record.is_some() {
         crate::clocks::spawn_sampler(tx.clone(), control.clone())
