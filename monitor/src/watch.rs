@@ -35,6 +35,7 @@ use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline},
+    ports::PortHandler,
     probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
 };
 
@@ -64,6 +65,12 @@ pub struct WatchArgs {
     /// after the kernel took an outer VLAN tag into the packet's metadata (reported from there).
     #[arg(long, conflicts_with = "xdp_skb")]
     pub tc_ingress: bool,
+    /// Watch every port of this bridge, as ports join and leave it: a VM's tap that appears when the VM migrates
+    /// in is watched from its first frame, and one that vanishes is let go. `BR@NETNS` for a bridge in a named
+    /// network namespace. Repeatable. Each port gets the ingress parser (as for --iface) and TC egress; VM MACs
+    /// are learned as the bridge learns them on its taps and from migrations' setup events.
+    #[arg(long = "bridge", value_name = "BR[@NETNS]")]
+    pub bridge: Vec<String>,
     /// Attach the TC egress counter (frames towards watched MACs) to this interface. Repeatable.
     #[arg(long = "egress", value_name = "IF[@NETNS]")]
     pub egress: Vec<String>,
@@ -174,6 +181,7 @@ fn describe(args: &WatchArgs) -> String {
         format!("TCP of {}", filters.join(", "))
     }];
     parts.extend(args.iface.iter().map(|i| format!("xdp:{i}")));
+    parts.extend(args.bridge.iter().map(|b| format!("bridge:{b}")));
     parts.extend(args.egress.iter().map(|i| format!("tc:{i}")));
     parts.extend(
         args.vm
@@ -301,7 +309,10 @@ fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
         Ok(w) => {
             let _ = tx.send(decoder.event(&w));
         }
-        Err(e) => note(tx, "warning", format!("skipped a kernel record: {e}")),
+        Err(e) => {
+            crate::skipped::count("kernel", "undecodable");
+            note(tx, "warning", format!("skipped a kernel record: {e}"));
+        }
     });
 }
 
@@ -312,16 +323,23 @@ pub fn spawn_collector(
     tx: Sender<Event>,
     control: Control,
     interval: Duration,
+    mut ports: Option<PortHandler>,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("migmon-probes".into())
         .spawn(move || {
             let mut prev = Samples::default();
             let mut next = Instant::now() + interval;
-            let ring_fds = probes.ring_fds();
+            let mut ring_fds = probes.ring_fds();
             loop {
                 let stopping = control.stopped();
                 drain(&mut probes, &mut decoder, &tx);
+                // Ports that came and went, MACs learned: between two drains, so names resolve until the end.
+                if let Some(h) = &mut ports
+                    && h.handle(&mut probes, &mut decoder, &tx)
+                {
+                    ring_fds = probes.ring_fds();
+                }
                 let asked = control.take_sample_request();
                 if asked || stopping || Instant::now() >= next {
                     if stopping {
@@ -349,6 +367,9 @@ pub fn spawn_collector(
                     .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
                     .collect();
                 fds.push(PollFd::new(control.wake_fd(), PollFlags::POLLIN));
+                if let Some(h) = &ports {
+                    fds.push(PollFd::new(h.wake_fd(), PollFlags::POLLIN));
+                }
                 let _ = poll(&mut fds, timeout);
             }
             drop(probes);
@@ -400,13 +421,15 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
                 macs.push(m.octets());
             }
         }
-        if watch.ips.is_empty() && macs.is_empty() {
+        if watch.ips.is_empty() && macs.is_empty() && args.bridge.is_empty() {
             if args.tcp == TcpSource::Wire {
-                bail!("--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC)");
+                bail!(
+                    "--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC), or --bridge BR[@NETNS]"
+                );
             }
             None
         } else {
-            if args.iface.is_empty() && args.tcp == TcpSource::Wire {
+            if args.iface.is_empty() && args.bridge.is_empty() && args.tcp == TcpSource::Wire {
                 bail!("--tcp wire needs the VM's ports: add --iface IF[@NETNS] (its tap, or an uplink)");
             }
             Some(FlowOptions {
@@ -426,6 +449,7 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         l2_tc_ingress: args.tc_ingress,
         socket_tracepoints: args.tcp != TcpSource::Wire,
         flows,
+        learn_macs: !args.bridge.is_empty(),
         ..ProbeOptions::default()
     };
     if let Some(bytes) = args.ringbuf_bytes {
@@ -435,6 +459,19 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         opts.ringbuf_bytes = bytes;
     }
     Ok(opts)
+}
+
+/// The ingress hook `args` ask for.
+fn ingress_mode(args: &WatchArgs) -> IngressMode {
+    if args.xdp {
+        IngressMode::Xdp
+    } else if args.xdp_skb {
+        IngressMode::XdpSkb
+    } else if args.tc_ingress {
+        IngressMode::Tc
+    } else {
+        IngressMode::Auto
+    }
 }
 
 /// Loads the probes and attaches them to the interfaces `args` name. Notes (fallbacks) go to `tx`.
@@ -451,15 +488,7 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
         .map(|s| parse_iface(s))
         .collect::<Result<Vec<_>>>()?;
     let mut probes = Probes::load(&opts).context("cannot start the kernel probes")?;
-    let mode = if args.xdp {
-        IngressMode::Xdp
-    } else if args.xdp_skb {
-        IngressMode::XdpSkb
-    } else if args.tc_ingress {
-        IngressMode::Tc
-    } else {
-        IngressMode::Auto
-    };
+    let mode = ingress_mode(args);
     let mut egress = egress;
     for iface in &ifaces {
         let a = probes
@@ -539,17 +568,30 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         eprintln!("migmon: warning: {w}");
     }
     let args = &args;
-    let (probes, decoder) = attach(args, &tx)?;
+    let (mut probes, mut decoder) = attach(args, &tx)?;
+    let ports = crate::ports::start(
+        &args.bridge,
+        !args.live.libvirt.is_empty(),
+        ingress_mode(args),
+        &mut probes,
+        &mut decoder,
+        &tx,
+        &control,
+    )?;
+    let mut observers: Vec<Observer> = Vec::new();
+    let port_control = ports.as_ref().map(PortHandler::control);
+    if let Some(c) = &port_control {
+        observers.push(crate::ports::mac_observer(c.clone()));
+    }
     if record.is_some() {
         crate::clocks::spawn_sampler(tx.clone(), control.clone())
             .context("cannot start the clock sampler")?;
     }
-    let collector = spawn_collector(probes, decoder, tx, control.clone(), args.sample_interval)?;
+    let collector = spawn_collector(probes, decoder, tx, control.clone(), args.sample_interval, ports)?;
 
     // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
     // `pipeline.control()`; observers (limits, metrics) go in `observers`.
-    let mut observers: Vec<Observer> = Vec::new();
-    let live = crate::live::start(&args.live, &pipeline.sender(), &control, &mut observers)?;
+    let live = crate::live::start(&args.live, &pipeline.sender(), &control, &mut observers, port_control)?;
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
