@@ -200,7 +200,7 @@ fn start_sources(
                     ports.register_vm_interface(mac, tap, MacSource::Libvirt);
                 }
             })
-                .context("cannot follow libvirt (--libvirt)")?,
+            .context("cannot follow libvirt (--libvirt)")?,
         );
         eprintln!("migmon: following libvirt {}", args.libvirt.join(", "));
     }

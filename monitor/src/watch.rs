@@ -591,7 +591,13 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
 
     // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
     // `pipeline.control()`; observers (limits, metrics) go in `observers`.
-    let live = crate::live::start(&args.live, &pipeline.sender(), &control, &mut observers, port_control)?;
+    let live = crate::live::start(
+        &args.live,
+        &pipeline.sender(),
+        &control,
+        &mut observers,
+        port_control,
+    )?;
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));

@@ -141,6 +141,71 @@ fn links_here() -> Vec<(String, Option<MacAddr>)> {
         .collect()
 }
 
+/// The unix socket of a local libvirt URI: its `socket=` parameter, or the system daemon's default socket.
+fn unix_socket(uri: &str) -> Option<std::path::PathBuf> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let unix_transport = scheme.ends_with("+unix") || !scheme.contains('+');
+    if !host.is_empty() || !unix_transport {
+        return None;
+    }
+    if let Some(q) = rest.split_once('?').map(|(_, q)| q)
+        && let Some(path) = q.split('&').find_map(|kv| kv.strip_prefix("socket="))
+    {
+        return Some(path.into());
+    }
+    let session = rest.contains("/session");
+    if session {
+        return None;
+    }
+    ["/run/libvirt/virtqemud-sock", "/run/libvirt/libvirt-sock"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// A network namespace migmon can name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Netns {
+    /// This process's own.
+    Own,
+    /// One under `/run/netns`.
+    Named(String),
+}
+
+impl Netns {
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::Own => None,
+            Self::Named(n) => Some(n),
+        }
+    }
+}
+
+/// The network namespace of the daemon behind a local URI, by the credentials of its socket's listener; `None`
+/// when unknown (a remote URI, or a namespace without a name).
+pub fn daemon_netns(uri: &str) -> Option<Netns> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    use std::os::unix::fs::MetadataExt;
+    let stream = std::os::unix::net::UnixStream::connect(unix_socket(uri)?).ok()?;
+    let pid = getsockopt(&stream, PeerCredentials).ok()?.pid();
+    let inode = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?.ino();
+    if Some(inode) == crate::netns::inode_of(None) {
+        return Some(Netns::Own);
+    }
+    crate::netns::names_by_inode().remove(&inode).map(Netns::Named)
+}
+
+/// Whether interface `name` exists in namespace `netns` (`None`: this process's own).
+pub fn has_link(netns: Option<&str>, name: &str) -> bool {
+    let links = if netns.is_none() {
+        links_here()
+    } else {
+        crate::netns::run_in(netns, links_here).unwrap_or_default()
+    };
+    links.iter().any(|(n, _)| n == name)
+}
+
 /// Finds the namespace of tap `name`: this process's own, or one under `/run/netns`. With the guest's MAC, a tap
 /// whose MAC is libvirt's (`fe:` and the guest's last five bytes) is preferred over one that only has the name.
 pub fn locate_tap(name: &str, guest_mac: Option<MacAddr>) -> Option<String> {
@@ -237,7 +302,20 @@ mod tests {
     }
 
     #[test]
+    fn unix_sockets_of_uris() {
+        assert_eq!(
+            unix_socket("qemu+unix:///system?socket=/tmp/a/libvirt-sock"),
+            Some("/tmp/a/libvirt-sock".into())
+        );
+        assert_eq!(unix_socket("qemu+tcp://10.0.0.2/system"), None);
+        assert_eq!(unix_socket("qemu+ssh://h/system?socket=/x"), None);
+        assert_eq!(unix_socket("qemu:///session"), None);
+        assert_eq!(daemon_netns("qemu+unix:///system?socket=/nonexistent/sock"), None);
+    }
+
+    #[test]
     fn the_loopback_is_found_here_and_a_missing_tap_nowhere() {
+        assert!(has_link(None, "lo"));
         assert_eq!(locate_tap("lo", None), None);
         assert_eq!(locate_tap("mm-no-such-tap", None), None);
     }

@@ -15,10 +15,11 @@ use std::{
 
 use migevents::monotonic_ns;
 use migmon_analysis::trace::Event;
+use migmon_base::mac::MacAddr;
 use virt::{connect::Connect, domain::Domain};
 
 use super::{
-    LibvirtError, VmIface,
+    LibvirtError, Netns, VmIface,
     domain::{self, DomainXml},
     ffi::{self, Queue, Raw, RawKind, Registrations},
     locate_tap,
@@ -39,6 +40,8 @@ struct Daemon {
     uri: String,
     /// Whether its QEMU timestamps are on this machine's clock (a local URI).
     local: bool,
+    /// The daemon's network namespace (where its taps are), when known.
+    netns: Option<Netns>,
     conn: Option<Connect>,
     regs: Registrations,
     /// Bumped at each connection, so records from an old one are dropped.
@@ -193,6 +196,7 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
         };
         d.backoff = MIN_BACKOFF;
         d.unreachable = None;
+        d.netns = super::daemon_netns(&d.uri);
         d.wall_minus_mono = qmp::measure_wall_minus_mono();
         d.connections += 1;
         let reconnect = d.connections > 1;
@@ -297,7 +301,7 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
                 domain: xml.name.clone(),
                 uuid: xml.uuid.clone(),
                 mac: iface.mac,
-                netns: locate_tap(&tap, iface.mac),
+                netns: tap_netns(self.daemons[i].netns.as_ref(), &tap, iface.mac),
                 tap,
                 bridge: iface.bridge.clone(),
                 ips: iface.ips.clone(),
@@ -399,6 +403,14 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
     }
 }
 
+/// The namespace of a domain's tap: the daemon's, when known and the tap is there; else found by name and MAC.
+fn tap_netns(daemon: Option<&Netns>, tap: &str, mac: Option<MacAddr>) -> Option<String> {
+    match daemon {
+        Some(ns) if super::has_link(ns.name(), tap) => ns.name().map(str::to_owned),
+        _ => locate_tap(tap, mac),
+    }
+}
+
 /// Starts the libvirt thread for `uris`. `ifaces` is told every interface a domain has (at connection, when a
 /// domain starts or arrives). One call per process: libvirt's event loop is process-wide.
 pub fn follow(
@@ -419,6 +431,7 @@ pub fn follow(
             .map(|u| Daemon {
                 uri: u.clone(),
                 local: is_local(u),
+                netns: None,
                 conn: None,
                 regs: Registrations::default(),
                 generation: 0,
@@ -455,6 +468,7 @@ pub fn interfaces(uri: &str) -> Result<Vec<VmIface>, LibvirtError> {
     let domains = conn
         .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         .unwrap_or_default();
+    let netns = super::daemon_netns(uri);
     for dom in &domains {
         let Ok(xml) = dom
             .get_xml_desc(0)
@@ -469,7 +483,7 @@ pub fn interfaces(uri: &str) -> Result<Vec<VmIface>, LibvirtError> {
                 domain: xml.name.clone(),
                 uuid: xml.uuid.clone(),
                 mac: iface.mac,
-                netns: locate_tap(&tap, iface.mac),
+                netns: tap_netns(netns.as_ref(), &tap, iface.mac),
                 tap,
                 bridge: iface.bridge,
                 ips: iface.ips,
