@@ -31,6 +31,7 @@ use crate::{
     pipeline::{Control, Flow, Observer},
     ports::{MacSource, PortControl},
     probes::Iface,
+    record_dir::{RecordDir, RecordDirConfig},
 };
 
 /// The `migmon watch` flags of the correlation work.
@@ -71,6 +72,19 @@ pub struct LiveArgs {
     /// connections, each port's last counters, each bridge's last FDB entry) are kept.
     #[arg(long, value_name = "D", default_value = "30s", value_parser = duration_ns)]
     pub lookback: u64,
+    /// Record into this directory: a trace per migration (its `--lookback` before, until it is final) and a
+    /// background trace of every event, rotated by size. `migmon report DIR` reads it.
+    #[arg(long, value_name = "DIR")]
+    pub record_dir: Option<PathBuf>,
+    /// With --record-dir: the size at which a background trace is rotated (e.g. 64MiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = migmon_base::units::parse_size)]
+    pub record_max_size: u64,
+    /// With --record-dir: how many background traces to keep (the oldest are deleted).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub record_keep: usize,
+    /// With --record-dir: how many migration traces to keep (the oldest are deleted).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub record_keep_migrations: usize,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -120,6 +134,29 @@ pub fn start(
     ports: Option<PortControl>,
 ) -> Result<Live> {
     let sources = start_sources(args, tx, control, ports)?;
+    let released = Arc::new(Mutex::new(Vec::new()));
+    if let Some(dir) = &args.record_dir {
+        let host = args.host_name.clone();
+        let r = RecordDir::create(
+            RecordDirConfig {
+                dir: dir.clone(),
+                max_size: args.record_max_size,
+                keep: args.record_keep,
+                keep_migrations: args.record_keep_migrations,
+                lookback_ns: args.lookback,
+            },
+            move || crate::clocks::trace_header(host.as_deref()),
+            released.clone(),
+        )?;
+        eprintln!("migmon: recording into {}", dir.display());
+        let mut r = Recorder(Some(r));
+        observers.push(Box::new(move |ev| {
+            if let Some(r) = &mut r.0 {
+                r.observe(ev);
+            }
+            Flow::Continue
+        }));
+    }
     let mut published = None;
     if let Some(addr) = &args.metrics {
         let m = Arc::new(match &args.host_name {
@@ -144,13 +181,32 @@ pub fn start(
             .push(ev.clone());
         Flow::Continue
     }));
-    let thread = spawn_gate(args, gate.clone(), tx.clone(), control.clone(), published)?;
+    let thread = spawn_gate(
+        args,
+        gate.clone(),
+        tx.clone(),
+        control.clone(),
+        (published, released),
+    )?;
     Ok(Live {
         sources,
         gate,
         thread,
         args: args.clone(),
     })
+}
+
+/// The `--record-dir` recorder, finished (end records written) when the watch drops its observers.
+struct Recorder(Option<RecordDir>);
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take()
+            && let Err(e) = r.finish()
+        {
+            eprintln!("migmon: warning: --record-dir: {e:#}");
+        }
+    }
 }
 
 /// Starts the pause-window sources. Every source's events go into the pipeline; a pause also triggers an immediate
@@ -216,7 +272,7 @@ fn spawn_gate(
     g: Arc<Mutex<Gate>>,
     tx: Sender<Event>,
     control: Control,
-    metrics: Option<Arc<Metrics>>,
+    (metrics, released): (Option<Arc<Metrics>>, Arc<Mutex<Vec<String>>>),
 ) -> Result<std::thread::JoinHandle<Seen>> {
     let until = args.until_migrations;
     let limits = args.limits.clone();
@@ -286,6 +342,10 @@ fn spawn_gate(
                     eprintln!("{}", live_line(m));
                 }
                 seen.printed += up.settled.len();
+                released
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(up.released.iter().map(|m| m.id.clone()));
                 if let Some(metrics) = &metrics {
                     for m in &up.released {
                         metrics.publish(m);

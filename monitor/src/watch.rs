@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use migmon_analysis::trace::{Event, MacAddr, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_analysis::trace::{Event, MacAddr, TraceWriter};
 use migmon_base::units::parse_duration;
 use monitor_common::{MacCounters, MacKey};
 use nix::{
@@ -31,6 +31,7 @@ use nix::{
     sys::signal::{SigSet, Signal},
 };
 
+pub use crate::clocks::trace_header;
 use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
@@ -525,30 +526,6 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
     Ok((probes, decoder))
 }
 
-/// The header `--record` writes: now (the three clocks read together), this host (`host_name`, or the machine's
-/// name) and its boot id, this command line.
-pub fn trace_header(host_name: Option<&str>) -> TraceHeader {
-    let clocks = crate::clocks::read_triple();
-    TraceHeader {
-        kind: "trace_header".into(),
-        version: TRACE_VERSION,
-        migmon: env!("CARGO_PKG_VERSION").into(),
-        start_mono_ns: clocks.mono_ns,
-        start_unix_ns: clocks.realtime_ns,
-        hostname: host_name.map_or_else(
-            || {
-                nix::unistd::gethostname()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            },
-            str::to_owned,
-        ),
-        command: std::env::args().collect(),
-        boot_id: crate::clocks::boot_id(),
-        clocks: Some(clocks),
-    }
-}
-
 /// Runs `migmon watch`; returns the process exit code.
 pub fn run(args: &WatchArgs) -> Result<i32> {
     let pipeline = Pipeline::new()?;
@@ -583,7 +560,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     if let Some(c) = &port_control {
         observers.push(crate::ports::mac_observer(c.clone()));
     }
-    if record.is_some() {
+    if record.is_some() || args.live.record_dir.is_some() {
         crate::clocks::spawn_sampler(tx.clone(), control.clone())
             .context("cannot start the clock sampler")?;
     }

@@ -13,7 +13,9 @@
 //! - `migration`: our migrator against QEMU (`-M microvm`, same guest ELF) on the same workloads and clients;
 //! - `scale`: pause/total against guest RAM, migmon against connection count, peak RSS;
 //! - `faults`: the fault injection test with its full counts (stream cuts, stalls, flips, lost commit, kills): cases,
-//!   outcomes, and the longest pause of a stalled destination against `--max-pause`.
+//!   outcomes, and the longest pause of a stalled destination against `--max-pause`;
+//! - `soak`: `migmon watch --metrics` for 10 minutes (`--quick`: 90 s) under loopback TCP churn (about 5 k events/s)
+//!   with a simulated migration every 30 s: RSS first and last minute, growth, slowest scrape, CPU.
 
 pub mod faults;
 pub mod floors;
@@ -26,6 +28,7 @@ pub mod probes;
 pub mod qemu;
 pub mod report;
 pub mod scale;
+pub mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -42,7 +45,7 @@ use anyhow::{Context, Result, bail};
 use crate::util;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 5] = ["floors", "probes", "migration", "scale", "faults"];
+pub const SECTIONS: [&str; 6] = ["floors", "probes", "migration", "scale", "faults", "soak"];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -55,7 +58,7 @@ pub struct BenchArgs {
     /// Where bench.md and bench.json go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Run only these sections (floors, probes, migration, scale, faults). Repeatable.
+    /// Run only these sections (floors, probes, migration, scale, faults, soak). Repeatable.
     #[arg(long, value_name = "SECTION")]
     pub only: Vec<String>,
     /// Skip the release build (the binaries must already be there).
@@ -262,6 +265,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
             "migration" => migration::run(&ctx, &mut results),
             "scale" => scale::run(&ctx, &mut results),
             "faults" => faults::run(&ctx, &mut results),
+            "soak" => soak::run(&ctx, &mut results),
             _ => Ok(()),
         };
         if let Err(e) = r {
