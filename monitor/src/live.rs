@@ -29,6 +29,8 @@ use crate::{
     metrics::{self, Metrics},
     pause::{self, SourceHandle},
     pipeline::{Control, Flow, Observer},
+    ports::{MacSource, PortControl},
+    probes::Iface,
     record_dir::{RecordDir, RecordDirConfig},
 };
 
@@ -44,6 +46,12 @@ pub struct LiveArgs {
     /// Follow a QEMU QMP socket for STOP/RESUME/MIGRATION events. Repeatable (source and destination).
     #[arg(long = "qmp", value_name = "PATH")]
     pub qmp: Vec<PathBuf>,
+    /// Follow a libvirt daemon's domain events (suspend/resume, save/restore, migrations with their statistics),
+    /// e.g. `qemu:///system`. Repeatable (one per daemon; a live migration between two followed daemons is one
+    /// migration). The taps of the domains running at start are watched as if given with --iface, with their MACs
+    /// as --vm. A daemon that dies or restarts costs a warning and a reconnect.
+    #[arg(long = "libvirt", value_name = "URI")]
+    pub libvirt: Vec<String>,
     /// The host name this monitor reports under: the `host` label of its metrics and the host of its --record trace
     /// (default: this machine's). A merge of traces (`migmon report A.trace B.trace`) tells hosts apart by it and
     /// the kernel's boot id: give each monitor sharing one kernel its own name, as the testbed's one monitor per host
@@ -123,8 +131,9 @@ pub fn start(
     tx: &Sender<Event>,
     control: &Control,
     observers: &mut Vec<Observer>,
+    ports: Option<PortControl>,
 ) -> Result<Live> {
-    let sources = start_sources(args, tx, control)?;
+    let sources = start_sources(args, tx, control, ports)?;
     let released = Arc::new(Mutex::new(Vec::new()));
     if let Some(dir) = &args.record_dir {
         let host = args.host_name.clone();
@@ -202,7 +211,12 @@ impl Drop for Recorder {
 
 /// Starts the pause-window sources. Every source's events go into the pipeline; a pause also triggers an immediate
 /// MAC-stats sample, so the frames black-holed after it are counted from that instant.
-fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Result<Vec<SourceHandle>> {
+fn start_sources(
+    args: &LiveArgs,
+    tx: &Sender<Event>,
+    control: &Control,
+    ports: Option<PortControl>,
+) -> Result<Vec<SourceHandle>> {
     let emit = |tx: Sender<Event>| {
         let control = control.clone();
         move |ev: Event| {
@@ -229,6 +243,22 @@ fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Resu
                 .with_context(|| format!("cannot follow QMP on {}", q.display()))?,
         );
         eprintln!("migmon: following QMP {}", q.display());
+    }
+    if !args.libvirt.is_empty() {
+        sources.push(
+            pause::libvirt::follow(&args.libvirt, emit(tx.clone()), move |vm| {
+                // The probes attach to each domain's tap as it appears (a migration's destination, a restore).
+                if let (Some(ports), Some(mac)) = (&ports, vm.mac) {
+                    let tap = Iface {
+                        name: vm.tap.clone(),
+                        netns: vm.netns.clone(),
+                    };
+                    ports.register_vm_interface(mac, tap, MacSource::Libvirt);
+                }
+            })
+            .context("cannot follow libvirt (--libvirt)")?,
+        );
+        eprintln!("migmon: following libvirt {}", args.libvirt.join(", "));
     }
     Ok(sources)
 }

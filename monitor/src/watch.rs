@@ -539,9 +539,16 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         .transpose()
         .context("cannot create the --record trace")?;
     let tx = pipeline.sender();
+    // The taps and MACs of the domains libvirt runs now are watched as if given on the command line.
+    let mut args = args.clone();
+    for w in crate::pause::libvirt::add_running(&args.live.libvirt, &mut args.iface, &mut args.vm) {
+        eprintln!("migmon: warning: {w}");
+    }
+    let args = &args;
     let (mut probes, mut decoder) = attach(args, &tx)?;
     let ports = crate::ports::start(
         &args.bridge,
+        !args.live.libvirt.is_empty(),
         ingress_mode(args),
         &mut probes,
         &mut decoder,
@@ -549,8 +556,9 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         &control,
     )?;
     let mut observers: Vec<Observer> = Vec::new();
-    if let Some(h) = &ports {
-        observers.push(crate::ports::mac_observer(h.control()));
+    let port_control = ports.as_ref().map(PortHandler::control);
+    if let Some(c) = &port_control {
+        observers.push(crate::ports::mac_observer(c.clone()));
     }
     if record.is_some() || args.live.record_dir.is_some() {
         crate::clocks::spawn_sampler(tx.clone(), control.clone())
@@ -560,7 +568,13 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
 
     // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
     // `pipeline.control()`; observers (limits, metrics) go in `observers`.
-    let live = crate::live::start(&args.live, &pipeline.sender(), &control, &mut observers)?;
+    let live = crate::live::start(
+        &args.live,
+        &pipeline.sender(),
+        &control,
+        &mut observers,
+        port_control,
+    )?;
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Run only these sections (floors, probes, migration, scale, faults, soak). Repeatable.
     #[arg(long, value_name = "SECTION")]
     pub only: Vec<String>,
+    /// Run only these migration workloads: `idle`, or a dirtier's `SIZE@RATE` as the workload names it
+    /// (`32M@125M`, `64M@250M`). Repeatable; default: all.
+    #[arg(long, value_name = "WORKLOAD")]
+    pub workload: Vec<String>,
     /// Skip the release build (the binaries must already be there).
     #[arg(long)]
     pub no_build: bool,
@@ -76,6 +80,8 @@ pub struct Ctx {
     /// The guest ELF QEMU boots (the same source the migrator embeds).
     pub guest_elf: PathBuf,
     pub out: PathBuf,
+    /// `--workload`: the migration workloads to run (empty: all).
+    pub workloads: Vec<String>,
 }
 
 impl Ctx {
@@ -195,6 +201,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for s in &args.only {
         cmd.args(["--only", s]);
     }
+    for w in &args.workload {
+        cmd.args(["--workload", w]);
+    }
     util::run(&mut cmd)
 }
 
@@ -205,6 +214,7 @@ pub fn smoke() -> Result<()> {
         runs: 1,
         out: target_dir().join("bench-smoke"),
         only: Vec::new(),
+        workload: Vec::new(),
         no_build: false,
     })
 }
@@ -226,6 +236,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
         bin_dir: target_dir().join("release"),
         guest_elf: testbed::guest::elf_in(&target_dir()),
         out: args.out.clone(),
+        workloads: args.workload.clone(),
     };
     for bin in ["migmon", "migrator"] {
         if !ctx.bin(bin).exists() {
