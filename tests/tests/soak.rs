@@ -4,6 +4,8 @@
 //! can hold at the measured rate, the oldest held event is never much older than the look-back, and RSS grows by
 //! less than 16 MiB between the 10th second and the end. The long version is `./x bench --only soak`.
 
+#![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
@@ -82,22 +84,19 @@ fn migrate(sock: &std::path::Path, n: u32) {
         .unwrap();
 }
 
-#[test]
-fn memory_stays_bounded_under_churn_and_windows_are_released() {
-    let dir = TestDir::new("migmon-soak");
-    let sock = dir.join("events.sock");
+/// `migmon watch` with all TCP, metrics, a 5 s look-back and a 1 s settle; returns it and its metrics address.
+fn start_watch(dir: &TestDir) -> (Child, String) {
     let log = dir.join("watch.log");
     let child = Command::new(migmon_bin())
         .args(["watch", "--tcp", "sockets", "--json", "--metrics", "127.0.0.1:0"])
         .args(["--lookback", "5s", "--settle", "1s", "--events-listen"])
-        .arg(&sock)
+        .arg(dir.join("events.sock"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start migmon");
     let child = Child(child);
-    let pid = child.0.id();
     let mut addr = String::new();
     let up = wait_until(Duration::from_secs(60), || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -107,7 +106,7 @@ fn memory_stays_bounded_under_churn_and_windows_are_released() {
             .and_then(|l| l.strip_suffix("/metrics"))
             && text.contains("migmon: watching")
         {
-            addr = a.to_owned();
+            a.clone_into(&mut addr);
             return true;
         }
         false
@@ -117,39 +116,71 @@ fn memory_stays_bounded_under_churn_and_windows_are_released() {
         "migmon did not start: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    (child, addr)
+}
 
-    // Churn: connect, write a byte, close, about 500 times a second.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let target = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let server = std::thread::spawn(move || {
-        while !st.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
-                    let _ = s.read(&mut [0u8; 4]);
+/// Loopback churn: connect, write a byte, close, about 500 times a second, until dropped.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Churn {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let server = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+                        let _ = s.read(&mut [0u8; 4]);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
+        });
+        let st = stop.clone();
+        let client = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !st.load(Ordering::Relaxed) {
+                if n as f64 >= start.elapsed().as_secs_f64() * 500.0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                if let Ok(mut c) = TcpStream::connect(target) {
+                    let _ = c.write_all(b"x");
+                }
+                n += 1;
+            }
+        });
+        Self {
+            stop,
+            threads: vec![server, client],
         }
-    });
-    let st = stop.clone();
-    let client = std::thread::spawn(move || {
-        let start = Instant::now();
-        let mut n = 0u64;
-        while !st.load(Ordering::Relaxed) {
-            if n as f64 >= start.elapsed().as_secs_f64() * 500.0 {
-                std::thread::sleep(Duration::from_millis(2));
-                continue;
-            }
-            if let Ok(mut c) = TcpStream::connect(target) {
-                let _ = c.write_all(b"x");
-            }
-            n += 1;
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
-    });
+    }
+}
+
+#[test]
+fn memory_stays_bounded_under_churn_and_windows_are_released() {
+    let dir = TestDir::new("migmon-soak");
+    let sock = dir.join("events.sock");
+    let (child, addr) = start_watch(&dir);
+    let pid = child.0.id();
+    let churn = Churn::start();
 
     let start = Instant::now();
     let mut sent = 0;
@@ -180,9 +211,7 @@ fn memory_stays_bounded_under_churn_and_windows_are_released() {
     }
     let rss_end = rss_mib(pid);
     let events = last_events.0;
-    stop.store(true, Ordering::Relaxed);
-    let _ = client.join();
-    let _ = server.join();
+    drop(churn);
 
     // Every migration is released: settled, verdict kept, events gone (polled on the gauge, with a deadline).
     let released = wait_until(Duration::from_secs(20), || {
