@@ -23,8 +23,8 @@ use migmon_analysis::{
 use crate::{
     cli::{LimitArgs, duration_ns, run_check},
     metrics::{self, Metrics},
-    pause::{self, SourceHandle},
-    pipeline::{Control, Flow, Observer},
+    pause,
+    pipeline::{Control, Flow, Observer, Sources},
 };
 
 /// The `migmon watch` flags of the correlation work.
@@ -79,26 +79,23 @@ const IDLE_CORRELATION: Duration = Duration::from_secs(3);
 
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
 pub struct Live {
-    sources: Vec<SourceHandle>,
     gate: Arc<Mutex<Gate>>,
     thread: std::thread::JoinHandle<Seen>,
     args: LiveArgs,
 }
 
-/// Starts the sources and observers the flags ask for.
-pub fn start(
-    args: &LiveArgs,
-    tx: &Sender<Event>,
-    control: &Control,
-    observers: &mut Vec<Observer>,
-) -> Result<Live> {
-    let sources = start_sources(args, tx, control)?;
+/// Starts the sources (tasks on `sources`) and observers the flags ask for.
+pub fn start(args: &LiveArgs, sources: &mut Sources, observers: &mut Vec<Observer>) -> Result<Live> {
+    start_sources(args, sources)?;
+    let tx = &sources.sender();
+    let control = &sources.control();
     if let Some(addr) = &args.metrics {
         let m = Arc::new(match &args.host_name {
             Some(h) => Metrics::for_host(h),
             None => Metrics::new(),
         });
-        let bound = metrics::serve(m.clone(), addr)?;
+        let (bound, server) = metrics::serve(m.clone(), addr)?;
+        sources.spawn("metrics", server);
         eprintln!("migmon: metrics on http://{bound}/metrics");
         observers.push(Box::new(move |ev| {
             m.observe(ev);
@@ -117,16 +114,16 @@ pub fn start(
     }));
     let thread = spawn_gate(args, gate.clone(), tx.clone(), control.clone())?;
     Ok(Live {
-        sources,
         gate,
         thread,
         args: args.clone(),
     })
 }
 
-/// Starts the pause-window sources. Every source's events go into the pipeline; a pause also triggers an immediate
-/// MAC-stats sample, so the frames black-holed after it are counted from that instant.
-fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Result<Vec<SourceHandle>> {
+/// Starts the pause-window sources as tasks on `sources`. Every source's events go into the pipeline; a pause also
+/// triggers an immediate MAC-stats sample, so the frames black-holed after it are counted from that instant.
+fn start_sources(args: &LiveArgs, sources: &mut Sources) -> Result<()> {
+    let control = sources.control();
     let emit = |tx: Sender<Event>| {
         let control = control.clone();
         move |ev: Event| {
@@ -136,25 +133,25 @@ fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Resu
             tx.send(ev).is_ok()
         }
     };
-    let mut sources = Vec::new();
     if let Some(p) = &args.events_listen {
-        sources.push(
-            pause::migrator::listen(p, emit(tx.clone()))
-                .with_context(|| format!("cannot listen for migrator events on {}", p.display()))?,
-        );
+        let listener = pause::migrator::listen(p, emit(sources.sender()))
+            .with_context(|| format!("cannot listen for migrator events on {}", p.display()))?;
+        sources.spawn("events-listen", listener);
         eprintln!("migmon: migrator events on {} (mode 0600)", p.display());
     }
     for f in &args.events {
-        sources.push(pause::migrator::follow_file(f, emit(tx.clone()))?);
+        sources.spawn(
+            "events-file",
+            pause::migrator::follow_file(f.clone(), emit(sources.sender())),
+        );
     }
     for q in &args.qmp {
-        sources.push(
-            pause::qmp::follow(q, emit(tx.clone()))
-                .with_context(|| format!("cannot follow QMP on {}", q.display()))?,
-        );
+        // A QEMU already there is connected to before the watch starts, so its events from now on are seen.
+        let follower = sources.block_on(pause::qmp::Follower::start(q.clone(), emit(sources.sender())));
+        sources.spawn("qmp", follower.run());
         eprintln!("migmon: following QMP {}", q.display());
     }
-    Ok(sources)
+    Ok(())
 }
 
 /// The gate thread: correlates five times a second while a migration is in flight or settling (every few seconds
@@ -245,12 +242,9 @@ impl Seen {
 }
 
 impl Live {
-    /// Stops the sources. With `--until-migrations` not reached, checks what was seen (and fails: fewer
+    /// Waits for the gate. With `--until-migrations` not reached, checks what was seen (and fails: fewer
     /// migrations than asked). Returns the exit code.
     pub fn finish(self, code: i32) -> Result<i32> {
-        for s in self.sources {
-            s.stop();
-        }
         let mut seen = self.thread.join().unwrap_or_default();
         let Some(n) = self.args.until_migrations else {
             return Ok(code);

@@ -1,24 +1,26 @@
 //! `migmon watch`: attach the probes, stream events, record a trace.
 //!
-//! The core is a [`Pipeline`]: any thread may push [`Event`]s through a [`std::sync::mpsc::Sender`] from
+//! The core is a [`Pipeline`]: every source pushes [`Event`]s through a [`std::sync::mpsc::Sender`] from
 //! [`Pipeline::sender`], and one consumer prints them (human or `--json`), appends them to the `--record` trace,
-//! counts them for the summary and hands them to [`Observer`]s. The kernel probes are one source: a collector thread
-//! drains the ring buffers and, every `--sample-interval` or at once when [`Control::request_sample`] is called,
-//! samples the per-MAC counters (`mac_stats`), the malformed-frame counters (`malformed`) and the ring buffer
-//! losses (`loss`). Other sources (a migrator's event socket, QMP, ...) push into the same sender.
+//! counts them for the summary and hands them to [`Observer`]s. The sources are tasks on one tokio runtime
+//! ([`Sources`]). The kernel probes are one: a collector task wakes when a ring buffer has records (`AsyncFd` on each
+//! ring buffer's fd), drains them and, every `--sample-interval` or at once when [`Control::request_sample`] is
+//! called, samples the per-MAC counters (`mac_stats`), the malformed-frame counters (`malformed`) and the ring buffer
+//! losses (`loss`); it owns the [`Probes`], which other tasks reach through [`ProbeAccess`]. Other sources (a
+//! migrator's event socket, QMP, the clock sampler, ...) push into the same sender.
 //!
 //! ```text
-//!  ring buffers ─┐                       ┌─ stdout (human / --json)
-//!  map samples ──┼─ Sender<Event> ──► consumer ──┼─ --record trace (flushed per line)
-//!  other sources ┘                       └─ observers, summary
+//!  ring buffers ─┐  tasks on one                        ┌─ stdout (human / --json)
+//!  map samples ──┼─ tokio runtime ─ Sender<Event> ──► consumer ──┼─ --record trace (flushed per line)
+//!  other sources ┘                                      └─ observers, summary
 //! ```
 
 use std::{
     collections::HashMap,
-    os::fd::BorrowedFd,
+    os::fd::{BorrowedFd, OwnedFd},
     path::PathBuf,
     sync::mpsc::Sender,
-    thread::JoinHandle,
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -26,15 +28,15 @@ use anyhow::{Context, Result, bail};
 use migmon_analysis::trace::{Event, MacAddr, TRACE_VERSION, TraceHeader, TraceWriter};
 use migmon_base::units::parse_duration;
 use monitor_common::{MacCounters, MacKey};
-use nix::{
-    poll::{PollFd, PollFlags, PollTimeout, poll},
-    sys::signal::{SigSet, Signal},
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
 };
 
 use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
-    pipeline::{Control, Observer, Pipeline},
+    pipeline::{Control, Observer, Pipeline, Sources},
     probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
 };
 
@@ -305,77 +307,190 @@ fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
     });
 }
 
-/// The probe source: drains the ring buffers as they fill, samples the counters, and detaches on stop.
+/// Work handed to the probe collector, which owns the [`Probes`]: attach or detach a port, read a map. It runs
+/// between two drains; the collector then watches the ring buffers the probes have now.
+pub type ProbeWork = Box<dyn FnOnce(&mut Probes, &mut Decoder) + Send>;
+
+/// The running probe collector: its task (the consumer drains until it ends) and a way to reach its probes.
+pub struct Collector {
+    pub task: tokio::task::JoinHandle<()>,
+    pub probes: ProbeAccess,
+}
+
+/// Reaches the [`Probes`] the collector owns, from any task or thread.
+#[derive(Clone)]
+pub struct ProbeAccess(tokio::sync::mpsc::UnboundedSender<ProbeWork>);
+
+impl ProbeAccess {
+    /// Runs `f` on the collector's probes and decoder and returns what it returns; `None` once the collector has
+    /// stopped.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Probes, &mut Decoder) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work: ProbeWork = Box::new(move |p, d| {
+            let _ = tx.send(f(p, d));
+        });
+        self.0.send(work).ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Registers every ring buffer of `probes` with the runtime's reactor, each through a duplicate of its fd (so the
+/// registration never outlives the fd it names, whatever the order the probes and the registrations go in).
+fn watch_rings(probes: &Probes) -> std::io::Result<Vec<AsyncFd<OwnedFd>>> {
+    probes
+        .ring_fds()
+        .into_iter()
+        .map(|fd| {
+            // SAFETY: `fd` is a ring buffer map of `probes`, open while `probes` is borrowed here.
+            let dup = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+            // SAFETY: the AsyncFd owns `dup`, so the fd stays open and the same for the registration's lifetime.
+            unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }.map_err(std::io::Error::from)
+        })
+        .collect()
+}
+
+/// Completes when any ring buffer has records (never, for an empty set). Readiness is cleared before the caller
+/// drains, so a record submitted during the drain wakes it again.
+async fn rings_readable(rings: &[AsyncFd<OwnedFd>]) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| {
+        let mut ready = false;
+        for ring in rings {
+            match ring.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    guard.clear_ready();
+                    ready = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if ready { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// How often the ring buffers are drained when the reactor cannot watch them.
+const RING_POLL_FALLBACK: Duration = Duration::from_millis(10);
+
+/// The probe source: a task that drains the ring buffers as they fill, samples the counters every `interval` (and at
+/// once on [`Control::request_sample`]), and on stop does a last drain and sample and detaches.
 pub fn spawn_collector(
+    sources: &mut Sources,
+    probes: Probes,
+    decoder: Decoder,
+    interval: Duration,
+) -> Collector {
+    let (work_tx, work_rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = sources.spawn_joined(collect(
+        probes,
+        decoder,
+        sources.sender(),
+        sources.control(),
+        interval,
+        work_rx,
+    ));
+    Collector {
+        task,
+        probes: ProbeAccess(work_tx),
+    }
+}
+
+async fn collect(
     mut probes: Probes,
     mut decoder: Decoder,
     tx: Sender<Event>,
     control: Control,
     interval: Duration,
-) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("migmon-probes".into())
-        .spawn(move || {
-            let mut prev = Samples::default();
-            let mut next = Instant::now() + interval;
-            let ring_fds = probes.ring_fds();
-            loop {
-                let stopping = control.stopped();
+    mut work: tokio::sync::mpsc::UnboundedReceiver<ProbeWork>,
+) {
+    let mut prev = Samples::default();
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rings = watched_rings(&probes, &tx);
+    let mut fallback = tokio::time::interval(RING_POLL_FALLBACK);
+    loop {
+        tokio::select! {
+            biased;
+            () = control.stopping() => break,
+            ready = rings_readable(rings.as_deref().unwrap_or_default()), if rings.is_some() => {
+                if let Err(e) = ready {
+                    note(&tx, "warning", format!("cannot wait for the ring buffers ({e}); polling them every {} ms", RING_POLL_FALLBACK.as_millis()));
+                    rings = None;
+                }
                 drain(&mut probes, &mut decoder, &tx);
-                let asked = control.take_sample_request();
-                if asked || stopping || Instant::now() >= next {
-                    if stopping {
-                        // The last sample counts the flow tables whatever the pace.
-                        prev.flows_walked = None;
-                    }
-                    sample(&probes, &decoder, &mut prev, &tx);
-                    next = Instant::now() + interval;
-                }
-                if stopping {
-                    // Records submitted while sampling.
-                    drain(&mut probes, &mut decoder, &tx);
-                    break;
-                }
-                let timeout = next.saturating_duration_since(Instant::now());
-                let timeout =
-                    PollTimeout::try_from(timeout.as_millis().min(1000) as u32).unwrap_or(PollTimeout::NONE);
-                // SAFETY: the ring buffer fds belong to `probes`, which outlives this poll.
-                let rings: Vec<BorrowedFd<'_>> = ring_fds
-                    .iter()
-                    .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
-                    .collect();
-                let mut fds: Vec<PollFd<'_>> = rings
-                    .iter()
-                    .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-                    .collect();
-                fds.push(PollFd::new(control.wake_fd(), PollFlags::POLLIN));
-                let _ = poll(&mut fds, timeout);
             }
-            drop(probes);
-        })
-        .context("cannot start the probe thread")
+            _ = fallback.tick(), if rings.is_none() => drain(&mut probes, &mut decoder, &tx),
+            () = control.sample_requested() => {
+                drain(&mut probes, &mut decoder, &tx);
+                sample(&probes, &decoder, &mut prev, &tx);
+                every.reset();
+            }
+            _ = every.tick() => {
+                drain(&mut probes, &mut decoder, &tx);
+                sample(&probes, &decoder, &mut prev, &tx);
+            }
+            Some(job) = work.recv() => {
+                drain(&mut probes, &mut decoder, &tx);
+                // The job may add or remove ring buffers: watch what is there after.
+                job(&mut probes, &mut decoder);
+                rings = watched_rings(&probes, &tx);
+            }
+        }
+    }
+    drain(&mut probes, &mut decoder, &tx);
+    // The last sample counts the flow tables whatever the pace.
+    prev.flows_walked = None;
+    sample(&probes, &decoder, &mut prev, &tx);
+    // Records submitted while sampling.
+    drain(&mut probes, &mut decoder, &tx);
+    drop(rings);
+    drop(probes);
 }
 
-/// Blocks SIGINT/SIGTERM in this thread (and the threads it starts) and turns them into [`Control::stop`] on a
-/// dedicated thread. A second signal exits at once.
-pub fn stop_on_signals(control: &Control) -> Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block().context("cannot block SIGINT/SIGTERM")?;
-    let control = control.clone();
-    std::thread::Builder::new()
-        .name("migmon-signals".into())
-        .spawn(move || {
-            if set.wait().is_ok() {
-                control.stop();
-            }
-            if set.wait().is_ok() {
-                eprintln!("migmon: interrupted twice, exiting without cleanup");
-                std::process::exit(130);
-            }
-        })
-        .context("cannot start the signal thread")?;
+/// The ring buffers registered with the reactor, or `None` (with a warning) when they cannot be.
+fn watched_rings(probes: &Probes, tx: &Sender<Event>) -> Option<Vec<AsyncFd<OwnedFd>>> {
+    match watch_rings(probes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            note(
+                tx,
+                "warning",
+                format!(
+                    "cannot watch the ring buffers ({e}); polling them every {} ms",
+                    RING_POLL_FALLBACK.as_millis()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Turns SIGINT and SIGTERM into [`Control::stop`], on the runtime. A second signal exits at once.
+pub fn stop_on_signals(sources: &mut Sources) -> Result<()> {
+    let (mut int, mut term) = {
+        let _rt = sources.handle().enter();
+        (
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        )
+    };
+    let control = sources.control();
+    sources.spawn("signals", async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        control.stop();
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("migmon: interrupted twice, exiting without cleanup");
+        std::process::exit(130);
+    });
     Ok(())
 }
 
@@ -521,10 +636,13 @@ pub fn trace_header(host_name: Option<&str>) -> TraceHeader {
 }
 
 /// Runs `migmon watch`; returns the process exit code.
+///
+/// The sources run as tasks on one tokio runtime ([`Sources`]); this thread is the consumer that prints and records
+/// every event in the order it arrived.
 pub fn run(args: &WatchArgs) -> Result<i32> {
-    let pipeline = Pipeline::new()?;
-    let control = pipeline.control();
-    stop_on_signals(&control)?;
+    let pipeline = Pipeline::new();
+    let mut sources = Sources::new(&pipeline)?;
+    stop_on_signals(&mut sources)?;
 
     let record = args
         .record
@@ -535,23 +653,24 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     let tx = pipeline.sender();
     let (probes, decoder) = attach(args, &tx)?;
     if record.is_some() {
-        crate::clocks::spawn_sampler(tx.clone(), control.clone())
-            .context("cannot start the clock sampler")?;
+        sources.spawn("clocks", crate::clocks::sample_clocks(tx.clone()));
     }
-    let collector = spawn_collector(probes, decoder, tx, control.clone(), args.sample_interval)?;
+    let collector = spawn_collector(&mut sources, probes, decoder, args.sample_interval);
 
-    // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
-    // `pipeline.control()`; observers (limits, metrics) go in `observers`.
+    // Other sources of events (migrator event socket, QMP, ...) are tasks on `sources`; observers (limits, metrics)
+    // go in `observers`.
     let mut observers: Vec<Observer> = Vec::new();
-    let live = crate::live::start(&args.live, &pipeline.sender(), &control, &mut observers)?;
+    let live = crate::live::start(&args.live, &mut sources, &mut observers)?;
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
-    let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
+    let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector.task))?;
     out.finish_record()?;
     eprintln!("migmon: {summary}");
-    live.finish(code)
+    let code = live.finish(code);
+    sources.shutdown();
+    code
 }
 
 #[cfg(test)]
