@@ -572,6 +572,73 @@ pub enum Event {
         /// within `ts_ns ± uncertainty_ns`.
         uncertainty_ns: u64,
     },
+    /// The probes were attached to a port: at start (`--iface`), when it joined a watched bridge (`--bridge`), or
+    /// when a VM's interface was registered (libvirt). From then until its `port_detached`, its frames are seen.
+    PortAttached {
+        ts_ns: u64,
+        #[serde(flatten)]
+        port: Port,
+        /// The watched bridge the port belongs to (`--bridge`), when it came from one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bridge: Option<String>,
+        /// The hooks attached: `tc ingress`, `tc egress`, `xdp driver`, `xdp skb`.
+        #[serde(default)]
+        hooks: Vec<String>,
+        /// Why it was attached: `iface`, `bridge`, `libvirt`, ...
+        #[serde(default)]
+        origin: String,
+        /// When the monitor read the kernel's notification that the port appeared (`RTM_NEWLINK`), for ports that
+        /// come and go: `ts_ns - notified_ns` is the attach latency.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notified_ns: Option<u64>,
+    },
+    /// The probes left a port: it was deleted, left its bridge, or its bridge went away.
+    PortDetached {
+        ts_ns: u64,
+        #[serde(flatten)]
+        port: Port,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bridge: Option<String>,
+        /// `deleted`, `left the bridge`, `bridge deleted`.
+        #[serde(default)]
+        reason: String,
+        /// When the notification was read (`RTM_DELLINK`, or `RTM_NEWLINK` with another master).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notified_ns: Option<u64>,
+    },
+    /// A port that should have been watched could not be attached: its frames are not seen. Counted.
+    PortFailed {
+        ts_ns: u64,
+        #[serde(flatten)]
+        port: Port,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bridge: Option<String>,
+        error: String,
+    },
+    /// A VM's MAC was learned and is watched from now on (counters, first-seen, FDB moves, flows by MAC).
+    MacLearned {
+        ts_ns: u64,
+        mac: MacAddr,
+        /// Where it was learned: `fdb` (the bridge learned it on a tap), `qmp` (`query-rx-filter`), `libvirt`
+        /// (domain XML), `migrator` (a migration's setup event).
+        source: String,
+        /// The port it was learned on, when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        iface: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
+    },
+    /// Input the monitor skipped (a line that did not parse, a kernel record it could not decode, a line too long),
+    /// counted per source and reason since the watch started: cumulative, written when the count changes and at
+    /// the end.
+    Skipped {
+        ts_ns: u64,
+        /// Where the input came from: `kernel`, `migrator`, `qmp`, `trace`, ...
+        source: String,
+        /// Why it was skipped: `undecodable`, `malformed`, `too_long`, ...
+        reason: String,
+        count: u64,
+    },
     /// A note from the monitor itself (warnings about skipped input, attach fallbacks).
     Note {
         ts_ns: u64,
@@ -607,6 +674,11 @@ impl Event {
             | Event::FlowZeroWindow { ts_ns, .. }
             | Event::FlowProgress { ts_ns, .. }
             | Event::FlowTable { ts_ns, .. }
+            | Event::PortAttached { ts_ns, .. }
+            | Event::PortDetached { ts_ns, .. }
+            | Event::PortFailed { ts_ns, .. }
+            | Event::MacLearned { ts_ns, .. }
+            | Event::Skipped { ts_ns, .. }
             | Event::Note { ts_ns, .. } => *ts_ns,
             Event::Migration { ev, .. } => ev.ts_ns,
         }
@@ -640,6 +712,11 @@ impl Event {
             Event::FlowZeroWindow { .. } => "flow_zero_window",
             Event::FlowProgress { .. } => "flow_progress",
             Event::FlowTable { .. } => "flow_table",
+            Event::PortAttached { .. } => "port_attached",
+            Event::PortDetached { .. } => "port_detached",
+            Event::PortFailed { .. } => "port_failed",
+            Event::MacLearned { .. } => "mac_learned",
+            Event::Skipped { .. } => "skipped",
         }
     }
 
@@ -696,6 +773,12 @@ impl Event {
                 first_ns, last_ns, ..
             } => times.extend([("first_ns", *first_ns), ("last_ns", *last_ns)]),
             Event::MacSeen { gap_ns, .. } => times.push(("gap_ns", *gap_ns)),
+            Event::PortAttached {
+                notified_ns: Some(n), ..
+            }
+            | Event::PortDetached {
+                notified_ns: Some(n), ..
+            } => times.push(("notified_ns", *n)),
             _ => {}
         }
         if let Some(seg) = self.flow_segment() {

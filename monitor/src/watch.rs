@@ -37,6 +37,7 @@ use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline, Sources},
+    ports::PortHandler,
     probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
 };
 
@@ -66,6 +67,12 @@ pub struct WatchArgs {
     /// after the kernel took an outer VLAN tag into the packet's metadata (reported from there).
     #[arg(long, conflicts_with = "xdp_skb")]
     pub tc_ingress: bool,
+    /// Watch every port of this bridge, as ports join and leave it: a VM's tap that appears when the VM migrates
+    /// in is watched from its first frame, and one that vanishes is let go. `BR@NETNS` for a bridge in a named
+    /// network namespace. Repeatable. Each port gets the ingress parser (as for --iface) and TC egress; VM MACs
+    /// are learned as the bridge learns them on its taps and from migrations' setup events.
+    #[arg(long = "bridge", value_name = "BR[@NETNS]")]
+    pub bridge: Vec<String>,
     /// Attach the TC egress counter (frames towards watched MACs) to this interface. Repeatable.
     #[arg(long = "egress", value_name = "IF[@NETNS]")]
     pub egress: Vec<String>,
@@ -176,6 +183,7 @@ fn describe(args: &WatchArgs) -> String {
         format!("TCP of {}", filters.join(", "))
     }];
     parts.extend(args.iface.iter().map(|i| format!("xdp:{i}")));
+    parts.extend(args.bridge.iter().map(|b| format!("bridge:{b}")));
     parts.extend(args.egress.iter().map(|i| format!("tc:{i}")));
     parts.extend(
         args.vm
@@ -303,7 +311,10 @@ fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
         Ok(w) => {
             let _ = tx.send(decoder.event(&w));
         }
-        Err(e) => note(tx, "warning", format!("skipped a kernel record: {e}")),
+        Err(e) => {
+            crate::skipped::count("kernel", "undecodable");
+            note(tx, "warning", format!("skipped a kernel record: {e}"));
+        }
     });
 }
 
@@ -345,9 +356,7 @@ fn watch_rings(probes: &Probes) -> std::io::Result<Vec<AsyncFd<OwnedFd>>> {
         .into_iter()
         .map(|fd| {
             // SAFETY: `fd` is a ring buffer map of `probes`, open while `probes` is borrowed here.
-            let dup = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
-            // SAFETY: the AsyncFd owns `dup`, so the fd stays open and the same for the registration's lifetime.
-            unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }.map_err(std::io::Error::from)
+            watch_fd(unsafe { BorrowedFd::borrow_raw(fd) })
         })
         .collect()
 }
@@ -376,17 +385,22 @@ async fn rings_readable(rings: &[AsyncFd<OwnedFd>]) -> std::io::Result<()> {
 const RING_POLL_FALLBACK: Duration = Duration::from_millis(10);
 
 /// The probe source: a task that drains the ring buffers as they fill, samples the counters every `interval` (and at
-/// once on [`Control::request_sample`]), and on stop does a last drain and sample and detaches.
+/// once on [`Control::request_sample`]), applies the port requests of `ports` (`--bridge`) as they come, and on stop
+/// does a last drain and sample and detaches.
 pub fn spawn_collector(
     sources: &mut Sources,
     probes: Probes,
     decoder: Decoder,
     interval: Duration,
+    ports: Option<PortHandler>,
 ) -> Collector {
     let (work_tx, work_rx) = tokio::sync::mpsc::unbounded_channel();
     let task = sources.spawn_joined(collect(
-        probes,
-        decoder,
+        Probed {
+            probes,
+            decoder,
+            ports,
+        },
         sources.sender(),
         sources.control(),
         interval,
@@ -398,9 +412,40 @@ pub fn spawn_collector(
     }
 }
 
+/// What the collector owns: the probes, the decoder that names their ports, and the port requests' handler.
+struct Probed {
+    probes: Probes,
+    decoder: Decoder,
+    ports: Option<PortHandler>,
+}
+
+impl Probed {
+    /// Decodes every pending ring buffer record into `tx`.
+    fn drain(&mut self, tx: &Sender<Event>) {
+        drain(&mut self.probes, &mut self.decoder, tx);
+    }
+}
+
+/// Completes when `fd` is readable, clearing the readiness first (never, without an fd).
+async fn readable(fd: Option<&AsyncFd<OwnedFd>>) -> std::io::Result<()> {
+    match fd {
+        Some(fd) => {
+            fd.readable().await?.clear_ready();
+            Ok(())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Registers a duplicate of `fd` with the reactor, for readability.
+fn watch_fd(fd: BorrowedFd<'_>) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let dup = fd.try_clone_to_owned()?;
+    // SAFETY: the AsyncFd owns `dup`, so the fd stays open and the same for the registration's lifetime.
+    unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }.map_err(std::io::Error::from)
+}
+
 async fn collect(
-    mut probes: Probes,
-    mut decoder: Decoder,
+    mut p: Probed,
     tx: Sender<Event>,
     control: Control,
     interval: Duration,
@@ -409,8 +454,19 @@ async fn collect(
     let mut prev = Samples::default();
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rings = watched_rings(&probes, &tx);
+    let mut rings = watched_rings(&p.probes, &tx);
     let mut fallback = tokio::time::interval(RING_POLL_FALLBACK);
+    let port_wake = p.ports.as_ref().and_then(|h| match watch_fd(h.wake_fd()) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            note(
+                &tx,
+                "warning",
+                format!("cannot wait for port requests ({e}); they are applied at each sample"),
+            );
+            None
+        }
+    });
     loop {
         tokio::select! {
             biased;
@@ -420,34 +476,47 @@ async fn collect(
                     note(&tx, "warning", format!("cannot wait for the ring buffers ({e}); polling them every {} ms", RING_POLL_FALLBACK.as_millis()));
                     rings = None;
                 }
-                drain(&mut probes, &mut decoder, &tx);
+                p.drain(&tx);
             }
-            _ = fallback.tick(), if rings.is_none() => drain(&mut probes, &mut decoder, &tx),
+            _ = fallback.tick(), if rings.is_none() => p.drain(&tx),
+            _ = readable(port_wake.as_ref()), if port_wake.is_some() => {
+                // Ports that came and went, MACs learned: between two drains, so names resolve until the end.
+                p.drain(&tx);
+                if let Some(h) = &mut p.ports
+                    && h.handle(&mut p.probes, &mut p.decoder, &tx)
+                {
+                    rings = watched_rings(&p.probes, &tx);
+                }
+            }
             () = control.sample_requested() => {
-                drain(&mut probes, &mut decoder, &tx);
-                sample(&probes, &decoder, &mut prev, &tx);
+                p.drain(&tx);
+                sample(&p.probes, &p.decoder, &mut prev, &tx);
                 every.reset();
             }
             _ = every.tick() => {
-                drain(&mut probes, &mut decoder, &tx);
-                sample(&probes, &decoder, &mut prev, &tx);
+                p.drain(&tx);
+                if port_wake.is_none()
+                    && let Some(h) = &mut p.ports
+                    && h.handle(&mut p.probes, &mut p.decoder, &tx)
+                {
+                    rings = watched_rings(&p.probes, &tx);
+                }
+                sample(&p.probes, &p.decoder, &mut prev, &tx);
             }
             Some(job) = work.recv() => {
-                drain(&mut probes, &mut decoder, &tx);
+                p.drain(&tx);
                 // The job may add or remove ring buffers: watch what is there after.
-                job(&mut probes, &mut decoder);
-                rings = watched_rings(&probes, &tx);
+                job(&mut p.probes, &mut p.decoder);
+                rings = watched_rings(&p.probes, &tx);
             }
         }
     }
-    drain(&mut probes, &mut decoder, &tx);
+    p.drain(&tx);
     // The last sample counts the flow tables whatever the pace.
     prev.flows_walked = None;
-    sample(&probes, &decoder, &mut prev, &tx);
+    sample(&p.probes, &p.decoder, &mut prev, &tx);
     // Records submitted while sampling.
-    drain(&mut probes, &mut decoder, &tx);
-    drop(rings);
-    drop(probes);
+    p.drain(&tx);
 }
 
 /// The ring buffers registered with the reactor, or `None` (with a warning) when they cannot be.
@@ -515,13 +584,15 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
                 macs.push(m.octets());
             }
         }
-        if watch.ips.is_empty() && macs.is_empty() {
+        if watch.ips.is_empty() && macs.is_empty() && args.bridge.is_empty() {
             if args.tcp == TcpSource::Wire {
-                bail!("--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC)");
+                bail!(
+                    "--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC), or --bridge BR[@NETNS]"
+                );
             }
             None
         } else {
-            if args.iface.is_empty() && args.tcp == TcpSource::Wire {
+            if args.iface.is_empty() && args.bridge.is_empty() && args.tcp == TcpSource::Wire {
                 bail!("--tcp wire needs the VM's ports: add --iface IF[@NETNS] (its tap, or an uplink)");
             }
             Some(FlowOptions {
@@ -541,6 +612,7 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         l2_tc_ingress: args.tc_ingress,
         socket_tracepoints: args.tcp != TcpSource::Wire,
         flows,
+        learn_macs: !args.bridge.is_empty(),
         ..ProbeOptions::default()
     };
     if let Some(bytes) = args.ringbuf_bytes {
@@ -550,6 +622,19 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         opts.ringbuf_bytes = bytes;
     }
     Ok(opts)
+}
+
+/// The ingress hook `args` ask for.
+fn ingress_mode(args: &WatchArgs) -> IngressMode {
+    if args.xdp {
+        IngressMode::Xdp
+    } else if args.xdp_skb {
+        IngressMode::XdpSkb
+    } else if args.tc_ingress {
+        IngressMode::Tc
+    } else {
+        IngressMode::Auto
+    }
 }
 
 /// Loads the probes and attaches them to the interfaces `args` name. Notes (fallbacks) go to `tx`.
@@ -566,15 +651,7 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
         .map(|s| parse_iface(s))
         .collect::<Result<Vec<_>>>()?;
     let mut probes = Probes::load(&opts).context("cannot start the kernel probes")?;
-    let mode = if args.xdp {
-        IngressMode::Xdp
-    } else if args.xdp_skb {
-        IngressMode::XdpSkb
-    } else if args.tc_ingress {
-        IngressMode::Tc
-    } else {
-        IngressMode::Auto
-    };
+    let mode = ingress_mode(args);
     let mut egress = egress;
     for iface in &ifaces {
         let a = probes
@@ -651,15 +728,26 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         .transpose()
         .context("cannot create the --record trace")?;
     let tx = pipeline.sender();
-    let (probes, decoder) = attach(args, &tx)?;
+    let (mut probes, mut decoder) = attach(args, &tx)?;
+    let ports = crate::ports::start(
+        &args.bridge,
+        ingress_mode(args),
+        &mut probes,
+        &mut decoder,
+        &tx,
+        &sources.control(),
+    )?;
+    let mut observers: Vec<Observer> = Vec::new();
+    if let Some(h) = &ports {
+        observers.push(crate::ports::mac_observer(h.control()));
+    }
     if record.is_some() {
         sources.spawn("clocks", crate::clocks::sample_clocks(tx.clone()));
     }
-    let collector = spawn_collector(&mut sources, probes, decoder, args.sample_interval);
+    let collector = spawn_collector(&mut sources, probes, decoder, args.sample_interval, ports);
 
     // Other sources of events (migrator event socket, QMP, ...) are tasks on `sources`; observers (limits, metrics)
     // go in `observers`.
-    let mut observers: Vec<Observer> = Vec::new();
     let live = crate::live::start(&args.live, &mut sources, &mut observers)?;
 
     let mut out = Output::new(args.json, record);

@@ -164,14 +164,11 @@ fn build() -> Result<()> {
         "xtask/probes",
     ]))
     .context("building the benchmark binaries failed")?;
-    util::run(util::cargo().current_dir(workspace_root()).args([
-        "build",
-        "-p",
-        "guest",
-        "--release",
-        "--target",
-        "x86_64-unknown-none",
-    ]))
+    util::run(
+        util::cargo()
+            .current_dir(workspace_root())
+            .args(testbed::guest::BUILD_ARGS),
+    )
     .context("building the guest ELF (for QEMU) failed")
 }
 
@@ -224,7 +221,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
         runs,
         start: Instant::now(),
         bin_dir: target_dir().join("release"),
-        guest_elf: target_dir().join("x86_64-unknown-none/release/guest"),
+        guest_elf: testbed::guest::elf_in(&target_dir()),
         out: args.out.clone(),
     };
     for bin in ["migmon", "migrator"] {

@@ -59,15 +59,19 @@ pub(crate) fn parse_line(line: &str, origin: &str, lineno: usize) -> Option<Even
         return None;
     }
     Some(match MigrationEvent::from_line(line) {
-        Ok(ev) if ev.ts_ns > migmon_analysis::trace::MAX_TRACE_NS => warn_note(format!(
-            "skipped migration event from {origin} line {lineno}: its time {} ns is beyond any monotonic clock",
-            ev.ts_ns
-        )),
+        Ok(ev) if ev.ts_ns > migmon_analysis::trace::MAX_TRACE_NS => {
+            crate::skipped::count("migrator", "bad_time");
+            warn_note(format!(
+                "skipped migration event from {origin} line {lineno}: its time {} ns is beyond any monotonic clock",
+                ev.ts_ns
+            ))
+        }
         Ok(ev) => Event::Migration {
             ev,
             source: PauseSource::Migrator,
         },
         Err(e) => {
+            crate::skipped::count("migrator", "malformed");
             let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
             warn_note(format!(
                 "skipped malformed migration event from {origin} line {lineno}: {cause}"
@@ -180,6 +184,9 @@ async fn read_connection(stream: UnixStream, origin: String, emit: Arc<impl Emit
                 return;
             }
             Err(e) => {
+                if e.kind() == io::ErrorKind::InvalidData {
+                    crate::skipped::count("migrator", "too_long");
+                }
                 emit.emit(warn_note(format!(
                     "reading {origin} failed after line {lineno}: {e}; the connection is dropped"
                 )));

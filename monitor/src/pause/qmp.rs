@@ -501,6 +501,7 @@ impl QmpTranslator {
 
     fn skip(&mut self, why: &str) -> Event {
         self.skipped += 1;
+        crate::skipped::count("qmp", "malformed");
         warn_note(format!(
             "skipped malformed QMP line from {} line {}: {why} ({} skipped so far)",
             self.origin, self.lineno, self.skipped
@@ -713,6 +714,7 @@ impl<E: Emit> Follower<E> {
                 Ok(None) => return Ended::Lost("QEMU closed the socket".into()),
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     self.tr.skipped += 1;
+                    crate::skipped::count("qmp", "too_long");
                     return Ended::Lost(format!(
                         "dropped the connection: {e} ({} skipped so far)",
                         self.tr.skipped()
