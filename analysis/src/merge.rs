@@ -745,11 +745,20 @@ fn clock_groups(inputs: &[Input], ids: &[(String, String)], warnings: &mut Vec<S
             ));
         }
         if group_of[i] != i {
+            // One warning per group (a `--record-dir` directory holds many traces of one host).
+            if (0..i).any(|j| j != group_of[i] && group_of[j] == group_of[i]) {
+                continue;
+            }
+            let members = group_of.iter().filter(|&&g| g == group_of[i]).count();
             warnings.push(format!(
                 "{} and {} come from the same host ({}, {}): one clock, merged without shifting; events present in \
                  both are kept once",
                 inputs[group_of[i]].name,
-                inputs[i].name,
+                if members > 2 {
+                    format!("{} other traces", members - 1)
+                } else {
+                    inputs[i].name.clone()
+                },
                 ids[i].0,
                 if ids[i].1.is_empty() {
                     "the same recording".to_owned()

@@ -200,6 +200,8 @@ pub enum PauseSource {
     Migrator,
     /// QEMU's QMP events (`--qmp`).
     Qmp,
+    /// libvirt's domain events (`--libvirt`).
+    Libvirt,
     /// Inferred from the data plane (the VM's MAC moving between ports).
     Wire,
 }
@@ -209,6 +211,7 @@ impl PauseSource {
         match self {
             Self::Migrator => "migrator",
             Self::Qmp => "qmp",
+            Self::Libvirt => "libvirt",
             Self::Wire => "wire",
         }
     }
@@ -892,6 +895,8 @@ pub struct TraceWriter {
     /// Lines written after the header.
     lines: u64,
     hash: LineHash,
+    /// Bytes written, header included.
+    bytes: u64,
 }
 
 impl TraceWriter {
@@ -905,6 +910,7 @@ impl TraceWriter {
             out: BufWriter::new(file),
             lines: 0,
             hash: LineHash::new(),
+            bytes: 0,
         };
         w.write_json(header)?;
         w.lines = 0;
@@ -932,12 +938,29 @@ impl TraceWriter {
 
     fn write_json<T: Serialize>(&mut self, v: &T) -> Result<(), TraceError> {
         let line = serde_json::to_vec(v).map_err(|e| TraceError::Write(e.into()))?;
-        self.out.write_all(&line).map_err(TraceError::Write)?;
+        self.write_line(&line)?;
+        self.flush()
+    }
+
+    /// Appends one line that is an event already serialised (no newline), without flushing: [`TraceWriter::flush`]
+    /// when a batch is done.
+    pub fn write_line(&mut self, line: &[u8]) -> Result<(), TraceError> {
+        self.out.write_all(line).map_err(TraceError::Write)?;
         self.out.write_all(b"\n").map_err(TraceError::Write)?;
-        self.out.flush().map_err(TraceError::Write)?;
-        self.hash.line(&line);
+        self.hash.line(line);
         self.lines = self.lines.saturating_add(1);
+        self.bytes = self.bytes.saturating_add(line.len() as u64 + 1);
         Ok(())
+    }
+
+    /// Writes what [`TraceWriter::write_line`] buffered to the file.
+    pub fn flush(&mut self) -> Result<(), TraceError> {
+        self.out.flush().map_err(TraceError::Write)
+    }
+
+    /// Bytes written so far, the header included: the file's size once flushed.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 }
 

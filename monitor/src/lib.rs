@@ -19,6 +19,7 @@ pub mod pause;
 pub mod pipeline;
 pub mod ports;
 pub mod probes;
+pub mod record_dir;
 pub mod rtnl;
 pub mod skipped;
 pub mod tracefs;

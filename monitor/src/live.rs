@@ -29,6 +29,9 @@ use crate::{
     metrics::{self, Metrics},
     pause,
     pipeline::{Control, Flow, Observer, Sources},
+    ports::{MacSource, PortControl},
+    probes::Iface,
+    record_dir::{RecordDir, RecordDirConfig},
 };
 
 /// The `migmon watch` flags of the correlation work.
@@ -43,6 +46,12 @@ pub struct LiveArgs {
     /// Follow a QEMU QMP socket for STOP/RESUME/MIGRATION events. Repeatable (source and destination).
     #[arg(long = "qmp", value_name = "PATH")]
     pub qmp: Vec<PathBuf>,
+    /// Follow a libvirt daemon's domain events (suspend/resume, save/restore, migrations with their statistics),
+    /// e.g. `qemu:///system`. Repeatable (one per daemon; a live migration between two followed daemons is one
+    /// migration). The taps of the domains running at start are watched as if given with --iface, with their MACs
+    /// as --vm. A daemon that dies or restarts costs a warning and a reconnect.
+    #[arg(long = "libvirt", value_name = "URI")]
+    pub libvirt: Vec<String>,
     /// The host name this monitor reports under: the `host` label of its metrics and the host of its --record trace
     /// (default: this machine's). A merge of traces (`migmon report A.trace B.trace`) tells hosts apart by it and
     /// the kernel's boot id: give each monitor sharing one kernel its own name, as the testbed's one monitor per host
@@ -63,6 +72,19 @@ pub struct LiveArgs {
     /// connections, each port's last counters, each bridge's last FDB entry) are kept.
     #[arg(long, value_name = "D", default_value = "30s", value_parser = duration_ns)]
     pub lookback: u64,
+    /// Record into this directory: a trace per migration (its `--lookback` before, until it is final) and a
+    /// background trace of every event, rotated by size. `migmon report DIR` reads it.
+    #[arg(long, value_name = "DIR")]
+    pub record_dir: Option<PathBuf>,
+    /// With --record-dir: the size at which a background trace is rotated (e.g. 64MiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = migmon_base::units::parse_size)]
+    pub record_max_size: u64,
+    /// With --record-dir: how many background traces to keep (the oldest are deleted).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub record_keep: usize,
+    /// With --record-dir: how many migration traces to keep (the oldest are deleted).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub record_keep_migrations: usize,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -103,10 +125,38 @@ pub struct Live {
 }
 
 /// Starts the sources (tasks on `sources`) and observers the flags ask for.
-pub fn start(args: &LiveArgs, sources: &mut Sources, observers: &mut Vec<Observer>) -> Result<Live> {
-    start_sources(args, sources)?;
+pub fn start(
+    args: &LiveArgs,
+    sources: &mut Sources,
+    observers: &mut Vec<Observer>,
+    ports: Option<PortControl>,
+) -> Result<Live> {
+    start_sources(args, sources, ports)?;
     let tx = &sources.sender();
     let control = &sources.control();
+    let released = Arc::new(Mutex::new(Vec::new()));
+    if let Some(dir) = &args.record_dir {
+        let host = args.host_name.clone();
+        let r = RecordDir::create(
+            RecordDirConfig {
+                dir: dir.clone(),
+                max_size: args.record_max_size,
+                keep: args.record_keep,
+                keep_migrations: args.record_keep_migrations,
+                lookback_ns: args.lookback,
+            },
+            move || crate::clocks::trace_header(host.as_deref()),
+            released.clone(),
+        )?;
+        eprintln!("migmon: recording into {}", dir.display());
+        let mut r = Recorder(Some(r));
+        observers.push(Box::new(move |ev| {
+            if let Some(r) = &mut r.0 {
+                r.observe(ev);
+            }
+            Flow::Continue
+        }));
+    }
     let mut published = None;
     if let Some(addr) = &args.metrics {
         let m = Arc::new(match &args.host_name {
@@ -132,7 +182,13 @@ pub fn start(args: &LiveArgs, sources: &mut Sources, observers: &mut Vec<Observe
             .push(ev.clone());
         Flow::Continue
     }));
-    let thread = spawn_gate(args, gate.clone(), tx.clone(), control.clone(), published)?;
+    let thread = spawn_gate(
+        args,
+        gate.clone(),
+        tx.clone(),
+        control.clone(),
+        (published, released),
+    )?;
     Ok(Live {
         gate,
         thread,
@@ -140,9 +196,22 @@ pub fn start(args: &LiveArgs, sources: &mut Sources, observers: &mut Vec<Observe
     })
 }
 
+/// The `--record-dir` recorder, finished (end records written) when the watch drops its observers.
+struct Recorder(Option<RecordDir>);
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take()
+            && let Err(e) = r.finish()
+        {
+            eprintln!("migmon: warning: --record-dir: {e:#}");
+        }
+    }
+}
+
 /// Starts the pause-window sources as tasks on `sources`. Every source's events go into the pipeline; a pause also
 /// triggers an immediate MAC-stats sample, so the frames black-holed after it are counted from that instant.
-fn start_sources(args: &LiveArgs, sources: &mut Sources) -> Result<()> {
+fn start_sources(args: &LiveArgs, sources: &mut Sources, ports: Option<PortControl>) -> Result<()> {
     let control = sources.control();
     let emit = |tx: Sender<Event>| {
         let control = control.clone();
@@ -171,6 +240,27 @@ fn start_sources(args: &LiveArgs, sources: &mut Sources) -> Result<()> {
         sources.spawn("qmp", follower.run());
         eprintln!("migmon: following QMP {}", q.display());
     }
+    if !args.libvirt.is_empty() {
+        // libvirt is a blocking library with its own event loop: it runs on a thread of its own, stopped with the
+        // watch.
+        let thread = pause::libvirt::follow(&args.libvirt, emit(sources.sender()), move |vm| {
+            // The probes attach to each domain's tap as it appears (a migration's destination, a restore).
+            if let (Some(ports), Some(mac)) = (&ports, vm.mac) {
+                let tap = Iface {
+                    name: vm.tap.clone(),
+                    netns: vm.netns.clone(),
+                };
+                ports.register_vm_interface(mac, tap, MacSource::Libvirt);
+            }
+        })
+        .context("cannot follow libvirt (--libvirt)")?;
+        let control = sources.control();
+        sources.spawn("libvirt", async move {
+            control.stopping().await;
+            let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
+        });
+        eprintln!("migmon: following libvirt {}", args.libvirt.join(", "));
+    }
     Ok(())
 }
 
@@ -183,7 +273,7 @@ fn spawn_gate(
     g: Arc<Mutex<Gate>>,
     tx: Sender<Event>,
     control: Control,
-    metrics: Option<Arc<Metrics>>,
+    (metrics, released): (Option<Arc<Metrics>>, Arc<Mutex<Vec<String>>>),
 ) -> Result<std::thread::JoinHandle<Seen>> {
     let until = args.until_migrations;
     let limits = args.limits.clone();
@@ -253,6 +343,10 @@ fn spawn_gate(
                     eprintln!("{}", live_line(m));
                 }
                 seen.printed += up.settled.len();
+                released
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(up.released.iter().map(|m| m.id.clone()));
                 if let Some(metrics) = &metrics {
                     for m in &up.released {
                         metrics.publish(m);

@@ -25,7 +25,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use migmon_analysis::trace::{Event, MacAddr, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_analysis::trace::{Event, MacAddr, TraceWriter};
 use migmon_base::units::parse_duration;
 use monitor_common::{MacCounters, MacKey};
 use tokio::{
@@ -33,6 +33,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+pub use crate::clocks::trace_header;
 use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
@@ -688,30 +689,6 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
     Ok((probes, decoder))
 }
 
-/// The header `--record` writes: now (the three clocks read together), this host (`host_name`, or the machine's
-/// name) and its boot id, this command line.
-pub fn trace_header(host_name: Option<&str>) -> TraceHeader {
-    let clocks = crate::clocks::read_triple();
-    TraceHeader {
-        kind: "trace_header".into(),
-        version: TRACE_VERSION,
-        migmon: env!("CARGO_PKG_VERSION").into(),
-        start_mono_ns: clocks.mono_ns,
-        start_unix_ns: clocks.realtime_ns,
-        hostname: host_name.map_or_else(
-            || {
-                nix::unistd::gethostname()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            },
-            str::to_owned,
-        ),
-        command: std::env::args().collect(),
-        boot_id: crate::clocks::boot_id(),
-        clocks: Some(clocks),
-    }
-}
-
 /// Runs `migmon watch`; returns the process exit code.
 ///
 /// The sources run as tasks on one tokio runtime ([`Sources`]); this thread is the consumer that prints and records
@@ -728,9 +705,16 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         .transpose()
         .context("cannot create the --record trace")?;
     let tx = pipeline.sender();
+    // The taps and MACs of the domains libvirt runs now are watched as if given on the command line.
+    let mut args = args.clone();
+    for w in crate::pause::libvirt::add_running(&args.live.libvirt, &mut args.iface, &mut args.vm) {
+        eprintln!("migmon: warning: {w}");
+    }
+    let args = &args;
     let (mut probes, mut decoder) = attach(args, &tx)?;
     let ports = crate::ports::start(
         &args.bridge,
+        !args.live.libvirt.is_empty(),
         ingress_mode(args),
         &mut probes,
         &mut decoder,
@@ -738,17 +722,18 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         &sources.control(),
     )?;
     let mut observers: Vec<Observer> = Vec::new();
-    if let Some(h) = &ports {
-        observers.push(crate::ports::mac_observer(h.control()));
+    let port_control = ports.as_ref().map(PortHandler::control);
+    if let Some(c) = &port_control {
+        observers.push(crate::ports::mac_observer(c.clone()));
     }
-    if record.is_some() {
+    if record.is_some() || args.live.record_dir.is_some() {
         sources.spawn("clocks", crate::clocks::sample_clocks(tx.clone()));
     }
     let collector = spawn_collector(&mut sources, probes, decoder, args.sample_interval, ports);
 
-    // Other sources of events (migrator event socket, QMP, ...) are tasks on `sources`; observers (limits, metrics)
-    // go in `observers`.
-    let live = crate::live::start(&args.live, &mut sources, &mut observers)?;
+    // Other sources of events (migrator event socket, QMP, libvirt, ...) are tasks on `sources`; observers (limits,
+    // metrics) go in `observers`.
+    let live = crate::live::start(&args.live, &mut sources, &mut observers, port_control)?;
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));

@@ -13,7 +13,9 @@
 //! - `migration`: our migrator against QEMU (`-M microvm`, same guest ELF) on the same workloads and clients;
 //! - `scale`: pause/total against guest RAM, migmon against connection count, peak RSS;
 //! - `faults`: the fault injection test with its full counts (stream cuts, stalls, flips, lost commit, kills): cases,
-//!   outcomes, and the longest pause of a stalled destination against `--max-pause`.
+//!   outcomes, and the longest pause of a stalled destination against `--max-pause`;
+//! - `soak`: `migmon watch --metrics` for 10 minutes (`--quick`: 90 s) under loopback TCP churn (about 5 k events/s)
+//!   with a simulated migration every 30 s: RSS first and last minute, growth, slowest scrape, CPU.
 
 pub mod faults;
 pub mod floors;
@@ -26,6 +28,7 @@ pub mod probes;
 pub mod qemu;
 pub mod report;
 pub mod scale;
+pub mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -42,7 +45,7 @@ use anyhow::{Context, Result, bail};
 use crate::util;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 5] = ["floors", "probes", "migration", "scale", "faults"];
+pub const SECTIONS: [&str; 6] = ["floors", "probes", "migration", "scale", "faults", "soak"];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -55,9 +58,13 @@ pub struct BenchArgs {
     /// Where bench.md and bench.json go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Run only these sections (floors, probes, migration, scale, faults). Repeatable.
+    /// Run only these sections (floors, probes, migration, scale, faults, soak). Repeatable.
     #[arg(long, value_name = "SECTION")]
     pub only: Vec<String>,
+    /// Run only these migration workloads: `idle`, or a dirtier's `SIZE@RATE` as the workload names it
+    /// (`32M@125M`, `64M@250M`). Repeatable; default: all.
+    #[arg(long, value_name = "WORKLOAD")]
+    pub workload: Vec<String>,
     /// Skip the release build (the binaries must already be there).
     #[arg(long)]
     pub no_build: bool,
@@ -73,6 +80,8 @@ pub struct Ctx {
     /// The guest ELF QEMU boots (the same source the migrator embeds).
     pub guest_elf: PathBuf,
     pub out: PathBuf,
+    /// `--workload`: the migration workloads to run (empty: all).
+    pub workloads: Vec<String>,
 }
 
 impl Ctx {
@@ -192,6 +201,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for s in &args.only {
         cmd.args(["--only", s]);
     }
+    for w in &args.workload {
+        cmd.args(["--workload", w]);
+    }
     util::run(&mut cmd)
 }
 
@@ -202,6 +214,7 @@ pub fn smoke() -> Result<()> {
         runs: 1,
         out: target_dir().join("bench-smoke"),
         only: Vec::new(),
+        workload: Vec::new(),
         no_build: false,
     })
 }
@@ -223,6 +236,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
         bin_dir: target_dir().join("release"),
         guest_elf: testbed::guest::elf_in(&target_dir()),
         out: args.out.clone(),
+        workloads: args.workload.clone(),
     };
     for bin in ["migmon", "migrator"] {
         if !ctx.bin(bin).exists() {
@@ -262,6 +276,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
             "migration" => migration::run(&ctx, &mut results),
             "scale" => scale::run(&ctx, &mut results),
             "faults" => faults::run(&ctx, &mut results),
+            "soak" => soak::run(&ctx, &mut results),
             _ => Ok(()),
         };
         if let Err(e) = r {

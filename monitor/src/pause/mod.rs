@@ -1,18 +1,28 @@
-//! The live sources of pause windows: our migrator's event stream ([`migrator`]) and QEMU's QMP ([`qmp`]). (Windows
-//! inferred from the data plane are analysis: `migmon_analysis::correlate::wire`.) Each live source is a future to
-//! run on the watch's tokio runtime (`Sources::spawn`); it hands `trace::Event`s to an emit callback, so it plugs into
-//! whatever channel the watch pipeline uses (`move |ev| tx.send(ev).is_ok()`). A source stops when its emit callback
-//! says the receiver is gone, or when its task is dropped.
+//! The live sources of pause windows: our migrator's event stream ([`migrator`]), QEMU's QMP ([`qmp`]) and libvirt's
+//! domain events ([`libvirt`]). (Windows inferred from the data plane are analysis:
+//! `migmon_analysis::correlate::wire`.) The migrator and QMP sources are futures to run on the watch's tokio runtime
+//! (`Sources::spawn`); libvirt, a blocking library with its own event loop, runs on a thread of its own
+//! ([`SourceHandle`]). Each hands `trace::Event`s to an emit callback, so it plugs into whatever channel the watch
+//! pipeline uses (`move |ev| tx.send(ev).is_ok()`). A source stops when its emit callback says the receiver is gone,
+//! or when its task is dropped (its thread is stopped).
 
-use std::io;
 #[cfg(test)]
 use std::io::Read;
+use std::{
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+};
 
 use migmon_analysis::trace::Event;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 #[cfg(test)]
 mod fuzz;
+pub mod libvirt;
 pub mod migrator;
 pub mod qmp;
 
@@ -43,6 +53,40 @@ impl Emit for tokio::sync::mpsc::UnboundedSender<Event> {
 /// black-holed after the pause are counted exactly.
 pub fn is_pause(ev: &Event) -> bool {
     matches!(ev, Event::Migration { ev, .. } if ev.phase == migevents::Phase::Pause)
+}
+
+/// A source running on a thread of its own (a blocking library): stop it, or wait for it.
+pub struct SourceHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SourceHandle {
+    pub(crate) fn new(stop: Arc<AtomicBool>, thread: JoinHandle<()>) -> Self {
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Asks the source to stop and waits for its thread (it notices within its poll interval).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether the source thread has ended (its input closed or the receiver went away).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for SourceHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A warning note, as sources emit them for skipped input.
