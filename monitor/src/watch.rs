@@ -564,6 +564,11 @@ pub fn stop_on_signals(sources: &mut Sources) -> Result<()> {
     Ok(())
 }
 
+/// Whether the watch list grows while running: with `--bridge` or `--libvirt`.
+fn learns_macs(args: &WatchArgs) -> bool {
+    !args.bridge.is_empty() || !args.live.libvirt.is_empty()
+}
+
 /// The probe options `args` ask for.
 pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
     let mut watch = WatchList {
@@ -585,7 +590,7 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
                 macs.push(m.octets());
             }
         }
-        if watch.ips.is_empty() && macs.is_empty() && args.bridge.is_empty() {
+        if watch.ips.is_empty() && macs.is_empty() && !learns_macs(args) {
             if args.tcp == TcpSource::Wire {
                 bail!(
                     "--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC), or --bridge BR[@NETNS]"
@@ -613,7 +618,9 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         l2_tc_ingress: args.tc_ingress,
         socket_tracepoints: args.tcp != TcpSource::Wire,
         flows,
-        learn_macs: !args.bridge.is_empty(),
+        // MACs learned while running (bridge FDBs, setup events, libvirt domains that start later) need the
+        // watch list open to additions.
+        learn_macs: learns_macs(args),
         ..ProbeOptions::default()
     };
     if let Some(bytes) = args.ringbuf_bytes {
