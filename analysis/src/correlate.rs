@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use crate::trace::{Direction, Event, FourTuple, MacAddr, PauseSource, TcpState, Trace, state_text};
 
 pub mod flows;
+pub mod residue;
 pub mod wire;
 
 use flows::{FlowIndex, WireView};
@@ -24,6 +25,8 @@ use flows::{FlowIndex, WireView};
 /// How long after the network came back a reset or error still counts as caused by the migration, for a
 /// connection that did not retransmit (it had nothing in flight, so no retransmission can prove progress).
 const RESET_GRACE_NS: u64 = 1_000_000_000;
+/// A `connect()` transition opens the life of its 4-tuple that shows up within this long.
+const PENDING_OPEN_NS: u64 = 120_000_000_000;
 /// Errors and resets this close after a connection's CLOSE belong to it (the kernel reports the error after the
 /// state change).
 const CLOSE_CLUSTER_NS: u64 = 10_000_000;
@@ -128,6 +131,10 @@ pub struct Downtime {
     pub convergence: Option<Figure>,
     /// The longest per-connection recovery tail (resume → first forward progress).
     pub max_recovery_tail: Option<Figure>,
+    /// The pause as the VMM itself reported it when the migration completed (QEMU's `query-migrate` downtime,
+    /// the migrator's own pause), beside migmon's measure from the events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_reported_pause: Option<Figure>,
 }
 
 /// Why a connection ended.
@@ -375,7 +382,15 @@ pub fn analyse(trace: &Trace) -> Analysis {
 /// Correlates events collected live (no trace file): [`correlate`], plus the kernel's losses counted and warned
 /// about first.
 pub fn analyse_events(events: &[Event]) -> Analysis {
-    let mut a = correlate(events);
+    analyse_events_until(events, 0)
+}
+
+/// [`analyse_events`] for a watch that was observing until `observed_until` (monotonic ns), which may be later
+/// than its last event: a connection whose next retransmission was due before then and did not come has recovered,
+/// not "survived so far". The trace of such a watch ends with its end-of-observation note, so the offline
+/// correlation of the recorded trace reads the same.
+pub fn analyse_events_until(events: &[Event], observed_until: u64) -> Analysis {
+    let mut a = correlate_until(events, observed_until);
     a.lost_events = crate::trace::lost_events(events);
     if a.lost_events > 0 {
         a.warnings.insert(
@@ -395,10 +410,16 @@ fn fmt_abs(ts: u64, start: u64) -> String {
 
 /// Correlates events (any order; they are sorted by time, stably).
 pub fn correlate(events: &[Event]) -> Analysis {
-    let mut sorted: Vec<&Event> = events.iter().collect();
+    correlate_until(events, 0)
+}
+
+/// [`correlate`], with the observation known to have lasted until at least `observed_until` (0: the last event). A
+/// live watch passes the present: the observation goes on when no event comes.
+pub fn correlate_until<'a>(events: impl IntoIterator<Item = &'a Event>, observed_until: u64) -> Analysis {
+    let mut sorted: Vec<&Event> = events.into_iter().collect();
     sorted.sort_by_key(|e| e.ts_ns());
     let start_ns = sorted.first().map_or(0, |e| e.ts_ns());
-    let end_ns = sorted.last().map_or(0, |e| e.ts_ns());
+    let end_ns = sorted.last().map_or(0, |e| e.ts_ns()).max(observed_until);
 
     let mut warnings: Vec<String> = Vec::new();
     for e in &sorted {
@@ -481,6 +502,8 @@ struct MigrationGroup {
     state_sent: Option<u64>,
     resume: Option<Stamp>,
     complete: Option<u64>,
+    /// The VMM's own pause figure from its completion (ns).
+    vmm_pause_ns: Option<u64>,
     announces: Vec<u64>,
     failed: Option<String>,
     rollback: bool,
@@ -518,6 +541,7 @@ impl MigrationGroup {
         self.state_sent = self.state_sent.or(o.state_sent);
         self.resume = self.resume.take().or(o.resume);
         self.complete = self.complete.or(o.complete);
+        self.vmm_pause_ns = self.vmm_pause_ns.or(o.vmm_pause_ns);
         self.announces.extend(o.announces);
         self.failed = self.failed.take().or(o.failed);
         self.rollback |= o.rollback;
@@ -650,8 +674,12 @@ impl MigrationGroup {
                 }
             }
             Phase::Announce { .. } => self.announces.push(ev.ts_ns),
-            Phase::Complete { .. } => {
+            Phase::Complete { pause_ms, .. } => {
                 self.complete.get_or_insert(ev.ts_ns);
+                if pause_ms.is_finite() && *pause_ms > 0.0 {
+                    // Whole nanoseconds of a figure given in ms: the cast saturates and cannot wrap.
+                    self.vmm_pause_ns.get_or_insert((pause_ms * 1e6).round() as u64);
+                }
             }
             Phase::Failed { reason } => self.failed = Some(reason.clone()),
             Phase::Rollback => self.rollback = true,
@@ -929,6 +957,8 @@ struct ConnLife<'a> {
     netns: u64,
     events: Vec<&'a Event>,
     opened_ns: Option<u64>,
+    /// The `connect()` transition (without a source port yet) that opened this life, when one did.
+    opened_by: Option<&'a Event>,
     closed_ns: Option<u64>,
     /// Events for the 4-tuple after the socket was gone (RSTs the kernel sent for it): shown, never judged.
     epilogue: Vec<&'a Event>,
@@ -936,6 +966,8 @@ struct ConnLife<'a> {
 
 struct ConnectionIndex<'a> {
     lives: Vec<ConnLife<'a>>,
+    /// `connect()` transitions no life has claimed yet.
+    pending: Vec<&'a Event>,
 }
 
 fn tcp_of(e: &Event) -> Option<(&FourTuple, u64)> {
@@ -959,14 +991,15 @@ impl<'a> ConnectionIndex<'a> {
         let mut lives: Vec<ConnLife<'a>> = Vec::new();
         // `connect()` moves the socket to SYN_SENT before it has a source port: remember that opening and give it to
         // the life that shows up with the same addresses and destination port.
-        let mut pending_open: HashMap<(std::net::IpAddr, std::net::IpAddr, u16, u64), u64> = HashMap::new();
+        let mut pending_open: HashMap<(std::net::IpAddr, std::net::IpAddr, u16, u64), &'a Event> =
+            HashMap::new();
         for e in sorted {
             let Some((tuple, netns)) = tcp_of(e) else { continue };
             if tuple.sport == 0 {
                 if let Event::TcpState { old_state, .. } = e
                     && *old_state == Some(TcpState::Close)
                 {
-                    pending_open.insert((tuple.saddr, tuple.daddr, tuple.dport, netns), e.ts_ns());
+                    pending_open.insert((tuple.saddr, tuple.daddr, tuple.dport, netns), *e);
                 }
                 continue;
             }
@@ -1019,12 +1052,17 @@ impl<'a> ConnectionIndex<'a> {
             } else {
                 let pending = pending_open
                     .remove(&(tuple.saddr, tuple.daddr, tuple.dport, netns))
-                    .filter(|&t| t + 120_000_000_000 >= e.ts_ns());
+                    .filter(|p| p.ts_ns() + PENDING_OPEN_NS >= e.ts_ns());
                 lives.push(ConnLife {
                     tuple: *tuple,
                     netns,
                     events: Vec::new(),
-                    opened_ns: if opening { Some(e.ts_ns()) } else { pending },
+                    opened_ns: if opening {
+                        Some(e.ts_ns())
+                    } else {
+                        pending.map(Event::ts_ns)
+                    },
+                    opened_by: if opening { None } else { pending },
                     closed_ns: None,
                     epilogue: Vec::new(),
                 });
@@ -1046,7 +1084,9 @@ impl<'a> ConnectionIndex<'a> {
                 last_closed.insert(*tuple, idx);
             }
         }
-        Self { lives }
+        let mut pending: Vec<&'a Event> = pending_open.into_values().collect();
+        pending.sort_by_key(|e| e.ts_ns());
+        Self { lives, pending }
     }
 }
 
@@ -1517,6 +1557,15 @@ fn build_migration(
     };
     let tally = Tally::of(&connections);
     dt.max_recovery_tail = max_recovery_tail(&connections);
+    dt.vmm_reported_pause = g.vmm_pause_ns.map(|ns| Figure {
+        ns,
+        source: g.source.to_string(),
+        basis: match g.source {
+            PauseSource::Qmp => "QEMU's own downtime (query-migrate, whole ms)".to_owned(),
+            _ => "the VMM's own pause, reported when the migration completed".to_owned(),
+        },
+        bound_ns: None,
+    });
     warnings.extend(migration_warnings(&ips, mac, &tl, w.resume));
     MigrationReport {
         id: g.ids.join("+"),

@@ -7,6 +7,7 @@
 //! - [`check`]: the CI gate (limits, exit code, `JUnit`);
 //! - [`report`]: text, JSON, HTML, SVG and side-by-side renderings of an analysis;
 //! - [`export`]: JSONL, pcapng and Perfetto files;
+//! - [`live`]: the correlation of a live watch in bounded memory (a look-back, held migration windows, a residue);
 //! - [`merge`]: traces from several hosts on one timeline (clock offset and drift from the frames both saw).
 //!
 //! The crate has no eBPF or aya dependency: it builds and tests without the BPF toolchain. `monitor` (the `migmon`
@@ -17,6 +18,7 @@ pub mod correlate;
 pub mod export;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
+pub mod live;
 pub mod merge;
 pub mod report;
 pub mod trace;

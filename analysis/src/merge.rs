@@ -623,6 +623,15 @@ fn remap(e: &Event, m: &ClockMap) -> Event {
             *first_ns = m.apply(*first_ns);
             *last_ns = m.apply(*last_ns);
         }
+        Event::PortAttached {
+            ts_ns, notified_ns, ..
+        }
+        | Event::PortDetached {
+            ts_ns, notified_ns, ..
+        } => {
+            *ts_ns = m.apply(*ts_ns);
+            *notified_ns = notified_ns.map(|n| m.apply(n));
+        }
         other => set_ts(other, m),
     }
     e
@@ -654,6 +663,11 @@ fn set_ts(e: &mut Event, m: &ClockMap) {
         | Event::FlowZeroWindow { ts_ns, .. }
         | Event::FlowProgress { ts_ns, .. }
         | Event::FlowTable { ts_ns, .. }
+        | Event::PortAttached { ts_ns, .. }
+        | Event::PortDetached { ts_ns, .. }
+        | Event::PortFailed { ts_ns, .. }
+        | Event::MacLearned { ts_ns, .. }
+        | Event::Skipped { ts_ns, .. }
         | Event::Note { ts_ns, .. } => *ts_ns = m.apply(t),
         Event::Migration { ev, .. } => ev.ts_ns = m.apply(t),
     }
@@ -666,9 +680,12 @@ fn port_mut(e: &mut Event) -> Option<&mut Port> {
             Some(&mut frame.port)
         }
         Event::NeighborAdvert { frame, .. } => Some(&mut frame.port),
-        Event::MacSeen { port, .. } | Event::MacStats { port, .. } | Event::Malformed { port, .. } => {
-            Some(port)
-        }
+        Event::MacSeen { port, .. }
+        | Event::MacStats { port, .. }
+        | Event::Malformed { port, .. }
+        | Event::PortAttached { port, .. }
+        | Event::PortDetached { port, .. }
+        | Event::PortFailed { port, .. } => Some(port),
         Event::FlowOpen { seg, .. }
         | Event::FlowRetransmit { seg, .. }
         | Event::FlowReset { seg, .. }
@@ -728,11 +745,20 @@ fn clock_groups(inputs: &[Input], ids: &[(String, String)], warnings: &mut Vec<S
             ));
         }
         if group_of[i] != i {
+            // One warning per group (a `--record-dir` directory holds many traces of one host).
+            if (0..i).any(|j| j != group_of[i] && group_of[j] == group_of[i]) {
+                continue;
+            }
+            let members = group_of.iter().filter(|&&g| g == group_of[i]).count();
             warnings.push(format!(
                 "{} and {} come from the same host ({}, {}): one clock, merged without shifting; events present in \
                  both are kept once",
                 inputs[group_of[i]].name,
-                inputs[i].name,
+                if members > 2 {
+                    format!("{} other traces", members - 1)
+                } else {
+                    inputs[i].name.clone()
+                },
                 ids[i].0,
                 if ids[i].1.is_empty() {
                     "the same recording".to_owned()

@@ -200,6 +200,8 @@ pub enum PauseSource {
     Migrator,
     /// QEMU's QMP events (`--qmp`).
     Qmp,
+    /// libvirt's domain events (`--libvirt`).
+    Libvirt,
     /// Inferred from the data plane (the VM's MAC moving between ports).
     Wire,
 }
@@ -209,6 +211,7 @@ impl PauseSource {
         match self {
             Self::Migrator => "migrator",
             Self::Qmp => "qmp",
+            Self::Libvirt => "libvirt",
             Self::Wire => "wire",
         }
     }
@@ -572,6 +575,73 @@ pub enum Event {
         /// within `ts_ns ± uncertainty_ns`.
         uncertainty_ns: u64,
     },
+    /// The probes were attached to a port: at start (`--iface`), when it joined a watched bridge (`--bridge`), or
+    /// when a VM's interface was registered (libvirt). From then until its `port_detached`, its frames are seen.
+    PortAttached {
+        ts_ns: u64,
+        #[serde(flatten)]
+        port: Port,
+        /// The watched bridge the port belongs to (`--bridge`), when it came from one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bridge: Option<String>,
+        /// The hooks attached: `tc ingress`, `tc egress`, `xdp driver`, `xdp skb`.
+        #[serde(default)]
+        hooks: Vec<String>,
+        /// Why it was attached: `iface`, `bridge`, `libvirt`, ...
+        #[serde(default)]
+        origin: String,
+        /// When the monitor read the kernel's notification that the port appeared (`RTM_NEWLINK`), for ports that
+        /// come and go: `ts_ns - notified_ns` is the attach latency.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notified_ns: Option<u64>,
+    },
+    /// The probes left a port: it was deleted, left its bridge, or its bridge went away.
+    PortDetached {
+        ts_ns: u64,
+        #[serde(flatten)]
+        port: Port,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bridge: Option<String>,
+        /// `deleted`, `left the bridge`, `bridge deleted`.
+        #[serde(default)]
+        reason: String,
+        /// When the notification was read (`RTM_DELLINK`, or `RTM_NEWLINK` with another master).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notified_ns: Option<u64>,
+    },
+    /// A port that should have been watched could not be attached: its frames are not seen. Counted.
+    PortFailed {
+        ts_ns: u64,
+        #[serde(flatten)]
+        port: Port,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bridge: Option<String>,
+        error: String,
+    },
+    /// A VM's MAC was learned and is watched from now on (counters, first-seen, FDB moves, flows by MAC).
+    MacLearned {
+        ts_ns: u64,
+        mac: MacAddr,
+        /// Where it was learned: `fdb` (the bridge learned it on a tap), `qmp` (`query-rx-filter`), `libvirt`
+        /// (domain XML), `migrator` (a migration's setup event).
+        source: String,
+        /// The port it was learned on, when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        iface: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
+    },
+    /// Input the monitor skipped (a line that did not parse, a kernel record it could not decode, a line too long),
+    /// counted per source and reason since the watch started: cumulative, written when the count changes and at
+    /// the end.
+    Skipped {
+        ts_ns: u64,
+        /// Where the input came from: `kernel`, `migrator`, `qmp`, `trace`, ...
+        source: String,
+        /// Why it was skipped: `undecodable`, `malformed`, `too_long`, ...
+        reason: String,
+        count: u64,
+    },
     /// A note from the monitor itself (warnings about skipped input, attach fallbacks).
     Note {
         ts_ns: u64,
@@ -607,6 +677,11 @@ impl Event {
             | Event::FlowZeroWindow { ts_ns, .. }
             | Event::FlowProgress { ts_ns, .. }
             | Event::FlowTable { ts_ns, .. }
+            | Event::PortAttached { ts_ns, .. }
+            | Event::PortDetached { ts_ns, .. }
+            | Event::PortFailed { ts_ns, .. }
+            | Event::MacLearned { ts_ns, .. }
+            | Event::Skipped { ts_ns, .. }
             | Event::Note { ts_ns, .. } => *ts_ns,
             Event::Migration { ev, .. } => ev.ts_ns,
         }
@@ -640,6 +715,11 @@ impl Event {
             Event::FlowZeroWindow { .. } => "flow_zero_window",
             Event::FlowProgress { .. } => "flow_progress",
             Event::FlowTable { .. } => "flow_table",
+            Event::PortAttached { .. } => "port_attached",
+            Event::PortDetached { .. } => "port_detached",
+            Event::PortFailed { .. } => "port_failed",
+            Event::MacLearned { .. } => "mac_learned",
+            Event::Skipped { .. } => "skipped",
         }
     }
 
@@ -696,6 +776,12 @@ impl Event {
                 first_ns, last_ns, ..
             } => times.extend([("first_ns", *first_ns), ("last_ns", *last_ns)]),
             Event::MacSeen { gap_ns, .. } => times.push(("gap_ns", *gap_ns)),
+            Event::PortAttached {
+                notified_ns: Some(n), ..
+            }
+            | Event::PortDetached {
+                notified_ns: Some(n), ..
+            } => times.push(("notified_ns", *n)),
             _ => {}
         }
         if let Some(seg) = self.flow_segment() {
@@ -809,6 +895,8 @@ pub struct TraceWriter {
     /// Lines written after the header.
     lines: u64,
     hash: LineHash,
+    /// Bytes written, header included.
+    bytes: u64,
 }
 
 impl TraceWriter {
@@ -822,6 +910,7 @@ impl TraceWriter {
             out: BufWriter::new(file),
             lines: 0,
             hash: LineHash::new(),
+            bytes: 0,
         };
         w.write_json(header)?;
         w.lines = 0;
@@ -849,12 +938,29 @@ impl TraceWriter {
 
     fn write_json<T: Serialize>(&mut self, v: &T) -> Result<(), TraceError> {
         let line = serde_json::to_vec(v).map_err(|e| TraceError::Write(e.into()))?;
-        self.out.write_all(&line).map_err(TraceError::Write)?;
+        self.write_line(&line)?;
+        self.flush()
+    }
+
+    /// Appends one line that is an event already serialised (no newline), without flushing: [`TraceWriter::flush`]
+    /// when a batch is done.
+    pub fn write_line(&mut self, line: &[u8]) -> Result<(), TraceError> {
+        self.out.write_all(line).map_err(TraceError::Write)?;
         self.out.write_all(b"\n").map_err(TraceError::Write)?;
-        self.out.flush().map_err(TraceError::Write)?;
-        self.hash.line(&line);
+        self.hash.line(line);
         self.lines = self.lines.saturating_add(1);
+        self.bytes = self.bytes.saturating_add(line.len() as u64 + 1);
         Ok(())
+    }
+
+    /// Writes what [`TraceWriter::write_line`] buffered to the file.
+    pub fn flush(&mut self) -> Result<(), TraceError> {
+        self.out.flush().map_err(TraceError::Write)
+    }
+
+    /// Bytes written so far, the header included: the file's size once flushed.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 }
 

@@ -48,6 +48,9 @@ pub const VERSION: u32 = 2;
 pub const HEADER_SIZE: usize = 32;
 /// Largest payload of any message.
 pub const MAX_PAYLOAD: u64 = 80 << 20;
+/// The first step by which a message's buffer grows as its payload arrives (then by doubling, so a payload that
+/// arrives whole costs a few reads, and one that does not arrive costs no more than twice what did).
+pub const PAYLOAD_CHUNK: usize = 64 << 10;
 /// Largest `State` blob.
 pub const MAX_STATE: usize = 64 << 20;
 /// Most entries in one `Pages` message.
@@ -840,6 +843,22 @@ impl<R: Read> MessageReader<R> {
         Ok(())
     }
 
+    /// Reads a payload of `length` bytes (checked against its command's limit by the caller). The buffer grows
+    /// with the data that has arrived, [`PAYLOAD_CHUNK`] at a time, never to the declared length up front: a peer
+    /// that declares a large message and sends little makes the reader hold little.
+    fn read_payload(&mut self, length: u64, during: &'static str) -> Result<Vec<u8>, ProtocolError> {
+        // The caller bounded `length` (at most MAX_PAYLOAD), so it fits.
+        let len = usize::try_from(length).unwrap_or(usize::MAX);
+        let mut payload = Vec::new();
+        while payload.len() < len {
+            let start = payload.len();
+            let chunk = (len - start).min(PAYLOAD_CHUNK.max(start));
+            payload.resize(start + chunk, 0);
+            self.read_exact(&mut payload[start..], during)?;
+        }
+        Ok(payload)
+    }
+
     /// Reads the next header and, except for page batches, its payload.
     pub fn recv(&mut self) -> Result<Incoming, ProtocolError> {
         let mut hb = [0u8; HEADER_SIZE];
@@ -871,8 +890,7 @@ impl<R: Read> MessageReader<R> {
         if command != Command::Hello && header.flags != 0 {
             return Err(malformed(command, format!("unknown flags {:#x}", header.flags)));
         }
-        let mut payload = vec![0u8; header.length as usize];
-        self.read_exact(&mut payload, "inside a message")?;
+        let payload = self.read_payload(header.length, "inside a message")?;
         if crc32fast::hash(&payload) != header.crc {
             return Err(ProtocolError::Checksum {
                 command,

@@ -3,7 +3,7 @@
 
 use std::{sync::mpsc::Sender, thread::JoinHandle, time::Duration};
 
-use migmon_analysis::trace::{ClockTriple, Event};
+use migmon_analysis::trace::{ClockTriple, Event, TRACE_VERSION, TraceHeader};
 use nix::time::{ClockId, clock_gettime};
 
 use crate::pipeline::Control;
@@ -70,6 +70,30 @@ pub fn spawn_sampler(tx: Sender<Event>, control: Control) -> std::io::Result<Joi
                 }
             }
         })
+}
+
+/// The header `--record` writes: now (the three clocks read together), this host (`host_name`, or the machine's
+/// name) and its boot id, this command line.
+pub fn trace_header(host_name: Option<&str>) -> TraceHeader {
+    let clocks = read_triple();
+    TraceHeader {
+        kind: "trace_header".into(),
+        version: TRACE_VERSION,
+        migmon: env!("CARGO_PKG_VERSION").into(),
+        start_mono_ns: clocks.mono_ns,
+        start_unix_ns: clocks.realtime_ns,
+        hostname: host_name.map_or_else(
+            || {
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            },
+            str::to_owned,
+        ),
+        command: std::env::args().collect(),
+        boot_id: boot_id(),
+        clocks: Some(clocks),
+    }
 }
 
 #[cfg(test)]

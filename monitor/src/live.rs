@@ -4,6 +4,11 @@
 //!
 //! A migration is settled when every connection judged against it has a final fate (aborted, or forward progress
 //! seen), or `--settle` after its resume (event time), whichever comes first.
+//!
+//! The correlation runs in bounded memory ([`migmon_analysis::live`]): events outside migration windows age out of
+//! a `--lookback` buffer; a migration window holds its events (and the look-back before it) until the migration is
+//! final, then its verdict is kept (the last few, for the gate) and published to the metrics, and its events are
+//! released. Its verdict is the one `migmon report` gives for the whole trace.
 
 use std::{
     path::PathBuf,
@@ -14,8 +19,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use migmon_analysis::{
-    check,
-    correlate::{Analysis, analyse_events},
+    live::{LiveConfig, LiveCorrelation},
     report::live_line,
     trace::Event,
 };
@@ -25,6 +29,9 @@ use crate::{
     metrics::{self, Metrics},
     pause::{self, SourceHandle},
     pipeline::{Control, Flow, Observer},
+    ports::{MacSource, PortControl},
+    probes::Iface,
+    record_dir::{RecordDir, RecordDirConfig},
 };
 
 /// The `migmon watch` flags of the correlation work.
@@ -39,6 +46,12 @@ pub struct LiveArgs {
     /// Follow a QEMU QMP socket for STOP/RESUME/MIGRATION events. Repeatable (source and destination).
     #[arg(long = "qmp", value_name = "PATH")]
     pub qmp: Vec<PathBuf>,
+    /// Follow a libvirt daemon's domain events (suspend/resume, save/restore, migrations with their statistics),
+    /// e.g. `qemu:///system`. Repeatable (one per daemon; a live migration between two followed daemons is one
+    /// migration). The taps of the domains running at start are watched as if given with --iface, with their MACs
+    /// as --vm. A daemon that dies or restarts costs a warning and a reconnect.
+    #[arg(long = "libvirt", value_name = "URI")]
+    pub libvirt: Vec<String>,
     /// The host name this monitor reports under: the `host` label of its metrics and the host of its --record trace
     /// (default: this machine's). A merge of traces (`migmon report A.trace B.trace`) tells hosts apart by it and
     /// the kernel's boot id: give each monitor sharing one kernel its own name, as the testbed's one monitor per host
@@ -54,6 +67,24 @@ pub struct LiveArgs {
     /// How long after a resume to wait for connections to show their fate before a migration counts as settled.
     #[arg(long, value_name = "D", default_value = "5s", value_parser = duration_ns)]
     pub settle: u64,
+    /// How long the live correlation keeps events outside migration windows (a migration window also keeps this
+    /// much before its first phase event). Older events are released; the few that still carry state (open
+    /// connections, each port's last counters, each bridge's last FDB entry) are kept.
+    #[arg(long, value_name = "D", default_value = "30s", value_parser = duration_ns)]
+    pub lookback: u64,
+    /// Record into this directory: a trace per migration (its `--lookback` before, until it is final) and a
+    /// background trace of every event, rotated by size. `migmon report DIR` reads it.
+    #[arg(long, value_name = "DIR")]
+    pub record_dir: Option<PathBuf>,
+    /// With --record-dir: the size at which a background trace is rotated (e.g. 64MiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = migmon_base::units::parse_size)]
+    pub record_max_size: u64,
+    /// With --record-dir: how many background traces to keep (the oldest are deleted).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub record_keep: usize,
+    /// With --record-dir: how many migration traces to keep (the oldest are deleted).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub record_keep_migrations: usize,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -65,17 +96,26 @@ struct Gate {
     done: Option<i32>,
 }
 
-/// What the gate thread saw, handed back when it ends.
-#[derive(Default)]
+/// What the gate thread holds, handed back when it ends.
 struct Seen {
-    events: Vec<Event>,
-    printed: Vec<String>,
-    /// A migration has started and not resumed yet.
-    in_flight: bool,
+    live: LiveCorrelation,
+    /// Migrations printed (settled) so far.
+    printed: usize,
 }
 
-/// How often the gate correlates when no migration is going on.
+/// How often the gate correlates while a migration is held, and otherwise (a move seen only on the wire).
+const BUSY_CORRELATION: Duration = Duration::from_secs(1);
 const IDLE_CORRELATION: Duration = Duration::from_secs(3);
+
+/// How far behind the monotonic clock the gate may still be missing events (ring buffer → collector → consumer;
+/// the collector wakes on every record, so this is a generous bound). The gate counts the watch as observing until
+/// now minus this, so a retransmission that was due and never came judges its connection recovered.
+const PIPELINE_LAG_NS: u64 = 100_000_000;
+
+/// The end of what the gate has certainly seen.
+fn observed_until() -> u64 {
+    migevents::monotonic_ns().saturating_sub(PIPELINE_LAG_NS)
+}
 
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
 pub struct Live {
@@ -91,8 +131,33 @@ pub fn start(
     tx: &Sender<Event>,
     control: &Control,
     observers: &mut Vec<Observer>,
+    ports: Option<PortControl>,
 ) -> Result<Live> {
-    let sources = start_sources(args, tx, control)?;
+    let sources = start_sources(args, tx, control, ports)?;
+    let released = Arc::new(Mutex::new(Vec::new()));
+    if let Some(dir) = &args.record_dir {
+        let host = args.host_name.clone();
+        let r = RecordDir::create(
+            RecordDirConfig {
+                dir: dir.clone(),
+                max_size: args.record_max_size,
+                keep: args.record_keep,
+                keep_migrations: args.record_keep_migrations,
+                lookback_ns: args.lookback,
+            },
+            move || crate::clocks::trace_header(host.as_deref()),
+            released.clone(),
+        )?;
+        eprintln!("migmon: recording into {}", dir.display());
+        let mut r = Recorder(Some(r));
+        observers.push(Box::new(move |ev| {
+            if let Some(r) = &mut r.0 {
+                r.observe(ev);
+            }
+            Flow::Continue
+        }));
+    }
+    let mut published = None;
     if let Some(addr) = &args.metrics {
         let m = Arc::new(match &args.host_name {
             Some(h) => Metrics::for_host(h),
@@ -100,6 +165,7 @@ pub fn start(
         });
         let bound = metrics::serve(m.clone(), addr)?;
         eprintln!("migmon: metrics on http://{bound}/metrics");
+        published = Some(m.clone());
         observers.push(Box::new(move |ev| {
             m.observe(ev);
             Flow::Continue
@@ -115,7 +181,13 @@ pub fn start(
             .push(ev.clone());
         Flow::Continue
     }));
-    let thread = spawn_gate(args, gate.clone(), tx.clone(), control.clone())?;
+    let thread = spawn_gate(
+        args,
+        gate.clone(),
+        tx.clone(),
+        control.clone(),
+        (published, released),
+    )?;
     Ok(Live {
         sources,
         gate,
@@ -124,9 +196,27 @@ pub fn start(
     })
 }
 
+/// The `--record-dir` recorder, finished (end records written) when the watch drops its observers.
+struct Recorder(Option<RecordDir>);
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take()
+            && let Err(e) = r.finish()
+        {
+            eprintln!("migmon: warning: --record-dir: {e:#}");
+        }
+    }
+}
+
 /// Starts the pause-window sources. Every source's events go into the pipeline; a pause also triggers an immediate
 /// MAC-stats sample, so the frames black-holed after it are counted from that instant.
-fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Result<Vec<SourceHandle>> {
+fn start_sources(
+    args: &LiveArgs,
+    tx: &Sender<Event>,
+    control: &Control,
+    ports: Option<PortControl>,
+) -> Result<Vec<SourceHandle>> {
     let emit = |tx: Sender<Event>| {
         let control = control.clone();
         move |ev: Event| {
@@ -154,21 +244,51 @@ fn start_sources(args: &LiveArgs, tx: &Sender<Event>, control: &Control) -> Resu
         );
         eprintln!("migmon: following QMP {}", q.display());
     }
+    if !args.libvirt.is_empty() {
+        sources.push(
+            pause::libvirt::follow(&args.libvirt, emit(tx.clone()), move |vm| {
+                // The probes attach to each domain's tap as it appears (a migration's destination, a restore).
+                if let (Some(ports), Some(mac)) = (&ports, vm.mac) {
+                    let tap = Iface {
+                        name: vm.tap.clone(),
+                        netns: vm.netns.clone(),
+                    };
+                    ports.register_vm_interface(mac, tap, MacSource::Libvirt);
+                }
+            })
+            .context("cannot follow libvirt (--libvirt)")?,
+        );
+        eprintln!("migmon: following libvirt {}", args.libvirt.join(", "));
+    }
     Ok(sources)
 }
 
-/// The gate thread: correlates five times a second while a migration is in flight or settling (every few seconds
-/// otherwise), prints a line per settled migration and, with `--until-migrations`, runs the check and stops the
-/// watch. It runs on the monotonic clock, so a migration settles even when no more events arrive.
+/// The gate thread: feeds the live correlation, correlates once a second while a migration is held (every few
+/// seconds otherwise), prints a line per settled migration, publishes final ones to the metrics, writes the skipped
+/// input counts into the pipeline and, with `--until-migrations`, runs the check and stops the watch. It runs on the
+/// monotonic clock, so a migration settles even when no more events arrive.
 fn spawn_gate(
     args: &LiveArgs,
     g: Arc<Mutex<Gate>>,
     tx: Sender<Event>,
     control: Control,
+    (metrics, released): (Option<Arc<Metrics>>, Arc<Mutex<Vec<String>>>),
 ) -> Result<std::thread::JoinHandle<Seen>> {
     let until = args.until_migrations;
-    let settle = args.settle;
     let limits = args.limits.clone();
+    let cfg = LiveConfig {
+        lookback_ns: args.lookback,
+        settle_ns: args.settle,
+        keep: until.unwrap_or(0).max(LiveConfig::default().keep),
+    };
+    let mut skipped = std::collections::BTreeMap::new();
+    let tx_skipped = tx.clone();
+    // The skipped-input counts that changed, as `skipped` records.
+    let mut send_skipped = move || {
+        for ev in crate::skipped::changed(&mut skipped, migevents::monotonic_ns()) {
+            let _ = tx_skipped.send(ev);
+        }
+    };
     // The last event of a trace marks the end of observation: a connection whose next retransmission was due after
     // it is unresolved. Record when the watch really ended.
     let end_note = move |why: &str| {
@@ -181,12 +301,16 @@ fn spawn_gate(
     std::thread::Builder::new()
         .name("migmon-gate".into())
         .spawn(move || {
-            let mut seen = Seen::default();
-            let mut resumed = 0;
+            let mut seen = Seen {
+                live: LiveCorrelation::new(cfg),
+                printed: 0,
+            };
+            let mut pending = false;
             let mut last_run = std::time::Instant::now();
             let mut last_full = std::time::Instant::now();
             loop {
                 if control.stopped() {
+                    send_skipped();
                     end_note("stopped");
                     return seen;
                 }
@@ -195,22 +319,43 @@ fn spawn_gate(
                     continue;
                 }
                 last_run = std::time::Instant::now();
+                send_skipped();
                 // Take what arrived; correlate without holding the lock, so the consumer never waits.
                 let new = std::mem::take(&mut g.lock().unwrap_or_else(PoisonError::into_inner).incoming);
-                // Correlating costs a pass over everything seen: do it five times a second while a migration is in
-                // flight or settling, and every few seconds otherwise (a move seen only on the wire).
                 let migrating = new.iter().any(|e| matches!(e, Event::Migration { .. }));
-                seen.events.extend(new);
-                let pending = seen.printed.len() < resumed || migrating || seen.in_flight;
-                if !pending && last_full.elapsed() < IDLE_CORRELATION {
+                for ev in new {
+                    seen.live.push(ev);
+                }
+                let pace = if pending || migrating {
+                    BUSY_CORRELATION
+                } else {
+                    IDLE_CORRELATION
+                };
+                if last_full.elapsed() < pace {
                     continue;
                 }
                 last_full = std::time::Instant::now();
-                let a = analyse_events(&seen.events);
-                resumed = seen.update(&a, settle);
+                let now = observed_until();
+                let up = seen.live.update(now);
+                pending = up.pending;
+                for m in &up.settled {
+                    eprintln!("{}", live_line(m));
+                }
+                seen.printed += up.settled.len();
+                released
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(up.released.iter().map(|m| m.id.clone()));
+                if let Some(metrics) = &metrics {
+                    for m in &up.released {
+                        metrics.publish(m);
+                    }
+                    metrics.set_live_status(&seen.live.status(), now);
+                }
                 if let Some(n) = until
-                    && seen.printed.len() >= n
+                    && seen.printed >= n
                 {
+                    let a = seen.live.analysis_for_check(&up.analysis);
                     let code = run_check(&a, &limits, true).unwrap_or_else(|e| {
                         eprintln!("migmon: error: {e:#}");
                         2
@@ -225,25 +370,6 @@ fn spawn_gate(
         .context("cannot start the migration gate thread")
 }
 
-impl Seen {
-    /// Takes a fresh correlation: whether a migration is in flight, and a line for each migration that settled
-    /// since. Returns how many migrations have resumed.
-    fn update(&mut self, a: &Analysis, settle: u64) -> usize {
-        self.in_flight = a.migrations.iter().any(|m| m.timeline.resume.is_none());
-        let now = a.end_ns.max(migevents::monotonic_ns());
-        for m in &a.migrations {
-            if !self.printed.contains(&m.id) && check::settled(m, now, settle) {
-                eprintln!("{}", live_line(m));
-                self.printed.push(m.id.clone());
-            }
-        }
-        a.migrations
-            .iter()
-            .filter(|m| m.timeline.resume.is_some())
-            .count()
-    }
-}
-
 impl Live {
     /// Stops the sources. With `--until-migrations` not reached, checks what was seen (and fails: fewer
     /// migrations than asked). Returns the exit code.
@@ -251,7 +377,7 @@ impl Live {
         for s in self.sources {
             s.stop();
         }
-        let mut seen = self.thread.join().unwrap_or_default();
+        let seen = self.thread.join();
         let Some(n) = self.args.until_migrations else {
             return Ok(code);
         };
@@ -259,12 +385,19 @@ impl Live {
         if let Some(done) = g.done {
             return Ok(done);
         }
-        seen.events.append(&mut g.incoming);
-        let a = analyse_events(&seen.events);
+        let Ok(mut seen) = seen else {
+            anyhow::bail!("the migration gate thread panicked: no check was run");
+        };
+        for ev in g.incoming.drain(..) {
+            seen.live.push(ev);
+        }
+        let up = seen.live.update(observed_until());
+        seen.printed += up.settled.len();
+        let a = seen.live.analysis_for_check(&up.analysis);
         run_check(&a, &self.args.limits, true)?;
         eprintln!(
             "migmon: stopped after {} of {n} migrations settled: the check fails",
-            seen.printed.len()
+            seen.printed
         );
         Ok(1)
     }

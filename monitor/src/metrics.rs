@@ -1,19 +1,20 @@
 //! `migmon watch --metrics ADDR`: Prometheus metrics over a tiny HTTP server.
 //!
-//! Counters move as events arrive (retransmits, losses, events per kind). Figures that need the correlation
-//! (migrations, pause, blackout, convergence, connection fates) are published once each, when they are settled: a
-//! migration counts when it resumed; its pause when measured; its blackout and convergence when seen; a connection when
-//! it aborted, made forward progress, or (with nothing in flight) ten seconds after the resume.
+//! Counters move as events arrive (retransmits, losses, events per kind, skipped input). Figures that need the
+//! correlation (migrations, pause, blackout, convergence, connection fates) are published once per migration, when
+//! the live correlation has made it final ([`Metrics::publish`]); a scrape only renders what is there, so it costs
+//! the same after a week as after a minute. The live correlation's own size is published too
+//! ([`Metrics::set_live_status`]).
 //!
 //! The per-migration figures carry the labels `host` (this monitor's host name, `watch --host-name` or the machine's)
 //! and `vm` (the VM's MAC), never a migration id: ids are unbounded, and a fleet's Prometheus aggregates by host and
 //! VM (docs/fleet.md).
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
     thread,
     time::Duration,
 };
@@ -23,32 +24,33 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
 
 use migmon_analysis::{
-    correlate::{Fate, correlate},
+    correlate::{Fate, MigrationReport},
+    live::LiveStatus,
     trace::Event,
 };
 
 type Labels = Vec<(String, String)>;
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
 
-const SETTLE_NS: u64 = 10_000_000_000;
-
+/// The live correlation's size.
 #[derive(Default)]
-struct Live {
-    events: Vec<Event>,
-    migrations: HashSet<String>,
-    pauses: HashSet<String>,
-    blackouts: HashSet<String>,
-    convergences: HashSet<String>,
-    connections: HashSet<String>,
+struct LiveGauges {
+    held: Gauge,
+    residue: Gauge,
+    oldest_held: Gauge<f64, AtomicU64>,
+    released_events: Gauge,
+    released_migrations: Gauge,
+    released_unresolved: Gauge,
 }
 
-/// The metrics and the state needed to settle them.
+/// The metrics.
 pub struct Metrics {
     registry: Registry,
     host: String,
@@ -60,7 +62,10 @@ pub struct Metrics {
     retransmits: Counter,
     lost: Counter,
     events: Family<Labels, Counter>,
-    live: Mutex<Live>,
+    skipped: Family<Labels, Counter>,
+    /// The last cumulative count of each (source, reason) `skipped` record.
+    skipped_seen: Mutex<HashMap<(String, String), u64>>,
+    live: LiveGauges,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -94,6 +99,8 @@ impl Metrics {
         let retransmits = Counter::default();
         let lost = Counter::default();
         let events = Family::<Labels, Counter>::default();
+        let skipped = Family::<Labels, Counter>::default();
+        let live = LiveGauges::default();
         registry.register("migrations", "Migrations that resumed", migrations.clone());
         registry.register("pause_seconds", "vCPU pause per migration", pause.clone());
         registry.register(
@@ -122,6 +129,41 @@ impl Metrics {
             lost.clone(),
         );
         registry.register("events", "Events by kind", events.clone());
+        registry.register(
+            "skipped_input",
+            "Input skipped (undecodable kernel records, malformed or too long lines), by source and reason",
+            skipped.clone(),
+        );
+        registry.register(
+            "live_held_events",
+            "Events the live correlation holds (the look-back and unsettled migration windows)",
+            live.held.clone(),
+        );
+        registry.register(
+            "live_residue_events",
+            "Older events the live correlation keeps for their state (open connections, last counters per port)",
+            live.residue.clone(),
+        );
+        registry.register(
+            "live_oldest_held_seconds",
+            "Age of the oldest event the live correlation holds",
+            live.oldest_held.clone(),
+        );
+        registry.register(
+            "live_released_events",
+            "Events the live correlation has released since the start",
+            live.released_events.clone(),
+        );
+        registry.register(
+            "live_released_migrations",
+            "Migrations made final since the start (their verdicts kept, their events released)",
+            live.released_migrations.clone(),
+        );
+        registry.register(
+            "live_released_unresolved",
+            "Migrations released with a connection's fate still open after the longest hold",
+            live.released_unresolved.clone(),
+        );
         Self {
             registry,
             host: host.to_owned(),
@@ -133,11 +175,13 @@ impl Metrics {
             retransmits,
             lost,
             events,
-            live: Mutex::new(Live::default()),
+            skipped,
+            skipped_seen: Mutex::new(HashMap::new()),
+            live,
         }
     }
 
-    /// Takes one event. The correlation runs when metrics are read (a scrape), not per event.
+    /// Takes one event: the per-event counters.
     pub fn observe(&self, ev: &Event) {
         self.events
             .get_or_create(&vec![("kind".to_owned(), ev.kind().to_owned())])
@@ -149,73 +193,80 @@ impl Metrics {
             Event::Loss { count, .. } => {
                 self.lost.inc_by(*count);
             }
-            _ => {}
-        }
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .events
-            .push(ev.clone());
-    }
-
-    fn settle(&self, live: &mut Live) {
-        let a = correlate(&live.events);
-        // Live, the clock goes on when no event comes.
-        let now = a.end_ns.max(migevents::monotonic_ns());
-        for m in &a.migrations {
-            let Some(resume) = m.timeline.resume.as_ref().map(|r| r.ts_ns) else {
-                continue;
-            };
-            let labels = vec![
-                ("host".to_owned(), self.host.clone()),
-                ("vm".to_owned(), m.mac_text()),
-            ];
-            if live.migrations.insert(m.id.clone()) {
-                self.migrations.get_or_create(&labels).inc();
-            }
-            if let Some(p) = &m.downtime.vcpu_pause
-                && live.pauses.insert(m.id.clone())
-            {
-                self.pause.get_or_create(&labels).observe(p.ns as f64 / 1e9);
-            }
-            if let Some(b) = &m.downtime.blackout
-                && live.blackouts.insert(m.id.clone())
-            {
-                self.blackout.get_or_create(&labels).observe(b.ns as f64 / 1e9);
-            }
-            if let Some(c) = &m.downtime.convergence
-                && live.convergences.insert(m.id.clone())
-            {
-                self.convergence.get_or_create(&labels).observe(c.ns as f64 / 1e9);
-            }
-            for c in m.connections.iter().filter(|c| !c.opened_during_window) {
-                let settled = match c.fate {
-                    Fate::Aborted { .. } => true,
-                    Fate::Survived => c.first_progress_ns.is_some() || now > resume + SETTLE_NS,
-                    Fate::Unresolved => false,
-                };
-                let key = format!("{}|{:?}|{}", m.id, c.tuple, c.netns);
-                if settled && live.connections.insert(key) {
-                    let mut labels = labels.clone();
-                    match c.fate {
-                        Fate::Aborted { reason, .. } => {
-                            labels.push(("fate".to_owned(), "aborted".to_owned()));
-                            labels.push(("reason".to_owned(), reason.to_string()));
-                        }
-                        _ => labels.push(("fate".to_owned(), "survived".to_owned())),
-                    }
-                    self.connections.get_or_create(&labels).inc();
+            Event::Skipped {
+                source,
+                reason,
+                count,
+                ..
+            } => {
+                let mut seen = self.skipped_seen.lock().unwrap_or_else(PoisonError::into_inner);
+                let last = seen.entry((source.clone(), reason.clone())).or_default();
+                if *count > *last {
+                    self.skipped
+                        .get_or_create(&vec![
+                            ("source".to_owned(), source.clone()),
+                            ("reason".to_owned(), reason.clone()),
+                        ])
+                        .inc_by(*count - *last);
+                    *last = *count;
                 }
             }
+            _ => {}
         }
     }
 
-    /// Settles what the events so far allow, then renders the metrics in the Prometheus/OpenMetrics text format.
-    pub fn encode(&self) -> String {
-        {
-            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-            self.settle(&mut live);
+    /// Publishes a final migration: counted if it resumed, its pause, blackout and convergence, and the fate of each
+    /// connection alive at its pause (unresolved ones are not counted).
+    pub fn publish(&self, m: &MigrationReport) {
+        if m.timeline.resume.is_none() {
+            return;
         }
+        let labels = vec![
+            ("host".to_owned(), self.host.clone()),
+            ("vm".to_owned(), m.mac_text()),
+        ];
+        self.migrations.get_or_create(&labels).inc();
+        let figures = [
+            (&m.downtime.vcpu_pause, &self.pause),
+            (&m.downtime.blackout, &self.blackout),
+            (&m.downtime.convergence, &self.convergence),
+        ];
+        for (figure, histogram) in figures {
+            if let Some(f) = figure {
+                histogram.get_or_create(&labels).observe(f.ns as f64 / 1e9);
+            }
+        }
+        for c in m.connections.iter().filter(|c| !c.opened_during_window) {
+            let mut labels = labels.clone();
+            match c.fate {
+                Fate::Aborted { reason, .. } => {
+                    labels.push(("fate".to_owned(), "aborted".to_owned()));
+                    labels.push(("reason".to_owned(), reason.to_string()));
+                }
+                Fate::Survived => labels.push(("fate".to_owned(), "survived".to_owned())),
+                Fate::Unresolved => continue,
+            }
+            self.connections.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Publishes the live correlation's size; `now_ns` dates the oldest held event.
+    pub fn set_live_status(&self, st: &LiveStatus, now_ns: u64) {
+        let g = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.live.held.set(g(st.held as u64));
+        self.live.residue.set(g(st.residue as u64));
+        self.live.oldest_held.set(if st.oldest_held_ns == 0 {
+            0.0
+        } else {
+            now_ns.saturating_sub(st.oldest_held_ns) as f64 / 1e9
+        });
+        self.live.released_events.set(g(st.released_events));
+        self.live.released_migrations.set(g(st.released_migrations));
+        self.live.released_unresolved.set(g(st.released_unresolved));
+    }
+
+    /// Renders the metrics in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
         let mut s = String::new();
         let _ = encode(&mut s, &self.registry);
         s
@@ -333,8 +384,17 @@ mod tests {
             count: 2,
         });
         ev.sort_by_key(Event::ts_ns);
+        ev.push(Event::Skipped {
+            ts_ns: 76_000_000_000,
+            source: "qmp".into(),
+            reason: "malformed".into(),
+            count: 3,
+        });
         for e in &ev {
             m.observe(e);
+        }
+        for r in &migmon_analysis::correlate::correlate(&ev).migrations {
+            m.publish(r);
         }
         let body = get(addr, "/metrics");
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
@@ -348,6 +408,7 @@ mod tests {
             "migmon_convergence_seconds_count{host=\"hv1\",vm=\"52:54:00:12:34:56\"} 1",
             "migmon_lost_events_total 2",
             "migmon_tcp_retransmits_total 19",
+            "migmon_skipped_input_total{source=\"qmp\",reason=\"malformed\"} 3",
         ] {
             assert!(body.contains(needle), "missing {needle}:\n{body}");
         }

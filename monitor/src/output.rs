@@ -122,7 +122,8 @@ impl Output {
             | Event::TcpResetOut { .. }
             | Event::Loss { .. }
             | Event::FlowReset { .. }
-            | Event::FlowZeroWindow { .. } => "31",
+            | Event::FlowZeroWindow { .. }
+            | Event::PortFailed { .. } => "31",
             Event::TcpRetransmit { .. } | Event::Malformed { .. } | Event::FlowRetransmit { .. } => "33",
             Event::TcpState { .. }
             | Event::FlowProgress { .. }
@@ -134,6 +135,7 @@ impl Output {
             | Event::NeighborAdvert { .. }
             | Event::MacSeen { .. } => "36",
             Event::FdbUpdate { .. } => "35",
+            Event::PortAttached { .. } | Event::PortDetached { .. } | Event::MacLearned { .. } => "34",
             _ => "2",
         };
         let kind_col = if self.color {
@@ -201,6 +203,12 @@ impl Output {
                 )
             }
             Event::Note { level, message, .. } => format!("{level}: {message}"),
+            Event::Skipped {
+                source,
+                reason,
+                count,
+                ..
+            } => format!("{source:<20} {count} inputs skipped so far ({reason})"),
             Event::Migration { .. } | Event::ClockOffset { .. } => describe_source(ev),
             Event::ClockSample {
                 realtime_ns,
@@ -228,6 +236,10 @@ impl Output {
                 "flows: {entries} tracked, {inserts} picked up, {evictions} evicted, {insert_failed} not inserted, \
                  {capture_dropped} records without frame bytes"
             ),
+            Event::PortAttached { .. }
+            | Event::PortDetached { .. }
+            | Event::PortFailed { .. }
+            | Event::MacLearned { .. } => port_detail(ev),
         }
     }
 
@@ -465,6 +477,59 @@ fn describe_source(ev: &Event) -> String {
         ),
         Event::Note { level, message, .. } => format!("{level:<20} {message}"),
         other => serde_json::to_string(other).unwrap_or_default(),
+    }
+}
+
+/// A port coming or going, or a MAC learned.
+fn port_detail(ev: &Event) -> String {
+    let on = |bridge: &Option<String>| {
+        bridge
+            .as_ref()
+            .map_or(String::new(), |b| format!(" (bridge {b})"))
+    };
+    match ev {
+        Event::PortAttached {
+            ts_ns,
+            port,
+            bridge,
+            hooks,
+            origin,
+            notified_ns,
+        } => {
+            let after = notified_ns.map_or(String::new(), |n| {
+                format!(
+                    ", {:.3} ms after it appeared",
+                    ts_ns.saturating_sub(n) as f64 / 1e6
+                )
+            });
+            format!(
+                "{:<20} attached: {} [{origin}]{}{after}",
+                port_name(port),
+                hooks.join(", "),
+                on(bridge)
+            )
+        }
+        Event::PortDetached {
+            port, bridge, reason, ..
+        } => format!("{:<20} detached: {reason}{}", port_name(port), on(bridge)),
+        Event::PortFailed {
+            port, bridge, error, ..
+        } => format!("{:<20} NOT WATCHED: {error}{}", port_name(port), on(bridge)),
+        Event::MacLearned {
+            mac,
+            source,
+            iface,
+            netns,
+            ..
+        } => {
+            let at = match (iface, netns) {
+                (Some(i), Some(n)) => format!(" on {i}@{n}"),
+                (Some(i), None) => format!(" on {i}"),
+                _ => String::new(),
+            };
+            format!("{mac} watched from now on (learned from {source}{at})")
+        }
+        _ => String::new(),
     }
 }
 

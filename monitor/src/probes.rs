@@ -22,7 +22,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProgramError, SchedClassifier, TracePoint, Xdp, tc::TcAttachType, xdp::XdpMode},
+    programs::{
+        ProgramError, SchedClassifier, TracePoint, Xdp,
+        tc::{SchedClassifierLinkId, TcAttachType},
+        xdp::{XdpLinkId, XdpMode},
+    },
 };
 use monitor_common::{
     CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_FLOW_PORTS,
@@ -94,6 +98,12 @@ pub enum ProbeError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error("cannot detach {program}")]
+    Detach {
+        program: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
     #[error("no interface {iface} in {}: check `ip{} link`", where_(.netns.as_deref()), ns_flag(.netns.as_deref()))]
     NoInterface { iface: String, netns: Option<String> },
     #[error("map {name}")]
@@ -149,6 +159,10 @@ pub struct ProbeOptions {
     pub socket_tracepoints: bool,
     /// The TCP flow tracker in the L2 programs (`None`: off).
     pub flows: Option<FlowOptions>,
+    /// MACs are added while running ([`Probes::watch_mac`]): the MAC counters, the FDB filter and (with the flow
+    /// tracker) flows by MAC are on from the start, and the one-word prefilter in front of the watch list passes
+    /// every frame to the map lookup.
+    pub learn_macs: bool,
 }
 
 /// The TCP flow tracker's settings.
@@ -219,6 +233,7 @@ impl Default for ProbeOptions {
             l2_tc_ingress: false,
             socket_tracepoints: true,
             flows: None,
+            learn_macs: false,
         }
     }
 }
@@ -379,7 +394,30 @@ pub struct Probes {
     config: ProbeConfig,
     opts: ProbeOptions,
     ports: HashMap<(u32, u32), Port>,
+    /// The links of each attached port, keyed like `ports`, so that a port can be detached alone.
+    links: HashMap<(u32, u32), Vec<PortLink>>,
+    /// The hooks attached to each port, keyed like `ports`.
+    hooks: HashMap<(u32, u32), Vec<String>>,
     hz: u32,
+}
+
+/// One program attached to a port.
+#[derive(Debug)]
+enum PortLink {
+    Xdp(XdpLinkId),
+    Tc(TcProgram, SchedClassifierLinkId),
+}
+
+/// What [`Probes::attach_port`] did.
+#[derive(Clone, Debug)]
+pub struct PortAttachment {
+    pub port: Port,
+    /// The instance (one per namespace) whose programs run there.
+    pub instance: u32,
+    /// The hooks attached: `tc ingress`, `tc egress`, `xdp driver`, `xdp skb`.
+    pub hooks: Vec<String>,
+    /// Set when XDP fell back from driver mode: why.
+    pub fallback: Option<String>,
 }
 
 /// Runs the loaded XDP parser through `BPF_PROG_TEST_RUN`; see [`Probes::xdp_test_runner`].
@@ -596,6 +634,13 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
     }
     for mac in &w.macs {
         c.mac_filter |= monitor_common::mac_filter_bit(mac);
+    }
+    if opts.learn_macs {
+        c.flags |= CFG_WATCH_MACS | CFG_FILTER_FDB;
+        if opts.flows.is_some() {
+            c.flags |= CFG_FLOW_MACS;
+        }
+        c.mac_filter = u32::MAX;
     }
     c.mac_gap_ns = opts.mac_gap_ns;
     Ok(c)
@@ -821,6 +866,18 @@ fn port_bitmap(ports: &[u16]) -> BTreeMap<u32, u64> {
     words
 }
 
+fn detach_error(program: &str, source: ProgramError) -> ProbeError {
+    ProbeError::Detach {
+        program: program.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// Whether interface `ifindex` still exists in `netns` (a detach error on a vanished one is no error).
+fn port_still_there(netns: Option<&str>, ifindex: u32) -> bool {
+    netns::run_in(netns, || nix::net::if_::if_indextoname(ifindex).is_ok()).unwrap_or(false)
+}
+
 /// Resolves `iface` in the calling thread's namespace.
 fn ifindex(iface: &Iface) -> Result<u32, ProbeError> {
     let no_iface = || ProbeError::NoInterface {
@@ -862,6 +919,8 @@ impl Probes {
             config,
             opts: opts.clone(),
             ports: HashMap::new(),
+            links: HashMap::new(),
+            hooks: HashMap::new(),
             hz: kernel_hz(),
         })
     }
@@ -906,12 +965,12 @@ impl Probes {
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.xdp_loaded()?;
-        let (ifindex, mode, fallback) = netns::run_in(iface.netns.as_deref(), || {
+        let (ifindex, mode, fallback, link) = netns::run_in(iface.netns.as_deref(), || {
             let ifindex = ifindex(iface)?;
             if skb_only {
                 return prog
                     .attach(ifindex, XdpMode::Skb)
-                    .map(|_| (ifindex, "skb", None))
+                    .map(|l| (ifindex, "skb", None, l))
                     .map_err(|source| ProbeError::Attach {
                         program: "l2_ingress (XDP)".to_owned(),
                         target: iface.to_string(),
@@ -919,11 +978,11 @@ impl Probes {
                     });
             }
             match prog.attach(ifindex, XdpMode::Driver) {
-                Ok(_) => Ok((ifindex, "driver", None)),
+                Ok(l) => Ok((ifindex, "driver", None, l)),
                 Err(driver_err) => {
                     let why = error_chain(&driver_err);
                     prog.attach(ifindex, XdpMode::Skb)
-                        .map(|_| (ifindex, "skb", Some(why)))
+                        .map(|l| (ifindex, "skb", Some(why), l))
                         .map_err(|source| ProbeError::Attach {
                             program: "l2_ingress (XDP)".to_owned(),
                             target: iface.to_string(),
@@ -932,6 +991,7 @@ impl Probes {
                 }
             }
         })??;
+        self.keep_link(id, ifindex, PortLink::Xdp(link));
         Ok(self.add_port(id, ifindex, iface, mode, fallback))
     }
 
@@ -961,7 +1021,8 @@ impl Probes {
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.tc_ingress_loaded()?;
-        let ifindex = attach_classifier(prog, iface, TcAttachType::Ingress, "l2_ingress_tc (TC)")?;
+        let (ifindex, link) = attach_classifier(prog, iface, TcAttachType::Ingress, "l2_ingress_tc (TC)")?;
+        self.keep_link(id, ifindex, PortLink::Tc(TcProgram::Ingress, link));
         Ok(self.add_port(id, ifindex, iface, "tc ingress", None))
     }
 
@@ -970,8 +1031,141 @@ impl Probes {
         let inst = self.instance(iface.netns.as_deref())?;
         let id = inst.id;
         let prog = inst.tc_loaded()?;
-        let ifindex = attach_classifier(prog, iface, TcAttachType::Egress, "l2_egress (TC)")?;
+        let (ifindex, link) = attach_classifier(prog, iface, TcAttachType::Egress, "l2_egress (TC)")?;
+        self.keep_link(id, ifindex, PortLink::Tc(TcProgram::Egress, link));
         Ok(self.add_port(id, ifindex, iface, "tc egress", None))
+    }
+
+    fn keep_link(&mut self, instance: u32, ifindex: u32, link: PortLink) {
+        self.links.entry((instance, ifindex)).or_default().push(link);
+    }
+
+    /// Makes sure namespace `netns` has its instance (its maps and ring buffer), so that ports attached there
+    /// later need no new ring buffer. Returns the instance id.
+    pub fn ensure_instance(&mut self, netns: Option<&str>) -> Result<u32, ProbeError> {
+        Ok(self.instance(netns)?.id)
+    }
+
+    /// Attaches the ingress parser (as `mode` says) and, with `egress`, the TC egress program to one port that
+    /// came while running; [`Probes::detach_port`] takes them off again. On failure nothing stays attached.
+    pub fn attach_port(
+        &mut self,
+        iface: &Iface,
+        mode: IngressMode,
+        egress: bool,
+    ) -> Result<PortAttachment, ProbeError> {
+        let ingress = self.attach_ingress(iface, mode)?;
+        let instance = self.ensure_instance(iface.netns.as_deref())?;
+        if egress {
+            match self.attach_tc_egress(iface) {
+                Ok(a) if a.port.ifindex == ingress.port.ifindex => {}
+                Ok(a) => {
+                    // The name moved to another interface between the two attaches.
+                    let _ = self.detach_port(iface.netns.as_deref(), a.port.ifindex);
+                    let _ = self.detach_port(iface.netns.as_deref(), ingress.port.ifindex);
+                    return Err(ProbeError::NoInterface {
+                        iface: iface.name.clone(),
+                        netns: iface.netns.clone(),
+                    });
+                }
+                Err(e) => {
+                    let _ = self.detach_port(iface.netns.as_deref(), ingress.port.ifindex);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(PortAttachment {
+            hooks: self.port_hooks(instance, ingress.port.ifindex),
+            port: ingress.port,
+            instance,
+            fallback: ingress.fallback,
+        })
+    }
+
+    /// The hooks attached to interface `ifindex` of instance `instance`: `tc ingress`, `tc egress`, `xdp driver`,
+    /// `xdp skb`.
+    pub fn port_hooks(&self, instance: u32, ifindex: u32) -> Vec<String> {
+        self.hooks.get(&(instance, ifindex)).cloned().unwrap_or_default()
+    }
+
+    /// Detaches every program attached to interface `ifindex` of namespace `netns` and forgets the port. An
+    /// interface that is already gone took its programs with it; that is not an error. Returns how many programs
+    /// were detached.
+    pub fn detach_port(&mut self, netns: Option<&str>, ifindex: u32) -> Result<usize, ProbeError> {
+        let Some(pos) = self.instances.iter().position(|i| i.netns.as_deref() == netns) else {
+            return Ok(0);
+        };
+        let id = self.instances[pos].id;
+        self.ports.remove(&(id, ifindex));
+        self.hooks.remove(&(id, ifindex));
+        let links = self.links.remove(&(id, ifindex)).unwrap_or_default();
+        let n = links.len();
+        let inst = &mut self.instances[pos];
+        let mut first_err = None;
+        for link in links {
+            let (program, r) = match link {
+                PortLink::Xdp(l) => (
+                    "l2_ingress (XDP)",
+                    inst.xdp_loaded()
+                        .and_then(|p| p.detach(l).map_err(|e| detach_error("l2_ingress (XDP)", e))),
+                ),
+                PortLink::Tc(which, l) => (
+                    which.name(),
+                    inst.tc_program(which)
+                        .and_then(|p| p.detach(l).map_err(|e| detach_error(which.name(), e))),
+                ),
+            };
+            if let Err(e) = r
+                && first_err.is_none()
+                && port_still_there(netns, ifindex)
+            {
+                first_err = Some((program, e));
+            }
+        }
+        match first_err {
+            Some((_, e)) => Err(e),
+            None => Ok(n),
+        }
+    }
+
+    /// Adds `mac` to the watch list of every instance (and of those made later). Returns false when it was
+    /// already watched. Takes effect for frames only with [`ProbeOptions::learn_macs`] (or a MAC that the
+    /// start-up watch list's prefilter happens to pass).
+    pub fn watch_mac(&mut self, mac: [u8; 6]) -> Result<bool, ProbeError> {
+        if self.opts.watch.macs.contains(&mac) {
+            return Ok(false);
+        }
+        self.opts.watch.macs.push(mac);
+        let key = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0];
+        for inst in &mut self.instances {
+            let mut macs: BpfHashMap<_, MacKey8, u8> = BpfHashMap::try_from(
+                inst.ebpf
+                    .map_mut("WATCH_MACS")
+                    .ok_or(ProbeError::NoMap("WATCH_MACS"))?,
+            )
+            .map_err(map_err("WATCH_MACS"))?;
+            macs.insert(&key, &1, 0).map_err(map_err("WATCH_MACS"))?;
+        }
+        Ok(true)
+    }
+
+    /// Deletes the per-MAC counters of a port that is gone (they would otherwise fill `MAC_STATS` as ports come
+    /// and go). Returns how many entries were deleted.
+    pub fn forget_port_counters(&mut self, instance: u32, ifindex: u32) -> Result<usize, ProbeError> {
+        let Some(inst) = self.instances.iter_mut().find(|i| i.id == instance) else {
+            return Ok(0);
+        };
+        let mut map: BpfHashMap<_, MacKey, MacCounters> = BpfHashMap::try_from(
+            inst.ebpf
+                .map_mut("MAC_STATS")
+                .ok_or(ProbeError::NoMap("MAC_STATS"))?,
+        )
+        .map_err(map_err("MAC_STATS"))?;
+        let gone: Vec<MacKey> = map.keys().flatten().filter(|k| k.ifindex == ifindex).collect();
+        for k in &gone {
+            let _ = map.remove(k);
+        }
+        Ok(gone.len())
     }
 
     fn add_port(
@@ -988,6 +1182,15 @@ impl Probes {
             netns: iface.netns.clone(),
         };
         self.ports.insert((netns_id, ifindex), port.clone());
+        let hook = match mode {
+            "driver" => "xdp driver",
+            "skb" => "xdp skb",
+            m => m,
+        };
+        let hooks = self.hooks.entry((netns_id, ifindex)).or_default();
+        if !hooks.iter().any(|h| h == hook) {
+            hooks.push(hook.to_owned());
+        }
         Attached { port, mode, fallback }
     }
 
@@ -1238,22 +1441,24 @@ fn attach_classifier(
     iface: &Iface,
     direction: TcAttachType,
     program: &str,
-) -> Result<u32, ProbeError> {
+) -> Result<(u32, SchedClassifierLinkId), ProbeError> {
     netns::run_in(iface.netns.as_deref(), || {
         let ifindex = ifindex(iface)?;
         let attach = |p: &mut SchedClassifier| p.attach(ifindex, direction);
         match attach(prog) {
-            Ok(_) => Ok(ifindex),
+            Ok(l) => Ok((ifindex, l)),
             Err(first) => {
                 // Older kernels without TCX need the clsact qdisc first.
                 if let Ok(name) = CString::new(iface.name.as_str()) {
                     let _ = aya::programs::tc::qdisc_add_clsact(&name);
                 }
-                attach(prog).map(|_| ifindex).map_err(|_| ProbeError::Attach {
-                    program: program.to_owned(),
-                    target: iface.to_string(),
-                    source: Box::new(first),
-                })
+                attach(prog)
+                    .map(|l| (ifindex, l))
+                    .map_err(|_| ProbeError::Attach {
+                        program: program.to_owned(),
+                        target: iface.to_string(),
+                        source: Box::new(first),
+                    })
             }
         }
     })?

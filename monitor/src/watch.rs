@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use migmon_analysis::trace::{Event, MacAddr, TRACE_VERSION, TraceHeader, TraceWriter};
+use migmon_analysis::trace::{Event, MacAddr, TraceWriter};
 use migmon_base::units::parse_duration;
 use monitor_common::{MacCounters, MacKey};
 use nix::{
@@ -31,10 +31,12 @@ use nix::{
     sys::signal::{SigSet, Signal},
 };
 
+pub use crate::clocks::trace_header;
 use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline},
+    ports::PortHandler,
     probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
 };
 
@@ -64,6 +66,12 @@ pub struct WatchArgs {
     /// after the kernel took an outer VLAN tag into the packet's metadata (reported from there).
     #[arg(long, conflicts_with = "xdp_skb")]
     pub tc_ingress: bool,
+    /// Watch every port of this bridge, as ports join and leave it: a VM's tap that appears when the VM migrates
+    /// in is watched from its first frame, and one that vanishes is let go. `BR@NETNS` for a bridge in a named
+    /// network namespace. Repeatable. Each port gets the ingress parser (as for --iface) and TC egress; VM MACs
+    /// are learned as the bridge learns them on its taps and from migrations' setup events.
+    #[arg(long = "bridge", value_name = "BR[@NETNS]")]
+    pub bridge: Vec<String>,
     /// Attach the TC egress counter (frames towards watched MACs) to this interface. Repeatable.
     #[arg(long = "egress", value_name = "IF[@NETNS]")]
     pub egress: Vec<String>,
@@ -176,6 +184,7 @@ fn describe(args: &WatchArgs) -> String {
         format!("TCP of {}", filters.join(", "))
     }];
     parts.extend(args.iface.iter().map(|i| format!("xdp:{i}")));
+    parts.extend(args.bridge.iter().map(|b| format!("bridge:{b}")));
     parts.extend(args.egress.iter().map(|i| format!("tc:{i}")));
     parts.extend(
         args.vm
@@ -303,7 +312,10 @@ fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
         Ok(w) => {
             let _ = tx.send(decoder.event(&w));
         }
-        Err(e) => note(tx, "warning", format!("skipped a kernel record: {e}")),
+        Err(e) => {
+            crate::skipped::count("kernel", "undecodable");
+            note(tx, "warning", format!("skipped a kernel record: {e}"));
+        }
     });
 }
 
@@ -314,16 +326,23 @@ pub fn spawn_collector(
     tx: Sender<Event>,
     control: Control,
     interval: Duration,
+    mut ports: Option<PortHandler>,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("migmon-probes".into())
         .spawn(move || {
             let mut prev = Samples::default();
             let mut next = Instant::now() + interval;
-            let ring_fds = probes.ring_fds();
+            let mut ring_fds = probes.ring_fds();
             loop {
                 let stopping = control.stopped();
                 drain(&mut probes, &mut decoder, &tx);
+                // Ports that came and went, MACs learned: between two drains, so names resolve until the end.
+                if let Some(h) = &mut ports
+                    && h.handle(&mut probes, &mut decoder, &tx)
+                {
+                    ring_fds = probes.ring_fds();
+                }
                 let asked = control.take_sample_request();
                 if asked || stopping || Instant::now() >= next {
                     if stopping {
@@ -351,6 +370,9 @@ pub fn spawn_collector(
                     .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
                     .collect();
                 fds.push(PollFd::new(control.wake_fd(), PollFlags::POLLIN));
+                if let Some(h) = &ports {
+                    fds.push(PollFd::new(h.wake_fd(), PollFlags::POLLIN));
+                }
                 let _ = poll(&mut fds, timeout);
             }
             drop(probes);
@@ -381,6 +403,11 @@ pub fn stop_on_signals(control: &Control) -> Result<()> {
     Ok(())
 }
 
+/// Whether the watch list grows while running: with `--bridge` or `--libvirt`.
+fn learns_macs(args: &WatchArgs) -> bool {
+    !args.bridge.is_empty() || !args.live.libvirt.is_empty()
+}
+
 /// The probe options `args` ask for.
 pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
     let mut watch = WatchList {
@@ -402,13 +429,15 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
                 macs.push(m.octets());
             }
         }
-        if watch.ips.is_empty() && macs.is_empty() {
+        if watch.ips.is_empty() && macs.is_empty() && !learns_macs(args) {
             if args.tcp == TcpSource::Wire {
-                bail!("--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC)");
+                bail!(
+                    "--tcp wire needs a VM to follow: add --vm MAC=IP (or --vm MAC), or --bridge BR[@NETNS]"
+                );
             }
             None
         } else {
-            if args.iface.is_empty() && args.tcp == TcpSource::Wire {
+            if args.iface.is_empty() && args.bridge.is_empty() && args.tcp == TcpSource::Wire {
                 bail!("--tcp wire needs the VM's ports: add --iface IF[@NETNS] (its tap, or an uplink)");
             }
             Some(FlowOptions {
@@ -429,6 +458,9 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         l2_tc_ingress: args.tc_ingress,
         socket_tracepoints: args.tcp != TcpSource::Wire,
         flows,
+        // MACs learned while running (bridge FDBs, setup events, libvirt domains that start later) need the
+        // watch list open to additions.
+        learn_macs: learns_macs(args),
         ..ProbeOptions::default()
     };
     if let Some(bytes) = args.ringbuf_bytes {
@@ -438,6 +470,19 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         opts.ringbuf_bytes = bytes;
     }
     Ok(opts)
+}
+
+/// The ingress hook `args` ask for.
+fn ingress_mode(args: &WatchArgs) -> IngressMode {
+    if args.xdp {
+        IngressMode::Xdp
+    } else if args.xdp_skb {
+        IngressMode::XdpSkb
+    } else if args.tc_ingress {
+        IngressMode::Tc
+    } else {
+        IngressMode::Auto
+    }
 }
 
 /// Loads the probes and attaches them to the interfaces `args` name. Notes (fallbacks) go to `tx`.
@@ -454,15 +499,7 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
         .map(|s| parse_iface(s))
         .collect::<Result<Vec<_>>>()?;
     let mut probes = Probes::load(&opts).context("cannot start the kernel probes")?;
-    let mode = if args.xdp {
-        IngressMode::Xdp
-    } else if args.xdp_skb {
-        IngressMode::XdpSkb
-    } else if args.tc_ingress {
-        IngressMode::Tc
-    } else {
-        IngressMode::Auto
-    };
+    let mode = ingress_mode(args);
     let mut egress = egress;
     for iface in &ifaces {
         let a = probes
@@ -499,30 +536,6 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
     Ok((probes, decoder))
 }
 
-/// The header `--record` writes: now (the three clocks read together), this host (`host_name`, or the machine's
-/// name) and its boot id, this command line.
-pub fn trace_header(host_name: Option<&str>) -> TraceHeader {
-    let clocks = crate::clocks::read_triple();
-    TraceHeader {
-        kind: "trace_header".into(),
-        version: TRACE_VERSION,
-        migmon: env!("CARGO_PKG_VERSION").into(),
-        start_mono_ns: clocks.mono_ns,
-        start_unix_ns: clocks.realtime_ns,
-        hostname: host_name.map_or_else(
-            || {
-                nix::unistd::gethostname()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            },
-            str::to_owned,
-        ),
-        command: std::env::args().collect(),
-        boot_id: crate::clocks::boot_id(),
-        clocks: Some(clocks),
-    }
-}
-
 /// Runs `migmon watch`; returns the process exit code.
 pub fn run(args: &WatchArgs) -> Result<i32> {
     let pipeline = Pipeline::new()?;
@@ -536,17 +549,42 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         .transpose()
         .context("cannot create the --record trace")?;
     let tx = pipeline.sender();
-    let (probes, decoder) = attach(args, &tx)?;
-    if record.is_some() {
+    // The taps and MACs of the domains libvirt runs now are watched as if given on the command line.
+    let mut args = args.clone();
+    for w in crate::pause::libvirt::add_running(&args.live.libvirt, &mut args.iface, &mut args.vm) {
+        eprintln!("migmon: warning: {w}");
+    }
+    let args = &args;
+    let (mut probes, mut decoder) = attach(args, &tx)?;
+    let ports = crate::ports::start(
+        &args.bridge,
+        !args.live.libvirt.is_empty(),
+        ingress_mode(args),
+        &mut probes,
+        &mut decoder,
+        &tx,
+        &control,
+    )?;
+    let mut observers: Vec<Observer> = Vec::new();
+    let port_control = ports.as_ref().map(PortHandler::control);
+    if let Some(c) = &port_control {
+        observers.push(crate::ports::mac_observer(c.clone()));
+    }
+    if record.is_some() || args.live.record_dir.is_some() {
         crate::clocks::spawn_sampler(tx.clone(), control.clone())
             .context("cannot start the clock sampler")?;
     }
-    let collector = spawn_collector(probes, decoder, tx, control.clone(), args.sample_interval)?;
+    let collector = spawn_collector(probes, decoder, tx, control.clone(), args.sample_interval, ports)?;
 
     // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
     // `pipeline.control()`; observers (limits, metrics) go in `observers`.
-    let mut observers: Vec<Observer> = Vec::new();
-    let live = crate::live::start(&args.live, &pipeline.sender(), &control, &mut observers)?;
+    let live = crate::live::start(
+        &args.live,
+        &pipeline.sender(),
+        &control,
+        &mut observers,
+        port_control,
+    )?;
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));

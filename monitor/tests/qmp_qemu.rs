@@ -221,26 +221,7 @@ const MAC: &str = "52:54:00:71:6d:70";
 
 /// Builds the release guest image as the migrator's build script does and returns the ELF's path.
 fn guest_elf() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "-p",
-            "guest",
-            "--release",
-            "--target",
-            "x86_64-unknown-none",
-        ])
-        .status()
-        .expect("cannot run cargo to build the guest");
-    assert!(status.success(), "building the guest failed ({status})");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    target.join("x86_64-unknown-none/release/guest")
+    testbed::guest::build().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Why these tests cannot run here, if they cannot.

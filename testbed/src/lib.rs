@@ -7,6 +7,7 @@
 //! [`topology::Topology::down`]. See docs/testbed.md.
 
 pub mod clients;
+pub mod guest;
 pub mod net;
 pub mod scenario;
 pub mod topology;

@@ -79,6 +79,46 @@ pub fn kvm_available(what: &str) -> bool {
     true
 }
 
+/// The testbed scenario (`./x demo`'s) as the privileged tests run it: 4 Windows-2003 clients, a 256 MiB guest
+/// with the dirtier, a 6 s quick pause, 3 s settle, one monitor; namespaces named from `tag`. Adjust the rest with
+/// struct update syntax. Panics with the remedy when the migrator is not built.
+pub fn scenario_config(tag: &str, out: &Path) -> testbed::scenario::Config {
+    let migrator = migrator_bin();
+    assert!(
+        migrator.exists(),
+        "{} does not exist: `./x test` builds it (by hand: cargo build --release -p migrator)",
+        migrator.display()
+    );
+    testbed::scenario::Config {
+        prefix: unique(tag),
+        clients: 4,
+        quick_pause: std::time::Duration::from_secs(6),
+        profile: testbed::clients::Profile::Windows2003,
+        out: out.to_path_buf(),
+        migmon: migmon_bin(),
+        migrator,
+        mem: "256M".into(),
+        dirty: Some("8M@16M".into()),
+        settle: std::time::Duration::from_secs(3),
+        migmon_args: Vec::new(),
+        monitor_per_host: false,
+    }
+}
+
+/// Runs the testbed scenario, its progress lines prefixed with `what`; panics with the scenario's error.
+pub fn run_scenario(cfg: &testbed::scenario::Config, what: &str) -> testbed::scenario::Run {
+    let say = |m: &str| eprintln!("{what}: {m}");
+    let interrupted = std::sync::atomic::AtomicBool::new(false);
+    testbed::scenario::run(
+        cfg,
+        &testbed::scenario::Ui {
+            say: &say,
+            interrupted: &interrupted,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: the scenario failed: {e}"))
+}
+
 /// A fresh directory under the system temp dir, `prefix` + pid + counter, removed on drop (also when the test fails)
 /// unless `MIGMON_KEEP_TEST_DIR` is set, to look at the logs and traces afterwards. Derefs to its [`Path`].
 pub struct TestDir {
@@ -250,30 +290,7 @@ pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()
 }
 
-/// Builds the release guest image exactly as the migrator's build script does
-/// (`cargo build -p guest --release --target x86_64-unknown-none`) and returns the ELF's path.
+/// Builds the release guest image exactly as the migrator's build script does and returns the ELF's path.
 pub fn guest_elf() -> PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "-p",
-            "guest",
-            "--release",
-            "--target",
-            "x86_64-unknown-none",
-        ])
-        .status()
-        .expect("cannot run cargo to build the guest");
-    assert!(
-        status.success(),
-        "building the guest failed ({status}); see the output above"
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    target.join("x86_64-unknown-none/release/guest")
+    testbed::guest::build().unwrap_or_else(|e| panic!("{e}"))
 }

@@ -114,10 +114,6 @@ fn scenario(mode: Mode, pause: Duration) -> Outcome {
         "2s",
         "--junit",
         path(&junit),
-        // At the live settle the clients' sockets can still be unresolved (the outcome of their last
-        // retransmission not yet seen), which the fail-closed live gate counts as damage; the offline `check`
-        // below judges every connection of the finished trace without that allowance.
-        "--allow-damaged",
     ]);
     assert!(
         wait_until(Duration::from_secs(5), || sock.exists()),

@@ -4,14 +4,11 @@
 //! FDB moves in both migrations; every output file is written.
 #![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
-use std::{sync::atomic::AtomicBool, time::Duration};
+use std::time::Duration;
 
-use integration_tests::{TestDir, migmon_bin, migrator_bin, unique};
+use integration_tests::{TestDir, kvm_available, run_scenario, scenario_config, unique};
 use serde_json::Value;
-use testbed::{
-    clients::Profile,
-    scenario::{self, Config, Ui},
-};
+use testbed::scenario::{self, Config};
 
 fn migration<'a>(report: &'a Value, mode: &str) -> &'a Value {
     report["migrations"]
@@ -44,41 +41,15 @@ fn every_client_is_judged_as_its_socket_saw(run: &scenario::Run, quick: &Value) 
 
 #[test]
 fn live_keeps_every_session_quick_aborts_every_one() {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: /dev/kvm is missing: the demo needs KVM");
+    if !kvm_available("the demo") {
         return;
     }
-    let migrator = migrator_bin();
-    assert!(
-        migrator.exists(),
-        "{} does not exist: `./x test` builds it (by hand: cargo build --release -p migrator)",
-        migrator.display()
-    );
     let out = TestDir::new("mmdemo-test");
     let cfg = Config {
-        prefix: unique("tbd"),
-        clients: 4,
         quick_pause: Duration::from_secs(8),
-        profile: Profile::Windows2003,
-        out: out.to_path_buf(),
-        migmon: migmon_bin(),
-        migrator,
-        mem: "256M".into(),
-        dirty: Some("8M@16M".into()),
-        settle: Duration::from_secs(3),
-        migmon_args: Vec::new(),
-        monitor_per_host: false,
+        ..scenario_config("tbd", &out)
     };
-    let say = |m: &str| eprintln!("demo: {m}");
-    let interrupted = AtomicBool::new(false);
-    let run = scenario::run(
-        &cfg,
-        &Ui {
-            say: &say,
-            interrupted: &interrupted,
-        },
-    )
-    .unwrap_or_else(|e| panic!("the reduced demo failed: {e}"));
+    let run = run_scenario(&cfg, "demo");
     eprintln!("{}", run.compare);
     assert!(
         std::process::Command::new("ip")

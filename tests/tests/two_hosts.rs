@@ -6,18 +6,15 @@
 //! milliseconds (time namespaces do not move `bpf_ktime_get_ns`).
 #![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
-use std::{collections::HashSet, sync::atomic::AtomicBool, time::Duration};
+use std::collections::HashSet;
 
-use integration_tests::{TestDir, migmon_bin, migrator_bin, unique};
+use integration_tests::{TestDir, kvm_available, run_scenario, scenario_config};
 use migmon_analysis::{
     correlate::{Analysis, MigrationReport, analyse},
     merge::{self, Input},
     trace::{Event, Trace, read_trace},
 };
-use testbed::{
-    clients::Profile,
-    scenario::{self, Config, Ui},
-};
+use testbed::scenario::Config;
 
 /// The port (interface, namespace) of an L2 or flow event.
 fn port_of(e: &Event) -> Option<(Option<String>, Option<String>)> {
@@ -85,41 +82,15 @@ fn same_story(got: &Analysis, want: &Analysis, bound: u64, what: &str) -> u64 {
 
 #[test]
 fn per_host_traces_merge_into_the_one_monitor_report() {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: /dev/kvm is missing: the scenario needs KVM");
+    if !kvm_available("the scenario") {
         return;
     }
-    let migrator = migrator_bin();
-    assert!(
-        migrator.exists(),
-        "{} does not exist: `./x test` builds it (by hand: cargo build --release -p migrator)",
-        migrator.display()
-    );
     let out = TestDir::new("mm2hosts-test");
     let cfg = Config {
-        prefix: unique("tbh"),
-        clients: 4,
-        quick_pause: Duration::from_secs(6),
-        profile: Profile::Windows2003,
-        out: out.to_path_buf(),
-        migmon: migmon_bin(),
-        migrator,
-        mem: "256M".into(),
-        dirty: Some("8M@16M".into()),
-        settle: Duration::from_secs(3),
-        migmon_args: Vec::new(),
         monitor_per_host: true,
+        ..scenario_config("tbh", &out)
     };
-    let say = |m: &str| eprintln!("two hosts: {m}");
-    let interrupted = AtomicBool::new(false);
-    let run = scenario::run(
-        &cfg,
-        &Ui {
-            say: &say,
-            interrupted: &interrupted,
-        },
-    )
-    .unwrap_or_else(|e| panic!("the scenario failed: {e}"));
+    let run = run_scenario(&cfg, "two hosts");
     let o = &run.outputs;
     assert_eq!(o.host_traces.len(), 2);
     assert!(run.merged_report.is_some());

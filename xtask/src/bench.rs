@@ -14,7 +14,9 @@
 //! - `migration`: our migrator against QEMU (`-M microvm`, same guest ELF) on the same workloads and clients;
 //! - `scale`: pause/total against guest RAM, migmon against connection count, peak RSS;
 //! - `faults`: the fault injection test with its full counts (stream cuts, stalls, flips, lost commit, kills): cases,
-//!   outcomes, and the longest pause of a stalled destination against `--max-pause`.
+//!   outcomes, and the longest pause of a stalled destination against `--max-pause`;
+//! - `soak`: `migmon watch --metrics` for 10 minutes (`--quick`: 90 s) under loopback TCP churn (about 5 k events/s)
+//!   with a simulated migration every 30 s: RSS first and last minute, growth, slowest scrape, CPU.
 
 pub mod faults;
 pub mod floors;
@@ -27,6 +29,7 @@ pub mod probes;
 pub mod qemu;
 pub mod report;
 pub mod scale;
+pub mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -43,7 +46,7 @@ use anyhow::{Context, Result, bail};
 use crate::util;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 5] = ["floors", "probes", "migration", "scale", "faults"];
+pub const SECTIONS: [&str; 6] = ["floors", "probes", "migration", "scale", "faults", "soak"];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -56,10 +59,14 @@ pub struct BenchArgs {
     /// Where bench.md and bench.json go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Run only these sections (floors, probes, migration, scale, faults), or one part of a section
+    /// Run only these sections (floors, probes, migration, scale, faults, soak), or one part of a section
     /// (`probes:xdp`, `probes:flow`, `probes:events`, `probes:tcp`). Repeatable.
     #[arg(long, value_name = "SECTION[:PART]")]
     pub only: Vec<String>,
+    /// Run only these migration workloads: `idle`, or a dirtier's `SIZE@RATE` as the workload names it
+    /// (`32M@125M`, `64M@250M`). Repeatable; default: all.
+    #[arg(long, value_name = "WORKLOAD")]
+    pub workload: Vec<String>,
     /// Skip the release build (the binaries must already be there).
     #[arg(long)]
     pub no_build: bool,
@@ -77,6 +84,8 @@ pub struct Ctx {
     pub out: PathBuf,
     /// `--only` as given.
     pub only: Vec<String>,
+    /// `--workload`: the migration workloads to run (empty: all).
+    pub workloads: Vec<String>,
 }
 
 impl Ctx {
@@ -181,14 +190,11 @@ fn build() -> Result<()> {
         "xtask/probes",
     ]))
     .context("building the benchmark binaries failed")?;
-    util::run(util::cargo().current_dir(workspace_root()).args([
-        "build",
-        "-p",
-        "guest",
-        "--release",
-        "--target",
-        "x86_64-unknown-none",
-    ]))
+    util::run(
+        util::cargo()
+            .current_dir(workspace_root())
+            .args(testbed::guest::BUILD_ARGS),
+    )
     .context("building the guest ELF (for QEMU) failed")
 }
 
@@ -212,6 +218,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for s in &args.only {
         cmd.args(["--only", s]);
     }
+    for w in &args.workload {
+        cmd.args(["--workload", w]);
+    }
     util::run(&mut cmd)
 }
 
@@ -222,6 +231,7 @@ pub fn smoke() -> Result<()> {
         runs: 1,
         out: target_dir().join("bench-smoke"),
         only: Vec::new(),
+        workload: Vec::new(),
         no_build: false,
     })
 }
@@ -242,9 +252,10 @@ fn run_here(args: &BenchArgs) -> Result<()> {
         runs,
         start: Instant::now(),
         bin_dir: target_dir().join("release"),
-        guest_elf: target_dir().join("x86_64-unknown-none/release/guest"),
+        guest_elf: testbed::guest::elf_in(&target_dir()),
         out: args.out.clone(),
         only: args.only.clone(),
+        workloads: args.workload.clone(),
     };
     for bin in ["migmon", "migrator"] {
         if !ctx.bin(bin).exists() {
@@ -290,6 +301,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
             "migration" => migration::run(&ctx, &mut results),
             "scale" => scale::run(&ctx, &mut results),
             "faults" => faults::run(&ctx, &mut results),
+            "soak" => soak::run(&ctx, &mut results),
             _ => Ok(()),
         };
         if let Err(e) = r {

@@ -130,7 +130,7 @@ fn tuple_of(seg: &FlowSegment) -> FourTuple {
 }
 
 /// The segment opens a connection: a SYN without ACK.
-fn is_syn(seg: &FlowSegment) -> bool {
+pub(super) fn is_syn(seg: &FlowSegment) -> bool {
     seg.tcp_flags & 0x12 == 0x02
 }
 

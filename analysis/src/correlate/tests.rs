@@ -699,3 +699,19 @@ fn a_connection_still_retransmitting_when_the_trace_ends_says_when_the_next_was_
          resume+400.0 ms, the next was due by resume+2.40 s"
     );
 }
+
+#[test]
+fn a_watch_that_observed_past_the_next_due_retransmission_judges_the_connection_recovered() {
+    // The live gate knows it was watching until now, later than the last event: a retransmission that was due and
+    // never came means the last one got through. The same events with only the trace's end stay unresolved.
+    let t = tuple(48003, VM_IP);
+    let mut ev = migration("short", VM_MAC, VM_IP, Mode::Quick, 1000, 2000);
+    ev.push(state(1, t, "SYN_SENT", "ESTABLISHED"));
+    ev.extend([rtx(1200, t, 1, 200), rtx(1600, t, 2, 200), rtx(2400, t, 3, 200)]);
+    let before_due = crate::correlate::analyse_events_until(&ev, 4000 * MS);
+    assert_eq!(before_due.migrations[0].connections[0].fate, Fate::Unresolved);
+    let after_due = crate::correlate::analyse_events_until(&ev, 5000 * MS);
+    let c = &after_due.migrations[0].connections[0];
+    assert_eq!(c.fate, Fate::Survived, "{}", c.progress_basis);
+    assert_eq!(after_due.end_ns, 5000 * MS);
+}

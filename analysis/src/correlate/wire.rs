@@ -23,7 +23,6 @@ struct MacState {
     ports: HashMap<String, u64>,
     /// Last frame anywhere, and where.
     last: Option<(u64, String)>,
-    moves: u32,
 }
 
 /// Incremental inference: feed events in time order, get `migration` events (source `wire`) back.
@@ -85,8 +84,9 @@ impl WireInference {
                     let port_last = st.ports.get(&label).copied();
                     let new_port = port_last.is_none_or(|p| p + STALE_PORT_NS < last_ts);
                     if silence >= MIN_SILENCE_NS && new_port && last_port != label && !covered(*mac, *ts_ns) {
-                        st.moves += 1;
-                        let id = format!("wire:{mac}:{}", st.moves);
+                        // Named after the time of the first frame at the new port (ms of the monotonic clock), so
+                        // that a move has the same name in any stretch of the trace that shows it.
+                        let id = format!("wire:{mac}:{}", ts_ns / 1_000_000);
                         self.old_ports.insert(id.clone(), (*mac, last_port.clone()));
                         for (ts, role, phase) in [
                             (last_ts, Role::Source, Phase::Pause),

@@ -181,6 +181,14 @@ fn downtime_lines(s: &mut String, d: &Downtime) {
         d.max_recovery_tail.as_ref(),
         "no connection needed to recover",
     );
+    if d.vmm_reported_pause.is_some() {
+        figure_line(
+            s,
+            "pause as the VMM reported it",
+            d.vmm_reported_pause.as_ref(),
+            "",
+        );
+    }
 }
 
 /// A migration's timeline, relative to its pause: up to the resume, then the network's side of the move.

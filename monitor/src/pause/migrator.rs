@@ -66,15 +66,19 @@ pub(crate) fn parse_line(line: &str, origin: &str, lineno: usize) -> Option<Even
         return None;
     }
     Some(match MigrationEvent::from_line(line) {
-        Ok(ev) if ev.ts_ns > migmon_analysis::trace::MAX_TRACE_NS => warn_note(format!(
-            "skipped migration event from {origin} line {lineno}: its time {} ns is beyond any monotonic clock",
-            ev.ts_ns
-        )),
+        Ok(ev) if ev.ts_ns > migmon_analysis::trace::MAX_TRACE_NS => {
+            crate::skipped::count("migrator", "bad_time");
+            warn_note(format!(
+                "skipped migration event from {origin} line {lineno}: its time {} ns is beyond any monotonic clock",
+                ev.ts_ns
+            ))
+        }
         Ok(ev) => Event::Migration {
             ev,
             source: PauseSource::Migrator,
         },
         Err(e) => {
+            crate::skipped::count("migrator", "malformed");
             let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
             warn_note(format!(
                 "skipped malformed migration event from {origin} line {lineno}: {cause}"
@@ -181,6 +185,9 @@ fn read_connection(stream: UnixStream, origin: &str, emit: &dyn Emit, stop: &Ato
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => {
+                if e.kind() == io::ErrorKind::InvalidData {
+                    crate::skipped::count("migrator", "too_long");
+                }
                 emit.emit(warn_note(format!("reading {origin} failed: {e}")));
                 return;
             }

@@ -1,4 +1,5 @@
-//! The live sources of pause windows: our migrator's event stream ([`migrator`]) and QEMU's QMP ([`qmp`]). (Windows
+//! The live sources of pause windows: our migrator's event stream ([`migrator`]), QEMU's QMP ([`qmp`]) and libvirt's
+//! domain events ([`libvirt`]). (Windows
 //! inferred from the data plane are analysis: `migmon_analysis::correlate::wire`.) Each live source runs on its own thread and hands `trace::Event`s to an emit callback, so it
 //! plugs into whatever channel the watch pipeline uses (`move |ev| tx.send(ev).is_ok()`).
 
@@ -15,6 +16,7 @@ use migmon_analysis::trace::Event;
 
 #[cfg(test)]
 mod fuzz;
+pub mod libvirt;
 pub mod migrator;
 pub mod qmp;
 

@@ -502,6 +502,7 @@ impl QmpTranslator {
 
     fn skip(&mut self, why: &str) -> Event {
         self.skipped += 1;
+        crate::skipped::count("qmp", "malformed");
         warn_note(format!(
             "skipped malformed QMP line from {} line {}: {why} ({} skipped so far)",
             self.origin, self.lineno, self.skipped
@@ -712,6 +713,7 @@ impl<E: Emit> Follower<E> {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     self.tr.skipped += 1;
+                    crate::skipped::count("qmp", "too_long");
                     return Ended::Lost(format!(
                         "dropped the connection: {e} ({} skipped so far)",
                         self.tr.skipped()

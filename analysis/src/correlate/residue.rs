@@ -1,0 +1,146 @@
+//! The residue of a stretch of trace: the few events of it that still matter to a correlation of what follows.
+//!
+//! A live watch keeps only a look-back of recent events (see [`crate::live`]). What happened before it still shapes
+//! the verdicts of a migration that starts later: a connection opened long ago and silent since is alive at the
+//! pause; the VM's last frame counters on each port say where it was and how many frames had been delivered there;
+//! a bridge's last FDB entry says which port the MAC moves from. [`residue`] keeps exactly the events the
+//! correlation reads for those, so that correlating `residue(older) ++ newer` judges every migration whose events
+//! lie in `newer` as correlating `older ++ newer` does:
+//!
+//! - a TCP connection still open at the end (or closed within the close cluster before it): its first event, its
+//!   first event that names its namespace, its last state change, and the `connect()` transition that opened it;
+//!   `connect()` transitions no connection claimed yet; closed connections are dropped (they are never judged
+//!   against a later pause);
+//! - per (MAC, direction, port): the last `mac_seen` and the last `mac_stats` sample (cumulative counters);
+//! - per (MAC, bridge): the last `fdb_update`;
+//! - per (kind, MAC, sender, address, port): the last ARP, GARP, RARP and neighbor advertisement (the VM's IPs and
+//!   the ports it announced itself on);
+//! - per tracked flow: its first segment, its first segment other than a SYN, and its first RST (the wire basis
+//!   judges every flow not reset before a pause);
+//! - migration phase events of the last [`MIGRATION_MARGIN_NS`] (a later move on the wire is not inferred again when
+//!   a recent migration covers it).
+//!
+//! Everything else (notes, clock samples, counters of the monitor itself) is dropped.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::{CLOSE_CLUSTER_NS, ConnectionIndex, PENDING_OPEN_NS, flows::FlowIndex, tcp_of};
+use crate::trace::Event;
+
+/// Migration phase events this much older than the end are dropped from a residue.
+pub const MIGRATION_MARGIN_NS: u64 = 60_000_000_000;
+
+/// The events of `events` (any order) that a correlation of later events still reads, observed until `end_ns`
+/// (see the module documentation), in time order.
+pub fn residue(events: &[Event], end_ns: u64) -> Vec<Event> {
+    let mut sorted: Vec<&Event> = events.iter().collect();
+    sorted.sort_by_key(|e| e.ts_ns());
+    let mut keep: Vec<&Event> = Vec::new();
+    keep_connections(&sorted, end_ns, &mut keep);
+    keep_flows(&sorted, &mut keep);
+    keep_l2(&sorted, &mut keep);
+    keep.extend(sorted.iter().copied().filter(|e| {
+        matches!(e, Event::Migration { .. }) && e.ts_ns().saturating_add(MIGRATION_MARGIN_NS) >= end_ns
+    }));
+    // The same event can be kept for two reasons: keep it once, in time order, stably.
+    let mut seen: HashSet<*const Event> = HashSet::new();
+    keep.retain(|e| seen.insert(std::ptr::from_ref::<Event>(e)));
+    let order: BTreeMap<*const Event, usize> = sorted
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (std::ptr::from_ref::<Event>(e), i))
+        .collect();
+    keep.sort_by_key(|e| {
+        order
+            .get(&std::ptr::from_ref::<Event>(e))
+            .copied()
+            .unwrap_or(usize::MAX)
+    });
+    keep.into_iter().cloned().collect()
+}
+
+fn keep_connections<'a>(sorted: &[&'a Event], end_ns: u64, keep: &mut Vec<&'a Event>) {
+    let tcp: Vec<&Event> = sorted.iter().copied().filter(|e| tcp_of(e).is_some()).collect();
+    let conns = ConnectionIndex::build(&tcp);
+    for life in &conns.lives {
+        if life
+            .closed_ns
+            .is_some_and(|c| c.saturating_add(CLOSE_CLUSTER_NS) < end_ns)
+        {
+            continue;
+        }
+        keep.extend(life.opened_by);
+        keep.extend(life.events.first().copied());
+        keep.extend(
+            life.events
+                .iter()
+                .copied()
+                .find(|e| matches!(tcp_of(e), Some((_, ns)) if ns != 0)),
+        );
+        keep.extend(
+            life.events
+                .iter()
+                .rev()
+                .copied()
+                .find(|e| matches!(e, Event::TcpState { .. })),
+        );
+    }
+    keep.extend(
+        conns
+            .pending
+            .iter()
+            .copied()
+            .filter(|e| e.ts_ns().saturating_add(PENDING_OPEN_NS) >= end_ns),
+    );
+}
+
+fn keep_flows<'a>(sorted: &[&'a Event], keep: &mut Vec<&'a Event>) {
+    let flows = FlowIndex::build(sorted);
+    for f in &flows.flows {
+        keep.extend(f.events.first().copied());
+        keep.extend(
+            f.events
+                .iter()
+                .copied()
+                .find(|e| e.flow_segment().is_some_and(|s| !super::flows::is_syn(s))),
+        );
+        keep.extend(
+            f.events
+                .iter()
+                .copied()
+                .find(|e| matches!(e, Event::FlowReset { .. })),
+        );
+    }
+}
+
+/// The last L2 event of each key (see the module documentation).
+fn keep_l2<'a>(sorted: &[&'a Event], keep: &mut Vec<&'a Event>) {
+    let mut last: BTreeMap<String, &'a Event> = BTreeMap::new();
+    for e in sorted {
+        let key = match e {
+            Event::MacSeen {
+                mac, port, direction, ..
+            } => format!("seen {mac} {direction:?} {port}"),
+            Event::MacStats {
+                mac, port, direction, ..
+            } => format!("stats {mac} {direction:?} {port}"),
+            Event::FdbUpdate {
+                mac, bridge, netns, ..
+            } => format!("fdb {mac} {bridge}@{}", netns.as_deref().unwrap_or("")),
+            Event::Arp { frame, .. } | Event::Garp { frame, .. } | Event::Rarp { frame, .. } => format!(
+                "{} {} {} {} {}",
+                e.kind(),
+                frame.mac,
+                frame.sha,
+                frame.spa,
+                frame.port
+            ),
+            Event::NeighborAdvert { frame, .. } => {
+                format!("na {} {} {}", frame.mac, frame.target, frame.port)
+            }
+            _ => continue,
+        };
+        last.insert(key, e);
+    }
+    keep.extend(last.into_values());
+}

@@ -1,0 +1,332 @@
+//! The live correlation against the offline one: a long synthetic watch (two VMs migrating again and again, churn
+//! of unrelated connections, connections opened long before the look-back, a flow on the wire) fed through a
+//! [`LiveCorrelation`] with a short look-back, each final verdict compared with `correlate` of the whole trace.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use migevents::Mode;
+
+use super::*;
+use crate::{
+    correlate::correlate,
+    fixtures::{
+        FlowSeg, MS, err, fdb, flow_open, flow_progress, flow_rtx, garp, migration, rarp, rst_in, rtx, seen,
+        state, stats, tuple,
+    },
+    trace::{Direction, FlowSide, FourTuple, TcpCommon, TcpState},
+};
+
+const VM1: &str = "52:54:00:12:34:56";
+const VM2: &str = "52:54:00:00:00:02";
+const IP1: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const IP2: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+const END_MS: u64 = 300_000;
+
+/// A VM's migrations: (pause ms, resume ms, mode); it alternates between two taps and two uplinks.
+struct Vm {
+    mac: &'static str,
+    ip: Ipv4Addr,
+    taps: [&'static str; 2],
+    ups: [&'static str; 2],
+    moves: Vec<(u64, u64, Mode)>,
+}
+
+/// The VM's frame counters and announces: a sample every 500 ms on its port while it runs (ingress stops during a
+/// pause, frames towards it keep reaching the old port until the FDB moves), a RARP, a GARP and the FDB moves after
+/// each resume.
+fn l2(vm: &Vm, out: &mut Vec<Event>) {
+    let mut counters = [[0u64; 2]; 2]; // [tap][dir]
+    let mut at = 0;
+    let mut t = 500;
+    let mut next = vm.moves.iter().peekable();
+    out.push(fdb(100, "brS", vm.ups[0], vm.mac));
+    out.push(seen(100, vm.mac, vm.taps[0], Direction::Ingress));
+    while t < END_MS {
+        let paused = vm.moves.iter().find(|(p, r, _)| t > *p && t <= *r + 2);
+        for (dir, d) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
+            if paused.is_some() && dir == 0 {
+                continue;
+            }
+            counters[at][dir] += 10;
+            out.push(stats(t, vm.mac, vm.taps[at], d, counters[at][dir], 100, t - 1));
+        }
+        if let Some(&&(p, r, _)) = next.peek()
+            && t + 500 > r
+        {
+            next.next();
+            let from = at;
+            at = 1 - at;
+            out.push(stats(
+                p,
+                vm.mac,
+                vm.taps[from],
+                Direction::Ingress,
+                counters[from][0],
+                100,
+                p - 1,
+            ));
+            out.push(seen(r + 1, vm.mac, vm.taps[at], Direction::Ingress));
+            out.push(rarp(r + 1, vm.mac, vm.taps[at]));
+            out.push(fdb(r + 2, "brS", vm.ups[at], vm.mac));
+            out.push(garp(r + 3, vm.mac, vm.ip, vm.taps[at]));
+            out.push(seen(r + 4, vm.mac, vm.taps[at], Direction::Egress));
+        }
+        t += 500;
+    }
+}
+
+fn tcp_state(ts_ms: u64, t: FourTuple, old: Option<TcpState>, new: Option<TcpState>) -> Event {
+    Event::TcpState {
+        ts_ns: ts_ms * MS,
+        tcp: TcpCommon {
+            tuple: t,
+            netns: 4026,
+        },
+        old_state: old,
+        new_state: new,
+    }
+}
+
+/// Connections of nobody watched: one every 50 ms, each open for 120 ms (a `connect()` without a source port
+/// first, as the kernel reports it).
+fn churn(out: &mut Vec<Event>) {
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut sport = 20_000u16;
+    let mut t = 1_000;
+    while t + 200 < END_MS {
+        let conn = |sport| FourTuple {
+            saddr: lo,
+            sport,
+            daddr: lo,
+            dport: 9,
+        };
+        out.push(tcp_state(
+            t,
+            conn(0),
+            Some(TcpState::Close),
+            Some(TcpState::SynSent),
+        ));
+        out.push(tcp_state(
+            t + 1,
+            conn(sport),
+            Some(TcpState::SynSent),
+            Some(TcpState::Established),
+        ));
+        out.push(tcp_state(
+            t + 120,
+            conn(sport),
+            Some(TcpState::Established),
+            Some(TcpState::FinWait1),
+        ));
+        out.push(tcp_state(
+            t + 121,
+            conn(sport),
+            Some(TcpState::FinWait1),
+            Some(TcpState::FinWait2),
+        ));
+        out.push(tcp_state(
+            t + 122,
+            conn(sport),
+            Some(TcpState::FinWait2),
+            Some(TcpState::Close),
+        ));
+        sport = if sport == 60_000 { 20_000 } else { sport + 1 };
+        t += 50;
+    }
+}
+
+fn scenario() -> (Vec<Event>, Vec<Vm>) {
+    let vm1 = Vm {
+        mac: VM1,
+        ip: IP1,
+        taps: ["tapA", "tapB"],
+        ups: ["upA", "upB"],
+        moves: [45_000, 85_000, 125_000, 165_000, 205_000, 245_000]
+            .into_iter()
+            .map(|p| (p, p + 10, Mode::Live))
+            .collect(),
+    };
+    let vm2 = Vm {
+        mac: VM2,
+        ip: IP2,
+        taps: ["tapC", "tapD"],
+        ups: ["upC", "upD"],
+        moves: vec![
+            (65_000, 65_012, Mode::Live),
+            (145_000, 151_000, Mode::Quick),
+            (225_000, 225_008, Mode::Live),
+        ],
+    };
+    let mut ev = Vec::new();
+    for vm in [&vm1, &vm2] {
+        for (i, &(p, r, mode)) in vm.moves.iter().enumerate() {
+            ev.extend(migration(&format!("{}-{i}", vm.mac), vm.mac, vm.ip, mode, p, r));
+        }
+        l2(vm, &mut ev);
+    }
+    // VM1: one connection opened long before any look-back and silent since (a `connect()` without a port first);
+    // one that retransmits through the third migration and recovers; one reset during the fourth.
+    let long = tuple(40_001, IP1);
+    ev.push(tcp_state(
+        1_000,
+        FourTuple { sport: 0, ..long },
+        Some(TcpState::Close),
+        Some(TcpState::SynSent),
+    ));
+    ev.push(state(1_001, long, "SYN_SENT", "ESTABLISHED"));
+    let slow = tuple(40_002, IP1);
+    ev.push(state(2_000, slow, "SYN_SENT", "ESTABLISHED"));
+    ev.extend([rtx(125_060, slow, 1, 200), rtx(125_460, slow, 2, 200)]);
+    let reset = tuple(40_003, IP1);
+    ev.push(state(3_000, reset, "SYN_SENT", "ESTABLISHED"));
+    ev.extend([
+        rst_in(165_030, reset),
+        state(165_030, reset, "ESTABLISHED", "CLOSE"),
+    ]);
+    // VM2: a connection that times out during the quick migration's 6 s pause.
+    let dies = tuple(41_001, IP2);
+    ev.push(state(4_000, dies, "SYN_SENT", "ESTABLISHED"));
+    ev.extend([
+        rtx(145_200, dies, 1, 200),
+        rtx(145_600, dies, 2, 200),
+        rtx(146_400, dies, 3, 200),
+        rtx(148_000, dies, 4, 200),
+        err(149_500, dies, 110),
+        state(149_500, dies, "ESTABLISHED", "CLOSE"),
+    ]);
+    // A flow of VM1 the wire follows, picked up long before, retransmitting through the second migration.
+    let f = FlowSeg::data(FlowSide::Peer, 42_001, 1_000, 100);
+    ev.push(flow_open(5_000, &f, "tapA"));
+    ev.extend([
+        flow_rtx(
+            85_005,
+            &FlowSeg::data(FlowSide::Peer, 42_001, 1_000, 100).silence(300),
+            "tapA",
+        ),
+        flow_progress(85_100, &FlowSeg::data(FlowSide::Peer, 42_001, 1_100, 100), "tapB"),
+    ]);
+    churn(&mut ev);
+    ev.sort_by_key(Event::ts_ns);
+    (ev, vec![vm1, vm2])
+}
+
+/// The report with what only later events can change masked: unjudged connections of VMs whose first migration
+/// comes after this one's pause.
+fn masked(m: &MigrationReport, later_ips: &[IpAddr]) -> MigrationReport {
+    let mut m = m.clone();
+    m.unjudged
+        .retain(|t| !later_ips.contains(&t.saddr) && !later_ips.contains(&t.daddr));
+    m
+}
+
+#[test]
+fn live_verdicts_are_the_offline_verdicts_in_bounded_memory() {
+    let (events, vms) = scenario();
+    let offline = correlate(&events);
+    assert_eq!(offline.migrations.len(), 9, "{:#?}", offline.warnings);
+
+    let cfg = LiveConfig {
+        lookback_ns: 10_000 * MS,
+        settle_ns: 3_000 * MS,
+        keep: 4,
+    };
+    let mut live = LiveCorrelation::new(cfg);
+    let mut released: Vec<MigrationReport> = Vec::new();
+    let mut settled = 0;
+    let mut max_held = 0;
+    let mut it = events.iter().peekable();
+    let mut now = 0;
+    while now < END_MS * MS + HOLD_MAX_NS {
+        now += 1_000 * MS;
+        while let Some(e) = it.next_if(|e| e.ts_ns() <= now) {
+            live.push(e.clone());
+        }
+        let up = live.update(now);
+        settled += up.settled.len();
+        released.extend(up.released);
+        max_held = max_held.max(live.status().held);
+    }
+
+    let first_pause = |mac: &str| {
+        vms.iter()
+            .find(|v| v.mac == mac)
+            .map_or(u64::MAX, |v| v.moves[0].0 * MS)
+    };
+    assert_eq!(released.len(), offline.migrations.len());
+    assert_eq!(settled, offline.migrations.len());
+    for off in &offline.migrations {
+        let got = released
+            .iter()
+            .find(|m| m.id == off.id)
+            .unwrap_or_else(|| panic!("{} was never released", off.id));
+        let pause = off.timeline.pause.as_ref().map_or(0, |p| p.ts_ns);
+        let later: Vec<IpAddr> = vms
+            .iter()
+            .filter(|v| first_pause(v.mac) > pause)
+            .map(|v| IpAddr::V4(v.ip))
+            .collect();
+        assert_eq!(masked(got, &later), masked(off, &later), "{}", off.id);
+    }
+    // The verdicts say what the scenario did.
+    let by_id = |id: &str| released.iter().find(|m| m.id == id).expect("released");
+    let third = by_id(&format!("{VM1}-2"));
+    assert_eq!((third.survived, third.aborted, third.retransmits), (4, 0, 2));
+    let fourth = by_id(&format!("{VM1}-3"));
+    assert_eq!((fourth.survived, fourth.aborted), (3, 1));
+    let quick = by_id(&format!("{VM2}-1"));
+    assert_eq!(quick.aborted, 1);
+    assert!(quick.connections.iter().any(|c| matches!(
+        c.fate,
+        Fate::Aborted {
+            reason: crate::correlate::AbortReason::Etimedout,
+            ..
+        }
+    )));
+    let second = by_id(&format!("{VM1}-1"));
+    assert!(
+        second
+            .connections
+            .iter()
+            .any(|c| c.basis == crate::correlate::Basis::Wire),
+        "{second:#?}"
+    );
+    // The silent connection opened 44 s before the first pause (beyond the 10 s look-back) is judged.
+    let first = by_id(&format!("{VM1}-0"));
+    assert!(
+        first
+            .connections
+            .iter()
+            .any(|c| c.tuple.sport == 40_001 && c.fate == Fate::Survived),
+        "{first:#?}"
+    );
+
+    // Memory: at most the look-back plus the longest held window (the quick migration's 6 s pause and its settle)
+    // and one update's worth of churn; the residue holds what is open, not what happened.
+    let churn_per_s = 5 * 20;
+    let bound = churn_per_s * (10 + 6 + 3 + 2 + 2) + 2_000;
+    assert!(max_held <= bound, "held {max_held} events, bound {bound}");
+    let st = live.status();
+    assert!(st.residue < 200, "{st:?}");
+    assert_eq!(st.kept, 4);
+    assert!(st.released_events as usize > events.len() * 9 / 10, "{st:?}");
+    assert_eq!(st.released_unresolved, 0);
+}
+
+#[test]
+fn a_migration_that_never_resumes_is_released_after_the_longest_hold() {
+    let mut ev = migration("stuck", VM1, IP1, Mode::Live, 1_000, 2_000);
+    ev.retain(|e| !matches!(e, Event::Migration { ev, .. } if matches!(ev.phase, migevents::Phase::Resume | migevents::Phase::Complete { .. })));
+    let mut live = LiveCorrelation::new(LiveConfig::default());
+    for e in ev {
+        live.push(e);
+    }
+    let up = live.update(5_000 * MS);
+    assert!(up.pending && up.in_flight && up.released.is_empty());
+    let up = live.update(1_000 * MS + HOLD_MAX_NS + 1);
+    assert_eq!(up.released.len(), 1);
+    assert!(up.settled.is_empty(), "it never resumed: no live line");
+    assert!(!up.pending);
+    let up = live.update(1_000 * MS + HOLD_MAX_NS + 60_000 * MS);
+    assert!(up.released.is_empty(), "released once");
+    assert_eq!(live.status().held, 0);
+}

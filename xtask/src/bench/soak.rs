@@ -1,0 +1,407 @@
+//! The soak: `migmon watch --metrics` with all TCP reported, under TCP churn on loopback (about 5 k events/s), with a
+//! migration every 30 s, for 10 minutes (`--quick`: 90 s). Its memory must stay flat and its scrapes cheap.
+//!
+//! - Churn: a client thread opens a connection to a local server, writes a byte and closes it, 650 times a second
+//!   (each connection gives about 8 socket events: both ends' state changes).
+//! - Migrations: a simulated pause source, not a VM: migrator phase events (setup, round, pause, resume, complete)
+//!   sent on the watch's `--events-listen` socket every 30 s, for a VM whose IP has no connection, with a 20 ms pause.
+//!   The live correlation holds each migration's window, settles it and releases it, as it does for a real one.
+//! - Samples every second: the watch's RSS (`VmRSS`), CPU time (`/proc/PID/stat`), and one scrape of `/metrics`,
+//!   timed from connect to the last byte.
+//!
+//! Rows: RSS in the first and the last minute (medians; `--quick`: the first and last 30 s), its growth, the
+//! slowest scrape, CPU % of one core after the first minute, the event rate achieved, and how many migrations the live
+//! correlation released (all of them must be).
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
+
+use super::{
+    Ctx,
+    observe::{cpu_seconds, rss_kib},
+    report::{Better, Results},
+};
+use crate::bench::report::Stats;
+
+pub const GROUP: &str = "soak: migmon watch --metrics under churn";
+
+/// Connections per second of churn.
+const CHURN_PER_S: u64 = 650;
+/// A migration this often.
+const MIGRATE_EVERY: Duration = Duration::from_secs(30);
+
+/// The loopback churn: a server that accepts and drops, a client that connects, writes and closes.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    connections: Arc<AtomicU64>,
+}
+
+impl Churn {
+    fn start(per_s: u64) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen for the churn")?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicU64::new(0));
+        let st = stop.clone();
+        let server = std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+                        let _ = s.read(&mut buf);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        let (st, n) = (stop.clone(), connections.clone());
+        let client = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut done = 0u64;
+            while !st.load(Ordering::Relaxed) {
+                let due = (start.elapsed().as_secs_f64() * per_s as f64) as u64;
+                if done >= due {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                if let Ok(mut c) = TcpStream::connect(addr) {
+                    let _ = c.write_all(b"x");
+                }
+                done += 1;
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(Self {
+            stop,
+            threads: vec![server, client],
+            connections,
+        })
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One simulated migration on the events socket: setup, a round, a 20 ms pause, resume, complete.
+fn migrate(sock: &Path, n: u32) -> Result<()> {
+    let id = format!("soak-{}-{n}", std::process::id());
+    let mac = "52:54:00:5a:00:01";
+    let mut sink = EventSink::open(sock).context("cannot connect to the watch's events socket")?;
+    let phases = [
+        (
+            Role::Source,
+            Phase::Setup {
+                mode: Mode::Live,
+                ram_bytes: 256 << 20,
+                ips: vec!["10.99.0.1".to_owned()],
+                host: "soak".to_owned(),
+                carries_frames: true,
+            },
+        ),
+        (
+            Role::Source,
+            Phase::Round {
+                n: 0,
+                pages: 1000,
+                bytes: 4 << 20,
+                bandwidth: 1 << 30,
+            },
+        ),
+        (Role::Source, Phase::Pause),
+    ];
+    for (role, phase) in phases {
+        sink.send(&MigrationEvent::now(&id, mac, role, phase))?;
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    sink.send(&MigrationEvent::now(&id, mac, Role::Destination, Phase::Resume))?;
+    sink.send(&MigrationEvent::now(
+        &id,
+        mac,
+        Role::Source,
+        Phase::Complete {
+            total_ms: 100.0,
+            pause_ms: 20.0,
+            bytes: 4 << 20,
+        },
+    ))?;
+    Ok(())
+}
+
+/// One scrape: the body and how long it took.
+fn scrape(addr: &str) -> Option<(String, Duration)> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some((out, t.elapsed()))
+}
+
+/// A metric's value in a scrape (the first series of that name).
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name || n.starts_with(&format!("{name}{{"))).then(|| v.parse().ok())?
+    })
+}
+
+/// The sum of every series of a metric.
+fn metric_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+struct Sample {
+    at: Duration,
+    rss_kib: u64,
+    cpu_s: f64,
+    scrape: Duration,
+    events: f64,
+    held: f64,
+}
+
+pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    let (duration, window) = if ctx.quick {
+        (Duration::from_secs(90), Duration::from_secs(30))
+    } else {
+        (Duration::from_secs(600), Duration::from_secs(60))
+    };
+    let rows = [
+        ("RSS first window", "MiB", "≤ 64 MiB"),
+        ("RSS last window", "MiB", "≤ 64 MiB"),
+        ("RSS growth", "MiB", "≤ 8 MiB"),
+        ("slowest scrape", "ms", "≤ 20 ms"),
+        ("CPU", "% of a core", "≤ 5 %"),
+    ];
+    for (name, unit, target) in rows {
+        results.declare(GROUP, name, unit, Better::Lower);
+        results.set_target(GROUP, name, target);
+    }
+    results.declare(GROUP, "event rate", "events/s", Better::Higher);
+    results.declare(GROUP, "migrations released", "of sent", Better::Higher);
+    results.declare(GROUP, "events held, largest", "events", Better::Lower);
+
+    let dir = ctx.out.join("soak");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let sock = dir.join("events.sock");
+    let log = dir.join("watch.log");
+    let mut child = Command::new(ctx.bin("migmon"))
+        .args(["watch", "--tcp", "sockets", "--json", "--metrics", "127.0.0.1:0"])
+        .arg("--events-listen")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("cannot start migmon watch")?;
+    let pid = child.id();
+    let guard = KillOnDrop(pid);
+    let addr = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(a) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("migmon: metrics on http://"))
+                .and_then(|l| l.strip_suffix("/metrics"))
+                && text.contains("migmon: watching")
+            {
+                break a.to_owned();
+            }
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                bail!("migmon watch did not start: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    ctx.progress(&format!(
+        "soak: {} s of {CHURN_PER_S} connections/s on loopback, a simulated migration every {} s",
+        duration.as_secs(),
+        MIGRATE_EVERY.as_secs()
+    ));
+    let _ticker = ctx.ticker("soak");
+    let churn = Churn::start(CHURN_PER_S)?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let mut sent = 0u32;
+    let mut next_migration = start + Duration::from_secs(5);
+    let mut next_sample = start;
+    while start.elapsed() < duration {
+        if Instant::now() >= next_migration {
+            migrate(&sock, sent)?;
+            sent += 1;
+            next_migration += MIGRATE_EVERY;
+        }
+        if Instant::now() >= next_sample {
+            next_sample += Duration::from_secs(1);
+            let (body, took) = scrape(&addr).context("a scrape failed")?;
+            samples.push(Sample {
+                at: start.elapsed(),
+                rss_kib: rss_kib(pid).unwrap_or(0),
+                cpu_s: cpu_seconds(pid).unwrap_or(0.0),
+                scrape: took,
+                events: metric_sum(&body, "migmon_events_total"),
+                held: metric(&body, "migmon_live_held_events").unwrap_or(0.0),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let connections = churn.connections.load(Ordering::Relaxed);
+    drop(churn);
+    // The last migration settles `--settle` (5 s) after its resume.
+    let settled = wait_released(&addr, f64::from(sent), Duration::from_secs(20));
+    drop(guard);
+    let _ = child.wait();
+
+    push_rows(
+        results,
+        &samples,
+        (duration, window),
+        (settled, sent, connections),
+    );
+    Ok(())
+}
+
+/// The rows from the samples.
+fn push_rows(
+    results: &mut Results,
+    samples: &[Sample],
+    (duration, window): (Duration, Duration),
+    (settled, sent, connections): (f64, u32, u64),
+) {
+    let mib = |k: u64| k as f64 / 1024.0;
+    let median_rss = |from: Duration, to: Duration| {
+        let v: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.at >= from && s.at < to)
+            .map(|s| mib(s.rss_kib))
+            .collect();
+        Stats::of(&v).map(|s| s.median)
+    };
+    let first = median_rss(Duration::ZERO, window);
+    let last = median_rss(duration.saturating_sub(window), duration);
+    if let (Some(f), Some(l)) = (first, last) {
+        results.push(GROUP, "RSS first window", "MiB", Better::Lower, f);
+        results.push(GROUP, "RSS last window", "MiB", Better::Lower, l);
+        results.push(GROUP, "RSS growth", "MiB", Better::Lower, l - f);
+    }
+    if let Some(max) = samples.iter().map(|s| s.scrape).max() {
+        results.push(
+            GROUP,
+            "slowest scrape",
+            "ms",
+            Better::Lower,
+            max.as_secs_f64() * 1e3,
+        );
+    }
+    let after = samples.iter().find(|s| s.at >= window);
+    if let (Some(a), Some(b)) = (after, samples.last()) {
+        let secs = b.at.saturating_sub(a.at).as_secs_f64();
+        if secs > 0.0 {
+            results.push(
+                GROUP,
+                "CPU",
+                "% of a core",
+                Better::Lower,
+                100.0 * (b.cpu_s - a.cpu_s) / secs,
+            );
+            results.push(
+                GROUP,
+                "event rate",
+                "events/s",
+                Better::Higher,
+                (b.events - a.events) / secs,
+            );
+        }
+    }
+    results.push(
+        GROUP,
+        "migrations released",
+        "of sent",
+        Better::Higher,
+        settled / f64::from(sent.max(1)),
+    );
+    results.push(
+        GROUP,
+        "events held, largest",
+        "events",
+        Better::Lower,
+        samples.iter().map(|s| s.held).fold(0.0, f64::max),
+    );
+    let note = format!(
+        "migmon watch --tcp sockets --json (stdout to /dev/null) --metrics --events-listen; {connections} loopback \
+         connections in {} s; {sent} simulated migrations (migrator phase events on the socket, 20 ms pause); RSS \
+         medians of 1 s samples in the first and last {} s; CPU after the first {} s; a scrape every second",
+        duration.as_secs(),
+        window.as_secs(),
+        window.as_secs()
+    );
+    results.note(GROUP, "RSS growth", &note);
+}
+
+/// Waits until the watch has released `n` migrations; returns how many it had.
+fn wait_released(addr: &str, n: f64, timeout: Duration) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = scrape(addr)
+            .and_then(|(b, _)| metric(&b, "migmon_live_released_migrations"))
+            .unwrap_or(0.0);
+        if got >= n || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Stops the watch (SIGINT, then SIGKILL after 10 s) when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let pid = self.0 as libc::pid_t;
+        // SAFETY: kill(2) on the pid of a child this bench started and has not reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGINT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // A zombie waits for our wait(): it has exited.
+            if stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
