@@ -34,6 +34,7 @@ pub fn mig(ts_ms: u64, id: &str, mac: &str, role: Role, phase: Phase, source: &s
         },
         source: match source {
             "qmp" => PauseSource::Qmp,
+            "libvirt" => PauseSource::Libvirt,
             "wire" => PauseSource::Wire,
             _ => PauseSource::Migrator,
         },

@@ -200,6 +200,8 @@ pub enum PauseSource {
     Migrator,
     /// QEMU's QMP events (`--qmp`).
     Qmp,
+    /// libvirt's domain events (`--libvirt`).
+    Libvirt,
     /// Inferred from the data plane (the VM's MAC moving between ports).
     Wire,
 }
@@ -209,6 +211,7 @@ impl PauseSource {
         match self {
             Self::Migrator => "migrator",
             Self::Qmp => "qmp",
+            Self::Libvirt => "libvirt",
             Self::Wire => "wire",
         }
     }

@@ -885,9 +885,11 @@ impl BridgeWatcher {
 /// Starts following `bridges` (the `--bridge` values): checks each one, queues an attach for each of its ports
 /// and applies those before returning (so the ports that exist at start are watched when the watch says so),
 /// then follows it on a thread until `stop`. Also records the ports attached so far (`--iface`) as
-/// `port_attached`. `None` when there is no bridge to follow.
+/// `port_attached`. `None` when there is no bridge to follow and no other part (`registrations`: libvirt) registers
+/// interfaces.
 pub fn start(
     bridges: &[String],
+    registrations: bool,
     mode: IngressMode,
     probes: &mut Probes,
     decoder: &mut Decoder,
@@ -907,7 +909,7 @@ pub fn start(
             notified_ns: None,
         });
     }
-    if bridges.is_empty() {
+    if bridges.is_empty() && !registrations {
         return Ok(None);
     }
     let specs = bridges
