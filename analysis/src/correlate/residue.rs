@@ -18,7 +18,8 @@
 //! - per tracked flow: its first segment, its first segment other than a SYN, and its first RST (the wire basis
 //!   judges every flow not reset before a pause);
 //! - migration phase events of the last [`MIGRATION_MARGIN_NS`] (a later move on the wire is not inferred again when
-//!   a recent migration covers it).
+//!   a recent migration covers it);
+//! - every `port_failed` (each later migration warns about it).
 //!
 //! Everything else (notes, clock samples, counters of the monitor itself) is dropped.
 
@@ -48,6 +49,13 @@ pub fn residue_until(events: &[Event], tcp_end_ns: u64, end_ns: u64) -> Vec<Even
     keep.extend(sorted.iter().copied().filter(|e| {
         matches!(e, Event::Migration { .. }) && e.ts_ns().saturating_add(MIGRATION_MARGIN_NS) >= end_ns
     }));
+    // Every later migration warns about each port that could not be watched (`correlate::ports`).
+    keep.extend(
+        sorted
+            .iter()
+            .copied()
+            .filter(|e| matches!(e, Event::PortFailed { .. })),
+    );
     // The same event can be kept for two reasons: keep it once, in time order, stably.
     let mut seen: HashSet<*const Event> = HashSet::new();
     keep.retain(|e| seen.insert(std::ptr::from_ref::<Event>(e)));
