@@ -34,29 +34,21 @@ pub fn wait_for_source(
     tracker: &Tracker,
 ) -> Result<Arrival, MigrationError> {
     let deadline = Instant::now() + opts.idle_timeout;
-    let (tx, rx) = mpsc::channel::<Result<Arrival, (String, String)>>();
+    let (tx, rx) = mpsc::channel::<Arrival>();
     let pending = Arc::new(AtomicUsize::new(0));
-    let reject = |peer: &str, why: &str| {
-        eprintln!("migrator: refused a connection from {peer}: {why}; still listening");
-        tracker.update(|s| s.rejected_peers += 1);
-    };
+    let reject = |peer: &str, why: &str| refuse(tracker, peer, why);
     loop {
-        while let Ok(r) = rx.try_recv() {
-            match r {
-                Ok(arrival) => {
-                    eprintln!(
-                        "migrator: source {} ({}) arrived",
-                        arrival.peer,
-                        if arrival.reader.get_ref().get_ref().is_tls() {
-                            "mutual TLS"
-                        } else {
-                            "plain"
-                        }
-                    );
-                    return Ok(arrival);
+        if let Ok(arrival) = rx.try_recv() {
+            eprintln!(
+                "migrator: source {} ({}) arrived",
+                arrival.peer,
+                if arrival.reader.get_ref().get_ref().is_tls() {
+                    "mutual TLS"
+                } else {
+                    "plain"
                 }
-                Err((peer, why)) => reject(&peer, &why),
-            }
+            );
+            return Ok(arrival);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -83,20 +75,38 @@ pub fn wait_for_source(
             continue;
         }
         pending.fetch_add(1, Ordering::SeqCst);
-        let (tx, in_flight, tls, opts) = (tx.clone(), pending.clone(), tls.cloned(), opts.clone());
+        let (tx, in_flight, tls, opts, tracker) = (
+            tx.clone(),
+            pending.clone(),
+            tls.cloned(),
+            opts.clone(),
+            tracker.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name("accept-check".into())
             .spawn(move || {
-                let r = check(stream, tls, &opts);
+                // A refused peer is logged and counted here, as soon as it fails, whether or not the waiter is
+                // still there to hear of it (another source may have won meanwhile).
+                match check(stream, tls, &opts) {
+                    Ok(arrival) => {
+                        // The waiter may have gone (another source won): this one is then dropped and closed.
+                        let _ignored = tx.send(arrival);
+                    }
+                    Err((peer, why)) => refuse(&tracker, &peer, &why),
+                }
                 in_flight.fetch_sub(1, Ordering::SeqCst);
-                // The waiter may have gone (another source won): this one is then dropped and closed.
-                let _ignored = tx.send(r);
             });
         if let Err(e) = spawned {
             pending.fetch_sub(1, Ordering::SeqCst);
             reject("a peer", &format!("cannot start a thread to check it: {e}"));
         }
     }
+}
+
+/// Logs and counts a refused peer.
+fn refuse(tracker: &Tracker, peer: &str, why: &str) {
+    eprintln!("migrator: refused a connection from {peer}: {why}; still listening");
+    tracker.update(|s| s.rejected_peers += 1);
 }
 
 /// TLS handshake (when configured), then the hello.

@@ -507,6 +507,20 @@ fn quick_via_file_with_extra_pause() {
 }
 
 #[test]
+fn extra_pause_past_the_max_pause_is_refused_before_anything_moves() {
+    let mut src = FakeSource::new(0, 0);
+    let mut opts = plain_tcp(Endpoint::Tcp("127.0.0.1:9".into()), Mode::Quick);
+    opts.extra_pause = Duration::from_secs(2);
+    opts.max_pause = Some(Duration::from_secs(1));
+    let err = migrate(&mut src, &opts, None, &Tracker::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("--extra-pause") && err.to_string().contains("--max-pause"),
+        "{err}"
+    );
+    assert!(!src.paused());
+}
+
+#[test]
 fn quick_direct() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, false, events.clone());
@@ -742,6 +756,19 @@ fn tls_receiver_survives_scans_garbage_and_strangers_then_migrates() {
         plain.contains("--tls-creds") && plain.contains("--insecure"),
         "{plain}"
     );
+    // Each refused peer is checked on its own thread: wait (with a deadline) until all three were counted, so the
+    // real source below cannot overtake a slow check on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tracker.snapshot().rejected_peers < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        tracker.snapshot().rejected_peers,
+        3,
+        "scan, garbage and stranger counted: {:?}",
+        tracker.snapshot()
+    );
+    assert!(!dst.is_finished(), "the receiver keeps listening");
     // The real source.
     opts.tls = Some(crate::transport::ClientTls {
         creds: creds.clone(),
@@ -754,9 +781,10 @@ fn tls_receiver_survives_scans_garbage_and_strangers_then_migrates() {
     let (target, _) = dst.join().unwrap().unwrap();
     assert_eq!(ram_hash(&src.guest.ram), ram_hash(&target.guest_ram()));
     assert!(report.verified_hash.is_some());
-    assert!(
-        tracker.snapshot().rejected_peers >= 3,
-        "scan, garbage and stranger counted: {:?}",
+    assert_eq!(
+        tracker.snapshot().rejected_peers,
+        3,
+        "only the scan, the garbage and the stranger were refused: {:?}",
         tracker.snapshot()
     );
     let _ = std::fs::remove_dir_all(creds);

@@ -43,6 +43,11 @@ const TARGETS: &[Target] = &[
         privileged: false,
     },
     Target {
+        name: "migration stream reader's memory against declared payload lengths",
+        args: &["-p", "migrator", "--test", "bounded_read", "fuzz_"],
+        privileged: false,
+    },
+    Target {
         name: "trace reader (random lines, fixture numbers at their edges)",
         args: &["-p", "migmon-analysis", "--test", "fuzz_trace"],
         privileged: false,

@@ -79,6 +79,15 @@ impl Workload {
     }
 }
 
+/// Whether `--workload` selects `w` (no `--workload`: every workload).
+fn selected(ctx: &Ctx, w: &Workload) -> bool {
+    ctx.workloads.is_empty()
+        || ctx.workloads.iter().any(|sel| match &w.dirty {
+            None => sel == "idle",
+            Some(d) => sel == d,
+        })
+}
+
 pub fn workloads(quick: bool) -> Vec<Workload> {
     if quick {
         vec![Workload::new(64, None, 30), Workload::new(64, Some("4M@16M"), 30)]
@@ -105,7 +114,21 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
             None
         }
     };
-    for (i, w) in workloads(ctx.quick).iter().enumerate() {
+    let all = workloads(ctx.quick);
+    if !all.iter().any(|w| selected(ctx, w)) {
+        bail!(
+            "--workload {}: no such workload (use idle, {})",
+            ctx.workloads.join(", "),
+            all.iter()
+                .filter_map(|w| w.dirty.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for (i, w) in all.iter().enumerate() {
+        if !selected(ctx, w) {
+            continue;
+        }
         let net = 10 + i as u8;
         declare(results, w, ctx.quick);
         for t in [Transport::Tls, Transport::Plain] {
@@ -148,7 +171,11 @@ fn declare(results: &mut Results, w: &Workload, quick: bool) {
                 results.declare(&g, &format!("{who} {m}"), unit, better);
             }
         }
-        if !ours {
+        if ours {
+            for (m, unit) in pause_parts() {
+                results.declare(&g, &format!("{who} {m}"), unit, Better::Lower);
+            }
+        } else {
             results.declare(&g, &format!("{who} own downtime"), "ms", Better::Lower);
         }
     }
@@ -182,6 +209,21 @@ fn metrics() -> [(&'static str, &'static str, Better); 8] {
         ("client max gap, no migration", "ms", Better::Lower),
         ("retransmits", "count", Better::Lower),
     ]
+}
+
+/// Where our pause goes (row, unit): the rule's estimate, the bytes, and the pause split at its landmarks.
+const PAUSE_PARTS: [(&str, &str); 7] = [
+    ("pause expected", "ms"),
+    ("KiB sent paused", "KiB"),
+    ("pause: stop vCPU", "ms"),
+    ("pause: final pages and state sent", "ms"),
+    ("pause: complete reaches the destination", "ms"),
+    ("pause: restore and resume", "ms"),
+    ("pause: ready → commit round trip", "ms"),
+];
+
+fn pause_parts() -> impl Iterator<Item = (&'static str, &'static str)> {
+    PAUSE_PARTS.iter().copied()
 }
 
 /// Which accelerator QEMU runs our guest with here: KVM if the guest's echo answers under it, else TCG.
@@ -311,24 +353,53 @@ struct MigratorVm {
     api: std::path::PathBuf,
 }
 
-fn events_pause_ms(events: &Path, migration_id: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(events).ok()?;
-    let mut stop = None;
-    let mut resume = None;
-    for line in text.lines() {
-        let Ok(e) = MigrationEvent::from_line(line) else {
-            continue;
-        };
-        if e.migration_id != migration_id {
-            continue;
+/// The landmarks of one migration in the migrators' phase events (`CLOCK_MONOTONIC` ns, both ends on this host).
+#[derive(Clone, Copy, Debug, Default)]
+struct PauseMarks {
+    /// The source's vCPU stopped.
+    paused: Option<u64>,
+    /// The source sent `Complete` (everything of the pause is on the stream).
+    complete_sent: Option<u64>,
+    /// The destination read `Complete`.
+    complete_received: Option<u64>,
+    /// The destination's vCPU runs.
+    resumed: Option<u64>,
+}
+
+impl PauseMarks {
+    fn read(events: &Path, migration_id: &str) -> Self {
+        let mut m = Self::default();
+        let text = std::fs::read_to_string(events).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(e) = MigrationEvent::from_line(line) else {
+                continue;
+            };
+            if e.migration_id != migration_id {
+                continue;
+            }
+            let at = Some(e.ts_ns);
+            match (&e.phase, e.role) {
+                (Phase::Pause, Role::Source) => m.paused = at,
+                (Phase::StateSent, Role::Source) => m.complete_sent = at,
+                (Phase::StateSent, Role::Destination) => m.complete_received = at,
+                (Phase::Resume, Role::Destination) => m.resumed = at,
+                _ => {}
+            }
         }
-        match (&e.phase, e.role) {
-            (Phase::Pause, Role::Source) => stop = Some(e.ts_ns),
-            (Phase::Resume, Role::Destination) => resume = Some(e.ts_ns),
-            _ => {}
-        }
+        m
     }
-    Some((resume?.checked_sub(stop?)?) as f64 / 1e6)
+
+    /// `to - from`, ms; 0 when `to` came first (the two ends stamp their own events: the destination may read a
+    /// message before the source has stamped sending it).
+    fn span(from: Option<u64>, to: Option<u64>) -> f64 {
+        from.zip(to)
+            .map_or(f64::NAN, |(f, t)| t.saturating_sub(f) as f64 / 1e6)
+    }
+
+    /// Source pause → destination resume, ms.
+    fn pause_ms(&self) -> f64 {
+        Self::span(self.paused, self.resumed)
+    }
 }
 
 /// Runs our migrator on `w` over `transport`, rows in group `g`; with `rss`, also samples both processes' RSS
@@ -391,6 +462,13 @@ pub fn ours(
         &g,
         &format!("{who} pause"),
         "source pause → destination resume, from the migrator's events",
+    );
+    results.note(
+        &g,
+        &format!("{who} pause: stop vCPU"),
+        "before the pause starts (the vCPU runs until it takes the request); the next rows split the pause at the \
+         phase events: the last dirty set, state and frames sent; `Complete` read at the destination; its restore \
+         and resume (from its ack); the rest, the wait from `Ready` to the source's `Commit`",
     );
     results.note(
         &g,
@@ -556,8 +634,8 @@ impl OursRun<'_> {
         let row = |m: &str| format!("{who} {m}");
         let id = report["migration_id"].as_str().unwrap_or_default();
         results.push(g, &row("total"), "ms", Better::Lower, f("total_ms"));
-        let pause = events_pause_ms(self.events, id).unwrap_or(f64::NAN);
-        results.push(g, &row("pause"), "ms", Better::Lower, pause);
+        let marks = PauseMarks::read(self.events, id);
+        results.push(g, &row("pause"), "ms", Better::Lower, marks.pause_ms());
         // The floor: the bytes sent while paused at the best rate seen, the migration link's TCP floor or the
         // migrator's own measured stream rate, whichever is higher. Nothing else is counted (the state, the
         // commit round trip, the resume), so a pause can never be below it.
@@ -578,6 +656,25 @@ impl OursRun<'_> {
             Better::Lower,
             self.retransmits as f64,
         );
+        // Where the pause went: the source's split, then the landmarks in the events (the destination's restore
+        // and resume as it reported them in its ack; the rest of its wait is the ready → commit round trip).
+        let restore_ms = f("restore_us") / 1e3;
+        let to_destination = PauseMarks::span(marks.complete_sent, marks.complete_received);
+        let destination = PauseMarks::span(marks.complete_received, marks.resumed);
+        let parts = [
+            f("expected_pause_ms"),
+            f("final_bytes") / 1024.0,
+            report["pause_breakdown"]["stop_vcpu_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            PauseMarks::span(marks.paused, marks.complete_sent),
+            to_destination,
+            restore_ms,
+            destination - restore_ms,
+        ];
+        for ((m, unit), v) in pause_parts().zip(parts) {
+            results.push(g, &row(m), unit, Better::Lower, v);
+        }
         if report["forced"].as_bool() == Some(true) {
             results.note(g, &row("pause"), "some runs were forced by the timeout");
         }
