@@ -304,6 +304,7 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
         let xml = match domain::parse(&text) {
             Ok(x) => x,
             Err(e) => {
+                crate::skipped::count("libvirt", "malformed");
                 self.note("warn", format!("libvirt {uri}: skipped a domain's XML: {e}"))?;
                 return Ok(None);
             }
@@ -402,6 +403,8 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
         }
         d.next_try = Instant::now() + MIN_BACKOFF;
         d.backoff = MIN_BACKOFF;
+        // Events while it is down are lost: counted with the skipped input.
+        crate::skipped::count("libvirt", "connection_lost");
         let why = match u32::try_from(reason).unwrap_or(u32::MAX) {
             virt::sys::VIR_CONNECT_CLOSE_REASON_EOF => "the daemon closed the connection",
             virt::sys::VIR_CONNECT_CLOSE_REASON_KEEPALIVE => "the daemon stopped answering keepalives",
