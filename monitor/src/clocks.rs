@@ -1,12 +1,10 @@
 //! What a trace records so that traces from several hosts can be merged: the kernel's boot id and the host's
 //! clocks read together, once in the header and then every [`SAMPLE_EVERY`] as `clock_sample` events.
 
-use std::{sync::mpsc::Sender, thread::JoinHandle, time::Duration};
+use std::{sync::mpsc::Sender, time::Duration};
 
 use migmon_analysis::trace::{ClockTriple, Event, TRACE_VERSION, TraceHeader};
 use nix::time::{ClockId, clock_gettime};
-
-use crate::pipeline::Control;
 
 /// How often a recording samples the clocks.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -51,25 +49,18 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Sends a `clock_sample` every [`SAMPLE_EVERY`] until the watch stops or the pipeline is gone.
-pub fn spawn_sampler(tx: Sender<Event>, control: Control) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("migmon-clocks".into())
-        .spawn(move || {
-            let tick = Duration::from_millis(200);
-            let mut waited = Duration::ZERO;
-            while !control.stopped() {
-                // Short sleeps so a stop is seen promptly; this is the sampling period, not synchronisation.
-                std::thread::sleep(tick);
-                waited += tick;
-                if waited >= SAMPLE_EVERY {
-                    waited = Duration::ZERO;
-                    if tx.send(read_triple().to_event()).is_err() {
-                        break;
-                    }
-                }
-            }
-        })
+/// Sends a `clock_sample` every [`SAMPLE_EVERY`] (the first one period from now) until the pipeline is gone or the task
+/// is dropped.
+pub async fn sample_clocks(tx: Sender<Event>) {
+    let start = tokio::time::Instant::now() + SAMPLE_EVERY;
+    let mut every = tokio::time::interval_at(start, SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if tx.send(read_triple().to_event()).is_err() {
+            return;
+        }
+    }
 }
 
 /// The header `--record` writes: now (the three clocks read together), this host (`host_name`, or the machine's

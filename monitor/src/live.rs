@@ -27,8 +27,8 @@ use migmon_analysis::{
 use crate::{
     cli::{LimitArgs, duration_ns, run_check},
     metrics::{self, Metrics},
-    pause::{self, SourceHandle},
-    pipeline::{Control, Flow, Observer},
+    pause,
+    pipeline::{Control, Flow, Observer, Sources},
     ports::{MacSource, PortControl},
     probes::Iface,
     record_dir::{RecordDir, RecordDirConfig},
@@ -119,21 +119,21 @@ fn observed_until() -> u64 {
 
 /// The running parts; [`Live::finish`] stops them and gives the final exit code.
 pub struct Live {
-    sources: Vec<SourceHandle>,
     gate: Arc<Mutex<Gate>>,
     thread: std::thread::JoinHandle<Seen>,
     args: LiveArgs,
 }
 
-/// Starts the sources and observers the flags ask for.
+/// Starts the sources (tasks on `sources`) and observers the flags ask for.
 pub fn start(
     args: &LiveArgs,
-    tx: &Sender<Event>,
-    control: &Control,
+    sources: &mut Sources,
     observers: &mut Vec<Observer>,
     ports: Option<PortControl>,
 ) -> Result<Live> {
-    let sources = start_sources(args, tx, control, ports)?;
+    start_sources(args, sources, ports)?;
+    let tx = &sources.sender();
+    let control = &sources.control();
     let released = Arc::new(Mutex::new(Vec::new()));
     if let Some(dir) = &args.record_dir {
         let host = args.host_name.clone();
@@ -163,7 +163,8 @@ pub fn start(
             Some(h) => Metrics::for_host(h),
             None => Metrics::new(),
         });
-        let bound = metrics::serve(m.clone(), addr)?;
+        let (bound, server) = metrics::serve(m.clone(), addr)?;
+        sources.spawn("metrics", server);
         eprintln!("migmon: metrics on http://{bound}/metrics");
         published = Some(m.clone());
         observers.push(Box::new(move |ev| {
@@ -189,7 +190,6 @@ pub fn start(
         (published, released),
     )?;
     Ok(Live {
-        sources,
         gate,
         thread,
         args: args.clone(),
@@ -209,14 +209,10 @@ impl Drop for Recorder {
     }
 }
 
-/// Starts the pause-window sources. Every source's events go into the pipeline; a pause also triggers an immediate
-/// MAC-stats sample, so the frames black-holed after it are counted from that instant.
-fn start_sources(
-    args: &LiveArgs,
-    tx: &Sender<Event>,
-    control: &Control,
-    ports: Option<PortControl>,
-) -> Result<Vec<SourceHandle>> {
+/// Starts the pause-window sources as tasks on `sources`. Every source's events go into the pipeline; a pause also
+/// triggers an immediate MAC-stats sample, so the frames black-holed after it are counted from that instant.
+fn start_sources(args: &LiveArgs, sources: &mut Sources, ports: Option<PortControl>) -> Result<()> {
+    let control = sources.control();
     let emit = |tx: Sender<Event>| {
         let control = control.clone();
         move |ev: Event| {
@@ -226,41 +222,46 @@ fn start_sources(
             tx.send(ev).is_ok()
         }
     };
-    let mut sources = Vec::new();
     if let Some(p) = &args.events_listen {
-        sources.push(
-            pause::migrator::listen(p, emit(tx.clone()))
-                .with_context(|| format!("cannot listen for migrator events on {}", p.display()))?,
-        );
+        let listener = pause::migrator::listen(p, emit(sources.sender()))
+            .with_context(|| format!("cannot listen for migrator events on {}", p.display()))?;
+        sources.spawn("events-listen", listener);
         eprintln!("migmon: migrator events on {} (mode 0600)", p.display());
     }
     for f in &args.events {
-        sources.push(pause::migrator::follow_file(f, emit(tx.clone()))?);
+        sources.spawn(
+            "events-file",
+            pause::migrator::follow_file(f.clone(), emit(sources.sender())),
+        );
     }
     for q in &args.qmp {
-        sources.push(
-            pause::qmp::follow(q, emit(tx.clone()))
-                .with_context(|| format!("cannot follow QMP on {}", q.display()))?,
-        );
+        // A QEMU already there is connected to before the watch starts, so its events from now on are seen.
+        let follower = sources.block_on(pause::qmp::Follower::start(q.clone(), emit(sources.sender())));
+        sources.spawn("qmp", follower.run());
         eprintln!("migmon: following QMP {}", q.display());
     }
     if !args.libvirt.is_empty() {
-        sources.push(
-            pause::libvirt::follow(&args.libvirt, emit(tx.clone()), move |vm| {
-                // The probes attach to each domain's tap as it appears (a migration's destination, a restore).
-                if let (Some(ports), Some(mac)) = (&ports, vm.mac) {
-                    let tap = Iface {
-                        name: vm.tap.clone(),
-                        netns: vm.netns.clone(),
-                    };
-                    ports.register_vm_interface(mac, tap, MacSource::Libvirt);
-                }
-            })
-            .context("cannot follow libvirt (--libvirt)")?,
-        );
+        // libvirt is a blocking library with its own event loop: it runs on a thread of its own, stopped with the
+        // watch.
+        let thread = pause::libvirt::follow(&args.libvirt, emit(sources.sender()), move |vm| {
+            // The probes attach to each domain's tap as it appears (a migration's destination, a restore).
+            if let (Some(ports), Some(mac)) = (&ports, vm.mac) {
+                let tap = Iface {
+                    name: vm.tap.clone(),
+                    netns: vm.netns.clone(),
+                };
+                ports.register_vm_interface(mac, tap, MacSource::Libvirt);
+            }
+        })
+        .context("cannot follow libvirt (--libvirt)")?;
+        let control = sources.control();
+        sources.spawn("libvirt", async move {
+            control.stopping().await;
+            let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
+        });
         eprintln!("migmon: following libvirt {}", args.libvirt.join(", "));
     }
-    Ok(sources)
+    Ok(())
 }
 
 /// The gate thread: feeds the live correlation, correlates once a second while a migration is held (every few
@@ -371,12 +372,9 @@ fn spawn_gate(
 }
 
 impl Live {
-    /// Stops the sources. With `--until-migrations` not reached, checks what was seen (and fails: fewer
+    /// Waits for the gate. With `--until-migrations` not reached, checks what was seen (and fails: fewer
     /// migrations than asked). Returns the exit code.
     pub fn finish(self, code: i32) -> Result<i32> {
-        for s in self.sources {
-            s.stop();
-        }
         let seen = self.thread.join();
         let Some(n) = self.args.until_migrations else {
             return Ok(code);

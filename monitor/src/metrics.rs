@@ -12,10 +12,10 @@
 
 use std::{
     collections::HashMap,
-    io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    future::Future,
+    io,
+    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
-    thread,
     time::Duration,
 };
 
@@ -34,6 +34,11 @@ use migmon_analysis::{
     correlate::{Fate, MigrationReport},
     live::LiveStatus,
     trace::Event,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
 };
 
 type Labels = Vec<(String, String)>;
@@ -62,6 +67,8 @@ pub struct Metrics {
     retransmits: Counter,
     lost: Counter,
     events: Family<Labels, Counter>,
+    /// The `events` counter of each kind, looked up once (a label set costs allocations per lookup).
+    events_by_kind: Mutex<HashMap<&'static str, Counter>>,
     skipped: Family<Labels, Counter>,
     /// The last cumulative count of each (source, reason) `skipped` record.
     skipped_seen: Mutex<HashMap<(String, String), u64>>,
@@ -175,6 +182,7 @@ impl Metrics {
             retransmits,
             lost,
             events,
+            events_by_kind: Mutex::new(HashMap::new()),
             skipped,
             skipped_seen: Mutex::new(HashMap::new()),
             live,
@@ -183,8 +191,15 @@ impl Metrics {
 
     /// Takes one event: the per-event counters.
     pub fn observe(&self, ev: &Event) {
-        self.events
-            .get_or_create(&vec![("kind".to_owned(), ev.kind().to_owned())])
+        self.events_by_kind
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(ev.kind())
+            .or_insert_with(|| {
+                self.events
+                    .get_or_create(&vec![("kind".to_owned(), ev.kind().to_owned())])
+                    .clone()
+            })
             .inc();
         match ev {
             Event::TcpRetransmit { .. } => {
@@ -282,67 +297,100 @@ pub enum MetricsError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot start the metrics thread")]
-    Spawn(#[source] io::Error),
 }
 
-/// Serves `GET /metrics` on `addr` from a thread; returns the bound address.
-pub fn serve(metrics: Arc<Metrics>, addr: &str) -> Result<SocketAddr, MetricsError> {
-    let listener = TcpListener::bind(addr).map_err(|source| MetricsError::Bind {
+/// How long a scraper may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Scrapes served at once; more wait for their turn in the listen backlog.
+const MAX_CLIENTS: usize = 16;
+
+/// Binds `addr` and returns the bound address and the task that serves `GET /metrics` there (spawn it on the watch's
+/// runtime). A slow or broken client costs its own connection only.
+pub fn serve(
+    metrics: Arc<Metrics>,
+    addr: &str,
+) -> Result<(SocketAddr, impl Future<Output = ()> + Send + 'static), MetricsError> {
+    let bind_err = |source| MetricsError::Bind {
         addr: addr.to_owned(),
         source,
-    })?;
-    let bound = listener.local_addr().map_err(|source| MetricsError::Bind {
-        addr: addr.to_owned(),
-        source,
-    })?;
-    thread::Builder::new()
-        .name("migmon-metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _ = answer(stream, &metrics);
-            }
-        })
-        .map_err(MetricsError::Spawn)?;
-    Ok(bound)
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+    let bound = listener.local_addr().map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok((bound, accept(listener, metrics)))
 }
 
-fn answer(mut s: TcpStream, m: &Metrics) -> io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
+async fn accept(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+    let Ok(listener) = TcpListener::from_std(listener) else {
+        return;
+    };
+    let mut clients = JoinSet::new();
+    loop {
+        while clients.len() >= MAX_CLIENTS {
+            clients.join_next().await;
         }
-        req.extend_from_slice(&buf[..n]);
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    clients.spawn(answer(stream, metrics.clone()));
+                }
+                // Out of file descriptors, typically: try again shortly.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+            Some(_) = clients.join_next(), if !clients.is_empty() => {}
+        }
     }
+}
+
+/// Reads the request head (within [`REQUEST_TIMEOUT`], at most 16 KiB), answers, closes.
+async fn answer(mut s: TcpStream, m: Arc<Metrics>) -> io::Result<()> {
+    let mut req = Vec::new();
+    let read_head = async {
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            req.extend_from_slice(&buf[..n]);
+        }
+        io::Result::Ok(())
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, read_head)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
     let head = String::from_utf8_lossy(&req);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, ctype, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
+        // Settling correlates what was seen: off the I/O threads.
+        let body = tokio::task::spawn_blocking(move || m.encode())
+            .await
+            .map_err(io::Error::other)?;
         (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            m.encode(),
+            body,
         )
     } else {
         ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
     };
-    write!(
-        s,
+    let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
+    );
+    s.write_all(response.as_bytes()).await?;
+    s.shutdown().await
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
     use migmon_analysis::fixtures::{live_trace, quick_trace};
 
     fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = TcpStream::connect(addr).unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
         write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
@@ -352,7 +400,9 @@ mod tests {
     #[test]
     fn metrics_over_http_after_a_quick_and_a_live_migration() {
         let m = Arc::new(Metrics::for_host("hv1"));
-        let addr = serve(m.clone(), "127.0.0.1:0").unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (addr, server) = serve(m.clone(), "127.0.0.1:0").unwrap();
+        rt.spawn(server);
         let mut ev = quick_trace();
         ev.extend(live_trace().into_iter().map(|mut e| {
             // The live migration happens 60 s later.
@@ -417,5 +467,20 @@ mod tests {
             "{body}"
         );
         assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn a_silent_or_garbage_client_does_not_hold_up_a_scrape() {
+        let m = Arc::new(Metrics::for_host("hv1"));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (addr, server) = serve(m, "127.0.0.1:0").unwrap();
+        rt.spawn(server);
+        // A client that connects and says nothing, and one that sends garbage without an end.
+        let _silent = std::net::TcpStream::connect(addr).unwrap();
+        let mut garbage = std::net::TcpStream::connect(addr).unwrap();
+        garbage.write_all(&[0xff; 4096]).unwrap();
+        let t = std::time::Instant::now();
+        assert!(get(addr, "/metrics").starts_with("HTTP/1.1 200 OK"));
+        assert!(t.elapsed() < REQUEST_TIMEOUT, "{:?}", t.elapsed());
     }
 }

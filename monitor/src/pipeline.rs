@@ -1,69 +1,163 @@
-//! The event pipeline of `migmon watch`: any thread pushes [`Event`]s through a [`Sender`] from
-//! [`Pipeline::sender`]; one consumer ([`Pipeline::consume`]) hands each to the [`Output`] (stdout and the trace),
-//! counts it for the [`Summary`] and shows it to the [`Observer`]s (metrics, the live gate). [`Control`] carries the
-//! stop and sample-now switches between the threads.
+//! The event pipeline of `migmon watch`: every source pushes [`Event`]s through a [`Sender`] from
+//! [`Pipeline::sender`]; one consumer ([`Pipeline::consume`], on the calling thread) hands each to the [`Output`]
+//! (stdout and the trace) in the order they arrived, counts it for the [`Summary`] and shows it to the [`Observer`]s
+//! (metrics, the live gate). [`Control`] carries the stop and sample-now switches between the parts.
+//!
+//! The sources are tasks on one tokio runtime, [`Sources`]: the probe collector (ring buffers through `AsyncFd`),
+//! the pause-window sources (QMP, the migrator events socket, followed files), the metrics server, the clock sampler
+//! and the signal handler. A new source is an `async` function that takes a [`Sender`] (sending never blocks: the
+//! channel is unbounded) and, if it must finish cleanly, a [`Control`]; `Sources::spawn` starts it. A blocking
+//! library runs in `tokio::task::spawn_blocking` or a thread of its own and sends through the same [`Sender`].
+//!
+//! ```text
+//!  Sources (tokio) ──► Sender<Event> ──► consumer (this thread) ──► Output, Summary, observers
+//! ```
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsFd, BorrowedFd},
+    future::Future,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
         mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError},
     },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use migmon_analysis::trace::Event;
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use tokio::{
+    runtime::{Handle, Runtime},
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
 
 use crate::output::Output;
 
-/// Shared switches between the pipeline's threads.
+/// Shared switches between the pipeline's parts: the consumer, the sources' tasks and any thread.
 #[derive(Clone)]
 pub struct Control {
-    stop: Arc<AtomicBool>,
-    sample: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
+    inner: Arc<Switches>,
+}
+
+struct Switches {
+    stop: watch::Sender<bool>,
+    sample: Notify,
 }
 
 impl Control {
-    fn new() -> Result<Self> {
-        Ok(Self {
-            stop: Arc::new(AtomicBool::new(false)),
-            sample: Arc::new(AtomicBool::new(false)),
-            wake: Arc::new(
-                EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-                    .context("cannot create an eventfd")?,
-            ),
-        })
+    fn new() -> Self {
+        Self {
+            inner: Arc::new(Switches {
+                stop: watch::Sender::new(false),
+                sample: Notify::new(),
+            }),
+        }
     }
 
     /// Asks the probe collector to sample the MAC counters now (e.g. when a VM pause is announced).
     pub fn request_sample(&self) {
-        self.sample.store(true, Ordering::SeqCst);
-        let _ = self.wake.write(1);
+        self.inner.sample.notify_one();
     }
 
     /// Asks every part of the pipeline to finish.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.wake.write(1);
+        self.inner.stop.send_replace(true);
     }
 
     pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        *self.inner.stop.borrow()
     }
 
-    pub(crate) fn wake_fd(&self) -> BorrowedFd<'_> {
-        self.wake.as_fd()
+    /// Completes once [`Control::stop`] was called (at once if it was already).
+    pub async fn stopping(&self) {
+        let mut rx = self.inner.stop.subscribe();
+        // The sender lives in `self`, so the wait ends only by the value.
+        let _ = rx.wait_for(|stopped| *stopped).await;
     }
 
-    pub(crate) fn take_sample_request(&self) -> bool {
-        let _ = self.wake.read();
-        self.sample.swap(false, Ordering::SeqCst)
+    /// Completes at the next [`Control::request_sample`] (at once if one is pending).
+    pub async fn sample_requested(&self) {
+        self.inner.sample.notified().await;
+    }
+}
+
+/// The collector's I/O: one tokio runtime, and the tasks of every source of events on it.
+pub struct Sources {
+    runtime: Runtime,
+    tasks: Vec<(String, JoinHandle<()>)>,
+    tx: Sender<Event>,
+    control: Control,
+}
+
+/// How long the tasks get to finish once the watch is over.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+impl Sources {
+    /// A runtime for `pipeline`'s sources: two worker threads (`migmon-io`), timers and I/O.
+    pub fn new(pipeline: &Pipeline) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("migmon-io")
+            .enable_all()
+            .build()
+            .context("cannot start the I/O runtime (tokio)")?;
+        Ok(Self {
+            runtime,
+            tasks: Vec::new(),
+            tx: pipeline.sender(),
+            control: pipeline.control(),
+        })
+    }
+
+    /// A sender into the pipeline, for a new source.
+    pub fn sender(&self) -> Sender<Event> {
+        self.tx.clone()
+    }
+
+    /// The pipeline's switches.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// The runtime, to spawn from elsewhere or to enter (`handle().enter()`) where tokio objects are built.
+    pub fn handle(&self) -> &Handle {
+        self.runtime.handle()
+    }
+
+    /// Runs `fut` to its end on the runtime (a step that must finish before the watch starts: a bind, a first
+    /// connect).
+    pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        self.runtime.block_on(fut)
+    }
+
+    /// Starts a source as a task named `name`. It runs until it returns or the watch is over (then it is dropped at
+    /// its next `.await`; a source that must do something last waits for [`Control::stopping`] instead).
+    pub fn spawn(&mut self, name: &str, fut: impl Future<Output = ()> + Send + 'static) {
+        let task = self.runtime.spawn(fut);
+        self.tasks.push((name.to_owned(), task));
+    }
+
+    /// Starts a task whose end the caller waits for (the probe collector: [`Pipeline::consume`] drains until it ends).
+    pub fn spawn_joined(&mut self, fut: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
+        self.runtime.spawn(fut)
+    }
+
+    /// The names of the sources that have ended (their input closed, or they failed: each said why in a note).
+    pub fn finished(&self) -> Vec<&str> {
+        self.tasks
+            .iter()
+            .filter(|(_, t)| t.is_finished())
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// Stops every task: they are dropped at their next `.await` (sockets closed, the events socket removed).
+    pub fn shutdown(self) {
+        self.control.stop();
+        for (_, t) in &self.tasks {
+            t.abort();
+        }
+        self.runtime.shutdown_timeout(SHUTDOWN_GRACE);
     }
 }
 
@@ -123,14 +217,20 @@ impl std::fmt::Display for Summary {
     }
 }
 
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pipeline {
-    pub fn new() -> Result<Self> {
+    pub fn new() -> Self {
         let (tx, rx) = mpsc::channel();
-        Ok(Self {
+        Self {
             tx,
             rx,
-            control: Control::new()?,
-        })
+            control: Control::new(),
+        }
     }
 
     /// A sender for another source of events.
@@ -144,7 +244,7 @@ impl Pipeline {
     }
 
     /// Consumes events until stopped (Ctrl-C, `deadline`, an observer, or [`Control::stop`]), then drains what is
-    /// left once `until_done` (the probe collector) has finished. Returns the summary and the exit code.
+    /// left once `until_done` (the probe collector's task) has finished. Returns the summary and the exit code.
     pub fn consume(
         self,
         out: &mut Output,
@@ -211,7 +311,6 @@ impl Pipeline {
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
-            let _ = h.join();
         }
         while let Ok(ev) = rx.try_recv() {
             handle(ev, out, &mut summary, &mut code)?;
@@ -227,10 +326,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sources_run_on_the_runtime_and_see_the_switches() {
+        let p = Pipeline::new();
+        let mut sources = Sources::new(&p).unwrap();
+        let control = sources.control();
+        // A sample request made before anyone waits is kept for the next wait.
+        control.request_sample();
+        let (tx, control_t) = (sources.sender(), sources.control());
+        let collector = sources.spawn_joined(async move {
+            control_t.sample_requested().await;
+            control_t.stopping().await;
+            // A source that must do something last does it after the stop.
+            let _ = tx.send(Event::Loss {
+                ts_ns: 9,
+                cpu: 0,
+                count: 1,
+            });
+        });
+        sources.spawn("forever", std::future::pending());
+        let mut out = Output::new(true, None);
+        control.stop();
+        let (summary, code) = p.consume(&mut out, None, &mut [], Some(collector)).unwrap();
+        assert_eq!((summary.lost, code), (1, 0), "the last event is consumed");
+        assert!(sources.finished().is_empty());
+        // Shutting down drops the task that never ends.
+        sources.shutdown();
+    }
+
+    #[test]
     fn pipeline_takes_events_from_any_thread() {
-        let p = Pipeline::new().unwrap();
+        let p = Pipeline::new();
         let tx = p.sender();
         let control = p.control();
+        assert!(!control.stopped());
         let t = std::thread::spawn(move || {
             for i in 0..3 {
                 tx.send(Event::Loss {

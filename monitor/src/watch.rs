@@ -1,24 +1,26 @@
 //! `migmon watch`: attach the probes, stream events, record a trace.
 //!
-//! The core is a [`Pipeline`]: any thread may push [`Event`]s through a [`std::sync::mpsc::Sender`] from
+//! The core is a [`Pipeline`]: every source pushes [`Event`]s through a [`std::sync::mpsc::Sender`] from
 //! [`Pipeline::sender`], and one consumer prints them (human or `--json`), appends them to the `--record` trace,
-//! counts them for the summary and hands them to [`Observer`]s. The kernel probes are one source: a collector thread
-//! drains the ring buffers and, every `--sample-interval` or at once when [`Control::request_sample`] is called,
-//! samples the per-MAC counters (`mac_stats`), the malformed-frame counters (`malformed`) and the ring buffer
-//! losses (`loss`). Other sources (a migrator's event socket, QMP, ...) push into the same sender.
+//! counts them for the summary and hands them to [`Observer`]s. The sources are tasks on one tokio runtime
+//! ([`Sources`]). The kernel probes are one: a collector task wakes when a ring buffer has records (`AsyncFd` on each
+//! ring buffer's fd), drains them and, every `--sample-interval` or at once when [`Control::request_sample`] is
+//! called, samples the per-MAC counters (`mac_stats`), the malformed-frame counters (`malformed`) and the ring buffer
+//! losses (`loss`); it owns the [`Probes`], which other tasks reach through [`ProbeAccess`]. Other sources (a
+//! migrator's event socket, QMP, the clock sampler, ...) push into the same sender.
 //!
 //! ```text
-//!  ring buffers ─┐                       ┌─ stdout (human / --json)
-//!  map samples ──┼─ Sender<Event> ──► consumer ──┼─ --record trace (flushed per line)
-//!  other sources ┘                       └─ observers, summary
+//!  ring buffers ─┐  tasks on one                        ┌─ stdout (human / --json)
+//!  map samples ──┼─ tokio runtime ─ Sender<Event> ──► consumer ──┼─ --record trace (flushed per line)
+//!  other sources ┘                                      └─ observers, summary
 //! ```
 
 use std::{
     collections::HashMap,
-    os::fd::BorrowedFd,
+    os::fd::{BorrowedFd, OwnedFd},
     path::PathBuf,
     sync::mpsc::Sender,
-    thread::JoinHandle,
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -26,16 +28,16 @@ use anyhow::{Context, Result, bail};
 use migmon_analysis::trace::{Event, MacAddr, TraceWriter};
 use migmon_base::units::parse_duration;
 use monitor_common::{MacCounters, MacKey};
-use nix::{
-    poll::{PollFd, PollFlags, PollTimeout, poll},
-    sys::signal::{SigSet, Signal},
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
 };
 
 pub use crate::clocks::trace_header;
 use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
-    pipeline::{Control, Observer, Pipeline},
+    pipeline::{Control, Observer, Pipeline, Sources},
     ports::PortHandler,
     probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
 };
@@ -319,87 +321,248 @@ fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
     });
 }
 
-/// The probe source: drains the ring buffers as they fill, samples the counters, and detaches on stop.
+/// Work handed to the probe collector, which owns the [`Probes`]: attach or detach a port, read a map. It runs
+/// between two drains; the collector then watches the ring buffers the probes have now.
+pub type ProbeWork = Box<dyn FnOnce(&mut Probes, &mut Decoder) + Send>;
+
+/// The running probe collector: its task (the consumer drains until it ends) and a way to reach its probes.
+pub struct Collector {
+    pub task: tokio::task::JoinHandle<()>,
+    pub probes: ProbeAccess,
+}
+
+/// Reaches the [`Probes`] the collector owns, from any task or thread.
+#[derive(Clone)]
+pub struct ProbeAccess(tokio::sync::mpsc::UnboundedSender<ProbeWork>);
+
+impl ProbeAccess {
+    /// Runs `f` on the collector's probes and decoder and returns what it returns; `None` once the collector has
+    /// stopped.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Probes, &mut Decoder) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work: ProbeWork = Box::new(move |p, d| {
+            let _ = tx.send(f(p, d));
+        });
+        self.0.send(work).ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Registers every ring buffer of `probes` with the runtime's reactor, each through a duplicate of its fd (so the
+/// registration never outlives the fd it names, whatever the order the probes and the registrations go in).
+fn watch_rings(probes: &Probes) -> std::io::Result<Vec<AsyncFd<OwnedFd>>> {
+    probes
+        .ring_fds()
+        .into_iter()
+        .map(|fd| {
+            // SAFETY: `fd` is a ring buffer map of `probes`, open while `probes` is borrowed here.
+            watch_fd(unsafe { BorrowedFd::borrow_raw(fd) })
+        })
+        .collect()
+}
+
+/// Completes when any ring buffer has records (never, for an empty set). Readiness is cleared before the caller
+/// drains, so a record submitted during the drain wakes it again.
+async fn rings_readable(rings: &[AsyncFd<OwnedFd>]) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| {
+        let mut ready = false;
+        for ring in rings {
+            match ring.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    guard.clear_ready();
+                    ready = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if ready { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// How often the ring buffers are drained when the reactor cannot watch them.
+const RING_POLL_FALLBACK: Duration = Duration::from_millis(10);
+
+/// The probe source: a task that drains the ring buffers as they fill, samples the counters every `interval` (and at
+/// once on [`Control::request_sample`]), applies the port requests of `ports` (`--bridge`) as they come, and on stop
+/// does a last drain and sample and detaches.
 pub fn spawn_collector(
-    mut probes: Probes,
-    mut decoder: Decoder,
+    sources: &mut Sources,
+    probes: Probes,
+    decoder: Decoder,
+    interval: Duration,
+    ports: Option<PortHandler>,
+) -> Collector {
+    let (work_tx, work_rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = sources.spawn_joined(collect(
+        Probed {
+            probes,
+            decoder,
+            ports,
+        },
+        sources.sender(),
+        sources.control(),
+        interval,
+        work_rx,
+    ));
+    Collector {
+        task,
+        probes: ProbeAccess(work_tx),
+    }
+}
+
+/// What the collector owns: the probes, the decoder that names their ports, and the port requests' handler.
+struct Probed {
+    probes: Probes,
+    decoder: Decoder,
+    ports: Option<PortHandler>,
+}
+
+impl Probed {
+    /// Decodes every pending ring buffer record into `tx`.
+    fn drain(&mut self, tx: &Sender<Event>) {
+        drain(&mut self.probes, &mut self.decoder, tx);
+    }
+}
+
+/// Completes when `fd` is readable, clearing the readiness first (never, without an fd).
+async fn readable(fd: Option<&AsyncFd<OwnedFd>>) -> std::io::Result<()> {
+    match fd {
+        Some(fd) => {
+            fd.readable().await?.clear_ready();
+            Ok(())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Registers a duplicate of `fd` with the reactor, for readability.
+fn watch_fd(fd: BorrowedFd<'_>) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let dup = fd.try_clone_to_owned()?;
+    // SAFETY: the AsyncFd owns `dup`, so the fd stays open and the same for the registration's lifetime.
+    unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }.map_err(std::io::Error::from)
+}
+
+async fn collect(
+    mut p: Probed,
     tx: Sender<Event>,
     control: Control,
     interval: Duration,
-    mut ports: Option<PortHandler>,
-) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("migmon-probes".into())
-        .spawn(move || {
-            let mut prev = Samples::default();
-            let mut next = Instant::now() + interval;
-            let mut ring_fds = probes.ring_fds();
-            loop {
-                let stopping = control.stopped();
-                drain(&mut probes, &mut decoder, &tx);
-                // Ports that came and went, MACs learned: between two drains, so names resolve until the end.
-                if let Some(h) = &mut ports
-                    && h.handle(&mut probes, &mut decoder, &tx)
-                {
-                    ring_fds = probes.ring_fds();
+    mut work: tokio::sync::mpsc::UnboundedReceiver<ProbeWork>,
+) {
+    let mut prev = Samples::default();
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rings = watched_rings(&p.probes, &tx);
+    let mut fallback = tokio::time::interval(RING_POLL_FALLBACK);
+    let port_wake = p.ports.as_ref().and_then(|h| match watch_fd(h.wake_fd()) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            note(
+                &tx,
+                "warning",
+                format!("cannot wait for port requests ({e}); they are applied at each sample"),
+            );
+            None
+        }
+    });
+    loop {
+        tokio::select! {
+            biased;
+            () = control.stopping() => break,
+            ready = rings_readable(rings.as_deref().unwrap_or_default()), if rings.is_some() => {
+                if let Err(e) = ready {
+                    note(&tx, "warning", format!("cannot wait for the ring buffers ({e}); polling them every {} ms", RING_POLL_FALLBACK.as_millis()));
+                    rings = None;
                 }
-                let asked = control.take_sample_request();
-                if asked || stopping || Instant::now() >= next {
-                    if stopping {
-                        // The last sample counts the flow tables whatever the pace.
-                        prev.flows_walked = None;
-                    }
-                    sample(&probes, &decoder, &mut prev, &tx);
-                    next = Instant::now() + interval;
-                }
-                if stopping {
-                    // Records submitted while sampling.
-                    drain(&mut probes, &mut decoder, &tx);
-                    break;
-                }
-                let timeout = next.saturating_duration_since(Instant::now());
-                let timeout =
-                    PollTimeout::try_from(timeout.as_millis().min(1000) as u32).unwrap_or(PollTimeout::NONE);
-                // SAFETY: the ring buffer fds belong to `probes`, which outlives this poll.
-                let rings: Vec<BorrowedFd<'_>> = ring_fds
-                    .iter()
-                    .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
-                    .collect();
-                let mut fds: Vec<PollFd<'_>> = rings
-                    .iter()
-                    .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-                    .collect();
-                fds.push(PollFd::new(control.wake_fd(), PollFlags::POLLIN));
-                if let Some(h) = &ports {
-                    fds.push(PollFd::new(h.wake_fd(), PollFlags::POLLIN));
-                }
-                let _ = poll(&mut fds, timeout);
+                p.drain(&tx);
             }
-            drop(probes);
-        })
-        .context("cannot start the probe thread")
+            _ = fallback.tick(), if rings.is_none() => p.drain(&tx),
+            _ = readable(port_wake.as_ref()), if port_wake.is_some() => {
+                // Ports that came and went, MACs learned: between two drains, so names resolve until the end.
+                p.drain(&tx);
+                if let Some(h) = &mut p.ports
+                    && h.handle(&mut p.probes, &mut p.decoder, &tx)
+                {
+                    rings = watched_rings(&p.probes, &tx);
+                }
+            }
+            () = control.sample_requested() => {
+                p.drain(&tx);
+                sample(&p.probes, &p.decoder, &mut prev, &tx);
+                every.reset();
+            }
+            _ = every.tick() => {
+                p.drain(&tx);
+                if port_wake.is_none()
+                    && let Some(h) = &mut p.ports
+                    && h.handle(&mut p.probes, &mut p.decoder, &tx)
+                {
+                    rings = watched_rings(&p.probes, &tx);
+                }
+                sample(&p.probes, &p.decoder, &mut prev, &tx);
+            }
+            Some(job) = work.recv() => {
+                p.drain(&tx);
+                // The job may add or remove ring buffers: watch what is there after.
+                job(&mut p.probes, &mut p.decoder);
+                rings = watched_rings(&p.probes, &tx);
+            }
+        }
+    }
+    p.drain(&tx);
+    // The last sample counts the flow tables whatever the pace.
+    prev.flows_walked = None;
+    sample(&p.probes, &p.decoder, &mut prev, &tx);
+    // Records submitted while sampling.
+    p.drain(&tx);
 }
 
-/// Blocks SIGINT/SIGTERM in this thread (and the threads it starts) and turns them into [`Control::stop`] on a
-/// dedicated thread. A second signal exits at once.
-pub fn stop_on_signals(control: &Control) -> Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block().context("cannot block SIGINT/SIGTERM")?;
-    let control = control.clone();
-    std::thread::Builder::new()
-        .name("migmon-signals".into())
-        .spawn(move || {
-            if set.wait().is_ok() {
-                control.stop();
-            }
-            if set.wait().is_ok() {
-                eprintln!("migmon: interrupted twice, exiting without cleanup");
-                std::process::exit(130);
-            }
-        })
-        .context("cannot start the signal thread")?;
+/// The ring buffers registered with the reactor, or `None` (with a warning) when they cannot be.
+fn watched_rings(probes: &Probes, tx: &Sender<Event>) -> Option<Vec<AsyncFd<OwnedFd>>> {
+    match watch_rings(probes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            note(
+                tx,
+                "warning",
+                format!(
+                    "cannot watch the ring buffers ({e}); polling them every {} ms",
+                    RING_POLL_FALLBACK.as_millis()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Turns SIGINT and SIGTERM into [`Control::stop`], on the runtime. A second signal exits at once.
+pub fn stop_on_signals(sources: &mut Sources) -> Result<()> {
+    let (mut int, mut term) = {
+        let _rt = sources.handle().enter();
+        (
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        )
+    };
+    let control = sources.control();
+    sources.spawn("signals", async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        control.stop();
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("migmon: interrupted twice, exiting without cleanup");
+        std::process::exit(130);
+    });
     Ok(())
 }
 
@@ -537,10 +700,13 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
 }
 
 /// Runs `migmon watch`; returns the process exit code.
+///
+/// The sources run as tasks on one tokio runtime ([`Sources`]); this thread is the consumer that prints and records
+/// every event in the order it arrived.
 pub fn run(args: &WatchArgs) -> Result<i32> {
-    let pipeline = Pipeline::new()?;
-    let control = pipeline.control();
-    stop_on_signals(&control)?;
+    let pipeline = Pipeline::new();
+    let mut sources = Sources::new(&pipeline)?;
+    stop_on_signals(&mut sources)?;
 
     let record = args
         .record
@@ -563,7 +729,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         &mut probes,
         &mut decoder,
         &tx,
-        &control,
+        &sources.control(),
     )?;
     let mut observers: Vec<Observer> = Vec::new();
     let port_control = ports.as_ref().map(PortHandler::control);
@@ -571,28 +737,23 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         observers.push(crate::ports::mac_observer(c.clone()));
     }
     if record.is_some() || args.live.record_dir.is_some() {
-        crate::clocks::spawn_sampler(tx.clone(), control.clone())
-            .context("cannot start the clock sampler")?;
+        sources.spawn("clocks", crate::clocks::sample_clocks(tx.clone()));
     }
-    let collector = spawn_collector(probes, decoder, tx, control.clone(), args.sample_interval, ports)?;
+    let collector = spawn_collector(&mut sources, probes, decoder, args.sample_interval, ports);
 
-    // Other sources of events (migrator event socket, QMP, ...) start here, with `pipeline.sender()` and
-    // `pipeline.control()`; observers (limits, metrics) go in `observers`.
-    let live = crate::live::start(
-        &args.live,
-        &pipeline.sender(),
-        &control,
-        &mut observers,
-        port_control,
-    )?;
+    // Other sources of events (migrator event socket, QMP, libvirt, ...) are tasks on `sources`; observers (limits,
+    // metrics) go in `observers`.
+    let live = crate::live::start(&args.live, &mut sources, &mut observers, port_control)?;
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
     let deadline = args.duration.map(|d| Instant::now() + d);
-    let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector))?;
+    let (summary, code) = pipeline.consume(&mut out, deadline, &mut observers, Some(collector.task))?;
     out.finish_record()?;
     eprintln!("migmon: {summary}");
-    live.finish(code)
+    let code = live.finish(code);
+    sources.shutdown();
+    code
 }
 
 #[cfg(test)]

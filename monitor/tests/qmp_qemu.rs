@@ -157,7 +157,10 @@ fn follower_turns_stop_and_cont_into_a_pause_window() {
     );
 
     let (tx, rx) = mpsc::channel();
-    let handle = qmp::follow(&follow_sock, tx).expect("follow QMP");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The first connect is made before the driver acts, so its stop is seen.
+    let follower = rt.block_on(qmp::Follower::start(follow_sock.clone(), tx));
+    let handle = rt.spawn(follower.run());
     let mut driver = Driver::connect(&drive_sock);
 
     let before = monotonic_ns();
@@ -179,7 +182,8 @@ fn follower_turns_stop_and_cont_into_a_pause_window() {
             break;
         }
     }
-    handle.stop();
+    handle.abort();
+    drop(rt);
 
     assert!(
         matches!(&got[0], Event::ClockOffset { source, .. } if source.starts_with("qmp:")),
@@ -396,22 +400,15 @@ fn check_one_migration(got: &[Event], mode: &str, qemu_pause_ns: i64, what: &str
     );
 }
 
-/// Follows both sockets before either QEMU exists: the sockets appear later and are picked up.
-fn follow_both(
-    dir: &Path,
-) -> (
-    PathBuf,
-    PathBuf,
-    mpsc::Receiver<Event>,
-    Vec<monitor::pause::SourceHandle>,
-) {
+/// Follows both sockets before either QEMU exists: the sockets appear later and are picked up. The followers run on
+/// the returned runtime until it is dropped.
+fn follow_both(dir: &Path) -> (PathBuf, PathBuf, mpsc::Receiver<Event>, tokio::runtime::Runtime) {
     let (a, b) = (dir.join("a.qmp"), dir.join("b.qmp"));
     let (tx, rx) = mpsc::channel();
-    let handles = vec![
-        qmp::follow(&a, tx.clone()).expect("follow a"),
-        qmp::follow(&b, tx).expect("follow b"),
-    ];
-    (a, b, rx, handles)
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.spawn(qmp::follow(a.clone(), tx.clone()));
+    rt.spawn(qmp::follow(b.clone(), tx));
+    (a, b, rx, rt)
 }
 
 #[test]
@@ -436,9 +433,8 @@ fn a_live_migration_to_a_destination_started_later_is_one_migration() {
         has_phase(g, Role::Source, |p| matches!(p, Phase::Complete { .. }))
             && has_phase(g, Role::Destination, |p| *p == Phase::Resume)
     });
-    for h in handles {
-        h.stop();
-    }
+    // Dropping the runtime stops the followers.
+    drop(handles);
     check_one_migration(&got, "live", resume - stop, "live migration");
     drop((src.qemu, dst.qemu));
 }
@@ -469,9 +465,8 @@ fn stop_hold_migrate_cont_is_one_quick_migration() {
         has_phase(g, Role::Source, |p| matches!(p, Phase::Complete { .. }))
             && has_phase(g, Role::Destination, |p| *p == Phase::Resume)
     });
-    for h in handles {
-        h.stop();
-    }
+    // Dropping the runtime stops the followers.
+    drop(handles);
     check_one_migration(&got, "quick", resume - stop, "stop, hold, migrate, cont");
     drop((src.qemu, dst.qemu));
 }
@@ -507,9 +502,8 @@ fn a_qemu_that_restarts_is_followed_again() {
         has_phase(g, Role::Source, |p| matches!(p, Phase::Complete { .. }))
             && has_phase(g, Role::Destination, |p| *p == Phase::Resume)
     });
-    for h in handles {
-        h.stop();
-    }
+    // Dropping the runtime stops the followers.
+    drop(handles);
     assert!(
         got.iter()
             .any(|e| matches!(e, Event::Note { message, .. } if message.contains("reconnect 1"))),

@@ -15,7 +15,7 @@
 //! - `scale`: pause/total against guest RAM, migmon against connection count, peak RSS;
 //! - `faults`: the fault injection test with its full counts (stream cuts, stalls, flips, lost commit, kills): cases,
 //!   outcomes, and the longest pause of a stalled destination against `--max-pause`;
-//! - `soak`: `migmon watch --metrics` for 10 minutes (`--quick`: 90 s) under loopback TCP churn (about 5 k events/s)
+//! - `soak`: `migmon watch --metrics` for 10 minutes (`--quick`: 40 s) under loopback TCP churn (about 5 k events/s)
 //!   with a simulated migration every 30 s: RSS first and last minute, growth, slowest scrape, CPU.
 
 pub mod faults;

@@ -7,25 +7,24 @@
 
 use std::{
     fs::{self, File},
+    future::Future,
     io::{self, BufRead, BufReader},
-    os::unix::{
-        fs::{FileTypeExt, PermissionsExt},
-        net::{UnixListener, UnixStream},
-    },
+    os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread,
+    sync::Arc,
     time::Duration,
 };
 
 use migevents::MigrationEvent;
+use tokio::{
+    net::{UnixListener, UnixStream},
+    task::JoinSet,
+};
 
-use super::{Emit, LineReader, SourceHandle, warn_note};
+use super::{Emit, LineReader, warn_note};
 use migmon_analysis::trace::{Event, PauseSource};
 
+/// How often a followed file is read again at its end (and looked for before it exists).
 const POLL: Duration = Duration::from_millis(100);
 
 /// Errors starting a migrator event source.
@@ -48,12 +47,6 @@ pub enum MigratorSourceError {
     #[error("cannot set mode 0600 on {}", path.display())]
     Chmod {
         path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot start a thread for {what}")]
-    Spawn {
-        what: String,
         #[source]
         source: io::Error,
     },
@@ -87,8 +80,12 @@ pub(crate) fn parse_line(line: &str, origin: &str, lineno: usize) -> Option<Even
     })
 }
 
-/// Listens on a unix socket (mode 0600) for migrators; each connection sends JSON lines.
-pub fn listen(path: &Path, emit: impl Emit) -> Result<SourceHandle, MigratorSourceError> {
+/// Binds a unix socket (mode 0600) for migrators and returns the task that serves it: each connection sends JSON
+/// lines. The socket file is removed when the task ends or is dropped.
+pub fn listen(
+    path: &Path,
+    emit: impl Emit,
+) -> Result<impl Future<Output = ()> + Send + 'static, MigratorSourceError> {
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(MigratorSourceError::NotASocket {
@@ -100,74 +97,77 @@ pub fn listen(path: &Path, emit: impl Emit) -> Result<SourceHandle, MigratorSour
             source,
         })?;
     }
-    let listener = UnixListener::bind(path).map_err(|source| MigratorSourceError::Bind {
+    let bind_err = |source| MigratorSourceError::Bind {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+    let socket = SocketFile(path.to_owned());
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
         MigratorSourceError::Chmod {
             path: path.to_owned(),
             source,
         }
     })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| MigratorSourceError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let emit = Arc::new(emit);
-    let path_owned = path.to_owned();
-    let stop_t = stop.clone();
-    let thread = thread::Builder::new()
-        .name("migmon-events".into())
-        .spawn(move || {
-            let mut conn_no = 0usize;
-            while !stop_t.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        conn_no += 1;
-                        let origin = format!("{} connection {conn_no}", path_owned.display());
-                        let emit_c = emit.clone();
-                        let stop_c = stop_t.clone();
-                        let spawned = thread::Builder::new()
-                            .name("migmon-events-conn".into())
-                            .spawn(move || read_connection(stream, &origin, &*emit_c, &stop_c));
-                        if let Err(e) = spawned {
-                            emit.emit(warn_note(format!("cannot serve a migrator connection: {e}")));
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(POLL),
-                    Err(e) => {
-                        emit.emit(warn_note(format!(
-                            "accept on {} failed: {e}",
-                            path_owned.display()
-                        )));
-                        thread::sleep(POLL);
-                    }
-                }
-            }
-            let _ = fs::remove_file(&path_owned);
-        })
-        .map_err(|source| MigratorSourceError::Spawn {
-            what: "the events socket".into(),
-            source,
-        })?;
-    Ok(SourceHandle::new(stop, thread))
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(serve(listener, socket, Arc::new(emit)))
 }
 
-fn read_connection(stream: UnixStream, origin: &str, emit: &dyn Emit, stop: &AtomicBool) {
-    if stream.set_read_timeout(Some(POLL)).is_err() {
-        return;
+/// Removes the socket file when the listening task is dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
     }
+}
+
+/// Accepts migrators until dropped; every connection is a task of its own, dropped with this one.
+async fn serve(listener: std::os::unix::net::UnixListener, socket: SocketFile, emit: Arc<impl Emit>) {
+    let listener = match UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            emit.emit(warn_note(format!(
+                "cannot serve migrator events on {}: {e}",
+                socket.0.display()
+            )));
+            return;
+        }
+    };
+    let mut connections = JoinSet::new();
+    let mut conn_no = 0usize;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    conn_no += 1;
+                    let origin = format!("{} connection {conn_no}", socket.0.display());
+                    connections.spawn(read_connection(stream, origin, emit.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors, typically: say so and keep serving after a pause.
+                    if !emit.emit(warn_note(format!("accept on {} failed: {e}", socket.0.display()))) {
+                        return;
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            },
+            // Reap the connections that ended.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// One migrator's connection: a malformed line is a warning note; a line over the bound or a read error ends the
+/// connection with a warning (the migrator connects again).
+async fn read_connection(stream: UnixStream, origin: String, emit: Arc<impl Emit>) {
     let mut reader = LineReader::new(stream);
     let mut lineno = 0;
-    while !stop.load(Ordering::Relaxed) {
-        match reader.next_line() {
+    loop {
+        match reader.next_line_async().await {
             Ok(Some(line)) => {
                 lineno += 1;
-                if let Some(ev) = parse_line(&line, origin, lineno)
+                if let Some(ev) = parse_line(&line, &origin, lineno)
                     && !emit.emit(ev)
                 {
                     return;
@@ -177,68 +177,56 @@ fn read_connection(stream: UnixStream, origin: &str, emit: &dyn Emit, stop: &Ato
                 // EOF: a last line without a newline still counts.
                 if let Some(line) = reader.take_partial() {
                     lineno += 1;
-                    if let Some(ev) = parse_line(&line, origin, lineno) {
+                    if let Some(ev) = parse_line(&line, &origin, lineno) {
                         emit.emit(ev);
                     }
                 }
                 return;
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => {
                 if e.kind() == io::ErrorKind::InvalidData {
                     crate::skipped::count("migrator", "too_long");
                 }
-                emit.emit(warn_note(format!("reading {origin} failed: {e}")));
+                emit.emit(warn_note(format!(
+                    "reading {origin} failed after line {lineno}: {e}; the connection is dropped"
+                )));
                 return;
             }
         }
     }
 }
 
-/// Follows a file of JSON lines as it grows (waiting for it to appear), until stopped.
-pub fn follow_file(path: &Path, emit: impl Emit) -> Result<SourceHandle, MigratorSourceError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_t = stop.clone();
-    let path = path.to_owned();
-    let thread = thread::Builder::new()
-        .name("migmon-events-file".into())
-        .spawn(move || {
-            let origin = path.display().to_string();
-            let file = loop {
-                if stop_t.load(Ordering::Relaxed) {
+/// Follows a file of JSON lines as it grows (waiting for it to appear), until dropped.
+pub async fn follow_file(path: PathBuf, emit: impl Emit) {
+    let origin = path.display().to_string();
+    let file = loop {
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => break f,
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    };
+    let mut reader = LineReader::new(file);
+    let mut lineno = 0;
+    loop {
+        match reader.next_line_async().await {
+            Ok(Some(line)) => {
+                lineno += 1;
+                if let Some(ev) = parse_line(&line, &origin, lineno)
+                    && !emit.emit(ev)
+                {
                     return;
                 }
-                match File::open(&path) {
-                    Ok(f) => break f,
-                    Err(_) => thread::sleep(POLL),
-                }
-            };
-            let mut reader = LineReader::new(BufReader::new(file));
-            let mut lineno = 0;
-            while !stop_t.load(Ordering::Relaxed) {
-                match reader.next_line() {
-                    Ok(Some(line)) => {
-                        lineno += 1;
-                        if let Some(ev) = parse_line(&line, &origin, lineno)
-                            && !emit.emit(ev)
-                        {
-                            return;
-                        }
-                    }
-                    // At the end for now: the writer may append more (the partial line stays buffered).
-                    Ok(None) => thread::sleep(POLL),
-                    Err(e) => {
-                        emit.emit(warn_note(format!("reading {origin} failed: {e}")));
-                        return;
-                    }
-                }
             }
-        })
-        .map_err(|source| MigratorSourceError::Spawn {
-            what: "the events file".into(),
-            source,
-        })?;
-    Ok(SourceHandle::new(stop, thread))
+            // At the end for now: the writer may append more (the partial line stays buffered).
+            Ok(None) => tokio::time::sleep(POLL).await,
+            Err(e) => {
+                emit.emit(warn_note(format!(
+                    "reading {origin} failed: {e}; no longer followed"
+                )));
+                return;
+            }
+        }
+    }
 }
 
 /// Reads a whole file of JSON lines at once (for offline use and tests).
@@ -256,7 +244,7 @@ pub fn read_file(path: &Path) -> io::Result<Vec<Event>> {
 
 #[cfg(test)]
 mod tests {
-    use std::{io::Write, sync::mpsc, time::Instant};
+    use std::{io::Write, os::unix::net::UnixStream, sync::mpsc, time::Instant};
 
     use migevents::{EventSink, Phase, Role};
 
@@ -285,7 +273,8 @@ mod tests {
         let dir = tmp("sock");
         let path = dir.join("events.sock");
         let (tx, rx) = mpsc::channel();
-        let h = listen(&path, tx).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let h = rt.spawn(listen(&path, tx).unwrap());
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
 
@@ -322,8 +311,38 @@ mod tests {
             })
             .unwrap();
         assert!(warn.contains("events.sock connection 2 line 1"), "{warn}");
-        h.stop();
+        h.abort();
+        rt.block_on(async { assert!(h.await.unwrap_err().is_cancelled()) });
         assert!(!path.exists(), "the socket is removed on stop");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_overlong_line_drops_its_connection_only() {
+        let dir = tmp("long");
+        let path = dir.join("events.sock");
+        let (tx, rx) = mpsc::channel();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _h = rt.spawn(listen(&path, tx).unwrap());
+        let mut long = UnixStream::connect(&path).unwrap();
+        // The reader drops the connection in the middle of it.
+        let _ = long.write_all(&vec![b'x'; 2 * super::super::MAX_LINE]);
+        let got = recv_until(&rx, 1);
+        assert!(
+            matches!(&got[..], [Event::Note { message, .. }] if message.contains("connection 1") && message.contains("longer than")),
+            "{got:?}"
+        );
+        let mut sink = EventSink::open(&path).unwrap();
+        sink.send(&MigrationEvent::now(
+            "m3",
+            "52:54:00:00:00:03",
+            Role::Source,
+            Phase::Pause,
+        ))
+        .unwrap();
+        let got = recv_until(&rx, 1);
+        assert!(matches!(&got[..], [Event::Migration { .. }]), "{got:?}");
+        drop(rt);
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -332,7 +351,8 @@ mod tests {
         let dir = tmp("file");
         let path = dir.join("events.jsonl");
         let (tx, rx) = mpsc::channel();
-        let h = follow_file(&path, tx).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let h = rt.spawn(follow_file(path.clone(), tx));
         let line = MigrationEvent::now("m2", "52:54:00:00:00:02", Role::Source, Phase::Pause).to_line();
         let mut f = fs::OpenOptions::new()
             .create(true)
@@ -349,7 +369,7 @@ mod tests {
         let got = recv_until(&rx, 2);
         assert!(matches!(&got[0], Event::Migration { ev, .. } if ev.migration_id == "m2"));
         assert!(matches!(&got[1], Event::Note { message, .. } if message.contains("events.jsonl line 2")));
-        h.stop();
+        h.abort();
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,10 +1,15 @@
 //! The live sources of pause windows: our migrator's event stream ([`migrator`]), QEMU's QMP ([`qmp`]) and libvirt's
-//! domain events ([`libvirt`]). (Windows
-//! inferred from the data plane are analysis: `migmon_analysis::correlate::wire`.) Each live source runs on its own thread and hands `trace::Event`s to an emit callback, so it
-//! plugs into whatever channel the watch pipeline uses (`move |ev| tx.send(ev).is_ok()`).
+//! domain events ([`libvirt`]). (Windows inferred from the data plane are analysis:
+//! `migmon_analysis::correlate::wire`.) The migrator and QMP sources are futures to run on the watch's tokio runtime
+//! (`Sources::spawn`); libvirt, a blocking library with its own event loop, runs on a thread of its own
+//! ([`SourceHandle`]). Each hands `trace::Event`s to an emit callback, so it plugs into whatever channel the watch
+//! pipeline uses (`move |ev| tx.send(ev).is_ok()`). A source stops when its emit callback says the receiver is gone,
+//! or when its task is dropped (its thread is stopped).
 
+#[cfg(test)]
+use std::io::Read;
 use std::{
-    io::{self, Read},
+    io,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,6 +18,7 @@ use std::{
 };
 
 use migmon_analysis::trace::Event;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 #[cfg(test)]
 mod fuzz;
@@ -37,7 +43,7 @@ impl Emit for std::sync::mpsc::Sender<Event> {
     }
 }
 
-impl Emit for std::sync::mpsc::SyncSender<Event> {
+impl Emit for tokio::sync::mpsc::UnboundedSender<Event> {
     fn emit(&self, ev: Event) -> bool {
         self.send(ev).is_ok()
     }
@@ -49,7 +55,7 @@ pub fn is_pause(ev: &Event) -> bool {
     matches!(ev, Event::Migration { ev, .. } if ev.phase == migevents::Phase::Pause)
 }
 
-/// A running source: stop it, or wait for it.
+/// A source running on a thread of its own (a blocking library): stop it, or wait for it.
 pub struct SourceHandle {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -63,7 +69,7 @@ impl SourceHandle {
         }
     }
 
-    /// Asks the source to stop and waits for its thread (it notices within its poll interval, 100 ms).
+    /// Asks the source to stop and waits for its thread (it notices within its poll interval).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -95,9 +101,10 @@ pub(crate) fn warn_note(message: String) -> Event {
 /// The longest line a source accepts (1 MiB): a longer one is an error, never a larger buffer.
 pub const MAX_LINE: usize = 1 << 20;
 
-/// Splits a byte stream into lines, keeping a partial line across reads (timeouts, a file still being written). The
-/// buffer never holds more than the bound plus one read: a line longer than the bound is an `InvalidData` error
-/// (the caller drops that connection), and the buffer is emptied.
+/// Splits a byte stream into lines, keeping a partial line across reads (a file still being written). The buffer never
+/// holds more than the bound plus one read: a line longer than the bound is an `InvalidData` error (the caller drops
+/// that connection), and the buffer is emptied. Sources read through [`LineReader::next_line_async`]; the blocking
+/// [`LineReader::next_line`] serves the tests and the fuzz target, on the same splitting code.
 pub(crate) struct LineReader<R> {
     inner: R,
     buf: Vec<u8>,
@@ -106,7 +113,7 @@ pub(crate) struct LineReader<R> {
     max: usize,
 }
 
-impl<R: Read> LineReader<R> {
+impl<R> LineReader<R> {
     pub(crate) fn new(inner: R) -> Self {
         Self::with_limit(inner, MAX_LINE)
     }
@@ -120,38 +127,32 @@ impl<R: Read> LineReader<R> {
         }
     }
 
-    /// The next complete line; `Ok(None)` at end of input; `InvalidData` for a line longer than the bound.
-    pub(crate) fn next_line(&mut self) -> io::Result<Option<String>> {
-        loop {
-            if let Some(off) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
-                let pos = self.scanned + off;
-                let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
-                self.buf.drain(..=pos);
-                self.scanned = 0;
-                return Ok(Some(line));
-            }
-            self.scanned = self.buf.len();
-            if self.buf.len() > self.max {
-                let len = self.buf.len();
-                self.buf = Vec::new();
-                self.scanned = 0;
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "a line longer than {} bytes ({len} bytes without a newline)",
-                        self.max
-                    ),
-                ));
-            }
-            let mut chunk = [0u8; 8192];
-            let n = self.inner.read(&mut chunk)?;
-            if n == 0 {
-                return Ok(None);
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
+    /// A complete line from the buffer; `None` when more input is needed; `InvalidData` for a line longer than the
+    /// bound (the buffer is released).
+    fn buffered_line(&mut self) -> Option<io::Result<String>> {
+        if let Some(off) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            let pos = self.scanned + off;
+            let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
+            self.buf.drain(..=pos);
+            self.scanned = 0;
+            return Some(Ok(line));
         }
+        self.scanned = self.buf.len();
+        if self.buf.len() > self.max {
+            let len = self.buf.len();
+            self.buf = Vec::new();
+            self.scanned = 0;
+            return Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a line longer than {} bytes ({len} bytes without a newline)",
+                    self.max
+                ),
+            )));
+        }
+        None
     }
-
+    /// What is left of a partial line at the end of input (`None` if only whitespace).
     pub(crate) fn take_partial(&mut self) -> Option<String> {
         self.scanned = 0;
         if self.buf.iter().all(u8::is_ascii_whitespace) {
@@ -167,6 +168,40 @@ impl<R: Read> LineReader<R> {
     #[cfg(test)]
     fn held(&self) -> usize {
         self.buf.capacity()
+    }
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    /// The next complete line; `Ok(None)` at end of input; `InvalidData` for a line longer than the bound.
+    /// Cancel-safe: a line cut short by a dropped call stays buffered for the next.
+    pub(crate) async fn next_line_async(&mut self) -> io::Result<Option<String>> {
+        loop {
+            if let Some(line) = self.buffered_line() {
+                return line.map(Some);
+            }
+            self.buf.reserve(8192);
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl<R: Read> LineReader<R> {
+    /// The next complete line, blocking; `Ok(None)` at end of input; `InvalidData` for a line longer than the bound.
+    pub(crate) fn next_line(&mut self) -> io::Result<Option<String>> {
+        loop {
+            if let Some(line) = self.buffered_line() {
+                return line.map(Some);
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.inner.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
     }
 }
 
@@ -187,7 +222,7 @@ mod tests {
     #[test]
     fn line_reader_splits_lines_across_reads() {
         let data: &[u8] = b"{\"a\":1}\n\n{\"b\":2}\npartial";
-        let mut r = LineReader::new(io::Cursor::new(data).chain(io::empty()));
+        let mut r = LineReader::new(Read::chain(io::Cursor::new(data), io::empty()));
         assert_eq!(r.next_line().unwrap().as_deref(), Some("{\"a\":1}"));
         assert_eq!(r.next_line().unwrap().as_deref(), Some(""));
         assert_eq!(r.next_line().unwrap().as_deref(), Some("{\"b\":2}"));

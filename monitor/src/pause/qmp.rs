@@ -32,24 +32,25 @@
 
 use std::{
     collections::HashMap,
-    io::{self, Write},
-    os::unix::net::UnixStream,
+    io,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{
+    io::AsyncWriteExt,
+    net::{
+        UnixStream,
+        unix::{OwnedReadHalf, OwnedWriteHalf},
     },
-    thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use migevents::{MigrationEvent, Mode, Phase, Role, monotonic_ns};
 use serde_json::{Value, json};
 
-use super::{Emit, LineReader, SourceHandle, warn_note};
+use super::{Emit, LineReader, warn_note};
 use migmon_analysis::trace::{Event, PauseSource};
 
-const POLL: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first wait before connecting again; it doubles up to [`MAX_BACKOFF`] while the socket stays unreachable.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -72,8 +73,6 @@ pub enum QmpError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot start the QMP thread")]
-    Spawn(#[source] io::Error),
 }
 
 /// `wall - CLOCK_MONOTONIC`, in ns, measured now (midpoint of two monotonic reads around one wall read).
@@ -510,125 +509,128 @@ impl QmpTranslator {
     }
 }
 
-/// The QMP greeting, then the capabilities negotiation, within [`HANDSHAKE_TIMEOUT`].
-fn handshake(
-    path: &Path,
-    reader: &mut LineReader<UnixStream>,
-    writer: &mut UnixStream,
-) -> Result<(), QmpError> {
-    let io_err = |source| QmpError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let read_json = |reader: &mut LineReader<UnixStream>| -> Result<Value, QmpError> {
-        loop {
-            if Instant::now() > deadline {
-                return Err(QmpError::Handshake {
-                    path: path.to_owned(),
-                    what: "no answer within 5 s: is this a QMP socket?".into(),
-                });
-            }
-            match reader.next_line() {
-                Ok(Some(l)) => {
-                    return serde_json::from_str(&l).map_err(|e| QmpError::Handshake {
-                        path: path.to_owned(),
-                        what: format!("not QMP ({e})"),
-                    });
-                }
-                Ok(None) => {
-                    return Err(QmpError::Handshake {
-                        path: path.to_owned(),
-                        what: "closed during the handshake (another client may hold it: QMP serves one at a time)"
-                            .into(),
-                    });
-                }
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                Err(e) => return Err(io_err(e)),
-            }
-        }
-    };
-    let greeting = read_json(reader)?;
-    if greeting.get("QMP").is_none() {
-        return Err(QmpError::Handshake {
-            path: path.to_owned(),
-            what: "no QMP greeting".into(),
-        });
-    }
-    writer
-        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-        .map_err(io_err)?;
-    let ack = read_json(reader)?;
-    if ack.get("return").is_none() {
-        return Err(QmpError::Handshake {
-            path: path.to_owned(),
-            what: format!("capabilities negotiation refused: {ack}"),
-        });
-    }
+/// The reading half of a QMP session, split into lines.
+type QmpReader = LineReader<OwnedReadHalf>;
 
-    Ok(())
+/// The QMP greeting, then the capabilities negotiation, within [`HANDSHAKE_TIMEOUT`].
+async fn handshake(path: &Path, reader: &mut QmpReader, writer: &mut OwnedWriteHalf) -> Result<(), QmpError> {
+    let negotiate = async {
+        let greeting = read_json(path, reader).await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Handshake {
+                path: path.to_owned(),
+                what: "no QMP greeting".into(),
+            });
+        }
+        writer
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .await
+            .map_err(|source| QmpError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        let ack = read_json(path, reader).await?;
+        if ack.get("return").is_none() {
+            return Err(QmpError::Handshake {
+                path: path.to_owned(),
+                what: format!("capabilities negotiation refused: {ack}"),
+            });
+        }
+        Ok(())
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate)
+        .await
+        .unwrap_or_else(|_| {
+            Err(QmpError::Handshake {
+                path: path.to_owned(),
+                what: "no answer within 5 s: is this a QMP socket?".into(),
+            })
+        })
+}
+
+/// One JSON line of the handshake.
+async fn read_json(path: &Path, reader: &mut QmpReader) -> Result<Value, QmpError> {
+    match reader.next_line_async().await {
+        Ok(Some(l)) => serde_json::from_str(&l).map_err(|e| QmpError::Handshake {
+            path: path.to_owned(),
+            what: format!("not QMP ({e})"),
+        }),
+        Ok(None) => Err(QmpError::Handshake {
+            path: path.to_owned(),
+            what: "closed during the handshake (another client may hold it: QMP serves one at a time)".into(),
+        }),
+        Err(source) => Err(QmpError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// Connects and negotiates: a reader and a writer on a QMP session ready for commands.
-fn connect(path: &Path) -> Result<(LineReader<UnixStream>, UnixStream), QmpError> {
-    let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
-        path: path.to_owned(),
-        source,
-    })?;
-    let io_err = |source| QmpError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    stream.set_read_timeout(Some(POLL)).map_err(io_err)?;
-    let mut writer = stream.try_clone().map_err(io_err)?;
-    let mut reader = LineReader::new(stream);
-    handshake(path, &mut reader, &mut writer)?;
+async fn connect(path: &Path) -> Result<(QmpReader, OwnedWriteHalf), QmpError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| QmpError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = LineReader::new(reader);
+    handshake(path, &mut reader, &mut writer).await?;
     Ok((reader, writer))
 }
 
 /// How a session ended.
 enum Ended {
-    /// Asked to stop, or the receiver is gone.
+    /// The receiver is gone.
     Stop,
     /// The connection is lost: the warning says why.
     Lost(String),
 }
 
-/// The follower's state across connections: it warns once per change, not once per attempt.
-struct Follower<E> {
+/// A QMP follower: one socket path, followed across QEMU restarts. [`Follower::start`] makes the first attempt,
+/// [`Follower::run`] follows until the receiver is gone (or its task is dropped).
+pub struct Follower<E> {
     path: PathBuf,
     origin: String,
     emit: E,
-    stop: Arc<AtomicBool>,
     tr: QmpTranslator,
     connections: u64,
     /// The last unreachable state warned about (so a socket that stays missing costs one note).
     unreachable: Option<String>,
+    /// A session negotiated by [`Follower::start`], not yet read.
+    first: Option<(QmpReader, OwnedWriteHalf)>,
 }
 
 impl<E: Emit> Follower<E> {
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    /// Waits `d`, noticing a stop within [`POLL`].
-    fn wait(&self, d: Duration) {
-        let until = Instant::now() + d;
-        while !self.stopped() && Instant::now() < until {
-            thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
+    /// Connects to `path` once, so that with a QEMU already there its events from now on are seen; a socket that
+    /// is not there (yet) is waited for by [`Follower::run`].
+    pub async fn start(path: PathBuf, emit: E) -> Self {
+        let first = connect(&path).await.ok();
+        Self {
+            origin: path.display().to_string(),
+            tr: QmpTranslator::new(&path, 0),
+            path,
+            emit,
+            connections: 0,
+            unreachable: None,
+            first,
         }
     }
 
-    /// Follows until stopped, starting with `first` (a session already negotiated) if there is one.
-    fn run(mut self, mut first: Option<(LineReader<UnixStream>, UnixStream)>) {
+    /// Follows until the receiver is gone: waits for the socket to appear, and connects again whenever it goes away.
+    pub async fn run(mut self) {
         let mut backoff = MIN_BACKOFF;
-        while !self.stopped() {
-            let attempt = first.take().map_or_else(|| connect(&self.path), Ok);
+        loop {
+            let attempt = match self.first.take() {
+                Some(session) => Ok(session),
+                None => connect(&self.path).await,
+            };
             match attempt {
                 Ok((reader, writer)) => {
                     backoff = MIN_BACKOFF;
                     self.unreachable = None;
-                    match self.session(reader, writer) {
+                    match self.session(reader, writer).await {
                         Ended::Stop => return,
                         Ended::Lost(why) => {
                             if !self.emit.emit(warn_note(format!(
@@ -656,7 +658,7 @@ impl<E: Emit> Follower<E> {
                             return;
                         }
                     }
-                    self.wait(backoff);
+                    tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
@@ -664,7 +666,7 @@ impl<E: Emit> Follower<E> {
     }
 
     /// One connection, from the clock offset to its end.
-    fn session(&mut self, mut reader: LineReader<UnixStream>, mut writer: UnixStream) -> Ended {
+    async fn session(&mut self, mut reader: QmpReader, mut writer: OwnedWriteHalf) -> Ended {
         let offset = measure_wall_minus_mono();
         let reconnect = self.connections > 0;
         self.connections += 1;
@@ -690,12 +692,12 @@ impl<E: Emit> Follower<E> {
             }
         }
         for c in self.tr.connected(offset) {
-            if let Err(e) = writer.write_all(format!("{c}\n").as_bytes()) {
+            if let Err(e) = writer.write_all(format!("{c}\n").as_bytes()).await {
                 return Ended::Lost(format!("cannot send the first queries ({e})"));
             }
         }
-        while !self.stopped() {
-            match reader.next_line() {
+        loop {
+            match reader.next_line_async().await {
                 Ok(Some(line)) => {
                     let (events, cmds) = self.tr.line(&line);
                     for ev in events {
@@ -704,13 +706,12 @@ impl<E: Emit> Follower<E> {
                         }
                     }
                     for c in cmds {
-                        if let Err(e) = writer.write_all(format!("{c}\n").as_bytes()) {
+                        if let Err(e) = writer.write_all(format!("{c}\n").as_bytes()).await {
                             return Ended::Lost(format!("cannot send a query ({e})"));
                         }
                     }
                 }
                 Ok(None) => return Ended::Lost("QEMU closed the socket".into()),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     self.tr.skipped += 1;
                     crate::skipped::count("qmp", "too_long");
@@ -722,31 +723,14 @@ impl<E: Emit> Follower<E> {
                 Err(e) => return Ended::Lost(format!("read failed: {e}")),
             }
         }
-        Ended::Stop
     }
 }
 
-/// Follows a QMP socket on a thread until stopped: waits for the socket to appear, and connects again whenever it
-/// goes away (QEMU restarted, or a destination started at migration time). Only starting the thread can fail.
-///
-/// A socket that is there already is connected to before this returns, so QEMU's events from then on are seen.
-pub fn follow(path: &Path, emit: impl Emit) -> Result<SourceHandle, QmpError> {
-    let first = connect(path).ok();
-    let stop = Arc::new(AtomicBool::new(false));
-    let follower = Follower {
-        path: path.to_owned(),
-        origin: path.display().to_string(),
-        emit,
-        stop: stop.clone(),
-        tr: QmpTranslator::new(path, 0),
-        connections: 0,
-        unreachable: None,
-    };
-    let thread = thread::Builder::new()
-        .name("migmon-qmp".into())
-        .spawn(move || follower.run(first))
-        .map_err(QmpError::Spawn)?;
-    Ok(SourceHandle::new(stop, thread))
+/// Follows a QMP socket until the receiver is gone or the task is dropped: waits for the socket to appear, and
+/// connects again whenever it goes away (QEMU restarted, or a destination started at migration time). A socket that is
+/// there already is connected to first. Spawn it on the watch's runtime (`Sources::spawn`).
+pub async fn follow(path: PathBuf, emit: impl Emit) {
+    Follower::start(path, emit).await.run().await;
 }
 
 #[cfg(test)]
@@ -1030,19 +1014,26 @@ mod tests {
     /// a warning and a reconnect, and the follower reads the last connection's events.
     #[test]
     fn an_overlong_line_or_a_dying_connection_costs_a_reconnect() {
-        use std::{io::BufRead, os::unix::net::UnixListener, sync::mpsc};
+        use std::{
+            io::{BufRead, Write},
+            os::unix::net::UnixListener,
+            sync::mpsc,
+            thread,
+            time::Instant,
+        };
         let dir = std::env::temp_dir().join(format!("migmon-qmp-bad-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("bad.qmp");
         let (tx, rx) = mpsc::channel();
         // The socket does not exist yet: the follower says it waits for it.
-        let handle = follow(&sock, tx).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let handle = rt.spawn(follow(sock.clone(), tx));
         let mut got: Vec<Event> = Vec::new();
         let recv_until = |got: &mut Vec<Event>, done: &dyn Fn(&[Event]) -> bool| {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline && !done(got) {
-                if let Ok(ev) = rx.recv_timeout(POLL) {
+                if let Ok(ev) = rx.recv_timeout(Duration::from_millis(100)) {
                     got.push(ev);
                 }
             }
@@ -1079,7 +1070,7 @@ mod tests {
         recv_until(&mut got, &|g| {
             g.iter().any(|e| matches!(e, Event::Migration { .. }))
         });
-        handle.stop();
+        handle.abort();
         let _ = done_tx.send(());
         server.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
