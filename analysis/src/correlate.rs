@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use crate::trace::{Direction, Event, FourTuple, MacAddr, PauseSource, TcpState, Trace, state_text};
 
 pub mod flows;
+pub mod ports;
 pub mod residue;
 pub mod wire;
 
@@ -343,6 +344,9 @@ pub struct Analysis {
     /// How the traces of several hosts were merged (absent for one trace).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub merge: Option<crate::merge::MergeInfo>,
+    /// Which ports were watched when (from the port events; absent when the trace has none).
+    #[serde(skip_serializing_if = "ports::Ports::is_empty")]
+    pub ports: ports::Ports,
 }
 
 impl Analysis {
@@ -460,6 +464,10 @@ pub fn correlate_until<'a>(events: impl IntoIterator<Item = &'a Event>, observed
             m.unjudged = unjudged_at(&conns, m, p, &known_ips);
         }
     }
+    let ports = ports::spans(sorted.iter().copied());
+    for m in &mut migrations {
+        ports::check_migration(&ports, m);
+    }
     if migrations.is_empty() {
         warnings.push(
             "no migration found: no migrator or QMP events and no move of a watched MAC on the wire"
@@ -477,6 +485,7 @@ pub fn correlate_until<'a>(events: impl IntoIterator<Item = &'a Event>, observed
         damage: Vec::new(),
         warnings,
         merge: None,
+        ports,
     }
 }
 

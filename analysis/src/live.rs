@@ -2,7 +2,10 @@
 //!
 //! A watch that runs for weeks cannot keep every event. [`LiveCorrelation`] keeps:
 //!
-//! - the **look-back**: every event of the last `lookback_ns` (30 s by default);
+//! - the **look-back**: every event of the last `lookback_ns` (30 s by default), except the TCP events of
+//!   connections that closed: those are condensed after [`TCP_HORIZON_NS`] (a connection closed before a pause is
+//!   never judged against it), unless a held migration paused earlier or a VM's last frame is earlier (a move the
+//!   wire infers later pauses at that frame);
 //! - every event of a **migration window** until the migration is final, and the look-back before its first phase
 //!   event;
 //! - the **residue** of everything older ([`crate::correlate::residue`]): the few events that still shape later
@@ -19,7 +22,8 @@
 //! it, IPs the VM announces for the first time later, and connections of VMs that migrate only later (they are
 //! listed as unjudged here).
 //!
-//! Memory is bounded by the event rate times (look-back + the longest held window), plus one residue entry per
+//! Memory is bounded by the event rate times (look-back + the longest held window) — for TCP churn, its rate times
+//! the 2 s horizon and the held windows, or the look-back while a watched VM is silent — plus one residue entry per
 //! open connection, port and bridge, plus `keep` reports. One correlation costs a pass over what is held, whatever
 //! the watch's age.
 
@@ -30,13 +34,17 @@ use std::{
 
 use crate::{
     check,
-    correlate::{Analysis, Fate, MigrationReport, correlate_until, residue::residue},
-    trace::Event,
+    correlate::{Analysis, Fate, MigrationReport, correlate_until, residue::residue_until},
+    trace::{Direction, Event, MacAddr},
 };
 
 /// The longest a migration's events are held when its connections' fates stay open (a retransmission series
 /// that lasts), counted from its resume (or its last phase event when it never resumed).
 pub const HOLD_MAX_NS: u64 = 120_000_000_000;
+
+/// TCP events of connections that closed this long ago are condensed (unless a held migration or a silent VM
+/// needs them longer, see [`LiveCorrelation`]).
+pub const TCP_HORIZON_NS: u64 = 2_000_000_000;
 
 /// Ids of migrations released (or printed) are remembered until their events are this far behind the cutoff.
 const FORGET_IDS_NS: u64 = 2 * crate::correlate::residue::MIGRATION_MARGIN_NS;
@@ -120,6 +128,26 @@ pub struct LiveCorrelation {
     known_ips: BTreeSet<IpAddr>,
     lost: u64,
     status: LiveStatus,
+    /// A migration was held at the last correlation.
+    pending: bool,
+    /// An event that can start or move a migration (a phase event, a frame sighting of a MAC) came since the last
+    /// correlation.
+    dirty: bool,
+    /// TCP events before this time have gone into the residue (never before `cutoff_ns`).
+    tcp_cutoff_ns: u64,
+    /// Each MAC's last frame (as the wire inference reads it: the pause of a move it infers).
+    last_seen: HashMap<MacAddr, u64>,
+}
+
+fn is_tcp(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::TcpRetransmit { .. }
+            | Event::TcpState { .. }
+            | Event::TcpError { .. }
+            | Event::TcpResetIn { .. }
+            | Event::TcpResetOut { .. }
+    )
 }
 
 /// The first and the last phase event of a migration.
@@ -156,6 +184,36 @@ impl LiveCorrelation {
             self.lost = self.lost.saturating_add(*count);
         }
         self.status.pushed += 1;
+        let seen = match &ev {
+            Event::MacSeen {
+                ts_ns,
+                mac,
+                direction: Direction::Ingress,
+                ..
+            } => Some((*mac, *ts_ns)),
+            Event::MacStats {
+                mac,
+                direction: Direction::Ingress,
+                last_ns,
+                ..
+            } if *last_ns > 0 => Some((*mac, *last_ns)),
+            Event::Rarp { ts_ns, frame } | Event::Garp { ts_ns, frame } => Some((frame.mac, *ts_ns)),
+            Event::NeighborAdvert { ts_ns, frame } => Some((frame.mac, *ts_ns)),
+            _ => None,
+        };
+        if let Some((mac, t)) = seen {
+            let last = self.last_seen.entry(mac).or_default();
+            *last = (*last).max(t);
+        }
+        self.dirty |= matches!(
+            ev,
+            Event::Migration { .. }
+                | Event::MacSeen { .. }
+                | Event::MacStats { .. }
+                | Event::Rarp { .. }
+                | Event::Garp { .. }
+                | Event::NeighborAdvert { .. }
+        );
         self.recent.push_back(ev);
     }
 
@@ -189,8 +247,16 @@ impl LiveCorrelation {
     }
 
     /// Correlates what is held as of `now_ns`; returns what settled and what became final, and releases what no
-    /// held migration needs.
+    /// held migration needs. When no migration is held and no event that could start one came since the last
+    /// update, a correlation could find nothing new: only the look-back moves on (its analysis is then empty).
     pub fn update(&mut self, now_ns: u64) -> LiveUpdate {
+        if !self.pending && !self.dirty {
+            let cutoff = now_ns.saturating_sub(self.cfg.lookback_ns).max(self.cutoff_ns);
+            let tcp = self.tcp_cutoff(now_ns, cutoff, u64::MAX);
+            self.release(cutoff, tcp);
+            return LiveUpdate::default();
+        }
+        self.dirty = false;
         let mut a = correlate_until(self.residue.iter().chain(self.recent.iter()), now_ns);
         a.lost_events = self.lost;
         let mut up = LiveUpdate::default();
@@ -211,6 +277,8 @@ impl LiveCorrelation {
                 .retain(|t| !self.known_ips.contains(&t.saddr) && !self.known_ips.contains(&t.daddr));
         }
         let mut floor = now_ns.saturating_sub(self.cfg.lookback_ns);
+        // The earliest pause of a migration still held: connections closed before it are never judged.
+        let mut held_pause = u64::MAX;
         for m in &fresh {
             let (first, last) = phase_span(m);
             let resume = m.timeline.resume.as_ref().map(|r| r.ts_ns);
@@ -248,24 +316,58 @@ impl LiveCorrelation {
                 up.pending = true;
                 up.in_flight |= resume.is_none();
                 floor = floor.min(first.saturating_sub(self.cfg.lookback_ns));
+                if let Some(p) = &m.timeline.pause {
+                    held_pause = held_pause.min(p.ts_ns);
+                }
             }
         }
         a.migrations = fresh;
-        self.release(floor.max(self.cutoff_ns));
+        self.pending = up.pending;
+        let cutoff = floor.max(self.cutoff_ns);
+        let tcp = self.tcp_cutoff(now_ns, cutoff, held_pause);
+        self.release(cutoff, tcp);
         up.analysis = a;
         up
     }
 
-    /// Moves the cutoff to `cutoff_ns`: events before it leave the look-back, and only their residue stays.
-    fn release(&mut self, cutoff_ns: u64) {
+    /// Where TCP events can be condensed: [`TCP_HORIZON_NS`] ago, but not after the earliest pause of a held
+    /// migration (`held_pause`), nor after the last frame of a VM (a move the wire infers later pauses there), and
+    /// not before `cutoff`.
+    fn tcp_cutoff(&mut self, now_ns: u64, cutoff: u64, held_pause: u64) -> u64 {
+        self.last_seen.retain(|_, t| *t >= cutoff);
+        let vm_last = self.last_seen.values().copied().min().unwrap_or(u64::MAX);
+        now_ns
+            .saturating_sub(TCP_HORIZON_NS)
+            .min(held_pause)
+            .min(vm_last)
+            .max(cutoff)
+            .max(self.tcp_cutoff_ns)
+    }
+
+    /// Moves the cutoff to `cutoff_ns` (`tcp_cutoff_ns` for TCP events): events before it leave the look-back, and
+    /// only their residue stays.
+    fn release(&mut self, cutoff_ns: u64, tcp_cutoff_ns: u64) {
         self.cutoff_ns = cutoff_ns;
         let mut aged = Vec::new();
         while self.recent.front().is_some_and(|e| e.ts_ns() < cutoff_ns) {
             aged.extend(self.recent.pop_front());
         }
+        if tcp_cutoff_ns > self.tcp_cutoff_ns.max(cutoff_ns) || !aged.is_empty() {
+            let before = self.recent.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for e in self.recent.drain(..) {
+                if e.ts_ns() < tcp_cutoff_ns && is_tcp(&e) {
+                    aged.push(e);
+                } else {
+                    kept.push_back(e);
+                }
+            }
+            self.recent = kept;
+        }
+        self.tcp_cutoff_ns = tcp_cutoff_ns;
         if !aged.is_empty() {
             aged.append(&mut self.residue);
-            self.residue = residue(&aged, cutoff_ns);
+            self.residue = residue_until(&aged, tcp_cutoff_ns, cutoff_ns);
             self.status.released_events += (aged.len() - self.residue.len()) as u64;
         }
         let forget = |m: &mut HashMap<String, u64>| {

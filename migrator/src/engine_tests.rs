@@ -507,6 +507,20 @@ fn quick_via_file_with_extra_pause() {
 }
 
 #[test]
+fn extra_pause_past_the_max_pause_is_refused_before_anything_moves() {
+    let mut src = FakeSource::new(0, 0);
+    let mut opts = plain_tcp(Endpoint::Tcp("127.0.0.1:9".into()), Mode::Quick);
+    opts.extra_pause = Duration::from_secs(2);
+    opts.max_pause = Some(Duration::from_secs(1));
+    let err = migrate(&mut src, &opts, None, &Tracker::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("--extra-pause") && err.to_string().contains("--max-pause"),
+        "{err}"
+    );
+    assert!(!src.paused());
+}
+
+#[test]
 fn quick_direct() {
     let events = temp_path("events");
     let (ep, dst) = start_destination(false, false, events.clone());

@@ -149,6 +149,7 @@ fn frame_strategy() -> impl Strategy<Value = Frame> {
         })),
         Just(message(&Message::Ready)),
         Just(message(&Message::Commit)),
+        any::<u32>().prop_map(|r| message(&Message::RoundAck(r))),
         Just(message(&Message::HelloAck)),
         Just(message(&Message::Close)),
         (any::<u64>(), any::<u64>()).prop_map(|(resumed_ns, restore_us)| message(&Message::Ack(Ack {
@@ -157,7 +158,7 @@ fn frame_strategy() -> impl Strategy<Value = Frame> {
         }))),
         "[ -~]{0,40}".prop_map(|r| message(&Message::Abort(r))),
         // A payload no encoder makes, under any command number.
-        (0u32..16, any::<u32>(), vec(any::<u8>(), 0..64)).prop_map(|(command, flags, payload)| Frame {
+        (0u32..17, any::<u32>(), vec(any::<u8>(), 0..64)).prop_map(|(command, flags, payload)| Frame {
             command,
             flags,
             payload
@@ -279,7 +280,7 @@ fn fuzz_migration_stream_reader() {
 fn fuzz_message_payload_decoder() {
     runner()
         .run(
-            &(1u32..=13, any::<u32>(), vec(any::<u8>(), 0..512)),
+            &(1u32..=14, any::<u32>(), vec(any::<u8>(), 0..512)),
             |(command, flags, payload)| {
                 let command = Command::try_from(command).unwrap();
                 if let Ok(m) = Message::decode(command, flags, &payload) {

@@ -46,7 +46,9 @@
 //!          ◄────────────────────────────────────── HelloAck
 //!  start dirty log; mincore (untouched = zero)
 //!  round 0: every page (zero pages as flags) ─ Pages… RoundEnd ─►  write straight into guest RAM
+//!          ◄────────────────────────────────────── RoundAck{0}    (every page of the round is in RAM)
 //!  round n: pages dirtied since ───────────── Pages… RoundEnd ─►  write
+//!          ◄────────────────────────────────────── RoundAck{n}
 //!    … until the switch-over rule says pause …
 //!  PAUSE vCPU                                                      (event pause)
 //!  final dirty set ───────────────────────── Pages… RoundEnd ─►
@@ -101,20 +103,30 @@
 //! ```
 //!
 //! - `bandwidth` is measured: the rate of the largest round of at least 1 MiB (the running average before one),
-//!   including the copy out of guest RAM, so it is what the final round will really get. With `--max-bandwidth` it
-//!   is the capped rate.
+//!   from its first byte to the destination's `RoundAck`, so it includes the copy out of guest RAM, the socket
+//!   buffers draining and the destination's writes into RAM: what the final round will really get. A round ends
+//!   at its acknowledgement, not when its last write returns (which only fills socket buffers, megabytes of them:
+//!   a pause begun then would first wait for them to drain). With `--max-bandwidth` it is the capped rate.
 //! - `state_bytes` and `state_time` (save, send, restore, resume and ack after the last page) are those measured in
 //!   this process's previous migration, or 64 KiB and 1 ms before there was one.
 //!
 //! `--verify` is a check, not part of the move: its hashing (of every resident page, at both ends) lengthens the
 //! pause but is not counted against `--downtime`; the summary reports it as `hash_ms`.
 //!
-//! If `expected_pause ≤ --downtime`, the pause fits the budget; the source still sends one more round while that
-//! makes the pause clearly shorter: while the dirty set keeps shrinking (to at most ¾ of the previous one), is
-//! larger than 64 pages, and at most 8 such extra rounds were sent. A dirtier slower than the link leaves a dirty
-//! set that shrinks geometrically round after round, so the pause ends up near the floor of what it writes
-//! during one short round, not just under the budget; a dirtier as fast as the link stops the shrinking at once
-//! and costs no extra round. Then the source pauses and sends the final set. Otherwise (the estimate does not fit)
+//! If `expected_pause ≤ --downtime`, the pause fits the budget; the source still sends one more round when that is
+//! predicted to make the pause clearly shorter. The prediction uses the guest's measured dirty rate (the dirty set
+//! over the time since the log was last read) and the last round's fixed cost (its time beyond its bytes at the
+//! measured bandwidth):
+//!
+//! ```text
+//! next_dirty = dirty_rate × (dirty_pages × (4096 + 16) / bandwidth + round_overhead)
+//! ```
+//!
+//! One more round is sent while `next_dirty ≤ ¾ × dirty_pages`, the set is larger than 64 pages, and at most 8
+//! such extra rounds were sent. A dirtier slower than the link leaves a dirty set that shrinks geometrically round
+//! after round, so the pause ends up near the floor of what it writes during one short round, not just under the
+//! budget; a round that cannot shrink the set (a dirtier as fast as the link, or a round's fixed cost as long as
+//! the dirtier needs to refill the set) is not sent. Then the source pauses and sends the final set. Otherwise (the estimate does not fit)
 //! it sends the dirty set as the next round and repeats. When `--timeout` has passed since setup and the estimate still does not fit,
 //! `--on-timeout force` pauses anyway (the report says `forced` with the expected pause) and `--on-timeout abort`
 //! gives up while the guest keeps running at the source.

@@ -26,6 +26,8 @@
 //! - `RoundEnd`, `State` (the VMM's versioned, checksummed state blob), `Frames` (tap frames the source read while
 //!   the guest was paused), `Verify` (the RAM hash at pause), `Complete { paused_ns, commit_within_ns }`;
 //!
+//! answers every `RoundEnd` with `RoundAck { round }` once it has read that round (so the source times a round to
+//! the moment its pages are in the destination's RAM, not to the moment they fill a socket buffer), then
 //! answers `Ready` once it holds the whole guest, restored but not running, waits for `Commit` (the source's
 //! point of no return; `commit_within_ns` says how long the source will still wait for `Ready`, 0 for no limit),
 //! and answers `Ack` once the guest runs on the destination. After the `Ack` the source may still send `Frames`,
@@ -43,7 +45,7 @@ use crate::ram::{PAGE_SIZE, RamError, RamLayout, RamRegion, is_zero};
 /// "MIGMONVM", first field of [`Hello`].
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MIGMONVM");
 /// Protocol version. Bump on any change of the wire format.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Header size in bytes.
 pub const HEADER_SIZE: usize = 32;
 /// Largest payload of any message.
@@ -145,6 +147,7 @@ pub enum Command {
     Close = 11,
     Ready = 12,
     Commit = 13,
+    RoundAck = 14,
 }
 
 impl TryFrom<u32> for Command {
@@ -164,6 +167,7 @@ impl TryFrom<u32> for Command {
             11 => Self::Close,
             12 => Self::Ready,
             13 => Self::Commit,
+            14 => Self::RoundAck,
             other => return Err(ProtocolError::UnknownCommand { command: other }),
         })
     }
@@ -331,6 +335,9 @@ pub enum Message {
     Ready,
     /// The source's point of no return: it will not resume the guest; the destination resumes it.
     Commit,
+    /// The destination has read the round up to its `RoundEnd`: every page of it is in guest RAM there. The
+    /// source times its rounds to this, not to its own writes (which only fill socket buffers).
+    RoundAck(u32),
     Ack(Ack),
     Abort(String),
     Close,
@@ -351,6 +358,7 @@ impl Message {
             Self::Close => Command::Close,
             Self::Ready => Command::Ready,
             Self::Commit => Command::Commit,
+            Self::RoundAck(_) => Command::RoundAck,
         }
     }
 
@@ -402,6 +410,7 @@ impl Message {
                 p.extend_from_slice(&a.restore_us.to_le_bytes());
             }
             Self::Abort(reason) => put_bytes(&mut p, reason.as_bytes()),
+            Self::RoundAck(round) => p.extend_from_slice(&round.to_le_bytes()),
             Self::HelloAck | Self::Close | Self::Ready | Self::Commit => {}
         }
         (flags, p)
@@ -459,6 +468,7 @@ impl Message {
             },
             Command::Ready => Self::Ready,
             Command::Commit => Self::Commit,
+            Command::RoundAck => Self::RoundAck(c.u32()?),
             Command::Ack => Self::Ack(Ack {
                 resumed_ns: c.u64()?,
                 restore_us: c.u64()?,
@@ -1153,6 +1163,7 @@ mod tests {
             },
             Message::Ready,
             Message::Commit,
+            Message::RoundAck(7),
             Message::Ack(Ack {
                 resumed_ns: 5,
                 restore_us: 6,
@@ -1457,6 +1468,8 @@ mod tests {
             send(Command::Complete, &[0; 17]),
             send(Command::Ready, &[0]),
             send(Command::Commit, &[0]),
+            send(Command::RoundAck, &[0; 3]),
+            send(Command::RoundAck, &[0; 5]),
             send(Command::Close, &[0]),
             send(Command::Hello, &MAGIC.to_le_bytes()),
         ];

@@ -503,7 +503,7 @@ impl ReceiveSession<'_> {
                 Incoming::Message(m) => m,
             };
             match message {
-                Message::RoundEnd(r) => self.end_round(&r, tracker),
+                Message::RoundEnd(r) => self.end_round(&r, tracker)?,
                 Message::Verify(h) => hash = Some(h),
                 Message::State(s) => state = Some(s),
                 Message::Frames(f) => {
@@ -543,7 +543,9 @@ impl ReceiveSession<'_> {
         }
     }
 
-    fn end_round(&mut self, r: &RoundEnd, tracker: &Tracker) {
+    /// Acknowledges the round (its pages are all in RAM here), then records it.
+    fn end_round(&mut self, r: &RoundEnd, tracker: &Tracker) -> Result<(), MigrationError> {
+        self.writer.send(&Message::RoundAck(r.round))?;
         self.report.rounds = r.round + 1;
         self.events.emit(Phase::Round {
             n: r.round,
@@ -556,6 +558,7 @@ impl ReceiveSession<'_> {
             s.bandwidth = r.bandwidth;
             s.bytes_sent = self.reader.bytes();
         });
+        Ok(())
     }
 }
 

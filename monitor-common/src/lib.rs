@@ -379,6 +379,39 @@ pub struct FlowKey {
     pub ifindex: u32,
 }
 
+/// Key of the IPv4 flow table: [`FlowKey`] with plain IPv4 addresses (network byte order), 16 bytes against 40,
+/// which the table hashes and compares for every segment. Records and user space see the flow as a [`FlowKey`]
+/// ([`FlowKey4::widen`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey4 {
+    pub vm_addr: [u8; 4],
+    pub peer_addr: [u8; 4],
+    pub vm_port: u16,
+    pub peer_port: u16,
+    pub ifindex: u32,
+}
+
+impl FlowKey4 {
+    /// The same flow as a [`FlowKey`], its addresses IPv4-mapped.
+    #[must_use]
+    pub const fn widen(&self) -> FlowKey {
+        FlowKey {
+            vm_addr: v4_mapped(self.vm_addr),
+            peer_addr: v4_mapped(self.peer_addr),
+            vm_port: self.vm_port,
+            peer_port: self.peer_port,
+            ifindex: self.ifindex,
+        }
+    }
+}
+
+/// `a` as an IPv4-mapped IPv6 [`IpKey`] (`::ffff:a.b.c.d`).
+#[must_use]
+pub const fn v4_mapped(a: [u8; 4]) -> IpKey {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
 /// `FlowDir::flags`: `seq_end` holds a value (the direction has sent a segment).
 pub const FLOW_SEQ_KNOWN: u32 = 1;
 /// `FlowDir::flags`: `ack` holds a value.
@@ -598,6 +631,11 @@ pub const CFG_FILTER_FDB: u32 = 8;
 pub const CFG_FLOW_IPS: u32 = 16;
 /// `ProbeConfig::flags`: track TCP flows whose Ethernet source or destination is a watched MAC.
 pub const CFG_FLOW_MACS: u32 = 32;
+/// `ProbeConfig::flags`: track only TCP flows with a port in the port bitmap (`FLOW_PORTS`, `--port`).
+pub const CFG_FLOW_PORTS: u32 = 64;
+
+/// Words of the flow tracker's port bitmap: one bit per TCP port, port `p` at bit `p % 64` of word `p / 64`.
+pub const FLOW_PORT_WORDS: u32 = 1024;
 
 /// The global the programs read (symbol `CONFIG`), written by user space before loading.
 #[repr(C)]
@@ -730,6 +768,7 @@ const _: () =
     assert!(size_of::<ProbeConfig>() == 5 * 32 + 8 + 8 + 8 + 8 * 4 + 32 + 16 + 16 * FLOW_INLINE_IPS + 8);
 const _: () = assert!(core::mem::offset_of!(ProbeConfig, flow_ips) % 8 == 0);
 const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowKey4>() == 16);
 const _: () = assert!(size_of::<FlowDir>() == 48);
 const _: () = assert!(size_of::<FlowState>() == 104);
 const _: () = assert!(size_of::<FlowCounters>() == 48);

@@ -3,8 +3,8 @@
 use core::{fmt, mem::size_of};
 
 use crate::{
-    ArpEvent, EventHeader, EventKind, FdbEvent, FlowCounters, FlowDir, FlowEvent, FlowKey, FlowState,
-    MacCounters, MacKey, MacSeenEvent, NeighborAdvertEvent, ProbeConfig, TcpEvent, UnknownKind,
+    ArpEvent, EventHeader, EventKind, FdbEvent, FlowCounters, FlowDir, FlowEvent, FlowKey, FlowKey4,
+    FlowState, MacCounters, MacKey, MacSeenEvent, NeighborAdvertEvent, ProbeConfig, TcpEvent, UnknownKind,
 };
 
 /// Plain data: every bit pattern is valid, no padding the compiler adds (asserted by the size checks in lib.rs).
@@ -31,6 +31,7 @@ pod!(
     MacCounters,
     ProbeConfig,
     FlowKey,
+    FlowKey4,
     FlowDir,
     FlowState,
     FlowCounters,

@@ -5,14 +5,17 @@
 //! address is in `FLOW_IPS` (the VMs' IPs) or, with `CFG_FLOW_MACS`, when the frame's Ethernet source or
 //! destination is a watched MAC (that end is then the VM's).
 //!
-//! Each flow is one entry of the LRU map `FLOWS`, keyed by [`FlowKey`] with the VM's end first, so both
-//! directions share it (as ePPing keeps one entry per connection). No SYN is needed: the first segment seen in a
+//! Each flow is one entry of an LRU map, `FLOWS4` for IPv4 (keyed by [`FlowKey4`], 16 bytes) and `FLOWS` for
+//! IPv6 (keyed by [`FlowKey`]), with the VM's end first, so both directions share it (as ePPing keeps one entry
+//! per connection). No SYN is needed: the first segment seen in a
 //! direction initialises that direction's state, so flows are picked up mid-stream. Per direction the entry keeps
 //! the highest sequence end, the last ACK, the times of the last segment, of the last new data and of the last
 //! forward progress, and the segment and retransmission counts ([`FlowDir`]).
 //!
-//! A busy flow costs a map lookup and a few stores per segment. A record goes to the ring buffer only when a
-//! segment matters ([`FlowEvent`], one kind each):
+//! A busy flow costs one map lookup and a few stores into the value per segment, and the coarse clock
+//! (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC as of the last tick): the per-flow times, and so `gap_ns` and
+//! `silence_ns`, are accurate to a tick; a record's own time is the precise clock's. A record goes to the ring
+//! buffer only when a segment matters ([`FlowEvent`], one kind each):
 //! - `FlowOpen`: the first segment of a flow the table did not hold;
 //! - `FlowRetransmit`: data (or SYN/FIN) starting inside sequence space the same side already sent, with the time
 //!   since that side's highest sequence end last advanced (`gap_ns`) and since its previous segment
@@ -31,34 +34,47 @@
 //! `FLOW_COUNTERS.inserts` counts successful inserts; user space counts the entries and reports
 //! `inserts - entries` as evictions.
 //!
+//! With `CFG_FLOW_PORTS` (`migmon watch --port`), only the watched VMs' flows with a port in `FLOW_PORTS` (at
+//! either end) are tracked.
+//!
 //! Frames cut inside the IP or TCP header, or shorter than the IP length they announce, are counted in
 //! `MALFORMED` and not read further. IPv4 fragments and IPv6 packets whose first next header is not TCP are not
 //! tracked.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use monitor_common::{
-    AF_INET, AF_INET6, CFG_FLOW_IPS, CFG_FLOW_MACS, EventKind, FLOW_ACK_KNOWN, FLOW_FIN_SEEN,
-    FLOW_INLINE_IPS, FLOW_PEER_ACK_KNOWN, FLOW_SEQ_KNOWN, FLOW_ZERO_WINDOW, FRAME_CAPTURE, FlowCounters,
-    FlowDir, FlowEvent, FlowKey, FlowState, IpKey, SIDE_PEER, SIDE_VM, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    AF_INET, AF_INET6, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_FLOW_PORTS, EventHeader, EventKind, FLOW_ACK_KNOWN,
+    FLOW_FIN_SEEN, FLOW_INLINE_IPS, FLOW_PEER_ACK_KNOWN, FLOW_PORT_WORDS, FLOW_SEQ_KNOWN, FLOW_ZERO_WINDOW,
+    FRAME_CAPTURE, FlowCounters, FlowDir, FlowEvent, FlowKey, FlowKey4, FlowState, IpKey, SIDE_PEER, SIDE_VM,
+    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
-    EVENTS, atomic_add, config, count_lost, header,
+    EVENTS, atomic_add, config, count_lost,
     l2::{Eth, Frame, be16, byte, bytes, count_malformed, mac_watched},
 };
 
-/// The flow table. User space sizes it at load time.
+/// The IPv6 flow table. User space sizes it at load time.
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(16384, 0);
+
+/// The IPv4 flow table, with the smaller key; sized as `FLOWS`.
+#[map]
+static FLOWS4: LruHashMap<FlowKey4, FlowState> = LruHashMap::with_max_entries(16384, 0);
 
 /// Addresses of the watched VMs (IPv6 or IPv4-mapped).
 #[map]
 static FLOW_IPS: HashMap<IpKey, u8> = HashMap::with_max_entries(1024, 0);
+
+/// The ports under watch (`--port`) as a bitmap, with `CFG_FLOW_PORTS`: a flow is tracked only when one of its
+/// ports is set. An array, so the test is an inlined index and a bit, not a hash lookup.
+#[map]
+static FLOW_PORTS: Array<u64> = Array::with_max_entries(FLOW_PORT_WORDS, 0);
 
 /// A flow's key and a new flow's entry while a segment is tracked (index 0).
 #[map]
@@ -69,6 +85,7 @@ static WORK: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C, align(8))]
 struct Work {
     key: FlowKey,
+    key4: FlowKey4,
     state: FlowState,
 }
 
@@ -126,21 +143,6 @@ enum Parsed<T> {
     Malformed,
 }
 
-/// Stores IPv4 address `a` (its bytes in network order) as IPv4-mapped IPv6 at `dst`.
-///
-/// # Safety
-/// `dst` must be valid for writes and 8-byte aligned.
-#[inline(always)]
-unsafe fn store_v4(dst: *mut IpKey, a: [u8; 4]) {
-    let p = dst.cast::<u64>();
-    // SAFETY: the caller's contract; `IpKey` is 16 bytes, two aligned u64 words.
-    unsafe {
-        p.write(0);
-        p.add(1)
-            .write(u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]));
-    }
-}
-
 /// Copies the 16 bytes at `data + off` to `dst`, bounds-checked against `end`.
 ///
 /// # Safety
@@ -159,12 +161,9 @@ unsafe fn copy16(data: usize, end: usize, off: usize, dst: *mut IpKey) -> bool {
     true
 }
 
-/// Parses IPv4 at `off`; the source address goes to `k.vm_addr`, the destination to `k.peer_addr`.
-///
-/// # Safety
-/// `k` must be valid for writes and 8-byte aligned.
+/// Parses IPv4 at `off`: the IP layer, the source and the destination address.
 #[inline(always)]
-unsafe fn ipv4(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Ip> {
+fn ipv4(f: &impl Frame, off: usize) -> Parsed<(Ip, [u8; 4], [u8; 4])> {
     let Some((data, end)) = direct(f, off + 20) else {
         return Parsed::Malformed;
     };
@@ -197,19 +196,18 @@ unsafe fn ipv4(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Ip> {
         }
         tot - ihl
     };
-    // SAFETY: the caller's contract.
-    unsafe {
-        store_v4(&raw mut (*k).vm_addr, s);
-        store_v4(&raw mut (*k).peer_addr, d);
-    }
-    Parsed::Yes(Ip {
-        family: AF_INET,
-        l4: off + ihl,
-        payload,
-    })
+    Parsed::Yes((
+        Ip {
+            family: AF_INET,
+            l4: off + ihl,
+            payload,
+        },
+        s,
+        d,
+    ))
 }
 
-/// Parses IPv6 at `off`, like [`ipv4`].
+/// Parses IPv6 at `off`, like [`ipv4`]; the source address goes to `k.vm_addr`, the destination to `k.peer_addr`.
 ///
 /// # Safety
 /// `k` must be valid for writes and 8-byte aligned.
@@ -256,6 +254,35 @@ unsafe fn ipv6(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Ip> {
     })
 }
 
+/// Whether the address whose two 8-byte words (in memory order) are `a0` and `a1` is a watched VM's: `Some`
+/// when the filter word or the addresses compared in place tell, `None` when the `FLOW_IPS` map must (more VMs
+/// than [`FLOW_INLINE_IPS`]).
+#[inline(always)]
+fn ip_watched_inline(a0: u64, a1: u64) -> Option<bool> {
+    // The bytes `ip_filter_bit` hashes: the address's last two.
+    let last = a1.to_ne_bytes();
+    if config!(ip_filter) & (1u64 << ((last[6] ^ last[7]) & 63)) == 0 {
+        return Some(false);
+    }
+    let count = config!(flow_ip_count) as usize;
+    if count > FLOW_INLINE_IPS {
+        return None;
+    }
+    for i in 0..FLOW_INLINE_IPS {
+        if i >= count {
+            return Some(false);
+        }
+        let w = (&raw const crate::CONFIG.flow_ips[i]).cast::<u64>();
+        // SAFETY: CONFIG is a valid static and `flow_ips` sits at an 8-byte aligned offset (asserted in
+        // monitor-common); volatile, so the value user space wrote at load time is used.
+        let (w0, w1) = unsafe { (w.read_volatile(), w.add(1).read_volatile()) };
+        if a0 == w0 && a1 == w1 {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
 /// `addr` is a watched VM's address.
 ///
 /// # Safety
@@ -265,29 +292,22 @@ unsafe fn ip_watched(addr: *const IpKey) -> bool {
     let a = addr.cast::<u64>();
     // SAFETY: the caller's contract: two aligned u64 words.
     let (a0, a1) = unsafe { (a.read(), a.add(1).read()) };
-    // The bytes `ip_filter_bit` hashes: the address's last two.
-    let last = a1.to_ne_bytes();
-    if config!(ip_filter) & (1u64 << ((last[6] ^ last[7]) & 63)) == 0 {
-        return false;
+    match ip_watched_inline(a0, a1) {
+        Some(w) => w,
+        // SAFETY: map lookup of a key the caller vouches for; the value is not dereferenced.
+        None => unsafe { FLOW_IPS.get(&*addr) }.is_some(),
     }
-    let count = config!(flow_ip_count) as usize;
-    if count <= FLOW_INLINE_IPS {
-        for i in 0..FLOW_INLINE_IPS {
-            if i >= count {
-                return false;
-            }
-            let w = (&raw const crate::CONFIG.flow_ips[i]).cast::<u64>();
-            // SAFETY: CONFIG is a valid static and `flow_ips` sits at an 8-byte aligned offset (asserted in
-            // monitor-common); volatile, so the value user space wrote at load time is used.
-            let (w0, w1) = unsafe { (w.read_volatile(), w.add(1).read_volatile()) };
-            if a0 == w0 && a1 == w1 {
-                return true;
-            }
-        }
-        return false;
+}
+
+/// IPv4 address `a` is a watched VM's address.
+#[inline(always)]
+fn ip4_watched(a: [u8; 4]) -> bool {
+    let a1 = u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]);
+    match ip_watched_inline(0, a1) {
+        Some(w) => w,
+        // SAFETY: map lookup of a plain key; the value is not dereferenced.
+        None => unsafe { FLOW_IPS.get(&monitor_common::v4_mapped(a)) }.is_some(),
     }
-    // SAFETY: map lookup of a key the caller vouches for; the value is not dereferenced.
-    unsafe { FLOW_IPS.get(&*addr) }.is_some()
 }
 
 /// (a, ap) < (b, bp), addresses compared as big-endian numbers.
@@ -361,10 +381,12 @@ unsafe fn apply(d: *mut FlowDir, seg: &Segment, now: u64, quiet: u64) -> Outcome
         let mut retransmit_gap = 0;
         let mut progress_gap = 0;
         let mut progress = false;
+        // At least 1 once the direction has a previous segment: 0 means "no previous segment", and two segments
+        // within one tick of the coarse clock are 0 ns apart by it.
         let silence = if (*d).segments == 0 {
             0
         } else {
-            now.saturating_sub((*d).last_ns)
+            now.saturating_sub((*d).last_ns).max(1)
         };
 
         // SYN and FIN each take one sequence number.
@@ -379,7 +401,7 @@ unsafe fn apply(d: *mut FlowDir, seg: &Segment, now: u64, quiet: u64) -> Outcome
                 if before(seg.seq, prev_end) {
                     events |= EV_RETRANSMIT;
                     (*d).retransmits += 1;
-                    retransmit_gap = now.saturating_sub((*d).advance_ns);
+                    retransmit_gap = now.saturating_sub((*d).advance_ns).max(1);
                 }
                 if before(prev_end, end) {
                     (*d).seq_end = end;
@@ -519,13 +541,24 @@ fn emit(f: &impl Frame, kind: EventKind, gap_ns: u64, r: &Record<'_>) -> u32 {
     let mut captured = 0;
     let c = counters();
     let e = entry.as_mut_ptr();
-    let mut hdr = header(kind);
-    hdr.ts_ns = r.now;
+    let hdr = EventHeader {
+        kind: kind as u32,
+        // SAFETY: helper without preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: r.now,
+    };
     // SAFETY: `e` points to a reserved, exclusively owned FlowEvent in the ring buffer; every field is written
     // before submit. `c` is this CPU's counter slot.
     unsafe {
         (*e).header = hdr;
-        (*e).key = *r.key;
+        // In 4-byte words: a plain assignment becomes a byte loop, which the verifier walks on every path.
+        let (src, dst) = (
+            core::ptr::from_ref(r.key).cast::<u32>(),
+            (&raw mut (*e).key).cast::<u32>(),
+        );
+        for i in 0..size_of::<FlowKey>() / 4 {
+            dst.add(i).write(src.add(i).read());
+        }
         (*e).netns_id = config!(netns_id);
         (*e).family = r.family;
         (*e).side = r.side;
@@ -608,70 +641,17 @@ pub(crate) fn keep(v: u32) {
     unsafe { core::ptr::write_volatile(&raw mut sink, v) };
 }
 
+/// The fixed TCP header at `l4` of a packet whose IP layer leaves `payload` bytes: source port, destination port
+/// and the segment. `None` when it is cut or odd (the caller counts it).
 #[inline(always)]
-fn track_segment(f: &impl Frame, eth: &Eth, direction: u8) -> u32 {
-    let ifindex = f.ifindex();
-    // The key and a new flow's entry are built in a per-CPU scratch slot: the stack has no room for them.
-    let Some(w) = WORK.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: `w` is this CPU's scratch slot, valid while the program runs and used by one program at a time on
-    // the CPU.
-    let k = unsafe { &raw mut (*w).key };
-    // SAFETY: `k` is valid for writes.
-    let parsed = unsafe {
-        if eth.ethertype == 0x0800 {
-            ipv4(f, eth.off, k)
-        } else {
-            ipv6(f, eth.off, k)
-        }
-    };
-    let ip = match parsed {
-        Parsed::Yes(ip) => ip,
-        Parsed::Skip => return 0,
-        Parsed::Malformed => {
-            count_malformed(ifindex);
-            return 0;
-        }
-    };
-
-    // Whose flow is it? The VM's end by address, else by MAC. (`vm_addr` holds the source for now.)
-    let flags = config!(flags);
-    let mut src_vm = false;
-    let mut dst_vm = false;
-    if flags & CFG_FLOW_IPS != 0 {
-        // SAFETY: `k` is the aligned key of the scratch slot.
-        unsafe {
-            src_vm = ip_watched(&raw const (*k).vm_addr);
-            dst_vm = ip_watched(&raw const (*k).peer_addr);
-        }
+fn tcp_header(f: &impl Frame, l4: usize, payload: usize) -> Option<(u16, u16, Segment)> {
+    if payload < TCP_HLEN {
+        return None;
     }
-    if !src_vm && !dst_vm && flags & CFG_FLOW_MACS != 0 {
-        let (data, end) = (f.data(), f.data_end());
-        if let Some(src) = bytes::<6>(data, end, 6) {
-            src_vm = mac_watched(&src);
-        }
-        if !src_vm && let Some(dst) = bytes::<6>(data, end, 0) {
-            dst_vm = mac_watched(&dst);
-        }
-    }
-    if !src_vm && !dst_vm {
-        return 0;
-    }
-
-    let l4 = ip.l4;
-    if ip.payload < TCP_HLEN {
-        count_malformed(ifindex);
-        return 0;
-    }
-    let Some((data, end)) = direct(f, l4 + TCP_HLEN) else {
-        count_malformed(ifindex);
-        return 0;
-    };
+    let (data, end) = direct(f, l4 + TCP_HLEN)?;
     let p = data + l4;
     if p + TCP_HLEN > end {
-        count_malformed(ifindex);
-        return 0;
+        return None;
     }
     // SAFETY: checked above that the 20 bytes of the fixed TCP header lie inside the packet.
     let (sport, dport, seq, ack, doff, tcp_flags, window) = unsafe {
@@ -686,82 +666,304 @@ fn track_segment(f: &impl Frame, eth: &Eth, direction: u8) -> u32 {
         )
     };
     let doff = usize::from(doff >> 4) << 2;
-    if doff < TCP_HLEN || doff > ip.payload {
-        count_malformed(ifindex);
+    if doff < TCP_HLEN || doff > payload {
+        return None;
+    }
+    Some((
+        sport,
+        dport,
+        Segment {
+            seq,
+            ack,
+            len: (payload - doff) as u32,
+            window,
+            flags: tcp_flags,
+        },
+    ))
+}
+
+/// Applies a segment from `side` to the flow `key` of `table`, inserting the flow when the table does not hold
+/// it (`EV_OPEN` in the outcome). One map operation per segment of a known flow: the lookup, then stores into the
+/// value in place. `None` when the flow could neither be found nor inserted (counted).
+///
+/// # Safety
+/// `w` must be this CPU's scratch slot.
+#[inline(always)]
+unsafe fn apply_to_table<K>(
+    table: &LruHashMap<K, FlowState>,
+    key: &K,
+    w: *mut Work,
+    side: u8,
+    seg: &Segment,
+    now: u64,
+) -> Option<(Outcome, u32)> {
+    let quiet = config!(flow_quiet_ns);
+    if let Some(st) = table.get_ptr_mut(key) {
+        // SAFETY: `st` points to the map value, valid while the program runs.
+        return Some(unsafe { update(st, side, seg, now, quiet) });
+    }
+    // SAFETY: the scratch slot's entry is valid for writes; the map copies key and value on insert.
+    unsafe {
+        let st = &raw mut (*w).state;
+        st.write(FlowState {
+            first_ns: now,
+            dir: [FlowDir::default(); 2],
+        });
+        let (mut out, _) = update(st, side, seg, now, quiet);
+        if table.insert(key, &*st, u64::from(BPF_NOEXIST)).is_ok() {
+            out.events |= EV_OPEN;
+            if let Some(c) = counters() {
+                atomic_add(&raw mut (*c).inserts, 1);
+            }
+            Some((out, 0))
+        } else if let Some(st) = table.get_ptr_mut(key) {
+            // Another CPU inserted the flow first: the segment goes to its entry.
+            Some(update(st, side, seg, now, quiet))
+        } else {
+            if let Some(c) = counters() {
+                atomic_add(&raw mut (*c).insert_failed, 1);
+            }
+            None
+        }
+    }
+}
+
+/// TCP port `p` is in the port bitmap.
+#[inline(always)]
+fn port_watched(p: u16) -> bool {
+    FLOW_PORTS
+        .get(u32::from(p >> 6))
+        .is_some_and(|w| w & (1u64 << (p & 63)) != 0)
+}
+
+/// The VM's end of a segment between `src_vm` and `dst_vm` (at least one watched): `SIDE_VM` when the source is
+/// the VM's end. With both ends watched, the lower (address, port) is the VM's end, the same for both directions.
+#[inline(always)]
+fn sender_side(src_vm: bool, dst_vm: bool, src_lower: impl FnOnce() -> bool) -> u8 {
+    let src_is_vm = if src_vm && dst_vm { src_lower() } else { src_vm };
+    if src_is_vm { SIDE_VM } else { SIDE_PEER }
+}
+
+/// Whether the frame's Ethernet source (`Some(true)`) or destination (`Some(false)`) is a watched MAC.
+#[inline(always)]
+fn mac_end(f: &impl Frame) -> (bool, bool) {
+    let (data, end) = (f.data(), f.data_end());
+    let mut src_vm = false;
+    let mut dst_vm = false;
+    if let Some(src) = bytes::<6>(data, end, 6) {
+        src_vm = mac_watched(&src);
+    }
+    if !src_vm && let Some(dst) = bytes::<6>(data, end, 0) {
+        dst_vm = mac_watched(&dst);
+    }
+    (src_vm, dst_vm)
+}
+
+/// What the IP layer of a tracked frame says, for either family.
+struct Tracked {
+    ip: Ip,
+    src_vm: bool,
+    dst_vm: bool,
+}
+
+/// IPv4: parses the IP layer; the addresses stay in registers.
+#[inline(always)]
+fn ip_layer4(f: &impl Frame, off: usize) -> Parsed<(Tracked, [u8; 4], [u8; 4])> {
+    let (ip, src, dst) = match ipv4(f, off) {
+        Parsed::Yes(p) => p,
+        Parsed::Skip => return Parsed::Skip,
+        Parsed::Malformed => return Parsed::Malformed,
+    };
+    let flags = config!(flags);
+    let (mut src_vm, mut dst_vm) = (false, false);
+    if flags & CFG_FLOW_IPS != 0 {
+        src_vm = ip4_watched(src);
+        dst_vm = ip4_watched(dst);
+    }
+    if !src_vm && !dst_vm && flags & CFG_FLOW_MACS != 0 {
+        (src_vm, dst_vm) = mac_end(f);
+    }
+    Parsed::Yes((Tracked { ip, src_vm, dst_vm }, src, dst))
+}
+
+/// IPv6: parses the IP layer; the addresses go to the scratch key `k` (source first).
+///
+/// # Safety
+/// `k` must be valid for reads and writes and 8-byte aligned.
+#[inline(always)]
+unsafe fn ip_layer6(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Tracked> {
+    // SAFETY: the caller's contract.
+    let ip = match unsafe { ipv6(f, off, k) } {
+        Parsed::Yes(ip) => ip,
+        Parsed::Skip => return Parsed::Skip,
+        Parsed::Malformed => return Parsed::Malformed,
+    };
+    let flags = config!(flags);
+    let (mut src_vm, mut dst_vm) = (false, false);
+    if flags & CFG_FLOW_IPS != 0 {
+        // SAFETY: `k` is aligned and valid for reads.
+        unsafe {
+            src_vm = ip_watched(&raw const (*k).vm_addr);
+            dst_vm = ip_watched(&raw const (*k).peer_addr);
+        }
+    }
+    if !src_vm && !dst_vm && flags & CFG_FLOW_MACS != 0 {
+        (src_vm, dst_vm) = mac_end(f);
+    }
+    Parsed::Yes(Tracked { ip, src_vm, dst_vm })
+}
+
+/// The flow's entry for one segment, in either table, and what the segment did to it.
+///
+/// IPv4 flows live in `FLOWS4` under a [`FlowKey4`] (the addresses `v4`), IPv6 flows in `FLOWS` under the
+/// scratch slot's [`FlowKey`]. When the segment raises a record, the slot's `key` holds the flow's key after
+/// this, for either family. The family decides here and nowhere after: the verifier then walks the record path
+/// once for both.
+///
+/// # Safety
+/// `w` must be this CPU's scratch slot; for IPv6, its `key` must hold the segment's addresses.
+#[expect(clippy::too_many_arguments, reason = "one segment's parts, each used once")]
+#[inline(always)]
+unsafe fn apply_segment(
+    w: *mut Work,
+    v4: Option<([u8; 4], [u8; 4])>,
+    ifindex: u32,
+    src_vm: bool,
+    dst_vm: bool,
+    sport: u16,
+    dport: u16,
+    seg: &Segment,
+) -> Option<(u8, Outcome, u32)> {
+    // The flow's own times are on the coarse clock (CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC as of the last tick,
+    // a few ns to read against about 28 for the precise one here); records take the precise time.
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some((src, dst)) = v4 {
+        let side = sender_side(src_vm, dst_vm, || {
+            (u32::from_be_bytes(src), sport) < (u32::from_be_bytes(dst), dport)
+        });
+        let (vm, peer) = if side == SIDE_VM {
+            ((src, sport), (dst, dport))
+        } else {
+            ((dst, dport), (src, sport))
+        };
+        // SAFETY: the caller's contract: the slot is valid for writes.
+        unsafe {
+            let k = &raw mut (*w).key4;
+            k.write(FlowKey4 {
+                vm_addr: vm.0,
+                peer_addr: peer.0,
+                vm_port: vm.1,
+                peer_port: peer.1,
+                ifindex,
+            });
+            let (out, peer_ack) = apply_to_table(&FLOWS4, &*k, w, side, seg, now)?;
+            if out.events != 0 {
+                (&raw mut (*w).key).write((*k).widen());
+            }
+            Some((side, out, peer_ack))
+        }
+    } else {
+        // SAFETY: the caller's contract: the slot's key holds the addresses, source first.
+        unsafe {
+            let k = &raw mut (*w).key;
+            (*k).vm_port = sport;
+            (*k).peer_port = dport;
+            (*k).ifindex = ifindex;
+            let side = sender_side(src_vm, dst_vm, || {
+                lower(&(*k).vm_addr, sport, &(*k).peer_addr, dport)
+            });
+            if side == SIDE_PEER {
+                swap_ends(k);
+            }
+            let (out, peer_ack) = apply_to_table(&FLOWS, &*k, w, side, seg, now)?;
+            Some((side, out, peer_ack))
+        }
+    }
+}
+
+#[inline(always)]
+fn track_segment(f: &impl Frame, eth: &Eth, direction: u8) -> u32 {
+    let ifindex = f.ifindex();
+    // The keys, a new flow's entry and the record's key are built in a per-CPU scratch slot: the stack has no
+    // room for them.
+    let Some(w) = WORK.get_ptr_mut(0) else {
+        return 0;
+    };
+    let parsed = if eth.ethertype == 0x0800 {
+        match ip_layer4(f, eth.off) {
+            Parsed::Yes((t, src, dst)) => Parsed::Yes((t, Some((src, dst)))),
+            Parsed::Skip => Parsed::Skip,
+            Parsed::Malformed => Parsed::Malformed,
+        }
+    } else {
+        // SAFETY: `w` is this CPU's scratch slot, valid while the program runs and used by one program at a time
+        // on the CPU; its key is 8-byte aligned.
+        match unsafe { ip_layer6(f, eth.off, &raw mut (*w).key) } {
+            Parsed::Yes(t) => Parsed::Yes((t, None)),
+            Parsed::Skip => Parsed::Skip,
+            Parsed::Malformed => Parsed::Malformed,
+        }
+    };
+    let (t, v4) = match parsed {
+        Parsed::Yes(p) => p,
+        Parsed::Skip => return 0,
+        Parsed::Malformed => {
+            count_malformed(ifindex);
+            return 0;
+        }
+    };
+    if !t.src_vm && !t.dst_vm {
         return 0;
     }
-    let seg = Segment {
-        seq,
-        ack,
-        len: (ip.payload - doff) as u32,
-        window,
-        flags: tcp_flags,
+    let Some((sport, dport, seg)) = tcp_header(f, t.ip.l4, t.ip.payload) else {
+        count_malformed(ifindex);
+        return 0;
     };
-
-    // SAFETY: `k` is valid for reads and writes.
-    let side = unsafe {
-        (*k).vm_port = sport;
-        (*k).peer_port = dport;
-        (*k).ifindex = ifindex;
-        // Both ends watched: the lower (address, port) is the VM's end, the same for both directions.
-        let src_is_vm = if src_vm && dst_vm {
-            lower(&(*k).vm_addr, sport, &(*k).peer_addr, dport)
-        } else {
-            src_vm
-        };
-        if src_is_vm {
-            SIDE_VM
-        } else {
-            swap_ends(k);
-            SIDE_PEER
-        }
-    };
-
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let quiet = config!(flow_quiet_ns);
-    // SAFETY: `k` is valid; the map reads the key from it.
-    let found = FLOWS.get_ptr_mut(unsafe { &*k });
-    let (out, peer_ack) = if let Some(st) = found {
-        // SAFETY: `st` points to the map value, valid while the program runs.
-        unsafe { update(st, side, &seg, now, quiet) }
-    } else {
-        // SAFETY: the scratch slot's entry is valid for writes; the map copies key and value on insert.
-        unsafe {
-            let st = &raw mut (*w).state;
-            st.write(FlowState {
-                first_ns: now,
-                dir: [FlowDir::default(); 2],
-            });
-            let (mut out, _) = update(st, side, &seg, now, quiet);
-            if FLOWS.insert(&*k, &*st, u64::from(BPF_NOEXIST)).is_ok() {
-                out.events |= EV_OPEN;
-                if let Some(c) = counters() {
-                    atomic_add(&raw mut (*c).inserts, 1);
-                }
-                (out, 0)
-            } else if let Some(st) = FLOWS.get_ptr_mut(&*k) {
-                // Another CPU inserted the flow first: the segment goes to its entry.
-                update(st, side, &seg, now, quiet)
-            } else {
-                if let Some(c) = counters() {
-                    atomic_add(&raw mut (*c).insert_failed, 1);
-                }
-                return 0;
-            }
-        }
+    if config!(flags) & CFG_FLOW_PORTS != 0 && !port_watched(sport) && !port_watched(dport) {
+        return 0;
+    }
+    // SAFETY: `w` is this CPU's scratch slot; for IPv6 its key holds the addresses (`ip_layer6`).
+    let Some((side, out, peer_ack)) =
+        (unsafe { apply_segment(w, v4, ifindex, t.src_vm, t.dst_vm, sport, dport, &seg) })
+    else {
+        return 0;
     };
     if out.events == 0 {
         return 0;
     }
+    // SAFETY: the slot's key holds the flow's key (`apply_segment`), valid for reads.
+    let key = unsafe { &*(&raw const (*w).key) };
+    report(f, eth, key, t.ip.family, side, direction, &seg, &out, peer_ack)
+}
+
+/// Emits a record for each kind `out.events` holds, stamped with the precise clock; returns the frame bytes
+/// captured.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parts of one record, each used once"
+)]
+#[inline(always)]
+fn report(
+    f: &impl Frame,
+    eth: &Eth,
+    key: &FlowKey,
+    family: u16,
+    side: u8,
+    direction: u8,
+    seg: &Segment,
+    out: &Outcome,
+    peer_ack: u32,
+) -> u32 {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let rec = Record {
-        // SAFETY: `k` is valid for reads.
-        key: unsafe { &*k },
-        family: ip.family,
+        key,
+        family,
         side,
         direction,
-        seg: &seg,
-        out: &out,
+        seg,
+        out,
         peer_ack,
         eth,
         now,

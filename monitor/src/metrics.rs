@@ -67,6 +67,8 @@ pub struct Metrics {
     retransmits: Counter,
     lost: Counter,
     events: Family<Labels, Counter>,
+    /// The `events` counter of each kind, looked up once (a label set costs allocations per lookup).
+    events_by_kind: Mutex<HashMap<&'static str, Counter>>,
     skipped: Family<Labels, Counter>,
     /// The last cumulative count of each (source, reason) `skipped` record.
     skipped_seen: Mutex<HashMap<(String, String), u64>>,
@@ -180,6 +182,7 @@ impl Metrics {
             retransmits,
             lost,
             events,
+            events_by_kind: Mutex::new(HashMap::new()),
             skipped,
             skipped_seen: Mutex::new(HashMap::new()),
             live,
@@ -188,8 +191,15 @@ impl Metrics {
 
     /// Takes one event: the per-event counters.
     pub fn observe(&self, ev: &Event) {
-        self.events
-            .get_or_create(&vec![("kind".to_owned(), ev.kind().to_owned())])
+        self.events_by_kind
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(ev.kind())
+            .or_insert_with(|| {
+                self.events
+                    .get_or_create(&vec![("kind".to_owned(), ev.kind().to_owned())])
+                    .clone()
+            })
             .inc();
         match ev {
             Event::TcpRetransmit { .. } => {

@@ -33,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use migmon_analysis::trace::{Event, MacAddr, Port};
+use migmon_analysis::trace::{Event, MacAddr, PauseSource, Port};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::{
@@ -943,18 +943,26 @@ pub fn start(
     Ok(Some(handler))
 }
 
-/// Learns the MAC of every migration's setup event (a VM about to arrive or leave).
+/// Learns the VM MAC of every migration the pause sources report, from the first event that names it: a
+/// migrator's setup event (`migrator`), QEMU's `query-rx-filter` answer that the QMP source puts in each of its
+/// events (`qmp`), a libvirt domain's (`libvirt`). Windows inferred from the wire are about MACs watched already.
 pub fn mac_observer(control: PortControl) -> Observer {
     let mut seen: HashSet<String> = HashSet::new();
     Box::new(move |ev| {
-        if let Event::Migration { ev, .. } = ev
-            && matches!(ev.phase, migevents::Phase::Setup { .. })
+        if let Event::Migration { ev, source } = ev
             && !seen.contains(&ev.mac)
-            && let Ok(mac) = ev.mac.parse::<MacAddr>()
         {
-            seen.insert(ev.mac.clone());
-            if vm_mac(mac.octets()) {
-                control.learn_mac(mac, MacSource::Migrator, None);
+            let from = match source {
+                PauseSource::Migrator => Some(MacSource::Migrator),
+                PauseSource::Qmp => Some(MacSource::Qmp),
+                PauseSource::Libvirt => Some(MacSource::Libvirt),
+                PauseSource::Wire => None,
+            };
+            if let (Some(from), Ok(mac)) = (from, ev.mac.parse::<MacAddr>()) {
+                seen.insert(ev.mac.clone());
+                if vm_mac(mac.octets()) {
+                    control.learn_mac(mac, from, None);
+                }
             }
         }
         Flow::Continue
@@ -1010,8 +1018,24 @@ mod tests {
         );
         assert_eq!(obs(&setup), Flow::Continue);
         assert_eq!(obs(&setup), Flow::Continue);
+        let qmp = |mac: &str| {
+            migmon_analysis::fixtures::mig(
+                2,
+                "q1",
+                mac,
+                migevents::Role::Source,
+                migevents::Phase::Pause,
+                "qmp",
+            )
+        };
+        obs(&qmp("?"));
+        obs(&qmp("52:54:00:00:00:02"));
         let got: Vec<PortRequest> = h.rx.try_iter().collect();
-        assert_eq!(got.len(), 1);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(matches!(
+            &got[1],
+            PortRequest::Learn { mac, source: MacSource::Qmp, .. } if mac.to_string() == "52:54:00:00:00:02"
+        ));
         assert!(matches!(
             &got[0],
             PortRequest::Learn { mac, source: MacSource::Migrator, on: None } if mac.to_string() == "52:54:00:00:00:01"

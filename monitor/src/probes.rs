@@ -13,7 +13,7 @@
 //! `BPF_PROG_TEST_RUN`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     ffi::CString,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TracePoint, Xdp,
         tc::{SchedClassifierLinkId, TcAttachType},
@@ -30,8 +30,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use monitor_common::{
-    CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_WATCH_MACS,
-    FlowCounters, FlowKey, FlowState, IpKey, MacCounters, MacKey, MacKey8, ProbeConfig, WireEvent,
+    CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_FLOW_PORTS,
+    CFG_WATCH_MACS, FlowCounters, FlowKey, FlowKey4, FlowState, IpKey, MacCounters, MacKey, MacKey8,
+    ProbeConfig, WireEvent,
 };
 
 use migmon_analysis::trace::Port;
@@ -183,7 +184,10 @@ pub struct FlowOptions {
     pub ips: Vec<IpAddr>,
     /// Track flows whose frames come from or go to these MACs (VMs whose IP is not known).
     pub macs: Vec<[u8; 6]>,
-    /// Entries of the flow table (an LRU map: the least recently used flow is evicted when it is full).
+    /// Track only flows with one of these ports at either end (empty: every port).
+    pub ports: Vec<u16>,
+    /// Entries of each flow table, IPv4 and IPv6 (LRU maps: the least recently used flow is evicted when one is
+    /// full).
     pub table_entries: u32,
     /// A side's first forward progress after this long without is reported.
     pub quiet_ns: u64,
@@ -198,6 +202,7 @@ impl Default for FlowOptions {
         Self {
             ips: Vec::new(),
             macs: Vec::new(),
+            ports: Vec::new(),
             table_entries: DEFAULT_FLOW_TABLE,
             quiet_ns: 50_000_000,
             captures_per_sec: 1000,
@@ -607,6 +612,9 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
         if !f.ips.is_empty() {
             c.flags |= CFG_FLOW_IPS;
         }
+        if !f.ports.is_empty() {
+            c.flags |= CFG_FLOW_PORTS;
+        }
         if !f.macs.is_empty() {
             c.flags |= CFG_FLOW_MACS;
             for mac in &f.macs {
@@ -738,6 +746,7 @@ impl Instance {
             .override_global(aya_log::LEVEL, &log_level, false)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
             .map_max_entries("FLOWS", flow_table)
+            .map_max_entries("FLOWS4", flow_table)
             .load(OBJECT)
             .map_err(|e| match &e {
                 aya::EbpfError::MapError(MapError::CreateError { io_error, .. })
@@ -856,6 +865,14 @@ fn fill_flow_maps(ebpf: &mut Ebpf, f: &FlowOptions) -> Result<(), ProbeError> {
     for ip in &f.ips {
         ips.insert(&ip_key(*ip), &1, 0).map_err(map_err("FLOW_IPS"))?;
     }
+    let mut ports: Array<_, u64> = Array::try_from(
+        ebpf.map_mut("FLOW_PORTS")
+            .ok_or(ProbeError::NoMap("FLOW_PORTS"))?,
+    )
+    .map_err(map_err("FLOW_PORTS"))?;
+    for (i, word) in port_bitmap(&f.ports) {
+        ports.set(i, &word, 0).map_err(map_err("FLOW_PORTS"))?;
+    }
     // MACs go to WATCH_MACS, which `fill_watch_maps` filled with the watch list's; add the others.
     let mut macs: BpfHashMap<_, MacKey8, u8> = BpfHashMap::try_from(
         ebpf.map_mut("WATCH_MACS")
@@ -867,6 +884,15 @@ fn fill_flow_maps(ebpf: &mut Ebpf, f: &FlowOptions) -> Result<(), ProbeError> {
         macs.insert(&key, &1, 0).map_err(map_err("WATCH_MACS"))?;
     }
     Ok(())
+}
+
+/// The flow tracker's port bitmap (`FLOW_PORTS`) for `ports`: its non-zero words, by index.
+fn port_bitmap(ports: &[u16]) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for &p in ports {
+        *words.entry(u32::from(p >> 6)).or_insert(0) |= 1u64 << (p & 63);
+    }
+    words
 }
 
 fn detach_error(program: &str, source: ProgramError) -> ProbeError {
@@ -1336,7 +1362,10 @@ impl Probes {
                 let flows: BpfHashMap<_, FlowKey, FlowState> =
                     BpfHashMap::try_from(inst.ebpf.map("FLOWS").ok_or(ProbeError::NoMap("FLOWS"))?)
                         .map_err(map_err("FLOWS"))?;
-                entries = flows.keys().flatten().count() as u64;
+                let flows4: BpfHashMap<_, FlowKey4, FlowState> =
+                    BpfHashMap::try_from(inst.ebpf.map("FLOWS4").ok_or(ProbeError::NoMap("FLOWS4"))?)
+                        .map_err(map_err("FLOWS4"))?;
+                entries = (flows.keys().flatten().count() + flows4.keys().flatten().count()) as u64;
             }
             t.inserts += inserts;
             t.entries += entries;
@@ -1354,7 +1383,13 @@ impl Probes {
             let flows: BpfHashMap<_, FlowKey, FlowState> =
                 BpfHashMap::try_from(inst.ebpf.map("FLOWS").ok_or(ProbeError::NoMap("FLOWS"))?)
                     .map_err(map_err("FLOWS"))?;
+            let flows4: BpfHashMap<_, FlowKey4, FlowState> =
+                BpfHashMap::try_from(inst.ebpf.map("FLOWS4").ok_or(ProbeError::NoMap("FLOWS4"))?)
+                    .map_err(map_err("FLOWS4"))?;
             // An entry evicted between two steps of the walk is skipped.
+            for (k, v) in flows4.iter().flatten() {
+                out.push((inst.id, k.widen(), v));
+            }
             for (k, v) in flows.iter().flatten() {
                 out.push((inst.id, k, v));
             }
@@ -1485,4 +1520,37 @@ fn attach_classifier(
             }
         }
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_filter_reaches_the_flow_tracker() {
+        let words = port_bitmap(&[7, 63, 64, 5001, 65535]);
+        assert_eq!(
+            words.into_iter().collect::<Vec<_>>(),
+            [
+                (0, (1 << 7) | (1 << 63)),
+                (1, 1),
+                (78, 1 << (5001 - 78 * 64)),
+                (1023, 1 << 63)
+            ]
+        );
+        let cfg = |ports: Vec<u16>| {
+            base_config(&ProbeOptions {
+                tracepoints: false,
+                flows: Some(FlowOptions {
+                    ips: vec!["10.0.0.1".parse().unwrap()],
+                    ports,
+                    ..FlowOptions::default()
+                }),
+                ..ProbeOptions::default()
+            })
+            .unwrap()
+        };
+        assert_eq!(cfg(vec![]).flags & CFG_FLOW_PORTS, 0, "no --port: every port");
+        assert_ne!(cfg(vec![5001]).flags & CFG_FLOW_PORTS, 0);
+    }
 }

@@ -90,14 +90,16 @@ pub struct WatchArgs {
     /// Flow tracker: a side's first forward progress after this long without is reported (`flow_progress`).
     #[arg(long, value_name = "D", default_value = "50ms", value_parser = parse_duration)]
     pub flow_quiet: Duration,
-    /// Flow tracker: entries of the flow table (least recently used flows are evicted, and counted, beyond).
+    /// Flow tracker: entries of the flow table, for IPv4 and again for IPv6 flows (least recently used flows are
+    /// evicted, and counted, beyond).
     #[arg(long, value_name = "N", default_value_t = crate::probes::DEFAULT_FLOW_TABLE)]
     pub flow_table: u32,
     /// Flow tracker: frame captures per second and CPU in flow records, for the pcapng export (0 = no limit).
     /// Records over the limit carry no frame bytes and are counted (`flow_table.capture_dropped`).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub flow_captures: u32,
-    /// Report only TCP connections with this local or remote port (with --vm IPs: either matches). Repeatable.
+    /// Report only TCP connections with this local or remote port (with --vm IPs: either matches for the socket
+    /// tracepoints; the flow tracker follows only the VMs' connections with this port). Repeatable.
     #[arg(long = "port", value_name = "N")]
     pub port: Vec<u16>,
     /// One JSON object per line (see docs/events.md) instead of human lines.
@@ -622,6 +624,7 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
             Some(FlowOptions {
                 ips: watch.ips.clone(),
                 macs,
+                ports: watch.ports.clone(),
                 table_entries: args.flow_table,
                 quiet_ns: args.flow_quiet.as_nanos() as u64,
                 captures_per_sec: args.flow_captures,
@@ -814,6 +817,30 @@ mod tests {
         assert!(parse_iface("@ns").is_err());
         assert!(parse_iface("veth0@").is_err());
         assert!(parse_iface("averyveryverylongname").is_err());
+    }
+
+    #[test]
+    fn the_flow_tracker_follows_the_port_filter() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            watch: WatchArgs,
+        }
+        let opts = |extra: &[&str]| {
+            let args = [
+                "watch",
+                "--vm",
+                "52:54:00:12:34:56=10.0.0.5",
+                "--iface",
+                "tap0",
+                "--tcp",
+                "wire",
+            ];
+            let cli = <Cli as clap::Parser>::try_parse_from(args.iter().chain(extra)).unwrap();
+            probe_options(&cli.watch).unwrap().flows.unwrap()
+        };
+        assert!(opts(&[]).ports.is_empty());
+        assert_eq!(opts(&["--port", "5001", "--port", "5002"]).ports, [5001, 5002]);
     }
 
     #[test]

@@ -444,6 +444,56 @@ fn retransmission_progress_zero_window_fin_and_reset_are_reported_once() {
     }
 }
 
+/// With `--port`, the tracker follows only the VM's flows with a watched port at either end, in every program and
+/// both families: an echo on port 7 is not tracked.
+#[test]
+fn with_a_port_filter_only_the_vms_flows_on_those_ports_are_tracked() {
+    let mut opts = flow_opts(1024, Duration::from_millis(50));
+    if let Some(f) = opts.flows.as_mut() {
+        f.ports = vec![5001, 40_000];
+    }
+    let mut probes = Probes::load(&opts).expect("load the probes");
+    let mut i = 0u16;
+    for v6 in [false, true] {
+        for prog in PROGS {
+            // Fresh port pairs in each round, so each round's flows are new to the table.
+            i += 1;
+            // The VM's segment to the peer's port 5001, and the peer's answer: one flow, picked up.
+            let to_5001 = Seg::from_vm(v6, 31_000 + i, 100, 10);
+            run(&mut probes, prog, &frame(&to_5001, &[]));
+            run(&mut probes, prog, &frame(&to_5001.reply(1, 110, TCP_ACK, 0), &[]));
+            // A filtered port at the VM's end (the peer's is not).
+            let from_40000 = Seg {
+                sport: 40_000,
+                dport: 33_000 + i,
+                ..Seg::from_vm(v6, 0, 100, 10)
+            };
+            run(&mut probes, prog, &frame(&from_40000, &[]));
+            // Neither port under watch (an echo on port 7): not tracked, in either direction.
+            let echo = Seg {
+                dport: 7,
+                ..Seg::from_vm(v6, 32_000 + i, 100, 10)
+            };
+            run(&mut probes, prog, &frame(&echo, &[]));
+            run(&mut probes, prog, &frame(&echo.reply(1, 110, TCP_ACK, 0), &[]));
+            let r = flow_records(&mut probes);
+            let opened: Vec<(u16, u16)> = r
+                .iter()
+                .filter(|(k, _)| *k == EventKind::FlowOpen)
+                .map(|(_, e)| (e.key.vm_port, e.key.peer_port))
+                .collect();
+            assert_eq!(
+                opened,
+                [(to_5001.sport, 5001), (40_000, from_40000.dport)],
+                "v6 {v6}, {prog:?}: {r:?}"
+            );
+        }
+    }
+    let t = probes.flow_totals(true).unwrap();
+    assert_eq!((t.inserts, t.entries), (12, 12), "{t:?}");
+    assert_eq!(malformed(&probes), 0);
+}
+
 /// A flow table far smaller than the flows: every insert is counted, the evictions are inserts minus entries,
 /// the programs keep passing frames, and an evicted flow is picked up again.
 #[test]
@@ -461,9 +511,17 @@ fn a_full_flow_table_counts_evictions_and_keeps_working() {
     assert_eq!(opened, usize::from(flows));
     let t = probes.flow_totals(true).unwrap();
     assert_eq!(t.inserts, u64::from(flows), "{t:?}");
-    assert!(t.entries <= 64 && t.entries > 0, "{t:?}");
+    // Two tables of 64 entries, one per family, half of the flows each.
+    assert!(t.entries <= 2 * 64 && t.entries > 0, "{t:?}");
     assert_eq!(t.evictions, t.inserts - t.entries, "{t:?}");
-    assert!(t.evictions >= u64::from(flows) - 64, "{t:?}");
+    assert!(t.evictions >= u64::from(flows) - 2 * 64, "{t:?}");
+    let v4 = probes
+        .flows()
+        .unwrap()
+        .iter()
+        .filter(|(_, k, _)| k.vm_addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
+        .count();
+    assert!(v4 > 0 && v4 <= 64, "{v4} IPv4 flows held, {t:?}");
     assert_eq!(t.insert_failed, 0, "{t:?}");
 
     // An evicted flow (the LRU is approximate: find one that is gone) is picked up again by its next segment, not

@@ -9,9 +9,13 @@
 //! alive. A stall must end within `--max-pause`.
 //!
 //! Counts: `MIGMON_FAULT_CUTS` stream cuts (12 by default; `./x bench --only faults` runs 50) and
-//! `MIGMON_FAULT_STALLS` stalls (4; the bench runs 20), at offsets drawn from `MIGMON_FAULT_SEED` in three strata:
-//! pre-copy, the paused tail, and the window before the commit (measured on a clean migration first). The figures
-//! are printed as `faults:` lines for the bench.
+//! `MIGMON_FAULT_STALLS` stalls (4; the bench runs 20), drawn from `MIGMON_FAULT_SEED` in three strata: pre-copy
+//! (an offset inside round 0, measured on a clean migration first), the paused tail (inside the hash or the state
+//! message) and the window before the commit (inside `Complete`, or when the destination's `Ready` comes back).
+//! The paused strata are placed by message, not by offset: the source waits for each pre-copy round's
+//! acknowledgement, so an offset past round 0 may land in a pre-copy round of another run. Also: the destination
+//! killed after its `Ready` (the source re-announces its MAC), and quick migrations stalled mid-copy and at
+//! `Complete` (the same `--max-pause`). The figures are printed as `faults:` lines for the bench.
 
 #![expect(clippy::unwrap_used, reason = "a test: a failed setup step should panic")]
 
@@ -33,7 +37,10 @@ use serde_json::Value;
 
 const MAC: &str = "52:54:00:66:61:75";
 const CMD_ROUND_END: u32 = 4;
+const CMD_STATE: u32 = 5;
+const CMD_VERIFY: u32 = 7;
 const CMD_COMPLETE: u32 = 8;
+const CMD_READY: u32 = 12;
 const CMD_COMMIT: u32 = 13;
 const MAX_PAUSE_MS: f64 = 500.0;
 /// How long a receiver whose source rolled back may take to exit.
@@ -72,11 +79,45 @@ enum Fault {
     Kill(u64, u32),
     /// Kill this process right after the commit went through.
     KillAfterCommit(u32),
+    /// Kill this process (the destination) when its `Ready` reaches the relay; the `Ready` is not forwarded.
+    KillAtReady(u32),
+    /// A cut inside the first message of this command, at this fraction (per mille) of its bytes: a landmark of
+    /// the message sequence, so it falls in the same phase whatever the rounds before it weighed.
+    CutIn(u32, u16),
+    /// A stall inside the first message of this command, as [`Fault::CutIn`].
+    StallIn(u32, u16),
+    /// Close both directions when the destination's `Ready` reaches the relay (it is not forwarded).
+    CutAtReady,
+    /// Stop forwarding both ways, sockets open, when the destination's `Ready` reaches the relay.
+    StallAtReady,
+    /// Kill this process inside the first message of this command, as [`Fault::CutIn`].
+    KillIn(u32, u16, u32),
+}
+
+impl Fault {
+    /// A fault placed inside a message of `command`, as an offset once that message (`len` bytes at `offset`)
+    /// comes; any other fault as it is.
+    fn placed(self, command: u32, offset: u64, len: u64) -> Self {
+        let at = |permille: u16| offset + len * u64::from(permille.min(999)) / 1000;
+        match self {
+            Self::CutIn(c, p) if c == command => Self::Cut(at(p)),
+            Self::StallIn(c, p) if c == command => Self::Stall(at(p)),
+            Self::KillIn(c, p, pid) if c == command => Self::Kill(at(p), pid),
+            other => other,
+        }
+    }
+
+    /// Whether the relay holds the sockets open at the end (the peers see a stall, not a close).
+    fn stalls(self) -> bool {
+        matches!(self, Self::Stall(_) | Self::StallIn(..) | Self::StallAtReady)
+    }
 }
 
 /// Offsets of the stream's landmarks, from the relay.
 #[derive(Clone, Debug, Default)]
 struct Landmarks {
+    /// The end of round 0 (its `RoundEnd`).
+    first_round_end: u64,
     /// The first message after the last pre-copy round: the pause is about here.
     after_last_round: u64,
     complete: u64,
@@ -107,7 +148,7 @@ impl Relay {
             };
             relay(&from, &dst, fault, &st, &mk);
             // A stall holds the sockets open until the case is over.
-            if matches!(fault, Fault::Stall(_)) {
+            if fault.stalls() {
                 while !st.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -144,6 +185,45 @@ fn kill(pid: u32) {
     }
 }
 
+/// Copies destination → source message by message, so a fault can act on the destination's `Ready`.
+fn relay_back(back_dst: &mut TcpStream, back_from: &mut TcpStream, fault: Fault, h: &AtomicBool) {
+    let mut header = [0u8; 32];
+    while back_dst.read_exact(&mut header).is_ok() && !h.load(Ordering::SeqCst) {
+        let command = u32::from_le_bytes(header[0..4].try_into().unwrap());
+        let length = u64::from_le_bytes(header[8..16].try_into().unwrap()).min(1 << 20);
+        let mut msg = header.to_vec();
+        msg.resize(32 + usize::try_from(length).unwrap(), 0);
+        if back_dst.read_exact(&mut msg[32..]).is_err() {
+            break;
+        }
+        if command == CMD_READY {
+            // The destination has sent `Ready`; the source never sees it.
+            match fault {
+                Fault::KillAtReady(pid) => {
+                    kill(pid);
+                    h.store(true, Ordering::SeqCst);
+                    let _ = back_from.shutdown(Shutdown::Both);
+                    break;
+                }
+                Fault::CutAtReady => {
+                    h.store(true, Ordering::SeqCst);
+                    let _ = back_from.shutdown(Shutdown::Both);
+                    let _ = back_dst.shutdown(Shutdown::Both);
+                    break;
+                }
+                Fault::StallAtReady => {
+                    h.store(true, Ordering::SeqCst);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if back_from.write_all(&msg).is_err() {
+            break;
+        }
+    }
+}
+
 /// Copies source → destination message by message (headers parsed to mark the landmarks), destination → source in a
 /// second thread, applying `fault`.
 fn relay(from: &TcpStream, dst: &TcpStream, fault: Fault, stop: &AtomicBool, marks: &Mutex<Landmarks>) {
@@ -153,20 +233,15 @@ fn relay(from: &TcpStream, dst: &TcpStream, fault: Fault, stop: &AtomicBool, mar
         dst.try_clone().unwrap(),
         halted.clone(),
     );
-    let back = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = back_dst.read(&mut buf) {
-            if n == 0 || h.load(Ordering::SeqCst) || back_from.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-    });
+    let back = std::thread::spawn(move || relay_back(&mut back_dst, &mut back_from, fault, &h));
     let (mut from, mut dst) = (from.try_clone().unwrap(), dst.try_clone().unwrap());
     let mut offset = 0u64;
     let mut header = [0u8; 32];
     let mut last_round_end = false;
+    // The fault as an offset, once a fault placed inside a message has met its message.
+    let mut active = fault;
     // Forwards `bytes` (at `offset`), honouring a cut, stall, flip or kill inside them. False: stop relaying.
-    let mut forward = |bytes: &mut [u8], offset: &mut u64| -> bool {
+    let mut forward = |bytes: &mut [u8], offset: &mut u64, fault: Fault| -> bool {
         let start = *offset;
         let end = start + bytes.len() as u64;
         match fault {
@@ -204,6 +279,9 @@ fn relay(from: &TcpStream, dst: &TcpStream, fault: Fault, stop: &AtomicBool, mar
             }
             if command == CMD_ROUND_END {
                 last_round_end = true;
+                if m.first_round_end == 0 {
+                    m.first_round_end = offset;
+                }
             }
             if command == CMD_COMPLETE {
                 m.complete = offset;
@@ -215,13 +293,17 @@ fn relay(from: &TcpStream, dst: &TcpStream, fault: Fault, stop: &AtomicBool, mar
         if command == CMD_COMMIT && fault == Fault::DropCommit {
             break;
         }
-        let mut msg = header.to_vec();
-        msg.resize(32 + usize::try_from(length).unwrap(), 0);
-        if from.read_exact(&mut msg[32..]).is_err() {
-            let _ = forward(&mut msg[..32], &mut offset);
+        if halted.load(Ordering::SeqCst) {
             break;
         }
-        if !forward(&mut msg, &mut offset) {
+        let mut msg = header.to_vec();
+        msg.resize(32 + usize::try_from(length).unwrap(), 0);
+        active = active.placed(command, offset, msg.len() as u64);
+        if from.read_exact(&mut msg[32..]).is_err() {
+            let _ = forward(&mut msg[..32], &mut offset, active);
+            break;
+        }
+        if !forward(&mut msg, &mut offset, active) {
             break;
         }
         marks.lock().unwrap().total = offset;
@@ -233,7 +315,7 @@ fn relay(from: &TcpStream, dst: &TcpStream, fault: Fault, stop: &AtomicBool, mar
         }
     }
     halted.store(true, Ordering::SeqCst);
-    if !matches!(fault, Fault::Stall(_)) {
+    if !fault.stalls() {
         let _ = dst.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     }
@@ -387,6 +469,77 @@ impl Bed {
     }
 }
 
+/// Counts the RARP frames from the guest's MAC that reach the client namespace (through the bridge): the
+/// announces of whichever side runs the guest.
+struct RarpCapture {
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl RarpCapture {
+    fn start(client: &Netns) -> Self {
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        // An AF_PACKET socket opened inside the client netns stays bound to it.
+        let fd = client.run(|| {
+            // SAFETY: plain socket(2) call; the fd is owned by the thread below, which closes it.
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(0x8035u16.to_be())) }
+        });
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: a valid fd and a timeval that outlives the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let mac: Vec<u8> = MAC
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        let (c, st) = (count.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::SeqCst) {
+                // SAFETY: `buf` is writable for its length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                // Ethernet source = the guest, type RARP, opcode 3 (reverse request).
+                if n >= 42 && buf[6..12] == mac[..] && buf[12..14] == [0x80, 0x35] && buf[20..22] == [0, 3] {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            // SAFETY: our fd, closed once.
+            unsafe { libc::close(fd) };
+        });
+        Self {
+            count,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RarpCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 fn status(api: &str) -> Option<Value> {
     let out = Command::new(migrator_bin())
         .args(["status", "--api", api])
@@ -443,9 +596,18 @@ struct Case<'a> {
 }
 
 impl Case<'_> {
-    /// A receiver on the other tap, the relay with `fault`, and `migrate` through it. Returns the receiver, the
-    /// migrate's output and the relay.
+    /// A receiver on the other tap, the relay with `fault`, and a live `migrate` through it. Returns the receiver,
+    /// the migrate's output and the relay.
     fn run(&mut self, fault_of: impl FnOnce(&Proc, &Proc) -> Fault) -> (Proc, Output, Relay) {
+        self.run_mode("live", fault_of)
+    }
+
+    /// As [`Case::run`], in `mode` (`live` or `quick`).
+    fn run_mode(
+        &mut self,
+        mode: &str,
+        fault_of: impl FnOnce(&Proc, &Proc) -> Fault,
+    ) -> (Proc, Output, Relay) {
         self.n += 1;
         let bed = self.bed;
         let other = 1 - self.home.tap;
@@ -489,7 +651,7 @@ impl Case<'_> {
                 "--insecure",
                 "--verify",
                 "--mode",
-                "live",
+                mode,
                 "--max-pause",
                 "500ms",
                 "--timeout",
@@ -552,6 +714,83 @@ fn assert_rolled_back(
         "{what}: the guest does not answer after the rollback"
     );
     t.rolled_back += 1;
+}
+
+/// A message of the paused tail (`--verify`'s hash or the state), for a fault inside it.
+fn tail_message(rng: &mut Rng) -> u32 {
+    if rng.next().is_multiple_of(2) {
+        CMD_VERIFY
+    } else {
+        CMD_STATE
+    }
+}
+
+/// Where inside a message (per mille of its bytes).
+fn permille(rng: &mut Rng) -> u16 {
+    u16::try_from(rng.next() % 1000).unwrap()
+}
+
+/// The destination dies once it has sent `Ready`, which the source never gets: the source rolls back within
+/// `--max-pause`, announces its MAC again (RARP frames from the guest's MAC reach the client namespace, and
+/// nothing else can send them: the destination never resumed), and the guest runs there alone.
+fn killed_after_ready(bed: &Bed, case: &mut Case<'_>, events: &str, t: &mut Tally) {
+    t.cases += 1;
+    let rarp = RarpCapture::start(bed.client());
+    let (mut recv, out, relay) = case.run(|_, r| Fault::KillAtReady(r.pid()));
+    drop(relay);
+    let what = "destination killed after its ready";
+    assert!(!out.status.success(), "{what}: the migration succeeded");
+    assert!(
+        recv.wait_exit(Duration::from_secs(5)),
+        "{what}: the destination was killed and must be gone"
+    );
+    let pause = last_source_pause_ms(events).unwrap_or(f64::INFINITY);
+    assert!(
+        pause <= MAX_PAUSE_MS,
+        "{what}: the source resumed after {pause:.1} ms > --max-pause {MAX_PAUSE_MS} ms"
+    );
+    assert_rolled_back(bed, case.home, &mut recv, RECV_EXIT, what, t);
+    assert!(
+        wait_until(Duration::from_secs(5), || rarp.count() >= 1),
+        "{what}: the source did not announce its MAC again after the rollback"
+    );
+    eprintln!(
+        "faults: {what}: the source resumed after {pause:.1} ms and sent {} RARP frames",
+        rarp.count()
+    );
+}
+
+/// Quick migrations stalled by the destination, mid-copy and at `Complete`: each rolls back within `--max-pause`.
+fn quick_stalls(
+    bed: &Bed,
+    case: &mut Case<'_>,
+    events: &str,
+    marks: &Landmarks,
+    rng: &mut Rng,
+    t: &mut Tally,
+) {
+    // Round 0 of an idle guest is about as long in quick mode as in live mode: its first half is inside it.
+    let mid_copy = rng.in_range(marks.first_round_end / 4, marks.first_round_end / 2);
+    for (what, fault) in [
+        (format!("quick, stall at {mid_copy}"), Fault::Stall(mid_copy)),
+        (
+            "quick, stall at the complete".to_owned(),
+            Fault::StallIn(CMD_COMPLETE, 0),
+        ),
+    ] {
+        t.cases += 1;
+        let (mut recv, out, relay) = case.run_mode("quick", |_, _| fault);
+        assert!(!out.status.success(), "{what}: the migration succeeded");
+        let pause = last_source_pause_ms(events).unwrap_or(f64::INFINITY);
+        t.max_stall_pause_ms = t.max_stall_pause_ms.max(pause);
+        assert!(
+            pause <= MAX_PAUSE_MS,
+            "{what}: paused {pause:.1} ms > --max-pause {MAX_PAUSE_MS} ms"
+        );
+        assert_rolled_back(bed, case.home, &mut recv, Duration::from_secs(1), &what, t);
+        drop(relay);
+        eprintln!("faults: {what}: the source resumed after {pause:.1} ms");
+    }
 }
 
 #[test]
@@ -634,32 +873,30 @@ fn faults_leave_exactly_one_running_copy() {
         "the guest answers after the move"
     );
 
-    // Stream cuts in three strata.
-    let strata = [
-        ("pre-copy", 32, marks.after_last_round),
-        ("paused tail", marks.after_last_round, marks.complete),
-        ("before the commit", marks.complete, marks.commit),
-    ];
+    // Stream cuts in three strata: round 0 (an offset inside it), the paused tail (inside the hash or the state)
+    // and the window before the commit (inside `Complete`, or when the destination's `Ready` comes back). The last
+    // two are placed by message, not by offset: the pre-copy rounds before them weigh differently in every run.
     let mut by_stratum = [0u32; 3];
     for i in 0..cuts {
         let s = usize::try_from(i).unwrap() % 3;
-        let (name, lo, hi) = strata[s];
-        let at = rng.in_range(lo, hi);
+        let (name, fault) = match s {
+            0 => ("pre-copy", Fault::Cut(rng.in_range(32, marks.first_round_end))),
+            1 => (
+                "paused tail",
+                Fault::CutIn(tail_message(&mut rng), permille(&mut rng)),
+            ),
+            _ if i % 2 == 0 => (
+                "before the commit",
+                Fault::CutIn(CMD_COMPLETE, permille(&mut rng)),
+            ),
+            _ => ("before the commit", Fault::CutAtReady),
+        };
         t.cases += 1;
-        let (mut recv, out, relay) = case.run(|_, _| Fault::Cut(at));
+        let (mut recv, out, relay) = case.run(|_, _| fault);
         drop(relay);
-        assert!(
-            !out.status.success(),
-            "cut at {at} ({name}): the migration succeeded"
-        );
-        assert_rolled_back(
-            &bed,
-            case.home,
-            &mut recv,
-            RECV_EXIT,
-            &format!("cut at {at} ({name})"),
-            &mut t,
-        );
+        let what = format!("{fault:?} ({name})");
+        assert!(!out.status.success(), "{what}: the migration succeeded");
+        assert_rolled_back(&bed, case.home, &mut recv, RECV_EXIT, &what, &mut t);
         by_stratum[s] += 1;
     }
     eprintln!(
@@ -669,22 +906,21 @@ fn faults_leave_exactly_one_running_copy() {
 
     // Stalls in the paused tail and before the commit: the source resumes within --max-pause.
     for i in 0..stalls {
-        let (lo, hi) = if i % 2 == 0 {
-            (marks.after_last_round, marks.complete)
-        } else {
-            (marks.complete, marks.commit)
+        let fault = match i % 4 {
+            0 | 2 => Fault::StallIn(tail_message(&mut rng), permille(&mut rng)),
+            1 => Fault::StallIn(CMD_COMPLETE, permille(&mut rng)),
+            _ => Fault::StallAtReady,
         };
-        let at = rng.in_range(lo, hi);
         t.cases += 1;
-        let (mut recv, out, relay) = case.run(|_, _| Fault::Stall(at));
-        assert!(!out.status.success(), "stall at {at}: the migration succeeded");
-        let pause = last_source_pause_ms(&events).unwrap_or(0.0);
+        let (mut recv, out, relay) = case.run(|_, _| fault);
+        let what = format!("{fault:?}");
+        assert!(!out.status.success(), "{what}: the migration succeeded");
+        let pause = last_source_pause_ms(&events).unwrap_or(f64::INFINITY);
         t.max_stall_pause_ms = t.max_stall_pause_ms.max(pause);
         assert!(
             pause <= MAX_PAUSE_MS,
-            "stall at {at}: paused {pause:.1} ms > --max-pause {MAX_PAUSE_MS} ms"
+            "{what}: paused {pause:.1} ms > --max-pause {MAX_PAUSE_MS} ms"
         );
-        let what = format!("stall at {at}");
         assert_rolled_back(&bed, case.home, &mut recv, Duration::from_secs(1), &what, &mut t);
         drop(relay);
     }
@@ -712,9 +948,9 @@ fn faults_leave_exactly_one_running_copy() {
     }
 
     // The destination killed in the paused tail.
-    let at = rng.in_range(marks.after_last_round, marks.complete);
+    let (cmd, at) = (tail_message(&mut rng), permille(&mut rng));
     t.cases += 1;
-    let (mut recv, out, relay) = case.run(|_, r| Fault::Kill(at, r.pid()));
+    let (mut recv, out, relay) = case.run(|_, r| Fault::KillIn(cmd, at, r.pid()));
     drop(relay);
     assert!(
         !out.status.success(),
@@ -728,6 +964,13 @@ fn faults_leave_exactly_one_running_copy() {
         "destination killed",
         &mut t,
     );
+
+    // The destination killed after it sent `Ready` (which never arrives), before the commit.
+    killed_after_ready(&bed, &mut case, &events, &mut t);
+
+    // Quick mode has the same deadline: a destination stalled in the middle of the copy, or before the
+    // `Complete`, gets the guest resumed at the source within --max-pause.
+    quick_stalls(&bed, &mut case, &events, &marks, &mut rng, &mut t);
 
     // A lost commit: both sides in doubt, no copy runs, until the operator resumes the source.
     t.cases += 1;

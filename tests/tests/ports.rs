@@ -354,6 +354,19 @@ fn a_vm_migrating_onto_a_new_tap_is_watched_from_its_first_frame() {
             .unwrap_or_else(|| panic!("client {} is not in the report: {m:#?}", c.local));
         assert_eq!(v.fate, Fate::Survived, "{v:#?}");
     }
+    let spans = &analysis.ports.spans;
+    let span = |port: String| {
+        spans
+            .iter()
+            .find(|s| s.port == port)
+            .unwrap_or_else(|| panic!("{port}: {spans:#?}"))
+    };
+    assert!(span(format!("{tap_b}@{ns_b}")).attach_latency_ns.is_some());
+    assert_eq!(
+        span(format!("{tap_a}@{ns_a}")).detach_reason.as_deref(),
+        Some("deleted")
+    );
+    assert!(m.warnings.is_empty(), "{:#?}", m.warnings);
     let rarp = m.timeline.first_rarp.as_ref().expect("the report's announce");
     assert_eq!(rarp.port, format!("{tap_b}@{ns_b}"));
     assert!(!m.timeline.fdb_moves.is_empty(), "the FDB move was seen");

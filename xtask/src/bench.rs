@@ -7,14 +7,15 @@
 //! with tiny sizes, under about a minute) and reports median, min and max. The results go to `--out`
 //! (default `./bench-out/`) as `bench.md` and `bench.json`.
 //!
-//! Sections (select with `--only`):
+//! Sections (select with `--only SECTION`, or one part of a section with `--only SECTION:PART`):
 //! - `floors`: memory copy bandwidth, unix socket and TCP-over-veth bandwidth (the floors of the others);
-//! - `probes`: XDP ns per frame (`BPF_PROG_TEST_RUN`), events/s through the collector, TCP stream overhead;
+//! - `probes`: XDP ns per frame (`BPF_PROG_TEST_RUN`, part `xdp`), the flow tracker's ns per TCP segment (`flow`),
+//!   events/s through the collector (`events`), TCP stream overhead (`tcp`);
 //! - `migration`: our migrator against QEMU (`-M microvm`, same guest ELF) on the same workloads and clients;
 //! - `scale`: pause/total against guest RAM, migmon against connection count, peak RSS;
 //! - `faults`: the fault injection test with its full counts (stream cuts, stalls, flips, lost commit, kills): cases,
 //!   outcomes, and the longest pause of a stalled destination against `--max-pause`;
-//! - `soak`: `migmon watch --metrics` for 10 minutes (`--quick`: 90 s) under loopback TCP churn (about 5 k events/s)
+//! - `soak`: `migmon watch --metrics` for 10 minutes (`--quick`: 40 s) under loopback TCP churn (about 5 k events/s)
 //!   with a simulated migration every 30 s: RSS first and last minute, growth, slowest scrape, CPU.
 
 pub mod faults;
@@ -58,8 +59,9 @@ pub struct BenchArgs {
     /// Where bench.md and bench.json go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Run only these sections (floors, probes, migration, scale, faults, soak). Repeatable.
-    #[arg(long, value_name = "SECTION")]
+    /// Run only these sections (floors, probes, migration, scale, faults, soak), or one part of a section
+    /// (`probes:xdp`, `probes:flow`, `probes:events`, `probes:tcp`). Repeatable.
+    #[arg(long, value_name = "SECTION[:PART]")]
     pub only: Vec<String>,
     /// Run only these migration workloads: `idle`, or a dirtier's `SIZE@RATE` as the workload names it
     /// (`32M@125M`, `64M@250M`). Repeatable; default: all.
@@ -80,11 +82,26 @@ pub struct Ctx {
     /// The guest ELF QEMU boots (the same source the migrator embeds).
     pub guest_elf: PathBuf,
     pub out: PathBuf,
+    /// `--only` as given.
+    pub only: Vec<String>,
     /// `--workload`: the migration workloads to run (empty: all).
     pub workloads: Vec<String>,
 }
 
 impl Ctx {
+    /// Whether `--only` selects part `part` of `section` (a section selected whole runs every part).
+    #[cfg_attr(
+        not(feature = "probes"),
+        expect(dead_code, reason = "only the probes section has parts so far")
+    )]
+    pub fn part(&self, section: &str, part: &str) -> bool {
+        let whole = |o: &String| o == section;
+        let this = |o: &String| o.split_once(':') == Some((section, part));
+        let any_of_section =
+            |o: &String| o == section || o.split_once(':').is_some_and(|(s, _)| s == section);
+        !self.only.iter().any(any_of_section) || self.only.iter().any(|o| whole(o) || this(o))
+    }
+
     /// One progress line on stderr, with the time since the start.
     pub fn progress(&self, msg: &str) {
         eprintln!(
@@ -221,7 +238,8 @@ pub fn smoke() -> Result<()> {
 
 fn run_here(args: &BenchArgs) -> Result<()> {
     for s in &args.only {
-        if !SECTIONS.contains(&s.as_str()) {
+        let section = s.split_once(':').map_or(s.as_str(), |(section, _)| section);
+        if !SECTIONS.contains(&section) {
             bail!("unknown section `{s}`: use one of {}", SECTIONS.join(", "));
         }
     }
@@ -236,6 +254,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
         bin_dir: target_dir().join("release"),
         guest_elf: testbed::guest::elf_in(&target_dir()),
         out: args.out.clone(),
+        only: args.only.clone(),
         workloads: args.workload.clone(),
     };
     for bin in ["migmon", "migrator"] {
@@ -262,7 +281,13 @@ fn run_here(args: &BenchArgs) -> Result<()> {
         "{} run(s) per scenario on {} ({} cores), KVM {}, load {}",
         runs, info.machine.cpu_model, info.machine.cores, info.machine.kvm, info.machine.load_start
     ));
-    let selected = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let selected = |s: &str| {
+        ctx.only.is_empty()
+            || ctx
+                .only
+                .iter()
+                .any(|o| o.split_once(':').map_or(o.as_str(), |(section, _)| section) == s)
+    };
     let mut results = report::Results::default();
     let mut failures = Vec::new();
     for section in SECTIONS {

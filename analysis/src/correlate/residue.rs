@@ -18,7 +18,8 @@
 //! - per tracked flow: its first segment, its first segment other than a SYN, and its first RST (the wire basis
 //!   judges every flow not reset before a pause);
 //! - migration phase events of the last [`MIGRATION_MARGIN_NS`] (a later move on the wire is not inferred again when
-//!   a recent migration covers it).
+//!   a recent migration covers it);
+//! - every `port_failed` (each later migration warns about it).
 //!
 //! Everything else (notes, clock samples, counters of the monitor itself) is dropped.
 
@@ -33,15 +34,28 @@ pub const MIGRATION_MARGIN_NS: u64 = 60_000_000_000;
 /// The events of `events` (any order) that a correlation of later events still reads, observed until `end_ns`
 /// (see the module documentation), in time order.
 pub fn residue(events: &[Event], end_ns: u64) -> Vec<Event> {
+    residue_until(events, end_ns, end_ns)
+}
+
+/// [`residue`] of a stretch whose TCP events (`tcp_*` kinds) run until `tcp_end_ns` and whose other events run until
+/// `end_ns`: a live correlation condenses the TCP events of closed connections sooner than the rest.
+pub fn residue_until(events: &[Event], tcp_end_ns: u64, end_ns: u64) -> Vec<Event> {
     let mut sorted: Vec<&Event> = events.iter().collect();
     sorted.sort_by_key(|e| e.ts_ns());
     let mut keep: Vec<&Event> = Vec::new();
-    keep_connections(&sorted, end_ns, &mut keep);
+    keep_connections(&sorted, tcp_end_ns, &mut keep);
     keep_flows(&sorted, &mut keep);
     keep_l2(&sorted, &mut keep);
     keep.extend(sorted.iter().copied().filter(|e| {
         matches!(e, Event::Migration { .. }) && e.ts_ns().saturating_add(MIGRATION_MARGIN_NS) >= end_ns
     }));
+    // Every later migration warns about each port that could not be watched (`correlate::ports`).
+    keep.extend(
+        sorted
+            .iter()
+            .copied()
+            .filter(|e| matches!(e, Event::PortFailed { .. })),
+    );
     // The same event can be kept for two reasons: keep it once, in time order, stably.
     let mut seen: HashSet<*const Event> = HashSet::new();
     keep.retain(|e| seen.insert(std::ptr::from_ref::<Event>(e)));

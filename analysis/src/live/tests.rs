@@ -212,6 +212,14 @@ fn scenario() -> (Vec<Event>, Vec<Vm>) {
 
 /// The report with what only later events can change masked: unjudged connections of VMs whose first migration
 /// comes after this one's pause.
+impl LiveCorrelation {
+    fn extend_for_test(&mut self, events: Vec<Event>) {
+        for e in events {
+            self.push(e);
+        }
+    }
+}
+
 fn masked(m: &MigrationReport, later_ips: &[IpAddr]) -> MigrationReport {
     let mut m = m.clone();
     m.unjudged
@@ -300,10 +308,12 @@ fn live_verdicts_are_the_offline_verdicts_in_bounded_memory() {
         "{first:#?}"
     );
 
-    // Memory: at most the look-back plus the longest held window (the quick migration's 6 s pause and its settle)
-    // and one update's worth of churn; the residue holds what is open, not what happened.
+    // Memory: TCP events of closed connections are condensed after 2 s, or after the earliest held pause (the
+    // quick migration's 6 s pause, its settle and the update pace); the other events for the 10 s look-back. The
+    // residue holds what is open, not what happened.
     let churn_per_s = 5 * 20;
-    let bound = churn_per_s * (10 + 6 + 3 + 2 + 2) + 2_000;
+    let l2_per_s = 2 * 5;
+    let bound = churn_per_s * (2 + 6 + 3 + 2) + l2_per_s * (10 + 6 + 3 + 2) + 200;
     assert!(max_held <= bound, "held {max_held} events, bound {bound}");
     let st = live.status();
     assert!(st.residue < 200, "{st:?}");
@@ -329,4 +339,27 @@ fn a_migration_that_never_resumes_is_released_after_the_longest_hold() {
     let up = live.update(1_000 * MS + HOLD_MAX_NS + 60_000 * MS);
     assert!(up.released.is_empty(), "released once");
     assert_eq!(live.status().held, 0);
+}
+
+#[test]
+fn without_a_migration_only_the_look_back_moves() {
+    let mut live = LiveCorrelation::new(LiveConfig {
+        lookback_ns: 1_000 * MS,
+        ..LiveConfig::default()
+    });
+    let t = tuple(40_001, IP1);
+    live.push(state(100, t, "SYN_SENT", "ESTABLISHED"));
+    for i in 0..100 {
+        live.push(rtx(200 + i * 10, t, 1, 200));
+    }
+    // TCP events cannot start a migration: nothing to correlate, the look-back still moves.
+    let up = live.update(5_000 * MS);
+    assert!(up.analysis.events == 0 && !up.pending);
+    let st = live.status();
+    assert_eq!(st.held, 0);
+    assert!(st.residue >= 1, "the open connection stays: {st:?}");
+    // A phase event makes the next update correlate.
+    live.extend_for_test(migration("m", VM1, IP1, Mode::Live, 6_000, 6_010));
+    let up = live.update(6_100 * MS);
+    assert!(up.pending && up.analysis.migrations.len() == 1);
 }

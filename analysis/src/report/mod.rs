@@ -117,8 +117,40 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
             let _ = writeln!(s, "  WARNING: {w}");
         }
     }
+    ports_lines(&mut s, a);
     connection_table(&mut s, a);
     s
+}
+
+/// Which ports were watched when (`port_*` events), relative to the trace's first event.
+fn ports_lines(s: &mut String, a: &Analysis) {
+    if a.ports.is_empty() {
+        return;
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Ports watched (times from the start of the trace)");
+    for p in &a.ports.spans {
+        let bridge = p.bridge.as_ref().map_or(String::new(), |b| format!("bridge {b}"));
+        let mut from = format!("from {} [{}]", rel(p.attached_ns, a.start_ns), p.origin);
+        if let Some(l) = p.attach_latency_ns {
+            let _ = write!(from, ", {} after it appeared", fmt_dur(l));
+        }
+        let until = match (p.detached_ns, &p.detach_reason) {
+            (Some(d), Some(r)) => format!("until {} ({r})", rel(d, a.start_ns)),
+            (Some(d), None) => format!("until {}", rel(d, a.start_ns)),
+            _ => "until the end".to_owned(),
+        };
+        let _ = writeln!(s, "  {:<28} {bridge:<16} {from}  {until}", p.port);
+    }
+    for f in &a.ports.failed {
+        let _ = writeln!(
+            s,
+            "  {:<28} NOT WATCHED from {}: {}",
+            f.port,
+            rel(f.ts_ns, a.start_ns),
+            f.error
+        );
+    }
 }
 
 /// A migration's heading and verdict.

@@ -30,6 +30,16 @@ pub fn migrate<S: MigrationSource>(
             "--via-file and --extra-pause belong to --mode quick".into(),
         ));
     }
+    if let Some(max) = opts.max_pause
+        && !opts.extra_pause.is_zero()
+        && opts.extra_pause >= max
+    {
+        return Err(MigrationError::Usage(format!(
+            "--extra-pause {:?} holds the guest paused past --max-pause {max:?}, whose deadline would roll it \
+             back: raise --max-pause or shorten --extra-pause",
+            opts.extra_pause
+        )));
+    }
     let mut session = match Session::open(vm, opts, events_path, tracker) {
         Ok(s) => s,
         Err(failed) => {

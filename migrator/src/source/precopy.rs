@@ -11,7 +11,9 @@ use crate::{
     engine::{MigrateOptions, MigrationError, MigrationSource, MigrationState, OnTimeout},
     protocol::HEADER_SIZE,
     ram::{DirtyBitmap, PAGE_SIZE},
-    source::session::{Progress, RoundStats, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session, past_deadline},
+    source::session::{
+        Progress, RoundStats, STATE_BYTES_GUESS, STATE_TIME_GUESS, Session, past_deadline, stall_timeout,
+    },
 };
 
 /// The state-transfer figures of this process's last migration (0 = none yet), used by the switch-over rule.
@@ -42,6 +44,13 @@ impl Estimate {
         let transfer = self.remaining_bytes() as f64 / self.bandwidth.max(1) as f64;
         Duration::from_secs_f64(transfer) + self.state_time
     }
+
+    /// How long sending the dirty set as one more round would take: its pages at the measured bandwidth, plus
+    /// a round's fixed cost (the destination's acknowledgement, reading the dirty log).
+    pub fn round_time(&self, overhead: Duration) -> Duration {
+        let pages = self.dirty_pages * (PAGE_SIZE as u64 + 16);
+        Duration::from_secs_f64(pages as f64 / self.bandwidth.max(1) as f64) + overhead
+    }
 }
 
 /// The switch-over decision after a round.
@@ -67,14 +76,24 @@ pub const MAX_EXTRA_ROUNDS: u32 = 8;
 /// Where pre-copy stands at a decision.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Trend {
-    /// The dirty set at the previous decision (pages), `None` at the first.
-    pub previous_dirty: Option<u64>,
+    /// The guest's measured dirty rate, pages per second: the dirty set over the time since the log was last read.
+    pub dirty_rate: f64,
+    /// The fixed cost of the last round beyond its bytes at the measured bandwidth.
+    pub round_overhead: Duration,
     /// Rounds sent since the estimate first fit the budget.
     pub extra_rounds: u32,
 }
 
-/// The switch-over rule (see the crate documentation): pause once the estimate fits the budget and the dirty set
-/// has stopped shrinking (or is small, or enough extra rounds were spent); until then, iterate.
+impl Trend {
+    /// The dirty set another round would leave (pages): what the guest dirties while this one goes over.
+    pub fn next_dirty(&self, est: &Estimate) -> f64 {
+        self.dirty_rate * est.round_time(self.round_overhead).as_secs_f64()
+    }
+}
+
+/// The switch-over rule (see the crate documentation): pause once the estimate fits the budget, unless one more
+/// round is predicted to shrink the dirty set clearly (and the set is not small, and extra rounds are left);
+/// until the estimate fits, iterate.
 pub fn decide(
     est: &Estimate,
     budget: Duration,
@@ -83,9 +102,7 @@ pub fn decide(
     on_timeout: OnTimeout,
 ) -> Decision {
     if est.pause() <= budget {
-        let shrinking = trend
-            .previous_dirty
-            .is_some_and(|prev| (est.dirty_pages as f64) <= prev as f64 * SHRINK);
+        let shrinking = trend.next_dirty(est) <= est.dirty_pages as f64 * SHRINK;
         if shrinking
             && est.dirty_pages > SMALL_DIRTY_SET
             && trend.extra_rounds < MAX_EXTRA_ROUNDS
@@ -126,21 +143,53 @@ pub fn run<S: MigrationSource>(
     s: &mut Session,
     progress: &mut Progress,
 ) -> Result<(), MigrationError> {
-    let first = send_first_round(vm, s, progress)?;
-    let converged = converge(vm, opts, s, first.data_pages)?;
+    let first = send_first_round(vm, opts, s, progress)?;
+    let converged = converge(vm, opts, s, first)?;
     s.report.rounds = converged.round;
     switch_over(vm, opts, s, progress, &converged)
+}
+
+/// A round sent and acknowledged.
+#[derive(Clone, Copy, Debug)]
+struct SentRound {
+    bytes: u64,
+    /// From its first byte to the destination's acknowledgement.
+    time: Duration,
+    /// When the dirty set it was made of was read (the log started, for round 0).
+    read_at: Instant,
+}
+
+/// Sends `round` and waits for its acknowledgement: a round ends when its pages are in the destination's RAM,
+/// not when they fill the socket buffers (which hold megabytes: a pause that began then would wait for them).
+/// The round's time, from its first byte to the acknowledgement, feeds the bandwidth.
+fn send_acked_round(
+    opts: &MigrateOptions,
+    s: &mut Session,
+    round: u32,
+    pages: impl Iterator<Item = u64>,
+    total: u64,
+    known_zero: Option<&DirtyBitmap>,
+) -> Result<(RoundStats, Duration), MigrationError> {
+    let t0 = Instant::now();
+    let st = s.send_round(round, pages, total, known_zero)?;
+    s.end_round(round, &st)?;
+    s.await_round_ack(round, stall_timeout(opts))?;
+    let time = t0.elapsed();
+    s.bandwidth.record(st.bytes, time.as_secs_f64());
+    Ok((st, time))
 }
 
 /// Starts the dirty log and sends round 0: every page that may hold data (the others as zero flags).
 fn send_first_round<S: MigrationSource>(
     vm: &mut S,
+    opts: &MigrateOptions,
     s: &mut Session,
     progress: &mut Progress,
-) -> Result<RoundStats, MigrationError> {
+) -> Result<SentRound, MigrationError> {
     vm.start_dirty_log()
         .map_err(MigrationError::vm("start dirty logging"))?;
     progress.dirty_log = true;
+    let read_at = Instant::now();
     // Residency after the log started: a page touched after this is in the next dirty set.
     let resident = s.ram.resident_pages();
     let total = s.ram.total_pages();
@@ -150,10 +199,12 @@ fn send_first_round<S: MigrationSource>(
         st.dirty_pages = total;
         st.remaining_bytes = total * PAGE_SIZE as u64;
     });
-    let r0 = s.send_round(0, 0..total, total, Some(&resident))?;
-    s.bandwidth.record(r0.bytes, r0.secs);
-    s.end_round(0, &r0)?;
-    Ok(r0)
+    let (r0, time) = send_acked_round(opts, s, 0, 0..total, total, Some(&resident))?;
+    Ok(SentRound {
+        bytes: r0.bytes,
+        time,
+        read_at,
+    })
 }
 
 /// Where pre-copy stopped iterating.
@@ -167,29 +218,34 @@ struct Converged {
 }
 
 /// Sends dirty sets round after round until the switch-over rule says pause (or force); fails when it says abort.
-/// `first_pages`: the data pages of round 0, what the first dirty set is compared with.
+/// `last`: round 0.
 fn converge<S: MigrationSource>(
     vm: &mut S,
     opts: &MigrateOptions,
     s: &mut Session,
-    first_pages: u64,
+    mut last: SentRound,
 ) -> Result<Converged, MigrationError> {
     let (state_bytes, state_time) = state_figures();
     let deadline = s.started + opts.timeout;
     let mut round = 1u32;
-    let mut trend = Trend {
-        previous_dirty: Some(first_pages),
-        extra_rounds: 0,
-    };
+    let mut extra_rounds = 0;
     loop {
         let dirty = vm
             .take_dirty_pages()
             .map_err(MigrationError::vm("read the dirty log"))?;
+        let read_at = Instant::now();
         let est = Estimate {
             dirty_pages: dirty.count_ones(),
             bandwidth: s.bandwidth.rate(),
             state_bytes,
             state_time,
+        };
+        let since_read = read_at.duration_since(last.read_at).as_secs_f64().max(1e-6);
+        let at_bandwidth = Duration::from_secs_f64(last.bytes as f64 / est.bandwidth.max(1) as f64);
+        let trend = Trend {
+            dirty_rate: est.dirty_pages as f64 / since_read,
+            round_overhead: last.time.saturating_sub(at_bandwidth),
+            extra_rounds,
         };
         let expected = est.pause();
         s.tracker.update(|st| {
@@ -208,9 +264,8 @@ fn converge<S: MigrationSource>(
             opts.on_timeout,
         );
         if est.pause() <= opts.downtime {
-            trend.extra_rounds += u32::from(decision == Decision::Iterate);
+            extra_rounds += u32::from(decision == Decision::Iterate);
         }
-        trend.previous_dirty = Some(est.dirty_pages);
         match decision {
             Decision::SwitchOver => {}
             Decision::Force => {
@@ -233,9 +288,12 @@ fn converge<S: MigrationSource>(
                 if s.tracker.cancelled() {
                     return Err(MigrationError::Cancelled);
                 }
-                let st = s.send_round(round, dirty.iter_ones(), est.dirty_pages, None)?;
-                s.bandwidth.record(st.bytes, st.secs);
-                s.end_round(round, &st)?;
+                let (st, time) = send_acked_round(opts, s, round, dirty.iter_ones(), est.dirty_pages, None)?;
+                last = SentRound {
+                    bytes: st.bytes,
+                    time,
+                    read_at,
+                };
                 round += 1;
                 continue;
             }
@@ -342,61 +400,68 @@ mod tests {
     #[test]
     fn rule() {
         let budget = Duration::from_millis(30);
-        // 1 GiB/s: 30 ms is about 7600 pages after the state cost.
-        let first = Trend::default();
+        // 1 GiB/s: 30 ms is about 7600 pages after the state cost; 1000 pages go over in about 3.8 ms.
+        let slow = Trend {
+            dirty_rate: 10_000.0,
+            ..Trend::default()
+        };
         assert_eq!(
-            decide(&est(100), budget, first, false, OnTimeout::Abort),
-            Decision::SwitchOver
-        );
-        assert_eq!(
-            decide(&est(8192), budget, first, false, OnTimeout::Abort),
+            decide(&est(8192), budget, slow, false, OnTimeout::Abort),
             Decision::Iterate
         );
         assert_eq!(
-            decide(&est(8192), budget, first, true, OnTimeout::Abort),
+            decide(&est(8192), budget, slow, true, OnTimeout::Abort),
             Decision::Abort
         );
         assert_eq!(
-            decide(&est(8192), budget, first, true, OnTimeout::Force),
+            decide(&est(8192), budget, slow, true, OnTimeout::Force),
             Decision::Force
         );
         // Fits even after the timeout: a normal switch-over.
         assert_eq!(
-            decide(&est(0), budget, first, true, OnTimeout::Abort),
+            decide(&est(0), budget, slow, true, OnTimeout::Abort),
             Decision::SwitchOver
         );
-        // Within budget and still shrinking fast: one more round makes the pause shorter.
-        let shrinking = Trend {
-            previous_dirty: Some(4000),
-            extra_rounds: 0,
-        };
+        // Within budget, and a dirtier much slower than the link: one more round leaves ~38 pages of 1000.
+        assert!(slow.next_dirty(&est(1000)) < 50.0);
         assert_eq!(
-            decide(&est(1000), budget, shrinking, false, OnTimeout::Abort),
+            decide(&est(1000), budget, slow, false, OnTimeout::Abort),
             Decision::Iterate
         );
-        // Not shrinking any more, small, out of extra rounds, or out of time: pause now.
-        let flat = Trend {
-            previous_dirty: Some(1100),
-            extra_rounds: 0,
+        // A dirtier as fast as the link: another round would leave as much as now. Pause.
+        let fast = Trend {
+            dirty_rate: 300_000.0,
+            ..slow
         };
+        assert!(fast.next_dirty(&est(1000)) > 1000.0);
         assert_eq!(
-            decide(&est(1000), budget, flat, false, OnTimeout::Abort),
+            decide(&est(1000), budget, fast, false, OnTimeout::Abort),
             Decision::SwitchOver
         );
+        // A round's fixed cost counts: with 100 ms of it, even the slow dirtier refills the set.
+        let costly = Trend {
+            round_overhead: Duration::from_millis(100),
+            ..slow
+        };
         assert_eq!(
-            decide(&est(50), budget, shrinking, false, OnTimeout::Abort),
+            decide(&est(1000), budget, costly, false, OnTimeout::Abort),
+            Decision::SwitchOver
+        );
+        // Small, out of extra rounds, or out of time: pause now.
+        assert_eq!(
+            decide(&est(50), budget, slow, false, OnTimeout::Abort),
             Decision::SwitchOver
         );
         let spent = Trend {
             extra_rounds: MAX_EXTRA_ROUNDS,
-            ..shrinking
+            ..slow
         };
         assert_eq!(
             decide(&est(1000), budget, spent, false, OnTimeout::Abort),
             Decision::SwitchOver
         );
         assert_eq!(
-            decide(&est(1000), budget, shrinking, true, OnTimeout::Abort),
+            decide(&est(1000), budget, slow, true, OnTimeout::Abort),
             Decision::SwitchOver
         );
         let e = est(0);

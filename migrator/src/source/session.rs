@@ -355,6 +355,37 @@ impl Session {
         Ok(())
     }
 
+    /// Waits until the destination acknowledges round `round` (every page of it in its RAM), for at most
+    /// `timeout`. An `Abort` or anything else ends the migration.
+    pub fn await_round_ack(&mut self, round: u32, timeout: Duration) -> Result<(), MigrationError> {
+        let during = "waiting for the destination's round acknowledgement";
+        let io = |e| MigrationError::Protocol(crate::protocol::ProtocolError::Io(e));
+        let until = Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(crate::protocol::ProtocolError::Timeout { during }.into());
+            }
+            self.reader
+                .get_ref()
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(io)?;
+            match self.reader.recv_message(during)? {
+                Message::RoundAck(r) if r == round => return Ok(()),
+                Message::RoundAck(r) if r < round => {}
+                Message::Abort(reason) => return Err(MigrationError::DestinationAborted { reason }),
+                other => {
+                    return Err(crate::protocol::ProtocolError::Unexpected {
+                        got: other.command(),
+                        during,
+                    }
+                    .into());
+                }
+            }
+        }
+    }
+
     /// The paused tail after the last pages: hash, state, frames, complete.
     pub fn send_tail<S: MigrationSource>(
         &mut self,
@@ -423,7 +454,11 @@ impl Session {
                     .get_ref()
                     .set_read_timeout(Some(left))
                     .map_err(io)?;
-                return Ok(Some(self.reader.recv_message(during)?));
+                match self.reader.recv_message(during)? {
+                    // The acknowledgement of a round nobody waits for (the paused one, quick mode's).
+                    Message::RoundAck(_) => continue,
+                    m => return Ok(Some(m)),
+                }
             }
             if self.tracker.cancelled() {
                 return Err(MigrationError::Cancelled);
@@ -608,7 +643,7 @@ pub fn write_tail<W: Write, S: MigrationSource>(
 
 /// The longest a write may make no progress before the pause: `--timeout`, at least 1 s (a loaded host may hold
 /// a writer that long) and at most [`WRITE_TIMEOUT`].
-fn stall_timeout(opts: &MigrateOptions) -> Duration {
+pub fn stall_timeout(opts: &MigrateOptions) -> Duration {
     opts.timeout.clamp(Duration::from_secs(1), WRITE_TIMEOUT)
 }
 

@@ -389,11 +389,11 @@ impl PauseMarks {
         m
     }
 
-    /// `to - from`, ms.
+    /// `to - from`, ms; 0 when `to` came first (the two ends stamp their own events: the destination may read a
+    /// message before the source has stamped sending it).
     fn span(from: Option<u64>, to: Option<u64>) -> f64 {
         from.zip(to)
-            .and_then(|(f, t)| t.checked_sub(f))
-            .map_or(f64::NAN, |ns| ns as f64 / 1e6)
+            .map_or(f64::NAN, |(f, t)| t.saturating_sub(f) as f64 / 1e6)
     }
 
     /// Source pause → destination resume, ms.
