@@ -1075,6 +1075,29 @@ impl Probes {
         Ok(self.instance(netns)?.id)
     }
 
+    /// Loads (verifies) the programs a port of namespace `netns` gets with `mode` (and TC egress with `egress`), so
+    /// that the first port that comes later is attached in milliseconds instead of after the verifier's seconds.
+    /// With [`IngressMode::Auto`], the TC parser (taps and veths, the ports that come and go); XDP for a physical
+    /// port is loaded when one comes. Returns the instance id.
+    pub fn preload(
+        &mut self,
+        netns: Option<&str>,
+        mode: IngressMode,
+        egress: bool,
+    ) -> Result<u32, ProbeError> {
+        let tc_ingress = self.opts.l2_tc_ingress || matches!(mode, IngressMode::Auto | IngressMode::Tc);
+        let inst = self.instance(netns)?;
+        if tc_ingress {
+            inst.tc_ingress_loaded()?;
+        } else {
+            inst.xdp_loaded()?;
+        }
+        if egress {
+            inst.tc_loaded()?;
+        }
+        Ok(inst.id)
+    }
+
     /// Attaches the ingress parser (as `mode` says) and, with `egress`, the TC egress program to one port that
     /// came while running; [`Probes::detach_port`] takes them off again. On failure nothing stays attached.
     pub fn attach_port(

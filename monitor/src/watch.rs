@@ -748,7 +748,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         &mut probes,
         &mut decoder,
         &tx,
-        &sources.control(),
+        &mut sources,
     )?;
     let mut observers: Vec<Observer> = Vec::new();
     let port_control = ports.as_ref().map(PortHandler::control);
