@@ -19,6 +19,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use aya_log_ebpf::debug;
 use monitor_common::{
     ArpEvent, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_WATCH_MACS, DIR_EGRESS, DIR_INGRESS, EventKind, FRAME_CAPTURE,
     MacCounters, MacKey, MacSeenEvent, NeighborAdvertEvent, na_announces,
@@ -231,6 +232,38 @@ pub(crate) fn bytes<const N: usize>(data: usize, end: usize, off: usize) -> Opti
     Some(unsafe { ((data + off) as *const [u8; N]).read_unaligned() })
 }
 
+/// Why a frame was passed unread, for the kernel log.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Malformed {
+    EthernetCut,
+    VlanTags,
+    ArpCut,
+    ArpNotEthernetIpv4,
+    NeighborAdvertCut,
+    NeighborAdvertOdd,
+}
+
+/// Counts a frame passed unread (`MALFORMED`) and says why in the kernel log (`migmon watch --ebpf-log`). A call,
+/// not inlined, so the log's code is there once: malformed frames are rare, and with logging off the log costs a load
+/// of the level and a branch.
+#[inline(never)]
+fn malformed(ifindex: u32, why: Malformed) {
+    count_malformed(ifindex);
+    // One log statement: its record is built once, in a frame small enough to sit under the parser's.
+    let why = match why {
+        Malformed::EthernetCut => "frame cut inside its Ethernet header",
+        Malformed::VlanTags => "VLAN tags cut short, or more than two",
+        Malformed::ArpCut => "ARP cut short",
+        Malformed::ArpNotEthernetIpv4 => "ARP not for Ethernet and IPv4",
+        Malformed::NeighborAdvertCut => "neighbor advertisement cut short",
+        Malformed::NeighborAdvertOdd => {
+            "neighbor advertisement with an odd version, hop limit, code or length"
+        }
+    };
+    debug!(&(), "ifindex {}: {}", ifindex, why);
+}
+
 #[inline(always)]
 pub(crate) fn count_malformed(ifindex: u32) {
     match MALFORMED.get_ptr_mut(&ifindex) {
@@ -305,7 +338,7 @@ fn ingress(f: &impl Frame) {
     let ifindex = f.ifindex();
     let len = f.wire_len();
     let (Some(src), Some(_)) = (bytes::<6>(data, end, 6), be16(data, end, 12)) else {
-        count_malformed(ifindex);
+        malformed(ifindex, Malformed::EthernetCut);
         return;
     };
     let flags = config!(flags);
@@ -313,7 +346,7 @@ fn ingress(f: &impl Frame) {
         count_mac(src, ifindex, DIR_INGRESS, len);
     }
     let Some(eth) = parse_eth(data, end, f.outer_vlan()) else {
-        count_malformed(ifindex);
+        malformed(ifindex, Malformed::VlanTags);
         return;
     };
     if eth.ethertype == ETH_P_IPV6 && f.load_byte(eth.off + 6) == IPPROTO_ICMPV6 {
@@ -342,7 +375,7 @@ fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
     let ifindex = f.ifindex();
     let off = eth.off;
     if data + off + ARP_LEN > end {
-        count_malformed(ifindex);
+        malformed(ifindex, Malformed::ArpCut);
         return;
     }
     // Ethernet/IPv4 ARP only: htype 1, ptype 0x0800, hlen 6, plen 4. Anything else is odd.
@@ -351,7 +384,7 @@ fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
         || byte(data, end, off + 4) != Some(6)
         || byte(data, end, off + 5) != Some(4)
     {
-        count_malformed(ifindex);
+        malformed(ifindex, Malformed::ArpNotEthernetIpv4);
         return;
     }
     let (Some(op), Some(sha), Some(spa), Some(tha), Some(tpa)) = (
@@ -361,7 +394,7 @@ fn arp(f: &impl Frame, eth: &Eth, src: [u8; 6]) {
         bytes::<6>(data, end, off + 18),
         bytes::<4>(data, end, off + 24),
     ) else {
-        count_malformed(ifindex);
+        malformed(ifindex, Malformed::ArpCut);
         return;
     };
 
@@ -412,7 +445,7 @@ fn neighbor_advert(f: &impl Frame, eth: &Eth, src: &[u8; 6]) {
     // Plain checks, each followed by reads at constant offsets from `p`: the shape the verifier follows.
     let p = data + eth.off;
     if p + IPV6_HLEN + 1 > end {
-        count_malformed(ifindex);
+        malformed(ifindex, Malformed::NeighborAdvertCut);
         return;
     }
     // SAFETY: checked above that the byte lies inside the packet.
@@ -420,7 +453,7 @@ fn neighbor_advert(f: &impl Frame, eth: &Eth, src: &[u8; 6]) {
         return;
     }
     if p + IPV6_HLEN + NA_LEN > end {
-        count_malformed(ifindex);
+        malformed(ifindex, Malformed::NeighborAdvertCut);
         return;
     }
     // SAFETY: checked above that the IPv6 header and the NA's fixed part lie inside the packet.
@@ -444,7 +477,7 @@ fn neighbor_advert(f: &impl Frame, eth: &Eth, src: &[u8; 6]) {
         || payload_len < NA_LEN
         || frame_len < eth.off + IPV6_HLEN + payload_len
     {
-        count_malformed(ifindex);
+        malformed(ifindex, Malformed::NeighborAdvertOdd);
         return;
     }
     if !na_announces(flags) {

@@ -11,6 +11,7 @@ pub mod btf;
 pub mod cli;
 pub mod clocks;
 pub mod decode;
+pub mod ebpf_log;
 pub mod live;
 pub mod metrics;
 pub mod netns;

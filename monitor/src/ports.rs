@@ -24,22 +24,22 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{
         Arc,
         mpsc::{self, Receiver, Sender, TryRecvError},
     },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use migmon_analysis::trace::{Event, MacAddr, PauseSource, Port};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     decode::{Decoder, mono_now_ns},
     netns,
-    pipeline::{Control, Flow, Observer},
+    pipeline::{Control, Flow, Observer, Sources},
     probes::{Iface, IngressMode, Probes},
     rtnl::{self, Link, Message, Neigh, RtnlError, RtnlSocket},
 };
@@ -129,12 +129,6 @@ pub enum PortsError {
     },
     #[error("cannot create an eventfd for the port requests")]
     EventFd(#[source] nix::Error),
-    #[error("cannot start the thread that follows --bridge {spec}")]
-    Spawn {
-        spec: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 fn ns_flag(netns: Option<&str>) -> String {
@@ -863,28 +857,45 @@ impl BridgeWatcher {
             .learn_mac(MacAddr::from(mac), MacSource::Fdb, Some(self.iface(&port.name)));
     }
 
-    /// Follows the bridge on a thread until `control` stops.
-    pub fn spawn(mut self, stop: Control) -> Result<JoinHandle<()>, PortsError> {
-        let spec = self.spec.clone();
-        std::thread::Builder::new()
-            .name(format!("migmon-br-{}", self.spec.bridge))
-            .spawn(move || {
-                while !stop.stopped() {
-                    if self.sock.wait(200) && !self.poll() {
-                        break;
+    /// Follows the bridge until `control` stops: a task on the watch's runtime, woken when the socket is readable.
+    pub async fn follow(mut self, control: Control) {
+        let register = |dup: OwnedFd| {
+            // SAFETY: the AsyncFd owns the duplicate, so the fd stays open and the same while it is registered.
+            unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }.map_err(std::io::Error::from)
+        };
+        let fd = match self.sock.as_fd().try_clone_to_owned().and_then(register) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.note(&format!(
+                    "stopped following the bridge: cannot wait on its socket: {e}"
+                ));
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = control.stopping() => return,
+                ready = fd.readable() => match ready {
+                    Ok(mut guard) => {
+                        // Cleared before reading: whatever arrives after the read that ends in EAGAIN wakes us.
+                        guard.clear_ready();
+                        if !self.poll() {
+                            return;
+                        }
                     }
-                }
-            })
-            .map_err(|source| PortsError::Spawn {
-                spec: spec.to_string(),
-                source,
-            })
+                    Err(e) => {
+                        self.note(&format!("stopped following the bridge: {e}"));
+                        return;
+                    }
+                },
+            }
+        }
     }
 }
 
 /// Starts following `bridges` (the `--bridge` values): checks each one, queues an attach for each of its ports
 /// and applies those before returning (so the ports that exist at start are watched when the watch says so),
-/// then follows it on a thread until `stop`. Also records the ports attached so far (`--iface`) as
+/// then follows it in a task on `sources` until the watch stops. Also records the ports attached so far (`--iface`) as
 /// `port_attached`. `None` when there is no bridge to follow and no other part (`registrations`: libvirt) registers
 /// interfaces.
 pub fn start(
@@ -894,7 +905,7 @@ pub fn start(
     probes: &mut Probes,
     decoder: &mut Decoder,
     tx: &Sender<Event>,
-    stop: &Control,
+    sources: &mut Sources,
 ) -> Result<Option<PortHandler>, PortsError> {
     let ts_ns = mono_now_ns();
     let mut at_start: Vec<(u32, Port)> = probes.ports().iter().map(|((i, _), p)| (*i, p.clone())).collect();
@@ -917,14 +928,24 @@ pub fn start(
         .map(|b| b.parse::<BridgeSpec>())
         .collect::<Result<Vec<_>, _>>()?;
     let mut handler = PortHandler::new(mode, true)?;
+    if registrations && let Err(e) = probes.preload(None, mode, true) {
+        warn(
+            tx,
+            format!(
+                "cannot load the probes for registered interfaces: {}",
+                error_chain(&e)
+            ),
+        );
+    }
     for (instance, port) in at_start {
         handler.adopt(port, instance);
     }
     let mut watchers = Vec::new();
     for spec in specs {
         let w = BridgeWatcher::start(spec, handler.control(), tx.clone())?;
-        // The namespace's instance exists before the collector polls its ring buffers.
-        if let Err(e) = probes.ensure_instance(w.spec.netns.as_deref()) {
+        // The namespace's instance exists before the collector polls its ring buffers, and its programs are
+        // verified now: the collector attaches new ports between two drains, so it must not wait for the verifier.
+        if let Err(e) = probes.preload(w.spec.netns.as_deref(), mode, true) {
             warn(
                 tx,
                 format!(
@@ -938,7 +959,8 @@ pub fn start(
     }
     handler.handle(probes, decoder, tx);
     for w in watchers {
-        w.spawn(stop.clone())?;
+        let control = sources.control();
+        sources.spawn(&format!("--bridge {}", w.spec), w.follow(control));
     }
     Ok(Some(handler))
 }

@@ -28,6 +28,7 @@ use aya::{
         xdp::{XdpLinkId, XdpMode},
     },
 };
+use aya_log::EbpfLogger;
 use monitor_common::{
     CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_FLOW_PORTS,
     CFG_WATCH_MACS, FlowCounters, FlowKey, FlowKey4, FlowState, IpKey, MacCounters, MacKey, MacKey8,
@@ -36,7 +37,11 @@ use monitor_common::{
 
 use migmon_analysis::trace::Port;
 
-use crate::{btf::Btf, netns, tracefs};
+use crate::{
+    btf::Btf,
+    ebpf_log::{KernelLine, KernelLog},
+    netns, tracefs,
+};
 
 /// The compiled kernel programs (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -114,6 +119,10 @@ pub enum ProbeError {
     },
     #[error("the eBPF object has no map {0}: rebuild with `./x build`")]
     NoMap(&'static str),
+    #[error(
+        "cannot read the programs' log (--ebpf-log): rebuild with `./x build`, or run without --ebpf-log"
+    )]
+    Log(#[source] Box<aya_log::Error>),
 }
 
 fn where_(netns: Option<&str>) -> String {
@@ -163,6 +172,9 @@ pub struct ProbeOptions {
     /// tracker) flows by MAC are on from the start, and the one-word prefilter in front of the watch list passes
     /// every frame to the map lookup.
     pub learn_macs: bool,
+    /// Carry the programs' own diagnostics (aya-log) to user space ([`Probes::drain_logs`]); off, the programs skip
+    /// their log statements.
+    pub ebpf_log: bool,
 }
 
 /// The TCP flow tracker's settings.
@@ -234,6 +246,7 @@ impl Default for ProbeOptions {
             socket_tracepoints: true,
             flows: None,
             learn_macs: false,
+            ebpf_log: false,
         }
     }
 }
@@ -386,6 +399,9 @@ struct Instance {
     id: u32,
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
+    /// The programs' log ring buffer, read with `--ebpf-log`.
+    logger: Option<EbpfLogger<KernelLog>>,
+    log: KernelLog,
 }
 
 /// The loaded kernel programs and their maps.
@@ -724,8 +740,10 @@ impl Instance {
             .flows
             .as_ref()
             .map_or(FLOW_TABLE_OFF, |f| f.table_entries.max(FLOW_TABLE_OFF));
+        let log_level = crate::ebpf_log::level(opts.ebpf_log);
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &cfg, true)
+            .override_global(aya_log::LEVEL, &log_level, false)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
             .map_max_entries("FLOWS", flow_table)
             .map_max_entries("FLOWS4", flow_table)
@@ -744,11 +762,22 @@ impl Instance {
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::NoMap("EVENTS"))?)
             .map_err(map_err("EVENTS"))?;
+        let log = KernelLog::default();
+        let logger = if opts.ebpf_log {
+            Some(
+                EbpfLogger::init_with_logger(&mut ebpf, log.clone())
+                    .map_err(|e| ProbeError::Log(Box::new(e)))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             netns,
             id,
             ebpf,
             ring,
+            logger,
+            log,
         })
     }
 
@@ -1046,6 +1075,29 @@ impl Probes {
         Ok(self.instance(netns)?.id)
     }
 
+    /// Loads (verifies) the programs a port of namespace `netns` gets with `mode` (and TC egress with `egress`), so
+    /// that the first port that comes later is attached in milliseconds instead of after the verifier's seconds.
+    /// With [`IngressMode::Auto`], the TC parser (taps and veths, the ports that come and go); XDP for a physical
+    /// port is loaded when one comes. Returns the instance id.
+    pub fn preload(
+        &mut self,
+        netns: Option<&str>,
+        mode: IngressMode,
+        egress: bool,
+    ) -> Result<u32, ProbeError> {
+        let tc_ingress = self.opts.l2_tc_ingress || matches!(mode, IngressMode::Auto | IngressMode::Tc);
+        let inst = self.instance(netns)?;
+        if tc_ingress {
+            inst.tc_ingress_loaded()?;
+        } else {
+            inst.xdp_loaded()?;
+        }
+        if egress {
+            inst.tc_loaded()?;
+        }
+        Ok(inst.id)
+    }
+
     /// Attaches the ingress parser (as `mode` says) and, with `egress`, the TC egress program to one port that
     /// came while running; [`Probes::detach_port`] takes them off again. On failure nothing stays attached.
     pub fn attach_port(
@@ -1218,6 +1270,35 @@ impl Probes {
     /// The ring buffer fds, to poll for readiness.
     pub fn ring_fds(&self) -> Vec<RawFd> {
         self.instances.iter().map(|i| i.ring.as_raw_fd()).collect()
+    }
+
+    /// The log ring buffers' fds (with `ebpf_log`; they stay owned by the probes).
+    pub fn log_fds(&self) -> Vec<RawFd> {
+        self.instances
+            .iter()
+            .filter_map(|i| i.logger.as_ref().map(AsRawFd::as_raw_fd))
+            .collect()
+    }
+
+    /// Hands every pending kernel log line to `f` with the namespace of the instance that logged it; returns how
+    /// many were dropped (held too long, or a record aya-log could not read).
+    pub fn drain_logs(&mut self, mut f: impl FnMut(&KernelLine, Option<&str>)) -> u64 {
+        let mut dropped = 0;
+        for inst in &mut self.instances {
+            let Some(logger) = &mut inst.logger else {
+                continue;
+            };
+            // aya-log panics on a record it cannot parse: that record's loss is counted, the watch goes on.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_err() {
+                dropped += 1;
+            }
+            let (lines, lost) = inst.log.take();
+            dropped += lost;
+            for l in &lines {
+                f(l, inst.netns.as_deref());
+            }
+        }
+        dropped
     }
 
     /// Hands every pending ring buffer record to `f`, decoded (or the decode error).

@@ -120,6 +120,11 @@ pub struct WatchArgs {
     /// Test only: ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, hide = true, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
+    /// Carry the kernel programs' own diagnostics (why a frame was passed unread, ...) to user space as notes
+    /// (level `ebpf-debug`), printed and recorded with the events. Off by default: the programs then skip their log
+    /// statements.
+    #[arg(long)]
+    pub ebpf_log: bool,
     /// Pause-window sources, metrics and the CI gate.
     #[command(flatten)]
     pub live: crate::live::LiveArgs,
@@ -319,6 +324,17 @@ fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
             note(tx, "warning", format!("skipped a kernel record: {e}"));
         }
     });
+    let dropped = probes.drain_logs(|line, netns| {
+        let _ = tx.send(line.to_event(netns));
+    });
+    if dropped > 0 {
+        crate::skipped::count("kernel-log", "dropped");
+        note(
+            tx,
+            "info",
+            format!("--ebpf-log: {dropped} kernel log line(s) dropped (read too late, or unreadable)"),
+        );
+    }
 }
 
 /// Work handed to the probe collector, which owns the [`Probes`]: attach or detach a port, read a map. It runs
@@ -351,12 +367,14 @@ impl ProbeAccess {
     }
 }
 
-/// Registers every ring buffer of `probes` with the runtime's reactor, each through a duplicate of its fd (so the
-/// registration never outlives the fd it names, whatever the order the probes and the registrations go in).
+/// Registers every ring buffer of `probes` (events, and the programs' logs with `--ebpf-log`) with the runtime's
+/// reactor, each through a duplicate of its fd (so the registration never outlives the fd it names, whatever the
+/// order the probes and the registrations go in).
 fn watch_rings(probes: &Probes) -> std::io::Result<Vec<AsyncFd<OwnedFd>>> {
     probes
         .ring_fds()
         .into_iter()
+        .chain(probes.log_fds())
         .map(|fd| {
             // SAFETY: `fd` is a ring buffer map of `probes`, open while `probes` is borrowed here.
             watch_fd(unsafe { BorrowedFd::borrow_raw(fd) })
@@ -624,6 +642,7 @@ pub fn probe_options(args: &WatchArgs) -> Result<ProbeOptions> {
         // MACs learned while running (bridge FDBs, setup events, libvirt domains that start later) need the
         // watch list open to additions.
         learn_macs: learns_macs(args),
+        ebpf_log: args.ebpf_log,
         ..ProbeOptions::default()
     };
     if let Some(bytes) = args.ringbuf_bytes {
@@ -729,7 +748,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
         &mut probes,
         &mut decoder,
         &tx,
-        &sources.control(),
+        &mut sources,
     )?;
     let mut observers: Vec<Observer> = Vec::new();
     let port_control = ports.as_ref().map(PortHandler::control);

@@ -335,6 +335,8 @@ pub struct ClientReport {
     /// The longest time without progress (since the start, or since the last [`Client::take_max_gap`]).
     pub max_gap: Duration,
     pub verdict: Verdict,
+    /// The socket profile the client runs with.
+    pub profile: Profile,
 }
 
 /// Shared between a client thread and its handle.
@@ -352,6 +354,7 @@ struct Shared {
 /// A running client connection.
 pub struct Client {
     kind: Kind,
+    profile: Profile,
     local: SocketAddr,
     remote: SocketAddr,
     shared: Arc<Shared>,
@@ -438,6 +441,7 @@ impl Client {
             .map_err(ClientError::Thread)?;
         Ok(Self {
             kind,
+            profile: opts.profile,
             local,
             remote,
             shared,
@@ -504,6 +508,7 @@ impl Client {
             count: self.progress(),
             max_gap: self.take_max_gap(),
             verdict,
+            profile: self.profile,
         }
     }
 }

@@ -96,6 +96,10 @@ pub struct Config {
     /// How long the quick migration holds the guest paused beyond the real move (`--extra-pause`).
     pub quick_pause: Duration,
     pub profile: Profile,
+    /// More client groups beside `profile`'s, `clients` connections each (half of them over IPv6), each group with
+    /// its own profile. A group whose namespace-wide settings (`tcp_retries2`, the route's `rto_min`) differ from
+    /// `profile`'s connects from the testbed's second client namespace; those groups must agree on them.
+    pub more_profiles: Vec<Profile>,
     /// Where the trace, reports and exports go.
     pub out: PathBuf,
     pub migmon: PathBuf,
@@ -427,15 +431,15 @@ impl Scenario<'_> {
         // A connection that survives the quick pause shows it at its first retransmission after the VM is back
         // (due at the profile's schedule, a little later with the real RTO above rto_min): migmon must still be
         // watching then.
-        let heal = self
-            .cfg
-            .profile
-            .arithmetic()
-            .first_retransmit_after(self.cfg.quick_pause)
-            .map_or(Duration::ZERO, |t| {
+        let heal = std::iter::once(self.cfg.profile)
+            .chain(self.cfg.more_profiles.iter().copied())
+            .filter_map(|p| p.arithmetic().first_retransmit_after(self.cfg.quick_pause))
+            .map(|t| {
                 ((t * 11 / 10).saturating_sub(self.cfg.quick_pause) + Duration::from_secs(2))
                     .min(Duration::from_secs(60))
-            });
+            })
+            .max()
+            .unwrap_or(Duration::ZERO);
         let settle = format!("{}ms", self.cfg.settle.max(heal).as_millis());
         // A backstop: if this process is killed outright, migmon still ends by itself.
         let backstop = format!("{}s", 300 + self.cfg.quick_pause.as_secs());
@@ -820,32 +824,71 @@ fn all_progress(clients: &[Client], since: &[u64]) -> bool {
     clients.iter().zip(since).all(|(c, m)| c.progress() > m + 3)
 }
 
-/// Applies the client profile, starts the clients and waits until every one makes progress.
+/// The namespace-wide part of a profile: clients that differ in it cannot share a namespace.
+fn namespace_settings(p: Profile) -> (u32, Option<Duration>) {
+    (p.tcp_retries2(), p.rto_min())
+}
+
+/// Applies the client profiles, starts the clients (each group of `profile` and `more_profiles`, half over IPv4
+/// and half over IPv6) and waits until every one makes progress.
 fn start_clients(s: &Scenario<'_>) -> Result<(Arithmetic, Vec<Client>), ScenarioError> {
     let (cfg, bed) = (s.cfg, &s.bed);
     let arithmetic = cfg.profile.arithmetic();
-    cfg.profile
-        .apply(&bed.client_ns(), CLIENT_IF, bed.vm_ip(0).into())?;
-    cfg.profile
-        .apply(&bed.client_ns(), CLIENT_IF, bed.vm_ip6(0).into())?;
+    let mut groups = vec![(cfg.profile, bed.client_ns())];
+    let mut second: Option<Profile> = None;
+    for &p in &cfg.more_profiles {
+        if namespace_settings(p) == namespace_settings(cfg.profile) {
+            groups.push((p, bed.client_ns()));
+            continue;
+        }
+        if let Some(q) = second
+            && namespace_settings(q) != namespace_settings(p)
+        {
+            return Err(ScenarioError::Failed {
+                what: "choosing the client namespaces".into(),
+                log: format!(
+                    "profiles {cfg_p}, {q} and {p} need three different namespace settings (tcp_retries2, rto_min); \
+                     the testbed has two client namespaces",
+                    cfg_p = cfg.profile
+                ),
+            });
+        }
+        if second.is_none() {
+            bed.add_second_client()?;
+        }
+        second = Some(p);
+        groups.push((p, bed.client2_ns()));
+    }
+    for (p, ns) in &groups {
+        p.apply(ns, CLIENT_IF, bed.vm_ip(0).into())?;
+        p.apply(ns, CLIENT_IF, bed.vm_ip6(0).into())?;
+        if *p != cfg.profile {
+            s.say(&p.arithmetic().to_string());
+        }
+    }
     s.say(&arithmetic.to_string());
-    let opts = ClientOptions {
-        profile: cfg.profile,
-        stall_limit: Duration::from_secs(60) + cfg.quick_pause,
-    };
-    // Half of the connections over IPv6 (each family gets streams and request/response).
-    let v6 = cfg.clients / 2;
-    let mut clients = start_mix(&bed.client_ns(), bed.vm_ip(0).into(), cfg.clients - v6, opts)?;
-    clients.extend(start_mix(&bed.client_ns(), bed.vm_ip6(0).into(), v6, opts)?);
+    let mut clients = Vec::new();
+    let mut lines = Vec::new();
+    for (profile, ns) in &groups {
+        let opts = ClientOptions {
+            profile: *profile,
+            stall_limit: Duration::from_secs(60) + cfg.quick_pause,
+        };
+        // Half of the connections over IPv6 (each family gets streams and request/response).
+        let v6 = cfg.clients / 2;
+        clients.extend(start_mix(ns, bed.vm_ip(0).into(), cfg.clients - v6, opts)?);
+        clients.extend(start_mix(ns, bed.vm_ip6(0).into(), v6, opts)?);
+        lines.push(format!(
+            "{} connections from {ns} with profile {profile} ({} over IPv4 to {}, {v6} over IPv6 to {})",
+            cfg.clients,
+            cfg.clients - v6,
+            bed.vm_ip(0),
+            bed.vm_ip6(0)
+        ));
+    }
     s.say(&format!(
-        "clients: {} connections from {} ({} over IPv4 to {}, {} over IPv6 to {}; streams with sequence checks and \
-         request/response)",
-        clients.len(),
-        bed.client_ns(),
-        clients.len() - v6,
-        bed.vm_ip(0),
-        v6,
-        bed.vm_ip6(0)
+        "clients: {}; streams with sequence checks and request/response",
+        lines.join("; ")
     ));
     let zero = vec![0; clients.len()];
     s.wait(

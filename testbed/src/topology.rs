@@ -47,6 +47,8 @@ pub const MIG_LINK: &str = "mig";
 pub const CLIENT_IF: &str = "eth0";
 /// The switch's ports.
 pub const SWITCH_PORTS: [&str; 3] = ["port-a", "port-b", "port-client"];
+/// The switch's port for the second client, when there is one ([`Testbed::add_second_client`]).
+pub const CLIENT2_PORT: &str = "port-client2";
 
 /// One of the two hypervisor hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +157,68 @@ impl Topology {
 
     pub fn client_ns(&self) -> String {
         format!("{}-client", self.prefix)
+    }
+
+    /// The second client's namespace ([`Testbed::add_second_client`]): clients whose namespace-wide TCP settings
+    /// (`tcp_retries2`, the route's `rto_min`) differ from the first client's.
+    pub fn client2_ns(&self) -> String {
+        format!("{}-client2", self.prefix)
+    }
+
+    /// The second client's address, `.2` on the LAN.
+    pub fn client2_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.index, 2)
+    }
+
+    /// The second client's IPv6 address, `fd00:77:N::2`.
+    pub fn client2_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x77, u16::from(self.index), 0, 0, 0, 0, 2)
+    }
+
+    /// Adds a second client namespace ([`Testbed::client2_ns`], interface [`CLIENT_IF`]) on the switch's port
+    /// [`CLIENT2_PORT`]. Idempotent; [`Testbed::down`] removes it with the rest.
+    pub fn add_second_client(&self) -> Result<(), TopologyError> {
+        let (client, switch) = (self.client2_ns(), self.switch_ns());
+        if netns_exists(&client) {
+            return Ok(());
+        }
+        let step = |step: &str| {
+            let prefix = self.prefix.clone();
+            let step = step.to_owned();
+            move |source| TopologyError::Up { prefix, step, source }
+        };
+        let ns = Netns::create(&client).map_err(step("create the second client's namespace"))?;
+        let link = Link::try_veth(CLIENT_IF, Some(&client), CLIENT2_PORT, Some(&switch))
+            .map_err(step("second client link"))?;
+        try_ip_in(
+            Some(&switch),
+            &["link", "set", CLIENT2_PORT, "master", SWITCH_BRIDGE],
+        )
+        .map_err(step("second client port into the switch"))?;
+        let cidr = format!("{}/{}", self.client2_ip(), self.lan_prefix_len());
+        try_ip_in(Some(&client), &["addr", "add", &cidr, "dev", CLIENT_IF])
+            .map_err(step("second client address"))?;
+        let cidr6 = format!("{}/64", self.client2_ip6());
+        try_ip_in(
+            Some(&client),
+            &["-6", "addr", "add", &cidr6, "dev", CLIENT_IF, "nodad"],
+        )
+        .map_err(step("second client IPv6 address"))?;
+        let up = |ns: &str, dev: &str| {
+            try_ip_in(Some(ns), &["-br", "link", "show", "up"])
+                .is_ok_and(|out| out.lines().any(|l| l.split(['@', ' ']).next() == Some(dev)))
+        };
+        if !wait_until(Duration::from_secs(5), || {
+            up(&client, CLIENT_IF) && up(&switch, CLIENT2_PORT)
+        }) {
+            return Err(step("wait for the second client's link")(NetError::Command {
+                cmd: "ip -br link show up".into(),
+                stderr: "the second client's link is still down after 5 s".into(),
+            }));
+        }
+        link.keep();
+        ns.keep();
+        Ok(())
     }
 
     pub fn switch_ns(&self) -> String {
@@ -346,7 +410,7 @@ impl Topology {
     /// running inside them. Returns the namespaces removed. Safe to call when nothing is there.
     pub fn down(&self) -> Result<Vec<String>, TopologyError> {
         let mut removed = Vec::new();
-        for ns in self.namespaces() {
+        for ns in self.namespaces().into_iter().chain([self.client2_ns()]) {
             if !netns_exists(&ns) {
                 continue;
             }

@@ -94,6 +94,7 @@ pub fn scenario_config(tag: &str, out: &Path) -> testbed::scenario::Config {
         clients: 4,
         quick_pause: std::time::Duration::from_secs(6),
         profile: testbed::clients::Profile::Windows2003,
+        more_profiles: Vec::new(),
         out: out.to_path_buf(),
         migmon: migmon_bin(),
         migrator,

@@ -385,6 +385,57 @@ fn crafted_frames_are_parsed_once_and_truncated_ones_counted() {
     );
     // No per-frame event for unwatched MACs.
     assert!(by_mac("mac_seen", mac(0x02)).is_empty());
+    // Without --ebpf-log the programs log nothing.
+    assert!(
+        of_kind(&events, "note")
+            .iter()
+            .all(|n| !n["level"].as_str().unwrap_or("").starts_with("ebpf")),
+        "{}",
+        dump(&events)
+    );
+}
+
+/// `--ebpf-log`: the programs say why each truncated frame was passed unread, as notes in the event stream (and the
+/// verifier accepts the programs with their log statements on).
+#[test]
+fn kernel_log_says_why_a_frame_was_passed_unread() {
+    let net = VethNetns::create("plog").unwrap();
+    let (ns, outer, inner) = (&net.ns, &net.outer, &net.inner);
+    let watch = Watch::start(&[
+        "--xdp",
+        "--ebpf-log",
+        "--iface",
+        &format!("{inner}@{}", ns.name),
+        "--vm",
+        &mac(0x01).to_string(),
+    ]);
+    let mut tx = RawSender::open(outer);
+    for f in crafted_frames() {
+        tx.send(&f);
+    }
+    let kernel_notes = |evs: &[Value]| -> Vec<String> {
+        of_kind(evs, "note")
+            .into_iter()
+            .filter(|n| n["level"] == "ebpf-debug")
+            .filter_map(|n| n["message"].as_str().map(str::to_owned))
+            .collect()
+    };
+    watch.wait_for("the kernel's log lines", Duration::from_secs(10), |evs| {
+        kernel_notes(evs).len() >= 3
+    });
+    let (events, _) = watch.stop();
+    let notes = kernel_notes(&events);
+    let with = |s: &str| notes.iter().filter(|m| m.contains(s)).count();
+    // Two ARPs cut short (one inside QinQ) and a VLAN tag cut in half, each logged once by the instance of the
+    // frames' namespace.
+    assert_eq!(with("ARP cut short"), 2, "{notes:#?}");
+    assert_eq!(with("VLAN tags cut short"), 1, "{notes:#?}");
+    assert!(
+        notes
+            .iter()
+            .all(|m| m.starts_with(&format!("kernel l2 ({}): ifindex ", ns.name))),
+        "{notes:#?}"
+    );
 }
 
 /// The crafted frames, in the order they are sent: an ARP request from `mac(1)`, a GARP from `mac(2)`, QEMU's RARP

@@ -109,6 +109,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         clients: args.clients,
         quick_pause: args.quick_pause,
         profile: args.client_profile,
+        more_profiles: Vec::new(),
         out: args.out.clone(),
         migmon,
         migrator,

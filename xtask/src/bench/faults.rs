@@ -1,6 +1,7 @@
 //! `faults`: the fault injection test (`tests/tests/migration_faults.rs`) with the full counts: 50 stream cuts at
-//! random offsets (pre-copy, the paused tail, before the commit), 20 destination stalls, byte flips, a lost commit,
-//! a destination killed and a source killed after the commit. Its figures: cases and outcomes, and the longest pause
+//! random points (pre-copy, the paused tail, before the commit), 20 destination stalls, byte flips, a lost commit,
+//! a destination killed (in the paused tail, and after its `Ready`), quick-mode stalls and a source killed after
+//! the commit. Its figures: cases and outcomes, and the longest pause
 //! a stalled destination caused against the `--max-pause` deadline. `--quick`: 3 cuts and 1 stall.
 
 use anyhow::{Context, Result, bail};

@@ -31,6 +31,9 @@ use crate::pause::{Emit, SourceHandle, qmp, warn_note};
 const TICK_MS: i32 = 100;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long `follow` waits for the first connection to every daemon before it returns (a daemon that is slower is
+/// followed when it answers).
+const FIRST_CONNECT: Duration = Duration::from_secs(10);
 /// Keepalive: a daemon that answers none of 3 probes 2 s apart is gone.
 const KEEPALIVE_INTERVAL: i32 = 2;
 const KEEPALIVE_COUNT: u32 = 3;
@@ -78,6 +81,8 @@ struct Follower<E, I> {
     stop: Arc<AtomicBool>,
     /// Interfaces already reported, by (domain UUID, tap): reported again only when they change.
     known: HashMap<(String, String), VmIface>,
+    /// Told once every daemon has had its first connection attempt.
+    first_round: Option<mpsc::Sender<()>>,
 }
 
 /// Ended by a stop or a gone receiver.
@@ -113,6 +118,15 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
     fn step(&mut self) -> Result<(), Stopped> {
         for i in 0..self.daemons.len() {
             self.try_connect(i)?;
+        }
+        // Every daemon has had its first attempt: `follow` may return.
+        if self
+            .daemons
+            .iter()
+            .all(|d| d.conn.is_some() || d.unreachable.is_some())
+            && let Some(tx) = self.first_round.take()
+        {
+            let _ = tx.send(());
         }
         if let Err(e) = ffi::run_once() {
             self.note("warn", format!("libvirt: the event loop failed: {e}"))?;
@@ -290,6 +304,7 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
         let xml = match domain::parse(&text) {
             Ok(x) => x,
             Err(e) => {
+                crate::skipped::count("libvirt", "malformed");
                 self.note("warn", format!("libvirt {uri}: skipped a domain's XML: {e}"))?;
                 return Ok(None);
             }
@@ -388,6 +403,8 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
         }
         d.next_try = Instant::now() + MIN_BACKOFF;
         d.backoff = MIN_BACKOFF;
+        // Events while it is down are lost: counted with the skipped input.
+        crate::skipped::count("libvirt", "connection_lost");
         let why = match u32::try_from(reason).unwrap_or(u32::MAX) {
             virt::sys::VIR_CONNECT_CLOSE_REASON_EOF => "the daemon closed the connection",
             virt::sys::VIR_CONNECT_CLOSE_REASON_KEEPALIVE => "the daemon stopped answering keepalives",
@@ -425,6 +442,7 @@ pub fn follow(
     ffi::quiet_errors();
     ffi::event_loop(TICK_MS).map_err(|e| LibvirtError::EventLoop(e.to_string()))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel();
     let follower = Follower {
         daemons: uris
             .iter()
@@ -449,11 +467,14 @@ pub fn follow(
         ifaces,
         stop: stop.clone(),
         known: HashMap::new(),
+        first_round: Some(ready_tx),
     };
     let thread = thread::Builder::new()
         .name("migmon-libvirt".into())
         .spawn(move || follower.run())
         .map_err(LibvirtError::Spawn)?;
+    // Daemons that answer are followed before this returns, so their events from then on are seen.
+    let _ = ready_rx.recv_timeout(FIRST_CONNECT);
     Ok(SourceHandle::new(stop, thread))
 }
 
