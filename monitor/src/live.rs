@@ -196,6 +196,18 @@ pub fn start(
     })
 }
 
+/// Hands the pages of freed events back to the kernel. The allocator keeps what the pipeline's threads freed in
+/// their arenas, scattered among live allocations, so a watch's RSS would ratchet up to its busiest moment and stay
+/// there; trimming after each release keeps it near what is held.
+fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it takes no pointer and the allocator's own
+    // locks make it safe to call while other threads allocate.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The `--record-dir` recorder, finished (end records written) when the watch drops its observers.
 struct Recorder(Option<RecordDir>);
 
@@ -337,8 +349,12 @@ fn spawn_gate(
                 }
                 last_full = std::time::Instant::now();
                 let now = observed_until();
+                let released_before = seen.live.status().released_events;
                 let up = seen.live.update(now);
                 pending = up.pending;
+                if seen.live.status().released_events > released_before {
+                    return_freed_memory();
+                }
                 for m in &up.settled {
                     eprintln!("{}", live_line(m));
                 }

@@ -183,6 +183,7 @@ struct Sample {
     scrape: Duration,
     events: f64,
     held: f64,
+    residue: f64,
 }
 
 pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
@@ -205,6 +206,8 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
     results.declare(GROUP, "event rate", "events/s", Better::Higher);
     results.declare(GROUP, "migrations released", "of sent", Better::Higher);
     results.declare(GROUP, "events held, largest", "events", Better::Lower);
+    results.declare(GROUP, "median scrape", "ms", Better::Lower);
+    results.declare(GROUP, "residue at the end", "events", Better::Lower);
 
     let dir = ctx.out.join("soak");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -267,10 +270,12 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
                 scrape: took,
                 events: metric_sum(&body, "migmon_events_total"),
                 held: metric(&body, "migmon_live_held_events").unwrap_or(0.0),
+                residue: metric(&body, "migmon_live_residue_events").unwrap_or(0.0),
             });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    write_csv(&dir.join("samples.csv"), &samples);
     let connections = churn.connections.load(Ordering::Relaxed);
     drop(churn);
     // The last migration settles `--settle` (5 s) after its resume.
@@ -319,6 +324,13 @@ fn push_rows(
             max.as_secs_f64() * 1e3,
         );
     }
+    let scrapes: Vec<f64> = samples.iter().map(|s| s.scrape.as_secs_f64() * 1e3).collect();
+    if let Some(st) = Stats::of(&scrapes) {
+        results.push(GROUP, "median scrape", "ms", Better::Lower, st.median);
+    }
+    if let Some(last) = samples.last() {
+        results.push(GROUP, "residue at the end", "events", Better::Lower, last.residue);
+    }
     let after = samples.iter().find(|s| s.at >= window);
     if let (Some(a), Some(b)) = (after, samples.last()) {
         let secs = b.at.saturating_sub(a.at).as_secs_f64();
@@ -356,12 +368,31 @@ fn push_rows(
     let note = format!(
         "migmon watch --tcp sockets --json (stdout to /dev/null) --metrics --events-listen; {connections} loopback \
          connections in {} s; {sent} simulated migrations (migrator phase events on the socket, 20 ms pause); RSS \
-         medians of 1 s samples in the first and last {} s; CPU after the first {} s; a scrape every second",
+         medians of 1 s samples in the first and last {} s; CPU after the first {} s; a scrape every second (every sample in soak/samples.csv)",
         duration.as_secs(),
         window.as_secs(),
         window.as_secs()
     );
     results.note(GROUP, "RSS growth", &note);
+}
+
+/// Every sample, for a look at the curves.
+fn write_csv(path: &Path, samples: &[Sample]) {
+    let csv: String = std::iter::once("s,rss_kib,cpu_s,scrape_ms,events,held,residue\n".to_owned())
+        .chain(samples.iter().map(|s| {
+            format!(
+                "{:.1},{},{:.2},{:.3},{},{},{}\n",
+                s.at.as_secs_f64(),
+                s.rss_kib,
+                s.cpu_s,
+                s.scrape.as_secs_f64() * 1e3,
+                s.events,
+                s.held,
+                s.residue
+            )
+        }))
+        .collect();
+    let _ = std::fs::write(path, csv);
 }
 
 /// Waits until the watch has released `n` migrations; returns how many it had.
