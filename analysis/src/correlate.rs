@@ -350,6 +350,32 @@ pub struct Analysis {
 }
 
 impl Analysis {
+    /// Attaches the merge to an analysis of the merged trace: every figure that spans hosts gets the bound.
+    pub fn annotate_merge(&mut self, info: &crate::merge::MergeInfo) {
+        let groups = info.hosts.iter().filter(|h| h.method != "same clock").count();
+        if groups > 1 {
+            for m in &mut self.migrations {
+                let d = &mut m.downtime;
+                for f in [
+                    &mut d.vcpu_pause,
+                    &mut d.blackout,
+                    &mut d.convergence,
+                    &mut d.max_recovery_tail,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    f.bound_ns = Some(info.bound_ns);
+                }
+            }
+        }
+        for (i, d) in info.damage.iter().enumerate() {
+            self.damage.push(d.clone());
+            self.warnings.insert(i, d.clone());
+        }
+        self.merge = Some(info.clone());
+    }
+
     pub fn aborted(&self) -> usize {
         self.migrations.iter().map(|m| m.aborted).sum()
     }
@@ -1477,15 +1503,7 @@ fn progress_of(
 }
 
 /// Formats a duration in ns for people: 812 µs, 12.4 ms, 5.30 s.
-pub fn fmt_dur(ns: u64) -> String {
-    if ns < 1_000_000 {
-        format!("{} µs", ns / 1000)
-    } else if ns < 1_000_000_000 {
-        format!("{:.1} ms", ns as f64 / 1e6)
-    } else {
-        format!("{:.2} s", ns as f64 / 1e9)
-    }
-}
+pub use migmon_base::units::fmt_ns as fmt_dur;
 
 // ---------------------------------------------------------------------------------------------------------------
 // One migration

@@ -29,12 +29,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use migmon_base::units::fmt_ns;
 use serde::Serialize;
 
-use crate::{
-    correlate::{Analysis, fmt_dur},
-    trace::{Event, MacAddr, Port, Trace},
-};
+use crate::trace::{Event, MacAddr, Port, Trace};
 
 /// The error assumed of two hosts' realtime clocks against each other (NTP on a LAN: milliseconds).
 pub const REALTIME_BOUND_NS: u64 = 10_000_000;
@@ -546,7 +544,7 @@ fn envelope(
             Some(format!(
                 "the frames of the two directions disagree by {} (a frame's sender misjudged, or jitter): the bound \
                  covers both",
-                fmt_dur((lo - hi) as u64)
+                fmt_ns((lo - hi) as u64)
             )),
         ),
         (true, false) => (
@@ -554,7 +552,7 @@ fn envelope(
             delay / 2,
             Some(format!(
                 "frames went from this host only: the one-way delay is taken as at most {}",
-                fmt_dur(ASSUMED_DELAY_NS)
+                fmt_ns(ASSUMED_DELAY_NS)
             )),
         ),
         (false, true) => (
@@ -562,7 +560,7 @@ fn envelope(
             delay / 2,
             Some(format!(
                 "frames went to this host only: the one-way delay is taken as at most {}",
-                fmt_dur(ASSUMED_DELAY_NS)
+                fmt_ns(ASSUMED_DELAY_NS)
             )),
         ),
         (false, false) => {
@@ -574,7 +572,7 @@ fn envelope(
                 Some(format!(
                     "which host sent the shared frames is not known (no migration events for their MACs): the \
                      one-way delay is taken as at most {}",
-                    fmt_dur(ASSUMED_DELAY_NS)
+                    fmt_ns(ASSUMED_DELAY_NS)
                 )),
             )
         }
@@ -809,7 +807,7 @@ fn realtime_maps(inputs: &[Input], warnings: &mut Vec<String>) -> (Vec<Realtime>
                  set): the realtime alignment uses the longest stretch without a step",
                 inp.name,
                 if *size < 0 { "-" } else { "+" },
-                fmt_dur(size.unsigned_abs()),
+                fmt_ns(size.unsigned_abs()),
                 at.saturating_sub(since) as f64 / 1e9
             ));
         }
@@ -1135,7 +1133,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
                  alone, ± {} (NTP grade)",
                 inputs[0].name,
                 inp.name,
-                fmt_dur(REALTIME_BOUND_NS)
+                fmt_ns(REALTIME_BOUND_NS)
             ));
         }
         hosts.push(h);
@@ -1160,32 +1158,6 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
     })
 }
 
-/// Attaches the merge to an analysis of the merged trace: every figure that spans hosts gets the bound.
-pub fn annotate(a: &mut Analysis, info: &MergeInfo) {
-    let groups = info.hosts.iter().filter(|h| h.method != "same clock").count();
-    if groups > 1 {
-        for m in &mut a.migrations {
-            let d = &mut m.downtime;
-            for f in [
-                &mut d.vcpu_pause,
-                &mut d.blackout,
-                &mut d.convergence,
-                &mut d.max_recovery_tail,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                f.bound_ns = Some(info.bound_ns);
-            }
-        }
-    }
-    for (i, d) in info.damage.iter().enumerate() {
-        a.damage.push(d.clone());
-        a.warnings.insert(i, d.clone());
-    }
-    a.merge = Some(info.clone());
-}
-
 /// The merge as text: one line per trace, then the warnings.
 pub fn render_text(info: &MergeInfo) -> String {
     use std::fmt::Write as _;
@@ -1197,7 +1169,7 @@ pub fn render_text(info: &MergeInfo) -> String {
             s,
             "merged from {} traces; figures that span hosts carry ± {}",
             info.hosts.len(),
-            fmt_dur(info.bound_ns)
+            fmt_ns(info.bound_ns)
         );
     }
     for h in &info.hosts {
@@ -1209,7 +1181,7 @@ pub fn render_text(info: &MergeInfo) -> String {
                  unknown sender); realtime alone said {:+.6} s",
                 h.offset_ns as f64 / 1e9,
                 h.drift_ppm,
-                fmt_dur(h.bound_ns),
+                fmt_ns(h.bound_ns),
                 h.pairs_sent + h.pairs_received + h.pairs_unknown,
                 h.pairs_sent,
                 h.pairs_received,
@@ -1219,7 +1191,7 @@ pub fn render_text(info: &MergeInfo) -> String {
             _ => format!(
                 "offset {:+.6} s by realtime alone, ± {} (nothing shared)",
                 h.offset_ns as f64 / 1e9,
-                fmt_dur(h.bound_ns)
+                fmt_ns(h.bound_ns)
             ),
         };
         let _ = writeln!(

@@ -189,6 +189,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     Ok(Duration::new(secs, (ns % NS_PER_SEC) as u32))
 }
 
+/// Formats a duration in ns for people, three figures at most: `812 µs`, `12.4 ms`, `5.30 s`.
+pub fn fmt_ns(ns: u64) -> String {
+    if ns < 1_000_000 {
+        format!("{} µs", ns / 1000)
+    } else if ns < 1_000_000_000 {
+        format!("{:.1} ms", ns as f64 / 1e6)
+    } else {
+        format!("{:.2} s", ns as f64 / 1e9)
+    }
+}
+
 /// Writes `d` in the largest unit that writes it exactly: `250ms`, `30s`, `2m`, `1500ms`; zero is `0s`.
 pub fn fmt_duration(d: Duration) -> String {
     let ns = d.as_nanos();

@@ -206,7 +206,7 @@ pub fn load_all(paths: &[PathBuf]) -> Result<(Trace, Analysis)> {
     }
     let merged = merge::merge(&inputs).context("cannot merge the traces")?;
     let mut a = correlate::analyse(&merged.trace);
-    merge::annotate(&mut a, &merged.info);
+    a.annotate_merge(&merged.info);
     Ok((merged.trace, a))
 }
 

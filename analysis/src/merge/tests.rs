@@ -138,7 +138,7 @@ fn input(name: &str, trace: Trace) -> Input {
 fn merged_analysis(inputs: &[Input]) -> (Analysis, MergeInfo) {
     let m = merge(inputs).unwrap();
     let mut a = analyse(&m.trace);
-    annotate(&mut a, &m.info);
+    a.annotate_merge(&m.info);
     (a, m.info)
 }
 
