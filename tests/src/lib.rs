@@ -295,3 +295,72 @@ pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
 pub fn guest_elf() -> PathBuf {
     testbed::guest::build().unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Counts the RARP frames (reverse requests) from one MAC that reach a namespace: the announces of whichever side
+/// runs the guest, as the clients' side of the bridge sees them. Stops and closes its socket on drop.
+pub struct RarpCapture {
+    count: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl RarpCapture {
+    /// Starts counting in `ns` (an `AF_PACKET` socket opened inside it stays bound to it).
+    pub fn start(ns: &Netns, mac: [u8; 6]) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let fd = ns.run(|| {
+            // SAFETY: plain socket(2) call; the fd is owned by the thread below, which closes it.
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(0x8035u16.to_be())) }
+        });
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: a valid fd and a timeval that outlives the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let (c, st) = (count.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::SeqCst) {
+                // SAFETY: `buf` is writable for its length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                // Ethernet source = the MAC, type RARP, opcode 3 (reverse request).
+                if n >= 42 && buf[6..12] == mac[..] && buf[12..14] == [0x80, 0x35] && buf[20..22] == [0, 3] {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            // SAFETY: our fd, closed once.
+            unsafe { libc::close(fd) };
+        });
+        Self {
+            count,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// RARP frames counted so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for RarpCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -29,7 +29,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Netns, TestDir, VmHost, fdb_port, kvm_available, migrator_bin, wait_until};
+use integration_tests::{
+    Netns, RarpCapture, TestDir, VmHost, fdb_port, kvm_available, migrator_bin, wait_until,
+};
 use migmon_base::MacAddr;
 use serde_json::Value;
 use testbed::clients::set_user_timeout;
@@ -403,75 +405,6 @@ fn all_progress(clients: &[Client], timeout: Duration) -> bool {
     })
 }
 
-/// Counts RARP frames from the VM's MAC seen in the client namespace.
-struct RarpCapture {
-    count: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl RarpCapture {
-    fn start(bed: &Bed) -> Self {
-        let count = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        // An AF_PACKET socket opened inside the client netns stays bound to it.
-        let fd = bed.client.run(|| {
-            // SAFETY: plain socket(2) call; the fd is owned below.
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(0x8035u16.to_be())) }
-        });
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        // SAFETY: valid fd and timeval.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        let (c, s) = (count.clone(), stop.clone());
-        let handle = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !s.load(Ordering::SeqCst) {
-                // SAFETY: `buf` is writable for its length.
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n >= 42
-                    && buf[6..12] == MAC.octets()
-                    && buf[12..14] == [0x80, 0x35]
-                    && buf[20..22] == [0, 3]
-                {
-                    c.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            // SAFETY: our fd, closed once.
-            unsafe { libc::close(fd) };
-        });
-        Self {
-            count,
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn count(&self) -> u64 {
-        self.count.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for RarpCapture {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 fn summary(out: &Output) -> Value {
     assert!(
         out.status.success(),
@@ -534,7 +467,7 @@ fn live_migration_keeps_every_connection() {
         Some(bed.tap_a.as_str()),
         "the MAC is learned on tap A first"
     );
-    let rarp = RarpCapture::start(&bed);
+    let rarp = RarpCapture::start(&bed.client, MAC.octets());
 
     let s = summary(&bed.migrate(&api_a, &sock, &["--mode", "live", "--downtime", "30ms"]));
     assert!(s["verified_hash"].is_string(), "RAM was hashed at both ends: {s}");

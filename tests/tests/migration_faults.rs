@@ -32,7 +32,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Netns, TestDir, VmHost, in_netns, kvm_available, migrator_bin, wait_until};
+use integration_tests::{
+    Netns, RarpCapture, TestDir, VmHost, in_netns, kvm_available, migrator_bin, wait_until,
+};
 use serde_json::Value;
 
 const MAC: &str = "52:54:00:66:61:75";
@@ -469,77 +471,6 @@ impl Bed {
     }
 }
 
-/// Counts the RARP frames from the guest's MAC that reach the client namespace (through the bridge): the
-/// announces of whichever side runs the guest.
-struct RarpCapture {
-    count: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl RarpCapture {
-    fn start(client: &Netns) -> Self {
-        let count = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        // An AF_PACKET socket opened inside the client netns stays bound to it.
-        let fd = client.run(|| {
-            // SAFETY: plain socket(2) call; the fd is owned by the thread below, which closes it.
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(0x8035u16.to_be())) }
-        });
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        // SAFETY: a valid fd and a timeval that outlives the call.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        let mac: Vec<u8> = MAC
-            .split(':')
-            .map(|b| u8::from_str_radix(b, 16).unwrap())
-            .collect();
-        let (c, st) = (count.clone(), stop.clone());
-        let handle = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !st.load(Ordering::SeqCst) {
-                // SAFETY: `buf` is writable for its length.
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                // Ethernet source = the guest, type RARP, opcode 3 (reverse request).
-                if n >= 42 && buf[6..12] == mac[..] && buf[12..14] == [0x80, 0x35] && buf[20..22] == [0, 3] {
-                    c.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            // SAFETY: our fd, closed once.
-            unsafe { libc::close(fd) };
-        });
-        Self {
-            count,
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn count(&self) -> u64 {
-        self.count.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for RarpCapture {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 fn status(api: &str) -> Option<Value> {
     let out = Command::new(migrator_bin())
         .args(["status", "--api", api])
@@ -735,7 +666,10 @@ fn permille(rng: &mut Rng) -> u16 {
 /// nothing else can send them: the destination never resumed), and the guest runs there alone.
 fn killed_after_ready(bed: &Bed, case: &mut Case<'_>, events: &str, t: &mut Tally) {
     t.cases += 1;
-    let rarp = RarpCapture::start(bed.client());
+    let rarp = RarpCapture::start(
+        bed.client(),
+        MAC.parse::<migmon_base::MacAddr>().unwrap().octets(),
+    );
     let (mut recv, out, relay) = case.run(|_, r| Fault::KillAtReady(r.pid()));
     drop(relay);
     let what = "destination killed after its ready";

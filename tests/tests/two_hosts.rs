@@ -29,7 +29,7 @@ fn port_of(e: &Event) -> Option<(Option<String>, Option<String>)> {
 fn merged(inputs: &[Input]) -> (Analysis, merge::MergeInfo) {
     let m = merge::merge(inputs).unwrap();
     let mut a = analyse(&m.trace);
-    merge::annotate(&mut a, &m.info);
+    a.annotate_merge(&m.info);
     (a, m.info)
 }
 
