@@ -56,20 +56,37 @@ fn median(results: &Results, group: &str, name: &str) -> Option<f64> {
 }
 
 /// Adds "growth ×" rows: the median at each step over the median at the step before, with the work's own factor.
-fn growth(results: &mut Results, group: &str, steps: &[(u64, String)], metric: &str, unit_of_step: &str) {
+/// `resolution` is the smallest non-zero reading the metric has (one clock tick for CPU; 0 when any value is
+/// exact): a step that read 0 is taken as that resolution, so the ratio is an upper bound and says so, rather than
+/// no number at all.
+fn growth(
+    results: &mut Results,
+    group: &str,
+    steps: &[(u64, String)],
+    (metric, resolution): (&str, f64),
+    unit_of_step: &str,
+) {
     for w in steps.windows(2) {
         let (a, b) = (&w[0], &w[1]);
         let name = format!("{metric} growth {}→{} {unit_of_step}", a.0, b.0);
         results.declare(group, &name, "×", Better::Lower);
-        if let (Some(x), Some(y)) = (median(results, group, &a.1), median(results, group, &b.1))
-            && x > 0.0
-        {
+        let Some((x, y)) = median(results, group, &a.1).zip(median(results, group, &b.1)) else {
+            continue;
+        };
+        let below = x <= 0.0 && resolution > 0.0;
+        let x = if below { resolution } else { x };
+        if x > 0.0 {
             results.push(group, &name, "×", Better::Lower, y / x);
-            results.note(
-                group,
-                &name,
-                &format!("work grew ×{:.0}", b.0 as f64 / a.0 as f64),
-            );
+            let work = format!("work grew ×{:.0}", b.0 as f64 / a.0 as f64);
+            let note = if below {
+                format!(
+                    "{work}; {} read 0, below the clock's {resolution} resolution: taken as {resolution} (an upper bound)",
+                    a.1
+                )
+            } else {
+                work
+            };
+            results.note(group, &name, &note);
         }
     }
 }
@@ -121,7 +138,7 @@ fn ram(ctx: &Ctx, results: &mut Results) -> Result<()> {
             .iter()
             .map(|&m| (m, format!("{metric} at {m} MiB")))
             .collect();
-        growth(results, GROUP_RAM, &named, metric, "MiB");
+        growth(results, GROUP_RAM, &named, (metric, 0.0), "MiB");
     }
     if !errors.is_empty() {
         bail!("{}", errors.join("; "));
@@ -246,12 +263,13 @@ fn connections(ctx: &Ctx, results: &mut Results) -> Result<()> {
             after.as_millis()
         ),
     );
-    for metric in ["CPU", "events"] {
+    // CPU is read in 10 ms ticks (/proc/PID/stat); event counts are exact.
+    for (metric, resolution) in [("CPU", 10.0), ("events", 0.0)] {
         let steps: Vec<(u64, String)> = counts
             .iter()
             .map(|&n| (n, format!("{metric} at {n} connections")))
             .collect();
-        growth(results, GROUP_CONNS, &steps, metric, "connections");
+        growth(results, GROUP_CONNS, &steps, (metric, resolution), "connections");
     }
     Ok(())
 }
