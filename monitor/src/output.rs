@@ -298,21 +298,18 @@ impl Output {
     }
 }
 
+/// ` vlan=OUTER.INNER` for a tagged frame, nothing for an untagged one.
+fn vlan_text(vlan: &[u16]) -> String {
+    if vlan.is_empty() {
+        return String::new();
+    }
+    let tags: Vec<String> = vlan.iter().map(u16::to_string).collect();
+    format!(" vlan={}", tags.join("."))
+}
+
 /// An ARP-family frame: where, from whom, who-has/is-at, VLAN tags, length.
 fn arp_detail(frame: &ArpFrame) -> String {
-    let vlan = if frame.vlan.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " vlan={}",
-            frame
-                .vlan
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(".")
-        )
-    };
+    let vlan = vlan_text(&frame.vlan);
     format!(
         "{:<20} {} op={} {} ({}) -> {} ({}){vlan} len={}",
         port_name(&frame.port),
@@ -328,19 +325,7 @@ fn arp_detail(frame: &ArpFrame) -> String {
 
 /// An announcing neighbor advertisement: port, source MAC, target (and its link-layer address), addresses, flags.
 fn neighbor_advert_detail(frame: &NeighborAdvertFrame) -> String {
-    let vlan = if frame.vlan.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " vlan={}",
-            frame
-                .vlan
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(".")
-        )
-    };
+    let vlan = vlan_text(&frame.vlan);
     let flags: String = [
         (frame.router, 'R'),
         (frame.solicited, 'S'),

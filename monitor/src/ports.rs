@@ -44,39 +44,12 @@ use crate::{
     rtnl::{self, Link, Message, Neigh, RtnlError, RtnlSocket},
 };
 
-/// A bridge to follow: `BR` or `BR@NETNS`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BridgeSpec {
-    pub bridge: String,
-    pub netns: Option<String>,
-}
+/// A bridge to follow: `BR` or `BR@NETNS` (the same shape as an `--iface`).
+pub type BridgeSpec = Iface;
 
-impl std::fmt::Display for BridgeSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.netns {
-            Some(ns) => write!(f, "{}@{ns}", self.bridge),
-            None => f.write_str(&self.bridge),
-        }
-    }
-}
-
-impl std::str::FromStr for BridgeSpec {
-    type Err = PortsError;
-
-    /// Parses `BR` or `BR@NETNS`.
-    fn from_str(s: &str) -> Result<Self, PortsError> {
-        let (name, netns) = match s.rsplit_once('@') {
-            Some((n, ns)) => (n, Some(ns)),
-            None => (s, None),
-        };
-        if name.is_empty() || name.len() >= 16 || netns.is_some_and(str::is_empty) {
-            return Err(PortsError::Syntax { given: s.to_owned() });
-        }
-        Ok(Self {
-            bridge: name.to_owned(),
-            netns: netns.map(str::to_owned),
-        })
-    }
+/// Parses `--bridge BR` or `BR@NETNS`.
+pub fn parse_bridge(s: &str) -> Result<BridgeSpec, PortsError> {
+    Iface::parse(s).ok_or_else(|| PortsError::Syntax { given: s.to_owned() })
 }
 
 /// Errors starting to follow a bridge. Each names the flag and says what to do.
@@ -605,22 +578,20 @@ impl BridgeWatcher {
             }
         }
         let bridge = first.iter().find_map(|m| match m {
-            Message::NewLink(l) if l.family == 0 && l.name.as_deref() == Some(&spec.bridge) => {
-                Some(l.clone())
-            }
+            Message::NewLink(l) if l.family == 0 && l.name.as_deref() == Some(&spec.name) => Some(l.clone()),
             _ => None,
         });
         let Some(bridge) = bridge else {
             return Err(PortsError::NoBridge {
                 ns_flag: ns_flag(spec.netns.as_deref()),
-                bridge: spec.bridge.clone(),
+                bridge: spec.name.clone(),
                 spec: spec.to_string(),
                 where_,
             });
         };
         if bridge.kind.as_deref() != Some("bridge") {
             return Err(PortsError::NotABridge {
-                bridge: spec.bridge.clone(),
+                bridge: spec.name.clone(),
                 kind: bridge
                     .kind
                     .map_or_else(|| "a physical or unknown device".to_owned(), |k| format!("a {k}")),
@@ -750,9 +721,7 @@ impl BridgeWatcher {
     }
 
     fn on_new_link(&mut self, l: &Link, now: Option<u64>) {
-        if l.family == 0
-            && l.name.as_deref() == Some(&self.spec.bridge)
-            && l.kind.as_deref() == Some("bridge")
+        if l.family == 0 && l.name.as_deref() == Some(&self.spec.name) && l.kind.as_deref() == Some("bridge")
         {
             if self.bridge != Some(l.ifindex) {
                 if self.bridge.is_none() {
@@ -792,7 +761,7 @@ impl BridgeWatcher {
             self.control.send(PortRequest::Attach {
                 iface: self.iface(&name),
                 ifindex: Some(l.ifindex),
-                bridge: Some(self.spec.bridge.clone()),
+                bridge: Some(self.spec.name.clone()),
                 origin: "bridge",
                 notified_ns: now,
             });
@@ -925,7 +894,7 @@ pub fn start(
     }
     let specs = bridges
         .iter()
-        .map(|b| b.parse::<BridgeSpec>())
+        .map(|b| parse_bridge(b))
         .collect::<Result<Vec<_>, _>>()?;
     let mut handler = PortHandler::new(mode, true)?;
     if registrations && let Err(e) = probes.preload(None, mode, true) {
@@ -998,18 +967,18 @@ mod tests {
     #[test]
     fn bridge_specs() {
         assert_eq!(
-            "br0@host-a".parse::<BridgeSpec>().unwrap(),
+            parse_bridge("br0@host-a").unwrap(),
             BridgeSpec {
-                bridge: "br0".into(),
+                name: "br0".into(),
                 netns: Some("host-a".into())
             }
         );
-        assert_eq!("br0".parse::<BridgeSpec>().unwrap().netns, None);
+        assert_eq!(parse_bridge("br0").unwrap().netns, None);
         for bad in ["", "@ns", "br0@", "averyveryverylongname"] {
-            let e = bad.parse::<BridgeSpec>().unwrap_err().to_string();
+            let e = parse_bridge(bad).unwrap_err().to_string();
             assert!(e.starts_with("--bridge") && e.contains("BR@NETNS"), "{e}");
         }
-        assert_eq!("br0@ns".parse::<BridgeSpec>().unwrap().to_string(), "br0@ns");
+        assert_eq!(parse_bridge("br0@ns").unwrap().to_string(), "br0@ns");
     }
 
     #[test]

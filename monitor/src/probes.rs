@@ -258,6 +258,23 @@ pub struct Iface {
     pub netns: Option<String>,
 }
 
+impl Iface {
+    /// `IF` or `IF@NETNS` (an interface name is 1 to 15 characters; a namespace is not empty); `None` otherwise.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (name, netns) = match s.rsplit_once('@') {
+            Some((n, ns)) => (n, Some(ns)),
+            None => (s, None),
+        };
+        if name.is_empty() || name.len() >= 16 || netns.is_some_and(str::is_empty) {
+            return None;
+        }
+        Some(Self {
+            name: name.to_owned(),
+            netns: netns.map(str::to_owned),
+        })
+    }
+}
+
 impl std::fmt::Display for Iface {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.netns {

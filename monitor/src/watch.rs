@@ -144,16 +144,10 @@ pub enum TcpSource {
 
 /// Parses `IF` or `IF@NETNS`.
 pub fn parse_iface(s: &str) -> Result<Iface> {
-    let (name, netns) = match s.rsplit_once('@') {
-        Some((n, ns)) => (n, Some(ns)),
-        None => (s, None),
-    };
-    if name.is_empty() || name.len() >= 16 || netns.is_some_and(str::is_empty) {
-        bail!("`{s}` is not an interface: use IF or IF@NETNS (interface names are 1 to 15 characters)");
-    }
-    Ok(Iface {
-        name: name.to_owned(),
-        netns: netns.map(str::to_owned),
+    Iface::parse(s).ok_or_else(|| {
+        anyhow::anyhow!(
+            "`{s}` is not an interface: use IF or IF@NETNS (interface names are 1 to 15 characters)"
+        )
     })
 }
 
