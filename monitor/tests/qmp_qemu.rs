@@ -339,6 +339,12 @@ fn boot(dir: &Path, elf: &Path, name: &str, incoming: Option<&Path>) -> Vm {
 }
 
 /// Collects the follower's events until `done` holds (or 30 s pass).
+/// Whether the events show a whole move: the source's completion and the destination's resume.
+fn moved(g: &[Event]) -> bool {
+    has_phase(g, Role::Source, |p| matches!(p, Phase::Complete { .. }))
+        && has_phase(g, Role::Destination, |p| *p == Phase::Resume)
+}
+
 fn collect(rx: &mpsc::Receiver<Event>, got: &mut Vec<Event>, done: impl Fn(&[Event]) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !done(got) && Instant::now() < deadline {
@@ -429,10 +435,7 @@ fn a_live_migration_to_a_destination_started_later_is_one_migration() {
     migrate(&mut src, &incoming);
     let stop = src.driver.wait_event("STOP", None);
     let resume = dst.driver.wait_event("RESUME", None);
-    collect(&rx, &mut got, |g| {
-        has_phase(g, Role::Source, |p| matches!(p, Phase::Complete { .. }))
-            && has_phase(g, Role::Destination, |p| *p == Phase::Resume)
-    });
+    collect(&rx, &mut got, moved);
     // Dropping the runtime stops the followers.
     drop(handles);
     check_one_migration(&got, "live", resume - stop, "live migration");
@@ -461,10 +464,7 @@ fn stop_hold_migrate_cont_is_one_quick_migration() {
     dst.driver.wait_event("MIGRATION", Some("completed"));
     dst.driver.cmd("cont");
     let resume = dst.driver.wait_event("RESUME", None);
-    collect(&rx, &mut got, |g| {
-        has_phase(g, Role::Source, |p| matches!(p, Phase::Complete { .. }))
-            && has_phase(g, Role::Destination, |p| *p == Phase::Resume)
-    });
+    collect(&rx, &mut got, moved);
     // Dropping the runtime stops the followers.
     drop(handles);
     check_one_migration(&got, "quick", resume - stop, "stop, hold, migrate, cont");
@@ -498,10 +498,7 @@ fn a_qemu_that_restarts_is_followed_again() {
     migrate(&mut src, &incoming);
     let stop = src.driver.wait_event("STOP", None);
     let resume = dst.driver.wait_event("RESUME", None);
-    collect(&rx, &mut got, |g| {
-        has_phase(g, Role::Source, |p| matches!(p, Phase::Complete { .. }))
-            && has_phase(g, Role::Destination, |p| *p == Phase::Resume)
-    });
+    collect(&rx, &mut got, moved);
     // Dropping the runtime stops the followers.
     drop(handles);
     assert!(
