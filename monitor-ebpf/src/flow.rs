@@ -1,18 +1,21 @@
 //! The TCP flow tracker: the state of every TCP connection of a watched VM, from its frames on the VM's ports.
 //!
-//! The L2 programs (XDP ingress, TC ingress, TC egress) call [`track`] for IPv4 and IPv6 frames, after their own
-//! Ethernet and VLAN parsing, so a port pays for one program and one parse. A flow is watched when one end's
-//! address is in `FLOW_IPS` (the VMs' IPs) or, with `CFG_FLOW_MACS`, when the frame's Ethernet source or
-//! destination is a watched MAC (that end is then the VM's).
+//! The L2 programs (XDP ingress, TC ingress, TC egress) hand IPv4 and IPv6 frames to the flow programs
+//! (`flow_xdp`, `flow_tc`) by a tail call ([`hand_over`]), with their own Ethernet and VLAN parse in the per-CPU
+//! scratch slot, so a port pays for one parse, and the verifier walks the tracker once per program, not once per
+//! path of the L2 parser. A flow is watched when one end's address is in `FLOW_IPS` (the VMs' IPs) or, with
+//! `CFG_FLOW_MACS`, when the frame's Ethernet source or destination is a watched MAC (that end is then the VM's).
 //!
-//! Each flow is one entry of an LRU map, `FLOWS4` for IPv4 (keyed by [`FlowKey4`], 16 bytes) and `FLOWS` for
-//! IPv6 (keyed by [`FlowKey`]), with the VM's end first, so both directions share it (as ePPing keeps one entry
-//! per connection). No SYN is needed: the first segment seen in a
+//! Each flow is one entry, keyed by [`FlowKey4`] (16 bytes) for IPv4 and [`FlowKey`] for IPv6, with the VM's end
+//! first, so both directions share it (as ePPing keeps one entry per connection). The entry is a way of an
+//! array-backed cache of 4-way sets (`FLOW_CACHE4`, `FLOW_CACHE6`; the set is a hash of the key), or of the LRU map
+//! behind it (`FLOWS4`, `FLOWS`) that takes the flows the cache evicts. No SYN is needed: the first segment seen in a
 //! direction initialises that direction's state, so flows are picked up mid-stream. Per direction the entry keeps
 //! the highest sequence end, the last ACK, the times of the last segment, of the last new data and of the last
 //! forward progress, and the segment and retransmission counts ([`FlowDir`]).
 //!
-//! A busy flow costs one map lookup and a few stores into the value per segment, and the coarse clock
+//! A busy flow in the cache costs an inlined array index, a few word comparisons and stores into the way per
+//! segment (a flow in the LRU map, a hash map lookup), and the coarse clock
 //! (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC as of the last tick): the per-flow times, and so `gap_ns` and
 //! `silence_ns`, are accurate to a tick; a record's own time is the precise clock's. A record goes to the ring
 //! buffer only when a segment matters ([`FlowEvent`], one kind each):
@@ -30,9 +33,11 @@
 //! capture, `flow_capture_burst` at most) limits them; a record over it goes out without the bytes and is counted
 //! in `FLOW_COUNTERS.capture_dropped`.
 //!
-//! Evictions: the tracker never deletes entries, so every entry that left the table was evicted by the LRU.
-//! `FLOW_COUNTERS.inserts` counts successful inserts; user space counts the entries and reports
-//! `inserts - entries` as evictions.
+//! Evictions: the tracker never deletes entries, and a flow is in the cache or in the LRU map, never both (a
+//! flow the cache evicts moves to the LRU map), so every flow that left was evicted by the LRU map, or dropped
+//! by it when it had no room. `FLOW_COUNTERS.inserts` counts new flows; user space counts the entries of both and
+//! reports `inserts - entries` as evictions. Two CPUs opening the same flow at the same instant may both insert
+//! it; one copy then ages out, counted as an eviction.
 //!
 //! With `CFG_FLOW_PORTS` (`migmon watch --port`), only the watched VMs' flows with a port in `FLOW_PORTS` (at
 //! either end) are tracked.
@@ -777,7 +782,9 @@ unsafe trait CacheKey: Sized {
             x ^= unsafe { words.add(i).read() }.rotate_left(i as u32 * 13);
         }
         // Fold the halves, then multiply (Fibonacci hashing): the high half of the product depends on every bit.
-        ((x ^ (x >> 32)) & 0xffff_ffff).wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_shr(32) as u32
+        ((x ^ (x >> 32)) & 0xffff_ffff)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_shr(32) as u32
     }
 }
 
@@ -1185,7 +1192,9 @@ fn track_segment(f: &impl Frame, eth: &Eth, direction: u8) -> u32 {
         });
         let p = pending.read_volatile();
         let key = &*(&raw const (*w).key);
-        report(f, eth, key, p.family, p.side, direction, &p.seg, &p.out, p.peer_ack)
+        report(
+            f, eth, key, p.family, p.side, direction, &p.seg, &p.out, p.peer_ack,
+        )
     }
 }
 

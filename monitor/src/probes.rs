@@ -33,8 +33,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use monitor_common::{
     CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_FLOW_PORTS,
-    CFG_WATCH_MACS, FLOW_CACHE_WAYS, FlowCounters, FlowKey, FlowKey4, FlowSet4, FlowSet6, FlowState, IpKey, MacCounters, MacKey, MacKey8,
-    ProbeConfig, WireEvent,
+    CFG_WATCH_MACS, FLOW_CACHE_WAYS, FlowCounters, FlowKey, FlowKey4, FlowSet4, FlowSet6, FlowState, IpKey,
+    MacCounters, MacKey, MacKey8, ProbeConfig, WireEvent,
 };
 
 use migmon_analysis::trace::Port;
