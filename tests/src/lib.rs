@@ -170,7 +170,7 @@ impl Migrator {
             .stdout(out.try_clone().expect("clone the log file"))
             .stderr(out)
             .spawn()
-            .unwrap_or_else(|e| panic!("start {:?}: {e}", cmd.get_program()));
+            .unwrap_or_else(|e| panic!("start {}: {e}", cmd.get_program().display()));
         Self {
             child,
             log: log.to_owned(),
