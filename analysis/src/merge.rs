@@ -639,39 +639,8 @@ fn remap(e: &Event, m: &ClockMap) -> Event {
 }
 
 fn set_ts(e: &mut Event, m: &ClockMap) {
-    let t = e.ts_ns();
-    match e {
-        Event::TcpRetransmit { ts_ns, .. }
-        | Event::TcpState { ts_ns, .. }
-        | Event::TcpError { ts_ns, .. }
-        | Event::TcpResetIn { ts_ns, .. }
-        | Event::TcpResetOut { ts_ns, .. }
-        | Event::Arp { ts_ns, .. }
-        | Event::Garp { ts_ns, .. }
-        | Event::Rarp { ts_ns, .. }
-        | Event::NeighborAdvert { ts_ns, .. }
-        | Event::FdbUpdate { ts_ns, .. }
-        | Event::MacSeen { ts_ns, .. }
-        | Event::MacStats { ts_ns, .. }
-        | Event::Loss { ts_ns, .. }
-        | Event::Malformed { ts_ns, .. }
-        | Event::ClockOffset { ts_ns, .. }
-        | Event::ClockSample { ts_ns, .. }
-        | Event::FlowOpen { ts_ns, .. }
-        | Event::FlowRetransmit { ts_ns, .. }
-        | Event::FlowReset { ts_ns, .. }
-        | Event::FlowFin { ts_ns, .. }
-        | Event::FlowZeroWindow { ts_ns, .. }
-        | Event::FlowProgress { ts_ns, .. }
-        | Event::FlowTable { ts_ns, .. }
-        | Event::PortAttached { ts_ns, .. }
-        | Event::PortDetached { ts_ns, .. }
-        | Event::PortFailed { ts_ns, .. }
-        | Event::MacLearned { ts_ns, .. }
-        | Event::Skipped { ts_ns, .. }
-        | Event::Note { ts_ns, .. } => *ts_ns = m.apply(t),
-        Event::Migration { ev, .. } => ev.ts_ns = m.apply(t),
-    }
+    let t = e.ts_ns_mut();
+    *t = m.apply(*t);
 }
 
 /// The port of an event, for telling apart same-named ports of different hosts.
