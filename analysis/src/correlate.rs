@@ -340,6 +340,9 @@ pub struct Analysis {
     /// What is wrong with the trace file beyond skipped lines and a cut last line ([`Trace::damage`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub damage: Vec<String>,
+    /// Traces still being written by a running watch ([`Trace::in_progress`]): read up to their last complete line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_progress: Vec<String>,
     pub warnings: Vec<String>,
     /// How the traces of several hosts were merged (absent for one trace).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -373,6 +376,7 @@ impl Analysis {
             self.damage.push(d.clone());
             self.warnings.insert(i, d.clone());
         }
+        self.in_progress.clone_from(&info.in_progress);
         self.merge = Some(info.clone());
     }
 
@@ -381,6 +385,10 @@ impl Analysis {
     }
 }
 
+/// What a report says of a trace still being written.
+pub const IN_PROGRESS: &str = "still being written by a running migmon watch: read up to its last complete line; migrations in it may not \
+     have settled yet";
+
 /// Correlates a trace read back from disk.
 pub fn analyse(trace: &Trace) -> Analysis {
     let mut a = correlate(&trace.events);
@@ -388,6 +396,9 @@ pub fn analyse(trace: &Trace) -> Analysis {
     a.truncated = trace.truncated;
     a.skipped_lines.clone_from(&trace.skipped);
     a.damage = trace.damage();
+    if trace.in_progress {
+        a.in_progress.push(IN_PROGRESS.to_owned());
+    }
     let mut warnings = a.damage.clone();
     if a.lost_events > 0 {
         warnings.push(format!(
@@ -509,6 +520,7 @@ pub fn correlate_until<'a>(events: impl IntoIterator<Item = &'a Event>, observed
         truncated: false,
         skipped_lines: Vec::new(),
         damage: Vec::new(),
+        in_progress: Vec::new(),
         warnings,
         merge: None,
         ports,

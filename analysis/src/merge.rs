@@ -105,6 +105,9 @@ pub struct MergeInfo {
     /// What is wrong with each trace file (see `Trace::damage`), prefixed with its name.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub damage: Vec<String>,
+    /// The trace files a running watch is still writing (see `Trace::in_progress`), each with what that means.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub in_progress: Vec<String>,
     pub warnings: Vec<String>,
 }
 
@@ -1043,6 +1046,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
     let mut merged = Trace {
         header: inputs[0].trace.header.clone(),
         end: inputs[0].trace.end.clone(),
+        in_progress: inputs[0].trace.in_progress,
         lines_read: inputs[0].trace.lines_read,
         hash_read: inputs[0].trace.hash_read,
         ..Trace::default()
@@ -1055,6 +1059,11 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
                 .into_iter()
                 .map(move |d| format!("{}: {d}", inp.name))
         })
+        .collect();
+    let in_progress: Vec<String> = inputs
+        .iter()
+        .filter(|inp| inp.trace.in_progress)
+        .map(|inp| format!("{}: {}", inp.name, crate::correlate::IN_PROGRESS))
         .collect();
     let (drop, duplicates) = kernel_duplicates(inputs, &ids, &group_of);
     let clash = port_clashes(inputs, &drop, &ids, &group_of, &mut warnings);
@@ -1122,6 +1131,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
             bound_ns,
             duplicates,
             damage,
+            in_progress,
             warnings,
         },
     })

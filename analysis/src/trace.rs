@@ -11,7 +11,9 @@
 //! The end record counts the lines before it and carries a hash of them (FNV-1a, 64 bits), so a line dropped,
 //! duplicated or altered after recording is noticed ([`Trace::damage`]). The hash guards against corruption, not
 //! against someone editing the file on purpose. Traces written before the end record existed are still read; they
-//! count as damaged (no end record). All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
+//! count as damaged (no end record). A trace without its end record whose writer still holds the file's lock
+//! (`watch --record-dir` locks each file it writes, [`lock_for_writing`]) is in progress, not damaged
+//! ([`Trace::in_progress`]). All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
 
 use std::{
     fmt,
@@ -1000,6 +1002,9 @@ pub struct Trace {
     pub skipped: Vec<(usize, String)>,
     /// The end record, when the monitor finished the trace.
     pub end: Option<TraceEnd>,
+    /// No end record yet, and a running monitor still writes the file (it holds the file's lock): what is there was
+    /// read, a last line being written was left for later, and the missing end record is not damage.
+    pub in_progress: bool,
     /// Lines read between the header and the end record (or the end of the file), and their hash.
     pub(crate) lines_read: u64,
     pub(crate) hash_read: Option<LineHash>,
@@ -1022,9 +1027,11 @@ impl Trace {
             out.push("the trace has no header line".to_owned());
         }
         match &self.end {
+            None if self.in_progress => {}
             None => out.push(
-                "the trace has no end record: the monitor did not finish it (killed, crashed, still running, or \
-                 the file was cut or written by a migmon older than the end record)"
+                "the trace has no end record and no running migmon is writing it: the monitor was killed or crashed, \
+                 the file was cut, or it was written by `watch --record` (which does not lock its file) of a watch \
+                 still running or by a migmon older than the end record"
                     .to_owned(),
             ),
             Some(end) => {
@@ -1056,13 +1063,31 @@ pub fn lost_events(events: &[Event]) -> u64 {
     })
 }
 
-/// Reads a trace. Unknown or malformed lines are skipped and listed; a cut last line sets `truncated`.
+/// Reads a trace. Unknown or malformed lines are skipped and listed; a cut last line sets `truncated`. A trace
+/// whose writer holds its lock ([`lock_for_writing`]) and that has no end record yet is `in_progress`: its cut last
+/// line is one being written, not damage.
 pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
     let file = File::open(path).map_err(|source| TraceError::Open {
         path: path.to_owned(),
         source,
     })?;
-    read_trace_from(BufReader::new(file), path)
+    // Asked before reading: a writer that finishes meanwhile has written its end record by the time it unlocks.
+    let locked = matches!(file.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock));
+    let mut trace = read_trace_from(BufReader::new(&file), path)?;
+    if locked && trace.end.is_none() {
+        trace.in_progress = true;
+        trace.truncated = false;
+    }
+    Ok(trace)
+}
+
+/// Marks the trace at `path` as being written until the returned file is dropped (an exclusive `flock`), so a
+/// reader tells a trace in progress from one whose writer died ([`Trace::in_progress`]). Take it before the first
+/// write and drop it after the end record.
+pub fn lock_for_writing(path: &Path) -> io::Result<File> {
+    let f = File::options().create(true).append(true).open(path)?;
+    f.lock()?;
+    Ok(f)
 }
 
 /// Reads a trace from any reader; `path` names it in errors. Lines that are not UTF-8 or not JSON are skipped and
@@ -1248,6 +1273,26 @@ mod tests {
         let t = read(&unfinished);
         assert!(t.damage()[0].contains("no end record"));
         assert_eq!(t.events.len(), 3, "a trace without its end record is still read");
+        // The same file, cut mid-line, while its writer holds the lock: in progress, not damaged.
+        let cut = dir.join("cut.trace");
+        std::fs::write(&cut, &unfinished[..unfinished.len() - 5]).unwrap();
+        let dead = read_trace(&cut).unwrap();
+        assert!(!dead.in_progress && dead.truncated);
+        assert!(
+            dead.damage()[0].contains("no running migmon"),
+            "{:?}",
+            dead.damage()
+        );
+        let lock = lock_for_writing(&cut).unwrap();
+        let live = read_trace(&cut).unwrap();
+        assert!(live.in_progress && !live.truncated, "{live:?}");
+        assert!(live.damage().is_empty(), "{:?}", live.damage());
+        assert_eq!(live.events.len(), 2, "the line being written is left for later");
+        drop(lock);
+        assert!(
+            !read_trace(&cut).unwrap().in_progress,
+            "the lock goes with its writer"
+        );
         // Bytes that are not UTF-8 skip their line rather than failing the read.
         let mut bytes = text.clone().into_bytes();
         let at = lines[0].len() + 5;

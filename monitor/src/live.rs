@@ -163,7 +163,7 @@ pub fn start(
             Some(h) => Metrics::for_host(h),
             None => Metrics::new(),
         });
-        let (bound, server) = metrics::serve(m.clone(), addr)?;
+        let (bound, server) = metrics::serve(m.clone(), addr, sources.sender())?;
         sources.spawn("metrics", server);
         eprintln!("migmon: metrics on http://{bound}/metrics");
         published = Some(m.clone());

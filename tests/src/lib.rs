@@ -321,6 +321,11 @@ impl Watch {
         w
     }
 
+    /// The process id of the running migmon.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The events so far.
     pub fn events(&self) -> Vec<Value> {
         self.events.lock().unwrap_or_else(PoisonError::into_inner).clone()
