@@ -109,6 +109,9 @@ pub fn longest_survivable_ns(s: &Settings) -> u64 {
 /// Renders the comparison; `settings` (the clients' TCP settings, when known) adds the abort arithmetic.
 pub fn render(a: &Analysis, settings: Option<&Settings>) -> String {
     let mut s = String::new();
+    for n in &a.in_progress {
+        let _ = writeln!(s, "IN PROGRESS: {n}");
+    }
     for w in &a.warnings {
         let _ = writeln!(s, "WARNING: {w}");
     }
