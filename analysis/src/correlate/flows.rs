@@ -281,10 +281,7 @@ pub fn side_retransmits(sent: &[Sent<'_>], from: u64) -> SideRetransmits {
     let mut start = 0;
     while start < rtx.len() {
         let ack = rtx[start].seg.peer_ack;
-        let len = rtx[start..]
-            .iter()
-            .take_while(|r| r.seg.peer_ack == ack)
-            .count();
+        let len = rtx[start..].iter().take_while(|r| r.seg.peer_ack == ack).count();
         let ep = &rtx[start..start + len];
         classify_episode(ep, &mut kinds[start..start + len]);
         let heads: Vec<usize> = (start..start + len)
@@ -438,11 +435,8 @@ impl Schedule {
     fn next_due(self, series: &[u64]) -> u64 {
         let last = series[series.len() - 1];
         let backoff = u32::try_from(series.len()).unwrap_or(u32::MAX).min(40);
-        let interval = self
-            .rto_ns
-            .saturating_mul(1u64 << backoff)
-            .min(RTO_MAX_NS);
-        last + interval + self.late_ns
+        let interval = self.rto_ns.saturating_mul(1u64 << backoff).min(RTO_MAX_NS);
+        last.saturating_add(interval).saturating_add(self.late_ns)
     }
 }
 

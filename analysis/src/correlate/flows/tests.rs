@@ -133,7 +133,10 @@ fn collapsed(end: u32, silence: u64, gap: u64) -> FlowSeg {
 fn assert_near(got: Option<u64>, want_us: u64, within: f64, what: &str) {
     let got = got.unwrap_or_else(|| panic!("{what}: no value"));
     let r = got as f64 / want_us as f64;
-    assert!((1.0 - within..=1.0 + within).contains(&r), "{what}: {got} µs against {want_us} µs");
+    assert!(
+        (1.0 - within..=1.0 + within).contains(&r),
+        "{what}: {got} µs against {want_us} µs"
+    );
 }
 
 /// A client that keeps writing while its peer is silent: the head (sent at 100 ms) waits for the timer, but new
@@ -166,7 +169,12 @@ fn new_data_just_before_the_first_timer_retransmission_does_not_hide_it() {
     // Two timer retransmissions: the head's first sending dates the first one, so the fit still sees the lateness.
     let s = classify(&recs[..3]);
     assert_eq!(kinds(&s), vec![Some(RetransmitKind::Rto); 2]);
-    assert_near(s.rto_us, rto * 1000, 0.01, "RTO from two retransmissions and the first wait");
+    assert_near(
+        s.rto_us,
+        rto * 1000,
+        0.01,
+        "RTO from two retransmissions and the first wait",
+    );
 }
 
 /// The flow tracker reads `gap_ns` and `silence_ns` from the coarse clock (4 ms ticks at 250 Hz); the intervals
@@ -278,12 +286,20 @@ fn a_windows_2003_schedule_of_five_retransmissions_gave_up() {
         t += interval;
         flow.push(flow_rtx(t, &head(interval), "uplink"));
     }
-    flow.push(flow_rst(8010, &FlowSeg::data(Peer, PORT, 1000, 0).flags(0x04), "uplink"));
+    flow.push(flow_rst(
+        8010,
+        &FlowSeg::data(Peer, PORT, 1000, 0).flags(0x04),
+        "uplink",
+    ));
     let m = judged(1000, 8000, flow);
     let c = only(&m);
     let w = c.wire.as_ref().unwrap();
     assert_eq!(w.peer.retransmits[0].kind, Some(RetransmitKind::Tlp));
-    assert!(w.peer.retransmits[1..].iter().all(|r| r.kind == Some(RetransmitKind::Rto)));
+    assert!(
+        w.peer.retransmits[1..]
+            .iter()
+            .all(|r| r.kind == Some(RetransmitKind::Rto))
+    );
     assert_near(w.peer.rto_us, 86_000, 0.01, "RTO");
     assert_eq!(w.peer.backoff, 4);
     let due = w.peer.next_due_ns.unwrap();
@@ -544,4 +560,3 @@ fn a_late_timer_overtaken_by_the_resumed_vm_survives() {
     assert_eq!(c.fate, Fate::Survived, "{:#?}", c.wire);
     assert_eq!(c.first_progress_ns, Some(4210 * MS));
 }
-
