@@ -59,7 +59,7 @@ pub struct ReportArgs {
     pub windows: bool,
     /// With --format compare: other TCP settings for some clients, `CLIENTS=SETTINGS` (repeatable; the first that
     /// matches a connection applies, the options above to the rest). CLIENTS: comma-separated client addresses
-    /// (10.0.0.2), prefixes (10.0.0.0/24) or sockets (10.0.0.2:40000, [fd00::2]:40000). SETTINGS: comma-separated
+    /// (10.0.0.2), prefixes (10.0.0.0/24) or sockets (10.0.0.2:40000, `[fd00::2]:40000`). SETTINGS: comma-separated
     /// tcp-retries2=N, rto-min=D, user-timeout=D, windows, over Linux's defaults.
     #[arg(long, value_name = "CLIENTS=SETTINGS")]
     pub client_tcp: Vec<report::compare::ClientTcp>,

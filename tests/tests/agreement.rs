@@ -133,7 +133,10 @@ fn check(run: &Run, tcp: &str) {
                         .unwrap_or_else(|| panic!("{ctx}: the socket's RTO: {v:#}"))
                 });
                 let r = check_in_flight_and_rto(wire, c.profile, socket_rto, &ctx);
-                eprintln!("{ctx}: inferred RTO / the profile's base: {r:.3}");
+                let to_socket = socket_rto
+                    .zip(wire["peer"]["rto_us"].as_f64())
+                    .map_or_else(String::new, |(s, w)| format!(", to the socket's: {:.3}", w / s));
+                eprintln!("{ctx}: inferred RTO to the profile's base: {r:.3}{to_socket}");
             }
         }
     }

@@ -548,7 +548,7 @@ mod tests {
         };
         // 3.0 s counted from the first RTO retransmission (0.2 s), at the next timer: 0.2·(2^5 − 1) = 6.2 s.
         assert_eq!(abort_after_ns(&st), 6_200_000_000);
-        let out = render(&a, Some(&st.clone().into()));
+        let out = render(&a, Some(&st.into()));
         assert!(out.lines().next().unwrap().contains("live-1"), "{out}");
         assert!(out.contains("sessions aborted"), "{out}");
         // Its last retransmission goes out at 0.2·(2^4 − 1) = 3.0 s: a longer outage kills it.
@@ -580,7 +580,7 @@ mod tests {
         };
         let dropped = correlate(&quick_trace());
         assert!(!dropped.migrations[0].carries_frames);
-        let out = render(&dropped, Some(&st.clone().into()));
+        let out = render(&dropped, Some(&st.into()));
         assert!(
             out.contains("outage 8.00 s > 6.20 s: every connection sending during the pause aborts"),
             "{out}"
@@ -598,7 +598,7 @@ mod tests {
             .collect();
         let carried = correlate(&carried);
         assert!(carried.migrations[0].carries_frames);
-        let out = render(&carried, Some(&st.clone().into()));
+        let out = render(&carried, Some(&st.into()));
         assert!(
             out.contains(
                 "outage 8.00 s < abort at 12.60 s: connections survive: the migrator carried the retransmissions \
@@ -617,8 +617,8 @@ mod tests {
         );
     }
 
-    /// A run with two client profiles: a Linux client the sockets saw (RTO 200 ms, tcp_retries2 15) and a
-    /// windows-2003 style one only the wire saw (RTO 86 ms, tcp_retries2 3), across a 6 s quick pause with frames
+    /// A run with two client profiles: a Linux client the sockets saw (RTO 200 ms, `tcp_retries2` 15) and a
+    /// windows-2003 style one only the wire saw (RTO 86 ms, `tcp_retries2` 3), across a 6 s quick pause with frames
     /// dropped. Each group gets the arithmetic of its own settings and RTO; with one set of settings for both, the
     /// line of the group they do not fit says so.
     #[test]
