@@ -177,7 +177,7 @@ fn damage_case(name: &str, migration: Option<&str>, what: &str, allowed: bool) -
 }
 
 /// The trace's own damage: skipped lines, a cut last line, no end record, lines that do not match it. Listed only
-/// when there is some.
+/// when there is some. A trace a running watch is still writing passes, said as such.
 fn trace_cases(a: &Analysis, l: &Limits) -> Vec<CheckCase> {
     let mut cases = Vec::new();
     if !a.skipped_lines.is_empty() {
@@ -211,6 +211,14 @@ fn trace_cases(a: &Analysis, l: &Limits) -> Vec<CheckCase> {
             "the last line was cut",
             l.allow_damaged,
         ));
+    }
+    for n in &a.in_progress {
+        cases.push(CheckCase {
+            name: "trace in progress".to_owned(),
+            migration: None,
+            passed: true,
+            message: n.clone(),
+        });
     }
     for d in &a.damage {
         let name = if d.contains("no end record") {

@@ -473,7 +473,7 @@ impl FlowSeg {
     }
 }
 
-/// `flow_open`, `flow_retransmit`, `flow_reset` and `flow_progress` at `ts_ms` on port `p`.
+/// `flow_open`, `flow_retransmit`, `flow_reset`, `flow_fin` and `flow_progress` at `ts_ms` on port `p`.
 pub fn flow_open(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
     Event::FlowOpen {
         ts_ns: ts_ms * MS,
@@ -490,6 +490,13 @@ pub fn flow_rtx(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
 
 pub fn flow_rst(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
     Event::FlowReset {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
+}
+
+pub fn flow_fin(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowFin {
         ts_ns: ts_ms * MS,
         seg: s.on(p),
     }

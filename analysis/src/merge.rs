@@ -105,6 +105,9 @@ pub struct MergeInfo {
     /// What is wrong with each trace file (see `Trace::damage`), prefixed with its name.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub damage: Vec<String>,
+    /// The trace files a running watch is still writing (see `Trace::in_progress`), each with what that means.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub in_progress: Vec<String>,
     pub warnings: Vec<String>,
 }
 
@@ -636,39 +639,8 @@ fn remap(e: &Event, m: &ClockMap) -> Event {
 }
 
 fn set_ts(e: &mut Event, m: &ClockMap) {
-    let t = e.ts_ns();
-    match e {
-        Event::TcpRetransmit { ts_ns, .. }
-        | Event::TcpState { ts_ns, .. }
-        | Event::TcpError { ts_ns, .. }
-        | Event::TcpResetIn { ts_ns, .. }
-        | Event::TcpResetOut { ts_ns, .. }
-        | Event::Arp { ts_ns, .. }
-        | Event::Garp { ts_ns, .. }
-        | Event::Rarp { ts_ns, .. }
-        | Event::NeighborAdvert { ts_ns, .. }
-        | Event::FdbUpdate { ts_ns, .. }
-        | Event::MacSeen { ts_ns, .. }
-        | Event::MacStats { ts_ns, .. }
-        | Event::Loss { ts_ns, .. }
-        | Event::Malformed { ts_ns, .. }
-        | Event::ClockOffset { ts_ns, .. }
-        | Event::ClockSample { ts_ns, .. }
-        | Event::FlowOpen { ts_ns, .. }
-        | Event::FlowRetransmit { ts_ns, .. }
-        | Event::FlowReset { ts_ns, .. }
-        | Event::FlowFin { ts_ns, .. }
-        | Event::FlowZeroWindow { ts_ns, .. }
-        | Event::FlowProgress { ts_ns, .. }
-        | Event::FlowTable { ts_ns, .. }
-        | Event::PortAttached { ts_ns, .. }
-        | Event::PortDetached { ts_ns, .. }
-        | Event::PortFailed { ts_ns, .. }
-        | Event::MacLearned { ts_ns, .. }
-        | Event::Skipped { ts_ns, .. }
-        | Event::Note { ts_ns, .. } => *ts_ns = m.apply(t),
-        Event::Migration { ev, .. } => ev.ts_ns = m.apply(t),
-    }
+    let t = e.ts_ns_mut();
+    *t = m.apply(*t);
 }
 
 /// The port of an event, for telling apart same-named ports of different hosts.
@@ -1074,6 +1046,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
     let mut merged = Trace {
         header: inputs[0].trace.header.clone(),
         end: inputs[0].trace.end.clone(),
+        in_progress: inputs[0].trace.in_progress,
         lines_read: inputs[0].trace.lines_read,
         hash_read: inputs[0].trace.hash_read,
         ..Trace::default()
@@ -1086,6 +1059,11 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
                 .into_iter()
                 .map(move |d| format!("{}: {d}", inp.name))
         })
+        .collect();
+    let in_progress: Vec<String> = inputs
+        .iter()
+        .filter(|inp| inp.trace.in_progress)
+        .map(|inp| format!("{}: {}", inp.name, crate::correlate::IN_PROGRESS))
         .collect();
     let (drop, duplicates) = kernel_duplicates(inputs, &ids, &group_of);
     let clash = port_clashes(inputs, &drop, &ids, &group_of, &mut warnings);
@@ -1153,6 +1131,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
             bound_ns,
             duplicates,
             damage,
+            in_progress,
             warnings,
         },
     })

@@ -4,13 +4,16 @@
 //! counters sampled from maps, migration phases from migrators or QMP. `migmon watch --json` prints them, `--record`
 //! appends them to a trace, and `report`, `check`, `whatif` and `export` read the trace back.
 //!
-//! A trace is JSON lines: a [`TraceHeader`] line, then one event per line, each written whole and flushed, then a
-//! [`TraceEnd`] line when the monitor finished its observation. A killed monitor therefore leaves a trace that is
-//! readable up to its last complete line, without an end record; [`read_trace`] says when the last line was cut.
+//! A trace is JSON lines: a [`TraceHeader`] line, then one event per line, each written whole (`migmon watch` writes
+//! them in batches: whenever its queue runs empty, at least every 100 ms, and at the end), then a [`TraceEnd`] line
+//! when the monitor finished its observation. A killed monitor therefore leaves a trace that is readable up to its
+//! last complete line, without an end record; [`read_trace`] says when the last line was cut.
 //! The end record counts the lines before it and carries a hash of them (FNV-1a, 64 bits), so a line dropped,
 //! duplicated or altered after recording is noticed ([`Trace::damage`]). The hash guards against corruption, not
 //! against someone editing the file on purpose. Traces written before the end record existed are still read; they
-//! count as damaged (no end record). All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
+//! count as damaged (no end record). A trace without its end record whose writer still holds the file's lock
+//! (`watch --record-dir` locks each file it writes, [`lock_for_writing`]) is in progress, not damaged
+//! ([`Trace::in_progress`]). All times are `CLOCK_MONOTONIC` nanoseconds (`ts_ns`).
 
 use std::{
     fmt,
@@ -650,43 +653,63 @@ pub enum Event {
     },
 }
 
-impl Event {
-    /// The event's time, `CLOCK_MONOTONIC` ns.
-    pub fn ts_ns(&self) -> u64 {
-        match self {
-            Event::TcpRetransmit { ts_ns, .. }
-            | Event::TcpState { ts_ns, .. }
-            | Event::TcpError { ts_ns, .. }
-            | Event::TcpResetIn { ts_ns, .. }
-            | Event::TcpResetOut { ts_ns, .. }
-            | Event::Arp { ts_ns, .. }
-            | Event::Garp { ts_ns, .. }
-            | Event::Rarp { ts_ns, .. }
-            | Event::NeighborAdvert { ts_ns, .. }
-            | Event::FdbUpdate { ts_ns, .. }
-            | Event::MacSeen { ts_ns, .. }
-            | Event::MacStats { ts_ns, .. }
-            | Event::Loss { ts_ns, .. }
-            | Event::Malformed { ts_ns, .. }
-            | Event::ClockOffset { ts_ns, .. }
-            | Event::ClockSample { ts_ns, .. }
-            | Event::FlowOpen { ts_ns, .. }
-            | Event::FlowRetransmit { ts_ns, .. }
-            | Event::FlowReset { ts_ns, .. }
-            | Event::FlowFin { ts_ns, .. }
-            | Event::FlowZeroWindow { ts_ns, .. }
-            | Event::FlowProgress { ts_ns, .. }
-            | Event::FlowTable { ts_ns, .. }
-            | Event::PortAttached { ts_ns, .. }
-            | Event::PortDetached { ts_ns, .. }
-            | Event::PortFailed { ts_ns, .. }
-            | Event::MacLearned { ts_ns, .. }
-            | Event::Skipped { ts_ns, .. }
-            | Event::Note { ts_ns, .. } => *ts_ns,
-            Event::Migration { ev, .. } => ev.ts_ns,
-        }
-    }
+/// Writes `Event::ts_ns` and `Event::ts_ns_mut` from one list of the variants that carry `ts_ns` themselves, so the
+/// two cannot drift apart when a kind is added. `Migration` keeps its time in its inner event.
+macro_rules! event_times {
+    ($($variant:ident),+ $(,)?) => {
+        impl Event {
+            /// The event's time, `CLOCK_MONOTONIC` ns.
+            pub fn ts_ns(&self) -> u64 {
+                match self {
+                    $(Event::$variant { ts_ns, .. })|+ => *ts_ns,
+                    Event::Migration { ev, .. } => ev.ts_ns,
+                }
+            }
 
+            /// The event's time, to be rewritten (for example into another host's clock).
+            pub fn ts_ns_mut(&mut self) -> &mut u64 {
+                match self {
+                    $(Event::$variant { ts_ns, .. })|+ => ts_ns,
+                    Event::Migration { ev, .. } => &mut ev.ts_ns,
+                }
+            }
+        }
+    };
+}
+
+event_times!(
+    TcpRetransmit,
+    TcpState,
+    TcpError,
+    TcpResetIn,
+    TcpResetOut,
+    Arp,
+    Garp,
+    Rarp,
+    NeighborAdvert,
+    FdbUpdate,
+    MacSeen,
+    MacStats,
+    Loss,
+    Malformed,
+    ClockOffset,
+    ClockSample,
+    FlowOpen,
+    FlowRetransmit,
+    FlowReset,
+    FlowFin,
+    FlowZeroWindow,
+    FlowProgress,
+    FlowTable,
+    PortAttached,
+    PortDetached,
+    PortFailed,
+    MacLearned,
+    Skipped,
+    Note,
+);
+
+impl Event {
     /// The `kind` tag, as in the JSON.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -889,7 +912,8 @@ pub enum TraceError {
     Version { path: PathBuf, found: u32 },
 }
 
-/// Appends events to a trace file, one flushed line each.
+/// Appends events to a trace file: [`TraceWriter::write`] one flushed line at a time, [`TraceWriter::write_line`]
+/// buffered until [`TraceWriter::flush`].
 pub struct TraceWriter {
     out: BufWriter<File>,
     /// Lines written after the header.
@@ -899,6 +923,9 @@ pub struct TraceWriter {
     bytes: u64,
 }
 
+/// How much [`TraceWriter::write_line`] buffers before it writes to the file on its own.
+const TRACE_BUFFER: usize = 64 * 1024;
+
 impl TraceWriter {
     /// Creates (truncates) `path` and writes the header.
     pub fn create(path: &Path, header: &TraceHeader) -> Result<Self, TraceError> {
@@ -907,7 +934,7 @@ impl TraceWriter {
             source,
         })?;
         let mut w = Self {
-            out: BufWriter::new(file),
+            out: BufWriter::with_capacity(TRACE_BUFFER, file),
             lines: 0,
             hash: LineHash::new(),
             bytes: 0,
@@ -975,6 +1002,9 @@ pub struct Trace {
     pub skipped: Vec<(usize, String)>,
     /// The end record, when the monitor finished the trace.
     pub end: Option<TraceEnd>,
+    /// No end record yet, and a running monitor still writes the file (it holds the file's lock): what is there was
+    /// read, a last line being written was left for later, and the missing end record is not damage.
+    pub in_progress: bool,
     /// Lines read between the header and the end record (or the end of the file), and their hash.
     pub(crate) lines_read: u64,
     pub(crate) hash_read: Option<LineHash>,
@@ -997,9 +1027,11 @@ impl Trace {
             out.push("the trace has no header line".to_owned());
         }
         match &self.end {
+            None if self.in_progress => {}
             None => out.push(
-                "the trace has no end record: the monitor did not finish it (killed, crashed, still running, or \
-                 the file was cut or written by a migmon older than the end record)"
+                "the trace has no end record and no running migmon is writing it: the monitor was killed or crashed, \
+                 the file was cut, or it was written by `watch --record` (which does not lock its file) of a watch \
+                 still running or by a migmon older than the end record"
                     .to_owned(),
             ),
             Some(end) => {
@@ -1031,13 +1063,31 @@ pub fn lost_events(events: &[Event]) -> u64 {
     })
 }
 
-/// Reads a trace. Unknown or malformed lines are skipped and listed; a cut last line sets `truncated`.
+/// Reads a trace. Unknown or malformed lines are skipped and listed; a cut last line sets `truncated`. A trace
+/// whose writer holds its lock ([`lock_for_writing`]) and that has no end record yet is `in_progress`: its cut last
+/// line is one being written, not damage.
 pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
     let file = File::open(path).map_err(|source| TraceError::Open {
         path: path.to_owned(),
         source,
     })?;
-    read_trace_from(BufReader::new(file), path)
+    // Asked before reading: a writer that finishes meanwhile has written its end record by the time it unlocks.
+    let locked = matches!(file.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock));
+    let mut trace = read_trace_from(BufReader::new(&file), path)?;
+    if locked && trace.end.is_none() {
+        trace.in_progress = true;
+        trace.truncated = false;
+    }
+    Ok(trace)
+}
+
+/// Marks the trace at `path` as being written until the returned file is dropped (an exclusive `flock`), so a
+/// reader tells a trace in progress from one whose writer died ([`Trace::in_progress`]). Take it before the first
+/// write and drop it after the end record.
+pub fn lock_for_writing(path: &Path) -> io::Result<File> {
+    let f = File::options().create(true).append(true).open(path)?;
+    f.lock()?;
+    Ok(f)
 }
 
 /// Reads a trace from any reader; `path` names it in errors. Lines that are not UTF-8 or not JSON are skipped and
@@ -1223,6 +1273,26 @@ mod tests {
         let t = read(&unfinished);
         assert!(t.damage()[0].contains("no end record"));
         assert_eq!(t.events.len(), 3, "a trace without its end record is still read");
+        // The same file, cut mid-line, while its writer holds the lock: in progress, not damaged.
+        let cut = dir.join("cut.trace");
+        std::fs::write(&cut, &unfinished[..unfinished.len() - 5]).unwrap();
+        let dead = read_trace(&cut).unwrap();
+        assert!(!dead.in_progress && dead.truncated);
+        assert!(
+            dead.damage()[0].contains("no running migmon"),
+            "{:?}",
+            dead.damage()
+        );
+        let lock = lock_for_writing(&cut).unwrap();
+        let live = read_trace(&cut).unwrap();
+        assert!(live.in_progress && !live.truncated, "{live:?}");
+        assert!(live.damage().is_empty(), "{:?}", live.damage());
+        assert_eq!(live.events.len(), 2, "the line being written is left for later");
+        drop(lock);
+        assert!(
+            !read_trace(&cut).unwrap().in_progress,
+            "the lock goes with its writer"
+        );
         // Bytes that are not UTF-8 skip their line rather than failing the read.
         let mut bytes = text.clone().into_bytes();
         let at = lines[0].len() + 5;

@@ -15,7 +15,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
+    sync::{Arc, Mutex, PoisonError, atomic::AtomicU64, mpsc::Sender},
     time::Duration,
 };
 
@@ -301,14 +301,94 @@ pub enum MetricsError {
 
 /// How long a scraper may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest request head read; a longer one is refused.
+const MAX_HEAD: usize = 16 * 1024;
 /// Scrapes served at once; more wait for their turn in the listen backlog.
 const MAX_CLIENTS: usize = 16;
 
+/// Why a client's request was refused: the `reason` label of `migmon_skipped_input_total{source="metrics"}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// Not an HTTP/1 request line, not UTF-8, or cut before the head ended.
+    BadRequest,
+    /// No end of the head within [`MAX_HEAD`] bytes.
+    TooLong,
+    /// No end of the head within [`REQUEST_TIMEOUT`].
+    Timeout,
+}
+
+impl Refused {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::TooLong => "too_long",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    fn status(self) -> &'static str {
+        match self {
+            Self::BadRequest => "400 Bad Request",
+            Self::TooLong => "431 Request Header Fields Too Large",
+            Self::Timeout => "408 Request Timeout",
+        }
+    }
+}
+
+/// A request worth an answer.
+struct Request {
+    method: String,
+    path: String,
+}
+
+/// Counts refused clients (`skipped` records, `migmon_skipped_input_total`) and warns about them: on stderr and as a
+/// note in the trace, for the 1st, 2nd, 4th, 8th ... of each reason, so a port scanner cannot flood the journal.
+struct Refusals {
+    warn: Mutex<Sender<Event>>,
+    counts: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl Refusals {
+    fn refused(&self, why: Refused, peer: SocketAddr) {
+        crate::skipped::count("metrics", why.reason());
+        let n = {
+            let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = counts.entry(why.reason()).or_default();
+            *n += 1;
+            *n
+        };
+        if n.is_power_of_two() {
+            let message = format!(
+                "metrics: refused a client at {peer}: {} ({n} so far; counted in \
+                 migmon_skipped_input_total{{source=\"metrics\",reason=\"{}\"}}, warned at powers of two)",
+                match why {
+                    Refused::BadRequest => "not an HTTP request",
+                    Refused::TooLong => "request head over 16 KiB",
+                    Refused::Timeout => "no complete request within 2 s",
+                },
+                why.reason()
+            );
+            eprintln!("migmon: warning: {message}");
+            let _ = self
+                .warn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send(Event::Note {
+                    ts_ns: migevents::monotonic_ns(),
+                    level: "warning".to_owned(),
+                    message,
+                });
+        }
+    }
+}
+
 /// Binds `addr` and returns the bound address and the task that serves `GET /metrics` there (spawn it on the watch's
-/// runtime). A slow or broken client costs its own connection only.
+/// runtime). A slow or broken client costs its own connection only; it is counted as skipped input and warned about
+/// through `warn` (the watch's pipeline).
 pub fn serve(
     metrics: Arc<Metrics>,
     addr: &str,
+    warn: Sender<Event>,
 ) -> Result<(SocketAddr, impl Future<Output = ()> + Send + 'static), MetricsError> {
     let bind_err = |source| MetricsError::Bind {
         addr: addr.to_owned(),
@@ -317,10 +397,14 @@ pub fn serve(
     let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
     let bound = listener.local_addr().map_err(bind_err)?;
     listener.set_nonblocking(true).map_err(bind_err)?;
-    Ok((bound, accept(listener, metrics)))
+    let refusals = Arc::new(Refusals {
+        warn: Mutex::new(warn),
+        counts: Mutex::new(HashMap::new()),
+    });
+    Ok((bound, accept(listener, metrics, refusals)))
 }
 
-async fn accept(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+async fn accept(listener: std::net::TcpListener, metrics: Arc<Metrics>, refusals: Arc<Refusals>) {
     let Ok(listener) = TcpListener::from_std(listener) else {
         return;
     };
@@ -331,8 +415,8 @@ async fn accept(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
         }
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    clients.spawn(answer(stream, metrics.clone()));
+                Ok((stream, peer)) => {
+                    clients.spawn(answer(stream, peer, metrics.clone(), refusals.clone()));
                 }
                 // Out of file descriptors, typically: try again shortly.
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -342,44 +426,106 @@ async fn accept(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-/// Reads the request head (within [`REQUEST_TIMEOUT`], at most 16 KiB), answers, closes.
-async fn answer(mut s: TcpStream, m: Arc<Metrics>) -> io::Result<()> {
+/// Reads the request head (within [`REQUEST_TIMEOUT`], at most [`MAX_HEAD`] bytes). `Ok(None)`: the client closed
+/// without sending anything (a connect probe), which is not input.
+async fn read_request(s: &mut TcpStream) -> Result<Option<Request>, Refused> {
     let mut req = Vec::new();
     let read_head = async {
         let mut buf = [0u8; 1024];
-        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
+        loop {
+            let end = req.windows(4).position(|w| w == b"\r\n\r\n");
+            if let Some(end) = end.filter(|&e| e <= MAX_HEAD) {
+                return Ok(Some(end));
             }
-            req.extend_from_slice(&buf[..n]);
+            if req.len() > MAX_HEAD {
+                return Err(Refused::TooLong);
+            }
+            match s.read(&mut buf).await {
+                Ok(0) if req.is_empty() => return Ok(None),
+                Ok(0) | Err(_) => return Err(Refused::BadRequest),
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
         }
-        io::Result::Ok(())
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, read_head)
+    let Some(end) = tokio::time::timeout(REQUEST_TIMEOUT, read_head)
         .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    let head = String::from_utf8_lossy(&req);
-    let path = head.split_whitespace().nth(1).unwrap_or("");
-    let (status, ctype, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
-        // Settling correlates what was seen: off the I/O threads.
-        let body = tokio::task::spawn_blocking(move || m.encode())
-            .await
-            .map_err(io::Error::other)?;
-        (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            body,
-        )
-    } else {
-        ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+        .map_err(|_| Refused::Timeout)??
+    else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&req[..end]).map_err(|_| Refused::BadRequest)?;
+    let line = head.lines().next().unwrap_or_default();
+    let mut words = line.split(' ');
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some(method), Some(path), Some(version), None)
+            if !method.is_empty()
+                && method.bytes().all(|b| b.is_ascii_uppercase())
+                && path.starts_with('/')
+                && version.starts_with("HTTP/1.") =>
+        {
+            Ok(Some(Request {
+                method: method.to_owned(),
+                path: path.to_owned(),
+            }))
+        }
+        _ => Err(Refused::BadRequest),
+    }
+}
+
+/// Answers one client and closes. A refused request is counted and warned about ([`Refusals`]).
+async fn answer(
+    mut s: TcpStream,
+    peer: SocketAddr,
+    m: Arc<Metrics>,
+    refusals: Arc<Refusals>,
+) -> io::Result<()> {
+    let request = read_request(&mut s).await;
+    let (status, ctype, body) = match &request {
+        Ok(None) => return Ok(()),
+        Err(why) => {
+            refusals.refused(*why, peer);
+            (why.status(), "text/plain", format!("{}\n", why.reason()))
+        }
+        Ok(Some(req)) if req.method != "GET" => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET /metrics\n".to_owned(),
+        ),
+        Ok(Some(req)) if req.path == "/metrics" || req.path == "/" => {
+            // Rendering takes the registry's locks: off the I/O threads.
+            let body = tokio::task::spawn_blocking(move || m.encode())
+                .await
+                .map_err(io::Error::other)?;
+            (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            )
+        }
+        Ok(Some(_)) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(response.as_bytes()).await?;
-    s.shutdown().await
+    s.shutdown().await?;
+    if request.is_err() {
+        // Closing with unread input would reset the connection and lose the answer: read on (bounded) until the
+        // client closes.
+        let mut buf = [0u8; 1024];
+        let drain = async {
+            let mut left = MAX_HEAD;
+            while left > 0 {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, drain).await;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -401,7 +547,7 @@ mod tests {
     fn metrics_over_http_after_a_quick_and_a_live_migration() {
         let m = Arc::new(Metrics::for_host("hv1"));
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let (addr, server) = serve(m.clone(), "127.0.0.1:0").unwrap();
+        let (addr, server) = serve(m.clone(), "127.0.0.1:0", std::sync::mpsc::channel().0).unwrap();
         rt.spawn(server);
         let mut ev = quick_trace();
         ev.extend(live_trace().into_iter().map(|mut e| {
@@ -473,7 +619,7 @@ mod tests {
     fn a_silent_or_garbage_client_does_not_hold_up_a_scrape() {
         let m = Arc::new(Metrics::for_host("hv1"));
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let (addr, server) = serve(m, "127.0.0.1:0").unwrap();
+        let (addr, server) = serve(m, "127.0.0.1:0", std::sync::mpsc::channel().0).unwrap();
         rt.spawn(server);
         // A client that connects and says nothing, and one that sends garbage without an end.
         let _silent = std::net::TcpStream::connect(addr).unwrap();
@@ -482,5 +628,56 @@ mod tests {
         let t = std::time::Instant::now();
         assert!(get(addr, "/metrics").starts_with("HTTP/1.1 200 OK"));
         assert!(t.elapsed() < REQUEST_TIMEOUT, "{:?}", t.elapsed());
+    }
+
+    /// Sends `bytes`, half-closes, and returns the answer.
+    fn send(addr: SocketAddr, bytes: &[u8]) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn refused_clients_are_answered_counted_and_warned_about() {
+        let m = Arc::new(Metrics::for_host("hv1"));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (tx, notes) = std::sync::mpsc::channel();
+        let (addr, server) = serve(m.clone(), "127.0.0.1:0", tx).unwrap();
+        rt.spawn(server);
+        assert!(send(addr, b"\xff\xfe garbage\r\n\r\n").starts_with("HTTP/1.1 400"));
+        assert!(send(addr, b"HELLO\r\n\r\n").starts_with("HTTP/1.1 400"));
+        assert!(
+            send(addr, b"GET /metr").starts_with("HTTP/1.1 400"),
+            "a head cut short"
+        );
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_HEAD + 10));
+        assert!(send(addr, long.as_bytes()).starts_with("HTTP/1.1 431"));
+        assert!(send(addr, b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(send(addr, b"").is_empty(), "a connect probe is not answered");
+        // Warned at the 1st and 2nd bad request, the 1st too long; the 405 and the probe are not refusals.
+        let notes: Vec<String> = notes
+            .try_iter()
+            .map(|e| match e {
+                Event::Note { message, .. } => message,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(notes.len(), 3, "{notes:#?}");
+        assert!(notes[1].contains("not an HTTP request (2 so far"), "{notes:#?}");
+        assert!(notes[2].contains("reason=\"too_long\""), "{notes:#?}");
+        // The gate turns the process's counts into `skipped` records; the metrics count them.
+        let mut prev = std::collections::BTreeMap::new();
+        for ev in crate::skipped::changed(&mut prev, 1) {
+            m.observe(&ev);
+        }
+        let body = get(addr, "/metrics");
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        for reason in ["bad_request", "too_long"] {
+            let needle = format!("migmon_skipped_input_total{{source=\"metrics\",reason=\"{reason}\"}} ");
+            assert!(body.contains(&needle), "missing {needle}:\n{body}");
+        }
     }
 }

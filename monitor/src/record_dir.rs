@@ -6,7 +6,8 @@
 //!   phase event until the live correlation has made it final (or [`HOLD_MAX_NS`] after its last phase event); the
 //!   newest `--record-keep-migrations` are kept.
 //!
-//! Every file is a whole trace (header, events, end record). `migmon report DIR` (and `check`, `whatif`, `export`)
+//! Every file is a whole trace (header, events, end record), locked (`flock`) while it is written: a reader tells a
+//! trace in progress from one whose watch died before its end record. `migmon report DIR` (and `check`, `whatif`, `export`)
 //! merges a directory's traces: one host, one clock, events present in two files kept once. The look-back of a
 //! migration trace is read back from the background files (an index of offsets, one mark per 100 ms of event time),
 //! so recording costs no memory beyond a write buffer per open file.
@@ -22,7 +23,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use migmon_analysis::{
     live::HOLD_MAX_NS,
-    trace::{Event, TraceHeader, TraceWriter},
+    trace::{Event, TraceHeader, TraceWriter, lock_for_writing},
 };
 
 /// What `--record-dir` needs.
@@ -46,17 +47,36 @@ struct Mark {
 struct Background {
     writer: TraceWriter,
     path: PathBuf,
+    /// Held until the end record is written.
+    _lock: fs::File,
 }
 
 struct OpenMigration {
     id: String,
     writer: TraceWriter,
     path: PathBuf,
+    /// Held until the end record is written.
+    _lock: fs::File,
     last_phase_ns: u64,
 }
 
-/// The recorder: an observer of every event.
+/// How often what was written is flushed to the files (and released migrations' traces finished) when no event comes
+/// to do it: a reader of a running watch's directory sees every event at most this late.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The recorder: an observer of every event. A thread of its own flushes the files every [`FLUSH_EVERY`] while
+/// they have unflushed lines, and finishes the traces of migrations the live correlation released, also while no
+/// event comes.
 pub struct RecordDir {
+    /// `None` once finished.
+    files: Arc<Mutex<Option<Files>>>,
+    /// Dropping it stops the flusher.
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The open files and what they need.
+struct Files {
     cfg: RecordDirConfig,
     header: Box<dyn Fn() -> TraceHeader + Send>,
     background: Option<Background>,
@@ -67,7 +87,11 @@ pub struct RecordDir {
     done: VecDeque<String>,
     /// Ids the live correlation made final (its gate thread pushes them).
     released: Arc<Mutex<Vec<String>>>,
-    last_flush_ns: u64,
+    /// Lines written since the last flush.
+    dirty: bool,
+    /// The time of the last event taken: the flusher's clock, so that event time alone decides when a migration
+    /// outlived the longest hold.
+    last_ts_ns: u64,
     /// The first write error, reported once.
     failed: bool,
 }
@@ -83,6 +107,15 @@ fn file_id(id: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Creates the trace `path`, locked for writing first so that no reader ever sees it unlocked before its end record.
+fn create_locked(path: &Path, header: &TraceHeader) -> Result<(TraceWriter, fs::File)> {
+    let lock =
+        lock_for_writing(path).with_context(|| format!("cannot create and lock {}", path.display()))?;
+    let writer =
+        TraceWriter::create(path, header).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok((writer, lock))
 }
 
 /// The files of `dir` whose names start with `prefix` and end in `.trace`, oldest (by name) first.
@@ -104,6 +137,62 @@ fn files_with(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 }
 
 impl RecordDir {
+    /// Creates the directory (if needed) and the first background file. `header` makes each file's header.
+    pub fn create(
+        cfg: RecordDirConfig,
+        header: impl Fn() -> TraceHeader + Send + 'static,
+        released: Arc<Mutex<Vec<String>>>,
+    ) -> Result<Self> {
+        let files = Arc::new(Mutex::new(Some(Files::create(cfg, header, released)?)));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let f = Arc::clone(&files);
+        let flusher = std::thread::Builder::new()
+            .name("migmon-record".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(FLUSH_EVERY)
+                {
+                    if let Some(f) = f.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+                        f.tick();
+                    }
+                }
+            })
+            .context("cannot start the --record-dir flusher thread")?;
+        Ok(Self {
+            files,
+            stop: Some(stop),
+            flusher: Some(flusher),
+        })
+    }
+
+    /// Takes one event.
+    pub fn observe(&mut self, ev: &Event) {
+        if let Some(f) = self.files.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+            f.observe(ev);
+        }
+    }
+
+    /// Finishes every file (the end of the watch).
+    pub fn finish(mut self) -> Result<()> {
+        self.stop_flusher();
+        let files = self.files.lock().unwrap_or_else(PoisonError::into_inner).take();
+        files.map_or(Ok(()), Files::finish)
+    }
+
+    fn stop_flusher(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RecordDir {
+    fn drop(&mut self) {
+        self.stop_flusher();
+    }
+}
+
+impl Files {
     /// Creates the directory (if needed) and the first background file. `header` makes each file's header.
     pub fn create(
         cfg: RecordDirConfig,
@@ -135,7 +224,8 @@ impl RecordDir {
             open: Vec::new(),
             done: VecDeque::new(),
             released,
-            last_flush_ns: 0,
+            dirty: false,
+            last_ts_ns: 0,
             failed: false,
         };
         r.rotate()?;
@@ -151,9 +241,12 @@ impl RecordDir {
         }
         let path = self.cfg.dir.join(format!("background-{:06}.trace", self.seq));
         self.seq += 1;
-        let writer = TraceWriter::create(&path, &(self.header)())
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        self.background = Some(Background { writer, path });
+        let (writer, lock) = create_locked(&path, &(self.header)())?;
+        self.background = Some(Background {
+            writer,
+            path,
+            _lock: lock,
+        });
         let files = files_with(&self.cfg.dir, "background-");
         let excess = files.len().saturating_sub(self.cfg.keep.max(1));
         for old in &files[..excess] {
@@ -163,9 +256,19 @@ impl RecordDir {
         Ok(())
     }
 
-    /// Takes one event.
-    pub fn observe(&mut self, ev: &Event) {
-        if let Err(e) = self.take(ev) {
+    /// The flusher's turn: finishes released migrations' traces and flushes what was written.
+    fn tick(&mut self) {
+        let r = self.close_released(self.last_ts_ns).and_then(|()| {
+            if self.dirty {
+                self.flush()?;
+            }
+            Ok(())
+        });
+        self.report(r);
+    }
+
+    fn report(&mut self, r: Result<()>) {
+        if let Err(e) = r {
             if !self.failed {
                 eprintln!("migmon: warning: --record-dir: {e:#}; recording continues where it can");
             }
@@ -173,8 +276,15 @@ impl RecordDir {
         }
     }
 
+    /// Takes one event.
+    fn observe(&mut self, ev: &Event) {
+        let r = self.take(ev);
+        self.report(r);
+    }
+
     fn take(&mut self, ev: &Event) -> Result<()> {
         let ts = ev.ts_ns();
+        self.last_ts_ns = self.last_ts_ns.max(ts);
         let line = serde_json::to_vec(ev).context("cannot serialise an event")?;
         self.close_released(ts)?;
         if let Event::Migration { ev: m, .. } = ev {
@@ -202,18 +312,15 @@ impl RecordDir {
         for o in &mut self.open {
             o.writer.write_line(&line)?;
         }
-        let full = b.writer.bytes() >= self.cfg.max_size;
-        if ts >= self.last_flush_ns + 100_000_000 {
-            self.flush()?;
-            self.last_flush_ns = ts;
-        }
-        if full {
+        self.dirty = true;
+        if b.writer.bytes() >= self.cfg.max_size {
             self.rotate()?;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
+        self.dirty = false;
         if let Some(b) = &mut self.background {
             b.writer.flush()?;
         }
@@ -226,8 +333,7 @@ impl RecordDir {
     /// Opens `migration-ID.trace` with the look-back before `ts` read back from the background files.
     fn open_migration(&mut self, id: &str, ts: u64) -> Result<()> {
         let path = self.cfg.dir.join(format!("migration-{}.trace", file_id(id)));
-        let mut writer = TraceWriter::create(&path, &(self.header)())
-            .with_context(|| format!("cannot create {}", path.display()))?;
+        let (mut writer, lock) = create_locked(&path, &(self.header)())?;
         self.flush()?;
         let from = ts.saturating_sub(self.cfg.lookback_ns);
         // The last mark before `from` (one mark earlier: arrival order is not quite time order).
@@ -253,6 +359,7 @@ impl RecordDir {
             id: id.to_owned(),
             writer,
             path,
+            _lock: lock,
             last_phase_ns: ts,
         });
         let files = files_with(&self.cfg.dir, "migration-");
@@ -290,8 +397,8 @@ impl RecordDir {
         Ok(())
     }
 
-    /// Finishes every file (the end of the watch).
-    pub fn finish(mut self) -> Result<()> {
+    /// Finishes every file.
+    fn finish(mut self) -> Result<()> {
         let now = migevents::monotonic_ns();
         for o in self.open.drain(..) {
             o.writer
@@ -385,6 +492,21 @@ mod tests {
             }
             r.observe(e);
         }
+        // While the recorder runs, its newest background file and the live migration's trace have no end record:
+        // in progress, not damage.
+        let (_, running) = crate::cli::load_all(std::slice::from_ref(&dir)).unwrap();
+        assert!(running.damage.is_empty(), "{:?}", running.damage);
+        assert_eq!(running.in_progress.len(), 2, "{:?}", running.in_progress);
+        assert!(
+            running.in_progress[0].contains("background-"),
+            "{:?}",
+            running.in_progress
+        );
+        assert!(
+            running.in_progress[1].contains("migration-live-1"),
+            "{:?}",
+            running.in_progress
+        );
         r.finish().unwrap();
         let back = files_with(&dir, "background-");
         assert_eq!(back.len(), 3, "{back:?}");
@@ -423,6 +545,10 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(verdicts(&merged), verdicts(&whole));
+        assert!(
+            merged.in_progress.is_empty() && merged.damage.is_empty(),
+            "{merged:?}"
+        );
         fs::remove_dir_all(&dir).unwrap();
 
         // An empty directory, or one that does not exist, is a clear error.

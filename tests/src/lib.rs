@@ -17,7 +17,8 @@
 //! `testbed::topology` ([`VethNetns`], [`BridgeNetns`], [`VethPair`], [`VmHost`]).
 //!
 //! # Fixtures
-//! Shared by the test files: [`Watch`] (a running `migmon watch`), [`TestDir`] (a temporary directory, kept with
+//! Shared by the test files: [`Watch`] (a running `migmon watch`), [`Migrator`] (a running `migrator`, with
+//! [`boot_guest`] for the guest on a testbed host), [`TestDir`] (a temporary directory, kept with
 //! `MIGMON_KEEP_TEST_DIR=1`), [`frames`] (crafted L2 frames and a raw sender).
 
 use std::{
@@ -153,6 +154,112 @@ impl Drop for TestDir {
     }
 }
 
+/// A `migrator` process, its stdout and stderr in a log file; killed on drop.
+pub struct Migrator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Migrator {
+    /// Spawns `cmd` (a migrator command line, in whatever namespace it enters) with its output in `log`.
+    pub fn from_command(cmd: &mut Command, log: &Path) -> Self {
+        let out = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("create the migrator log {}: {e}", log.display()));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone the log file"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", cmd.get_program().display()));
+        Self {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// `migrator ARGS...` inside network namespace `netns` (through `ip netns exec`).
+    pub fn spawn(netns: &str, args: &[&str], log: &Path) -> Self {
+        Self::from_command(
+            Command::new("ip")
+                .args(["netns", "exec", netns])
+                .arg(migrator_bin())
+                .args(args),
+            log,
+        )
+    }
+
+    /// What it wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits until it exited; false when it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        wait_until(timeout, || !self.running())
+    }
+}
+
+impl Drop for Migrator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `migrator run` of the guest on host A's tap of `bed`, with MAC `mac` and the testbed's first VM address; waits
+/// until the guest's echo service answers from the client namespace. `events` is the migrator's `--events` path.
+pub fn boot_guest(
+    bed: &testbed::topology::Testbed,
+    mac: &str,
+    api: &str,
+    events: Option<&str>,
+    log: &Path,
+) -> Migrator {
+    use testbed::topology::Host;
+    let ip = format!("{}/{}", bed.vm_ip(0), bed.lan_prefix_len());
+    let mut args = vec![
+        "run",
+        "--tap",
+        Host::A.tap(),
+        "--mac",
+        mac,
+        "--ip",
+        &ip,
+        "--mem",
+        "256M",
+        "--api",
+        api,
+    ];
+    if let Some(events) = events {
+        args.extend(["--events", events]);
+    }
+    let run = Migrator::spawn(&bed.host_ns(Host::A), &args, log);
+    let echo = std::net::SocketAddrV4::new(bed.vm_ip(0), guest_abi::ECHO_PORT);
+    assert!(
+        wait_until(Duration::from_secs(30), || in_netns(&bed.client_ns(), || {
+            std::net::TcpStream::connect_timeout(&echo.into(), Duration::from_millis(300)).is_ok()
+        })
+        .unwrap_or(false)),
+        "the guest never answered:\n{}",
+        run.log()
+    );
+    run
+}
+
 /// A running `migmon watch --json`, its events collected as they come.
 pub struct Watch {
     child: Child,
@@ -212,6 +319,11 @@ impl Watch {
             "migmon did not start: {err}"
         );
         w
+    }
+
+    /// The process id of the running migmon.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The events so far.

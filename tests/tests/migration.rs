@@ -1026,6 +1026,40 @@ fn fault_relay(listen: &Path, to: PathBuf, at: u32, stall: bool) -> JoinHandle<(
     })
 }
 
+/// A source guest with two clients making progress, a destination listening, and a relay between them that
+/// stalls or cuts the migration stream at one command.
+struct Faulted {
+    a: Proc,
+    api_a: PathBuf,
+    clients: Vec<Client>,
+    api_b: PathBuf,
+    b: Proc,
+    /// Where the source migrates to: the relay's socket.
+    relay: PathBuf,
+    _relaying: JoinHandle<()>,
+}
+
+impl Faulted {
+    fn start(bed: &Bed, at: u32, stall: bool) -> Self {
+        let a = bed.boot(&[]);
+        let api_a = bed.path("a.api");
+        let clients = vec![Client::stream(bed, 20), Client::request_response(bed, None)];
+        assert!(all_progress(&clients, Duration::from_secs(10)));
+        let (api_b, sock, relay) = (bed.path("b.api"), bed.path("b.sock"), bed.path("relay.sock"));
+        let b = bed.receive(&sock, &api_b);
+        let relaying = fault_relay(&relay, sock, at, stall);
+        Self {
+            a,
+            api_a,
+            clients,
+            api_b,
+            b,
+            relay,
+            _relaying: relaying,
+        }
+    }
+}
+
 /// The source's pause, from its own events: pause to resume (a rollback) or to complete, ms.
 fn source_pause_ms(evs: &[Value]) -> Option<f64> {
     let ts = |ev: &str| {
@@ -1043,13 +1077,14 @@ fn a_destination_stalled_in_the_pause_gets_the_guest_resumed_at_the_source_withi
         return;
     }
     let bed = Bed::new();
-    let mut a = bed.boot(&[]);
-    let api_a = bed.path("a.api");
-    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
-    assert!(all_progress(&clients, Duration::from_secs(10)));
-    let (api_b, sock, relay) = (bed.path("b.api"), bed.path("b.sock"), bed.path("relay.sock"));
-    let mut b = bed.receive(&sock, &api_b);
-    let _relay = fault_relay(&relay, sock.clone(), CMD_STATE, true);
+    let Faulted {
+        mut a,
+        api_a,
+        clients,
+        mut b,
+        relay,
+        ..
+    } = Faulted::start(&bed, CMD_STATE, true);
     let max_pause = 500.0;
     let out = bed.migrate(&api_a, &relay, &["--mode", "live", "--max-pause", "500ms"]);
     assert!(!out.status.success(), "the migration fails");
@@ -1096,13 +1131,15 @@ fn a_lost_commit_leaves_both_sides_paused_until_the_operator_picks_one() {
         return;
     }
     let bed = Bed::new();
-    let mut a = bed.boot(&[]);
-    let api_a = bed.path("a.api");
-    let clients = vec![Client::stream(&bed, 20), Client::request_response(&bed, None)];
-    assert!(all_progress(&clients, Duration::from_secs(10)));
-    let (api_b, sock, relay) = (bed.path("b.api"), bed.path("b.sock"), bed.path("relay.sock"));
-    let mut b = bed.receive(&sock, &api_b);
-    let _relay = fault_relay(&relay, sock.clone(), CMD_COMMIT, false);
+    let Faulted {
+        mut a,
+        api_a,
+        clients,
+        api_b,
+        mut b,
+        relay,
+        ..
+    } = Faulted::start(&bed, CMD_COMMIT, false);
     let out = bed.migrate(&api_a, &relay, &["--mode", "live"]);
     assert!(!out.status.success());
     let err = stderr_of(&out);

@@ -22,8 +22,8 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
+    process::{Command, Output},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -33,7 +33,7 @@ use std::{
 };
 
 use integration_tests::{
-    Netns, RarpCapture, TestDir, VmHost, in_netns, kvm_available, migrator_bin, wait_until,
+    Migrator, Netns, RarpCapture, TestDir, VmHost, in_netns, kvm_available, migrator_bin, wait_until,
 };
 use serde_json::Value;
 
@@ -324,37 +324,6 @@ fn relay(from: &TcpStream, dst: &TcpStream, fault: Fault, stop: &AtomicBool, mar
     let _ = back.join();
 }
 
-/// A migrator process, killed on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> bool {
-        wait_until(timeout, || !self.running())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A client on the guest's echo service: 64 bytes out, the same back, over and over.
 struct Client {
     stop: Arc<AtomicBool>,
@@ -436,19 +405,11 @@ impl Bed {
         self.dir.join(name).to_str().unwrap().to_owned()
     }
 
-    fn spawn(&self, args: &[&str], log: &str) -> Proc {
-        let log = self.dir.join(log);
-        let out = std::fs::File::create(&log).unwrap();
-        let child = self
-            .host()
-            .command(migrator_bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Proc { child, log }
+    fn spawn(&self, args: &[&str], log: &str) -> Migrator {
+        Migrator::from_command(
+            self.host().command(migrator_bin()).args(args),
+            &self.dir.join(log),
+        )
     }
 
     fn echo_answers(&self) -> bool {
@@ -505,7 +466,7 @@ fn last_source_pause_ms(events: &str) -> Option<f64> {
 
 /// Where the guest lives: its migrator, its API, its tap index.
 struct Home {
-    proc: Proc,
+    proc: Migrator,
     api: String,
     tap: usize,
 }
@@ -529,7 +490,7 @@ struct Case<'a> {
 impl Case<'_> {
     /// A receiver on the other tap, the relay with `fault`, and a live `migrate` through it. Returns the receiver,
     /// the migrate's output and the relay.
-    fn run(&mut self, fault_of: impl FnOnce(&Proc, &Proc) -> Fault) -> (Proc, Output, Relay) {
+    fn run(&mut self, fault_of: impl FnOnce(&Migrator, &Migrator) -> Fault) -> (Migrator, Output, Relay) {
         self.run_mode("live", fault_of)
     }
 
@@ -537,8 +498,8 @@ impl Case<'_> {
     fn run_mode(
         &mut self,
         mode: &str,
-        fault_of: impl FnOnce(&Proc, &Proc) -> Fault,
-    ) -> (Proc, Output, Relay) {
+        fault_of: impl FnOnce(&Migrator, &Migrator) -> Fault,
+    ) -> (Migrator, Output, Relay) {
         self.n += 1;
         let bed = self.bed;
         let other = 1 - self.home.tap;
@@ -606,7 +567,7 @@ fn env_u32(name: &str, default: u32) -> u32 {
 fn assert_rolled_back(
     bed: &Bed,
     home: &mut Home,
-    recv: &mut Proc,
+    recv: &mut Migrator,
     recv_exit: Duration,
     what: &str,
     t: &mut Tally,
@@ -638,7 +599,7 @@ fn assert_rolled_back(
             "{what}: the destination runs a copy too: {api_state:?}\n{}",
             recv.log()
         );
-        let _ = recv.child.kill();
+        recv.kill();
     }
     assert!(
         bed.echo_answers(),
@@ -932,7 +893,7 @@ fn faults_leave_exactly_one_running_copy() {
         .args(["cancel", "--api", &other_api])
         .output();
     assert!(recv.wait_exit(Duration::from_secs(15)) || state(&other_api) != "running");
-    let _ = recv.child.kill();
+    recv.kill();
     assert!(
         wait_until(Duration::from_secs(10), || bed.echo_answers()),
         "lost commit: the guest runs at the source"

@@ -10,14 +10,13 @@
 #![expect(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
 
 use std::{
-    net::{SocketAddrV4, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    Link, TestDir, Watch, in_netns, kvm_available, migrator_bin, try_ip_in, unique, wait_until,
+    Link, Migrator, TestDir, Watch, boot_guest, kvm_available, migrator_bin, try_ip_in, unique, wait_until,
 };
 use migmon_analysis::{
     correlate::{Fate, analyse},
@@ -30,46 +29,6 @@ use testbed::{
 };
 
 const MAC: &str = "52:54:00:70:6f:72";
-
-/// A migrator in a host's namespace, killed on drop; its output goes to a log file.
-struct Proc {
-    child: Child,
-    log: String,
-}
-
-impl Proc {
-    fn spawn(netns: &str, args: &[&str], log: &Path) -> Self {
-        let out = std::fs::File::create(log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(migrator_bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            log: log.display().to_string(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_some()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The events of `kind` on port `iface@netns`.
 fn on<'a>(events: &'a [Value], kind: &str, iface: &str, netns: &str) -> Vec<&'a Value> {
@@ -142,40 +101,6 @@ fn watch_bridges(ns_a: &str, ns_b: &str, sock: &str, trace: &str) -> Watch {
     watch
 }
 
-/// `migrator run` on host A's tap; waits until the guest's echo service answers the client namespace.
-fn boot(bed: &Testbed, api: &str, sock: &str, log: &Path) -> Proc {
-    let ip = format!("{}/{}", bed.vm_ip(0), bed.lan_prefix_len());
-    let run = Proc::spawn(
-        &bed.host_ns(Host::A),
-        &[
-            "run",
-            "--tap",
-            Host::A.tap(),
-            "--mac",
-            MAC,
-            "--ip",
-            &ip,
-            "--mem",
-            "256M",
-            "--api",
-            api,
-            "--events",
-            sock,
-        ],
-        log,
-    );
-    let echo = SocketAddrV4::new(bed.vm_ip(0), guest_abi::ECHO_PORT);
-    assert!(
-        wait_until(Duration::from_secs(30), || in_netns(&bed.client_ns(), || {
-            TcpStream::connect_timeout(&echo.into(), Duration::from_millis(300)).is_ok()
-        })
-        .unwrap_or(false)),
-        "the guest never answered:\n{}",
-        run.log()
-    );
-    run
-}
-
 /// Boots the guest on A behind a watch with only `--bridge`, starts clients, creates B's tap and migrates the guest
 /// there live, deletes A's tap; returns the watch's events once it stopped.
 fn migrate_onto_a_new_tap() -> Run {
@@ -192,7 +117,7 @@ fn migrate_onto_a_new_tap() -> Run {
 
     // The guest boots on A; clients connect to it from the client namespace behind the switch.
     let api_a = path("a.api");
-    let mut run_a = boot(&bed, &api_a, &sock, &dir.join("run-a.log"));
+    let mut run_a = boot_guest(&bed, MAC, &api_a, Some(&sock), &dir.join("run-a.log"));
     let clients = start_mix(&bed.client_ns(), bed.vm_ip(0).into(), 4, ClientOptions::default()).unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || clients
@@ -210,7 +135,7 @@ fn migrate_onto_a_new_tap() -> Run {
     let tap = Link::try_tap(tap_b, Some(&ns_b), Some(Host::B.bridge())).unwrap();
     let tap_b_up_ns = migevents::monotonic_ns();
     let (api_b, mig) = (path("b.api"), format!("unix:{}", path("mig.sock")));
-    let recv_b = Proc::spawn(
+    let recv_b = Migrator::spawn(
         &ns_b,
         &[
             "receive", "--tap", tap_b, "--listen", &mig, "--api", &api_b, "--events", &sock,
@@ -244,7 +169,7 @@ fn migrate_onto_a_new_tap() -> Run {
         recv_b.log()
     );
     assert!(
-        wait_until(Duration::from_secs(15), || run_a.exited()),
+        wait_until(Duration::from_secs(15), || !run_a.running()),
         "the source did not hand over:\n{}",
         run_a.log()
     );

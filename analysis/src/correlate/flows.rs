@@ -28,7 +28,7 @@ use super::{AbortReason, Basis, ConnectionVerdict, Fate, Network, fmt_dur};
 use crate::trace::{Event, FlowSegment, FlowSide, FourTuple, RetransmitKind, TcpState};
 
 /// The same segment seen on several ports within this long is one segment.
-const SAME_SEGMENT_NS: u64 = 2_000_000;
+pub(super) const SAME_SEGMENT_NS: u64 = 2_000_000;
 /// A lone retransmission that waited at least this long is taken for a timer retransmission.
 const RTO_MIN_SILENCE_NS: u64 = 150_000_000;
 /// Linux's longest RTO (`TCP_RTO_MAX`).
@@ -41,6 +41,13 @@ const PROBE_MIN: f64 = 0.75;
 const PROBE_MAX: f64 = 1.35;
 /// At most this many flow segments of one connection go into its proof.
 const MAX_PROOF: usize = 32;
+/// A connection is over this long after its last segment the tracker reported: the tracker reports nothing of an
+/// idle connection, and its LRU table evicts what stays idle while others come. A later segment of its 4-tuple starts
+/// a new connection.
+pub(super) const FLOW_IDLE_NS: u64 = 600_000_000_000;
+/// Segments of a connection that ended (a RST, or a FIN from each side) still belong to it this long after (a FIN
+/// or RST sent again, the other side's last word); later ones start a new connection.
+pub(super) const FLOW_LINGER_NS: u64 = 10_000_000_000;
 
 /// One retransmission seen on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -112,6 +119,45 @@ pub(super) struct Flow<'a> {
     /// Peer → VM, as a client socket would name it.
     pub tuple: FourTuple,
     pub events: Vec<&'a Event>,
+    /// Its first RST.
+    pub reset_ns: Option<u64>,
+    /// Each side's first FIN: the VM's, the peer's.
+    pub fin_ns: [Option<u64>; 2],
+}
+
+impl Flow<'_> {
+    /// When it ended on the wire: its first RST, or the later of the two sides' FINs.
+    pub fn closed_ns(&self) -> Option<u64> {
+        let fins = match self.fin_ns {
+            [Some(a), Some(b)] => Some(a.max(b)),
+            _ => None,
+        };
+        match (self.reset_ns, fins) {
+            (Some(r), Some(f)) => Some(r.min(f)),
+            (r, f) => r.or(f),
+        }
+    }
+
+    /// When it was over at the latest: closed, or [`FLOW_IDLE_NS`] after its last segment.
+    pub fn ended_ns(&self) -> u64 {
+        let idle = self
+            .events
+            .last()
+            .map_or(0, |e| e.ts_ns().saturating_add(FLOW_IDLE_NS));
+        self.closed_ns().map_or(idle, |c| c.min(idle))
+    }
+
+    /// A segment at `ts` is no longer this connection's: it ended more than [`FLOW_LINGER_NS`] before (closed), or
+    /// the connection had been idle for [`FLOW_IDLE_NS`].
+    pub fn over_at(&self, ts: u64) -> bool {
+        let idle = self
+            .events
+            .last()
+            .is_some_and(|e| e.ts_ns().saturating_add(FLOW_IDLE_NS) < ts);
+        idle || self
+            .closed_ns()
+            .is_some_and(|c| c.saturating_add(FLOW_LINGER_NS) < ts)
+    }
 }
 
 /// The flows in a trace.
@@ -150,38 +196,56 @@ fn same_segment(a: &Event, b: &Event) -> bool {
 }
 
 impl<'a> FlowIndex<'a> {
-    /// Groups `flow_*` events by connection. A SYN after other segments of the 4-tuple starts a new connection.
+    /// Groups `flow_*` events by connection. A SYN after other segments of the 4-tuple starts a new connection, and
+    /// so does any segment after the connection was over ([`Flow::over_at`]).
     pub fn build(sorted: &[&'a Event]) -> Self {
         let mut idx = FlowIndex::default();
         let mut open: std::collections::HashMap<FourTuple, usize> = std::collections::HashMap::new();
         for e in sorted {
             let Some(seg) = e.flow_segment() else { continue };
             let tuple = tuple_of(seg);
-            let current = open.get(&tuple).copied().filter(|&i| {
+            let last = open.get(&tuple).copied();
+            // The same segment seen on another port counts once, even when it closed the connection.
+            if last.is_some_and(|i| {
+                idx.flows[i]
+                    .events
+                    .iter()
+                    .rev()
+                    .take_while(|x| e.ts_ns().abs_diff(x.ts_ns()) <= SAME_SEGMENT_NS)
+                    .any(|x| same_segment(x, e))
+            }) {
+                continue;
+            }
+            let current = last.filter(|&i| {
                 let f: &Flow<'_> = &idx.flows[i];
-                !(is_syn(seg)
+                let new_syn = is_syn(seg)
                     && f.events
                         .iter()
-                        .any(|x| x.flow_segment().is_some_and(|s| !is_syn(s))))
+                        .any(|x| x.flow_segment().is_some_and(|s| !is_syn(s)));
+                !new_syn && !f.over_at(e.ts_ns())
             });
             let i = current.unwrap_or_else(|| {
                 idx.flows.push(Flow {
                     tuple,
                     events: Vec::new(),
+                    reset_ns: None,
+                    fin_ns: [None, None],
                 });
                 open.insert(tuple, idx.flows.len() - 1);
                 idx.flows.len() - 1
             });
             let flow = &mut idx.flows[i];
-            let seen = flow
-                .events
-                .iter()
-                .rev()
-                .take_while(|x| e.ts_ns().abs_diff(x.ts_ns()) <= SAME_SEGMENT_NS)
-                .any(|x| same_segment(x, e));
-            if !seen {
-                flow.events.push(e);
+            match e {
+                Event::FlowReset { .. } => {
+                    flow.reset_ns.get_or_insert(e.ts_ns());
+                }
+                Event::FlowFin { .. } => {
+                    let side = usize::from(seg.side == FlowSide::Peer);
+                    flow.fin_ns[side].get_or_insert(e.ts_ns());
+                }
+                _ => {}
             }
+            flow.events.push(e);
         }
         idx
     }
@@ -690,11 +754,8 @@ pub(super) fn judge_flows(
         let Some(first) = flow.events.first() else {
             continue;
         };
-        let closed_before = flow
-            .events
-            .iter()
-            .any(|e| e.ts_ns() < pause && matches!(e, Event::FlowReset { .. }));
-        if closed_before || first.ts_ns() >= window_end {
+        // Reset, closed by both sides or idle before the pause.
+        if flow.ended_ns() < pause || first.ts_ns() >= window_end {
             continue;
         }
         let opened_during = first.ts_ns() >= pause && first.flow_segment().is_some_and(is_syn);

@@ -437,6 +437,9 @@ fn seen(g: &Group<'_>, aborts: bool) -> String {
 /// connections that share their settings and their RTO (the sockets', else the one the wire inferred).
 pub fn render(a: &Analysis, tcp: Option<&ClientSettings>) -> String {
     let mut s = String::new();
+    for n in &a.in_progress {
+        let _ = writeln!(s, "IN PROGRESS: {n}");
+    }
     for w in &a.warnings {
         let _ = writeln!(s, "WARNING: {w}");
     }

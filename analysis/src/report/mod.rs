@@ -105,6 +105,9 @@ pub fn render_text(a: &Analysis, title: &str) -> String {
     if let Some(m) = &a.merge {
         s.push_str(&crate::merge::render_text(m));
     }
+    for n in &a.in_progress {
+        let _ = writeln!(s, "IN PROGRESS: {n}");
+    }
     for w in &a.warnings {
         let _ = writeln!(s, "WARNING: {w}");
     }

@@ -184,9 +184,14 @@ async fn read_connection(stream: UnixStream, origin: String, emit: Arc<impl Emit
                 return;
             }
             Err(e) => {
-                if e.kind() == io::ErrorKind::InvalidData {
-                    crate::skipped::count("migrator", "too_long");
-                }
+                crate::skipped::count(
+                    "migrator",
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        "too_long"
+                    } else {
+                        "connection_lost"
+                    },
+                );
                 emit.emit(warn_note(format!(
                     "reading {origin} failed after line {lineno}: {e}; the connection is dropped"
                 )));
@@ -196,7 +201,9 @@ async fn read_connection(stream: UnixStream, origin: String, emit: Arc<impl Emit
     }
 }
 
-/// Follows a file of JSON lines as it grows (waiting for it to appear), until dropped.
+/// Follows a file of JSON lines as it grows (waiting for it to appear), until dropped. A line over the bound is
+/// skipped (counted, with a warning) and the lines after it are read; a read error is counted, warned about once
+/// per run of failures, and the read tried again.
 pub async fn follow_file(path: PathBuf, emit: impl Emit) {
     let origin = path.display().to_string();
     let file = loop {
@@ -207,8 +214,13 @@ pub async fn follow_file(path: PathBuf, emit: impl Emit) {
     };
     let mut reader = LineReader::new(file);
     let mut lineno = 0;
+    let mut failing = false;
     loop {
-        match reader.next_line_async().await {
+        let read = reader.next_line_async().await;
+        if read.is_ok() {
+            failing = false;
+        }
+        match read {
             Ok(Some(line)) => {
                 lineno += 1;
                 if let Some(ev) = parse_line(&line, &origin, lineno)
@@ -219,11 +231,26 @@ pub async fn follow_file(path: PathBuf, emit: impl Emit) {
             }
             // At the end for now: the writer may append more (the partial line stays buffered).
             Ok(None) => tokio::time::sleep(POLL).await,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                lineno += 1;
+                crate::skipped::count("migrator", "too_long");
+                if !emit.emit(warn_note(format!(
+                    "skipped line {lineno} of {origin}: {e}; the lines after it are read"
+                ))) {
+                    return;
+                }
+            }
             Err(e) => {
-                emit.emit(warn_note(format!(
-                    "reading {origin} failed: {e}; no longer followed"
-                )));
-                return;
+                crate::skipped::count("migrator", "read_error");
+                if !failing
+                    && !emit.emit(warn_note(format!(
+                        "reading {origin} failed after line {lineno}: {e}; trying again"
+                    )))
+                {
+                    return;
+                }
+                failing = true;
+                tokio::time::sleep(POLL).await;
             }
         }
     }
@@ -370,6 +397,32 @@ mod tests {
         assert!(matches!(&got[0], Event::Migration { ev, .. } if ev.migration_id == "m2"));
         assert!(matches!(&got[1], Event::Note { message, .. } if message.contains("events.jsonl line 2")));
         h.abort();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_followed_file_goes_on_after_an_overlong_line() {
+        let dir = tmp("file-long");
+        let path = dir.join("events.jsonl");
+        let line = MigrationEvent::now("m4", "52:54:00:00:00:04", Role::Source, Phase::Pause).to_line();
+        let mut text = vec![b'x'; 3 * super::super::MAX_LINE];
+        text.push(b'\n');
+        text.extend_from_slice(line.as_bytes());
+        text.push(b'\n');
+        fs::write(&path, text).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _h = rt.spawn(follow_file(path.clone(), tx));
+        let got = recv_until(&rx, 2);
+        assert!(
+            matches!(&got[0], Event::Note { message, .. } if message.contains("skipped line 1") && message.contains("longer than")),
+            "{got:?}"
+        );
+        assert!(
+            matches!(&got[1], Event::Migration { ev, .. } if ev.migration_id == "m4"),
+            "{got:?}"
+        );
+        drop(rt);
         fs::remove_dir_all(&dir).unwrap();
     }
 

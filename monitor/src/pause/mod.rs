@@ -102,8 +102,8 @@ pub(crate) fn warn_note(message: String) -> Event {
 pub const MAX_LINE: usize = 1 << 20;
 
 /// Splits a byte stream into lines, keeping a partial line across reads (a file still being written). The buffer never
-/// holds more than the bound plus one read: a line longer than the bound is an `InvalidData` error (the caller drops
-/// that connection), and the buffer is emptied. Sources read through [`LineReader::next_line_async`]; the blocking
+/// holds more than the bound plus one read: a line longer than the bound is an `InvalidData` error (a socket's caller
+/// drops that connection; a file's goes on), the buffer is emptied, and the rest of that line is dropped as it comes. Sources read through [`LineReader::next_line_async`]; the blocking
 /// [`LineReader::next_line`] serves the tests and the fuzz target, on the same splitting code.
 pub(crate) struct LineReader<R> {
     inner: R,
@@ -111,6 +111,8 @@ pub(crate) struct LineReader<R> {
     /// Bytes of `buf` already searched for a newline.
     scanned: usize,
     max: usize,
+    /// After an over-long line: the rest of it, up to its newline, is dropped as it comes.
+    discarding: bool,
 }
 
 impl<R> LineReader<R> {
@@ -124,12 +126,21 @@ impl<R> LineReader<R> {
             buf: Vec::new(),
             scanned: 0,
             max,
+            discarding: false,
         }
     }
 
     /// A complete line from the buffer; `None` when more input is needed; `InvalidData` for a line longer than the
     /// bound (the buffer is released).
     fn buffered_line(&mut self) -> Option<io::Result<String>> {
+        if self.discarding {
+            let Some(pos) = self.buf.iter().position(|&b| b == b'\n') else {
+                self.buf.clear();
+                return None;
+            };
+            self.buf.drain(..=pos);
+            self.discarding = false;
+        }
         if let Some(off) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
             let pos = self.scanned + off;
             let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
@@ -142,6 +153,7 @@ impl<R> LineReader<R> {
             let len = self.buf.len();
             self.buf = Vec::new();
             self.scanned = 0;
+            self.discarding = true;
             return Some(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -243,5 +255,11 @@ mod tests {
         let mut r = LineReader::new(Endless.take(MAX_LINE as u64 / 2).chain(&b"\nnext\n"[..]));
         assert_eq!(r.next_line().unwrap().map(|l| l.len()), Some(MAX_LINE / 2));
         assert_eq!(r.next_line().unwrap().as_deref(), Some("next"));
+        // After an over-long line, the rest of it is dropped as it comes and the next line is read.
+        let data = [vec![b'x'; 200_000], b"\nafter\n".to_vec()].concat();
+        let mut r = LineReader::with_limit(io::Cursor::new(data), 64 * 1024);
+        assert!(r.next_line().is_err());
+        assert!(r.held() <= 64 * 1024 + 8192, "{}", r.held());
+        assert_eq!(r.next_line().unwrap().as_deref(), Some("after"));
     }
 }

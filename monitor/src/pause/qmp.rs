@@ -633,6 +633,8 @@ impl<E: Emit> Follower<E> {
                     match self.session(reader, writer).await {
                         Ended::Stop => return,
                         Ended::Lost(why) => {
+                            // Events QEMU sends until the reconnect are lost: counted with the skipped input.
+                            crate::skipped::count("qmp", "connection_lost");
                             if !self.emit.emit(warn_note(format!(
                                 "QMP {}: {why}; connecting again (reconnects so far: {})",
                                 self.origin, self.connections
@@ -643,6 +645,12 @@ impl<E: Emit> Follower<E> {
                     }
                 }
                 Err(e) => {
+                    // Something answered that is not QEMU's QMP (no greeting within the bound, not JSON, closed
+                    // mid-handshake): skipped input, counted at every attempt. A socket that is not there (yet) is
+                    // no input.
+                    if matches!(e, QmpError::Handshake { .. } | QmpError::Io { .. }) {
+                        crate::skipped::count("qmp", "handshake");
+                    }
                     // The kind of failure, without the OS detail that may vary between attempts.
                     let state = match &e {
                         QmpError::Connect { source, .. } => format!("{:?}", source.kind()),
@@ -1013,7 +1021,7 @@ mod tests {
     /// A QMP server that sends a line over the bound, then garbage and dies, then a STOP: each bad connection costs
     /// a warning and a reconnect, and the follower reads the last connection's events.
     #[test]
-    fn an_overlong_line_or_a_dying_connection_costs_a_reconnect() {
+    fn an_overlong_line_a_dying_connection_or_a_bad_greeting_costs_a_reconnect() {
         use std::{
             io::{BufRead, Write},
             os::unix::net::UnixListener,
@@ -1027,11 +1035,12 @@ mod tests {
         let sock = dir.join("bad.qmp");
         let (tx, rx) = mpsc::channel();
         // The socket does not exist yet: the follower says it waits for it.
+        let before = crate::skipped::snapshot();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let handle = rt.spawn(follow(sock.clone(), tx));
         let mut got: Vec<Event> = Vec::new();
         let recv_until = |got: &mut Vec<Event>, done: &dyn Fn(&[Event]) -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline && !done(got) {
                 if let Ok(ev) = rx.recv_timeout(Duration::from_millis(100)) {
                     got.push(ev);
@@ -1063,6 +1072,18 @@ mod tests {
             };
             drop(serve(&vec![b'x'; 2 << 20]));
             drop(serve(b"garbage\n"));
+            // Greetings that are not QMP: bytes that are not UTF-8, a line over the bound, none at all (the
+            // follower gives up after its handshake bound and closes).
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"\xff\xfe\x00garbage\n").unwrap();
+            drop(s);
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.write_all(&vec![b'{'; 2 << 20]);
+            drop(s);
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
+            drop(s);
             let _keep =
                 serve(b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\n");
             let _ = done_rx.recv_timeout(Duration::from_secs(20));
@@ -1070,6 +1091,7 @@ mod tests {
         recv_until(&mut got, &|g| {
             g.iter().any(|e| matches!(e, Event::Migration { .. }))
         });
+        let after = crate::skipped::snapshot();
         handle.abort();
         let _ = done_tx.send(());
         server.join().unwrap();
@@ -1078,10 +1100,21 @@ mod tests {
             "a line longer than 1048576 bytes",
             "skipped malformed QMP line",
             "QEMU closed the socket",
+            "not QMP",
+            "I/O error during the handshake",
+            "no answer within 5 s",
             "reconnect 2",
         ] {
             assert!(note_has(&got, want), "{want}: {got:#?}");
         }
+        // Each connection lost and each failed handshake is counted (other tests of this process count too).
+        let grew = |reason| {
+            after.get(&("qmp", reason)).copied().unwrap_or(0)
+                - before.get(&("qmp", reason)).copied().unwrap_or(0)
+        };
+        assert!(grew("connection_lost") >= 2, "{before:?} → {after:?}");
+        assert!(grew("handshake") >= 3, "{before:?} → {after:?}");
+        assert!(grew("too_long") >= 1, "{before:?} → {after:?}");
         assert!(
             got.iter()
                 .any(|e| matches!(e, Event::Migration { ev, .. } if ev.phase == Phase::Pause))
