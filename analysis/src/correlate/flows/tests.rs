@@ -579,10 +579,10 @@ fn whatif_takes_the_timer_series_a_client_writing_through_the_pause_gave() {
             "uplink",
         ),
     ];
-    let mut t = 1100 + 200 + late;
+    let mut at = 1100 + 200 + late;
     for k in 0..4u32 {
-        flow.push(flow_rtx(t, &collapsed(1016 + 8 * (k + 1), 2, 2), "uplink"));
-        t += (200 << (k + 1)) + late;
+        flow.push(flow_rtx(at, &collapsed(1016 + 8 * (k + 1), 2, 2), "uplink"));
+        at += (200 << (k + 1)) + late;
     }
     flow.push(flow_progress(6010, &FlowSeg::data(Vm, PORT, 1, 0), "tapB"));
     let m = judged(1000, 6000, flow);
@@ -591,11 +591,11 @@ fn whatif_takes_the_timer_series_a_client_writing_through_the_pause_gave() {
     assert_eq!(w.peer.retransmits[0].kind, Some(RetransmitKind::Tlp), "{w:#?}");
     assert_eq!(c.first_rto_ns, Some((1100 + 200 + late) * MS));
     assert_near(c.base_rto_us, 200_000, 0.01, "the verdict's base RTO");
-    let o = crate::whatif::outage_of(c, 6000 * MS, false).unwrap();
+    let outage = crate::whatif::outage_of(c, 6000 * MS, false).unwrap();
     assert!(
-        o.t0_ns.abs_diff((1100 + late) * MS) <= 2 * MS,
+        outage.t0_ns.abs_diff((1100 + late) * MS) <= 2 * MS,
         "the stuck segment dates from {} ms",
-        o.t0_ns / MS
+        outage.t0_ns / MS
     );
-    assert!(o.base_rto_ns.abs_diff(200 * MS) <= 2 * MS);
+    assert!(outage.base_rto_ns.abs_diff(200 * MS) <= 2 * MS);
 }
