@@ -705,7 +705,7 @@ pub struct ProbeConfig {
     /// Captures the bucket holds at most (a burst).
     pub flow_capture_burst: u32,
     /// Nanoseconds per jiffy (10⁹ / HZ): the flow tracker's per-flow clock is `jiffies × flow_tick_ns`, an
-    /// inlined read where a clock helper is a kernel call; both are CLOCK_MONOTONIC as of the last tick, apart
+    /// inlined read where a clock helper is a kernel call; both are `CLOCK_MONOTONIC` as of the last tick, apart
     /// from a constant offset. 0 (HZ unknown): the coarse monotonic clock.
     pub flow_tick_ns: u32,
     /// A one-word filter in front of the `FLOW_IPS` lookups: bit [`ip_filter_bit`] of every flow IP is set.
