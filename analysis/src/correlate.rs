@@ -1007,8 +1007,18 @@ struct ConnLife<'a> {
     /// The `connect()` transition (without a source port yet) that opened this life, when one did.
     opened_by: Option<&'a Event>,
     closed_ns: Option<u64>,
+    /// A later opening of the same 4-tuple in the same namespace, when this life's CLOSE was never seen: its socket
+    /// was gone by then (a 4-tuple names one socket of a namespace at a time).
+    superseded_ns: Option<u64>,
     /// Events for the 4-tuple after the socket was gone (RSTs the kernel sent for it): shown, never judged.
     epilogue: Vec<&'a Event>,
+}
+
+impl ConnLife<'_> {
+    /// When the connection was over at the latest: its CLOSE, or the opening that took its 4-tuple.
+    fn ended_ns(&self) -> Option<u64> {
+        self.closed_ns.or(self.superseded_ns)
+    }
 }
 
 struct ConnectionIndex<'a> {
@@ -1050,7 +1060,7 @@ impl<'a> ConnectionIndex<'a> {
                 }
                 continue;
             }
-            // A new life starts at an opening transition even if the old one was never seen closing.
+            // A new life starts at an opening transition even if the old one was never seen closing (it ends there).
             let opening = matches!(
                 e,
                 Event::TcpState {
@@ -1063,6 +1073,9 @@ impl<'a> ConnectionIndex<'a> {
                 Event::TcpError { .. } | Event::TcpResetIn { .. } | Event::TcpResetOut { .. }
             );
             let candidates = open.entry(*tuple).or_default();
+            if opening {
+                supersede(&mut lives, candidates, e, netns);
+            }
             let found = if opening {
                 None
             } else if netns == 0 {
@@ -1111,6 +1124,7 @@ impl<'a> ConnectionIndex<'a> {
                     },
                     opened_by: if opening { None } else { pending },
                     closed_ns: None,
+                    superseded_ns: None,
                     epilogue: Vec::new(),
                 });
                 candidates.push(lives.len() - 1);
@@ -1135,6 +1149,26 @@ impl<'a> ConnectionIndex<'a> {
         pending.sort_by_key(|e| e.ts_ns());
         Self { lives, pending }
     }
+}
+
+/// An opening transition `e` (other than a listener's) in namespace `netns` ends the open lives of its 4-tuple there
+/// (`open`, indices into `lives`): their CLOSE was never seen.
+fn supersede(lives: &mut [ConnLife<'_>], open: &mut Vec<usize>, e: &Event, netns: u64) {
+    if let Event::TcpState {
+        new_state: Some(TcpState::Listen),
+        ..
+    } = e
+    {
+        return;
+    }
+    let ts = e.ts_ns();
+    open.retain(|&i| {
+        let same = lives[i].netns == netns;
+        if same {
+            lives[i].superseded_ns = Some(ts);
+        }
+        !same
+    });
 }
 
 fn matches_ips(t: &FourTuple, ips: &[IpAddr]) -> bool {
@@ -1889,7 +1923,7 @@ fn judge_connections(
             continue;
         }
         let first = life.events.first().map_or(u64::MAX, |e| e.ts_ns());
-        let closed_before = life.closed_ns.is_some_and(|c| c < p);
+        let closed_before = life.ended_ns().is_some_and(|c| c < p);
         if closed_before || first >= w.end {
             continue;
         }
@@ -1971,7 +2005,7 @@ fn unjudged_at(
         .lives
         .iter()
         .filter(|life| {
-            life.events.first().is_some_and(|e| e.ts_ns() < p) && life.closed_ns.is_none_or(|c| c >= p)
+            life.events.first().is_some_and(|e| e.ts_ns() < p) && life.ended_ns().is_none_or(|c| c >= p)
         })
         .filter(|life| !m.connections.iter().any(|c| c.tuple == life.tuple))
         .filter(|life| {

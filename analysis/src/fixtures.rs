@@ -394,6 +394,8 @@ pub struct FlowSeg {
     pub seq_end: Option<u32>,
     pub peer_ack: Option<u32>,
     pub silence_ms: u64,
+    /// `gap_ns` in ms; `None`: the same as the silence.
+    pub gap_ms: Option<u64>,
     pub flags: u8,
 }
 
@@ -408,6 +410,7 @@ impl FlowSeg {
             seq_end: Some(seq.wrapping_add(len)),
             peer_ack: Some(seq),
             silence_ms: 0,
+            gap_ms: None,
             flags: 0x18,
         }
     }
@@ -415,6 +418,13 @@ impl FlowSeg {
     #[must_use]
     pub fn silence(mut self, ms: u64) -> Self {
         self.silence_ms = ms;
+        self
+    }
+
+    /// The time since the sender last sent new data, when it differs from the silence.
+    #[must_use]
+    pub fn gap(mut self, ms: u64) -> Self {
+        self.gap_ms = Some(ms);
         self
     }
 
@@ -454,7 +464,7 @@ impl FlowSeg {
             seq_end: self.seq_end,
             peer_ack: self.peer_ack,
             retransmits: 0,
-            gap_ns: self.silence_ms * MS,
+            gap_ns: self.gap_ms.unwrap_or(self.silence_ms) * MS,
             silence_ns: self.silence_ms * MS,
             vlan: Vec::new(),
             frame: String::new(),
@@ -463,7 +473,7 @@ impl FlowSeg {
     }
 }
 
-/// `flow_open`, `flow_retransmit`, `flow_reset` and `flow_progress` at `ts_ms` on port `p`.
+/// `flow_open`, `flow_retransmit`, `flow_reset`, `flow_fin` and `flow_progress` at `ts_ms` on port `p`.
 pub fn flow_open(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
     Event::FlowOpen {
         ts_ns: ts_ms * MS,
@@ -480,6 +490,13 @@ pub fn flow_rtx(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
 
 pub fn flow_rst(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
     Event::FlowReset {
+        ts_ns: ts_ms * MS,
+        seg: s.on(p),
+    }
+}
+
+pub fn flow_fin(ts_ms: u64, s: &FlowSeg, p: &str) -> Event {
+    Event::FlowFin {
         ts_ns: ts_ms * MS,
         seg: s.on(p),
     }

@@ -4,9 +4,10 @@
 //! counters sampled from maps, migration phases from migrators or QMP. `migmon watch --json` prints them, `--record`
 //! appends them to a trace, and `report`, `check`, `whatif` and `export` read the trace back.
 //!
-//! A trace is JSON lines: a [`TraceHeader`] line, then one event per line, each written whole and flushed, then a
-//! [`TraceEnd`] line when the monitor finished its observation. A killed monitor therefore leaves a trace that is
-//! readable up to its last complete line, without an end record; [`read_trace`] says when the last line was cut.
+//! A trace is JSON lines: a [`TraceHeader`] line, then one event per line, each written whole (`migmon watch` writes
+//! them in batches: whenever its queue runs empty, at least every 100 ms, and at the end), then a [`TraceEnd`] line
+//! when the monitor finished its observation. A killed monitor therefore leaves a trace that is readable up to its
+//! last complete line, without an end record; [`read_trace`] says when the last line was cut.
 //! The end record counts the lines before it and carries a hash of them (FNV-1a, 64 bits), so a line dropped,
 //! duplicated or altered after recording is noticed ([`Trace::damage`]). The hash guards against corruption, not
 //! against someone editing the file on purpose. Traces written before the end record existed are still read; they
@@ -911,7 +912,8 @@ pub enum TraceError {
     Version { path: PathBuf, found: u32 },
 }
 
-/// Appends events to a trace file, one flushed line each.
+/// Appends events to a trace file: [`TraceWriter::write`] one flushed line at a time, [`TraceWriter::write_line`]
+/// buffered until [`TraceWriter::flush`].
 pub struct TraceWriter {
     out: BufWriter<File>,
     /// Lines written after the header.
@@ -921,6 +923,9 @@ pub struct TraceWriter {
     bytes: u64,
 }
 
+/// How much [`TraceWriter::write_line`] buffers before it writes to the file on its own.
+const TRACE_BUFFER: usize = 64 * 1024;
+
 impl TraceWriter {
     /// Creates (truncates) `path` and writes the header.
     pub fn create(path: &Path, header: &TraceHeader) -> Result<Self, TraceError> {
@@ -929,7 +934,7 @@ impl TraceWriter {
             source,
         })?;
         let mut w = Self {
-            out: BufWriter::new(file),
+            out: BufWriter::with_capacity(TRACE_BUFFER, file),
             lines: 0,
             hash: LineHash::new(),
             bytes: 0,

@@ -412,6 +412,31 @@ pub const fn v4_mapped(a: [u8; 4]) -> IpKey {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
+/// Ways of each set of a flow cache: a flow's set is picked by a hash of its key, and it may sit in any of the
+/// set's ways.
+pub const FLOW_CACHE_WAYS: usize = 4;
+
+/// One way of a flow cache: a flow's key and state. An empty way has `state.first_ns == 0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot<K> {
+    pub key: K,
+    pub state: FlowState,
+}
+
+/// One set of a flow cache (a value of `FLOW_CACHE4` or `FLOW_CACHE6`), 8-byte aligned so that the programs
+/// compare keys in 8-byte words.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSet<K> {
+    pub ways: [FlowSlot<K>; FLOW_CACHE_WAYS],
+}
+
+/// A set of the IPv4 flow cache.
+pub type FlowSet4 = FlowSet<FlowKey4>;
+/// A set of the IPv6 flow cache.
+pub type FlowSet6 = FlowSet<FlowKey>;
+
 /// `FlowDir::flags`: `seq_end` holds a value (the direction has sent a segment).
 pub const FLOW_SEQ_KNOWN: u32 = 1;
 /// `FlowDir::flags`: `ack` holds a value.
@@ -695,7 +720,9 @@ pub struct ProbeConfig {
     pub flow_ips: [IpKey; FLOW_INLINE_IPS],
     /// How many flow IPs there are (all in `flow_ips` when at most [`FLOW_INLINE_IPS`]).
     pub flow_ip_count: u32,
-    pub pad2: u32,
+    /// Sets of each flow cache (`FLOW_CACHE4`, `FLOW_CACHE6`): a power of two, 0 = no cache (every flow in the
+    /// LRU tables).
+    pub flow_cache_sets: u32,
 }
 
 /// Flow IPs the programs compare in place.
@@ -749,7 +776,7 @@ impl ProbeConfig {
         off_tlp_high_seq: NO_OFFSET,
         flow_ips: [[0; 16]; FLOW_INLINE_IPS],
         flow_ip_count: 0,
-        pad2: 0,
+        flow_cache_sets: 0,
     };
 }
 
@@ -772,6 +799,10 @@ const _: () = assert!(size_of::<FlowKey4>() == 16);
 const _: () = assert!(size_of::<FlowDir>() == 48);
 const _: () = assert!(size_of::<FlowState>() == 104);
 const _: () = assert!(size_of::<FlowCounters>() == 48);
+const _: () = assert!(size_of::<FlowSlot<FlowKey4>>() == 120);
+const _: () = assert!(size_of::<FlowSlot<FlowKey>>() == 144);
+const _: () = assert!(size_of::<FlowSet4>() == 480);
+const _: () = assert!(size_of::<FlowSet6>() == 576);
 const _: () = assert!(size_of::<FlowEvent>() == 256);
 const _: () = assert!(core::mem::offset_of!(FlowEvent, key) == 16);
 const _: () = assert!(core::mem::offset_of!(FlowEvent, seq) == 68);

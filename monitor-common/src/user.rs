@@ -4,7 +4,8 @@ use core::{fmt, mem::size_of};
 
 use crate::{
     ArpEvent, EventHeader, EventKind, FdbEvent, FlowCounters, FlowDir, FlowEvent, FlowKey, FlowKey4,
-    FlowState, MacCounters, MacKey, MacSeenEvent, NeighborAdvertEvent, ProbeConfig, TcpEvent, UnknownKind,
+    FlowSet4, FlowSet6, FlowState, MacCounters, MacKey, MacSeenEvent, NeighborAdvertEvent, ProbeConfig,
+    TcpEvent, UnknownKind,
 };
 
 /// Plain data: every bit pattern is valid, no padding the compiler adds (asserted by the size checks in lib.rs).
@@ -32,6 +33,8 @@ pod!(
     ProbeConfig,
     FlowKey,
     FlowKey4,
+    FlowSet4,
+    FlowSet6,
     FlowDir,
     FlowState,
     FlowCounters,

@@ -1,18 +1,21 @@
 //! The TCP flow tracker: the state of every TCP connection of a watched VM, from its frames on the VM's ports.
 //!
-//! The L2 programs (XDP ingress, TC ingress, TC egress) call [`track`] for IPv4 and IPv6 frames, after their own
-//! Ethernet and VLAN parsing, so a port pays for one program and one parse. A flow is watched when one end's
-//! address is in `FLOW_IPS` (the VMs' IPs) or, with `CFG_FLOW_MACS`, when the frame's Ethernet source or
-//! destination is a watched MAC (that end is then the VM's).
+//! The L2 programs (XDP ingress, TC ingress, TC egress) hand IPv4 and IPv6 frames to the flow programs
+//! (`flow_xdp`, `flow_tc`) by a tail call ([`hand_over`]), with their own Ethernet and VLAN parse in the per-CPU
+//! scratch slot, so a port pays for one parse, and the verifier walks the tracker once per program, not once per
+//! path of the L2 parser. A flow is watched when one end's address is in `FLOW_IPS` (the VMs' IPs) or, with
+//! `CFG_FLOW_MACS`, when the frame's Ethernet source or destination is a watched MAC (that end is then the VM's).
 //!
-//! Each flow is one entry of an LRU map, `FLOWS4` for IPv4 (keyed by [`FlowKey4`], 16 bytes) and `FLOWS` for
-//! IPv6 (keyed by [`FlowKey`]), with the VM's end first, so both directions share it (as ePPing keeps one entry
-//! per connection). No SYN is needed: the first segment seen in a
+//! Each flow is one entry, keyed by [`FlowKey4`] (16 bytes) for IPv4 and [`FlowKey`] for IPv6, with the VM's end
+//! first, so both directions share it (as ePPing keeps one entry per connection). The entry is a way of an
+//! array-backed cache of 4-way sets (`FLOW_CACHE4`, `FLOW_CACHE6`; the set is a hash of the key), or of the LRU map
+//! behind it (`FLOWS4`, `FLOWS`) that takes the flows the cache evicts. No SYN is needed: the first segment seen in a
 //! direction initialises that direction's state, so flows are picked up mid-stream. Per direction the entry keeps
 //! the highest sequence end, the last ACK, the times of the last segment, of the last new data and of the last
 //! forward progress, and the segment and retransmission counts ([`FlowDir`]).
 //!
-//! A busy flow costs one map lookup and a few stores into the value per segment, and the coarse clock
+//! A busy flow in the cache costs an inlined array index, a few word comparisons and stores into the way per
+//! segment (a flow in the LRU map, a hash map lookup), and the coarse clock
 //! (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC as of the last tick): the per-flow times, and so `gap_ns` and
 //! `silence_ns`, are accurate to a tick; a record's own time is the precise clock's. A record goes to the ring
 //! buffer only when a segment matters ([`FlowEvent`], one kind each):
@@ -30,9 +33,11 @@
 //! capture, `flow_capture_burst` at most) limits them; a record over it goes out without the bytes and is counted
 //! in `FLOW_COUNTERS.capture_dropped`.
 //!
-//! Evictions: the tracker never deletes entries, so every entry that left the table was evicted by the LRU.
-//! `FLOW_COUNTERS.inserts` counts successful inserts; user space counts the entries and reports
-//! `inserts - entries` as evictions.
+//! Evictions: the tracker never deletes entries, and a flow is in the cache or in the LRU map, never both (a
+//! flow the cache evicts moves to the LRU map), so every flow that left was evicted by the LRU map, or dropped
+//! by it when it had no room. `FLOW_COUNTERS.inserts` counts new flows; user space counts the entries of both and
+//! reports `inserts - entries` as evictions. Two CPUs opening the same flow at the same instant may both insert
+//! it; one copy then ages out, counted as an eviction.
 //!
 //! With `CFG_FLOW_PORTS` (`migmon watch --port`), only the watched VMs' flows with a port in `FLOW_PORTS` (at
 //! either end) are tracked.
@@ -42,30 +47,43 @@
 //! tracked.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::{TC_ACT_UNSPEC, xdp_action},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    programs::{TcContext, XdpContext},
 };
 use monitor_common::{
     AF_INET, AF_INET6, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_FLOW_PORTS, EventHeader, EventKind, FLOW_ACK_KNOWN,
-    FLOW_FIN_SEEN, FLOW_INLINE_IPS, FLOW_PEER_ACK_KNOWN, FLOW_PORT_WORDS, FLOW_SEQ_KNOWN, FLOW_ZERO_WINDOW,
-    FRAME_CAPTURE, FlowCounters, FlowDir, FlowEvent, FlowKey, FlowKey4, FlowState, IpKey, SIDE_PEER, SIDE_VM,
-    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    FLOW_CACHE_WAYS, FLOW_FIN_SEEN, FLOW_INLINE_IPS, FLOW_PEER_ACK_KNOWN, FLOW_PORT_WORDS, FLOW_SEQ_KNOWN,
+    FLOW_ZERO_WINDOW, FRAME_CAPTURE, FlowCounters, FlowDir, FlowEvent, FlowKey, FlowKey4, FlowSet, FlowSet4,
+    FlowSet6, FlowSlot, FlowState, IpKey, SIDE_PEER, SIDE_VM, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     EVENTS, atomic_add, config, count_lost,
-    l2::{Eth, Frame, be16, byte, bytes, count_malformed, mac_watched},
+    l2::{Eth, Frame, TcFrame, XdpFrame, bytes, count_malformed, mac_watched},
 };
 
-/// The IPv6 flow table. User space sizes it at load time.
+/// The IPv6 flow table behind the cache: flows the cache evicted (and all flows without a cache). User space
+/// sizes it at load time.
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(16384, 0);
 
 /// The IPv4 flow table, with the smaller key; sized as `FLOWS`.
 #[map]
 static FLOWS4: LruHashMap<FlowKey4, FlowState> = LruHashMap::with_max_entries(16384, 0);
+
+/// The IPv4 flow cache: `CONFIG.flow_cache_sets` sets of [`FLOW_CACHE_WAYS`] flows, in front of `FLOWS4`. An
+/// array, so finding a flow costs an inlined index, a hash computed here and a few word comparisons, where a
+/// hash map lookup costs a kernel call (the key's hash and compare there were a third of a segment's cost).
+#[map]
+static FLOW_CACHE4: Array<FlowSet4> = Array::with_max_entries(1, 0);
+
+/// The IPv6 flow cache, in front of `FLOWS`.
+#[map]
+static FLOW_CACHE6: Array<FlowSet6> = Array::with_max_entries(1, 0);
 
 /// Addresses of the watched VMs (IPv6 or IPv4-mapped).
 #[map]
@@ -75,6 +93,16 @@ static FLOW_IPS: HashMap<IpKey, u8> = HashMap::with_max_entries(1024, 0);
 /// ports is set. An array, so the test is an inlined index and a bit, not a hash lookup.
 #[map]
 static FLOW_PORTS: Array<u64> = Array::with_max_entries(FLOW_PORT_WORDS, 0);
+
+/// The flow program the XDP program hands a TCP frame to, by a tail call (index 0: `flow_xdp`). User space fills
+/// it when the tracker is on. A tail-called program is verified on its own, once, not once per path of the L2
+/// parser that reaches it. (A program array serves one program type, hence one for XDP and one for TC.)
+#[map]
+pub(crate) static FLOW_PROG_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The flow program the TC programs (ingress and egress) hand a TCP frame to (index 0: `flow_tc`).
+#[map]
+pub(crate) static FLOW_PROG_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// A flow's key and a new flow's entry while a segment is tracked (index 0).
 #[map]
@@ -87,7 +115,40 @@ struct Work {
     key: FlowKey,
     key4: FlowKey4,
     state: FlowState,
+    /// A cache way's index, passed through memory so that the verifier sees one unknown value in place of each
+    /// constant the search found (and walks what follows once, not once per way).
+    way: u32,
+    pad: u32,
+    /// What the L2 program parsed, for the flow program it tail-calls.
+    handoff: Handoff,
+    /// A segment that raises records, and what it did.
+    pending: Pending,
 }
+
+/// What a segment's records say besides the flow's key.
+#[derive(Clone, Copy)]
+struct Pending {
+    seg: Segment,
+    out: Outcome,
+    peer_ack: u32,
+    side: u8,
+    family: u16,
+}
+
+/// The L2 program's parse of a frame, handed to the flow program.
+#[repr(C)]
+struct Handoff {
+    ethertype: u16,
+    /// Offset of the IP header.
+    off: u16,
+    vlan: [u16; 2],
+    vlan_count: u16,
+    direction: u8,
+    pad: u8,
+}
+
+/// The largest offset of an IP header after the Ethernet header and two VLAN tags.
+const MAX_L3_OFF: u16 = 22;
 
 /// Per-CPU counters and capture budget (index 0).
 #[map]
@@ -111,19 +172,23 @@ fn before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
 }
 
-/// The directly readable bytes, with at least `need` of them: pulls them in when the frame is long enough but
-/// they are not direct (TC). `None` when the frame is shorter than `need`.
+/// A pointer to offset `off` of the frame with at least `len` directly readable bytes from it, and the end of
+/// those bytes; pulls them in when the frame is long enough but they are not direct (TC). `None` when the frame
+/// is shorter than `off + len`. The bounds check is made on the returned pointer itself: reads at constant offsets
+/// below `len` from it are what the verifier follows, even when `off` is not a constant.
 #[inline(always)]
-fn direct(f: &impl Frame, need: usize) -> Option<(usize, usize)> {
-    let (data, end) = (f.data(), f.data_end());
-    if data + need <= end {
-        return Some((data, end));
+fn direct_at(f: &impl Frame, off: usize, len: usize) -> Option<(usize, usize)> {
+    let p = f.data() + off;
+    let end = f.data_end();
+    if p + len <= end {
+        return Some((p, end));
     }
-    if need as u64 > f.wire_len() || !f.pull(need as u32) {
+    if (off + len) as u64 > f.wire_len() || !f.pull((off + len) as u32) {
         return None;
     }
-    let (data, end) = (f.data(), f.data_end());
-    (data + need <= end).then_some((data, end))
+    let p = f.data() + off;
+    let end = f.data_end();
+    (p + len <= end).then_some((p, end))
 }
 
 /// The IP layer of a TCP frame (the addresses go straight into the scratch key).
@@ -143,39 +208,23 @@ enum Parsed<T> {
     Malformed,
 }
 
-/// Copies the 16 bytes at `data + off` to `dst`, bounds-checked against `end`.
-///
-/// # Safety
-/// `dst` must be valid for writes and 8-byte aligned.
-#[inline(always)]
-unsafe fn copy16(data: usize, end: usize, off: usize, dst: *mut IpKey) -> bool {
-    let (Some(hi), Some(lo)) = (bytes::<8>(data, end, off), bytes::<8>(data, end, off + 8)) else {
-        return false;
-    };
-    let dst = dst.cast::<u64>();
-    // SAFETY: `dst` by the caller's contract.
-    unsafe {
-        dst.write(u64::from_ne_bytes(hi));
-        dst.add(1).write(u64::from_ne_bytes(lo));
-    }
-    true
-}
-
 /// Parses IPv4 at `off`: the IP layer, the source and the destination address.
 #[inline(always)]
 fn ipv4(f: &impl Frame, off: usize) -> Parsed<(Ip, [u8; 4], [u8; 4])> {
-    let Some((data, end)) = direct(f, off + 20) else {
+    let Some((p, _)) = direct_at(f, off, 20) else {
         return Parsed::Malformed;
     };
-    let (Some(vihl), Some(tot), Some(frag), Some(proto), Some(s), Some(d)) = (
-        byte(data, end, off),
-        be16(data, end, off + 2),
-        be16(data, end, off + 6),
-        byte(data, end, off + 9),
-        bytes::<4>(data, end, off + 12),
-        bytes::<4>(data, end, off + 16),
-    ) else {
-        return Parsed::Malformed;
+    // SAFETY: checked above that the 20 bytes of the fixed header lie inside the packet; each field is read with
+    // one load of its width.
+    let (vihl, tot, frag, proto, s, d) = unsafe {
+        (
+            *(p as *const u8),
+            u16::from_be(((p + 2) as *const u16).read_unaligned()),
+            u16::from_be(((p + 6) as *const u16).read_unaligned()),
+            *((p + 9) as *const u8),
+            ((p + 12) as *const [u8; 4]).read_unaligned(),
+            ((p + 16) as *const [u8; 4]).read_unaligned(),
+        )
     };
     let ihl = usize::from(vihl & 0x0f) << 2;
     if vihl >> 4 != 4 || ihl < 20 {
@@ -213,15 +262,16 @@ fn ipv4(f: &impl Frame, off: usize) -> Parsed<(Ip, [u8; 4], [u8; 4])> {
 /// `k` must be valid for writes and 8-byte aligned.
 #[inline(always)]
 unsafe fn ipv6(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Ip> {
-    let Some((data, end)) = direct(f, off + IPV6_HLEN) else {
+    let Some((p, _)) = direct_at(f, off, IPV6_HLEN) else {
         return Parsed::Malformed;
     };
-    let (Some(ver), Some(plen), Some(next)) = (
-        byte(data, end, off),
-        be16(data, end, off + 4),
-        byte(data, end, off + 6),
-    ) else {
-        return Parsed::Malformed;
+    // SAFETY: checked above that the fixed header lies inside the packet; `k` by the caller's contract.
+    let (ver, plen, next) = unsafe {
+        (
+            *(p as *const u8),
+            u16::from_be(((p + 4) as *const u16).read_unaligned()),
+            *((p + 6) as *const u8),
+        )
     };
     if ver >> 4 != 6 {
         return Parsed::Malformed;
@@ -239,13 +289,13 @@ unsafe fn ipv6(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Ip> {
         }
         plen
     };
-    // SAFETY: the caller's contract.
-    let copied = unsafe {
-        copy16(data, end, off + 8, &raw mut (*k).vm_addr)
-            && copy16(data, end, off + 24, &raw mut (*k).peer_addr)
-    };
-    if !copied {
-        return Parsed::Malformed;
+    // SAFETY: as above: the addresses are bytes 8..40 of the checked header; `k`'s addresses are 8-byte aligned.
+    unsafe {
+        let src = (p + 8) as *const [u8; 8];
+        let dst = (&raw mut (*k).vm_addr).cast::<u64>();
+        for i in 0..4 {
+            dst.add(i).write(u64::from_ne_bytes(src.add(i).read_unaligned()));
+        }
     }
     Parsed::Yes(Ip {
         family: AF_INET6,
@@ -354,6 +404,7 @@ struct Segment {
 }
 
 /// What a segment did to its sender's direction.
+#[derive(Clone, Copy)]
 struct Outcome {
     events: u32,
     retransmit_gap: u64,
@@ -622,23 +673,60 @@ pub(crate) fn worth_tracking(f: &impl Frame, eth: &Eth) -> bool {
     filter & (bit(a) | bit(b)) != 0
 }
 
-/// Tracks one IPv4 or IPv6 frame whose Ethernet header `eth` has been parsed, seen by a hook in `direction`.
-///
-/// Not inlined, so the L2 parser's stack and the tracker's do not add up in one frame. Returns the bytes of frame
-/// captured into records (for [`keep`]).
-#[inline(never)]
-pub(crate) fn track(f: &impl Frame, eth: &Eth, direction: u8) -> u32 {
-    track_segment(f, eth, direction)
+/// Hands an IPv4 or IPv6 frame whose Ethernet header `eth` has been parsed, seen by a hook in `direction`, to
+/// the flow program of the frame's type (a tail call: it does not return when it succeeds). The parse goes along
+/// in the per-CPU scratch slot; the flow program runs next on this CPU.
+#[inline(always)]
+pub(crate) fn hand_over(f: &impl Frame, eth: &Eth, direction: u8) {
+    let Some(w) = WORK.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, valid while the program runs; the tail-called program reads it next.
+    unsafe {
+        (&raw mut (*w).handoff).write(Handoff {
+            ethertype: eth.ethertype,
+            off: eth.off as u16,
+            vlan: eth.vlan,
+            vlan_count: eth.vlan_count,
+            direction,
+            pad: 0,
+        });
+    }
+    f.tail_call_flow();
 }
 
-/// Keeps the result of a call to a BPF function alive. If the result is unused, the compiler drops the function's
-/// return value altogether and leaves the return register as it was: the verifier refuses a function that
-/// returns a stack pointer that way. A volatile store of a value that is not a constant prevents it.
+/// The flow tracker for XDP: the frame `l2_ingress` handed over.
+#[xdp]
+pub fn flow_xdp(ctx: XdpContext) -> u32 {
+    flow(&XdpFrame::new(&ctx));
+    xdp_action::XDP_PASS
+}
+
+/// The flow tracker for TC ingress and egress: the frame `l2_ingress_tc` or `l2_egress` handed over.
+#[classifier]
+pub fn flow_tc(ctx: TcContext) -> i32 {
+    flow(&TcFrame::new(&ctx));
+    TC_ACT_UNSPEC
+}
+
+/// Tracks the frame an L2 program handed over ([`hand_over`]).
 #[inline(always)]
-pub(crate) fn keep(v: u32) {
-    let mut sink = 0u32;
-    // SAFETY: a store to a local.
-    unsafe { core::ptr::write_volatile(&raw mut sink, v) };
+fn flow(f: &impl Frame) {
+    let Some(w) = WORK.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, written by the L2 program that tail-called this one.
+    let h = unsafe { (&raw const (*w).handoff).read() };
+    if h.off > MAX_L3_OFF {
+        return;
+    }
+    let eth = Eth {
+        ethertype: h.ethertype,
+        off: usize::from(h.off),
+        vlan: h.vlan,
+        vlan_count: h.vlan_count,
+    };
+    track_segment(f, &eth, h.direction);
 }
 
 /// The fixed TCP header at `l4` of a packet whose IP layer leaves `payload` bytes: source port, destination port
@@ -648,11 +736,7 @@ fn tcp_header(f: &impl Frame, l4: usize, payload: usize) -> Option<(u16, u16, Se
     if payload < TCP_HLEN {
         return None;
     }
-    let (data, end) = direct(f, l4 + TCP_HLEN)?;
-    let p = data + l4;
-    if p + TCP_HLEN > end {
-        return None;
-    }
+    let (p, _) = direct_at(f, l4, TCP_HLEN)?;
     // SAFETY: checked above that the 20 bytes of the fixed TCP header lie inside the packet.
     let (sport, dport, seq, ack, doff, tcp_flags, window) = unsafe {
         (
@@ -682,26 +766,187 @@ fn tcp_header(f: &impl Frame, l4: usize, payload: usize) -> Option<(u16, u16, Se
     ))
 }
 
-/// Applies a segment from `side` to the flow `key` of `table`, inserting the flow when the table does not hold
-/// it (`EV_OPEN` in the outcome). One map operation per segment of a known flow: the lookup, then stores into the
-/// value in place. `None` when the flow could neither be found nor inserted (counted).
+/// A flow table key the cache compares and hashes in 8-byte words.
 ///
 /// # Safety
-/// `w` must be this CPU's scratch slot.
+/// `WORDS * 8` must be the type's size, and its values must sit at 8-byte aligned addresses wherever the
+/// tracker reads them (the scratch slot, cache ways).
+unsafe trait CacheKey: Sized {
+    const WORDS: usize;
+    /// The key's set index bits, from all its words.
+    #[inline(always)]
+    fn hash(words: *const u64) -> u32 {
+        let mut x = 0u64;
+        for i in 0..Self::WORDS {
+            // SAFETY: the trait's contract: `WORDS` aligned words.
+            x ^= unsafe { words.add(i).read() }.rotate_left(i as u32 * 13);
+        }
+        // Fold the halves, then multiply (Fibonacci hashing): the high half of the product depends on every bit.
+        ((x ^ (x >> 32)) & 0xffff_ffff)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_shr(32) as u32
+    }
+}
+
+// SAFETY: 16 bytes; the scratch slot and cache ways hold it 8-byte aligned.
+unsafe impl CacheKey for FlowKey4 {
+    const WORDS: usize = 2;
+}
+
+// SAFETY: 40 bytes; the scratch slot and cache ways hold it 8-byte aligned.
+unsafe impl CacheKey for FlowKey {
+    const WORDS: usize = 5;
+}
+
+const _: () = assert!(size_of::<FlowKey4>() == FlowKey4::WORDS * 8);
+const _: () = assert!(size_of::<FlowKey>() == FlowKey::WORDS * 8);
+
+/// `a` and `b` hold the same key.
+///
+/// # Safety
+/// Both must be valid for reads of `K::WORDS` aligned words.
 #[inline(always)]
-unsafe fn apply_to_table<K>(
+unsafe fn same_key<K: CacheKey>(a: *const K, b: *const K) -> bool {
+    let (a, b) = (a.cast::<u64>(), b.cast::<u64>());
+    let mut diff = 0;
+    for i in 0..K::WORDS {
+        // SAFETY: the caller's contract.
+        diff |= unsafe { a.add(i).read() ^ b.add(i).read() };
+    }
+    diff == 0
+}
+
+/// When the flow in a cache way last saw a segment; 0 for an empty way.
+///
+/// # Safety
+/// `st` must be valid for reads.
+#[inline(always)]
+unsafe fn last_seen(st: *const FlowState) -> u64 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if (*st).first_ns == 0 {
+            return 0;
+        }
+        (*st).dir[0].last_ns.max((*st).dir[1].last_ns).max(1)
+    }
+}
+
+/// Marks a way index in [`Work::way`] as a new flow's.
+const WAY_NEW: u32 = 8;
+
+/// Applies a segment from `side` to the flow `key`: in its cache set (when there is a cache), else in `table`; a
+/// flow in neither is new and goes into the set (`EV_OPEN` in the outcome). A busy flow in the cache costs no map
+/// call: the set's index, a few word comparisons, then stores into the way in place. A new flow takes an empty way
+/// or the one that saw a segment longest ago, whose flow moves to `table` (which may evict its own least recently
+/// used flow for it). `None` when the flow could neither be found nor inserted (counted).
+///
+/// # Safety
+/// `w` must be this CPU's scratch slot and `key` point into it (8-byte aligned).
+#[inline(always)]
+unsafe fn apply_to_table<K: CacheKey>(
+    cache: &Array<FlowSet<K>>,
     table: &LruHashMap<K, FlowState>,
-    key: &K,
+    key: *const K,
     w: *mut Work,
     side: u8,
     seg: &Segment,
     now: u64,
 ) -> Option<(Outcome, u32)> {
     let quiet = config!(flow_quiet_ns);
-    if let Some(st) = table.get_ptr_mut(key) {
-        // SAFETY: `st` points to the map value, valid while the program runs.
-        return Some(unsafe { update(st, side, seg, now, quiet) });
+    let sets = config!(flow_cache_sets);
+    let set = if sets == 0 {
+        None
+    } else {
+        cache.get_ptr_mut(K::hash(key.cast()) & (sets - 1))
+    };
+    // SAFETY: `set` points to a map value, valid while the program runs; `key` and `w` by the caller's contract;
+    // way indices are masked below FLOW_CACHE_WAYS.
+    unsafe {
+        let Some(set) = set else {
+            if let Some(st) = table.get_ptr_mut(&*key) {
+                return Some(update(st, side, seg, now, quiet));
+            }
+            return insert_into_table(table, key, w, side, seg, now, quiet);
+        };
+        let mut found = FLOW_CACHE_WAYS as u32;
+        for i in 0..FLOW_CACHE_WAYS {
+            if same_key(&raw const (*set).ways[i].key, key) {
+                found = i as u32;
+            }
+        }
+        if found == FLOW_CACHE_WAYS as u32 {
+            if let Some(st) = table.get_ptr_mut(&*key) {
+                return Some(update(st, side, seg, now, quiet));
+            }
+            found = victim(set) | WAY_NEW;
+        }
+        let slot = &raw mut (*w).way;
+        slot.write_volatile(found);
+        let found = slot.read_volatile();
+        let way = (&raw mut (*set).ways)
+            .cast::<FlowSlot<K>>()
+            .add((found & (FLOW_CACHE_WAYS as u32 - 1)) as usize);
+        if found & WAY_NEW != 0 {
+            if (*way).state.first_ns != 0 {
+                // The flow leaves the cache for the table; if the table has no room for it, it is evicted, and
+                // counted as such (inserts minus entries).
+                let _ = table.insert(&(*way).key, &(*way).state, u64::from(BPF_ANY));
+            }
+            let (src, dst) = (key.cast::<u64>(), (&raw mut (*way).key).cast::<u64>());
+            for i in 0..K::WORDS {
+                dst.add(i).write(src.add(i).read());
+            }
+            (&raw mut (*way).state).write(FlowState {
+                first_ns: now,
+                dir: [FlowDir::default(); 2],
+            });
+            if let Some(c) = counters() {
+                atomic_add(&raw mut (*c).inserts, 1);
+            }
+        }
+        let (mut out, peer_ack) = update(&raw mut (*way).state, side, seg, now, quiet);
+        if slot.read_volatile() & WAY_NEW != 0 {
+            out.events |= EV_OPEN;
+        }
+        Some((out, peer_ack))
     }
+}
+
+/// The way of `set` a new flow takes: an empty one, else the one that saw a segment longest ago.
+///
+/// # Safety
+/// `set` must point to a map value valid while the program runs.
+#[inline(always)]
+unsafe fn victim<K>(set: *const FlowSet<K>) -> u32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut victim = 0;
+        let mut oldest = last_seen(&raw const (*set).ways[0].state);
+        for i in 1..FLOW_CACHE_WAYS {
+            let seen = last_seen(&raw const (*set).ways[i].state);
+            if seen < oldest {
+                oldest = seen;
+                victim = i as u32;
+            }
+        }
+        victim
+    }
+}
+
+/// A new flow into `table` itself (no cache): built in the scratch slot, then inserted.
+///
+/// # Safety
+/// `w` must be this CPU's scratch slot and `key` an aligned key.
+#[inline(always)]
+unsafe fn insert_into_table<K: CacheKey>(
+    table: &LruHashMap<K, FlowState>,
+    key: *const K,
+    w: *mut Work,
+    side: u8,
+    seg: &Segment,
+    now: u64,
+    quiet: u64,
+) -> Option<(Outcome, u32)> {
     // SAFETY: the scratch slot's entry is valid for writes; the map copies key and value on insert.
     unsafe {
         let st = &raw mut (*w).state;
@@ -710,13 +955,13 @@ unsafe fn apply_to_table<K>(
             dir: [FlowDir::default(); 2],
         });
         let (mut out, _) = update(st, side, seg, now, quiet);
-        if table.insert(key, &*st, u64::from(BPF_NOEXIST)).is_ok() {
+        if table.insert(&*key, &*st, u64::from(BPF_NOEXIST)).is_ok() {
             out.events |= EV_OPEN;
             if let Some(c) = counters() {
                 atomic_add(&raw mut (*c).inserts, 1);
             }
             Some((out, 0))
-        } else if let Some(st) = table.get_ptr_mut(key) {
+        } else if let Some(st) = table.get_ptr_mut(&*key) {
             // Another CPU inserted the flow first: the segment goes to its entry.
             Some(update(st, side, seg, now, quiet))
         } else {
@@ -857,7 +1102,7 @@ unsafe fn apply_segment(
                 peer_port: peer.1,
                 ifindex,
             });
-            let (out, peer_ack) = apply_to_table(&FLOWS4, &*k, w, side, seg, now)?;
+            let (out, peer_ack) = apply_to_table(&FLOW_CACHE4, &FLOWS4, k, w, side, seg, now)?;
             if out.events != 0 {
                 (&raw mut (*w).key).write((*k).widen());
             }
@@ -876,7 +1121,7 @@ unsafe fn apply_segment(
             if side == SIDE_PEER {
                 swap_ends(k);
             }
-            let (out, peer_ack) = apply_to_table(&FLOWS, &*k, w, side, seg, now)?;
+            let (out, peer_ack) = apply_to_table(&FLOW_CACHE6, &FLOWS, k, w, side, seg, now)?;
             Some((side, out, peer_ack))
         }
     }
@@ -932,9 +1177,25 @@ fn track_segment(f: &impl Frame, eth: &Eth, direction: u8) -> u32 {
     if out.events == 0 {
         return 0;
     }
-    // SAFETY: the slot's key holds the flow's key (`apply_segment`), valid for reads.
-    let key = unsafe { &*(&raw const (*w).key) };
-    report(f, eth, key, t.ip.family, side, direction, &seg, &out, peer_ack)
+    // What the record says goes through the scratch slot: read back, it is one unknown value to the verifier
+    // wherever the segment came from (which table, which flags), so it walks the record path once, not once per
+    // combination of what the tracker found.
+    // SAFETY: `w` is this CPU's scratch slot; its key holds the flow's key (`apply_segment`).
+    unsafe {
+        let pending = &raw mut (*w).pending;
+        pending.write_volatile(Pending {
+            seg,
+            out,
+            peer_ack,
+            side,
+            family: t.ip.family,
+        });
+        let p = pending.read_volatile();
+        let key = &*(&raw const (*w).key);
+        report(
+            f, eth, key, p.family, p.side, direction, &p.seg, &p.out, p.peer_ack,
+        )
+    }
 }
 
 /// Emits a record for each kind `out.events` holds, stamped with the precise clock; returns the frame bytes

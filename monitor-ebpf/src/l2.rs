@@ -93,9 +93,18 @@ pub(crate) trait Frame {
     /// # Safety
     /// `dst` must point to `FRAME_CAPTURE` writable bytes.
     unsafe fn copy(&self, dst: *mut u8) -> u32;
+    /// Tail-calls the flow program of this program type; returns only when that fails (the tracker is off).
+    fn tail_call_flow(&self);
 }
 
 pub(crate) struct XdpFrame<'a>(&'a XdpContext);
+
+impl<'a> XdpFrame<'a> {
+    #[inline(always)]
+    pub(crate) fn new(ctx: &'a XdpContext) -> Self {
+        Self(ctx)
+    }
+}
 
 impl Frame for XdpFrame<'_> {
     #[inline(always)]
@@ -143,6 +152,11 @@ impl Frame for XdpFrame<'_> {
         // SAFETY: the caller's contract.
         unsafe { copy_frame(self.0, dst, self.wire_len()) }
     }
+    #[inline(always)]
+    fn tail_call_flow(&self) {
+        // SAFETY: a tail call from the program's own context; control never comes back when it succeeds.
+        let _ = unsafe { crate::flow::FLOW_PROG_XDP.tail_call(self.0, 0) };
+    }
 }
 
 pub(crate) struct TcFrame<'a> {
@@ -152,7 +166,7 @@ pub(crate) struct TcFrame<'a> {
 
 impl<'a> TcFrame<'a> {
     #[inline(always)]
-    fn new(ctx: &'a TcContext) -> Self {
+    pub(crate) fn new(ctx: &'a TcContext) -> Self {
         // SAFETY: the context of a classifier program is a `__sk_buff`; reading `ifindex` is allowed.
         let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
         Self { ctx, ifindex }
@@ -198,6 +212,11 @@ impl Frame for TcFrame<'_> {
     unsafe fn copy(&self, dst: *mut u8) -> u32 {
         // SAFETY: the caller's contract; the context is the program's own.
         unsafe { copy_frame_skb(self.ctx.as_ptr(), dst, self.wire_len()) }
+    }
+    #[inline(always)]
+    fn tail_call_flow(&self) {
+        // SAFETY: a tail call from the program's own context; control never comes back when it succeeds.
+        let _ = unsafe { crate::flow::FLOW_PROG_TC.tail_call(self.ctx, 0) };
     }
 }
 
@@ -357,7 +376,7 @@ fn ingress(f: &impl Frame) {
     }
     if eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6 {
         if flags & (CFG_FLOW_IPS | CFG_FLOW_MACS) != 0 && crate::flow::worth_tracking(f, &eth) {
-            crate::flow::keep(crate::flow::track(f, &eth, DIR_INGRESS));
+            crate::flow::hand_over(f, &eth, DIR_INGRESS);
         }
         return;
     }
@@ -625,7 +644,7 @@ fn egress(f: &impl Frame) {
         return;
     };
     if (eth.ethertype == ETH_P_IP || eth.ethertype == ETH_P_IPV6) && crate::flow::worth_tracking(f, &eth) {
-        crate::flow::keep(crate::flow::track(f, &eth, DIR_EGRESS));
+        crate::flow::hand_over(f, &eth, DIR_EGRESS);
     }
 }
 

@@ -57,6 +57,12 @@ pub struct ReportArgs {
     /// With --format compare: the clients are Windows (5 retransmissions).
     #[arg(long)]
     pub windows: bool,
+    /// With --format compare: other TCP settings for some clients, `CLIENTS=SETTINGS` (repeatable; the first that
+    /// matches a connection applies, the options above to the rest). CLIENTS: comma-separated client addresses
+    /// (10.0.0.2), prefixes (10.0.0.0/24) or sockets (10.0.0.2:40000, `[fd00::2]:40000`). SETTINGS: comma-separated
+    /// tcp-retries2=N, rto-min=D, user-timeout=D, windows, over Linux's defaults.
+    #[arg(long, value_name = "CLIENTS=SETTINGS")]
+    pub client_tcp: Vec<report::compare::ClientTcp>,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -225,16 +231,22 @@ pub fn report(a: &ReportArgs) -> Result<i32> {
         Format::Json => report::render_json(&an),
         Format::Html => report::html::render(&an, &title(&a.trace)),
         Format::Compare => {
-            let given =
-                a.tcp_retries2.is_some() || a.rto_min.is_some() || a.user_timeout.is_some() || a.windows;
+            let given = a.tcp_retries2.is_some()
+                || a.rto_min.is_some()
+                || a.user_timeout.is_some()
+                || a.windows
+                || !a.client_tcp.is_empty();
             let d = Settings::default();
-            let st = Settings {
-                tcp_retries2: a.tcp_retries2.unwrap_or(d.tcp_retries2),
-                rto_min_ns: a.rto_min.unwrap_or(d.rto_min_ns),
-                user_timeout_ns: a.user_timeout,
-                windows: a.windows,
+            let tcp = report::compare::ClientSettings {
+                default: Settings {
+                    tcp_retries2: a.tcp_retries2.unwrap_or(d.tcp_retries2),
+                    rto_min_ns: a.rto_min.unwrap_or(d.rto_min_ns),
+                    user_timeout_ns: a.user_timeout,
+                    windows: a.windows,
+                },
+                groups: a.client_tcp.clone(),
             };
-            report::compare::render(&an, given.then_some(&st))
+            report::compare::render(&an, given.then_some(&tcp))
         }
     };
     print!("{out}");

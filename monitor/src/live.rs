@@ -28,7 +28,7 @@ use crate::{
     cli::{LimitArgs, duration_ns, run_check},
     metrics::{self, Metrics},
     pause,
-    pipeline::{Control, Flow, Observer, Sources},
+    pipeline::{Control, Flow, Keeper, Observer, Sources},
     ports::{MacSource, PortControl},
     probes::Iface,
     record_dir::{RecordDir, RecordDirConfig},
@@ -108,7 +108,7 @@ const BUSY_CORRELATION: Duration = Duration::from_secs(1);
 const IDLE_CORRELATION: Duration = Duration::from_secs(3);
 
 /// How far behind the monotonic clock the gate may still be missing events (ring buffer → collector → consumer;
-/// the collector wakes on every record, so this is a generous bound). The gate counts the watch as observing until
+/// the collector drains within about 10 ms of a record, so this is a generous bound). The gate counts the watch as observing until
 /// now minus this, so a retransmission that was due and never came judges its connection recovered.
 const PIPELINE_LAG_NS: u64 = 100_000_000;
 
@@ -172,16 +172,8 @@ pub fn start(
             Flow::Continue
         }));
     }
-    // The observer only collects; the gate thread correlates (see [`spawn_gate`]).
+    // The pipeline's keeper ([`Live::keeper`]) only collects; the gate thread correlates (see [`spawn_gate`]).
     let gate = Arc::new(Mutex::new(Gate::default()));
-    let g = gate.clone();
-    observers.push(Box::new(move |ev| {
-        g.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .incoming
-            .push(ev.clone());
-        Flow::Continue
-    }));
     let thread = spawn_gate(
         args,
         gate.clone(),
@@ -319,6 +311,8 @@ fn spawn_gate(
                 printed: 0,
             };
             let mut pending = false;
+            // The intake is swapped with this buffer, so neither reallocates once grown.
+            let mut batch: Vec<Event> = Vec::new();
             let mut last_run = std::time::Instant::now();
             let mut last_full = std::time::Instant::now();
             loop {
@@ -334,9 +328,12 @@ fn spawn_gate(
                 last_run = std::time::Instant::now();
                 send_skipped();
                 // Take what arrived; correlate without holding the lock, so the consumer never waits.
-                let new = std::mem::take(&mut g.lock().unwrap_or_else(PoisonError::into_inner).incoming);
-                let migrating = new.iter().any(|e| matches!(e, Event::Migration { .. }));
-                for ev in new {
+                std::mem::swap(
+                    &mut g.lock().unwrap_or_else(PoisonError::into_inner).incoming,
+                    &mut batch,
+                );
+                let migrating = batch.iter().any(|e| matches!(e, Event::Migration { .. }));
+                for ev in batch.drain(..) {
                     seen.live.push(ev);
                 }
                 let pace = if pending || migrating {
@@ -388,6 +385,14 @@ fn spawn_gate(
 }
 
 impl Live {
+    /// The pipeline's keeper: every event, by value, into the gate's intake.
+    pub fn keeper(&self) -> Keeper {
+        let g = self.gate.clone();
+        Box::new(move |ev| {
+            g.lock().unwrap_or_else(PoisonError::into_inner).incoming.push(ev);
+        })
+    }
+
     /// Waits for the gate. With `--until-migrations` not reached, checks what was seen (and fails: fewer
     /// migrations than asked). Returns the exit code.
     pub fn finish(self, code: i32) -> Result<i32> {

@@ -27,11 +27,14 @@ pub struct Output {
     /// Inode of the root namespace (not named in human lines).
     root_netns: Option<u64>,
     stdout: std::io::Stdout,
-    /// Lines not yet written: [`Pipeline::consume`] writes them in one go whenever its queue runs empty
-    /// ([`Output::flush`]), so a storm costs one `write` per batch rather than one per event. On a terminal
-    /// every line is written at once, so it keeps its place among stderr lines (live verdicts).
+    /// Lines not yet written: [`Pipeline::consume`] writes them in one go whenever its queue runs empty, and at
+    /// least every [`crate::pipeline::FLUSH_EVERY`] ([`Output::flush`]), so a storm costs one `write` per batch
+    /// rather than one per event. On a terminal every line is written at once, so it keeps its place among stderr
+    /// lines (live verdicts). The `--record` trace is written and flushed with the same batches.
     pending: Vec<u8>,
     tty: bool,
+    /// The JSON line of the event being emitted: serialised once for the trace and `--json`.
+    line: Vec<u8>,
 }
 
 /// [`Output`] writes what it holds once it reaches this many bytes, even while events keep coming.
@@ -53,24 +56,29 @@ impl Output {
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
             stdout,
             pending: Vec::with_capacity(OUTPUT_BATCH_BYTES + 4096),
+            line: Vec::with_capacity(512),
         }
     }
 
-    /// Prints and records one event.
+    /// Prints and records one event (into the batch that [`Output::flush`] writes).
     pub fn emit(&mut self, ev: &Event) -> Result<()> {
+        if self.json || self.record.is_some() {
+            self.line.clear();
+            serde_json::to_writer(&mut self.line, ev).context("cannot serialise an event")?;
+        }
         if let Some(w) = &mut self.record {
-            w.write(ev)
+            w.write_line(&self.line)
                 .context("cannot append to the --record trace (disk full?)")?;
         }
         if self.json {
-            serde_json::to_writer(&mut self.pending, ev).context("cannot serialise an event")?;
+            self.pending.extend_from_slice(&self.line);
         } else {
             let line = self.human(ev);
             self.pending.extend_from_slice(line.as_bytes());
         }
         self.pending.push(b'\n');
         if self.tty || self.pending.len() >= OUTPUT_BATCH_BYTES {
-            self.flush();
+            self.write_stdout();
         }
         Ok(())
     }
@@ -78,7 +86,7 @@ impl Output {
     /// Ends the `--record` trace with its end record: the observation finished normally. A trace without one reads
     /// as truncated.
     pub fn finish_record(&mut self) -> Result<()> {
-        self.flush();
+        self.flush()?;
         if let Some(w) = self.record.take() {
             w.finish(mono_now_ns())
                 .context("cannot write the end record of the --record trace (disk full?)")?;
@@ -86,9 +94,18 @@ impl Output {
         Ok(())
     }
 
-    /// Writes the lines [`Output::emit`] holds to stdout. A closed stdout (e.g. `| head`) must not stop
-    /// recording, so write errors are dropped.
-    pub fn flush(&mut self) {
+    /// Writes the lines [`Output::emit`] holds to stdout and the trace lines to the `--record` file. A closed
+    /// stdout (e.g. `| head`) must not stop recording, so stdout's write errors are dropped; the trace's are not.
+    pub fn flush(&mut self) -> Result<()> {
+        self.write_stdout();
+        if let Some(w) = &mut self.record {
+            w.flush()
+                .context("cannot append to the --record trace (disk full?)")?;
+        }
+        Ok(())
+    }
+
+    fn write_stdout(&mut self) {
         if self.pending.is_empty() {
             return;
         }
@@ -410,7 +427,9 @@ fn dir_name(d: migmon_analysis::trace::Direction) -> &'static str {
 
 impl Drop for Output {
     fn drop(&mut self) {
-        self.flush();
+        if let Err(e) = self.flush() {
+            eprintln!("migmon: warning: {e:#}");
+        }
     }
 }
 

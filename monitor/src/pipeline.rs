@@ -1,7 +1,7 @@
 //! The event pipeline of `migmon watch`: every source pushes [`Event`]s through a [`Sender`] from
 //! [`Pipeline::sender`]; one consumer ([`Pipeline::consume`], on the calling thread) hands each to the [`Output`]
-//! (stdout and the trace) in the order they arrived, counts it for the [`Summary`] and shows it to the [`Observer`]s
-//! (metrics, the live gate). [`Control`] carries the stop and sample-now switches between the parts.
+//! (stdout and the trace) in the order they arrived, counts it for the [`Summary`], shows it to the [`Observer`]s
+//! (metrics, `--record-dir`) and gives it to the [`Keeper`] (the live gate). [`Control`] carries the stop and sample-now switches between the parts.
 //!
 //! The sources are tasks on one tokio runtime, [`Sources`]: the probe collector (ring buffers through `AsyncFd`),
 //! the pause-window sources (QMP, the migrator events socket, followed files), the metrics server, the clock sampler
@@ -92,6 +92,10 @@ pub struct Sources {
 /// How long the tasks get to finish once the watch is over.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// The consumer writes what it holds (stdout, the `--record` trace) whenever its queue runs empty, and at least
+/// this often while events keep coming.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
 impl Sources {
     /// A runtime for `pipeline`'s sources: two worker threads (`migmon-io`), timers and I/O.
     pub fn new(pipeline: &Pipeline) -> Result<Self> {
@@ -169,15 +173,20 @@ pub enum Flow {
     Stop(i32),
 }
 
-/// Sees every event the consumer handles, after it was recorded and printed (on a terminal) or queued for the next
-/// batched write (otherwise; see [`Output::flush`]).
+/// Sees every event the consumer handles, after it was printed (on a terminal) or queued for the next batched write
+/// of stdout and the trace (see [`Output::flush`]).
 pub type Observer = Box<dyn FnMut(&Event) -> Flow + Send>;
+
+/// Takes each event by value after the output and the observers have seen it: the one part that keeps events (the
+/// live correlation) gets them without a copy.
+pub type Keeper = Box<dyn FnMut(Event) + Send>;
 
 /// The event pipeline: many senders, one consumer.
 pub struct Pipeline {
     tx: Sender<Event>,
     rx: Receiver<Event>,
     control: Control,
+    keeper: Option<Keeper>,
 }
 
 /// Counts per kind and losses, printed at the end.
@@ -230,7 +239,13 @@ impl Pipeline {
             tx,
             rx,
             control: Control::new(),
+            keeper: None,
         }
+    }
+
+    /// Hands every event, once handled, to `keeper`.
+    pub fn keep_with(&mut self, keeper: Keeper) {
+        self.keeper = Some(keeper);
     }
 
     /// A sender for another source of events.
@@ -252,7 +267,12 @@ impl Pipeline {
         observers: &mut [Observer],
         until_done: Option<JoinHandle<()>>,
     ) -> Result<(Summary, i32)> {
-        let Pipeline { tx, rx, control } = self;
+        let Pipeline {
+            tx,
+            rx,
+            control,
+            mut keeper,
+        } = self;
         drop(tx);
         let start = Instant::now();
         let mut summary = Summary::default();
@@ -266,19 +286,30 @@ impl Pipeline {
                     control.stop();
                 }
             }
+            if let Some(k) = &mut keeper {
+                k(ev);
+            }
             Ok(())
         };
-        // Events handled since the deadline was last checked: reading the clock per event was a visible cost of
-        // a storm.
+        // Events handled since the deadline and the flush time were last checked: reading the clock per event was
+        // a visible cost of a storm.
         let mut unchecked = 0u32;
+        let mut flushed = Instant::now();
         loop {
             if control.stopped() {
                 break;
             }
-            if unchecked == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
+            if unchecked == 0 {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    break;
+                }
+                if now.duration_since(flushed) >= FLUSH_EVERY {
+                    out.flush()?;
+                    flushed = now;
+                }
             }
-            // Take what is queued without waiting; print it in one write once the queue is empty.
+            // Take what is queued without waiting; write it in one go once the queue is empty.
             match rx.try_recv() {
                 Ok(ev) => {
                     handle(ev, out, &mut summary, &mut code)?;
@@ -286,7 +317,10 @@ impl Pipeline {
                     continue;
                 }
                 Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => out.flush(),
+                Err(TryRecvError::Empty) => {
+                    out.flush()?;
+                    flushed = Instant::now();
+                }
             }
             unchecked = 0;
             let wait = deadline.map_or(Duration::from_millis(100), |d| {
@@ -304,7 +338,7 @@ impl Pipeline {
         if let Some(h) = until_done {
             // The collector does a last drain and sample before it detaches; take those events too.
             while !h.is_finished() {
-                out.flush();
+                out.flush()?;
                 match rx.recv_timeout(Duration::from_millis(20)) {
                     Ok(ev) => handle(ev, out, &mut summary, &mut code)?,
                     Err(RecvTimeoutError::Timeout) => {}
@@ -315,7 +349,7 @@ impl Pipeline {
         while let Ok(ev) = rx.try_recv() {
             handle(ev, out, &mut summary, &mut code)?;
         }
-        out.flush();
+        out.flush()?;
         summary.elapsed = elapsed;
         Ok((summary, code))
     }

@@ -22,7 +22,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
+    },
     programs::{
         ProgramError, SchedClassifier, TracePoint, Xdp,
         tc::{SchedClassifierLinkId, TcAttachType},
@@ -32,8 +34,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use monitor_common::{
     CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_FLOW_PORTS,
-    CFG_WATCH_MACS, FlowCounters, FlowKey, FlowKey4, FlowState, IpKey, MacCounters, MacKey, MacKey8,
-    ProbeConfig, WireEvent,
+    CFG_WATCH_MACS, FLOW_CACHE_WAYS, FlowCounters, FlowKey, FlowKey4, FlowSet4, FlowSet6, FlowState, IpKey,
+    MacCounters, MacKey, MacKey8, ProbeConfig, WireEvent,
 };
 
 use migmon_analysis::trace::Port;
@@ -187,8 +189,8 @@ pub struct FlowOptions {
     pub macs: Vec<[u8; 6]>,
     /// Track only flows with one of these ports at either end (empty: every port).
     pub ports: Vec<u16>,
-    /// Entries of each flow table, IPv4 and IPv6 (LRU maps: the least recently used flow is evicted when one is
-    /// full).
+    /// Flows each family's table holds, IPv4 and IPv6 ([`flow_table_split`]: an array cache in front, an LRU
+    /// map behind it; the least recently used flow is evicted when both are full).
     pub table_entries: u32,
     /// A side's first forward progress after this long without is reported.
     pub quiet_ns: u64,
@@ -217,6 +219,17 @@ pub const DEFAULT_FLOW_TABLE: u32 = 16_384;
 
 /// Flow table entries when the tracker is off (the map must exist; it stays empty).
 const FLOW_TABLE_OFF: u32 = 64;
+
+/// How a flow table of `entries` flows (per family) is split: the sets of the array cache in front of it (a
+/// power of two of [`FLOW_CACHE_WAYS`]-way sets, at most half the entries) and the entries of the LRU map behind
+/// it (the rest), which takes the flows the cache evicts.
+#[must_use]
+pub fn flow_table_split(entries: u32) -> (u32, u32) {
+    let entries = entries.max(FLOW_TABLE_OFF);
+    let ways = FLOW_CACHE_WAYS as u32;
+    let sets = 1u32 << (entries / 2 / ways).max(1).ilog2();
+    (sets, entries - sets * ways)
+}
 
 /// The flow tracker's counters, summed over CPUs and instances.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -421,6 +434,8 @@ struct Instance {
     /// The programs' log ring buffer, read with `--ebpf-log`.
     logger: Option<EbpfLogger<KernelLog>>,
     log: KernelLog,
+    /// The flow tracker is on: the L2 programs tail-call the flow programs.
+    flows: bool,
 }
 
 /// The loaded kernel programs and their maps.
@@ -673,6 +688,7 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
             }
         }
         c.flow_ip_count = u32::try_from(f.ips.len()).unwrap_or(u32::MAX);
+        c.flow_cache_sets = flow_table_split(f.table_entries).0;
         c.flow_quiet_ns = f.quiet_ns;
         // Burst and interval are bounded so that their product (the bucket's size in ns) cannot overflow.
         c.flow_capture_ns = if f.captures_per_sec == 0 {
@@ -769,6 +785,42 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> ProbeError {
 }
 
 impl Instance {
+    /// The flows in this instance's flow caches (IPv4 keys widened), one syscall per set.
+    fn cached_flows(&self) -> Result<Vec<(FlowKey, FlowState)>, ProbeError> {
+        let mut out = Vec::new();
+        let cache4: Array<_, FlowSet4> = Array::try_from(
+            self.ebpf
+                .map("FLOW_CACHE4")
+                .ok_or(ProbeError::NoMap("FLOW_CACHE4"))?,
+        )
+        .map_err(map_err("FLOW_CACHE4"))?;
+        for set in cache4.iter() {
+            let set = set.map_err(map_err("FLOW_CACHE4"))?;
+            out.extend(
+                set.ways
+                    .iter()
+                    .filter(|w| w.state.first_ns != 0)
+                    .map(|w| (w.key.widen(), w.state)),
+            );
+        }
+        let cache6: Array<_, FlowSet6> = Array::try_from(
+            self.ebpf
+                .map("FLOW_CACHE6")
+                .ok_or(ProbeError::NoMap("FLOW_CACHE6"))?,
+        )
+        .map_err(map_err("FLOW_CACHE6"))?;
+        for set in cache6.iter() {
+            let set = set.map_err(map_err("FLOW_CACHE6"))?;
+            out.extend(
+                set.ways
+                    .iter()
+                    .filter(|w| w.state.first_ns != 0)
+                    .map(|w| (w.key, w.state)),
+            );
+        }
+        Ok(out)
+    }
+
     fn load(
         netns: Option<String>,
         id: u32,
@@ -780,10 +832,8 @@ impl Instance {
         }
         let mut cfg = *config;
         cfg.netns_id = id;
-        let flow_table = opts
-            .flows
-            .as_ref()
-            .map_or(FLOW_TABLE_OFF, |f| f.table_entries.max(FLOW_TABLE_OFF));
+        let (cache_sets, flow_table) =
+            flow_table_split(opts.flows.as_ref().map_or(FLOW_TABLE_OFF, |f| f.table_entries));
         let log_level = crate::ebpf_log::level(opts.ebpf_log);
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &cfg, true)
@@ -791,6 +841,8 @@ impl Instance {
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
             .map_max_entries("FLOWS", flow_table)
             .map_max_entries("FLOWS4", flow_table)
+            .map_max_entries("FLOW_CACHE4", cache_sets)
+            .map_max_entries("FLOW_CACHE6", cache_sets)
             .load(OBJECT)
             .map_err(|e| match &e {
                 aya::EbpfError::MapError(MapError::CreateError { io_error, .. })
@@ -822,7 +874,43 @@ impl Instance {
             ring: Arc::new(Mutex::new(ring)),
             logger,
             log,
+            flows: opts.flows.is_some(),
         })
+    }
+
+    /// With the flow tracker on, loads the flow program of the XDP or the TC programs (once) and puts it into the
+    /// program array (`FLOW_PROG_XDP`, `FLOW_PROG_TC`) the L2 programs of that type tail-call.
+    fn link_flow_program(&mut self, xdp: bool) -> Result<(), ProbeError> {
+        if !self.flows {
+            return Ok(());
+        }
+        let (name, array) = if xdp {
+            ("flow_xdp", "FLOW_PROG_XDP")
+        } else {
+            ("flow_tc", "FLOW_PROG_TC")
+        };
+        let fd = if xdp {
+            let p: &mut Xdp = self.program(name)?;
+            if p.fd().is_ok() {
+                return Ok(());
+            }
+            p.load().map_err(|e| load_error(name, e))?;
+            p.fd()
+                .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+                .map_err(|e| load_error(name, e))?
+        } else {
+            let p: &mut SchedClassifier = self.program(name)?;
+            if p.fd().is_ok() {
+                return Ok(());
+            }
+            p.load().map_err(|e| load_error(name, e))?;
+            p.fd()
+                .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+                .map_err(|e| load_error(name, e))?
+        };
+        let mut progs = ProgramArray::try_from(self.ebpf.map_mut(array).ok_or(ProbeError::NoMap(array))?)
+            .map_err(map_err(array))?;
+        progs.set(0, &fd, 0).map_err(map_err(array))
     }
 
     fn program<'a, T>(&'a mut self, name: &str) -> Result<&'a mut T, ProbeError>
@@ -840,6 +928,7 @@ impl Instance {
     }
 
     fn xdp_loaded(&mut self) -> Result<&mut Xdp, ProbeError> {
+        self.link_flow_program(true)?;
         let p: &mut Xdp = self.program("l2_ingress")?;
         if p.fd().is_err() {
             p.load().map_err(|e| load_error("l2_ingress", e))?;
@@ -848,6 +937,7 @@ impl Instance {
     }
 
     fn tc_ingress_loaded(&mut self) -> Result<&mut SchedClassifier, ProbeError> {
+        self.link_flow_program(false)?;
         let p: &mut SchedClassifier = self.program("l2_ingress_tc")?;
         if p.fd().is_err() {
             p.load().map_err(|e| load_error("l2_ingress_tc", e))?;
@@ -863,6 +953,7 @@ impl Instance {
     }
 
     fn tc_loaded(&mut self) -> Result<&mut SchedClassifier, ProbeError> {
+        self.link_flow_program(false)?;
         let p: &mut SchedClassifier = self.program("l2_egress")?;
         if p.fd().is_err() {
             p.load().map_err(|e| load_error("l2_egress", e))?;
@@ -1443,6 +1534,7 @@ impl Probes {
                     BpfHashMap::try_from(inst.ebpf.map("FLOWS4").ok_or(ProbeError::NoMap("FLOWS4"))?)
                         .map_err(map_err("FLOWS4"))?;
                 entries = (flows.keys().flatten().count() + flows4.keys().flatten().count()) as u64;
+                entries += inst.cached_flows()?.len() as u64;
             }
             t.inserts += inserts;
             t.entries += entries;
@@ -1463,6 +1555,7 @@ impl Probes {
             let flows4: BpfHashMap<_, FlowKey4, FlowState> =
                 BpfHashMap::try_from(inst.ebpf.map("FLOWS4").ok_or(ProbeError::NoMap("FLOWS4"))?)
                     .map_err(map_err("FLOWS4"))?;
+            out.extend(inst.cached_flows()?.into_iter().map(|(k, v)| (inst.id, k, v)));
             // An entry evicted between two steps of the walk is skipped.
             for (k, v) in flows4.iter().flatten() {
                 out.push((inst.id, k.widen(), v));

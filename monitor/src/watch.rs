@@ -4,14 +4,15 @@
 //! [`Pipeline::sender`], and one consumer prints them (human or `--json`), appends them to the `--record` trace,
 //! counts them for the summary and hands them to [`Observer`]s. The sources are tasks on one tokio runtime
 //! ([`Sources`]). The kernel probes are one: a collector task wakes when a ring buffer has records (`AsyncFd` on each
-//! ring buffer's fd), drains them and, every `--sample-interval` or at once when [`Control::request_sample`] is
+//! ring buffer's fd), drains them (then lets the next records gather for 10 ms, so a stream costs a wakeup per batch)
+//! and, every `--sample-interval` or at once when [`Control::request_sample`] is
 //! called, samples the per-MAC counters (`mac_stats`), the malformed-frame counters (`malformed`) and the ring buffer
 //! losses (`loss`); it owns the [`Probes`], which other tasks reach through [`ProbeAccess`]. Other sources (a
 //! migrator's event socket, QMP, the clock sampler, ...) push into the same sender.
 //!
 //! ```text
 //!  ring buffers ─┐  tasks on one                        ┌─ stdout (human / --json)
-//!  map samples ──┼─ tokio runtime ─ Sender<Event> ──► consumer ──┼─ --record trace (flushed per line)
+//!  map samples ──┼─ tokio runtime ─ Sender<Event> ──► consumer ──┼─ --record trace (flushed per batch)
 //!  other sources ┘                                      └─ observers, summary
 //! ```
 
@@ -105,7 +106,8 @@ pub struct WatchArgs {
     /// One JSON object per line (see docs/events.md) instead of human lines.
     #[arg(long)]
     pub json: bool,
-    /// Also write every event to this trace file (for `migmon report`/`export`), flushed line by line.
+    /// Also write every event to this trace file (for `migmon report`/`export`), flushed in batches (at least every
+    /// 100 ms, and at the end: Ctrl-C and SIGTERM lose nothing).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
     /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
@@ -195,7 +197,9 @@ fn describe(args: &WatchArgs) -> String {
     parts.join(" ")
 }
 
-/// Previous samples, to emit only what changed.
+/// Previous samples, to emit only what changed. The counter maps hold what the kernel's maps held at the last
+/// sample, so the counters of a port that is gone (deleted from the kernel's map once the port is retired) leave them
+/// too.
 #[derive(Default)]
 struct Samples {
     mac: HashMap<(u32, MacKey), MacCounters>,
@@ -210,30 +214,42 @@ struct Samples {
 /// The flow tables are walked at most this often to count evictions.
 const FLOW_WALK_EVERY: Duration = Duration::from_secs(1);
 
+/// The entries of a counter map read now that differ from the last read (`prev`), which becomes this read: keys
+/// gone from the map leave `prev`.
+fn changed<K: std::hash::Hash + Eq + Copy, V: PartialEq + Copy>(
+    prev: &mut HashMap<K, V>,
+    now: impl Iterator<Item = (K, V)>,
+) -> Vec<(K, V)> {
+    let now: HashMap<K, V> = now.collect();
+    let out = now
+        .iter()
+        .filter(|&(k, v)| prev.get(k) != Some(v))
+        .map(|(&k, &v)| (k, v))
+        .collect();
+    *prev = now;
+    out
+}
+
 fn sample(probes: &Probes, decoder: &Decoder, prev: &mut Samples, tx: &Sender<Event>) {
     let ts_ns = mono_now_ns();
     match probes.mac_counters() {
         Ok(entries) => {
-            for (id, key, c) in entries {
-                if prev.mac.get(&(id, key)) != Some(&c) {
-                    prev.mac.insert((id, key), c);
-                    let _ = tx.send(decoder.mac_stats(ts_ns, id, &key, &c));
-                }
+            let entries = entries.into_iter().map(|(id, key, c)| ((id, key), c));
+            for ((id, key), c) in changed(&mut prev.mac, entries) {
+                let _ = tx.send(decoder.mac_stats(ts_ns, id, &key, &c));
             }
         }
         Err(e) => note(tx, "warning", format!("cannot read the MAC counters: {e}")),
     }
     match probes.malformed() {
         Ok(entries) => {
-            for (id, ifindex, count) in entries {
-                if prev.malformed.get(&(id, ifindex)) != Some(&count) {
-                    prev.malformed.insert((id, ifindex), count);
-                    let _ = tx.send(Event::Malformed {
-                        ts_ns,
-                        port: decoder.port(id, ifindex),
-                        count,
-                    });
-                }
+            let entries = entries.into_iter().map(|(id, ifindex, n)| ((id, ifindex), n));
+            for ((id, ifindex), count) in changed(&mut prev.malformed, entries) {
+                let _ = tx.send(Event::Malformed {
+                    ts_ns,
+                    port: decoder.port(id, ifindex),
+                    count,
+                });
             }
         }
         Err(e) => note(
@@ -320,9 +336,9 @@ fn decoded(r: &Result<WireEvent, DecodeError>, decoder: &mut Decoder, tx: &Sende
     }
 }
 
-/// Decodes every pending ring buffer record into `tx`.
-fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
-    probes.drain(|r| decoded(&r, decoder, tx));
+/// Decodes every pending ring buffer record into `tx`; returns how many there were.
+fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) -> usize {
+    let n = probes.drain(|r| decoded(&r, decoder, tx));
     let dropped = probes.drain_logs(|line, netns| {
         let _ = tx.send(line.to_event(netns));
     });
@@ -334,6 +350,7 @@ fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) {
             format!("--ebpf-log: {dropped} kernel log line(s) dropped (read too late, or unreadable)"),
         );
     }
+    n
 }
 
 /// Work handed to the probe collector, which owns the [`Probes`]: attach or detach a port, read a map. It runs
@@ -404,6 +421,15 @@ async fn rings_readable(rings: &[AsyncFd<OwnedFd>]) -> std::io::Result<()> {
 /// How often the ring buffers are drained when the reactor cannot watch them.
 const RING_POLL_FALLBACK: Duration = Duration::from_millis(10);
 
+/// After a drain, the collector waits this long before it waits on the ring buffers again. A ring buffer wakes its
+/// reader only for a record submitted when the reader had caught up, so the records of this pause wake nobody and
+/// are drained together: a steady stream costs a wakeup of the collector (and of the consumer) per batch rather
+/// than per record. A 1 MiB ring buffer holds this long of more than a million records a second.
+const RING_BATCH: Duration = Duration::from_millis(10);
+
+/// A drain that found this many records does not wait [`RING_BATCH`]: the ring buffer is filling fast.
+const RING_BUSY: usize = 4096;
+
 /// The probe source: a task that drains the ring buffers as they fill, samples the counters every `interval` (and at
 /// once on [`Control::request_sample`]), applies the port requests of `ports` (`--bridge`) as they come, and on stop
 /// does a last drain and sample and detaches. Port requests take a blocking thread for their kernel work (a TC
@@ -453,13 +479,14 @@ struct Applying {
 }
 
 impl Probed {
-    /// Decodes every pending ring buffer record into `tx` (and, with the probes here, the programs' log lines).
-    fn drain(&mut self, tx: &Sender<Event>) {
+    /// Decodes every pending ring buffer record into `tx` (and, with the probes here, the programs' log lines);
+    /// returns how many there were.
+    fn drain(&mut self, tx: &Sender<Event>) -> usize {
         if let Some(probes) = &mut self.probes {
-            drain(probes, &mut self.decoder, tx);
+            drain(probes, &mut self.decoder, tx)
         } else {
             let decoder = &mut self.decoder;
-            self.rings.drain(|r| decoded(&r, decoder, tx));
+            self.rings.drain(|r| decoded(&r, decoder, tx))
         }
     }
 
@@ -491,6 +518,13 @@ impl Probed {
         }))
     }
 
+    /// The ring buffers of the probes there are now: drained through `self.rings`, waited on through the result.
+    fn refresh_rings(&mut self, tx: &Sender<Event>) -> Option<Vec<AsyncFd<OwnedFd>>> {
+        let probes = self.probes.as_ref()?;
+        self.rings = probes.rings();
+        watched_rings(probes, tx)
+    }
+
     /// Takes the probes and the handler back from a blocking thread; returns whether ports were attached.
     fn finish_port_requests(&mut self, done: Applying, tx: &Sender<Event>) -> bool {
         self.probes = Some(done.probes);
@@ -518,14 +552,24 @@ async fn readable(fd: Option<&AsyncFd<OwnedFd>>) -> std::io::Result<()> {
     }
 }
 
-/// Completes when the blocking thread applying port requests ends (never, when none runs).
+/// Completes when the blocking thread applying port requests ends (never, when none runs); `None`, with a warning,
+/// when the thread failed and the probes are lost with it.
 async fn applied(
     job: &mut Option<tokio::task::JoinHandle<Applying>>,
-) -> Result<Applying, tokio::task::JoinError> {
-    match job {
+    tx: &Sender<Event>,
+) -> Option<Applying> {
+    let done = match job {
         Some(j) => j.await,
         None => std::future::pending().await,
-    }
+    };
+    done.map_err(|e| {
+        note(
+            tx,
+            "warning",
+            format!("the port requests' thread failed ({e}): the probes are lost; stopping"),
+        );
+    })
+    .ok()
 }
 
 /// Registers a duplicate of `fd` with the reactor, for readability.
@@ -561,35 +605,35 @@ async fn collect(
     });
     // Port requests being applied on a blocking thread; the probes are there meanwhile.
     let mut applying = None;
+    // Set after a drain: the ring buffers are waited on again once it has elapsed (see [`RING_BATCH`]).
+    let batch = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(batch);
+    let mut batching = false;
     loop {
         let here = p.probes.is_some();
         tokio::select! {
             biased;
             () = control.stopping() => break,
-            ready = rings_readable(rings.as_deref().unwrap_or_default()), if rings.is_some() => {
+            () = &mut batch, if batching => batching = false,
+            ready = rings_readable(rings.as_deref().unwrap_or_default()), if rings.is_some() && !batching => {
                 if let Err(e) = ready {
                     note(&tx, "warning", format!("cannot wait for the ring buffers ({e}); polling them every {} ms", RING_POLL_FALLBACK.as_millis()));
                     rings = None;
                 }
+                if p.drain(&tx) < RING_BUSY {
+                    batch.as_mut().reset(tokio::time::Instant::now() + RING_BATCH);
+                    batching = true;
+                }
+            }
+            _ = fallback.tick(), if rings.is_none() => {
                 p.drain(&tx);
             }
-            _ = fallback.tick(), if rings.is_none() => p.drain(&tx),
-            done = applied(&mut applying), if applying.is_some() => {
+            done = applied(&mut applying, &tx), if applying.is_some() => {
                 applying = None;
-                match done {
-                    Ok(done) => {
-                        if p.finish_port_requests(done, &tx)
-                            && let Some(probes) = &p.probes
-                        {
-                            p.rings = probes.rings();
-                            rings = watched_rings(probes, &tx);
-                        }
-                    }
-                    Err(e) => {
-                        note(&tx, "warning", format!("the port requests' thread failed ({e}): the probes are lost; stopping"));
-                        control.stop();
-                        break;
-                    }
+                // Without its probes the watch cannot go on.
+                let Some(done) = done else { control.stop(); break };
+                if p.finish_port_requests(done, &tx) {
+                    rings = p.refresh_rings(&tx);
                 }
             }
             _ = readable(port_wake.as_ref()), if port_wake.is_some() && here => {
@@ -611,8 +655,7 @@ async fn collect(
                     && let (Some(h), Some(probes)) = (&mut p.ports, &mut p.probes)
                     && h.handle(probes, &mut p.decoder, &tx)
                 {
-                    p.rings = probes.rings();
-                    rings = watched_rings(probes, &tx);
+                    rings = p.refresh_rings(&tx);
                 }
                 if let Some(probes) = &p.probes {
                     sample(probes, &p.decoder, &mut prev, &tx);
@@ -623,8 +666,7 @@ async fn collect(
                 if let Some(probes) = &mut p.probes {
                     // The job may add or remove ring buffers: watch what is there after.
                     job(probes, &mut p.decoder);
-                    p.rings = probes.rings();
-                    rings = watched_rings(probes, &tx);
+                    rings = p.refresh_rings(&tx);
                 }
             }
         }
@@ -826,7 +868,7 @@ pub fn attach(args: &WatchArgs, tx: &Sender<Event>) -> Result<(Probes, Decoder)>
 /// The sources run as tasks on one tokio runtime ([`Sources`]); this thread is the consumer that prints and records
 /// every event in the order it arrived.
 pub fn run(args: &WatchArgs) -> Result<i32> {
-    let pipeline = Pipeline::new();
+    let mut pipeline = Pipeline::new();
     let mut sources = Sources::new(&pipeline)?;
     stop_on_signals(&mut sources)?;
 
@@ -866,6 +908,7 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
     // Other sources of events (migrator event socket, QMP, libvirt, ...) are tasks on `sources`; observers (limits,
     // metrics) go in `observers`.
     let live = crate::live::start(&args.live, &mut sources, &mut observers, port_control)?;
+    pipeline.keep_with(live.keeper());
 
     let mut out = Output::new(args.json, record);
     eprintln!("migmon: watching {}; Ctrl-C to stop", describe(args));
@@ -881,6 +924,25 @@ pub fn run(args: &WatchArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counter_samples_report_changes_and_forget_keys_gone_from_the_map() {
+        let mut prev = HashMap::new();
+        let mut got = changed(&mut prev, [(1, 10u64), (2, 20)].into_iter());
+        got.sort_unstable();
+        assert_eq!(got, vec![(1, 10), (2, 20)]);
+        // Port 2 moved on, port 1 did not, port 3 is new.
+        let mut got = changed(&mut prev, [(1, 10), (2, 21), (3, 1)].into_iter());
+        got.sort_unstable();
+        assert_eq!(got, vec![(2, 21), (3, 1)]);
+        // Port 1 is gone from the kernel's map: it leaves the cache, and comes back as new if it reappears.
+        assert!(changed(&mut prev, [(2, 21), (3, 1)].into_iter()).is_empty());
+        assert_eq!(prev.len(), 2);
+        assert_eq!(
+            changed(&mut prev, [(1, 10), (2, 21), (3, 1)].into_iter()),
+            vec![(1, 10)]
+        );
+    }
 
     #[test]
     fn durations_need_their_unit() {

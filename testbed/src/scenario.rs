@@ -795,7 +795,7 @@ fn scenario(s: &Scenario<'_>) -> Result<Run, ScenarioError> {
         wall: quick_wall,
     };
     drop((recv_a, recv_b, run_a));
-    let (mut outputs, compare, report) = reports(s, &trace)?;
+    let (mut outputs, compare, report) = reports(s, &trace, &quick.clients)?;
     let merged_report = if host_traces.is_empty() {
         None
     } else {
@@ -1052,9 +1052,25 @@ fn settle(s: &Scenario<'_>, watch: &mut Proc) -> Result<Option<i32>, ScenarioErr
     Ok(watch_exit.flatten())
 }
 
+/// The TCP settings of `p` as `migmon report --format compare` reads them after `--client-tcp CLIENTS=`.
+fn client_tcp_settings(p: Profile) -> String {
+    let mut out = vec![format!("tcp-retries2={}", p.tcp_retries2())];
+    out.extend(p.rto_min().map(|r| format!("rto-min={}", fmt_duration(r))));
+    out.extend(
+        p.user_timeout()
+            .map(|u| format!("user-timeout={}", fmt_duration(u))),
+    );
+    out.join(",")
+}
+
 /// `migmon report` (compare, JSON, text, SVG) and `migmon export` on the trace; returns the files, the compare
-/// text and the JSON report.
-fn reports(s: &Scenario<'_>, trace: &Path) -> Result<(Outputs, String, Value), ScenarioError> {
+/// text and the JSON report. The compare report's arithmetic takes `cfg.profile`'s settings, and those of each
+/// other profile for its `clients`.
+fn reports(
+    s: &Scenario<'_>,
+    trace: &Path,
+    clients: &[ClientReport],
+) -> Result<(Outputs, String, Value), ScenarioError> {
     let cfg = s.cfg;
     s.say("reports: migmon report and export on the trace");
     let trace_s = trace.display().to_string();
@@ -1088,6 +1104,19 @@ fn reports(s: &Scenario<'_>, trace: &Path) -> Result<(Outputs, String, Value), S
     }
     if let Some(u) = cfg.profile.user_timeout() {
         compare_args.extend(["--user-timeout".into(), fmt_duration(u)]);
+    }
+    for &p in cfg.more_profiles.iter().filter(|&&p| p != cfg.profile) {
+        let socks: Vec<String> = clients
+            .iter()
+            .filter(|c| c.profile == p)
+            .map(|c| c.local.to_string())
+            .collect();
+        if !socks.is_empty() {
+            compare_args.extend([
+                "--client-tcp".into(),
+                format!("{}={}", socks.join(","), client_tcp_settings(p)),
+            ]);
+        }
     }
     let compare_refs: Vec<&str> = compare_args.iter().map(String::as_str).collect();
     let compare = s.migmon(&compare_refs)?;

@@ -127,18 +127,28 @@ fn check(run: &Run, tcp: &str) {
                 _ => assert_eq!(v["basis"], "wire", "{ctx}: {v:#}"),
             }
             if mode == "quick" {
-                check_in_flight_and_rto(wire, c.profile, &ctx);
+                let socket_rto = (tcp == "both").then(|| {
+                    v["base_rto_us"]
+                        .as_f64()
+                        .unwrap_or_else(|| panic!("{ctx}: the socket's RTO: {v:#}"))
+                });
+                let r = check_in_flight_and_rto(wire, c.profile, socket_rto, &ctx);
+                let to_socket = socket_rto
+                    .zip(wire["peer"]["rto_us"].as_f64())
+                    .map_or_else(String::new, |(s, w)| format!(", to the socket's: {:.3}", w / s));
+                eprintln!("{ctx}: inferred RTO to the profile's base: {r:.3}{to_socket}");
             }
         }
     }
 }
 
 /// The client had data in flight during the pause (it retransmitted), and the RTO the wire inferred from its
-/// timer series is at least its profile's base (the route's `rto_min`, or Linux's 200 ms) and at most one doubling
-/// above it: when the client sent new data just before its first timer retransmission (a request/response client
-/// sends every 5 ms), the wire takes that retransmission for a fast retransmit and starts the series one backoff
-/// late (seen here: 432 ms for a 200 ms base).
-fn check_in_flight_and_rto(wire: &Value, p: Profile, ctx: &str) {
+/// timer series is its profile's: at least 0.9× the profile's base (the route's `rto_min`, or Linux's 200 ms; the
+/// socket's RTO is that plus a few ms of RTT terms) and at most 1.25× (60 ms of RTT terms at 200 ms, 20 ms at 80 ms;
+/// 204-215 ms and 84-90 ms were seen). With the sockets watched too (`socket_rto_us`, the client socket's RTO
+/// before backoff as its tracepoint read it) the wire's is within 10 % of it (within 3 % was seen). Returns the
+/// ratio to the profile's base.
+fn check_in_flight_and_rto(wire: &Value, p: Profile, socket_rto_us: Option<f64>, ctx: &str) -> f64 {
     let rtx = wire["peer"]["retransmits"].as_array();
     assert!(
         rtx.is_some_and(|r| !r.is_empty()),
@@ -149,9 +159,25 @@ fn check_in_flight_and_rto(wire: &Value, p: Profile, ctx: &str) {
         .as_f64()
         .unwrap_or_else(|| panic!("{ctx}: the wire inferred the client's RTO: {wire:#}"));
     assert!(
-        (0.9 * base..=2.5 * base).contains(&rto),
+        (0.9 * base..=1.25 * base).contains(&rto),
         "{ctx}: inferred RTO {rto} µs, the profile's base is {base} µs: {wire:#}"
     );
+    if let Some(socket) = socket_rto_us {
+        assert!(
+            (0.9 * socket..=1.1 * socket).contains(&rto),
+            "{ctx}: inferred RTO {rto} µs, the client socket's is {socket} µs: {wire:#}"
+        );
+    }
+    let kinds: Vec<&str> = rtx
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    assert!(
+        !kinds.contains(&"fast"),
+        "{ctx}: no duplicate ACKs come from a paused VM, so no fast retransmit: {wire:#}"
+    );
+    rto / base
 }
 
 #[test]

@@ -10,13 +10,16 @@
 //! - a TCP connection still open at the end (or closed within the close cluster before it): its first event, its
 //!   first event that names its namespace, its last state change, and the `connect()` transition that opened it;
 //!   `connect()` transitions no connection claimed yet; closed connections are dropped (they are never judged
-//!   against a later pause);
+//!   against a later pause), and so are connections whose CLOSE was never seen but whose 4-tuple a later opening
+//!   in the same namespace took;
 //! - per (MAC, direction, port): the last `mac_seen` and the last `mac_stats` sample (cumulative counters);
 //! - per (MAC, bridge): the last `fdb_update`;
 //! - per (kind, MAC, sender, address, port): the last ARP, GARP, RARP and neighbor advertisement (the VM's IPs and
 //!   the ports it announced itself on);
-//! - per tracked flow: its first segment, its first segment other than a SYN, and its first RST (the wire basis
-//!   judges every flow not reset before a pause);
+//! - per tracked flow not over yet: its first segment, its first segment other than a SYN, its first RST, its FINs
+//!   and its last segments (the wire basis judges every flow not over before a pause: reset, closed by both sides,
+//!   or idle for [`super::flows::FLOW_IDLE_NS`]); flows over for good (closed [`super::flows::FLOW_LINGER_NS`]
+//!   ago, or idle) are dropped;
 //! - migration phase events of the last [`MIGRATION_MARGIN_NS`] (a later move on the wire is not inferred again when
 //!   a recent migration covers it);
 //! - every `port_failed` (each later migration warns about it).
@@ -25,7 +28,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::{CLOSE_CLUSTER_NS, ConnectionIndex, PENDING_OPEN_NS, flows::FlowIndex, tcp_of};
+use super::{
+    CLOSE_CLUSTER_NS, ConnectionIndex, PENDING_OPEN_NS,
+    flows::{FlowIndex, SAME_SEGMENT_NS},
+    tcp_of,
+};
 use crate::trace::Event;
 
 /// Migration phase events this much older than the end are dropped from a residue.
@@ -44,7 +51,7 @@ pub fn residue_until(events: &[Event], tcp_end_ns: u64, end_ns: u64) -> Vec<Even
     sorted.sort_by_key(|e| e.ts_ns());
     let mut keep: Vec<&Event> = Vec::new();
     keep_connections(&sorted, tcp_end_ns, &mut keep);
-    keep_flows(&sorted, &mut keep);
+    keep_flows(&sorted, end_ns, &mut keep);
     keep_l2(&sorted, &mut keep);
     keep.extend(sorted.iter().copied().filter(|e| {
         matches!(e, Event::Migration { .. }) && e.ts_ns().saturating_add(MIGRATION_MARGIN_NS) >= end_ns
@@ -78,7 +85,7 @@ fn keep_connections<'a>(sorted: &[&'a Event], end_ns: u64, keep: &mut Vec<&'a Ev
     let conns = ConnectionIndex::build(&tcp);
     for life in &conns.lives {
         if life
-            .closed_ns
+            .ended_ns()
             .is_some_and(|c| c.saturating_add(CLOSE_CLUSTER_NS) < end_ns)
         {
             continue;
@@ -108,10 +115,29 @@ fn keep_connections<'a>(sorted: &[&'a Event], end_ns: u64, keep: &mut Vec<&'a Ev
     );
 }
 
-fn keep_flows<'a>(sorted: &[&'a Event], keep: &mut Vec<&'a Event>) {
+fn keep_flows<'a>(sorted: &[&'a Event], end_ns: u64, keep: &mut Vec<&'a Event>) {
     let flows = FlowIndex::build(sorted);
     for f in &flows.flows {
+        // Over for good: no later segment joins it, and no later pause judges it.
+        if f.over_at(end_ns) {
+            continue;
+        }
         keep.extend(f.events.first().copied());
+        // Its FINs and its last segments say when it ends; the last ones also catch copies seen on another port.
+        keep.extend(
+            f.events
+                .iter()
+                .copied()
+                .filter(|e| matches!(e, Event::FlowFin { .. })),
+        );
+        let last = f.events.last().map_or(0, |e| e.ts_ns());
+        keep.extend(
+            f.events
+                .iter()
+                .rev()
+                .copied()
+                .take_while(|e| e.ts_ns().saturating_add(SAME_SEGMENT_NS) >= last),
+        );
         keep.extend(
             f.events
                 .iter()

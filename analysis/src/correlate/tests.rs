@@ -674,7 +674,7 @@ fn nonsense_input_does_not_panic() {
     let a = correlate(&ev);
     let _ = crate::report::render_text(&a, "odd");
     let _ = crate::report::svg::render(&a);
-    let _ = crate::report::compare::render(&a, Some(&crate::whatif::Settings::default()));
+    let _ = crate::report::compare::render(&a, Some(&crate::whatif::Settings::default().into()));
     let _ = crate::whatif::whatif(
         &a,
         &crate::whatif::Settings::default(),

@@ -10,8 +10,8 @@ use super::*;
 use crate::{
     correlate::correlate,
     fixtures::{
-        FlowSeg, MS, err, fdb, flow_open, flow_progress, flow_rtx, garp, migration, rarp, rst_in, rtx, seen,
-        state, stats, tuple,
+        FlowSeg, MS, err, fdb, flow_fin, flow_open, flow_progress, flow_rst, flow_rtx, garp, migration, rarp,
+        rst_in, rtx, seen, state, stats, tuple,
     },
     trace::{Direction, FlowSide, FourTuple, TcpCommon, TcpState},
 };
@@ -135,6 +135,78 @@ fn churn(out: &mut Vec<Event>) {
     }
 }
 
+/// A server's connections whose CLOSE is never seen (half of them), on 30 client ports used again and again: an
+/// accepted connection every 200 ms, each port again 6 s later. The next opening of a 4-tuple ends the connection
+/// before it.
+fn unclosed_churn(out: &mut Vec<Event>) {
+    let conn = |cport| FourTuple {
+        saddr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+        sport: 80,
+        daddr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)),
+        dport: 30_000 + cport,
+    };
+    let mut t = 1_100;
+    let mut n = 0u16;
+    while t + 200 < END_MS {
+        let c = conn(n % 30);
+        out.push(tcp_state(t, c, Some(TcpState::Listen), Some(TcpState::SynRecv)));
+        out.push(tcp_state(
+            t + 1,
+            c,
+            Some(TcpState::SynRecv),
+            Some(TcpState::Established),
+        ));
+        if n.is_multiple_of(2) {
+            out.push(tcp_state(
+                t + 100,
+                c,
+                Some(TcpState::Established),
+                Some(TcpState::CloseWait),
+            ));
+            out.push(tcp_state(
+                t + 101,
+                c,
+                Some(TcpState::CloseWait),
+                Some(TcpState::LastAck),
+            ));
+            out.push(tcp_state(
+                t + 102,
+                c,
+                Some(TcpState::LastAck),
+                Some(TcpState::Close),
+            ));
+        }
+        n = n.wrapping_add(1);
+        t += 200;
+    }
+}
+
+/// The VM's flows the wire follows for a second each, one every 2 s on 50 client ports used again and again: most
+/// end with a FIN from each side, every fifth with a RST.
+fn flow_churn(out: &mut Vec<Event>) {
+    // Each flow lives from 1.5 s to 2.5 s past an even second: no pause (at odd seconds) falls inside one.
+    let mut t = 1_500;
+    let mut n = 0u16;
+    while t + 2_000 < END_MS {
+        let port = 43_000 + n % 50;
+        let syn = FlowSeg::data(FlowSide::Peer, port, 0, 0).flags(0x02);
+        out.push(flow_open(t, &syn, "tapA"));
+        if n % 5 == 4 {
+            out.push(flow_rst(
+                t + 1_000,
+                &FlowSeg::data(FlowSide::Vm, port, 500, 0).flags(0x04),
+                "tapA",
+            ));
+        } else {
+            let fin = |side, seq| FlowSeg::data(side, port, seq, 0).flags(0x11);
+            out.push(flow_fin(t + 1_000, &fin(FlowSide::Peer, 100), "tapA"));
+            out.push(flow_fin(t + 1_001, &fin(FlowSide::Vm, 500), "tapA"));
+        }
+        n = n.wrapping_add(1);
+        t += 2_000;
+    }
+}
+
 fn scenario() -> (Vec<Event>, Vec<Vm>) {
     let vm1 = Vm {
         mac: VM1,
@@ -194,6 +266,22 @@ fn scenario() -> (Vec<Event>, Vec<Vm>) {
         err(149_500, dies, 110),
         state(149_500, dies, "ESTABLISHED", "CLOSE"),
     ]);
+    // VM1: a connection from a bound socket (its opening has its port) never seen closing, whose 4-tuple opens
+    // again between the second and the third migration: judged by the first two, the new one by the next two; the
+    // new one closes before the fifth.
+    let reused = tuple(40_004, IP1);
+    for (open, close) in [(1_500, None), (100_000, Some(200_000))] {
+        ev.push(tcp_state(
+            open,
+            reused,
+            Some(TcpState::Close),
+            Some(TcpState::SynSent),
+        ));
+        ev.push(state(open + 1, reused, "SYN_SENT", "ESTABLISHED"));
+        if let Some(c) = close {
+            ev.push(state(c, reused, "ESTABLISHED", "CLOSE"));
+        }
+    }
     // A flow of VM1 the wire follows, picked up long before, retransmitting through the second migration.
     let f = FlowSeg::data(FlowSide::Peer, 42_001, 1_000, 100);
     ev.push(flow_open(5_000, &f, "tapA"));
@@ -205,7 +293,22 @@ fn scenario() -> (Vec<Event>, Vec<Vm>) {
         ),
         flow_progress(85_100, &FlowSeg::data(FlowSide::Peer, 42_001, 1_100, 100), "tapB"),
     ]);
+    // Two flows of VM1 that end before the first migration (never judged): one closed by both sides, one reset.
+    let fin = |side, seq| FlowSeg::data(side, 42_002, seq, 0).flags(0x11);
+    ev.extend([
+        flow_open(6_000, &FlowSeg::data(FlowSide::Peer, 42_002, 1_000, 100), "tapA"),
+        flow_fin(30_000, &fin(FlowSide::Vm, 9_000), "tapA"),
+        flow_fin(30_001, &fin(FlowSide::Peer, 1_100), "tapA"),
+        flow_open(7_000, &FlowSeg::data(FlowSide::Peer, 42_003, 1_000, 100), "tapA"),
+        flow_rst(
+            40_000,
+            &FlowSeg::data(FlowSide::Vm, 42_003, 9_000, 0).flags(0x04),
+            "tapA",
+        ),
+    ]);
     churn(&mut ev);
+    unclosed_churn(&mut ev);
+    flow_churn(&mut ev);
     ev.sort_by_key(Event::ts_ns);
     (ev, vec![vm1, vm2])
 }
@@ -278,9 +381,22 @@ fn live_verdicts_are_the_offline_verdicts_in_bounded_memory() {
     // The verdicts say what the scenario did.
     let by_id = |id: &str| released.iter().find(|m| m.id == id).expect("released");
     let third = by_id(&format!("{VM1}-2"));
-    assert_eq!((third.survived, third.aborted, third.retransmits), (4, 0, 2));
+    assert_eq!((third.survived, third.aborted, third.retransmits), (5, 0, 2));
     let fourth = by_id(&format!("{VM1}-3"));
-    assert_eq!((fourth.survived, fourth.aborted), (3, 1));
+    assert_eq!((fourth.survived, fourth.aborted), (4, 1));
+    // The connection whose 4-tuple opened again: its first life judged by the first two migrations, its second by
+    // the next two, neither after the second closed; the flows closed before a pause are never judged.
+    for (i, lives) in [1, 1, 1, 1, 0, 0].into_iter().enumerate() {
+        let m = by_id(&format!("{VM1}-{i}"));
+        let judged = m.connections.iter().filter(|c| c.tuple.sport == 40_004).count();
+        assert_eq!(judged, lives, "{}", m.id);
+        assert!(
+            !m.connections
+                .iter()
+                .any(|c| matches!(c.tuple.sport, 42_002 | 42_003 | 43_000..=43_049)),
+            "{m:#?}"
+        );
+    }
     let quick = by_id(&format!("{VM2}-1"));
     assert_eq!(quick.aborted, 1);
     assert!(quick.connections.iter().any(|c| matches!(
@@ -311,12 +427,14 @@ fn live_verdicts_are_the_offline_verdicts_in_bounded_memory() {
     // Memory: TCP events of closed connections are condensed after 2 s, or after the earliest held pause (the
     // quick migration's 6 s pause, its settle and the update pace); the other events for the 10 s look-back. The
     // residue holds what is open, not what happened.
-    let churn_per_s = 5 * 20;
-    let l2_per_s = 2 * 5;
+    let churn_per_s = 5 * 20 + 5 * 4;
+    let l2_per_s = 2 * 5 + 2;
     let bound = churn_per_s * (2 + 6 + 3 + 2) + l2_per_s * (10 + 6 + 3 + 2) + 200;
     assert!(max_held <= bound, "held {max_held} events, bound {bound}");
     let st = live.status();
-    assert!(st.residue < 200, "{st:?}");
+    // What is open at the end: the server's 30 latest connections, the VMs' connections, each port's last
+    // counters, FDB entries and announces. Connections never seen closing leave it when their 4-tuple opens again.
+    assert!(st.residue < 150, "{st:?}");
     assert_eq!(st.kept, 4);
     assert!(st.released_events as usize > events.len() * 9 / 10, "{st:?}");
     assert_eq!(st.released_unresolved, 0);
@@ -362,4 +480,59 @@ fn without_a_migration_only_the_look_back_moves() {
     live.extend_for_test(migration("m", VM1, IP1, Mode::Live, 6_000, 6_010));
     let up = live.update(6_100 * MS);
     assert!(up.pending && up.analysis.migrations.len() == 1);
+}
+
+#[test]
+fn a_flow_idle_for_long_is_over_for_the_verdicts_and_the_residue() {
+    // Two flows of VM1 picked up at the start: one never heard of again, one silent for 15 minutes and then making
+    // progress after the resume of a migration at 900 s.
+    let quiet = FlowSeg::data(FlowSide::Peer, 42_010, 1_000, 100);
+    let back = FlowSeg::data(FlowSide::Peer, 42_011, 1_000, 100);
+    let mut ev = vec![flow_open(1_000, &quiet, "tapA"), flow_open(2_000, &back, "tapA")];
+    ev.extend(migration("late", VM1, IP1, Mode::Live, 900_000, 900_010));
+    ev.push(flow_progress(
+        900_100,
+        &FlowSeg::data(FlowSide::Peer, 42_011, 1_100, 100),
+        "tapA",
+    ));
+    ev.sort_by_key(Event::ts_ns);
+    let offline = correlate(&ev);
+    assert_eq!(offline.migrations.len(), 1);
+    let judged: Vec<u16> = offline.migrations[0]
+        .connections
+        .iter()
+        .map(|c| c.tuple.sport)
+        .collect();
+    assert_eq!(judged, vec![42_011], "{:#?}", offline.migrations[0]);
+
+    let mut live = LiveCorrelation::new(LiveConfig {
+        lookback_ns: 10_000 * MS,
+        settle_ns: 3_000 * MS,
+        keep: 4,
+    });
+    let mut released = Vec::new();
+    let mut it = ev.iter().peekable();
+    let mut now = 0;
+    while now < 1_100_000 * MS {
+        now += 5_000 * MS;
+        while let Some(e) = it.next_if(|e| e.ts_ns() <= now) {
+            live.push(e.clone());
+        }
+        // Something else goes on meanwhile (the residue is condensed again as events age).
+        live.push(Event::Note {
+            ts_ns: now,
+            level: "info".to_owned(),
+            message: "tick".to_owned(),
+        });
+        released.extend(live.update(now).released);
+        let residue = live.status().residue;
+        if now > 20_000 * MS && now < 600_000 * MS {
+            assert_eq!(residue, 2, "both flows are open at {} s", now / 1_000 / MS);
+        // Over 10 minutes after their last segment, out of the residue once the look-back (10 s) has passed that.
+        } else if now > 615_000 * MS && now < 890_000 * MS {
+            assert_eq!(residue, 0, "both flows are over at {} s", now / 1_000 / MS);
+        }
+    }
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0], offline.migrations[0]);
 }

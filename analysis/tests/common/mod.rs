@@ -24,7 +24,7 @@ pub fn gate(bytes: &[u8], scratch: &Path) -> Option<(bool, bool)> {
     let _ = report::render_json(&a);
     let _ = report::html::render(&a, "mutated");
     let _ = report::svg::render(&a);
-    let _ = report::compare::render(&a, Some(&Settings::default()));
+    let _ = report::compare::render(&a, Some(&Settings::default().into()));
     let scenario = Settings {
         tcp_retries2: 5,
         ..Settings::default()

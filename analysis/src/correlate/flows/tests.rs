@@ -105,39 +105,256 @@ fn a_client_whose_backoff_ends_before_the_resume_gave_up() {
     assert_eq!(c.retransmits, 3);
 }
 
-#[test]
-fn a_fast_retransmit_and_a_tail_loss_probe_are_told_from_timer_retransmissions() {
-    // Fast: the peer's ACK point resent 2 ms after the sender's previous segment, more data outstanding behind it.
-    let fast = FlowSeg::data(Peer, PORT, 1000, 100)
-        .seq_end(5000)
-        .peer_ack(1000)
-        .silence(2);
-    let s = side_retransmits(&[(10 * MS, &fast.on("uplink"))]);
-    assert_eq!(kinds(&s), vec![Some(RetransmitKind::Fast)]);
-    assert_eq!(s.rto_us, None, "no timer series, no RTO");
+/// One side's records at `(ms, segment, is a retransmission)`, classified from 0.
+fn classify(recs: &[(u64, FlowSeg, bool)]) -> SideRetransmits {
+    let segs: Vec<FlowSegment> = recs.iter().map(|(_, s, _)| s.on("uplink")).collect();
+    let sent: Vec<Sent<'_>> = recs
+        .iter()
+        .zip(&segs)
+        .map(|((ms, _, retransmit), seg)| Sent {
+            ts_ns: ms * MS,
+            seg,
+            retransmit: *retransmit,
+        })
+        .collect();
+    side_retransmits(&sent, 0)
+}
 
-    // TLP: the sender's last segment resent while earlier ones are unacknowledged; then the timer, 200 ms later.
-    let tlp = FlowSeg::data(Peer, PORT, 4900, 100)
+/// The client's outstanding data from 1000 to `end`, resent from the head as one segment after `silence` ms, the
+/// sender having last sent new data `gap` ms before.
+fn collapsed(end: u32, silence: u64, gap: u64) -> FlowSeg {
+    FlowSeg::data(Peer, PORT, 1000, end - 1000)
+        .seq_end(end)
+        .peer_ack(1000)
+        .silence(silence)
+        .gap(gap)
+}
+
+fn assert_near(got: Option<u64>, want_us: u64, within: f64, what: &str) {
+    let got = got.unwrap_or_else(|| panic!("{what}: no value"));
+    let r = got as f64 / want_us as f64;
+    assert!(
+        (1.0 - within..=1.0 + within).contains(&r),
+        "{what}: {got} µs against {want_us} µs"
+    );
+}
+
+/// A client that keeps writing while its peer is silent: the head (sent at 100 ms) waits for the timer, but new
+/// data went out 2 ms before each timer retransmission, so every one of them comes right after other segments.
+/// They are the timer's all the same (no duplicate ACK evidence, not the tail probe): the RTO is 200 ms, not the
+/// 400 ms of a series read from its second retransmission; each firing 20 ms late is fitted too.
+#[test]
+fn new_data_just_before_the_first_timer_retransmission_does_not_hide_it() {
+    let rto = 200;
+    let late = 20;
+    let mut t = 100 + rto + late;
+    let mut recs = vec![(100, FlowSeg::data(Peer, PORT, 1000, 8), false)];
+    for k in 0..4u32 {
+        let end = 1008 + 8 * (k + 1);
+        recs.push((t, collapsed(end, 2, 2), true));
+        t += (rto << (k + 1)) + late;
+    }
+    let s = classify(&recs);
+    assert_eq!(kinds(&s), vec![Some(RetransmitKind::Rto); 4], "{s:#?}");
+    assert_near(s.rto_us, rto * 1000, 0.01, "RTO");
+    assert_eq!(s.backoff, 3);
+    // The next was due 16 RTOs (and the same lateness) after the last.
+    assert_eq!(s.next_due_ns.map(|d| d / MS), Some(t));
+
+    // Without the record of the head's first sending, the intervals alone give the same RTO.
+    let s = classify(&recs[1..]);
+    assert_eq!(kinds(&s), vec![Some(RetransmitKind::Rto); 4]);
+    assert_near(s.rto_us, rto * 1000, 0.01, "RTO from the intervals");
+
+    // Two timer retransmissions: the head's first sending dates the first one, so the fit still sees the lateness.
+    let s = classify(&recs[..3]);
+    assert_eq!(kinds(&s), vec![Some(RetransmitKind::Rto); 2]);
+    assert_near(
+        s.rto_us,
+        rto * 1000,
+        0.01,
+        "RTO from two retransmissions and the first wait",
+    );
+}
+
+/// The flow tracker reads `gap_ns` and `silence_ns` from the coarse clock (4 ms ticks at 250 Hz); the intervals
+/// between records are precise. A timer series whose waits are off by up to a tick still gives the RTO.
+#[test]
+fn the_coarse_clock_of_the_waits_does_not_move_the_inferred_rto() {
+    let times = [291, 595, 1203, 2419];
+    let recs: Vec<(u64, FlowSeg, bool)> = times
+        .iter()
+        .zip([148, 304, 608, 1216])
+        .map(|(&t, coarse)| (t, head(coarse), true))
+        .collect();
+    let s = classify(&recs);
+    assert_eq!(kinds(&s), vec![Some(RetransmitKind::Rto); 4], "{s:#?}");
+    assert_near(s.rto_us, 152_000, 0.01, "RTO");
+}
+
+/// A tail loss probe resends the newest segment while older data is unacknowledged; the timer then resends from
+/// the head. With a single segment outstanding the probe is also the head: the probe waits one RTO (Linux caps
+/// the probe timeout at the RTO) and the timer fires one RTO after it, where the timer's own next would come two
+/// RTOs later.
+#[test]
+fn a_tail_loss_probe_then_the_timer() {
+    let probe = FlowSeg::data(Peer, PORT, 4900, 100)
         .seq_end(5000)
         .peer_ack(1000)
         .silence(30);
-    let rto = FlowSeg::data(Peer, PORT, 1000, 100)
-        .seq_end(5000)
-        .peer_ack(1000)
-        .silence(200);
-    let s = side_retransmits(&[(30 * MS, &tlp.on("uplink")), (230 * MS, &rto.on("uplink"))]);
+    let s = classify(&[
+        (30, probe, true),
+        (230, collapsed(5000, 200, 230), true),
+        (630, collapsed(5000, 400, 630), true),
+    ]);
     assert_eq!(
         kinds(&s),
-        vec![Some(RetransmitKind::Tlp), Some(RetransmitKind::Rto)]
+        vec![
+            Some(RetransmitKind::Tlp),
+            Some(RetransmitKind::Rto),
+            Some(RetransmitKind::Rto)
+        ]
     );
-    assert_eq!((s.rto_us, s.backoff), (Some(200_000), 0));
-    assert_eq!(s.next_due_ns, Some(630 * MS));
+    assert_near(s.rto_us, 200_000, 0.01, "RTO after a probe of the tail");
+    assert_eq!(s.next_due_ns, Some(1430 * MS));
 
-    // A lone segment resent after a long silence is the timer's; one after a short one is not known.
-    let s = side_retransmits(&[(300 * MS, &head(300).on("uplink"))]);
+    let s = classify(&[
+        (208, head(208), true),
+        (416, head(208), true),
+        (832, head(416), true),
+        (1664, head(832), true),
+    ]);
+    assert_eq!(
+        kinds(&s),
+        vec![
+            Some(RetransmitKind::Tlp),
+            Some(RetransmitKind::Rto),
+            Some(RetransmitKind::Rto),
+            Some(RetransmitKind::Rto)
+        ]
+    );
+    assert_near(s.rto_us, 208_000, 0.01, "RTO after a probe of the only segment");
+    assert_eq!(s.backoff, 2);
+
+    // The timer's own first retransmission of a single segment: the next comes two RTOs later.
+    let s = classify(&[(200, head(200), true), (600, head(400), true)]);
+    assert_eq!(kinds(&s), vec![Some(RetransmitKind::Rto); 2]);
+    assert_near(s.rto_us, 200_000, 0.01, "RTO");
+}
+
+/// A fast retransmit answers duplicate ACKs: the receiver is alive and reports, with SACK, the data behind the
+/// hole. The sender resends the head and then the other holes at once; a hole resent before any timer
+/// retransmission (neither the head nor the tail) is that evidence. A head resent soon after new data without it
+/// is not taken for a fast retransmit.
+#[test]
+fn a_fast_retransmit_needs_the_evidence_of_duplicate_acks() {
+    let at = |seq: u32| {
+        FlowSeg::data(Peer, PORT, seq, 100)
+            .seq_end(5000)
+            .peer_ack(1000)
+            .silence(1)
+    };
+    let s = classify(&[(50, at(1000), true), (51, at(2000), true), (52, at(3000), true)]);
+    assert_eq!(kinds(&s), vec![Some(RetransmitKind::Fast); 3], "{s:#?}");
+    assert_eq!(s.rto_us, None, "no timer series, no RTO");
+
+    // The same head retransmission 1 ms after new data, alone: not fast (no duplicate ACK evidence); the timer's,
+    // but its wait is unknown, so no RTO is inferred from it.
+    let s = classify(&[(50, at(1000), true)]);
     assert_eq!(kinds(&s), vec![Some(RetransmitKind::Rto)]);
-    let s = side_retransmits(&[(300 * MS, &head(60).on("uplink"))]);
+    assert_eq!(s.rto_us, None);
+
+    // A lone segment resent after a long wait is the timer's; after a short one the evidence is too short.
+    let s = classify(&[(300, head(300), true)]);
+    assert_eq!(kinds(&s), vec![Some(RetransmitKind::Rto)]);
+    assert_eq!(s.rto_us, Some(300_000));
+    let s = classify(&[(300, head(60), true)]);
     assert_eq!(kinds(&s), vec![None]);
+}
+
+/// A windows-2003 style client (5 retransmissions from an 80 ms RTO, then ETIMEDOUT): a probe at the RTO, then the
+/// timer doubling from 86 ms, a few ms late each time; the resumed VM's segment is answered with a RST.
+#[test]
+fn a_windows_2003_schedule_of_five_retransmissions_gave_up() {
+    let mut flow = vec![
+        flow_open(100, &FlowSeg::data(Peer, PORT, 900, 100), "uplink"),
+        flow_rtx(1088, &head(88), "uplink"),
+    ];
+    let mut t = 1088;
+    for k in 0..5u64 {
+        let interval = (86 << k) + 2;
+        t += interval;
+        flow.push(flow_rtx(t, &head(interval), "uplink"));
+    }
+    flow.push(flow_rst(
+        8010,
+        &FlowSeg::data(Peer, PORT, 1000, 0).flags(0x04),
+        "uplink",
+    ));
+    let m = judged(1000, 8000, flow);
+    let c = only(&m);
+    let w = c.wire.as_ref().unwrap();
+    assert_eq!(w.peer.retransmits[0].kind, Some(RetransmitKind::Tlp));
+    assert!(
+        w.peer.retransmits[1..]
+            .iter()
+            .all(|r| r.kind == Some(RetransmitKind::Rto))
+    );
+    assert_near(w.peer.rto_us, 86_000, 0.01, "RTO");
+    assert_eq!(w.peer.backoff, 4);
+    let due = w.peer.next_due_ns.unwrap();
+    assert!(due.abs_diff((t + 32 * 86 + 2) * MS) < MS, "next due at {due}");
+    assert_eq!(
+        c.fate,
+        Fate::Aborted {
+            reason: AbortReason::Etimedout,
+            at_ns: due
+        }
+    );
+    assert_eq!(c.retransmits, 6);
+    assert_near(c.base_rto_us, 86_000, 0.01, "the verdict's base RTO");
+}
+
+/// A client with `TCP_USER_TIMEOUT` 2 s gives up before its schedule would: after its probe and three timer
+/// retransmissions (0.2, 0.6, 1.4 s after the loss) the series stops, and the client resets the connection when the
+/// VM speaks after the resume. The wire infers the RTO from the series and the abort at the next due time (the
+/// user timeout fired before it: the wire sees no segment at an abort).
+#[test]
+fn a_tcp_user_timeout_abort_cuts_the_series_short() {
+    let m = judged(
+        1000,
+        7000,
+        vec![
+            flow_open(100, &FlowSeg::data(Peer, PORT, 900, 100), "uplink"),
+            flow_progress(1000, &FlowSeg::data(Peer, PORT, 1000, 100), "uplink"),
+            flow_rtx(1200, &head(200), "uplink"),
+            flow_rtx(1400, &head(200), "uplink"),
+            flow_rtx(1800, &head(400), "uplink"),
+            flow_rtx(2600, &head(800), "uplink"),
+            flow_rst(7010, &FlowSeg::data(Peer, PORT, 1100, 0).flags(0x04), "uplink"),
+        ],
+    );
+    let c = only(&m);
+    let w = c.wire.as_ref().unwrap();
+    assert_eq!(
+        kinds(&w.peer),
+        vec![
+            Some(RetransmitKind::Tlp),
+            Some(RetransmitKind::Rto),
+            Some(RetransmitKind::Rto),
+            Some(RetransmitKind::Rto)
+        ]
+    );
+    assert_near(w.peer.rto_us, 200_000, 0.01, "RTO");
+    assert_eq!(w.peer.next_due_ns, Some(4200 * MS));
+    assert_eq!(
+        c.fate,
+        Fate::Aborted {
+            reason: AbortReason::Etimedout,
+            at_ns: 4200 * MS
+        }
+    );
+    assert_eq!(c.first_rto_ns, Some(1400 * MS));
 }
 
 #[test]
