@@ -137,6 +137,14 @@ pub struct LiveCorrelation {
     tcp_cutoff_ns: u64,
     /// Each MAC's last frame (as the wire inference reads it: the pause of a move it infers).
     last_seen: HashMap<MacAddr, u64>,
+    /// While every held migration has resumed with each connection's fate decided, nothing but the settle time
+    /// can change what a correlation finds until this time, unless an event that can start or move a migration
+    /// comes: [`LiveCorrelation::update`] only moves the look-back until then. 0: correlate at every update.
+    quiet_until_ns: u64,
+    /// What the held migrations keep, as the last correlation found: events from this time, TCP events from the
+    /// earliest held pause.
+    hold_from_ns: u64,
+    held_pause_ns: u64,
 }
 
 fn is_tcp(e: &Event) -> bool {
@@ -256,6 +264,19 @@ impl LiveCorrelation {
             self.release(cutoff, tcp);
             return LiveUpdate::default();
         }
+        if !self.dirty && now_ns < self.quiet_until_ns {
+            // Held migrations waiting only for their settle time: keep what they hold, move the rest on.
+            let cutoff = now_ns
+                .saturating_sub(self.cfg.lookback_ns)
+                .min(self.hold_from_ns)
+                .max(self.cutoff_ns);
+            let tcp = self.tcp_cutoff(now_ns, cutoff, self.held_pause_ns);
+            self.release(cutoff, tcp);
+            return LiveUpdate {
+                pending: true,
+                ..LiveUpdate::default()
+            };
+        }
         self.dirty = false;
         let mut a = correlate_until(self.residue.iter().chain(self.recent.iter()), now_ns);
         a.lost_events = self.lost;
@@ -279,6 +300,8 @@ impl LiveCorrelation {
         let mut floor = now_ns.saturating_sub(self.cfg.lookback_ns);
         // The earliest pause of a migration still held: connections closed before it are never judged.
         let mut held_pause = u64::MAX;
+        // When the next held migration can become final with no new event (0: at any update).
+        let mut quiet_until = u64::MAX;
         for m in &fresh {
             let (first, last) = phase_span(m);
             let resume = m.timeline.resume.as_ref().map(|r| r.ts_ns);
@@ -315,6 +338,10 @@ impl LiveCorrelation {
             } else {
                 up.pending = true;
                 up.in_flight |= resume.is_none();
+                quiet_until = match resume {
+                    Some(r) if decided => quiet_until.min(r.saturating_add(self.cfg.settle_ns)),
+                    _ => 0,
+                };
                 floor = floor.min(first.saturating_sub(self.cfg.lookback_ns));
                 if let Some(p) = &m.timeline.pause {
                     held_pause = held_pause.min(p.ts_ns);
@@ -323,6 +350,9 @@ impl LiveCorrelation {
         }
         a.migrations = fresh;
         self.pending = up.pending;
+        self.quiet_until_ns = if up.pending { quiet_until } else { 0 };
+        self.hold_from_ns = floor;
+        self.held_pause_ns = held_pause;
         let cutoff = floor.max(self.cutoff_ns);
         let tcp = self.tcp_cutoff(now_ns, cutoff, held_pause);
         self.release(cutoff, tcp);
@@ -353,16 +383,18 @@ impl LiveCorrelation {
             aged.extend(self.recent.pop_front());
         }
         if tcp_cutoff_ns > self.tcp_cutoff_ns.max(cutoff_ns) || !aged.is_empty() {
-            let before = self.recent.len();
-            let mut kept = VecDeque::with_capacity(before);
-            for e in self.recent.drain(..) {
-                if e.ts_ns() < tcp_cutoff_ns && is_tcp(&e) {
-                    aged.push(e);
-                } else {
-                    kept.push_back(e);
+            // In place: a TCP event is a plain copy, and the look-back is not allocated again.
+            self.recent.retain(|e| {
+                let old = e.ts_ns() < tcp_cutoff_ns && is_tcp(e);
+                if old {
+                    aged.push(e.clone());
                 }
+                !old
+            });
+            // What a held window needed goes back once it is released.
+            if self.recent.capacity() > 4 * self.recent.len().max(4096) {
+                self.recent.shrink_to(2 * self.recent.len());
             }
-            self.recent = kept;
         }
         self.tcp_cutoff_ns = tcp_cutoff_ns;
         if !aged.is_empty() {

@@ -26,7 +26,7 @@
 //!
 //! Everything else (notes, clock samples, counters of the monitor itself) is dropped.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use super::{
     CLOSE_CLUSTER_NS, ConnectionIndex, PENDING_OPEN_NS,
@@ -63,21 +63,15 @@ pub fn residue_until(events: &[Event], tcp_end_ns: u64, end_ns: u64) -> Vec<Even
             .copied()
             .filter(|e| matches!(e, Event::PortFailed { .. })),
     );
-    // The same event can be kept for two reasons: keep it once, in time order, stably.
-    let mut seen: HashSet<*const Event> = HashSet::new();
-    keep.retain(|e| seen.insert(std::ptr::from_ref::<Event>(e)));
-    let order: BTreeMap<*const Event, usize> = sorted
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (std::ptr::from_ref::<Event>(e), i))
-        .collect();
-    keep.sort_by_key(|e| {
-        order
-            .get(&std::ptr::from_ref::<Event>(e))
-            .copied()
-            .unwrap_or(usize::MAX)
-    });
-    keep.into_iter().cloned().collect()
+    // The same event can be kept for two reasons: keep it once, in time order, stably (as `sorted`: by time, then
+    // by place in `events`).
+    let place = |e: &Event| {
+        (std::ptr::from_ref(e) as usize - events.as_ptr() as usize) / std::mem::size_of::<Event>().max(1)
+    };
+    let mut keep: Vec<(u64, usize, &Event)> = keep.into_iter().map(|e| (e.ts_ns(), place(e), e)).collect();
+    keep.sort_unstable_by_key(|&(ts, i, _)| (ts, i));
+    keep.dedup_by_key(|&mut (_, i, _)| i);
+    keep.into_iter().map(|(_, _, e)| e.clone()).collect()
 }
 
 fn keep_connections<'a>(sorted: &[&'a Event], end_ns: u64, keep: &mut Vec<&'a Event>) {

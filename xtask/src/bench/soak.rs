@@ -9,9 +9,11 @@
 //! - Samples every second: the watch's RSS (`VmRSS`), CPU time (`/proc/PID/stat`), and one scrape of `/metrics`,
 //!   timed from connect to the last byte.
 //!
-//! Rows: RSS in the first and the last minute (medians), its growth, the
-//! slowest scrape, CPU % of one core after the first window, the event rate achieved, and how many migrations the live
-//! correlation released (all of them must be).
+//! Rows: RSS in the first and the last minute (medians), its growth, the slowest scrape, CPU % of one core after the
+//! first window, the event rate achieved, and how many migrations the live correlation released (all of them must
+//! be). Each is read against what the same run measured: RSS against the watch's RSS before any load (its floor),
+//! the slowest scrape against a scrape of the idle watch, the watch's CPU against the CPU of the churn it watches
+//! (whose kernel time includes the probes' tracepoints). The targets are absolute and shown beside them.
 //! `--quick` (which `./x test` runs) compares the first and last 15 s instead of minutes.
 
 use std::{
@@ -21,7 +23,7 @@ use std::{
     process::{Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -42,12 +44,16 @@ pub const GROUP: &str = "soak: migmon watch --metrics under churn";
 const CHURN_PER_S: u64 = 650;
 /// A migration this often.
 const MIGRATE_EVERY: Duration = Duration::from_secs(30);
+/// Samples (one a second) of the watch before the load starts.
+const IDLE_SAMPLES: usize = 3;
 
 /// The loopback churn: a server that accepts and drops, a client that connects, writes and closes.
 struct Churn {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
     connections: Arc<AtomicU64>,
+    /// The kernel thread ids of the server and the client, for their CPU time.
+    tids: Arc<[AtomicI32; 2]>,
 }
 
 impl Churn {
@@ -57,8 +63,11 @@ impl Churn {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
-        let st = stop.clone();
+        let tids: Arc<[AtomicI32; 2]> = Arc::new([AtomicI32::new(0), AtomicI32::new(0)]);
+        let (st, t) = (stop.clone(), tids.clone());
         let server = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            t[0].store(unsafe { libc::gettid() }, Ordering::Relaxed);
             let mut buf = [0u8; 16];
             while !st.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -70,8 +79,10 @@ impl Churn {
                 }
             }
         });
-        let (st, n) = (stop.clone(), connections.clone());
+        let (st, n, t) = (stop.clone(), connections.clone(), tids.clone());
         let client = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            t[1].store(unsafe { libc::gettid() }, Ordering::Relaxed);
             let start = Instant::now();
             let mut done = 0u64;
             while !st.load(Ordering::Relaxed) {
@@ -91,8 +102,30 @@ impl Churn {
             stop,
             threads: vec![server, client],
             connections,
+            tids,
         })
     }
+
+    /// CPU time (user + system) of the churn's two threads so far, in seconds: the load the watch observes, its
+    /// kernel part (the probes' tracepoints run in these threads) included.
+    fn cpu_seconds(&self) -> f64 {
+        self.tids
+            .iter()
+            .map(|t| thread_cpu_seconds(t.load(Ordering::Relaxed)).unwrap_or(0.0))
+            .sum()
+    }
+}
+
+/// User + system CPU time of thread `tid` of this process, in seconds.
+fn thread_cpu_seconds(tid: i32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / hz.max(1.0))
 }
 
 impl Drop for Churn {
@@ -180,18 +213,16 @@ struct Sample {
     at: Duration,
     rss_kib: u64,
     cpu_s: f64,
+    /// The churn's CPU time.
+    load_cpu_s: f64,
     scrape: Duration,
     events: f64,
     held: f64,
     residue: f64,
 }
 
-pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
-    let (duration, window) = if ctx.quick {
-        (Duration::from_secs(40), Duration::from_secs(15))
-    } else {
-        (Duration::from_secs(600), Duration::from_secs(60))
-    };
+/// The rows, their targets, and what each is read against.
+fn declare_rows(results: &mut Results) {
     let rows = [
         ("RSS first window", "MiB", "≤ 64 MiB"),
         ("RSS last window", "MiB", "≤ 64 MiB"),
@@ -203,11 +234,46 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
         results.declare(GROUP, name, unit, Better::Lower);
         results.set_target(GROUP, name, target);
     }
+    results.declare(GROUP, "RSS idle", "MiB", Better::Lower);
+    results.declare(GROUP, "scrape, idle", "ms", Better::Lower);
+    results.declare(GROUP, "load generator CPU", "% of a core", Better::Lower);
+    // The verdicts as ratios to what this run measured: the watch's RSS before any load (the floor), its scrape
+    // before any load, and the CPU of the load it watches (whose kernel time includes the probes).
+    results.set_floor(GROUP, "RSS first window", GROUP, "RSS idle");
+    results.set_floor(GROUP, "RSS last window", GROUP, "RSS idle");
+    results.set_baseline(GROUP, "slowest scrape", GROUP, "scrape, idle");
+    results.set_baseline(GROUP, "CPU", GROUP, "load generator CPU");
     results.declare(GROUP, "event rate", "events/s", Better::Higher);
     results.declare(GROUP, "migrations released", "of sent", Better::Higher);
     results.declare(GROUP, "events held, largest", "events", Better::Lower);
     results.declare(GROUP, "median scrape", "ms", Better::Lower);
     results.declare(GROUP, "residue at the end", "events", Better::Lower);
+}
+
+/// The watch before any load: its RSS and scrape time (the same-run floor and baseline of the rows under load).
+fn measure_idle(addr: &str, pid: u32, results: &mut Results) -> Result<()> {
+    let mut idle_rss = Vec::new();
+    let mut idle_scrape = Vec::new();
+    for _ in 0..IDLE_SAMPLES {
+        std::thread::sleep(Duration::from_secs(1));
+        let (_, took) = scrape(addr).context("a scrape of the idle watch failed")?;
+        idle_scrape.push(took.as_secs_f64() * 1e3);
+        idle_rss.push(rss_kib(pid).unwrap_or(0) as f64 / 1024.0);
+    }
+    if let (Some(r), Some(t)) = (Stats::of(&idle_rss), Stats::of(&idle_scrape)) {
+        results.push(GROUP, "RSS idle", "MiB", Better::Lower, r.median);
+        results.push(GROUP, "scrape, idle", "ms", Better::Lower, t.median);
+    }
+    Ok(())
+}
+
+pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    let (duration, window) = if ctx.quick {
+        (Duration::from_secs(40), Duration::from_secs(15))
+    } else {
+        (Duration::from_secs(600), Duration::from_secs(60))
+    };
+    declare_rows(results);
 
     let dir = ctx.out.join("soak");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -242,6 +308,7 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
+    measure_idle(&addr, pid, results)?;
     ctx.progress(&format!(
         "soak: {} s of {CHURN_PER_S} connections/s on loopback, a simulated migration every {} s",
         duration.as_secs(),
@@ -267,6 +334,7 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
                 at: start.elapsed(),
                 rss_kib: rss_kib(pid).unwrap_or(0),
                 cpu_s: cpu_seconds(pid).unwrap_or(0.0),
+                load_cpu_s: churn.cpu_seconds(),
                 scrape: took,
                 events: metric_sum(&body, "migmon_events_total"),
                 held: metric(&body, "migmon_live_held_events").unwrap_or(0.0),
@@ -341,6 +409,13 @@ fn push_rows(
                 "% of a core",
                 Better::Lower,
                 100.0 * (b.cpu_s - a.cpu_s) / secs,
+            );
+            results.push(
+                GROUP,
+                "load generator CPU",
+                "% of a core",
+                Better::Lower,
+                100.0 * (b.load_cpu_s - a.load_cpu_s) / secs,
             );
             results.push(
                 GROUP,

@@ -560,3 +560,42 @@ fn a_late_timer_overtaken_by_the_resumed_vm_survives() {
     assert_eq!(c.fate, Fate::Survived, "{:#?}", c.wire);
     assert_eq!(c.first_progress_ns, Some(4210 * MS));
 }
+
+/// `whatif` takes each wire verdict's own timer series: a client that wrote new data 2 ms before each timer
+/// retransmission (and probed its tail first) is replayed from its first timer retransmission and its 200 ms RTO,
+/// so the stuck segment dates from when the head was sent (1100 ms), not one backoff later.
+#[test]
+fn whatif_takes_the_timer_series_a_client_writing_through_the_pause_gave() {
+    let late = 20;
+    let mut flow = vec![
+        flow_open(100, &FlowSeg::data(Peer, PORT, 900, 100), "uplink"),
+        flow_progress(1100, &FlowSeg::data(Peer, PORT, 1000, 8), "uplink"),
+        flow_rtx(
+            1150,
+            &FlowSeg::data(Peer, PORT, 1008, 8)
+                .seq_end(1016)
+                .peer_ack(1000)
+                .silence(50),
+            "uplink",
+        ),
+    ];
+    let mut at = 1100 + 200 + late;
+    for k in 0..4u32 {
+        flow.push(flow_rtx(at, &collapsed(1016 + 8 * (k + 1), 2, 2), "uplink"));
+        at += (200 << (k + 1)) + late;
+    }
+    flow.push(flow_progress(6010, &FlowSeg::data(Vm, PORT, 1, 0), "tapB"));
+    let m = judged(1000, 6000, flow);
+    let c = only(&m);
+    let w = c.wire.as_ref().unwrap();
+    assert_eq!(w.peer.retransmits[0].kind, Some(RetransmitKind::Tlp), "{w:#?}");
+    assert_eq!(c.first_rto_ns, Some((1100 + 200 + late) * MS));
+    assert_near(c.base_rto_us, 200_000, 0.01, "the verdict's base RTO");
+    let outage = crate::whatif::outage_of(c, 6000 * MS, false).unwrap();
+    assert!(
+        outage.t0_ns.abs_diff((1100 + late) * MS) <= 2 * MS,
+        "the stuck segment dates from {} ms",
+        outage.t0_ns / MS
+    );
+    assert!(outage.base_rto_ns.abs_diff(200 * MS) <= 2 * MS);
+}
