@@ -697,6 +697,10 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
             1_000_000_000 / u64::from(f.captures_per_sec.min(1_000_000_000))
         };
         c.flow_capture_burst = f.capture_burst.clamp(1, 1 << 20);
+        c.flow_tick_ns = match kernel_hz() {
+            0 => 0,
+            hz => 1_000_000_000 / hz,
+        };
     }
     let w = &opts.watch;
     if !w.ips.is_empty() {
