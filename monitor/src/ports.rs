@@ -1071,6 +1071,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn names_given_ahead_stay_only_for_ports_attached() {
+        let mut decoder = Decoder::new(0);
+        let port = |ifindex, name: &str| Port {
+            ifindex,
+            iface: Some(name.to_owned()),
+            netns: Some("h".to_owned()),
+        };
+        // An older port, detached long ago: the batch forgets it.
+        decoder.ports.insert((1, 3), port(3, "old"));
+        let ahead = vec![(1, 7), (1, 8)];
+        for &(i, x) in &ahead {
+            decoder.ports.insert((i, x), port(x, "new"));
+        }
+        let applied = Applied {
+            attached: true,
+            names: vec![
+                NameChange::Port {
+                    instance: 1,
+                    port: port(7, "tap7"),
+                },
+                NameChange::Forget {
+                    instance: 1,
+                    ifindex: 3,
+                },
+            ],
+        };
+        assert!(applied.settle(ahead, &mut decoder));
+        // 7 attached (its name from the attach), 8 not (its name taken back), 3 forgotten as asked.
+        assert_eq!(decoder.ports.get(&(1, 7)), Some(&port(7, "tap7")));
+        assert!(!decoder.ports.contains_key(&(1, 8)));
+        assert!(!decoder.ports.contains_key(&(1, 3)));
+        assert_eq!(decoder.netns_of_instance.get(&1).map(String::as_str), Some("h"));
+    }
+
+    #[test]
     fn bridge_specs() {
         assert_eq!(
             parse_bridge("br0@host-a").unwrap(),
