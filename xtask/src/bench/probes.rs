@@ -1024,7 +1024,7 @@ mod tests {
     #[test]
     fn frames_have_the_right_shape() {
         let f = ipv4_frame(OTHER);
-        assert_eq!(f.len(), 64);
+        assert_eq!(f.len(), 60, "14 + 20 (IPv4) + 8 (UDP) + 18");
         assert_eq!(&f[12..14], &[0x08, 0x00]);
         let a = arp_frame(OTHER);
         assert_eq!(a.len(), 60);
