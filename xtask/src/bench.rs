@@ -10,7 +10,8 @@
 //! Sections (select with `--only SECTION`, or one part of a section with `--only SECTION:PART`):
 //! - `floors`: memory copy bandwidth, unix socket and TCP-over-veth bandwidth (the floors of the others);
 //! - `probes`: XDP ns per frame (`BPF_PROG_TEST_RUN`, part `xdp`), the flow tracker's ns per TCP segment (`flow`),
-//!   events/s through the collector (`events`), TCP stream overhead (`tcp`);
+//!   events/s through the collector (`events`), TCP stream overhead (`tcp`), the throughput target as paired
+//!   streams (`paired`);
 //! - `ports`: taps joining a watched bridge (`migmon watch --bridge`): notification → programs attached against the
 //!   same attach in-process, and the event latency while they attach against at rest;
 //! - `migration`: our migrator against QEMU (`-M microvm`, same guest ELF) on the same workloads and clients;
@@ -72,7 +73,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
     /// Run only these sections (floors, probes, ports, migration, scale, faults, soak), or one part of a section
-    /// (`probes:xdp`, `probes:flow`, `probes:events`, `probes:tcp`). Repeatable.
+    /// (`probes:xdp`, `probes:flow`, `probes:events`, `probes:tcp`, `probes:paired`). Repeatable.
     #[arg(long, value_name = "SECTION[:PART]")]
     pub only: Vec<String>,
     /// Run only these migration workloads: `idle`, or a dirtier's `SIZE@RATE` as the workload names it
