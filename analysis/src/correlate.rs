@@ -385,10 +385,6 @@ impl Analysis {
     }
 }
 
-/// What a report says of a trace still being written.
-pub const IN_PROGRESS: &str = "still being written by a running migmon watch: read up to its last complete line; migrations in it may not \
-     have settled yet";
-
 /// Correlates a trace read back from disk.
 pub fn analyse(trace: &Trace) -> Analysis {
     let mut a = correlate(&trace.events);
@@ -397,7 +393,7 @@ pub fn analyse(trace: &Trace) -> Analysis {
     a.skipped_lines.clone_from(&trace.skipped);
     a.damage = trace.damage();
     if trace.in_progress {
-        a.in_progress.push(IN_PROGRESS.to_owned());
+        a.in_progress.push(crate::trace::IN_PROGRESS.to_owned());
     }
     let mut warnings = a.damage.clone();
     if a.lost_events > 0 {

@@ -1063,7 +1063,7 @@ pub fn merge(inputs: &[Input]) -> Result<Merged, MergeError> {
     let in_progress: Vec<String> = inputs
         .iter()
         .filter(|inp| inp.trace.in_progress)
-        .map(|inp| format!("{}: {}", inp.name, crate::correlate::IN_PROGRESS))
+        .map(|inp| format!("{}: {}", inp.name, crate::trace::IN_PROGRESS))
         .collect();
     let (drop, duplicates) = kernel_duplicates(inputs, &ids, &group_of);
     let clash = port_clashes(inputs, &drop, &ids, &group_of, &mut warnings);

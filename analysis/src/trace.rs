@@ -653,6 +653,10 @@ pub enum Event {
     },
 }
 
+/// What a report says of a trace still being written.
+pub const IN_PROGRESS: &str = "still being written by a running migmon watch: read up to its last complete line; migrations in it may \
+     not have settled yet";
+
 /// Writes `Event::ts_ns` and `Event::ts_ns_mut` from one list of the variants that carry `ts_ns` themselves, so the
 /// two cannot drift apart when a kind is added. `Migration` keeps its time in its inner event.
 macro_rules! event_times {

@@ -704,7 +704,10 @@ pub struct ProbeConfig {
     pub flow_capture_ns: u64,
     /// Captures the bucket holds at most (a burst).
     pub flow_capture_burst: u32,
-    pub pad: u32,
+    /// Nanoseconds per jiffy (10⁹ / HZ): the flow tracker's per-flow clock is `jiffies × flow_tick_ns`, an
+    /// inlined read where a clock helper is a kernel call; both are `CLOCK_MONOTONIC` as of the last tick, apart
+    /// from a constant offset. 0 (HZ unknown): the coarse monotonic clock.
+    pub flow_tick_ns: u32,
     /// A one-word filter in front of the `FLOW_IPS` lookups: bit [`ip_filter_bit`] of every flow IP is set.
     pub ip_filter: u64,
     /// Offset of the byte holding the `icsk_ca_state` bitfield in `struct sock`.
@@ -768,7 +771,7 @@ impl ProbeConfig {
         flow_quiet_ns: 50_000_000,
         flow_capture_ns: 1_000_000,
         flow_capture_burst: 256,
-        pad: 0,
+        flow_tick_ns: 0,
         ip_filter: 0,
         off_icsk_ca_state: NO_OFFSET,
         ca_state_bits: 0,

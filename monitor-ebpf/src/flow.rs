@@ -15,9 +15,9 @@
 //! forward progress, and the segment and retransmission counts ([`FlowDir`]).
 //!
 //! A busy flow in the cache costs an inlined array index, a few word comparisons and stores into the way per
-//! segment (a flow in the LRU map, a hash map lookup), and the coarse clock
-//! (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC as of the last tick): the per-flow times, and so `gap_ns` and
-//! `silence_ns`, are accurate to a tick; a record's own time is the precise clock's. A record goes to the ring
+//! segment (a flow in the LRU map, a hash map lookup), and a tick clock ([`tick_clock`]: jiffies times the tick
+//! length, read inline): the per-flow times, and so `gap_ns` and `silence_ns`, are accurate to a tick; a record's
+//! own time is the precise clock's. A record goes to the ring
 //! buffer only when a segment matters ([`FlowEvent`], one kind each):
 //! - `FlowOpen`: the first segment of a flow the table did not hold;
 //! - `FlowRetransmit`: data (or SYN/FIN) starting inside sequence space the same side already sent, with the time
@@ -49,7 +49,7 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     bindings::{TC_ACT_UNSPEC, xdp_action},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     programs::{TcContext, XdpContext},
@@ -63,7 +63,7 @@ use monitor_common::{
 
 use crate::{
     EVENTS, atomic_add, config, count_lost,
-    l2::{Eth, Frame, TcFrame, XdpFrame, bytes, count_malformed, mac_watched},
+    l2::{Eth, Frame, TcFrame, XdpFrame, count_malformed, load16, load32, mac_at, mac_watched},
 };
 
 /// The IPv6 flow table behind the cache: flows the cache evicted (and all flows without a cache). User space
@@ -145,6 +145,8 @@ struct Handoff {
     vlan_count: u16,
     direction: u8,
     pad: u8,
+    /// The interface the L2 program runs on.
+    ifindex: u32,
 }
 
 /// The largest offset of an IP header after the Ethernet header and two VLAN tags.
@@ -165,6 +167,21 @@ const EV_PROGRESS: u32 = 4;
 const EV_ZERO_WINDOW: u32 = 8;
 const EV_FIN: u32 = 16;
 const EV_RESET: u32 = 32;
+
+/// The flow tracker's per-flow clock in ns, as of the last tick: jiffies times the tick length (the verifier
+/// inlines the jiffies read: no call), or, when user space did not know the tick, the coarse monotonic clock (a
+/// helper call, about 3 ns here; the precise clock costs about 28).
+#[inline(always)]
+fn tick_clock() -> u64 {
+    let tick = config!(flow_tick_ns);
+    if tick != 0 {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_jiffies64() }.wrapping_mul(u64::from(tick))
+    } else {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    }
+}
 
 /// `a` comes before `b` in sequence space (modulo 2³²).
 #[inline(always)]
@@ -214,16 +231,16 @@ fn ipv4(f: &impl Frame, off: usize) -> Parsed<(Ip, [u8; 4], [u8; 4])> {
     let Some((p, _)) = direct_at(f, off, 20) else {
         return Parsed::Malformed;
     };
-    // SAFETY: checked above that the 20 bytes of the fixed header lie inside the packet; each field is read with
-    // one load of its width.
+    // SAFETY: `direct_at` checked that the 20 bytes of the fixed header lie inside the packet; each field is
+    // read with one load of its width.
     let (vihl, tot, frag, proto, s, d) = unsafe {
         (
             *(p as *const u8),
-            u16::from_be(((p + 2) as *const u16).read_unaligned()),
-            u16::from_be(((p + 6) as *const u16).read_unaligned()),
+            u16::from_be(load16(p + 2)),
+            u16::from_be(load16(p + 6)),
             *((p + 9) as *const u8),
-            ((p + 12) as *const [u8; 4]).read_unaligned(),
-            ((p + 16) as *const [u8; 4]).read_unaligned(),
+            load32(p + 12).to_ne_bytes(),
+            load32(p + 16).to_ne_bytes(),
         )
     };
     let ihl = usize::from(vihl & 0x0f) << 2;
@@ -665,9 +682,11 @@ pub(crate) fn worth_tracking(f: &impl Frame, eth: &Eth) -> bool {
     } else {
         (eth.off + 22, eth.off + 38)
     };
-    let (Some(a), Some(b)) = (bytes::<2>(data, end, s), bytes::<2>(data, end, d)) else {
+    if data + d + 2 > end {
         return true;
-    };
+    }
+    // SAFETY: checked above that both pairs of bytes lie inside the packet (`s < d`).
+    let (a, b) = unsafe { (load16(data + s).to_ne_bytes(), load16(data + d).to_ne_bytes()) };
     let filter = config!(ip_filter);
     let bit = |x: [u8; 2]| 1u64 << ((x[0] ^ x[1]) & 63);
     filter & (bit(a) | bit(b)) != 0
@@ -690,6 +709,7 @@ pub(crate) fn hand_over(f: &impl Frame, eth: &Eth, direction: u8) {
             vlan_count: eth.vlan_count,
             direction,
             pad: 0,
+            ifindex: f.ifindex(),
         });
     }
     f.tail_call_flow();
@@ -720,14 +740,23 @@ fn flow(f: &impl Frame) {
     if h.off > MAX_L3_OFF {
         return;
     }
-    let eth = Eth {
-        ethertype: h.ethertype,
+    let eth = |ethertype| Eth {
+        ethertype,
         off: usize::from(h.off),
         vlan: h.vlan,
         vlan_count: h.vlan_count,
     };
-    track_segment(f, &eth, h.direction);
+    // A constant ethertype in each call: the family is decided once, and the verifier (which cannot keep "not
+    // IPv4" for a value it read from memory) never walks an IPv6 parse into the IPv4 path.
+    match h.ethertype {
+        ETH_P_IP => track_segment(f, w, &eth(ETH_P_IP), h.direction, h.ifindex),
+        ETH_P_IPV6 => track_segment(f, w, &eth(ETH_P_IPV6), h.direction, h.ifindex),
+        _ => 0,
+    };
 }
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 
 /// The fixed TCP header at `l4` of a packet whose IP layer leaves `payload` bytes: source port, destination port
 /// and the segment. `None` when it is cut or odd (the caller counts it).
@@ -737,16 +766,17 @@ fn tcp_header(f: &impl Frame, l4: usize, payload: usize) -> Option<(u16, u16, Se
         return None;
     }
     let (p, _) = direct_at(f, l4, TCP_HLEN)?;
-    // SAFETY: checked above that the 20 bytes of the fixed TCP header lie inside the packet.
+    // SAFETY: `direct_at` checked that the 20 bytes of the fixed TCP header lie inside the packet.
     let (sport, dport, seq, ack, doff, tcp_flags, window) = unsafe {
+        let ports = load32(p);
         (
-            u16::from_be((p as *const u16).read_unaligned()),
-            u16::from_be(((p + 2) as *const u16).read_unaligned()),
-            u32::from_be(((p + 4) as *const u32).read_unaligned()),
-            u32::from_be(((p + 8) as *const u32).read_unaligned()),
+            u16::from_be(ports as u16),
+            u16::from_be((ports >> 16) as u16),
+            u32::from_be(load32(p + 4)),
+            u32::from_be(load32(p + 8)),
             *((p + 12) as *const u8),
             *((p + 13) as *const u8),
-            u16::from_be(((p + 14) as *const u16).read_unaligned()),
+            u16::from_be(load16(p + 14)),
         )
     };
     let doff = usize::from(doff >> 4) << 2;
@@ -872,6 +902,7 @@ unsafe fn apply_to_table<K: CacheKey>(
         for i in 0..FLOW_CACHE_WAYS {
             if same_key(&raw const (*set).ways[i].key, key) {
                 found = i as u32;
+                break;
             }
         }
         if found == FLOW_CACHE_WAYS as u32 {
@@ -995,10 +1026,10 @@ fn mac_end(f: &impl Frame) -> (bool, bool) {
     let (data, end) = (f.data(), f.data_end());
     let mut src_vm = false;
     let mut dst_vm = false;
-    if let Some(src) = bytes::<6>(data, end, 6) {
+    if let Some(src) = mac_at(data, end, 6) {
         src_vm = mac_watched(&src);
     }
-    if !src_vm && let Some(dst) = bytes::<6>(data, end, 0) {
+    if !src_vm && let Some(dst) = mac_at(data, end, 0) {
         dst_vm = mac_watched(&dst);
     }
     (src_vm, dst_vm)
@@ -1079,10 +1110,8 @@ unsafe fn apply_segment(
     dport: u16,
     seg: &Segment,
 ) -> Option<(u8, Outcome, u32)> {
-    // The flow's own times are on the coarse clock (CLOCK_MONOTONIC_COARSE: CLOCK_MONOTONIC as of the last tick,
-    // a few ns to read against about 28 for the precise one here); records take the precise time.
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The flow's own times are on a tick clock; records take the precise time.
+    let now = tick_clock();
     if let Some((src, dst)) = v4 {
         let side = sender_side(src_vm, dst_vm, || {
             (u32::from_be_bytes(src), sport) < (u32::from_be_bytes(dst), dport)
@@ -1128,13 +1157,7 @@ unsafe fn apply_segment(
 }
 
 #[inline(always)]
-fn track_segment(f: &impl Frame, eth: &Eth, direction: u8) -> u32 {
-    let ifindex = f.ifindex();
-    // The keys, a new flow's entry and the record's key are built in a per-CPU scratch slot: the stack has no
-    // room for them.
-    let Some(w) = WORK.get_ptr_mut(0) else {
-        return 0;
-    };
+fn track_segment(f: &impl Frame, w: *mut Work, eth: &Eth, direction: u8, ifindex: u32) -> u32 {
     let parsed = if eth.ethertype == 0x0800 {
         match ip_layer4(f, eth.off) {
             Parsed::Yes((t, src, dst)) => Parsed::Yes((t, Some((src, dst)))),

@@ -220,6 +220,38 @@ impl Frame for TcFrame<'_> {
     }
 }
 
+/// The `u16` at packet address `p`, in network byte order as stored, with one load whatever its alignment.
+///
+/// The compiler splits a load it cannot prove aligned into single bytes (a packet field's alignment is not known
+/// at compile time), each with its shift and or; the kernel's verifier accepts misaligned packet loads where the
+/// CPU does them (x86-64, arm64). Not `pure`: the load must stay after the bounds check that guards it.
+///
+/// # Safety
+/// `p..p + 2` must lie inside the packet, checked against its end before the call.
+#[inline(always)]
+pub(crate) unsafe fn load16(p: usize) -> u16 {
+    let v: u64;
+    // SAFETY: the caller's contract; the instruction reads 2 bytes at `p` and writes only the output register.
+    unsafe {
+        core::arch::asm!("{0} = *(u16 *)({1} + 0)", lateout(reg) v, in(reg) p, options(nostack, readonly, preserves_flags));
+    }
+    v as u16
+}
+
+/// The `u32` at packet address `p`, as stored, with one load whatever its alignment ([`load16`]).
+///
+/// # Safety
+/// `p..p + 4` must lie inside the packet, checked against its end before the call.
+#[inline(always)]
+pub(crate) unsafe fn load32(p: usize) -> u32 {
+    let v: u64;
+    // SAFETY: the caller's contract; the instruction reads 4 bytes at `p` and writes only the output register.
+    unsafe {
+        core::arch::asm!("{0} = *(u32 *)({1} + 0)", lateout(reg) v, in(reg) p, options(nostack, readonly, preserves_flags));
+    }
+    v as u32
+}
+
 /// A byte at `data + off`, bounds-checked against `end`.
 #[inline(always)]
 pub(crate) fn byte(data: usize, end: usize, off: usize) -> Option<u8> {
@@ -237,8 +269,23 @@ pub(crate) fn be16(data: usize, end: usize, off: usize) -> Option<u16> {
         return None;
     }
     // SAFETY: checked above that both bytes lie inside the packet.
-    let v = unsafe { ((data + off) as *const u16).read_unaligned() };
-    Some(u16::from_be(v))
+    Some(u16::from_be(unsafe { load16(data + off) }))
+}
+
+/// The 6 bytes of a MAC address at `data + off`, in two loads.
+#[inline(always)]
+pub(crate) fn mac_at(data: usize, end: usize, off: usize) -> Option<[u8; 6]> {
+    if data + off + 6 > end {
+        return None;
+    }
+    // SAFETY: checked above that the 6 bytes lie inside the packet.
+    let (a, b) = unsafe {
+        (
+            load32(data + off).to_ne_bytes(),
+            load16(data + off + 4).to_ne_bytes(),
+        )
+    };
+    Some([a[0], a[1], a[2], a[3], b[0], b[1]])
 }
 
 /// `N` bytes at `data + off`.
@@ -356,7 +403,7 @@ fn ingress(f: &impl Frame) {
     let end = f.data_end();
     let ifindex = f.ifindex();
     let len = f.wire_len();
-    let (Some(src), Some(_)) = (bytes::<6>(data, end, 6), be16(data, end, 12)) else {
+    let (Some(src), Some(_)) = (mac_at(data, end, 6), be16(data, end, 12)) else {
         malformed(ifindex, Malformed::EthernetCut);
         return;
     };
@@ -631,7 +678,7 @@ fn egress(f: &impl Frame) {
     let data = f.data();
     let end = f.data_end();
     if flags & CFG_WATCH_MACS != 0 {
-        let Some(dst) = bytes::<6>(data, end, 0) else {
+        let Some(dst) = mac_at(data, end, 0) else {
             return;
         };
         count_mac(dst, f.ifindex(), DIR_EGRESS, f.wire_len());

@@ -12,6 +12,8 @@
 // The BPF target has no `AtomicU64::fetch_add`; the intrinsic lowers to the BPF atomic add instruction.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+// Packet loads of one instruction at any alignment (`l2::load16`, `l2::load32`).
+#![feature(asm_experimental_arch)]
 
 mod bridge;
 mod flow;

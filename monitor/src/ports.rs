@@ -9,15 +9,18 @@
 //! ([`PortControl::register_vm_interface`]).
 //!
 //! The probe collector owns the [`Probes`], so it owns the [`PortHandler`] too: a request wakes it through an
-//! eventfd, and it attaches, detaches and adds MACs between two ring-buffer drains, then reports each change in the
-//! trace (`port_attached`, `port_detached`, `port_failed`, `mac_learned`; docs/events.md).
+//! eventfd, and it hands the probes and the handler to a blocking thread that attaches, detaches and adds MACs
+//! (a TC link takes milliseconds of kernel work) and reports each change in the trace (`port_attached`,
+//! `port_detached`, `port_failed`, `mac_learned`; docs/events.md). The collector keeps draining the ring buffers
+//! meanwhile ([`crate::probes::Rings`]); a port about to be attached is named in the decoder first
+//! ([`PortHandler::name_ahead`]), so its first frames carry its name whenever they are drained.
 //!
 //! ```text
 //!  BridgeWatcher (thread per --bridge; socket in the bridge's netns)
 //!    RTM_NEWLINK master = BR ───► Attach ─┐
 //!    RTM_DELLINK, master ≠ BR ──► Detach ─┼─► channel + eventfd ─► PortHandler, in the probe collector:
-//!    RTM_NEWNEIGH on a tap ─────► Learn ──┤                        attach / detach / watch the MAC, then
-//!  migrator setup events, QMP, libvirt ───┘ (PortControl)          port_attached, port_detached, mac_learned
+//!    RTM_NEWNEIGH on a tap ─────► Learn ──┤                        attach / detach / watch the MAC (on a
+//!  migrator setup events, QMP, libvirt ───┘ (PortControl)          blocking thread), then port_attached, ...
 //! ```
 //!
 //! A port that cannot be attached is a `port_failed` event and a warning, counted, never the end of the watch.
@@ -216,6 +219,51 @@ struct Watched {
     bridge: Option<String>,
 }
 
+/// A change to the names the decoder gives ports, from [`PortHandler::apply`] (which may run away from the decoder).
+#[derive(Debug)]
+pub enum NameChange {
+    /// A port was attached: its name (and its instance's namespace).
+    Port { instance: u32, port: Port },
+    /// A port detached long ago: forget its name.
+    Forget { instance: u32, ifindex: u32 },
+}
+
+/// What [`PortHandler::apply`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Ports were attached: the ring buffer fds to poll may have changed.
+    pub attached: bool,
+    pub names: Vec<NameChange>,
+}
+
+impl Applied {
+    /// Gives the decoder the names `apply` found and takes back those [`PortHandler::name_ahead`] added for ports
+    /// that were not attached after all. Returns whether ports were attached.
+    pub fn settle(self, ahead: Vec<(u32, u32)>, decoder: &mut Decoder) -> bool {
+        let mut confirmed = HashSet::new();
+        for change in self.names {
+            match change {
+                NameChange::Port { instance, port } => {
+                    confirmed.insert((instance, port.ifindex));
+                    if let Some(ns) = &port.netns {
+                        decoder.netns_of_instance.insert(instance, ns.clone());
+                    }
+                    decoder.ports.insert((instance, port.ifindex), port);
+                }
+                NameChange::Forget { instance, ifindex } => {
+                    decoder.ports.remove(&(instance, ifindex));
+                }
+            }
+        }
+        for key in ahead {
+            if !confirmed.contains(&key) {
+                decoder.ports.remove(&key);
+            }
+        }
+        self.attached
+    }
+}
+
 /// The receiving side, owned by the probe collector: applies requests to the [`Probes`].
 pub struct PortHandler {
     rx: Receiver<PortRequest>,
@@ -281,35 +329,93 @@ impl PortHandler {
         self.watched.values().map(|w| &w.port)
     }
 
-    /// Applies every waiting request; returns true when ports were attached (the caller refreshes the ring
-    /// buffer fds it polls: a port in a new namespace brings a new instance).
+    /// Applies every waiting request at once (kernel work and names); returns true when ports were attached (the
+    /// caller refreshes the ring buffer fds it polls: a port in a new namespace brings a new instance). The probe
+    /// collector does the same in three steps, so that its ring buffers drain during the kernel work: [`Self::take`]
+    /// and [`Self::name_ahead`] on its task, [`Self::apply`] on a blocking thread, [`Applied::settle`] on its task.
     pub fn handle(&mut self, probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) -> bool {
+        let requests = self.take();
+        let ahead = Self::name_ahead(&requests, probes, decoder);
+        let applied = self.apply(requests, probes, tx);
+        applied.settle(ahead, decoder)
+    }
+
+    /// The waiting requests (clears the wake-up).
+    pub fn take(&mut self) -> Vec<PortRequest> {
         let _ = self.wake.read();
-        let mut attached = false;
+        let mut out = Vec::new();
         loop {
             match self.rx.try_recv() {
-                Ok(PortRequest::Attach {
+                Ok(r) => out.push(r),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return out,
+            }
+        }
+    }
+
+    /// Names the ports about to be attached in the decoder before their programs run, so that their first records
+    /// (a destination VM's first frame, its announce) are decoded with the port's name even when they are drained
+    /// while the attach is still under way. Only ports whose notification gave the interface index, in a namespace
+    /// that has its instance already (the bridges' namespaces, loaded at start). Returns the names added.
+    pub fn name_ahead(requests: &[PortRequest], probes: &Probes, decoder: &mut Decoder) -> Vec<(u32, u32)> {
+        let mut added = Vec::new();
+        for r in requests {
+            if let PortRequest::Attach {
+                iface,
+                ifindex: Some(ifindex),
+                ..
+            } = r
+                && let Some(instance) = probes.instance_id(iface.netns.as_deref())
+                && !decoder.ports.contains_key(&(instance, *ifindex))
+            {
+                decoder.ports.insert(
+                    (instance, *ifindex),
+                    Port {
+                        ifindex: *ifindex,
+                        iface: Some(iface.name.clone()),
+                        netns: iface.netns.clone(),
+                    },
+                );
+                added.push((instance, *ifindex));
+            }
+        }
+        added
+    }
+
+    /// Applies `requests` to the probes: the kernel work (attach, detach, watch a MAC, forget old counters) and the
+    /// trace events. The names the decoder needs are in the result, for [`Applied::settle`].
+    pub fn apply(&mut self, requests: Vec<PortRequest>, probes: &mut Probes, tx: &Sender<Event>) -> Applied {
+        let mut out = Applied::default();
+        for r in requests {
+            match r {
+                PortRequest::Attach {
                     iface,
                     ifindex,
                     bridge,
                     origin,
                     notified_ns,
-                }) => {
-                    attached |=
-                        self.attach(probes, decoder, tx, &iface, ifindex, bridge, origin, notified_ns);
+                } => {
+                    out.attached |= self.attach(
+                        probes,
+                        &mut out.names,
+                        tx,
+                        &iface,
+                        ifindex,
+                        bridge,
+                        origin,
+                        notified_ns,
+                    );
                 }
-                Ok(PortRequest::Detach {
+                PortRequest::Detach {
                     netns,
                     ifindex,
                     reason,
                     notified_ns,
-                }) => self.detach(probes, tx, netns.as_deref(), ifindex, reason, notified_ns),
-                Ok(PortRequest::Learn { mac, source, on }) => learn(probes, tx, mac, source, on.as_ref()),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                } => self.detach(probes, tx, netns.as_deref(), ifindex, reason, notified_ns),
+                PortRequest::Learn { mac, source, on } => learn(probes, tx, mac, source, on.as_ref()),
             }
         }
-        self.prune(probes, decoder);
-        attached
+        self.prune(probes, &mut out.names);
+        out
     }
 
     #[expect(
@@ -319,7 +425,7 @@ impl PortHandler {
     fn attach(
         &mut self,
         probes: &mut Probes,
-        decoder: &mut Decoder,
+        names: &mut Vec<NameChange>,
         tx: &Sender<Event>,
         iface: &Iface,
         ifindex: Option<u32>,
@@ -355,10 +461,10 @@ impl PortHandler {
                         ),
                     );
                 }
-                decoder.ports.insert((a.instance, a.port.ifindex), a.port.clone());
-                if let Some(ns) = &iface.netns {
-                    decoder.netns_of_instance.insert(a.instance, ns.clone());
-                }
+                names.push(NameChange::Port {
+                    instance: a.instance,
+                    port: a.port.clone(),
+                });
                 self.watched.insert(
                     (iface.netns.clone(), a.port.ifindex),
                     Watched {
@@ -429,7 +535,7 @@ impl PortHandler {
     }
 
     /// Forgets the names and counters of ports detached more than [`RETIRE_AFTER`] ago.
-    fn prune(&mut self, probes: &mut Probes, decoder: &mut Decoder) {
+    fn prune(&mut self, probes: &mut Probes, names: &mut Vec<NameChange>) {
         while let Some(&(when, instance, ifindex)) = self.retired.front() {
             if when.elapsed() < RETIRE_AFTER {
                 break;
@@ -440,7 +546,7 @@ impl PortHandler {
                 .values()
                 .any(|w| w.instance == instance && w.port.ifindex == ifindex);
             if !reattached {
-                decoder.ports.remove(&(instance, ifindex));
+                names.push(NameChange::Forget { instance, ifindex });
                 let _ = probes.forget_port_counters(instance, ifindex);
             }
         }
@@ -963,6 +1069,41 @@ pub fn mac_observer(control: PortControl) -> Observer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_given_ahead_stay_only_for_ports_attached() {
+        let mut decoder = Decoder::new(0);
+        let port = |ifindex, name: &str| Port {
+            ifindex,
+            iface: Some(name.to_owned()),
+            netns: Some("h".to_owned()),
+        };
+        // An older port, detached long ago: the batch forgets it.
+        decoder.ports.insert((1, 3), port(3, "old"));
+        let ahead = vec![(1, 7), (1, 8)];
+        for &(i, x) in &ahead {
+            decoder.ports.insert((i, x), port(x, "new"));
+        }
+        let applied = Applied {
+            attached: true,
+            names: vec![
+                NameChange::Port {
+                    instance: 1,
+                    port: port(7, "tap7"),
+                },
+                NameChange::Forget {
+                    instance: 1,
+                    ifindex: 3,
+                },
+            ],
+        };
+        assert!(applied.settle(ahead, &mut decoder));
+        // 7 attached (its name from the attach), 8 not (its name taken back), 3 forgotten as asked.
+        assert_eq!(decoder.ports.get(&(1, 7)), Some(&port(7, "tap7")));
+        assert!(!decoder.ports.contains_key(&(1, 8)));
+        assert!(!decoder.ports.contains_key(&(1, 3)));
+        assert_eq!(decoder.netns_of_instance.get(&1).map(String::as_str), Some("h"));
+    }
 
     #[test]
     fn bridge_specs() {

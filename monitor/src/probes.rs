@@ -17,6 +17,7 @@ use std::{
     ffi::CString,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use aya::{
@@ -428,7 +429,8 @@ struct Instance {
     netns: Option<String>,
     id: u32,
     ebpf: Ebpf,
-    ring: RingBuf<MapData>,
+    /// Shared with [`Rings`], which drains it while the probes are busy elsewhere (attaching a port).
+    ring: Arc<Mutex<RingBuf<MapData>>>,
     /// The programs' log ring buffer, read with `--ebpf-log`.
     logger: Option<EbpfLogger<KernelLog>>,
     log: KernelLog,
@@ -447,6 +449,31 @@ pub struct Probes {
     /// The hooks attached to each port, keyed like `ports`.
     hooks: HashMap<(u32, u32), Vec<String>>,
     hz: u32,
+}
+
+/// The event ring buffers of the instances, apart from the programs: [`Probes::rings`].
+#[derive(Clone)]
+pub struct Rings(Vec<Arc<Mutex<RingBuf<MapData>>>>);
+
+impl Rings {
+    /// Hands every pending record to `f`, decoded (or the decode error); returns how many.
+    pub fn drain(&self, mut f: impl FnMut(Result<WireEvent, monitor_common::DecodeError>)) -> usize {
+        self.0.iter().map(|r| drain_ring(r, &mut f)).sum()
+    }
+}
+
+/// Hands every pending record of one ring buffer to `f`; returns how many.
+fn drain_ring(
+    ring: &Mutex<RingBuf<MapData>>,
+    f: &mut impl FnMut(Result<WireEvent, monitor_common::DecodeError>),
+) -> usize {
+    let mut ring = ring.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        f(monitor_common::decode(&item));
+        n += 1;
+    }
+    n
 }
 
 /// One program attached to a port.
@@ -670,6 +697,10 @@ fn base_config(opts: &ProbeOptions) -> Result<ProbeConfig, ProbeError> {
             1_000_000_000 / u64::from(f.captures_per_sec.min(1_000_000_000))
         };
         c.flow_capture_burst = f.capture_burst.clamp(1, 1 << 20);
+        c.flow_tick_ns = match kernel_hz() {
+            0 => 0,
+            hz => 1_000_000_000 / hz,
+        };
     }
     let w = &opts.watch;
     if !w.ips.is_empty() {
@@ -844,7 +875,7 @@ impl Instance {
             netns,
             id,
             ebpf,
-            ring,
+            ring: Arc::new(Mutex::new(ring)),
             logger,
             log,
             flows: opts.flows.is_some(),
@@ -1377,7 +1408,24 @@ impl Probes {
 
     /// The ring buffer fds, to poll for readiness.
     pub fn ring_fds(&self) -> Vec<RawFd> {
-        self.instances.iter().map(|i| i.ring.as_raw_fd()).collect()
+        self.instances
+            .iter()
+            .map(|i| i.ring.lock().unwrap_or_else(PoisonError::into_inner).as_raw_fd())
+            .collect()
+    }
+
+    /// The event ring buffers of every instance there is now, to drain while the probes themselves are busy (a
+    /// port attach on a blocking thread).
+    pub fn rings(&self) -> Rings {
+        Rings(self.instances.iter().map(|i| Arc::clone(&i.ring)).collect())
+    }
+
+    /// The id of namespace `netns`'s instance, if it has one (nothing is loaded).
+    pub fn instance_id(&self, netns: Option<&str>) -> Option<u32> {
+        self.instances
+            .iter()
+            .find(|i| i.netns.as_deref() == netns)
+            .map(|i| i.id)
     }
 
     /// The log ring buffers' fds (with `ebpf_log`; they stay owned by the probes).
@@ -1411,14 +1459,7 @@ impl Probes {
 
     /// Hands every pending ring buffer record to `f`, decoded (or the decode error).
     pub fn drain(&mut self, mut f: impl FnMut(Result<WireEvent, monitor_common::DecodeError>)) -> usize {
-        let mut n = 0;
-        for inst in &mut self.instances {
-            while let Some(item) = inst.ring.next() {
-                f(monitor_common::decode(&item));
-                n += 1;
-            }
-        }
-        n
+        self.instances.iter().map(|i| drain_ring(&i.ring, &mut f)).sum()
     }
 
     /// Current per-(MAC, port, direction) counters: (instance id, key, counters).

@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use migmon_analysis::trace::{Event, MacAddr, TraceWriter};
 use migmon_base::units::parse_duration;
-use monitor_common::{MacCounters, MacKey};
+use monitor_common::{DecodeError, MacCounters, MacKey, WireEvent};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -39,8 +39,8 @@ use crate::{
     decode::{Decoder, mono_now_ns},
     output::Output,
     pipeline::{Control, Observer, Pipeline, Sources},
-    ports::PortHandler,
-    probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, WatchList},
+    ports::{Applied, PortHandler},
+    probes::{FlowOptions, Iface, IngressMode, ProbeOptions, Probes, Rings, WatchList},
 };
 
 /// Options of `migmon watch`. Flat, so other parts add their flags here.
@@ -323,17 +323,22 @@ fn note(tx: &Sender<Event>, level: &str, message: String) {
     });
 }
 
-/// Decodes every pending ring buffer record into `tx`; returns how many there were.
-fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) -> usize {
-    let n = probes.drain(|r| match r {
+/// One ring buffer record, decoded, into `tx`.
+fn decoded(r: &Result<WireEvent, DecodeError>, decoder: &mut Decoder, tx: &Sender<Event>) {
+    match r {
         Ok(w) => {
-            let _ = tx.send(decoder.event(&w));
+            let _ = tx.send(decoder.event(w));
         }
         Err(e) => {
             crate::skipped::count("kernel", "undecodable");
             note(tx, "warning", format!("skipped a kernel record: {e}"));
         }
-    });
+    }
+}
+
+/// Decodes every pending ring buffer record into `tx`; returns how many there were.
+fn drain(probes: &mut Probes, decoder: &mut Decoder, tx: &Sender<Event>) -> usize {
+    let n = probes.drain(|r| decoded(&r, decoder, tx));
     let dropped = probes.drain_logs(|line, netns| {
         let _ = tx.send(line.to_event(netns));
     });
@@ -427,7 +432,8 @@ const RING_BUSY: usize = 4096;
 
 /// The probe source: a task that drains the ring buffers as they fill, samples the counters every `interval` (and at
 /// once on [`Control::request_sample`]), applies the port requests of `ports` (`--bridge`) as they come, and on stop
-/// does a last drain and sample and detaches.
+/// does a last drain and sample and detaches. Port requests take a blocking thread for their kernel work (a TC
+/// link takes milliseconds), and the task goes on draining the ring buffers meanwhile.
 pub fn spawn_collector(
     sources: &mut Sources,
     probes: Probes,
@@ -438,7 +444,8 @@ pub fn spawn_collector(
     let (work_tx, work_rx) = tokio::sync::mpsc::unbounded_channel();
     let task = sources.spawn_joined(collect(
         Probed {
-            probes,
+            rings: probes.rings(),
+            probes: Some(probes),
             decoder,
             ports,
         },
@@ -453,17 +460,84 @@ pub fn spawn_collector(
     }
 }
 
-/// What the collector owns: the probes, the decoder that names their ports, and the port requests' handler.
+/// What the collector owns: the probes (away on a blocking thread while port requests are applied), their ring
+/// buffers (which stay), the decoder that names their ports, and the port requests' handler (away with the probes).
 struct Probed {
-    probes: Probes,
+    probes: Option<Probes>,
+    rings: Rings,
     decoder: Decoder,
     ports: Option<PortHandler>,
 }
 
+/// What a blocking thread that applied port requests hands back.
+struct Applying {
+    probes: Probes,
+    handler: PortHandler,
+    applied: Option<Applied>,
+    /// The names given ahead of the attaches ([`PortHandler::name_ahead`]).
+    ahead: Vec<(u32, u32)>,
+}
+
 impl Probed {
-    /// Decodes every pending ring buffer record into `tx`; returns how many there were.
+    /// Decodes every pending ring buffer record into `tx` (and, with the probes here, the programs' log lines);
+    /// returns how many there were.
     fn drain(&mut self, tx: &Sender<Event>) -> usize {
-        drain(&mut self.probes, &mut self.decoder, tx)
+        if let Some(probes) = &mut self.probes {
+            drain(probes, &mut self.decoder, tx)
+        } else {
+            let decoder = &mut self.decoder;
+            self.rings.drain(|r| decoded(&r, decoder, tx))
+        }
+    }
+
+    /// Starts applying the waiting port requests on a blocking thread, the probes and the handler with them; `None`
+    /// when there is nothing to do (or the probes are away already).
+    fn start_port_requests(&mut self, tx: &Sender<Event>) -> Option<tokio::task::JoinHandle<Applying>> {
+        let handler = self.ports.as_mut()?;
+        let requests = handler.take();
+        if requests.is_empty() {
+            return None;
+        }
+        let probes = self.probes.take()?;
+        let mut handler = self.ports.take()?;
+        let ahead = PortHandler::name_ahead(&requests, &probes, &mut self.decoder);
+        let tx = tx.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            let mut probes = probes;
+            // A panic in the kernel work loses that batch, never the probes.
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handler.apply(requests, &mut probes, &tx)
+            }))
+            .ok();
+            Applying {
+                probes,
+                handler,
+                applied,
+                ahead,
+            }
+        }))
+    }
+
+    /// The ring buffers of the probes there are now: drained through `self.rings`, waited on through the result.
+    fn refresh_rings(&mut self, tx: &Sender<Event>) -> Option<Vec<AsyncFd<OwnedFd>>> {
+        let probes = self.probes.as_ref()?;
+        self.rings = probes.rings();
+        watched_rings(probes, tx)
+    }
+
+    /// Takes the probes and the handler back from a blocking thread; returns whether ports were attached.
+    fn finish_port_requests(&mut self, done: Applying, tx: &Sender<Event>) -> bool {
+        self.probes = Some(done.probes);
+        self.ports = Some(done.handler);
+        let applied = done.applied.unwrap_or_else(|| {
+            note(
+                tx,
+                "warning",
+                "applying port requests failed (a panic); the ports they named may be unwatched".to_owned(),
+            );
+            Applied::default()
+        });
+        applied.settle(done.ahead, &mut self.decoder)
     }
 }
 
@@ -476,6 +550,26 @@ async fn readable(fd: Option<&AsyncFd<OwnedFd>>) -> std::io::Result<()> {
         }
         None => std::future::pending().await,
     }
+}
+
+/// Completes when the blocking thread applying port requests ends (never, when none runs); `None`, with a warning,
+/// when the thread failed and the probes are lost with it.
+async fn applied(
+    job: &mut Option<tokio::task::JoinHandle<Applying>>,
+    tx: &Sender<Event>,
+) -> Option<Applying> {
+    let done = match job {
+        Some(j) => j.await,
+        None => std::future::pending().await,
+    };
+    done.map_err(|e| {
+        note(
+            tx,
+            "warning",
+            format!("the port requests' thread failed ({e}): the probes are lost; stopping"),
+        );
+    })
+    .ok()
 }
 
 /// Registers a duplicate of `fd` with the reactor, for readability.
@@ -495,7 +589,8 @@ async fn collect(
     let mut prev = Samples::default();
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rings = watched_rings(&p.probes, &tx);
+    let Some(probes) = &p.probes else { return };
+    let mut rings = watched_rings(probes, &tx);
     let mut fallback = tokio::time::interval(RING_POLL_FALLBACK);
     let port_wake = p.ports.as_ref().and_then(|h| match watch_fd(h.wake_fd()) {
         Ok(fd) => Some(fd),
@@ -508,11 +603,14 @@ async fn collect(
             None
         }
     });
+    // Port requests being applied on a blocking thread; the probes are there meanwhile.
+    let mut applying = None;
     // Set after a drain: the ring buffers are waited on again once it has elapsed (see [`RING_BATCH`]).
     let batch = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(batch);
     let mut batching = false;
     loop {
+        let here = p.probes.is_some();
         tokio::select! {
             biased;
             () = control.stopping() => break,
@@ -530,42 +628,59 @@ async fn collect(
             _ = fallback.tick(), if rings.is_none() => {
                 p.drain(&tx);
             }
-            _ = readable(port_wake.as_ref()), if port_wake.is_some() => {
-                // Ports that came and went, MACs learned: between two drains, so names resolve until the end.
-                p.drain(&tx);
-                if let Some(h) = &mut p.ports
-                    && h.handle(&mut p.probes, &mut p.decoder, &tx)
-                {
-                    rings = watched_rings(&p.probes, &tx);
+            done = applied(&mut applying, &tx), if applying.is_some() => {
+                applying = None;
+                // Without its probes the watch cannot go on.
+                let Some(done) = done else { control.stop(); break };
+                if p.finish_port_requests(done, &tx) {
+                    rings = p.refresh_rings(&tx);
                 }
             }
-            () = control.sample_requested() => {
+            _ = readable(port_wake.as_ref()), if port_wake.is_some() && here => {
+                // Ports that came and went, MACs learned: the kernel work on a blocking thread, the ring buffers
+                // drained here meanwhile (a port's first records are named, see `PortHandler::name_ahead`).
                 p.drain(&tx);
-                sample(&p.probes, &p.decoder, &mut prev, &tx);
+                applying = p.start_port_requests(&tx);
+            }
+            () = control.sample_requested(), if here => {
+                p.drain(&tx);
+                if let Some(probes) = &p.probes {
+                    sample(probes, &p.decoder, &mut prev, &tx);
+                }
                 every.reset();
             }
-            _ = every.tick() => {
+            _ = every.tick(), if here => {
                 p.drain(&tx);
                 if port_wake.is_none()
-                    && let Some(h) = &mut p.ports
-                    && h.handle(&mut p.probes, &mut p.decoder, &tx)
+                    && let (Some(h), Some(probes)) = (&mut p.ports, &mut p.probes)
+                    && h.handle(probes, &mut p.decoder, &tx)
                 {
-                    rings = watched_rings(&p.probes, &tx);
+                    rings = p.refresh_rings(&tx);
                 }
-                sample(&p.probes, &p.decoder, &mut prev, &tx);
+                if let Some(probes) = &p.probes {
+                    sample(probes, &p.decoder, &mut prev, &tx);
+                }
             }
-            Some(job) = work.recv() => {
+            Some(job) = work.recv(), if here => {
                 p.drain(&tx);
-                // The job may add or remove ring buffers: watch what is there after.
-                job(&mut p.probes, &mut p.decoder);
-                rings = watched_rings(&p.probes, &tx);
+                if let Some(probes) = &mut p.probes {
+                    // The job may add or remove ring buffers: watch what is there after.
+                    job(probes, &mut p.decoder);
+                    rings = p.refresh_rings(&tx);
+                }
             }
         }
     }
+    if let Some(job) = applying.take()
+        && let Ok(done) = job.await
+    {
+        p.finish_port_requests(done, &tx);
+    }
     p.drain(&tx);
+    let Some(probes) = &p.probes else { return };
     // The last sample counts the flow tables whatever the pace.
     prev.flows_walked = None;
-    sample(&p.probes, &p.decoder, &mut prev, &tx);
+    sample(probes, &p.decoder, &mut prev, &tx);
     // Records submitted while sampling.
     p.drain(&tx);
 }

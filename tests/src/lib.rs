@@ -271,10 +271,15 @@ pub struct Watch {
 impl Watch {
     /// Starts `migmon watch --json ARGS...` and waits until the probes are attached.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(migmon_bin())
-            .arg("watch")
-            .arg("--json")
-            .args(args)
+        let mut cmd = Command::new(migmon_bin());
+        cmd.arg("watch").arg("--json").args(args);
+        Self::start_command(cmd)
+    }
+
+    /// Starts `cmd`, a command that runs `migmon watch --json ...` in the end (through `setpriv`, say), and waits
+    /// until the probes are attached.
+    pub fn start_command(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

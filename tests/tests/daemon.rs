@@ -14,6 +14,7 @@ use std::{
 
 use integration_tests::{TestDir, Watch, migmon_bin, of_kind, wait_until};
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
+use serde_json::Value;
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -280,4 +281,129 @@ fn check_of_a_record_dir_tells_a_running_watch_from_a_dead_one() {
         "{out}"
     );
     let _ = second.stop();
+}
+
+/// The capabilities `contrib/migmon.service` bounds migmon to (`CapabilityBoundingSet=`), as `setpriv` names them.
+fn unit_capabilities() -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/migmon.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap_or_else(|| panic!("no CapabilityBoundingSet= in {}", unit.display()));
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+/// The number of a capability (linux/capability.h) among those a unit may name here.
+fn capability_number(name: &str) -> u32 {
+    match name {
+        "chown" => 0,
+        "dac_override" => 1,
+        "dac_read_search" => 2,
+        "kill" => 5,
+        "setgid" => 6,
+        "setuid" => 7,
+        "net_bind_service" => 10,
+        "net_raw" => 13,
+        "net_admin" => 12,
+        "ipc_lock" => 14,
+        "sys_ptrace" => 19,
+        "sys_admin" => 21,
+        "sys_resource" => 24,
+        "syslog" => 34,
+        "perfmon" => 38,
+        "bpf" => 39,
+        other => panic!("capability {other}: add its number (linux/capability.h) here"),
+    }
+}
+
+/// The bits of a `Cap*:` line of /proc/PID/status.
+fn capability_mask(pid: u32, which: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(which))
+        .unwrap_or_else(|| panic!("no {which} in the status of {pid}"));
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+/// migmon as the service unit runs it, as root bounded to the unit's capabilities and nothing else: it loads its
+/// programs, follows a bridge in another namespace and attaches to a tap that joins it, takes migrator events on its
+/// socket, records into a directory, serves metrics, and stops cleanly.
+#[test]
+fn runs_with_the_service_units_capabilities_only() {
+    let caps = unit_capabilities();
+    let bounding = format!(
+        "-all,{}",
+        caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(",")
+    );
+    let dir = TestDir::new("migmon-daemon-caps");
+    let ns = integration_tests::Netns::new("mmcaps");
+    let _br = integration_tests::Link::bridge("br-caps", Some(&ns.name));
+    let sock = dir.join("events.sock");
+    let records = dir.join("traces");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", &bounding, "--inh-caps", "-all", "--"])
+        .arg(migmon_bin())
+        .args(["watch", "--json", "--bridge", &format!("br-caps@{}", ns.name)])
+        .args(["--events-listen", path(&sock), "--record-dir", path(&records)])
+        .args(["--metrics", "127.0.0.1:0"]);
+    let watch = Watch::start_command(cmd);
+
+    // Exactly the unit's capabilities are in effect, less those this machine withholds from the test itself (setpriv
+    // execs migmon: the pid is migmon's).
+    let ours = capability_mask(std::process::id(), "CapBnd:");
+    let wanted = caps.iter().fold(0u64, |m, c| m | 1 << capability_number(c));
+    let withheld: Vec<&String> = caps
+        .iter()
+        .filter(|c| ours & 1 << capability_number(c) == 0)
+        .collect();
+    if !withheld.is_empty() {
+        eprintln!("note: this machine withholds {withheld:?} from the test: migmon runs without them");
+    }
+    let effective = capability_mask(watch.pid(), "CapEff:");
+    assert_eq!(effective, wanted & ours, "{effective:#x} for {caps:?}");
+
+    let _tap = integration_tests::Link::try_tap("tap-caps", Some(&ns.name), Some("br-caps")).unwrap();
+    let events = watch.wait_for("the tap's attach", Duration::from_secs(20), |e| {
+        of_kind(e, "port_attached")
+            .iter()
+            .any(|p| p["iface"] == "tap-caps")
+    });
+    let attached = of_kind(&events, "port_attached")
+        .into_iter()
+        .find(|p| p["iface"] == "tap-caps")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        attached["hooks"],
+        serde_json::json!(["tc ingress", "tc egress"]),
+        "{attached}"
+    );
+    let mut sink = EventSink::open(&sock).unwrap();
+    sink.send(&MigrationEvent::now(
+        "caps-1",
+        "52:54:00:00:00:44",
+        Role::Source,
+        Phase::Pause,
+    ))
+    .unwrap();
+    watch.wait_for("the migrator's event", Duration::from_secs(10), |e| {
+        e.iter()
+            .any(|v| v["kind"] == "migration" && v["migration_id"] == "caps-1")
+    });
+    let addr = metrics_addr(&watch);
+    let body = exchange(&addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let (events, err) = watch.stop();
+    let bad: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "port_failed" || (e["kind"] == "note" && e["level"] == "warning"))
+        .collect();
+    assert!(bad.is_empty(), "{bad:#?}\n{err}");
+    let (rc, out) = migmon(&["report", path(&records)]);
+    assert_eq!(rc, Some(0), "{out}");
+    assert!(out.contains("caps-1"), "{out}");
 }

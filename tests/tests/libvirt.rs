@@ -410,6 +410,66 @@ fn save_and_restore(watch: &Watch, host: &Daemon, name: &str, image: &Path) -> (
     (save, restore)
 }
 
+/// Sends SIGCONT to a stopped process on drop, so a failed test never leaves a daemon frozen.
+struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    fn freeze(pid: i32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP libvirtd");
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// A daemon that hangs (stopped, its socket still there): the watch notices by its keepalives, warns, counts the
+/// lost connection, keeps trying without blocking, and connects again once the daemon answers; it stops cleanly.
+#[test]
+fn a_daemon_that_hangs_costs_a_warning_and_a_reconnect() {
+    if let Some(why) = missing_tools() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let started = Instant::now();
+    let dir = TestDir::new("mmlvh");
+    let cache = caps_cache();
+    let host = Daemon::start("h", &dir, &cache);
+    let trace = dir.join("run.trace");
+    let watch = watch(&[&host.uri], &trace);
+    let frozen = Frozen::freeze(host.pid("libvirtd.pid").expect("libvirtd's pid file"));
+    let hung = Instant::now();
+    watch.wait_for("the hung daemon's warning", Duration::from_secs(30), |e| {
+        has_note(e, Some("warn"), "stopped answering keepalives; connecting again")
+    });
+    let noticed = hung.elapsed();
+    let events = watch.wait_for("the lost connection's count", Duration::from_secs(10), |e| {
+        of_kind(e, "skipped")
+            .iter()
+            .any(|s| s["source"] == "libvirt" && s["reason"] == "connection_lost")
+    });
+    assert!(
+        !has_note(&events, None, "connected again"),
+        "a stopped daemon cannot have answered: {}",
+        dump(&events)
+    );
+    drop(frozen);
+    watch.wait_for("the reconnect", Duration::from_secs(30), |e| {
+        has_note(e, None, "connected again (reconnect 1")
+    });
+    let (_, err) = watch.stop();
+    assert!(!err.contains("panicked"), "{err}");
+    eprintln!(
+        "libvirt hang: noticed after {:.1} s (keepalive 3 × 2 s); test took {:.1} s",
+        noticed.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// The pause of `m` lies between the two commands' windows.
 fn pause_between(m: &MigrationReport, first: (u64, u64), second: (u64, u64)) -> u64 {
     let pause = m.downtime.vcpu_pause.as_ref().expect("a pause").ns;

@@ -10,7 +10,10 @@
 //! Sections (select with `--only SECTION`, or one part of a section with `--only SECTION:PART`):
 //! - `floors`: memory copy bandwidth, unix socket and TCP-over-veth bandwidth (the floors of the others);
 //! - `probes`: XDP ns per frame (`BPF_PROG_TEST_RUN`, part `xdp`), the flow tracker's ns per TCP segment (`flow`),
-//!   events/s through the collector (`events`), TCP stream overhead (`tcp`);
+//!   events/s through the collector (`events`), TCP stream overhead (`tcp`), the throughput target as paired
+//!   streams (`paired`);
+//! - `ports`: taps joining a watched bridge (`migmon watch --bridge`): notification → programs attached against the
+//!   same attach in-process, and the event latency while they attach against at rest;
 //! - `migration`: our migrator against QEMU (`-M microvm`, same guest ELF) on the same workloads and clients;
 //! - `scale`: pause/total against guest RAM, migmon against connection count, peak RSS;
 //! - `faults`: the fault injection test with its full counts (stream cuts, stalls, flips, lost commit, kills): cases,
@@ -24,6 +27,8 @@ pub mod machine;
 pub mod migration;
 pub mod net;
 pub mod observe;
+#[cfg(feature = "probes")]
+pub mod ports;
 #[cfg(feature = "probes")]
 pub mod probes;
 pub mod qemu;
@@ -46,7 +51,15 @@ use anyhow::{Context, Result, bail};
 use crate::util;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 6] = ["floors", "probes", "migration", "scale", "faults", "soak"];
+pub const SECTIONS: [&str; 7] = [
+    "floors",
+    "probes",
+    "ports",
+    "migration",
+    "scale",
+    "faults",
+    "soak",
+];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -59,8 +72,8 @@ pub struct BenchArgs {
     /// Where bench.md and bench.json go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Run only these sections (floors, probes, migration, scale, faults, soak), or one part of a section
-    /// (`probes:xdp`, `probes:flow`, `probes:events`, `probes:tcp`). Repeatable.
+    /// Run only these sections (floors, probes, ports, migration, scale, faults, soak), or one part of a section
+    /// (`probes:xdp`, `probes:flow`, `probes:events`, `probes:tcp`, `probes:paired`). Repeatable.
     #[arg(long, value_name = "SECTION[:PART]")]
     pub only: Vec<String>,
     /// Run only these migration workloads: `idle`, or a dirtier's `SIZE@RATE` as the workload names it
@@ -297,7 +310,7 @@ fn run_here(args: &BenchArgs) -> Result<()> {
         ctx.progress(&format!("== {section}"));
         let r = match section {
             "floors" => floors::run(&ctx, &mut results),
-            "probes" => run_probes(&ctx, &mut results),
+            "probes" | "ports" => run_loaded(section, &ctx, &mut results),
             "migration" => migration::run(&ctx, &mut results),
             "scale" => scale::run(&ctx, &mut results),
             "faults" => faults::run(&ctx, &mut results),
@@ -339,12 +352,17 @@ fn run_here(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The sections that load migmon's programs in this process (`probes`, `ports`).
 #[cfg(feature = "probes")]
-fn run_probes(ctx: &Ctx, results: &mut report::Results) -> Result<()> {
-    probes::run(ctx, results)
+fn run_loaded(section: &str, ctx: &Ctx, results: &mut report::Results) -> Result<()> {
+    if section == "ports" {
+        ports::run(ctx, results)
+    } else {
+        probes::run(ctx, results)
+    }
 }
 
 #[cfg(not(feature = "probes"))]
-fn run_probes(_ctx: &Ctx, _results: &mut report::Results) -> Result<()> {
+fn run_loaded(_section: &str, _ctx: &Ctx, _results: &mut report::Results) -> Result<()> {
     bail!("this runner was built without the `probes` feature: run `./x bench`")
 }

@@ -65,6 +65,12 @@ pub enum QmpError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot connect to the QMP socket {}: permission denied: it belongs to another user; run migmon as root \
+         (under systemd, with CAP_DAC_OVERRIDE as contrib/migmon.service has) or as the socket's owner",
+        path.display()
+    )]
+    Denied { path: PathBuf },
     #[error("QMP on {}: {what}", path.display())]
     Handshake { path: PathBuf, what: String },
     #[error("QMP on {}: I/O error during the handshake", path.display())]
@@ -568,12 +574,18 @@ async fn read_json(path: &Path, reader: &mut QmpReader) -> Result<Value, QmpErro
 
 /// Connects and negotiates: a reader and a writer on a QMP session ready for commands.
 async fn connect(path: &Path) -> Result<(QmpReader, OwnedWriteHalf), QmpError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| QmpError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
+    let stream = UnixStream::connect(path).await.map_err(|source| {
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            QmpError::Denied {
+                path: path.to_owned(),
+            }
+        } else {
+            QmpError::Connect {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })?;
     let (reader, mut writer) = stream.into_split();
     let mut reader = LineReader::new(reader);
     handshake(path, &mut reader, &mut writer).await?;

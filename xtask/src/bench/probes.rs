@@ -7,11 +7,12 @@
 //! - the flow tracker's ns per TCP segment of a tracked flow, in XDP and TC, against empty programs of the same
 //!   run;
 //! - a TCP stream over a veth pair with the probes in several attach modes against none, in turn, as throughput
-//!   ratios; and the target's figure, the default attach (TC, the flow tracker following the stream) against none
-//!   as the median of interleaved pairs' ratios.
+//!   ratios; and the target's figure (part `paired`), the default attach (TC, the flow tracker following the
+//!   stream) against none as the median of interleaved pairs' ratios, with the median's confidence interval and
+//!   whether it decides.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::{FromRawFd, OwnedFd},
     sync::{
         Arc,
@@ -46,11 +47,12 @@ const PEER: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
 pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
     type Part = fn(&Ctx, &mut Results) -> Result<()>;
     let mut errors = Vec::new();
-    let parts: [(&str, &str, Part); 4] = [
+    let parts: [(&str, &str, Part); 5] = [
         ("xdp", "XDP cost", xdp_cost),
         ("flow", "flow tracker cost", flow_cost),
         ("events", "event rate", event_rate),
         ("tcp", "TCP overhead", tcp_overhead),
+        ("paired", "TCP throughput target, paired", tcp_paired),
     ];
     for (part, what, f) in parts {
         if !ctx.part("probes", part) {
@@ -664,10 +666,20 @@ impl Attach {
     }
 }
 
-/// One TCP run with `attach` (None: no probes): MiB/s, and the XDP mode used.
-fn tcp_run(pair: &VethPair, bytes: u64, attach: Option<Attach>) -> Result<(f64, String)> {
+/// One TCP run with `attach` (None: no probes): MiB/s, and the XDP mode used. With `pin`, the stream's sending
+/// and receiving threads run on those two CPUs ([`tcp_pinned`]).
+fn tcp_run(
+    pair: &VethPair,
+    bytes: u64,
+    attach: Option<Attach>,
+    pin: Option<(usize, usize)>,
+) -> Result<(f64, String)> {
+    let stream = || match pin {
+        Some(cpus) => tcp_pinned(pair, bytes, cpus),
+        None => floors::tcp_over(pair, bytes),
+    };
     let Some(attach) = attach else {
-        return Ok((floors::tcp_over(pair, bytes)?, String::new()));
+        return Ok((stream()?, String::new()));
     };
     let flows = (attach == Attach::Default).then(|| FlowOptions {
         // The listening end: the stream's receiver plays the VM.
@@ -705,11 +717,97 @@ fn tcp_run(pair: &VethPair, bytes: u64, attach: Option<Attach>) -> Result<(f64, 
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        let r = floors::tcp_over(pair, bytes);
+        let r = stream();
         stop.store(true, Ordering::Relaxed);
         r
     })?;
     Ok((mbps, mode))
+}
+
+/// The first two CPUs this process may run on, when it may run on two.
+fn two_cpus() -> Option<(usize, usize)> {
+    // SAFETY: `set` is a plain bit set the kernel fills; sched_getaffinity on the calling thread (pid 0).
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) != 0 {
+            return None;
+        }
+        set
+    };
+    // SAFETY: CPU_ISSET reads the set.
+    let mut cpus = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) });
+    Some((cpus.next()?, cpus.next()?))
+}
+
+/// The calling thread runs on one CPU until dropped, then where it could before.
+struct Pin(Option<libc::cpu_set_t>);
+
+impl Pin {
+    fn to(cpu: usize) -> Self {
+        // SAFETY: plain bit sets; sched_{get,set}affinity on the calling thread (pid 0).
+        unsafe {
+            let mut before: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut before) != 0 {
+                return Self(None);
+            }
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const one) != 0 {
+                return Self(None);
+            }
+            Self(Some(before))
+        }
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            // SAFETY: as in `to`.
+            unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), before) };
+        }
+    }
+}
+
+/// [`floors::tcp_over`] with the sending thread on `cpus.0` and the receiving thread on `cpus.1`, so that the
+/// scheduler's placement does not vary from one stream to the next: MiB/s.
+fn tcp_pinned(pair: &VethPair, total: u64, cpus: (usize, usize)) -> Result<f64> {
+    let listener = pair
+        .a
+        .try_run(|| TcpListener::bind(SocketAddr::new(pair.ip_a, 0)))?
+        .context("cannot listen in the bench namespace")?;
+    let addr = listener.local_addr()?;
+    let tx = pair
+        .b
+        .try_run(|| TcpStream::connect(addr))?
+        .context("cannot connect across the veth pair")?;
+    let (rx, _) = listener.accept()?;
+    let _sender = Pin::to(cpus.0);
+    floors::stream(
+        tx,
+        PinnedReader {
+            inner: rx,
+            cpu: cpus.1,
+            pin: None,
+        },
+        total,
+    )
+}
+
+/// A reader that pins the thread reading it to `cpu` on its first read (the stream's reader thread).
+struct PinnedReader<R> {
+    inner: R,
+    cpu: usize,
+    pin: Option<Pin>,
+}
+
+impl<R: std::io::Read> std::io::Read for PinnedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pin.is_none() {
+            self.pin = Some(Pin::to(self.cpu));
+        }
+        self.inner.read(buf)
+    }
 }
 
 fn tcp_overhead(ctx: &Ctx, results: &mut Results) -> Result<()> {
@@ -747,7 +845,7 @@ fn tcp_overhead(ctx: &Ctx, results: &mut Results) -> Result<()> {
     for i in 0..ctx.runs {
         t.set(&format!("probes: TCP stream, run {}/{}", i + 1, ctx.runs));
         for v in variants {
-            let (mbps, mode) = tcp_run(&pair, bytes, v)?;
+            let (mbps, mode) = tcp_run(&pair, bytes, v, None)?;
             if !mode.is_empty() && v == Some(Attach::All) {
                 xdp_mode = mode;
             }
@@ -773,24 +871,32 @@ fn tcp_overhead(ctx: &Ctx, results: &mut Results) -> Result<()> {
         "default (TC, flow tracker on the stream)",
         "6 tracepoints, TC ingress and egress on both veth ends, the receiver's IP under watch: every segment \
          of the stream goes through the flow tracker (twice: egress at the sender's end, ingress at the receiver's); \
-         its target is judged on the paired row below",
+         its target is judged on the paired row (part `paired`)",
     );
-    drop(t);
+    Ok(())
+}
+
+/// The throughput target's row on a veth pair of its own (`--only probes:paired`).
+fn tcp_paired(ctx: &Ctx, results: &mut Results) -> Result<()> {
+    let pair = net::veth_pair(3)?;
     default_paired(ctx, results, &pair)
 }
 
-/// The target row: the default attach against no probes as the median of paired ratios. Each pair is two streams
-/// back to back, one with and one without, the order alternating (ABBA), so that load that comes and goes on the
-/// machine weighs on both halves of a pair alike; the stream's threads run at nice -20, so that other work on the
-/// machine takes little of their CPU.
+/// The target row: the default attach against no probes as the median of paired ratios. Each pair is two short
+/// streams back to back, one with and one without, the order alternating (ABBA), so that load that comes and goes
+/// on the machine weighs on both halves of a pair alike; the stream's sender and receiver are pinned to one CPU
+/// each and run at nice -20, so that the scheduler's placement and other work vary little between the halves. The
+/// note gives the median's 95% confidence interval (distribution-free, from the order statistics) and decides
+/// only when the interval lies on one side of the target.
 fn default_paired(ctx: &Ctx, results: &mut Results, pair: &VethPair) -> Result<()> {
     let (bytes, pairs): (u64, usize) = if ctx.quick {
-        (32 << 20, 2)
+        (8 << 20, 2)
     } else {
-        (128 << 20, (ctx.runs * 3).max(16))
+        (32 << 20, (ctx.runs * 8).max(48))
     };
     results.declare(GROUP_TCP, DEFAULT_PAIRED, "× no probes", Better::Higher);
     results.set_target(GROUP_TCP, DEFAULT_PAIRED, "≥ 0.98×");
+    let cpus = two_cpus();
     ctx.progress(&format!(
         "probes: TCP stream, default attach against none: {pairs} interleaved pairs of {} MiB streams",
         bytes >> 20
@@ -798,38 +904,77 @@ fn default_paired(ctx: &Ctx, results: &mut Results, pair: &VethPair) -> Result<(
     let t = ctx.ticker("probes: TCP stream pairs");
     let load_start = super::machine::load_average();
     let _nice = Nice::raise();
-    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..pairs {
         t.set(&format!("probes: TCP stream pairs, {}/{pairs}", i + 1));
         let (a, b) = if i % 4 == 0 || i % 4 == 3 {
-            let a = tcp_run(pair, bytes, None)?.0;
-            (a, tcp_run(pair, bytes, Some(Attach::Default))?.0)
+            let a = tcp_run(pair, bytes, None, cpus)?.0;
+            (a, tcp_run(pair, bytes, Some(Attach::Default), cpus)?.0)
         } else {
-            let b = tcp_run(pair, bytes, Some(Attach::Default))?.0;
-            (tcp_run(pair, bytes, None)?.0, b)
+            let b = tcp_run(pair, bytes, Some(Attach::Default), cpus)?.0;
+            (tcp_run(pair, bytes, None, cpus)?.0, b)
         };
         without.push(a);
         with.push(b);
+        ratios.push(b / a);
         results.push(GROUP_TCP, DEFAULT_PAIRED, "× no probes", Better::Higher, b / a);
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
+    let (lo, hi) = median_interval(&mut ratios);
+    let verdict = if ratios.len() < 6 {
+        // Below 6 values even the whole sample's range covers the median less than 95% of the time.
+        "undecided (too few pairs for a 95% interval)"
+    } else {
+        paired_verdict(lo, hi, 0.98)
+    };
     results.note(
         GROUP_TCP,
         DEFAULT_PAIRED,
         &format!(
-            "{pairs} pairs of {} MiB streams, with and without the default probes back to back, the order \
-             alternating (ABBA); the figure is the median of the pairs' ratios; medians {:.0} MiB/s with, {:.0} \
-             without; the stream's threads at nice -20; load average {load_start} before, {} after",
+            "{verdict}: the median's 95% confidence interval is {lo:.3}–{hi:.3}×; {pairs} pairs of {} MiB streams, \
+             with and without the default probes back to back, the order alternating (ABBA); the figure is the \
+             median of the pairs' ratios; medians {:.0} MiB/s with, {:.0} without; sender and receiver {}, at \
+             nice -20; load average {load_start} before, {} after",
             bytes >> 20,
             med(&mut with),
             med(&mut without),
+            cpus.map_or_else(
+                || "not pinned (one CPU)".to_owned(),
+                |(s, r)| format!("pinned to CPUs {s} and {r}")
+            ),
             super::machine::load_average()
         ),
     );
     Ok(())
+}
+
+/// The distribution-free 95% confidence interval of the median of `v` (sorted in place): the order statistics
+/// of ranks ⌊n/2 − 0.98·√n⌋ and ⌈1 + n/2 + 0.98·√n⌉ (1-based, clamped to the sample).
+fn median_interval(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let half = n as f64 / 2.0;
+    let w = 0.98 * (n as f64).sqrt();
+    let lo = ((half - w).floor() as usize).clamp(1, n);
+    let hi = ((1.0 + half + w).ceil() as usize).clamp(1, n);
+    (v[lo - 1], v[hi - 1])
+}
+
+/// What a ratio's confidence interval `lo`–`hi` says of the target `≥ target`.
+fn paired_verdict(lo: f64, hi: f64, target: f64) -> &'static str {
+    if lo >= target {
+        "meets the target"
+    } else if hi < target {
+        "misses the target"
+    } else {
+        "undecided (the interval straddles the target: too spread to decide)"
+    }
 }
 
 /// The calling thread's nice value at -20 until dropped (threads it starts meanwhile inherit it); unchanged when
@@ -864,9 +1009,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_median_interval_and_the_verdict() {
+        let mut v: Vec<f64> = (0..48).map(|i| 0.95 + f64::from(i) * 0.002).collect();
+        let (lo, hi) = median_interval(&mut v);
+        assert!(lo < hi && lo >= 0.95 && hi <= 0.95 + 47.0 * 0.002, "{lo} {hi}");
+        // Ranks 17 and 32 of 48.
+        assert!((lo - (0.95 + 16.0 * 0.002)).abs() < 1e-9 && (hi - (0.95 + 31.0 * 0.002)).abs() < 1e-9);
+        assert_eq!(paired_verdict(0.99, 1.01, 0.98), "meets the target");
+        assert_eq!(paired_verdict(0.95, 0.97, 0.98), "misses the target");
+        assert!(paired_verdict(0.97, 0.99, 0.98).starts_with("undecided"));
+        assert_eq!(median_interval(&mut [1.0]), (1.0, 1.0));
+    }
+
+    #[test]
     fn frames_have_the_right_shape() {
         let f = ipv4_frame(OTHER);
-        assert_eq!(f.len(), 64);
+        assert_eq!(f.len(), 60, "14 + 20 (IPv4) + 8 (UDP) + 18");
         assert_eq!(&f[12..14], &[0x08, 0x00]);
         let a = arp_frame(OTHER);
         assert_eq!(a.len(), 60);
