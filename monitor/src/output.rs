@@ -248,10 +248,11 @@ impl Output {
                 evictions,
                 insert_failed,
                 capture_dropped,
+                fragments,
                 ..
             } => format!(
                 "flows: {entries} tracked, {inserts} picked up, {evictions} evicted, {insert_failed} not inserted, \
-                 {capture_dropped} records without frame bytes"
+                 {capture_dropped} records without frame bytes, {fragments} later fragments skipped"
             ),
             Event::PortAttached { .. }
             | Event::PortDetached { .. }
