@@ -550,6 +550,9 @@ pub enum Event {
         insert_failed: u64,
         /// Flow records sent without their frame bytes (capture rate limit).
         capture_dropped: u64,
+        /// Later IP fragments skipped (no TCP header in them). Absent in traces written before it was counted.
+        #[serde(default)]
+        fragments: u64,
     },
     /// A migration phase, from a migrator's event stream, QMP, or inferred from the wire.
     Migration {

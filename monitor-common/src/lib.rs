@@ -498,6 +498,8 @@ pub struct FlowCounters {
     pub credit_ns: u64,
     /// When the bucket was last refilled.
     pub refill_ns: u64,
+    /// Later IP fragments (IPv4 or IPv6, offset above 0) the tracker skipped: they carry no TCP header.
+    pub fragments: u64,
 }
 
 /// A flow tracker record: one TCP segment that matters, with the flow's state before it.
@@ -801,7 +803,7 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowKey4>() == 16);
 const _: () = assert!(size_of::<FlowDir>() == 48);
 const _: () = assert!(size_of::<FlowState>() == 104);
-const _: () = assert!(size_of::<FlowCounters>() == 48);
+const _: () = assert!(size_of::<FlowCounters>() == 56);
 const _: () = assert!(size_of::<FlowSlot<FlowKey4>>() == 120);
 const _: () = assert!(size_of::<FlowSlot<FlowKey>>() == 144);
 const _: () = assert!(size_of::<FlowSet4>() == 480);

@@ -42,9 +42,11 @@
 //! With `CFG_FLOW_PORTS` (`migmon watch --port`), only the watched VMs' flows with a port in `FLOW_PORTS` (at
 //! either end) are tracked.
 //!
-//! Frames cut inside the IP or TCP header, or shorter than the IP length they announce, are counted in
-//! `MALFORMED` and not read further. IPv4 fragments and IPv6 packets whose first next header is not TCP are not
-//! tracked.
+//! Frames cut inside the IP or TCP header (or an IPv6 extension header), or shorter than the IP length they
+//! announce, are counted in `MALFORMED` and not read further. TCP behind IPv6 extension headers (hop-by-hop,
+//! routing, destination options, fragment; at most [`MAX_EXT_HEADERS`]) is tracked. A first fragment, IPv4 or
+//! IPv6, is tracked when its TCP header is there; later fragments are counted in `FLOW_COUNTERS.fragments` and
+//! skipped.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -157,6 +159,12 @@ const MAX_L3_OFF: u16 = 22;
 static FLOW_COUNTERS: PerCpuArray<FlowCounters> = PerCpuArray::with_max_entries(1, 0);
 
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers the tracker walks at most before TCP.
+const MAX_EXT_HEADERS: usize = 6;
 const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 
@@ -247,8 +255,13 @@ fn ipv4(f: &impl Frame, off: usize) -> Parsed<(Ip, [u8; 4], [u8; 4])> {
     if vihl >> 4 != 4 || ihl < 20 {
         return Parsed::Malformed;
     }
-    // More fragments, or a fragment offset: the TCP header is not (all) here.
-    if proto != IPPROTO_TCP || frag & 0x3fff != 0 {
+    if proto != IPPROTO_TCP {
+        return Parsed::Skip;
+    }
+    // A fragment offset: a later fragment, without the TCP header. A first fragment (more fragments, offset 0)
+    // is tracked when its TCP header is there.
+    if frag & 0x1fff != 0 {
+        count_fragment();
         return Parsed::Skip;
     }
     let tot = usize::from(tot);
@@ -275,6 +288,11 @@ fn ipv4(f: &impl Frame, off: usize) -> Parsed<(Ip, [u8; 4], [u8; 4])> {
 
 /// Parses IPv6 at `off`, like [`ipv4`]; the source address goes to `k.vm_addr`, the destination to `k.peer_addr`.
 ///
+/// TCP is found behind up to [`MAX_EXT_HEADERS`] extension headers (hop-by-hop options, routing, destination
+/// options, fragment), each bounds-checked and within the payload length: a first fragment (offset 0) is
+/// tracked when its TCP header is there, a later one is counted (`FLOW_COUNTERS.fragments`) and skipped. Any
+/// other next header, or more extension headers than that, is not TCP to the tracker.
+///
 /// # Safety
 /// `k` must be valid for writes and 8-byte aligned.
 #[inline(always)]
@@ -282,23 +300,20 @@ unsafe fn ipv6(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Ip> {
     let Some((p, _)) = direct_at(f, off, IPV6_HLEN) else {
         return Parsed::Malformed;
     };
-    // SAFETY: checked above that the fixed header lies inside the packet; `k` by the caller's contract.
+    // SAFETY: `direct_at` checked that the fixed header lies inside the packet.
     let (ver, plen, next) = unsafe {
         (
             *(p as *const u8),
-            u16::from_be(((p + 4) as *const u16).read_unaligned()),
+            u16::from_be(load16(p + 4)),
             *((p + 6) as *const u8),
         )
     };
     if ver >> 4 != 6 {
         return Parsed::Malformed;
     }
-    if next != IPPROTO_TCP {
-        return Parsed::Skip;
-    }
     let plen = usize::from(plen);
     let wire = f.wire_len() as usize;
-    let payload = if plen == 0 {
+    let mut payload = if plen == 0 {
         wire.saturating_sub(off + IPV6_HLEN)
     } else {
         if off + IPV6_HLEN + plen > wire {
@@ -308,17 +323,70 @@ unsafe fn ipv6(f: &impl Frame, off: usize, k: *mut FlowKey) -> Parsed<Ip> {
     };
     // SAFETY: as above: the addresses are bytes 8..40 of the checked header; `k`'s addresses are 8-byte aligned.
     unsafe {
-        let src = (p + 8) as *const [u8; 8];
-        let dst = (&raw mut (*k).vm_addr).cast::<u64>();
-        for i in 0..4 {
-            dst.add(i).write(u64::from_ne_bytes(src.add(i).read_unaligned()));
+        let dst = (&raw mut (*k).vm_addr).cast::<u32>();
+        for i in 0..8 {
+            dst.add(i).write(load32(p + 8 + 4 * i));
         }
+    }
+    let mut l4 = off + IPV6_HLEN;
+    let mut next = next;
+    for _ in 0..MAX_EXT_HEADERS {
+        if next == IPPROTO_TCP {
+            break;
+        }
+        if next != IPPROTO_HOPOPTS
+            && next != IPPROTO_ROUTING
+            && next != IPPROTO_DSTOPTS
+            && next != IPPROTO_FRAGMENT
+        {
+            return Parsed::Skip;
+        }
+        // Every extension header has at least 8 bytes: the next header, then its length or the fragment's fields.
+        let Some((h, _)) = direct_at(f, l4, 8) else {
+            return Parsed::Malformed;
+        };
+        // SAFETY: `direct_at` checked the 8 bytes.
+        let (after, units, frag) = unsafe {
+            (
+                *(h as *const u8),
+                *((h + 1) as *const u8),
+                u16::from_be(load16(h + 2)),
+            )
+        };
+        let len = if next == IPPROTO_FRAGMENT {
+            // The offset (in 8-byte units) is the top 13 bits: a later fragment has no TCP header.
+            if frag & 0xfff8 != 0 {
+                count_fragment();
+                return Parsed::Skip;
+            }
+            8
+        } else {
+            (usize::from(units) + 1) * 8
+        };
+        if len > payload {
+            return Parsed::Malformed;
+        }
+        payload -= len;
+        l4 += len;
+        next = after;
+    }
+    if next != IPPROTO_TCP {
+        return Parsed::Skip;
     }
     Parsed::Yes(Ip {
         family: AF_INET6,
-        l4: off + IPV6_HLEN,
+        l4,
         payload,
     })
+}
+
+/// Counts a later fragment (one without the TCP header) the tracker skipped.
+#[inline(always)]
+fn count_fragment() {
+    if let Some(c) = counters() {
+        // SAFETY: this CPU's counter slot, valid while the program runs.
+        unsafe { atomic_add(&raw mut (*c).fragments, 1) };
+    }
 }
 
 /// Whether the address whose two 8-byte words (in memory order) are `a0` and `a1` is a watched VM's: `Some`
@@ -717,6 +785,7 @@ pub(crate) fn hand_over(f: &impl Frame, eth: &Eth, direction: u8) {
 
 /// The flow tracker for XDP: the frame `l2_ingress` handed over.
 #[xdp]
+#[inline(always)]
 pub fn flow_xdp(ctx: XdpContext) -> u32 {
     flow(&XdpFrame::new(&ctx));
     xdp_action::XDP_PASS
@@ -724,6 +793,7 @@ pub fn flow_xdp(ctx: XdpContext) -> u32 {
 
 /// The flow tracker for TC ingress and egress: the frame `l2_ingress_tc` or `l2_egress` handed over.
 #[classifier]
+#[inline(always)]
 pub fn flow_tc(ctx: TcContext) -> i32 {
     flow(&TcFrame::new(&ctx));
     TC_ACT_UNSPEC

@@ -131,6 +131,7 @@ pub fn start(
     observers: &mut Vec<Observer>,
     ports: Option<PortControl>,
 ) -> Result<Live> {
+    map_large_buffers();
     start_sources(args, sources, ports)?;
     let tx = &sources.sender();
     let control = &sources.control();
@@ -186,6 +187,21 @@ pub fn start(
         thread,
         args: args.clone(),
     })
+}
+
+/// Buffers at least this large get a mapping of their own from the allocator (see [`map_large_buffers`]).
+const OWN_MAPPING_BYTES: i32 = 256 * 1024;
+
+/// Large buffers come and go with each migration (the look-back while a window is held, the indices of a
+/// correlation). glibc's malloc raises its mmap threshold to the size of the first such buffer freed and serves the
+/// next ones from its heaps, where they leave holes that stay in the watch's RSS; a fixed threshold keeps every
+/// buffer of [`OWN_MAPPING_BYTES`] or more in a mapping of its own, handed back to the kernel when it is freed.
+fn map_large_buffers() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter, under the allocator's own lock; it takes no pointer.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_MAPPING_BYTES);
+    }
 }
 
 /// Hands the pages of freed events back to the kernel. The allocator keeps what the pipeline's threads freed in

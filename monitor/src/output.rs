@@ -256,10 +256,11 @@ impl Output {
                 evictions,
                 insert_failed,
                 capture_dropped,
+                fragments,
                 ..
             } => format!(
                 "flows: {entries} tracked, {inserts} picked up, {evictions} evicted, {insert_failed} not inserted, \
-                 {capture_dropped} records without frame bytes"
+                 {capture_dropped} records without frame bytes, {fragments} later fragments skipped"
             ),
             Event::PortAttached { .. }
             | Event::PortDetached { .. }
@@ -548,6 +549,34 @@ fn port_detail(ev: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trace_is_written_per_batch_and_whole_at_the_end() {
+        let path = std::env::temp_dir().join(format!("migmon-output-{}.trace", std::process::id()));
+        let record = TraceWriter::create(&path, &crate::clocks::trace_header(Some("t"))).unwrap();
+        let header_len = std::fs::metadata(&path).unwrap().len();
+        let mut out = Output::new(true, Some(record));
+        let events: Vec<Event> = (0..100)
+            .map(|i| Event::Loss {
+                ts_ns: i,
+                cpu: 0,
+                count: 1,
+            })
+            .collect();
+        for e in &events {
+            out.emit(e).unwrap();
+        }
+        // Held until the batch is written.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), header_len);
+        out.flush().unwrap();
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(lines, 101, "the header and every event");
+        out.finish_record().unwrap();
+        let trace = migmon_analysis::trace::read_trace(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(trace.events, events);
+        assert!(trace.damage().is_empty(), "{:?}", trace.damage());
+    }
 
     #[test]
     fn human_lines_for_pause_sources() {

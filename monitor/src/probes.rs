@@ -246,6 +246,8 @@ pub struct FlowTotals {
     pub records: u64,
     /// Flow records sent without their frame bytes (capture budget spent).
     pub capture_dropped: u64,
+    /// Later IP fragments skipped (no TCP header in them).
+    pub fragments: u64,
 }
 
 impl Default for ProbeOptions {
@@ -1528,6 +1530,7 @@ impl Probes {
                 t.insert_failed += c.insert_failed;
                 t.records += c.records;
                 t.capture_dropped += c.capture_dropped;
+                t.fragments += c.fragments;
             }
             let mut entries = 0u64;
             if count_entries && inserts > 0 {

@@ -288,8 +288,12 @@ fn sample_flows(probes: &Probes, prev: &mut Samples, tx: &Sender<Event>, ts_ns: 
         }
     };
     let p = &prev.flows;
-    if (cheap.inserts, cheap.insert_failed, cheap.capture_dropped)
-        == (p.inserts, p.insert_failed, p.capture_dropped)
+    if (
+        cheap.inserts,
+        cheap.insert_failed,
+        cheap.capture_dropped,
+        cheap.fragments,
+    ) == (p.inserts, p.insert_failed, p.capture_dropped, p.fragments)
     {
         return;
     }
@@ -312,6 +316,7 @@ fn sample_flows(probes: &Probes, prev: &mut Samples, tx: &Sender<Event>, ts_ns: 
         evictions: t.evictions,
         insert_failed: t.insert_failed,
         capture_dropped: t.capture_dropped,
+        fragments: t.fragments,
     });
 }
 

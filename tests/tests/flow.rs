@@ -494,6 +494,139 @@ fn with_a_port_filter_only_the_vms_flows_on_those_ports_are_tracked() {
     assert_eq!(malformed(&probes), 0);
 }
 
+/// IPv6 extension header kinds.
+const HOP_BY_HOP: u8 = 0;
+const FRAGMENT: u8 = 44;
+const DEST_OPTS: u8 = 60;
+/// The 7 bytes after the next-header byte of an 8-byte options header: length 0, then a `PadN` of 4 bytes.
+const PAD_OPTIONS: [u8; 7] = [0, 1, 4, 0, 0, 0, 0];
+
+/// The 7 bytes after the next-header byte of a fragment header: reserved, offset (8-byte units) and the
+/// more-fragments flag, identification.
+fn fragment_header(offset_units: u16, more: bool) -> [u8; 7] {
+    let field = (offset_units << 3) | u16::from(more);
+    let [hi, lo] = field.to_be_bytes();
+    [0, hi, lo, 0, 0, 0x12, 0x34]
+}
+
+/// `f`, an untagged IPv6 TCP frame, with 8-byte extension headers `(kind, the bytes after the next-header byte)`
+/// inserted in order before the TCP header; the next headers chain and the payload length grows to match.
+fn with_ext_headers(f: &[u8], exts: &[(u8, [u8; 7])]) -> Vec<u8> {
+    let ip = 14;
+    let mut out = f[..ip + 40].to_vec();
+    out[ip + 6] = exts[0].0;
+    for (i, (_, rest)) in exts.iter().enumerate() {
+        out.push(exts.get(i + 1).map_or(6, |e| e.0));
+        out.extend_from_slice(rest);
+    }
+    out.extend_from_slice(&f[ip + 40..]);
+    let plen = u16::from_be_bytes([out[ip + 4], out[ip + 5]]) + 8 * exts.len() as u16;
+    out[ip + 4..ip + 6].copy_from_slice(&plen.to_be_bytes());
+    out
+}
+
+/// `f`, an untagged IPv4 frame, as a fragment: `offset_units` (8-byte units) and the more-fragments flag.
+fn ipv4_fragment(f: &[u8], offset_units: u16, more: bool) -> Vec<u8> {
+    let mut out = f.to_vec();
+    let field = offset_units | if more { 0x2000 } else { 0 };
+    out[14 + 6..14 + 8].copy_from_slice(&field.to_be_bytes());
+    out
+}
+
+fn fragments(probes: &Probes) -> u64 {
+    probes.flow_totals(false).unwrap().fragments
+}
+
+/// TCP behind IPv6 extension headers, and fragments: every prefix of a segment behind hop-by-hop and destination
+/// options through each program is counted when cut and tracked when whole; a first fragment (IPv4 or IPv6) is
+/// tracked; a later fragment is counted in `fragments`, neither tracked nor malformed.
+#[test]
+fn tcp_behind_ipv6_extension_headers_is_tracked_and_later_fragments_are_counted() {
+    let mut probes = Probes::load(&flow_opts(1024, Duration::from_secs(1))).expect("load the probes");
+    let mut sport = 44_000;
+    for prog in PROGS {
+        sport += 1;
+        let seg = Seg::from_vm(true, sport, 2_000_000, 48);
+        let f = with_ext_headers(
+            &frame(&seg, &[]),
+            &[(HOP_BY_HOP, PAD_OPTIONS), (DEST_OPTS, PAD_OPTIONS)],
+        );
+        let before = malformed(&probes);
+        let mut ran = 0;
+        for len in 14..f.len() {
+            ran += u64::from(run(&mut probes, prog, &f[..len]));
+        }
+        assert_eq!(
+            malformed(&probes) - before,
+            ran,
+            "{prog:?}: every cut prefix that ran is counted"
+        );
+        assert!(
+            ran >= (f.len() - 14 - 40) as u64,
+            "{prog:?}: only {ran} prefixes ran"
+        );
+        assert!(
+            flow_records(&mut probes).is_empty(),
+            "{prog:?}: no cut prefix is tracked"
+        );
+        run(&mut probes, prog, &f);
+        let recs = flow_records(&mut probes);
+        assert_eq!(recs.len(), 1, "{prog:?}: {recs:?}");
+        let (kind, e) = recs[0];
+        assert_eq!(kind, EventKind::FlowOpen, "{prog:?}");
+        assert_eq!(
+            (e.family, e.key.vm_addr, e.key.vm_port),
+            (AF_INET6, VM6.octets(), sport)
+        );
+        assert_eq!((e.side, e.seq, e.len), (SIDE_VM, 2_000_000, 48), "{prog:?}");
+
+        // A first fragment with its TCP header: tracked. A later one: counted, not tracked, not malformed.
+        sport += 1;
+        let seg = Seg::from_vm(true, sport, 3_000_000, 48);
+        let first = with_ext_headers(&frame(&seg, &[]), &[(FRAGMENT, fragment_header(0, true))]);
+        run(&mut probes, prog, &first);
+        let recs = flow_records(&mut probes);
+        assert_eq!(recs.len(), 1, "{prog:?}, first IPv6 fragment: {recs:?}");
+        assert_eq!(
+            (recs[0].0, recs[0].1.seq, recs[0].1.key.vm_port),
+            (EventKind::FlowOpen, 3_000_000, sport)
+        );
+        sport += 1;
+        let seg4 = Seg::from_vm(false, sport, 4_000_000, 48);
+        run(&mut probes, prog, &ipv4_fragment(&frame(&seg4, &[]), 0, true));
+        let recs = flow_records(&mut probes);
+        assert_eq!(recs.len(), 1, "{prog:?}, first IPv4 fragment: {recs:?}");
+        assert_eq!((recs[0].0, recs[0].1.key.vm_port), (EventKind::FlowOpen, sport));
+
+        let (frags, bad) = (fragments(&probes), malformed(&probes));
+        sport += 1;
+        let seg = Seg::from_vm(true, sport, 5_000_000, 48);
+        run(
+            &mut probes,
+            prog,
+            &with_ext_headers(
+                &frame(&seg, &[]),
+                &[(HOP_BY_HOP, PAD_OPTIONS), (FRAGMENT, fragment_header(185, false))],
+            ),
+        );
+        run(&mut probes, prog, &ipv4_fragment(&frame(&seg4, &[]), 185, true));
+        assert_eq!(
+            fragments(&probes) - frags,
+            2,
+            "{prog:?}: both later fragments counted"
+        );
+        assert_eq!(
+            malformed(&probes),
+            bad,
+            "{prog:?}: a later fragment is not malformed"
+        );
+        assert!(
+            flow_records(&mut probes).is_empty(),
+            "{prog:?}: a later fragment is not tracked"
+        );
+    }
+}
+
 /// A flow table far smaller than the flows: every insert is counted, the evictions are inserts minus entries,
 /// the programs keep passing frames, and an evicted flow is picked up again.
 #[test]

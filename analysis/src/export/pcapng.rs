@@ -699,6 +699,7 @@ mod tests {
                 evictions: 0,
                 insert_failed: 0,
                 capture_dropped: 3,
+                fragments: 0,
             },
             note(20_000),
         ]);
