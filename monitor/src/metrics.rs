@@ -368,7 +368,6 @@ impl Refusals {
                 },
                 why.reason()
             );
-            eprintln!("migmon: warning: {message}");
             let _ = self
                 .warn
                 .lock()

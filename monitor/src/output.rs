@@ -70,6 +70,14 @@ impl Output {
             w.write_line(&self.line)
                 .context("cannot append to the --record trace (disk full?)")?;
         }
+        // A warning also goes to stderr when stdout is not a terminal (piped, or discarded by the service unit), so
+        // the journal or whoever runs the watch sees it; on a terminal its line on stdout is already in view.
+        if !self.tty
+            && let Event::Note { level, message, .. } = ev
+            && level == "warning"
+        {
+            eprintln!("migmon: warning: {message}");
+        }
         if self.json {
             self.pending.extend_from_slice(&self.line);
         } else {

@@ -569,8 +569,8 @@ fn learn(probes: &mut Probes, tx: &Sender<Event>, mac: MacAddr, source: MacSourc
     }
 }
 
+/// A warning note (the consumer also puts it on stderr when stdout is not a terminal).
 fn warn(tx: &Sender<Event>, message: String) {
-    eprintln!("migmon: warning: {message}");
     let _ = tx.send(Event::Note {
         ts_ns: mono_now_ns(),
         level: "warning".to_owned(),

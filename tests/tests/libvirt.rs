@@ -372,7 +372,7 @@ fn plain_pause(watch: &Watch, host: &Daemon, name: &str) -> ((u64, u64), (u64, u
 fn daemon_restart(watch: &Watch, host: &Daemon, cache: &Path) {
     host.kill_libvirtd();
     watch.wait_for("the lost connection's warning", Duration::from_secs(20), |e| {
-        has_note(e, Some("warn"), "connecting again")
+        has_note(e, Some("warning"), "connecting again")
     });
     host.launch(cache);
     watch.wait_for("the reconnect", Duration::from_secs(20), |e| {
@@ -444,7 +444,11 @@ fn a_daemon_that_hangs_costs_a_warning_and_a_reconnect() {
     let frozen = Frozen::freeze(host.pid("libvirtd.pid").expect("libvirtd's pid file"));
     let hung = Instant::now();
     watch.wait_for("the hung daemon's warning", Duration::from_secs(30), |e| {
-        has_note(e, Some("warn"), "stopped answering keepalives; connecting again")
+        has_note(
+            e,
+            Some("warning"),
+            "stopped answering keepalives; connecting again",
+        )
     });
     let noticed = hung.elapsed();
     let events = watch.wait_for("the lost connection's count", Duration::from_secs(10), |e| {

@@ -93,7 +93,7 @@ impl Drop for SourceHandle {
 pub(crate) fn warn_note(message: String) -> Event {
     Event::Note {
         ts_ns: migevents::monotonic_ns(),
-        level: "warn".to_owned(),
+        level: "warning".to_owned(),
         message,
     }
 }

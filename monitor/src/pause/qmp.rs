@@ -1148,7 +1148,7 @@ mod tests {
         let Event::Note { level, message, .. } = &e[0] else {
             panic!()
         };
-        assert_eq!(level, "warn");
+        assert_eq!(level, "warning");
         assert!(message.contains("/run/a.qmp line 2"), "{message}");
         assert!(message.contains("1 skipped so far"), "{message}");
         let (e, _) = t.line("[1,2]");

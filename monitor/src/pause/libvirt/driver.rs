@@ -129,7 +129,7 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
             let _ = tx.send(());
         }
         if let Err(e) = ffi::run_once() {
-            self.note("warn", format!("libvirt: the event loop failed: {e}"))?;
+            self.note("warning", format!("libvirt: the event loop failed: {e}"))?;
             thread::sleep(Duration::from_millis(TICK_MS as u64));
         }
         let raws = std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
@@ -191,7 +191,7 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
             },
             MAX_BACKOFF.as_secs()
         );
-        self.note("warn", msg)
+        self.note("warning", msg)
     }
 
     fn connected(&mut self, i: usize, conn: Connect) -> Result<(), Stopped> {
@@ -262,7 +262,7 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
             Ok(d) => d,
             Err(e) => {
                 let uri = self.daemons[i].uri.clone();
-                self.note("warn", format!("libvirt {uri}: cannot list the domains: {e}"))?;
+                self.note("warning", format!("libvirt {uri}: cannot list the domains: {e}"))?;
                 return Ok(Vec::new());
             }
         };
@@ -297,7 +297,10 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
         let text = match dom.get_xml_desc(0) {
             Ok(t) => t,
             Err(e) => {
-                self.note("warn", format!("libvirt {uri}: cannot read a domain's XML: {e}"))?;
+                self.note(
+                    "warning",
+                    format!("libvirt {uri}: cannot read a domain's XML: {e}"),
+                )?;
                 return Ok(None);
             }
         };
@@ -305,7 +308,7 @@ impl<E: Emit, I: Fn(&VmIface) + Send + 'static> Follower<E, I> {
             Ok(x) => x,
             Err(e) => {
                 crate::skipped::count("libvirt", "malformed");
-                self.note("warn", format!("libvirt {uri}: skipped a domain's XML: {e}"))?;
+                self.note("warning", format!("libvirt {uri}: skipped a domain's XML: {e}"))?;
                 return Ok(None);
             }
         };

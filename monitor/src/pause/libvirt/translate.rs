@@ -946,7 +946,7 @@ mod tests {
         t.lifecycle(0, 100 * MS, UUID, "g1", lc(3, 0));
         let ev = t.reconnected(0, 900 * MS, &[UUID.to_owned()]);
         assert!(
-            matches!(&ev[0], Event::Note { level, message, .. } if level == "warn" && message.contains("upper bound"))
+            matches!(&ev[0], Event::Note { level, message, .. } if level == "warning" && message.contains("upper bound"))
         );
         assert_eq!(phases(&ev)[0].2, Phase::Resume);
         // Still paused: the window stays.
