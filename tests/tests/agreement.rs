@@ -1,4 +1,4 @@
-//! Verdicts from the wire agree with the sockets' and with what the clients saw: the testbed scenario (a live and a
+//! Verdicts from the wire agree with the sockets' and with what the clients saw: the testbed scenario (a live and an
 //! 8 s quick migration of the real guest) with mixed client profiles in one run: Linux defaults (they outlast the
 //! pause), a 2 s `TCP_USER_TIMEOUT` (it cuts the backoff short) and windows-2003 (5 retransmissions from an 80 ms
 //! RTO, from a second client namespace: its `tcp_retries2` is namespace-wide), each half over IPv4 and half over
