@@ -899,6 +899,13 @@ unsafe impl CacheKey for FlowKey {
 }
 
 const _: () = assert!(size_of::<FlowKey4>() == FlowKey4::WORDS * 8);
+// The field offsets `apply_segment` writes the key's two words by.
+const _: () = assert!(
+    core::mem::offset_of!(FlowKey4, peer_addr) == 4
+        && core::mem::offset_of!(FlowKey4, vm_port) == 8
+        && core::mem::offset_of!(FlowKey4, peer_port) == 10
+        && core::mem::offset_of!(FlowKey4, ifindex) == 12
+);
 const _: () = assert!(size_of::<FlowKey>() == FlowKey::WORDS * 8);
 
 /// `a` and `b` hold the same key.
@@ -1194,13 +1201,15 @@ unsafe fn apply_segment(
         // SAFETY: the caller's contract: the slot is valid for writes.
         unsafe {
             let k = &raw mut (*w).key4;
-            k.write(FlowKey4 {
-                vm_addr: vm.0,
-                peer_addr: peer.0,
-                vm_port: vm.1,
-                peer_port: peer.1,
-                ifindex,
-            });
+            // The key as its two 8-byte words, each written with one store: the cache hashes and compares it in
+            // 8-byte loads right after, and a load the CPU cannot forward from one store of the same width and
+            // address (field stores of 2 and 4 bytes) waits until they reach the cache, a stall of several ns
+            // per segment. The layout is `FlowKey4`'s: addresses, then ports and ifindex (little-endian).
+            let words = k.cast::<u64>();
+            words.write(u64::from(u32::from_ne_bytes(vm.0)) | u64::from(u32::from_ne_bytes(peer.0)) << 32);
+            words
+                .add(1)
+                .write(u64::from(vm.1) | u64::from(peer.1) << 16 | u64::from(ifindex) << 32);
             let (out, peer_ack) = apply_to_table(&FLOW_CACHE4, &FLOWS4, k, w, side, seg, now)?;
             if out.events != 0 {
                 (&raw mut (*w).key).write((*k).widen());
