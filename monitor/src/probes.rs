@@ -34,8 +34,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use monitor_common::{
     CFG_FILTER_FDB, CFG_FILTER_IPS, CFG_FILTER_PORTS, CFG_FLOW_IPS, CFG_FLOW_MACS, CFG_FLOW_PORTS,
-    CFG_WATCH_MACS, FLOW_CACHE_WAYS, FlowCounters, FlowKey, FlowKey4, FlowSet4, FlowSet6, FlowState, IpKey,
-    MacCounters, MacKey, MacKey8, ProbeConfig, WireEvent,
+    CFG_WATCH_MACS, FLOW_CACHE_WAYS, FlowCounters, FlowKey, FlowKey4, FlowSet, FlowState, IpKey, MacCounters,
+    MacKey, MacKey8, ProbeConfig, WireEvent,
 };
 
 use migmon_analysis::trace::Port;
@@ -794,37 +794,33 @@ impl Instance {
     /// The flows in this instance's flow caches (IPv4 keys widened), one syscall per set.
     fn cached_flows(&self) -> Result<Vec<(FlowKey, FlowState)>, ProbeError> {
         let mut out = Vec::new();
-        let cache4: Array<_, FlowSet4> = Array::try_from(
-            self.ebpf
-                .map("FLOW_CACHE4")
-                .ok_or(ProbeError::NoMap("FLOW_CACHE4"))?,
-        )
-        .map_err(map_err("FLOW_CACHE4"))?;
-        for set in cache4.iter() {
-            let set = set.map_err(map_err("FLOW_CACHE4"))?;
-            out.extend(
-                set.ways
-                    .iter()
-                    .filter(|w| w.state.first_ns != 0)
-                    .map(|w| (w.key.widen(), w.state)),
-            );
-        }
-        let cache6: Array<_, FlowSet6> = Array::try_from(
-            self.ebpf
-                .map("FLOW_CACHE6")
-                .ok_or(ProbeError::NoMap("FLOW_CACHE6"))?,
-        )
-        .map_err(map_err("FLOW_CACHE6"))?;
-        for set in cache6.iter() {
-            let set = set.map_err(map_err("FLOW_CACHE6"))?;
-            out.extend(
-                set.ways
-                    .iter()
-                    .filter(|w| w.state.first_ns != 0)
-                    .map(|w| (w.key, w.state)),
-            );
-        }
+        self.cached_ways::<FlowKey4>("FLOW_CACHE4", FlowKey4::widen, &mut out)?;
+        self.cached_ways::<FlowKey>("FLOW_CACHE6", |k| *k, &mut out)?;
         Ok(out)
+    }
+
+    /// Appends the occupied ways of the flow cache array `name` to `out`, keys made [`FlowKey`]s by `key`.
+    fn cached_ways<K: Copy>(
+        &self,
+        name: &'static str,
+        key: impl Fn(&K) -> FlowKey,
+        out: &mut Vec<(FlowKey, FlowState)>,
+    ) -> Result<(), ProbeError>
+    where
+        FlowSet<K>: aya::Pod,
+    {
+        let cache: Array<_, FlowSet<K>> =
+            Array::try_from(self.ebpf.map(name).ok_or(ProbeError::NoMap(name))?).map_err(map_err(name))?;
+        for set in cache.iter() {
+            let set = set.map_err(map_err(name))?;
+            out.extend(
+                set.ways
+                    .iter()
+                    .filter(|w| w.state.first_ns != 0)
+                    .map(|w| (key(&w.key), w.state)),
+            );
+        }
+        Ok(())
     }
 
     fn load(

@@ -154,6 +154,18 @@ impl Drop for TestDir {
     }
 }
 
+/// Runs `migmon ARGS...` to the end: its exit code and its stdout.
+pub fn run_migmon(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(migmon_bin())
+        .args(args)
+        .output()
+        .expect("run migmon");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// A `migrator` process, its stdout and stderr in a log file; killed on drop.
 pub struct Migrator {
     child: Child,

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{Netns, TestDir, VethPair, Watch, migmon_bin, netns_exec, wait_until};
+use integration_tests::{Netns, TestDir, VethPair, Watch, netns_exec, run_migmon, wait_until};
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
 use serde_json::Value;
 
@@ -59,17 +59,6 @@ impl Setup {
         };
         netns_exec(&self.server.name, &["nft", rule]);
     }
-}
-
-fn migmon(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(migmon_bin())
-        .args(args)
-        .output()
-        .expect("run migmon");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 fn path(p: &Path) -> &str {
@@ -171,7 +160,7 @@ fn scenario(mode: Mode, pause: Duration) -> Outcome {
         },
     );
     let (_, stderr, code) = watch.wait_exit(Duration::from_secs(60));
-    let (rc, json) = migmon(&["report", path(&trace), "--format", "json"]);
+    let (rc, json) = run_migmon(&["report", path(&trace), "--format", "json"]);
     assert_eq!(rc, Some(0), "report failed: {json}");
     let report: Value = serde_json::from_str(&json).unwrap();
     assert!(junit.exists(), "the gate wrote its JUnit file; stderr: {stderr}");
@@ -235,7 +224,7 @@ fn short_pause_survives_and_passes_the_gate() {
         assert!(c["first_progress_ns"].as_u64().is_some(), "{c:#}");
     }
     let junit = s.dir.join("check.xml");
-    let (rc, out) = migmon(&["check", path(&trace), "--junit", path(&junit)]);
+    let (rc, out) = run_migmon(&["check", path(&trace), "--junit", path(&junit)]);
     assert_eq!(rc, Some(0), "{out}");
     assert!(
         std::fs::read_to_string(&junit)
@@ -274,7 +263,7 @@ fn long_pause_aborts_with_etimedout_and_fails_the_gate() {
                 .any(|e| e["kind"] == "tcp_error" && e["errno"] == 110)
         );
     }
-    let (rc, out) = migmon(&["check", path(&trace)]);
+    let (rc, out) = run_migmon(&["check", path(&trace)]);
     assert_eq!(rc, Some(1), "{out}");
     for (ip, port) in &tuples {
         assert!(
@@ -283,7 +272,7 @@ fn long_pause_aborts_with_etimedout_and_fails_the_gate() {
         );
     }
     // The model, under the settings in force, predicts what happened.
-    let (rc, out) = migmon(&[
+    let (rc, out) = run_migmon(&[
         "whatif",
         path(&trace),
         "--in-force-tcp-retries2",
@@ -377,7 +366,7 @@ fn qmp_pause_window_through_watch() {
     let (_, stderr, code) = watch.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("following QMP"), "{stderr}");
-    let (rc, json) = migmon(&["report", path(&trace), "--format", "json"]);
+    let (rc, json) = run_migmon(&["report", path(&trace), "--format", "json"]);
     assert_eq!(rc, Some(0));
     let report: Value = serde_json::from_str(&json).unwrap();
     let m = &report["migrations"][0];

@@ -12,24 +12,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{TestDir, Watch, migmon_bin, of_kind, wait_until};
+use integration_tests::{TestDir, Watch, migmon_bin, of_kind, run_migmon, wait_until};
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
 use serde_json::Value;
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Runs `migmon ARGS`; its exit code and stdout.
-fn migmon(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(migmon_bin())
-        .args(args)
-        .output()
-        .expect("run migmon");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 /// The address after `migmon: metrics on http://` in the watch's stderr.
@@ -234,7 +222,7 @@ fn check_of_a_record_dir_tells_a_running_watch_from_a_dead_one() {
     // The directory is flushed within a fraction of a second of the last event.
     let mut last = (None, String::new());
     let passed = wait_until(Duration::from_secs(10), || {
-        last = migmon(&["check", records_arg]);
+        last = run_migmon(&["check", records_arg]);
         last.0 == Some(0)
     });
     let (rc, out) = last;
@@ -243,7 +231,7 @@ fn check_of_a_record_dir_tells_a_running_watch_from_a_dead_one() {
         out.contains("ok   trace in progress") && out.contains("background-000000.trace"),
         "{out}"
     );
-    let (rc, out) = migmon(&["report", records_arg]);
+    let (rc, out) = run_migmon(&["report", records_arg]);
     assert_eq!(rc, Some(0), "{out}");
     assert!(
         out.contains("IN PROGRESS: ") && !out.lines().any(|l| l.starts_with("WARNING: ")),
@@ -257,7 +245,7 @@ fn check_of_a_record_dir_tells_a_running_watch_from_a_dead_one() {
     let second = Watch::start(&args);
     let mut conn = Conn::open(&listener);
     migrate(&second, &sock, "daemon-2", &mut conn);
-    let (rc, out) = migmon(&["check", records_arg]);
+    let (rc, out) = run_migmon(&["check", records_arg]);
     assert_eq!(rc, Some(1), "a dead watch's trace must fail the gate:\n{out}");
     let dead = out
         .lines()
@@ -271,9 +259,9 @@ fn check_of_a_record_dir_tells_a_running_watch_from_a_dead_one() {
         out.contains("background-000001.trace: still being written"),
         "the running watch's file: {out}"
     );
-    let (rc, out) = migmon(&["check", records_arg, "--allow-damaged"]);
+    let (rc, out) = run_migmon(&["check", records_arg, "--allow-damaged"]);
     assert_eq!(rc, Some(0), "{out}");
-    let (rc, out) = migmon(&["report", records_arg]);
+    let (rc, out) = run_migmon(&["report", records_arg]);
     assert_eq!(rc, Some(0), "{out}");
     assert!(
         out.lines()
@@ -403,7 +391,7 @@ fn runs_with_the_service_units_capabilities_only() {
         .filter(|e| e["kind"] == "port_failed" || (e["kind"] == "note" && e["level"] == "warning"))
         .collect();
     assert!(bad.is_empty(), "{bad:#?}\n{err}");
-    let (rc, out) = migmon(&["report", path(&records)]);
+    let (rc, out) = run_migmon(&["report", path(&records)]);
     assert_eq!(rc, Some(0), "{out}");
     assert!(out.contains("caps-1"), "{out}");
 }
