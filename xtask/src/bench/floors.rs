@@ -128,6 +128,12 @@ pub fn stream<W: Write + Send, R: Read + Send>(mut tx: W, mut rx: R, total: u64)
 
 /// A TCP stream from namespace b to a listener in namespace a: MiB/s.
 pub fn tcp_over(pair: &VethPair, total: u64) -> Result<f64> {
+    let (tx, rx) = connected(pair)?;
+    stream(tx, rx, total)
+}
+
+/// A TCP connection across the pair: the sending end in namespace b, the receiving end in namespace a.
+pub fn connected(pair: &VethPair) -> Result<(TcpStream, TcpStream)> {
     let listener = pair
         .a
         .try_run(|| TcpListener::bind(SocketAddr::new(pair.ip_a, 0)))?
@@ -138,5 +144,5 @@ pub fn tcp_over(pair: &VethPair, total: u64) -> Result<f64> {
         .try_run(|| TcpStream::connect(addr))?
         .context("cannot connect across the veth pair")?;
     let (rx, _) = listener.accept()?;
-    stream(tx, rx, total)
+    Ok((tx, rx))
 }

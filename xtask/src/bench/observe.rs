@@ -347,7 +347,12 @@ fn status_field_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// User + system CPU time of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU time from a `stat` file of procfs (a process's, or a thread's under `task/`), in seconds.
+pub fn stat_cpu_seconds(path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which may hold spaces), counted from field 3.
     let rest = s.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();

@@ -12,7 +12,7 @@
 //!   whether it decides.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr},
     os::fd::{FromRawFd, OwnedFd},
     sync::{
         Arc,
@@ -772,16 +772,7 @@ impl Drop for Pin {
 /// [`floors::tcp_over`] with the sending thread on `cpus.0` and the receiving thread on `cpus.1`, so that the
 /// scheduler's placement does not vary from one stream to the next: MiB/s.
 fn tcp_pinned(pair: &VethPair, total: u64, cpus: (usize, usize)) -> Result<f64> {
-    let listener = pair
-        .a
-        .try_run(|| TcpListener::bind(SocketAddr::new(pair.ip_a, 0)))?
-        .context("cannot listen in the bench namespace")?;
-    let addr = listener.local_addr()?;
-    let tx = pair
-        .b
-        .try_run(|| TcpStream::connect(addr))?
-        .context("cannot connect across the veth pair")?;
-    let (rx, _) = listener.accept()?;
+    let (tx, rx) = floors::connected(pair)?;
     let _sender = Pin::to(cpus.0);
     floors::stream(
         tx,

@@ -33,7 +33,7 @@ use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
 
 use super::{
     Ctx,
-    observe::{cpu_seconds, rss_kib},
+    observe::{cpu_seconds, rss_kib, stat_cpu_seconds},
     report::{Better, Results},
 };
 use crate::bench::report::Stats;
@@ -118,14 +118,7 @@ impl Churn {
 
 /// User + system CPU time of thread `tid` of this process, in seconds.
 fn thread_cpu_seconds(tid: i32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    let rest = s.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / hz.max(1.0))
+    stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
 }
 
 impl Drop for Churn {
