@@ -12,15 +12,12 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use integration_tests::{TestDir, migmon_bin, wait_until};
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
+use testbed::churn::Churn;
 
 const LOOKBACK_S: f64 = 5.0;
 const SETTLE_S: f64 = 1.0;
@@ -121,68 +118,13 @@ fn start_watch(dir: &TestDir) -> (Child, String) {
     (child, addr)
 }
 
-/// Loopback churn: connect, write a byte, close, about 500 times a second, until dropped.
-struct Churn {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Churn {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let target = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        let server = std::thread::spawn(move || {
-            while !st.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
-                        let _ = s.read(&mut [0u8; 4]);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                }
-            }
-        });
-        let st = stop.clone();
-        let client = std::thread::spawn(move || {
-            let start = Instant::now();
-            let mut n = 0u64;
-            while !st.load(Ordering::Relaxed) {
-                if n as f64 >= start.elapsed().as_secs_f64() * 500.0 {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                if let Ok(mut c) = TcpStream::connect(target) {
-                    let _ = c.write_all(b"x");
-                }
-                n += 1;
-            }
-        });
-        Self {
-            stop,
-            threads: vec![server, client],
-        }
-    }
-}
-
-impl Drop for Churn {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 #[test]
 fn memory_stays_bounded_under_churn_and_windows_are_released() {
     let dir = TestDir::new("migmon-soak");
     let sock = dir.join("events.sock");
     let (child, addr) = start_watch(&dir);
     let pid = child.0.id();
-    let churn = Churn::start();
+    let churn = Churn::start(TcpListener::bind("127.0.0.1:0").unwrap(), 500).unwrap();
 
     let start = Instant::now();
     let mut sent = 0;

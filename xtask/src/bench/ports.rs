@@ -2,7 +2,7 @@
 //! buffers keep draining meanwhile.
 //!
 //! Each run starts `migmon watch --json --bridge BR@NS` on a bridge of its own namespace, with a load of loopback TCP
-//! connections opened and closed about 1,000 times a second on a port it watches (socket tracepoint events: each
+//! connections opened, written to and closed about 1,000 times a second on a port it watches (socket tracepoint events: each
 //! carries its kernel time, and the bench notes when its line arrived). It first measures the event latency (line
 //! arrival minus kernel time) at rest for [`REST`], then creates [`TAPS`] taps in the bridge, one after the other,
 //! and waits for their `port_attached` events:
@@ -16,7 +16,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex, PoisonError,
@@ -29,7 +29,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use monitor::probes::{Iface, IngressMode, ProbeOptions, Probes};
 use serde_json::Value;
-use testbed::net::{Link, Netns, try_ip_in, unique, wait_until};
+use testbed::{
+    churn::Churn,
+    net::{Link, Netns, try_ip_in, unique, wait_until},
+};
 
 use super::{
     Ctx,
@@ -42,6 +45,8 @@ const TAPS: usize = 20;
 /// How long the event latency is measured before the taps come.
 const REST: Duration = Duration::from_secs(2);
 const BRIDGE: &str = "br-bench";
+/// Loopback connections per second, the event load ([`Churn`]).
+const CHURN_PER_S: u64 = 1000;
 
 const ATTACH_MEDIAN: &str = "attach latency (notification → attached), median";
 const ATTACH_MAX: &str = "attach latency (notification → attached), max";
@@ -233,53 +238,6 @@ impl Drop for Watch {
     }
 }
 
-/// Loopback connections opened and closed about every millisecond until dropped.
-struct Churn {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Churn {
-    fn start(listener: TcpListener) -> Result<Self> {
-        let addr = listener.local_addr()?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let acceptor = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((c, _)) => drop(c),
-                    // Paces the loop, not a synchronisation.
-                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
-                }
-            }
-        });
-        let s = stop.clone();
-        let client = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let next = Instant::now() + Duration::from_millis(1);
-                drop(TcpStream::connect(addr));
-                if let Some(d) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(d);
-                }
-            }
-        });
-        Ok(Self {
-            stop,
-            threads: vec![acceptor, client],
-        })
-    }
-}
-
-impl Drop for Churn {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The `q` quantile of `v` (sorted here).
 fn quantile(v: &mut [u64], q: f64) -> Option<u64> {
     if v.is_empty() {
@@ -297,7 +255,7 @@ fn one_run(ctx: &Ctx, results: &mut Results, taps: usize) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let watch = Watch::start(ctx, &ns.name, port)?;
-    let churn = Churn::start(listener)?;
+    let churn = Churn::start(listener, CHURN_PER_S)?;
     // At rest: the window is measured, the sleep is its length.
     std::thread::sleep(REST);
     let storm_from = migevents::monotonic_ns();

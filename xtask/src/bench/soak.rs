@@ -21,15 +21,12 @@ use std::{
     net::{TcpListener, TcpStream},
     path::Path,
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use migevents::{EventSink, MigrationEvent, Mode, Phase, Role};
+use testbed::churn::Churn;
 
 use super::{
     Ctx,
@@ -47,87 +44,14 @@ const MIGRATE_EVERY: Duration = Duration::from_secs(30);
 /// Samples (one a second) of the watch before the load starts.
 const IDLE_SAMPLES: usize = 3;
 
-/// The loopback churn: a server that accepts and drops, a client that connects, writes and closes.
-struct Churn {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    connections: Arc<AtomicU64>,
-    /// The kernel thread ids of the server and the client, for their CPU time.
-    tids: Arc<[AtomicI32; 2]>,
-}
-
-impl Churn {
-    fn start(per_s: u64) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen for the churn")?;
-        let addr = listener.local_addr()?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(AtomicU64::new(0));
-        let tids: Arc<[AtomicI32; 2]> = Arc::new([AtomicI32::new(0), AtomicI32::new(0)]);
-        let (st, t) = (stop.clone(), tids.clone());
-        let server = std::thread::spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            t[0].store(unsafe { libc::gettid() }, Ordering::Relaxed);
-            let mut buf = [0u8; 16];
-            while !st.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
-                        let _ = s.read(&mut buf);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                }
-            }
-        });
-        let (st, n, t) = (stop.clone(), connections.clone(), tids.clone());
-        let client = std::thread::spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            t[1].store(unsafe { libc::gettid() }, Ordering::Relaxed);
-            let start = Instant::now();
-            let mut done = 0u64;
-            while !st.load(Ordering::Relaxed) {
-                let due = (start.elapsed().as_secs_f64() * per_s as f64) as u64;
-                if done >= due {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                if let Ok(mut c) = TcpStream::connect(addr) {
-                    let _ = c.write_all(b"x");
-                }
-                done += 1;
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        Ok(Self {
-            stop,
-            threads: vec![server, client],
-            connections,
-            tids,
-        })
-    }
-
-    /// CPU time (user + system) of the churn's two threads so far, in seconds: the load the watch observes, its
-    /// kernel part (the probes' tracepoints run in these threads) included.
-    fn cpu_seconds(&self) -> f64 {
-        self.tids
-            .iter()
-            .map(|t| thread_cpu_seconds(t.load(Ordering::Relaxed)).unwrap_or(0.0))
-            .sum()
-    }
-}
-
-/// User + system CPU time of thread `tid` of this process, in seconds.
-fn thread_cpu_seconds(tid: i32) -> Option<f64> {
-    stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
-}
-
-impl Drop for Churn {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// CPU time (user + system) of the churn's two threads so far, in seconds: the load the watch observes, its kernel
+/// part (the probes' tracepoints run in these threads) included.
+fn churn_cpu_seconds(churn: &Churn) -> f64 {
+    churn
+        .thread_ids()
+        .iter()
+        .map(|&tid| stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat")).unwrap_or(0.0))
+        .sum()
 }
 
 /// One simulated migration on the events socket: setup, a round, a 20 ms pause, resume, complete.
@@ -308,7 +232,10 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
         MIGRATE_EVERY.as_secs()
     ));
     let _ticker = ctx.ticker("soak");
-    let churn = Churn::start(CHURN_PER_S)?;
+    let churn = Churn::start(
+        TcpListener::bind("127.0.0.1:0").context("cannot listen for the churn")?,
+        CHURN_PER_S,
+    )?;
     let start = Instant::now();
     let mut samples = Vec::new();
     let mut sent = 0u32;
@@ -327,7 +254,7 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
                 at: start.elapsed(),
                 rss_kib: rss_kib(pid).unwrap_or(0),
                 cpu_s: cpu_seconds(pid).unwrap_or(0.0),
-                load_cpu_s: churn.cpu_seconds(),
+                load_cpu_s: churn_cpu_seconds(&churn),
                 scrape: took,
                 events: metric_sum(&body, "migmon_events_total"),
                 held: metric(&body, "migmon_live_held_events").unwrap_or(0.0),
@@ -337,7 +264,7 @@ pub fn run(ctx: &Ctx, results: &mut Results) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     write_csv(&dir.join("samples.csv"), &samples);
-    let connections = churn.connections.load(Ordering::Relaxed);
+    let connections = churn.connections();
     drop(churn);
     // The last migration settles `--settle` (5 s) after its resume.
     let settled = wait_released(&addr, f64::from(sent), Duration::from_secs(20));
