@@ -891,24 +891,23 @@ impl Instance {
         } else {
             ("flow_tc", "FLOW_PROG_TC")
         };
+        // `Xdp` and `SchedClassifier` share no trait for `load` and `fd`: the same steps for either type.
+        macro_rules! loaded_fd {
+            ($ty:ty) => {{
+                let p: &mut $ty = self.program(name)?;
+                if p.fd().is_ok() {
+                    return Ok(());
+                }
+                p.load().map_err(|e| load_error(name, e))?;
+                p.fd()
+                    .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+                    .map_err(|e| load_error(name, e))?
+            }};
+        }
         let fd = if xdp {
-            let p: &mut Xdp = self.program(name)?;
-            if p.fd().is_ok() {
-                return Ok(());
-            }
-            p.load().map_err(|e| load_error(name, e))?;
-            p.fd()
-                .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
-                .map_err(|e| load_error(name, e))?
+            loaded_fd!(Xdp)
         } else {
-            let p: &mut SchedClassifier = self.program(name)?;
-            if p.fd().is_ok() {
-                return Ok(());
-            }
-            p.load().map_err(|e| load_error(name, e))?;
-            p.fd()
-                .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
-                .map_err(|e| load_error(name, e))?
+            loaded_fd!(SchedClassifier)
         };
         let mut progs = ProgramArray::try_from(self.ebpf.map_mut(array).ok_or(ProbeError::NoMap(array))?)
             .map_err(map_err(array))?;
